@@ -1,0 +1,23 @@
+# Warning and sanitizer settings, applied per target (never globally to deps).
+
+add_library(taskmgr_warnings INTERFACE)
+target_compile_options(taskmgr_warnings INTERFACE
+  -Wall -Wextra -Wpedantic -Wshadow -Wnon-virtual-dtor -Wold-style-cast
+  -Wcast-align -Woverloaded-virtual -Wnull-dereference -Wformat=2
+  $<$<BOOL:${TASKMGR_WERROR}>:-Werror>)
+# C sources (the C ABI test) get the C subset.
+add_library(taskmgr_c_warnings INTERFACE)
+target_compile_options(taskmgr_c_warnings INTERFACE
+  -Wall -Wextra -Wpedantic $<$<BOOL:${TASKMGR_WERROR}>:-Werror>)
+
+if(TASKMGR_SANITIZE)
+  add_compile_options(-fsanitize=${TASKMGR_SANITIZE} -fno-omit-frame-pointer -g)
+  add_link_options(-fsanitize=${TASKMGR_SANITIZE})
+  # GCC 12's -Wmaybe-uninitialized reports false positives inside libstdc++
+  # and Boost when sanitizer instrumentation changes inlining; the plain
+  # build keeps the warning as an error.
+  add_compile_options(-Wno-maybe-uninitialized)
+  if(TASKMGR_SANITIZE MATCHES "undefined")
+    add_compile_options(-fno-sanitize-recover=undefined)
+  endif()
+endif()

@@ -1,0 +1,180 @@
+// taskmgr: configuration.
+//
+// A Config is read once, when a manager opens; it is plain data that can be
+// built in code, loaded from YAML (a file or a string) or taken as defaults.
+// The `tasks:` block holds exactly the spec's keys and defaults; the other
+// sections (executor, devices, pools, storage, ocr) are taskmgr's own. Every
+// key, its type, default and meaning is listed in docs/CONFIGURATION.md.
+//
+// Validation is strict: a key taskmgr does not know, a value of the wrong
+// type or out of range is a ConfigError that names the key path (e.g.
+// "tasks.retry.memory_reduction_factor") and, for YAML input, the line.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "taskmgr/error.hpp"
+#include "taskmgr/export.hpp"
+
+namespace taskmgr {
+
+// How tasks of equal priority are ordered within a device queue.
+enum class QueueOrdering {
+  kFifo,          // "fifo": first queued, first started
+  kLargestFirst,  // "largest_first": largest estimated memory first, then FIFO
+};
+
+TASKMGR_API std::string_view to_string(QueueOrdering ordering) noexcept;
+TASKMGR_API std::optional<QueueOrdering> parse_queue_ordering(std::string_view s) noexcept;
+
+// tasks.retry (spec).
+struct RetryConfig {
+  int max_attempts = 3;                  // attempts in all, first run included (>= 1)
+  double backoff_multiplier = 2.0;       // delay = base * multiplier^(attempt-1) (>= 1)
+  double memory_reduction_factor = 0.5;  // batch_size *= factor after an OOM, in (0, 1)
+  // taskmgr's own retry keys.
+  double backoff_base_seconds = 1.0;     // first retry delay (>= 0)
+  double backoff_max_seconds = 60.0;     // cap on any delay (>= backoff_base_seconds)
+  double backoff_jitter = 0.1;           // +/- fraction of random jitter, in [0, 1)
+  bool cpu_fallback = true;              // an OOM on a GPU moves the task to the CPU
+};
+
+// tasks (spec).
+struct TasksConfig {
+  int max_queue_size = 100;              // queued tasks in all devices' queues (>= 1)
+  double queue_timeout_seconds = 300;    // fail a task queued longer (> 0)
+  bool enable_priority_queue = true;     // false: strict FIFO, priority ignored
+  bool enable_resource_tracking = true;  // estimate/reserve/measure memory per task
+  double cleanup_timeout_seconds = 30;   // bound on one task's cleanup (> 0)
+  RetryConfig retry;
+  // taskmgr's own task keys.
+  QueueOrdering queue_ordering = QueueOrdering::kFifo;
+  std::int64_t max_task_memory_mb = 0;   // per-task estimate limit; 0 = none
+  double memory_warning_fraction = 1.0;  // warn when observed > fraction * estimate (> 0)
+  double device_warning_fraction = 0.9;  // warn when a device is this full, in (0, 1]
+  double starvation_seconds = 10;        // a task skipped this long for lack of memory
+                                         // blocks smaller tasks until it fits (> 0)
+  std::string temp_dir;                  // root for per-task temp dirs; "" = system temp
+};
+
+// executor
+struct ExecutorConfig {
+  int worker_threads = 0;  // threads that run services; 0 = number of CPUs
+};
+
+// devices.declared[]: a device the host manages itself (or a test fakes).
+struct DeclaredDevice {
+  std::string id;          // "cpu" or "cuda:N" (or any "<kind>:<n>")
+  std::string kind;        // "cpu" or "gpu"
+  std::int64_t memory_mb;  // total memory taskmgr may place tasks into (> 0)
+};
+
+// devices
+struct DevicesConfig {
+  bool probe_cpu = true;              // read /proc/meminfo and the cgroup v2 limit
+  bool probe_nvidia = true;           // dlopen("libnvidia-ml.so.1") when present
+  std::int64_t cpu_memory_mb = 0;     // override the probed CPU memory; 0 = probe
+  double cpu_memory_fraction = 0.8;   // share of probed CPU memory usable, in (0, 1]
+  std::vector<DeclaredDevice> declared;
+};
+
+// pools.defaults and pools.devices.<id>
+struct PoolSettings {
+  int min_instances = 0;                // created when the manager opens (warm)
+  int max_instances = 0;                // 0 = auto: worker_threads for cpu, 1 for a gpu
+  double acquire_timeout_seconds = 30;  // then POOL_EXHAUSTED (> 0)
+};
+
+// pools
+struct PoolsConfig {
+  PoolSettings defaults;
+  std::map<std::string, PoolSettings> devices;  // per device id, overrides defaults
+
+  // The settings in force for a device.
+  TASKMGR_API PoolSettings for_device(const std::string& device_id) const;
+};
+
+enum class SyncMode {
+  kNormal,  // "normal": survives a process kill (WAL + synchronous=NORMAL)
+  kFull,    // "full": also survives power loss (synchronous=FULL)
+};
+TASKMGR_API std::string_view to_string(SyncMode mode) noexcept;
+TASKMGR_API std::optional<SyncMode> parse_sync_mode(std::string_view s) noexcept;
+
+// storage
+struct StorageConfig {
+  std::string path = "taskmgr.db";   // SQLite file; ":memory:" keeps nothing
+  SyncMode synchronous = SyncMode::kNormal;
+  double busy_timeout_seconds = 5;   // wait for a lock before failing (> 0)
+  double retention_days = 0;         // prune finished tasks older than this; 0 = keep
+};
+
+// ocr.preprocess
+struct PreprocessConfig {
+  bool grayscale = true;    // convert colour input to gray
+  int target_dpi = 300;     // upscale when the source DPI is known and lower; 0 = off
+  bool deskew = false;      // estimate and correct small rotations
+  bool binarize = false;    // Otsu threshold before recognition
+};
+
+// ocr
+struct OcrConfig {
+  std::string tessdata_path;   // "" = found automatically (TESSDATA_PREFIX, Debian paths)
+  std::string languages = "eng";
+  int page_segmentation_mode = 3;  // Tesseract PSM, 0..13 (3 = fully automatic)
+  PreprocessConfig preprocess;
+};
+
+// logging
+struct LoggingConfig {
+  std::string level = "info";  // "trace", "debug", "info", "warn", "error", "off"
+};
+
+struct TASKMGR_API Config {
+  TasksConfig tasks;
+  ExecutorConfig executor;
+  DevicesConfig devices;
+  PoolsConfig pools;
+  StorageConfig storage;
+  OcrConfig ocr;
+  LoggingConfig logging;
+
+  // The spec's defaults (same as a default-constructed Config).
+  static Config defaults();
+  // Parse and validate. Throws ConfigError; a missing or unreadable file is a
+  // ConfigError whose message names the path.
+  static Config from_yaml_file(const std::string& path);
+  static Config from_yaml_string(std::string_view yaml,
+                                 std::string_view source_name = "<string>");
+
+  // Throws ConfigError naming the first invalid key (line 0: built in code).
+  void validate() const;
+
+  // Every key with its value, in the layout from_yaml_string() reads.
+  std::string to_yaml() const;
+};
+
+// A configuration failure: error code kInvalidConfig, with the key path
+// ("tasks.retry.max_attempts", "" for the document as a whole), the 1-based
+// line in the YAML source (0 when unknown) and the source name.
+class TASKMGR_API ConfigError : public Error {
+ public:
+  ConfigError(std::string key_path, int line, const std::string& message);
+  ~ConfigError() override;
+  ConfigError(const ConfigError&) = default;
+  ConfigError& operator=(const ConfigError&) = default;
+
+  const std::string& key_path() const noexcept { return key_path_; }
+  int line() const noexcept { return line_; }
+
+ private:
+  std::string key_path_;
+  int line_;
+};
+
+}  // namespace taskmgr

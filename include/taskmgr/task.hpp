@@ -1,0 +1,153 @@
+// taskmgr: the task model.
+//
+// Plain data and string conversions only; nothing here does I/O. The field
+// names follow the spec (spec/task-management-delta.md) so that a reader can
+// map spec to code: estimated_memory_mb, actual_memory_mb, assigned_device,
+// service_instance_id, resource_cleanup_completed.
+//
+// Every enum has a stable string form (the spec's, e.g. "out_of_memory",
+// "resource_acquired") used in JSON, in the database and in the C ABI.
+// to_string() and the parse_*() functions round-trip exactly; parsing an
+// unknown string returns std::nullopt.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "taskmgr/export.hpp"
+
+namespace taskmgr {
+
+using Clock = std::chrono::system_clock;
+using Timestamp = Clock::time_point;
+
+enum class TaskStatus {
+  kPending,    // created, not started
+  kQueued,     // waiting in a device queue (also while backing off a retry)
+  kRunning,    // a service instance is processing it
+  kCompleted,  // terminal: result is set
+  kFailed,     // terminal: failure_reason and failure_message are set
+  kCancelled,  // terminal: cancelled by the host
+};
+
+enum class TaskFailureReason {
+  kNone,
+  // Existing reasons.
+  kProcessingError,     // the service failed for a reason not listed below
+  kInvalidInput,        // the input cannot be read or decoded
+  kTimeout,             // processing ran past its deadline
+  kQueueTimeout,        // waited longer than tasks.queue_timeout_seconds
+  kQueueFull,           // tasks.max_queue_size was reached
+  kCancelled,           // cancelled by the host
+  kMaxAttemptsExceeded, // a retryable failure repeated tasks.retry.max_attempts times
+  kServiceUnavailable,  // no service of the task's kind is registered
+  kInterrupted,         // the process died while the task ran, no attempts left
+  // New memory-related reasons (spec section 5).
+  kOutOfMemory,         // "out_of_memory"
+  kPoolExhausted,       // "pool_exhausted"
+  kDeviceUnavailable,   // "device_unavailable"
+  kMemoryLimitExceeded, // "memory_limit_exceeded"
+};
+
+enum class TaskEvent {
+  // Lifecycle events.
+  kCreated,
+  kQueued,
+  kStarted,
+  kCompleted,
+  kFailed,
+  kRetried,
+  kCancelled,
+  kDeviceFallback,
+  // New resource events (spec section 6).
+  kResourceAcquired,  // "resource_acquired"
+  kResourceReleased,  // "resource_released"
+  kMemoryWarning,     // "memory_warning"
+  kCleanupStarted,    // "cleanup_started"
+  kCleanupCompleted,  // "cleanup_completed"
+};
+
+TASKMGR_API std::string_view to_string(TaskStatus status) noexcept;
+TASKMGR_API std::string_view to_string(TaskFailureReason reason) noexcept;
+TASKMGR_API std::string_view to_string(TaskEvent event) noexcept;
+
+TASKMGR_API std::optional<TaskStatus> parse_task_status(std::string_view s) noexcept;
+TASKMGR_API std::optional<TaskFailureReason> parse_failure_reason(std::string_view s) noexcept;
+TASKMGR_API std::optional<TaskEvent> parse_task_event(std::string_view s) noexcept;
+
+// All values of each enum, in declaration order (for tests, docs, bindings).
+TASKMGR_API const std::vector<TaskStatus>& all_task_statuses();
+TASKMGR_API const std::vector<TaskFailureReason>& all_failure_reasons();
+TASKMGR_API const std::vector<TaskEvent>& all_task_events();
+
+// True for completed, failed and cancelled.
+constexpr bool is_terminal(TaskStatus s) noexcept {
+  return s == TaskStatus::kCompleted || s == TaskStatus::kFailed ||
+         s == TaskStatus::kCancelled;
+}
+
+// What a task works on: a file path, or encoded bytes held in memory (so C
+// and Python hosts can pass an image they already have), or nothing (for
+// services that need no input). Exactly one of path/data is used.
+struct TaskInput {
+  std::string path;                // a file; empty when data is used
+  std::vector<std::uint8_t> data;  // encoded bytes (e.g. a PNG); empty when path is used
+  std::string media_type;          // optional hint, e.g. "image/png"
+
+  bool empty() const noexcept { return path.empty() && data.empty(); }
+};
+
+// What the host asks for when it creates a task (the spec's TaskCreateRequest).
+struct TaskCreateRequest {
+  std::string service = "ocr";  // service kind; must be registered
+  TaskInput input;
+  int priority = 0;             // larger runs first
+  int batch_size = 1;           // pages held and processed at once (>= 1)
+  std::string device;           // requested device ("cpu", "cuda:0"); empty = any
+  std::string options_json;     // service options as a JSON object; empty = none
+};
+
+// A task. Copies are snapshots: the manager owns the live state.
+struct Task {
+  // Existing fields.
+  std::string id;               // 36-char UUID (version 7: time-ordered)
+  std::string service;          // service kind, e.g. "ocr"
+  TaskInput input;
+  std::string options_json;     // service options as given at creation/start
+  int priority = 0;
+  TaskStatus status = TaskStatus::kPending;
+  int attempt = 0;              // attempts started so far (first run = 1)
+  int batch_size = 1;
+  TaskFailureReason failure_reason = TaskFailureReason::kNone;
+  std::string failure_message;
+  Timestamp created_at{};
+  std::optional<Timestamp> queued_at;
+  std::optional<Timestamp> started_at;
+  std::optional<Timestamp> finished_at;
+  std::string result;           // service-defined result document (JSON); empty until completed
+
+  // New resource-tracking fields (spec section 1).
+  std::optional<std::int64_t> estimated_memory_mb;
+  std::optional<std::int64_t> actual_memory_mb;
+  std::optional<std::string> assigned_device;
+  std::optional<std::string> service_instance_id;
+  bool resource_cleanup_completed = false;
+};
+
+// The task as a JSON object with every field above (snake_case keys, the
+// spec's names; timestamps as RFC 3339 UTC strings with milliseconds, absent
+// optionals as null, bytes input as its length only, result embedded as JSON
+// when it parses, else as a string).
+TASKMGR_API std::string to_json(const Task& task);
+
+// RFC 3339 UTC with milliseconds, e.g. "2026-11-28T01:02:03.456Z".
+TASKMGR_API std::string format_timestamp(Timestamp t);
+
+// A new random, time-ordered UUID (RFC 9562 version 7) in its 36-char form.
+TASKMGR_API std::string generate_task_id();
+
+}  // namespace taskmgr

@@ -1,0 +1,571 @@
+#include "taskmgr/config.hpp"
+
+#include <yaml-cpp/yaml.h>
+
+#include <cmath>
+#include <fstream>
+#include <functional>
+#include <set>
+#include <sstream>
+#include <unordered_map>
+
+#include "enum_table.hpp"
+
+namespace taskmgr {
+namespace {
+
+constexpr std::pair<QueueOrdering, std::string_view> kOrderingNames[] = {
+    {QueueOrdering::kFifo, "fifo"},
+    {QueueOrdering::kLargestFirst, "largest_first"},
+};
+constexpr std::pair<SyncMode, std::string_view> kSyncNames[] = {
+    {SyncMode::kNormal, "normal"},
+    {SyncMode::kFull, "full"},
+};
+constexpr std::string_view kLogLevels[] = {"trace", "debug", "info", "warn", "error", "off"};
+
+std::string join(const std::string& path, std::string_view key) {
+  return path.empty() ? std::string(key) : path + "." + std::string(key);
+}
+
+const char* node_kind(const YAML::Node& n) {
+  switch (n.Type()) {
+    case YAML::NodeType::Map: return "a mapping";
+    case YAML::NodeType::Sequence: return "a list";
+    case YAML::NodeType::Null: return "nothing (null)";
+    case YAML::NodeType::Scalar: return "a scalar";
+    default: return "an undefined node";
+  }
+}
+
+// Reads one YAML mapping against the schema: every key read is remembered,
+// anything left over is an unknown key. Records the line of every key path so
+// that validate() failures can be reported with a line too.
+class MapReader {
+ public:
+  MapReader(const YAML::Node& node, std::string path,
+            std::unordered_map<std::string, int>& lines)
+      : node_(node), path_(std::move(path)), lines_(lines) {
+    if (node_ && !node_.IsNull() && !node_.IsMap()) {
+      throw ConfigError(path_, line_of(node_),
+                        fmt_msg(path_, "must be a mapping, got " + std::string(node_kind(node_))));
+    }
+  }
+
+  bool present() const { return node_ && node_.IsMap(); }
+
+  template <typename T>
+  void read(std::string_view key, T& out) {
+    YAML::Node v = lookup(key);
+    if (!v) return;
+    const std::string path = join(path_, key);
+    if (!v.IsScalar()) {
+      throw ConfigError(path, line_of(v),
+                        fmt_msg(path, std::string("must be ") + type_name<T>() + ", got " +
+                                          node_kind(v)));
+    }
+    try {
+      out = v.as<T>();
+    } catch (const YAML::Exception&) {
+      throw ConfigError(path, line_of(v),
+                        fmt_msg(path, std::string("must be ") + type_name<T>() + ", got '" +
+                                          v.Scalar() + "'"));
+    }
+  }
+
+  template <typename E, std::size_t N>
+  void read_enum(std::string_view key, E& out,
+                 const std::pair<E, std::string_view> (&table)[N]) {
+    std::string s;
+    read(key, s);
+    if (s.empty() && !lookup(key)) return;
+    auto parsed = detail::enum_parse(table, s);
+    if (!parsed) {
+      std::string allowed;
+      for (const auto& [e, name] : table) {
+        allowed += allowed.empty() ? "" : ", ";
+        allowed += name;
+      }
+      const std::string path = join(path_, key);
+      throw ConfigError(path, line_of(lookup(key)),
+                        fmt_msg(path, "must be one of " + allowed + ", got '" + s + "'"));
+    }
+    out = *parsed;
+  }
+
+  MapReader child(std::string_view key) {
+    return MapReader(lookup(key), join(path_, key), lines_);
+  }
+
+  YAML::Node raw(std::string_view key) { return lookup(key); }
+  const std::string& path() const { return path_; }
+
+  // Throws on the first key the schema did not read.
+  void finish() const {
+    if (!present()) return;
+    for (const auto& kv : node_) {
+      const std::string k = kv.first.as<std::string>();
+      if (!seen_.count(k)) {
+        const std::string path = join(path_, k);
+        throw ConfigError(path, line_of(kv.first), fmt_msg(path, "unknown key"));
+      }
+    }
+  }
+
+  static int line_of(const YAML::Node& n) { return n ? n.Mark().line + 1 : 0; }
+
+  static std::string fmt_msg(const std::string& path, const std::string& what) {
+    return (path.empty() ? std::string("configuration") : path) + ": " + what;
+  }
+
+ private:
+  YAML::Node lookup(std::string_view key) {
+    seen_.insert(std::string(key));
+    if (!present()) return YAML::Node(YAML::NodeType::Undefined);
+    for (const auto& kv : node_) {
+      if (kv.first.as<std::string>() == key) {
+        lines_[join(path_, key)] = line_of(kv.first);
+        return kv.second;
+      }
+    }
+    return YAML::Node(YAML::NodeType::Undefined);
+  }
+
+  template <typename T>
+  static const char* type_name() {
+    if constexpr (std::is_same_v<T, bool>) return "a boolean (true/false)";
+    else if constexpr (std::is_integral_v<T>) return "an integer";
+    else if constexpr (std::is_floating_point_v<T>) return "a number";
+    else return "a string";
+  }
+
+  YAML::Node node_;
+  std::string path_;
+  std::unordered_map<std::string, int>& lines_;
+  std::set<std::string> seen_;
+};
+
+void read_pool(MapReader r, PoolSettings& p) {
+  r.read("min_instances", p.min_instances);
+  r.read("max_instances", p.max_instances);
+  r.read("acquire_timeout_seconds", p.acquire_timeout_seconds);
+  r.finish();
+}
+
+Config parse_document(const YAML::Node& root, std::unordered_map<std::string, int>& lines) {
+  Config c;
+  MapReader top(root, "", lines);
+
+  {
+    MapReader t = top.child("tasks");
+    auto& k = c.tasks;
+    t.read("max_queue_size", k.max_queue_size);
+    t.read("queue_timeout_seconds", k.queue_timeout_seconds);
+    t.read("enable_priority_queue", k.enable_priority_queue);
+    t.read("enable_resource_tracking", k.enable_resource_tracking);
+    t.read("cleanup_timeout_seconds", k.cleanup_timeout_seconds);
+    {
+      MapReader r = t.child("retry");
+      auto& y = k.retry;
+      r.read("max_attempts", y.max_attempts);
+      r.read("backoff_multiplier", y.backoff_multiplier);
+      r.read("memory_reduction_factor", y.memory_reduction_factor);
+      r.read("backoff_base_seconds", y.backoff_base_seconds);
+      r.read("backoff_max_seconds", y.backoff_max_seconds);
+      r.read("backoff_jitter", y.backoff_jitter);
+      r.read("cpu_fallback", y.cpu_fallback);
+      r.finish();
+    }
+    t.read_enum("queue_ordering", k.queue_ordering, kOrderingNames);
+    t.read("max_task_memory_mb", k.max_task_memory_mb);
+    t.read("memory_warning_fraction", k.memory_warning_fraction);
+    t.read("device_warning_fraction", k.device_warning_fraction);
+    t.read("starvation_seconds", k.starvation_seconds);
+    t.read("temp_dir", k.temp_dir);
+    t.finish();
+  }
+  {
+    MapReader e = top.child("executor");
+    e.read("worker_threads", c.executor.worker_threads);
+    e.finish();
+  }
+  {
+    MapReader d = top.child("devices");
+    auto& k = c.devices;
+    d.read("probe_cpu", k.probe_cpu);
+    d.read("probe_nvidia", k.probe_nvidia);
+    d.read("cpu_memory_mb", k.cpu_memory_mb);
+    d.read("cpu_memory_fraction", k.cpu_memory_fraction);
+    YAML::Node list = d.raw("declared");
+    if (list && !list.IsNull()) {
+      const std::string path = join(d.path(), "declared");
+      if (!list.IsSequence()) {
+        throw ConfigError(path, MapReader::line_of(list),
+                          MapReader::fmt_msg(path, std::string("must be a list, got ") +
+                                                       node_kind(list)));
+      }
+      for (std::size_t i = 0; i < list.size(); ++i) {
+        const std::string ipath = path + "[" + std::to_string(i) + "]";
+        MapReader item(list[i], ipath, lines);
+        lines[ipath] = MapReader::line_of(list[i]);
+        DeclaredDevice dev{"", "", 0};
+        item.read("id", dev.id);
+        item.read("kind", dev.kind);
+        item.read("memory_mb", dev.memory_mb);
+        item.finish();
+        k.declared.push_back(std::move(dev));
+      }
+    }
+    d.finish();
+  }
+  {
+    MapReader p = top.child("pools");
+    read_pool(p.child("defaults"), c.pools.defaults);
+    YAML::Node devs = p.raw("devices");
+    if (devs && !devs.IsNull()) {
+      const std::string path = join(p.path(), "devices");
+      if (!devs.IsMap()) {
+        throw ConfigError(path, MapReader::line_of(devs),
+                          MapReader::fmt_msg(path, std::string("must be a mapping, got ") +
+                                                       node_kind(devs)));
+      }
+      for (const auto& kv : devs) {
+        const std::string id = kv.first.as<std::string>();
+        PoolSettings s = c.pools.defaults;
+        lines[join(path, id)] = MapReader::line_of(kv.first);
+        read_pool(MapReader(kv.second, join(path, id), lines), s);
+        c.pools.devices[id] = s;
+      }
+    }
+    p.finish();
+  }
+  {
+    MapReader s = top.child("storage");
+    s.read("path", c.storage.path);
+    s.read_enum("synchronous", c.storage.synchronous, kSyncNames);
+    s.read("busy_timeout_seconds", c.storage.busy_timeout_seconds);
+    s.read("retention_days", c.storage.retention_days);
+    s.finish();
+  }
+  {
+    MapReader o = top.child("ocr");
+    o.read("tessdata_path", c.ocr.tessdata_path);
+    o.read("languages", c.ocr.languages);
+    o.read("page_segmentation_mode", c.ocr.page_segmentation_mode);
+    MapReader pp = o.child("preprocess");
+    pp.read("grayscale", c.ocr.preprocess.grayscale);
+    pp.read("target_dpi", c.ocr.preprocess.target_dpi);
+    pp.read("deskew", c.ocr.preprocess.deskew);
+    pp.read("binarize", c.ocr.preprocess.binarize);
+    pp.finish();
+    o.finish();
+  }
+  {
+    MapReader l = top.child("logging");
+    l.read("level", c.logging.level);
+    l.finish();
+  }
+  top.finish();
+  return c;
+}
+
+[[noreturn]] void invalid(const std::string& path, const std::string& what) {
+  throw ConfigError(path, 0, path + ": " + what);
+}
+
+std::string num(double v) {
+  std::ostringstream os;
+  os << v;
+  return os.str();
+}
+
+void check_positive(const std::string& path, double v) {
+  if (!(v > 0) || !std::isfinite(v)) invalid(path, "must be > 0, got " + num(v));
+}
+
+void validate_pool(const std::string& path, const PoolSettings& p) {
+  if (p.min_instances < 0) {
+    invalid(path + ".min_instances", "must be >= 0, got " + std::to_string(p.min_instances));
+  }
+  if (p.max_instances < 0) {
+    invalid(path + ".max_instances", "must be >= 0 (0 = auto), got " +
+                                         std::to_string(p.max_instances));
+  }
+  if (p.max_instances > 0 && p.min_instances > p.max_instances) {
+    invalid(path + ".min_instances", "must be <= max_instances (" +
+                                         std::to_string(p.max_instances) + "), got " +
+                                         std::to_string(p.min_instances));
+  }
+  check_positive(path + ".acquire_timeout_seconds", p.acquire_timeout_seconds);
+}
+
+bool valid_device_id(const std::string& id) {
+  if (id == "cpu") return true;
+  const auto colon = id.find(':');
+  if (colon == std::string::npos || colon == 0 || colon + 1 == id.size()) return false;
+  for (std::size_t i = colon + 1; i < id.size(); ++i) {
+    if (id[i] < '0' || id[i] > '9') return false;
+  }
+  for (std::size_t i = 0; i < colon; ++i) {
+    const char ch = id[i];
+    if (!((ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') || ch == '_')) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+std::string_view to_string(QueueOrdering o) noexcept { return detail::enum_name(kOrderingNames, o); }
+std::optional<QueueOrdering> parse_queue_ordering(std::string_view s) noexcept {
+  return detail::enum_parse(kOrderingNames, s);
+}
+std::string_view to_string(SyncMode m) noexcept { return detail::enum_name(kSyncNames, m); }
+std::optional<SyncMode> parse_sync_mode(std::string_view s) noexcept {
+  return detail::enum_parse(kSyncNames, s);
+}
+
+PoolSettings PoolsConfig::for_device(const std::string& device_id) const {
+  auto it = devices.find(device_id);
+  return it == devices.end() ? defaults : it->second;
+}
+
+ConfigError::ConfigError(std::string key_path, int line, const std::string& message)
+    : Error(ErrorCode::kInvalidConfig, message), key_path_(std::move(key_path)), line_(line) {}
+ConfigError::~ConfigError() = default;
+
+Config Config::defaults() { return Config{}; }
+
+void Config::validate() const {
+  const auto& t = tasks;
+  if (t.max_queue_size < 1) {
+    invalid("tasks.max_queue_size", "must be >= 1, got " + std::to_string(t.max_queue_size));
+  }
+  check_positive("tasks.queue_timeout_seconds", t.queue_timeout_seconds);
+  check_positive("tasks.cleanup_timeout_seconds", t.cleanup_timeout_seconds);
+  const auto& r = t.retry;
+  if (r.max_attempts < 1) {
+    invalid("tasks.retry.max_attempts", "must be >= 1, got " + std::to_string(r.max_attempts));
+  }
+  if (!(r.backoff_multiplier >= 1) || !std::isfinite(r.backoff_multiplier)) {
+    invalid("tasks.retry.backoff_multiplier", "must be >= 1, got " + num(r.backoff_multiplier));
+  }
+  if (!(r.memory_reduction_factor > 0 && r.memory_reduction_factor < 1)) {
+    invalid("tasks.retry.memory_reduction_factor",
+            "must be in (0, 1), got " + num(r.memory_reduction_factor));
+  }
+  if (!(r.backoff_base_seconds >= 0) || !std::isfinite(r.backoff_base_seconds)) {
+    invalid("tasks.retry.backoff_base_seconds", "must be >= 0, got " + num(r.backoff_base_seconds));
+  }
+  if (!(r.backoff_max_seconds >= r.backoff_base_seconds) || !std::isfinite(r.backoff_max_seconds)) {
+    invalid("tasks.retry.backoff_max_seconds",
+            "must be >= tasks.retry.backoff_base_seconds (" + num(r.backoff_base_seconds) +
+                "), got " + num(r.backoff_max_seconds));
+  }
+  if (!(r.backoff_jitter >= 0 && r.backoff_jitter < 1)) {
+    invalid("tasks.retry.backoff_jitter", "must be in [0, 1), got " + num(r.backoff_jitter));
+  }
+  if (t.max_task_memory_mb < 0) {
+    invalid("tasks.max_task_memory_mb",
+            "must be >= 0 (0 = no limit), got " + std::to_string(t.max_task_memory_mb));
+  }
+  check_positive("tasks.memory_warning_fraction", t.memory_warning_fraction);
+  if (!(t.device_warning_fraction > 0 && t.device_warning_fraction <= 1)) {
+    invalid("tasks.device_warning_fraction",
+            "must be in (0, 1], got " + num(t.device_warning_fraction));
+  }
+  check_positive("tasks.starvation_seconds", t.starvation_seconds);
+
+  if (executor.worker_threads < 0 || executor.worker_threads > 1024) {
+    invalid("executor.worker_threads",
+            "must be in [0, 1024] (0 = number of CPUs), got " +
+                std::to_string(executor.worker_threads));
+  }
+
+  if (devices.cpu_memory_mb < 0) {
+    invalid("devices.cpu_memory_mb",
+            "must be >= 0 (0 = probe), got " + std::to_string(devices.cpu_memory_mb));
+  }
+  if (!(devices.cpu_memory_fraction > 0 && devices.cpu_memory_fraction <= 1)) {
+    invalid("devices.cpu_memory_fraction",
+            "must be in (0, 1], got " + num(devices.cpu_memory_fraction));
+  }
+  std::set<std::string> ids;
+  for (std::size_t i = 0; i < devices.declared.size(); ++i) {
+    const auto& d = devices.declared[i];
+    const std::string p = "devices.declared[" + std::to_string(i) + "]";
+    if (!valid_device_id(d.id)) {
+      invalid(p + ".id", "must be 'cpu' or '<kind>:<index>' such as 'cuda:0', got '" + d.id + "'");
+    }
+    if (d.kind != "cpu" && d.kind != "gpu") {
+      invalid(p + ".kind", "must be one of cpu, gpu, got '" + d.kind + "'");
+    }
+    if ((d.id == "cpu") != (d.kind == "cpu")) {
+      invalid(p + ".kind", "device 'cpu' must have kind cpu and only it, got id '" + d.id +
+                               "' with kind '" + d.kind + "'");
+    }
+    if (d.memory_mb <= 0) {
+      invalid(p + ".memory_mb", "must be > 0, got " + std::to_string(d.memory_mb));
+    }
+    if (!ids.insert(d.id).second) invalid(p + ".id", "duplicate device id '" + d.id + "'");
+  }
+
+  validate_pool("pools.defaults", pools.defaults);
+  for (const auto& [id, s] : pools.devices) {
+    if (!valid_device_id(id)) {
+      invalid("pools.devices." + id, "is not a device id ('cpu' or '<kind>:<index>')");
+    }
+    validate_pool("pools.devices." + id, s);
+  }
+
+  if (storage.path.empty()) invalid("storage.path", "must not be empty (use ':memory:')");
+  check_positive("storage.busy_timeout_seconds", storage.busy_timeout_seconds);
+  if (!(storage.retention_days >= 0) || !std::isfinite(storage.retention_days)) {
+    invalid("storage.retention_days", "must be >= 0 (0 = keep), got " + num(storage.retention_days));
+  }
+
+  if (ocr.languages.empty()) invalid("ocr.languages", "must name at least one language, e.g. 'eng'");
+  if (ocr.page_segmentation_mode < 0 || ocr.page_segmentation_mode > 13) {
+    invalid("ocr.page_segmentation_mode",
+            "must be in [0, 13], got " + std::to_string(ocr.page_segmentation_mode));
+  }
+  if (ocr.preprocess.target_dpi < 0 || ocr.preprocess.target_dpi > 1200) {
+    invalid("ocr.preprocess.target_dpi",
+            "must be in [0, 1200] (0 = off), got " + std::to_string(ocr.preprocess.target_dpi));
+  }
+
+  bool level_ok = false;
+  for (auto l : kLogLevels) level_ok = level_ok || l == logging.level;
+  if (!level_ok) {
+    invalid("logging.level",
+            "must be one of trace, debug, info, warn, error, off, got '" + logging.level + "'");
+  }
+}
+
+Config Config::from_yaml_string(std::string_view yaml, std::string_view source_name) {
+  YAML::Node root;
+  try {
+    root = YAML::Load(std::string(yaml));
+  } catch (const YAML::ParserException& e) {
+    throw ConfigError("", e.mark.line + 1,
+                      std::string(source_name) + ":" + std::to_string(e.mark.line + 1) +
+                          ": invalid YAML: " + e.msg);
+  }
+  std::unordered_map<std::string, int> lines;
+  try {
+    Config c = parse_document(root, lines);
+    c.validate();
+    return c;
+  } catch (const ConfigError& e) {
+    int line = e.line();
+    if (line == 0) {
+      auto it = lines.find(e.key_path());
+      if (it != lines.end()) line = it->second;
+    }
+    std::string where(source_name);
+    if (line > 0) where += ":" + std::to_string(line);
+    throw ConfigError(e.key_path(), line, where + ": " + e.what());
+  } catch (const YAML::Exception& e) {
+    throw ConfigError("", e.mark.line + 1,
+                      std::string(source_name) + ":" + std::to_string(e.mark.line + 1) + ": " +
+                          e.msg);
+  }
+}
+
+Config Config::from_yaml_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    throw ConfigError("", 0, "cannot open configuration file '" + path + "'");
+  }
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  if (in.bad()) throw ConfigError("", 0, "cannot read configuration file '" + path + "'");
+  return from_yaml_string(ss.str(), path);
+}
+
+std::string Config::to_yaml() const {
+  YAML::Emitter e;
+  e.SetDoublePrecision(15);  // 0.1, not 0.10000000000000001
+  auto pool = [&e](const PoolSettings& p) {
+    e << YAML::BeginMap;
+    e << YAML::Key << "min_instances" << YAML::Value << p.min_instances;
+    e << YAML::Key << "max_instances" << YAML::Value << p.max_instances;
+    e << YAML::Key << "acquire_timeout_seconds" << YAML::Value << p.acquire_timeout_seconds;
+    e << YAML::EndMap;
+  };
+  e << YAML::BeginMap;
+  e << YAML::Key << "tasks" << YAML::Value << YAML::BeginMap;
+  e << YAML::Key << "max_queue_size" << YAML::Value << tasks.max_queue_size;
+  e << YAML::Key << "queue_timeout_seconds" << YAML::Value << tasks.queue_timeout_seconds;
+  e << YAML::Key << "enable_priority_queue" << YAML::Value << tasks.enable_priority_queue;
+  e << YAML::Key << "enable_resource_tracking" << YAML::Value << tasks.enable_resource_tracking;
+  e << YAML::Key << "cleanup_timeout_seconds" << YAML::Value << tasks.cleanup_timeout_seconds;
+  e << YAML::Key << "retry" << YAML::Value << YAML::BeginMap;
+  e << YAML::Key << "max_attempts" << YAML::Value << tasks.retry.max_attempts;
+  e << YAML::Key << "backoff_multiplier" << YAML::Value << tasks.retry.backoff_multiplier;
+  e << YAML::Key << "memory_reduction_factor" << YAML::Value << tasks.retry.memory_reduction_factor;
+  e << YAML::Key << "backoff_base_seconds" << YAML::Value << tasks.retry.backoff_base_seconds;
+  e << YAML::Key << "backoff_max_seconds" << YAML::Value << tasks.retry.backoff_max_seconds;
+  e << YAML::Key << "backoff_jitter" << YAML::Value << tasks.retry.backoff_jitter;
+  e << YAML::Key << "cpu_fallback" << YAML::Value << tasks.retry.cpu_fallback;
+  e << YAML::EndMap;
+  e << YAML::Key << "queue_ordering" << YAML::Value << std::string(to_string(tasks.queue_ordering));
+  e << YAML::Key << "max_task_memory_mb" << YAML::Value << tasks.max_task_memory_mb;
+  e << YAML::Key << "memory_warning_fraction" << YAML::Value << tasks.memory_warning_fraction;
+  e << YAML::Key << "device_warning_fraction" << YAML::Value << tasks.device_warning_fraction;
+  e << YAML::Key << "starvation_seconds" << YAML::Value << tasks.starvation_seconds;
+  e << YAML::Key << "temp_dir" << YAML::Value << tasks.temp_dir;
+  e << YAML::EndMap;
+
+  e << YAML::Key << "executor" << YAML::Value << YAML::BeginMap;
+  e << YAML::Key << "worker_threads" << YAML::Value << executor.worker_threads;
+  e << YAML::EndMap;
+
+  e << YAML::Key << "devices" << YAML::Value << YAML::BeginMap;
+  e << YAML::Key << "probe_cpu" << YAML::Value << devices.probe_cpu;
+  e << YAML::Key << "probe_nvidia" << YAML::Value << devices.probe_nvidia;
+  e << YAML::Key << "cpu_memory_mb" << YAML::Value << devices.cpu_memory_mb;
+  e << YAML::Key << "cpu_memory_fraction" << YAML::Value << devices.cpu_memory_fraction;
+  e << YAML::Key << "declared" << YAML::Value << YAML::BeginSeq;
+  for (const auto& d : devices.declared) {
+    e << YAML::BeginMap << YAML::Key << "id" << YAML::Value << d.id << YAML::Key << "kind"
+      << YAML::Value << d.kind << YAML::Key << "memory_mb" << YAML::Value << d.memory_mb
+      << YAML::EndMap;
+  }
+  e << YAML::EndSeq << YAML::EndMap;
+
+  e << YAML::Key << "pools" << YAML::Value << YAML::BeginMap;
+  e << YAML::Key << "defaults" << YAML::Value;
+  pool(pools.defaults);
+  e << YAML::Key << "devices" << YAML::Value << YAML::BeginMap;
+  for (const auto& [id, s] : pools.devices) {
+    e << YAML::Key << id << YAML::Value;
+    pool(s);
+  }
+  e << YAML::EndMap << YAML::EndMap;
+
+  e << YAML::Key << "storage" << YAML::Value << YAML::BeginMap;
+  e << YAML::Key << "path" << YAML::Value << storage.path;
+  e << YAML::Key << "synchronous" << YAML::Value << std::string(to_string(storage.synchronous));
+  e << YAML::Key << "busy_timeout_seconds" << YAML::Value << storage.busy_timeout_seconds;
+  e << YAML::Key << "retention_days" << YAML::Value << storage.retention_days;
+  e << YAML::EndMap;
+
+  e << YAML::Key << "ocr" << YAML::Value << YAML::BeginMap;
+  e << YAML::Key << "tessdata_path" << YAML::Value << ocr.tessdata_path;
+  e << YAML::Key << "languages" << YAML::Value << ocr.languages;
+  e << YAML::Key << "page_segmentation_mode" << YAML::Value << ocr.page_segmentation_mode;
+  e << YAML::Key << "preprocess" << YAML::Value << YAML::BeginMap;
+  e << YAML::Key << "grayscale" << YAML::Value << ocr.preprocess.grayscale;
+  e << YAML::Key << "target_dpi" << YAML::Value << ocr.preprocess.target_dpi;
+  e << YAML::Key << "deskew" << YAML::Value << ocr.preprocess.deskew;
+  e << YAML::Key << "binarize" << YAML::Value << ocr.preprocess.binarize;
+  e << YAML::EndMap << YAML::EndMap;
+
+  e << YAML::Key << "logging" << YAML::Value << YAML::BeginMap;
+  e << YAML::Key << "level" << YAML::Value << logging.level;
+  e << YAML::EndMap;
+  e << YAML::EndMap;
+  return std::string(e.c_str()) + "\n";
+}
+
+}  // namespace taskmgr

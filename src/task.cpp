@@ -1,0 +1,196 @@
+#include "taskmgr/task.hpp"
+
+#include <atomic>
+#include <boost/json.hpp>
+#include <cstdio>
+#include <ctime>
+#include <random>
+
+#include "enum_table.hpp"
+
+namespace taskmgr {
+namespace {
+
+constexpr std::pair<TaskStatus, std::string_view> kStatusNames[] = {
+    {TaskStatus::kPending, "pending"},     {TaskStatus::kQueued, "queued"},
+    {TaskStatus::kRunning, "running"},     {TaskStatus::kCompleted, "completed"},
+    {TaskStatus::kFailed, "failed"},       {TaskStatus::kCancelled, "cancelled"},
+};
+
+constexpr std::pair<TaskFailureReason, std::string_view> kReasonNames[] = {
+    {TaskFailureReason::kNone, "none"},
+    {TaskFailureReason::kProcessingError, "processing_error"},
+    {TaskFailureReason::kInvalidInput, "invalid_input"},
+    {TaskFailureReason::kTimeout, "timeout"},
+    {TaskFailureReason::kQueueTimeout, "queue_timeout"},
+    {TaskFailureReason::kQueueFull, "queue_full"},
+    {TaskFailureReason::kCancelled, "cancelled"},
+    {TaskFailureReason::kMaxAttemptsExceeded, "max_attempts_exceeded"},
+    {TaskFailureReason::kServiceUnavailable, "service_unavailable"},
+    {TaskFailureReason::kInterrupted, "interrupted"},
+    {TaskFailureReason::kOutOfMemory, "out_of_memory"},
+    {TaskFailureReason::kPoolExhausted, "pool_exhausted"},
+    {TaskFailureReason::kDeviceUnavailable, "device_unavailable"},
+    {TaskFailureReason::kMemoryLimitExceeded, "memory_limit_exceeded"},
+};
+
+constexpr std::pair<TaskEvent, std::string_view> kEventNames[] = {
+    {TaskEvent::kCreated, "created"},
+    {TaskEvent::kQueued, "queued"},
+    {TaskEvent::kStarted, "started"},
+    {TaskEvent::kCompleted, "completed"},
+    {TaskEvent::kFailed, "failed"},
+    {TaskEvent::kRetried, "retried"},
+    {TaskEvent::kCancelled, "cancelled"},
+    {TaskEvent::kDeviceFallback, "device_fallback"},
+    {TaskEvent::kResourceAcquired, "resource_acquired"},
+    {TaskEvent::kResourceReleased, "resource_released"},
+    {TaskEvent::kMemoryWarning, "memory_warning"},
+    {TaskEvent::kCleanupStarted, "cleanup_started"},
+    {TaskEvent::kCleanupCompleted, "cleanup_completed"},
+};
+
+boost::json::value opt_ts(const std::optional<Timestamp>& t) {
+  if (!t) return nullptr;
+  return boost::json::string(format_timestamp(*t));
+}
+
+template <typename T>
+boost::json::value opt(const std::optional<T>& v) {
+  if (!v) return nullptr;
+  return boost::json::value_from(*v);
+}
+
+}  // namespace
+
+std::string_view to_string(TaskStatus s) noexcept { return detail::enum_name(kStatusNames, s); }
+std::string_view to_string(TaskFailureReason r) noexcept {
+  return detail::enum_name(kReasonNames, r);
+}
+std::string_view to_string(TaskEvent e) noexcept { return detail::enum_name(kEventNames, e); }
+
+std::optional<TaskStatus> parse_task_status(std::string_view s) noexcept {
+  return detail::enum_parse(kStatusNames, s);
+}
+std::optional<TaskFailureReason> parse_failure_reason(std::string_view s) noexcept {
+  return detail::enum_parse(kReasonNames, s);
+}
+std::optional<TaskEvent> parse_task_event(std::string_view s) noexcept {
+  return detail::enum_parse(kEventNames, s);
+}
+
+const std::vector<TaskStatus>& all_task_statuses() {
+  static const auto v = detail::enum_values(kStatusNames);
+  return v;
+}
+const std::vector<TaskFailureReason>& all_failure_reasons() {
+  static const auto v = detail::enum_values(kReasonNames);
+  return v;
+}
+const std::vector<TaskEvent>& all_task_events() {
+  static const auto v = detail::enum_values(kEventNames);
+  return v;
+}
+
+std::string format_timestamp(Timestamp t) {
+  const auto ms_total =
+      std::chrono::duration_cast<std::chrono::milliseconds>(t.time_since_epoch()).count();
+  auto secs = static_cast<std::time_t>(ms_total / 1000);
+  auto ms = static_cast<int>(ms_total % 1000);
+  if (ms < 0) {
+    ms += 1000;
+    secs -= 1;
+  }
+  std::tm tm{};
+  gmtime_r(&secs, &tm);
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", tm.tm_year + 1900,
+                tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, ms);
+  return buf;
+}
+
+std::string to_json(const Task& t) {
+  boost::json::object o;
+  o["id"] = t.id;
+  o["service"] = t.service;
+  boost::json::object input;
+  if (!t.input.path.empty()) {
+    input["path"] = t.input.path;
+  } else {
+    input["path"] = nullptr;
+  }
+  input["bytes"] = t.input.data.size();
+  input["media_type"] = t.input.media_type;
+  o["input"] = std::move(input);
+  if (t.options_json.empty()) {
+    o["options"] = boost::json::object();
+  } else {
+    boost::system::error_code ec;
+    auto v = boost::json::parse(t.options_json, ec);
+    o["options"] = ec ? boost::json::value(boost::json::string(t.options_json)) : v;
+  }
+  o["priority"] = t.priority;
+  o["status"] = to_string(t.status);
+  o["attempt"] = t.attempt;
+  o["batch_size"] = t.batch_size;
+  if (t.failure_reason == TaskFailureReason::kNone) {
+    o["failure_reason"] = nullptr;
+  } else {
+    o["failure_reason"] = to_string(t.failure_reason);
+  }
+  o["failure_message"] = t.failure_message;
+  o["created_at"] = format_timestamp(t.created_at);
+  o["queued_at"] = opt_ts(t.queued_at);
+  o["started_at"] = opt_ts(t.started_at);
+  o["finished_at"] = opt_ts(t.finished_at);
+  if (t.result.empty()) {
+    o["result"] = nullptr;
+  } else {
+    boost::system::error_code ec;
+    auto v = boost::json::parse(t.result, ec);
+    o["result"] = ec ? boost::json::value(boost::json::string(t.result)) : v;
+  }
+  o["estimated_memory_mb"] = opt(t.estimated_memory_mb);
+  o["actual_memory_mb"] = opt(t.actual_memory_mb);
+  o["assigned_device"] = opt(t.assigned_device);
+  o["service_instance_id"] = opt(t.service_instance_id);
+  o["resource_cleanup_completed"] = t.resource_cleanup_completed;
+  return boost::json::serialize(o);
+}
+
+std::string generate_task_id() {
+  // RFC 9562 UUIDv7: 48-bit Unix milliseconds, version, 12 bits that act as a
+  // monotonic counter within one millisecond (method 1 of section 6.2), the
+  // variant, 62 random bits. Ids from one process sort in creation order,
+  // which keeps B-tree inserts at the end of the index.
+  static std::atomic<std::uint64_t> last{0};  // (ms << 12) | counter
+  const auto now_ms = static_cast<std::uint64_t>(
+      std::chrono::duration_cast<std::chrono::milliseconds>(
+          Clock::now().time_since_epoch())
+          .count());
+  std::uint64_t prev = last.load(std::memory_order_relaxed);
+  std::uint64_t next;
+  do {
+    next = now_ms << 12;
+    if (next <= prev) next = prev + 1;
+  } while (!last.compare_exchange_weak(prev, next, std::memory_order_relaxed));
+
+  thread_local std::mt19937_64 rng{std::random_device{}()};
+  const std::uint64_t rand_b = rng();
+
+  const std::uint64_t ms = next >> 12;
+  const std::uint64_t counter = next & 0xFFF;
+  const std::uint64_t hi = (ms << 16) | (0x7ULL << 12) | counter;
+  const std::uint64_t lo = (0x2ULL << 62) | (rand_b & 0x3FFFFFFFFFFFFFFFULL);
+
+  char buf[37];
+  std::snprintf(buf, sizeof buf, "%08llx-%04llx-%04llx-%04llx-%012llx",
+                static_cast<unsigned long long>(hi >> 32),
+                static_cast<unsigned long long>((hi >> 16) & 0xFFFF),
+                static_cast<unsigned long long>(hi & 0xFFFF),
+                static_cast<unsigned long long>(lo >> 48),
+                static_cast<unsigned long long>(lo & 0xFFFFFFFFFFFFULL));
+  return buf;
+}
+
+}  // namespace taskmgr

@@ -1,0 +1,300 @@
+#include <doctest/doctest.h>
+
+#include <cstdio>
+#include <fstream>
+#include <string>
+
+#include "taskmgr/config.hpp"
+
+using namespace taskmgr;
+
+namespace {
+
+// Loads `yaml`, expecting a ConfigError; returns it.
+ConfigError load_error(const std::string& yaml) {
+  try {
+    Config::from_yaml_string(yaml, "test.yaml");
+  } catch (const ConfigError& e) {
+    return e;
+  }
+  FAIL("expected a ConfigError for:\n" << yaml);
+  return ConfigError("", 0, "");
+}
+
+}  // namespace
+
+TEST_CASE("defaults are the spec's values") {
+  const Config c = Config::defaults();
+  CHECK(c.tasks.max_queue_size == 100);
+  CHECK(c.tasks.queue_timeout_seconds == 300);
+  CHECK(c.tasks.enable_priority_queue == true);
+  CHECK(c.tasks.enable_resource_tracking == true);
+  CHECK(c.tasks.cleanup_timeout_seconds == 30);
+  CHECK(c.tasks.retry.max_attempts == 3);
+  CHECK(c.tasks.retry.backoff_multiplier == 2);
+  CHECK(c.tasks.retry.memory_reduction_factor == 0.5);
+  CHECK_NOTHROW(c.validate());
+}
+
+TEST_CASE("an empty document and an empty tasks block give the defaults") {
+  for (const char* doc : {"", "tasks:\n", "tasks: {}\n", "# only a comment\n"}) {
+    CAPTURE(doc);
+    const Config c = Config::from_yaml_string(doc);
+    CHECK(c.tasks.max_queue_size == 100);
+    CHECK(c.tasks.retry.memory_reduction_factor == 0.5);
+  }
+}
+
+TEST_CASE("the spec's tasks block is read with its exact keys") {
+  const Config c = Config::from_yaml_string(R"(
+tasks:
+  max_queue_size: 7
+  queue_timeout_seconds: 12.5
+  enable_priority_queue: false
+  enable_resource_tracking: false
+  cleanup_timeout_seconds: 3
+  retry:
+    max_attempts: 5
+    backoff_multiplier: 3
+    memory_reduction_factor: 0.25
+)");
+  CHECK(c.tasks.max_queue_size == 7);
+  CHECK(c.tasks.queue_timeout_seconds == 12.5);
+  CHECK(c.tasks.enable_priority_queue == false);
+  CHECK(c.tasks.enable_resource_tracking == false);
+  CHECK(c.tasks.cleanup_timeout_seconds == 3);
+  CHECK(c.tasks.retry.max_attempts == 5);
+  CHECK(c.tasks.retry.backoff_multiplier == 3);
+  CHECK(c.tasks.retry.memory_reduction_factor == 0.25);
+}
+
+TEST_CASE("devices, pools, storage and ocr sections are read") {
+  const Config c = Config::from_yaml_string(R"(
+executor:
+  worker_threads: 4
+devices:
+  probe_nvidia: false
+  declared:
+    - {id: "cuda:0", kind: gpu, memory_mb: 8192}
+    - {id: "cuda:1", kind: gpu, memory_mb: 4096}
+pools:
+  defaults: {max_instances: 3, acquire_timeout_seconds: 2}
+  devices:
+    "cuda:0": {min_instances: 1, max_instances: 1}
+storage:
+  path: ":memory:"
+  synchronous: full
+ocr:
+  languages: eng+deu
+  page_segmentation_mode: 6
+  preprocess: {deskew: true, target_dpi: 0}
+tasks:
+  queue_ordering: largest_first
+logging: {level: debug}
+)");
+  CHECK(c.executor.worker_threads == 4);
+  CHECK(c.devices.probe_nvidia == false);
+  REQUIRE(c.devices.declared.size() == 2);
+  CHECK(c.devices.declared[1].id == "cuda:1");
+  CHECK(c.devices.declared[1].memory_mb == 4096);
+  CHECK(c.pools.for_device("cpu").max_instances == 3);
+  CHECK(c.pools.for_device("cuda:0").max_instances == 1);
+  CHECK(c.pools.for_device("cuda:0").min_instances == 1);
+  // A per-device block inherits the defaults it does not set.
+  CHECK(c.pools.for_device("cuda:0").acquire_timeout_seconds == 2);
+  CHECK(c.storage.path == ":memory:");
+  CHECK(c.storage.synchronous == SyncMode::kFull);
+  CHECK(c.ocr.languages == "eng+deu");
+  CHECK(c.ocr.page_segmentation_mode == 6);
+  CHECK(c.ocr.preprocess.deskew == true);
+  CHECK(c.ocr.preprocess.target_dpi == 0);
+  CHECK(c.tasks.queue_ordering == QueueOrdering::kLargestFirst);
+  CHECK(c.logging.level == "debug");
+}
+
+TEST_CASE("to_yaml round-trips through from_yaml_string") {
+  Config c;
+  c.tasks.max_queue_size = 42;
+  c.tasks.retry.memory_reduction_factor = 0.3;
+  c.tasks.queue_ordering = QueueOrdering::kLargestFirst;
+  c.devices.declared.push_back({"cuda:0", "gpu", 1000});
+  c.pools.devices["cuda:0"] = PoolSettings{1, 2, 5};
+  c.storage.synchronous = SyncMode::kFull;
+  const Config back = Config::from_yaml_string(c.to_yaml());
+  CHECK(back.to_yaml() == c.to_yaml());
+  CHECK(back.tasks.max_queue_size == 42);
+  CHECK(back.pools.for_device("cuda:0").max_instances == 2);
+  CHECK(back.devices.declared.at(0).memory_mb == 1000);
+}
+
+TEST_CASE("each out-of-range value is an error that names its key path and line") {
+  struct Case {
+    const char* yaml;
+    const char* key;
+    int line;
+  };
+  const Case cases[] = {
+      {"tasks:\n  max_queue_size: 0\n", "tasks.max_queue_size", 2},
+      {"tasks:\n  max_queue_size: -5\n", "tasks.max_queue_size", 2},
+      {"tasks:\n  queue_timeout_seconds: 0\n", "tasks.queue_timeout_seconds", 2},
+      {"tasks:\n  cleanup_timeout_seconds: -1\n", "tasks.cleanup_timeout_seconds", 2},
+      {"tasks:\n  retry:\n    max_attempts: 0\n", "tasks.retry.max_attempts", 3},
+      {"tasks:\n  retry:\n    backoff_multiplier: 0.5\n", "tasks.retry.backoff_multiplier", 3},
+      {"tasks:\n  retry:\n    memory_reduction_factor: 1.5\n",
+       "tasks.retry.memory_reduction_factor", 3},
+      {"tasks:\n  retry:\n    memory_reduction_factor: 1\n",
+       "tasks.retry.memory_reduction_factor", 3},
+      {"tasks:\n  retry:\n    memory_reduction_factor: 0\n",
+       "tasks.retry.memory_reduction_factor", 3},
+      {"tasks:\n  retry:\n    backoff_jitter: 1\n", "tasks.retry.backoff_jitter", 3},
+      {"tasks:\n  retry:\n    backoff_base_seconds: 5\n    backoff_max_seconds: 1\n",
+       "tasks.retry.backoff_max_seconds", 4},
+      {"tasks:\n  max_task_memory_mb: -1\n", "tasks.max_task_memory_mb", 2},
+      {"tasks:\n  device_warning_fraction: 1.5\n", "tasks.device_warning_fraction", 2},
+      {"tasks:\n  queue_ordering: random\n", "tasks.queue_ordering", 2},
+      {"executor:\n  worker_threads: -2\n", "executor.worker_threads", 2},
+      {"devices:\n  cpu_memory_fraction: 0\n", "devices.cpu_memory_fraction", 2},
+      {"devices:\n  declared:\n    - {id: gpu0, kind: gpu, memory_mb: 10}\n",
+       "devices.declared[0].id", 3},
+      {"devices:\n  declared:\n    - {id: 'cuda:0', kind: tpu, memory_mb: 10}\n",
+       "devices.declared[0].kind", 3},
+      {"devices:\n  declared:\n    - {id: 'cuda:0', kind: gpu, memory_mb: 0}\n",
+       "devices.declared[0].memory_mb", 3},
+      {"devices:\n  declared:\n    - {id: 'cuda:0', kind: gpu, memory_mb: 5}\n"
+       "    - {id: 'cuda:0', kind: gpu, memory_mb: 5}\n",
+       "devices.declared[1].id", 4},
+      {"pools:\n  defaults:\n    min_instances: 3\n    max_instances: 2\n",
+       "pools.defaults.min_instances", 3},
+      {"pools:\n  devices:\n    'cuda:0':\n      acquire_timeout_seconds: 0\n",
+       "pools.devices.cuda:0.acquire_timeout_seconds", 4},
+      {"storage:\n  synchronous: sometimes\n", "storage.synchronous", 2},
+      {"storage:\n  path: ''\n", "storage.path", 2},
+      {"ocr:\n  page_segmentation_mode: 14\n", "ocr.page_segmentation_mode", 2},
+      {"ocr:\n  languages: ''\n", "ocr.languages", 2},
+      {"logging:\n  level: loud\n", "logging.level", 2},
+  };
+  for (const auto& c : cases) {
+    CAPTURE(c.yaml);
+    const ConfigError e = load_error(c.yaml);
+    CHECK(e.code() == ErrorCode::kInvalidConfig);
+    CHECK(e.key_path() == c.key);
+    CHECK(e.line() == c.line);
+    const std::string what = e.what();
+    CHECK(what.find(c.key) != std::string::npos);
+    CHECK(what.find("test.yaml:" + std::to_string(c.line)) != std::string::npos);
+  }
+}
+
+TEST_CASE("a value of the wrong type names its key, line and the offending value") {
+  const ConfigError e = load_error("tasks:\n  retry:\n    max_attempts: three\n");
+  CHECK(e.key_path() == "tasks.retry.max_attempts");
+  CHECK(e.line() == 3);
+  CHECK(std::string(e.what()).find("'three'") != std::string::npos);
+  CHECK(std::string(e.what()).find("integer") != std::string::npos);
+
+  const ConfigError b = load_error("tasks:\n  enable_priority_queue: maybe\n");
+  CHECK(b.key_path() == "tasks.enable_priority_queue");
+  CHECK(b.line() == 2);
+
+  const ConfigError m = load_error("tasks:\n  retry: 3\n");
+  CHECK(m.key_path() == "tasks.retry");
+  CHECK(std::string(m.what()).find("mapping") != std::string::npos);
+
+  const ConfigError l = load_error("tasks:\n  max_queue_size: [1, 2]\n");
+  CHECK(l.key_path() == "tasks.max_queue_size");
+  CHECK(std::string(l.what()).find("a list") != std::string::npos);
+
+  const ConfigError f = load_error("tasks:\n  max_queue_size: 2.5\n");
+  CHECK(f.key_path() == "tasks.max_queue_size");
+}
+
+TEST_CASE("an unknown key is an error that names its full path and line") {
+  const ConfigError e = load_error("tasks:\n  retry:\n    max_attempts: 2\n    max_atempts: 4\n");
+  CHECK(e.key_path() == "tasks.retry.max_atempts");
+  CHECK(e.line() == 4);
+  CHECK(std::string(e.what()).find("unknown key") != std::string::npos);
+
+  const ConfigError top = load_error("taks:\n  max_queue_size: 1\n");
+  CHECK(top.key_path() == "taks");
+  CHECK(top.line() == 1);
+
+  const ConfigError nested =
+      load_error("devices:\n  declared:\n    - id: 'cuda:0'\n      kind: gpu\n      memory_mb: 1\n"
+                 "      vram: 3\n");
+  CHECK(nested.key_path() == "devices.declared[0].vram");
+  CHECK(nested.line() == 6);
+}
+
+TEST_CASE("malformed YAML reports the line") {
+  const ConfigError e = load_error("tasks:\n  max_queue_size: 1\n  bad: [unclosed\n");
+  CHECK(e.line() >= 3);
+  CHECK(std::string(e.what()).find("invalid YAML") != std::string::npos);
+  const ConfigError notmap = load_error("- a\n- b\n");
+  CHECK(std::string(notmap.what()).find("mapping") != std::string::npos);
+}
+
+TEST_CASE("a missing configuration file names the path") {
+  const std::string path = "/nonexistent/dir/taskmgr-config.yaml";
+  try {
+    Config::from_yaml_file(path);
+    FAIL("expected ConfigError");
+  } catch (const ConfigError& e) {
+    CHECK(e.code() == ErrorCode::kInvalidConfig);
+    CHECK(std::string(e.what()).find(path) != std::string::npos);
+  }
+}
+
+TEST_CASE("a configuration file is read and its errors name the file") {
+  const std::string path = "taskmgr_test_config.yaml";
+  {
+    std::ofstream out(path);
+    out << "tasks:\n  max_queue_size: 9\n  retry:\n    backoff_multiplier: 0\n";
+  }
+  try {
+    Config::from_yaml_file(path);
+    FAIL("expected ConfigError");
+  } catch (const ConfigError& e) {
+    CHECK(std::string(e.what()).find(path + ":4") != std::string::npos);
+    CHECK(e.key_path() == "tasks.retry.backoff_multiplier");
+  }
+  {
+    std::ofstream out(path);
+    out << "tasks:\n  max_queue_size: 9\n";
+  }
+  CHECK(Config::from_yaml_file(path).tasks.max_queue_size == 9);
+  std::remove(path.c_str());
+}
+
+TEST_CASE("validate() on a config built in code names the key with line 0") {
+  Config c;
+  c.tasks.retry.memory_reduction_factor = 2;
+  try {
+    c.validate();
+    FAIL("expected ConfigError");
+  } catch (const ConfigError& e) {
+    CHECK(e.key_path() == "tasks.retry.memory_reduction_factor");
+    CHECK(e.line() == 0);
+  }
+}
+
+TEST_CASE("every YAML example in docs/CONFIGURATION.md loads") {
+  std::ifstream in(TASKMGR_DOCS_DIR "/CONFIGURATION.md");
+  REQUIRE(in.good());
+  std::string line, block;
+  bool inside = false;
+  int blocks = 0;
+  while (std::getline(in, line)) {
+    if (!inside && line == "```yaml") {
+      inside = true;
+      block.clear();
+    } else if (inside && line == "```") {
+      inside = false;
+      ++blocks;
+      CAPTURE(block);
+      CHECK_NOTHROW(Config::from_yaml_string(block, "docs/CONFIGURATION.md"));
+    } else if (inside) {
+      block += line + "\n";
+    }
+  }
+  CHECK(blocks >= 1);
+}

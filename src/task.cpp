@@ -166,7 +166,7 @@ std::string generate_task_id() {
   static std::atomic<std::uint64_t> last{0};  // (ms << 12) | counter
   const auto now_ms = static_cast<std::uint64_t>(
       std::chrono::duration_cast<std::chrono::milliseconds>(
-          Clock::now().time_since_epoch())
+          std::chrono::system_clock::now().time_since_epoch())
           .count());
   std::uint64_t prev = last.load(std::memory_order_relaxed);
   std::uint64_t next;

@@ -60,7 +60,7 @@ int main(int argc, char** argv) {
     task.service = "ocr";
     task.input.path = page;
     task.priority = priority++;
-    task.created_at = taskmgr::Clock::now();
+    task.created_at = std::chrono::system_clock::now();
     std::cout << taskmgr::to_json(task) << "\n";
   }
   return 0;

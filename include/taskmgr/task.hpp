@@ -22,8 +22,8 @@
 
 namespace taskmgr {
 
-using Clock = std::chrono::system_clock;
-using Timestamp = Clock::time_point;
+// Wall-clock time of task records (UTC). Deadlines use steady time (clock.hpp).
+using Timestamp = std::chrono::system_clock::time_point;
 
 enum class TaskStatus {
   kPending,    // created, not started

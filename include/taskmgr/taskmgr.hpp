@@ -3,10 +3,22 @@
 
 #include <string_view>
 
+#include "taskmgr/clock.hpp"
 #include "taskmgr/config.hpp"
+#include "taskmgr/device.hpp"
 #include "taskmgr/error.hpp"
+#include "taskmgr/error_handler.hpp"
+#include "taskmgr/estimator.hpp"
+#include "taskmgr/events.hpp"
 #include "taskmgr/export.hpp"
+#include "taskmgr/log.hpp"
+#include "taskmgr/metrics.hpp"
+#include "taskmgr/service.hpp"
+#include "taskmgr/service_pool.hpp"
+#include "taskmgr/store.hpp"
 #include "taskmgr/task.hpp"
+#include "taskmgr/task_manager.hpp"
+#include "taskmgr/task_queue.hpp"
 #include "taskmgr/version.hpp"
 
 namespace taskmgr {

@@ -1,0 +1,70 @@
+// taskmgr: where tasks, their events and their metric samples are kept.
+//
+// TaskStore is the interface the manager writes through; SQL or any other
+// backend detail stays behind it (an embedded SQLite store, later a shared
+// PostgreSQL one). make_memory_store() keeps everything in memory: for tests,
+// benchmarks and hosts that need no durability.
+//
+// Contract of every store:
+//  * insert_task() returns only when the task is durable (for a durable
+//    store); it throws Error (kIoError, kBusy, ...) when it cannot be, and
+//    then nothing of the task is kept;
+//  * update_task() stores the task's mutable fields (everything but id,
+//    service, input and created_at) together with the events of that change,
+//    atomically, in call order; it may return before they are durable;
+//  * flush() returns when everything written before it is durable;
+//  * readers see their own writes.
+//
+// Thread-safety: every member is safe to call from any thread.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "taskmgr/events.hpp"
+#include "taskmgr/export.hpp"
+#include "taskmgr/task.hpp"
+
+namespace taskmgr {
+
+// A row of the spec's task_metrics table.
+struct MetricSample {
+  std::string task_id;
+  Timestamp timestamp{};
+  std::int64_t memory_usage_mb = 0;
+  std::string device;
+  std::string processing_stage;
+};
+
+struct TaskFilter {
+  std::optional<TaskStatus> status;
+  std::string service;    // "" = any
+  std::size_t limit = 0;  // 0 = no limit; otherwise the newest `limit` tasks
+};
+
+class TASKMGR_API TaskStore {
+ public:
+  virtual ~TaskStore();
+
+  virtual void insert_task(const Task& task, const EventRecord& created) = 0;
+  virtual void update_task(const Task& task, const std::vector<EventRecord>& events) = 0;
+  virtual void append_metrics(const std::vector<MetricSample>& samples) = 0;
+
+  virtual std::optional<Task> load_task(const std::string& id) = 0;
+  // Oldest first (creation order).
+  virtual std::vector<Task> list_tasks(const TaskFilter& filter) = 0;
+  virtual std::vector<EventRecord> load_events(const std::string& task_id) = 0;
+  virtual std::vector<MetricSample> load_metrics(const std::string& task_id) = 0;
+
+  virtual void flush() = 0;
+  // "memory", "sqlite:/path/to.db", ...
+  virtual std::string describe() const = 0;
+};
+
+TASKMGR_API std::shared_ptr<TaskStore> make_memory_store();
+
+}  // namespace taskmgr

@@ -1,0 +1,141 @@
+// taskmgr: the facade a host creates (the spec's TaskManager).
+//
+//   taskmgr::TaskManager tm(taskmgr::Config::from_yaml_file("taskmgr.yaml"));
+//   tm.register_service(my_factory);                       // or the built-in OCR
+//   auto task = tm.create_task({.service = "ocr", .input = {.path = "page.png"}});
+//   tm.start_task(task.id);                                // queued on its device
+//   auto done = tm.wait_task(task.id, std::chrono::seconds(30));
+//
+// Life of a task (docs/ARCHITECTURE.md has the full picture and the exact
+// event sequences):
+//   create_task  estimate memory, select a device, store it      -> pending
+//   start_task   queue it on its device (priority, batch size)   -> queued
+//   scheduler    when the device has free memory for the estimate, a worker
+//                thread and a pool slot: reserve, lease an instance -> running
+//   service      process(ctx) on a worker thread
+//   outcome      completed | failed (reason) | cancelled | retried (OOM:
+//                CPU fallback or smaller batch, after a backoff)
+//   cleanup      after every attempt, exactly once: the service's cache
+//                hook, the task's temp dir, the pool lease, the memory
+//                reservation; then resource_cleanup_completed = true.
+//
+// Errors a caller can cause are thrown as taskmgr::Error with their code:
+// kNotFound (unknown task id, service or device), kInvalidArgument (bad
+// request), kInvalidState (e.g. starting a task twice, or any call after
+// close()), kQueueFull (tasks.max_queue_size; the task stays pending and can
+// be started later), kDeviceUnavailable / kMemoryLimitExceeded (no device
+// can hold the task). A failure *inside* a task never throws here: it is the
+// task's failure_reason.
+//
+// Threads: the manager owns `executor.worker_threads` worker threads (the
+// services run there), one timer thread and the event bus's dispatcher
+// thread. Every public member is safe to call from any thread, including
+// from inside an event callback, except close() and the destructor (from a
+// callback they throw Error(kInvalidState) / would deadlock: never destroy
+// the manager from a callback).
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "taskmgr/clock.hpp"
+#include "taskmgr/config.hpp"
+#include "taskmgr/device.hpp"
+#include "taskmgr/estimator.hpp"
+#include "taskmgr/events.hpp"
+#include "taskmgr/export.hpp"
+#include "taskmgr/log.hpp"
+#include "taskmgr/metrics.hpp"
+#include "taskmgr/service.hpp"
+#include "taskmgr/store.hpp"
+#include "taskmgr/task.hpp"
+
+namespace taskmgr {
+
+// The spec's TaskStartRequest: what may change when a task is started.
+struct TaskStartRequest {
+  std::string device;              // "" = keep the device chosen at creation
+  std::optional<int> priority;     // default: the priority given at creation
+  std::optional<int> batch_size;   // default: the batch size given at creation
+  std::string options_json;        // "" = keep the options given at creation
+};
+
+struct TaskManagerOptions {
+  std::shared_ptr<Clock> clock;             // default: Clock::system()
+  std::shared_ptr<TaskStore> store;         // default: an in-memory store
+  std::shared_ptr<DeviceRegistry> devices;  // default: probed/declared per config.devices
+  LogSink log_sink;                         // default: warnings and errors to stderr
+  std::vector<std::shared_ptr<ServiceFactory>> services;  // registered at open
+  unsigned random_seed = 0;                 // backoff jitter; 0 = random
+  Duration sweep_interval = std::chrono::milliseconds(100);  // timeouts are checked this often
+};
+
+class TASKMGR_API TaskManager {
+ public:
+  // Validates the config (ConfigError) and starts the threads.
+  explicit TaskManager(Config config, TaskManagerOptions options = {});
+  // close(), then stops the threads.
+  ~TaskManager();
+  TaskManager(const TaskManager&) = delete;
+  TaskManager& operator=(const TaskManager&) = delete;
+
+  // Adds a service kind, warming pools.defaults/devices min_instances.
+  // Error(kInvalidState) if the kind is registered already.
+  void register_service(std::shared_ptr<ServiceFactory> factory);
+
+  // The spec's create_task: estimate, select the device, store durably.
+  Task create_task(const TaskCreateRequest& request);
+  // The spec's start route: queue a pending task. Error(kQueueFull) leaves it
+  // pending. Returns the task as queued.
+  Task start_task(const std::string& task_id, const TaskStartRequest& params = {});
+  // Cancels a pending, queued or running task (running: cooperatively, via
+  // TaskContext::cancelled()). False when it had already ended.
+  bool cancel_task(const std::string& task_id);
+
+  Task get_task(const std::string& task_id) const;
+  std::vector<Task> list_tasks(const TaskFilter& filter = {}) const;
+  std::vector<EventRecord> get_task_events(const std::string& task_id) const;
+  std::vector<MetricSample> get_task_samples(const std::string& task_id) const;
+
+  // Waits until the task has ended and its cleanup is done; std::nullopt on
+  // timeout.
+  std::optional<Task> wait_task(const std::string& task_id, Duration timeout) const;
+  // Waits until no task is queued, backing off or running; false on timeout.
+  bool wait_idle(Duration timeout) const;
+
+  // The spec's get_task_metrics and get_task_health.
+  TaskMetrics get_task_metrics() const;
+  TaskHealth get_task_health(const std::string& task_id) const;
+
+  // Events (events.hpp says on which thread and what a callback may do).
+  SubscriptionId subscribe(EventCallback callback);
+  bool unsubscribe(SubscriptionId id);
+  // Waits until every event so far was delivered to the subscribers.
+  void flush_events();
+
+  // Host call: an unavailable device gets no new task; its queued tasks move
+  // to another device that can hold them (device_fallback) or fail
+  // DEVICE_UNAVAILABLE. Running tasks finish where they are.
+  void set_device_available(const std::string& device, bool available);
+  std::vector<DeviceInfo> devices() const;
+
+  // How create_task would estimate this request.
+  MemoryEstimate explain_estimate(const TaskCreateRequest& request) const;
+
+  // Stops accepting work, lets running tasks finish, leaves queued tasks
+  // queued in the store (a durable store resumes them at the next open).
+  // Idempotent. Error(kInvalidState) from inside an event callback.
+  void close();
+
+  const Config& config() const noexcept;
+
+ private:
+  class Impl;
+  std::shared_ptr<Impl> impl_;
+};
+
+}  // namespace taskmgr

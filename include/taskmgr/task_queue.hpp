@@ -1,0 +1,128 @@
+// taskmgr: the per-device priority queue (the spec's TaskQueue).
+//
+// One queue per device. Order within a device: higher priority first; among
+// equal priorities FIFO (tasks.queue_ordering: fifo) or largest estimated
+// memory first (largest_first), then FIFO. With enable_priority_queue false
+// the order is strict FIFO and priorities are ignored.
+//
+// get_next_task(device) returns the first task in that order whose estimate
+// fits the device's free memory now (DeviceRegistry). Smaller tasks may pass
+// a task that does not fit, but not forever: once a task has been passed over
+// for `starvation_after`, nothing behind it on that device is returned until
+// it fits (running tasks drain, memory frees, it starts). Tasks ahead of it in
+// order still run.
+//
+// add_task enforces max_queue_size over all devices with Error(kQueueFull):
+// nothing is dropped silently. requeue_task re-adds a task (a retry) one
+// priority lower and is never refused, so accepted work is never lost.
+//
+// Thread-safety: every member is safe to call from any thread.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "taskmgr/clock.hpp"
+#include "taskmgr/config.hpp"
+#include "taskmgr/device.hpp"
+#include "taskmgr/export.hpp"
+#include "taskmgr/task.hpp"
+
+namespace taskmgr {
+
+struct QueuedTask {
+  std::string task_id;
+  std::string device;
+  std::string service;
+  std::int64_t estimated_memory_mb = 0;
+  int priority = 0;
+  SteadyTime enqueued_at{};    // set by the queue
+  std::uint64_t sequence = 0;  // set by the queue: arrival order
+};
+
+class TASKMGR_API TaskQueue {
+ public:
+  struct Options {
+    bool enable_priority_queue = true;
+    QueueOrdering ordering = QueueOrdering::kFifo;
+    std::size_t max_queue_size = 100;
+    Duration starvation_after = std::chrono::seconds(10);
+    bool check_memory = true;  // false: ignore free memory (resource tracking off)
+  };
+  using Eligible = std::function<bool(const QueuedTask&)>;
+
+  TaskQueue(Options options, const DeviceRegistry& devices, std::shared_ptr<const Clock> clock);
+  ~TaskQueue();
+  TaskQueue(const TaskQueue&) = delete;
+  TaskQueue& operator=(const TaskQueue&) = delete;
+
+  // The spec's add_task(task, priority). Throws Error(kQueueFull) when
+  // max_queue_size tasks are queued, Error(kInvalidArgument) for a task
+  // without id or device, Error(kInvalidState) when the id is queued already.
+  void add_task(QueuedTask task, int priority);
+  void add_task(const Task& task, int priority);
+
+  // The spec's get_next_task(device): removes and returns the next task that
+  // fits the device's free memory (and passes `eligible`, when given).
+  std::optional<QueuedTask> get_next_task(const std::string& device,
+                                          const Eligible& eligible = nullptr);
+  // The same choice without removing it.
+  std::optional<QueuedTask> peek_next_task(const std::string& device,
+                                           const Eligible& eligible = nullptr);
+
+  // The spec's requeue_task(task): re-adds with priority - 1; never refused.
+  void requeue_task(QueuedTask task);
+
+  // Removes a queued task (cancel, device change). False when not queued.
+  bool remove(const std::string& task_id);
+  // Removes and returns the tasks enqueued at or before `cutoff` (queue timeout).
+  std::vector<QueuedTask> take_expired(SteadyTime cutoff);
+
+  bool contains(const std::string& task_id) const;
+  std::size_t size() const;
+  std::size_t size(const std::string& device) const;
+  std::map<std::string, std::size_t> sizes() const;  // per device with queued tasks
+  // The device's queue in dispatch order (priority, then ordering).
+  std::vector<QueuedTask> snapshot(const std::string& device) const;
+
+ private:
+  struct Entry {
+    QueuedTask task;
+    mutable std::optional<SteadyTime> passed_over_since;
+  };
+  struct Order {
+    const Options* options;
+    bool operator()(const Entry& a, const Entry& b) const;
+  };
+  using DeviceQueue = std::set<Entry, Order>;
+  struct Location {
+    DeviceQueue::iterator it;
+    std::string device;
+  };
+
+  void insert_locked(QueuedTask task);
+  void erase_locked(const std::string& task_id);
+  std::optional<DeviceQueue::iterator> choose_locked(const std::string& device,
+                                                     const Eligible& eligible);
+
+  Options options_;
+  const DeviceRegistry& devices_;
+  std::shared_ptr<const Clock> clock_;
+  mutable std::mutex mu_;
+  std::map<std::string, DeviceQueue> queues_;
+  std::unordered_map<std::string, Location> index_;
+  std::set<std::pair<SteadyTime, std::uint64_t>> by_age_;
+  std::unordered_map<std::uint64_t, std::string> age_ids_;
+  std::uint64_t next_sequence_ = 1;
+};
+
+}  // namespace taskmgr

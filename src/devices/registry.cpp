@@ -1,0 +1,280 @@
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+#include <string>
+
+#include "devices/nvml.hpp"
+#include "taskmgr/device.hpp"
+#include "taskmgr/error.hpp"
+
+namespace taskmgr {
+namespace {
+
+std::int64_t read_meminfo_kb(const std::string& text, const std::string& key) {
+  const auto pos = text.find(key + ":");
+  if (pos == std::string::npos) return -1;
+  std::istringstream in(text.substr(pos + key.size() + 1));
+  std::int64_t kb = -1;
+  in >> kb;
+  return kb;
+}
+
+std::string slurp(const char* path) {
+  std::ifstream in(path);
+  if (!in) return {};
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// cgroup v2 value in bytes, -1 when absent or "max".
+std::int64_t read_cgroup_bytes(const char* file) {
+  const std::string cg = slurp("/proc/self/cgroup");  // "0::/path"
+  std::string rel;
+  const auto p = cg.find("0::");
+  if (p != std::string::npos) {
+    rel = cg.substr(p + 3);
+    rel = rel.substr(0, rel.find('\n'));
+  }
+  for (const std::string& dir : {std::string("/sys/fs/cgroup") + rel, std::string("/sys/fs/cgroup")}) {
+    std::string v = slurp((dir + "/" + file).c_str());
+    if (v.empty()) continue;
+    if (v.rfind("max", 0) == 0) return -1;
+    try {
+      return std::stoll(v);
+    } catch (...) {
+      return -1;
+    }
+  }
+  return -1;
+}
+
+std::string describe(const DeviceInfo& d) {
+  std::string s = d.id + " " + std::to_string(d.total_mb) + " MB total, " +
+                  std::to_string(d.free_mb()) + " MB free";
+  if (!d.available) s += " (unavailable)";
+  return s;
+}
+
+}  // namespace
+
+std::string_view to_string(DeviceKind k) noexcept { return k == DeviceKind::kCpu ? "cpu" : "gpu"; }
+
+CpuMemory probe_cpu_memory() {
+  CpuMemory m;
+  const std::string info = slurp("/proc/meminfo");
+  const std::int64_t total_kb = read_meminfo_kb(info, "MemTotal");
+  const std::int64_t avail_kb = read_meminfo_kb(info, "MemAvailable");
+  if (total_kb > 0) {
+    m.total_mb = total_kb / 1024;
+    m.used_mb = avail_kb >= 0 ? (total_kb - avail_kb) / 1024 : 0;
+    m.source = "/proc/meminfo";
+  }
+  const std::int64_t limit = read_cgroup_bytes("memory.max");
+  if (limit > 0 && (m.total_mb == 0 || limit / (1024 * 1024) < m.total_mb)) {
+    m.total_mb = limit / (1024 * 1024);
+    const std::int64_t current = read_cgroup_bytes("memory.current");
+    m.used_mb = current > 0 ? current / (1024 * 1024) : m.used_mb;
+    m.source = "cgroup";
+  }
+  if (m.total_mb <= 0) {  // no /proc: assume a small machine rather than fail
+    m.total_mb = 1024;
+    m.source = "default";
+  }
+  return m;
+}
+
+std::int64_t process_rss_mb() {
+  std::FILE* f = std::fopen("/proc/self/statm", "r");
+  if (f == nullptr) return 0;
+  long pages_total = 0, pages_rss = 0;
+  const int n = std::fscanf(f, "%ld %ld", &pages_total, &pages_rss);
+  std::fclose(f);
+  if (n != 2) return 0;
+  return static_cast<std::int64_t>(pages_rss) * sysconf(_SC_PAGESIZE) / (1024 * 1024);
+}
+
+struct DeviceRegistry::Probe {
+  DevicesConfig config;
+  std::unique_ptr<detail::Nvml> nvml;
+};
+
+DeviceRegistry::DeviceRegistry(const DevicesConfig& config) : probe_(std::make_shared<Probe>()) {
+  probe_->config = config;
+  DeviceInfo cpu;
+  cpu.id = "cpu";
+  cpu.kind = DeviceKind::kCpu;
+  if (config.cpu_memory_mb > 0) {
+    cpu.total_mb = config.cpu_memory_mb;
+    cpu.source = "config";
+  } else if (config.probe_cpu) {
+    const CpuMemory m = probe_cpu_memory();
+    cpu.total_mb = static_cast<std::int64_t>(static_cast<double>(m.total_mb) *
+                                             config.cpu_memory_fraction);
+    cpu.observed_mb = m.used_mb;
+    cpu.source = m.source;
+  } else {
+    cpu.total_mb = 1024;
+    cpu.source = "default";
+  }
+  devices_[cpu.id] = cpu;
+
+  if (config.probe_nvidia) {
+    probe_->nvml = detail::Nvml::load();
+    if (probe_->nvml) {
+      for (const auto& g : probe_->nvml->devices()) {
+        DeviceInfo d;
+        d.id = g.id;
+        d.kind = DeviceKind::kGpu;
+        d.total_mb = g.total_mb;
+        d.observed_mb = g.used_mb;
+        d.source = "nvml";
+        devices_[d.id] = d;
+      }
+    }
+  }
+  for (const auto& decl : config.declared) {
+    DeviceInfo d;
+    d.id = decl.id;
+    d.kind = decl.kind == "cpu" ? DeviceKind::kCpu : DeviceKind::kGpu;
+    d.total_mb = decl.memory_mb;
+    d.source = "config";
+    devices_[d.id] = d;
+  }
+}
+
+DeviceRegistry::DeviceRegistry(std::vector<DeviceInfo> devices) {
+  for (auto& d : devices) {
+    if (d.id.empty() || d.total_mb <= 0) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  "device '" + d.id + "' needs an id and a total memory > 0");
+    }
+    if (d.source.empty()) d.source = "given";
+    const std::string id = d.id;
+    devices_[id] = std::move(d);
+  }
+  if (devices_.empty()) throw Error(ErrorCode::kInvalidArgument, "a registry needs a device");
+}
+
+DeviceRegistry::~DeviceRegistry() = default;
+
+std::vector<DeviceInfo> DeviceRegistry::list() const {
+  std::lock_guard<std::mutex> g(mu_);
+  std::vector<DeviceInfo> out;
+  out.reserve(devices_.size());
+  if (auto it = devices_.find("cpu"); it != devices_.end()) out.push_back(it->second);
+  for (const auto& [id, d] : devices_) {
+    if (id != "cpu") out.push_back(d);
+  }
+  return out;
+}
+
+std::optional<DeviceInfo> DeviceRegistry::get(const std::string& id) const {
+  std::lock_guard<std::mutex> g(mu_);
+  auto it = devices_.find(id);
+  if (it == devices_.end()) return std::nullopt;
+  return it->second;
+}
+
+bool DeviceRegistry::contains(const std::string& id) const {
+  std::lock_guard<std::mutex> g(mu_);
+  return devices_.count(id) != 0;
+}
+
+std::string DeviceRegistry::select_device(
+    std::int64_t estimate_mb, const std::string& requested,
+    const std::function<bool(const DeviceInfo&)>& allowed) const {
+  std::lock_guard<std::mutex> g(mu_);
+  auto usable = [&](const DeviceInfo& d) { return d.available && (!allowed || allowed(d)); };
+  if (!requested.empty()) {
+    auto it = devices_.find(requested);
+    if (it == devices_.end()) {
+      std::string known;
+      for (const auto& [id, d] : devices_) known += (known.empty() ? "" : ", ") + id;
+      throw Error(ErrorCode::kNotFound,
+                  "unknown device '" + requested + "' (devices: " + known + ")");
+    }
+    if (usable(it->second) && estimate_mb <= it->second.total_mb) return requested;
+  }
+  const DeviceInfo* best_gpu = nullptr;
+  for (const auto& [id, d] : devices_) {
+    if (d.kind != DeviceKind::kGpu || !usable(d) || d.free_mb() < estimate_mb) continue;
+    if (best_gpu == nullptr || d.free_mb() > best_gpu->free_mb()) best_gpu = &d;
+  }
+  if (best_gpu != nullptr) return best_gpu->id;
+  auto cpu = devices_.find("cpu");
+  if (cpu != devices_.end() && usable(cpu->second) && estimate_mb <= cpu->second.total_mb) {
+    return "cpu";
+  }
+  // Nothing has room now: any device whose total holds it (it waits in queue).
+  const DeviceInfo* roomiest = nullptr;
+  for (const auto& [id, d] : devices_) {
+    if (!usable(d) || estimate_mb > d.total_mb) continue;
+    if (roomiest == nullptr || d.total_mb > roomiest->total_mb) roomiest = &d;
+  }
+  if (roomiest != nullptr) return roomiest->id;
+
+  std::string msg = "no device can hold a task estimated at " + std::to_string(estimate_mb) +
+                    " MB";
+  if (!requested.empty()) msg += " (requested " + requested + ")";
+  msg += ": ";
+  bool first = true;
+  for (const auto& [id, d] : devices_) {
+    msg += (first ? "" : "; ") + describe(d);
+    if (allowed && !allowed(d)) msg += " (not supported by the service)";
+    first = false;
+  }
+  throw Error(ErrorCode::kDeviceUnavailable, msg);
+}
+
+bool DeviceRegistry::reserve(const std::string& id, std::int64_t mb, bool force) {
+  std::lock_guard<std::mutex> g(mu_);
+  auto it = devices_.find(id);
+  if (it == devices_.end()) return false;
+  if (!force && it->second.free_mb() < mb) return false;
+  it->second.reserved_mb += mb;
+  return true;
+}
+
+void DeviceRegistry::release(const std::string& id, std::int64_t mb) {
+  std::lock_guard<std::mutex> g(mu_);
+  auto it = devices_.find(id);
+  if (it == devices_.end()) return;
+  it->second.reserved_mb = std::max<std::int64_t>(0, it->second.reserved_mb - mb);
+}
+
+void DeviceRegistry::set_available(const std::string& id, bool available) {
+  std::lock_guard<std::mutex> g(mu_);
+  auto it = devices_.find(id);
+  if (it == devices_.end()) throw Error(ErrorCode::kNotFound, "unknown device '" + id + "'");
+  it->second.available = available;
+}
+
+void DeviceRegistry::refresh_observed() {
+  if (!probe_) return;
+  CpuMemory cpu;
+  const bool probe_cpu = probe_->config.probe_cpu;
+  if (probe_cpu) cpu = probe_cpu_memory();
+  std::vector<detail::GpuMemory> gpus;
+  if (probe_->nvml) gpus = probe_->nvml->devices();
+  std::lock_guard<std::mutex> g(mu_);
+  if (probe_cpu) {
+    auto it = devices_.find("cpu");
+    if (it != devices_.end()) it->second.observed_mb = cpu.used_mb;
+  }
+  for (const auto& gpu : gpus) {
+    auto it = devices_.find(gpu.id);
+    if (it != devices_.end() && it->second.source == "nvml") it->second.observed_mb = gpu.used_mb;
+  }
+}
+
+void DeviceRegistry::set_observed(const std::string& id, std::int64_t mb) {
+  std::lock_guard<std::mutex> g(mu_);
+  auto it = devices_.find(id);
+  if (it != devices_.end()) it->second.observed_mb = mb;
+}
+
+}  // namespace taskmgr

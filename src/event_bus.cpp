@@ -1,0 +1,204 @@
+#include <boost/json.hpp>
+#include <boost/lockfree/queue.hpp>
+#include <future>
+
+#include "taskmgr/events.hpp"
+
+namespace taskmgr {
+
+std::string to_json(const EventRecord& e) {
+  boost::json::object o;
+  o["sequence"] = e.sequence;
+  o["task_id"] = e.task_id;
+  o["event_type"] = to_string(e.event);
+  o["timestamp"] = format_timestamp(e.timestamp);
+  boost::system::error_code ec;
+  auto details = boost::json::parse(e.details_json.empty() ? "{}" : e.details_json, ec);
+  o["details"] = ec ? boost::json::value(boost::json::string(e.details_json)) : details;
+  return boost::json::serialize(o);
+}
+
+namespace {
+struct Subscriber {
+  SubscriptionId id;
+  EventCallback callback;
+  std::atomic<bool> active{true};
+};
+}  // namespace
+
+struct EventBus::Impl {
+  LogSink log;
+  std::size_t max_pending;
+  boost::lockfree::queue<EventRecord*> queue{1024};
+  std::atomic<std::size_t> pending{0};
+
+  std::mutex wake_mu;
+  std::condition_variable wake_cv;
+  std::atomic<bool> sleeping{false};
+  std::atomic<bool> stop{false};
+
+  std::mutex subs_mu;  // the subscriber list
+  std::vector<std::shared_ptr<Subscriber>> subs;
+  std::atomic<std::uint64_t> subs_version{0};
+  SubscriptionId next_id = 1;
+
+  std::mutex delivery_mu;  // held while a batch is delivered
+  std::mutex flush_mu;
+  std::condition_variable flushed_cv;
+  std::atomic<std::uint64_t> processed_seq{0};  // events taken off the queue and handled
+
+  std::thread::id dispatcher_id;
+  std::thread thread;
+};
+
+EventBus::EventBus(LogSink log, std::size_t max_pending) : impl_(std::make_unique<Impl>()) {
+  impl_->log = std::move(log);
+  impl_->max_pending = max_pending;
+  Impl* im = impl_.get();
+  std::promise<void> started;
+  auto ready = started.get_future();
+  im->thread = std::thread([this, im, &started] {
+    im->dispatcher_id = std::this_thread::get_id();
+    started.set_value();
+    std::vector<std::shared_ptr<Subscriber>> local;
+    std::uint64_t local_version = ~0ULL;
+    std::vector<EventRecord*> batch;
+    batch.reserve(256);
+    for (;;) {
+      batch.clear();
+      EventRecord* e = nullptr;
+      while (batch.size() < 256 && im->queue.pop(e)) batch.push_back(e);
+      if (batch.empty()) {
+        if (im->stop.load()) break;
+        im->sleeping.store(true);
+        std::atomic_thread_fence(std::memory_order_seq_cst);
+        if (!im->queue.empty() || im->stop.load()) {
+          im->sleeping.store(false);
+          continue;
+        }
+        std::unique_lock<std::mutex> lk(im->wake_mu);
+        im->wake_cv.wait_for(lk, std::chrono::milliseconds(100));
+        im->sleeping.store(false);
+        continue;
+      }
+      if (im->subs_version.load() != local_version) {
+        std::lock_guard<std::mutex> g(im->subs_mu);
+        local = im->subs;
+        local_version = im->subs_version.load();
+      }
+      {
+        std::lock_guard<std::mutex> g(im->delivery_mu);
+        for (EventRecord* ev : batch) {
+          for (const auto& s : local) {
+            if (!s->active.load(std::memory_order_acquire)) continue;
+            try {
+              s->callback(*ev);
+            } catch (const std::exception& ex) {
+              callback_errors_.fetch_add(1);
+              if (im->log) {
+                try {
+                  im->log(LogLevel::kWarn, std::string("event callback threw: ") + ex.what());
+                } catch (...) {
+                }
+              }
+            } catch (...) {
+              callback_errors_.fetch_add(1);
+            }
+          }
+          delivered_.fetch_add(1, std::memory_order_relaxed);
+        }
+      }
+      for (EventRecord* ev : batch) {
+        im->processed_seq.fetch_add(1, std::memory_order_release);
+        delete ev;
+      }
+      im->pending.fetch_sub(batch.size());
+      {
+        std::lock_guard<std::mutex> g(im->flush_mu);
+      }
+      im->flushed_cv.notify_all();
+    }
+  });
+  ready.wait();
+}
+
+EventBus::~EventBus() {
+  impl_->stop.store(true);
+  {
+    std::lock_guard<std::mutex> g(impl_->wake_mu);
+  }
+  impl_->wake_cv.notify_one();
+  if (impl_->thread.joinable()) impl_->thread.join();
+  EventRecord* e = nullptr;
+  while (impl_->queue.pop(e)) delete e;
+}
+
+SubscriptionId EventBus::subscribe(EventCallback callback) {
+  auto s = std::make_shared<Subscriber>();
+  s->callback = std::move(callback);
+  std::lock_guard<std::mutex> g(impl_->subs_mu);
+  s->id = impl_->next_id++;
+  impl_->subs.push_back(s);
+  impl_->subs_version.fetch_add(1);
+  return s->id;
+}
+
+bool EventBus::unsubscribe(SubscriptionId id) {
+  std::shared_ptr<Subscriber> found;
+  {
+    std::lock_guard<std::mutex> g(impl_->subs_mu);
+    for (auto it = impl_->subs.begin(); it != impl_->subs.end(); ++it) {
+      if ((*it)->id == id) {
+        found = *it;
+        impl_->subs.erase(it);
+        impl_->subs_version.fetch_add(1);
+        break;
+      }
+    }
+  }
+  if (!found) return false;
+  found->active.store(false, std::memory_order_release);
+  if (!on_dispatcher_thread()) {
+    // Wait out a batch in progress: afterwards the callback cannot be running.
+    std::lock_guard<std::mutex> g(impl_->delivery_mu);
+  }
+  return true;
+}
+
+void EventBus::publish(EventRecord event) {
+  event.sequence = published_.fetch_add(1) + 1;
+  if (impl_->pending.load(std::memory_order_relaxed) >= impl_->max_pending) {
+    dropped_.fetch_add(1);
+    impl_->processed_seq.fetch_add(1, std::memory_order_release);
+    return;
+  }
+  impl_->pending.fetch_add(1, std::memory_order_relaxed);
+  impl_->queue.push(new EventRecord(std::move(event)));
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (impl_->sleeping.load()) {
+    { std::lock_guard<std::mutex> g(impl_->wake_mu); }
+    impl_->wake_cv.notify_one();
+  }
+}
+
+void EventBus::flush() {
+  if (on_dispatcher_thread()) return;
+  const std::uint64_t target = published_.load();
+  std::unique_lock<std::mutex> lk(impl_->flush_mu);
+  while (impl_->processed_seq.load(std::memory_order_acquire) < target) {
+    { std::lock_guard<std::mutex> g(impl_->wake_mu); }
+    impl_->wake_cv.notify_one();
+    impl_->flushed_cv.wait_for(lk, std::chrono::milliseconds(10));
+  }
+}
+
+bool EventBus::on_dispatcher_thread() const noexcept {
+  return std::this_thread::get_id() == impl_->dispatcher_id;
+}
+
+std::size_t EventBus::subscriber_count() const {
+  std::lock_guard<std::mutex> g(impl_->subs_mu);
+  return impl_->subs.size();
+}
+
+}  // namespace taskmgr

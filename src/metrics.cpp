@@ -1,0 +1,190 @@
+#include "taskmgr/metrics.hpp"
+
+#include <boost/json.hpp>
+#include <cstdio>
+#include <sstream>
+
+namespace taskmgr {
+namespace {
+
+boost::json::object latency_json(const LatencySummary& l) {
+  return {{"count", l.count}, {"mean_s", l.mean_s}, {"p50_s", l.p50_s},
+          {"p90_s", l.p90_s}, {"p99_s", l.p99_s},   {"max_s", l.max_s}};
+}
+
+std::string num(double v) {
+  char buf[40];
+  std::snprintf(buf, sizeof buf, "%.9g", v);
+  return buf;
+}
+
+// Prometheus label values escape backslash, quote and newline.
+std::string esc(const std::string& s) {
+  std::string out;
+  for (char c : s) {
+    if (c == '\\' || c == '"') {
+      out += '\\';
+      out += c;
+    } else if (c == '\n') {
+      out += "\\n";
+    } else {
+      out += c;
+    }
+  }
+  return out;
+}
+
+class Prom {
+ public:
+  void family(const std::string& name, const char* type, const char* help) {
+    os_ << "# HELP taskmgr_" << name << " " << help << "\n# TYPE taskmgr_" << name << " " << type
+        << "\n";
+  }
+  void sample(const std::string& name, double v, const std::string& labels = "") {
+    os_ << "taskmgr_" << name;
+    if (!labels.empty()) os_ << "{" << labels << "}";
+    os_ << " " << num(v) << "\n";
+  }
+  std::string str() const { return os_.str(); }
+
+ private:
+  std::ostringstream os_;
+};
+
+}  // namespace
+
+std::string TaskMetrics::to_json() const {
+  boost::json::object o;
+  boost::json::object active, queued, memory, pools, failed;
+  for (const auto& [k, v] : active_tasks) active[k] = v;
+  for (const auto& [k, v] : queued_tasks) queued[k] = v;
+  for (const auto& [k, m] : memory_by_device) {
+    memory[k] = {{"total_mb", m.total_mb},       {"reserved_mb", m.reserved_mb},
+                 {"observed_mb", m.observed_mb}, {"free_mb", m.total_mb - m.reserved_mb},
+                 {"peak_task_mb", m.peak_task_mb}, {"available", m.available}};
+  }
+  for (const auto& [k, p] : pool_utilization) {
+    pools[k] = {{"service", p.service}, {"device", p.device},           {"in_use", p.in_use},
+                {"size", p.size},       {"max", p.max},                 {"utilization", p.utilization},
+                {"created", p.created}, {"destroyed", p.destroyed}};
+  }
+  for (const auto& [k, v] : failed_by_reason) failed[k] = v;
+  o["active_tasks"] = std::move(active);
+  o["queued_tasks"] = std::move(queued);
+  o["memory_by_device"] = std::move(memory);
+  o["pool_utilization"] = std::move(pools);
+  o["average_wait_time"] = average_wait_time;
+  o["counters"] = {{"tasks_created", tasks_created},
+                   {"tasks_started", tasks_started},
+                   {"tasks_completed", tasks_completed},
+                   {"tasks_failed", tasks_failed},
+                   {"tasks_cancelled", tasks_cancelled},
+                   {"failed_by_reason", std::move(failed)},
+                   {"retries", retries},
+                   {"oom_errors", oom_errors},
+                   {"cpu_fallbacks", cpu_fallbacks},
+                   {"memory_warnings", memory_warnings},
+                   {"queue_full_rejections", queue_full_rejections},
+                   {"cleanup_failures", cleanup_failures},
+                   {"events_published", events_published},
+                   {"events_dropped", events_dropped},
+                   {"callback_errors", callback_errors}};
+  o["latency"] = {{"wait_time", latency_json(wait_time)},
+                  {"processing_time", latency_json(processing_time)}};
+  return boost::json::serialize(o);
+}
+
+std::string TaskMetrics::to_prometheus() const {
+  Prom p;
+  p.family("active_tasks", "gauge", "Tasks running now, by device.");
+  for (const auto& [d, v] : active_tasks) {
+    if (d != "total") p.sample("active_tasks", static_cast<double>(v), "device=\"" + esc(d) + "\"");
+  }
+  p.family("queued_tasks", "gauge", "Tasks waiting in a device queue, by device.");
+  for (const auto& [d, v] : queued_tasks) {
+    if (d != "total") p.sample("queued_tasks", static_cast<double>(v), "device=\"" + esc(d) + "\"");
+  }
+  p.family("device_memory_total_mb", "gauge", "Memory tasks may be placed into, MB.");
+  for (const auto& [d, m] : memory_by_device) {
+    p.sample("device_memory_total_mb", static_cast<double>(m.total_mb), "device=\"" + esc(d) + "\"");
+  }
+  p.family("device_memory_reserved_mb", "gauge", "Sum of estimates of running tasks, MB.");
+  for (const auto& [d, m] : memory_by_device) {
+    p.sample("device_memory_reserved_mb", static_cast<double>(m.reserved_mb),
+             "device=\"" + esc(d) + "\"");
+  }
+  p.family("device_memory_observed_mb", "gauge", "Memory in use as the device probe saw it, MB.");
+  for (const auto& [d, m] : memory_by_device) {
+    p.sample("device_memory_observed_mb", static_cast<double>(m.observed_mb),
+             "device=\"" + esc(d) + "\"");
+  }
+  p.family("device_available", "gauge", "1 when the device accepts tasks.");
+  for (const auto& [d, m] : memory_by_device) {
+    p.sample("device_available", m.available ? 1 : 0, "device=\"" + esc(d) + "\"");
+  }
+  p.family("pool_instances_in_use", "gauge", "Service instances leased now.");
+  for (const auto& [k, m] : pool_utilization) {
+    p.sample("pool_instances_in_use", m.in_use,
+             "service=\"" + esc(m.service) + "\",device=\"" + esc(m.device) + "\"");
+  }
+  p.family("pool_instances_max", "gauge", "Most service instances a pool may hold.");
+  for (const auto& [k, m] : pool_utilization) {
+    p.sample("pool_instances_max", m.max,
+             "service=\"" + esc(m.service) + "\",device=\"" + esc(m.device) + "\"");
+  }
+  p.family("average_wait_time_seconds", "gauge", "Mean time from queued to started.");
+  p.sample("average_wait_time_seconds", average_wait_time);
+
+  const std::pair<const char*, std::uint64_t> counters[] = {
+      {"tasks_created_total", tasks_created},     {"tasks_started_total", tasks_started},
+      {"tasks_completed_total", tasks_completed}, {"tasks_cancelled_total", tasks_cancelled},
+      {"retries_total", retries},                 {"oom_errors_total", oom_errors},
+      {"cpu_fallbacks_total", cpu_fallbacks},     {"memory_warnings_total", memory_warnings},
+      {"queue_full_rejections_total", queue_full_rejections},
+      {"cleanup_failures_total", cleanup_failures},
+      {"events_published_total", events_published},
+      {"events_dropped_total", events_dropped},   {"callback_errors_total", callback_errors},
+  };
+  for (const auto& [name, v] : counters) {
+    p.family(name, "counter", "See docs/OPERATIONS.md.");
+    p.sample(name, static_cast<double>(v));
+  }
+  p.family("tasks_failed_total", "counter", "Tasks that ended failed, by reason.");
+  for (const auto& [reason, v] : failed_by_reason) {
+    p.sample("tasks_failed_total", static_cast<double>(v), "reason=\"" + esc(reason) + "\"");
+  }
+  auto summary = [&p](const std::string& name, const LatencySummary& l, const char* help) {
+    p.family(name, "summary", help);
+    p.sample(name, l.p50_s, "quantile=\"0.5\"");
+    p.sample(name, l.p90_s, "quantile=\"0.9\"");
+    p.sample(name, l.p99_s, "quantile=\"0.99\"");
+    p.sample(name + "_sum", l.mean_s * static_cast<double>(l.count));
+    p.sample(name + "_count", static_cast<double>(l.count));
+  };
+  summary("wait_time_seconds", wait_time, "Time from queued to started.");
+  summary("processing_time_seconds", processing_time, "Time from started to finished.");
+  return p.str();
+}
+
+std::string TaskHealth::to_json() const {
+  boost::json::object o;
+  o["task_id"] = task_id;
+  o["status"] = to_string(status);
+  if (memory_usage_mb) {
+    o["memory_usage_mb"] = *memory_usage_mb;
+  } else {
+    o["memory_usage_mb"] = nullptr;
+  }
+  o["processing_time_s"] = processing_time_s;
+  if (device) {
+    o["device"] = *device;
+  } else {
+    o["device"] = nullptr;
+  }
+  boost::json::array w;
+  for (const auto& s : warnings) w.emplace_back(s);
+  o["warnings"] = std::move(w);
+  return boost::json::serialize(o);
+}
+
+}  // namespace taskmgr

@@ -1,0 +1,1404 @@
+#include "taskmgr/task_manager.hpp"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <boost/asio/post.hpp>
+#include <boost/asio/thread_pool.hpp>
+#include <boost/json.hpp>
+#include <cmath>
+#include <deque>
+#include <filesystem>
+#include <random>
+#include <thread>
+#include <unordered_map>
+
+#include "histogram.hpp"
+#include "log_internal.hpp"
+#include "taskmgr/error.hpp"
+#include "taskmgr/error_handler.hpp"
+#include "taskmgr/service_pool.hpp"
+#include "taskmgr/task_queue.hpp"
+#include "timer_queue.hpp"
+
+namespace taskmgr {
+
+namespace fs = std::filesystem;
+namespace json = boost::json;
+
+namespace {
+
+double seconds(Duration d) { return std::chrono::duration<double>(d).count(); }
+
+Duration from_seconds(double s) {
+  return std::chrono::duration_cast<Duration>(std::chrono::duration<double>(s));
+}
+
+std::string pool_key(const std::string& service, const std::string& device) {
+  return service + "@" + device;
+}
+
+void check_options_json(const std::string& options) {
+  if (options.empty()) return;
+  boost::system::error_code ec;
+  auto v = json::parse(options, ec);
+  if (ec) {
+    throw Error(ErrorCode::kInvalidArgument, "options are not valid JSON: " + ec.message());
+  }
+  if (!v.is_object()) throw Error(ErrorCode::kInvalidArgument, "options must be a JSON object");
+}
+
+// What an attempt came to, decided before its cleanup.
+struct Outcome {
+  enum class Kind { kCompleted, kFailed, kCancelled, kRetry } kind = Kind::kCompleted;
+  FailureInfo failure;
+  RetryDecision decision;
+  std::string result;
+  std::optional<std::int64_t> peak_mb;
+};
+
+enum class Phase { kPending, kQueued, kBackoff, kRunning, kDone };
+
+struct Record {
+  Task task;
+  RequestFeatures features;
+  Phase phase = Phase::kPending;
+  std::atomic<bool> cancel{false};
+  detail::TimerQueue::TimerId retry_timer = 0;
+  SteadyTime queued_steady{};
+  SteadyTime started_steady{};
+  std::int64_t reserved_mb = 0;
+  std::string reserved_device;
+  std::atomic<std::int64_t> last_mb{-1};
+  std::atomic<std::int64_t> peak_mb{-1};
+  std::atomic<bool> memory_warned{false};
+  bool device_warned = false;
+  // Cleanup of the current attempt: 0 idle, 1 hook running, 2 finished by the watchdog.
+  std::atomic<int> cleanup_phase{0};
+  SteadyTime cleanup_deadline{};
+  SteadyTime cleanup_started{};
+  std::string temp_dir;
+  std::string instance_id;
+  Outcome pending;
+};
+
+using RecordPtr = std::shared_ptr<Record>;
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+class TaskManager::Impl : public std::enable_shared_from_this<TaskManager::Impl> {
+ public:
+  Impl(Config config, TaskManagerOptions options);
+  ~Impl();
+
+  void register_service(std::shared_ptr<ServiceFactory> factory);
+  Task create_task(const TaskCreateRequest& request);
+  Task start_task(const std::string& id, const TaskStartRequest& params);
+  bool cancel_task(const std::string& id);
+  Task get_task(const std::string& id) const;
+  std::vector<Task> list_tasks(const TaskFilter& filter) const;
+  std::optional<Task> wait_task(const std::string& id, Duration timeout) const;
+  bool wait_idle(Duration timeout) const;
+  TaskMetrics metrics() const;
+  TaskHealth health(const std::string& id) const;
+  void set_device_available(const std::string& device, bool available);
+  MemoryEstimate explain(const TaskCreateRequest& request) const;
+  void close();
+
+  Config config_;
+  detail::Logger log_;
+  std::shared_ptr<Clock> clock_;
+  std::shared_ptr<TaskStore> store_;
+  std::shared_ptr<DeviceRegistry> devices_;
+  MemoryEstimator estimator_;
+  std::unique_ptr<TaskQueue> queue_;
+  std::unique_ptr<TaskErrorHandler> handler_;
+  EventBus bus_;
+
+  // The context a service sees; defined below.
+  class Context;
+
+ private:
+  struct Batch {
+    std::vector<EventRecord> events;
+  };
+
+  void check_open_locked() const;
+  void add_event(Batch& b, const Record& r, TaskEvent e, json::object details) const;
+  void commit_locked(Record& r, Batch& b);
+  RecordPtr find_locked(const std::string& id) const;
+  bool supports(const std::string& service, const DeviceInfo& d) const;
+  std::function<bool(const DeviceInfo&)> support_filter(const std::string& service) const;
+
+  void enqueue_locked(const RecordPtr& rec, Batch& b, bool retry);
+  void dispatch_locked();
+  void launch_locked(const QueuedTask& qt);
+  void run_attempt(const RecordPtr& rec, ServicePool::Lease lease);
+  Outcome decide(const RecordPtr& rec, std::exception_ptr err, Context& ctx);
+  void begin_cleanup_locked(const RecordPtr& rec, Outcome o, Batch& b);
+  void finish_cleanup_locked(const RecordPtr& rec, bool hook_ok, const std::string& problem,
+                             Batch& b);
+  void end_unstarted_locked(const RecordPtr& rec, TaskStatus status, TaskFailureReason reason,
+                            const std::string& message, Batch& b);
+  void retry_unstarted_locked(const RecordPtr& rec, const FailureInfo& f, Batch& b);
+  void apply_retry_locked(const RecordPtr& rec, const RetryDecision& d, Batch& b);
+  void finished_locked(const RecordPtr& rec);
+  void sweep();
+  void schedule_sweep();
+  MemoryState memory_state_locked(const Record& r) const;
+  std::string temp_dir_for(const Record& r, int attempt);
+
+  mutable std::mutex mu_;
+  mutable std::condition_variable done_cv_;
+  std::map<std::string, std::shared_ptr<ServiceFactory>> factories_;
+  std::map<std::string, std::unique_ptr<ServicePool>> pools_;
+  std::unordered_map<std::string, RecordPtr> records_;
+  std::deque<std::string> finished_fifo_;
+  std::map<std::string, SteadyTime> pool_blocked_;
+  std::map<std::string, int> running_by_device_;
+  std::map<std::string, int> backoff_by_device_;
+  std::map<std::string, std::int64_t> peak_by_device_;
+  std::vector<RecordPtr> cleanups_;  // attempts whose cleanup hook is running
+  int workers_ = 1;
+  int running_ = 0;   // attempts holding a worker thread
+  int backoff_ = 0;   // tasks waiting for a retry timer
+  bool closing_ = false;
+  bool closed_ = false;
+  SteadyTime last_refresh_{};
+
+  // Counters (under mu_ or atomics).
+  std::uint64_t created_ = 0, started_ = 0, completed_ = 0, failed_ = 0, cancelled_ = 0;
+  std::map<std::string, std::uint64_t> failed_by_reason_;
+  std::uint64_t retries_ = 0, ooms_ = 0, fallbacks_ = 0, warnings_ = 0, queue_full_ = 0,
+                cleanup_failures_ = 0;
+  detail::Histogram wait_hist_;
+  detail::Histogram proc_hist_;
+
+  std::string temp_root_;
+  std::once_flag temp_once_;
+
+  // Last: stopped first.
+  std::unique_ptr<boost::asio::thread_pool> threads_;
+  std::unique_ptr<detail::TimerQueue> timers_;
+  Duration sweep_interval_;
+
+  static constexpr std::size_t kFinishedKept = 4096;
+};
+
+// ---------------------------------------------------------------------------
+class TaskManager::Impl::Context final : public TaskContext {
+ public:
+  Context(Impl& m, RecordPtr rec, std::string device, std::string instance, int attempt,
+          int batch, std::int64_t estimate, std::string options)
+      : m_(m),
+        rec_(std::move(rec)),
+        device_(std::move(device)),
+        instance_(std::move(instance)),
+        options_(std::move(options)),
+        attempt_(attempt),
+        batch_(batch),
+        estimate_(estimate) {}
+
+  const std::string& task_id() const override { return rec_->task.id; }
+  const std::string& service() const override { return rec_->task.service; }
+  const TaskInput& input() const override { return rec_->task.input; }
+  const std::string& options_json() const override { return options_; }
+  int batch_size() const override { return batch_; }
+  int attempt() const override { return attempt_; }
+  const std::string& device() const override { return device_; }
+  const std::string& service_instance_id() const override { return instance_; }
+  std::int64_t estimated_memory_mb() const override { return estimate_; }
+  bool cancelled() const override { return rec_->cancel.load(std::memory_order_relaxed); }
+
+  const std::string& temp_dir() override {
+    if (temp_.empty()) {
+      std::string dir = m_.temp_dir_for(*rec_, attempt_);
+      std::error_code ec;
+      fs::create_directories(dir, ec);
+      if (ec) {
+        throw TaskError(TaskFailureReason::kProcessingError,
+                        "cannot create temp dir " + dir + ": " + ec.message());
+      }
+      temp_ = std::move(dir);
+      std::lock_guard<std::mutex> g(m_.mu_);
+      rec_->temp_dir = temp_;
+    }
+    return temp_;
+  }
+
+  void stage(std::string_view name) override {
+    MetricSample s;
+    s.task_id = rec_->task.id;
+    s.timestamp = m_.clock_->now();
+    s.memory_usage_mb = std::max<std::int64_t>(0, rec_->last_mb.load());
+    s.device = device_;
+    s.processing_stage = std::string(name);
+    try {
+      m_.store_->append_metrics({s});
+    } catch (const std::exception& e) {
+      m_.log_.write(LogLevel::kWarn, std::string("storing a task_metrics sample failed: ") + e.what());
+    }
+  }
+
+  void report_memory(std::int64_t mb) override {
+    if (mb < 0) return;
+    rec_->last_mb.store(mb);
+    std::int64_t prev = rec_->peak_mb.load();
+    while (mb > prev && !rec_->peak_mb.compare_exchange_weak(prev, mb)) {
+    }
+    const auto& tc = m_.config_.tasks;
+    if (tc.max_task_memory_mb > 0 && mb > tc.max_task_memory_mb) {
+      throw TaskError(TaskFailureReason::kMemoryLimitExceeded,
+                      "task " + rec_->task.id + " uses " + std::to_string(mb) +
+                          " MB, over tasks.max_task_memory_mb = " +
+                          std::to_string(tc.max_task_memory_mb),
+                      true);
+    }
+    if (auto d = m_.devices_->get(device_); d && mb > d->total_mb) {
+      throw OutOfMemoryError("task " + rec_->task.id + " uses " + std::to_string(mb) +
+                             " MB, more than " + device_ + " has (" +
+                             std::to_string(d->total_mb) + " MB)");
+    }
+    if (tc.enable_resource_tracking && estimate_ > 0 &&
+        static_cast<double>(mb) > tc.memory_warning_fraction * static_cast<double>(estimate_) &&
+        !rec_->memory_warned.exchange(true)) {
+      std::lock_guard<std::mutex> g(m_.mu_);
+      Batch b;
+      m_.add_event(b, *rec_, TaskEvent::kMemoryWarning,
+                   {{"kind", "above_estimate"},
+                    {"device", device_},
+                    {"memory_usage_mb", mb},
+                    {"estimated_memory_mb", estimate_},
+                    {"message", "uses " + std::to_string(mb) + " MB, above its estimate of " +
+                                    std::to_string(estimate_) + " MB"}});
+      ++m_.warnings_;
+      m_.commit_locked(*rec_, b);
+    }
+  }
+
+  void set_result(std::string result_json) override { result_ = std::move(result_json); }
+
+  std::string take_result() { return std::move(result_); }
+  const std::string& created_temp() const { return temp_; }
+
+ private:
+  Impl& m_;
+  RecordPtr rec_;
+  std::string device_;
+  std::string instance_;
+  std::string options_;
+  int attempt_;
+  int batch_;
+  std::int64_t estimate_;
+  std::string temp_;
+  std::string result_;
+};
+
+// ---------------------------------------------------------------------------
+TaskManager::Impl::Impl(Config config, TaskManagerOptions options)
+    : config_((config.validate(), std::move(config))),
+      log_(parse_log_level(config_.logging.level).value_or(LogLevel::kInfo),
+           std::move(options.log_sink)),
+      clock_(options.clock ? std::move(options.clock) : Clock::system()),
+      store_(options.store ? std::move(options.store) : make_memory_store()),
+      devices_(options.devices ? std::move(options.devices)
+                               : std::make_shared<DeviceRegistry>(config_.devices)),
+      bus_(
+          [this](LogLevel l, std::string_view m) { log_.write(l, m); }),
+      sweep_interval_(options.sweep_interval) {
+  workers_ = config_.executor.worker_threads > 0
+                 ? config_.executor.worker_threads
+                 : std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+  TaskQueue::Options qo;
+  qo.enable_priority_queue = config_.tasks.enable_priority_queue;
+  qo.ordering = config_.tasks.queue_ordering;
+  qo.max_queue_size = static_cast<std::size_t>(config_.tasks.max_queue_size);
+  qo.starvation_after = from_seconds(config_.tasks.starvation_seconds);
+  qo.check_memory = config_.tasks.enable_resource_tracking;
+  queue_ = std::make_unique<TaskQueue>(qo, *devices_, clock_);
+  handler_ = std::make_unique<TaskErrorHandler>(
+      config_.tasks.retry, [this](LogLevel l, std::string_view m) { log_.write(l, m); },
+      options.random_seed);
+  threads_ = std::make_unique<boost::asio::thread_pool>(static_cast<std::size_t>(workers_));
+  timers_ = std::make_unique<detail::TimerQueue>(clock_);
+  last_refresh_ = clock_->steady_now();
+  for (auto& f : options.services) register_service(std::move(f));
+  schedule_sweep();
+}
+
+TaskManager::Impl::~Impl() {
+  try {
+    close();
+  } catch (...) {
+  }
+  timers_.reset();
+  if (threads_) threads_->join();
+  threads_.reset();
+  bus_.flush();
+  if (!temp_root_.empty()) {
+    std::error_code ec;
+    fs::remove_all(temp_root_, ec);
+  }
+}
+
+void TaskManager::Impl::check_open_locked() const {
+  if (closing_) throw Error(ErrorCode::kInvalidState, "the task manager is closed");
+}
+
+void TaskManager::Impl::add_event(Batch& b, const Record& r, TaskEvent e,
+                                  json::object details) const {
+  EventRecord ev;
+  ev.task_id = r.task.id;
+  ev.event = e;
+  ev.timestamp = clock_->now();
+  ev.details_json = json::serialize(details);
+  b.events.push_back(std::move(ev));
+}
+
+void TaskManager::Impl::commit_locked(Record& r, Batch& b) {
+  if (b.events.empty()) return;
+  try {
+    store_->update_task(r.task, b.events);
+  } catch (const std::exception& e) {
+    log_.write(LogLevel::kError, "storing task " + r.task.id + " failed: " + e.what());
+  }
+  for (auto& e : b.events) bus_.publish(std::move(e));
+  b.events.clear();
+}
+
+RecordPtr TaskManager::Impl::find_locked(const std::string& id) const {
+  auto it = records_.find(id);
+  return it == records_.end() ? nullptr : it->second;
+}
+
+bool TaskManager::Impl::supports(const std::string& service, const DeviceInfo& d) const {
+  auto it = factories_.find(service);
+  return it != factories_.end() && it->second->supports(d);
+}
+
+std::function<bool(const DeviceInfo&)> TaskManager::Impl::support_filter(
+    const std::string& service) const {
+  auto it = factories_.find(service);
+  std::shared_ptr<ServiceFactory> f = it == factories_.end() ? nullptr : it->second;
+  return [f](const DeviceInfo& d) { return f && f->supports(d); };
+}
+
+std::string TaskManager::Impl::temp_dir_for(const Record& r, int attempt) {
+  std::call_once(temp_once_, [this] {
+    fs::path root = config_.tasks.temp_dir.empty() ? fs::temp_directory_path()
+                                                   : fs::path(config_.tasks.temp_dir);
+    std::random_device rd;
+    char suffix[16];
+    std::snprintf(suffix, sizeof suffix, "%08x", rd());
+    temp_root_ = (root / ("taskmgr-" + std::to_string(::getpid()) + "-" + suffix)).string();
+  });
+  return temp_root_ + "/" + r.task.id + "-a" + std::to_string(attempt);
+}
+
+// ---- services -------------------------------------------------------------
+void TaskManager::Impl::register_service(std::shared_ptr<ServiceFactory> factory) {
+  if (!factory) throw Error(ErrorCode::kInvalidArgument, "register_service: factory is null");
+  const std::string kind = factory->kind();
+  if (kind.empty()) throw Error(ErrorCode::kInvalidArgument, "register_service: empty service kind");
+  ServicePool* pool = nullptr;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    check_open_locked();
+    if (factories_.count(kind)) {
+      throw Error(ErrorCode::kInvalidState, "service '" + kind + "' is registered already");
+    }
+    factories_[kind] = factory;
+    auto p = std::make_unique<ServicePool>(factory, config_.pools, workers_, clock_);
+    pool = p.get();
+    pools_[kind] = std::move(p);
+    estimator_.register_model(kind, factory->memory_model());
+  }
+  for (const auto& d : devices_->list()) {
+    if (factory->supports(d) && pool->settings(d.id).min_instances > 0) pool->warm(d.id);
+  }
+}
+
+// ---- create / start / cancel ------------------------------------------------
+Task TaskManager::Impl::create_task(const TaskCreateRequest& req) {
+  std::function<bool(const DeviceInfo&)> allowed;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    check_open_locked();
+    if (!factories_.count(req.service)) {
+      std::string known;
+      for (const auto& [k, f] : factories_) known += (known.empty() ? "" : ", ") + k;
+      throw Error(ErrorCode::kNotFound, "no service '" + req.service + "' is registered" +
+                                            (known.empty() ? "" : " (registered: " + known + ")"));
+    }
+    allowed = support_filter(req.service);
+  }
+  if (req.batch_size < 1) {
+    throw Error(ErrorCode::kInvalidArgument,
+                "batch_size must be >= 1, got " + std::to_string(req.batch_size));
+  }
+  if (!req.input.path.empty() && !req.input.data.empty()) {
+    throw Error(ErrorCode::kInvalidArgument, "input: give a path or bytes, not both");
+  }
+  check_options_json(req.options_json);
+
+  auto rec = std::make_shared<Record>();
+  Task& t = rec->task;
+  t.id = generate_task_id();
+  t.service = req.service;
+  t.input = req.input;
+  t.options_json = req.options_json;
+  t.priority = req.priority;
+  t.batch_size = req.batch_size;
+  t.status = TaskStatus::kPending;
+  t.created_at = clock_->now();
+
+  json::object details{{"service", t.service}, {"priority", t.priority},
+                       {"batch_size", t.batch_size}};
+  if (config_.tasks.enable_resource_tracking) {
+    rec->features = estimator_.features(req);
+    const MemoryEstimate est = estimator_.estimate(req.service, rec->features, req.device);
+    if (config_.tasks.max_task_memory_mb > 0 && est.mb > config_.tasks.max_task_memory_mb) {
+      throw Error(ErrorCode::kMemoryLimitExceeded,
+                  "task estimated at " + std::to_string(est.mb) +
+                      " MB exceeds tasks.max_task_memory_mb = " +
+                      std::to_string(config_.tasks.max_task_memory_mb) + " (" + est.explanation +
+                      ")");
+    }
+    t.estimated_memory_mb = est.mb;
+    t.assigned_device = devices_->select_device(est.mb, req.device, allowed);
+    details["estimated_memory_mb"] = est.mb;
+    details["estimate"] = est.explanation;
+  } else {
+    rec->features.batch_size = req.batch_size;
+    t.assigned_device = devices_->select_device(0, req.device, allowed);
+  }
+  details["device"] = *t.assigned_device;
+
+  Batch b;
+  add_event(b, *rec, TaskEvent::kCreated, std::move(details));
+  store_->insert_task(t, b.events.front());  // durable before we return; throws on failure
+  std::lock_guard<std::mutex> g(mu_);
+  records_[t.id] = rec;
+  ++created_;
+  bus_.publish(std::move(b.events.front()));
+  return t;
+}
+
+Task TaskManager::Impl::start_task(const std::string& id, const TaskStartRequest& p) {
+  std::unique_lock<std::mutex> lock(mu_);
+  check_open_locked();
+  RecordPtr rec = find_locked(id);
+  if (!rec) {
+    lock.unlock();
+    if (auto t = store_->load_task(id)) {
+      throw Error(ErrorCode::kInvalidState, "task " + id + " is " +
+                                                std::string(to_string(t->status)) +
+                                                ": only a pending task can be started");
+    }
+    throw Error(ErrorCode::kNotFound, "unknown task id '" + id + "'");
+  }
+  if (rec->phase != Phase::kPending) {
+    throw Error(ErrorCode::kInvalidState, "task " + id + " is " +
+                                              std::string(to_string(rec->task.status)) +
+                                              ": only a pending task can be started");
+  }
+  Task& t = rec->task;
+  if (p.batch_size && *p.batch_size < 1) {
+    throw Error(ErrorCode::kInvalidArgument,
+                "batch_size must be >= 1, got " + std::to_string(*p.batch_size));
+  }
+  check_options_json(p.options_json);
+  // Work out the changes first; apply them only when the task is queued.
+  const int priority = p.priority.value_or(t.priority);
+  const int batch = p.batch_size.value_or(t.batch_size);
+  RequestFeatures features = rec->features;
+  features.batch_size = batch;
+  std::optional<std::int64_t> estimate = t.estimated_memory_mb;
+  std::string device = *t.assigned_device;
+  if (!p.device.empty() || batch != t.batch_size) {
+    if (config_.tasks.enable_resource_tracking) {
+      estimate = estimator_.estimate(t.service, features, p.device).mb;
+    }
+    device = devices_->select_device(estimate.value_or(0), p.device.empty() ? device : p.device,
+                                     support_filter(t.service));
+  }
+  if (queue_->size() >= static_cast<std::size_t>(config_.tasks.max_queue_size)) {
+    ++queue_full_;
+    throw Error(ErrorCode::kQueueFull,
+                "queue full: " + std::to_string(queue_->size()) +
+                    " tasks queued (tasks.max_queue_size = " +
+                    std::to_string(config_.tasks.max_queue_size) + "); task " + id +
+                    " stays pending and can be started later");
+  }
+  t.priority = priority;
+  t.batch_size = batch;
+  rec->features = features;
+  t.estimated_memory_mb = estimate;
+  t.assigned_device = device;
+  if (!p.options_json.empty()) t.options_json = p.options_json;
+  Batch b;
+  enqueue_locked(rec, b, false);
+  commit_locked(*rec, b);
+  Task out = t;
+  dispatch_locked();
+  return out;
+}
+
+void TaskManager::Impl::enqueue_locked(const RecordPtr& rec, Batch& b, bool retry) {
+  Task& t = rec->task;
+  QueuedTask q;
+  q.task_id = t.id;
+  q.device = *t.assigned_device;
+  q.service = t.service;
+  q.estimated_memory_mb = t.estimated_memory_mb.value_or(0);
+  if (retry) {
+    q.priority = t.priority;
+    queue_->requeue_task(q);  // the spec: one priority lower; never refused
+    t.priority -= 1;
+  } else {
+    queue_->add_task(q, t.priority);
+  }
+  rec->phase = Phase::kQueued;
+  t.status = TaskStatus::kQueued;
+  t.queued_at = clock_->now();
+  rec->queued_steady = clock_->steady_now();
+  add_event(b, *rec, TaskEvent::kQueued,
+            {{"device", q.device},
+             {"priority", t.priority},
+             {"batch_size", t.batch_size},
+             {"estimated_memory_mb", q.estimated_memory_mb},
+             {"retry", retry}});
+}
+
+bool TaskManager::Impl::cancel_task(const std::string& id) {
+  std::unique_lock<std::mutex> lock(mu_);
+  RecordPtr rec = find_locked(id);
+  if (!rec) {
+    lock.unlock();
+    if (store_->load_task(id)) return false;  // ended long ago
+    throw Error(ErrorCode::kNotFound, "unknown task id '" + id + "'");
+  }
+  Batch b;
+  switch (rec->phase) {
+    case Phase::kDone:
+      return false;
+    case Phase::kRunning:
+      rec->cancel.store(true);
+      return true;
+    case Phase::kQueued:
+      queue_->remove(id);
+      break;
+    case Phase::kBackoff:
+      timers_->cancel(rec->retry_timer);
+      --backoff_;
+      --backoff_by_device_[*rec->task.assigned_device];
+      break;
+    case Phase::kPending:
+      break;
+  }
+  rec->cancel.store(true);
+  end_unstarted_locked(rec, TaskStatus::kCancelled, TaskFailureReason::kCancelled,
+                       "cancelled by the host", b);
+  commit_locked(*rec, b);
+  dispatch_locked();
+  return true;
+}
+
+// A task that ends without running (cancelled while waiting, queue timeout,
+// no device): its outcome event, then a cleanup with nothing to release.
+void TaskManager::Impl::end_unstarted_locked(const RecordPtr& rec, TaskStatus status,
+                                             TaskFailureReason reason,
+                                             const std::string& message, Batch& b) {
+  Task& t = rec->task;
+  const std::string was(to_string(t.status));
+  t.status = status;
+  t.failure_reason = reason;
+  t.failure_message = message;
+  t.finished_at = clock_->now();
+  if (status == TaskStatus::kCancelled) {
+    ++cancelled_;
+    add_event(b, *rec, TaskEvent::kCancelled, {{"while", was}, {"message", message}});
+  } else {
+    ++failed_;
+    ++failed_by_reason_[std::string(to_string(reason))];
+    add_event(b, *rec, TaskEvent::kFailed,
+              {{"reason", to_string(reason)}, {"message", message}, {"attempt", t.attempt}});
+  }
+  add_event(b, *rec, TaskEvent::kCleanupStarted, {{"attempt", t.attempt}});
+  t.resource_cleanup_completed = true;
+  add_event(b, *rec, TaskEvent::kCleanupCompleted,
+            {{"ok", true}, {"attempt", t.attempt}, {"duration_s", 0.0}});
+  finished_locked(rec);
+}
+
+void TaskManager::Impl::finished_locked(const RecordPtr& rec) {
+  rec->phase = Phase::kDone;
+  finished_fifo_.push_back(rec->task.id);
+  while (finished_fifo_.size() > kFinishedKept) {
+    records_.erase(finished_fifo_.front());
+    finished_fifo_.pop_front();
+  }
+  done_cv_.notify_all();
+}
+
+// ---- dispatch -----------------------------------------------------------------
+void TaskManager::Impl::dispatch_locked() {
+  while (!closing_ && running_ < workers_ && queue_->size() > 0) {
+    std::optional<QueuedTask> best;
+    for (const auto& d : devices_->list()) {
+      if (!d.available) continue;
+      auto head = queue_->peek_next_task(d.id);
+      if (!head) continue;
+      std::optional<QueuedTask> cand = head;
+      if (!pools_.at(head->service)->has_capacity(d.id)) {
+        pool_blocked_.try_emplace(pool_key(head->service, d.id), clock_->steady_now());
+        cand = queue_->peek_next_task(d.id, [this, &d](const QueuedTask& q) {
+          return pools_.at(q.service)->has_capacity(d.id);
+        });
+      }
+      if (!cand) continue;
+      const bool better =
+          !best || (config_.tasks.enable_priority_queue && cand->priority != best->priority
+                        ? cand->priority > best->priority
+                        : cand->sequence < best->sequence);
+      if (better) best = std::move(cand);
+    }
+    if (!best) break;
+    launch_locked(*best);
+  }
+}
+
+void TaskManager::Impl::launch_locked(const QueuedTask& qt) {
+  auto lease = pools_.at(qt.service)->try_acquire(qt.device);
+  if (!lease) return;  // cannot happen: capacity was checked under mu_
+  queue_->remove(qt.task_id);
+  RecordPtr rec = find_locked(qt.task_id);
+  pool_blocked_.erase(pool_key(qt.service, qt.device));
+  if (config_.tasks.enable_resource_tracking) {
+    devices_->reserve(qt.device, qt.estimated_memory_mb, /*force=*/true);
+    rec->reserved_mb = qt.estimated_memory_mb;
+    rec->reserved_device = qt.device;
+  }
+  rec->phase = Phase::kRunning;
+  ++running_;
+  ++running_by_device_[qt.device];
+  boost::asio::post(*threads_, [this, rec, l = std::move(*lease)]() mutable {
+    run_attempt(rec, std::move(l));
+  });
+}
+
+// ---- one attempt, on a worker thread ------------------------------------------
+void TaskManager::Impl::run_attempt(const RecordPtr& rec, ServicePool::Lease lease) {
+  const SteadyTime start = clock_->steady_now();
+  std::string device, options;
+  int attempt, batch;
+  std::int64_t estimate;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    Task& t = rec->task;
+    t.status = TaskStatus::kRunning;
+    t.attempt += 1;
+    t.started_at = clock_->now();
+    t.service_instance_id = lease.instance_id();
+    rec->instance_id = lease.instance_id();
+    rec->started_steady = start;
+    rec->last_mb.store(-1);
+    rec->peak_mb.store(-1);
+    rec->memory_warned.store(false);
+    rec->device_warned = false;
+    rec->temp_dir.clear();
+    device = lease.device();
+    options = t.options_json;
+    attempt = t.attempt;
+    batch = t.batch_size;
+    estimate = t.estimated_memory_mb.value_or(0);
+    const double wait = seconds(start - rec->queued_steady);
+    wait_hist_.record(wait);
+    // The spec's on_task_resource_acquired: log and track the acquisition.
+    if (log_.enabled(LogLevel::kDebug)) {
+      log_.write(LogLevel::kDebug, "task " + t.id + " acquired " + lease.instance_id() + " and " +
+                                       std::to_string(rec->reserved_mb) + " MB on " + lease.device());
+    }
+    ++started_;
+    Batch b;
+    add_event(b, *rec, TaskEvent::kResourceAcquired,
+              {{"device", device},
+               {"service_instance_id", lease.instance_id()},
+               {"reserved_mb", rec->reserved_mb},
+               {"estimated_memory_mb", estimate}});
+    add_event(b, *rec, TaskEvent::kStarted,
+              {{"attempt", attempt}, {"batch_size", batch}, {"wait_s", wait}});
+    commit_locked(*rec, b);
+  }
+
+  Context ctx(*this, rec, device, lease.instance_id(), attempt, batch, estimate, options);
+  std::exception_ptr err;
+  try {
+    ctx.throw_if_cancelled();
+    lease.service().process(ctx);
+  } catch (...) {
+    err = std::current_exception();
+  }
+  proc_hist_.record(seconds(clock_->steady_now() - start));
+
+  Outcome o = decide(rec, err, ctx);
+  if (o.failure.instance_broken) lease.discard();
+  Service* svc = lease.has_instance() ? &lease.service() : nullptr;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    Batch b;
+    rec->temp_dir = ctx.created_temp();
+    begin_cleanup_locked(rec, std::move(o), b);
+    commit_locked(*rec, b);
+  }
+  // The service's cache hook, watched by the sweep (cleanup_timeout_seconds).
+  if (svc != nullptr) svc->cleanup_task(rec->task.id);
+  int expected = 1;
+  const bool mine = rec->cleanup_phase.compare_exchange_strong(expected, 0);
+  if (!mine) lease.discard();  // the watchdog gave up on this instance
+  lease.release();
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    cleanups_.erase(std::remove(cleanups_.begin(), cleanups_.end(), rec), cleanups_.end());
+    Batch b;
+    if (mine) {
+      finish_cleanup_locked(rec, true, "", b);
+      commit_locked(*rec, b);
+    }
+    --running_;
+    --running_by_device_[device];
+    dispatch_locked();
+    done_cv_.notify_all();
+  }
+}
+
+Outcome TaskManager::Impl::decide(const RecordPtr& rec, std::exception_ptr err, Context& ctx) {
+  Outcome o;
+  if (rec->peak_mb.load() >= 0) o.peak_mb = rec->peak_mb.load();
+  if (!err) {
+    o.kind = Outcome::Kind::kCompleted;
+    o.result = ctx.take_result();
+    return o;
+  }
+  o.failure = TaskErrorHandler::classify(err);
+  if (rec->cancel.load()) {
+    o.kind = Outcome::Kind::kCancelled;
+    o.failure.reason = TaskFailureReason::kCancelled;
+    return o;
+  }
+  Task snap;
+  MemoryState state;
+  bool cpu_ok = false;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    const Task& t = rec->task;
+    snap.id = t.id;
+    snap.assigned_device = t.assigned_device;
+    snap.attempt = t.attempt;
+    snap.batch_size = t.batch_size;
+    snap.estimated_memory_mb = t.estimated_memory_mb;
+    state = memory_state_locked(*rec);
+    if (auto cpu = devices_->get("cpu")) cpu_ok = supports(t.service, *cpu);
+  }
+  o.decision = handler_->handle_failure(snap, o.failure, state, cpu_ok);
+  o.kind = o.decision.retry ? Outcome::Kind::kRetry : Outcome::Kind::kFailed;
+  return o;
+}
+
+MemoryState TaskManager::Impl::memory_state_locked(const Record& r) const {
+  MemoryState s;
+  s.devices = devices_->list();
+  s.device = r.task.assigned_device.value_or("");
+  s.task_estimate_mb = r.task.estimated_memory_mb.value_or(0);
+  if (r.peak_mb.load() >= 0) s.task_peak_mb = r.peak_mb.load();
+  return s;
+}
+
+void TaskManager::Impl::begin_cleanup_locked(const RecordPtr& rec, Outcome o, Batch& b) {
+  Task& t = rec->task;
+  const std::string device = t.assigned_device.value_or("");
+  if (o.peak_mb) {
+    t.actual_memory_mb = *o.peak_mb;
+    auto& peak = peak_by_device_[device];
+    peak = std::max(peak, *o.peak_mb);
+  }
+  const double proc = seconds(clock_->steady_now() - rec->started_steady);
+  if ((o.kind == Outcome::Kind::kRetry || o.kind == Outcome::Kind::kFailed) &&
+      o.decision.alert) {
+    ++ooms_;
+    ++warnings_;
+    add_event(b, *rec, TaskEvent::kMemoryWarning,
+              {{"kind", "out_of_memory"},
+               {"alert", true},
+               {"device", device},
+               {"message", o.failure.message},
+               {"memory_state", json::parse(o.decision.memory_state_json)}});
+  }
+  switch (o.kind) {
+    case Outcome::Kind::kCompleted:
+      t.status = TaskStatus::kCompleted;
+      t.result = o.result;
+      t.finished_at = clock_->now();
+      ++completed_;
+      add_event(b, *rec, TaskEvent::kCompleted,
+                {{"attempt", t.attempt},
+                 {"processing_time_s", proc},
+                 {"actual_memory_mb", o.peak_mb ? json::value(*o.peak_mb) : json::value()}});
+      break;
+    case Outcome::Kind::kCancelled:
+      t.status = TaskStatus::kCancelled;
+      t.failure_reason = TaskFailureReason::kCancelled;
+      t.failure_message = "cancelled by the host while running";
+      t.finished_at = clock_->now();
+      ++cancelled_;
+      add_event(b, *rec, TaskEvent::kCancelled, {{"while", "running"}, {"attempt", t.attempt}});
+      break;
+    case Outcome::Kind::kFailed:
+      t.status = TaskStatus::kFailed;
+      t.failure_reason = o.decision.final_reason;
+      t.failure_message = o.decision.final_message;
+      t.finished_at = clock_->now();
+      ++failed_;
+      ++failed_by_reason_[std::string(to_string(t.failure_reason))];
+      add_event(b, *rec, TaskEvent::kFailed,
+                {{"reason", to_string(t.failure_reason)},
+                 {"message", t.failure_message},
+                 {"attempt", t.attempt}});
+      break;
+    case Outcome::Kind::kRetry:
+      ++retries_;
+      if (o.decision.cpu_fallback) {
+        ++fallbacks_;
+        add_event(b, *rec, TaskEvent::kDeviceFallback,
+                  {{"from", device}, {"to", o.decision.device}, {"reason", to_string(o.failure.reason)}});
+      }
+      add_event(b, *rec, TaskEvent::kRetried,
+                {{"reason", to_string(o.failure.reason)},
+                 {"message", o.failure.message},
+                 {"attempt", t.attempt},
+                 {"next_attempt", t.attempt + 1},
+                 {"device", o.decision.device},
+                 {"batch_size", o.decision.batch_size},
+                 {"delay_s", seconds(o.decision.delay)}});
+      break;
+  }
+  add_event(b, *rec, TaskEvent::kCleanupStarted, {{"attempt", t.attempt}});
+  rec->pending = std::move(o);
+  rec->cleanup_started = clock_->steady_now();
+  rec->cleanup_deadline = rec->cleanup_started + from_seconds(config_.tasks.cleanup_timeout_seconds);
+  rec->cleanup_phase.store(1);
+  cleanups_.push_back(rec);
+}
+
+// The second half of a cleanup: reservation, temp dir, verification
+// (the spec's on_task_cleanup_completed), then retry or finish.
+void TaskManager::Impl::finish_cleanup_locked(const RecordPtr& rec, bool hook_ok,
+                                              const std::string& problem, Batch& b) {
+  Task& t = rec->task;
+  std::vector<std::string> problems;
+  if (!hook_ok) problems.push_back(problem);
+  if (!rec->temp_dir.empty()) {
+    std::error_code ec;
+    fs::remove_all(rec->temp_dir, ec);
+  }
+  const std::int64_t released = rec->reserved_mb;
+  if (!rec->reserved_device.empty()) devices_->release(rec->reserved_device, rec->reserved_mb);
+  rec->reserved_mb = 0;
+  add_event(b, *rec, TaskEvent::kResourceReleased,
+            {{"device", t.assigned_device.value_or("")},
+             {"service_instance_id", rec->instance_id},
+             {"reserved_mb", released}});
+  rec->reserved_device.clear();
+  // on_task_cleanup_completed: verify, and update the task's resource tracking.
+  if (!rec->temp_dir.empty() && fs::exists(rec->temp_dir)) {
+    problems.push_back("temp dir " + rec->temp_dir + " still exists");
+  }
+  if (rec->reserved_mb != 0) problems.push_back("memory reservation not released");
+  const bool ok = problems.empty();
+  t.resource_cleanup_completed = ok;
+  if (!ok) ++cleanup_failures_;
+  json::array pj;
+  for (const auto& p : problems) pj.emplace_back(p);
+  add_event(b, *rec, TaskEvent::kCleanupCompleted,
+            {{"ok", ok},
+             {"attempt", t.attempt},
+             {"duration_s", seconds(clock_->steady_now() - rec->cleanup_started)},
+             {"problems", std::move(pj)}});
+  if (!ok) {
+    log_.write(LogLevel::kWarn, "cleanup of task " + t.id + " incomplete: " + problems.front());
+  }
+  rec->temp_dir.clear();
+
+  Outcome& o = rec->pending;
+  if (o.peak_mb && config_.tasks.enable_resource_tracking) {
+    estimator_.record_actual(t.service, t.assigned_device.value_or(""), rec->features, *o.peak_mb);
+  }
+  if (o.kind == Outcome::Kind::kRetry) {
+    apply_retry_locked(rec, o.decision, b);
+  } else {
+    finished_locked(rec);
+  }
+}
+
+void TaskManager::Impl::apply_retry_locked(const RecordPtr& rec, const RetryDecision& d,
+                                           Batch& b) {
+  Task& t = rec->task;
+  t.assigned_device = d.device;
+  t.batch_size = d.batch_size;
+  rec->features.batch_size = d.batch_size;
+  if (config_.tasks.enable_resource_tracking) {
+    t.estimated_memory_mb = estimator_.estimate(t.service, rec->features, d.device).mb;
+  }
+  t.status = TaskStatus::kQueued;
+  if (d.delay <= Duration::zero()) {
+    enqueue_locked(rec, b, true);
+    return;
+  }
+  rec->phase = Phase::kBackoff;
+  ++backoff_;
+  ++backoff_by_device_[d.device];
+  std::weak_ptr<Impl> weak = weak_from_this();
+  rec->retry_timer = timers_->schedule_after(d.delay, [weak, rec] {
+    auto self = weak.lock();
+    if (!self) return;
+    std::lock_guard<std::mutex> g(self->mu_);
+    if (rec->phase != Phase::kBackoff || self->closing_) return;
+    --self->backoff_;
+    --self->backoff_by_device_[*rec->task.assigned_device];
+    Batch batch;
+    self->enqueue_locked(rec, batch, true);
+    self->commit_locked(*rec, batch);
+    self->dispatch_locked();
+  });
+}
+
+// A task that could not start (its pool stayed full): counts as an attempt.
+void TaskManager::Impl::retry_unstarted_locked(const RecordPtr& rec, const FailureInfo& f,
+                                               Batch& b) {
+  Task& t = rec->task;
+  t.attempt += 1;
+  Task snap;
+  snap.id = t.id;
+  snap.assigned_device = t.assigned_device;
+  snap.attempt = t.attempt;
+  snap.batch_size = t.batch_size;
+  snap.estimated_memory_mb = t.estimated_memory_mb;
+  const RetryDecision d = handler_->handle_failure(snap, f, memory_state_locked(*rec), true);
+  if (!d.retry) {
+    end_unstarted_locked(rec, TaskStatus::kFailed, d.final_reason, d.final_message, b);
+    return;
+  }
+  ++retries_;
+  add_event(b, *rec, TaskEvent::kRetried,
+            {{"reason", to_string(f.reason)},
+             {"message", f.message},
+             {"attempt", t.attempt},
+             {"next_attempt", t.attempt + 1},
+             {"device", d.device},
+             {"batch_size", d.batch_size},
+             {"delay_s", seconds(d.delay)}});
+  apply_retry_locked(rec, d, b);
+}
+
+// ---- the periodic sweep ---------------------------------------------------------
+void TaskManager::Impl::schedule_sweep() {
+  // Captures `this`: the timer thread is joined first thing in ~Impl.
+  timers_->schedule_after(sweep_interval_, [this] {
+    sweep();
+    schedule_sweep();
+  });
+}
+
+void TaskManager::Impl::sweep() {
+  const SteadyTime now = clock_->steady_now();
+  const bool refresh = now - last_refresh_ >= std::chrono::seconds(1);
+  if (refresh) {
+    devices_->refresh_observed();
+    last_refresh_ = now;
+  }
+  std::lock_guard<std::mutex> g(mu_);
+  if (closed_) return;
+  // Queue timeouts.
+  for (const auto& q : queue_->take_expired(now - from_seconds(config_.tasks.queue_timeout_seconds))) {
+    RecordPtr rec = find_locked(q.task_id);
+    if (!rec) continue;
+    Batch b;
+    end_unstarted_locked(rec, TaskStatus::kFailed, TaskFailureReason::kQueueTimeout,
+                         "waited " + std::to_string(seconds(now - rec->queued_steady)) +
+                             " s in the queue of " + q.device +
+                             " (tasks.queue_timeout_seconds = " +
+                             std::to_string(config_.tasks.queue_timeout_seconds) + ")",
+                         b);
+    commit_locked(*rec, b);
+  }
+  // Pools that stayed full past their acquire timeout: POOL_EXHAUSTED.
+  for (auto it = pool_blocked_.begin(); it != pool_blocked_.end();) {
+    const auto at = it->first.find('@');
+    const std::string service = it->first.substr(0, at);
+    const std::string device = it->first.substr(at + 1);
+    ServicePool& pool = *pools_.at(service);
+    const Duration limit = from_seconds(pool.settings(device).acquire_timeout_seconds);
+    if (pool.has_capacity(device)) {
+      it = pool_blocked_.erase(it);
+      continue;
+    }
+    if (now - it->second < limit) {
+      ++it;
+      continue;
+    }
+    auto head = queue_->peek_next_task(device);
+    it = pool_blocked_.erase(it);
+    if (!head || head->service != service) continue;
+    queue_->remove(head->task_id);
+    RecordPtr rec = find_locked(head->task_id);
+    FailureInfo f;
+    f.reason = TaskFailureReason::kPoolExhausted;
+    f.retryable = true;
+    f.message = "no '" + service + "' instance on " + device + " became free within " +
+                std::to_string(seconds(limit)) + " s (pool max " +
+                std::to_string(pool.settings(device).max_instances) + ")";
+    Batch b;
+    retry_unstarted_locked(rec, f, b);
+    commit_locked(*rec, b);
+  }
+  // Cleanup hooks past cleanup_timeout_seconds: finish the cleanup without them.
+  for (auto it = cleanups_.begin(); it != cleanups_.end();) {
+    RecordPtr rec = *it;
+    int expected = 1;
+    if (now >= rec->cleanup_deadline && rec->cleanup_phase.compare_exchange_strong(expected, 2)) {
+      it = cleanups_.erase(it);
+      Batch b;
+      finish_cleanup_locked(rec, false,
+                            "the service's cleanup hook ran past tasks.cleanup_timeout_seconds = " +
+                                std::to_string(config_.tasks.cleanup_timeout_seconds) +
+                                " s; its instance will be replaced",
+                            b);
+      commit_locked(*rec, b);
+    } else {
+      ++it;
+    }
+  }
+  // Devices nearly full: warn the tasks running there, once per attempt.
+  if (refresh && config_.tasks.enable_resource_tracking) {
+    for (const auto& d : devices_->list()) {
+      const std::int64_t used = std::max(d.observed_mb, d.reserved_mb);
+      if (static_cast<double>(used) <
+          config_.tasks.device_warning_fraction * static_cast<double>(d.total_mb)) {
+        continue;
+      }
+      for (auto& [id, rec] : records_) {
+        if (rec->phase != Phase::kRunning || rec->device_warned ||
+            rec->task.assigned_device != d.id) {
+          continue;
+        }
+        rec->device_warned = true;
+        ++warnings_;
+        Batch b;
+        add_event(b, *rec, TaskEvent::kMemoryWarning,
+                  {{"kind", "device_nearly_full"},
+                   {"device", d.id},
+                   {"used_mb", used},
+                   {"total_mb", d.total_mb},
+                   {"message", d.id + " is " + std::to_string(used) + " of " +
+                                   std::to_string(d.total_mb) + " MB full"}});
+        commit_locked(*rec, b);
+      }
+    }
+  }
+  dispatch_locked();
+}
+
+// ---- queries ------------------------------------------------------------------------
+Task TaskManager::Impl::get_task(const std::string& id) const {
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (RecordPtr rec = find_locked(id)) return rec->task;
+  }
+  if (auto t = store_->load_task(id)) return *t;
+  throw Error(ErrorCode::kNotFound, "unknown task id '" + id + "'");
+}
+
+std::vector<Task> TaskManager::Impl::list_tasks(const TaskFilter& filter) const {
+  return store_->list_tasks(filter);
+}
+
+std::optional<Task> TaskManager::Impl::wait_task(const std::string& id, Duration timeout) const {
+  const SteadyTime deadline = clock_->steady_now() + timeout;
+  std::unique_lock<std::mutex> lock(mu_);
+  RecordPtr rec = find_locked(id);
+  if (!rec) {
+    lock.unlock();
+    if (auto t = store_->load_task(id); t && is_terminal(t->status)) return t;
+    if (store_->load_task(id)) return std::nullopt;
+    throw Error(ErrorCode::kNotFound, "unknown task id '" + id + "'");
+  }
+  while (rec->phase != Phase::kDone) {
+    if (clock_->steady_now() >= deadline) return std::nullopt;
+    clock_->wait_until(lock, done_cv_, deadline);
+  }
+  return rec->task;
+}
+
+bool TaskManager::Impl::wait_idle(Duration timeout) const {
+  const SteadyTime deadline = clock_->steady_now() + timeout;
+  std::unique_lock<std::mutex> lock(mu_);
+  while (running_ > 0 || backoff_ > 0 || queue_->size() > 0) {
+    if (clock_->steady_now() >= deadline) return false;
+    clock_->wait_until(lock, done_cv_, deadline);
+  }
+  return true;
+}
+
+TaskMetrics TaskManager::Impl::metrics() const {
+  TaskMetrics m;
+  std::lock_guard<std::mutex> g(mu_);
+  const auto queued = queue_->sizes();
+  std::int64_t active_total = 0, queued_total = 0;
+  for (const auto& d : devices_->list()) {
+    const auto r = running_by_device_.find(d.id);
+    const std::int64_t active = r == running_by_device_.end() ? 0 : r->second;
+    const auto q = queued.find(d.id);
+    const auto bo = backoff_by_device_.find(d.id);
+    const std::int64_t waiting = (q == queued.end() ? 0 : static_cast<std::int64_t>(q->second)) +
+                                 (bo == backoff_by_device_.end() ? 0 : bo->second);
+    m.active_tasks[d.id] = active;
+    m.queued_tasks[d.id] = waiting;
+    active_total += active;
+    queued_total += waiting;
+    DeviceMemoryMetrics dm;
+    dm.total_mb = d.total_mb;
+    dm.reserved_mb = d.reserved_mb;
+    dm.observed_mb = d.observed_mb;
+    dm.available = d.available;
+    auto pk = peak_by_device_.find(d.id);
+    dm.peak_task_mb = pk == peak_by_device_.end() ? 0 : pk->second;
+    m.memory_by_device[d.id] = dm;
+  }
+  m.active_tasks["total"] = active_total;
+  m.queued_tasks["total"] = queued_total;
+  for (const auto& [kind, pool] : pools_) {
+    for (const auto& d : devices_->list()) {
+      if (!supports(kind, d)) continue;
+      const auto s = pool->stats(d.id);
+      PoolMetrics p;
+      p.service = kind;
+      p.device = d.id;
+      p.in_use = s.in_use;
+      p.size = s.in_use + s.idle;
+      p.max = s.max;
+      p.utilization = s.max > 0 ? static_cast<double>(s.in_use) / s.max : 0;
+      p.created = s.created;
+      p.destroyed = s.destroyed;
+      m.pool_utilization[pool_key(kind, d.id)] = p;
+    }
+  }
+  m.wait_time = wait_hist_.summary();
+  m.processing_time = proc_hist_.summary();
+  m.average_wait_time = m.wait_time.mean_s;
+  m.tasks_created = created_;
+  m.tasks_started = started_;
+  m.tasks_completed = completed_;
+  m.tasks_failed = failed_;
+  m.tasks_cancelled = cancelled_;
+  m.failed_by_reason = failed_by_reason_;
+  m.retries = retries_;
+  m.oom_errors = ooms_;
+  m.cpu_fallbacks = fallbacks_;
+  m.memory_warnings = warnings_;
+  m.queue_full_rejections = queue_full_;
+  m.cleanup_failures = cleanup_failures_;
+  m.events_published = bus_.published();
+  m.events_dropped = bus_.dropped();
+  m.callback_errors = bus_.callback_errors();
+  return m;
+}
+
+TaskHealth TaskManager::Impl::health(const std::string& id) const {
+  TaskHealth h;
+  h.task_id = id;
+  Task t;
+  bool running = false;
+  std::int64_t live_mb = -1;
+  double live_s = 0;
+  double queued_for = -1;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (RecordPtr rec = find_locked(id)) {
+      t = rec->task;
+      running = rec->phase == Phase::kRunning;
+      if (running) {
+        live_mb = rec->last_mb.load();
+        live_s = seconds(clock_->steady_now() - rec->started_steady);
+      }
+      if (rec->phase == Phase::kQueued) queued_for = seconds(clock_->steady_now() - rec->queued_steady);
+    } else if (auto st = store_->load_task(id)) {
+      t = *st;
+    } else {
+      throw Error(ErrorCode::kNotFound, "unknown task id '" + id + "'");
+    }
+  }
+  h.status = t.status;
+  h.device = t.assigned_device;
+  if (running) {
+    if (live_mb >= 0) h.memory_usage_mb = live_mb;
+    h.processing_time_s = live_s;
+  } else {
+    h.memory_usage_mb = t.actual_memory_mb;
+    if (t.started_at && t.finished_at) {
+      h.processing_time_s = std::chrono::duration<double>(*t.finished_at - *t.started_at).count();
+    }
+  }
+  // Warnings, from the task and its event history.
+  if (h.memory_usage_mb && t.estimated_memory_mb && *h.memory_usage_mb > *t.estimated_memory_mb) {
+    h.warnings.push_back("memory " + std::to_string(*h.memory_usage_mb) +
+                         " MB is above the estimate of " + std::to_string(*t.estimated_memory_mb) +
+                         " MB");
+  }
+  const double long_wait = 0.5 * config_.tasks.queue_timeout_seconds;
+  if (queued_for > long_wait) {
+    h.warnings.push_back("queued for " + std::to_string(static_cast<int>(queued_for)) +
+                         " s (timeout " +
+                         std::to_string(static_cast<int>(config_.tasks.queue_timeout_seconds)) +
+                         " s)");
+  }
+  for (const auto& e : store_->load_events(id)) {
+    boost::system::error_code ec;
+    auto d = json::parse(e.details_json, ec);
+    if (ec || !d.is_object()) continue;
+    const auto& o = d.as_object();
+    auto str = [&o](const char* k) -> std::string {
+      auto it = o.find(k);
+      return it != o.end() && it->value().is_string() ? std::string(it->value().as_string()) : "";
+    };
+    if (e.event == TaskEvent::kMemoryWarning) {
+      h.warnings.push_back("memory warning (" + str("kind") + "): " + str("message"));
+    } else if (e.event == TaskEvent::kRetried) {
+      h.warnings.push_back("retried after " + str("reason") + " on attempt " +
+                           (o.contains("attempt") ? json::serialize(o.at("attempt")) : "?") + ": " +
+                           str("message"));
+    } else if (e.event == TaskEvent::kStarted && o.contains("wait_s") &&
+               o.at("wait_s").is_double() && o.at("wait_s").as_double() > long_wait) {
+      h.warnings.push_back("waited " + std::to_string(static_cast<int>(o.at("wait_s").as_double())) +
+                           " s in the queue");
+    } else if (e.event == TaskEvent::kCleanupCompleted && o.contains("ok") &&
+               o.at("ok").is_bool() && !o.at("ok").as_bool()) {
+      std::string why;
+      if (o.contains("problems") && o.at("problems").is_array() &&
+          !o.at("problems").as_array().empty() && o.at("problems").as_array()[0].is_string()) {
+        why = std::string(o.at("problems").as_array()[0].as_string());
+      }
+      h.warnings.push_back("cleanup incomplete: " + why);
+    }
+  }
+  return h;
+}
+
+void TaskManager::Impl::set_device_available(const std::string& device, bool available) {
+  devices_->set_available(device, available);  // kNotFound for an unknown id
+  std::lock_guard<std::mutex> g(mu_);
+  if (!available) {
+    for (const auto& q : queue_->snapshot(device)) {
+      RecordPtr rec = find_locked(q.task_id);
+      if (!rec) continue;
+      queue_->remove(q.task_id);
+      Batch b;
+      try {
+        const std::string to = devices_->select_device(q.estimated_memory_mb, "",
+                                                       support_filter(q.service));
+        add_event(b, *rec, TaskEvent::kDeviceFallback,
+                  {{"from", device}, {"to", to}, {"reason", "device_unavailable"}});
+        rec->task.assigned_device = to;
+        QueuedTask moved = q;
+        moved.device = to;
+        queue_->add_task(moved, q.priority);  // one out, one in: never full
+        add_event(b, *rec, TaskEvent::kQueued,
+                  {{"device", to}, {"priority", q.priority}, {"retry", false}});
+      } catch (const Error& e) {
+        end_unstarted_locked(rec, TaskStatus::kFailed, TaskFailureReason::kDeviceUnavailable,
+                             device + " became unavailable and no other device can hold the task: " +
+                                 e.what(),
+                             b);
+      }
+      commit_locked(*rec, b);
+    }
+  }
+  dispatch_locked();
+}
+
+MemoryEstimate TaskManager::Impl::explain(const TaskCreateRequest& request) const {
+  return estimator_.estimate(request);
+}
+
+void TaskManager::Impl::close() {
+  if (bus_.on_dispatcher_thread()) {
+    throw Error(ErrorCode::kInvalidState,
+                "close() was called from an event callback; close the manager from another thread");
+  }
+  std::unique_lock<std::mutex> lock(mu_);
+  if (closed_) return;
+  closing_ = true;
+  // Running attempts finish; their cleanup completes. Queued and backing-off
+  // tasks stay queued in the store.
+  while (running_ > 0) done_cv_.wait_for(lock, std::chrono::milliseconds(50));
+  closed_ = true;
+  lock.unlock();
+  try {
+    store_->flush();
+  } catch (const std::exception& e) {
+    log_.write(LogLevel::kError, std::string("flushing the store at close failed: ") + e.what());
+  }
+  bus_.flush();
+}
+
+// ---------------------------------------------------------------------------
+TaskManager::TaskManager(Config config, TaskManagerOptions options)
+    : impl_(std::make_shared<Impl>(std::move(config), std::move(options))) {}
+
+TaskManager::~TaskManager() {
+  if (impl_ && impl_->bus_.on_dispatcher_thread()) {
+    // Destroying the manager from its own callback cannot be done safely.
+    impl_->log_.write(LogLevel::kError, "TaskManager destroyed from an event callback: leaking it");
+    new std::shared_ptr<Impl>(std::move(impl_));
+    return;
+  }
+}
+
+void TaskManager::register_service(std::shared_ptr<ServiceFactory> f) {
+  impl_->register_service(std::move(f));
+}
+Task TaskManager::create_task(const TaskCreateRequest& r) { return impl_->create_task(r); }
+Task TaskManager::start_task(const std::string& id, const TaskStartRequest& p) {
+  return impl_->start_task(id, p);
+}
+bool TaskManager::cancel_task(const std::string& id) { return impl_->cancel_task(id); }
+Task TaskManager::get_task(const std::string& id) const { return impl_->get_task(id); }
+std::vector<Task> TaskManager::list_tasks(const TaskFilter& f) const { return impl_->list_tasks(f); }
+std::vector<EventRecord> TaskManager::get_task_events(const std::string& id) const {
+  get_task(id);  // kNotFound for an unknown id
+  return impl_->store_->load_events(id);
+}
+std::vector<MetricSample> TaskManager::get_task_samples(const std::string& id) const {
+  get_task(id);
+  return impl_->store_->load_metrics(id);
+}
+std::optional<Task> TaskManager::wait_task(const std::string& id, Duration timeout) const {
+  return impl_->wait_task(id, timeout);
+}
+bool TaskManager::wait_idle(Duration timeout) const { return impl_->wait_idle(timeout); }
+TaskMetrics TaskManager::get_task_metrics() const { return impl_->metrics(); }
+TaskHealth TaskManager::get_task_health(const std::string& id) const { return impl_->health(id); }
+SubscriptionId TaskManager::subscribe(EventCallback cb) { return impl_->bus_.subscribe(std::move(cb)); }
+bool TaskManager::unsubscribe(SubscriptionId id) { return impl_->bus_.unsubscribe(id); }
+void TaskManager::flush_events() { impl_->bus_.flush(); }
+void TaskManager::set_device_available(const std::string& d, bool a) {
+  impl_->set_device_available(d, a);
+}
+std::vector<DeviceInfo> TaskManager::devices() const { return impl_->devices_->list(); }
+MemoryEstimate TaskManager::explain_estimate(const TaskCreateRequest& r) const {
+  return impl_->explain(r);
+}
+void TaskManager::close() { impl_->close(); }
+const Config& TaskManager::config() const noexcept { return impl_->config_; }
+
+}  // namespace taskmgr

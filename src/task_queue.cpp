@@ -1,0 +1,183 @@
+#include "taskmgr/task_queue.hpp"
+
+#include "taskmgr/error.hpp"
+
+namespace taskmgr {
+
+bool TaskQueue::Order::operator()(const Entry& a, const Entry& b) const {
+  const QueuedTask& x = a.task;
+  const QueuedTask& y = b.task;
+  if (options->enable_priority_queue) {
+    if (x.priority != y.priority) return x.priority > y.priority;
+    if (options->ordering == QueueOrdering::kLargestFirst &&
+        x.estimated_memory_mb != y.estimated_memory_mb) {
+      return x.estimated_memory_mb > y.estimated_memory_mb;
+    }
+  }
+  return x.sequence < y.sequence;
+}
+
+TaskQueue::TaskQueue(Options options, const DeviceRegistry& devices,
+                     std::shared_ptr<const Clock> clock)
+    : options_(options), devices_(devices), clock_(std::move(clock)) {
+  if (!clock_) clock_ = Clock::system();
+}
+
+TaskQueue::~TaskQueue() = default;
+
+void TaskQueue::insert_locked(QueuedTask task) {
+  task.sequence = next_sequence_++;
+  task.enqueued_at = clock_->steady_now();
+  const std::string device = task.device;
+  const std::string id = task.task_id;
+  by_age_.emplace(task.enqueued_at, task.sequence);
+  age_ids_.emplace(task.sequence, id);
+  auto& q = queues_.try_emplace(device, DeviceQueue(Order{&options_})).first->second;
+  auto it = q.insert(Entry{std::move(task), std::nullopt}).first;
+  index_.emplace(id, Location{it, device});
+}
+
+void TaskQueue::erase_locked(const std::string& task_id) {
+  auto loc = index_.find(task_id);
+  if (loc == index_.end()) return;
+  auto& q = queues_.at(loc->second.device);
+  const auto& t = loc->second.it->task;
+  by_age_.erase({t.enqueued_at, t.sequence});
+  age_ids_.erase(t.sequence);
+  q.erase(loc->second.it);
+  if (q.empty()) queues_.erase(loc->second.device);
+  index_.erase(loc);
+}
+
+void TaskQueue::add_task(QueuedTask task, int priority) {
+  if (task.task_id.empty() || task.device.empty()) {
+    throw Error(ErrorCode::kInvalidArgument, "add_task: a queued task needs an id and a device");
+  }
+  std::lock_guard<std::mutex> g(mu_);
+  if (index_.count(task.task_id)) {
+    throw Error(ErrorCode::kInvalidState, "task " + task.task_id + " is already queued");
+  }
+  if (index_.size() >= options_.max_queue_size) {
+    throw Error(ErrorCode::kQueueFull,
+                "queue full: " + std::to_string(index_.size()) +
+                    " tasks queued (tasks.max_queue_size = " +
+                    std::to_string(options_.max_queue_size) + "); task " + task.task_id +
+                    " was not queued");
+  }
+  task.priority = priority;
+  insert_locked(std::move(task));
+}
+
+void TaskQueue::add_task(const Task& task, int priority) {
+  QueuedTask q;
+  q.task_id = task.id;
+  q.device = task.assigned_device.value_or("");
+  q.service = task.service;
+  q.estimated_memory_mb = task.estimated_memory_mb.value_or(0);
+  add_task(std::move(q), priority);
+}
+
+std::optional<TaskQueue::DeviceQueue::iterator> TaskQueue::choose_locked(
+    const std::string& device, const Eligible& eligible) {
+  auto qit = queues_.find(device);
+  if (qit == queues_.end()) return std::nullopt;
+  std::int64_t free_mb = 0;
+  if (options_.check_memory) {
+    const auto info = devices_.get(device);
+    if (!info || !info->available) return std::nullopt;
+    free_mb = info->free_mb();
+  }
+  const SteadyTime now = clock_->steady_now();
+  for (auto it = qit->second.begin(); it != qit->second.end(); ++it) {
+    if (options_.check_memory && it->task.estimated_memory_mb > free_mb) {
+      if (!it->passed_over_since) it->passed_over_since = now;
+      if (now - *it->passed_over_since >= options_.starvation_after) {
+        return std::nullopt;  // starved: it goes next, nothing passes it any more
+      }
+      continue;
+    }
+    if (eligible && !eligible(it->task)) continue;
+    return it;
+  }
+  return std::nullopt;
+}
+
+std::optional<QueuedTask> TaskQueue::get_next_task(const std::string& device,
+                                                   const Eligible& eligible) {
+  std::lock_guard<std::mutex> g(mu_);
+  auto it = choose_locked(device, eligible);
+  if (!it) return std::nullopt;
+  QueuedTask out = (*it)->task;
+  erase_locked(out.task_id);
+  return out;
+}
+
+std::optional<QueuedTask> TaskQueue::peek_next_task(const std::string& device,
+                                                    const Eligible& eligible) {
+  std::lock_guard<std::mutex> g(mu_);
+  auto it = choose_locked(device, eligible);
+  if (!it) return std::nullopt;
+  return (*it)->task;
+}
+
+void TaskQueue::requeue_task(QueuedTask task) {
+  if (task.task_id.empty() || task.device.empty()) {
+    throw Error(ErrorCode::kInvalidArgument, "requeue_task: a queued task needs an id and a device");
+  }
+  std::lock_guard<std::mutex> g(mu_);
+  erase_locked(task.task_id);
+  task.priority -= 1;
+  insert_locked(std::move(task));
+}
+
+bool TaskQueue::remove(const std::string& task_id) {
+  std::lock_guard<std::mutex> g(mu_);
+  if (!index_.count(task_id)) return false;
+  erase_locked(task_id);
+  return true;
+}
+
+std::vector<QueuedTask> TaskQueue::take_expired(SteadyTime cutoff) {
+  std::lock_guard<std::mutex> g(mu_);
+  std::vector<QueuedTask> out;
+  while (!by_age_.empty() && by_age_.begin()->first <= cutoff) {
+    const std::string id = age_ids_.at(by_age_.begin()->second);
+    out.push_back(index_.at(id).it->task);
+    erase_locked(id);
+  }
+  return out;
+}
+
+bool TaskQueue::contains(const std::string& task_id) const {
+  std::lock_guard<std::mutex> g(mu_);
+  return index_.count(task_id) != 0;
+}
+
+std::size_t TaskQueue::size() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return index_.size();
+}
+
+std::size_t TaskQueue::size(const std::string& device) const {
+  std::lock_guard<std::mutex> g(mu_);
+  auto it = queues_.find(device);
+  return it == queues_.end() ? 0 : it->second.size();
+}
+
+std::map<std::string, std::size_t> TaskQueue::sizes() const {
+  std::lock_guard<std::mutex> g(mu_);
+  std::map<std::string, std::size_t> out;
+  for (const auto& [d, q] : queues_) out[d] = q.size();
+  return out;
+}
+
+std::vector<QueuedTask> TaskQueue::snapshot(const std::string& device) const {
+  std::lock_guard<std::mutex> g(mu_);
+  std::vector<QueuedTask> out;
+  auto it = queues_.find(device);
+  if (it == queues_.end()) return out;
+  for (const auto& e : it->second) out.push_back(e.task);
+  return out;
+}
+
+}  // namespace taskmgr

@@ -1,0 +1,70 @@
+#include "timer_queue.hpp"
+
+namespace taskmgr::detail {
+
+TimerQueue::TimerQueue(std::shared_ptr<const Clock> clock) : clock_(std::move(clock)) {
+  thread_ = std::thread([this] { run(); });
+}
+
+TimerQueue::~TimerQueue() {
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+TimerQueue::TimerId TimerQueue::schedule(SteadyTime deadline, std::function<void()> fn) {
+  TimerId id;
+  bool first;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    id = next_id_++;
+    timers_.emplace(id, std::make_pair(deadline, std::move(fn)));
+    order_.emplace(deadline, id);
+    first = order_.begin()->second == id;
+  }
+  if (first) cv_.notify_all();
+  return id;
+}
+
+TimerQueue::TimerId TimerQueue::schedule_after(Duration delay, std::function<void()> fn) {
+  return schedule(clock_->steady_now() + delay, std::move(fn));
+}
+
+bool TimerQueue::cancel(TimerId id) {
+  std::lock_guard<std::mutex> g(mu_);
+  auto it = timers_.find(id);
+  if (it == timers_.end()) return false;
+  order_.erase({it->second.first, id});
+  timers_.erase(it);
+  return true;
+}
+
+std::size_t TimerQueue::pending() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return timers_.size();
+}
+
+void TimerQueue::run() {
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!stop_) {
+    if (order_.empty()) {
+      cv_.wait(lock);
+      continue;
+    }
+    const auto [deadline, id] = *order_.begin();
+    if (clock_->steady_now() < deadline) {
+      clock_->wait_until(lock, cv_, deadline);
+      continue;
+    }
+    order_.erase(order_.begin());
+    auto node = timers_.extract(id);
+    lock.unlock();
+    if (!node.empty()) node.mapped().second();
+    lock.lock();
+  }
+}
+
+}  // namespace taskmgr::detail

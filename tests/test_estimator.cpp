@@ -1,0 +1,92 @@
+#include <doctest/doctest.h>
+
+#include <string>
+
+#include "taskmgr/estimator.hpp"
+
+using namespace taskmgr;
+
+TEST_CASE("the linear model scales with pixels, bytes and batch size") {
+  LinearMemoryModel m("m", {10, 1, 8, 2});
+  RequestFeatures f;
+  CHECK(m.estimate_mb(f) == doctest::Approx(11));  // base + one page
+  f.pixels = 10'000'000;
+  CHECK(m.estimate_mb(f) == doctest::Approx(10 + 1 + 80));
+  f.pages = 4;
+  f.batch_size = 2;  // two of the four pages held at once
+  CHECK(m.estimate_mb(f) == doctest::Approx(10 + 2 * 81));
+  f.batch_size = 8;  // never more than the pages there are
+  CHECK(m.estimate_mb(f) == doctest::Approx(10 + 4 * 81));
+}
+
+TEST_CASE("an estimate explains itself") {
+  MemoryEstimator e;
+  RequestFeatures f;
+  f.pixels = 2'000'000;
+  f.bytes = 1 << 20;
+  const MemoryEstimate est = e.estimate("ocr", f, "cpu");
+  CHECK(est.mb >= 1);
+  CHECK(est.model == "linear");
+  CHECK(est.samples == 0);
+  CHECK(est.correction == 1);
+  CHECK(est.explanation.find("model linear") != std::string::npos);
+  CHECK(est.explanation.find("pixels=2000000") != std::string::npos);
+  CHECK(est.explanation.find("bytes=1048576") != std::string::npos);
+  CHECK(est.explanation.find("-> " + std::to_string(est.mb) + " MB") != std::string::npos);
+}
+
+TEST_CASE("services supply their own model") {
+  struct Fixed : MemoryModel {
+    std::string name() const override { return "fixed"; }
+    double estimate_mb(const RequestFeatures& f) const override {
+      return 100.0 * static_cast<double>(f.batch_size);
+    }
+  };
+  MemoryEstimator e;
+  e.register_model("gpu-model", std::make_shared<Fixed>());
+  RequestFeatures f;
+  f.batch_size = 3;
+  CHECK(e.estimate("gpu-model", f).mb == 300);
+  CHECK(e.estimate("gpu-model", f).model == "fixed");
+  CHECK(e.estimate("other", f).model == "linear");
+}
+
+TEST_CASE("estimates converge on measured actuals and err on the high side") {
+  MemoryEstimator e;
+  RequestFeatures f;
+  f.pixels = 5'000'000;
+  const double model = e.estimate("ocr", f, "cpu").model_mb;
+  // The service really uses about 3x the model, with some noise.
+  const std::int64_t actuals[] = {150, 160, 155, 158, 152, 161, 149, 157, 153, 159,
+                                  156, 154, 158, 155, 157, 156, 154, 155, 157, 156};
+  for (std::int64_t a : actuals) e.record_actual("ocr", "cpu", f, a);
+  const MemoryEstimate est = e.estimate("ocr", f, "cpu");
+  CHECK(est.samples == 20);
+  CHECK(est.mb >= 156);  // not below what was seen typically
+  CHECK(est.mb <= 175);  // and close to it
+  CHECK(est.correction > 150 / model);
+  CHECK(est.explanation.find("20 measured") != std::string::npos);
+
+  // Overestimates shrink too.
+  MemoryEstimator shrink;
+  for (int i = 0; i < 20; ++i) shrink.record_actual("ocr", "cpu", f, 20);
+  const MemoryEstimate small = shrink.estimate("ocr", f, "cpu");
+  CHECK(small.mb >= 20);
+  CHECK(small.mb <= 22);
+}
+
+TEST_CASE("learning is per device; before placement the most conservative applies") {
+  MemoryEstimator e;
+  RequestFeatures f;
+  const double model = e.estimate("svc", f).model_mb;
+  for (int i = 0; i < 10; ++i) {
+    e.record_actual("svc", "cpu", f, static_cast<std::int64_t>(model));
+    e.record_actual("svc", "cuda:0", f, static_cast<std::int64_t>(model * 4));
+  }
+  const auto cpu = e.estimate("svc", f, "cpu");
+  const auto gpu = e.estimate("svc", f, "cuda:0");
+  const auto any = e.estimate("svc", f, "");
+  CHECK(gpu.mb > 3 * cpu.mb);
+  CHECK(any.mb == gpu.mb);
+  CHECK(e.estimate("svc", f, "cuda:1").samples == 0);
+}

@@ -1,0 +1,102 @@
+// Helpers shared by the tests.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "taskmgr/taskmgr.hpp"
+
+namespace taskmgr::test {
+
+// Polls `pred` until it holds or `limit` of real time passes. Tests use it to
+// wait for asynchronous effects; it is a safety net against hangs, never an
+// assertion about time.
+inline bool eventually(const std::function<bool()>& pred,
+                       std::chrono::milliseconds limit = std::chrono::seconds(20)) {
+  const auto end = std::chrono::steady_clock::now() + limit;
+  while (std::chrono::steady_clock::now() < end) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return pred();
+}
+
+// A gate a service can wait at until the test opens it.
+class Gate {
+ public:
+  void open() {
+    std::lock_guard<std::mutex> g(mu_);
+    open_ = true;
+    cv_.notify_all();
+  }
+  void wait() {
+    std::unique_lock<std::mutex> l(mu_);
+    cv_.wait(l, [this] { return open_; });
+  }
+  // Counts arrivals; the test can wait for n of them.
+  void arrive() {
+    std::lock_guard<std::mutex> g(mu_);
+    ++arrived_;
+    cv_.notify_all();
+  }
+  int arrived() {
+    std::lock_guard<std::mutex> g(mu_);
+    return arrived_;
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool open_ = false;
+  int arrived_ = 0;
+};
+
+// Records every event delivered to a subscriber.
+class EventLog {
+ public:
+  void operator()(const EventRecord& e) {
+    std::lock_guard<std::mutex> g(mu_);
+    events_.push_back(e);
+  }
+  std::vector<EventRecord> all() {
+    std::lock_guard<std::mutex> g(mu_);
+    return events_;
+  }
+  std::vector<std::string> names_for(const std::string& task_id) {
+    std::lock_guard<std::mutex> g(mu_);
+    std::vector<std::string> out;
+    for (const auto& e : events_) {
+      if (e.task_id == task_id) out.emplace_back(to_string(e.event));
+    }
+    return out;
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<EventRecord> events_;
+};
+
+inline std::vector<std::string> names(const std::vector<EventRecord>& events) {
+  std::vector<std::string> out;
+  for (const auto& e : events) out.emplace_back(to_string(e.event));
+  return out;
+}
+
+// A config with declared devices and no probing, for deterministic placement.
+inline Config test_config() {
+  Config c;
+  c.devices.probe_cpu = false;
+  c.devices.probe_nvidia = false;
+  c.devices.cpu_memory_mb = 4000;
+  c.executor.worker_threads = 2;
+  c.tasks.retry.backoff_jitter = 0;
+  c.storage.path = ":memory:";
+  return c;
+}
+
+}  // namespace taskmgr::test

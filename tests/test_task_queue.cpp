@@ -1,0 +1,241 @@
+#include <doctest/doctest.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "taskmgr/clock.hpp"
+#include "taskmgr/error.hpp"
+#include "taskmgr/task_queue.hpp"
+
+using namespace taskmgr;
+using namespace std::chrono_literals;
+
+namespace {
+
+struct Fixture {
+  std::shared_ptr<ManualClock> clock = std::make_shared<ManualClock>();
+  DeviceRegistry devices{std::vector<DeviceInfo>{
+      {"cpu", DeviceKind::kCpu, 1000, 0, 0, true, ""},
+      {"cuda:0", DeviceKind::kGpu, 1000, 0, 0, true, ""},
+  }};
+  TaskQueue::Options options;
+  std::unique_ptr<TaskQueue> queue;
+
+  explicit Fixture(TaskQueue::Options o = {}) : options(o) {
+    queue = std::make_unique<TaskQueue>(options, devices, clock);
+  }
+
+  void add(const std::string& id, int priority, std::int64_t mb = 10,
+           const std::string& device = "cpu") {
+    QueuedTask t;
+    t.task_id = id;
+    t.device = device;
+    t.service = "svc";
+    t.estimated_memory_mb = mb;
+    queue->add_task(t, priority);
+  }
+
+  std::vector<std::string> drain(const std::string& device = "cpu") {
+    std::vector<std::string> out;
+    while (auto t = queue->get_next_task(device)) out.push_back(t->task_id);
+    return out;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("higher priority first, FIFO among equal priorities") {
+  Fixture f;
+  f.add("a", 0);
+  f.add("b", 5);
+  f.add("c", 0);
+  f.add("d", 5);
+  f.add("e", -1);
+  f.add("f", 0);
+  CHECK(f.drain() == std::vector<std::string>{"b", "d", "a", "c", "f", "e"});
+  CHECK(f.queue->size() == 0);
+}
+
+TEST_CASE("with enable_priority_queue false the order is strict FIFO") {
+  TaskQueue::Options o;
+  o.enable_priority_queue = false;
+  o.ordering = QueueOrdering::kLargestFirst;  // ignored too
+  Fixture f(o);
+  f.add("a", 0, 10);
+  f.add("b", 9, 500);
+  f.add("c", -3, 20);
+  f.add("d", 9, 5);
+  CHECK(f.drain() == std::vector<std::string>{"a", "b", "c", "d"});
+}
+
+TEST_CASE("largest_first orders equal priorities by estimate, then FIFO") {
+  TaskQueue::Options o;
+  o.ordering = QueueOrdering::kLargestFirst;
+  Fixture f(o);
+  f.add("small", 0, 10);
+  f.add("big", 0, 300);
+  f.add("mid", 0, 100);
+  f.add("mid2", 0, 100);
+  f.add("urgent-small", 1, 5);
+  CHECK(f.drain() == std::vector<std::string>{"urgent-small", "big", "mid", "mid2", "small"});
+}
+
+TEST_CASE("queues are per device") {
+  Fixture f;
+  f.add("c1", 0, 10, "cpu");
+  f.add("g1", 9, 10, "cuda:0");
+  f.add("c2", 1, 10, "cpu");
+  CHECK(f.queue->size() == 3);
+  CHECK(f.queue->size("cuda:0") == 1);
+  CHECK(f.queue->sizes().at("cpu") == 2);
+  CHECK(f.drain("cpu") == std::vector<std::string>{"c2", "c1"});
+  CHECK(f.drain("cuda:0") == std::vector<std::string>{"g1"});
+}
+
+TEST_CASE("max_queue_size is enforced with QUEUE_FULL and nothing is dropped") {
+  TaskQueue::Options o;
+  o.max_queue_size = 3;
+  Fixture f(o);
+  f.add("a", 0);
+  f.add("b", 0);
+  f.add("c", 0);
+  try {
+    f.add("d", 0);
+    FAIL("expected kQueueFull");
+  } catch (const Error& e) {
+    CHECK(e.code() == ErrorCode::kQueueFull);
+    CHECK(std::string(e.what()).find("tasks.max_queue_size = 3") != std::string::npos);
+    CHECK(std::string(e.what()).find("d") != std::string::npos);
+  }
+  CHECK(f.queue->size() == 3);
+  CHECK_FALSE(f.queue->contains("d"));
+  // A retry is never refused, even at the limit.
+  QueuedTask r;
+  r.task_id = "retry";
+  r.device = "cpu";
+  r.priority = 0;
+  f.queue->requeue_task(r);
+  CHECK(f.queue->size() == 4);
+  CHECK(f.drain() == std::vector<std::string>{"a", "b", "c", "retry"});
+}
+
+TEST_CASE("requeue_task re-adds one priority lower") {
+  Fixture f;
+  f.add("x", 3);
+  f.add("y", 2);
+  auto x = f.queue->get_next_task("cpu");
+  REQUIRE(x);
+  CHECK(x->task_id == "x");
+  f.queue->requeue_task(*x);  // priority 2 now, behind y (FIFO)
+  const auto snap = f.queue->snapshot("cpu");
+  REQUIRE(snap.size() == 2);
+  CHECK(snap[0].task_id == "y");
+  CHECK(snap[1].task_id == "x");
+  CHECK(snap[1].priority == 2);
+}
+
+TEST_CASE("get_next_task returns only a task that fits free memory now") {
+  Fixture f;
+  f.add("big", 5, 800);
+  f.add("small", 0, 100);
+  REQUIRE(f.devices.reserve("cpu", 500));  // 500 free
+  auto t = f.queue->get_next_task("cpu");
+  REQUIRE(t);
+  CHECK(t->task_id == "small");  // big does not fit; small passes it
+  CHECK_FALSE(f.queue->get_next_task("cpu"));
+  f.devices.release("cpu", 500);
+  t = f.queue->get_next_task("cpu");
+  REQUIRE(t);
+  CHECK(t->task_id == "big");
+}
+
+TEST_CASE("a large task is not starved by a stream of small ones") {
+  TaskQueue::Options o;
+  o.starvation_after = 10s;
+  Fixture f(o);
+  REQUIRE(f.devices.reserve("cpu", 600));  // 400 free: the big one never fits while this holds
+  f.add("big", 0, 700);
+  int small_started = 0;
+  for (int i = 0; i < 5; ++i) {
+    f.add("small" + std::to_string(i), 0, 100);
+    auto t = f.queue->get_next_task("cpu");
+    REQUIRE(t);
+    CHECK(t->task_id != "big");
+    ++small_started;
+    f.clock->advance(1s);
+  }
+  CHECK(small_started == 5);
+  // Passed over for 10 s: now it blocks every smaller task behind it.
+  f.clock->advance(6s);
+  f.add("late-small", 0, 100);
+  CHECK_FALSE(f.queue->get_next_task("cpu"));
+  CHECK(f.queue->contains("late-small"));
+  // A higher-priority task ahead of it still runs.
+  f.add("urgent", 9, 100);
+  auto u = f.queue->get_next_task("cpu");
+  REQUIRE(u);
+  CHECK(u->task_id == "urgent");
+  // Memory frees (running tasks end): the big one goes first.
+  f.devices.release("cpu", 600);
+  auto b = f.queue->get_next_task("cpu");
+  REQUIRE(b);
+  CHECK(b->task_id == "big");
+  auto s = f.queue->get_next_task("cpu");
+  REQUIRE(s);
+  CHECK(s->task_id == "late-small");
+}
+
+TEST_CASE("an eligibility filter skips tasks without counting as starvation") {
+  Fixture f;
+  f.add("a", 1, 10);
+  f.add("b", 0, 10);
+  auto t = f.queue->get_next_task("cpu", [](const QueuedTask& q) { return q.task_id != "a"; });
+  REQUIRE(t);
+  CHECK(t->task_id == "b");
+  CHECK(f.queue->peek_next_task("cpu")->task_id == "a");
+}
+
+TEST_CASE("take_expired returns tasks queued at or before the cutoff, oldest first") {
+  Fixture f;
+  f.add("old", 0);
+  f.clock->advance(5s);
+  f.add("newer", 9);
+  f.clock->advance(5s);
+  f.add("newest", 0);
+  auto expired = f.queue->take_expired(f.clock->steady_now() - 4s);
+  REQUIRE(expired.size() == 2);
+  CHECK(expired[0].task_id == "old");
+  CHECK(expired[1].task_id == "newer");
+  CHECK(f.queue->size() == 1);
+  CHECK(f.queue->contains("newest"));
+}
+
+TEST_CASE("bad queue calls are errors") {
+  Fixture f;
+  QueuedTask t;
+  CHECK_THROWS_AS(f.queue->add_task(t, 0), Error);
+  f.add("a", 0);
+  try {
+    f.add("a", 0);
+    FAIL("expected kInvalidState");
+  } catch (const Error& e) {
+    CHECK(e.code() == ErrorCode::kInvalidState);
+  }
+  CHECK(f.queue->remove("a"));
+  CHECK_FALSE(f.queue->remove("a"));
+}
+
+TEST_CASE("add_task takes the spec's Task") {
+  Fixture f;
+  Task t;
+  t.id = "task-1";
+  t.service = "svc";
+  t.assigned_device = "cuda:0";
+  t.estimated_memory_mb = 42;
+  f.queue->add_task(t, 7);
+  auto q = f.queue->get_next_task("cuda:0");
+  REQUIRE(q);
+  CHECK(q->priority == 7);
+  CHECK(q->estimated_memory_mb == 42);
+}

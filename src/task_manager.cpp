@@ -332,7 +332,7 @@ TaskManager::Impl::~Impl() {
     close();
   } catch (...) {
   }
-  timers_.reset();
+  timers_->stop();  // joined before the pointer changes: sweeps read timers_
   if (threads_) threads_->join();
   threads_.reset();
   bus_.flush();

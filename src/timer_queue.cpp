@@ -6,7 +6,9 @@ TimerQueue::TimerQueue(std::shared_ptr<const Clock> clock) : clock_(std::move(cl
   thread_ = std::thread([this] { run(); });
 }
 
-TimerQueue::~TimerQueue() {
+TimerQueue::~TimerQueue() { stop(); }
+
+void TimerQueue::stop() {
   {
     std::lock_guard<std::mutex> g(mu_);
     stop_ = true;

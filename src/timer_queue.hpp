@@ -23,7 +23,9 @@ class TimerQueue {
   using TimerId = std::uint64_t;
 
   explicit TimerQueue(std::shared_ptr<const Clock> clock);
-  ~TimerQueue();  // stops; pending timers never fire
+  ~TimerQueue();  // stop()
+  // Joins the timer thread; pending timers never fire. Idempotent; not from a callback.
+  void stop();
   TimerQueue(const TimerQueue&) = delete;
   TimerQueue& operator=(const TimerQueue&) = delete;
 

@@ -1,0 +1,129 @@
+// Full task lifecycles per second through TaskManager (create -> start ->
+// run a no-op service -> complete -> cleanup, every event delivered to one
+// subscriber, in-memory store), against the rate of posting the same no-op
+// work straight to a Boost.Asio thread pool of the same size, in the same run.
+//
+//   bench_lifecycle [--tasks N] [--runs R] [--workers W]
+//
+// Prints one line per run and the medians; docs/PERFORMANCE.md records them.
+#include <taskmgr/taskmgr.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <boost/asio/post.hpp>
+#include <boost/asio/thread_pool.hpp>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// Raw ceiling: N posts of a no-op to a pool of `workers` threads.
+double asio_rate(int n, int workers) {
+  boost::asio::thread_pool pool(static_cast<std::size_t>(workers));
+  std::atomic<int> done{0};
+  const auto t0 = Clock::now();
+  for (int i = 0; i < n; ++i) {
+    boost::asio::post(pool, [&done] { done.fetch_add(1, std::memory_order_relaxed); });
+  }
+  pool.join();
+  const double s = seconds_since(t0);
+  if (done.load() != n) std::abort();
+  return n / s;
+}
+
+struct Lifecycle {
+  double rate = 0;
+  double wait_p50 = 0;
+  double wait_p99 = 0;
+  double create_p50_us = 0;
+  double create_p99_us = 0;
+  std::uint64_t events = 0;
+};
+
+Lifecycle taskmgr_rate(int n, int workers) {
+  taskmgr::Config config;
+  config.executor.worker_threads = workers;
+  config.tasks.max_queue_size = n + 1;
+  config.storage.path = ":memory:";
+  taskmgr::TaskManagerOptions options;
+  options.services.push_back(taskmgr::make_function_service("noop", [](taskmgr::TaskContext&) {}));
+  taskmgr::TaskManager tm(config, options);
+  std::atomic<std::uint64_t> events{0};
+  tm.subscribe([&events](const taskmgr::EventRecord&) {
+    events.fetch_add(1, std::memory_order_relaxed);
+  });
+  taskmgr::TaskCreateRequest req;
+  req.service = "noop";
+  std::vector<double> create_us;
+  create_us.reserve(static_cast<std::size_t>(n));
+  const auto t0 = Clock::now();
+  for (int i = 0; i < n; ++i) {
+    const auto c0 = Clock::now();
+    const taskmgr::Task t = tm.create_task(req);
+    create_us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - c0).count());
+    tm.start_task(t.id);
+  }
+  if (!tm.wait_idle(std::chrono::minutes(10))) std::abort();
+  tm.flush_events();  // every event delivered to the subscriber
+  const double s = seconds_since(t0);
+  Lifecycle r;
+  r.rate = n / s;
+  const auto m = tm.get_task_metrics();
+  if (m.tasks_completed != static_cast<std::uint64_t>(n)) std::abort();
+  r.wait_p50 = m.wait_time.p50_s;
+  r.wait_p99 = m.wait_time.p99_s;
+  std::sort(create_us.begin(), create_us.end());
+  r.create_p50_us = create_us[create_us.size() / 2];
+  r.create_p99_us = create_us[create_us.size() * 99 / 100];
+  r.events = events.load();
+  return r;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int tasks = 100000, runs = 5, workers = 2;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    if (!std::strcmp(argv[i], "--tasks")) tasks = std::atoi(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--runs")) runs = std::atoi(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--workers")) workers = std::atoi(argv[i + 1]);
+  }
+  std::printf("bench_lifecycle: %d tasks, %d workers, %d runs\n", tasks, workers, runs);
+  std::vector<double> raw, life, ratio, p50, p99, c50, c99;
+  for (int r = 0; r < runs; ++r) {
+    const double a = asio_rate(tasks * 4, workers);
+    const Lifecycle l = taskmgr_rate(tasks, workers);
+    raw.push_back(a);
+    life.push_back(l.rate);
+    ratio.push_back(a / l.rate);
+    p50.push_back(l.wait_p50 * 1e6);
+    p99.push_back(l.wait_p99 * 1e6);
+    c50.push_back(l.create_p50_us);
+    c99.push_back(l.create_p99_us);
+    std::printf(
+        "run %d: asio %.0f posts/s | taskmgr %.0f lifecycles/s (%llu events) | asio/taskmgr %.1fx | "
+        "queue->start p50 %.0f us p99 %.0f us | create_task p50 %.1f us p99 %.1f us\n",
+        r + 1, a, l.rate, static_cast<unsigned long long>(l.events), a / l.rate,
+        l.wait_p50 * 1e6, l.wait_p99 * 1e6, l.create_p50_us, l.create_p99_us);
+  }
+  std::printf(
+      "median: asio %.0f posts/s | taskmgr %.0f lifecycles/s | asio/taskmgr %.1fx (target <= 30x) | "
+      "queue->start p50 %.0f us p99 %.0f us | create_task p50 %.1f us p99 %.1f us\n",
+      median(raw), median(life), median(ratio), median(p50), median(p99), median(c50), median(c99));
+  return 0;
+}

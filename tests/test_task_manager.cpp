@@ -1,0 +1,777 @@
+// The scheduling core end to end through TaskManager, with services the
+// tests control, an in-memory store and a manual clock.
+#include <doctest/doctest.h>
+
+#include <boost/json.hpp>
+#include <filesystem>
+#include <fstream>
+#include <set>
+
+#include "test_support.hpp"
+
+using namespace taskmgr;
+using namespace taskmgr::test;
+using namespace std::chrono_literals;
+namespace json = boost::json;
+
+namespace {
+
+// Estimates what the request's options say: {"mb": N} (default 100) per batch item.
+struct OptionsModel : MemoryModel {
+  std::string name() const override { return "options"; }
+  RequestFeatures features(const TaskCreateRequest& r) const override {
+    RequestFeatures f;
+    f.batch_size = r.batch_size;
+    f.pixels = 100;
+    if (!r.options_json.empty()) {
+      auto v = json::parse(r.options_json);
+      if (v.as_object().contains("mb")) f.pixels = v.at("mb").to_number<std::int64_t>();
+    }
+    return f;
+  }
+  double estimate_mb(const RequestFeatures& f) const override {
+    return static_cast<double>(f.pixels);
+  }
+};
+
+struct Harness {
+  std::shared_ptr<ManualClock> clock = std::make_shared<ManualClock>();
+  std::shared_ptr<TaskStore> store = make_memory_store();
+  Config config = test_config();
+  EventLog log;  // declared before tm: outlives the manager's callbacks
+  std::unique_ptr<TaskManager> tm;
+
+  void open(std::function<void(TaskContext&)> fn, std::vector<DeclaredDevice> gpus = {}) {
+    for (auto& g : gpus) config.devices.declared.push_back(g);
+    TaskManagerOptions o;
+    o.clock = clock;
+    o.store = store;
+    o.random_seed = 7;
+    o.log_sink = [](LogLevel, std::string_view) {};
+    tm = std::make_unique<TaskManager>(config, o);
+    tm->register_service(make_function_service("svc", std::move(fn), std::make_shared<OptionsModel>()));
+    tm->subscribe([this](const EventRecord& e) { log(e); });
+  }
+
+  Task create(int mb = 100, const std::string& device = "", int batch = 1, int priority = 0) {
+    TaskCreateRequest r;
+    r.service = "svc";
+    r.options_json = "{\"mb\":" + std::to_string(mb) + "}";
+    r.device = device;
+    r.batch_size = batch;
+    r.priority = priority;
+    return tm->create_task(r);
+  }
+
+  Task run(int mb = 100, const std::string& device = "") {
+    Task t = create(mb, device);
+    tm->start_task(t.id);
+    return t;
+  }
+
+  TaskStatus status(const std::string& id) { return tm->get_task(id).status; }
+
+  // Waits for the end of the task, cleanup included.
+  Task finished(const std::string& id) {
+    REQUIRE(eventually([&] {
+      const Task t = tm->get_task(id);
+      return is_terminal(t.status) && has_event(id, "cleanup_completed", count(id, "started"));
+    }));
+    return tm->get_task(id);
+  }
+
+  int count(const std::string& id, const std::string& name) {
+    int n = 0;
+    for (const auto& e : tm->get_task_events(id)) n += to_string(e.event) == name;
+    return n;
+  }
+  bool has_event(const std::string& id, const std::string& name, int at_least = 1) {
+    return count(id, name) >= std::max(1, at_least);
+  }
+  std::vector<std::string> events(const std::string& id) { return names(tm->get_task_events(id)); }
+  json::object details(const std::string& id, const std::string& name, int nth = 0) {
+    for (const auto& e : tm->get_task_events(id)) {
+      if (to_string(e.event) == name && nth-- == 0) return json::parse(e.details_json).as_object();
+    }
+    FAIL("no event " << name << " for " << id);
+    return {};
+  }
+};
+
+const DeclaredDevice kGpu0{"cuda:0", "gpu", 8000};
+const DeclaredDevice kGpu1{"cuda:1", "gpu", 6000};
+
+}  // namespace
+
+TEST_CASE("a task runs end to end: fields, result and the exact event sequence") {
+  Harness h;
+  h.open([](TaskContext& ctx) {
+    ctx.stage("load");
+    ctx.report_memory(60);
+    ctx.stage("recognize");
+    ctx.set_result("{\"text\":\"hello\"}");
+  });
+  const Task created = h.create(100);
+  CHECK(created.status == TaskStatus::kPending);
+  CHECK(created.id.size() == 36);
+  CHECK(created.estimated_memory_mb == 100);
+  CHECK(created.assigned_device == "cpu");
+  h.tm->start_task(created.id);
+  const Task t = h.finished(created.id);
+  CHECK(t.status == TaskStatus::kCompleted);
+  CHECK(t.result == "{\"text\":\"hello\"}");
+  CHECK(t.attempt == 1);
+  CHECK(t.actual_memory_mb == 60);
+  CHECK(t.service_instance_id == "svc@cpu#1");
+  CHECK(t.resource_cleanup_completed);
+  CHECK(t.started_at.has_value());
+  CHECK(t.finished_at.has_value());
+  const std::vector<std::string> expected = {
+      "created", "queued", "resource_acquired", "started", "completed",
+      "cleanup_started", "resource_released", "cleanup_completed"};
+  CHECK(h.events(t.id) == expected);
+  h.tm->flush_events();
+  CHECK(h.log.names_for(t.id) == expected);  // the host sees the same, in order
+  const auto samples = h.tm->get_task_samples(t.id);
+  REQUIRE(samples.size() == 2);
+  CHECK(samples[0].processing_stage == "load");
+  CHECK(samples[1].processing_stage == "recognize");
+  CHECK(samples[1].memory_usage_mb == 60);
+  CHECK(samples[1].device == "cpu");
+  CHECK(h.details(t.id, "resource_acquired").at("service_instance_id").as_string() == "svc@cpu#1");
+  CHECK(h.tm->devices()[0].reserved_mb == 0);
+}
+
+TEST_CASE("placement by free memory across two configured GPUs and the CPU") {
+  Harness h;
+  h.config.devices.cpu_memory_mb = 16000;
+  h.config.executor.worker_threads = 4;
+  Gate gate;
+  h.open([&](TaskContext&) { gate.wait(); }, {kGpu0, kGpu1});
+  // Nothing reserved: the GPU with the most free memory.
+  const Task a = h.create(5000);
+  CHECK(a.assigned_device == "cuda:0");
+  h.tm->start_task(a.id);
+  REQUIRE(eventually([&] { return h.status(a.id) == TaskStatus::kRunning; }));
+  // cuda:0 has 3000 free now, cuda:1 6000.
+  const Task b = h.create(2000);
+  CHECK(b.assigned_device == "cuda:1");
+  h.tm->start_task(b.id);
+  REQUIRE(eventually([&] { return h.status(b.id) == TaskStatus::kRunning; }));
+  // cuda:0 3000 free, cuda:1 4000 free: a 3500 MB task goes to cuda:1...
+  CHECK(h.create(3500).assigned_device == "cuda:1");
+  // ... a 4500 MB one fits no GPU's free memory: the CPU.
+  CHECK(h.create(4500).assigned_device == "cpu");
+  // Requested device honoured when its total holds it.
+  CHECK(h.create(100, "cuda:0").assigned_device == "cuda:0");
+  gate.open();
+  h.finished(a.id);
+  h.finished(b.id);
+}
+
+TEST_CASE("a task too big for every device fails at once with a clear message") {
+  Harness h;
+  h.config.tasks.max_task_memory_mb = 10000;
+  h.open([](TaskContext&) {}, {kGpu0});
+  try {
+    h.create(9000);  // under the per-task limit, over every device
+    FAIL("expected kDeviceUnavailable");
+  } catch (const Error& e) {
+    CHECK(e.code() == ErrorCode::kDeviceUnavailable);
+    const std::string m = e.what();
+    CHECK(m.find("9000 MB") != std::string::npos);
+    CHECK(m.find("cpu 4000 MB total") != std::string::npos);
+    CHECK(m.find("cuda:0 8000 MB total") != std::string::npos);
+  }
+  try {
+    h.create(12000);
+    FAIL("expected kMemoryLimitExceeded");
+  } catch (const Error& e) {
+    CHECK(e.code() == ErrorCode::kMemoryLimitExceeded);
+    CHECK(std::string(e.what()).find("tasks.max_task_memory_mb = 10000") != std::string::npos);
+  }
+  CHECK(h.tm->list_tasks().empty());  // nothing half-created
+}
+
+TEST_CASE("an OOM on cuda:0 moves the task to the CPU when fallback is on") {
+  Harness h;
+  h.config.tasks.retry.cpu_fallback = true;
+  std::vector<std::string> devices_seen;
+  std::mutex mu;
+  h.open(
+      [&](TaskContext& ctx) {
+        {
+          std::lock_guard<std::mutex> g(mu);
+          devices_seen.push_back(ctx.device());
+        }
+        if (ctx.device() == "cuda:0") throw OutOfMemoryError("CUDA out of memory");
+      },
+      {kGpu0});
+  const Task t0 = h.create(500);
+  REQUIRE(t0.assigned_device == "cuda:0");
+  h.tm->start_task(t0.id);
+  const Task t = h.finished(t0.id);
+  CHECK(t.status == TaskStatus::kCompleted);
+  CHECK(t.assigned_device == "cpu");
+  CHECK(t.attempt == 2);
+  CHECK(devices_seen == std::vector<std::string>{"cuda:0", "cpu"});
+  const auto fb = h.details(t.id, "device_fallback");
+  CHECK(fb.at("from").as_string() == "cuda:0");
+  CHECK(fb.at("to").as_string() == "cpu");
+  const auto m = h.tm->get_task_metrics();
+  CHECK(m.cpu_fallbacks == 1);
+  CHECK(m.oom_errors == 1);
+  CHECK(m.retries == 1);
+  CHECK(h.details(t.id, "memory_warning").at("alert").as_bool());
+  // The instance that ran out of memory was destroyed and replaced.
+  CHECK(m.pool_utilization.at("svc@cuda:0").destroyed == 1);
+}
+
+TEST_CASE("with fallback off an OOM halves the batch with backoff b, 2b, 4b, then fails OUT_OF_MEMORY") {
+  Harness h;
+  h.config.tasks.retry.cpu_fallback = false;
+  h.config.tasks.retry.max_attempts = 4;
+  h.config.tasks.retry.backoff_base_seconds = 1;
+  std::vector<int> batches;
+  std::mutex mu;
+  h.open(
+      [&](TaskContext& ctx) {
+        {
+          std::lock_guard<std::mutex> g(mu);
+          batches.push_back(ctx.batch_size());
+        }
+        throw OutOfMemoryError("CUDA out of memory");
+      },
+      {kGpu0});
+  const Task t0 = h.create(400, "cuda:0", 8);
+  h.tm->start_task(t0.id);
+  const double delays[] = {1, 2, 4};
+  for (int i = 0; i < 3; ++i) {
+    CAPTURE(i);
+    REQUIRE(eventually([&] { return h.count(t0.id, "cleanup_completed") == i + 1; }));
+    const auto r = h.details(t0.id, "retried", i);
+    CHECK(r.at("delay_s").as_double() == doctest::Approx(delays[i]));
+    CHECK(r.at("reason").as_string() == "out_of_memory");
+    CHECK(r.at("device").as_string() == "cuda:0");
+    // Not before the backoff has passed...
+    h.clock->advance(std::chrono::duration_cast<Duration>(std::chrono::duration<double>(delays[i] * 0.9)));
+    std::this_thread::sleep_for(30ms);
+    CHECK(h.count(t0.id, "started") == i + 1);
+    CHECK(h.status(t0.id) == TaskStatus::kQueued);
+    // ... and right after it.
+    h.clock->advance(std::chrono::duration_cast<Duration>(std::chrono::duration<double>(delays[i] * 0.11)));
+    REQUIRE(eventually([&] { return h.count(t0.id, "started") == i + 2; }));
+  }
+  const Task t = h.finished(t0.id);
+  CHECK(t.status == TaskStatus::kFailed);
+  CHECK(t.failure_reason == TaskFailureReason::kOutOfMemory);
+  CHECK(t.attempt == 4);
+  CHECK(t.failure_message.find("max_attempts = 4") != std::string::npos);
+  CHECK(batches == std::vector<int>{8, 4, 2, 1});
+  // The estimate shrank with the batch.
+  CHECK(t.estimated_memory_mb.value() < 400 * 8);
+  CHECK(h.tm->get_task_metrics().oom_errors == 4);
+  CHECK(h.tm->get_task_metrics().failed_by_reason.at("out_of_memory") == 1);
+}
+
+TEST_CASE("the event sequence of a task with one OOM retry is exactly as documented") {
+  Harness h;
+  h.config.tasks.retry.cpu_fallback = false;
+  h.config.tasks.retry.backoff_base_seconds = 2;
+  std::atomic<int> calls{0};
+  h.open([&](TaskContext&) {
+    if (calls++ == 0) throw OutOfMemoryError("out of memory");
+  });
+  const Task t0 = h.run(100);
+  REQUIRE(eventually([&] { return h.count(t0.id, "cleanup_completed") == 1; }));
+  h.clock->advance(2s);
+  const Task t = h.finished(t0.id);
+  CHECK(t.status == TaskStatus::kCompleted);
+  const std::vector<std::string> expected = {
+      "created",         "queued",          "resource_acquired", "started",
+      "memory_warning",  "retried",         "cleanup_started",   "resource_released",
+      "cleanup_completed", "queued",        "resource_acquired", "started",
+      "completed",       "cleanup_started", "resource_released", "cleanup_completed"};
+  CHECK(h.events(t.id) == expected);
+  h.tm->flush_events();
+  CHECK(h.log.names_for(t.id) == expected);
+  // The retry went back one priority lower (the spec's requeue_task).
+  CHECK(t.priority == -1);
+}
+
+TEST_CASE("QUEUE_FULL at max_queue_size; the task stays pending and starts later") {
+  Harness h;
+  h.config.executor.worker_threads = 1;
+  h.config.tasks.max_queue_size = 2;
+  Gate gate;
+  h.open([&](TaskContext&) { gate.wait(); });
+  const Task running = h.run();
+  REQUIRE(eventually([&] { return h.status(running.id) == TaskStatus::kRunning; }));
+  const Task q1 = h.run();
+  const Task q2 = h.run();
+  const Task extra = h.create();
+  try {
+    h.tm->start_task(extra.id);
+    FAIL("expected kQueueFull");
+  } catch (const Error& e) {
+    CHECK(e.code() == ErrorCode::kQueueFull);
+    CHECK(std::string(e.what()).find("tasks.max_queue_size = 2") != std::string::npos);
+  }
+  CHECK(h.status(extra.id) == TaskStatus::kPending);
+  CHECK(h.tm->get_task_metrics().queue_full_rejections == 1);
+  gate.open();
+  h.finished(q1.id);
+  h.tm->start_task(extra.id);
+  CHECK(h.finished(extra.id).status == TaskStatus::kCompleted);
+  CHECK(h.finished(q2.id).status == TaskStatus::kCompleted);
+}
+
+TEST_CASE("a task queued longer than queue_timeout_seconds fails QUEUE_TIMEOUT") {
+  Harness h;
+  h.config.executor.worker_threads = 1;
+  h.config.tasks.queue_timeout_seconds = 60;
+  Gate gate;
+  h.open([&](TaskContext&) { gate.wait(); });
+  const Task running = h.run();
+  REQUIRE(eventually([&] { return h.status(running.id) == TaskStatus::kRunning; }));
+  const Task waiting = h.run();
+  h.clock->advance(59s);
+  std::this_thread::sleep_for(20ms);
+  CHECK(h.status(waiting.id) == TaskStatus::kQueued);
+  h.clock->advance(2s);
+  const Task t = h.finished(waiting.id);
+  CHECK(t.status == TaskStatus::kFailed);
+  CHECK(t.failure_reason == TaskFailureReason::kQueueTimeout);
+  CHECK(t.failure_message.find("queue_timeout_seconds") != std::string::npos);
+  CHECK(t.resource_cleanup_completed);
+  CHECK(h.events(t.id) == std::vector<std::string>{"created", "queued", "failed", "cleanup_started",
+                                                   "cleanup_completed"});
+  gate.open();
+  CHECK(h.finished(running.id).status == TaskStatus::kCompleted);
+}
+
+TEST_CASE("cleanup runs exactly once on success, failure and cancel, and temp dirs are gone") {
+  Harness h;
+  std::mutex mu;
+  std::map<std::string, std::string> temp_of;
+  std::map<std::string, int> hook_calls;
+  struct Svc : Service {
+    Svc(std::mutex& m, std::map<std::string, std::string>& t, std::map<std::string, int>& c)
+        : mu(m), temp_of(t), hooks(c) {}
+    void process(TaskContext& ctx) override {
+      const std::string dir = ctx.temp_dir();
+      std::ofstream(dir + "/scratch.bin") << "data";
+      {
+        std::lock_guard<std::mutex> g(mu);
+        temp_of[ctx.task_id()] = dir;
+      }
+      if (ctx.options_json().find("fail") != std::string::npos) throw InvalidInputError("bad page");
+      if (ctx.options_json().find("wait") != std::string::npos) {
+        while (!ctx.cancelled()) std::this_thread::sleep_for(1ms);
+        ctx.throw_if_cancelled();
+      }
+    }
+    void cleanup_task(const std::string& id) noexcept override {
+      std::lock_guard<std::mutex> g(mu);
+      ++hooks[id];
+    }
+    std::mutex& mu;
+    std::map<std::string, std::string>& temp_of;
+    std::map<std::string, int>& hooks;
+  };
+  struct Factory : ServiceFactory {
+    Factory(std::mutex& m, std::map<std::string, std::string>& t, std::map<std::string, int>& c)
+        : mu(m), temp_of(t), hooks(c) {}
+    std::string kind() const override { return "scratch"; }
+    std::unique_ptr<Service> create(const std::string&) override {
+      return std::make_unique<Svc>(mu, temp_of, hooks);
+    }
+    std::mutex& mu;
+    std::map<std::string, std::string>& temp_of;
+    std::map<std::string, int>& hooks;
+  };
+  h.open([](TaskContext&) {});
+  h.tm->register_service(std::make_shared<Factory>(mu, temp_of, hook_calls));
+  auto make = [&](const std::string& options) {
+    TaskCreateRequest r;
+    r.service = "scratch";
+    r.options_json = options;
+    return h.tm->create_task(r);
+  };
+  const Task ok = make("{}");
+  const Task bad = make("{\"fail\":1}");
+  const Task cancel = make("{\"wait\":1}");
+  for (const auto* t : {&ok, &bad, &cancel}) h.tm->start_task(t->id);
+  REQUIRE(eventually([&] {
+    std::lock_guard<std::mutex> g(mu);
+    return temp_of.count(cancel.id) == 1;
+  }));
+  CHECK(h.tm->cancel_task(cancel.id));
+  const TaskStatus expected[] = {TaskStatus::kCompleted, TaskStatus::kFailed, TaskStatus::kCancelled};
+  int i = 0;
+  for (const auto* t0 : {&ok, &bad, &cancel}) {
+    const Task t = h.finished(t0->id);
+    CAPTURE(t.id);
+    CHECK(t.status == expected[i++]);
+    CHECK(h.count(t.id, "cleanup_started") == 1);
+    CHECK(h.count(t.id, "cleanup_completed") == 1);
+    CHECK(h.count(t.id, "resource_released") == 1);
+    CHECK(t.resource_cleanup_completed);
+    CHECK(h.details(t.id, "cleanup_completed").at("ok").as_bool());
+    std::lock_guard<std::mutex> g(mu);
+    CHECK_FALSE(std::filesystem::exists(temp_of[t.id]));
+    CHECK(hook_calls[t.id] == 1);
+  }
+  CHECK(h.tm->get_task(bad.id).failure_reason == TaskFailureReason::kInvalidInput);
+  CHECK(h.tm->get_task(cancel.id).failure_reason == TaskFailureReason::kCancelled);
+  CHECK(h.tm->devices()[0].reserved_mb == 0);
+  CHECK_FALSE(h.tm->cancel_task(ok.id));  // already ended
+}
+
+TEST_CASE("a cleanup hook that hangs is cut off at cleanup_timeout_seconds") {
+  Harness h;
+  h.config.tasks.cleanup_timeout_seconds = 5;
+  h.config.executor.worker_threads = 2;
+  Gate hook_gate;
+  std::atomic<int> hook_calls{0};
+  struct Svc : Service {
+    Svc(Gate& g, std::atomic<int>& c) : gate(g), calls(c) {}
+    void process(TaskContext&) override {}
+    void cleanup_task(const std::string&) noexcept override {
+      if (calls++ == 0) gate.wait();  // only the first task's hook hangs
+    }
+    Gate& gate;
+    std::atomic<int>& calls;
+  };
+  struct Factory : ServiceFactory {
+    Factory(Gate& g, std::atomic<int>& c) : gate(g), calls(c) {}
+    std::string kind() const override { return "hangs"; }
+    std::unique_ptr<Service> create(const std::string&) override {
+      return std::make_unique<Svc>(gate, calls);
+    }
+    Gate& gate;
+    std::atomic<int>& calls;
+  };
+  h.open([](TaskContext&) {});
+  h.tm->register_service(std::make_shared<Factory>(hook_gate, hook_calls));
+  TaskCreateRequest r;
+  r.service = "hangs";
+  const Task a = h.tm->create_task(r);
+  h.tm->start_task(a.id);
+  REQUIRE(eventually([&] { return hook_calls.load() == 1; }));
+  h.clock->advance(6s);
+  const Task t = h.finished(a.id);
+  CHECK(t.status == TaskStatus::kCompleted);
+  CHECK_FALSE(t.resource_cleanup_completed);
+  const auto cc = h.details(t.id, "cleanup_completed");
+  CHECK_FALSE(cc.at("ok").as_bool());
+  CHECK(json::serialize(cc.at("problems")).find("cleanup_timeout_seconds") != std::string::npos);
+  const TaskHealth health = h.tm->get_task_health(t.id);
+  bool warned = false;
+  for (const auto& w : health.warnings) warned = warned || w.find("cleanup incomplete") == 0;
+  CHECK(warned);
+  CHECK(h.tm->get_task_metrics().cleanup_failures == 1);
+  CHECK(h.tm->devices()[0].reserved_mb == 0);
+  // The manager keeps serving: the next task runs on the other worker.
+  const Task b = h.tm->create_task(r);
+  h.tm->start_task(b.id);
+  CHECK(h.finished(b.id).status == TaskStatus::kCompleted);
+  hook_gate.open();
+  // The hung instance is destroyed once its hook returns.
+  REQUIRE(eventually([&] { return h.tm->get_task_metrics().pool_utilization.at("hangs@cpu").destroyed == 1; }));
+}
+
+TEST_CASE("cancelling pending and queued tasks") {
+  Harness h;
+  h.config.executor.worker_threads = 1;
+  Gate gate;
+  h.open([&](TaskContext&) { gate.wait(); });
+  const Task running = h.run();
+  REQUIRE(eventually([&] { return h.status(running.id) == TaskStatus::kRunning; }));
+  const Task queued = h.run();
+  const Task pending = h.create();
+  CHECK(h.tm->cancel_task(queued.id));
+  CHECK(h.tm->cancel_task(pending.id));
+  CHECK_FALSE(h.tm->cancel_task(pending.id));
+  for (const auto& id : {queued.id, pending.id}) {
+    const Task t = h.tm->get_task(id);
+    CHECK(t.status == TaskStatus::kCancelled);
+    CHECK(t.failure_reason == TaskFailureReason::kCancelled);
+    CHECK(t.resource_cleanup_completed);
+  }
+  CHECK(h.events(queued.id) == std::vector<std::string>{"created", "queued", "cancelled",
+                                                        "cleanup_started", "cleanup_completed"});
+  CHECK_THROWS_AS(h.tm->cancel_task("no-such-task"), Error);
+  try {
+    h.tm->start_task(pending.id);
+    FAIL("expected kInvalidState");
+  } catch (const Error& e) {
+    CHECK(e.code() == ErrorCode::kInvalidState);
+  }
+  gate.open();
+  h.finished(running.id);
+}
+
+TEST_CASE("metrics and health carry every spec key with correct numbers") {
+  Harness h;
+  h.config.executor.worker_threads = 1;
+  Gate gate;
+  h.open(
+      [&](TaskContext& ctx) {
+        ctx.report_memory(ctx.estimated_memory_mb() + 50);  // above its estimate
+        gate.wait();
+      },
+      {kGpu0});
+  const Task a = h.run(1000, "cuda:0");
+  REQUIRE(eventually([&] { return h.status(a.id) == TaskStatus::kRunning; }));
+  REQUIRE(eventually([&] { return h.count(a.id, "memory_warning") == 1; }));
+  const Task b = h.run(2000, "cuda:0");
+  h.clock->advance(4s);  // b waits 4 s, a has run 4 s
+
+  TaskMetrics m = h.tm->get_task_metrics();
+  CHECK(m.active_tasks.at("cuda:0") == 1);
+  CHECK(m.active_tasks.at("cpu") == 0);
+  CHECK(m.active_tasks.at("total") == 1);
+  CHECK(m.queued_tasks.at("cuda:0") == 1);
+  CHECK(m.queued_tasks.at("total") == 1);
+  CHECK(m.memory_by_device.at("cuda:0").total_mb == 8000);
+  CHECK(m.memory_by_device.at("cuda:0").reserved_mb == 1000);
+  CHECK(m.memory_by_device.at("cpu").reserved_mb == 0);
+  CHECK(m.pool_utilization.at("svc@cuda:0").in_use == 1);
+  CHECK(m.pool_utilization.at("svc@cuda:0").max == 1);
+  CHECK(m.pool_utilization.at("svc@cuda:0").utilization == doctest::Approx(1.0));
+  CHECK(m.average_wait_time == doctest::Approx(0.0));
+  const auto mj = json::parse(m.to_json()).as_object();
+  for (const char* key : {"active_tasks", "queued_tasks", "memory_by_device", "pool_utilization",
+                          "average_wait_time"}) {
+    CAPTURE(key);
+    CHECK(mj.contains(key));
+  }
+  CHECK(mj.at("memory_by_device").at("cuda:0").at("reserved_mb").as_int64() == 1000);
+  CHECK(mj.at("pool_utilization").at("svc@cuda:0").at("in_use").as_int64() == 1);
+
+  TaskHealth health = h.tm->get_task_health(a.id);
+  CHECK(health.status == TaskStatus::kRunning);
+  CHECK(health.memory_usage_mb == 1050);
+  CHECK(health.processing_time_s == doctest::Approx(4.0));
+  CHECK(health.device == "cuda:0");
+  REQUIRE_FALSE(health.warnings.empty());
+  CHECK(health.warnings[0].find("above the estimate") != std::string::npos);
+  const auto hj = json::parse(health.to_json()).as_object();
+  for (const char* key : {"status", "memory_usage_mb", "processing_time_s", "device", "warnings"}) {
+    CAPTURE(key);
+    CHECK(hj.contains(key));
+  }
+  CHECK(hj.at("status").as_string() == "running");
+  CHECK(hj.at("memory_usage_mb").as_int64() == 1050);
+  CHECK(hj.at("device").as_string() == "cuda:0");
+
+  gate.open();
+  h.finished(a.id);
+  h.finished(b.id);
+  m = h.tm->get_task_metrics();
+  CHECK(m.average_wait_time == doctest::Approx(2.0));  // (0 + 4) / 2
+  CHECK(m.wait_time.count == 2);
+  CHECK(m.tasks_completed == 2);
+  CHECK(m.tasks_created == 2);
+  CHECK(m.active_tasks.at("total") == 0);
+  CHECK(m.memory_by_device.at("cuda:0").reserved_mb == 0);
+  CHECK(m.memory_by_device.at("cuda:0").peak_task_mb == 2050);
+  CHECK(m.memory_warnings >= 2);
+  const std::string prom = m.to_prometheus();
+  CHECK(prom.find("taskmgr_tasks_completed_total 2") != std::string::npos);
+  CHECK(prom.find("taskmgr_device_memory_total_mb{device=\"cuda:0\"} 8000") != std::string::npos);
+  CHECK(prom.find("# TYPE taskmgr_wait_time_seconds summary") != std::string::npos);
+  health = h.tm->get_task_health(a.id);
+  CHECK(health.status == TaskStatus::kCompleted);
+  CHECK(health.memory_usage_mb == 1050);
+}
+
+TEST_CASE("a callback that throws or blocks does not stop other tasks") {
+  Harness h;
+  Gate blocker;
+  h.open([](TaskContext&) {});
+  h.tm->subscribe([](const EventRecord&) { throw std::runtime_error("host bug"); });
+  h.tm->subscribe([&](const EventRecord&) { blocker.wait(); });
+  std::vector<std::string> ids;
+  for (int i = 0; i < 20; ++i) ids.push_back(h.run().id);
+  for (const auto& id : ids) CHECK(h.finished(id).status == TaskStatus::kCompleted);
+  blocker.open();
+  h.tm->flush_events();
+  CHECK(h.tm->get_task_metrics().callback_errors >= 20 * 8);
+}
+
+TEST_CASE("POOL_EXHAUSTED when a pool stays full past its acquire timeout") {
+  Harness h;
+  h.config.executor.worker_threads = 2;
+  h.config.pools.devices["cuda:0"] = PoolSettings{0, 1, 5};
+  h.config.tasks.retry.backoff_base_seconds = 100;
+  h.config.tasks.retry.backoff_max_seconds = 1000;
+  Gate gate;
+  h.open([&](TaskContext&) { gate.wait(); }, {kGpu0});
+  const Task a = h.run(100, "cuda:0");
+  REQUIRE(eventually([&] { return h.status(a.id) == TaskStatus::kRunning; }));
+  const Task b = h.run(100, "cuda:0");
+  h.clock->advance(3s);
+  std::this_thread::sleep_for(20ms);
+  CHECK(h.count(b.id, "retried") == 0);
+  h.clock->advance(3s);
+  REQUIRE(eventually([&] { return h.count(b.id, "retried") == 1; }));
+  CHECK(h.details(b.id, "retried").at("reason").as_string() == "pool_exhausted");
+  gate.open();
+  h.finished(a.id);
+  h.clock->advance(100s);
+  CHECK(h.finished(b.id).status == TaskStatus::kCompleted);
+}
+
+TEST_CASE("a device marked unavailable hands its queued tasks to another device") {
+  Harness h;
+  h.config.executor.worker_threads = 1;
+  Gate gate;
+  h.open([&](TaskContext&) { gate.wait(); }, {kGpu0, kGpu1});
+  const Task running = h.run(100, "cuda:1");
+  REQUIRE(eventually([&] { return h.status(running.id) == TaskStatus::kRunning; }));
+  const Task moved = h.run(100, "cuda:0");
+  const Task stuck = h.run(7000, "cuda:0");  // only cuda:0 can hold it
+  h.tm->set_device_available("cuda:0", false);
+  CHECK(h.tm->get_task(moved.id).assigned_device != "cuda:0");
+  CHECK(h.details(moved.id, "device_fallback").at("reason").as_string() == "device_unavailable");
+  const Task failed = h.tm->get_task(stuck.id);
+  CHECK(failed.status == TaskStatus::kFailed);
+  CHECK(failed.failure_reason == TaskFailureReason::kDeviceUnavailable);
+  CHECK_THROWS_AS(h.tm->set_device_available("cuda:9", false), Error);
+  h.tm->set_device_available("cuda:0", true);
+  CHECK(h.create(100, "cuda:0").assigned_device == "cuda:0");
+  gate.open();
+  h.finished(moved.id);
+}
+
+TEST_CASE("bad requests are errors that name the problem, and change nothing") {
+  Harness h;
+  h.open([](TaskContext&) {});
+  TaskCreateRequest r;
+  r.service = "nope";
+  try {
+    h.tm->create_task(r);
+    FAIL("expected kNotFound");
+  } catch (const Error& e) {
+    CHECK(e.code() == ErrorCode::kNotFound);
+    CHECK(std::string(e.what()).find("registered: svc") != std::string::npos);
+  }
+  r.service = "svc";
+  r.batch_size = 0;
+  CHECK_THROWS_WITH(h.tm->create_task(r), "batch_size must be >= 1, got 0");
+  r.batch_size = 1;
+  r.options_json = "{not json";
+  try {
+    h.tm->create_task(r);
+    FAIL("expected kInvalidArgument");
+  } catch (const Error& e) {
+    CHECK(e.code() == ErrorCode::kInvalidArgument);
+  }
+  r.options_json = "[1,2]";
+  CHECK_THROWS_AS(h.tm->create_task(r), Error);
+  r.options_json = "";
+  r.input.path = "a.png";
+  r.input.data = {1, 2};
+  CHECK_THROWS_AS(h.tm->create_task(r), Error);
+  CHECK(h.tm->list_tasks().empty());
+  CHECK_THROWS_AS(h.tm->get_task("missing"), Error);
+  CHECK_THROWS_AS(h.tm->start_task("missing"), Error);
+  CHECK_THROWS_AS(h.tm->get_task_health("missing"), Error);
+  CHECK_THROWS_AS(h.tm->register_service(make_function_service("svc", [](TaskContext&) {})), Error);
+  const Task t = h.run();
+  h.finished(t.id);
+  try {
+    h.tm->start_task(t.id);
+    FAIL("expected kInvalidState");
+  } catch (const Error& e) {
+    CHECK(e.code() == ErrorCode::kInvalidState);
+    CHECK(std::string(e.what()).find("completed") != std::string::npos);
+  }
+  h.tm->close();
+  try {
+    h.create();
+    FAIL("expected kInvalidState");
+  } catch (const Error& e) {
+    CHECK(e.code() == ErrorCode::kInvalidState);
+  }
+  CHECK(h.tm->get_task(t.id).status == TaskStatus::kCompleted);  // reads still work
+}
+
+TEST_CASE("close() from inside an event callback is refused, not a deadlock") {
+  Harness h;
+  std::atomic<int> refused{0};
+  h.open([](TaskContext&) {});
+  h.tm->subscribe([&](const EventRecord& e) {
+    if (e.event != TaskEvent::kCompleted) return;
+    try {
+      h.tm->close();
+    } catch (const Error& err) {
+      if (err.code() == ErrorCode::kInvalidState) ++refused;
+    }
+  });
+  h.finished(h.run().id);
+  h.tm->flush_events();
+  CHECK(refused == 1);
+  CHECK_NOTHROW(h.create());  // still open
+}
+
+TEST_CASE("the estimator learns from the actuals of finished tasks") {
+  Harness h;
+  h.open([](TaskContext& ctx) { ctx.report_memory(300); });
+  TaskCreateRequest r;
+  r.service = "svc";
+  r.options_json = "{\"mb\":100}";
+  CHECK(h.tm->explain_estimate(r).mb == 100);
+  for (int i = 0; i < 5; ++i) h.finished(h.run(100).id);
+  const MemoryEstimate e = h.tm->explain_estimate(r);
+  CHECK(e.mb >= 300);
+  CHECK(e.mb <= 330);
+  CHECK(e.samples == 5);
+  CHECK(h.create(100).estimated_memory_mb >= 300);
+}
+
+TEST_CASE("tasks run by priority; FIFO among equals") {
+  Harness h;
+  h.config.executor.worker_threads = 1;
+  Gate gate;
+  std::vector<std::string> order;
+  std::mutex mu;
+  h.open([&](TaskContext& ctx) {
+    gate.wait();
+    std::lock_guard<std::mutex> g(mu);
+    order.push_back(ctx.task_id());
+  });
+  const Task first = h.run();
+  REQUIRE(eventually([&] { return h.status(first.id) == TaskStatus::kRunning; }));
+  std::vector<Task> ts;
+  const int priorities[] = {0, 5, 0, 9, 5};
+  for (int p : priorities) {
+    Task t = h.create(100, "", 1, p);
+    h.tm->start_task(t.id);
+    ts.push_back(t);
+  }
+  gate.open();
+  for (const auto& t : ts) h.finished(t.id);
+  const std::vector<std::string> expected = {first.id, ts[3].id, ts[1].id, ts[4].id, ts[0].id, ts[2].id};
+  CHECK(order == expected);
+}
+
+TEST_CASE("memory reported past the device's total or the task limit fails the attempt") {
+  Harness h;
+  h.config.tasks.max_task_memory_mb = 3000;
+  h.config.tasks.retry.max_attempts = 1;
+  h.open([](TaskContext& ctx) {
+    ctx.report_memory(ctx.options_json().find("huge") != std::string::npos ? 3500 : 10);
+  });
+  TaskCreateRequest r;
+  r.service = "svc";
+  r.options_json = "{\"mb\":100, \"huge\":1}";
+  const Task t = h.tm->create_task(r);
+  h.tm->start_task(t.id);
+  const Task done = h.finished(t.id);
+  CHECK(done.status == TaskStatus::kFailed);
+  CHECK(done.failure_reason == TaskFailureReason::kMemoryLimitExceeded);
+  CHECK(done.actual_memory_mb == 3500);
+}

@@ -53,6 +53,7 @@ struct Lifecycle {
   double create_p50_us = 0;
   double create_p99_us = 0;
   std::uint64_t events = 0;
+  double submit_share = 0;  // part of the run the host spent creating and starting
 };
 
 Lifecycle taskmgr_rate(int n, int workers) {
@@ -78,6 +79,7 @@ Lifecycle taskmgr_rate(int n, int workers) {
     create_us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - c0).count());
     tm.start_task(t.id);
   }
+  const double submit_s = seconds_since(t0);
   if (!tm.wait_idle(std::chrono::minutes(10))) std::abort();
   tm.flush_events();  // every event delivered to the subscriber
   const double s = seconds_since(t0);
@@ -91,6 +93,7 @@ Lifecycle taskmgr_rate(int n, int workers) {
   r.create_p50_us = create_us[create_us.size() / 2];
   r.create_p99_us = create_us[create_us.size() * 99 / 100];
   r.events = events.load();
+  r.submit_share = submit_s / s;
   return r;
 }
 
@@ -117,9 +120,11 @@ int main(int argc, char** argv) {
     c99.push_back(l.create_p99_us);
     std::printf(
         "run %d: asio %.0f posts/s | taskmgr %.0f lifecycles/s (%llu events) | asio/taskmgr %.1fx | "
-        "queue->start p50 %.0f us p99 %.0f us | create_task p50 %.1f us p99 %.1f us\n",
+        "queue->start p50 %.0f us p99 %.0f us | create_task p50 %.1f us p99 %.1f us | "
+        "host busy %.0f%%\n",
         r + 1, a, l.rate, static_cast<unsigned long long>(l.events), a / l.rate,
-        l.wait_p50 * 1e6, l.wait_p99 * 1e6, l.create_p50_us, l.create_p99_us);
+        l.wait_p50 * 1e6, l.wait_p99 * 1e6, l.create_p50_us, l.create_p99_us,
+        l.submit_share * 100);
   }
   std::printf(
       "median: asio %.0f posts/s | taskmgr %.0f lifecycles/s | asio/taskmgr %.1fx (target <= 30x) | "

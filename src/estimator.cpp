@@ -24,6 +24,16 @@ std::string fmt_double(double v) {
 
 MemoryModel::~MemoryModel() = default;
 
+std::string MemoryEstimate::explanation() const {
+  const RequestFeatures& f = features;
+  return "model " + model + " (service " + service + "): pixels=" + std::to_string(f.pixels) +
+         " pages=" + std::to_string(f.pages) + " bytes=" + std::to_string(f.bytes) +
+         " batch_size=" + std::to_string(f.batch_size) + " -> " + fmt_double(model_mb) + " MB" +
+         "; learned correction x" + fmt_double(correction) + " from " + std::to_string(samples) +
+         " measured task(s)" + (device.empty() ? std::string(" (any device)") : " on " + device) +
+         " -> " + std::to_string(mb) + " MB";
+}
+
 RequestFeatures MemoryModel::features(const TaskCreateRequest& request) const {
   RequestFeatures f;
   f.batch_size = std::max(1, request.batch_size);
@@ -109,17 +119,11 @@ MemoryEstimate MemoryEstimator::estimate(const std::string& service, const Reque
     e.correction = correction_locked(service, device, &e.samples);
   }
   e.model = model->name();
+  e.service = service;
+  e.device = device;
   e.features = f;
   e.model_mb = model->estimate_mb(f);
   e.mb = std::max<std::int64_t>(1, static_cast<std::int64_t>(std::ceil(e.model_mb * e.correction)));
-  e.explanation = "model " + e.model + " (service " + service + "): pixels=" +
-                  std::to_string(f.pixels) + " pages=" + std::to_string(f.pages) +
-                  " bytes=" + std::to_string(f.bytes) + " batch_size=" +
-                  std::to_string(f.batch_size) + " -> " + fmt_double(e.model_mb) + " MB" +
-                  "; learned correction x" + fmt_double(e.correction) + " from " +
-                  std::to_string(e.samples) + " measured task(s)" +
-                  (device.empty() ? std::string(" (any device)") : " on " + device) +
-                  " -> " + std::to_string(e.mb) + " MB";
   return e;
 }
 

@@ -14,6 +14,12 @@
 #include <unordered_map>
 
 #include "histogram.hpp"
+#include "json_writer.hpp"
+#include "spin_lock.hpp"
+
+#ifndef TASKMGR_LINGER_US
+#define TASKMGR_LINGER_US 50
+#endif
 #include "log_internal.hpp"
 #include "taskmgr/error.hpp"
 #include "taskmgr/error_handler.hpp"
@@ -125,16 +131,30 @@ class TaskManager::Impl : public std::enable_shared_from_this<TaskManager::Impl>
   };
 
   void check_open_locked() const;
-  void add_event(Batch& b, const Record& r, TaskEvent e, json::object details) const;
+  void add_event(Batch& b, const Record& r, TaskEvent e,
+                 std::initializer_list<detail::JsonField> details) const;
   void commit_locked(Record& r, Batch& b);
+
+ public:
+  // Writes what commit_locked queued to the store and the bus, in commit
+  // order, outside mu_. `wait`: also when another thread is draining.
+  void drain(bool wait = false);
+
+ private:
   RecordPtr find_locked(const std::string& id) const;
   bool supports(const std::string& service, const DeviceInfo& d) const;
   std::function<bool(const DeviceInfo&)> support_filter(const std::string& service) const;
 
   void enqueue_locked(const RecordPtr& rec, Batch& b, bool retry);
+  struct Launch {
+    RecordPtr rec;
+    ServicePool::Lease lease;
+  };
   void dispatch_locked();
-  void launch_locked(const QueuedTask& qt);
-  void run_attempt(const RecordPtr& rec, ServicePool::Lease lease);
+  std::optional<Launch> next_locked();
+  void worker_loop();
+  void run_attempt(const RecordPtr& rec, ServicePool::Lease lease,
+                   std::unique_lock<std::mutex>& lock);
   Outcome decide(const RecordPtr& rec, std::exception_ptr err, Context& ctx);
   void begin_cleanup_locked(const RecordPtr& rec, Outcome o, Batch& b);
   void finish_cleanup_locked(const RecordPtr& rec, bool hook_ok, const std::string& problem,
@@ -160,8 +180,21 @@ class TaskManager::Impl : public std::enable_shared_from_this<TaskManager::Impl>
   std::map<std::string, int> backoff_by_device_;
   std::map<std::string, std::int64_t> peak_by_device_;
   std::vector<RecordPtr> cleanups_;  // attempts whose cleanup hook is running
+  // Committed state changes not yet written to the store and the bus (mu_).
+  struct OutboxItem {
+    Task task;  // without its input
+    std::vector<EventRecord> events;
+    bool store = true;  // false: only publish (the store has it already)
+  };
+  std::mutex outbox_mu_;  // taken inside mu_ to append, alone to swap out
+  std::vector<OutboxItem> outbox_;
+  std::mutex drain_mu_;  // one drainer at a time keeps commit order
+  std::vector<std::string> device_ids_;  // fixed at open
   int workers_ = 1;
   int running_ = 0;   // attempts holding a worker thread
+  int loops_ = 0;     // worker_loop jobs posted and not yet returned
+  std::atomic<std::uint64_t> enqueued_{0};  // tasks ever put in the queue
+  static constexpr std::chrono::microseconds kWorkerLinger{TASKMGR_LINGER_US};
   int backoff_ = 0;   // tasks waiting for a retry timer
   bool closing_ = false;
   bool closed_ = false;
@@ -221,7 +254,7 @@ class TaskManager::Impl::Context final : public TaskContext {
                         "cannot create temp dir " + dir + ": " + ec.message());
       }
       temp_ = std::move(dir);
-      std::lock_guard<std::mutex> g(m_.mu_);
+      auto g = detail::spin_lock(m_.mu_);
       rec_->temp_dir = temp_;
     }
     return temp_;
@@ -263,7 +296,7 @@ class TaskManager::Impl::Context final : public TaskContext {
     if (tc.enable_resource_tracking && estimate_ > 0 &&
         static_cast<double>(mb) > tc.memory_warning_fraction * static_cast<double>(estimate_) &&
         !rec_->memory_warned.exchange(true)) {
-      std::lock_guard<std::mutex> g(m_.mu_);
+      auto g = detail::spin_lock(m_.mu_);
       Batch b;
       m_.add_event(b, *rec_, TaskEvent::kMemoryWarning,
                    {{"kind", "above_estimate"},
@@ -275,6 +308,7 @@ class TaskManager::Impl::Context final : public TaskContext {
       ++m_.warnings_;
       m_.commit_locked(*rec_, b);
     }
+    m_.drain();
   }
 
   void set_result(std::string result_json) override { result_ = std::move(result_json); }
@@ -323,6 +357,7 @@ TaskManager::Impl::Impl(Config config, TaskManagerOptions options)
   threads_ = std::make_unique<boost::asio::thread_pool>(static_cast<std::size_t>(workers_));
   timers_ = std::make_unique<detail::TimerQueue>(clock_);
   last_refresh_ = clock_->steady_now();
+  device_ids_ = devices_->ids();
   for (auto& f : options.services) register_service(std::move(f));
   schedule_sweep();
 }
@@ -347,24 +382,77 @@ void TaskManager::Impl::check_open_locked() const {
 }
 
 void TaskManager::Impl::add_event(Batch& b, const Record& r, TaskEvent e,
-                                  json::object details) const {
+                                  std::initializer_list<detail::JsonField> details) const {
   EventRecord ev;
   ev.task_id = r.task.id;
   ev.event = e;
   ev.timestamp = clock_->now();
-  ev.details_json = json::serialize(details);
+  ev.details_json = detail::json_object(details);
   b.events.push_back(std::move(ev));
 }
 
+// Every state change and its events are committed here, under mu_, in the
+// order they happen; drain() writes them to the store (task row + events
+// together) and publishes the events, in that same order, without holding
+// mu_. Readers call drain(true) first, so they see every committed change.
 void TaskManager::Impl::commit_locked(Record& r, Batch& b) {
   if (b.events.empty()) return;
-  try {
-    store_->update_task(r.task, b.events);
-  } catch (const std::exception& e) {
-    log_.write(LogLevel::kError, "storing task " + r.task.id + " failed: " + e.what());
-  }
-  for (auto& e : b.events) bus_.publish(std::move(e));
+  OutboxItem item;
+  const Task& t = r.task;
+  item.task.id = t.id;
+  item.task.service = t.service;
+  item.task.options_json = t.options_json;
+  item.task.priority = t.priority;
+  item.task.status = t.status;
+  item.task.attempt = t.attempt;
+  item.task.batch_size = t.batch_size;
+  item.task.failure_reason = t.failure_reason;
+  item.task.failure_message = t.failure_message;
+  item.task.created_at = t.created_at;
+  item.task.queued_at = t.queued_at;
+  item.task.started_at = t.started_at;
+  item.task.finished_at = t.finished_at;
+  item.task.result = t.result;
+  item.task.estimated_memory_mb = t.estimated_memory_mb;
+  item.task.actual_memory_mb = t.actual_memory_mb;
+  item.task.assigned_device = t.assigned_device;
+  item.task.service_instance_id = t.service_instance_id;
+  item.task.resource_cleanup_completed = t.resource_cleanup_completed;
+  item.events = std::move(b.events);
   b.events.clear();
+  std::lock_guard<std::mutex> g(outbox_mu_);
+  outbox_.push_back(std::move(item));
+}
+
+void TaskManager::Impl::drain(bool wait) {
+  for (;;) {
+    std::unique_lock<std::mutex> d(drain_mu_, std::defer_lock);
+    if (wait) {
+      d.lock();
+    } else if (!d.try_lock()) {
+      return;  // the drainer re-checks the outbox after it finishes
+    }
+    std::vector<OutboxItem> items;
+    {
+      auto g = detail::spin_lock(outbox_mu_);
+      items.swap(outbox_);
+    }
+    for (auto& it : items) {
+      if (it.store) {
+        try {
+          store_->update_task(it.task, it.events);
+        } catch (const std::exception& e) {
+          log_.write(LogLevel::kError, "storing task " + it.task.id + " failed: " + e.what());
+        }
+      }
+      for (auto& e : it.events) bus_.publish(std::move(e));
+    }
+    d.unlock();
+    if (items.empty()) {
+      auto g = detail::spin_lock(outbox_mu_);
+      if (outbox_.empty()) return;
+    }
+  }
 }
 
 RecordPtr TaskManager::Impl::find_locked(const std::string& id) const {
@@ -403,7 +491,7 @@ void TaskManager::Impl::register_service(std::shared_ptr<ServiceFactory> factory
   if (kind.empty()) throw Error(ErrorCode::kInvalidArgument, "register_service: empty service kind");
   ServicePool* pool = nullptr;
   {
-    std::lock_guard<std::mutex> g(mu_);
+    auto g = detail::spin_lock(mu_);
     check_open_locked();
     if (factories_.count(kind)) {
       throw Error(ErrorCode::kInvalidState, "service '" + kind + "' is registered already");
@@ -423,7 +511,7 @@ void TaskManager::Impl::register_service(std::shared_ptr<ServiceFactory> factory
 Task TaskManager::Impl::create_task(const TaskCreateRequest& req) {
   std::function<bool(const DeviceInfo&)> allowed;
   {
-    std::lock_guard<std::mutex> g(mu_);
+    auto g = detail::spin_lock(mu_);
     check_open_locked();
     if (!factories_.count(req.service)) {
       std::string known;
@@ -453,8 +541,7 @@ Task TaskManager::Impl::create_task(const TaskCreateRequest& req) {
   t.status = TaskStatus::kPending;
   t.created_at = clock_->now();
 
-  json::object details{{"service", t.service}, {"priority", t.priority},
-                       {"batch_size", t.batch_size}};
+  Batch b;
   if (config_.tasks.enable_resource_tracking) {
     rec->features = estimator_.features(req);
     const MemoryEstimate est = estimator_.estimate(req.service, rec->features, req.device);
@@ -462,31 +549,45 @@ Task TaskManager::Impl::create_task(const TaskCreateRequest& req) {
       throw Error(ErrorCode::kMemoryLimitExceeded,
                   "task estimated at " + std::to_string(est.mb) +
                       " MB exceeds tasks.max_task_memory_mb = " +
-                      std::to_string(config_.tasks.max_task_memory_mb) + " (" + est.explanation +
-                      ")");
+                      std::to_string(config_.tasks.max_task_memory_mb) + " (" +
+                      est.explanation() + ")");
     }
     t.estimated_memory_mb = est.mb;
     t.assigned_device = devices_->select_device(est.mb, req.device, allowed);
-    details["estimated_memory_mb"] = est.mb;
-    details["estimate"] = est.explanation;
+    add_event(b, *rec, TaskEvent::kCreated,
+              {{"service", t.service},
+               {"priority", t.priority},
+               {"batch_size", t.batch_size},
+               {"device", *t.assigned_device},
+               {"estimated_memory_mb", est.mb},
+               {"estimate_model", est.model},
+               {"estimate_correction", est.correction}});
   } else {
     rec->features.batch_size = req.batch_size;
     t.assigned_device = devices_->select_device(0, req.device, allowed);
+    add_event(b, *rec, TaskEvent::kCreated,
+              {{"service", t.service},
+               {"priority", t.priority},
+               {"batch_size", t.batch_size},
+               {"device", *t.assigned_device}});
   }
-  details["device"] = *t.assigned_device;
-
-  Batch b;
-  add_event(b, *rec, TaskEvent::kCreated, std::move(details));
   store_->insert_task(t, b.events.front());  // durable before we return; throws on failure
-  std::lock_guard<std::mutex> g(mu_);
-  records_[t.id] = rec;
-  ++created_;
-  bus_.publish(std::move(b.events.front()));
+  {
+    auto g = detail::spin_lock(mu_);
+    records_[t.id] = rec;
+    ++created_;
+    OutboxItem item;
+    item.store = false;  // insert_task stored the created event
+    item.events = std::move(b.events);
+    std::lock_guard<std::mutex> o(outbox_mu_);
+    outbox_.push_back(std::move(item));
+  }
+  drain();
   return t;
 }
 
 Task TaskManager::Impl::start_task(const std::string& id, const TaskStartRequest& p) {
-  std::unique_lock<std::mutex> lock(mu_);
+  auto lock = detail::spin_lock(mu_);
   check_open_locked();
   RecordPtr rec = find_locked(id);
   if (!rec) {
@@ -559,6 +660,7 @@ void TaskManager::Impl::enqueue_locked(const RecordPtr& rec, Batch& b, bool retr
   } else {
     queue_->add_task(q, t.priority);
   }
+  enqueued_.fetch_add(1, std::memory_order_release);
   rec->phase = Phase::kQueued;
   t.status = TaskStatus::kQueued;
   t.queued_at = clock_->now();
@@ -572,7 +674,7 @@ void TaskManager::Impl::enqueue_locked(const RecordPtr& rec, Batch& b, bool retr
 }
 
 bool TaskManager::Impl::cancel_task(const std::string& id) {
-  std::unique_lock<std::mutex> lock(mu_);
+  auto lock = detail::spin_lock(mu_);
   RecordPtr rec = find_locked(id);
   if (!rec) {
     lock.unlock();
@@ -643,35 +745,83 @@ void TaskManager::Impl::finished_locked(const RecordPtr& rec) {
 }
 
 // ---- dispatch -----------------------------------------------------------------
+// Worker threads run worker_loop(): take the next runnable task, run it,
+// finish it and take the next one in the same critical section. A loop is
+// posted to the Boost.Asio pool only for an idle worker, so a busy pool
+// needs no post and no wake-up per task.
 void TaskManager::Impl::dispatch_locked() {
-  while (!closing_ && running_ < workers_ && queue_->size() > 0) {
-    std::optional<QueuedTask> best;
-    for (const auto& d : devices_->list()) {
-      if (!d.available) continue;
-      auto head = queue_->peek_next_task(d.id);
-      if (!head) continue;
-      std::optional<QueuedTask> cand = head;
-      if (!pools_.at(head->service)->has_capacity(d.id)) {
-        pool_blocked_.try_emplace(pool_key(head->service, d.id), clock_->steady_now());
-        cand = queue_->peek_next_task(d.id, [this, &d](const QueuedTask& q) {
-          return pools_.at(q.service)->has_capacity(d.id);
-        });
-      }
-      if (!cand) continue;
-      const bool better =
-          !best || (config_.tasks.enable_priority_queue && cand->priority != best->priority
-                        ? cand->priority > best->priority
-                        : cand->sequence < best->sequence);
-      if (better) best = std::move(cand);
-    }
-    if (!best) break;
-    launch_locked(*best);
+  if (closing_) return;
+  const int idle = workers_ - loops_;
+  const int want = static_cast<int>(std::min<std::size_t>(static_cast<std::size_t>(std::max(idle, 0)),
+                                                          queue_->size()));
+  for (int i = 0; i < want; ++i) {
+    ++loops_;
+    boost::asio::post(*threads_, [this] { worker_loop(); });
   }
 }
 
-void TaskManager::Impl::launch_locked(const QueuedTask& qt) {
+void TaskManager::Impl::worker_loop() {
+  auto lock = detail::spin_lock(mu_);
+  while (!closing_) {
+    std::optional<Launch> launch = next_locked();
+    if (!launch) {
+      // Linger a moment for the next task before giving the thread back: a
+      // host that submits a stream of short tasks then needs no post and no
+      // thread wake-up per task. Only new work (enqueues) ends the linger
+      // early; real time, as this is CPU scheduling, not a task timeout.
+      const std::uint64_t seen = enqueued_.load(std::memory_order_acquire);
+      lock.unlock();
+      drain();
+      const auto until = std::chrono::steady_clock::now() + kWorkerLinger;
+      bool more = false;
+      for (unsigned spin = 1;; ++spin) {
+        if (enqueued_.load(std::memory_order_acquire) != seen) {
+          more = true;
+          break;
+        }
+        if (spin % 64 == 0 && std::chrono::steady_clock::now() >= until) break;
+        detail::cpu_relax();
+      }
+      detail::spin_relock(lock);
+      if (more) continue;
+      break;
+    }
+    run_attempt(launch->rec, std::move(launch->lease), lock);  // returns locked
+  }
+  --loops_;
+  done_cv_.notify_all();
+  lock.unlock();
+  drain();
+}
+
+// The best runnable task over all devices: fits its device's free memory now
+// (TaskQueue::get_next_task), has a pool slot, highest priority then oldest.
+// Reserves its memory and leases its instance slot.
+std::optional<TaskManager::Impl::Launch> TaskManager::Impl::next_locked() {
+  if (queue_->size() == 0) return std::nullopt;
+  std::optional<QueuedTask> best;
+  for (const auto& id : device_ids_) {
+    if (queue_->size(id) == 0) continue;
+    auto head = queue_->peek_next_task(id);  // none when unavailable or nothing fits
+    if (!head) continue;
+    std::optional<QueuedTask> cand = head;
+    if (!pools_.at(head->service)->has_capacity(id)) {
+      pool_blocked_.try_emplace(pool_key(head->service, id), clock_->steady_now());
+      cand = queue_->peek_next_task(id, [this, &id](const QueuedTask& q) {
+        return pools_.at(q.service)->has_capacity(id);
+      });
+    }
+    if (!cand) continue;
+    const bool better =
+        !best || (config_.tasks.enable_priority_queue && cand->priority != best->priority
+                      ? cand->priority > best->priority
+                      : cand->sequence < best->sequence);
+    if (better) best = std::move(cand);
+  }
+  if (!best) return std::nullopt;
+  const QueuedTask& qt = *best;
   auto lease = pools_.at(qt.service)->try_acquire(qt.device);
-  if (!lease) return;  // cannot happen: capacity was checked under mu_
+  if (!lease) return std::nullopt;  // cannot happen: capacity was checked under mu_
   queue_->remove(qt.task_id);
   RecordPtr rec = find_locked(qt.task_id);
   pool_blocked_.erase(pool_key(qt.service, qt.device));
@@ -683,19 +833,19 @@ void TaskManager::Impl::launch_locked(const QueuedTask& qt) {
   rec->phase = Phase::kRunning;
   ++running_;
   ++running_by_device_[qt.device];
-  boost::asio::post(*threads_, [this, rec, l = std::move(*lease)]() mutable {
-    run_attempt(rec, std::move(l));
-  });
+  return Launch{std::move(rec), std::move(*lease)};
 }
 
 // ---- one attempt, on a worker thread ------------------------------------------
-void TaskManager::Impl::run_attempt(const RecordPtr& rec, ServicePool::Lease lease) {
+// Called with `lock` held; returns with it held again, after the attempt's
+// cleanup, so that the worker loop can take the next task at once.
+void TaskManager::Impl::run_attempt(const RecordPtr& rec, ServicePool::Lease lease,
+                                    std::unique_lock<std::mutex>& lock) {
   const SteadyTime start = clock_->steady_now();
   std::string device, options;
   int attempt, batch;
   std::int64_t estimate;
   {
-    std::lock_guard<std::mutex> g(mu_);
     Task& t = rec->task;
     t.status = TaskStatus::kRunning;
     t.attempt += 1;
@@ -731,6 +881,8 @@ void TaskManager::Impl::run_attempt(const RecordPtr& rec, ServicePool::Lease lea
               {{"attempt", attempt}, {"batch_size", batch}, {"wait_s", wait}});
     commit_locked(*rec, b);
   }
+  lock.unlock();
+  drain();
 
   Context ctx(*this, rec, device, lease.instance_id(), attempt, batch, estimate, options);
   std::exception_ptr err;
@@ -746,31 +898,29 @@ void TaskManager::Impl::run_attempt(const RecordPtr& rec, ServicePool::Lease lea
   if (o.failure.instance_broken) lease.discard();
   Service* svc = lease.has_instance() ? &lease.service() : nullptr;
   {
-    std::lock_guard<std::mutex> g(mu_);
+    auto g = detail::spin_lock(mu_);
     Batch b;
     rec->temp_dir = ctx.created_temp();
     begin_cleanup_locked(rec, std::move(o), b);
     commit_locked(*rec, b);
   }
+  drain();
   // The service's cache hook, watched by the sweep (cleanup_timeout_seconds).
   if (svc != nullptr) svc->cleanup_task(rec->task.id);
   int expected = 1;
   const bool mine = rec->cleanup_phase.compare_exchange_strong(expected, 0);
   if (!mine) lease.discard();  // the watchdog gave up on this instance
   lease.release();
-  {
-    std::lock_guard<std::mutex> g(mu_);
-    cleanups_.erase(std::remove(cleanups_.begin(), cleanups_.end(), rec), cleanups_.end());
-    Batch b;
-    if (mine) {
-      finish_cleanup_locked(rec, true, "", b);
-      commit_locked(*rec, b);
-    }
-    --running_;
-    --running_by_device_[device];
-    dispatch_locked();
-    done_cv_.notify_all();
+  detail::spin_relock(lock);
+  cleanups_.erase(std::remove(cleanups_.begin(), cleanups_.end(), rec), cleanups_.end());
+  Batch b;
+  if (mine) {
+    finish_cleanup_locked(rec, true, "", b);
+    commit_locked(*rec, b);
   }
+  --running_;
+  --running_by_device_[device];
+  done_cv_.notify_all();
 }
 
 Outcome TaskManager::Impl::decide(const RecordPtr& rec, std::exception_ptr err, Context& ctx) {
@@ -791,7 +941,7 @@ Outcome TaskManager::Impl::decide(const RecordPtr& rec, std::exception_ptr err, 
   MemoryState state;
   bool cpu_ok = false;
   {
-    std::lock_guard<std::mutex> g(mu_);
+    auto g = detail::spin_lock(mu_);
     const Task& t = rec->task;
     snap.id = t.id;
     snap.assigned_device = t.assigned_device;
@@ -833,7 +983,7 @@ void TaskManager::Impl::begin_cleanup_locked(const RecordPtr& rec, Outcome o, Ba
                {"alert", true},
                {"device", device},
                {"message", o.failure.message},
-               {"memory_state", json::parse(o.decision.memory_state_json)}});
+               {"memory_state", detail::JsonValue::raw(o.decision.memory_state_json)}});
   }
   switch (o.kind) {
     case Outcome::Kind::kCompleted:
@@ -844,7 +994,7 @@ void TaskManager::Impl::begin_cleanup_locked(const RecordPtr& rec, Outcome o, Ba
       add_event(b, *rec, TaskEvent::kCompleted,
                 {{"attempt", t.attempt},
                  {"processing_time_s", proc},
-                 {"actual_memory_mb", o.peak_mb ? json::value(*o.peak_mb) : json::value()}});
+                 {"actual_memory_mb", o.peak_mb}});
       break;
     case Outcome::Kind::kCancelled:
       t.status = TaskStatus::kCancelled;
@@ -918,13 +1068,17 @@ void TaskManager::Impl::finish_cleanup_locked(const RecordPtr& rec, bool hook_ok
   const bool ok = problems.empty();
   t.resource_cleanup_completed = ok;
   if (!ok) ++cleanup_failures_;
-  json::array pj;
-  for (const auto& p : problems) pj.emplace_back(p);
+  std::string pj = "[";
+  for (const auto& p : problems) {
+    if (pj.size() > 1) pj += ',';
+    detail::JsonValue::append_string(pj, p);
+  }
+  pj += ']';
   add_event(b, *rec, TaskEvent::kCleanupCompleted,
             {{"ok", ok},
              {"attempt", t.attempt},
              {"duration_s", seconds(clock_->steady_now() - rec->cleanup_started)},
-             {"problems", std::move(pj)}});
+             {"problems", detail::JsonValue::raw(pj)}});
   if (!ok) {
     log_.write(LogLevel::kWarn, "cleanup of task " + t.id + " incomplete: " + problems.front());
   }
@@ -962,7 +1116,7 @@ void TaskManager::Impl::apply_retry_locked(const RecordPtr& rec, const RetryDeci
   rec->retry_timer = timers_->schedule_after(d.delay, [weak, rec] {
     auto self = weak.lock();
     if (!self) return;
-    std::lock_guard<std::mutex> g(self->mu_);
+    auto g = detail::spin_lock(self->mu_);
     if (rec->phase != Phase::kBackoff || self->closing_) return;
     --self->backoff_;
     --self->backoff_by_device_[*rec->task.assigned_device];
@@ -970,6 +1124,8 @@ void TaskManager::Impl::apply_retry_locked(const RecordPtr& rec, const RetryDeci
     self->enqueue_locked(rec, batch, true);
     self->commit_locked(*rec, batch);
     self->dispatch_locked();
+    g.unlock();
+    self->drain();
   });
 }
 
@@ -1006,6 +1162,7 @@ void TaskManager::Impl::schedule_sweep() {
   // Captures `this`: the timer thread is joined first thing in ~Impl.
   timers_->schedule_after(sweep_interval_, [this] {
     sweep();
+    drain();
     schedule_sweep();
   });
 }
@@ -1017,7 +1174,7 @@ void TaskManager::Impl::sweep() {
     devices_->refresh_observed();
     last_refresh_ = now;
   }
-  std::lock_guard<std::mutex> g(mu_);
+  auto g = detail::spin_lock(mu_);
   if (closed_) return;
   // Queue timeouts.
   for (const auto& q : queue_->take_expired(now - from_seconds(config_.tasks.queue_timeout_seconds))) {
@@ -1112,20 +1269,22 @@ void TaskManager::Impl::sweep() {
 // ---- queries ------------------------------------------------------------------------
 Task TaskManager::Impl::get_task(const std::string& id) const {
   {
-    std::lock_guard<std::mutex> g(mu_);
+    auto g = detail::spin_lock(mu_);
     if (RecordPtr rec = find_locked(id)) return rec->task;
   }
+  const_cast<Impl*>(this)->drain(true);
   if (auto t = store_->load_task(id)) return *t;
   throw Error(ErrorCode::kNotFound, "unknown task id '" + id + "'");
 }
 
 std::vector<Task> TaskManager::Impl::list_tasks(const TaskFilter& filter) const {
+  const_cast<Impl*>(this)->drain(true);
   return store_->list_tasks(filter);
 }
 
 std::optional<Task> TaskManager::Impl::wait_task(const std::string& id, Duration timeout) const {
   const SteadyTime deadline = clock_->steady_now() + timeout;
-  std::unique_lock<std::mutex> lock(mu_);
+  auto lock = detail::spin_lock(mu_);
   RecordPtr rec = find_locked(id);
   if (!rec) {
     lock.unlock();
@@ -1137,22 +1296,27 @@ std::optional<Task> TaskManager::Impl::wait_task(const std::string& id, Duration
     if (clock_->steady_now() >= deadline) return std::nullopt;
     clock_->wait_until(lock, done_cv_, deadline);
   }
-  return rec->task;
+  Task t = rec->task;
+  lock.unlock();
+  const_cast<Impl*>(this)->drain(true);  // its events are in the store and on the bus
+  return t;
 }
 
 bool TaskManager::Impl::wait_idle(Duration timeout) const {
   const SteadyTime deadline = clock_->steady_now() + timeout;
-  std::unique_lock<std::mutex> lock(mu_);
+  auto lock = detail::spin_lock(mu_);
   while (running_ > 0 || backoff_ > 0 || queue_->size() > 0) {
     if (clock_->steady_now() >= deadline) return false;
     clock_->wait_until(lock, done_cv_, deadline);
   }
+  lock.unlock();
+  const_cast<Impl*>(this)->drain(true);
   return true;
 }
 
 TaskMetrics TaskManager::Impl::metrics() const {
   TaskMetrics m;
-  std::lock_guard<std::mutex> g(mu_);
+  auto g = detail::spin_lock(mu_);
   const auto queued = queue_->sizes();
   std::int64_t active_total = 0, queued_total = 0;
   for (const auto& d : devices_->list()) {
@@ -1223,7 +1387,7 @@ TaskHealth TaskManager::Impl::health(const std::string& id) const {
   double live_s = 0;
   double queued_for = -1;
   {
-    std::lock_guard<std::mutex> g(mu_);
+    auto g = detail::spin_lock(mu_);
     if (RecordPtr rec = find_locked(id)) {
       t = rec->task;
       running = rec->phase == Phase::kRunning;
@@ -1262,6 +1426,7 @@ TaskHealth TaskManager::Impl::health(const std::string& id) const {
                          std::to_string(static_cast<int>(config_.tasks.queue_timeout_seconds)) +
                          " s)");
   }
+  const_cast<Impl*>(this)->drain(true);
   for (const auto& e : store_->load_events(id)) {
     boost::system::error_code ec;
     auto d = json::parse(e.details_json, ec);
@@ -1296,7 +1461,7 @@ TaskHealth TaskManager::Impl::health(const std::string& id) const {
 
 void TaskManager::Impl::set_device_available(const std::string& device, bool available) {
   devices_->set_available(device, available);  // kNotFound for an unknown id
-  std::lock_guard<std::mutex> g(mu_);
+  auto g = detail::spin_lock(mu_);
   if (!available) {
     for (const auto& q : queue_->snapshot(device)) {
       RecordPtr rec = find_locked(q.task_id);
@@ -1335,7 +1500,7 @@ void TaskManager::Impl::close() {
     throw Error(ErrorCode::kInvalidState,
                 "close() was called from an event callback; close the manager from another thread");
   }
-  std::unique_lock<std::mutex> lock(mu_);
+  auto lock = detail::spin_lock(mu_);
   if (closed_) return;
   closing_ = true;
   // Running attempts finish; their cleanup completes. Queued and backing-off
@@ -1343,6 +1508,7 @@ void TaskManager::Impl::close() {
   while (running_ > 0) done_cv_.wait_for(lock, std::chrono::milliseconds(50));
   closed_ = true;
   lock.unlock();
+  drain(true);
   try {
     store_->flush();
   } catch (const std::exception& e) {
@@ -1368,18 +1534,32 @@ void TaskManager::register_service(std::shared_ptr<ServiceFactory> f) {
   impl_->register_service(std::move(f));
 }
 Task TaskManager::create_task(const TaskCreateRequest& r) { return impl_->create_task(r); }
+namespace {
+// Writes what a call committed, however it returns.
+struct DrainOnExit {
+  TaskManager::Impl* impl;
+  ~DrainOnExit();
+};
+}  // namespace
+
 Task TaskManager::start_task(const std::string& id, const TaskStartRequest& p) {
+  DrainOnExit d{impl_.get()};
   return impl_->start_task(id, p);
 }
-bool TaskManager::cancel_task(const std::string& id) { return impl_->cancel_task(id); }
+bool TaskManager::cancel_task(const std::string& id) {
+  DrainOnExit d{impl_.get()};
+  return impl_->cancel_task(id);
+}
 Task TaskManager::get_task(const std::string& id) const { return impl_->get_task(id); }
 std::vector<Task> TaskManager::list_tasks(const TaskFilter& f) const { return impl_->list_tasks(f); }
 std::vector<EventRecord> TaskManager::get_task_events(const std::string& id) const {
   get_task(id);  // kNotFound for an unknown id
+  impl_->drain(true);
   return impl_->store_->load_events(id);
 }
 std::vector<MetricSample> TaskManager::get_task_samples(const std::string& id) const {
   get_task(id);
+  impl_->drain(true);
   return impl_->store_->load_metrics(id);
 }
 std::optional<Task> TaskManager::wait_task(const std::string& id, Duration timeout) const {
@@ -1390,8 +1570,12 @@ TaskMetrics TaskManager::get_task_metrics() const { return impl_->metrics(); }
 TaskHealth TaskManager::get_task_health(const std::string& id) const { return impl_->health(id); }
 SubscriptionId TaskManager::subscribe(EventCallback cb) { return impl_->bus_.subscribe(std::move(cb)); }
 bool TaskManager::unsubscribe(SubscriptionId id) { return impl_->bus_.unsubscribe(id); }
-void TaskManager::flush_events() { impl_->bus_.flush(); }
+void TaskManager::flush_events() {
+  impl_->drain(true);
+  impl_->bus_.flush();
+}
 void TaskManager::set_device_available(const std::string& d, bool a) {
+  DrainOnExit drain{impl_.get()};
   impl_->set_device_available(d, a);
 }
 std::vector<DeviceInfo> TaskManager::devices() const { return impl_->devices_->list(); }
@@ -1399,6 +1583,13 @@ MemoryEstimate TaskManager::explain_estimate(const TaskCreateRequest& r) const {
   return impl_->explain(r);
 }
 void TaskManager::close() { impl_->close(); }
+
+DrainOnExit::~DrainOnExit() {
+  try {
+    impl->drain();
+  } catch (...) {
+  }
+}
 const Config& TaskManager::config() const noexcept { return impl_->config_; }
 
 }  // namespace taskmgr

@@ -83,9 +83,9 @@ std::optional<TaskQueue::DeviceQueue::iterator> TaskQueue::choose_locked(
   if (qit == queues_.end()) return std::nullopt;
   std::int64_t free_mb = 0;
   if (options_.check_memory) {
-    const auto info = devices_.get(device);
-    if (!info || !info->available) return std::nullopt;
-    free_mb = info->free_mb();
+    const auto free = devices_.free_memory(device);
+    if (!free) return std::nullopt;  // unknown or unavailable
+    free_mb = *free;
   }
   const SteadyTime now = clock_->steady_now();
   for (auto it = qit->second.begin(); it != qit->second.end(); ++it) {

@@ -29,10 +29,10 @@ TEST_CASE("an estimate explains itself") {
   CHECK(est.model == "linear");
   CHECK(est.samples == 0);
   CHECK(est.correction == 1);
-  CHECK(est.explanation.find("model linear") != std::string::npos);
-  CHECK(est.explanation.find("pixels=2000000") != std::string::npos);
-  CHECK(est.explanation.find("bytes=1048576") != std::string::npos);
-  CHECK(est.explanation.find("-> " + std::to_string(est.mb) + " MB") != std::string::npos);
+  CHECK(est.explanation().find("model linear") != std::string::npos);
+  CHECK(est.explanation().find("pixels=2000000") != std::string::npos);
+  CHECK(est.explanation().find("bytes=1048576") != std::string::npos);
+  CHECK(est.explanation().find("-> " + std::to_string(est.mb) + " MB") != std::string::npos);
 }
 
 TEST_CASE("services supply their own model") {
@@ -65,7 +65,7 @@ TEST_CASE("estimates converge on measured actuals and err on the high side") {
   CHECK(est.mb >= 156);  // not below what was seen typically
   CHECK(est.mb <= 175);  // and close to it
   CHECK(est.correction > 150 / model);
-  CHECK(est.explanation.find("20 measured") != std::string::npos);
+  CHECK(est.explanation().find("20 measured") != std::string::npos);
 
   // Overestimates shrink too.
   MemoryEstimator shrink;

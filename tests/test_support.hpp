@@ -29,6 +29,11 @@ inline bool eventually(const std::function<bool()>& pred,
 // A gate a service can wait at until the test opens it.
 class Gate {
  public:
+  Gate() = default;
+  Gate(const Gate&) = delete;
+  Gate& operator=(const Gate&) = delete;
+  // Opens: a test that fails early must not leave a service thread waiting.
+  ~Gate() { open(); }
   void open() {
     std::lock_guard<std::mutex> g(mu_);
     open_ = true;

@@ -612,10 +612,13 @@ TEST_CASE("POOL_EXHAUSTED when a pool stays full past its acquire timeout") {
   const Task a = h.run(100, "cuda:0");
   REQUIRE(eventually([&] { return h.status(a.id) == TaskStatus::kRunning; }));
   const Task b = h.run(100, "cuda:0");
+  // b waits for the slot from (fake) time 0, or a little later if a worker
+  // sees it only after the first advance: 3 s is short of 5 s either way,
+  // 13 s is past it either way.
   h.clock->advance(3s);
   std::this_thread::sleep_for(20ms);
   CHECK(h.count(b.id, "retried") == 0);
-  h.clock->advance(3s);
+  h.clock->advance(10s);
   REQUIRE(eventually([&] { return h.count(b.id, "retried") == 1; }));
   CHECK(h.details(b.id, "retried").at("reason").as_string() == "pool_exhausted");
   gate.open();

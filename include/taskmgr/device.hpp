@@ -57,6 +57,10 @@ class TASKMGR_API DeviceRegistry {
   std::vector<DeviceInfo> list() const;
   std::optional<DeviceInfo> get(const std::string& id) const;
   bool contains(const std::string& id) const;
+  // Free memory (total - reserved) of an available device; nullopt when the
+  // device is unknown or unavailable. No copy: cheap enough for the hot path.
+  std::optional<std::int64_t> free_memory(const std::string& id) const;
+  std::vector<std::string> ids() const;  // "cpu" first
 
   // The spec's _select_device(estimate): the requested device if it is
   // available and its total holds the estimate; else the available GPU with

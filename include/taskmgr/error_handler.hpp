@@ -50,7 +50,7 @@ struct FailureInfo {
 };
 
 // Device memory when a task failed (the first step of handle_oom_error).
-struct MemoryState {
+struct TASKMGR_API MemoryState {
   std::vector<DeviceInfo> devices;
   std::string device;                 // the task's device
   std::int64_t task_estimate_mb = 0;

@@ -7,7 +7,7 @@
 // tasks, per (service, device): it keeps a running mean and spread of
 // actual / model and multiplies the model by mean + 2 * spread, so estimates
 // converge on reality while erring on the high side. Every estimate says how
-// it was made (MemoryEstimate::explanation).
+// it was made (MemoryEstimate::explanation()).
 //
 // Thread-safety: every member is safe to call from any thread.
 #pragma once
@@ -70,8 +70,12 @@ struct MemoryEstimate {
   double correction = 1;      // learned factor applied (1 before learning)
   int samples = 0;            // actuals the correction rests on
   std::string model;          // model name
+  std::string service;
+  std::string device;         // "" = before placement
   RequestFeatures features;
-  std::string explanation;    // one line: model, features, correction
+
+  // One line: model, features, learned correction, result. Built on request.
+  TASKMGR_API std::string explanation() const;
 };
 
 class TASKMGR_API MemoryEstimator {

@@ -51,7 +51,7 @@ struct LatencySummary {
   double max_s = 0;
 };
 
-struct TaskMetrics {
+struct TASKMGR_API TaskMetrics {
   // The spec's keys. Per device, plus "total".
   std::map<std::string, std::int64_t> active_tasks;
   std::map<std::string, std::int64_t> queued_tasks;
@@ -83,7 +83,7 @@ struct TaskMetrics {
   std::string to_prometheus() const;
 };
 
-struct TaskHealth {
+struct TASKMGR_API TaskHealth {
   std::string task_id;
   TaskStatus status = TaskStatus::kPending;
   std::optional<std::int64_t> memory_usage_mb;  // last observed while running, else the peak

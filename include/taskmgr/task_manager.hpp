@@ -133,8 +133,9 @@ class TASKMGR_API TaskManager {
 
   const Config& config() const noexcept;
 
+  class Impl;  // the implementation (src/task_manager.cpp); opaque to hosts
+
  private:
-  class Impl;
   std::shared_ptr<Impl> impl_;
 };
 

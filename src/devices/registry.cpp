@@ -179,6 +179,23 @@ std::optional<DeviceInfo> DeviceRegistry::get(const std::string& id) const {
   return it->second;
 }
 
+std::optional<std::int64_t> DeviceRegistry::free_memory(const std::string& id) const {
+  std::lock_guard<std::mutex> g(mu_);
+  auto it = devices_.find(id);
+  if (it == devices_.end() || !it->second.available) return std::nullopt;
+  return it->second.free_mb();
+}
+
+std::vector<std::string> DeviceRegistry::ids() const {
+  std::lock_guard<std::mutex> g(mu_);
+  std::vector<std::string> out;
+  if (devices_.count("cpu")) out.push_back("cpu");
+  for (const auto& [id, d] : devices_) {
+    if (id != "cpu") out.push_back(id);
+  }
+  return out;
+}
+
 bool DeviceRegistry::contains(const std::string& id) const {
   std::lock_guard<std::mutex> g(mu_);
   return devices_.count(id) != 0;

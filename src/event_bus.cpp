@@ -180,6 +180,26 @@ void EventBus::publish(EventRecord event) {
   if (wake) impl_->wake_cv.notify_one();
 }
 
+void EventBus::publish(std::vector<EventRecord>&& events) {
+  if (events.empty()) return;
+  bool wake = false;
+  {
+    std::lock_guard<std::mutex> g(impl_->queue_mu);
+    for (auto& event : events) {
+      event.sequence = published_.fetch_add(1) + 1;
+      if (impl_->queue.size() >= impl_->max_pending) {
+        dropped_.fetch_add(1);
+        impl_->processed.fetch_add(1);
+        continue;
+      }
+      impl_->queue.push_back(std::move(event));
+    }
+    wake = impl_->sleeping;
+  }
+  events.clear();
+  if (wake) impl_->wake_cv.notify_one();
+}
+
 void EventBus::flush() {
   if (on_dispatcher_thread()) return;
   const std::uint64_t target = published_.load();

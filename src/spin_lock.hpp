@@ -20,7 +20,7 @@ inline void cpu_relax() noexcept {
 }
 
 inline void lock_with_spin(std::mutex& m) {
-  for (int i = 0; i < 256; ++i) {
+  for (int i = 0; i < 1024; ++i) {
     if (m.try_lock()) return;
     cpu_relax();
   }

@@ -193,6 +193,7 @@ class TaskManager::Impl : public std::enable_shared_from_this<TaskManager::Impl>
   int workers_ = 1;
   int running_ = 0;   // attempts holding a worker thread
   int loops_ = 0;     // worker_loop jobs posted and not yet returned
+  int lingering_ = 0; // loops waiting a moment for new work
   std::atomic<std::uint64_t> enqueued_{0};  // tasks ever put in the queue
   static constexpr std::chrono::microseconds kWorkerLinger{TASKMGR_LINGER_US};
   int backoff_ = 0;   // tasks waiting for a retry timer
@@ -437,6 +438,7 @@ void TaskManager::Impl::drain(bool wait) {
       auto g = detail::spin_lock(outbox_mu_);
       items.swap(outbox_);
     }
+    std::vector<EventRecord> events;
     for (auto& it : items) {
       if (it.store) {
         try {
@@ -445,8 +447,9 @@ void TaskManager::Impl::drain(bool wait) {
           log_.write(LogLevel::kError, "storing task " + it.task.id + " failed: " + e.what());
         }
       }
-      for (auto& e : it.events) bus_.publish(std::move(e));
+      for (auto& e : it.events) events.push_back(std::move(e));
     }
+    bus_.publish(std::move(events));
     d.unlock();
     if (items.empty()) {
       auto g = detail::spin_lock(outbox_mu_);
@@ -764,12 +767,13 @@ void TaskManager::Impl::worker_loop() {
   auto lock = detail::spin_lock(mu_);
   while (!closing_) {
     std::optional<Launch> launch = next_locked();
-    if (!launch) {
+    if (!launch && lingering_ == 0) {
       // Linger a moment for the next task before giving the thread back: a
       // host that submits a stream of short tasks then needs no post and no
       // thread wake-up per task. Only new work (enqueues) ends the linger
       // early; real time, as this is CPU scheduling, not a task timeout.
       const std::uint64_t seen = enqueued_.load(std::memory_order_acquire);
+      ++lingering_;  // one lingering worker is enough to catch the next task
       lock.unlock();
       drain();
       const auto until = std::chrono::steady_clock::now() + kWorkerLinger;
@@ -783,9 +787,11 @@ void TaskManager::Impl::worker_loop() {
         detail::cpu_relax();
       }
       detail::spin_relock(lock);
+      --lingering_;
       if (more) continue;
       break;
     }
+    if (!launch) break;
     run_attempt(launch->rec, std::move(launch->lease), lock);  // returns locked
   }
   --loops_;

@@ -67,6 +67,8 @@ class TASKMGR_API EventBus {
 
   // Assigns the sequence number and queues the event. Never blocks.
   void publish(EventRecord event);
+  // The same for several events at once, in order (one lock for all).
+  void publish(std::vector<EventRecord>&& events);
 
   // Waits until every event published before the call has been delivered.
   // Returns at once when called from a callback.

@@ -109,6 +109,37 @@ std::string format_timestamp(Timestamp t) {
   return buf;
 }
 
+std::optional<Timestamp> parse_timestamp(std::string_view text) {
+  const std::string s(text);
+  int y = 0, mo = 0, d = 0, h = 0, mi = 0, sec = 0, ms = 0, n = 0;
+  if (std::sscanf(s.c_str(), "%4d-%2d-%2dT%2d:%2d:%2d%n", &y, &mo, &d, &h, &mi, &sec, &n) != 6) {
+    return std::nullopt;
+  }
+  std::size_t pos = static_cast<std::size_t>(n);
+  if (pos < s.size() && s[pos] == '.') {
+    int digits = 0;
+    ++pos;
+    while (pos < s.size() && s[pos] >= '0' && s[pos] <= '9') {
+      if (digits < 3) ms = ms * 10 + (s[pos] - '0');
+      ++digits;
+      ++pos;
+    }
+    if (digits == 0) return std::nullopt;
+    for (int i = digits; i < 3; ++i) ms *= 10;
+  }
+  if (pos != s.size() - 1 || s[pos] != 'Z') return std::nullopt;
+  if (mo < 1 || mo > 12 || d < 1 || d > 31 || h > 23 || mi > 59 || sec > 60) return std::nullopt;
+  std::tm tm{};
+  tm.tm_year = y - 1900;
+  tm.tm_mon = mo - 1;
+  tm.tm_mday = d;
+  tm.tm_hour = h;
+  tm.tm_min = mi;
+  tm.tm_sec = sec;
+  const std::time_t secs = timegm(&tm);
+  return Timestamp{} + std::chrono::seconds(secs) + std::chrono::milliseconds(ms);
+}
+
 std::string to_json(const Task& t) {
   boost::json::object o;
   o["id"] = t.id;

@@ -1,6 +1,9 @@
 #include "taskmgr/task_manager.hpp"
 
+#include <signal.h>
 #include <unistd.h>
+
+#include <cerrno>
 
 #include <algorithm>
 #include <boost/asio/post.hpp>
@@ -38,6 +41,13 @@ double seconds(Duration d) { return std::chrono::duration<double>(d).count(); }
 
 Duration from_seconds(double s) {
   return std::chrono::duration_cast<Duration>(std::chrono::duration<double>(s));
+}
+
+SqliteStoreOptions sqlite_options(const StorageConfig& c) {
+  SqliteStoreOptions o;
+  o.synchronous_full = c.synchronous == SyncMode::kFull;
+  o.busy_timeout_seconds = c.busy_timeout_seconds;
+  return o;
 }
 
 std::string pool_key(const std::string& service, const std::string& device) {
@@ -166,6 +176,8 @@ class TaskManager::Impl : public std::enable_shared_from_this<TaskManager::Impl>
   void finished_locked(const RecordPtr& rec);
   void sweep();
   void schedule_sweep();
+  void recover();
+  void remove_dead_temp_dirs();
   MemoryState memory_state_locked(const Record& r) const;
   std::string temp_dir_for(const Record& r, int attempt);
 
@@ -336,7 +348,10 @@ TaskManager::Impl::Impl(Config config, TaskManagerOptions options)
       log_(parse_log_level(config_.logging.level).value_or(LogLevel::kInfo),
            std::move(options.log_sink)),
       clock_(options.clock ? std::move(options.clock) : Clock::system()),
-      store_(options.store ? std::move(options.store) : make_memory_store()),
+      store_(options.store ? std::move(options.store)
+             : config_.storage.path == ":memory:"
+                 ? make_memory_store()
+                 : open_sqlite_store(config_.storage.path, sqlite_options(config_.storage))),
       devices_(options.devices ? std::move(options.devices)
                                : std::make_shared<DeviceRegistry>(config_.devices)),
       bus_(
@@ -360,6 +375,8 @@ TaskManager::Impl::Impl(Config config, TaskManagerOptions options)
   last_refresh_ = clock_->steady_now();
   device_ids_ = devices_->ids();
   for (auto& f : options.services) register_service(std::move(f));
+  remove_dead_temp_dirs();
+  recover();
   schedule_sweep();
 }
 
@@ -508,6 +525,8 @@ void TaskManager::Impl::register_service(std::shared_ptr<ServiceFactory> factory
   for (const auto& d : devices_->list()) {
     if (factory->supports(d) && pool->settings(d.id).min_instances > 0) pool->warm(d.id);
   }
+  auto g = detail::spin_lock(mu_);
+  dispatch_locked();  // recovered tasks of this service may be waiting
 }
 
 // ---- create / start / cancel ------------------------------------------------
@@ -811,10 +830,14 @@ std::optional<TaskManager::Impl::Launch> TaskManager::Impl::next_locked() {
     auto head = queue_->peek_next_task(id);  // none when unavailable or nothing fits
     if (!head) continue;
     std::optional<QueuedTask> cand = head;
-    if (!pools_.at(head->service)->has_capacity(id)) {
-      pool_blocked_.try_emplace(pool_key(head->service, id), clock_->steady_now());
+    auto pool = pools_.find(head->service);
+    if (pool == pools_.end() || !pool->second->has_capacity(id)) {
+      if (pool != pools_.end()) {
+        pool_blocked_.try_emplace(pool_key(head->service, id), clock_->steady_now());
+      }
       cand = queue_->peek_next_task(id, [this, &id](const QueuedTask& q) {
-        return pools_.at(q.service)->has_capacity(id);
+        auto p = pools_.find(q.service);  // a recovered task may wait for its service
+        return p != pools_.end() && p->second->has_capacity(id);
       });
     }
     if (!cand) continue;
@@ -1161,6 +1184,128 @@ void TaskManager::Impl::retry_unstarted_locked(const RecordPtr& rec, const Failu
              {"batch_size", d.batch_size},
              {"delay_s", seconds(d.delay)}});
   apply_retry_locked(rec, d, b);
+}
+
+// ---- recovery at open ---------------------------------------------------------------
+// Tasks the store holds unfinished come back: pending ones stay pending,
+// queued ones are queued again in their original order, and ones that were
+// running when the process died get a `retried` event with reason
+// "interrupted" (the attempt counts) or, out of attempts, end failed
+// INTERRUPTED. Their cleanup is redone (the dead run's temp dirs are removed
+// by remove_dead_temp_dirs()).
+void TaskManager::Impl::recover() {
+  std::vector<Task> tasks = store_->load_unfinished();
+  std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) {
+    const Timestamp qa = a.queued_at.value_or(a.created_at);
+    const Timestamp qb = b.queued_at.value_or(b.created_at);
+    return qa < qb;
+  });
+  auto g = detail::spin_lock(mu_);
+  for (Task& t : tasks) {
+    auto rec = std::make_shared<Record>();
+    TaskCreateRequest req;
+    req.service = t.service;
+    req.input = t.input;
+    req.options_json = t.options_json;
+    req.batch_size = std::max(1, t.batch_size);
+    rec->features = estimator_.features(req);
+    rec->task = std::move(t);
+    Task& task = rec->task;
+    records_[task.id] = rec;
+    Batch b;
+    if (task.status == TaskStatus::kPending) {
+      rec->phase = Phase::kPending;
+      continue;
+    }
+    const bool was_running = task.status == TaskStatus::kRunning;
+    if (was_running) {
+      add_event(b, *rec, TaskEvent::kCleanupStarted, {{"attempt", task.attempt}, {"recovered", true}});
+      add_event(b, *rec, TaskEvent::kCleanupCompleted,
+                {{"ok", true}, {"attempt", task.attempt}, {"recovered", true},
+                 {"duration_s", 0.0}});
+      task.resource_cleanup_completed = true;
+      if (task.attempt >= config_.tasks.retry.max_attempts) {
+        end_unstarted_locked(rec, TaskStatus::kFailed, TaskFailureReason::kInterrupted,
+                             "the process stopped while the task ran (attempt " +
+                                 std::to_string(task.attempt) + " of " +
+                                 std::to_string(config_.tasks.retry.max_attempts) +
+                                 "); no attempts left",
+                             b);
+        commit_locked(*rec, b);
+        continue;
+      }
+      ++retries_;
+      add_event(b, *rec, TaskEvent::kRetried,
+                {{"reason", "interrupted"},
+                 {"message", "the process stopped while the task ran"},
+                 {"attempt", task.attempt},
+                 {"next_attempt", task.attempt + 1},
+                 {"device", task.assigned_device.value_or("")},
+                 {"batch_size", task.batch_size},
+                 {"delay_s", 0.0}});
+    }
+    // Queued again on its device, or another one if that is gone.
+    const std::string device = task.assigned_device.value_or("");
+    if (!devices_->free_memory(device)) {
+      try {
+        task.assigned_device = devices_->select_device(task.estimated_memory_mb.value_or(0), "",
+                                                       support_filter(task.service));
+      } catch (const Error& e) {
+        end_unstarted_locked(rec, TaskStatus::kFailed, TaskFailureReason::kDeviceUnavailable,
+                             std::string("recovered task has no device: ") + e.what(), b);
+        commit_locked(*rec, b);
+        continue;
+      }
+    }
+    QueuedTask q;
+    q.task_id = task.id;
+    q.device = *task.assigned_device;
+    q.service = task.service;
+    q.estimated_memory_mb = task.estimated_memory_mb.value_or(0);
+    queue_->add_task(q, task.priority, /*enforce_limit=*/false);  // accepted before: never refused
+    enqueued_.fetch_add(1, std::memory_order_release);
+    rec->phase = Phase::kQueued;
+    task.status = TaskStatus::kQueued;
+    task.queued_at = clock_->now();
+    rec->queued_steady = clock_->steady_now();
+    add_event(b, *rec, TaskEvent::kQueued,
+              {{"device", q.device},
+               {"priority", task.priority},
+               {"batch_size", task.batch_size},
+               {"estimated_memory_mb", q.estimated_memory_mb},
+               {"retry", was_running},
+               {"recovered", true}});
+    commit_locked(*rec, b);
+  }
+  if (!tasks.empty()) {
+    log_.write(LogLevel::kInfo, "recovered " + std::to_string(tasks.size()) +
+                                    " unfinished task(s) from " + store_->describe());
+  }
+  dispatch_locked();
+}
+
+void TaskManager::Impl::remove_dead_temp_dirs() {
+  std::error_code ec;
+  const fs::path root = config_.tasks.temp_dir.empty() ? fs::temp_directory_path(ec)
+                                                       : fs::path(config_.tasks.temp_dir);
+  if (ec) return;
+  for (fs::directory_iterator it(root, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (name.rfind("taskmgr-", 0) != 0) continue;
+    const std::string rest = name.substr(8);
+    const auto dash = rest.find('-');
+    if (dash == std::string::npos) continue;
+    long pid = 0;
+    try {
+      pid = std::stol(rest.substr(0, dash));
+    } catch (...) {
+      continue;
+    }
+    if (pid <= 0 || pid == static_cast<long>(::getpid())) continue;
+    if (::kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) continue;  // alive
+    std::error_code rm;
+    fs::remove_all(it->path(), rm);
+  }
 }
 
 // ---- the periodic sweep ---------------------------------------------------------

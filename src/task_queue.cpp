@@ -49,7 +49,7 @@ void TaskQueue::erase_locked(const std::string& task_id) {
   index_.erase(loc);
 }
 
-void TaskQueue::add_task(QueuedTask task, int priority) {
+void TaskQueue::add_task(QueuedTask task, int priority, bool enforce_limit) {
   if (task.task_id.empty() || task.device.empty()) {
     throw Error(ErrorCode::kInvalidArgument, "add_task: a queued task needs an id and a device");
   }
@@ -57,7 +57,7 @@ void TaskQueue::add_task(QueuedTask task, int priority) {
   if (index_.count(task.task_id)) {
     throw Error(ErrorCode::kInvalidState, "task " + task.task_id + " is already queued");
   }
-  if (index_.size() >= options_.max_queue_size) {
+  if (enforce_limit && index_.size() >= options_.max_queue_size) {
     throw Error(ErrorCode::kQueueFull,
                 "queue full: " + std::to_string(index_.size()) +
                     " tasks queued (tasks.max_queue_size = " +

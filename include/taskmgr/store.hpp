@@ -18,6 +18,7 @@
 // Thread-safety: every member is safe to call from any thread.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -59,6 +60,9 @@ class TASKMGR_API TaskStore {
   virtual std::vector<Task> list_tasks(const TaskFilter& filter) = 0;
   virtual std::vector<EventRecord> load_events(const std::string& task_id) = 0;
   virtual std::vector<MetricSample> load_metrics(const std::string& task_id) = 0;
+  // Tasks not in a terminal state (pending, queued, running), oldest first:
+  // what a manager recovers when it opens.
+  virtual std::vector<Task> load_unfinished() = 0;
 
   virtual void flush() = 0;
   // "memory", "sqlite:/path/to.db", ...
@@ -66,5 +70,27 @@ class TASKMGR_API TaskStore {
 };
 
 TASKMGR_API std::shared_ptr<TaskStore> make_memory_store();
+
+struct SqliteStoreOptions {
+  bool synchronous_full = false;     // FULL survives power loss; NORMAL (default) a process kill
+  double busy_timeout_seconds = 5;   // wait for a lock held by another connection
+  std::size_t max_batch = 1000;      // most writes committed in one transaction
+  // Fault injection (tests): when set, the database may grow to this many
+  // pages (0 = no limit), re-read before every commit; past it writes fail
+  // as on a full disk.
+  std::shared_ptr<std::atomic<std::int64_t>> page_limit;
+};
+
+// The embedded durable store: a SQLite database file in WAL mode, written by
+// one writer thread that commits queued writes in groups (many callers share
+// one commit), read through its own connection. Opening runs the schema
+// migrations (docs/STORAGE.md); a database from a newer taskmgr is refused
+// with Error(kIncompatible) and left untouched; a database another store
+// holds open (this process or another) is refused with Error(kBusy).
+TASKMGR_API std::shared_ptr<TaskStore> open_sqlite_store(const std::string& path,
+                                                         SqliteStoreOptions options = {});
+
+// The schema version this build writes (PRAGMA user_version).
+TASKMGR_API int sqlite_schema_version() noexcept;
 
 }  // namespace taskmgr

@@ -146,6 +146,8 @@ TASKMGR_API std::string to_json(const Task& task);
 
 // RFC 3339 UTC with milliseconds, e.g. "2026-11-28T01:02:03.456Z".
 TASKMGR_API std::string format_timestamp(Timestamp t);
+// The inverse of format_timestamp (milliseconds optional); nullopt when malformed.
+TASKMGR_API std::optional<Timestamp> parse_timestamp(std::string_view s);
 
 // A new random, time-ordered UUID (RFC 9562 version 7) in its 36-char form.
 TASKMGR_API std::string generate_task_id();

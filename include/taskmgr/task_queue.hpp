@@ -68,7 +68,9 @@ class TASKMGR_API TaskQueue {
   // The spec's add_task(task, priority). Throws Error(kQueueFull) when
   // max_queue_size tasks are queued, Error(kInvalidArgument) for a task
   // without id or device, Error(kInvalidState) when the id is queued already.
-  void add_task(QueuedTask task, int priority);
+  // enforce_limit = false: a task the queue must take whatever its size (a
+  // task recovered at open; it was accepted before).
+  void add_task(QueuedTask task, int priority, bool enforce_limit = true);
   void add_task(const Task& task, int priority);
 
   // The spec's get_next_task(device): removes and returns the next task that

@@ -90,6 +90,16 @@ class MemoryStore final : public TaskStore {
     return it->second.metrics;
   }
 
+  std::vector<Task> load_unfinished() override {
+    std::lock_guard<std::mutex> g(mu_);
+    std::vector<Task> out;
+    for (const auto& [order, id] : order_) {
+      const Task& t = tasks_.at(id).task;
+      if (!is_terminal(t.status)) out.push_back(t);
+    }
+    return out;
+  }
+
   void flush() override {}
   std::string describe() const override { return "memory"; }
 

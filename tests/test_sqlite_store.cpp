@@ -1,0 +1,390 @@
+// The SQLite store on real database files: migrations, round trips, the
+// lock file, fault injection, and recovery through TaskManager.
+#include <doctest/doctest.h>
+
+#include <SQLiteCpp/SQLiteCpp.h>
+#include <unistd.h>
+
+#include <boost/json.hpp>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "test_support.hpp"
+
+using namespace taskmgr;
+using namespace taskmgr::test;
+using namespace std::chrono_literals;
+namespace fs = std::filesystem;
+
+namespace {
+
+// A fresh directory per test, removed at the end.
+struct TempDir {
+  fs::path path;
+  TempDir() {
+    path = fs::temp_directory_path() /
+           ("taskmgr-test-" + std::to_string(::getpid()) + "-" + generate_task_id().substr(24));
+    fs::create_directories(path);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+  std::string db() const { return (path / "tasks.db").string(); }
+};
+
+// The "existing" schema of the spec (version 1), as a fixture made by SQL.
+constexpr const char* kV1Fixture = R"sql(
+CREATE TABLE tasks (
+  id VARCHAR(36) PRIMARY KEY NOT NULL,
+  service VARCHAR(50) NOT NULL,
+  input_path TEXT,
+  input_data BLOB,
+  input_media_type TEXT,
+  options TEXT,
+  priority INTEGER NOT NULL DEFAULT 0,
+  status VARCHAR(20) NOT NULL,
+  attempt INTEGER NOT NULL DEFAULT 0,
+  batch_size INTEGER NOT NULL DEFAULT 1,
+  failure_reason VARCHAR(50),
+  failure_message TEXT,
+  result TEXT,
+  created_at TIMESTAMP NOT NULL,
+  queued_at TIMESTAMP,
+  started_at TIMESTAMP,
+  finished_at TIMESTAMP
+);
+CREATE INDEX idx_tasks_status ON tasks(status);
+INSERT INTO tasks (id, service, input_path, status, attempt, batch_size, result, created_at, finished_at)
+  VALUES ('00000000-0000-7000-8000-000000000001', 'ocr', '/old/page1.png', 'completed', 1, 1,
+          '{"text":"old"}', '2025-01-02T03:04:05.000Z', '2025-01-02T03:04:06.000Z');
+INSERT INTO tasks (id, service, input_path, status, priority, created_at)
+  VALUES ('00000000-0000-7000-8000-000000000002', 'ocr', '/old/page2.png', 'pending', 3,
+          '2025-01-02T03:04:07.000Z');
+PRAGMA user_version = 1;
+)sql";
+
+std::string slurp(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+Task sample_task() {
+  Task t;
+  t.id = generate_task_id();
+  t.service = "ocr";
+  t.input.data = {0x89, 'P', 'N', 'G', 0, 1, 2};
+  t.input.media_type = "image/png";
+  t.options_json = R"({"psm":6})";
+  t.priority = 4;
+  t.batch_size = 2;
+  t.created_at = std::chrono::system_clock::now();
+  t.estimated_memory_mb = 321;
+  t.assigned_device = "cpu";
+  return t;
+}
+
+EventRecord event_for(const Task& t, TaskEvent e, const std::string& details = "{}") {
+  EventRecord r;
+  r.task_id = t.id;
+  r.event = e;
+  r.timestamp = std::chrono::system_clock::now();
+  r.details_json = details;
+  return r;
+}
+
+}  // namespace
+
+TEST_CASE("a v1 database with rows is upgraded in place; old rows keep their data") {
+  TempDir dir;
+  {
+    SQLite::Database db(dir.db(), SQLite::OPEN_READWRITE | SQLite::OPEN_CREATE);
+    db.exec(kV1Fixture);
+  }
+  {
+    auto store = open_sqlite_store(dir.db());
+    const auto old = store->load_task("00000000-0000-7000-8000-000000000001");
+    REQUIRE(old.has_value());
+    CHECK(old->status == TaskStatus::kCompleted);
+    CHECK(old->input.path == "/old/page1.png");
+    CHECK(old->result == R"({"text":"old"})");
+    CHECK(format_timestamp(old->created_at) == "2025-01-02T03:04:05.000Z");
+    // The new columns carry their defaults.
+    CHECK_FALSE(old->estimated_memory_mb.has_value());
+    CHECK_FALSE(old->actual_memory_mb.has_value());
+    CHECK_FALSE(old->assigned_device.has_value());
+    CHECK_FALSE(old->service_instance_id.has_value());
+    CHECK(old->resource_cleanup_completed == false);
+    const auto unfinished = store->load_unfinished();
+    REQUIRE(unfinished.size() == 1);
+    CHECK(unfinished[0].priority == 3);
+  }
+  SQLite::Database db(dir.db(), SQLite::OPEN_READONLY);
+  CHECK(db.execAndGet("PRAGMA user_version").getInt() == sqlite_schema_version());
+  // Columns exactly as the spec lists them, with its default.
+  std::map<std::string, std::pair<std::string, std::string>> cols;
+  SQLite::Statement q(db, "SELECT name, type, dflt_value FROM pragma_table_info('tasks')");
+  while (q.executeStep()) {
+    cols[q.getColumn(0).getString()] = {q.getColumn(1).getString(),
+                                        q.getColumn(2).isNull() ? "" : q.getColumn(2).getString()};
+  }
+  CHECK(cols.at("estimated_memory_mb").first == "INTEGER");
+  CHECK(cols.at("actual_memory_mb").first == "INTEGER");
+  CHECK(cols.at("assigned_device").first == "VARCHAR(50)");
+  CHECK(cols.at("service_instance_id").first == "VARCHAR(100)");
+  CHECK(cols.at("resource_cleanup_completed").first == "BOOLEAN");
+  CHECK(cols.at("resource_cleanup_completed").second == "FALSE");
+  for (const char* table : {"task_metrics", "task_events"}) {
+    CAPTURE(table);
+    CHECK(db.tableExists(table));
+  }
+  std::set<std::string> fk_targets;
+  SQLite::Statement fk(db, "SELECT \"table\" FROM pragma_foreign_key_list('task_events')");
+  while (fk.executeStep()) fk_targets.insert(fk.getColumn(0).getString());
+  CHECK(fk_targets.count("tasks") == 1);
+  CHECK(db.execAndGet("SELECT count(*) FROM tasks").getInt() == 2);
+  CHECK(db.execAndGet("SELECT resource_cleanup_completed FROM tasks LIMIT 1").getInt() == 0);
+}
+
+TEST_CASE("opening twice is a no-op; a newer schema is refused and left untouched") {
+  TempDir dir;
+  {
+    auto store = open_sqlite_store(dir.db());
+    const Task t = sample_task();
+    store->insert_task(t, event_for(t, TaskEvent::kCreated));
+  }
+  std::string before;
+  {
+    auto store = open_sqlite_store(dir.db());  // already current
+    CHECK(store->list_tasks({}).size() == 1);
+  }
+  {
+    SQLite::Database db(dir.db(), SQLite::OPEN_READWRITE);
+    CHECK(db.execAndGet("PRAGMA user_version").getInt() == sqlite_schema_version());
+    db.exec("PRAGMA user_version = 99");
+  }
+  before = slurp(dir.db());
+  try {
+    open_sqlite_store(dir.db());
+    FAIL("expected kIncompatible");
+  } catch (const Error& e) {
+    CHECK(e.code() == ErrorCode::kIncompatible);
+    CHECK(std::string(e.what()).find("schema version 99") != std::string::npos);
+  }
+  CHECK(slurp(dir.db()) == before);
+}
+
+TEST_CASE("tasks, events and metric samples round-trip through the file") {
+  TempDir dir;
+  Task t = sample_task();
+  {
+    auto store = open_sqlite_store(dir.db());
+    store->insert_task(t, event_for(t, TaskEvent::kCreated, R"({"device":"cpu"})"));
+    t.status = TaskStatus::kRunning;
+    t.attempt = 1;
+    t.started_at = std::chrono::system_clock::now();
+    t.service_instance_id = "ocr@cpu#1";
+    store->update_task(t, {event_for(t, TaskEvent::kResourceAcquired), event_for(t, TaskEvent::kStarted)});
+    MetricSample s;
+    s.task_id = t.id;
+    s.timestamp = std::chrono::system_clock::now();
+    s.memory_usage_mb = 99;
+    s.device = "cpu";
+    s.processing_stage = "recognize";
+    store->append_metrics({s});
+    t.status = TaskStatus::kCompleted;
+    t.result = R"({"text":"hi"})";
+    t.actual_memory_mb = 99;
+    t.finished_at = std::chrono::system_clock::now();
+    t.resource_cleanup_completed = true;
+    store->update_task(t, {event_for(t, TaskEvent::kCompleted)});
+  }
+  auto store = open_sqlite_store(dir.db());
+  const auto back = store->load_task(t.id);
+  REQUIRE(back.has_value());
+  CHECK(back->input.data == t.input.data);
+  CHECK(back->input.media_type == "image/png");
+  CHECK(back->options_json == t.options_json);
+  CHECK(back->status == TaskStatus::kCompleted);
+  CHECK(back->result == t.result);
+  CHECK(back->actual_memory_mb == 99);
+  CHECK(back->estimated_memory_mb == 321);
+  CHECK(back->service_instance_id == "ocr@cpu#1");
+  CHECK(back->resource_cleanup_completed);
+  CHECK(format_timestamp(back->created_at) == format_timestamp(t.created_at));
+  CHECK(names(store->load_events(t.id)) ==
+        std::vector<std::string>{"created", "resource_acquired", "started", "completed"});
+  CHECK(store->load_events(t.id)[0].details_json == R"({"device":"cpu"})");
+  const auto samples = store->load_metrics(t.id);
+  REQUIRE(samples.size() == 1);
+  CHECK(samples[0].processing_stage == "recognize");
+  CHECK(store->load_unfinished().empty());
+  TaskFilter f;
+  f.status = TaskStatus::kCompleted;
+  CHECK(store->list_tasks(f).size() == 1);
+  f.status = TaskStatus::kFailed;
+  CHECK(store->list_tasks(f).empty());
+}
+
+TEST_CASE("a second store on the same file is refused as in use") {
+  TempDir dir;
+  auto first = open_sqlite_store(dir.db());
+  try {
+    open_sqlite_store(dir.db());
+    FAIL("expected kBusy");
+  } catch (const Error& e) {
+    CHECK(e.code() == ErrorCode::kBusy);
+    CHECK(std::string(e.what()).find("in use") != std::string::npos);
+    CHECK(std::string(e.what()).find(std::to_string(::getpid())) != std::string::npos);
+  }
+  first.reset();
+  CHECK_NOTHROW(open_sqlite_store(dir.db()));
+}
+
+TEST_CASE("a full disk fails create_task clearly; accepted tasks are untouched; it recovers") {
+  TempDir dir;
+  SqliteStoreOptions o;
+  o.page_limit = std::make_shared<std::atomic<std::int64_t>>(0);
+  Config c = test_config();
+  c.storage.path = dir.db();
+  TaskManagerOptions mo;
+  mo.store = open_sqlite_store(dir.db(), o);
+  mo.log_sink = [](LogLevel, std::string_view) {};
+  TaskManager tm(c, mo);
+  tm.register_service(make_function_service("svc", [](TaskContext&) {}));
+  TaskCreateRequest r;
+  r.service = "svc";
+  std::vector<std::string> accepted;
+  for (int i = 0; i < 5; ++i) accepted.push_back(tm.create_task(r).id);
+  // The disk fills up: the database may not grow any more.
+  {
+    SQLite::Database db(dir.db(), SQLite::OPEN_READONLY);
+    o.page_limit->store(db.execAndGet("PRAGMA page_count").getInt64());
+  }
+  r.options_json = "{\"pad\":\"" + std::string(20000, 'x') + "\"}";
+  int refused = 0;
+  for (int i = 0; i < 20; ++i) {
+    try {
+      tm.create_task(r);
+    } catch (const Error& e) {
+      ++refused;
+      CHECK(e.code() == ErrorCode::kIoError);
+      CHECK(std::string(e.what()).find("full") != std::string::npos);
+      CHECK(std::string(e.what()).find("not created") != std::string::npos);
+    }
+  }
+  CHECK(refused > 0);
+  for (const auto& id : accepted) CHECK(tm.get_task(id).status == TaskStatus::kPending);
+  // Space returns: work goes on.
+  o.page_limit->store(0);
+  r.options_json = "";
+  const Task t = tm.create_task(r);
+  tm.start_task(t.id);
+  REQUIRE(eventually([&] { return tm.get_task(t.id).status == TaskStatus::kCompleted; }));
+  for (const auto& id : accepted) tm.start_task(id);
+  REQUIRE(tm.wait_idle(30s));
+  for (const auto& id : accepted) CHECK(tm.get_task(id).status == TaskStatus::kCompleted);
+}
+
+TEST_CASE("reopening recovers: queued tasks run in priority order, interrupted ones are retried or failed") {
+  TempDir dir;
+  std::string queued_low, queued_high, interrupted, exhausted, pending, done;
+  {
+    auto store = open_sqlite_store(dir.db());
+    auto put = [&](TaskStatus status, int priority, int attempt) {
+      Task t = sample_task();
+      t.input = TaskInput{};
+      t.service = "svc";
+      t.status = status;
+      t.priority = priority;
+      t.attempt = attempt;
+      t.estimated_memory_mb = 10;
+      t.queued_at = std::chrono::system_clock::now();
+      store->insert_task(t, event_for(t, TaskEvent::kCreated));
+      return t.id;
+    };
+    queued_low = put(TaskStatus::kQueued, 0, 0);
+    queued_high = put(TaskStatus::kQueued, 5, 0);
+    interrupted = put(TaskStatus::kRunning, 0, 1);
+    exhausted = put(TaskStatus::kRunning, 0, 3);
+    pending = put(TaskStatus::kPending, 0, 0);
+    done = put(TaskStatus::kCompleted, 0, 1);
+  }
+  Config c = test_config();
+  c.storage.path = dir.db();
+  c.executor.worker_threads = 1;
+  std::vector<std::string> order;
+  std::mutex mu;
+  TaskManagerOptions mo;
+  mo.log_sink = [](LogLevel, std::string_view) {};
+  mo.services.push_back(make_function_service("svc", [&](TaskContext& ctx) {
+    std::lock_guard<std::mutex> g(mu);
+    order.push_back(ctx.task_id());
+  }));
+  TaskManager tm(c, mo);
+  REQUIRE(tm.wait_idle(30s));
+  CHECK(tm.get_task(queued_high).status == TaskStatus::kCompleted);
+  CHECK(tm.get_task(queued_low).status == TaskStatus::kCompleted);
+  const Task retried = tm.get_task(interrupted);
+  CHECK(retried.status == TaskStatus::kCompleted);
+  CHECK(retried.attempt == 2);
+  const auto ev = tm.get_task_events(interrupted);
+  bool saw_interrupted = false;
+  for (const auto& e : ev) {
+    if (e.event == TaskEvent::kRetried) {
+      saw_interrupted = e.details_json.find("\"interrupted\"") != std::string::npos;
+    }
+  }
+  CHECK(saw_interrupted);
+  const Task gave_up = tm.get_task(exhausted);
+  CHECK(gave_up.status == TaskStatus::kFailed);
+  CHECK(gave_up.failure_reason == TaskFailureReason::kInterrupted);
+  CHECK(gave_up.resource_cleanup_completed);
+  CHECK(tm.get_task(pending).status == TaskStatus::kPending);
+  CHECK(tm.get_task(done).status == TaskStatus::kCompleted);
+  // The higher priority ran first among the recovered queue.
+  REQUIRE(order.size() == 3);
+  CHECK(order[0] == queued_high);
+}
+
+TEST_CASE("a manager on a database file keeps tasks and history across close and reopen") {
+  TempDir dir;
+  Config c = test_config();
+  c.storage.path = dir.db();
+  std::string id;
+  {
+    TaskManagerOptions mo;
+    mo.services.push_back(make_function_service("svc", [](TaskContext& ctx) {
+      ctx.stage("work");
+      ctx.report_memory(7);
+      ctx.set_result("{\"n\":1}");
+    }));
+    TaskManager tm(c, mo);
+    TaskCreateRequest r;
+    r.service = "svc";
+    id = tm.create_task(r).id;
+    tm.start_task(id);
+    REQUIRE(tm.wait_task(id, 30s).has_value());
+    // A second manager on the same file is refused while this one has it.
+    try {
+      TaskManager other(c);
+      FAIL("expected kBusy");
+    } catch (const Error& e) {
+      CHECK(e.code() == ErrorCode::kBusy);
+    }
+  }
+  TaskManager tm(c);
+  const Task t = tm.get_task(id);
+  CHECK(t.status == TaskStatus::kCompleted);
+  CHECK(t.result == "{\"n\":1}");
+  CHECK(t.actual_memory_mb == 7);
+  CHECK(t.resource_cleanup_completed);
+  CHECK(names(tm.get_task_events(id)) ==
+        std::vector<std::string>{"created", "queued", "resource_acquired", "started", "completed",
+                                 "cleanup_started", "resource_released", "cleanup_completed"});
+  CHECK(tm.get_task_samples(id).size() == 1);
+  CHECK(tm.get_task_health(id).memory_usage_mb == 7);
+}

@@ -1047,6 +1047,7 @@ void TaskManager::Impl::begin_cleanup_locked(const RecordPtr& rec, Outcome o, Ba
       break;
     case Outcome::Kind::kRetry:
       ++retries_;
+      t.status = TaskStatus::kQueued;  // waiting for its next attempt
       if (o.decision.cpu_fallback) {
         ++fallbacks_;
         add_event(b, *rec, TaskEvent::kDeviceFallback,
@@ -1215,6 +1216,20 @@ void TaskManager::Impl::recover() {
     Batch b;
     if (task.status == TaskStatus::kPending) {
       rec->phase = Phase::kPending;
+      continue;
+    }
+    if (is_terminal(task.status)) {
+      // Ended, but the process died during its cleanup: finish it. The dead
+      // run's temp dirs are gone (remove_dead_temp_dirs), its reservations
+      // and pool leases died with it.
+      add_event(b, *rec, TaskEvent::kResourceReleased,
+                {{"device", task.assigned_device.value_or("")}, {"recovered", true}});
+      add_event(b, *rec, TaskEvent::kCleanupCompleted,
+                {{"ok", true}, {"attempt", task.attempt}, {"recovered", true},
+                 {"duration_s", 0.0}});
+      task.resource_cleanup_completed = true;
+      finished_locked(rec);
+      commit_locked(*rec, b);
       continue;
     }
     const bool was_running = task.status == TaskStatus::kRunning;

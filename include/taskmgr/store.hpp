@@ -60,8 +60,9 @@ class TASKMGR_API TaskStore {
   virtual std::vector<Task> list_tasks(const TaskFilter& filter) = 0;
   virtual std::vector<EventRecord> load_events(const std::string& task_id) = 0;
   virtual std::vector<MetricSample> load_metrics(const std::string& task_id) = 0;
-  // Tasks not in a terminal state (pending, queued, running), oldest first:
-  // what a manager recovers when it opens.
+  // What a manager recovers when it opens, oldest first: tasks not in a
+  // terminal state (pending, queued, running), and ended tasks whose cleanup
+  // did not complete (resource_cleanup_completed false).
   virtual std::vector<Task> load_unfinished() = 0;
 
   virtual void flush() = 0;

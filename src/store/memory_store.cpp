@@ -95,7 +95,7 @@ class MemoryStore final : public TaskStore {
     std::vector<Task> out;
     for (const auto& [order, id] : order_) {
       const Task& t = tasks_.at(id).task;
-      if (!is_terminal(t.status)) out.push_back(t);
+      if (!is_terminal(t.status) || !t.resource_cleanup_completed) out.push_back(t);
     }
     return out;
   }

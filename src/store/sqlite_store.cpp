@@ -344,10 +344,13 @@ class SqliteStore final : public TaskStore {
     });
   }
 
+  // Rows from before the upgrade (no assigned_device) never ran under this
+  // schema: their cleanup is not ours to redo.
   std::vector<Task> load_unfinished() override {
     return read([&](SQLite::Database& db) {
       SQLite::Statement q(db, std::string("SELECT ") + kTaskColumns +
                                   " FROM tasks WHERE status IN ('pending','queued','running') "
+                                  "OR (resource_cleanup_completed = 0 AND assigned_device IS NOT NULL) "
                                   "ORDER BY created_at, id");
       std::vector<Task> out;
       while (q.executeStep()) out.push_back(read_task(q));

@@ -1,0 +1,46 @@
+// A host that the kill -9 test kills at random points: it creates, starts
+// and completes tasks on a database file as fast as it can and prints
+// "ACK <id>" for every task create_task accepted (the durability promise).
+#include <taskmgr/taskmgr.hpp>
+
+#include <chrono>
+#include <cstdio>
+#include <random>
+#include <thread>
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    std::fprintf(stderr, "usage: taskmgr_crash_child DB\n");
+    return 2;
+  }
+  taskmgr::Config config;
+  config.storage.path = argv[1];
+  config.executor.worker_threads = 2;
+  config.tasks.max_queue_size = 100000;
+  config.devices.probe_nvidia = false;
+  config.tasks.retry.backoff_base_seconds = 0.001;
+  config.tasks.retry.backoff_jitter = 0;
+  taskmgr::TaskManagerOptions options;
+  options.log_sink = [](taskmgr::LogLevel, std::string_view) {};
+  options.services.push_back(taskmgr::make_function_service("svc", [](taskmgr::TaskContext& ctx) {
+    thread_local std::mt19937 rng{std::random_device{}()};
+    ctx.stage("work");
+    ctx.report_memory(5);
+    if (rng() % 10 == 0) throw taskmgr::OutOfMemoryError("injected");  // retried
+    std::this_thread::sleep_for(std::chrono::microseconds(rng() % 300));
+    ctx.set_result("{}");
+  }));
+  taskmgr::TaskManager tm(config, options);
+  std::printf("READY\n");
+  std::fflush(stdout);
+  taskmgr::TaskCreateRequest req;
+  req.service = "svc";
+  std::mt19937 rng{std::random_device{}()};
+  for (;;) {
+    const taskmgr::Task t = tm.create_task(req);
+    std::printf("ACK %s\n", t.id.c_str());
+    std::fflush(stdout);
+    if (rng() % 8 != 0) tm.start_task(t.id);  // some stay pending
+    if (rng() % 16 == 0) tm.cancel_task(t.id);
+  }
+}

@@ -1,0 +1,175 @@
+// Durability under kill -9: a real child process creates, starts and
+// completes tasks on a database file and is killed at random points, many
+// times. After every kill the file must hold every acknowledged task, pass
+// PRAGMA integrity_check, have no task in two terminal states, and each
+// task's events must replay to its status; after recovery every task ends in
+// exactly one terminal state.
+#include <doctest/doctest.h>
+
+#include <SQLiteCpp/SQLiteCpp.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <map>
+#include <random>
+#include <set>
+#include <string>
+
+#include "test_support.hpp"
+
+using namespace taskmgr;
+using namespace std::chrono_literals;
+namespace fs = std::filesystem;
+
+namespace {
+
+struct Child {
+  pid_t pid = -1;
+  int out = -1;
+};
+
+Child spawn(const std::string& db) {
+  int fds[2];
+  REQUIRE(::pipe(fds) == 0);
+  const pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    ::dup2(fds[1], 1);
+    ::close(fds[0]);
+    ::close(fds[1]);
+    ::execl(TASKMGR_CRASH_CHILD, TASKMGR_CRASH_CHILD, db.c_str(), static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  ::close(fds[1]);
+  return {pid, fds[0]};
+}
+
+// Reads the child's lines for `run` of real time; returns acknowledged ids.
+std::vector<std::string> read_acks(const Child& c, std::chrono::milliseconds run, bool* ready) {
+  std::vector<std::string> acks;
+  std::string buf;
+  const auto end = std::chrono::steady_clock::now() + run;
+  bool started = false;
+  for (;;) {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        end - std::chrono::steady_clock::now());
+    // Until READY, wait for the child to start (slow under sanitizers).
+    const int timeout = started ? static_cast<int>(std::max<long>(0, left.count())) : 30000;
+    if (started && left.count() <= 0) break;
+    pollfd p{c.out, POLLIN, 0};
+    if (::poll(&p, 1, timeout) <= 0) break;
+    char chunk[4096];
+    const ssize_t n = ::read(c.out, chunk, sizeof chunk);
+    if (n <= 0) break;
+    buf.append(chunk, static_cast<std::size_t>(n));
+    std::size_t nl;
+    while ((nl = buf.find('\n')) != std::string::npos) {
+      const std::string line = buf.substr(0, nl);
+      buf.erase(0, nl + 1);
+      if (line == "READY") started = true;
+      if (line.rfind("ACK ", 0) == 0) acks.push_back(line.substr(4));
+    }
+  }
+  *ready = started;
+  return acks;
+}
+
+std::string status_after(const std::string& event, const std::string& current) {
+  static const std::map<std::string, std::string> changes = {
+      {"created", "pending"},   {"queued", "queued"},    {"started", "running"},
+      {"retried", "queued"},    {"completed", "completed"}, {"failed", "failed"},
+      {"cancelled", "cancelled"}};
+  auto it = changes.find(event);
+  return it == changes.end() ? current : it->second;
+}
+
+// Checks the file as the killed process left it. Returns the number of tasks.
+std::size_t check_file(const std::string& db, const std::set<std::string>& acked) {
+  SQLite::Database d(db, SQLite::OPEN_READONLY);
+  CHECK(d.execAndGet("PRAGMA integrity_check").getString() == "ok");
+  std::map<std::string, std::string> status;
+  SQLite::Statement q(d, "SELECT id, status FROM tasks");
+  while (q.executeStep()) status[q.getColumn(0).getString()] = q.getColumn(1).getString();
+  for (const auto& id : acked) {
+    CAPTURE(id);
+    CHECK(status.count(id) == 1);  // every acknowledged task survived
+  }
+  std::map<std::string, std::string> replay;
+  std::map<std::string, int> terminal;
+  SQLite::Statement e(d, "SELECT task_id, event_type FROM task_events ORDER BY id");
+  while (e.executeStep()) {
+    const std::string id = e.getColumn(0).getString();
+    const std::string ev = e.getColumn(1).getString();
+    replay[id] = status_after(ev, replay[id]);
+    if (ev == "completed" || ev == "failed" || ev == "cancelled") ++terminal[id];
+  }
+  for (const auto& [id, st] : status) {
+    CAPTURE(id);
+    CHECK(terminal[id] <= 1);       // never two terminal states
+    CHECK(replay[id] == st);        // the history gives the current status
+  }
+  return status.size();
+}
+
+}  // namespace
+
+TEST_CASE("kill -9 at random points loses no acknowledged task and corrupts nothing") {
+  const int kills = std::getenv("TASKMGR_CRASH_KILLS") ? std::atoi(std::getenv("TASKMGR_CRASH_KILLS")) : 50;
+  const fs::path dir = fs::temp_directory_path() /
+                       ("taskmgr-crash-" + std::to_string(::getpid()) + "-" + generate_task_id().substr(24));
+  fs::create_directories(dir);
+  const std::string db = (dir / "crash.db").string();
+  std::mt19937 rng(12345);
+  std::set<std::string> acked;
+  int killed = 0;
+  for (int k = 0; k < kills; ++k) {
+    CAPTURE(k);
+    Child c = spawn(db);
+    bool ready = false;
+    const auto run = std::chrono::milliseconds(10 + rng() % 150);
+    for (auto& id : read_acks(c, run, &ready)) acked.insert(std::move(id));
+    REQUIRE(ready);
+    ::kill(c.pid, SIGKILL);
+    int st = 0;
+    ::waitpid(c.pid, &st, 0);
+    ::close(c.out);
+    killed += WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL;
+    check_file(db, acked);
+  }
+  CHECK(killed == kills);
+  CHECK(acked.size() > static_cast<std::size_t>(kills));
+
+  // Recovery: every task reaches exactly one terminal state.
+  Config c = test::test_config();
+  c.storage.path = db;
+  c.tasks.max_queue_size = 1000000;
+  c.tasks.retry.backoff_base_seconds = 0.001;
+  TaskManagerOptions o;
+  o.log_sink = [](LogLevel, std::string_view) {};
+  o.services.push_back(make_function_service("svc", [](TaskContext&) {}));
+  {
+    TaskManager tm(c, o);
+    TaskFilter pending;
+    pending.status = TaskStatus::kPending;
+    for (const Task& t : tm.list_tasks(pending)) tm.start_task(t.id);
+    REQUIRE(tm.wait_idle(120s));
+    for (const Task& t : tm.list_tasks()) {
+      CAPTURE(t.id);
+      CHECK(is_terminal(t.status));
+      CHECK(t.resource_cleanup_completed);
+    }
+  }
+  SQLite::Database d(db, SQLite::OPEN_READONLY);
+  CHECK(d.execAndGet("SELECT count(*) FROM (SELECT task_id FROM task_events WHERE event_type IN "
+                     "('completed','failed','cancelled') GROUP BY task_id HAVING count(*) != 1)")
+            .getInt() == 0);
+  CHECK(d.execAndGet("SELECT count(*) FROM tasks WHERE status NOT IN ('completed','failed','cancelled')")
+            .getInt() == 0);
+  MESSAGE("kill -9 test: " << killed << " kills, " << acked.size() << " acknowledged tasks, all present");
+  std::error_code ec;
+  fs::remove_all(dir, ec);
+}

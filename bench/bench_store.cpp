@@ -1,0 +1,162 @@
+// Durable task lifecycles per second with the SQLite store (every state
+// change and event committed, synchronous=NORMAL, WAL), 2 workers, a no-op
+// service, against the raw ceiling of this machine in the same run: plain
+// sqlite3 inserts and updates of the same rows, 1,000 tasks per transaction.
+//
+//   bench_store [--tasks N] [--runs R] [--dir DIR]
+#include <sqlite3.h>
+#include <taskmgr/taskmgr.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+namespace fs = std::filesystem;
+using SteadyClock = std::chrono::steady_clock;
+
+namespace {
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+void check(int rc, sqlite3* db, const char* what) {
+  if (rc != SQLITE_OK && rc != SQLITE_DONE && rc != SQLITE_ROW) {
+    std::fprintf(stderr, "%s: %s\n", what, sqlite3_errmsg(db));
+    std::exit(1);
+  }
+}
+
+// Raw ceiling: per task 1 insert + 2 updates + 4 event inserts, the same
+// columns and indexes as taskmgr's schema, 1,000 tasks per transaction.
+double raw_sqlite(const std::string& path, int n) {
+  sqlite3* db = nullptr;
+  check(sqlite3_open(path.c_str(), &db), db, "open");
+  check(sqlite3_exec(db,
+                     "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"
+                     "CREATE TABLE tasks (id VARCHAR(36) PRIMARY KEY NOT NULL, service TEXT, status TEXT,"
+                     " attempt INTEGER, created_at TEXT, started_at TEXT, finished_at TEXT,"
+                     " estimated_memory_mb INTEGER, assigned_device TEXT, resource_cleanup_completed BOOLEAN DEFAULT FALSE);"
+                     "CREATE INDEX idx_tasks_status ON tasks(status);"
+                     "CREATE TABLE task_events (id INTEGER PRIMARY KEY, task_id VARCHAR(36) REFERENCES tasks(id),"
+                     " event_type TEXT, timestamp TEXT, details TEXT);"
+                     "CREATE INDEX idx_task_events_task ON task_events(task_id, id);",
+                     nullptr, nullptr, nullptr),
+        db, "schema");
+  sqlite3_stmt *ins, *upd, *ev;
+  sqlite3_prepare_v2(db, "INSERT INTO tasks (id, service, status, attempt, created_at, estimated_memory_mb, assigned_device) VALUES (?,?,?,?,?,?,?)", -1, &ins, nullptr);
+  sqlite3_prepare_v2(db, "UPDATE tasks SET status=?, attempt=?, started_at=?, finished_at=?, resource_cleanup_completed=? WHERE id=?", -1, &upd, nullptr);
+  sqlite3_prepare_v2(db, "INSERT INTO task_events (task_id, event_type, timestamp, details) VALUES (?,?,?,?)", -1, &ev, nullptr);
+  const std::string ts = taskmgr::format_timestamp(std::chrono::system_clock::now());
+  const char* details = "{\"device\":\"cpu\",\"attempt\":1}";
+  const auto t0 = SteadyClock::now();
+  for (int i = 0; i < n; ++i) {
+    if (i % 1000 == 0) check(sqlite3_exec(db, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr), db, "begin");
+    const std::string id = taskmgr::generate_task_id();
+    sqlite3_bind_text(ins, 1, id.c_str(), -1, SQLITE_STATIC);
+    sqlite3_bind_text(ins, 2, "noop", -1, SQLITE_STATIC);
+    sqlite3_bind_text(ins, 3, "pending", -1, SQLITE_STATIC);
+    sqlite3_bind_int(ins, 4, 0);
+    sqlite3_bind_text(ins, 5, ts.c_str(), -1, SQLITE_STATIC);
+    sqlite3_bind_int(ins, 6, 16);
+    sqlite3_bind_text(ins, 7, "cpu", -1, SQLITE_STATIC);
+    check(sqlite3_step(ins), db, "insert");
+    sqlite3_reset(ins);
+    for (const char* st : {"running", "completed"}) {
+      sqlite3_bind_text(upd, 1, st, -1, SQLITE_STATIC);
+      sqlite3_bind_int(upd, 2, 1);
+      sqlite3_bind_text(upd, 3, ts.c_str(), -1, SQLITE_STATIC);
+      sqlite3_bind_text(upd, 4, ts.c_str(), -1, SQLITE_STATIC);
+      sqlite3_bind_int(upd, 5, 1);
+      sqlite3_bind_text(upd, 6, id.c_str(), -1, SQLITE_STATIC);
+      check(sqlite3_step(upd), db, "update");
+      sqlite3_reset(upd);
+    }
+    for (const char* e : {"created", "started", "completed", "cleanup_completed"}) {
+      sqlite3_bind_text(ev, 1, id.c_str(), -1, SQLITE_STATIC);
+      sqlite3_bind_text(ev, 2, e, -1, SQLITE_STATIC);
+      sqlite3_bind_text(ev, 3, ts.c_str(), -1, SQLITE_STATIC);
+      sqlite3_bind_text(ev, 4, details, -1, SQLITE_STATIC);
+      check(sqlite3_step(ev), db, "event");
+      sqlite3_reset(ev);
+    }
+    if (i % 1000 == 999 || i == n - 1) check(sqlite3_exec(db, "COMMIT", nullptr, nullptr, nullptr), db, "commit");
+  }
+  const double s = std::chrono::duration<double>(SteadyClock::now() - t0).count();
+  sqlite3_finalize(ins);
+  sqlite3_finalize(upd);
+  sqlite3_finalize(ev);
+  sqlite3_close(db);
+  return n / s;
+}
+
+struct Result {
+  double rate = 0, create_p50_us = 0, create_p99_us = 0;
+};
+
+Result taskmgr_sqlite(const std::string& path, int n) {
+  taskmgr::Config config;
+  config.storage.path = path;
+  config.executor.worker_threads = 2;
+  config.tasks.max_queue_size = n + 1;
+  taskmgr::TaskManagerOptions options;
+  options.services.push_back(taskmgr::make_function_service("noop", [](taskmgr::TaskContext&) {}));
+  taskmgr::TaskManager tm(config, options);
+  taskmgr::TaskCreateRequest req;
+  req.service = "noop";
+  std::vector<double> create_us;
+  create_us.reserve(static_cast<std::size_t>(n));
+  const auto t0 = SteadyClock::now();
+  for (int i = 0; i < n; ++i) {
+    const auto c0 = SteadyClock::now();
+    const taskmgr::Task t = tm.create_task(req);
+    create_us.push_back(std::chrono::duration<double, std::micro>(SteadyClock::now() - c0).count());
+    tm.start_task(t.id);
+  }
+  if (!tm.wait_idle(std::chrono::minutes(10))) std::abort();
+  tm.close();  // every write committed
+  Result r;
+  r.rate = n / std::chrono::duration<double>(SteadyClock::now() - t0).count();
+  std::sort(create_us.begin(), create_us.end());
+  r.create_p50_us = create_us[create_us.size() / 2];
+  r.create_p99_us = create_us[create_us.size() * 99 / 100];
+  return r;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int tasks = 20000, runs = 3;
+  std::string dir = fs::temp_directory_path().string();
+  for (int i = 1; i + 1 < argc; i += 2) {
+    if (!std::strcmp(argv[i], "--tasks")) tasks = std::atoi(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--runs")) runs = std::atoi(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--dir")) dir = argv[i + 1];
+  }
+  std::printf("bench_store: %d tasks, 2 workers, %d runs, files in %s\n", tasks, runs, dir.c_str());
+  std::vector<double> raw, tm, p50, p99;
+  for (int r = 0; r < runs; ++r) {
+    const std::string a = dir + "/bench_raw.db", b = dir + "/bench_tm.db";
+    for (const auto& f : {a, b}) {
+      for (const char* sfx : {"", "-wal", "-shm", ".lock"}) fs::remove(f + sfx);
+    }
+    const double rr = raw_sqlite(a, tasks);
+    const Result t = taskmgr_sqlite(b, tasks);
+    raw.push_back(rr);
+    tm.push_back(t.rate);
+    p50.push_back(t.create_p50_us);
+    p99.push_back(t.create_p99_us);
+    std::printf("run %d: raw sqlite3 %.0f lifecycles/s | taskmgr+SQLite %.0f lifecycles/s (%.2f of raw) | "
+                "create_task p50 %.1f us p99 %.1f us\n",
+                r + 1, rr, t.rate, t.rate / rr, t.create_p50_us, t.create_p99_us);
+  }
+  std::printf("median: raw sqlite3 %.0f/s | taskmgr+SQLite %.0f/s (target >= 20000) | create_task p50 %.1f us p99 %.1f us\n",
+              median(raw), median(tm), median(p50), median(p99));
+  return 0;
+}

@@ -207,6 +207,8 @@ class TaskManager::Impl : public std::enable_shared_from_this<TaskManager::Impl>
   int loops_ = 0;     // worker_loop jobs posted and not yet returned
   int lingering_ = 0; // loops waiting a moment for new work
   std::atomic<std::uint64_t> enqueued_{0};  // tasks ever put in the queue
+  std::int64_t last_enqueue_ns_ = 0;                  // under mu_
+  std::atomic<std::int64_t> arrival_gap_ns_{1'000'000'000};  // mean gap between enqueues
   static constexpr std::chrono::microseconds kWorkerLinger{TASKMGR_LINGER_US};
   int backoff_ = 0;   // tasks waiting for a retry timer
   bool closing_ = false;
@@ -683,6 +685,17 @@ void TaskManager::Impl::enqueue_locked(const RecordPtr& rec, Batch& b, bool retr
     queue_->add_task(q, t.priority);
   }
   enqueued_.fetch_add(1, std::memory_order_release);
+  {
+    // Running mean of the real time between enqueues (worker linger heuristic).
+    const std::int64_t now_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                    std::chrono::steady_clock::now().time_since_epoch())
+                                    .count();
+    const std::int64_t gap = now_ns - last_enqueue_ns_;
+    last_enqueue_ns_ = now_ns;
+    const std::int64_t avg = arrival_gap_ns_.load(std::memory_order_relaxed);
+    arrival_gap_ns_.store(avg + (std::min<std::int64_t>(gap, 1'000'000'000) - avg) / 8,
+                          std::memory_order_relaxed);
+  }
   rec->phase = Phase::kQueued;
   t.status = TaskStatus::kQueued;
   t.queued_at = clock_->now();
@@ -786,7 +799,11 @@ void TaskManager::Impl::worker_loop() {
   auto lock = detail::spin_lock(mu_);
   while (!closing_) {
     std::optional<Launch> launch = next_locked();
-    if (!launch && lingering_ == 0) {
+    // Linger only when tasks arrive faster than the linger lasts: spinning
+    // while the host is slow to submit would only take CPU from it.
+    if (!launch && lingering_ == 0 &&
+        arrival_gap_ns_.load(std::memory_order_relaxed) <
+            std::chrono::duration_cast<std::chrono::nanoseconds>(kWorkerLinger).count()) {
       // Linger a moment for the next task before giving the thread back: a
       // host that submits a stream of short tasks then needs no post and no
       // thread wake-up per task. Only new work (enqueues) ends the linger

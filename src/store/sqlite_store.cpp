@@ -15,6 +15,7 @@
 #include <future>
 #include <mutex>
 #include <thread>
+#include <unordered_map>
 #include <variant>
 
 #include "taskmgr/error.hpp"
@@ -45,7 +46,7 @@ CREATE TABLE tasks (
   queued_at TIMESTAMP,
   started_at TIMESTAMP,
   finished_at TIMESTAMP
-);
+) WITHOUT ROWID;
 CREATE INDEX idx_tasks_status ON tasks(status);
 )sql";
 
@@ -263,8 +264,13 @@ class SqliteStore final : public TaskStore {
     {
       InsertOp op{task, created, {}};
       done = op.done.get_future();
-      enqueue(Op(std::move(op)));
+      enqueue(Op(std::move(op)), /*wake_writer=*/false);
     }
+    // Leader-based group commit (as LevelDB's writers do): the caller commits
+    // everything queued so far itself, its own insert included, unless a
+    // commit already in progress took it. No hand-off to the writer thread and
+    // back for a lone caller; many callers still share one commit.
+    commit_queued();
     done.get();  // returns once committed; rethrows the commit's error
   }
 
@@ -361,6 +367,10 @@ class SqliteStore final : public TaskStore {
   void flush() override {
     std::unique_lock<std::mutex> l(mu_);
     const std::uint64_t target = enqueued_;
+    if (committed_ < target) {
+      flush_requested_ = true;
+      cv_.notify_all();
+    }
     done_cv_.wait(l, [&] { return committed_ >= target || stop_; });
   }
 
@@ -410,17 +420,44 @@ class SqliteStore final : public TaskStore {
     }
   }
 
-  void enqueue(Op op) {
+  void enqueue(Op op, bool wake_writer = true) {
+    bool wake = false;
     {
       std::lock_guard<std::mutex> g(mu_);
       if (stop_) throw Error(ErrorCode::kInvalidState, "the store is closed");
       ops_.push_back(std::move(op));
       ++enqueued_;
+      // Wake the writer only when it sleeps for want of work (or the batch
+      // is full): while it gathers a batch, more writes need no wake-up.
+      wake = wake_writer && (writer_idle_ || ops_.size() >= options_.max_batch);
     }
-    cv_.notify_one();
+    if (wake) cv_.notify_one();
   }
 
-  void apply(Op& op) {
+  // Commits what is queued now, in one transaction (up to max_batch at a
+  // time). One committer at a time: commit_mu_ keeps the order.
+  void commit_queued() {
+    std::lock_guard<std::mutex> c(commit_mu_);
+    for (;;) {
+      std::vector<Op> batch;
+      {
+        std::lock_guard<std::mutex> g(mu_);
+        while (!ops_.empty() && batch.size() < options_.max_batch) {
+          batch.push_back(std::move(ops_.front()));
+          ops_.pop_front();
+        }
+      }
+      if (batch.empty()) return;
+      commit(batch);
+      {
+        std::lock_guard<std::mutex> g(mu_);
+        committed_ += batch.size();
+      }
+      done_cv_.notify_all();
+    }
+  }
+
+  void apply(Op& op, bool events_only = false) {
     if (auto* ins = std::get_if<InsertOp>(&op)) {
       const Task& t = ins->task;
       SQLite::Statement& st = *insert_task_;
@@ -459,6 +496,10 @@ class SqliteStore final : public TaskStore {
       st.exec();
       insert_event(ins->created);
     } else if (auto* up = std::get_if<UpdateOp>(&op)) {
+      if (events_only) {
+        for (const auto& e : up->events) insert_event(e);
+        return;
+      }
       const Task& t = up->task;
       SQLite::Statement& st = *update_task_;
       st.reset();
@@ -512,6 +553,24 @@ class SqliteStore final : public TaskStore {
 
   // Commits `batch` in one transaction. On failure, rolls back and commits
   // each op alone, so one bad insert (disk full) fails only its caller.
+  // Marks, for each task updated more than once in `batch`, all but its last
+  // row update as superseded: an update writes the task's whole mutable
+  // state, so only the last one matters (every event is still inserted).
+  static std::vector<bool> superseded(const std::vector<Op>& batch) {
+    std::vector<bool> skip(batch.size(), false);
+    std::unordered_map<std::string_view, std::size_t> last;
+    for (std::size_t i = 0; i < batch.size(); ++i) {
+      if (const auto* up = std::get_if<UpdateOp>(&batch[i])) {
+        auto [it, fresh] = last.try_emplace(up->task.id, i);
+        if (!fresh) {
+          skip[it->second] = true;
+          it->second = i;
+        }
+      }
+    }
+    return skip;
+  }
+
   void commit(std::vector<Op>& batch) {
     if (options_.page_limit) {
       const std::int64_t limit = options_.page_limit->load();
@@ -523,8 +582,9 @@ class SqliteStore final : public TaskStore {
       }
     }
     try {
+      const std::vector<bool> skip = superseded(batch);
       SQLite::Transaction tx(*writer_db_, SQLite::TransactionBehavior::IMMEDIATE);
-      for (auto& op : batch) apply(op);
+      for (std::size_t i = 0; i < batch.size(); ++i) apply(batch[i], skip[i]);
       tx.commit();
       for (auto& op : batch) {
         if (auto* ins = std::get_if<InsertOp>(&op)) ins->done.set_value();
@@ -556,25 +616,24 @@ class SqliteStore final : public TaskStore {
     }
   }
 
+  // Commits the asynchronous writes (updates, events, samples). It lets them
+  // gather for up to kWriterDelay first, so that one transaction carries many:
+  // they need not be durable at once (their contract), and a create_task in
+  // the meantime commits them anyway as the leader. flush() cuts the wait.
   void run_writer() {
-    std::vector<Op> batch;
     for (;;) {
       {
         std::unique_lock<std::mutex> l(mu_);
+        writer_idle_ = true;
         cv_.wait(l, [this] { return stop_ || !ops_.empty(); });
+        writer_idle_ = false;
         if (ops_.empty() && stop_) return;
-        while (!ops_.empty() && batch.size() < options_.max_batch) {
-          batch.push_back(std::move(ops_.front()));
-          ops_.pop_front();
-        }
+        cv_.wait_for(l, kWriterDelay, [this] {
+          return stop_ || flush_requested_ || ops_.size() >= options_.max_batch;
+        });
+        flush_requested_ = false;
       }
-      commit(batch);
-      {
-        std::lock_guard<std::mutex> g(mu_);
-        committed_ += batch.size();
-      }
-      batch.clear();
-      done_cv_.notify_all();
+      commit_queued();
     }
   }
 
@@ -586,6 +645,7 @@ class SqliteStore final : public TaskStore {
   std::unique_ptr<SQLite::Statement> insert_task_, update_task_, insert_event_, insert_metric_;
   std::mutex read_mu_;
 
+  std::mutex commit_mu_;  // one committer at a time (leader or writer thread)
   std::mutex mu_;
   std::condition_variable cv_;
   std::condition_variable done_cv_;
@@ -593,6 +653,9 @@ class SqliteStore final : public TaskStore {
   std::uint64_t enqueued_ = 0;
   std::uint64_t committed_ = 0;
   bool stop_ = false;
+  bool flush_requested_ = false;
+  bool writer_idle_ = false;
+  static constexpr std::chrono::milliseconds kWriterDelay{2};
   std::atomic<std::uint64_t> failed_writes_{0};
   std::int64_t applied_page_limit_ = 0;
   std::thread writer_;

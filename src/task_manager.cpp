@@ -103,7 +103,7 @@ using RecordPtr = std::shared_ptr<Record>;
 }  // namespace
 
 // ---------------------------------------------------------------------------
-class TaskManager::Impl : public std::enable_shared_from_this<TaskManager::Impl> {
+class TaskManager::Impl {
  public:
   Impl(Config config, TaskManagerOptions options);
   ~Impl();
@@ -155,7 +155,9 @@ class TaskManager::Impl : public std::enable_shared_from_this<TaskManager::Impl>
   bool supports(const std::string& service, const DeviceInfo& d) const;
   std::function<bool(const DeviceInfo&)> support_filter(const std::string& service) const;
 
-  void enqueue_locked(const RecordPtr& rec, Batch& b, bool retry);
+  // retry: a further attempt (requeue_task: one priority lower). recovered:
+  // found queued at open (never refused, same priority).
+  void enqueue_locked(const RecordPtr& rec, Batch& b, bool retry, bool recovered = false);
   struct Launch {
     RecordPtr rec;
     ServicePool::Lease lease;
@@ -670,14 +672,17 @@ Task TaskManager::Impl::start_task(const std::string& id, const TaskStartRequest
   return out;
 }
 
-void TaskManager::Impl::enqueue_locked(const RecordPtr& rec, Batch& b, bool retry) {
+void TaskManager::Impl::enqueue_locked(const RecordPtr& rec, Batch& b, bool retry,
+                                       bool recovered) {
   Task& t = rec->task;
   QueuedTask q;
   q.task_id = t.id;
   q.device = *t.assigned_device;
   q.service = t.service;
   q.estimated_memory_mb = t.estimated_memory_mb.value_or(0);
-  if (retry) {
+  if (recovered) {
+    queue_->add_task(q, t.priority, /*enforce_limit=*/false);  // accepted before: never refused
+  } else if (retry) {
     q.priority = t.priority;
     queue_->requeue_task(q);  // the spec: one priority lower; never refused
     t.priority -= 1;
@@ -705,7 +710,8 @@ void TaskManager::Impl::enqueue_locked(const RecordPtr& rec, Batch& b, bool retr
              {"priority", t.priority},
              {"batch_size", t.batch_size},
              {"estimated_memory_mb", q.estimated_memory_mb},
-             {"retry", retry}});
+             {"retry", retry},
+             {"recovered", recovered}});
 }
 
 bool TaskManager::Impl::cancel_task(const std::string& id) {
@@ -1159,10 +1165,11 @@ void TaskManager::Impl::apply_retry_locked(const RecordPtr& rec, const RetryDeci
   rec->phase = Phase::kBackoff;
   ++backoff_;
   ++backoff_by_device_[d.device];
-  std::weak_ptr<Impl> weak = weak_from_this();
-  rec->retry_timer = timers_->schedule_after(d.delay, [weak, rec] {
-    auto self = weak.lock();
-    if (!self) return;
+  // Captures `this`, as every timer and worker job does: ~Impl joins the
+  // timer thread and the workers before any member goes. (A weak_ptr here
+  // could make the timer thread the last owner and have it join itself.)
+  Impl* self = this;
+  rec->retry_timer = timers_->schedule_after(d.delay, [self, rec] {
     auto g = detail::spin_lock(self->mu_);
     if (rec->phase != Phase::kBackoff || self->closing_) return;
     --self->backoff_;
@@ -1289,24 +1296,7 @@ void TaskManager::Impl::recover() {
         continue;
       }
     }
-    QueuedTask q;
-    q.task_id = task.id;
-    q.device = *task.assigned_device;
-    q.service = task.service;
-    q.estimated_memory_mb = task.estimated_memory_mb.value_or(0);
-    queue_->add_task(q, task.priority, /*enforce_limit=*/false);  // accepted before: never refused
-    enqueued_.fetch_add(1, std::memory_order_release);
-    rec->phase = Phase::kQueued;
-    task.status = TaskStatus::kQueued;
-    task.queued_at = clock_->now();
-    rec->queued_steady = clock_->steady_now();
-    add_event(b, *rec, TaskEvent::kQueued,
-              {{"device", q.device},
-               {"priority", task.priority},
-               {"batch_size", task.batch_size},
-               {"estimated_memory_mb", q.estimated_memory_mb},
-               {"retry", was_running},
-               {"recovered", true}});
+    enqueue_locked(rec, b, was_running, /*recovered=*/true);
     commit_locked(*rec, b);
   }
   if (!tasks.empty()) {

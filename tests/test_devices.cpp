@@ -97,7 +97,7 @@ TEST_CASE("reservations add up and never go below zero") {
   CHECK(r.get("cuda:1")->reserved_mb == 0);
 }
 
-TEST_CASE("devices come from the config; declared devices are used as given") {
+TEST_CASE("devices come from the config: declared devices are used as given") {
   DevicesConfig c;
   c.probe_nvidia = true;  // no libnvidia-ml here or in CI: no GPUs, no error
   c.cpu_memory_mb = 3000;

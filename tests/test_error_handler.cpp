@@ -175,7 +175,7 @@ TEST_CASE("a memory limit failure ends as MEMORY_LIMIT_EXCEEDED") {
   CHECK(d.final_reason == TaskFailureReason::kMemoryLimitExceeded);
 }
 
-TEST_CASE("only retryable failures are retried; the rest fail at once with their reason") {
+TEST_CASE("only retryable failures are retried: the rest fail at once with their reason") {
   TaskErrorHandler h(retry(true, 3));
   FailureInfo invalid;
   invalid.reason = TaskFailureReason::kInvalidInput;

@@ -75,7 +75,7 @@ TEST_CASE("estimates converge on measured actuals and err on the high side") {
   CHECK(small.mb <= 22);
 }
 
-TEST_CASE("learning is per device; before placement the most conservative applies") {
+TEST_CASE("learning is per device: before placement the most conservative applies") {
   MemoryEstimator e;
   RequestFeatures f;
   const double model = e.estimate("svc", f).model_mb;

@@ -160,7 +160,7 @@ TEST_CASE("a failing factory leaves the slot free") {
   CHECK(f->created == 1);
 }
 
-TEST_CASE("warm() creates min_instances; auto max is the worker count on cpu, 1 on a GPU") {
+TEST_CASE("warm() creates min_instances: auto max is the worker count on cpu, 1 on a GPU") {
   auto f = std::make_shared<Counting>();
   PoolsConfig c;
   c.defaults.min_instances = 2;

@@ -98,7 +98,7 @@ EventRecord event_for(const Task& t, TaskEvent e, const std::string& details = "
 
 }  // namespace
 
-TEST_CASE("a v1 database with rows is upgraded in place; old rows keep their data") {
+TEST_CASE("a v1 database with rows is upgraded in place: old rows keep their data") {
   TempDir dir;
   {
     SQLite::Database db(dir.db(), SQLite::OPEN_READWRITE | SQLite::OPEN_CREATE);
@@ -149,7 +149,7 @@ TEST_CASE("a v1 database with rows is upgraded in place; old rows keep their dat
   CHECK(db.execAndGet("SELECT resource_cleanup_completed FROM tasks LIMIT 1").getInt() == 0);
 }
 
-TEST_CASE("opening twice is a no-op; a newer schema is refused and left untouched") {
+TEST_CASE("opening twice is a no-op: a newer schema is refused and left untouched") {
   TempDir dir;
   {
     auto store = open_sqlite_store(dir.db());
@@ -244,7 +244,7 @@ TEST_CASE("a second store on the same file is refused as in use") {
   CHECK_NOTHROW(open_sqlite_store(dir.db()));
 }
 
-TEST_CASE("a full disk fails create_task clearly; accepted tasks are untouched; it recovers") {
+TEST_CASE("a full disk fails create_task clearly: accepted tasks are untouched: it recovers") {
   TempDir dir;
   SqliteStoreOptions o;
   o.page_limit = std::make_shared<std::atomic<std::int64_t>>(0);

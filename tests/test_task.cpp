@@ -23,7 +23,7 @@ TEST_CASE("every TaskStatus round-trips through its string form") {
   CHECK_FALSE(parse_task_status("").has_value());
 }
 
-TEST_CASE("every TaskFailureReason round-trips; the spec's four memory reasons are spelled as in the spec") {
+TEST_CASE("every TaskFailureReason round-trips: the spec's four memory reasons are spelled as in the spec") {
   std::set<std::string> names;
   for (TaskFailureReason r : all_failure_reasons()) {
     const std::string name(to_string(r));
@@ -44,7 +44,7 @@ TEST_CASE("every TaskFailureReason round-trips; the spec's four memory reasons a
   CHECK_FALSE(parse_failure_reason("OUT_OF_MEMORY").has_value());
 }
 
-TEST_CASE("every TaskEvent round-trips; the spec's five resource events are spelled as in the spec") {
+TEST_CASE("every TaskEvent round-trips: the spec's five resource events are spelled as in the spec") {
   std::set<std::string> names;
   for (TaskEvent e : all_task_events()) {
     const std::string name(to_string(e));

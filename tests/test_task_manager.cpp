@@ -299,7 +299,7 @@ TEST_CASE("the event sequence of a task with one OOM retry is exactly as documen
   CHECK(t.priority == -1);
 }
 
-TEST_CASE("QUEUE_FULL at max_queue_size; the task stays pending and starts later") {
+TEST_CASE("QUEUE_FULL at max_queue_size: the task stays pending and starts later") {
   Harness h;
   h.config.executor.worker_threads = 1;
   h.config.tasks.max_queue_size = 2;
@@ -735,7 +735,7 @@ TEST_CASE("the estimator learns from the actuals of finished tasks") {
   CHECK(h.create(100).estimated_memory_mb >= 300);
 }
 
-TEST_CASE("tasks run by priority; FIFO among equals") {
+TEST_CASE("tasks run by priority: FIFO among equals") {
   Harness h;
   h.config.executor.worker_threads = 1;
   Gate gate;

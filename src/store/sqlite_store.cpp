@@ -114,6 +114,52 @@ std::optional<Timestamp> col_ts(const SQLite::Column& c) {
   return parse_timestamp(c.getString());
 }
 
+// The columns every state change rewrites, bound from `first` on, in the
+// order of kMutableColumns.
+constexpr const char* kMutableColumns =
+    "options, priority, status, attempt, batch_size, failure_reason, failure_message, result, "
+    "queued_at, started_at, finished_at, estimated_memory_mb, actual_memory_mb, "
+    "assigned_device, service_instance_id, resource_cleanup_completed";
+constexpr int kMutableCount = 16;
+
+void bind_mutable(SQLite::Statement& st, int first, const Task& t) {
+  int i = first;
+  bind_opt_text(st, i++, t.options_json);
+  st.bind(i++, t.priority);
+  st.bind(i++, std::string(to_string(t.status)));
+  st.bind(i++, t.attempt);
+  st.bind(i++, t.batch_size);
+  if (t.failure_reason == TaskFailureReason::kNone) {
+    st.bind(i++);
+  } else {
+    st.bind(i++, std::string(to_string(t.failure_reason)));
+  }
+  bind_opt_text(st, i++, t.failure_message);
+  bind_opt_text(st, i++, t.result);
+  bind_opt_ts(st, i++, t.queued_at);
+  bind_opt_ts(st, i++, t.started_at);
+  bind_opt_ts(st, i++, t.finished_at);
+  bind_opt(st, i++, t.estimated_memory_mb);
+  bind_opt(st, i++, t.actual_memory_mb);
+  bind_opt(st, i++, t.assigned_device);
+  bind_opt(st, i++, t.service_instance_id);
+  st.bind(i++, t.resource_cleanup_completed ? 1 : 0);
+}
+
+std::string mutable_assignments() {
+  std::string out, cols = kMutableColumns;
+  std::size_t pos = 0;
+  while (pos < cols.size()) {
+    std::size_t comma = cols.find(',', pos);
+    if (comma == std::string::npos) comma = cols.size();
+    std::string name = cols.substr(pos, comma - pos);
+    name.erase(0, name.find_first_not_of(' '));
+    out += (out.empty() ? "" : ", ") + name + "=?";
+    pos = comma + 1;
+  }
+  return out;
+}
+
 Task read_task(SQLite::Statement& q) {
   Task t;
   t.id = q.getColumn(0).getString();
@@ -232,14 +278,17 @@ class SqliteStore final : public TaskStore {
                                                                 SQLite::OPEN_FULLMUTEX);
       reader_db_->setBusyTimeout(busy_ms());
       insert_task_ = std::make_unique<SQLite::Statement>(
-          *writer_db_, std::string("INSERT INTO tasks (") + kTaskColumns +
-                           ") VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
+          *writer_db_, std::string("INSERT INTO tasks (id, service, input_path, input_data, "
+                                   "input_media_type, created_at, ") +
+                           kMutableColumns + ") VALUES (?,?,?,?,?,?" +
+                           [] {
+                             std::string q;
+                             for (int i = 0; i < kMutableCount; ++i) q += ",?";
+                             return q;
+                           }() +
+                           ")");
       update_task_ = std::make_unique<SQLite::Statement>(
-          *writer_db_,
-          "UPDATE tasks SET options=?, priority=?, status=?, attempt=?, batch_size=?, "
-          "failure_reason=?, failure_message=?, result=?, queued_at=?, started_at=?, "
-          "finished_at=?, estimated_memory_mb=?, actual_memory_mb=?, assigned_device=?, "
-          "service_instance_id=?, resource_cleanup_completed=? WHERE id=?");
+          *writer_db_, "UPDATE tasks SET " + mutable_assignments() + " WHERE id=?");
       insert_event_ = std::make_unique<SQLite::Statement>(
           *writer_db_,
           "INSERT INTO task_events (task_id, event_type, timestamp, details) VALUES (?,?,?,?)");
@@ -475,27 +524,8 @@ class SqliteStore final : public TaskStore {
         st.bindNoCopy(4, t.input.data.data(), static_cast<int>(t.input.data.size()));
       }
       bind_opt_text(st, 5, t.input.media_type);
-      bind_opt_text(st, 6, t.options_json);
-      st.bind(7, t.priority);
-      st.bind(8, std::string(to_string(t.status)));
-      st.bind(9, t.attempt);
-      st.bind(10, t.batch_size);
-      if (t.failure_reason == TaskFailureReason::kNone) {
-        st.bind(11);
-      } else {
-        st.bind(11, std::string(to_string(t.failure_reason)));
-      }
-      bind_opt_text(st, 12, t.failure_message);
-      bind_opt_text(st, 13, t.result);
-      st.bind(14, format_timestamp(t.created_at));
-      bind_opt_ts(st, 15, t.queued_at);
-      bind_opt_ts(st, 16, t.started_at);
-      bind_opt_ts(st, 17, t.finished_at);
-      bind_opt(st, 18, t.estimated_memory_mb);
-      bind_opt(st, 19, t.actual_memory_mb);
-      bind_opt(st, 20, t.assigned_device);
-      bind_opt(st, 21, t.service_instance_id);
-      st.bind(22, t.resource_cleanup_completed ? 1 : 0);
+      st.bind(6, format_timestamp(t.created_at));
+      bind_mutable(st, 7, t);
       st.exec();
       insert_event(ins->created);
     } else if (auto* up = std::get_if<UpdateOp>(&op)) {
@@ -507,27 +537,8 @@ class SqliteStore final : public TaskStore {
       SQLite::Statement& st = *update_task_;
       st.reset();
       st.clearBindings();
-      bind_opt_text(st, 1, t.options_json);
-      st.bind(2, t.priority);
-      st.bind(3, std::string(to_string(t.status)));
-      st.bind(4, t.attempt);
-      st.bind(5, t.batch_size);
-      if (t.failure_reason == TaskFailureReason::kNone) {
-        st.bind(6);
-      } else {
-        st.bind(6, std::string(to_string(t.failure_reason)));
-      }
-      bind_opt_text(st, 7, t.failure_message);
-      bind_opt_text(st, 8, t.result);
-      bind_opt_ts(st, 9, t.queued_at);
-      bind_opt_ts(st, 10, t.started_at);
-      bind_opt_ts(st, 11, t.finished_at);
-      bind_opt(st, 12, t.estimated_memory_mb);
-      bind_opt(st, 13, t.actual_memory_mb);
-      bind_opt(st, 14, t.assigned_device);
-      bind_opt(st, 15, t.service_instance_id);
-      st.bind(16, t.resource_cleanup_completed ? 1 : 0);
-      st.bind(17, t.id);
+      bind_mutable(st, 1, t);
+      st.bind(kMutableCount + 1, t.id);
       st.exec();
       for (const auto& e : up->events) insert_event(e);
     } else if (auto* m = std::get_if<MetricsOp>(&op)) {

@@ -26,6 +26,7 @@
 #include "log_internal.hpp"
 #include "taskmgr/error.hpp"
 #include "taskmgr/error_handler.hpp"
+#include "taskmgr/ocr.hpp"
 #include "taskmgr/service_pool.hpp"
 #include "taskmgr/task_queue.hpp"
 #include "timer_queue.hpp"
@@ -378,7 +379,12 @@ TaskManager::Impl::Impl(Config config, TaskManagerOptions options)
   timers_ = std::make_unique<detail::TimerQueue>(clock_);
   last_refresh_ = clock_->steady_now();
   device_ids_ = devices_->ids();
-  for (auto& f : options.services) register_service(std::move(f));
+  bool has_ocr = false;
+  for (auto& f : options.services) {
+    has_ocr = has_ocr || (f && f->kind() == "ocr");
+    register_service(std::move(f));
+  }
+  if (options.builtin_ocr && !has_ocr) register_service(make_ocr_service(config_.ocr));
   remove_dead_temp_dirs();
   recover();
   schedule_sweep();

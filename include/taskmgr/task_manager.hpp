@@ -70,6 +70,7 @@ struct TaskManagerOptions {
   std::shared_ptr<DeviceRegistry> devices;  // default: probed/declared per config.devices
   LogSink log_sink;                         // default: warnings and errors to stderr
   std::vector<std::shared_ptr<ServiceFactory>> services;  // registered at open
+  bool builtin_ocr = true;  // register the OCR service ("ocr", per config.ocr) unless given above
   unsigned random_seed = 0;                 // backoff jitter; 0 = random
   Duration sweep_interval = std::chrono::milliseconds(100);  // timeouts are checked this often
 };

@@ -13,6 +13,7 @@
 #include "taskmgr/export.hpp"
 #include "taskmgr/log.hpp"
 #include "taskmgr/metrics.hpp"
+#include "taskmgr/ocr.hpp"
 #include "taskmgr/service.hpp"
 #include "taskmgr/service_pool.hpp"
 #include "taskmgr/store.hpp"

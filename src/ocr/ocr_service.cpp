@@ -1,0 +1,406 @@
+// The built-in OCR service: Leptonica decodes, OpenCV preprocesses,
+// Tesseract recognizes, on an engine initialised once per instance.
+#include <leptonica/allheaders.h>
+#include <omp.h>
+#include <sys/stat.h>
+#include <tesseract/baseapi.h>
+#include <tesseract/resultiterator.h>
+
+#include <algorithm>
+#include <boost/json.hpp>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <memory>
+#include <mutex>
+#include <opencv2/core.hpp>
+#include <opencv2/imgproc.hpp>
+#include <sstream>
+
+#include "taskmgr/device.hpp"
+#include "taskmgr/error.hpp"
+#include "taskmgr/ocr.hpp"
+
+namespace taskmgr {
+namespace {
+
+namespace json = boost::json;
+
+constexpr std::int64_t kMaxPixels = 200'000'000;  // per page: a 100000x100000 header is refused
+
+struct PixDeleter {
+  void operator()(Pix* p) const noexcept {
+    if (p != nullptr) pixDestroy(&p);
+  }
+};
+using PixPtr = std::unique_ptr<Pix, PixDeleter>;
+
+struct TextDeleter {
+  void operator()(char* p) const noexcept { delete[] p; }
+};
+using TextPtr = std::unique_ptr<char[], TextDeleter>;
+
+std::string find_tessdata(const std::string& configured) {
+  if (!configured.empty()) return configured;
+  if (const char* env = std::getenv("TESSDATA_PREFIX"); env != nullptr && *env != '\0') return env;
+  for (const char* dir : {"/usr/share/tesseract-ocr/5/tessdata", "/usr/share/tesseract-ocr/4.00/tessdata",
+                          "/usr/share/tessdata"}) {
+    struct stat st {};
+    if (::stat(dir, &st) == 0) return dir;
+  }
+  return "";
+}
+
+// Options of one task, over the service's defaults.
+struct TaskOptions {
+  int psm = 3;
+  std::string output = "text";
+  bool words = true;
+  PreprocessConfig pre;
+};
+
+TaskOptions parse_options(const std::string& text, const OcrConfig& defaults) {
+  TaskOptions o;
+  o.psm = defaults.page_segmentation_mode;
+  o.pre = defaults.preprocess;
+  if (text.empty()) return o;
+  boost::system::error_code ec;
+  const json::value v = json::parse(text, ec);
+  if (ec || !v.is_object()) throw InvalidInputError("options are not a JSON object");
+  const auto& obj = v.as_object();
+  auto get_bool = [](const json::value& x, const char* what) {
+    if (!x.is_bool()) throw InvalidInputError(std::string("option ") + what + " must be true or false");
+    return x.as_bool();
+  };
+  auto get_int = [](const json::value& x, const char* what, int lo, int hi) {
+    if (!x.is_int64() || x.as_int64() < lo || x.as_int64() > hi) {
+      throw InvalidInputError(std::string("option ") + what + " must be an integer in [" +
+                              std::to_string(lo) + ", " + std::to_string(hi) + "]");
+    }
+    return static_cast<int>(x.as_int64());
+  };
+  for (const auto& [key, val] : obj) {
+    if (key == "psm") {
+      o.psm = get_int(val, "psm", 0, 13);
+    } else if (key == "output") {
+      if (!val.is_string() || (val.as_string() != "text" && val.as_string() != "hocr" &&
+                               val.as_string() != "tsv")) {
+        throw InvalidInputError("option output must be \"text\", \"hocr\" or \"tsv\"");
+      }
+      o.output = std::string(val.as_string());
+    } else if (key == "words") {
+      o.words = get_bool(val, "words");
+    } else if (key == "preprocess") {
+      if (!val.is_object()) throw InvalidInputError("option preprocess must be an object");
+      for (const auto& [pk, pv] : val.as_object()) {
+        if (pk == "grayscale") o.pre.grayscale = get_bool(pv, "preprocess.grayscale");
+        else if (pk == "binarize") o.pre.binarize = get_bool(pv, "preprocess.binarize");
+        else if (pk == "deskew") o.pre.deskew = get_bool(pv, "preprocess.deskew");
+        else if (pk == "target_dpi") o.pre.target_dpi = get_int(pv, "preprocess.target_dpi", 0, 1200);
+        else throw InvalidInputError("unknown option preprocess." + std::string(pk));
+      }
+    } else if (key != "mb") {  // "mb" is read by test estimators; ignored here
+      throw InvalidInputError("unknown option '" + std::string(key) + "'");
+    }
+  }
+  return o;
+}
+
+std::vector<std::uint8_t> read_input(const TaskInput& in) {
+  if (!in.data.empty()) return in.data;
+  if (in.path.empty()) throw InvalidInputError("the task has no input (no path, no bytes)");
+  struct stat st {};
+  if (::stat(in.path.c_str(), &st) != 0) throw InvalidInputError("cannot read " + in.path + ": no such file");
+  if (S_ISDIR(st.st_mode)) throw InvalidInputError("cannot read " + in.path + ": it is a directory");
+  std::ifstream f(in.path, std::ios::binary);
+  if (!f) throw InvalidInputError("cannot open " + in.path);
+  std::vector<std::uint8_t> bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  if (bytes.empty()) throw InvalidInputError(in.path + " is empty");
+  return bytes;
+}
+
+std::string describe(const TaskInput& in) {
+  return in.path.empty() ? std::to_string(in.data.size()) + " bytes in memory" : in.path;
+}
+
+// An 8-bit gray cv::Mat copy of a Pix (Leptonica keeps bytes in 32-bit
+// words, swapped on little-endian machines).
+cv::Mat to_gray_mat(Pix* pix) {
+  PixPtr gray(pixConvertTo8(pix, 0));
+  if (!gray) throw InvalidInputError("cannot convert the page to 8-bit gray");
+  PixPtr swapped(pixEndianByteSwapNew(gray.get()));
+  const int w = static_cast<int>(pixGetWidth(swapped.get()));
+  const int h = static_cast<int>(pixGetHeight(swapped.get()));
+  const std::size_t stride = static_cast<std::size_t>(pixGetWpl(swapped.get())) * 4;
+  cv::Mat view(h, w, CV_8UC1, pixGetData(swapped.get()), stride);
+  return view.clone();
+}
+
+double estimate_skew_degrees(const cv::Mat& gray) {
+  cv::Mat ink;
+  cv::threshold(gray, ink, 0, 255, cv::THRESH_BINARY_INV | cv::THRESH_OTSU);
+  std::vector<cv::Point> points;
+  cv::findNonZero(ink, points);
+  if (points.size() < 100) return 0;
+  const cv::RotatedRect box = cv::minAreaRect(points);
+  double angle = box.angle;
+  if (angle < -45) angle += 90;
+  if (angle > 45) angle -= 90;
+  return angle;
+}
+
+class OcrService final : public Service {
+ public:
+  OcrService(const OcrConfig& config, const std::string& device) : config_(config) {
+    (void)device;
+    tessdata_ = find_tessdata(config.tessdata_path);
+    if (api_.Init(tessdata_.empty() ? nullptr : tessdata_.c_str(), config.languages.c_str(),
+                  tesseract::OEM_LSTM_ONLY) != 0) {
+      throw std::runtime_error("cannot initialise Tesseract with languages '" + config.languages +
+                               "' and tessdata '" + (tessdata_.empty() ? "(default)" : tessdata_) +
+                               "': is the language data installed (tesseract-ocr-eng)?");
+    }
+  }
+
+  void process(TaskContext& ctx) override {
+    limit_openmp();
+    const TaskOptions opt = parse_options(ctx.options_json(), config_);
+    ctx.stage("load");
+    const std::vector<std::uint8_t> bytes = read_input(ctx.input());
+    l_int32 format = 0, w = 0, h = 0, bps = 0, spp = 0, iscmap = 0;
+    // PNG declares its size in the first chunk: check it before any decoder
+    // (a 100000x100000 header must not get as far as an allocation).
+    if (bytes.size() >= 24 && std::memcmp(bytes.data(), "\x89PNG\r\n\x1a\n", 8) == 0 &&
+        std::memcmp(bytes.data() + 12, "IHDR", 4) == 0) {
+      auto be32 = [&](std::size_t at) {
+        return (std::uint32_t{bytes[at]} << 24) | (std::uint32_t{bytes[at + 1]} << 16) |
+               (std::uint32_t{bytes[at + 2]} << 8) | std::uint32_t{bytes[at + 3]};
+      };
+      check_size(static_cast<std::int64_t>(be32(16)), static_cast<std::int64_t>(be32(20)), ctx.input());
+    }
+    if (pixReadHeaderMem(bytes.data(), bytes.size(), &format, &w, &h, &bps, &spp, &iscmap) != 0 ||
+        w <= 0 || h <= 0) {
+      throw InvalidInputError("not a readable image (PNG, JPEG, TIFF, BMP or WebP): " +
+                              describe(ctx.input()));
+    }
+    check_size(w, h, ctx.input());
+    const bool tiff = L_FORMAT_IS_TIFF(format);
+    json::array pages;
+    std::string all_text;
+    double conf_sum = 0;
+    int page_no = 0;
+    const int batch = std::max(1, ctx.batch_size());
+    bool more = true;
+    while (more) {
+      // Decode up to batch_size pages, then recognize them: the batch is what
+      // an out-of-memory retry shrinks.
+      std::vector<PixPtr> held;
+      for (int i = 0; i < batch; ++i) {
+        PixPtr pix(tiff ? pixReadMemTiff(bytes.data(), bytes.size(), page_no + i)
+                        : (page_no + i == 0 ? pixReadMem(bytes.data(), bytes.size()) : nullptr));
+        if (!pix) {
+          more = false;
+          break;
+        }
+        held.push_back(std::move(pix));
+      }
+      if (held.empty() && page_no == 0) {
+        throw InvalidInputError("cannot decode the image (truncated or corrupt): " + describe(ctx.input()));
+      }
+      std::int64_t held_bytes = static_cast<std::int64_t>(bytes.size());
+      for (const auto& p : held) {
+        held_bytes += static_cast<std::int64_t>(pixGetWpl(p.get())) * 4 * pixGetHeight(p.get());
+      }
+      ctx.report_memory(std::max<std::int64_t>(1, held_bytes >> 20) + engine_mb());
+      for (auto& pix : held) {
+        ctx.throw_if_cancelled();
+        ++page_no;
+        pages.push_back(recognize(ctx, opt, pix.get(), page_no, held_bytes));
+        const auto& pg = pages.back().as_object();
+        all_text += std::string(pg.at("text").as_string());
+        conf_sum += pg.at("mean_confidence").as_double();
+      }
+      if (!tiff) more = false;
+    }
+    json::object result;
+    result["text"] = all_text;
+    result["mean_confidence"] = pages.empty() ? 0.0 : conf_sum / static_cast<double>(pages.size());
+    result["pages"] = std::move(pages);
+    ctx.set_result(json::serialize(result));
+  }
+
+  void cleanup_task(const std::string&) noexcept override {
+    try {
+      api_.Clear();
+    } catch (...) {
+    }
+  }
+
+ private:
+  static void check_size(std::int64_t w, std::int64_t h, const TaskInput& in) {
+    if (w * h > kMaxPixels) {
+      throw InvalidInputError("image of " + std::to_string(w) + "x" + std::to_string(h) +
+                              " pixels exceeds the limit of " + std::to_string(kMaxPixels) +
+                              " pixels per page: " + describe(in));
+    }
+  }
+
+  static void limit_openmp() {
+    thread_local bool done = false;
+    if (!done) {
+      omp_set_num_threads(1);  // this thread's OpenMP regions run on it alone
+      done = true;
+    }
+  }
+
+  static std::int64_t engine_mb() {
+    // The engine's own working set is part of what the task uses: measured
+    // once per process as the resident size an initialised engine adds is
+    // not cheap to isolate; a fixed allowance stands for it.
+    return 40;
+  }
+
+  json::object recognize(TaskContext& ctx, const TaskOptions& opt, Pix* pix, int page_no,
+                         std::int64_t held_bytes) {
+    ctx.stage("preprocess");
+    const int width = static_cast<int>(pixGetWidth(pix));
+    const int height = static_cast<int>(pixGetHeight(pix));
+    int dpi = static_cast<int>(pixGetXRes(pix));
+    cv::Mat img;
+    const bool need_cv = opt.pre.grayscale || opt.pre.binarize || opt.pre.deskew ||
+                         (opt.pre.target_dpi > 0 && dpi > 0 && dpi < opt.pre.target_dpi);
+    if (need_cv) {
+      img = to_gray_mat(pix);
+      if (opt.pre.target_dpi > 0 && dpi > 0 && dpi < opt.pre.target_dpi) {
+        const double f = std::min(4.0, static_cast<double>(opt.pre.target_dpi) / dpi);
+        cv::resize(img, img, cv::Size(), f, f, cv::INTER_CUBIC);
+        dpi = static_cast<int>(std::lround(dpi * f));
+      }
+      if (opt.pre.deskew) {
+        const double angle = estimate_skew_degrees(img);
+        if (std::abs(angle) > 0.3 && std::abs(angle) < 10) {
+          const cv::Mat rot =
+              cv::getRotationMatrix2D(cv::Point2f(img.cols / 2.0f, img.rows / 2.0f), angle, 1.0);
+          cv::warpAffine(img, img, rot, img.size(), cv::INTER_LINEAR, cv::BORDER_CONSTANT,
+                         cv::Scalar(255));
+        }
+      }
+      if (opt.pre.binarize) cv::threshold(img, img, 0, 255, cv::THRESH_BINARY | cv::THRESH_OTSU);
+      ctx.report_memory(std::max<std::int64_t>(
+          1, (held_bytes + static_cast<std::int64_t>(img.total())) >> 20) + engine_mb());
+    }
+
+    ctx.stage("recognize");
+    api_.SetPageSegMode(static_cast<tesseract::PageSegMode>(opt.psm));
+    if (need_cv) {
+      api_.SetImage(img.data, img.cols, img.rows, 1, static_cast<int>(img.step));
+    } else {
+      api_.SetImage(pix);
+    }
+    api_.SetSourceResolution(dpi > 0 ? dpi : 300);
+    if (api_.Recognize(nullptr) != 0) {
+      throw TaskError(TaskFailureReason::kProcessingError, "Tesseract could not recognize page " +
+                                                               std::to_string(page_no));
+    }
+    json::object page;
+    page["page"] = page_no;
+    page["width"] = width;
+    page["height"] = height;
+    page["dpi"] = dpi;
+    TextPtr text(api_.GetUTF8Text());
+    page["text"] = text ? text.get() : "";
+    page["mean_confidence"] = static_cast<double>(api_.MeanTextConf());
+    if (opt.words) {
+      json::array words;
+      std::unique_ptr<tesseract::ResultIterator> it(api_.GetIterator());
+      if (it) {
+        do {
+          TextPtr word(it->GetUTF8Text(tesseract::RIL_WORD));
+          if (!word) continue;
+          int x1 = 0, y1 = 0, x2 = 0, y2 = 0;
+          it->BoundingBox(tesseract::RIL_WORD, &x1, &y1, &x2, &y2);
+          words.push_back(json::object{{"text", word.get()},
+                                       {"confidence", static_cast<double>(it->Confidence(tesseract::RIL_WORD))},
+                                       {"box", json::array{x1, y1, x2 - x1, y2 - y1}}});
+        } while (it->Next(tesseract::RIL_WORD));
+      }
+      page["words"] = std::move(words);
+    }
+    if (opt.output == "hocr") {
+      TextPtr hocr(api_.GetHOCRText(page_no - 1));
+      page["hocr"] = hocr ? hocr.get() : "";
+    } else if (opt.output == "tsv") {
+      TextPtr tsv(api_.GetTSVText(page_no - 1));
+      page["tsv"] = tsv ? tsv.get() : "";
+    }
+    return page;
+  }
+
+  OcrConfig config_;
+  std::string tessdata_;
+  tesseract::TessBaseAPI api_;
+};
+
+// Memory model: the engine, plus per page held at once its decoded pixels
+// (bytes per pixel from the header) and the preprocessing copies.
+class OcrMemoryModel final : public MemoryModel {
+ public:
+  std::string name() const override { return "ocr"; }
+  RequestFeatures features(const TaskCreateRequest& request) const override {
+    RequestFeatures f = MemoryModel::features(request);
+    std::vector<std::uint8_t> head;
+    try {
+      if (!request.input.data.empty()) {
+        head.assign(request.input.data.begin(),
+                    request.input.data.begin() +
+                        static_cast<std::ptrdiff_t>(std::min<std::size_t>(request.input.data.size(), 1 << 20)));
+      } else if (!request.input.path.empty()) {
+        std::ifstream in(request.input.path, std::ios::binary);
+        head.resize(1 << 20);
+        in.read(reinterpret_cast<char*>(head.data()), static_cast<std::streamsize>(head.size()));
+        head.resize(static_cast<std::size_t>(std::max<std::streamsize>(0, in.gcount())));
+      }
+      l_int32 format = 0, w = 0, h = 0, bps = 0, spp = 0, iscmap = 0;
+      if (!head.empty() &&
+          pixReadHeaderMem(head.data(), head.size(), &format, &w, &h, &bps, &spp, &iscmap) == 0) {
+        f.pixels = static_cast<std::int64_t>(w) * h;
+      }
+    } catch (...) {
+      // features are a hint: unreadable input is reported when the task runs
+    }
+    return f;
+  }
+  double estimate_mb(const RequestFeatures& f) const override {
+    const double batch = static_cast<double>(std::max<std::int64_t>(1, std::min(f.batch_size, f.pages)));
+    // gray 8-bit page + cv copy + Tesseract's own page structures (~8 bytes/px)
+    const double per_page = static_cast<double>(f.pixels) * 10.0 / (1024.0 * 1024.0) + 2;
+    return 40 + batch * per_page + static_cast<double>(f.bytes) / (1024.0 * 1024.0);
+  }
+};
+
+class OcrFactory final : public ServiceFactory {
+ public:
+  explicit OcrFactory(OcrConfig config) : config_(std::move(config)) {
+    static std::once_flag quiet;
+    std::call_once(quiet, [] { setMsgSeverity(L_SEVERITY_NONE); });  // Leptonica: no stderr noise
+  }
+  std::string kind() const override { return "ocr"; }
+  std::unique_ptr<Service> create(const std::string& device) override {
+    return std::make_unique<OcrService>(config_, device);
+  }
+  bool supports(const DeviceInfo& device) const override { return device.kind == DeviceKind::kCpu; }
+  std::shared_ptr<const MemoryModel> memory_model() const override { return model_; }
+
+ private:
+  OcrConfig config_;
+  std::shared_ptr<const MemoryModel> model_ = std::make_shared<OcrMemoryModel>();
+};
+
+}  // namespace
+
+std::shared_ptr<ServiceFactory> make_ocr_service(OcrConfig config) {
+  return std::make_shared<OcrFactory>(std::move(config));
+}
+
+}  // namespace taskmgr

@@ -1,67 +1,308 @@
-// taskmgr-ocr: the main program of the project.
+// taskmgr-ocr: batch OCR of files and folders through a TaskManager.
 //
-// At this stage of the library it loads a configuration (the spec's defaults
-// when no file is given), prints it with every value in force, and prints a
-// few tasks in their model form. Later stages grow it into batch OCR.
+//   taskmgr-ocr [options] [FILE|DIR ...]
 //
-//   taskmgr-ocr [--config FILE]
+// With no FILE or DIR it renders the sample pages shipped with taskmgr
+// (examples/taskmgr_ocr/samples/*.txt, with text2image and DejaVu Sans) into
+// ./samples if they are absent, and OCRs them. A page with a ground truth
+// beside it (same name, .gt.txt) gets its character error rate reported.
+// Pages already completed in the database are not OCRed again (--redo to
+// force). Exit code: 0 when every page succeeded, 1 when any failed, 2 on a
+// usage or configuration error.
 #include <taskmgr/taskmgr.hpp>
 
+#include <unistd.h>
+
+#include <boost/json.hpp>
+
+#include <algorithm>
+#include <chrono>
 #include <cstdio>
-#include <cstring>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
 #include <iostream>
+#include <map>
+#include <set>
+#include <sstream>
 #include <string>
+#include <vector>
+
+namespace fs = std::filesystem;
 
 namespace {
 
-void usage() {
-  std::cout << "usage: taskmgr-ocr [--config FILE]\n"
-               "  --config FILE  YAML configuration (default: built-in defaults)\n";
+struct Options {
+  std::string config_path;
+  std::string db = "taskmgr.db";
+  int workers = 0;
+  std::string out_dir;
+  std::string format = "text";  // text | json | hocr
+  std::string samples_dir = "samples";
+  int priority = 0;
+  bool redo = false;
+  std::vector<std::string> inputs;
+};
+
+void usage(std::ostream& os) {
+  os << "usage: taskmgr-ocr [options] [FILE|DIR ...]\n"
+        "  --config FILE     YAML configuration (default: built-in defaults)\n"
+        "  --db PATH         task database (default: taskmgr.db in this folder)\n"
+        "  --workers N       worker threads (default: config, else the CPU count)\n"
+        "  --out DIR         write one result per page into DIR\n"
+        "  --format F        result format: text, json or hocr (default text)\n"
+        "  --priority N      task priority (default 0)\n"
+        "  --samples DIR     where sample pages are rendered (default samples)\n"
+        "  --redo            OCR pages again even if done in the database\n"
+        "With no FILE or DIR, renders the sample pages and OCRs them.\n";
+}
+
+std::string slurp(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+std::string normalize(const std::string& s) {
+  std::string out;
+  bool space = false;
+  for (const unsigned char c : s) {
+    if (std::isspace(c)) {
+      space = !out.empty();
+    } else {
+      if (space) out += ' ';
+      space = false;
+      out += static_cast<char>(c);
+    }
+  }
+  return out;
+}
+
+double cer(const std::string& got, const std::string& truth) {
+  const std::string a = normalize(got), b = normalize(truth);
+  std::vector<std::size_t> prev(b.size() + 1), cur(b.size() + 1);
+  for (std::size_t j = 0; j <= b.size(); ++j) prev[j] = j;
+  for (std::size_t i = 1; i <= a.size(); ++i) {
+    cur[0] = i;
+    for (std::size_t j = 1; j <= b.size(); ++j) {
+      cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1)});
+    }
+    std::swap(prev, cur);
+  }
+  return b.empty() ? 0 : static_cast<double>(prev[b.size()]) / static_cast<double>(b.size());
+}
+
+// The text of a result document ({"text": ...}).
+std::string result_text(const std::string& json) {
+  boost::system::error_code ec;
+  const auto v = boost::json::parse(json, ec);
+  if (ec || !v.is_object() || !v.as_object().contains("text") || !v.at("text").is_string()) return "";
+  return std::string(v.at("text").as_string());
+}
+
+// Renders the shipped sample texts into `dir` (page.tif + page.gt.txt).
+bool render_samples(const fs::path& dir) {
+  const fs::path source = fs::path(TASKMGR_SAMPLES_DIR);
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  bool any = false;
+  for (const auto& entry : fs::directory_iterator(source, ec)) {
+    if (entry.path().extension() != ".txt") continue;
+    const std::string stem = entry.path().stem().string();
+    const fs::path tif = dir / (stem + ".tif");
+    const fs::path gt = dir / (stem + ".gt.txt");
+    any = true;
+    if (fs::exists(tif) && fs::exists(gt)) continue;
+    fs::copy_file(entry.path(), gt, fs::copy_options::overwrite_existing, ec);
+    const std::string cmd = "text2image --text='" + entry.path().string() + "' --outputbase='" +
+                            (dir / stem).string() +
+                            "' --font='DejaVu Sans' --fonts_dir=/usr/share/fonts/truetype/dejavu"
+                            " --resolution=300 --ptsize=12 --margin=100 --xsize=2550 --ysize=3300"
+                            " > /dev/null 2>&1";
+    if (std::system(cmd.c_str()) != 0 || !fs::exists(tif)) {
+      std::cerr << "taskmgr-ocr: could not render " << tif << " with text2image\n";
+      return false;
+    }
+    fs::remove(dir / (stem + ".box"), ec);
+    std::cout << "rendered sample page " << tif.string() << "\n";
+  }
+  return any;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string config_path;
+  Options opt;
   for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    if (arg == "--config" && i + 1 < argc) {
-      config_path = argv[++i];
-    } else if (arg == "-h" || arg == "--help") {
-      usage();
-      return 0;
-    } else {
-      std::cerr << "taskmgr-ocr: unknown argument '" << arg << "'\n";
-      usage();
+    const std::string a = argv[i];
+    auto next = [&](const char* what) -> std::string {
+      if (i + 1 >= argc) {
+        std::cerr << "taskmgr-ocr: " << what << " needs a value\n";
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    try {
+      if (a == "--config") opt.config_path = next("--config");
+      else if (a == "--db") opt.db = next("--db");
+      else if (a == "--workers") opt.workers = std::stoi(next("--workers"));
+      else if (a == "--out") opt.out_dir = next("--out");
+      else if (a == "--format") opt.format = next("--format");
+      else if (a == "--priority") opt.priority = std::stoi(next("--priority"));
+      else if (a == "--samples") opt.samples_dir = next("--samples");
+      else if (a == "--redo") opt.redo = true;
+      else if (a == "-h" || a == "--help") {
+        usage(std::cout);
+        return 0;
+      } else if (!a.empty() && a[0] == '-') {
+        std::cerr << "taskmgr-ocr: unknown option '" << a << "'\n";
+        usage(std::cerr);
+        return 2;
+      } else {
+        opt.inputs.push_back(a);
+      }
+    } catch (const std::exception&) {
+      std::cerr << "taskmgr-ocr: " << a << " needs a number\n";
       return 2;
     }
+  }
+  if (opt.format != "text" && opt.format != "json" && opt.format != "hocr") {
+    std::cerr << "taskmgr-ocr: --format must be text, json or hocr\n";
+    return 2;
   }
 
   taskmgr::Config config;
   try {
-    config = config_path.empty() ? taskmgr::Config::defaults()
-                                 : taskmgr::Config::from_yaml_file(config_path);
-  } catch (const taskmgr::ConfigError& e) {
+    config = opt.config_path.empty() ? taskmgr::Config::defaults()
+                                     : taskmgr::Config::from_yaml_file(opt.config_path);
+    config.storage.path = opt.db;
+    if (opt.workers > 0) config.executor.worker_threads = opt.workers;
+    config.tasks.max_queue_size = std::max(config.tasks.max_queue_size, 100000);
+    config.validate();
+  } catch (const taskmgr::Error& e) {
     std::cerr << "taskmgr-ocr: " << e.what() << "\n";
     return 2;
   }
 
-  std::cout << "taskmgr " << taskmgr::version() << "\n";
-  std::cout << "# configuration (" << (config_path.empty() ? "defaults" : config_path)
-            << ")\n---\n"
-            << config.to_yaml() << "...\n";
-
-  std::cout << "# tasks in their model form\n";
-  const char* pages[] = {"samples/page-1.png", "samples/page-2.png", "samples/page-3.png"};
-  int priority = 0;
-  for (const char* page : pages) {
-    taskmgr::Task task;
-    task.id = taskmgr::generate_task_id();
-    task.service = "ocr";
-    task.input.path = page;
-    task.priority = priority++;
-    task.created_at = std::chrono::system_clock::now();
-    std::cout << taskmgr::to_json(task) << "\n";
+  if (opt.inputs.empty()) {
+    if (!render_samples(opt.samples_dir)) {
+      std::cerr << "taskmgr-ocr: no sample pages to render\n";
+      return 2;
+    }
+    opt.inputs.push_back(opt.samples_dir);
   }
-  return 0;
+  std::vector<fs::path> pages;
+  for (const auto& in : opt.inputs) {
+    std::error_code ec;
+    if (fs::is_directory(in, ec)) {
+      std::vector<fs::path> found;
+      for (const auto& e : fs::directory_iterator(in, ec)) {
+        // Every file but ground truths (*.txt): a file that is no image is
+        // reported as a failed page with its reason, not skipped silently.
+        if (e.is_regular_file() && e.path().extension() != ".txt") found.push_back(e.path());
+      }
+      std::sort(found.begin(), found.end());
+      pages.insert(pages.end(), found.begin(), found.end());
+    } else {
+      pages.emplace_back(in);  // a missing file fails as its own task, with its reason
+    }
+  }
+
+  try {
+    taskmgr::TaskManager tm(config);
+    std::cout << "taskmgr " << taskmgr::version() << ": " << pages.size() << " page(s), "
+              << "database " << opt.db << "\n";
+    // Resume: pages completed before are not OCRed again.
+    std::map<std::string, taskmgr::Task> done_before;
+    if (!opt.redo) {
+      taskmgr::TaskFilter f;
+      f.status = taskmgr::TaskStatus::kCompleted;
+      f.service = "ocr";
+      for (auto& t : tm.list_tasks(f)) done_before[t.input.path] = std::move(t);
+    }
+    std::vector<std::pair<fs::path, std::string>> submitted;
+    std::size_t skipped = 0;
+    for (const auto& p : pages) {
+      const std::string path = fs::absolute(p).lexically_normal().string();
+      if (done_before.count(path)) {
+        ++skipped;
+        submitted.emplace_back(p, done_before[path].id);
+        continue;
+      }
+      taskmgr::TaskCreateRequest r;
+      r.service = "ocr";
+      r.input.path = path;
+      r.priority = opt.priority;
+      if (opt.format == "hocr") r.options_json = "{\"output\":\"hocr\"}";
+      const taskmgr::Task t = tm.create_task(r);
+      tm.start_task(t.id);
+      submitted.emplace_back(p, t.id);
+    }
+    if (skipped > 0) std::cout << skipped << " page(s) already done in " << opt.db << ": not redone\n";
+
+    const auto t0 = std::chrono::steady_clock::now();
+    int failed = 0, done = 0;
+    std::map<std::string, int> failures;
+    double cer_sum = 0;
+    int cer_n = 0;
+    for (const auto& [page, id] : submitted) {
+      const auto t = tm.wait_task(id, std::chrono::hours(24));
+      ++done;
+      const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (!t || t->status != taskmgr::TaskStatus::kCompleted) {
+        ++failed;
+        const std::string reason = t ? std::string(taskmgr::to_string(t->failure_reason)) : "timeout";
+        ++failures[reason];
+        std::cout << "[" << done << "/" << submitted.size() << "] FAILED " << page.string() << ": "
+                  << reason << ": " << (t ? t->failure_message : "") << "\n";
+        continue;
+      }
+      std::string line = "[" + std::to_string(done) + "/" + std::to_string(submitted.size()) + "] " +
+                         page.string();
+      const std::string text = result_text(t->result);
+      fs::path gt = page;
+      gt.replace_extension(".gt.txt");
+      if (fs::exists(gt)) {
+        const double c = cer(text, slurp(gt));
+        cer_sum += c;
+        ++cer_n;
+        char buf[32];
+        std::snprintf(buf, sizeof buf, " CER %.2f%%", c * 100);
+        line += buf;
+      }
+      if (done_before.count(fs::absolute(page).lexically_normal().string())) {
+        std::cout << line << " (done before)\n";
+      } else {
+        char rate[64];
+        std::snprintf(rate, sizeof rate, " (%.2f pages/s)", elapsed > 0 ? done / elapsed : 0.0);
+        std::cout << line << rate << "\n";
+      }
+      if (!opt.out_dir.empty()) {
+        fs::create_directories(opt.out_dir);
+        const std::string ext = opt.format == "json" ? ".json" : opt.format == "hocr" ? ".hocr.json" : ".txt";
+        std::ofstream(fs::path(opt.out_dir) / (page.stem().string() + ext))
+            << (opt.format == "text" ? text : t->result);
+      }
+    }
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const taskmgr::TaskMetrics m = tm.get_task_metrics();
+    std::cout << "\nsummary\n"
+              << "  pages           " << submitted.size() << " (" << skipped << " already done)\n"
+              << "  completed       " << (submitted.size() - static_cast<std::size_t>(failed)) << "\n"
+              << "  failed          " << failed << "\n";
+    for (const auto& [reason, n] : failures) std::cout << "    " << reason << "  " << n << "\n";
+    std::printf("  throughput      %.2f pages/s\n", secs > 0 ? (submitted.size() - skipped) / secs : 0.0);
+    std::printf("  average wait    %.3f s\n", m.average_wait_time);
+    if (cer_n > 0) std::printf("  mean CER        %.2f%% over %d page(s) with ground truth\n", cer_sum / cer_n * 100, cer_n);
+    for (const auto& [dev, mem] : m.memory_by_device) {
+      std::cout << "  peak task memory on " << dev << ": " << mem.peak_task_mb << " MB\n";
+    }
+    std::cout << "  retries         " << m.retries << "\n"
+              << "  cpu fallbacks   " << m.cpu_fallbacks << "\n";
+    return failed == 0 ? 0 : 1;
+  } catch (const taskmgr::Error& e) {
+    std::cerr << "taskmgr-ocr: " << e.what() << "\n";
+    return 2;
+  }
 }

@@ -779,3 +779,24 @@ TEST_CASE("memory reported past the device's total or the task limit fails the a
   CHECK(done.failure_reason == TaskFailureReason::kMemoryLimitExceeded);
   CHECK(done.actual_memory_mb == 3500);
 }
+
+TEST_CASE("a device nearly full raises a memory_warning for the tasks running on it") {
+  Harness h;
+  h.config.tasks.device_warning_fraction = 0.9;
+  Gate gate;
+  h.open([&](TaskContext&) { gate.wait(); }, {kGpu0});
+  const Task big = h.run(7500, "cuda:0");  // 7500 of 8000 MB reserved: past 90%
+  REQUIRE(eventually([&] { return h.status(big.id) == TaskStatus::kRunning; }));
+  CHECK(h.count(big.id, "memory_warning") == 0);
+  h.clock->advance(2s);  // the sweep looks at devices about once a second
+  REQUIRE(eventually([&] { return h.count(big.id, "memory_warning") == 1; }));
+  const auto w = h.details(big.id, "memory_warning");
+  CHECK(w.at("kind").as_string() == "device_nearly_full");
+  CHECK(w.at("device").as_string() == "cuda:0");
+  CHECK(w.at("used_mb").as_int64() == 7500);
+  h.clock->advance(2s);
+  std::this_thread::sleep_for(20ms);
+  CHECK(h.count(big.id, "memory_warning") == 1);  // once per attempt
+  gate.open();
+  CHECK(h.finished(big.id).status == TaskStatus::kCompleted);
+}

@@ -5,6 +5,7 @@
 
 #include <boost/json.hpp>
 #include <leptonica/allheaders.h>
+#include <omp.h>
 #include <unistd.h>
 
 #include <cstdlib>
@@ -322,4 +323,13 @@ TEST_CASE("bad OCR options are INVALID_INPUT") {
     CHECK(t.status == TaskStatus::kFailed);
     CHECK(t.failure_reason == TaskFailureReason::kInvalidInput);
   }
+}
+
+TEST_CASE("the OpenMP limit stays on the workers: the host thread keeps its own setting") {
+  TempDir dir;
+  const fs::path tif = render(dir.path, "omp", "OpenMP check.\n", 150);
+  const int before = omp_get_max_active_levels();
+  Ocr ocr;
+  CHECK(text_of(ocr.run_path(tif)).find("OpenMP") != std::string::npos);
+  CHECK(omp_get_max_active_levels() == before);
 }

@@ -249,7 +249,14 @@ class OcrService final : public Service {
   static void limit_openmp() {
     thread_local bool done = false;
     if (!done) {
-      omp_set_num_threads(1);  // this thread's OpenMP regions run on it alone
+      // Tesseract asks for threads explicitly (num_threads clauses), which
+      // omp_set_num_threads cannot override; with no active levels allowed,
+      // every parallel region on this thread runs on this thread alone.
+      omp_set_max_active_levels(0);
+      omp_set_num_threads(1);
+      if (omp_get_max_active_levels() != 0) {
+        throw std::runtime_error("could not limit OpenMP on this worker thread");
+      }
       done = true;
     }
   }

@@ -1,13 +1,16 @@
 // 1,000 consecutive OCR tasks on one pooled engine: resident memory after
 // warm-up must stay flat (no leak per task). Prints RSS every 100 tasks.
+// Tasks are kept in a SQLite file (as in production), so that the history
+// the store keeps does not count as process memory.
 //
-//   bench_ocr_rss IMAGE [--tasks N]
+//   bench_ocr_rss IMAGE [--tasks N] [--db PATH]
 #include <taskmgr/taskmgr.hpp>
 
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <cstdio>
 #include <string>
 
 int main(int argc, char** argv) {
@@ -16,11 +19,14 @@ int main(int argc, char** argv) {
     return 2;
   }
   int tasks = 1000;
+  std::string db = "/tmp/bench_ocr_rss.db";
   for (int i = 2; i + 1 < argc; i += 2) {
     if (!std::strcmp(argv[i], "--tasks")) tasks = std::atoi(argv[i + 1]);
+    if (!std::strcmp(argv[i], "--db")) db = argv[i + 1];
   }
+  for (const char* sfx : {"", "-wal", "-shm", ".lock"}) std::remove((db + sfx).c_str());
   taskmgr::Config config;
-  config.storage.path = ":memory:";
+  config.storage.path = db;
   config.executor.worker_threads = 1;
   config.pools.devices["cpu"] = taskmgr::PoolSettings{1, 1, 30};
   taskmgr::TaskManager tm(config);

@@ -234,7 +234,7 @@ class TaskManager::Impl {
   std::unique_ptr<detail::TimerQueue> timers_;
   Duration sweep_interval_;
 
-  static constexpr std::size_t kFinishedKept = 4096;
+  static constexpr std::size_t kFinishedKept = 256;  // recent finished tasks kept in memory; the rest live in the store
 };
 
 // ---------------------------------------------------------------------------

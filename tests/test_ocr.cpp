@@ -31,38 +31,6 @@ std::string slurp(const fs::path& p) {
   return ss.str();
 }
 
-// Whitespace runs become one space; ends trimmed.
-std::string normalize(const std::string& s) {
-  std::string out;
-  bool space = false;
-  for (const unsigned char c : s) {
-    if (std::isspace(c)) {
-      space = !out.empty();
-    } else {
-      if (space) out += ' ';
-      space = false;
-      out += static_cast<char>(c);
-    }
-  }
-  return out;
-}
-
-// Character error rate: Levenshtein distance / ground-truth length (bytes of
-// UTF-8, whitespace normalised).
-double cer(const std::string& got, const std::string& truth) {
-  const std::string a = normalize(got), b = normalize(truth);
-  std::vector<std::size_t> prev(b.size() + 1), cur(b.size() + 1);
-  for (std::size_t j = 0; j <= b.size(); ++j) prev[j] = j;
-  for (std::size_t i = 1; i <= a.size(); ++i) {
-    cur[0] = i;
-    for (std::size_t j = 1; j <= b.size(); ++j) {
-      cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1)});
-    }
-    std::swap(prev, cur);
-  }
-  return b.empty() ? 0 : static_cast<double>(prev[b.size()]) / static_cast<double>(b.size());
-}
-
 const fs::path kShared = fs::path(TASKMGR_SHARED_DATA_DIR) / "ocr";
 
 struct Ocr {
@@ -140,11 +108,11 @@ TEST_CASE("phototest.tif and eurotext.tif match their ground truth") {
   }
   Ocr ocr;
   const Task photo = ocr.run_path(kShared / "phototest.tif");
-  const double photo_cer = cer(text_of(photo), slurp(kShared / "phototest.txt"));
+  const double photo_cer = character_error_rate(text_of(photo), slurp(kShared / "phototest.txt"));
   MESSAGE("phototest.tif CER " << photo_cer * 100 << "%");
   CHECK(photo_cer <= 0.01);
   const Task euro = ocr.run_path(kShared / "eurotext.tif");
-  const double euro_cer = cer(text_of(euro), slurp(kShared / "eurotext.txt"));
+  const double euro_cer = character_error_rate(text_of(euro), slurp(kShared / "eurotext.txt"));
   MESSAGE("eurotext.tif CER " << euro_cer * 100 << "%");
   CHECK(euro_cer <= 0.05);
   const auto page = result_of(photo).at("pages").as_array().at(0).as_object();
@@ -174,7 +142,7 @@ TEST_CASE("the upside-down page is reported with low confidence") {
   MESSAGE("mean confidence upright " << up << ", rotated 180 " << down);
   CHECK(down < 60);
   CHECK(down < up - 25);
-  CHECK(cer(text_of(rotated), slurp(kShared / "phototest.txt")) > 0.3);
+  CHECK(character_error_rate(text_of(rotated), slurp(kShared / "phototest.txt")) > 0.3);
 }
 
 TEST_CASE("pages rendered at 150 and 300 dpi are read back, from a path and from bytes") {
@@ -184,7 +152,7 @@ TEST_CASE("pages rendered at 150 and 300 dpi are read back, from a path and from
     CAPTURE(dpi);
     const fs::path tif = render(dir.path, "page" + std::to_string(dpi), kRenderedText, dpi);
     const Task by_path = ocr.run_path(tif);
-    const double c = cer(text_of(by_path), kRenderedText);
+    const double c = character_error_rate(text_of(by_path), kRenderedText);
     MESSAGE(dpi << " dpi rendered page CER " << c * 100 << "%");
     CHECK(c <= 0.02);
     TaskInput bytes;
@@ -332,4 +300,13 @@ TEST_CASE("the OpenMP limit stays on the workers: the host thread keeps its own 
   Ocr ocr;
   CHECK(text_of(ocr.run_path(tif)).find("OpenMP") != std::string::npos);
   CHECK(omp_get_max_active_levels() == before);
+}
+
+TEST_CASE("character_error_rate: edit distance over the truth's length, whitespace normalised") {
+  CHECK(character_error_rate("hello world", "hello world") == 0.0);
+  CHECK(character_error_rate("  hello \n\n world ", "hello world") == 0.0);
+  CHECK(character_error_rate("hallo world", "hello world") == doctest::Approx(1.0 / 11));
+  CHECK(character_error_rate("hello", "hello world") == doctest::Approx(6.0 / 11));
+  CHECK(character_error_rate("", "abcd") == 1.0);
+  CHECK(character_error_rate("anything", "") == 0.0);
 }

@@ -64,35 +64,6 @@ std::string slurp(const fs::path& p) {
   return ss.str();
 }
 
-std::string normalize(const std::string& s) {
-  std::string out;
-  bool space = false;
-  for (const unsigned char c : s) {
-    if (std::isspace(c)) {
-      space = !out.empty();
-    } else {
-      if (space) out += ' ';
-      space = false;
-      out += static_cast<char>(c);
-    }
-  }
-  return out;
-}
-
-double cer(const std::string& got, const std::string& truth) {
-  const std::string a = normalize(got), b = normalize(truth);
-  std::vector<std::size_t> prev(b.size() + 1), cur(b.size() + 1);
-  for (std::size_t j = 0; j <= b.size(); ++j) prev[j] = j;
-  for (std::size_t i = 1; i <= a.size(); ++i) {
-    cur[0] = i;
-    for (std::size_t j = 1; j <= b.size(); ++j) {
-      cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1)});
-    }
-    std::swap(prev, cur);
-  }
-  return b.empty() ? 0 : static_cast<double>(prev[b.size()]) / static_cast<double>(b.size());
-}
-
 // The text of a result document ({"text": ...}).
 std::string result_text(const std::string& json) {
   boost::system::error_code ec;
@@ -264,7 +235,7 @@ int main(int argc, char** argv) {
       fs::path gt = page;
       gt.replace_extension(".gt.txt");
       if (fs::exists(gt)) {
-        const double c = cer(text, slurp(gt));
+        const double c = taskmgr::character_error_rate(text, slurp(gt));
         cer_sum += c;
         ++cer_n;
         char buf[32];

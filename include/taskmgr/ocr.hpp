@@ -27,6 +27,7 @@
 #pragma once
 
 #include <memory>
+#include <string_view>
 
 #include "taskmgr/config.hpp"
 #include "taskmgr/export.hpp"
@@ -35,5 +36,10 @@
 namespace taskmgr {
 
 TASKMGR_API std::shared_ptr<ServiceFactory> make_ocr_service(OcrConfig config);
+
+// Character error rate of OCR text against a ground truth: Levenshtein
+// distance / ground-truth length, over UTF-8 bytes, with every whitespace run
+// normalised to one space and the ends trimmed. 0 for an empty truth.
+TASKMGR_API double character_error_rate(std::string_view text, std::string_view truth);
 
 }  // namespace taskmgr

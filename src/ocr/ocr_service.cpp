@@ -7,6 +7,7 @@
 #include <tesseract/resultiterator.h>
 
 #include <algorithm>
+#include <cctype>
 #include <boost/json.hpp>
 #include <cmath>
 #include <cstdlib>
@@ -405,6 +406,37 @@ class OcrFactory final : public ServiceFactory {
 };
 
 }  // namespace
+
+namespace {
+std::string normalize_spaces(std::string_view s) {
+  std::string out;
+  bool space = false;
+  for (const unsigned char c : s) {
+    if (std::isspace(c)) {
+      space = !out.empty();
+    } else {
+      if (space) out += ' ';
+      space = false;
+      out += static_cast<char>(c);
+    }
+  }
+  return out;
+}
+}  // namespace
+
+double character_error_rate(std::string_view text, std::string_view truth) {
+  const std::string a = normalize_spaces(text), b = normalize_spaces(truth);
+  std::vector<std::size_t> prev(b.size() + 1), cur(b.size() + 1);
+  for (std::size_t j = 0; j <= b.size(); ++j) prev[j] = j;
+  for (std::size_t i = 1; i <= a.size(); ++i) {
+    cur[0] = i;
+    for (std::size_t j = 1; j <= b.size(); ++j) {
+      cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1)});
+    }
+    std::swap(prev, cur);
+  }
+  return b.empty() ? 0 : static_cast<double>(prev[b.size()]) / static_cast<double>(b.size());
+}
 
 std::shared_ptr<ServiceFactory> make_ocr_service(OcrConfig config) {
   return std::make_shared<OcrFactory>(std::move(config));

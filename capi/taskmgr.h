@@ -21,6 +21,7 @@
 #define TASKMGR_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include "taskmgr/export.hpp"
 
@@ -90,6 +91,430 @@ TASKMGR_API int taskmgr_config_normalize(const char* yaml, char** out_yaml);
 /* As taskmgr_config_normalize, reading the YAML from a file. A missing file
  * is TASKMGR_E_INVALID_CONFIG with a message naming the path. */
 TASKMGR_API int taskmgr_config_normalize_file(const char* path, char** out_yaml);
+
+/* ---- Enumerations as stable integers ------------------------------------
+ * The values follow the C++ enums (taskmgr/task.hpp) and never change;
+ * struct layouts carry them as int32_t, never as a C enum. */
+
+/* Task status. */
+#define TASKMGR_TASK_PENDING 0
+#define TASKMGR_TASK_QUEUED 1
+#define TASKMGR_TASK_RUNNING 2
+#define TASKMGR_TASK_COMPLETED 3
+#define TASKMGR_TASK_FAILED 4
+#define TASKMGR_TASK_CANCELLED 5
+
+/* Failure reason of a failed task. */
+#define TASKMGR_REASON_NONE 0
+#define TASKMGR_REASON_PROCESSING_ERROR 1
+#define TASKMGR_REASON_INVALID_INPUT 2
+#define TASKMGR_REASON_TIMEOUT 3
+#define TASKMGR_REASON_QUEUE_TIMEOUT 4
+#define TASKMGR_REASON_QUEUE_FULL 5
+#define TASKMGR_REASON_CANCELLED 6
+#define TASKMGR_REASON_MAX_ATTEMPTS_EXCEEDED 7
+#define TASKMGR_REASON_SERVICE_UNAVAILABLE 8
+#define TASKMGR_REASON_INTERRUPTED 9
+#define TASKMGR_REASON_OUT_OF_MEMORY 10
+#define TASKMGR_REASON_POOL_EXHAUSTED 11
+#define TASKMGR_REASON_DEVICE_UNAVAILABLE 12
+#define TASKMGR_REASON_MEMORY_LIMIT_EXCEEDED 13
+
+/* Event type. */
+#define TASKMGR_EVENT_CREATED 0
+#define TASKMGR_EVENT_QUEUED 1
+#define TASKMGR_EVENT_STARTED 2
+#define TASKMGR_EVENT_COMPLETED 3
+#define TASKMGR_EVENT_FAILED 4
+#define TASKMGR_EVENT_RETRIED 5
+#define TASKMGR_EVENT_CANCELLED 6
+#define TASKMGR_EVENT_DEVICE_FALLBACK 7
+#define TASKMGR_EVENT_RESOURCE_ACQUIRED 8
+#define TASKMGR_EVENT_RESOURCE_RELEASED 9
+#define TASKMGR_EVENT_MEMORY_WARNING 10
+#define TASKMGR_EVENT_CLEANUP_STARTED 11
+#define TASKMGR_EVENT_CLEANUP_COMPLETED 12
+
+/* Log level (logging.level in the configuration). */
+#define TASKMGR_LOG_TRACE 0
+#define TASKMGR_LOG_DEBUG 1
+#define TASKMGR_LOG_INFO 2
+#define TASKMGR_LOG_WARN 3
+#define TASKMGR_LOG_ERROR 4
+
+/* The spec's string of each value ("pending", "out_of_memory",
+ * "resource_acquired", "warn"), or "unknown" for a value that is none.
+ * Static storage: never freed. */
+TASKMGR_API const char* taskmgr_task_status_name(int status);
+TASKMGR_API const char* taskmgr_failure_reason_name(int reason);
+TASKMGR_API const char* taskmgr_event_name(int event);
+TASKMGR_API const char* taskmgr_log_level_name(int level);
+
+/* ---- Opening and closing a manager -------------------------------------- */
+
+/* A task manager: worker threads, device queues, service pools, a store.
+ * Opaque; made by taskmgr_open*, destroyed by taskmgr_destroy. */
+typedef struct taskmgr_manager taskmgr_manager;
+
+/* Frees the user_data a callback was registered with. */
+typedef void (*taskmgr_free_fn)(void* user_data);
+
+/* A log message at `level` (TASKMGR_LOG_*) or above logging.level.
+ * Runs on whichever thread logs (the caller's or a library thread), with no
+ * library lock held; `message` is valid only during the call. It must not
+ * call taskmgr_close or taskmgr_destroy (they fail with
+ * TASKMGR_E_INVALID_STATE); any other function may be called. */
+typedef void (*taskmgr_log_fn)(int level, const char* message, void* user_data);
+
+/* Options of taskmgr_open. Initialise with taskmgr_open_options_init, then
+ * set the fields you need: fields a caller built against an older header
+ * does not have (struct_size) take their defaults. */
+typedef struct taskmgr_open_options {
+  size_t struct_size;        /* sizeof(taskmgr_open_options) */
+  const char* config_yaml;   /* configuration as YAML text; NULL = none */
+  const char* config_path;   /* configuration file (YAML); NULL = none.
+                                Neither set: the defaults. Not both. */
+  const char* database_path; /* overrides storage.path: a SQLite file, or
+                                ":memory:" to keep nothing; NULL = as configured
+                                (default "taskmgr.db" in the working folder) */
+  int32_t worker_threads;    /* overrides executor.worker_threads when > 0 */
+  int32_t disable_builtin_ocr; /* non-zero: no built-in "ocr" service */
+  taskmgr_log_fn log_callback; /* NULL: warnings and errors go to stderr */
+  void* log_user_data;         /* passed to log_callback */
+  taskmgr_free_fn log_free;    /* NULL, or frees log_user_data once: when the
+                                  manager is destroyed, or before taskmgr_open
+                                  returns an error */
+} taskmgr_open_options;
+
+/* Sets every field to its default and struct_size to the header's size.
+ * NULL is a no-op. */
+TASKMGR_API void taskmgr_open_options_init(taskmgr_open_options* options);
+
+/* Opens a manager: validates the configuration, opens (and recovers) the
+ * store, probes devices, registers the built-in OCR service and starts the
+ * threads.
+ *   options      NULL = the defaults
+ *   out_manager  receives the handle (NULL on failure)
+ * Errors: TASKMGR_E_INVALID_ARGUMENT (out_manager NULL, struct_size 0, both
+ * config_yaml and config_path), TASKMGR_E_INVALID_CONFIG (the message names
+ * the key path and line, or the missing file), TASKMGR_E_BUSY (the database
+ * is held by another manager), TASKMGR_E_INCOMPATIBLE (database from a newer
+ * taskmgr), TASKMGR_E_IO. */
+TASKMGR_API int taskmgr_open(const taskmgr_open_options* options, taskmgr_manager** out_manager);
+
+/* taskmgr_open with only config_yaml set (NULL or "" = the defaults). */
+TASKMGR_API int taskmgr_open_yaml(const char* config_yaml, taskmgr_manager** out_manager);
+
+/* taskmgr_open with only config_path set (path must not be NULL). */
+TASKMGR_API int taskmgr_open_file(const char* config_path, taskmgr_manager** out_manager);
+
+/* Stops accepting work: running tasks finish (this call waits for them and
+ * for their cleanup), queued tasks stay queued in the store (a durable store
+ * resumes them at the next open), pending events are delivered. After it,
+ * every call on the handle but taskmgr_close, taskmgr_destroy and the read
+ * calls (get, list, metrics, health, events) fails with
+ * TASKMGR_E_INVALID_STATE. Closing twice is allowed: the second call returns
+ * TASKMGR_OK and does nothing.
+ * Errors: TASKMGR_E_INVALID_ARGUMENT (NULL), TASKMGR_E_INVALID_STATE when
+ * called from a library thread (an event or log callback, or a host
+ * service's functions): it would wait for itself; nothing is closed. */
+TASKMGR_API int taskmgr_close(taskmgr_manager* manager);
+
+/* Closes the manager if open, stops its threads, calls the free functions
+ * of the log callback and of every remaining subscription and service, and
+ * frees the handle. NULL is a no-op (TASKMGR_OK). From a library thread it
+ * fails with TASKMGR_E_INVALID_STATE and destroys nothing. Never call it
+ * twice on one handle, nor concurrently with another call on it. */
+TASKMGR_API int taskmgr_destroy(taskmgr_manager* manager);
+
+/* ---- Tasks ----------------------------------------------------------------
+ * Tasks are named by their id: 36 characters (a UUID), NUL-terminated.
+ * Every function taking a task id fails with TASKMGR_E_NOT_FOUND for an id
+ * the manager does not know and TASKMGR_E_INVALID_ARGUMENT for NULL. */
+
+#define TASKMGR_TASK_ID_SIZE 37 /* bytes for an id and its NUL */
+
+/* What to run (the spec's TaskCreateRequest). Initialise with
+ * taskmgr_task_request_init. The strings and bytes are copied: they need
+ * to live only during the call. Strings are UTF-8. */
+typedef struct taskmgr_task_request {
+  size_t struct_size;       /* sizeof(taskmgr_task_request) */
+  const char* service;      /* service kind; NULL = "ocr" */
+  const char* input_path;   /* an input file; NULL when input_data is used */
+  const void* input_data;   /* encoded input (e.g. PNG bytes), copied; NULL when input_path is used */
+  size_t input_size;        /* bytes at input_data */
+  const char* media_type;   /* optional hint, e.g. "image/png"; NULL = none */
+  int32_t priority;         /* larger runs first; default 0 */
+  int32_t batch_size;       /* pages held and processed at once; 0 = 1 */
+  const char* device;       /* requested device ("cpu", "cuda:0"); NULL = any */
+  const char* options_json; /* service options, a JSON object; NULL = none */
+} taskmgr_task_request;
+
+TASKMGR_API void taskmgr_task_request_init(taskmgr_task_request* request);
+
+/* The spec's create_task: estimates the task's memory, selects its device
+ * and stores it (durably, with a durable store) as "pending".
+ *   out_task_id  receives the new id (TASKMGR_TASK_ID_SIZE bytes)
+ * Errors: TASKMGR_E_INVALID_ARGUMENT (NULL, both or neither of input_path
+ * and input_data, batch_size < 0, a string that is not valid UTF-8, options
+ * that are not a JSON object), TASKMGR_E_NOT_FOUND (no such service, or an
+ * unknown requested device), TASKMGR_E_DEVICE_UNAVAILABLE /
+ * TASKMGR_E_MEMORY_LIMIT_EXCEEDED (no device can hold the estimate; the
+ * message gives the numbers), TASKMGR_E_INVALID_STATE (closed),
+ * TASKMGR_E_IO (the store failed: nothing was kept). */
+TASKMGR_API int taskmgr_create_task(taskmgr_manager* manager, const taskmgr_task_request* request,
+                                    char out_task_id[TASKMGR_TASK_ID_SIZE]);
+
+/* What may change when a task starts (the spec's TaskStartRequest).
+ * Initialise with taskmgr_start_params_init: it keeps everything. */
+typedef struct taskmgr_start_params {
+  size_t struct_size;       /* sizeof(taskmgr_start_params) */
+  const char* device;       /* NULL = the device chosen at creation */
+  int32_t set_priority;     /* non-zero: use `priority` */
+  int32_t priority;
+  int32_t batch_size;       /* 0 = as created */
+  const char* options_json; /* NULL = as created */
+} taskmgr_start_params;
+
+TASKMGR_API void taskmgr_start_params_init(taskmgr_start_params* params);
+
+/* Queues a pending task on its device (params NULL = keep everything).
+ * Errors: TASKMGR_E_QUEUE_FULL (tasks.max_queue_size: the task stays
+ * pending and may be started later), TASKMGR_E_INVALID_STATE (the task is
+ * not pending, or the manager is closed), TASKMGR_E_NOT_FOUND,
+ * TASKMGR_E_INVALID_ARGUMENT, TASKMGR_E_DEVICE_UNAVAILABLE. */
+TASKMGR_API int taskmgr_start_task(taskmgr_manager* manager, const char* task_id,
+                                   const taskmgr_start_params* params);
+
+/* Cancels a pending, queued or running task (a running one stops when its
+ * service next checks; it still gets its cleanup).
+ *   out_cancelled  NULL, or receives 1 when the task was cancelled, 0 when
+ *                  it had already ended */
+TASKMGR_API int taskmgr_cancel_task(taskmgr_manager* manager, const char* task_id,
+                                    int* out_cancelled);
+
+/* The task as a JSON object with every spec field (id, service, input,
+ * options, priority, status, attempt, batch_size, failure_reason,
+ * failure_message, timestamps, result, estimated_memory_mb,
+ * actual_memory_mb, assigned_device, service_instance_id,
+ * resource_cleanup_completed). *out_json: free with taskmgr_free. */
+TASKMGR_API int taskmgr_get_task(taskmgr_manager* manager, const char* task_id, char** out_json);
+
+/* A task's state without JSON. Each out pointer may be NULL.
+ *   out_status          TASKMGR_TASK_*
+ *   out_failure_reason  TASKMGR_REASON_* (NONE unless failed or cancelled) */
+TASKMGR_API int taskmgr_get_task_status(taskmgr_manager* manager, const char* task_id,
+                                        int* out_status, int* out_failure_reason);
+
+/* The task's result document as the service wrote it (for "ocr": JSON with
+ * "text", "mean_confidence" and "pages"); "" until it completed.
+ * *out_result: free with taskmgr_free. */
+TASKMGR_API int taskmgr_get_task_result(taskmgr_manager* manager, const char* task_id,
+                                        char** out_result);
+
+/* Waits until the task has ended and its cleanup is done.
+ *   timeout_seconds  < 0 waits without limit
+ *   out_json         NULL, or receives the ended task as taskmgr_get_task
+ * Errors: TASKMGR_E_TIMEOUT (still running; *out_json is NULL),
+ * TASKMGR_E_NOT_FOUND, TASKMGR_E_INVALID_ARGUMENT. Do not wait from an
+ * event callback for a task whose events that callback would deliver. */
+TASKMGR_API int taskmgr_wait_task(taskmgr_manager* manager, const char* task_id,
+                                  double timeout_seconds, char** out_json);
+
+/* Waits until no task is queued, backing off or running.
+ * TASKMGR_E_TIMEOUT when the timeout passes first (< 0: no limit). */
+TASKMGR_API int taskmgr_wait_idle(taskmgr_manager* manager, double timeout_seconds);
+
+/* Tasks as a JSON array of task objects, oldest first.
+ *   status   NULL = any, else a status name ("completed", ...)
+ *   service  NULL or "" = any
+ *   limit    0 = all, else the newest `limit`
+ * TASKMGR_E_INVALID_ARGUMENT for an unknown status name. */
+TASKMGR_API int taskmgr_list_tasks(taskmgr_manager* manager, const char* status, const char* service,
+                                   size_t limit, char** out_json);
+
+/* The events stored for a task, a JSON array of event objects as
+ * delivered to callbacks ({"sequence","task_id","event_type","timestamp",
+ * "details"}), in order. */
+TASKMGR_API int taskmgr_get_task_events(taskmgr_manager* manager, const char* task_id,
+                                        char** out_json);
+
+/* ---- Metrics and health ------------------------------------------------- */
+
+/* The spec's get_task_metrics as JSON: active_tasks, queued_tasks,
+ * memory_by_device, pool_utilization, average_wait_time, counters and
+ * latency summaries (the same keys as TaskMetrics::to_json). */
+TASKMGR_API int taskmgr_get_task_metrics(taskmgr_manager* manager, char** out_json);
+
+/* The same metrics in the Prometheus text format (version 0.0.4). */
+TASKMGR_API int taskmgr_get_metrics_prometheus(taskmgr_manager* manager, char** out_text);
+
+/* The spec's get_task_health as JSON: status, memory_usage_mb,
+ * processing_time_s, device, warnings. */
+TASKMGR_API int taskmgr_get_task_health(taskmgr_manager* manager, const char* task_id,
+                                        char** out_json);
+
+/* ---- Devices --------------------------------------------------------------- */
+
+/* The devices as a JSON array: id, kind, total_mb, reserved_mb,
+ * observed_mb, available. */
+TASKMGR_API int taskmgr_list_devices(taskmgr_manager* manager, char** out_json);
+
+/* Marks a device unavailable (0) or available again (non-zero). An
+ * unavailable device gets no new task; its queued tasks move to a device
+ * that can hold them (event device_fallback) or fail DEVICE_UNAVAILABLE.
+ * TASKMGR_E_NOT_FOUND for an unknown device. */
+TASKMGR_API int taskmgr_set_device_available(taskmgr_manager* manager, const char* device,
+                                             int available);
+
+/* ---- Events ------------------------------------------------------------------ */
+
+/* One event, as passed to a callback. Every pointer in it is valid only
+ * during the callback: copy what you keep. */
+typedef struct taskmgr_event {
+  size_t struct_size;        /* sizeof(taskmgr_event) of the library */
+  uint64_t sequence;         /* publication order, from 1 */
+  const char* task_id;
+  int32_t event;             /* TASKMGR_EVENT_* */
+  const char* event_type;    /* its name: "created", "resource_acquired", ... */
+  int64_t timestamp_ms;      /* milliseconds since 1970-01-01 UTC */
+  const char* timestamp;     /* the same, RFC 3339 ("2026-11-28T01:02:03.456Z") */
+  const char* details_json;  /* a JSON object; keys depend on the event */
+  const char* json;          /* the whole event as JSON (as in taskmgr_get_task_events) */
+} taskmgr_event;
+
+/* An event callback. It runs on the manager's one event thread, never on
+ * the thread that caused the event, with no library lock held, in
+ * publication order (a task's events in the order they happened). It may
+ * call any taskmgr function, taskmgr_subscribe and taskmgr_unsubscribe
+ * included (even for itself), except taskmgr_close and taskmgr_destroy
+ * (TASKMGR_E_INVALID_STATE) and waits for events it would deliver itself
+ * (taskmgr_flush_events returns at once there). A slow callback delays
+ * later events, never the tasks. */
+typedef void (*taskmgr_event_fn)(const taskmgr_event* event, void* user_data);
+
+/* Subscribes a callback to every event of every task.
+ *   free_user_data  NULL, or called once with user_data when the callback
+ *                   will never run again: by taskmgr_unsubscribe (after the
+ *                   callback returns, when it unsubscribes itself) or by
+ *                   taskmgr_destroy
+ *   out_subscription  receives the subscription's id (never 0)
+ * On failure free_user_data is called before returning. */
+TASKMGR_API int taskmgr_subscribe(taskmgr_manager* manager, taskmgr_event_fn callback,
+                                  void* user_data, taskmgr_free_fn free_user_data,
+                                  uint64_t* out_subscription);
+
+/* Ends a subscription. Outside a callback, it returns when the callback is
+ * not running and will not run again. From inside a callback it returns at
+ * once and the callback gets no further event. TASKMGR_E_NOT_FOUND for an
+ * unknown (or already ended) subscription. */
+TASKMGR_API int taskmgr_unsubscribe(taskmgr_manager* manager, uint64_t subscription);
+
+/* Waits until every event published so far has been delivered to the
+ * callbacks (returns at once from inside a callback). */
+TASKMGR_API int taskmgr_flush_events(taskmgr_manager* manager);
+
+/* ---- Host-provided services ---------------------------------------------------
+ * A host brings its own work (a GPU model, a parser) as a service kind and
+ * gets the library's placement, pooling, OOM recovery and cleanup for it.
+ * An instance is one warm engine on one device: created once, reused for
+ * task after task, never used by two threads at once. */
+
+/* What a service's process function sees of its task. Valid only during
+ * process(), and only on the thread that runs it. */
+typedef struct taskmgr_task_context taskmgr_task_context;
+
+/* A service kind, described by its functions. The library copies the
+ * struct; user_data lives until free_user_data is called. The functions
+ * run on worker threads, with no library lock held; none of them may call
+ * taskmgr_close or taskmgr_destroy.
+ *
+ * process() returns TASKMGR_OK, or the failure of the task:
+ *   TASKMGR_E_OUT_OF_MEMORY          out of memory: retried per tasks.retry
+ *                                    (a GPU task moves to the CPU when
+ *                                    tasks.retry.cpu_fallback is on, else
+ *                                    its batch size shrinks); the instance
+ *                                    is destroyed and replaced
+ *   TASKMGR_E_INVALID_ARGUMENT       the input is bad: INVALID_INPUT, not retried
+ *   TASKMGR_E_TIMEOUT                TIMEOUT
+ *   TASKMGR_E_CANCELLED              the task stops as cancelled
+ *   TASKMGR_E_MEMORY_LIMIT_EXCEEDED  MEMORY_LIMIT_EXCEEDED
+ *   any other value                  PROCESSING_ERROR, not retried
+ * with the message given to taskmgr_context_set_error (default: the status
+ * name). */
+typedef struct taskmgr_service {
+  size_t struct_size; /* sizeof(taskmgr_service) */
+  const char* kind;   /* the service's name, used in task requests; copied */
+  void* user_data;    /* passed to every function below */
+
+  /* Creates an instance on `device` ("cpu", "cuda:0"); may be slow (loads
+   * a model). Returns TASKMGR_OK with *out_instance set, or a failure
+   * status: the task that needed it fails with a message naming the
+   * status. Required. */
+  int (*create_instance)(void* user_data, const char* device, void** out_instance);
+  /* Processes one task on an instance. Required. */
+  int (*process)(void* user_data, void* instance, taskmgr_task_context* context);
+  /* Destroys an instance (when the manager closes, or after a failure that
+   * may have broken it). Optional. */
+  void (*destroy_instance)(void* user_data, void* instance);
+  /* Returns non-zero when the service can run on the device (kind is "cpu"
+   * or "gpu"). Optional: all devices. */
+  int (*supports_device)(void* user_data, const char* device, const char* kind);
+  /* Frees user_data, once, when the manager that holds the service is
+   * destroyed (or at once when registration fails). Optional. */
+  taskmgr_free_fn free_user_data;
+
+  /* Memory model, MB: base + batch * (per_page + per_mpixel * megapixels +
+   * per_input_mb * input MB per page), learned from measured actuals. All 0
+   * = the library's default coefficients. */
+  double memory_base_mb;
+  double memory_per_page_mb;
+  double memory_per_mpixel_mb;
+  double memory_per_input_mb;
+} taskmgr_service;
+
+TASKMGR_API void taskmgr_service_init(taskmgr_service* service);
+
+/* Registers a service kind; pools.* settings apply to it as to "ocr".
+ * Errors: TASKMGR_E_INVALID_ARGUMENT (NULL, no kind, no create_instance or
+ * process), TASKMGR_E_INVALID_STATE (the kind is registered already, or the
+ * manager is closed). */
+TASKMGR_API int taskmgr_register_service(taskmgr_manager* manager, const taskmgr_service* service);
+
+/* The task being processed. Strings are borrowed for the duration of
+ * process(). */
+TASKMGR_API const char* taskmgr_context_task_id(const taskmgr_task_context* context);
+TASKMGR_API const char* taskmgr_context_device(const taskmgr_task_context* context);
+TASKMGR_API const char* taskmgr_context_service_instance_id(const taskmgr_task_context* context);
+/* "" when the task has no options. */
+TASKMGR_API const char* taskmgr_context_options_json(const taskmgr_task_context* context);
+/* NULL when the input is bytes or absent. */
+TASKMGR_API const char* taskmgr_context_input_path(const taskmgr_task_context* context);
+/* The input bytes (*out_data NULL and *out_size 0 when the input is a path). */
+TASKMGR_API int taskmgr_context_input_data(const taskmgr_task_context* context,
+                                           const void** out_data, size_t* out_size);
+/* Shrinks after an out-of-memory retry. */
+TASKMGR_API int taskmgr_context_batch_size(const taskmgr_task_context* context);
+/* 1 for the first run. */
+TASKMGR_API int taskmgr_context_attempt(const taskmgr_task_context* context);
+TASKMGR_API int64_t taskmgr_context_estimated_memory_mb(const taskmgr_task_context* context);
+/* Non-zero once the host cancelled the task: return TASKMGR_E_CANCELLED. */
+TASKMGR_API int taskmgr_context_cancelled(const taskmgr_task_context* context);
+/* A directory private to the task, removed with its content when the
+ * task's cleanup runs. NULL (and the last error set) when it cannot be made. */
+TASKMGR_API const char* taskmgr_context_temp_dir(taskmgr_task_context* context);
+/* Starts a processing stage ("load", "infer", ...): a task_metrics sample. */
+TASKMGR_API int taskmgr_context_stage(taskmgr_task_context* context, const char* name);
+/* Reports memory the task uses now, in MB; the peak becomes the task's
+ * actual_memory_mb and teaches the estimator. Returns
+ * TASKMGR_E_MEMORY_LIMIT_EXCEEDED past tasks.max_task_memory_mb or
+ * TASKMGR_E_OUT_OF_MEMORY past the device's total: the task then fails (or
+ * is retried) that way whatever process() returns. */
+TASKMGR_API int taskmgr_context_report_memory(taskmgr_task_context* context, int64_t mb);
+/* Sets the result document (JSON; copied). */
+TASKMGR_API int taskmgr_context_set_result(taskmgr_task_context* context, const char* result_json);
+/* Sets the failure message used when process() returns a failure. */
+TASKMGR_API int taskmgr_context_set_error(taskmgr_task_context* context, const char* message);
 
 #ifdef __cplusplus
 } /* extern "C" */

@@ -1,10 +1,21 @@
 // The extern "C" facade. Every body runs inside capi::guarded().
 #include "taskmgr.h"
 
+#include <atomic>
+#include <boost/json.hpp>
+#include <chrono>
+#include <cstddef>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
 
 #include "guard.hpp"
+#include "host_call.hpp"
 #include "taskmgr/taskmgr.hpp"  // also defines TASKMGR_VERSION_*: must match taskmgr.h
 
 static_assert(TASKMGR_OK == static_cast<int>(taskmgr::ErrorCode::kOk));
@@ -48,8 +59,309 @@ char* dup_string(const std::string& s) {
 
 }  // namespace taskmgr::capi
 
+static_assert(TASKMGR_TASK_PENDING == static_cast<int>(taskmgr::TaskStatus::kPending));
+static_assert(TASKMGR_TASK_CANCELLED == static_cast<int>(taskmgr::TaskStatus::kCancelled));
+static_assert(TASKMGR_REASON_NONE == static_cast<int>(taskmgr::TaskFailureReason::kNone));
+static_assert(TASKMGR_REASON_INVALID_INPUT ==
+              static_cast<int>(taskmgr::TaskFailureReason::kInvalidInput));
+static_assert(TASKMGR_REASON_INTERRUPTED ==
+              static_cast<int>(taskmgr::TaskFailureReason::kInterrupted));
+static_assert(TASKMGR_REASON_OUT_OF_MEMORY ==
+              static_cast<int>(taskmgr::TaskFailureReason::kOutOfMemory));
+static_assert(TASKMGR_REASON_MEMORY_LIMIT_EXCEEDED ==
+              static_cast<int>(taskmgr::TaskFailureReason::kMemoryLimitExceeded));
+static_assert(TASKMGR_EVENT_CREATED == static_cast<int>(taskmgr::TaskEvent::kCreated));
+static_assert(TASKMGR_EVENT_DEVICE_FALLBACK == static_cast<int>(taskmgr::TaskEvent::kDeviceFallback));
+static_assert(TASKMGR_EVENT_CLEANUP_COMPLETED ==
+              static_cast<int>(taskmgr::TaskEvent::kCleanupCompleted));
+static_assert(TASKMGR_LOG_TRACE == static_cast<int>(taskmgr::LogLevel::kTrace));
+static_assert(TASKMGR_LOG_ERROR == static_cast<int>(taskmgr::LogLevel::kError));
+
+using taskmgr::capi::dup_string;
 using taskmgr::capi::fail;
 using taskmgr::capi::guarded;
+
+namespace {
+
+namespace json = boost::json;
+
+// True when a versioned struct of `size` bytes has the member at
+// [offset, offset + width): fields a caller's older header lacks keep
+// their defaults.
+constexpr bool has_field(std::size_t size, std::size_t offset, std::size_t width) {
+  return size >= offset + width;
+}
+#define TASKMGR_HAS(ptr, member)                                                         \
+  has_field((ptr)->struct_size, offsetof(std::remove_pointer_t<decltype(ptr)>, member), \
+            sizeof((ptr)->member))
+
+// Refuses a versioned struct whose struct_size was not set, or is larger
+// than this library knows (a header newer than the library).
+template <typename T>
+void check_struct(const T* p, const char* function, const char* type) {
+  if (p->struct_size == 0) {
+    throw taskmgr::Error(taskmgr::ErrorCode::kInvalidArgument,
+                         std::string(function) + ": " + type +
+                             ".struct_size is 0 (initialise it with " + type + "_init)");
+  }
+  if (p->struct_size > sizeof(T)) {
+    throw taskmgr::Error(taskmgr::ErrorCode::kIncompatible,
+                         std::string(function) + ": " + type + ".struct_size is " +
+                             std::to_string(p->struct_size) + ", larger than this library's " +
+                             std::to_string(sizeof(T)) +
+                             ": the header is newer than the library (" TASKMGR_VERSION_STRING ")");
+  }
+}
+
+[[noreturn]] void throw_invalid(const std::string& message) {
+  throw taskmgr::Error(taskmgr::ErrorCode::kInvalidArgument, message);
+}
+
+void require(const void* p, const char* function, const char* name) {
+  if (p == nullptr) throw_invalid(std::string(function) + ": " + name + " is NULL");
+}
+
+template <typename E>
+const char* enum_name(int value, int last) {
+  if (value < 0 || value > last) return "unknown";
+  return taskmgr::to_string(static_cast<E>(value)).data();  // literals: NUL-terminated
+}
+
+taskmgr::Duration timeout_from_seconds(double s) {
+  if (!(s >= 0)) return std::chrono::hours(24 * 365 * 10);  // negative or NaN: no limit
+  if (s > 1e9) s = 1e9;
+  return std::chrono::duration_cast<taskmgr::Duration>(std::chrono::duration<double>(s));
+}
+
+// ---- event subscriptions ----------------------------------------------------
+struct Subscription;
+thread_local Subscription* tls_delivering = nullptr;  // the callback running on this thread
+
+struct Subscription {
+  taskmgr_event_fn fn = nullptr;
+  void* user_data = nullptr;
+  taskmgr_free_fn free_fn = nullptr;
+  taskmgr::SubscriptionId id = 0;
+  std::atomic<bool> ended{false};
+  std::atomic<bool> released{false};
+
+  // Calls free_fn once, when fn will not run again.
+  void release() noexcept {
+    if (!released.exchange(true) && free_fn != nullptr) free_fn(user_data);
+  }
+  ~Subscription() { release(); }
+
+  void deliver(const taskmgr::EventRecord& ev) {
+    if (ended.load(std::memory_order_acquire)) return;
+    const std::string timestamp = taskmgr::format_timestamp(ev.timestamp);
+    const std::string whole = taskmgr::to_json(ev);
+    taskmgr_event e{};
+    e.struct_size = sizeof(e);
+    e.sequence = ev.sequence;
+    e.task_id = ev.task_id.c_str();
+    e.event = static_cast<int32_t>(ev.event);
+    e.event_type = taskmgr::to_string(ev.event).data();
+    e.timestamp_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                         ev.timestamp.time_since_epoch())
+                         .count();
+    e.timestamp = timestamp.c_str();
+    e.details_json = ev.details_json.c_str();
+    e.json = whole.c_str();
+    tls_delivering = this;
+    fn(&e, user_data);
+    tls_delivering = nullptr;
+    // Unsubscribed from inside its own callback: free now that it returned.
+    if (ended.load(std::memory_order_acquire)) release();
+  }
+};
+
+// ---- the log callback --------------------------------------------------------
+struct LogTarget {
+  taskmgr_log_fn fn = nullptr;
+  void* user_data = nullptr;
+  taskmgr_free_fn free_fn = nullptr;
+  ~LogTarget() {
+    if (free_fn != nullptr) free_fn(user_data);
+  }
+};
+
+// ---- host services -------------------------------------------------------------
+struct ServiceDef {
+  taskmgr_service s{};
+  std::string kind;
+  ~ServiceDef() {
+    if (s.free_user_data != nullptr) s.free_user_data(s.user_data);
+  }
+};
+
+}  // namespace
+
+// The context handed to a host service's process(): the C++ context plus
+// what the C side cannot throw.
+struct taskmgr_task_context {
+  taskmgr::TaskContext* ctx = nullptr;
+  std::string error_message;
+  std::exception_ptr pending;  // a failure report_memory or temp_dir raised
+  std::string path_or_null;
+};
+
+namespace {
+
+class CService final : public taskmgr::Service {
+ public:
+  CService(std::shared_ptr<const ServiceDef> def, void* instance, std::string device)
+      : def_(std::move(def)), instance_(instance), device_(std::move(device)) {}
+  ~CService() override {
+    if (def_->s.destroy_instance != nullptr) def_->s.destroy_instance(def_->s.user_data, instance_);
+  }
+
+  void process(taskmgr::TaskContext& ctx) override {
+    taskmgr_task_context c;
+    c.ctx = &ctx;
+    const int rc = def_->s.process(def_->s.user_data, instance_, &c);
+    if (c.pending) std::rethrow_exception(c.pending);
+    if (rc == TASKMGR_OK) return;
+    const std::string message =
+        !c.error_message.empty()
+            ? c.error_message
+            : "service '" + def_->kind + "' failed on " + device_ + ": " + taskmgr_status_name(rc);
+    using R = taskmgr::TaskFailureReason;
+    switch (rc) {
+      case TASKMGR_E_OUT_OF_MEMORY: throw taskmgr::OutOfMemoryError(message);
+      case TASKMGR_E_INVALID_ARGUMENT: throw taskmgr::InvalidInputError(message);
+      case TASKMGR_E_TIMEOUT: throw taskmgr::TaskError(R::kTimeout, message);
+      case TASKMGR_E_CANCELLED: throw taskmgr::TaskError(R::kCancelled, message);
+      case TASKMGR_E_MEMORY_LIMIT_EXCEEDED:
+        throw taskmgr::TaskError(R::kMemoryLimitExceeded, message);
+      default: throw taskmgr::TaskError(R::kProcessingError, message);
+    }
+  }
+
+ private:
+  std::shared_ptr<const ServiceDef> def_;
+  void* instance_;
+  std::string device_;
+};
+
+class CServiceFactory final : public taskmgr::ServiceFactory {
+ public:
+  explicit CServiceFactory(std::shared_ptr<const ServiceDef> def) : def_(std::move(def)) {
+    const taskmgr_service& s = def_->s;
+    if (s.memory_base_mb > 0 || s.memory_per_page_mb > 0 || s.memory_per_mpixel_mb > 0 ||
+        s.memory_per_input_mb > 0) {
+      taskmgr::LinearModelCoefficients c;
+      c.base_mb = s.memory_base_mb;
+      c.per_page_mb = s.memory_per_page_mb;
+      c.per_mpixel_mb = s.memory_per_mpixel_mb;
+      c.per_input_mb = s.memory_per_input_mb;
+      model_ = std::make_shared<taskmgr::LinearMemoryModel>(def_->kind + "/linear", c);
+    }
+  }
+  std::string kind() const override { return def_->kind; }
+  std::unique_ptr<taskmgr::Service> create(const std::string& device) override {
+    void* instance = nullptr;
+    const int rc = def_->s.create_instance(def_->s.user_data, device.c_str(), &instance);
+    if (rc != TASKMGR_OK) {
+      throw std::runtime_error("service '" + def_->kind + "' could not create an instance on " +
+                               device + ": create_instance returned " + taskmgr_status_name(rc));
+    }
+    return std::make_unique<CService>(def_, instance, device);
+  }
+  bool supports(const taskmgr::DeviceInfo& d) const override {
+    if (def_->s.supports_device == nullptr) return true;
+    return def_->s.supports_device(def_->s.user_data, d.id.c_str(),
+                                   taskmgr::to_string(d.kind).data()) != 0;
+  }
+  std::shared_ptr<const taskmgr::MemoryModel> memory_model() const override { return model_; }
+
+ private:
+  std::shared_ptr<const ServiceDef> def_;
+  std::shared_ptr<const taskmgr::MemoryModel> model_;
+};
+
+}  // namespace
+
+struct taskmgr_manager {
+  std::unique_ptr<taskmgr::TaskManager> tm;
+  std::mutex subs_mu;
+  std::map<taskmgr::SubscriptionId, std::shared_ptr<Subscription>> subs;
+};
+
+namespace {
+
+taskmgr::TaskManager& manager_of(taskmgr_manager* m, const char* function) {
+  require(m, function, "manager");
+  return *m->tm;
+}
+
+std::string task_id_arg(const char* id, const char* function) {
+  require(id, function, "task_id");
+  return id;
+}
+
+void set_out(char** out, const std::string& value) { *out = dup_string(value); }
+
+char** checked_out(char** out, const char* function, const char* name) {
+  require(out, function, name);
+  *out = nullptr;
+  return out;
+}
+
+std::string json_array(const std::vector<std::string>& items) {
+  std::string s = "[";
+  for (std::size_t i = 0; i < items.size(); ++i) {
+    if (i) s += ',';
+    s += items[i];
+  }
+  s += ']';
+  return s;
+}
+
+int open_manager(const taskmgr_open_options* o, taskmgr_manager** out) {
+  // The log target is owned by the sink from here on: it frees its user data
+  // when the manager is destroyed, or now if opening fails.
+  std::shared_ptr<LogTarget> log;
+  if (o != nullptr && TASKMGR_HAS(o, log_free) && o->struct_size != 0) {
+    log = std::make_shared<LogTarget>();
+    log->fn = o->log_callback;
+    log->user_data = o->log_user_data;
+    log->free_fn = o->log_free;
+  }
+  require(out, "taskmgr_open", "out_manager");
+  *out = nullptr;
+  taskmgr_open_options opt;
+  taskmgr_open_options_init(&opt);
+  if (o != nullptr) {
+    check_struct(o, "taskmgr_open", "taskmgr_open_options");
+    std::memcpy(&opt, o, o->struct_size);
+    opt.struct_size = sizeof(opt);
+  }
+  if (opt.config_yaml != nullptr && opt.config_path != nullptr) {
+    throw_invalid("taskmgr_open: give config_yaml or config_path, not both");
+  }
+  taskmgr::Config config =
+      opt.config_path != nullptr ? taskmgr::Config::from_yaml_file(opt.config_path)
+      : (opt.config_yaml != nullptr && *opt.config_yaml != '\0')
+          ? taskmgr::Config::from_yaml_string(opt.config_yaml, "config_yaml")
+          : taskmgr::Config::defaults();
+  if (opt.database_path != nullptr) config.storage.path = opt.database_path;
+  if (opt.worker_threads > 0) config.executor.worker_threads = opt.worker_threads;
+  taskmgr::TaskManagerOptions options;
+  options.builtin_ocr = opt.disable_builtin_ocr == 0;
+  if (log && log->fn != nullptr) {
+    options.log_sink = [log](taskmgr::LogLevel level, std::string_view message) {
+      const std::string m(message);
+      log->fn(static_cast<int>(level), m.c_str(), log->user_data);
+    };
+  }
+  auto handle = std::make_unique<taskmgr_manager>();
+  log.reset();  // the sink holds it now (or nothing does, and it is freed)
+  handle->tm = std::make_unique<taskmgr::TaskManager>(std::move(config), std::move(options));
+  *out = handle.release();
+  return TASKMGR_OK;
+}
+
+}  // namespace
 
 extern "C" {
 
@@ -60,6 +372,19 @@ int taskmgr_version_number(void) { return TASKMGR_VERSION_NUMBER; }
 const char* taskmgr_status_name(int status) {
   // to_string returns views of string literals: NUL-terminated, static.
   return taskmgr::to_string(static_cast<taskmgr::ErrorCode>(status)).data();
+}
+
+const char* taskmgr_task_status_name(int status) {
+  return enum_name<taskmgr::TaskStatus>(status, TASKMGR_TASK_CANCELLED);
+}
+const char* taskmgr_failure_reason_name(int reason) {
+  return enum_name<taskmgr::TaskFailureReason>(reason, TASKMGR_REASON_MEMORY_LIMIT_EXCEEDED);
+}
+const char* taskmgr_event_name(int event) {
+  return enum_name<taskmgr::TaskEvent>(event, TASKMGR_EVENT_CLEANUP_COMPLETED);
+}
+const char* taskmgr_log_level_name(int level) {
+  return enum_name<taskmgr::LogLevel>(level, TASKMGR_LOG_ERROR);
 }
 
 const char* taskmgr_last_error(void) { return taskmgr::capi::last_error().c_str(); }
@@ -75,7 +400,7 @@ int taskmgr_config_normalize(const char* yaml, char** out_yaml) {
     const taskmgr::Config c = (yaml == nullptr || *yaml == '\0')
                                   ? taskmgr::Config::defaults()
                                   : taskmgr::Config::from_yaml_string(yaml);
-    *out_yaml = taskmgr::capi::dup_string(c.to_yaml());
+    *out_yaml = dup_string(c.to_yaml());
     return TASKMGR_OK;
   });
 }
@@ -90,8 +415,500 @@ int taskmgr_config_normalize_file(const char* path, char** out_yaml) {
       return fail(TASKMGR_E_INVALID_ARGUMENT, "taskmgr_config_normalize_file: path is NULL");
     }
     const taskmgr::Config c = taskmgr::Config::from_yaml_file(path);
-    *out_yaml = taskmgr::capi::dup_string(c.to_yaml());
+    *out_yaml = dup_string(c.to_yaml());
     return TASKMGR_OK;
+  });
+}
+
+// ---- open / close --------------------------------------------------------------
+void taskmgr_open_options_init(taskmgr_open_options* o) {
+  if (o == nullptr) return;
+  std::memset(o, 0, sizeof(*o));
+  o->struct_size = sizeof(*o);
+}
+
+int taskmgr_open(const taskmgr_open_options* options, taskmgr_manager** out_manager) {
+  return guarded([&] { return open_manager(options, out_manager); });
+}
+
+int taskmgr_open_yaml(const char* config_yaml, taskmgr_manager** out_manager) {
+  return guarded([&] {
+    taskmgr_open_options o;
+    taskmgr_open_options_init(&o);
+    o.config_yaml = config_yaml;
+    return open_manager(&o, out_manager);
+  });
+}
+
+int taskmgr_open_file(const char* config_path, taskmgr_manager** out_manager) {
+  return guarded([&] {
+    if (out_manager != nullptr) *out_manager = nullptr;
+    require(config_path, "taskmgr_open_file", "config_path");
+    taskmgr_open_options o;
+    taskmgr_open_options_init(&o);
+    o.config_path = config_path;
+    return open_manager(&o, out_manager);
+  });
+}
+
+int taskmgr_close(taskmgr_manager* manager) {
+  return guarded([&] { manager_of(manager, "taskmgr_close").close(); });
+}
+
+int taskmgr_destroy(taskmgr_manager* manager) {
+  return guarded([&]() -> int {
+    if (manager == nullptr) return TASKMGR_OK;
+    if (taskmgr::detail::in_host_call()) {
+      return fail(TASKMGR_E_INVALID_STATE,
+                  "taskmgr_destroy was called from a taskmgr thread (an event or log callback, "
+                  "or a service); it would wait for itself: destroy the manager from another "
+                  "thread. Nothing was destroyed.");
+    }
+    manager->tm->close();
+    manager->tm.reset();  // threads stopped: no callback runs any more
+    delete manager;       // frees what subscriptions remain
+    return TASKMGR_OK;
+  });
+}
+
+// ---- tasks -----------------------------------------------------------------------
+void taskmgr_task_request_init(taskmgr_task_request* r) {
+  if (r == nullptr) return;
+  std::memset(r, 0, sizeof(*r));
+  r->struct_size = sizeof(*r);
+}
+
+int taskmgr_create_task(taskmgr_manager* manager, const taskmgr_task_request* request,
+                        char out_task_id[TASKMGR_TASK_ID_SIZE]) {
+  return guarded([&]() -> int {
+    constexpr const char* fn = "taskmgr_create_task";
+    auto& tm = manager_of(manager, fn);
+    require(request, fn, "request");
+    require(out_task_id, fn, "out_task_id");
+    out_task_id[0] = '\0';
+    check_struct(request, fn, "taskmgr_task_request");
+    taskmgr_task_request r;
+    taskmgr_task_request_init(&r);
+    std::memcpy(&r, request, request->struct_size);
+    if (r.input_path != nullptr && r.input_data != nullptr) {
+      throw_invalid("taskmgr_create_task: give input_path or input_data, not both");
+    }
+    if (r.input_data == nullptr && r.input_size != 0) {
+      throw_invalid("taskmgr_create_task: input_size is " + std::to_string(r.input_size) +
+                    " but input_data is NULL");
+    }
+    if (r.batch_size < 0) {
+      throw_invalid("taskmgr_create_task: batch_size must be >= 0 (0 = 1), got " +
+                    std::to_string(r.batch_size));
+    }
+    taskmgr::TaskCreateRequest req;
+    if (r.service != nullptr) req.service = r.service;
+    if (r.input_path != nullptr) {
+      req.input.path = r.input_path;
+      if (req.input.path.empty()) throw_invalid("taskmgr_create_task: input_path is empty");
+    }
+    if (r.input_data != nullptr) {
+      const auto* b = static_cast<const std::uint8_t*>(r.input_data);
+      req.input.data.assign(b, b + r.input_size);
+    }
+    if (r.media_type != nullptr) req.input.media_type = r.media_type;
+    req.priority = r.priority;
+    req.batch_size = r.batch_size == 0 ? 1 : r.batch_size;
+    if (r.device != nullptr) req.device = r.device;
+    if (r.options_json != nullptr) req.options_json = r.options_json;
+    const taskmgr::Task t = tm.create_task(req);
+    std::memcpy(out_task_id, t.id.c_str(), std::min<std::size_t>(t.id.size() + 1, TASKMGR_TASK_ID_SIZE));
+    out_task_id[TASKMGR_TASK_ID_SIZE - 1] = '\0';
+    return TASKMGR_OK;
+  });
+}
+
+void taskmgr_start_params_init(taskmgr_start_params* p) {
+  if (p == nullptr) return;
+  std::memset(p, 0, sizeof(*p));
+  p->struct_size = sizeof(*p);
+}
+
+int taskmgr_start_task(taskmgr_manager* manager, const char* task_id,
+                       const taskmgr_start_params* params) {
+  return guarded([&] {
+    constexpr const char* fn = "taskmgr_start_task";
+    auto& tm = manager_of(manager, fn);
+    const std::string id = task_id_arg(task_id, fn);
+    taskmgr::TaskStartRequest req;
+    if (params != nullptr) {
+      check_struct(params, fn, "taskmgr_start_params");
+      taskmgr_start_params p;
+      taskmgr_start_params_init(&p);
+      std::memcpy(&p, params, params->struct_size);
+      if (p.batch_size < 0) {
+        throw_invalid(std::string(fn) + ": batch_size must be >= 0 (0 = keep), got " +
+                      std::to_string(p.batch_size));
+      }
+      if (p.device != nullptr) req.device = p.device;
+      if (p.set_priority != 0) req.priority = p.priority;
+      if (p.batch_size > 0) req.batch_size = p.batch_size;
+      if (p.options_json != nullptr) req.options_json = p.options_json;
+    }
+    tm.start_task(id, req);
+  });
+}
+
+int taskmgr_cancel_task(taskmgr_manager* manager, const char* task_id, int* out_cancelled) {
+  return guarded([&] {
+    constexpr const char* fn = "taskmgr_cancel_task";
+    auto& tm = manager_of(manager, fn);
+    const std::string id = task_id_arg(task_id, fn);
+    if (out_cancelled != nullptr) *out_cancelled = 0;
+    const bool cancelled = tm.cancel_task(id);
+    if (out_cancelled != nullptr) *out_cancelled = cancelled ? 1 : 0;
+  });
+}
+
+int taskmgr_get_task(taskmgr_manager* manager, const char* task_id, char** out_json) {
+  return guarded([&] {
+    if (out_json != nullptr) *out_json = nullptr;
+    constexpr const char* fn = "taskmgr_get_task";
+    auto& tm = manager_of(manager, fn);
+    char** out = checked_out(out_json, fn, "out_json");
+    const std::string id = task_id_arg(task_id, fn);
+    set_out(out, taskmgr::to_json(tm.get_task(id)));
+  });
+}
+
+int taskmgr_get_task_status(taskmgr_manager* manager, const char* task_id, int* out_status,
+                            int* out_failure_reason) {
+  return guarded([&] {
+    constexpr const char* fn = "taskmgr_get_task_status";
+    auto& tm = manager_of(manager, fn);
+    const std::string id = task_id_arg(task_id, fn);
+    const taskmgr::Task t = tm.get_task(id);
+    if (out_status != nullptr) *out_status = static_cast<int>(t.status);
+    if (out_failure_reason != nullptr) *out_failure_reason = static_cast<int>(t.failure_reason);
+  });
+}
+
+int taskmgr_get_task_result(taskmgr_manager* manager, const char* task_id, char** out_result) {
+  return guarded([&] {
+    if (out_result != nullptr) *out_result = nullptr;
+    constexpr const char* fn = "taskmgr_get_task_result";
+    auto& tm = manager_of(manager, fn);
+    char** out = checked_out(out_result, fn, "out_result");
+    const std::string id = task_id_arg(task_id, fn);
+    set_out(out, tm.get_task(id).result);
+  });
+}
+
+int taskmgr_wait_task(taskmgr_manager* manager, const char* task_id, double timeout_seconds,
+                      char** out_json) {
+  return guarded([&]() -> int {
+    constexpr const char* fn = "taskmgr_wait_task";
+    auto& tm = manager_of(manager, fn);
+    const std::string id = task_id_arg(task_id, fn);
+    if (out_json != nullptr) *out_json = nullptr;
+    const auto t = tm.wait_task(id, timeout_from_seconds(timeout_seconds));
+    if (!t) {
+      return fail(TASKMGR_E_TIMEOUT, "task " + id + " has not ended after " +
+                                         std::to_string(timeout_seconds) + " s");
+    }
+    if (out_json != nullptr) set_out(out_json, taskmgr::to_json(*t));
+    return TASKMGR_OK;
+  });
+}
+
+int taskmgr_wait_idle(taskmgr_manager* manager, double timeout_seconds) {
+  return guarded([&]() -> int {
+    auto& tm = manager_of(manager, "taskmgr_wait_idle");
+    if (!tm.wait_idle(timeout_from_seconds(timeout_seconds))) {
+      return fail(TASKMGR_E_TIMEOUT,
+                  "tasks still queued or running after " + std::to_string(timeout_seconds) + " s");
+    }
+    return TASKMGR_OK;
+  });
+}
+
+int taskmgr_list_tasks(taskmgr_manager* manager, const char* status, const char* service,
+                       size_t limit, char** out_json) {
+  return guarded([&] {
+    if (out_json != nullptr) *out_json = nullptr;
+    constexpr const char* fn = "taskmgr_list_tasks";
+    auto& tm = manager_of(manager, fn);
+    checked_out(out_json, fn, "out_json");
+    taskmgr::TaskFilter f;
+    if (status != nullptr) {
+      f.status = taskmgr::parse_task_status(status);
+      if (!f.status) {
+        throw_invalid(std::string(fn) + ": unknown status '" + status +
+                      "' (pending, queued, running, completed, failed, cancelled)");
+      }
+    }
+    if (service != nullptr) f.service = service;
+    f.limit = limit;
+    std::vector<std::string> items;
+    for (const auto& t : tm.list_tasks(f)) items.push_back(taskmgr::to_json(t));
+    set_out(out_json, json_array(items));
+  });
+}
+
+int taskmgr_get_task_events(taskmgr_manager* manager, const char* task_id, char** out_json) {
+  return guarded([&] {
+    if (out_json != nullptr) *out_json = nullptr;
+    constexpr const char* fn = "taskmgr_get_task_events";
+    auto& tm = manager_of(manager, fn);
+    checked_out(out_json, fn, "out_json");
+    const std::string id = task_id_arg(task_id, fn);
+    std::vector<std::string> items;
+    for (const auto& e : tm.get_task_events(id)) items.push_back(taskmgr::to_json(e));
+    set_out(out_json, json_array(items));
+  });
+}
+
+// ---- metrics, health, devices ----------------------------------------------------------
+int taskmgr_get_task_metrics(taskmgr_manager* manager, char** out_json) {
+  return guarded([&] {
+    if (out_json != nullptr) *out_json = nullptr;
+    constexpr const char* fn = "taskmgr_get_task_metrics";
+    auto& tm = manager_of(manager, fn);
+    char** out = checked_out(out_json, fn, "out_json");
+    set_out(out, tm.get_task_metrics().to_json());
+  });
+}
+
+int taskmgr_get_metrics_prometheus(taskmgr_manager* manager, char** out_text) {
+  return guarded([&] {
+    if (out_text != nullptr) *out_text = nullptr;
+    constexpr const char* fn = "taskmgr_get_metrics_prometheus";
+    auto& tm = manager_of(manager, fn);
+    char** out = checked_out(out_text, fn, "out_text");
+    set_out(out, tm.get_task_metrics().to_prometheus());
+  });
+}
+
+int taskmgr_get_task_health(taskmgr_manager* manager, const char* task_id, char** out_json) {
+  return guarded([&] {
+    if (out_json != nullptr) *out_json = nullptr;
+    constexpr const char* fn = "taskmgr_get_task_health";
+    auto& tm = manager_of(manager, fn);
+    char** out = checked_out(out_json, fn, "out_json");
+    const std::string id = task_id_arg(task_id, fn);
+    set_out(out, tm.get_task_health(id).to_json());
+  });
+}
+
+int taskmgr_list_devices(taskmgr_manager* manager, char** out_json) {
+  return guarded([&] {
+    if (out_json != nullptr) *out_json = nullptr;
+    constexpr const char* fn = "taskmgr_list_devices";
+    auto& tm = manager_of(manager, fn);
+    checked_out(out_json, fn, "out_json");
+    json::array a;
+    for (const auto& d : tm.devices()) {
+      json::object o;
+      o["id"] = d.id;
+      o["kind"] = taskmgr::to_string(d.kind);
+      o["total_mb"] = d.total_mb;
+      o["reserved_mb"] = d.reserved_mb;
+      o["observed_mb"] = d.observed_mb;
+      o["free_mb"] = d.free_mb();
+      o["available"] = d.available;
+      o["source"] = d.source;
+      a.push_back(std::move(o));
+    }
+    set_out(out_json, json::serialize(a));
+  });
+}
+
+int taskmgr_set_device_available(taskmgr_manager* manager, const char* device, int available) {
+  return guarded([&] {
+    constexpr const char* fn = "taskmgr_set_device_available";
+    auto& tm = manager_of(manager, fn);
+    require(device, fn, "device");
+    tm.set_device_available(device, available != 0);
+  });
+}
+
+// ---- events ---------------------------------------------------------------------------------
+int taskmgr_subscribe(taskmgr_manager* manager, taskmgr_event_fn callback, void* user_data,
+                      taskmgr_free_fn free_user_data, uint64_t* out_subscription) {
+  // Owns user_data from here: freed on every failure below.
+  auto sub = std::make_shared<Subscription>();
+  sub->user_data = user_data;
+  sub->free_fn = free_user_data;
+  return guarded([&] {
+    constexpr const char* fn = "taskmgr_subscribe";
+    auto& tm = manager_of(manager, fn);
+    require(reinterpret_cast<const void*>(callback), fn, "callback");
+    require(out_subscription, fn, "out_subscription");
+    *out_subscription = 0;
+    sub->fn = callback;
+    std::lock_guard<std::mutex> g(manager->subs_mu);
+    sub->id = tm.subscribe([s = sub](const taskmgr::EventRecord& ev) { s->deliver(ev); });
+    manager->subs[sub->id] = sub;
+    *out_subscription = sub->id;
+  });
+}
+
+int taskmgr_unsubscribe(taskmgr_manager* manager, uint64_t subscription) {
+  return guarded([&]() -> int {
+    constexpr const char* fn = "taskmgr_unsubscribe";
+    auto& tm = manager_of(manager, fn);
+    std::shared_ptr<Subscription> sub;
+    {
+      std::lock_guard<std::mutex> g(manager->subs_mu);
+      auto it = manager->subs.find(subscription);
+      if (it != manager->subs.end()) {
+        sub = std::move(it->second);
+        manager->subs.erase(it);
+      }
+    }
+    if (!sub) {
+      return fail(TASKMGR_E_NOT_FOUND,
+                  std::string(fn) + ": no subscription " + std::to_string(subscription));
+    }
+    sub->ended.store(true, std::memory_order_release);
+    tm.unsubscribe(sub->id);  // outside a callback: waits until it is not running
+    // From inside its own callback, deliver() frees it when the callback returns.
+    if (tls_delivering != sub.get()) sub->release();
+    return TASKMGR_OK;
+  });
+}
+
+int taskmgr_flush_events(taskmgr_manager* manager) {
+  return guarded([&] { manager_of(manager, "taskmgr_flush_events").flush_events(); });
+}
+
+// ---- host services -----------------------------------------------------------------------------
+void taskmgr_service_init(taskmgr_service* s) {
+  if (s == nullptr) return;
+  std::memset(s, 0, sizeof(*s));
+  s->struct_size = sizeof(*s);
+}
+
+int taskmgr_register_service(taskmgr_manager* manager, const taskmgr_service* service) {
+  std::shared_ptr<ServiceDef> def;
+  if (service != nullptr && service->struct_size != 0 && service->struct_size <= sizeof(*service) &&
+      TASKMGR_HAS(service, free_user_data)) {
+    // Owns user_data from here: freed when the manager is destroyed, or on a failure below.
+    def = std::make_shared<ServiceDef>();
+    taskmgr_service_init(&def->s);
+    std::memcpy(&def->s, service, service->struct_size);
+    def->s.struct_size = sizeof(def->s);
+  }
+  return guarded([&] {
+    constexpr const char* fn = "taskmgr_register_service";
+    auto& tm = manager_of(manager, fn);
+    require(service, fn, "service");
+    check_struct(service, fn, "taskmgr_service");
+    if (!def) throw_invalid(std::string(fn) + ": taskmgr_service.struct_size is too small");
+    if (def->s.kind == nullptr || *def->s.kind == '\0') {
+      throw_invalid(std::string(fn) + ": taskmgr_service.kind is NULL or empty");
+    }
+    if (def->s.create_instance == nullptr) {
+      throw_invalid(std::string(fn) + ": taskmgr_service.create_instance is NULL");
+    }
+    if (def->s.process == nullptr) throw_invalid(std::string(fn) + ": taskmgr_service.process is NULL");
+    def->kind = def->s.kind;
+    def->s.kind = nullptr;  // the caller's string need not outlive the call
+    for (double v : {def->s.memory_base_mb, def->s.memory_per_page_mb, def->s.memory_per_mpixel_mb,
+                     def->s.memory_per_input_mb}) {
+      if (!(v >= 0)) throw_invalid(std::string(fn) + ": memory model coefficients must be >= 0");
+    }
+    tm.register_service(std::make_shared<CServiceFactory>(std::move(def)));
+  });
+}
+
+// The context of a running task. These run inside process(), on its thread.
+const char* taskmgr_context_task_id(const taskmgr_task_context* c) {
+  return c == nullptr ? nullptr : c->ctx->task_id().c_str();
+}
+const char* taskmgr_context_device(const taskmgr_task_context* c) {
+  return c == nullptr ? nullptr : c->ctx->device().c_str();
+}
+const char* taskmgr_context_service_instance_id(const taskmgr_task_context* c) {
+  return c == nullptr ? nullptr : c->ctx->service_instance_id().c_str();
+}
+const char* taskmgr_context_options_json(const taskmgr_task_context* c) {
+  return c == nullptr ? nullptr : c->ctx->options_json().c_str();
+}
+const char* taskmgr_context_input_path(const taskmgr_task_context* c) {
+  if (c == nullptr || c->ctx->input().path.empty()) return nullptr;
+  return c->ctx->input().path.c_str();
+}
+int taskmgr_context_input_data(const taskmgr_task_context* c, const void** out_data,
+                               size_t* out_size) {
+  return guarded([&] {
+    constexpr const char* fn = "taskmgr_context_input_data";
+    require(c, fn, "context");
+    require(out_data, fn, "out_data");
+    require(out_size, fn, "out_size");
+    const auto& d = c->ctx->input().data;
+    *out_data = d.empty() ? nullptr : d.data();
+    *out_size = d.size();
+  });
+}
+int taskmgr_context_batch_size(const taskmgr_task_context* c) {
+  return c == nullptr ? 0 : c->ctx->batch_size();
+}
+int taskmgr_context_attempt(const taskmgr_task_context* c) {
+  return c == nullptr ? 0 : c->ctx->attempt();
+}
+int64_t taskmgr_context_estimated_memory_mb(const taskmgr_task_context* c) {
+  return c == nullptr ? 0 : c->ctx->estimated_memory_mb();
+}
+int taskmgr_context_cancelled(const taskmgr_task_context* c) {
+  return c != nullptr && c->ctx->cancelled() ? 1 : 0;
+}
+
+const char* taskmgr_context_temp_dir(taskmgr_task_context* c) {
+  const char* dir = nullptr;
+  guarded([&] {
+    require(c, "taskmgr_context_temp_dir", "context");
+    dir = c->ctx->temp_dir().c_str();
+  });
+  return dir;
+}
+
+int taskmgr_context_stage(taskmgr_task_context* c, const char* name) {
+  return guarded([&] {
+    constexpr const char* fn = "taskmgr_context_stage";
+    require(c, fn, "context");
+    require(name, fn, "name");
+    c->ctx->stage(name);
+  });
+}
+
+int taskmgr_context_report_memory(taskmgr_task_context* c, int64_t mb) {
+  return guarded([&]() -> int {
+    constexpr const char* fn = "taskmgr_context_report_memory";
+    require(c, fn, "context");
+    if (mb < 0) throw_invalid(std::string(fn) + ": mb must be >= 0, got " + std::to_string(mb));
+    try {
+      c->ctx->report_memory(mb);
+    } catch (const taskmgr::TaskError& e) {
+      // The task fails (or is retried) this way whatever process() returns.
+      if (!c->pending) c->pending = std::current_exception();
+      const bool oom = e.reason() == taskmgr::TaskFailureReason::kOutOfMemory;
+      return fail(oom ? TASKMGR_E_OUT_OF_MEMORY : TASKMGR_E_MEMORY_LIMIT_EXCEEDED, e.what());
+    }
+    return TASKMGR_OK;
+  });
+}
+
+int taskmgr_context_set_result(taskmgr_task_context* c, const char* result_json) {
+  return guarded([&] {
+    constexpr const char* fn = "taskmgr_context_set_result";
+    require(c, fn, "context");
+    require(result_json, fn, "result_json");
+    c->ctx->set_result(result_json);
+  });
+}
+
+int taskmgr_context_set_error(taskmgr_task_context* c, const char* message) {
+  return guarded([&] {
+    constexpr const char* fn = "taskmgr_context_set_error";
+    require(c, fn, "context");
+    require(message, fn, "message");
+    c->error_message = message;
   });
 }
 

@@ -3,6 +3,8 @@
 
 #include "taskmgr/events.hpp"
 
+#include "host_call.hpp"
+
 namespace taskmgr {
 
 std::string to_json(const EventRecord& e) {
@@ -62,6 +64,7 @@ EventBus::EventBus(LogSink log, std::size_t max_pending) : impl_(std::make_uniqu
   auto ready = started.get_future();
   im->thread = std::thread([this, im, &started] {
     im->dispatcher_id = std::this_thread::get_id();
+    detail::HostCallScope host;  // callbacks run here
     started.set_value();
     std::vector<std::shared_ptr<Subscriber>> local;
     std::uint64_t local_version = ~0ULL;

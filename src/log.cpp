@@ -3,6 +3,7 @@
 #include <cstdio>
 
 #include "enum_table.hpp"
+#include "host_call.hpp"
 
 namespace taskmgr {
 namespace {
@@ -25,6 +26,7 @@ void Logger::write(LogLevel level, std::string_view message) const noexcept {
   if (level < level_ || level == LogLevel::kOff) return;
   try {
     if (sink_) {
+      HostCallScope host;
       sink_(level, message);
     } else if (level >= LogLevel::kWarn) {
       std::fprintf(stderr, "taskmgr %s: %.*s\n", to_string(level).data(),

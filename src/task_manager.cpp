@@ -17,6 +17,7 @@
 #include <unordered_map>
 
 #include "histogram.hpp"
+#include "host_call.hpp"
 #include "json_writer.hpp"
 #include "spin_lock.hpp"
 
@@ -30,6 +31,7 @@
 #include "taskmgr/service_pool.hpp"
 #include "taskmgr/task_queue.hpp"
 #include "timer_queue.hpp"
+#include "utf8.hpp"
 
 namespace taskmgr {
 
@@ -541,6 +543,16 @@ void TaskManager::Impl::register_service(std::shared_ptr<ServiceFactory> factory
 
 // ---- create / start / cancel ------------------------------------------------
 Task TaskManager::Impl::create_task(const TaskCreateRequest& req) {
+  for (const auto& [what, value] :
+       {std::pair<const char*, const std::string*>{"input path", &req.input.path},
+        {"service", &req.service},
+        {"device", &req.device},
+        {"media type", &req.input.media_type}}) {
+    if (auto at = detail::invalid_utf8_at(*value)) {
+      throw Error(ErrorCode::kInvalidArgument, std::string(what) + " is not valid UTF-8 (byte " +
+                                                   std::to_string(*at) + ")");
+    }
+  }
   std::function<bool(const DeviceInfo&)> allowed;
   {
     auto g = detail::spin_lock(mu_);
@@ -808,6 +820,7 @@ void TaskManager::Impl::dispatch_locked() {
 }
 
 void TaskManager::Impl::worker_loop() {
+  detail::HostCallScope host;  // services and log sinks run here
   auto lock = detail::spin_lock(mu_);
   while (!closing_) {
     std::optional<Launch> launch = next_locked();
@@ -1675,9 +1688,10 @@ MemoryEstimate TaskManager::Impl::explain(const TaskCreateRequest& request) cons
 }
 
 void TaskManager::Impl::close() {
-  if (bus_.on_dispatcher_thread()) {
+  if (detail::in_host_call()) {
     throw Error(ErrorCode::kInvalidState,
-                "close() was called from an event callback; close the manager from another thread");
+                "close() was called from a taskmgr thread (an event callback, a log sink or a "
+                "service); it would wait for itself: close the manager from another thread");
   }
   auto lock = detail::spin_lock(mu_);
   if (closed_) return;
@@ -1701,9 +1715,11 @@ TaskManager::TaskManager(Config config, TaskManagerOptions options)
     : impl_(std::make_shared<Impl>(std::move(config), std::move(options))) {}
 
 TaskManager::~TaskManager() {
-  if (impl_ && impl_->bus_.on_dispatcher_thread()) {
-    // Destroying the manager from its own callback cannot be done safely.
-    impl_->log_.write(LogLevel::kError, "TaskManager destroyed from an event callback: leaking it");
+  if (impl_ && detail::in_host_call()) {
+    // Destroying the manager from its own threads cannot be done safely.
+    impl_->log_.write(LogLevel::kError,
+                      "TaskManager destroyed from a taskmgr thread (a callback, log sink or "
+                      "service): leaking it");
     new std::shared_ptr<Impl>(std::move(impl_));
     return;
   }

@@ -1,5 +1,7 @@
 #include "timer_queue.hpp"
 
+#include "host_call.hpp"
+
 namespace taskmgr::detail {
 
 TimerQueue::TimerQueue(std::shared_ptr<const Clock> clock) : clock_(std::move(clock)) {
@@ -50,6 +52,7 @@ std::size_t TimerQueue::pending() const {
 }
 
 void TimerQueue::run() {
+  HostCallScope host;  // timer callbacks may log to the host
   std::unique_lock<std::mutex> lock(mu_);
   while (!stop_) {
     if (order_.empty()) {

@@ -1,8 +1,12 @@
 /* The C ABI from plain C (C99), linked against the shared library.
  * Every check prints what failed and the test exits non-zero. */
+#define _POSIX_C_SOURCE 200809L
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "taskmgr.h"
 
@@ -83,13 +87,1027 @@ static void test_config_errors(void) {
 
 static void test_free_null(void) { taskmgr_free(NULL); CHECK(1); }
 
-int main(void) {
+/* ---- shared state for callbacks (guarded: callbacks run on library threads) -- */
+
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+
+#define CHECK_RC(call, expected)                                                          \
+  do {                                                                                    \
+    int rc_ = (call);                                                                     \
+    ++checks;                                                                             \
+    if (rc_ != (expected)) {                                                              \
+      ++failures;                                                                         \
+      fprintf(stderr, "%s:%d: %s returned %d (%s), expected %s: %s\n", __FILE__, __LINE__, \
+              #call, rc_, taskmgr_status_name(rc_), #expected, taskmgr_last_error());     \
+    }                                                                                     \
+  } while (0)
+
+/* The last error names `what` (a function, a parameter, a value). */
+#define CHECK_MSG(what) CHECK(strstr(taskmgr_last_error(), (what)) != NULL)
+
+static const char* kConfig =
+    "devices:\n"
+    "  probe_cpu: false\n"
+    "  probe_nvidia: false\n"
+    "  cpu_memory_mb: 4000\n"
+    "  declared:\n"
+    "    - {id: \"cuda:0\", kind: gpu, memory_mb: 2000}\n"
+    "executor:\n"
+    "  worker_threads: 2\n"
+    "storage:\n"
+    "  path: \":memory:\"\n"
+    "tasks:\n"
+    "  retry:\n"
+    "    backoff_base_seconds: 0.01\n"
+    "    backoff_jitter: 0\n";
+
+/* ---- a host-provided service: "echo" -----------------------------------------
+ * Instances count themselves; process() copies the input into the result,
+ * fails as the options say, and blocks while the gate is closed. */
+
+typedef struct service_state {
+  int instances_created;
+  int instances_destroyed;
+  int processed;
+  int freed;
+  int gate_closed;       /* process() waits while non-zero */
+  int running;           /* process() calls in progress */
+  int oom_on_gpu;        /* return OUT_OF_MEMORY on "cuda:*" */
+  char last_device[32];
+  int last_attempt;
+  int last_batch;
+  char temp_dir[512];
+  pthread_cond_t cv;
+} service_state;
+
+static service_state echo;
+
+static int echo_create(void* user_data, const char* device, void** out_instance) {
+  service_state* st = (service_state*)user_data;
+  int* instance = (int*)malloc(sizeof(int));
+  if (instance == NULL) return TASKMGR_E_OUT_OF_MEMORY;
+  pthread_mutex_lock(&mu);
+  *instance = ++st->instances_created;
+  pthread_mutex_unlock(&mu);
+  (void)device;
+  *out_instance = instance;
+  return TASKMGR_OK;
+}
+
+static void echo_destroy(void* user_data, void* instance) {
+  service_state* st = (service_state*)user_data;
+  pthread_mutex_lock(&mu);
+  ++st->instances_destroyed;
+  pthread_mutex_unlock(&mu);
+  free(instance);
+}
+
+static void echo_free(void* user_data) {
+  service_state* st = (service_state*)user_data;
+  pthread_mutex_lock(&mu);
+  ++st->freed;
+  pthread_mutex_unlock(&mu);
+}
+
+static int echo_process(void* user_data, void* instance, taskmgr_task_context* ctx) {
+  service_state* st = (service_state*)user_data;
+  const char* options = taskmgr_context_options_json(ctx);
+  const char* device = taskmgr_context_device(ctx);
+  const char* path = taskmgr_context_input_path(ctx);
+  const void* data = NULL;
+  size_t size = 0;
+  char result[1024];
+  const char* dir;
+  (void)instance;
+
+  pthread_mutex_lock(&mu);
+  ++st->running;
+  while (st->gate_closed) pthread_cond_wait(&st->cv, &mu);
+  --st->running;
+  ++st->processed;
+  snprintf(st->last_device, sizeof st->last_device, "%s", device);
+  st->last_attempt = taskmgr_context_attempt(ctx);
+  st->last_batch = taskmgr_context_batch_size(ctx);
+  pthread_mutex_unlock(&mu);
+
+  if (taskmgr_context_cancelled(ctx)) return TASKMGR_E_CANCELLED;
+  if (taskmgr_context_stage(ctx, "load") != TASKMGR_OK) return TASKMGR_E_INTERNAL;
+  if (taskmgr_context_input_data(ctx, &data, &size) != TASKMGR_OK) return TASKMGR_E_INTERNAL;
+  dir = taskmgr_context_temp_dir(ctx);
+  if (dir != NULL) {
+    pthread_mutex_lock(&mu);
+    snprintf(st->temp_dir, sizeof st->temp_dir, "%s", dir);
+    pthread_mutex_unlock(&mu);
+  }
+  if (st->oom_on_gpu && strncmp(device, "cuda:", 5) == 0) {
+    taskmgr_context_set_error(ctx, "echo: CUDA out of memory (simulated)");
+    return TASKMGR_E_OUT_OF_MEMORY;
+  }
+  if (strstr(options, "\"fail\":\"input\"") != NULL) {
+    taskmgr_context_set_error(ctx, "echo: the input is not what I expected");
+    return TASKMGR_E_INVALID_ARGUMENT;
+  }
+  if (strstr(options, "\"fail\":\"other\"") != NULL) return 42; /* no message set */
+  if (strstr(options, "\"memory\":") != NULL) {
+    int rc = taskmgr_context_report_memory(ctx, atoi(strstr(options, "\"memory\":") + 9));
+    if (rc != TASKMGR_OK) return TASKMGR_OK; /* ignored on purpose: the library still fails it */
+  }
+  taskmgr_context_stage(ctx, "compute");
+  snprintf(result, sizeof result, "{\"device\":\"%s\",\"path\":\"%s\",\"bytes\":%u,\"task\":\"%s\"}",
+           device, path ? path : "", (unsigned)size, taskmgr_context_task_id(ctx));
+  return taskmgr_context_set_result(ctx, result);
+}
+
+static void echo_reset(void) {
+  pthread_mutex_lock(&mu);
+  memset(echo.last_device, 0, sizeof echo.last_device);
+  echo.instances_created = echo.instances_destroyed = echo.processed = echo.freed = 0;
+  echo.gate_closed = echo.running = echo.oom_on_gpu = 0;
+  pthread_mutex_unlock(&mu);
+}
+
+static void echo_open_gate(void) {
+  pthread_mutex_lock(&mu);
+  echo.gate_closed = 0;
+  pthread_cond_broadcast(&echo.cv);
+  pthread_mutex_unlock(&mu);
+}
+
+static int echo_running(void) {
+  int n;
+  pthread_mutex_lock(&mu);
+  n = echo.running;
+  pthread_mutex_unlock(&mu);
+  return n;
+}
+
+static void sleep_ms(int ms) {
+  struct timespec ts;
+  ts.tv_sec = ms / 1000;
+  ts.tv_nsec = (long)(ms % 1000) * 1000000L;
+  nanosleep(&ts, NULL);
+}
+
+static int register_echo(taskmgr_manager* tm) {
+  taskmgr_service s;
+  taskmgr_service_init(&s);
+  s.kind = "echo";
+  s.user_data = &echo;
+  s.create_instance = echo_create;
+  s.process = echo_process;
+  s.destroy_instance = echo_destroy;
+  s.free_user_data = echo_free;
+  s.memory_base_mb = 100;
+  return taskmgr_register_service(tm, &s);
+}
+
+static taskmgr_manager* open_test_manager(const char* extra_yaml) {
+  char yaml[2048];
+  taskmgr_manager* tm = NULL;
+  snprintf(yaml, sizeof yaml, "%s%s", kConfig, extra_yaml ? extra_yaml : "");
+  CHECK_RC(taskmgr_open_yaml(yaml, &tm), TASKMGR_OK);
+  if (tm != NULL) CHECK_RC(register_echo(tm), TASKMGR_OK);
+  return tm;
+}
+
+static int create_echo(taskmgr_manager* tm, const char* path, const char* options, const char* device,
+                       char id[TASKMGR_TASK_ID_SIZE]) {
+  taskmgr_task_request r;
+  taskmgr_task_request_init(&r);
+  r.service = "echo";
+  r.input_path = path;
+  r.options_json = options;
+  r.device = device;
+  return taskmgr_create_task(tm, &r, id);
+}
+
+/* ---- events ------------------------------------------------------------------- */
+
+typedef struct event_log {
+  int count;
+  int frees;
+  char types[256][32];
+  char details[256][256];
+  uint64_t last_sequence;
+  int out_of_order;
+  int bad_pointers;
+} event_log;
+
+static void record_event(const taskmgr_event* e, void* user_data) {
+  event_log* log = (event_log*)user_data;
+  pthread_mutex_lock(&mu);
+  if (e->struct_size < sizeof(taskmgr_event) || e->task_id == NULL || strlen(e->task_id) != 36 ||
+      e->details_json == NULL || e->details_json[0] != '{' || e->json == NULL ||
+      strstr(e->json, e->task_id) == NULL || e->timestamp == NULL || e->timestamp_ms <= 0 ||
+      strcmp(e->event_type, taskmgr_event_name(e->event)) != 0) {
+    ++log->bad_pointers;
+  }
+  if (e->sequence <= log->last_sequence) ++log->out_of_order;
+  log->last_sequence = e->sequence;
+  if (log->count < 256) {
+    snprintf(log->types[log->count], sizeof log->types[0], "%s", e->event_type);
+    snprintf(log->details[log->count], sizeof log->details[0], "%s", e->details_json);
+  }
+  ++log->count;
+  pthread_mutex_unlock(&mu);
+}
+
+static void free_event_log(void* user_data) {
+  event_log* log = (event_log*)user_data;
+  pthread_mutex_lock(&mu);
+  ++log->frees;
+  pthread_mutex_unlock(&mu);
+}
+
+static int event_index(event_log* log, const char* type, int from) {
+  int i, n;
+  pthread_mutex_lock(&mu);
+  n = log->count < 256 ? log->count : 256;
+  for (i = from; i < n; ++i) {
+    if (strcmp(log->types[i], type) == 0) break;
+  }
+  pthread_mutex_unlock(&mu);
+  return i < n ? i : -1;
+}
+
+/* ---- the tests --------------------------------------------------------------------- */
+
+static void test_enum_names(void) {
+  CHECK(strcmp(taskmgr_task_status_name(TASKMGR_TASK_PENDING), "pending") == 0);
+  CHECK(strcmp(taskmgr_task_status_name(TASKMGR_TASK_CANCELLED), "cancelled") == 0);
+  CHECK(strcmp(taskmgr_task_status_name(6), "unknown") == 0);
+  CHECK(strcmp(taskmgr_task_status_name(-1), "unknown") == 0);
+  CHECK(strcmp(taskmgr_failure_reason_name(TASKMGR_REASON_OUT_OF_MEMORY), "out_of_memory") == 0);
+  CHECK(strcmp(taskmgr_failure_reason_name(TASKMGR_REASON_MEMORY_LIMIT_EXCEEDED),
+               "memory_limit_exceeded") == 0);
+  CHECK(strcmp(taskmgr_failure_reason_name(14), "unknown") == 0);
+  CHECK(strcmp(taskmgr_event_name(TASKMGR_EVENT_RESOURCE_ACQUIRED), "resource_acquired") == 0);
+  CHECK(strcmp(taskmgr_event_name(TASKMGR_EVENT_CLEANUP_COMPLETED), "cleanup_completed") == 0);
+  CHECK(strcmp(taskmgr_event_name(13), "unknown") == 0);
+  CHECK(strcmp(taskmgr_log_level_name(TASKMGR_LOG_WARN), "warn") == 0);
+  CHECK(strcmp(taskmgr_log_level_name(5), "unknown") == 0);
+}
+
+/* Every entry point refuses NULL handles and NULL out-pointers, naming them. */
+static void test_null_arguments(void) {
+  char id[TASKMGR_TASK_ID_SIZE];
+  char* out = (char*)0x1;
+  uint64_t sub = 0;
+  int flag = 0;
+  taskmgr_task_request req;
+  taskmgr_service svc;
+  const void* data = NULL;
+  size_t size = 0;
+  taskmgr_manager* tm = NULL;
+
+  taskmgr_task_request_init(&req);
+  taskmgr_service_init(&svc);
+  taskmgr_open_options_init(NULL);
+  taskmgr_task_request_init(NULL);
+  taskmgr_start_params_init(NULL);
+  taskmgr_service_init(NULL);
+
+  CHECK_RC(taskmgr_open(NULL, NULL), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("out_manager");
+  CHECK_RC(taskmgr_open_yaml(NULL, NULL), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_open_file(NULL, &tm), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("config_path");
+  CHECK(tm == NULL);
+  CHECK_RC(taskmgr_close(NULL), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("taskmgr_close");
+  CHECK_RC(taskmgr_destroy(NULL), TASKMGR_OK);
+  CHECK_RC(taskmgr_create_task(NULL, &req, id), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("manager");
+  CHECK_RC(taskmgr_start_task(NULL, "x", NULL), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_cancel_task(NULL, "x", &flag), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_get_task(NULL, "x", &out), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_get_task_status(NULL, "x", &flag, &flag), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_get_task_result(NULL, "x", &out), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_wait_task(NULL, "x", 0, &out), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_wait_idle(NULL, 0), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_list_tasks(NULL, NULL, NULL, 0, &out), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_get_task_events(NULL, "x", &out), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_get_task_metrics(NULL, &out), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_get_metrics_prometheus(NULL, &out), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_get_task_health(NULL, "x", &out), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_list_devices(NULL, &out), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_set_device_available(NULL, "cpu", 1), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_subscribe(NULL, record_event, NULL, NULL, &sub), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_unsubscribe(NULL, 1), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_flush_events(NULL), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_register_service(NULL, &svc), TASKMGR_E_INVALID_ARGUMENT);
+
+  /* Context functions with no context. */
+  CHECK(taskmgr_context_task_id(NULL) == NULL);
+  CHECK(taskmgr_context_device(NULL) == NULL);
+  CHECK(taskmgr_context_service_instance_id(NULL) == NULL);
+  CHECK(taskmgr_context_options_json(NULL) == NULL);
+  CHECK(taskmgr_context_input_path(NULL) == NULL);
+  CHECK_RC(taskmgr_context_input_data(NULL, &data, &size), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK(taskmgr_context_batch_size(NULL) == 0);
+  CHECK(taskmgr_context_attempt(NULL) == 0);
+  CHECK(taskmgr_context_estimated_memory_mb(NULL) == 0);
+  CHECK(taskmgr_context_cancelled(NULL) == 0);
+  CHECK(taskmgr_context_temp_dir(NULL) == NULL);
+  CHECK_MSG("context");
+  CHECK_RC(taskmgr_context_stage(NULL, "x"), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_context_report_memory(NULL, 1), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_context_set_result(NULL, "{}"), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_context_set_error(NULL, "x"), TASKMGR_E_INVALID_ARGUMENT);
+
+  /* NULL arguments on a live manager. */
+  tm = open_test_manager(NULL);
+  if (tm == NULL) return;
+  CHECK_RC(taskmgr_create_task(tm, NULL, id), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("request");
+  CHECK_RC(taskmgr_create_task(tm, &req, NULL), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("out_task_id");
+  CHECK_RC(taskmgr_start_task(tm, NULL, NULL), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("task_id");
+  CHECK_RC(taskmgr_cancel_task(tm, NULL, NULL), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_get_task(tm, NULL, &out), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_get_task_status(tm, NULL, NULL, NULL), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_wait_task(tm, NULL, 0, NULL), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_get_task_events(tm, NULL, &out), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_get_task_health(tm, NULL, &out), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_list_tasks(tm, NULL, NULL, 0, NULL), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("out_json");
+  CHECK_RC(taskmgr_get_task_metrics(tm, NULL), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_get_metrics_prometheus(tm, NULL), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_list_devices(tm, NULL), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_set_device_available(tm, NULL, 1), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("device");
+  CHECK_RC(taskmgr_subscribe(tm, NULL, NULL, NULL, &sub), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("callback");
+  CHECK_RC(taskmgr_subscribe(tm, record_event, NULL, NULL, NULL), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("out_subscription");
+  CHECK_RC(taskmgr_register_service(tm, NULL), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_destroy(tm), TASKMGR_OK);
+}
+
+static int log_frees = 0;
+static void count_free(void* user_data) {
+  (void)user_data;
+  pthread_mutex_lock(&mu);
+  ++log_frees;
+  pthread_mutex_unlock(&mu);
+}
+static void ignore_log(int level, const char* message, void* user_data) {
+  (void)level;
+  (void)message;
+  (void)user_data;
+}
+
+static void test_open_errors(void) {
+  taskmgr_manager* tm = (taskmgr_manager*)0x1;
+  taskmgr_open_options o;
+
+  CHECK_RC(taskmgr_open_yaml("tasks:\n  max_queue_size: -3\n", &tm), TASKMGR_E_INVALID_CONFIG);
+  CHECK(tm == NULL);
+  CHECK_MSG("tasks.max_queue_size");
+  CHECK_RC(taskmgr_open_yaml("tasks: [1, 2\n", &tm), TASKMGR_E_INVALID_CONFIG);
+  CHECK_RC(taskmgr_open_file("/no/such/dir/taskmgr.yaml", &tm), TASKMGR_E_INVALID_CONFIG);
+  CHECK_MSG("/no/such/dir/taskmgr.yaml");
+
+  taskmgr_open_options_init(&o);
+  o.config_yaml = kConfig;
+  o.config_path = "/tmp/x.yaml";
+  o.log_callback = ignore_log;
+  o.log_free = count_free;
+  log_frees = 0;
+  CHECK_RC(taskmgr_open(&o, &tm), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("not both");
+  CHECK(log_frees == 1); /* the log user data is freed when open fails */
+
+  taskmgr_open_options_init(&o);
+  o.struct_size = 0;
+  CHECK_RC(taskmgr_open(&o, &tm), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("struct_size");
+  taskmgr_open_options_init(&o);
+  o.struct_size = sizeof(o) + 64; /* a newer header than the library */
+  CHECK_RC(taskmgr_open(&o, &tm), TASKMGR_E_INCOMPATIBLE);
+  CHECK_MSG("newer");
+
+  /* A database path that cannot be opened. */
+  taskmgr_open_options_init(&o);
+  o.config_yaml = kConfig;
+  o.database_path = "/no/such/dir/taskmgr.db";
+  CHECK(taskmgr_open(&o, &tm) != TASKMGR_OK);
+  CHECK_MSG("/no/such/dir/taskmgr.db");
+  CHECK(tm == NULL);
+
+  /* An options struct from an older header: only its fields are read. */
+  taskmgr_open_options_init(&o);
+  o.config_yaml = kConfig;
+  o.struct_size = sizeof(size_t) + 2 * sizeof(const char*); /* up to config_path */
+  o.database_path = "/no/such/dir/ignored.db";              /* beyond struct_size: ignored */
+  CHECK_RC(taskmgr_open(&o, &tm), TASKMGR_OK);
+  CHECK_RC(taskmgr_destroy(tm), TASKMGR_OK);
+}
+
+static void test_task_lifecycle(void) {
+  taskmgr_manager* tm = open_test_manager(NULL);
+  char id[TASKMGR_TASK_ID_SIZE], id2[TASKMGR_TASK_ID_SIZE], id3[TASKMGR_TASK_ID_SIZE];
+  char* json = NULL;
+  int status = -1, reason = -1, cancelled = -1;
+  taskmgr_task_request r;
+  taskmgr_start_params p;
+  static const unsigned char bytes[5] = {1, 2, 3, 4, 5};
+  if (tm == NULL) return;
+  echo_reset();
+
+  /* By path. */
+  CHECK_RC(create_echo(tm, "/data/page-1.png", "{\"k\":1}", NULL, id), TASKMGR_OK);
+  CHECK(strlen(id) == 36);
+  CHECK_RC(taskmgr_get_task_status(tm, id, &status, &reason), TASKMGR_OK);
+  CHECK(status == TASKMGR_TASK_PENDING && reason == TASKMGR_REASON_NONE);
+  CHECK_RC(taskmgr_start_task(tm, id, NULL), TASKMGR_OK);
+  CHECK_RC(taskmgr_start_task(tm, id, NULL), TASKMGR_E_INVALID_STATE); /* not pending any more */
+  CHECK_MSG(id);
+  CHECK_RC(taskmgr_wait_task(tm, id, 30, &json), TASKMGR_OK);
+  CHECK(json != NULL && strstr(json, "\"status\":\"completed\"") != NULL);
+  CHECK(json != NULL && strstr(json, "\"resource_cleanup_completed\":true") != NULL);
+  CHECK(json != NULL && strstr(json, "\"estimated_memory_mb\":") != NULL);
+  CHECK(json != NULL && strstr(json, "\"assigned_device\":") != NULL);
+  CHECK(json != NULL && strstr(json, "\"service_instance_id\":\"echo@") != NULL);
+  CHECK(json != NULL && strstr(json, "/data/page-1.png") != NULL);
+  taskmgr_free(json);
+  CHECK_RC(taskmgr_get_task_result(tm, id, &json), TASKMGR_OK);
+  CHECK(json != NULL && strstr(json, "\"path\":\"/data/page-1.png\"") != NULL);
+  CHECK(json != NULL && strstr(json, id) != NULL);
+  taskmgr_free(json);
+  CHECK(echo.temp_dir[0] != '\0');
+  CHECK(access(echo.temp_dir, F_OK) != 0); /* the task's temp dir went with its cleanup */
+
+  /* By bytes, with start parameters. */
+  taskmgr_task_request_init(&r);
+  r.service = "echo";
+  r.input_data = bytes;
+  r.input_size = sizeof bytes;
+  r.media_type = "application/octet-stream";
+  CHECK_RC(taskmgr_create_task(tm, &r, id2), TASKMGR_OK);
+  taskmgr_start_params_init(&p);
+  p.set_priority = 1;
+  p.priority = 7;
+  p.batch_size = 3;
+  p.device = "cpu";
+  CHECK_RC(taskmgr_start_task(tm, id2, &p), TASKMGR_OK);
+  CHECK_RC(taskmgr_wait_task(tm, id2, 30, NULL), TASKMGR_OK);
+  CHECK_RC(taskmgr_get_task(tm, id2, &json), TASKMGR_OK);
+  CHECK(json != NULL && strstr(json, "\"priority\":7") != NULL);
+  CHECK(json != NULL && strstr(json, "\"batch_size\":3") != NULL);
+  CHECK(json != NULL && strstr(json, "\\\"bytes\\\":5") == NULL); /* result embedded as JSON */
+  CHECK(json != NULL && strstr(json, "\"bytes\":5") != NULL);
+  taskmgr_free(json);
+  CHECK(echo.last_batch == 3);
+  CHECK(strcmp(echo.last_device, "cpu") == 0);
+
+  /* Cancel a pending task; cancelling again reports it had ended. */
+  CHECK_RC(create_echo(tm, "/data/page-3.png", NULL, NULL, id3), TASKMGR_OK);
+  CHECK_RC(taskmgr_cancel_task(tm, id3, &cancelled), TASKMGR_OK);
+  CHECK(cancelled == 1);
+  CHECK_RC(taskmgr_cancel_task(tm, id3, &cancelled), TASKMGR_OK);
+  CHECK(cancelled == 0);
+  CHECK_RC(taskmgr_get_task_status(tm, id3, &status, NULL), TASKMGR_OK);
+  CHECK(status == TASKMGR_TASK_CANCELLED);
+
+  /* Listing. */
+  CHECK_RC(taskmgr_list_tasks(tm, "completed", "echo", 0, &json), TASKMGR_OK);
+  CHECK(json != NULL && json[0] == '[' && strstr(json, id) != NULL && strstr(json, id2) != NULL);
+  CHECK(json != NULL && strstr(json, id3) == NULL);
+  taskmgr_free(json);
+  CHECK_RC(taskmgr_list_tasks(tm, NULL, NULL, 1, &json), TASKMGR_OK);
+  CHECK(json != NULL && strstr(json, id3) != NULL && strstr(json, id) == NULL); /* newest 1 */
+  taskmgr_free(json);
+  CHECK_RC(taskmgr_list_tasks(tm, "finished", NULL, 0, &json), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("finished");
+  CHECK(json == NULL);
+
+  /* Events, metrics, health, devices. */
+  CHECK_RC(taskmgr_get_task_events(tm, id, &json), TASKMGR_OK);
+  CHECK(json != NULL && strstr(json, "\"event_type\":\"created\"") != NULL);
+  CHECK(json != NULL && strstr(json, "\"event_type\":\"resource_acquired\"") != NULL);
+  CHECK(json != NULL && strstr(json, "\"event_type\":\"cleanup_completed\"") != NULL);
+  taskmgr_free(json);
+  CHECK_RC(taskmgr_get_task_metrics(tm, &json), TASKMGR_OK);
+  CHECK(json != NULL && strstr(json, "\"active_tasks\"") != NULL);
+  CHECK(json != NULL && strstr(json, "\"queued_tasks\"") != NULL);
+  CHECK(json != NULL && strstr(json, "\"memory_by_device\"") != NULL);
+  CHECK(json != NULL && strstr(json, "\"pool_utilization\"") != NULL);
+  CHECK(json != NULL && strstr(json, "\"average_wait_time\"") != NULL);
+  CHECK(json != NULL && strstr(json, "\"tasks_completed\":2") != NULL);
+  CHECK(json != NULL && strstr(json, "\"tasks_cancelled\":1") != NULL);
+  taskmgr_free(json);
+  CHECK_RC(taskmgr_get_metrics_prometheus(tm, &json), TASKMGR_OK);
+  CHECK(json != NULL && strstr(json, "# TYPE taskmgr_") != NULL);
+  CHECK(json != NULL && strstr(json, "taskmgr_tasks_completed_total 2") != NULL);
+  taskmgr_free(json);
+  CHECK_RC(taskmgr_get_task_health(tm, id, &json), TASKMGR_OK);
+  CHECK(json != NULL && strstr(json, "\"status\":\"completed\"") != NULL);
+  CHECK(json != NULL && strstr(json, "\"processing_time_s\"") != NULL);
+  CHECK(json != NULL && strstr(json, "\"warnings\":[") != NULL);
+  taskmgr_free(json);
+  CHECK_RC(taskmgr_list_devices(tm, &json), TASKMGR_OK);
+  CHECK(json != NULL && strstr(json, "\"id\":\"cpu\"") != NULL);
+  CHECK(json != NULL && strstr(json, "\"id\":\"cuda:0\"") != NULL);
+  CHECK(json != NULL && strstr(json, "\"total_mb\":2000") != NULL);
+  taskmgr_free(json);
+  CHECK_RC(taskmgr_wait_idle(tm, 30), TASKMGR_OK);
+  CHECK_RC(taskmgr_destroy(tm), TASKMGR_OK);
+  /* Every instance destroyed, the service's user data freed once. */
+  CHECK(echo.instances_created >= 1 && echo.instances_destroyed == echo.instances_created);
+  CHECK(echo.freed == 1);
+}
+
+static void test_task_errors(void) {
+  taskmgr_manager* tm = open_test_manager("  max_queue_size: 1\n");
+  char id[TASKMGR_TASK_ID_SIZE], id2[TASKMGR_TASK_ID_SIZE];
+  char* json = (char*)0x1;
+  int status = 0, reason = 0;
+  const char* unknown = "01890000-0000-7000-8000-000000000000";
+  taskmgr_task_request r;
+  taskmgr_start_params p;
+  taskmgr_service s;
+  static const unsigned char bytes[2] = {1, 2};
+  if (tm == NULL) return;
+  echo_reset();
+
+  /* Unknown ids. */
+  CHECK_RC(taskmgr_start_task(tm, unknown, NULL), TASKMGR_E_NOT_FOUND);
+  CHECK_MSG(unknown);
+  CHECK_RC(taskmgr_get_task(tm, unknown, &json), TASKMGR_E_NOT_FOUND);
+  CHECK(json == NULL);
+  CHECK_RC(taskmgr_get_task_status(tm, "not-an-id", &status, NULL), TASKMGR_E_NOT_FOUND);
+  CHECK_RC(taskmgr_cancel_task(tm, unknown, NULL), TASKMGR_E_NOT_FOUND);
+  CHECK_RC(taskmgr_wait_task(tm, unknown, 0.1, NULL), TASKMGR_E_NOT_FOUND);
+  CHECK_RC(taskmgr_get_task_events(tm, unknown, &json), TASKMGR_E_NOT_FOUND);
+  CHECK_RC(taskmgr_get_task_health(tm, unknown, &json), TASKMGR_E_NOT_FOUND);
+  CHECK_RC(taskmgr_get_task_result(tm, unknown, &json), TASKMGR_E_NOT_FOUND);
+  CHECK_RC(taskmgr_unsubscribe(tm, 987654), TASKMGR_E_NOT_FOUND);
+  CHECK_RC(taskmgr_set_device_available(tm, "cuda:7", 0), TASKMGR_E_NOT_FOUND);
+  CHECK_MSG("cuda:7");
+
+  /* Bad requests. */
+  CHECK_RC(create_echo(tm, "/data/\xff\xfe.png", NULL, NULL, id), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("UTF-8");
+  CHECK(id[0] == '\0');
+  CHECK_RC(create_echo(tm, "/data/\xc3\x28.png", NULL, NULL, id), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(create_echo(tm, "/data/caf\xc3\xa9.png", NULL, NULL, id), TASKMGR_OK); /* valid */
+  CHECK_RC(create_echo(tm, "/data/a.png", "{\"psm\": ", NULL, id), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("JSON");
+  CHECK_RC(create_echo(tm, "/data/a.png", "[1, 2]", NULL, id), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("object");
+  CHECK_RC(create_echo(tm, "/data/a.png", NULL, "tpu:0", id), TASKMGR_E_NOT_FOUND);
+  CHECK_MSG("tpu:0");
+  taskmgr_task_request_init(&r);
+  r.service = "no-such-service";
+  r.input_path = "/data/a.png";
+  CHECK_RC(taskmgr_create_task(tm, &r, id), TASKMGR_E_NOT_FOUND);
+  CHECK_MSG("no-such-service");
+  CHECK_MSG("echo"); /* lists the registered services */
+  r.service = "echo";
+  r.input_data = bytes;
+  r.input_size = sizeof bytes;
+  CHECK_RC(taskmgr_create_task(tm, &r, id), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("not both");
+  r.input_path = NULL;
+  r.input_data = NULL;
+  CHECK_RC(taskmgr_create_task(tm, &r, id), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("input_data is NULL");
+  r.input_size = 0;
+  r.batch_size = -2;
+  CHECK_RC(taskmgr_create_task(tm, &r, id), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("batch_size");
+  r.batch_size = 0;
+  r.struct_size = 0;
+  CHECK_RC(taskmgr_create_task(tm, &r, id), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("taskmgr_task_request_init");
+
+  /* Bad start parameters. */
+  CHECK_RC(create_echo(tm, "/data/a.png", NULL, NULL, id), TASKMGR_OK);
+  taskmgr_start_params_init(&p);
+  p.options_json = "{oops}";
+  CHECK_RC(taskmgr_start_task(tm, id, &p), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("JSON");
+  taskmgr_start_params_init(&p);
+  p.batch_size = -1;
+  CHECK_RC(taskmgr_start_task(tm, id, &p), TASKMGR_E_INVALID_ARGUMENT);
+
+  /* Bad services. */
+  taskmgr_service_init(&s);
+  s.kind = "broken";
+  CHECK_RC(taskmgr_register_service(tm, &s), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("create_instance");
+  s.create_instance = echo_create;
+  CHECK_RC(taskmgr_register_service(tm, &s), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("process");
+  s.kind = "echo";
+  s.process = echo_process;
+  s.user_data = &echo;
+  s.free_user_data = echo_free;
+  CHECK_RC(taskmgr_register_service(tm, &s), TASKMGR_E_INVALID_STATE);
+  CHECK_MSG("registered already");
+  CHECK(echo.freed == 1); /* a refused service's user data is freed at once */
+  echo.freed = 0;
+
+  /* QUEUE_FULL: one task runs (blocked), one waits, the next is refused
+   * and stays pending. */
+  pthread_mutex_lock(&mu);
+  echo.gate_closed = 1;
+  pthread_mutex_unlock(&mu);
+  CHECK_RC(taskmgr_start_task(tm, id, NULL), TASKMGR_OK);
+  while (echo_running() < 1) sleep_ms(1);
+  CHECK_RC(create_echo(tm, "/data/b.png", NULL, NULL, id2), TASKMGR_OK);
+  CHECK_RC(taskmgr_start_task(tm, id2, NULL), TASKMGR_OK);
+  {
+    char id3[TASKMGR_TASK_ID_SIZE];
+    CHECK_RC(create_echo(tm, "/data/c.png", NULL, NULL, id3), TASKMGR_OK);
+    CHECK_RC(taskmgr_start_task(tm, id3, NULL), TASKMGR_E_QUEUE_FULL);
+    CHECK_MSG("max_queue_size");
+    CHECK_RC(taskmgr_get_task_status(tm, id3, &status, NULL), TASKMGR_OK);
+    CHECK(status == TASKMGR_TASK_PENDING);
+    /* Waiting on a blocked task times out. */
+    CHECK_RC(taskmgr_wait_task(tm, id, 0.05, &json), TASKMGR_E_TIMEOUT);
+    CHECK(json == NULL);
+    CHECK_RC(taskmgr_wait_idle(tm, 0.05), TASKMGR_E_TIMEOUT);
+    echo_open_gate();
+    CHECK_RC(taskmgr_wait_task(tm, id2, 30, NULL), TASKMGR_OK);
+    CHECK_RC(taskmgr_start_task(tm, id3, NULL), TASKMGR_OK); /* room again */
+    CHECK_RC(taskmgr_wait_task(tm, id3, 30, NULL), TASKMGR_OK);
+  }
+
+  /* Failures a service reports. */
+  CHECK_RC(create_echo(tm, "/data/d.png", "{\"fail\":\"input\"}", NULL, id), TASKMGR_OK);
+  CHECK_RC(taskmgr_start_task(tm, id, NULL), TASKMGR_OK);
+  CHECK_RC(taskmgr_wait_task(tm, id, 30, &json), TASKMGR_OK);
+  CHECK(json != NULL && strstr(json, "\"failure_reason\":\"invalid_input\"") != NULL);
+  CHECK(json != NULL && strstr(json, "the input is not what I expected") != NULL);
+  taskmgr_free(json);
+  CHECK_RC(taskmgr_get_task_status(tm, id, &status, &reason), TASKMGR_OK);
+  CHECK(status == TASKMGR_TASK_FAILED && reason == TASKMGR_REASON_INVALID_INPUT);
+  CHECK_RC(create_echo(tm, "/data/e.png", "{\"fail\":\"other\"}", NULL, id), TASKMGR_OK);
+  CHECK_RC(taskmgr_start_task(tm, id, NULL), TASKMGR_OK);
+  CHECK_RC(taskmgr_wait_task(tm, id, 30, &json), TASKMGR_OK);
+  CHECK(json != NULL && strstr(json, "\"failure_reason\":\"processing_error\"") != NULL);
+  CHECK(json != NULL && strstr(json, "echo") != NULL && strstr(json, "unknown") != NULL);
+  taskmgr_free(json);
+  /* Memory reported past the device's total: OUT_OF_MEMORY even though
+   * process() returned OK; retried, then out of attempts. */
+  CHECK_RC(create_echo(tm, "/data/f.png", "{\"memory\":999999}", "cpu", id), TASKMGR_OK);
+  CHECK_RC(taskmgr_start_task(tm, id, NULL), TASKMGR_OK);
+  CHECK_RC(taskmgr_wait_task(tm, id, 30, &json), TASKMGR_OK);
+  CHECK(json != NULL && strstr(json, "\"status\":\"failed\"") != NULL);
+  CHECK(json != NULL && strstr(json, "999999 MB") != NULL);
+  taskmgr_free(json);
+  CHECK_RC(taskmgr_destroy(tm), TASKMGR_OK);
+  CHECK(echo.freed == 1);
+}
+
+/* A host service that runs out of memory on cuda:0 is retried on the CPU. */
+static void test_oom_cpu_fallback(void) {
+  taskmgr_manager* tm = open_test_manager(NULL);
+  char id[TASKMGR_TASK_ID_SIZE];
+  char* json = NULL;
+  uint64_t sub = 0;
+  event_log log;
+  int fallback, retried, completed;
+  if (tm == NULL) return;
+  echo_reset();
+  memset(&log, 0, sizeof log);
+  echo.oom_on_gpu = 1;
+  CHECK_RC(taskmgr_subscribe(tm, record_event, &log, free_event_log, &sub), TASKMGR_OK);
+  CHECK(sub != 0);
+  CHECK_RC(create_echo(tm, "/data/big.png", NULL, "cuda:0", id), TASKMGR_OK);
+  CHECK_RC(taskmgr_get_task(tm, id, &json), TASKMGR_OK);
+  CHECK(json != NULL && strstr(json, "\"assigned_device\":\"cuda:0\"") != NULL);
+  taskmgr_free(json);
+  CHECK_RC(taskmgr_start_task(tm, id, NULL), TASKMGR_OK);
+  CHECK_RC(taskmgr_wait_task(tm, id, 30, &json), TASKMGR_OK);
+  CHECK(json != NULL && strstr(json, "\"status\":\"completed\"") != NULL);
+  CHECK(json != NULL && strstr(json, "\"assigned_device\":\"cpu\"") != NULL);
+  CHECK(json != NULL && strstr(json, "\"attempt\":2") != NULL);
+  taskmgr_free(json);
+  CHECK(strcmp(echo.last_device, "cpu") == 0);
+  CHECK_RC(taskmgr_flush_events(tm), TASKMGR_OK);
+  retried = event_index(&log, "retried", 0);
+  fallback = event_index(&log, "device_fallback", 0);
+  completed = event_index(&log, "completed", 0);
+  CHECK(event_index(&log, "started", 0) >= 0);
+  CHECK(retried >= 0 && fallback >= 0 && completed > fallback);
+  if (fallback >= 0) {
+    CHECK(strstr(log.details[fallback], "\"from\":\"cuda:0\"") != NULL);
+    CHECK(strstr(log.details[fallback], "\"to\":\"cpu\"") != NULL);
+    CHECK(strstr(log.details[fallback], "\"reason\":\"out_of_memory\"") != NULL);
+  }
+  CHECK(log.out_of_order == 0 && log.bad_pointers == 0);
+  CHECK_RC(taskmgr_get_task_metrics(tm, &json), TASKMGR_OK);
+  CHECK(json != NULL && strstr(json, "\"oom_errors\":1") != NULL);
+  CHECK(json != NULL && strstr(json, "\"cpu_fallbacks\":1") != NULL);
+  taskmgr_free(json);
+  CHECK_RC(taskmgr_unsubscribe(tm, sub), TASKMGR_OK);
+  CHECK(log.frees == 1); /* freed by unsubscribe, outside a callback */
+  CHECK_RC(taskmgr_unsubscribe(tm, sub), TASKMGR_E_NOT_FOUND);
+  CHECK_RC(taskmgr_destroy(tm), TASKMGR_OK);
+  CHECK(log.frees == 1);
+}
+
+/* ---- callbacks that call back ------------------------------------------------------ */
+
+typedef struct reentrant {
+  taskmgr_manager* tm;
+  uint64_t self;
+  int calls;
+  int frees;
+  int close_rc;
+  int destroy_rc;
+  int get_rc;
+  int unsub_rc;
+  int calls_after_unsubscribe;
+  char close_message[256];
+} reentrant;
+
+static void unsubscribe_self(const taskmgr_event* e, void* user_data) {
+  reentrant* r = (reentrant*)user_data;
+  uint64_t self;
+  int n;
+  (void)e;
+  pthread_mutex_lock(&mu);
+  n = ++r->calls;
+  self = r->self;
+  pthread_mutex_unlock(&mu);
+  if (n == 1) {
+    int rc = taskmgr_unsubscribe(r->tm, self);
+    pthread_mutex_lock(&mu);
+    r->unsub_rc = rc;
+    pthread_mutex_unlock(&mu);
+  } else {
+    pthread_mutex_lock(&mu);
+    ++r->calls_after_unsubscribe;
+    pthread_mutex_unlock(&mu);
+  }
+}
+
+static void close_from_callback(const taskmgr_event* e, void* user_data) {
+  reentrant* r = (reentrant*)user_data;
+  char* json = NULL;
+  int close_rc, destroy_rc, get_rc;
+  if (e->event != TASKMGR_EVENT_CREATED) return;
+  close_rc = taskmgr_close(r->tm);
+  pthread_mutex_lock(&mu);
+  snprintf(r->close_message, sizeof r->close_message, "%s", taskmgr_last_error());
+  pthread_mutex_unlock(&mu);
+  destroy_rc = taskmgr_destroy(r->tm);
+  get_rc = taskmgr_get_task(r->tm, e->task_id, &json); /* other calls work */
+  taskmgr_free(json);
+  pthread_mutex_lock(&mu);
+  ++r->calls;
+  r->close_rc = close_rc;
+  r->destroy_rc = destroy_rc;
+  r->get_rc = get_rc;
+  pthread_mutex_unlock(&mu);
+}
+
+static void count_reentrant_free(void* user_data) {
+  reentrant* r = (reentrant*)user_data;
+  pthread_mutex_lock(&mu);
+  ++r->frees;
+  pthread_mutex_unlock(&mu);
+}
+
+typedef struct log_capture {
+  taskmgr_manager* tm;
+  int messages;
+  int close_rc;
+  int levels_ok;
+} log_capture;
+
+static void capture_log(int level, const char* message, void* user_data) {
+  log_capture* c = (log_capture*)user_data;
+  int rc = TASKMGR_OK;
+  taskmgr_manager* tm;
+  pthread_mutex_lock(&mu);
+  tm = c->tm;
+  pthread_mutex_unlock(&mu);
+  if (tm != NULL) rc = taskmgr_close(tm);
+  pthread_mutex_lock(&mu);
+  ++c->messages;
+  if (tm != NULL) c->close_rc = rc;
+  if (level < TASKMGR_LOG_TRACE || level > TASKMGR_LOG_ERROR || message == NULL) c->levels_ok = 0;
+  pthread_mutex_unlock(&mu);
+}
+
+static void test_reentrant_callbacks(void) {
+  taskmgr_manager* tm;
+  char id[TASKMGR_TASK_ID_SIZE];
+  reentrant a, b;
+  log_capture lc;
+  taskmgr_open_options o;
+  uint64_t sub_b = 0;
+  int i;
+  memset(&a, 0, sizeof a);
+  memset(&b, 0, sizeof b);
+  memset(&lc, 0, sizeof lc);
+  lc.levels_ok = 1;
+  lc.close_rc = TASKMGR_OK;
+
+  taskmgr_open_options_init(&o);
+  o.config_yaml = kConfig;
+  o.log_callback = capture_log;
+  o.log_user_data = &lc;
+  o.log_free = count_free;
+  log_frees = 0;
+  CHECK_RC(taskmgr_open(&o, &tm), TASKMGR_OK);
+  if (tm == NULL) return;
+  CHECK_RC(register_echo(tm), TASKMGR_OK);
+  echo_reset();
+  a.tm = tm;
+  b.tm = tm;
+
+  pthread_mutex_lock(&mu); /* the callback reads a.self: set it before any event */
+  CHECK_RC(taskmgr_subscribe(tm, unsubscribe_self, &a, count_reentrant_free, &a.self), TASKMGR_OK);
+  pthread_mutex_unlock(&mu);
+  CHECK_RC(taskmgr_subscribe(tm, close_from_callback, &b, count_reentrant_free, &sub_b), TASKMGR_OK);
+  for (i = 0; i < 3; ++i) {
+    CHECK_RC(create_echo(tm, "/data/a.png", NULL, NULL, id), TASKMGR_OK);
+    CHECK_RC(taskmgr_start_task(tm, id, NULL), TASKMGR_OK);
+    CHECK_RC(taskmgr_wait_task(tm, id, 30, NULL), TASKMGR_OK);
+  }
+  CHECK_RC(taskmgr_flush_events(tm), TASKMGR_OK);
+  pthread_mutex_lock(&mu);
+  /* The self-unsubscribing callback ran once, then never again, and its
+   * user data was freed once, after it returned. */
+  CHECK(a.calls == 1);
+  CHECK(a.calls_after_unsubscribe == 0);
+  CHECK(a.unsub_rc == TASKMGR_OK);
+  CHECK(a.frees == 1);
+  /* close and destroy from a callback: refused, no deadlock; other calls work. */
+  CHECK(b.calls == 3);
+  CHECK(b.close_rc == TASKMGR_E_INVALID_STATE);
+  CHECK(b.destroy_rc == TASKMGR_E_INVALID_STATE);
+  CHECK(b.get_rc == TASKMGR_OK);
+  CHECK(strstr(b.close_message, "callback") != NULL);
+  pthread_mutex_unlock(&mu);
+
+  /* The manager still works after the refused close. */
+  CHECK_RC(create_echo(tm, "/data/a.png", NULL, NULL, id), TASKMGR_OK);
+  CHECK_RC(taskmgr_start_task(tm, id, NULL), TASKMGR_OK);
+  CHECK_RC(taskmgr_wait_task(tm, id, 30, NULL), TASKMGR_OK);
+
+  /* A log callback that tries to close the manager: refused. Running out
+   * of memory logs a warning (on a worker thread). */
+  pthread_mutex_lock(&mu);
+  lc.tm = tm;
+  pthread_mutex_unlock(&mu);
+  CHECK_RC(create_echo(tm, "/data/a.png", "{\"memory\":999999}", NULL, id), TASKMGR_OK);
+  CHECK_RC(taskmgr_start_task(tm, id, NULL), TASKMGR_OK);
+  CHECK_RC(taskmgr_wait_task(tm, id, 30, NULL), TASKMGR_OK);
+  CHECK_RC(taskmgr_flush_events(tm), TASKMGR_OK);
+  pthread_mutex_lock(&mu);
+  CHECK(lc.messages >= 1);
+  CHECK(lc.close_rc == TASKMGR_E_INVALID_STATE);
+  CHECK(lc.levels_ok);
+  lc.tm = NULL;
+  pthread_mutex_unlock(&mu);
+  CHECK_RC(taskmgr_create_task(tm, NULL, id), TASKMGR_E_INVALID_ARGUMENT); /* still open */
+
+  CHECK_RC(taskmgr_destroy(tm), TASKMGR_OK);
+  CHECK(b.frees == 1); /* the remaining subscription is freed by destroy */
+  CHECK(a.frees == 1);
+  CHECK(log_frees == 1);
+}
+
+/* ---- closing with tasks running ---------------------------------------------------- */
+
+static void* open_gate_later(void* arg) {
+  (void)arg;
+  sleep_ms(100);
+  echo_open_gate();
+  return NULL;
+}
+
+static void test_close_with_tasks(const char* db_path) {
+  taskmgr_open_options o;
+  taskmgr_manager* tm = NULL;
+  char running[TASKMGR_TASK_ID_SIZE], queued[TASKMGR_TASK_ID_SIZE];
+  char* json = NULL;
+  int status = -1;
+  pthread_t t;
+
+  remove(db_path);
+  taskmgr_open_options_init(&o);
+  o.config_yaml = kConfig;
+  o.database_path = db_path;
+  o.worker_threads = 1;
+  CHECK_RC(taskmgr_open(&o, &tm), TASKMGR_OK);
+  if (tm == NULL) return;
+  CHECK_RC(register_echo(tm), TASKMGR_OK);
+  echo_reset();
+  pthread_mutex_lock(&mu);
+  echo.gate_closed = 1;
+  pthread_mutex_unlock(&mu);
+
+  CHECK_RC(create_echo(tm, "/data/running.png", NULL, NULL, running), TASKMGR_OK);
+  CHECK_RC(taskmgr_start_task(tm, running, NULL), TASKMGR_OK);
+  while (echo_running() < 1) sleep_ms(1);
+  CHECK_RC(create_echo(tm, "/data/queued.png", NULL, NULL, queued), TASKMGR_OK);
+  CHECK_RC(taskmgr_start_task(tm, queued, NULL), TASKMGR_OK);
+
+  /* close() waits for the running task (released 100 ms from now); the
+   * queued one stays queued, in the store. */
+  pthread_create(&t, NULL, open_gate_later, NULL);
+  CHECK_RC(taskmgr_close(tm), TASKMGR_OK);
+  pthread_join(t, NULL);
+  CHECK_RC(taskmgr_get_task_status(tm, running, &status, NULL), TASKMGR_OK);
+  CHECK(status == TASKMGR_TASK_COMPLETED);
+  CHECK_RC(taskmgr_get_task_status(tm, queued, &status, NULL), TASKMGR_OK);
+  CHECK(status == TASKMGR_TASK_QUEUED);
+  /* After close: writes refused, reads allowed, a second close is a no-op. */
+  CHECK_RC(create_echo(tm, "/data/late.png", NULL, NULL, running), TASKMGR_E_INVALID_STATE);
+  CHECK_MSG("closed");
+  CHECK_RC(taskmgr_list_tasks(tm, NULL, NULL, 0, &json), TASKMGR_OK);
+  taskmgr_free(json);
+  CHECK_RC(taskmgr_close(tm), TASKMGR_OK);
+  CHECK_RC(taskmgr_destroy(tm), TASKMGR_OK);
+
+  /* Reopened on the same database, the queued task runs once its service
+   * is registered again: nothing accepted is lost. */
+  tm = NULL;
+  CHECK_RC(taskmgr_open(&o, &tm), TASKMGR_OK);
+  if (tm == NULL) return;
+  CHECK_RC(taskmgr_get_task_status(tm, queued, &status, NULL), TASKMGR_OK);
+  CHECK(status == TASKMGR_TASK_QUEUED);
+  CHECK_RC(register_echo(tm), TASKMGR_OK);
+  CHECK_RC(taskmgr_wait_task(tm, queued, 30, &json), TASKMGR_OK);
+  CHECK(json != NULL && strstr(json, "\"status\":\"completed\"") != NULL);
+  taskmgr_free(json);
+  /* A second manager on the same database is refused while this one holds it. */
+  {
+    taskmgr_manager* other = (taskmgr_manager*)0x1;
+    CHECK_RC(taskmgr_open(&o, &other), TASKMGR_E_BUSY);
+    CHECK(other == NULL);
+  }
+  CHECK_RC(taskmgr_destroy(tm), TASKMGR_OK);
+  remove(db_path);
+}
+
+/* ---- the built-in OCR service on a real page ----------------------------------------- */
+
+static void test_ocr_page(const char* page) {
+  taskmgr_manager* tm = NULL;
+  taskmgr_task_request r;
+  char id[TASKMGR_TASK_ID_SIZE];
+  char* result = NULL;
+  int status = -1, reason = -1;
+  if (page == NULL) {
+    printf("c_api: no OCR page given (argv[1]); OCR test skipped\n");
+    return;
+  }
+  CHECK_RC(taskmgr_open_yaml(kConfig, &tm), TASKMGR_OK);
+  if (tm == NULL) return;
+  taskmgr_task_request_init(&r);
+  r.input_path = page;
+  CHECK_RC(taskmgr_create_task(tm, &r, id), TASKMGR_OK);
+  CHECK_RC(taskmgr_start_task(tm, id, NULL), TASKMGR_OK);
+  CHECK_RC(taskmgr_wait_task(tm, id, 120, NULL), TASKMGR_OK);
+  CHECK_RC(taskmgr_get_task_status(tm, id, &status, &reason), TASKMGR_OK);
+  CHECK(status == TASKMGR_TASK_COMPLETED);
+  CHECK_RC(taskmgr_get_task_result(tm, id, &result), TASKMGR_OK);
+  CHECK(result != NULL && strstr(result, "\"mean_confidence\"") != NULL);
+  CHECK(result != NULL && strstr(result, "quick brown") != NULL);
+  taskmgr_free(result);
+  /* A missing file fails the task INVALID_INPUT, naming the file. */
+  r.input_path = "/no/such/page.png";
+  CHECK_RC(taskmgr_create_task(tm, &r, id), TASKMGR_OK);
+  CHECK_RC(taskmgr_start_task(tm, id, NULL), TASKMGR_OK);
+  CHECK_RC(taskmgr_wait_task(tm, id, 120, &result), TASKMGR_OK);
+  CHECK(result != NULL && strstr(result, "/no/such/page.png") != NULL);
+  taskmgr_free(result);
+  CHECK_RC(taskmgr_get_task_status(tm, id, &status, &reason), TASKMGR_OK);
+  CHECK(status == TASKMGR_TASK_FAILED && reason == TASKMGR_REASON_INVALID_INPUT);
+  CHECK_RC(taskmgr_destroy(tm), TASKMGR_OK);
+}
+
+int main(int argc, char** argv) {
+  const char* page = argc > 1 && argv[1][0] != '\0' ? argv[1] : NULL;
+  char db_path[256];
+  pthread_cond_init(&echo.cv, NULL);
+  snprintf(db_path, sizeof db_path, "%s", argc > 2 ? argv[2] : "c_api_test.db");
   test_version();
   test_status_names();
+  test_enum_names();
   test_config_defaults();
   test_config_values();
   test_config_errors();
   test_free_null();
+  test_null_arguments();
+  test_open_errors();
+  test_task_lifecycle();
+  test_task_errors();
+  test_oom_cpu_fallback();
+  test_reentrant_callbacks();
+  test_close_with_tasks(db_path);
+  test_ocr_page(page);
+  pthread_cond_destroy(&echo.cv);
   if (failures != 0) {
     fprintf(stderr, "%d of %d checks failed\n", failures, checks);
     return 1;

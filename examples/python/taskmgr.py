@@ -1,0 +1,649 @@
+"""taskmgr from Python, through the C ABI with ctypes (standard library only).
+
+    import taskmgr
+    with taskmgr.Manager(database=":memory:") as tm:
+        task = tm.create_task("page.png")           # the built-in "ocr" service
+        tm.start_task(task)
+        done = tm.wait_task(task, timeout=60)
+        print(done["status"], done["result"]["text"])
+
+The shared library is found through the TASKMGR_LIBRARY environment variable
+(a path), else the system's library path (libtaskmgr.so.0).
+
+Every failure of a call is raised as a TaskmgrError subclass carrying the
+library's status code and message (e.g. NotFoundError, QueueFullError).
+A *task's* failure is not an exception: it is the task's "status",
+"failure_reason" and "failure_message".
+
+Threads: event callbacks run on the manager's event thread, log callbacks and
+services on library threads; ctypes takes the GIL for them. Exceptions they
+raise are caught: a callback's is kept in Manager.callback_errors, a
+service's fails its task. None of them may close the manager.
+"""
+
+import ctypes
+import ctypes.util
+import json
+import os
+import threading
+
+__all__ = [
+    "Manager", "TaskmgrError", "InvalidArgumentError", "NotFoundError", "QueueFullError",
+    "OutOfMemoryError", "TimeoutError", "BusyError", "InvalidConfigError", "IoError",
+    "DeviceUnavailableError", "MemoryLimitExceededError", "PoolExhaustedError",
+    "InvalidStateError", "IncompatibleError", "CancelledError", "UnsupportedError",
+    "InternalError", "InvalidInput", "OutOfMemory", "TaskContext", "Event", "version",
+]
+
+# ---- errors -------------------------------------------------------------------
+
+
+class TaskmgrError(Exception):
+    """A taskmgr call failed: `status` is the TASKMGR_E_* code, `name` its
+    stable name ("not_found"), `message` the library's message."""
+
+    status = None
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.name = _status_name(status)
+
+    def __str__(self):
+        return "%s (%s)" % (self.message, self.name)
+
+
+def _error_class(name, status):
+    return type(name, (TaskmgrError,), {"status": status})
+
+
+InvalidArgumentError = _error_class("InvalidArgumentError", -1)
+NotFoundError = _error_class("NotFoundError", -2)
+QueueFullError = _error_class("QueueFullError", -3)
+OutOfMemoryError = _error_class("OutOfMemoryError", -4)
+TimeoutError = _error_class("TimeoutError", -5)  # noqa: A001 (the library's timeout)
+BusyError = _error_class("BusyError", -6)
+InvalidConfigError = _error_class("InvalidConfigError", -7)
+IoError = _error_class("IoError", -8)
+DeviceUnavailableError = _error_class("DeviceUnavailableError", -9)
+MemoryLimitExceededError = _error_class("MemoryLimitExceededError", -10)
+PoolExhaustedError = _error_class("PoolExhaustedError", -11)
+InvalidStateError = _error_class("InvalidStateError", -12)
+IncompatibleError = _error_class("IncompatibleError", -13)
+CancelledError = _error_class("CancelledError", -14)
+UnsupportedError = _error_class("UnsupportedError", -15)
+InternalError = _error_class("InternalError", -99)
+
+_ERRORS = {c.status: c for c in (
+    InvalidArgumentError, NotFoundError, QueueFullError, OutOfMemoryError, TimeoutError,
+    BusyError, InvalidConfigError, IoError, DeviceUnavailableError, MemoryLimitExceededError,
+    PoolExhaustedError, InvalidStateError, IncompatibleError, CancelledError, UnsupportedError,
+    InternalError)}
+
+
+class OutOfMemory(Exception):
+    """Raised by a Python service's process(): the task ran out of memory and
+    is retried per tasks.retry (CPU fallback or a smaller batch)."""
+
+
+class InvalidInput(Exception):
+    """Raised by a Python service's process(): the input is bad (INVALID_INPUT)."""
+
+
+# ---- the library ------------------------------------------------------------------
+
+_TASK_ID_SIZE = 37
+_free_fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+_log_fn = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+
+
+class _Event(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("sequence", ctypes.c_uint64),
+        ("task_id", ctypes.c_char_p),
+        ("event", ctypes.c_int32),
+        ("event_type", ctypes.c_char_p),
+        ("timestamp_ms", ctypes.c_int64),
+        ("timestamp", ctypes.c_char_p),
+        ("details_json", ctypes.c_char_p),
+        ("json", ctypes.c_char_p),
+    ]
+
+
+_event_fn = ctypes.CFUNCTYPE(None, ctypes.POINTER(_Event), ctypes.c_void_p)
+
+
+class _OpenOptions(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("config_yaml", ctypes.c_char_p),
+        ("config_path", ctypes.c_char_p),
+        ("database_path", ctypes.c_char_p),
+        ("worker_threads", ctypes.c_int32),
+        ("disable_builtin_ocr", ctypes.c_int32),
+        ("log_callback", _log_fn),
+        ("log_user_data", ctypes.c_void_p),
+        ("log_free", _free_fn),
+    ]
+
+
+class _TaskRequest(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("service", ctypes.c_char_p),
+        ("input_path", ctypes.c_char_p),
+        ("input_data", ctypes.c_void_p),
+        ("input_size", ctypes.c_size_t),
+        ("media_type", ctypes.c_char_p),
+        ("priority", ctypes.c_int32),
+        ("batch_size", ctypes.c_int32),
+        ("device", ctypes.c_char_p),
+        ("options_json", ctypes.c_char_p),
+    ]
+
+
+class _StartParams(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("device", ctypes.c_char_p),
+        ("set_priority", ctypes.c_int32),
+        ("priority", ctypes.c_int32),
+        ("batch_size", ctypes.c_int32),
+        ("options_json", ctypes.c_char_p),
+    ]
+
+
+_create_fn = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p,
+                              ctypes.POINTER(ctypes.c_void_p))
+_process_fn = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
+_destroy_fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
+_supports_fn = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p)
+
+
+class _Service(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("kind", ctypes.c_char_p),
+        ("user_data", ctypes.c_void_p),
+        ("create_instance", _create_fn),
+        ("process", _process_fn),
+        ("destroy_instance", _destroy_fn),
+        ("supports_device", _supports_fn),
+        ("free_user_data", _free_fn),
+        ("memory_base_mb", ctypes.c_double),
+        ("memory_per_page_mb", ctypes.c_double),
+        ("memory_per_mpixel_mb", ctypes.c_double),
+        ("memory_per_input_mb", ctypes.c_double),
+    ]
+
+
+def _load():
+    path = os.environ.get("TASKMGR_LIBRARY")
+    if not path:
+        path = ctypes.util.find_library("taskmgr") or "libtaskmgr.so.0"
+    lib = ctypes.CDLL(path)  # CDLL: the GIL is released during every call
+    P, I, S, D = ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_double
+    PS = ctypes.POINTER(ctypes.c_void_p)  # char** (freed with taskmgr_free)
+    sigs = {
+        "taskmgr_version_string": (S, []),
+        "taskmgr_version_number": (I, []),
+        "taskmgr_status_name": (S, [I]),
+        "taskmgr_last_error": (S, []),
+        "taskmgr_free": (None, [P]),
+        "taskmgr_config_normalize": (I, [S, PS]),
+        "taskmgr_open_options_init": (None, [ctypes.POINTER(_OpenOptions)]),
+        "taskmgr_open": (I, [ctypes.POINTER(_OpenOptions), PS]),
+        "taskmgr_close": (I, [P]),
+        "taskmgr_destroy": (I, [P]),
+        "taskmgr_task_request_init": (None, [ctypes.POINTER(_TaskRequest)]),
+        "taskmgr_create_task": (I, [P, ctypes.POINTER(_TaskRequest), ctypes.c_char_p]),
+        "taskmgr_start_params_init": (None, [ctypes.POINTER(_StartParams)]),
+        "taskmgr_start_task": (I, [P, S, ctypes.POINTER(_StartParams)]),
+        "taskmgr_cancel_task": (I, [P, S, ctypes.POINTER(ctypes.c_int)]),
+        "taskmgr_get_task": (I, [P, S, PS]),
+        "taskmgr_wait_task": (I, [P, S, D, PS]),
+        "taskmgr_wait_idle": (I, [P, D]),
+        "taskmgr_list_tasks": (I, [P, S, S, ctypes.c_size_t, PS]),
+        "taskmgr_get_task_events": (I, [P, S, PS]),
+        "taskmgr_get_task_metrics": (I, [P, PS]),
+        "taskmgr_get_metrics_prometheus": (I, [P, PS]),
+        "taskmgr_get_task_health": (I, [P, S, PS]),
+        "taskmgr_list_devices": (I, [P, PS]),
+        "taskmgr_set_device_available": (I, [P, S, I]),
+        "taskmgr_subscribe": (I, [P, _event_fn, P, _free_fn, ctypes.POINTER(ctypes.c_uint64)]),
+        "taskmgr_unsubscribe": (I, [P, ctypes.c_uint64]),
+        "taskmgr_flush_events": (I, [P]),
+        "taskmgr_service_init": (None, [ctypes.POINTER(_Service)]),
+        "taskmgr_register_service": (I, [P, ctypes.POINTER(_Service)]),
+        "taskmgr_context_task_id": (S, [P]),
+        "taskmgr_context_device": (S, [P]),
+        "taskmgr_context_service_instance_id": (S, [P]),
+        "taskmgr_context_options_json": (S, [P]),
+        "taskmgr_context_input_path": (S, [P]),
+        "taskmgr_context_input_data": (I, [P, PS, ctypes.POINTER(ctypes.c_size_t)]),
+        "taskmgr_context_batch_size": (I, [P]),
+        "taskmgr_context_attempt": (I, [P]),
+        "taskmgr_context_estimated_memory_mb": (ctypes.c_int64, [P]),
+        "taskmgr_context_cancelled": (I, [P]),
+        "taskmgr_context_temp_dir": (S, [P]),
+        "taskmgr_context_stage": (I, [P, S]),
+        "taskmgr_context_report_memory": (I, [P, ctypes.c_int64]),
+        "taskmgr_context_set_result": (I, [P, S]),
+        "taskmgr_context_set_error": (I, [P, S]),
+    }
+    for name, (res, args) in sigs.items():
+        f = getattr(lib, name)
+        f.restype = res
+        f.argtypes = args
+    return lib
+
+
+_lib = _load()
+
+
+def _status_name(status):
+    return _lib.taskmgr_status_name(status).decode()
+
+
+def _check(status):
+    if status != 0:
+        message = _lib.taskmgr_last_error().decode("utf-8", "replace")
+        raise _ERRORS.get(status, TaskmgrError)(status, message)
+
+
+def _b(s):
+    return None if s is None else (s.encode("utf-8") if isinstance(s, str) else bytes(s))
+
+
+def _take_string(ptr):
+    """Copies a library-owned char* and frees it."""
+    if not ptr:
+        return None
+    try:
+        return ctypes.cast(ptr, ctypes.c_char_p).value.decode("utf-8")
+    finally:
+        _lib.taskmgr_free(ptr)
+
+
+def _call_string(fn, *args):
+    out = ctypes.c_void_p()
+    _check(fn(*args, ctypes.byref(out)))
+    return _take_string(out.value)
+
+
+def _task_id(task):
+    if isinstance(task, dict):
+        task = task["id"]
+    if not isinstance(task, str):
+        raise TypeError("a task is named by its id (str) or its dict, got %r" % (task,))
+    return task.encode("utf-8")
+
+
+def version():
+    """The library's version string ("0.1.0")."""
+    return _lib.taskmgr_version_string().decode()
+
+
+# ---- events and contexts ---------------------------------------------------------
+
+
+class Event(dict):
+    """One event: sequence, task_id, event_type, timestamp (RFC 3339),
+    timestamp_ms and details (a dict). Also readable as attributes."""
+
+    __getattr__ = dict.__getitem__
+
+
+class TaskContext:
+    """What a Python service's process() sees of its task. Valid only during
+    process(), on the thread that runs it."""
+
+    def __init__(self, ptr):
+        self._p = ptr
+
+    def _s(self, fn):
+        v = fn(self._p)
+        return None if v is None else v.decode("utf-8")
+
+    @property
+    def task_id(self):
+        return self._s(_lib.taskmgr_context_task_id)
+
+    @property
+    def device(self):
+        return self._s(_lib.taskmgr_context_device)
+
+    @property
+    def service_instance_id(self):
+        return self._s(_lib.taskmgr_context_service_instance_id)
+
+    @property
+    def options(self):
+        text = self._s(_lib.taskmgr_context_options_json)
+        return json.loads(text) if text else {}
+
+    @property
+    def input_path(self):
+        return self._s(_lib.taskmgr_context_input_path)
+
+    @property
+    def input_data(self):
+        data = ctypes.c_void_p()
+        size = ctypes.c_size_t()
+        _check(_lib.taskmgr_context_input_data(self._p, ctypes.byref(data), ctypes.byref(size)))
+        return ctypes.string_at(data.value, size.value) if size.value else b""
+
+    @property
+    def batch_size(self):
+        return _lib.taskmgr_context_batch_size(self._p)
+
+    @property
+    def attempt(self):
+        return _lib.taskmgr_context_attempt(self._p)
+
+    @property
+    def estimated_memory_mb(self):
+        return _lib.taskmgr_context_estimated_memory_mb(self._p)
+
+    @property
+    def cancelled(self):
+        return bool(_lib.taskmgr_context_cancelled(self._p))
+
+    @property
+    def temp_dir(self):
+        v = _lib.taskmgr_context_temp_dir(self._p)
+        if v is None:
+            raise IoError(-8, _lib.taskmgr_last_error().decode("utf-8", "replace"))
+        return v.decode("utf-8")
+
+    def stage(self, name):
+        _check(_lib.taskmgr_context_stage(self._p, _b(name)))
+
+    def report_memory(self, mb):
+        """Reports memory in use (MB). Raises OutOfMemoryError or
+        MemoryLimitExceededError past the limits; the task then fails so."""
+        _check(_lib.taskmgr_context_report_memory(self._p, int(mb)))
+
+
+# ---- the manager -----------------------------------------------------------------------
+
+
+class Manager:
+    """A task manager (taskmgr_open). Use it as a context manager, or call
+    close() and destroy() (destroy() also closes).
+
+    config_yaml / config_path: the configuration (neither: the defaults);
+    database: the SQLite file (":memory:" keeps nothing; default per config,
+    "taskmgr.db"); workers: worker threads; builtin_ocr: register "ocr";
+    log: a callable (level_name, message) for the library's log messages.
+    """
+
+    def __init__(self, config_yaml=None, config_path=None, database=None, workers=None,
+                 builtin_ocr=True, log=None):
+        self._keep = []  # ctypes callbacks the library holds: they must outlive it
+        self._lock = threading.Lock()
+        self._subs = {}
+        self.callback_errors = []
+        self._h = None
+        o = _OpenOptions()
+        _lib.taskmgr_open_options_init(ctypes.byref(o))
+        o.config_yaml = _b(config_yaml)
+        o.config_path = _b(config_path)
+        o.database_path = _b(database)
+        o.worker_threads = int(workers or 0)
+        o.disable_builtin_ocr = 0 if builtin_ocr else 1
+        if log is not None:
+            names = {0: "trace", 1: "debug", 2: "info", 3: "warn", 4: "error"}
+
+            def on_log(level, message, _ud):
+                try:
+                    log(names.get(level, str(level)), message.decode("utf-8", "replace"))
+                except Exception as e:  # a callback must not raise into C
+                    self.callback_errors.append(e)
+
+            cb = _log_fn(on_log)
+            self._keep.append(cb)
+            o.log_callback = cb
+        h = ctypes.c_void_p()
+        _check(_lib.taskmgr_open(ctypes.byref(o), ctypes.byref(h)))
+        self._h = h
+
+    # -- lifetime
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.destroy()
+
+    def __del__(self):
+        try:
+            self.destroy()
+        except Exception:
+            pass
+
+    def _handle(self):
+        if self._h is None:
+            raise InvalidStateError(-12, "the manager was destroyed")
+        return self._h
+
+    def close(self):
+        """Stops accepting work and waits for running tasks (taskmgr_close)."""
+        _check(_lib.taskmgr_close(self._handle()))
+
+    def destroy(self):
+        """Closes and frees the manager. Idempotent."""
+        if self._h is not None:
+            _check(_lib.taskmgr_destroy(self._h))
+            self._h = None
+            self._keep.clear()
+            self._subs.clear()
+
+    # -- tasks
+    def create_task(self, input=None, data=None, service="ocr", priority=0, batch_size=1,
+                    device=None, options=None, media_type=None):
+        """Creates a task (pending). `input` is a file path, `data` encoded
+        bytes (exactly one); options a dict (or a JSON string). Returns the
+        task's id."""
+        r = _TaskRequest()
+        _lib.taskmgr_task_request_init(ctypes.byref(r))
+        r.service = _b(service)
+        r.input_path = _b(os.fspath(input)) if input is not None else None
+        buf = None
+        if data is not None:
+            buf = ctypes.create_string_buffer(bytes(data), len(data))
+            r.input_data = ctypes.cast(buf, ctypes.c_void_p)
+            r.input_size = len(data)
+        r.media_type = _b(media_type)
+        r.priority = int(priority)
+        r.batch_size = int(batch_size)
+        r.device = _b(device)
+        if options is not None:
+            r.options_json = _b(options if isinstance(options, str) else json.dumps(options))
+        out = ctypes.create_string_buffer(_TASK_ID_SIZE)
+        _check(_lib.taskmgr_create_task(self._handle(), ctypes.byref(r), out))
+        return out.value.decode()
+
+    def start_task(self, task, device=None, priority=None, batch_size=None, options=None):
+        """Queues a pending task. QueueFullError leaves it pending."""
+        p = _StartParams()
+        _lib.taskmgr_start_params_init(ctypes.byref(p))
+        p.device = _b(device)
+        if priority is not None:
+            p.set_priority = 1
+            p.priority = int(priority)
+        p.batch_size = int(batch_size or 0)
+        if options is not None:
+            p.options_json = _b(options if isinstance(options, str) else json.dumps(options))
+        _check(_lib.taskmgr_start_task(self._handle(), _task_id(task), ctypes.byref(p)))
+
+    def submit(self, input=None, **create_args):
+        """create_task(input, **create_args), then start_task; returns the id."""
+        task = self.create_task(input, **create_args)
+        self.start_task(task)
+        return task
+
+    def cancel_task(self, task):
+        """True when it was cancelled, False when it had already ended."""
+        flag = ctypes.c_int()
+        _check(_lib.taskmgr_cancel_task(self._handle(), _task_id(task), ctypes.byref(flag)))
+        return bool(flag.value)
+
+    def get_task(self, task):
+        """The task as a dict with every spec field."""
+        return json.loads(_call_string(_lib.taskmgr_get_task, self._handle(), _task_id(task)))
+
+    def wait_task(self, task, timeout=None):
+        """Waits for the task to end; returns it. TimeoutError on timeout."""
+        t = -1.0 if timeout is None else float(timeout)
+        return json.loads(_call_string(_lib.taskmgr_wait_task, self._handle(), _task_id(task), t))
+
+    def wait_idle(self, timeout=None):
+        _check(_lib.taskmgr_wait_idle(self._handle(), -1.0 if timeout is None else float(timeout)))
+
+    def list_tasks(self, status=None, service=None, limit=0):
+        return json.loads(_call_string(_lib.taskmgr_list_tasks, self._handle(), _b(status),
+                                       _b(service), int(limit)))
+
+    def task_events(self, task):
+        return [Event(e) for e in json.loads(
+            _call_string(_lib.taskmgr_get_task_events, self._handle(), _task_id(task)))]
+
+    # -- metrics, health, devices
+    def metrics(self):
+        """The spec's get_task_metrics as a dict."""
+        return json.loads(_call_string(_lib.taskmgr_get_task_metrics, self._handle()))
+
+    def prometheus(self):
+        return _call_string(_lib.taskmgr_get_metrics_prometheus, self._handle())
+
+    def health(self, task):
+        """The spec's get_task_health as a dict."""
+        return json.loads(_call_string(_lib.taskmgr_get_task_health, self._handle(),
+                                       _task_id(task)))
+
+    def devices(self):
+        return json.loads(_call_string(_lib.taskmgr_list_devices, self._handle()))
+
+    def set_device_available(self, device, available):
+        _check(_lib.taskmgr_set_device_available(self._handle(), _b(device), 1 if available else 0))
+
+    # -- events
+    def subscribe(self, callback):
+        """Calls callback(Event) for every event, on the event thread.
+        Returns the subscription id."""
+
+        def on_event(ev, _ud):
+            e = ev.contents
+            try:
+                callback(Event(
+                    sequence=e.sequence,
+                    task_id=e.task_id.decode(),
+                    event_type=e.event_type.decode(),
+                    timestamp=e.timestamp.decode(),
+                    timestamp_ms=e.timestamp_ms,
+                    details=json.loads(e.details_json.decode("utf-8")),
+                ))
+            except Exception as ex:  # never raise into C
+                self.callback_errors.append(ex)
+
+        cb = _event_fn(on_event)
+        sub = ctypes.c_uint64()
+        _check(_lib.taskmgr_subscribe(self._handle(), cb, None, _free_fn(), ctypes.byref(sub)))
+        with self._lock:
+            self._subs[sub.value] = cb  # the library calls it until unsubscribed
+        return sub.value
+
+    def unsubscribe(self, subscription):
+        _check(_lib.taskmgr_unsubscribe(self._handle(), ctypes.c_uint64(subscription)))
+        # Keep the ctypes callback alive: unsubscribing from inside itself
+        # returns while it still runs. It goes with the manager.
+
+    def flush_events(self):
+        """Waits until every event so far was delivered."""
+        _check(_lib.taskmgr_flush_events(self._handle()))
+
+    # -- host services
+    def register_service(self, kind, process, create_instance=None, destroy_instance=None,
+                         supports_device=None, memory_base_mb=0.0, memory_per_page_mb=0.0,
+                         memory_per_mpixel_mb=0.0, memory_per_input_mb=0.0):
+        """Registers a Python service kind.
+
+        process(ctx, instance) does one task: it returns a result (a dict or
+        JSON text, or None), or raises OutOfMemory (retried: CPU fallback,
+        smaller batch), InvalidInput (INVALID_INPUT) or any other exception
+        (PROCESSING_ERROR). create_instance(device) returns the instance
+        object (default: None); destroy_instance(instance) disposes of it;
+        supports_device(device, kind) -> bool."""
+        instances = {}
+        next_key = [1]
+        lock = threading.Lock()
+
+        def c_create(_ud, device, out):
+            try:
+                inst = create_instance(device.decode()) if create_instance else None
+                with lock:
+                    key = next_key[0]
+                    next_key[0] += 1
+                    instances[key] = inst
+                out[0] = key
+                return 0
+            except Exception as ex:
+                self.callback_errors.append(ex)
+                return -99
+
+        def c_process(_ud, key, ctx):
+            c = TaskContext(ctx)
+            with lock:
+                inst = instances.get(key)
+            try:
+                result = process(c, inst)
+                if result is not None:
+                    text = result if isinstance(result, str) else json.dumps(result)
+                    _check(_lib.taskmgr_context_set_result(ctx, _b(text)))
+                return 0
+            except OutOfMemory as ex:
+                _lib.taskmgr_context_set_error(ctx, _b(str(ex) or "out of memory"))
+                return -4
+            except OutOfMemoryError:
+                return -4  # report_memory: the library already holds the failure
+            except MemoryLimitExceededError:
+                return -10
+            except InvalidInput as ex:
+                _lib.taskmgr_context_set_error(ctx, _b(str(ex) or "invalid input"))
+                return -1
+            except Exception as ex:
+                _lib.taskmgr_context_set_error(ctx, _b("%s: %s" % (type(ex).__name__, ex)))
+                return -99
+
+        def c_destroy(_ud, key):
+            with lock:
+                inst = instances.pop(key, None)
+            if destroy_instance is not None:
+                try:
+                    destroy_instance(inst)
+                except Exception as ex:
+                    self.callback_errors.append(ex)
+
+        def c_supports(_ud, device, kind_):
+            try:
+                return 1 if supports_device(device.decode(), kind_.decode()) else 0
+            except Exception as ex:
+                self.callback_errors.append(ex)
+                return 0
+
+        s = _Service()
+        _lib.taskmgr_service_init(ctypes.byref(s))
+        s.kind = _b(kind)
+        fns = [_create_fn(c_create), _process_fn(c_process), _destroy_fn(c_destroy)]
+        s.create_instance, s.process, s.destroy_instance = fns
+        if supports_device is not None:
+            fns.append(_supports_fn(c_supports))
+            s.supports_device = fns[-1]
+        s.memory_base_mb = memory_base_mb
+        s.memory_per_page_mb = memory_per_page_mb
+        s.memory_per_mpixel_mb = memory_per_mpixel_mb
+        s.memory_per_input_mb = memory_per_input_mb
+        _check(_lib.taskmgr_register_service(self._handle(), ctypes.byref(s)))
+        self._keep.extend(fns)

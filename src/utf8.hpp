@@ -1,0 +1,49 @@
+// Private: UTF-8 validation of strings a host hands in (paths, names), so
+// that they can be stored and written into JSON unchanged.
+#pragma once
+
+#include <cstddef>
+#include <optional>
+#include <string_view>
+
+namespace taskmgr::detail {
+
+// The offset of the first byte that is not part of a well-formed UTF-8
+// sequence (RFC 3629: no overlongs, no surrogates, at most U+10FFFF), or
+// nullopt when the whole string is valid.
+inline std::optional<std::size_t> invalid_utf8_at(std::string_view s) noexcept {
+  const auto* p = reinterpret_cast<const unsigned char*>(s.data());
+  const std::size_t n = s.size();
+  std::size_t i = 0;
+  while (i < n) {
+    const unsigned char c = p[i];
+    if (c < 0x80) {
+      ++i;
+      continue;
+    }
+    std::size_t len = 0;
+    unsigned char lo = 0x80, hi = 0xBF;  // allowed range of the second byte
+    if (c >= 0xC2 && c <= 0xDF) {
+      len = 2;
+    } else if (c >= 0xE0 && c <= 0xEF) {
+      len = 3;
+      if (c == 0xE0) lo = 0xA0;
+      if (c == 0xED) hi = 0x9F;
+    } else if (c >= 0xF0 && c <= 0xF4) {
+      len = 4;
+      if (c == 0xF0) lo = 0x90;
+      if (c == 0xF4) hi = 0x8F;
+    } else {
+      return i;
+    }
+    if (i + len > n) return i;
+    if (p[i + 1] < lo || p[i + 1] > hi) return i;
+    for (std::size_t k = 2; k < len; ++k) {
+      if (p[i + k] < 0x80 || p[i + k] > 0xBF) return i;
+    }
+    i += len;
+  }
+  return std::nullopt;
+}
+
+}  // namespace taskmgr::detail

@@ -137,6 +137,8 @@ typedef struct service_state {
   int last_attempt;
   int last_batch;
   char temp_dir[512];
+  char instance_id[64];
+  long long estimate_mb;
   pthread_cond_t cv;
 } service_state;
 
@@ -188,6 +190,8 @@ static int echo_process(void* user_data, void* instance, taskmgr_task_context* c
   snprintf(st->last_device, sizeof st->last_device, "%s", device);
   st->last_attempt = taskmgr_context_attempt(ctx);
   st->last_batch = taskmgr_context_batch_size(ctx);
+  snprintf(st->instance_id, sizeof st->instance_id, "%s", taskmgr_context_service_instance_id(ctx));
+  st->estimate_mb = (long long)taskmgr_context_estimated_memory_mb(ctx);
   pthread_mutex_unlock(&mu);
 
   if (taskmgr_context_cancelled(ctx)) return TASKMGR_E_CANCELLED;
@@ -496,6 +500,20 @@ static void test_open_errors(void) {
   CHECK_MSG("/no/such/dir/taskmgr.db");
   CHECK(tm == NULL);
 
+  /* A configuration file. */
+  {
+    const char* path = "c_api_test_config.yaml";
+    FILE* f = fopen(path, "w");
+    CHECK(f != NULL);
+    if (f != NULL) {
+      fputs(kConfig, f);
+      fclose(f);
+      CHECK_RC(taskmgr_open_file(path, &tm), TASKMGR_OK);
+      CHECK_RC(taskmgr_destroy(tm), TASKMGR_OK);
+      remove(path);
+    }
+  }
+
   /* An options struct from an older header: only its fields are read. */
   taskmgr_open_options_init(&o);
   o.config_yaml = kConfig;
@@ -537,6 +555,8 @@ static void test_task_lifecycle(void) {
   CHECK(json != NULL && strstr(json, id) != NULL);
   taskmgr_free(json);
   CHECK(echo.temp_dir[0] != '\0');
+  CHECK(strncmp(echo.instance_id, "echo@", 5) == 0 && strchr(echo.instance_id, '#') != NULL);
+  CHECK(echo.estimate_mb >= 100); /* the service's memory_base_mb */
   CHECK(access(echo.temp_dir, F_OK) != 0); /* the task's temp dir went with its cleanup */
 
   /* By bytes, with start parameters. */

@@ -181,6 +181,9 @@ class TaskManager::Impl {
   void finished_locked(const RecordPtr& rec);
   void sweep();
   void schedule_sweep();
+  // storage.retention_days: deletes finished tasks older than that from the
+  // store (and from memory). At open, then hourly from the sweep.
+  void prune_retention();
   void recover();
   void remove_dead_temp_dirs();
   MemoryState memory_state_locked(const Record& r) const;
@@ -218,6 +221,7 @@ class TaskManager::Impl {
   int backoff_ = 0;   // tasks waiting for a retry timer
   bool closing_ = false;
   bool closed_ = false;
+  SteadyTime last_prune_{};
   SteadyTime last_refresh_{};
 
   // Counters (under mu_ or atomics).
@@ -389,6 +393,7 @@ TaskManager::Impl::Impl(Config config, TaskManagerOptions options)
   if (options.builtin_ocr && !has_ocr) register_service(make_ocr_service(config_.ocr));
   remove_dead_temp_dirs();
   recover();
+  prune_retention();
   schedule_sweep();
 }
 
@@ -1359,8 +1364,43 @@ void TaskManager::Impl::schedule_sweep() {
   });
 }
 
+void TaskManager::Impl::prune_retention() {
+  const double days = config_.storage.retention_days;
+  if (days <= 0) return;
+  last_prune_ = clock_->steady_now();
+  const Timestamp cutoff =
+      clock_->now() - std::chrono::duration_cast<Timestamp::duration>(
+                          std::chrono::duration<double>(days * 86400.0));
+  try {
+    const std::size_t n = store_->prune_finished(cutoff);
+    if (n > 0) {
+      log_.write(LogLevel::kInfo, "retention: deleted " + std::to_string(n) +
+                                      " task(s) finished before " + format_timestamp(cutoff) +
+                                      " (storage.retention_days = " + std::to_string(days) + ")");
+    }
+  } catch (const std::exception& e) {
+    log_.write(LogLevel::kWarn, std::string("retention: pruning the store failed: ") + e.what());
+  }
+  // The recent finished tasks kept in memory follow the store.
+  auto g = detail::spin_lock(mu_);
+  std::deque<std::string> kept;
+  for (auto& id : finished_fifo_) {
+    RecordPtr rec = find_locked(id);
+    if (rec && rec->task.finished_at && *rec->task.finished_at < cutoff &&
+        rec->task.resource_cleanup_completed) {
+      records_.erase(id);
+    } else {
+      kept.push_back(std::move(id));
+    }
+  }
+  finished_fifo_.swap(kept);
+}
+
 void TaskManager::Impl::sweep() {
   const SteadyTime now = clock_->steady_now();
+  if (config_.storage.retention_days > 0 && now - last_prune_ >= std::chrono::hours(1)) {
+    prune_retention();
+  }
   const bool refresh = now - last_refresh_ >= std::chrono::seconds(1);
   if (refresh) {
     devices_->refresh_observed();

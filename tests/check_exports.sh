@@ -14,12 +14,14 @@ bad=0
 c_syms=$(printf '%s\n' "$defined" | grep -v '^_Z' | grep -vE '^(_init|_fini|_edata|_end|__bss_start)$' || true)
 declared=$(grep -oE '\btaskmgr_[a-z0-9_]+\s*\(' "$header" | sed -E 's/\s*\($//' | sort -u)
 for s in $c_syms; do
-  if ! printf '%s\n' "$declared" | grep -qx "$s"; then
+  # Here-strings, not pipes: with pipefail, grep -q quitting early would
+  # kill printf with SIGPIPE and fail the check at random.
+  if ! grep -qx -- "$s" <<< "$declared"; then
     echo "exported C symbol not declared in taskmgr.h: $s"; bad=1
   fi
 done
 for s in $declared; do
-  if ! printf '%s\n' "$c_syms" | grep -qx "$s"; then
+  if ! grep -qx -- "$s" <<< "$c_syms"; then
     echo "declared in taskmgr.h but not exported: $s"; bad=1
   fi
 done

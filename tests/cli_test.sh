@@ -27,4 +27,15 @@ set +e
 set -e
 grep -q "3 page(s) already done" third.txt || { echo "finished pages were redone"; cat third.txt; exit 1; }
 grep -q "pages/letter.tif CER 0.00% (done before)" third.txt || { echo "resume lost the result"; cat third.txt; exit 1; }
+# The progress bar (forced: the output is not a terminal here): drawn in
+# place with pages done / total, rate and ETA, ending full.
+"$bin" --db bar.db --progress bar pages/letter.tif pages/notes.tif > bar.txt
+grep -q "2/2 pages" bar.txt || { echo "no progress bar"; cat -A bar.txt; exit 1; }
+grep -q "\[##############################\] 2/2 pages  [0-9.]* pages/s  ETA 0:00" bar.txt ||
+  { echo "progress bar did not end full"; cat -A bar.txt; exit 1; }
+# Bad option values are usage errors (exit 2) naming the option.
+set +e
+"$bin" --progress sideways > bad.txt 2>&1; rc=$?
+set -e
+[ "$rc" -eq 2 ] && grep -q -- "--progress" bad.txt || { echo "bad --progress not refused"; exit 1; }
 echo "cli ok"

@@ -94,6 +94,27 @@ struct TempDir {
   }
 };
 
+// The signature and IHDR chunk (correct CRC) of a PNG declaring w x h
+// 8-bit gray pixels, and nothing else.
+std::string png_header(std::uint32_t w, std::uint32_t h) {
+  std::string png("\x89PNG\r\n\x1a\n", 8);
+  unsigned char ihdr[] = {'I', 'H', 'D', 'R', 0, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0, 0, 0};
+  for (int k = 0; k < 4; ++k) {
+    ihdr[4 + k] = static_cast<unsigned char>(w >> (24 - 8 * k));
+    ihdr[8 + k] = static_cast<unsigned char>(h >> (24 - 8 * k));
+  }
+  std::uint32_t crc = 0xFFFFFFFFu;
+  for (unsigned char byte : ihdr) {
+    crc ^= byte;
+    for (int k = 0; k < 8; ++k) crc = (crc >> 1) ^ (0xEDB88320u & (0u - (crc & 1u)));
+  }
+  crc ^= 0xFFFFFFFFu;
+  png += std::string("\0\0\0\x0d", 4);
+  png.append(reinterpret_cast<const char*>(ihdr), sizeof ihdr);
+  for (int shift = 24; shift >= 0; shift -= 8) png += static_cast<char>((crc >> shift) & 0xFF);
+  return png;
+}
+
 const char* kRenderedText =
     "The quick brown fox jumps over the lazy dog.\n"
     "Pack my box with five dozen liquor jugs.\n"
@@ -212,20 +233,7 @@ TEST_CASE("bad input fails INVALID_INPUT with a clear message: the next good pag
   std::string random_bytes(4096, '\0');
   for (auto& ch : random_bytes) ch = static_cast<char>(rng());
   // A valid PNG header (correct CRC) that declares 100000 x 100000 pixels.
-  std::string huge_png("\x89PNG\r\n\x1a\n", 8);
-  {
-    const unsigned char ihdr[] = {'I', 'H', 'D', 'R', 0x00, 0x01, 0x86, 0xa0, 0x00, 0x01,
-                                  0x86, 0xa0, 8, 0, 0, 0, 0};
-    std::uint32_t crc = 0xFFFFFFFFu;
-    for (unsigned char byte : ihdr) {
-      crc ^= byte;
-      for (int k = 0; k < 8; ++k) crc = (crc >> 1) ^ (0xEDB88320u & (0u - (crc & 1u)));
-    }
-    crc ^= 0xFFFFFFFFu;
-    huge_png += std::string("\0\0\0\x0d", 4);
-    huge_png.append(reinterpret_cast<const char*>(ihdr), sizeof ihdr);
-    for (int shift = 24; shift >= 0; shift -= 8) huge_png += static_cast<char>((crc >> shift) & 0xFF);
-  }
+  const std::string huge_png = png_header(100000, 100000);
   // The good page as PNG and JPEG bytes, to truncate.
   auto encode = [&](int format) {
     Pix* pix = pixRead(good.string().c_str());
@@ -278,6 +286,25 @@ TEST_CASE("bad input fails INVALID_INPUT with a clear message: the next good pag
     CHECK(text_of(ok).find("Good page after a bad one") != std::string::npos);
     CHECK(ok.service_instance_id == "ocr@cpu#1");
   }
+}
+
+TEST_CASE("the OCR estimate reads a PNG's declared size from its header, and a page over the pixel limit costs only its bytes") {
+  const auto model = make_ocr_service(OcrConfig{})->memory_model();
+  REQUIRE(model != nullptr);
+  TaskCreateRequest req;
+  const std::string header = png_header(5000, 4000);  // cut after its header
+  req.input.data.assign(header.begin(), header.end());
+  const RequestFeatures f = model->features(req);
+  CHECK(f.pixels == 20'000'000);
+  const double mb = model->estimate_mb(f);
+  CHECK(mb > 150);  // ~10 bytes per pixel
+  CHECK(mb < 400);
+  // 100000 x 100000 is refused from its header before any decoding: it is
+  // estimated at its bytes, so it runs (and fails INVALID_INPUT) instead of
+  // finding no device.
+  const std::string bomb = png_header(100000, 100000);
+  req.input.data.assign(bomb.begin(), bomb.end());
+  CHECK(model->estimate_mb(model->features(req)) < 60);
 }
 
 TEST_CASE("bad OCR options are INVALID_INPUT") {

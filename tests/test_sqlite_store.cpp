@@ -388,3 +388,68 @@ TEST_CASE("a manager on a database file keeps tasks and history across close and
   CHECK(tm.get_task_samples(id).size() == 1);
   CHECK(tm.get_task_health(id).memory_usage_mb == 7);
 }
+
+TEST_CASE("storage.retention_days deletes finished tasks, their events and samples: at open and hourly") {
+  TempDir dir;
+  Config c = test_config();
+  c.storage.path = dir.db();
+  c.storage.retention_days = 1;
+  auto clock = std::make_shared<ManualClock>();
+  auto svc = make_function_service("svc", [](TaskContext& ctx) {
+    ctx.stage("work");
+    ctx.set_result("{}");
+  });
+  auto open = [&] {
+    TaskManagerOptions mo;
+    mo.clock = clock;
+    mo.services = {svc};
+    return std::make_unique<TaskManager>(c, mo);
+  };
+  TaskCreateRequest r;
+  r.service = "svc";
+  std::string old_done, pending, recent_done;
+  {
+    auto tm = open();
+    old_done = tm->create_task(r).id;
+    tm->start_task(old_done);
+    REQUIRE(tm->wait_task(old_done, 30s));
+    pending = tm->create_task(r).id;  // never started: never pruned
+    CHECK(tm->get_task_samples(old_done).size() == 1);
+
+    // 25 hours later: the hourly sweep deletes the finished task (store and
+    // memory); the pending one stays.
+    clock->advance(std::chrono::hours(25));
+    REQUIRE(eventually([&] {
+      try {
+        tm->get_task(old_done);
+        return false;
+      } catch (const Error& e) {
+        return e.code() == ErrorCode::kNotFound;
+      }
+    }));
+    CHECK(tm->get_task(pending).status == TaskStatus::kPending);
+    recent_done = tm->create_task(r).id;
+    tm->start_task(recent_done);
+    REQUIRE(tm->wait_task(recent_done, 30s));
+  }
+  {
+    SQLite::Database db(dir.db());
+    CHECK(db.execAndGet("SELECT count(*) FROM tasks WHERE id='" + old_done + "'").getInt() == 0);
+    CHECK(db.execAndGet("SELECT count(*) FROM task_events WHERE task_id='" + old_done + "'").getInt() == 0);
+    CHECK(db.execAndGet("SELECT count(*) FROM task_metrics WHERE task_id='" + old_done + "'").getInt() == 0);
+    CHECK(db.execAndGet("SELECT count(*) FROM tasks").getInt() == 2);
+  }
+  // Reopened two days later: the other finished task goes at open; the
+  // pending one (unfinished) is still there, whatever its age.
+  clock->advance(std::chrono::hours(48));
+  auto tm = open();
+  CHECK_THROWS_AS(tm->get_task(recent_done), Error);
+  CHECK(tm->get_task(pending).status == TaskStatus::kPending);
+  CHECK(tm->list_tasks().size() == 1);
+  // With retention off (0), nothing is deleted.
+  tm.reset();
+  c.storage.retention_days = 0;
+  clock->advance(std::chrono::hours(24 * 365));
+  tm = open();
+  CHECK(tm->get_task(pending).status == TaskStatus::kPending);
+}

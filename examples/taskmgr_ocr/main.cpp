@@ -16,6 +16,9 @@
 #include <boost/json.hpp>
 
 #include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <optional>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -40,7 +43,10 @@ struct Options {
   std::string format = "text";  // text | json | hocr
   std::string samples_dir = "samples";
   int priority = 0;
+  std::string device;     // "" = any
+  std::string languages;  // "" = config (eng)
   bool redo = false;
+  int progress = -1;      // -1 = a bar on a terminal, plain lines otherwise; 0 = lines; 1 = bar
   std::vector<std::string> inputs;
 };
 
@@ -52,6 +58,9 @@ void usage(std::ostream& os) {
         "  --out DIR         write one result per page into DIR\n"
         "  --format F        result format: text, json or hocr (default text)\n"
         "  --priority N      task priority (default 0)\n"
+        "  --device D        run on this device (cpu, cuda:0, ...; default: any that fits)\n"
+        "  --languages L     Tesseract languages, e.g. eng or eng+deu (default: config, eng)\n"
+        "  --progress MODE   bar, lines or auto (default auto: a bar on a terminal)\n"
         "  --samples DIR     where sample pages are rendered (default samples)\n"
         "  --redo            OCR pages again even if done in the database\n"
         "With no FILE or DIR, renders the sample pages and OCRs them.\n";
@@ -101,6 +110,59 @@ bool render_samples(const fs::path& dir) {
   return any;
 }
 
+// The progress display: on a terminal, one line redrawn in place
+// ("[#####.....] 12/24 pages  3.1 pages/s  ETA 0:04"), with the per-page
+// lines printed above it; elsewhere, only the per-page lines.
+class Progress {
+ public:
+  Progress(bool bar, std::size_t total, std::size_t already_done)
+      : bar_(bar), total_(total), base_(already_done), t0_(std::chrono::steady_clock::now()) {}
+
+  // A line of its own (a page's result or failure), above the bar.
+  void line(const std::string& text) {
+    if (bar_ && drawn_) std::cout << "\r\033[K";
+    drawn_ = false;
+    std::cout << text << "\n";
+  }
+
+  // `ended` tasks of this run have ended (pages done before count as done).
+  void draw(std::size_t ended) {
+    if (!bar_) return;
+    const std::size_t done = std::min(total_, base_ + ended);
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
+    const double rate = secs > 0 ? static_cast<double>(ended) / secs : 0;
+    constexpr int kWidth = 30;
+    const int filled = total_ == 0 ? kWidth : static_cast<int>(kWidth * done / total_);
+    char eta[32] = "--:--";
+    if (rate > 0 && done < total_) {
+      const long left = std::lround(static_cast<double>(total_ - done) / rate);
+      std::snprintf(eta, sizeof eta, "%ld:%02ld", left / 60, left % 60);
+    } else if (done >= total_) {
+      std::snprintf(eta, sizeof eta, "0:00");
+    }
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "\r\033[K[%s%s] %zu/%zu pages  %.2f pages/s  ETA %s",
+                  std::string(static_cast<std::size_t>(filled), '#').c_str(),
+                  std::string(static_cast<std::size_t>(kWidth - filled), '.').c_str(), done, total_,
+                  rate, eta);
+    std::cout << buf << std::flush;
+    drawn_ = true;
+  }
+
+  void finish(std::size_t ended) {
+    if (!bar_) return;
+    draw(ended);
+    std::cout << "\n";
+    drawn_ = false;
+  }
+
+ private:
+  bool bar_;
+  std::size_t total_, base_;
+  std::chrono::steady_clock::time_point t0_;
+  bool drawn_ = false;
+};
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -122,6 +184,16 @@ int main(int argc, char** argv) {
       else if (a == "--format") opt.format = next("--format");
       else if (a == "--priority") opt.priority = std::stoi(next("--priority"));
       else if (a == "--samples") opt.samples_dir = next("--samples");
+      else if (a == "--device") opt.device = next("--device");
+      else if (a == "--languages") opt.languages = next("--languages");
+      else if (a == "--progress") {
+        const std::string m = next("--progress");
+        if (m != "bar" && m != "lines" && m != "auto") {
+          std::cerr << "taskmgr-ocr: --progress must be bar, lines or auto\n";
+          return 2;
+        }
+        opt.progress = m == "bar" ? 1 : m == "lines" ? 0 : -1;
+      }
       else if (a == "--redo") opt.redo = true;
       else if (a == "-h" || a == "--help") {
         usage(std::cout);
@@ -149,6 +221,7 @@ int main(int argc, char** argv) {
                                      : taskmgr::Config::from_yaml_file(opt.config_path);
     config.storage.path = opt.db;
     if (opt.workers > 0) config.executor.worker_threads = opt.workers;
+    if (!opt.languages.empty()) config.ocr.languages = opt.languages;
     config.tasks.max_queue_size = std::max(config.tasks.max_queue_size, 100000);
     config.validate();
   } catch (const taskmgr::Error& e) {
@@ -205,6 +278,7 @@ int main(int argc, char** argv) {
       r.service = "ocr";
       r.input.path = path;
       r.priority = opt.priority;
+      r.device = opt.device;
       if (opt.format == "hocr") r.options_json = "{\"output\":\"hocr\"}";
       const taskmgr::Task t = tm.create_task(r);
       tm.start_task(t.id);
@@ -213,20 +287,40 @@ int main(int argc, char** argv) {
     if (skipped > 0) std::cout << skipped << " page(s) already done in " << opt.db << ": not redone\n";
 
     const auto t0 = std::chrono::steady_clock::now();
+    const bool bar = opt.progress == 1 || (opt.progress == -1 && ::isatty(STDOUT_FILENO));
+    Progress progress(bar, submitted.size(), skipped);
+    // Ended tasks are counted from the events as they happen (any order);
+    // the per-page lines below come in submission order.
+    std::atomic<std::size_t> ended{0};
+    tm.subscribe([&ended](const taskmgr::EventRecord& e) {
+      if (e.event == taskmgr::TaskEvent::kCompleted || e.event == taskmgr::TaskEvent::kFailed ||
+          e.event == taskmgr::TaskEvent::kCancelled) {
+        ended.fetch_add(1);
+      }
+    });
     int failed = 0, done = 0;
     std::map<std::string, int> failures;
     double cer_sum = 0;
     int cer_n = 0;
     for (const auto& [page, id] : submitted) {
-      const auto t = tm.wait_task(id, std::chrono::hours(24));
+      std::optional<taskmgr::Task> t;
+      if (done_before.count(fs::absolute(page).lexically_normal().string())) {
+        t = tm.get_task(id);
+      } else {
+        while (!(t = tm.wait_task(id, std::chrono::milliseconds(bar ? 200 : 1000)))) {
+          progress.draw(ended.load());
+        }
+      }
       ++done;
       const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       if (!t || t->status != taskmgr::TaskStatus::kCompleted) {
         ++failed;
         const std::string reason = t ? std::string(taskmgr::to_string(t->failure_reason)) : "timeout";
         ++failures[reason];
-        std::cout << "[" << done << "/" << submitted.size() << "] FAILED " << page.string() << ": "
-                  << reason << ": " << (t ? t->failure_message : "") << "\n";
+        progress.line("[" + std::to_string(done) + "/" + std::to_string(submitted.size()) +
+                      "] FAILED " + page.string() + ": " + reason + ": " +
+                      (t ? t->failure_message : ""));
+        progress.draw(ended.load());
         continue;
       }
       std::string line = "[" + std::to_string(done) + "/" + std::to_string(submitted.size()) + "] " +
@@ -243,12 +337,13 @@ int main(int argc, char** argv) {
         line += buf;
       }
       if (done_before.count(fs::absolute(page).lexically_normal().string())) {
-        std::cout << line << " (done before)\n";
+        progress.line(line + " (done before)");
       } else {
         char rate[64];
         std::snprintf(rate, sizeof rate, " (%.2f pages/s)", elapsed > 0 ? done / elapsed : 0.0);
-        std::cout << line << rate << "\n";
+        progress.line(line + rate);
       }
+      progress.draw(ended.load());
       if (!opt.out_dir.empty()) {
         fs::create_directories(opt.out_dir);
         const std::string ext = opt.format == "json" ? ".json" : opt.format == "hocr" ? ".hocr.json" : ".txt";
@@ -256,6 +351,7 @@ int main(int argc, char** argv) {
             << (opt.format == "text" ? text : t->result);
       }
     }
+    progress.finish(ended.load());
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     const taskmgr::TaskMetrics m = tm.get_task_metrics();
     std::cout << "\nsummary\n"

@@ -64,6 +64,11 @@ class TASKMGR_API TaskStore {
   // terminal state (pending, queued, running), and ended tasks whose cleanup
   // did not complete (resource_cleanup_completed false).
   virtual std::vector<Task> load_unfinished() = 0;
+  // Deletes the tasks that ended (completed, failed or cancelled, cleanup
+  // done) before `finished_before`, with their events and metric samples
+  // (storage.retention_days). Never touches an unfinished task. Returns how
+  // many tasks were deleted. The default keeps everything and returns 0.
+  virtual std::size_t prune_finished(Timestamp finished_before);
 
   virtual void flush() = 0;
   // "memory", "sqlite:/path/to.db", ...

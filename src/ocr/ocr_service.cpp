@@ -14,6 +14,7 @@
 #include <cstring>
 #include <fstream>
 #include <memory>
+#include <optional>
 #include <mutex>
 #include <opencv2/core.hpp>
 #include <opencv2/imgproc.hpp>
@@ -151,6 +152,19 @@ double estimate_skew_degrees(const cv::Mat& gray) {
   return angle;
 }
 
+// The width and height a PNG declares in its first chunk (IHDR), read
+// without a decoder; nullopt when the bytes are not a PNG.
+std::optional<std::pair<std::int64_t, std::int64_t>> png_size(const std::uint8_t* p, std::size_t n) {
+  if (n < 24 || std::memcmp(p, "\x89PNG\r\n\x1a\n", 8) != 0 || std::memcmp(p + 12, "IHDR", 4) != 0) {
+    return std::nullopt;
+  }
+  auto be32 = [&](std::size_t at) {
+    return static_cast<std::int64_t>((std::uint32_t{p[at]} << 24) | (std::uint32_t{p[at + 1]} << 16) |
+                                     (std::uint32_t{p[at + 2]} << 8) | std::uint32_t{p[at + 3]});
+  };
+  return std::make_pair(be32(16), be32(20));
+}
+
 class OcrService final : public Service {
  public:
   OcrService(const OcrConfig& config, const std::string& device) : config_(config) {
@@ -172,13 +186,8 @@ class OcrService final : public Service {
     l_int32 format = 0, w = 0, h = 0, bps = 0, spp = 0, iscmap = 0;
     // PNG declares its size in the first chunk: check it before any decoder
     // (a 100000x100000 header must not get as far as an allocation).
-    if (bytes.size() >= 24 && std::memcmp(bytes.data(), "\x89PNG\r\n\x1a\n", 8) == 0 &&
-        std::memcmp(bytes.data() + 12, "IHDR", 4) == 0) {
-      auto be32 = [&](std::size_t at) {
-        return (std::uint32_t{bytes[at]} << 24) | (std::uint32_t{bytes[at + 1]} << 16) |
-               (std::uint32_t{bytes[at + 2]} << 8) | std::uint32_t{bytes[at + 3]};
-      };
-      check_size(static_cast<std::int64_t>(be32(16)), static_cast<std::int64_t>(be32(20)), ctx.input());
+    if (const auto png = png_size(bytes.data(), bytes.size())) {
+      check_size(png->first, png->second, ctx.input());
     }
     if (pixReadHeaderMem(bytes.data(), bytes.size(), &format, &w, &h, &bps, &spp, &iscmap) != 0 ||
         w <= 0 || h <= 0) {
@@ -370,8 +379,12 @@ class OcrMemoryModel final : public MemoryModel {
         head.resize(static_cast<std::size_t>(std::max<std::streamsize>(0, in.gcount())));
       }
       l_int32 format = 0, w = 0, h = 0, bps = 0, spp = 0, iscmap = 0;
-      if (!head.empty() &&
-          pixReadHeaderMem(head.data(), head.size(), &format, &w, &h, &bps, &spp, &iscmap) == 0) {
+      if (const auto png = png_size(head.data(), head.size())) {
+        // Straight from IHDR: a PNG cut after its header (or a decompression
+        // bomb) still gets the estimate its declared size deserves.
+        f.pixels = png->first * png->second;
+      } else if (!head.empty() &&
+                 pixReadHeaderMem(head.data(), head.size(), &format, &w, &h, &bps, &spp, &iscmap) == 0) {
         f.pixels = static_cast<std::int64_t>(w) * h;
       }
     } catch (...) {
@@ -381,8 +394,12 @@ class OcrMemoryModel final : public MemoryModel {
   }
   double estimate_mb(const RequestFeatures& f) const override {
     const double batch = static_cast<double>(std::max<std::int64_t>(1, std::min(f.batch_size, f.pages)));
+    // A page over the pixel limit is refused by process() from its header,
+    // before any decoding: it costs no more than its bytes (and so fails
+    // INVALID_INPUT when it runs, rather than finding no device).
+    const std::int64_t pixels = f.pixels > kMaxPixels ? 0 : f.pixels;
     // gray 8-bit page + cv copy + Tesseract's own page structures (~8 bytes/px)
-    const double per_page = static_cast<double>(f.pixels) * 10.0 / (1024.0 * 1024.0) + 2;
+    const double per_page = static_cast<double>(pixels) * 10.0 / (1024.0 * 1024.0) + 2;
     return 40 + batch * per_page + static_cast<double>(f.bytes) / (1024.0 * 1024.0);
   }
 };

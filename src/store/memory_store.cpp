@@ -8,6 +8,7 @@
 namespace taskmgr {
 
 TaskStore::~TaskStore() = default;
+std::size_t TaskStore::prune_finished(Timestamp) { return 0; }
 
 namespace {
 
@@ -98,6 +99,23 @@ class MemoryStore final : public TaskStore {
       if (!is_terminal(t.status) || !t.resource_cleanup_completed) out.push_back(t);
     }
     return out;
+  }
+
+  std::size_t prune_finished(Timestamp finished_before) override {
+    std::lock_guard<std::mutex> g(mu_);
+    std::size_t n = 0;
+    for (auto it = order_.begin(); it != order_.end();) {
+      const Task& t = tasks_.at(it->second).task;
+      if (is_terminal(t.status) && t.resource_cleanup_completed && t.finished_at &&
+          *t.finished_at < finished_before) {
+        tasks_.erase(it->second);
+        it = order_.erase(it);
+        ++n;
+      } else {
+        ++it;
+      }
+    }
+    return n;
   }
 
   void flush() override {}

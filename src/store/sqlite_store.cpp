@@ -416,6 +416,32 @@ class SqliteStore final : public TaskStore {
     });
   }
 
+  std::size_t prune_finished(Timestamp finished_before) override {
+    flush();  // every write queued before is in, so a task's last update is not lost
+    std::lock_guard<std::mutex> c(commit_mu_);
+    try {
+      static constexpr const char* kEnded =
+          "SELECT id FROM tasks WHERE status IN ('completed','failed','cancelled') "
+          "AND resource_cleanup_completed = 1 AND finished_at IS NOT NULL AND finished_at < ?1";
+      SQLite::Transaction tx(*writer_db_, SQLite::TransactionBehavior::IMMEDIATE);
+      const std::string cutoff = format_timestamp(finished_before);
+      for (const char* table : {"task_metrics", "task_events"}) {
+        SQLite::Statement del(*writer_db_, std::string("DELETE FROM ") + table +
+                                               " WHERE task_id IN (" + kEnded + ")");
+        del.bind(1, cutoff);
+        del.exec();
+      }
+      SQLite::Statement del(*writer_db_,
+                            std::string("DELETE FROM tasks WHERE id IN (") + kEnded + ")");
+      del.bind(1, cutoff);
+      const int n = del.exec();
+      tx.commit();
+      return static_cast<std::size_t>(n);
+    } catch (const SQLite::Exception& e) {
+      throw Error(code_of(e), "pruning finished tasks in " + path_ + " failed: " + e.what());
+    }
+  }
+
   void flush() override {
     std::unique_lock<std::mutex> l(mu_);
     const std::uint64_t target = enqueued_;

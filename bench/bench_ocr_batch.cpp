@@ -1,0 +1,555 @@
+// The OCR batch benchmark (issue 4): one batch of 24 pages, OCRed eight ways
+// in one run, each figure beside the physical limit measured in the same run.
+//
+//   bench_ocr_batch --data DIR --samples DIR [--runs N] [--work DIR]
+//                   [--python PY] [--tesserocr SCRIPT] [--skip-unlimited]
+//   bench_ocr_batch --priority --data DIR [--backlog N]
+//   bench_ocr_batch --preprocess --data DIR --samples DIR
+//
+// The batch: 20 small pages (phototest.tif and eurotext.tif from DIR,
+// alternating) and 4 large ones rendered at 300 dpi with text2image from
+// the project's sample texts (--samples), placed among the small ones at
+// positions 3, 9, 15 and 21. Every configuration OCRs the whole batch with
+// two threads (the machine's two cores) and reports pages/s, its ratio to
+// L and the mean character error rate against the ground truths:
+//
+//   L   the physical limit: 2 x the pages/s of one warm engine looping alone
+//       over the batch (both cores busy, never idle)
+//   a   2 threads, each with its own warm engine, taking pages in order from
+//       a shared list; no library in between
+//   b   taskmgr: a TaskManager with a pool of 2 warm OCR engines, SQLite
+//       store, tasks.queue_ordering largest_first (and, for comparison,
+//       fifo); submit all, wait for all
+//   c   a fresh engine per page (init, recognise, end), 2 threads
+//   d   the tesseract command once per page, 2 at a time (OMP_THREAD_LIMIT=1)
+//   e   Python, python3-tesserocr, a thread pool of 2 each holding a warm
+//       PyTessBaseAPI (OMP_THREAD_LIMIT=1)
+//   u   as (a) with OpenMP left unlimited (what the pool's fix is worth)
+//
+// Every run repeats the set --runs times (default 3) and reports medians.
+// --priority: a backlog of --backlog (100) queued pages, then one page of
+// priority 10: reports how long it waited to start, against the median
+// time of one page.
+// --preprocess: the character error rate of each preprocessing step alone
+// (and of the defaults) on the real scans and rendered pages.
+#include <taskmgr/taskmgr.hpp>
+
+#include <leptonica/allheaders.h>
+#include <omp.h>
+#include <tesseract/baseapi.h>
+
+#include <boost/json.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <iostream>
+#include <map>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+struct Page {
+  std::string path;
+  std::string truth;
+  bool large = false;
+};
+
+std::string read_file(const fs::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+// Four large pages: each a sample text repeated to fill a US-letter page
+// (about 1,000 characters: one page), rendered at 300 dpi (2550x3300) with
+// text2image and DejaVu Sans, as taskmgr-ocr renders its samples.
+std::vector<Page> render_large_pages(const fs::path& samples, const fs::path& work) {
+  std::vector<fs::path> texts;
+  for (const auto& e : fs::directory_iterator(samples)) {
+    if (e.path().extension() == ".txt") texts.push_back(e.path());
+  }
+  std::sort(texts.begin(), texts.end());
+  if (texts.empty()) {
+    std::cerr << "no sample texts in " << samples << "\n";
+    std::exit(2);
+  }
+  std::vector<Page> pages;
+  for (int i = 0; i < 4; ++i) {
+    std::string text;
+    while (text.size() < 1000) {
+      text += read_file(texts[static_cast<std::size_t>(i + text.size() / 150) % texts.size()]);
+      text += "\n";
+    }
+    const std::string base = (work / ("large" + std::to_string(i))).string();
+    {
+      std::ofstream f(base + ".gt.txt");
+      f << text;
+    }
+    if (!fs::exists(base + ".tif")) {
+      const std::string cmd =
+          "text2image --text='" + base + ".gt.txt' --outputbase='" + base +
+          "' --font='DejaVu Sans' --fonts_dir=/usr/share/fonts/truetype/dejavu"
+          " --resolution=300 --ptsize=12 --margin=100 --xsize=2550 --ysize=3300 > /dev/null 2>&1";
+      if (std::system(cmd.c_str()) != 0 || !fs::exists(base + ".tif")) {
+        std::cerr << "could not render " << base << ".tif with text2image\n";
+        std::exit(2);
+      }
+    }
+    pages.push_back({base + ".tif", text, true});
+  }
+  return pages;
+}
+
+std::vector<Page> make_batch(const fs::path& data, const fs::path& samples, const fs::path& work) {
+  const Page photo{(data / "phototest.tif").string(), read_file(data / "phototest.txt"), false};
+  const Page euro{(data / "eurotext.tif").string(), read_file(data / "eurotext.txt"), false};
+  const std::vector<Page> large = render_large_pages(samples, work);
+  std::vector<Page> batch;
+  std::size_t small = 0, big = 0;
+  for (int pos = 0; pos < 24; ++pos) {
+    if (pos % 6 == 3 && big < large.size()) {
+      batch.push_back(large[big++]);
+    } else {
+      batch.push_back(small++ % 2 == 0 ? photo : euro);
+    }
+  }
+  return batch;
+}
+
+// OpenMP limited to this thread, as the OCR pool does on its workers.
+void limit_openmp() {
+  omp_set_max_active_levels(0);
+  omp_set_num_threads(1);
+}
+
+class Engine {
+ public:
+  Engine() {
+    if (api_.Init(nullptr, "eng", tesseract::OEM_LSTM_ONLY) != 0) {
+      std::cerr << "Tesseract Init failed\n";
+      std::exit(2);
+    }
+    api_.SetPageSegMode(tesseract::PSM_AUTO);
+  }
+  ~Engine() { api_.End(); }
+  std::string ocr(const std::string& path) {
+    Pix* pix = pixRead(path.c_str());
+    if (pix == nullptr) return "";
+    api_.SetImage(pix);
+    if (pixGetXRes(pix) <= 0) api_.SetSourceResolution(300);
+    char* t = api_.GetUTF8Text();
+    std::string text = t ? t : "";
+    delete[] t;
+    api_.Clear();
+    pixDestroy(&pix);
+    return text;
+  }
+
+ private:
+  tesseract::TessBaseAPI api_;
+};
+
+struct Result {
+  double seconds = 0;
+  std::vector<std::string> texts;
+};
+
+double mean_cer(const std::vector<Page>& batch, const std::vector<std::string>& texts) {
+  double sum = 0;
+  for (std::size_t i = 0; i < batch.size(); ++i) {
+    sum += taskmgr::character_error_rate(i < texts.size() ? texts[i] : "", batch[i].truth);
+  }
+  return sum / static_cast<double>(batch.size());
+}
+
+// Two threads take pages in order from a shared list; each calls work(page
+// index, thread index). prepare(thread) runs before the clock starts.
+Result two_threads(const std::vector<Page>& batch, bool limit_omp,
+                   const std::function<void(int)>& prepare,
+                   const std::function<std::string(std::size_t, int)>& work) {
+  Result r;
+  r.texts.resize(batch.size());
+  std::atomic<std::size_t> next{0};
+  std::atomic<int> ready{0};
+  std::atomic<bool> go{false};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 2; ++t) {
+    threads.emplace_back([&, t] {
+      if (limit_omp) limit_openmp();
+      prepare(t);
+      ready.fetch_add(1);
+      while (!go.load()) std::this_thread::yield();
+      for (std::size_t i; (i = next.fetch_add(1)) < batch.size();) r.texts[i] = work(i, t);
+    });
+  }
+  while (ready.load() < 2) std::this_thread::yield();
+  const auto t0 = Clock::now();
+  go.store(true);
+  for (auto& th : threads) th.join();
+  r.seconds = seconds_since(t0);
+  return r;
+}
+
+Result run_limit(const std::vector<Page>& batch) {
+  Result r;
+  std::thread th([&] {
+    limit_openmp();
+    Engine e;
+    e.ocr(batch.front().path);  // warm
+    const auto t0 = Clock::now();
+    for (const auto& p : batch) r.texts.push_back(e.ocr(p.path));
+    r.seconds = seconds_since(t0);
+  });
+  th.join();
+  return r;
+}
+
+Result run_warm_threads(const std::vector<Page>& batch, bool limit_omp) {
+  std::unique_ptr<Engine> engines[2];
+  return two_threads(
+      batch, limit_omp,
+      [&](int t) {
+        engines[t] = std::make_unique<Engine>();
+        engines[t]->ocr(batch.front().path);
+      },
+      [&](std::size_t i, int t) { return engines[t]->ocr(batch[i].path); });
+}
+
+Result run_fresh_engines(const std::vector<Page>& batch) {
+  return two_threads(
+      batch, true, [](int) {},
+      [&](std::size_t i, int) {
+        Engine e;
+        return e.ocr(batch[i].path);
+      });
+}
+
+Result run_cli(const std::vector<Page>& batch, const fs::path& work) {
+  const fs::path out = work / "cli";
+  fs::create_directories(out);
+  return two_threads(
+      batch, true, [](int) {},
+      [&](std::size_t i, int) {
+        const std::string base = (out / std::to_string(i)).string();
+        const std::string cmd = "OMP_THREAD_LIMIT=1 tesseract '" + batch[i].path + "' '" + base +
+                                "' --oem 1 --psm 3 > /dev/null 2>&1";
+        if (std::system(cmd.c_str()) != 0) return std::string();
+        return read_file(base + ".txt");
+      });
+}
+
+Result run_python(const std::vector<Page>& batch, const fs::path& work, const std::string& python,
+                  const std::string& script) {
+  Result r;
+  const fs::path list = work / "pages.txt";
+  const fs::path out = work / "py";
+  fs::create_directories(out);
+  {
+    std::ofstream f(list);
+    for (const auto& p : batch) f << p.path << "\n";
+  }
+  const std::string cmd = "OMP_THREAD_LIMIT=1 " + python + " '" + script + "' '" + list.string() +
+                          "' '" + out.string() + "' 2";
+  FILE* pipe = popen(cmd.c_str(), "r");
+  if (pipe == nullptr) return r;
+  char line[256];
+  while (std::fgets(line, sizeof line, pipe)) std::sscanf(line, "seconds %lf", &r.seconds);
+  if (pclose(pipe) != 0) r.seconds = 0;
+  for (std::size_t i = 0; i < batch.size(); ++i) {
+    r.texts.push_back(read_file(out / (std::to_string(i) + ".txt")));
+  }
+  return r;
+}
+
+taskmgr::Config taskmgr_config(const fs::path& db, taskmgr::QueueOrdering ordering) {
+  taskmgr::Config c;
+  c.storage.path = db.string();
+  c.executor.worker_threads = 2;
+  c.pools.devices["cpu"] = taskmgr::PoolSettings{2, 2, 300};  // 2 warm engines
+  c.tasks.queue_ordering = ordering;
+  c.tasks.max_queue_size = 10000;
+  // The same work as the baselines: Tesseract on the page as decoded.
+  c.ocr.preprocess.grayscale = false;
+  c.ocr.preprocess.target_dpi = 0;
+  return c;
+}
+
+std::string result_text(const taskmgr::Task& t) {
+  boost::system::error_code ec;
+  auto v = boost::json::parse(t.result, ec);
+  if (ec || !v.is_object()) return "";
+  const auto* text = v.as_object().if_contains("text");
+  return text && text->is_string() ? std::string(text->as_string()) : "";
+}
+
+Result run_taskmgr(const std::vector<Page>& batch, const fs::path& work,
+                   taskmgr::QueueOrdering ordering, int workers = 2) {
+  const fs::path db = work / "bench.db";
+  for (const char* sfx : {"", "-wal", "-shm", ".lock"}) fs::remove(db.string() + sfx);
+  Result r;
+  auto config = taskmgr_config(db, ordering);
+  config.executor.worker_threads = workers;
+  config.pools.devices["cpu"] = taskmgr::PoolSettings{workers, workers, 300};
+  taskmgr::TaskManager tm(config);
+  {  // warm both engines (min_instances made them; this runs a page on each)
+    std::vector<std::string> ids;
+    for (int i = 0; i < workers; ++i) {
+      taskmgr::TaskCreateRequest req;
+      req.input.path = batch.front().path;
+      ids.push_back(tm.create_task(req).id);
+      tm.start_task(ids.back());
+    }
+    for (const auto& id : ids) tm.wait_task(id, std::chrono::minutes(5));
+  }
+  const auto t0 = Clock::now();
+  std::vector<std::string> ids;
+  for (const auto& p : batch) {
+    taskmgr::TaskCreateRequest req;
+    req.input.path = p.path;
+    req.options_json = R"({"words":false})";
+    ids.push_back(tm.create_task(req).id);
+    tm.start_task(ids.back());
+  }
+  std::vector<taskmgr::Task> done;
+  for (const auto& id : ids) done.push_back(*tm.wait_task(id, std::chrono::minutes(10)));
+  r.seconds = seconds_since(t0);
+  for (const auto& t : done) r.texts.push_back(result_text(t));
+  return r;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v[v.size() / 2];
+}
+
+// Each preprocessing step against the character error rate: the real scans,
+// the large rendered pages and a page rendered at 150 dpi, OCRed through
+// taskmgr with each step alone and with the defaults.
+int run_preprocess(const fs::path& data, const fs::path& samples, const fs::path& work) {
+  std::vector<Page> pages = {
+      {(data / "phototest.tif").string(), read_file(data / "phototest.txt"), false},
+      {(data / "eurotext.tif").string(), read_file(data / "eurotext.txt"), false}};
+  for (auto& p : render_large_pages(samples, work)) pages.push_back(p);
+  {  // one page at 150 dpi (small and low resolution: what target_dpi is for)
+    const std::string base = (work / "low150").string();
+    const std::string text = read_file(work / "large0.gt.txt");
+    if (!fs::exists(base + ".tif")) {
+      const std::string cmd =
+          "text2image --text='" + (work / "large0.gt.txt").string() + "' --outputbase='" + base +
+          "' --font='DejaVu Sans' --fonts_dir=/usr/share/fonts/truetype/dejavu"
+          " --resolution=150 --ptsize=10 --margin=50 --xsize=1275 --ysize=1650 > /dev/null 2>&1";
+      if (std::system(cmd.c_str()) != 0) return 2;
+      // text2image writes 300 dpi into every TIFF: declare the real 150.
+      Pix* pix = pixRead((base + ".tif").c_str());
+      if (pix == nullptr) return 2;
+      pixSetResolution(pix, 150, 150);
+      pixWrite((base + ".tif").c_str(), pix, IFF_TIFF_G4);
+      pixDestroy(&pix);
+    }
+    pages.push_back({base + ".tif", text, true});
+  }
+  struct Variant {
+    const char* name;
+    const char* json;
+  };
+  const Variant variants[] = {
+      {"none", R"({"grayscale":false,"target_dpi":0,"deskew":false,"binarize":false})"},
+      {"grayscale", R"({"grayscale":true,"target_dpi":0,"deskew":false,"binarize":false})"},
+      {"target_dpi 300", R"({"grayscale":false,"target_dpi":300,"deskew":false,"binarize":false})"},
+      {"deskew", R"({"grayscale":false,"target_dpi":0,"deskew":true,"binarize":false})"},
+      {"binarize", R"({"grayscale":false,"target_dpi":0,"deskew":false,"binarize":true})"},
+      {"defaults (grayscale, 300 dpi)", R"({"grayscale":true,"target_dpi":300,"deskew":false,"binarize":false})"},
+      {"all four", R"({"grayscale":true,"target_dpi":300,"deskew":true,"binarize":true})"},
+  };
+  const fs::path db = work / "preprocess.db";
+  for (const char* sfx : {"", "-wal", "-shm", ".lock"}) fs::remove(db.string() + sfx);
+  taskmgr::TaskManager tm(taskmgr_config(db, taskmgr::QueueOrdering::kFifo));
+  std::printf("%-30s", "variant \\ page");
+  for (const auto& p : pages) std::printf(" %10.10s", fs::path(p.path).stem().c_str());
+  std::printf(" %8s %8s\n", "mean", "seconds");
+  for (const auto& v : variants) {
+    std::vector<std::string> ids;
+    const auto t0 = Clock::now();
+    for (const auto& p : pages) {
+      taskmgr::TaskCreateRequest req;
+      req.input.path = p.path;
+      req.options_json = std::string(R"({"words":false,"preprocess":)") + v.json + "}";
+      ids.push_back(tm.create_task(req).id);
+      tm.start_task(ids.back());
+    }
+    std::printf("%-30s", v.name);
+    double sum = 0;
+    std::vector<double> cers;
+    for (std::size_t i = 0; i < ids.size(); ++i) {
+      const auto t = *tm.wait_task(ids[i], std::chrono::minutes(10));
+      const double c = taskmgr::character_error_rate(result_text(t), pages[i].truth);
+      cers.push_back(c);
+      sum += c;
+    }
+    const double secs = seconds_since(t0);
+    for (double c : cers) std::printf(" %9.2f%%", 100 * c);
+    std::printf(" %7.2f%% %8.2f\n", 100 * sum / static_cast<double>(cers.size()), secs);
+  }
+  return 0;
+}
+
+int run_priority(const fs::path& data, const fs::path& work, int backlog) {
+  const fs::path db = work / "priority.db";
+  for (const char* sfx : {"", "-wal", "-shm", ".lock"}) fs::remove(db.string() + sfx);
+  auto config = taskmgr_config(db, taskmgr::QueueOrdering::kFifo);
+  taskmgr::TaskManager tm(config);
+  const std::string page = (data / "phototest.tif").string();
+  std::vector<std::string> ids;
+  for (int i = 0; i < backlog; ++i) {
+    taskmgr::TaskCreateRequest req;
+    req.input.path = page;
+    ids.push_back(tm.create_task(req).id);
+    tm.start_task(ids.back());
+  }
+  taskmgr::TaskCreateRequest req;
+  req.input.path = page;
+  req.priority = 10;
+  const std::string urgent = tm.create_task(req).id;
+  tm.start_task(urgent);
+  const auto u = tm.wait_task(urgent, std::chrono::minutes(10));
+  std::vector<double> page_times;
+  std::size_t started_before = 0;
+  for (const auto& id : ids) {
+    const auto t = *tm.wait_task(id, std::chrono::minutes(10));
+    page_times.push_back(std::chrono::duration<double>(*t.finished_at - *t.started_at).count());
+    if (*t.started_at < *u->started_at) ++started_before;
+  }
+  const double wait = std::chrono::duration<double>(*u->started_at - *u->queued_at).count();
+  const double page_time = median(page_times);
+  std::printf("priority: backlog of %d queued pages (FIFO among themselves), then one of priority 10\n",
+              backlog);
+  std::printf("  it waited %.3f s to start; median page time %.3f s (%.2f page-times); "
+              "%zu backlog pages started before it (those already running)\n",
+              wait, page_time, wait / page_time, started_before);
+  return wait <= page_time ? 0 : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  fs::path data = "../shared/data/ocr", samples = "examples/taskmgr_ocr/samples";
+  fs::path work = fs::temp_directory_path() / "taskmgr-bench-ocr";
+  std::string python = "/usr/bin/python3", script = "bench/ocr_tesserocr.py";
+  int runs = 3, backlog = 100;
+  bool priority = false, unlimited = true, preprocess = false;
+  std::string only;  // run only these configurations (keys, comma-separated)
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto next = [&]() -> std::string {
+      if (i + 1 >= argc) {
+        std::cerr << a << " needs a value\n";
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    if (a == "--data") data = next();
+    else if (a == "--samples") samples = next();
+    else if (a == "--work") work = next();
+    else if (a == "--runs") runs = std::stoi(next());
+    else if (a == "--python") python = next();
+    else if (a == "--tesserocr") script = next();
+    else if (a == "--backlog") backlog = std::stoi(next());
+    else if (a == "--priority") priority = true;
+    else if (a == "--preprocess") preprocess = true;
+    else if (a == "--skip-unlimited") unlimited = false;
+    else if (a == "--only") only = "," + next() + ",";
+    else {
+      std::cerr << "unknown option " << a << "\n";
+      return 2;
+    }
+  }
+  fs::create_directories(work);
+  if (priority) return run_priority(data, work, backlog);
+  if (preprocess) return run_preprocess(data, samples, work);
+
+  const std::vector<Page> batch = make_batch(data, samples, work);
+  std::printf("batch: %zu pages (", batch.size());
+  for (const auto& p : batch) std::printf("%s", p.large ? "L" : (p.path.find("photo") != std::string::npos ? "p" : "e"));
+  std::printf("; L = large 300 dpi page, p = phototest, e = eurotext), %d runs, medians\n", runs);
+
+  struct Config {
+    std::string key, name;
+    std::function<Result()> run;
+  };
+  std::vector<Config> configs = {
+      {"L", "physical limit: 2 x one warm engine alone", [&] { return run_limit(batch); }},
+      {"a", "2 threads, own warm engines, shared list", [&] { return run_warm_threads(batch, true); }},
+      {"b", "taskmgr, pool of 2, largest_first", [&] {
+         return run_taskmgr(batch, work, taskmgr::QueueOrdering::kLargestFirst);
+       }},
+      {"b'", "taskmgr, pool of 2, fifo", [&] {
+         return run_taskmgr(batch, work, taskmgr::QueueOrdering::kFifo);
+       }},
+      {"b1", "taskmgr, 1 worker (x L: per-page overhead)", [&] {
+         return run_taskmgr(batch, work, taskmgr::QueueOrdering::kFifo, 1);
+       }},
+      {"c", "fresh engine per page, 2 threads", [&] { return run_fresh_engines(batch); }},
+      {"d", "tesseract command per page, 2 at a time", [&] { return run_cli(batch, work); }},
+      {"e", "python3-tesserocr, thread pool of 2", [&] {
+         return run_python(batch, work, python, script);
+       }},
+  };
+  if (!only.empty()) {
+    configs.erase(std::remove_if(configs.begin(), configs.end(),
+                                 [&](const Config& c) {
+                                   return c.key != "L" && only.find("," + c.key + ",") == std::string::npos;
+                                 }),
+                  configs.end());
+  }
+  std::map<std::string, std::vector<double>> secs;
+  std::map<std::string, double> cer;
+  for (int run = 1; run <= runs; ++run) {
+    for (const auto& c : configs) {
+      Result r = c.run();
+      if (r.seconds <= 0) {
+        std::fprintf(stderr, "%s failed\n", c.key.c_str());
+        return 1;
+      }
+      secs[c.key].push_back(r.seconds);
+      cer[c.key] = mean_cer(batch, r.texts);
+      std::fprintf(stderr, "run %d %-3s %.2f s\n", run, c.key.c_str(), r.seconds);
+    }
+  }
+  if (unlimited) {  // slow: once
+    Result r = run_warm_threads(batch, false);
+    secs["u"].push_back(r.seconds);
+    cer["u"] = mean_cer(batch, r.texts);
+    configs.push_back({"u", "as (a), OpenMP unlimited (once)", nullptr});
+  }
+  const double n = static_cast<double>(batch.size());
+  const double limit = 2 * n / median(secs["L"]);
+  std::printf("\n%-4s %-44s %9s %9s %8s %9s\n", "", "configuration", "seconds", "pages/s", "x L",
+              "mean CER");
+  for (const auto& c : configs) {
+    const double s = median(secs[c.key]);
+    // b1 runs one worker: compare it with one engine alone (L / 2).
+    const double rate = c.key == "L" ? limit : c.key == "b1" ? 2 * n / s : n / s;
+    std::printf("%-4s %-44s %9.2f %9.3f %8.3f %8.2f%%\n", c.key.c_str(), c.name.c_str(),
+                c.key == "L" ? s / 2 : s, rate, rate / limit, 100 * cer[c.key]);
+  }
+  std::printf("\n(L's seconds: one engine's batch time / 2, the time two never-idle cores would take)\n");
+  return 0;
+}

@@ -1,0 +1,237 @@
+#!/usr/bin/env python3
+"""Drives examples/http_server (taskmgr-http) over real HTTP on loopback:
+every route, the error status codes, and a metrics response that changes as
+tasks run. Standard library only.
+
+    http_test.py TASKMGR_HTTP PAGE_DIR_OR_EMPTY
+"""
+
+import base64
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+SERVER = sys.argv.pop(1) if len(sys.argv) > 1 else "taskmgr-http"
+PAGES = sys.argv.pop(1) if len(sys.argv) > 1 else ""
+
+CONFIG = """
+devices:
+  probe_cpu: false
+  probe_nvidia: false
+  cpu_memory_mb: 1000
+executor:
+  worker_threads: 1
+tasks:
+  max_queue_size: 2
+  max_task_memory_mb: 1500
+"""
+
+def make_png(width, height):
+    """A valid white 8-bit gray PNG (OCR finds no text in it)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    raw = b"".join(b"\0" + b"\xff" * width for _ in range(height))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+TINY_PNG = make_png(200, 60)
+# Big enough to keep the one worker busy while the queue fills up.
+BUSY_PNG = make_png(2500, 3300)
+
+
+class HttpServerTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cfg = os.path.join(cls.tmp.name, "config.yaml")
+        with open(cfg, "w") as f:
+            f.write(CONFIG)
+        port_file = os.path.join(cls.tmp.name, "port")
+        cls.proc = subprocess.Popen(
+            [SERVER, "--port", "0", "--config", cfg, "--db", os.path.join(cls.tmp.name, "t.db"),
+             "--port-file", port_file],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 60
+        while not (os.path.exists(port_file) and open(port_file).read().strip()):
+            if cls.proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("server did not start: " + cls.proc.stdout.read())
+            time.sleep(0.02)
+        cls.port = int(open(port_file).read())
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.proc.send_signal(signal.SIGTERM)
+        out, _ = cls.proc.communicate(timeout=120)
+        cls.tmp.cleanup()
+        assert cls.proc.returncode == 0, out
+        assert "stopped" in out, out
+
+    def request(self, method, path, body=None, raw=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        data = raw if raw is not None else (json.dumps(body) if body is not None else None)
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        conn.request(method, path, body=data, headers=headers)
+        res = conn.getresponse()
+        text = res.read().decode()
+        conn.close()
+        ctype = res.getheader("Content-Type", "")
+        return res.status, (json.loads(text) if ctype.startswith("application/json") else text)
+
+    def wait_done(self, task_id, timeout=120):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            status, t = self.request("GET", "/tasks/" + task_id)
+            self.assertEqual(status, 200)
+            if t["status"] in ("completed", "failed", "cancelled") and t["resource_cleanup_completed"]:
+                return t
+            time.sleep(0.05)
+        self.fail("task %s did not end" % task_id)
+
+    def test_routes_and_metrics(self):
+        status, m0 = self.request("GET", "/tasks/metrics")
+        self.assertEqual(status, 200)
+        for key in ("active_tasks", "queued_tasks", "memory_by_device", "pool_utilization",
+                    "average_wait_time"):
+            self.assertIn(key, m0)
+        completed0 = m0["counters"]["tasks_completed"]
+
+        # create (bytes as base64) -> 201 pending, with the spec's fields
+        status, t = self.request("POST", "/tasks", {
+            "service": "ocr", "priority": 3,
+            "input": {"data_base64": base64.b64encode(TINY_PNG).decode(), "media_type": "image/png"},
+            "options": {"words": True}})
+        self.assertEqual(status, 201, t)
+        self.assertEqual(t["status"], "pending")
+        self.assertEqual(t["assigned_device"], "cpu")
+        self.assertGreater(t["estimated_memory_mb"], 0)
+        task_id = t["id"]
+
+        status, t = self.request("POST", "/tasks/%s/start" % task_id, {"priority": 5})
+        self.assertEqual(status, 202, t)
+        self.assertEqual(t["priority"], 5)
+        done = self.wait_done(task_id)
+        self.assertEqual(done["status"], "completed", done)
+
+        status, h = self.request("GET", "/tasks/%s/health" % task_id)
+        self.assertEqual(status, 200)
+        self.assertEqual(h["status"], "completed")
+        for key in ("memory_usage_mb", "processing_time_s", "device", "warnings"):
+            self.assertIn(key, h)
+
+        status, m1 = self.request("GET", "/tasks/metrics")
+        self.assertEqual(m1["counters"]["tasks_completed"], completed0 + 1)  # it changed
+
+        status, text = self.request("GET", "/metrics")
+        self.assertEqual(status, 200)
+        self.assertIn("# TYPE taskmgr_tasks_completed_total counter", text)
+        self.assertIn("taskmgr_tasks_completed_total %d" % (completed0 + 1), text)
+
+        status, lst = self.request("GET", "/tasks?status=completed&limit=5")
+        self.assertEqual(status, 200)
+        self.assertIn(task_id, [x["id"] for x in lst])
+
+        # starting twice: 409
+        status, e = self.request("POST", "/tasks/%s/start" % task_id)
+        self.assertEqual(status, 409, e)
+        self.assertEqual(e["error"], "invalid_state")
+
+        # cancel a pending task
+        status, t = self.request("POST", "/tasks", {"input": {"path": "/no/such.png"}})
+        status, t = self.request("POST", "/tasks/%s/cancel" % t["id"])
+        self.assertEqual((status, t["status"]), (200, "cancelled"))
+
+    @unittest.skipUnless(PAGES, "no OCR pages given")
+    def test_ocr_a_real_page(self):
+        status, t = self.request("POST", "/tasks", {"input": {"path": os.path.join(PAGES, "phototest.tif")}})
+        self.assertEqual(status, 201)
+        self.request("POST", "/tasks/%s/start" % t["id"])
+        done = self.wait_done(t["id"])
+        self.assertEqual(done["status"], "completed")
+        self.assertIn("quick brown", done["result"]["text"])
+
+    def test_bad_input_failure_is_the_task_s(self):
+        status, t = self.request("POST", "/tasks", {"input": {"data_base64": base64.b64encode(b"junk").decode()}})
+        self.assertEqual(status, 201)
+        self.request("POST", "/tasks/%s/start" % t["id"])
+        done = self.wait_done(t["id"])
+        self.assertEqual((done["status"], done["failure_reason"]), ("failed", "invalid_input"))
+
+    def test_error_statuses(self):
+        cases = [
+            ("POST", "/tasks", None, "{not json", 400, "invalid_argument"),
+            ("POST", "/tasks", None, "[1,2]", 400, "invalid_argument"),
+            ("POST", "/tasks", {"priority": "high"}, None, 400, "invalid_argument"),
+            ("POST", "/tasks", {"options": "x"}, None, 400, "invalid_argument"),
+            ("POST", "/tasks", {"service": "nope"}, None, 404, "not_found"),
+            ("POST", "/tasks", {"device": "cuda:3"}, None, 404, "not_found"),
+            ("POST", "/tasks", {"input": {"data_base64": "***"}}, None, 400, "invalid_argument"),
+            ("POST", "/tasks", {"batch_size": 0}, None, 400, "invalid_argument"),
+            ("GET", "/tasks/01890000-0000-7000-8000-000000000000", None, None, 404, "not_found"),
+            ("GET", "/tasks/01890000-0000-7000-8000-000000000000/health", None, None, 404, "not_found"),
+            ("POST", "/tasks/01890000-0000-7000-8000-000000000000/start", None, None, 404, "not_found"),
+            ("GET", "/nowhere", None, None, 404, "not_found"),
+            ("DELETE", "/tasks/metrics", None, None, 405, "method_not_allowed"),
+            ("GET", "/tasks?status=finished", None, None, 400, "invalid_argument"),
+        ]
+        for method, path, body, raw, want, code in cases:
+            status, e = self.request(method, path, body, raw)
+            self.assertEqual(status, want, (method, path, body, raw, e))
+            self.assertEqual(e["error"], code, e)
+            self.assertTrue(e["message"], e)
+
+    @staticmethod
+    def png_header(w, h):
+        import struct
+        import zlib
+        ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
+        png = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + \
+            struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+        return {"input": {"data_base64": base64.b64encode(png).decode()}}
+
+    def test_memory_limit_413_and_no_device_503(self):
+        # Headers only: the estimate reads the declared size; nothing is decoded.
+        # 14000x14000 (under the 200 Mpx page limit): estimated at ~1,900 MB,
+        # over tasks.max_task_memory_mb (1500 MB).
+        status, e = self.request("POST", "/tasks", self.png_header(14000, 14000))
+        self.assertEqual(status, 413, e)
+        self.assertEqual(e["error"], "memory_limit_exceeded")
+        # 11000x11000: ~1,200 MB, under the limit but more than the CPU's 1000 MB.
+        status, e = self.request("POST", "/tasks", self.png_header(11000, 11000))
+        self.assertEqual(status, 503, e)
+        self.assertEqual(e["error"], "device_unavailable")
+        self.assertIn("cpu", e["message"])
+
+    def test_queue_full_is_429_and_the_task_stays_pending(self):
+        # One worker and max_queue_size 2: fill the queue behind a running task.
+        ids = []
+        busy = base64.b64encode(BUSY_PNG).decode()
+        for _ in range(5):
+            status, t = self.request("POST", "/tasks", {"input": {"data_base64": busy}})
+            self.assertEqual(status, 201)
+            ids.append(t["id"])
+        statuses = [self.request("POST", "/tasks/%s/start" % i)[0] for i in ids]
+        self.assertIn(429, statuses, statuses)
+        refused = ids[statuses.index(429)]
+        status, e = self.request("POST", "/tasks/%s/start" % refused)
+        # either still full (429) or room again (202): never lost
+        self.assertIn(status, (202, 429))
+        status, t = self.request("GET", "/tasks/" + refused)
+        self.assertIn(t["status"], ("pending", "queued", "running", "completed"))
+        for i, s in zip(ids, statuses):
+            if s == 202:
+                self.wait_done(i)
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)

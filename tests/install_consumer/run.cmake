@@ -24,11 +24,17 @@ endif()
 # 1. find_package(taskmgr)
 run(${CMAKE_COMMAND} -S "${CONSUMER_DIR}" -B "${WORK_DIR}/build"
     "-DCMAKE_PREFIX_PATH=${prefix}" "-DCMAKE_BUILD_TYPE=${CONFIG}"
-    "-DCMAKE_CXX_FLAGS=${san_flags}" "-DCMAKE_EXE_LINKER_FLAGS=${san_flags}")
+    "-DCMAKE_CXX_FLAGS=${san_flags}" "-DCMAKE_EXE_LINKER_FLAGS=${san_flags}"
+    "-DCPP_HOST_SOURCE=${SOURCE_DIR}/examples/cpp_host/main.cpp")
 run(${CMAKE_COMMAND} --build "${WORK_DIR}/build")
 run("${WORK_DIR}/build/consumer")
 if(NOT LAST_OUTPUT MATCHES "consumer ok")
   message(FATAL_ERROR "find_package consumer printed: ${LAST_OUTPUT}")
+endif()
+# examples/cpp_host, built by that separate project against the install.
+run("${WORK_DIR}/build/cpp_host")
+if(NOT LAST_OUTPUT MATCHES "event cleanup_completed.*task .*\"status\":\"completed\"")
+  message(FATAL_ERROR "examples/cpp_host built against the install printed: ${LAST_OUTPUT}")
 endif()
 
 # 2. pkg-config
@@ -51,3 +57,6 @@ run(${CMAKE_COMMAND} -E env "LD_LIBRARY_PATH=${libdir}" "${WORK_DIR}/consumer_c"
 if(NOT LAST_OUTPUT MATCHES "pkg-config consumer ok")
   message(FATAL_ERROR "pkg-config consumer printed: ${LAST_OUTPUT}")
 endif()
+# examples/c compiles with the same flags.
+run(cc -std=c99 -Wall -Wextra -Werror ${san_list} "${SOURCE_DIR}/examples/c/ocr_pages.c" ${pcflags_list}
+    -o "${WORK_DIR}/ocr_pages")

@@ -6,6 +6,7 @@ A fenced block is an example when the line before its fence is a marker:
     <!-- doc-example: c run -->      compile as C99 against libtaskmgr, then run it
     <!-- doc-example: cpp -->        compile as C++17, do not run
     <!-- doc-example: python run --> run with python3 (PYTHONPATH examples/python)
+    <!-- doc-example: yaml -->       a configuration: must pass taskmgr's validation
 
 Usage: check_doc_examples.py --cc CC --cxx CXX --include DIR... --lib LIBFILE
        [--flags "-fsanitize=..."] [--python PY] FILE.md...
@@ -21,7 +22,24 @@ import subprocess
 import sys
 import tempfile
 
-MARKER = re.compile(r"<!--\s*doc-example:\s*(c|cpp|python)((?:\s+\w+)*)\s*-->")
+MARKER = re.compile(r"<!--\s*doc-example:\s*(c|cpp|python|yaml)((?:\s+\w+)*)\s*-->")
+
+
+CHECKED = {"c", "cpp", "c++", "python", "py", "yaml", "yml"}
+
+
+def unmarked(path):
+    """Code blocks in a checked language with no marker: every example must
+    be compiled or run, so an unmarked one is an error."""
+    lines = open(path, encoding="utf-8").read().split("\n")
+    fence = False
+    for i, line in enumerate(lines):
+        if line.startswith("```"):
+            if not fence and line[3:].strip().lower() in CHECKED:
+                prev = next((p for p in reversed(lines[:i]) if p.strip()), "")
+                if not MARKER.search(prev):
+                    yield i + 1, line[3:].strip()
+            fence = not fence
 
 
 def examples(path):
@@ -57,15 +75,29 @@ def main():
     count = failures = 0
     with tempfile.TemporaryDirectory() as tmp:
         for md in a.files:
+            for line, lang in unmarked(md):
+                failures += 1
+                print("FAIL %s:%d (%s): an example with no doc-example marker (compile or run it)"
+                      % (md, line, lang))
             for lang, opts, line, code in examples(md):
                 count += 1
                 where = "%s:%d" % (md, line)
-                ext = {"c": ".c", "cpp": ".cpp", "python": ".py"}[lang]
+                ext = {"c": ".c", "cpp": ".cpp", "python": ".py", "yaml": ".yaml"}[lang]
                 src = os.path.join(tmp, "example%d%s" % (count, ext))
                 with open(src, "w", encoding="utf-8") as f:
                     f.write(code)
                 env = dict(os.environ)
-                if lang == "python":
+                if lang == "yaml":
+                    opts = opts + ["run"]
+                    env["PYTHONPATH"] = a.pythonpath
+                    env["TASKMGR_LIBRARY"] = os.path.abspath(a.lib)
+                    for kv in a.python_env:
+                        k, _, v = kv.partition("=")
+                        env[k] = v
+                    cmd = [a.python, "-c",
+                           "import sys, taskmgr; taskmgr.config_normalize(open(sys.argv[1]).read())",
+                           src]
+                elif lang == "python":
                     env["PYTHONPATH"] = a.pythonpath
                     env["TASKMGR_LIBRARY"] = os.path.abspath(a.lib)
                     for kv in a.python_env:

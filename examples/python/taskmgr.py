@@ -33,6 +33,7 @@ __all__ = [
     "DeviceUnavailableError", "MemoryLimitExceededError", "PoolExhaustedError",
     "InvalidStateError", "IncompatibleError", "CancelledError", "UnsupportedError",
     "InternalError", "InvalidInput", "OutOfMemory", "TaskContext", "Event", "version",
+    "config_normalize",
 ]
 
 # ---- errors -------------------------------------------------------------------
@@ -284,6 +285,12 @@ def _task_id(task):
 def version():
     """The library's version string ("0.1.0")."""
     return _lib.taskmgr_version_string().decode()
+
+
+def config_normalize(yaml_text=None):
+    """Validates a YAML configuration (None: the defaults) and returns it
+    with every key in force. InvalidConfigError names the key and line."""
+    return _call_string(_lib.taskmgr_config_normalize, _b(yaml_text))
 
 
 # ---- events and contexts ---------------------------------------------------------

@@ -500,6 +500,11 @@ TASKMGR_API int taskmgr_context_attempt(const taskmgr_task_context* context);
 TASKMGR_API int64_t taskmgr_context_estimated_memory_mb(const taskmgr_task_context* context);
 /* Non-zero once the host cancelled the task: return TASKMGR_E_CANCELLED. */
 TASKMGR_API int taskmgr_context_cancelled(const taskmgr_task_context* context);
+/* Seconds left before the attempt's deadline (tasks.task_timeout_seconds or
+ * the task's "timeout_seconds" option); a huge value (HUGE_VAL) when there is
+ * none, 0 once it passed: then return TASKMGR_E_TIMEOUT. An attempt still
+ * running at its deadline ends TIMEOUT whatever process() returns. */
+TASKMGR_API double taskmgr_context_seconds_left(const taskmgr_task_context* context);
 /* A directory private to the task, removed with its content when the
  * task's cleanup runs. NULL (and the last error set) when it cannot be made. */
 TASKMGR_API const char* taskmgr_context_temp_dir(taskmgr_task_context* context);

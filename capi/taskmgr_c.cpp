@@ -859,6 +859,10 @@ int taskmgr_context_cancelled(const taskmgr_task_context* c) {
   return c != nullptr && c->ctx->cancelled() ? 1 : 0;
 }
 
+double taskmgr_context_seconds_left(const taskmgr_task_context* c) {
+  return c == nullptr ? 0.0 : c->ctx->seconds_left();
+}
+
 const char* taskmgr_context_temp_dir(taskmgr_task_context* c) {
   const char* dir = nullptr;
   guarded([&] {

@@ -178,6 +178,7 @@ Config parse_document(const YAML::Node& root, std::unordered_map<std::string, in
     }
     t.read_enum("queue_ordering", k.queue_ordering, kOrderingNames);
     t.read("max_task_memory_mb", k.max_task_memory_mb);
+    t.read("task_timeout_seconds", k.task_timeout_seconds);
     t.read("memory_warning_fraction", k.memory_warning_fraction);
     t.read("device_warning_fraction", k.device_warning_fraction);
     t.read("starvation_seconds", k.starvation_seconds);
@@ -374,6 +375,10 @@ void Config::validate() const {
             "must be in (0, 1], got " + num(t.device_warning_fraction));
   }
   check_positive("tasks.starvation_seconds", t.starvation_seconds);
+  if (!(t.task_timeout_seconds >= 0) || !std::isfinite(t.task_timeout_seconds)) {
+    invalid("tasks.task_timeout_seconds",
+            "must be >= 0 (0 = no deadline), got " + num(t.task_timeout_seconds));
+  }
 
   if (executor.worker_threads < 0 || executor.worker_threads > 1024) {
     invalid("executor.worker_threads",
@@ -510,6 +515,7 @@ std::string Config::to_yaml() const {
   e << YAML::EndMap;
   e << YAML::Key << "queue_ordering" << YAML::Value << std::string(to_string(tasks.queue_ordering));
   e << YAML::Key << "max_task_memory_mb" << YAML::Value << tasks.max_task_memory_mb;
+  e << YAML::Key << "task_timeout_seconds" << YAML::Value << tasks.task_timeout_seconds;
   e << YAML::Key << "memory_warning_fraction" << YAML::Value << tasks.memory_warning_fraction;
   e << YAML::Key << "device_warning_fraction" << YAML::Value << tasks.device_warning_fraction;
   e << YAML::Key << "starvation_seconds" << YAML::Value << tasks.starvation_seconds;

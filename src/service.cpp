@@ -1,12 +1,19 @@
 #include "taskmgr/service.hpp"
 
+#include <limits>
+
 namespace taskmgr {
 
 TaskContext::~TaskContext() = default;
 
 void TaskContext::throw_if_cancelled() const {
   if (cancelled()) throw TaskError(TaskFailureReason::kCancelled, "task " + task_id() + " was cancelled");
+  if (deadline_exceeded()) {
+    throw TaskError(TaskFailureReason::kTimeout, "task " + task_id() + " ran past its deadline");
+  }
 }
+bool TaskContext::deadline_exceeded() const { return false; }
+double TaskContext::seconds_left() const { return std::numeric_limits<double>::infinity(); }
 
 TaskError::TaskError(TaskFailureReason reason, const std::string& message, bool retryable)
     : std::runtime_error(message), reason_(reason), retryable_(retryable) {}

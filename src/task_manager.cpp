@@ -10,6 +10,9 @@
 #include <boost/asio/thread_pool.hpp>
 #include <boost/json.hpp>
 #include <cmath>
+#include <cstdio>
+#include <limits>
+#include <optional>
 #include <deque>
 #include <filesystem>
 #include <random>
@@ -65,6 +68,30 @@ void check_options_json(const std::string& options) {
     throw Error(ErrorCode::kInvalidArgument, "options are not valid JSON: " + ec.message());
   }
   if (!v.is_object()) throw Error(ErrorCode::kInvalidArgument, "options must be a JSON object");
+  // "timeout_seconds" is the library's own option (the attempt's deadline).
+  if (const json::value* t = v.as_object().if_contains("timeout_seconds")) {
+    if (!t->is_number() || !(t->to_number<double>() > 0) || !std::isfinite(t->to_number<double>())) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  "options.timeout_seconds must be a number > 0, got " + json::serialize(*t));
+    }
+  }
+}
+
+// The task's own deadline, from its options ("timeout_seconds").
+std::optional<double> timeout_from_options(const std::string& options) {
+  if (options.empty() || options.find("timeout_seconds") == std::string::npos) return std::nullopt;
+  boost::system::error_code ec;
+  auto v = json::parse(options, ec);
+  if (ec || !v.is_object()) return std::nullopt;
+  const json::value* t = v.as_object().if_contains("timeout_seconds");
+  if (t == nullptr || !t->is_number()) return std::nullopt;
+  return t->to_number<double>();
+}
+
+std::string format_seconds(double s) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", s);
+  return buf;
 }
 
 // What an attempt came to, decided before its cleanup.
@@ -92,6 +119,11 @@ struct Record {
   std::atomic<std::int64_t> peak_mb{-1};
   std::atomic<bool> memory_warned{false};
   bool device_warned = false;
+  // The running attempt's deadline (0 = none) and whether the sweep found it
+  // still running past it (the attempt then ends TIMEOUT).
+  SteadyTime deadline{};
+  double timeout_s = 0;
+  std::atomic<bool> timed_out{false};
   // Cleanup of the current attempt: 0 idle, 1 hook running, 2 finished by the watchdog.
   std::atomic<int> cleanup_phase{0};
   SteadyTime cleanup_deadline{};
@@ -181,6 +213,11 @@ class TaskManager::Impl {
   void finished_locked(const RecordPtr& rec);
   void sweep();
   void schedule_sweep();
+  // The deadline of an attempt, in seconds (0 = none): the task's
+  // "timeout_seconds" option, else tasks.task_timeout_seconds.
+  double timeout_for(const std::string& options) const {
+    return timeout_from_options(options).value_or(config_.tasks.task_timeout_seconds);
+  }
   // storage.retention_days: deletes finished tasks older than that from the
   // store (and from memory). At open, then hourly from the sweep.
   void prune_retention();
@@ -195,6 +232,7 @@ class TaskManager::Impl {
   std::map<std::string, std::unique_ptr<ServicePool>> pools_;
   std::unordered_map<std::string, RecordPtr> records_;
   std::deque<std::string> finished_fifo_;
+  std::vector<RecordPtr> running_recs_;  // attempts running now (at most one per worker)
   std::map<std::string, SteadyTime> pool_blocked_;
   std::map<std::string, int> running_by_device_;
   std::map<std::string, int> backoff_by_device_;
@@ -267,6 +305,14 @@ class TaskManager::Impl::Context final : public TaskContext {
   const std::string& service_instance_id() const override { return instance_; }
   std::int64_t estimated_memory_mb() const override { return estimate_; }
   bool cancelled() const override { return rec_->cancel.load(std::memory_order_relaxed); }
+  bool deadline_exceeded() const override {
+    return rec_->timed_out.load(std::memory_order_relaxed) ||
+           (rec_->timeout_s > 0 && m_.clock_->steady_now() >= rec_->deadline);
+  }
+  double seconds_left() const override {
+    if (rec_->timeout_s <= 0) return std::numeric_limits<double>::infinity();
+    return std::max(0.0, seconds(rec_->deadline - m_.clock_->steady_now()));
+  }
 
   const std::string& temp_dir() override {
     if (temp_.empty()) {
@@ -933,6 +979,10 @@ void TaskManager::Impl::run_attempt(const RecordPtr& rec, ServicePool::Lease lea
     rec->peak_mb.store(-1);
     rec->memory_warned.store(false);
     rec->device_warned = false;
+    rec->timeout_s = timeout_for(t.options_json);
+    rec->deadline = rec->timeout_s > 0 ? start + from_seconds(rec->timeout_s) : SteadyTime{};
+    rec->timed_out.store(false);
+    running_recs_.push_back(rec);
     rec->temp_dir.clear();
     device = lease.device();
     options = t.options_json;
@@ -989,6 +1039,8 @@ void TaskManager::Impl::run_attempt(const RecordPtr& rec, ServicePool::Lease lea
   lease.release();
   detail::spin_relock(lock);
   cleanups_.erase(std::remove(cleanups_.begin(), cleanups_.end(), rec), cleanups_.end());
+  running_recs_.erase(std::remove(running_recs_.begin(), running_recs_.end(), rec),
+                      running_recs_.end());
   Batch b;
   if (mine) {
     finish_cleanup_locked(rec, true, "", b);
@@ -1002,6 +1054,26 @@ void TaskManager::Impl::run_attempt(const RecordPtr& rec, ServicePool::Lease lea
 Outcome TaskManager::Impl::decide(const RecordPtr& rec, std::exception_ptr err, Context& ctx) {
   Outcome o;
   if (rec->peak_mb.load() >= 0) o.peak_mb = rec->peak_mb.load();
+  if (!rec->cancel.load() && (rec->timed_out.load() || (err && ctx.deadline_exceeded()))) {
+    // Past its deadline: TIMEOUT, not retried. An instance that had to be
+    // waited for past the deadline (the sweep saw it) is replaced.
+    o.kind = Outcome::Kind::kFailed;
+    if (err) o.failure = TaskErrorHandler::classify(err);
+    const bool cooperated = err && o.failure.reason == TaskFailureReason::kTimeout;
+    o.failure.reason = TaskFailureReason::kTimeout;
+    o.failure.retryable = false;
+    o.failure.out_of_memory = false;
+    o.failure.instance_broken = o.failure.instance_broken || (rec->timed_out.load() && !cooperated);
+    o.failure.message = "task " + rec->task.id + " ran past its deadline of " +
+                        format_seconds(rec->timeout_s) + " s (" +
+                        (timeout_from_options(rec->task.options_json) ? "options.timeout_seconds"
+                                                                       : "tasks.task_timeout_seconds") +
+                        ")" + (o.failure.message.empty() || cooperated ? "" : ": " + o.failure.message);
+    o.decision.retry = false;
+    o.decision.final_reason = TaskFailureReason::kTimeout;
+    o.decision.final_message = o.failure.message;
+    return o;
+  }
   if (!err) {
     o.kind = Outcome::Kind::kCompleted;
     o.result = ctx.take_result();
@@ -1450,6 +1522,16 @@ void TaskManager::Impl::sweep() {
     Batch b;
     retry_unstarted_locked(rec, f, b);
     commit_locked(*rec, b);
+  }
+  // Attempts running past their deadline: they end TIMEOUT when process()
+  // returns (a cooperative service sees deadline_exceeded() and stops), and
+  // an instance that had to be waited for is replaced.
+  for (const auto& rec : running_recs_) {
+    if (rec->timeout_s > 0 && now >= rec->deadline && !rec->timed_out.exchange(true)) {
+      log_.write(LogLevel::kWarn, "task " + rec->task.id + " is running past its deadline of " +
+                                      format_seconds(rec->timeout_s) + " s on " + rec->instance_id +
+                                      ": it will end TIMEOUT and the instance will be replaced");
+    }
   }
   // Cleanup hooks past cleanup_timeout_seconds: finish the cleanup without them.
   for (auto it = cleanups_.begin(); it != cleanups_.end();) {

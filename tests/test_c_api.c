@@ -171,6 +171,13 @@ static void echo_free(void* user_data) {
   pthread_mutex_unlock(&mu);
 }
 
+static void sleep_ms(int ms) {
+  struct timespec ts;
+  ts.tv_sec = ms / 1000;
+  ts.tv_nsec = (long)(ms % 1000) * 1000000L;
+  nanosleep(&ts, NULL);
+}
+
 static int echo_process(void* user_data, void* instance, taskmgr_task_context* ctx) {
   service_state* st = (service_state*)user_data;
   const char* options = taskmgr_context_options_json(ctx);
@@ -195,6 +202,14 @@ static int echo_process(void* user_data, void* instance, taskmgr_task_context* c
   pthread_mutex_unlock(&mu);
 
   if (taskmgr_context_cancelled(ctx)) return TASKMGR_E_CANCELLED;
+  if (strstr(options, "\"wait_for_deadline\"") != NULL) {
+    /* Cooperative: waits until the deadline, then reports it. */
+    if (taskmgr_context_seconds_left(ctx) > 1e6) return TASKMGR_E_INTERNAL; /* a deadline was set */
+    while (taskmgr_context_seconds_left(ctx) > 0) sleep_ms(2);
+    taskmgr_context_set_error(ctx, "echo: out of time");
+    return TASKMGR_E_TIMEOUT;
+  }
+  if (taskmgr_context_seconds_left(ctx) < 1e6) return TASKMGR_E_INTERNAL; /* no deadline by default */
   if (taskmgr_context_stage(ctx, "load") != TASKMGR_OK) return TASKMGR_E_INTERNAL;
   if (taskmgr_context_input_data(ctx, &data, &size) != TASKMGR_OK) return TASKMGR_E_INTERNAL;
   dir = taskmgr_context_temp_dir(ctx);
@@ -245,12 +260,6 @@ static int echo_running(void) {
   return n;
 }
 
-static void sleep_ms(int ms) {
-  struct timespec ts;
-  ts.tv_sec = ms / 1000;
-  ts.tv_nsec = (long)(ms % 1000) * 1000000L;
-  nanosleep(&ts, NULL);
-}
 
 static int register_echo(taskmgr_manager* tm) {
   taskmgr_service s;
@@ -412,6 +421,7 @@ static void test_null_arguments(void) {
   CHECK(taskmgr_context_attempt(NULL) == 0);
   CHECK(taskmgr_context_estimated_memory_mb(NULL) == 0);
   CHECK(taskmgr_context_cancelled(NULL) == 0);
+  CHECK(taskmgr_context_seconds_left(NULL) == 0.0);
   CHECK(taskmgr_context_temp_dir(NULL) == NULL);
   CHECK_MSG("context");
   CHECK_RC(taskmgr_context_stage(NULL, "x"), TASKMGR_E_INVALID_ARGUMENT);
@@ -770,6 +780,14 @@ static void test_task_errors(void) {
   CHECK_RC(taskmgr_wait_task(tm, id, 30, &json), TASKMGR_OK);
   CHECK(json != NULL && strstr(json, "\"failure_reason\":\"processing_error\"") != NULL);
   CHECK(json != NULL && strstr(json, "echo") != NULL && strstr(json, "unknown") != NULL);
+  taskmgr_free(json);
+  /* A deadline: the service sees it through taskmgr_context_seconds_left. */
+  CHECK_RC(create_echo(tm, "/data/g.png", "{\"wait_for_deadline\":1,\"timeout_seconds\":0.05}", NULL, id),
+           TASKMGR_OK);
+  CHECK_RC(taskmgr_start_task(tm, id, NULL), TASKMGR_OK);
+  CHECK_RC(taskmgr_wait_task(tm, id, 30, &json), TASKMGR_OK);
+  CHECK(json != NULL && strstr(json, "\"failure_reason\":\"timeout\"") != NULL);
+  CHECK(json != NULL && strstr(json, "deadline of 0.05 s") != NULL);
   taskmgr_free(json);
   /* Memory reported past the device's total: OUT_OF_MEMORY even though
    * process() returned OK; retried, then out of attempts. */

@@ -307,6 +307,21 @@ TEST_CASE("the OCR estimate reads a PNG's declared size from its header, and a p
   CHECK(model->estimate_mb(model->features(req)) < 60);
 }
 
+TEST_CASE("a page past its deadline ends TIMEOUT (Tesseract's monitor stops it) and the engine reads the next page") {
+  TempDir dir;
+  const fs::path page = render(dir.path, "deadline", kRenderedText, 300);
+  Ocr ocr;
+  const Task late = ocr.run_path(page, R"({"timeout_seconds":0.002})");
+  CHECK(late.status == TaskStatus::kFailed);
+  CHECK(late.failure_reason == TaskFailureReason::kTimeout);
+  CHECK(late.failure_message.find("deadline") != std::string::npos);
+  const Task next = ocr.run_path(page, R"({"timeout_seconds":60})");
+  INFO(next.failure_message);
+  REQUIRE(next.status == TaskStatus::kCompleted);
+  CHECK(character_error_rate(text_of(next), kRenderedText) <= 0.02);
+  CHECK(next.service_instance_id == late.service_instance_id);  // it stopped cleanly: kept
+}
+
 TEST_CASE("bad OCR options are INVALID_INPUT") {
   TempDir dir;
   const fs::path tif = render(dir.path, "o", "Options.\n", 150);

@@ -800,3 +800,78 @@ TEST_CASE("a device nearly full raises a memory_warning for the tasks running on
   gate.open();
   CHECK(h.finished(big.id).status == TaskStatus::kCompleted);
 }
+
+TEST_CASE("a deadline ends an attempt TIMEOUT: a hung instance is replaced, a cooperative one is kept") {
+  Config c = test_config();
+  c.executor.worker_threads = 1;
+  c.pools.devices["cpu"] = PoolSettings{0, 1, 30};
+  c.tasks.task_timeout_seconds = 0.1;  // tasks without their own option
+  TaskManagerOptions o;
+  o.log_sink = [](LogLevel, std::string_view) {};
+  TaskManager tm(c, o);
+  tm.register_service(make_function_service("svc", [](TaskContext& ctx) {
+    const std::string& opt = ctx.options_json();
+    if (opt.find("hang") != std::string::npos) {
+      // Ignores the deadline: blocks well past it, then "succeeds".
+      std::this_thread::sleep_for(std::chrono::milliseconds(600));
+      ctx.set_result("{\"late\":true}");
+    } else if (opt.find("coop") != std::string::npos) {
+      CHECK(std::isfinite(ctx.seconds_left()));
+      for (;;) {
+        ctx.throw_if_cancelled();  // throws TaskError(kTimeout) at the deadline
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      }
+    } else {
+      ctx.set_result("{}");
+    }
+  }));
+  auto run = [&](const std::string& options) {
+    TaskCreateRequest r;
+    r.service = "svc";
+    r.options_json = options;
+    const Task t = tm.create_task(r);
+    tm.start_task(t.id);
+    auto done = tm.wait_task(t.id, 30s);
+    REQUIRE(done.has_value());
+    return *done;
+  };
+
+  // A service that hangs past its deadline: TIMEOUT (not its late success),
+  // not retried, and its instance is destroyed; the next task runs on a new one.
+  const Task hung = run(R"({"mode":"hang","timeout_seconds":0.1})");
+  CHECK(hung.status == TaskStatus::kFailed);
+  CHECK(hung.failure_reason == TaskFailureReason::kTimeout);
+  CHECK(hung.attempt == 1);
+  CHECK(hung.failure_message.find("deadline of 0.1 s (options.timeout_seconds)") != std::string::npos);
+  CHECK(hung.result.empty());
+  const Task after_hang = run("");
+  CHECK(after_hang.status == TaskStatus::kCompleted);
+  CHECK(after_hang.service_instance_id != hung.service_instance_id);
+  CHECK(tm.get_task_metrics().pool_utilization.at("svc@cpu").destroyed == 1);
+
+  // A cooperative service stops at the deadline (tasks.task_timeout_seconds
+  // here) and keeps its instance.
+  const Task coop = run(R"({"mode":"coop"})");
+  CHECK(coop.failure_reason == TaskFailureReason::kTimeout);
+  CHECK(coop.failure_message.find("(tasks.task_timeout_seconds)") != std::string::npos);
+  const Task after_coop = run("");
+  CHECK(after_coop.status == TaskStatus::kCompleted);
+  CHECK(after_coop.service_instance_id == coop.service_instance_id);
+  CHECK(tm.get_task_metrics().pool_utilization.at("svc@cpu").destroyed == 1);
+  CHECK(tm.get_task_metrics().failed_by_reason.at("timeout") == 2);
+
+  // A bad deadline option is the caller's error, at creation.
+  TaskCreateRequest bad;
+  bad.service = "svc";
+  for (const char* opt : {R"({"timeout_seconds":-1})", R"({"timeout_seconds":"soon"})",
+                          R"({"timeout_seconds":0})"}) {
+    bad.options_json = opt;
+    try {
+      tm.create_task(bad);
+      FAIL("expected kInvalidArgument for " << opt);
+    } catch (const Error& e) {
+      CHECK(e.code() == ErrorCode::kInvalidArgument);
+      CHECK(std::string(e.what()).find("options.timeout_seconds") != std::string::npos);
+    }
+  }
+}

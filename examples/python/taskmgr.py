@@ -228,6 +228,7 @@ def _load():
         "taskmgr_context_attempt": (I, [P]),
         "taskmgr_context_estimated_memory_mb": (ctypes.c_int64, [P]),
         "taskmgr_context_cancelled": (I, [P]),
+        "taskmgr_context_seconds_left": (D, [P]),
         "taskmgr_context_temp_dir": (S, [P]),
         "taskmgr_context_stage": (I, [P, S]),
         "taskmgr_context_report_memory": (I, [P, ctypes.c_int64]),
@@ -357,6 +358,11 @@ class TaskContext:
     @property
     def cancelled(self):
         return bool(_lib.taskmgr_context_cancelled(self._p))
+
+    @property
+    def seconds_left(self):
+        """Seconds before the attempt's deadline (inf when there is none)."""
+        return _lib.taskmgr_context_seconds_left(self._p)
 
     @property
     def temp_dir(self):

@@ -55,6 +55,8 @@ struct TasksConfig {
   // taskmgr's own task keys.
   QueueOrdering queue_ordering = QueueOrdering::kFifo;
   std::int64_t max_task_memory_mb = 0;   // per-task estimate limit; 0 = none
+  double task_timeout_seconds = 0;       // a running attempt's deadline (TIMEOUT); 0 = none;
+                                         // a task's options may set "timeout_seconds"
   double memory_warning_fraction = 1.0;  // warn when observed > fraction * estimate (> 0)
   double device_warning_fraction = 0.9;  // warn when a device is this full, in (0, 1]
   double starvation_seconds = 10;        // a task skipped this long for lack of memory

@@ -18,6 +18,8 @@
 //   "words": true|false         word boxes with confidences (default true)
 //   "preprocess": {"grayscale":bool, "target_dpi":int, "binarize":bool, "deskew":bool}
 //                               overrides of ocr.preprocess
+//   "timeout_seconds": number   the task's deadline (the manager's option, for every
+//                               service): Tesseract's monitor stops at it -> TIMEOUT
 //
 // Result (JSON): {"text": all pages, "mean_confidence": 0..100, "pages": [
 //   {"page": 1, "width": w, "height": h, "dpi": d, "text": "...",

@@ -47,7 +47,14 @@ class TASKMGR_API TaskContext {
 
   // Cooperative cancellation: true once the host cancelled the task.
   virtual bool cancelled() const = 0;
-  // Throws TaskError(kCancelled) when cancelled().
+  // The attempt's deadline (tasks.task_timeout_seconds, or the task's
+  // "timeout_seconds" option): true once it has passed. The attempt then
+  // ends TIMEOUT whatever process() does; stop early when you see it.
+  virtual bool deadline_exceeded() const;
+  // Seconds left before the deadline (infinity when there is none).
+  virtual double seconds_left() const;
+  // Throws TaskError(kCancelled) when cancelled(), TaskError(kTimeout) when
+  // deadline_exceeded().
   void throw_if_cancelled() const;
 
   // A directory private to this task, created on first call and removed with

@@ -4,6 +4,7 @@
 #include <omp.h>
 #include <sys/stat.h>
 #include <tesseract/baseapi.h>
+#include <tesseract/ocrclass.h>
 #include <tesseract/resultiterator.h>
 
 #include <algorithm>
@@ -102,6 +103,8 @@ TaskOptions parse_options(const std::string& text, const OcrConfig& defaults) {
         else if (pk == "target_dpi") o.pre.target_dpi = get_int(pv, "preprocess.target_dpi", 0, 1200);
         else throw InvalidInputError("unknown option preprocess." + std::string(pk));
       }
+    } else if (key == "timeout_seconds") {
+      // The library's own option (the attempt's deadline): the manager reads it.
     } else if (key != "mb") {  // "mb" is read by test estimators; ignored here
       throw InvalidInputError("unknown option '" + std::string(key) + "'");
     }
@@ -316,7 +319,24 @@ class OcrService final : public Service {
       api_.SetImage(pix);
     }
     api_.SetSourceResolution(dpi > 0 ? dpi : 300);
-    if (api_.Recognize(nullptr) != 0) {
+    // Tesseract's monitor stops the recognition at the task's deadline or
+    // when the host cancels it.
+    tesseract::ETEXT_DESC monitor;
+    monitor.cancel = [](void* data, int) -> bool {
+      const auto* c = static_cast<const TaskContext*>(data);
+      return c->cancelled() || c->deadline_exceeded();
+    };
+    monitor.cancel_this = &ctx;
+    if (const double left = ctx.seconds_left(); std::isfinite(left)) {
+      monitor.set_deadline_msecs(static_cast<std::int32_t>(std::clamp(left * 1000.0, 1.0, 2e9)));
+    }
+    const int rc = api_.Recognize(&monitor);
+    ctx.throw_if_cancelled();  // TIMEOUT or CANCELLED, whatever Recognize returned
+    if (monitor.deadline_exceeded()) {
+      throw TaskError(TaskFailureReason::kTimeout,
+                      "OCR of page " + std::to_string(page_no) + " ran past the task's deadline");
+    }
+    if (rc != 0) {
       throw TaskError(TaskFailureReason::kProcessingError, "Tesseract could not recognize page " +
                                                                std::to_string(page_no));
     }

@@ -253,6 +253,7 @@ Config parse_document(const YAML::Node& root, std::unordered_map<std::string, in
     o.read("tessdata_path", c.ocr.tessdata_path);
     o.read("languages", c.ocr.languages);
     o.read("page_segmentation_mode", c.ocr.page_segmentation_mode);
+    o.read("max_pixels", c.ocr.max_pixels);
     MapReader pp = o.child("preprocess");
     pp.read("grayscale", c.ocr.preprocess.grayscale);
     pp.read("target_dpi", c.ocr.preprocess.target_dpi);
@@ -429,6 +430,9 @@ void Config::validate() const {
   }
 
   if (ocr.languages.empty()) invalid("ocr.languages", "must name at least one language, e.g. 'eng'");
+  if (ocr.max_pixels <= 0) {
+    invalid("ocr.max_pixels", "must be > 0, got " + std::to_string(ocr.max_pixels));
+  }
   if (ocr.page_segmentation_mode < 0 || ocr.page_segmentation_mode > 13) {
     invalid("ocr.page_segmentation_mode",
             "must be in [0, 13], got " + std::to_string(ocr.page_segmentation_mode));
@@ -560,6 +564,7 @@ std::string Config::to_yaml() const {
   e << YAML::Key << "tessdata_path" << YAML::Value << ocr.tessdata_path;
   e << YAML::Key << "languages" << YAML::Value << ocr.languages;
   e << YAML::Key << "page_segmentation_mode" << YAML::Value << ocr.page_segmentation_mode;
+  e << YAML::Key << "max_pixels" << YAML::Value << ocr.max_pixels;
   e << YAML::Key << "preprocess" << YAML::Value << YAML::BeginMap;
   e << YAML::Key << "grayscale" << YAML::Value << ocr.preprocess.grayscale;
   e << YAML::Key << "target_dpi" << YAML::Value << ocr.preprocess.target_dpi;

@@ -322,6 +322,32 @@ TEST_CASE("a page past its deadline ends TIMEOUT (Tesseract's monitor stops it) 
   CHECK(next.service_instance_id == late.service_instance_id);  // it stopped cleanly: kept
 }
 
+TEST_CASE("pages over ocr.max_pixels or 32767 pixels a side fail INVALID_INPUT from their header") {
+  Config c = test_config();
+  c.executor.worker_threads = 1;
+  c.ocr.max_pixels = 100'000;
+  TaskManagerOptions o;
+  o.log_sink = [](LogLevel, std::string_view) {};
+  TaskManager tm(c, o);
+  auto run = [&](const std::string& bytes) {
+    TaskCreateRequest r;
+    r.input.data.assign(bytes.begin(), bytes.end());
+    const Task t = tm.create_task(r);
+    tm.start_task(t.id);
+    return *tm.wait_task(t.id, 60s);
+  };
+  const Task budget = run(png_header(400, 300));  // 120,000 px
+  CHECK(budget.failure_reason == TaskFailureReason::kInvalidInput);
+  CHECK(budget.failure_message.find("400x300 pixels exceeds ocr.max_pixels = 100000") != std::string::npos);
+  const Task side = run(png_header(40000, 2));  // 80,000 px, but too wide
+  CHECK(side.failure_reason == TaskFailureReason::kInvalidInput);
+  CHECK(side.failure_message.find("32767 pixels per side") != std::string::npos);
+  // Within both: decoded (and, being only a header, found truncated).
+  const Task small = run(png_header(100, 100));
+  CHECK(small.failure_reason == TaskFailureReason::kInvalidInput);
+  CHECK(small.failure_message.find("exceeds") == std::string::npos);
+}
+
 TEST_CASE("bad OCR options are INVALID_INPUT") {
   TempDir dir;
   const fs::path tif = render(dir.path, "o", "Options.\n", 150);

@@ -129,6 +129,8 @@ struct OcrConfig {
   std::string tessdata_path;   // "" = found automatically (TESSDATA_PREFIX, Debian paths)
   std::string languages = "eng";
   int page_segmentation_mode = 3;  // Tesseract PSM, 0..13 (3 = fully automatic)
+  std::int64_t max_pixels = 200'000'000;  // per page; larger pages fail INVALID_INPUT from
+                                          // their header, before any decoding (> 0)
   PreprocessConfig preprocess;
 };
 

@@ -30,7 +30,7 @@ namespace {
 
 namespace json = boost::json;
 
-constexpr std::int64_t kMaxPixels = 200'000'000;  // per page: a 100000x100000 header is refused
+constexpr std::int64_t kMaxSide = 32767;  // Tesseract's limit per side
 
 struct PixDeleter {
   void operator()(Pix* p) const noexcept {
@@ -210,6 +210,16 @@ class OcrService final : public Service {
       // an out-of-memory retry shrinks.
       std::vector<PixPtr> held;
       for (int i = 0; i < batch; ++i) {
+        if (tiff && page_no + i > 0) {
+          // Each further page of a TIFF declares its own size: check it first.
+          l_int32 pw = 0, ph = 0, pbps = 0, pspp = 0, pres = 0, pcmap = 0, pformat = 0;
+          if (readHeaderMemTiff(bytes.data(), bytes.size(), page_no + i, &pw, &ph, &pbps, &pspp,
+                                &pres, &pcmap, &pformat) != 0) {
+            more = false;  // no such page: the document ended
+            break;
+          }
+          check_size(pw, ph, ctx.input(), page_no + i + 1);
+        }
         PixPtr pix(tiff ? pixReadMemTiff(bytes.data(), bytes.size(), page_no + i)
                         : (page_no + i == 0 ? pixReadMem(bytes.data(), bytes.size()) : nullptr));
         if (!pix) {
@@ -251,11 +261,18 @@ class OcrService final : public Service {
   }
 
  private:
-  static void check_size(std::int64_t w, std::int64_t h, const TaskInput& in) {
-    if (w * h > kMaxPixels) {
-      throw InvalidInputError("image of " + std::to_string(w) + "x" + std::to_string(h) +
-                              " pixels exceeds the limit of " + std::to_string(kMaxPixels) +
-                              " pixels per page: " + describe(in));
+  // Before any decoding: a page's declared size against Tesseract's limit per
+  // side and ocr.max_pixels.
+  void check_size(std::int64_t w, std::int64_t h, const TaskInput& in, int page = 1) const {
+    const std::string what = "page " + std::to_string(page) + " of " + std::to_string(w) + "x" +
+                             std::to_string(h) + " pixels";
+    if (w > kMaxSide || h > kMaxSide) {
+      throw InvalidInputError(what + " exceeds Tesseract's limit of " + std::to_string(kMaxSide) +
+                              " pixels per side: " + describe(in));
+    }
+    if (w * h > config_.max_pixels) {
+      throw InvalidInputError(what + " exceeds ocr.max_pixels = " +
+                              std::to_string(config_.max_pixels) + ": " + describe(in));
     }
   }
 
@@ -383,6 +400,7 @@ class OcrService final : public Service {
 // (bytes per pixel from the header) and the preprocessing copies.
 class OcrMemoryModel final : public MemoryModel {
  public:
+  explicit OcrMemoryModel(std::int64_t max_pixels) : max_pixels_(max_pixels) {}
   std::string name() const override { return "ocr"; }
   RequestFeatures features(const TaskCreateRequest& request) const override {
     RequestFeatures f = MemoryModel::features(request);
@@ -417,11 +435,14 @@ class OcrMemoryModel final : public MemoryModel {
     // A page over the pixel limit is refused by process() from its header,
     // before any decoding: it costs no more than its bytes (and so fails
     // INVALID_INPUT when it runs, rather than finding no device).
-    const std::int64_t pixels = f.pixels > kMaxPixels ? 0 : f.pixels;
+    const std::int64_t pixels = f.pixels > max_pixels_ ? 0 : f.pixels;
     // gray 8-bit page + cv copy + Tesseract's own page structures (~8 bytes/px)
     const double per_page = static_cast<double>(pixels) * 10.0 / (1024.0 * 1024.0) + 2;
     return 40 + batch * per_page + static_cast<double>(f.bytes) / (1024.0 * 1024.0);
   }
+
+ private:
+  std::int64_t max_pixels_;
 };
 
 class OcrFactory final : public ServiceFactory {
@@ -439,7 +460,7 @@ class OcrFactory final : public ServiceFactory {
 
  private:
   OcrConfig config_;
-  std::shared_ptr<const MemoryModel> model_ = std::make_shared<OcrMemoryModel>();
+  std::shared_ptr<const MemoryModel> model_ = std::make_shared<OcrMemoryModel>(config_.max_pixels);
 };
 
 }  // namespace

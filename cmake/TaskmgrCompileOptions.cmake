@@ -16,13 +16,24 @@ if(TASKMGR_SANITIZE)
   # GCC 12's -Wmaybe-uninitialized reports false positives inside libstdc++
   # and Boost when sanitizer instrumentation changes inlining; the plain
   # build keeps the warning as an error.
-  add_compile_options(-Wno-maybe-uninitialized)
+  if(CMAKE_CXX_COMPILER_ID STREQUAL "GNU")
+    add_compile_options(-Wno-maybe-uninitialized)
+  endif()
   # Boost.Asio's headers use std::atomic_thread_fence, which GCC flags under
   # -fsanitize=thread (-Wtsan); taskmgr's own code uses no fences.
-  if(TASKMGR_SANITIZE MATCHES "thread")
+  if(TASKMGR_SANITIZE MATCHES "thread" AND CMAKE_CXX_COMPILER_ID STREQUAL "GNU")
     add_compile_options(-Wno-tsan)
   endif()
   if(TASKMGR_SANITIZE MATCHES "undefined")
     add_compile_options(-fno-sanitize-recover=undefined)
   endif()
+endif()
+
+# libFuzzer: everything is built with coverage instrumentation; only the
+# harnesses in fuzz/ link libFuzzer's main (clang).
+if(TASKMGR_FUZZ)
+  if(NOT CMAKE_CXX_COMPILER_ID MATCHES "Clang")
+    message(FATAL_ERROR "TASKMGR_FUZZ needs clang (the fuzz preset sets CC=clang CXX=clang++)")
+  endif()
+  add_compile_options(-fsanitize=fuzzer-no-link)
 endif()

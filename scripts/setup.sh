@@ -12,6 +12,7 @@ PACKAGES=(
   libsqlitecpp-dev libsqlite3-dev sqlite3
   libfmt-dev doctest-dev libyaml-cpp-dev libbenchmark-dev
   fonts-dejavu-core python3
+  clang libclang-rt-14-dev
 )
 
 missing=()

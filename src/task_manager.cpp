@@ -1470,7 +1470,10 @@ void TaskManager::Impl::prune_retention() {
 
 void TaskManager::Impl::sweep() {
   const SteadyTime now = clock_->steady_now();
-  if (config_.storage.retention_days > 0 && now - last_prune_ >= std::chrono::hours(1)) {
+  // Hourly, or four times per retention period when that is shorter.
+  if (config_.storage.retention_days > 0 &&
+      now - last_prune_ >= std::min<Duration>(std::chrono::hours(1),
+                                              from_seconds(config_.storage.retention_days * 86400 / 4))) {
     prune_retention();
   }
   const bool refresh = now - last_refresh_ >= std::chrono::seconds(1);

@@ -289,6 +289,64 @@ TEST_CASE("a full disk fails create_task clearly: accepted tasks are untouched: 
   for (const auto& id : accepted) CHECK(tm.get_task(id).status == TaskStatus::kCompleted);
 }
 
+TEST_CASE("writes that fail while tasks run (disk full) are kept and retried in order: the file ends right") {
+  TempDir dir;
+  SqliteStoreOptions o;
+  o.page_limit = std::make_shared<std::atomic<std::int64_t>>(0);
+  Config c = test_config();
+  c.storage.path = dir.db();
+  TaskManagerOptions mo;
+  mo.store = open_sqlite_store(dir.db(), o);
+  mo.log_sink = [](LogLevel, std::string_view) {};
+  auto tm = std::make_unique<TaskManager>(c, mo);
+  // Each task writes a large result and events: the row updates need pages.
+  tm->register_service(make_function_service("svc", [](TaskContext& ctx) {
+    ctx.stage("work");
+    ctx.set_result("{\"pad\":\"" + std::string(8000, 'y') + "\"}");
+  }));
+  TaskCreateRequest r;
+  r.service = "svc";
+  std::vector<std::string> ids;
+  for (int i = 0; i < 20; ++i) ids.push_back(tm->create_task(r).id);  // stored: durable
+  tm->get_task_metrics();  // (nothing pending)
+  {
+    SQLite::Database db(dir.db(), SQLite::OPEN_READONLY);
+    o.page_limit->store(db.execAndGet("PRAGMA page_count").getInt64());  // the disk is full now
+  }
+  for (const auto& id : ids) tm->start_task(id);
+  REQUIRE(tm->wait_idle(30s));
+  // In memory every task completed, with its events, whatever the file says.
+  for (const auto& id : ids) CHECK(tm->get_task(id).status == TaskStatus::kCompleted);
+  {
+    SQLite::Database db(dir.db(), SQLite::OPEN_READONLY);
+    CHECK(db.execAndGet("SELECT count(*) FROM tasks WHERE status='completed'").getInt() < 20);
+  }
+  // Space returns: the backlog is written, in order, without any new write.
+  o.page_limit->store(0);
+  REQUIRE(eventually([&] {
+    SQLite::Database db(dir.db(), SQLite::OPEN_READONLY);
+    return db.execAndGet("SELECT count(*) FROM tasks WHERE status='completed' AND "
+                         "resource_cleanup_completed=1").getInt() == 20;
+  }));
+  // The manager kept serving, and the file now holds each task's full story.
+  const Task t = tm->create_task(r);
+  tm->start_task(t.id);
+  REQUIRE(tm->wait_task(t.id, 30s));
+  tm.reset();
+  mo.store.reset();  // the last owner: closes the file
+  TaskManagerOptions again;
+  again.log_sink = mo.log_sink;
+  TaskManager reopened(c, again);
+  for (const auto& id : ids) {
+    const Task back = reopened.get_task(id);
+    CHECK(back.status == TaskStatus::kCompleted);
+    CHECK(back.result.size() > 8000);
+    CHECK(names(reopened.get_task_events(id)) ==
+          std::vector<std::string>{"created", "queued", "resource_acquired", "started", "completed",
+                                   "cleanup_started", "resource_released", "cleanup_completed"});
+  }
+}
+
 TEST_CASE("reopening recovers: queued tasks run in priority order, interrupted ones are retried or failed") {
   TempDir dir;
   std::string queued_low, queued_high, interrupted, exhausted, pending, done;

@@ -526,10 +526,11 @@ class SqliteStore final : public TaskStore {
         }
       }
       if (batch.empty()) return;
+      const std::size_t n = batch.size();  // commit() may prepend the backlog
       commit(batch);
       {
         std::lock_guard<std::mutex> g(mu_);
-        committed_ += batch.size();
+        committed_ += n;
       }
       done_cv_.notify_all();
     }
@@ -621,6 +622,16 @@ class SqliteStore final : public TaskStore {
         applied_page_limit_ = limit;
       }
     }
+    // Writes that failed before (disk full, I/O error) go first, in order:
+    // a task's later update must not land before its earlier one.
+    if (!backlog_.empty()) {
+      std::vector<Op> all;
+      all.reserve(backlog_.size() + batch.size());
+      for (auto& op : backlog_) all.push_back(std::move(op));
+      for (auto& op : batch) all.push_back(std::move(op));
+      backlog_.clear();
+      batch.swap(all);
+    }
     try {
       const std::vector<bool> skip = superseded(batch);
       SQLite::Transaction tx(*writer_db_, SQLite::TransactionBehavior::IMMEDIATE);
@@ -629,31 +640,46 @@ class SqliteStore final : public TaskStore {
       for (auto& op : batch) {
         if (auto* ins = std::get_if<InsertOp>(&op)) ins->done.set_value();
       }
+      backlog_size_.store(0);
       return;
     } catch (const std::exception&) {
       // fall through: one by one
     }
+    // One by one: an insert that fails is refused to its caller (nothing of
+    // the task is kept); the first asynchronous write that fails goes to the
+    // backlog with every asynchronous write after it, to be retried in order
+    // (by the next commit, and by the writer thread every kBacklogRetry).
+    bool backlogged = false;
     for (auto& op : batch) {
+      auto* ins = std::get_if<InsertOp>(&op);
+      if (ins == nullptr && backlogged) {
+        backlog_.push_back(std::move(op));
+        continue;
+      }
       try {
         SQLite::Transaction tx(*writer_db_, SQLite::TransactionBehavior::IMMEDIATE);
         apply(op);
         tx.commit();
-        if (auto* ins = std::get_if<InsertOp>(&op)) ins->done.set_value();
-      } catch (const SQLite::Exception& e) {
-        if (auto* ins = std::get_if<InsertOp>(&op)) {
-          ins->done.set_exception(std::make_exception_ptr(
-              Error(code_of(e), "cannot store task " + ins->task.id + " in " + path_ + ": " +
-                                    e.what() + "; the task was not created")));
-        } else {
-          failed_writes_.fetch_add(1);  // the in-memory state stays right; recovery redoes it
-        }
+        if (ins != nullptr) ins->done.set_value();
       } catch (const std::exception& e) {
-        if (auto* ins = std::get_if<InsertOp>(&op)) {
+        if (ins != nullptr) {
+          const auto* se = dynamic_cast<const SQLite::Exception*>(&e);
           ins->done.set_exception(std::make_exception_ptr(
-              Error(ErrorCode::kIoError, std::string("cannot store task: ") + e.what())));
+              Error(se ? code_of(*se) : ErrorCode::kIoError,
+                    "cannot store task " + ins->task.id + " in " + path_ + ": " + e.what() +
+                        "; the task was not created")));
+        } else {
+          failed_writes_.fetch_add(1);
+          backlogged = true;
+          backlog_.push_back(std::move(op));
         }
       }
     }
+    while (backlog_.size() > kMaxBacklog) {  // bounded: the oldest are given up
+      backlog_.pop_front();
+      dropped_writes_.fetch_add(1);
+    }
+    backlog_size_.store(backlog_.size());
   }
 
   // Commits the asynchronous writes (updates, events, samples). It lets them
@@ -665,9 +691,20 @@ class SqliteStore final : public TaskStore {
       {
         std::unique_lock<std::mutex> l(mu_);
         writer_idle_ = true;
-        cv_.wait(l, [this] { return stop_ || !ops_.empty(); });
+        if (backlog_size_.load() > 0) {
+          cv_.wait_for(l, kBacklogRetry, [this] { return stop_ || !ops_.empty(); });
+        } else {
+          cv_.wait(l, [this] { return stop_ || !ops_.empty(); });
+        }
         writer_idle_ = false;
         if (ops_.empty() && stop_) return;
+        if (ops_.empty()) {  // woken to retry the backlog of failed writes
+          l.unlock();
+          std::lock_guard<std::mutex> c(commit_mu_);
+          std::vector<Op> none;
+          commit(none);
+          continue;
+        }
         cv_.wait_for(l, kWriterDelay, [this] {
           return stop_ || flush_requested_ || ops_.size() >= options_.max_batch;
         });
@@ -696,7 +733,12 @@ class SqliteStore final : public TaskStore {
   bool flush_requested_ = false;
   bool writer_idle_ = false;
   static constexpr std::chrono::milliseconds kWriterDelay{2};
-  std::atomic<std::uint64_t> failed_writes_{0};
+  std::atomic<std::uint64_t> failed_writes_{0};   // asynchronous writes that failed once
+  std::atomic<std::uint64_t> dropped_writes_{0};  // given up: the backlog overflowed
+  std::deque<Op> backlog_;                        // failed writes, retried in order (commit_mu_)
+  std::atomic<std::size_t> backlog_size_{0};
+  static constexpr std::size_t kMaxBacklog = 1'000'000;
+  static constexpr std::chrono::milliseconds kBacklogRetry{250};
   std::int64_t applied_page_limit_ = 0;
   std::thread writer_;
 };

@@ -1,0 +1,103 @@
+// libFuzzer harness: the C ABI entry points that parse strings. The input
+// is split at NUL bytes into fields fed to taskmgr_config_normalize (YAML),
+// taskmgr_create_task (service, path, device, options, media type),
+// taskmgr_list_tasks (status filter) and taskmgr_start_task (options). Every
+// call must return a status (never crash, throw or leak) and leave a
+// message on failure. The manager (in memory, host service "svc") is
+// replaced every 4,096 runs so its task history stays small.
+#include <taskmgr.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace {
+
+int noop_create(void*, const char*, void** out) {
+  *out = nullptr;
+  return TASKMGR_OK;
+}
+int noop_process(void*, void*, taskmgr_task_context*) { return TASKMGR_OK; }
+
+taskmgr_manager* manager(bool renew) {
+  static taskmgr_manager* tm = nullptr;
+  if (renew && tm != nullptr) {
+    taskmgr_destroy(tm);
+    tm = nullptr;
+  }
+  if (tm == nullptr) {
+    taskmgr_open_options o;
+    taskmgr_open_options_init(&o);
+    o.config_yaml =
+        "devices: {probe_cpu: false, probe_nvidia: false, cpu_memory_mb: 1000}\n"
+        "executor: {worker_threads: 1}\n"
+        "tasks: {max_queue_size: 100000}\n";
+    o.database_path = ":memory:";
+    o.disable_builtin_ocr = 1;
+    if (taskmgr_open(&o, &tm) != TASKMGR_OK) std::abort();
+    taskmgr_service s;
+    taskmgr_service_init(&s);
+    s.kind = "svc";
+    s.create_instance = noop_create;
+    s.process = noop_process;
+    if (taskmgr_register_service(tm, &s) != TASKMGR_OK) std::abort();
+  }
+  return tm;
+}
+
+void expect_message(int rc) {
+  if (rc != TASKMGR_OK && taskmgr_last_error()[0] == '\0') std::abort();  // a failure must say why
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  static unsigned runs = 0;
+  taskmgr_manager* tm = manager(++runs % 4096 == 0);
+  std::vector<std::string> f;
+  std::string cur;
+  for (std::size_t i = 0; i < size; ++i) {
+    if (data[i] == 0) {
+      f.push_back(cur);
+      cur.clear();
+    } else {
+      cur.push_back(static_cast<char>(data[i]));
+    }
+  }
+  f.push_back(cur);
+  f.resize(7);
+  auto opt = [&](std::size_t i) -> const char* { return f[i].empty() ? nullptr : f[i].c_str(); };
+
+  char* yaml = nullptr;
+  int rc = taskmgr_config_normalize(f[0].c_str(), &yaml);
+  expect_message(rc);
+  if ((rc == TASKMGR_OK) != (yaml != nullptr)) std::abort();
+  taskmgr_free(yaml);
+
+  taskmgr_task_request r;
+  taskmgr_task_request_init(&r);
+  r.service = f[1].empty() ? "svc" : f[1].c_str();
+  r.input_path = opt(2);
+  r.device = opt(3);
+  r.options_json = opt(4);
+  r.media_type = opt(5);
+  char id[TASKMGR_TASK_ID_SIZE];
+  rc = taskmgr_create_task(tm, &r, id);
+  expect_message(rc);
+  if (rc == TASKMGR_OK) {
+    if (std::strlen(id) != 36) std::abort();
+    taskmgr_start_params p;
+    taskmgr_start_params_init(&p);
+    p.options_json = opt(6);
+    expect_message(taskmgr_start_task(tm, id, &p));
+    int cancelled = 0;
+    expect_message(taskmgr_cancel_task(tm, id, &cancelled));
+  }
+  char* list = nullptr;
+  rc = taskmgr_list_tasks(tm, f[6].c_str(), nullptr, 1, &list);
+  expect_message(rc);
+  taskmgr_free(list);
+  return 0;
+}

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Builds the libFuzzer harnesses (fuzz preset: clang, ASan + UBSan) and runs
+# each for SECONDS (default 60) from its seed corpus (fuzz/corpus/). A crash,
+# leak or timeout fails the run; its input is saved under build/fuzz/artifacts/
+# (turn it into a regression input in fuzz/regressions/<harness>/).
+#   bash scripts/fuzz.sh [SECONDS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds=${1:-60}
+cmake --preset fuzz >/dev/null
+cmake --build --preset fuzz
+mkdir -p build/fuzz/artifacts
+for h in config ocr_input capi; do
+  work=$(mktemp -d)
+  # Regressions first: every input that once crashed must pass.
+  if [ -d "fuzz/regressions/$h" ] && [ -n "$(ls -A "fuzz/regressions/$h")" ]; then
+    ./build/fuzz/fuzz/fuzz_$h -runs=1 fuzz/regressions/$h/*
+  fi
+  echo "--- fuzz_$h: ${seconds} s"
+  status=0
+  ./build/fuzz/fuzz/fuzz_$h "$work" "fuzz/corpus/$h" -max_total_time="$seconds" \
+    -rss_limit_mb=4096 -timeout=30 -print_final_stats=1 \
+    -artifact_prefix="build/fuzz/artifacts/$h-" > "$work.log" 2>&1 || status=$?
+  grep -E "^#[0-9]+ *DONE|stat::number_of_executed_units|ERROR|SUMMARY" "$work.log" || true
+  if [ "$status" -ne 0 ]; then tail -40 "$work.log"; fi
+  rm -f "$work.log"
+  rm -rf "$work"
+  if [ "$status" -ne 0 ]; then
+    echo "fuzz_$h FAILED (exit $status); input saved under build/fuzz/artifacts/"
+    exit 1
+  fi
+done
+echo "fuzz: all harnesses ran ${seconds} s with no finding"

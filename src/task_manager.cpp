@@ -1703,6 +1703,8 @@ TaskHealth TaskManager::Impl::health(const std::string& id) const {
   std::int64_t live_mb = -1;
   double live_s = 0;
   double queued_for = -1;
+  double past_deadline = -1;  // seconds past its deadline, when running past it
+  double deadline_s = 0;
   {
     auto g = detail::spin_lock(mu_);
     if (RecordPtr rec = find_locked(id)) {
@@ -1711,6 +1713,10 @@ TaskHealth TaskManager::Impl::health(const std::string& id) const {
       if (running) {
         live_mb = rec->last_mb.load();
         live_s = seconds(clock_->steady_now() - rec->started_steady);
+        if (rec->timeout_s > 0 && clock_->steady_now() >= rec->deadline) {
+          past_deadline = seconds(clock_->steady_now() - rec->deadline);
+          deadline_s = rec->timeout_s;
+        }
       }
       if (rec->phase == Phase::kQueued) queued_for = seconds(clock_->steady_now() - rec->queued_steady);
     } else if (auto st = store_->load_task(id)) {
@@ -1735,6 +1741,10 @@ TaskHealth TaskManager::Impl::health(const std::string& id) const {
     h.warnings.push_back("memory " + std::to_string(*h.memory_usage_mb) +
                          " MB is above the estimate of " + std::to_string(*t.estimated_memory_mb) +
                          " MB");
+  }
+  if (past_deadline >= 0) {
+    h.warnings.push_back("running past its deadline of " + format_seconds(deadline_s) + " s (by " +
+                         format_seconds(past_deadline) + " s): it will end TIMEOUT");
   }
   const double long_wait = 0.5 * config_.tasks.queue_timeout_seconds;
   if (queued_for > long_wait) {

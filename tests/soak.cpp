@@ -29,7 +29,9 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <deque>
 #include <map>
+#include <unordered_set>
 #include <mutex>
 #include <random>
 #include <string>
@@ -76,12 +78,37 @@ struct Sample {
   std::uint64_t tasks = 0;
 };
 
-// Terminal events seen per task, and the queue waits of the current interval.
+// Which tasks have not ended yet, bounded so that the soak's own
+// bookkeeping does not read as growth: a task leaves `open` at its terminal
+// event; ended ids are remembered for 2 minutes to catch a second end (a
+// second terminal event comes within the same attempt's events, milliseconds
+// apart). An end that arrives before the host recorded the id waits in `early`.
 struct Ledger {
   std::mutex mu;
-  std::map<std::string, int> terminal;
+  std::unordered_set<std::string> open, early;
+  std::deque<std::pair<Clock::time_point, std::string>> ended_fifo;
+  std::unordered_set<std::string> ended;
   std::vector<double> waits;
-  std::uint64_t events = 0;
+  std::uint64_t events = 0, created = 0, ended_once = 0, ended_twice = 0;
+
+  void on_terminal(const std::string& id) {
+    const auto now = Clock::now();
+    while (!ended_fifo.empty() && now - ended_fifo.front().first > std::chrono::minutes(2)) {
+      ended.erase(ended_fifo.front().second);
+      ended_fifo.pop_front();
+    }
+    if (!ended.insert(id).second) {
+      if (++ended_twice <= 5) std::fprintf(stderr, "task %s ended twice\n", id.c_str());
+      return;
+    }
+    ended_fifo.emplace_back(now, id);
+    ++ended_once;
+    if (open.erase(id) == 0) early.insert(id);
+  }
+  void on_created(const std::string& id) {
+    ++created;
+    if (early.erase(id) == 0) open.insert(id);
+  }
 };
 
 }  // namespace
@@ -158,7 +185,7 @@ int main(int argc, char** argv) {
     ++ledger.events;
     if (e.event == taskmgr::TaskEvent::kCompleted || e.event == taskmgr::TaskEvent::kFailed ||
         e.event == taskmgr::TaskEvent::kCancelled) {
-      ++ledger.terminal[e.task_id];
+      ledger.on_terminal(e.task_id);
     } else if (e.event == taskmgr::TaskEvent::kStarted) {
       const auto at = e.details_json.find("\"wait_s\":");
       if (at != std::string::npos) ledger.waits.push_back(std::atof(e.details_json.c_str() + at + 9));
@@ -166,7 +193,6 @@ int main(int argc, char** argv) {
   });
 
   std::mt19937 rng(12345);
-  std::vector<std::string> created;
   std::uint64_t refused_full = 0, cancelled_by_host = 0, ocr = 0, flaky = 0, bursts = 0;
   std::vector<Sample> samples;
   const auto t0 = Clock::now();
@@ -180,7 +206,10 @@ int main(int argc, char** argv) {
     r.input.path = input;
     r.device = device;
     const taskmgr::Task t = tm.create_task(r);
-    created.push_back(t.id);
+    {
+      std::lock_guard<std::mutex> g(ledger.mu);
+      ledger.on_created(t.id);
+    }
     if (start) {
       try {
         tm.start_task(t.id);
@@ -214,7 +243,10 @@ int main(int argc, char** argv) {
         if (!ledger.waits.empty()) s.wait_mean_s /= static_cast<double>(ledger.waits.size());
         ledger.waits.clear();
       }
-      s.tasks = created.size();
+      {
+        std::lock_guard<std::mutex> g(ledger.mu);
+        s.tasks = ledger.created;
+      }
       samples.push_back(s);
       std::printf("%8.0f %8lld %5d %6d %9lld %9lld %10.4f %10.4f %9llu\n", s.t,
                   static_cast<long long>(s.rss_mb), s.fds, s.temp_dirs,
@@ -249,22 +281,21 @@ int main(int argc, char** argv) {
   const bool idle = tm.wait_idle(std::chrono::minutes(5));
   tm.flush_events();
   int lost = 0, twice = 0;
+  std::uint64_t created = 0;
   {
     std::lock_guard<std::mutex> g(ledger.mu);
-    for (const auto& id : created) {
-      const auto it = ledger.terminal.find(id);
-      if (it == ledger.terminal.end()) {
-        if (++lost <= 5) std::fprintf(stderr, "task %s never ended\n", id.c_str());
-      } else if (it->second != 1) {
-        if (++twice <= 5) std::fprintf(stderr, "task %s ended %d times\n", id.c_str(), it->second);
-      }
+    lost = static_cast<int>(ledger.open.size() + ledger.early.size());
+    twice = static_cast<int>(ledger.ended_twice);
+    created = ledger.created;
+    for (const auto& id : ledger.open) {
+      if (lost <= 5) std::fprintf(stderr, "task %s never ended\n", id.c_str());
     }
   }
   const taskmgr::TaskMetrics m = tm.get_task_metrics();
   std::printf("\n%zu tasks in %.0f s (%llu OCR, %llu OOM+fallback, %llu refused by a full queue, "
               "%llu cancelled by the host, %llu bursts); %llu events; completed %llu, failed %llu, "
               "cancelled %llu; retries %llu, cpu fallbacks %llu\n",
-              created.size(), seconds, static_cast<unsigned long long>(ocr),
+              static_cast<std::size_t>(created), seconds, static_cast<unsigned long long>(ocr),
               static_cast<unsigned long long>(flaky), static_cast<unsigned long long>(refused_full),
               static_cast<unsigned long long>(cancelled_by_host), static_cast<unsigned long long>(bursts),
               static_cast<unsigned long long>(ledger.events),

@@ -80,6 +80,13 @@ class EventLog {
     }
     return out;
   }
+  // How many events of this name the task got.
+  int count(const std::string& task_id, std::string_view name) {
+    std::lock_guard<std::mutex> g(mu_);
+    int n = 0;
+    for (const auto& e : events_) n += e.task_id == task_id && to_string(e.event) == name;
+    return n;
+  }
 
  private:
   std::mutex mu_;

@@ -838,6 +838,21 @@ TEST_CASE("a deadline ends an attempt TIMEOUT: a hung instance is replaced, a co
 
   // A service that hangs past its deadline: TIMEOUT (not its late success),
   // not retried, and its instance is destroyed; the next task runs on a new one.
+  {
+    // While it hangs, its health says so.
+    TaskCreateRequest r;
+    r.service = "svc";
+    r.options_json = R"({"mode":"hang","timeout_seconds":0.1})";
+    const Task t = tm.create_task(r);
+    tm.start_task(t.id);
+    REQUIRE(eventually([&] {
+      for (const auto& w : tm.get_task_health(t.id).warnings) {
+        if (w.find("past its deadline of 0.1 s") != std::string::npos) return true;
+      }
+      return false;
+    }));
+    REQUIRE(tm.wait_task(t.id, 30s)->failure_reason == TaskFailureReason::kTimeout);
+  }
   const Task hung = run(R"({"mode":"hang","timeout_seconds":0.1})");
   CHECK(hung.status == TaskStatus::kFailed);
   CHECK(hung.failure_reason == TaskFailureReason::kTimeout);
@@ -847,7 +862,7 @@ TEST_CASE("a deadline ends an attempt TIMEOUT: a hung instance is replaced, a co
   const Task after_hang = run("");
   CHECK(after_hang.status == TaskStatus::kCompleted);
   CHECK(after_hang.service_instance_id != hung.service_instance_id);
-  CHECK(tm.get_task_metrics().pool_utilization.at("svc@cpu").destroyed == 1);
+  CHECK(tm.get_task_metrics().pool_utilization.at("svc@cpu").destroyed == 2);
 
   // A cooperative service stops at the deadline (tasks.task_timeout_seconds
   // here) and keeps its instance.
@@ -857,8 +872,8 @@ TEST_CASE("a deadline ends an attempt TIMEOUT: a hung instance is replaced, a co
   const Task after_coop = run("");
   CHECK(after_coop.status == TaskStatus::kCompleted);
   CHECK(after_coop.service_instance_id == coop.service_instance_id);
-  CHECK(tm.get_task_metrics().pool_utilization.at("svc@cpu").destroyed == 1);
-  CHECK(tm.get_task_metrics().failed_by_reason.at("timeout") == 2);
+  CHECK(tm.get_task_metrics().pool_utilization.at("svc@cpu").destroyed == 2);
+  CHECK(tm.get_task_metrics().failed_by_reason.at("timeout") == 3);
 
   // A bad deadline option is the caller's error, at creation.
   TaskCreateRequest bad;
@@ -874,4 +889,96 @@ TEST_CASE("a deadline ends an attempt TIMEOUT: a hung instance is replaced, a co
       CHECK(std::string(e.what()).find("options.timeout_seconds") != std::string::npos);
     }
   }
+}
+
+TEST_CASE("fault: allocation failure inside a service is an out-of-memory failure: retried, then OUT_OF_MEMORY, and the next task runs") {
+  Config c = test_config();
+  c.executor.worker_threads = 1;
+  c.tasks.retry.backoff_base_seconds = 0.001;
+  c.tasks.retry.max_attempts = 3;
+  TaskManagerOptions o;
+  o.log_sink = [](LogLevel, std::string_view) {};
+  EventLog log;  // declared before tm: outlives the manager's callbacks
+  TaskManager tm(c, o);
+  tm.subscribe([&](const EventRecord& e) { log(e); });
+  tm.register_service(make_function_service("svc", [](TaskContext& ctx) {
+    if (ctx.options_json().find("alloc") != std::string::npos) throw std::bad_alloc();
+    ctx.set_result("{}");
+  }));
+  TaskCreateRequest r;
+  r.service = "svc";
+  r.batch_size = 8;
+  r.options_json = R"({"alloc":true})";
+  const Task t = tm.create_task(r);
+  tm.start_task(t.id);
+  const Task done = *tm.wait_task(t.id, 30s);
+  CHECK(done.status == TaskStatus::kFailed);
+  CHECK(done.failure_reason == TaskFailureReason::kOutOfMemory);
+  CHECK(done.attempt == 3);
+  CHECK(done.batch_size == 2);  // 8 -> 4 -> 2 (memory_reduction_factor 0.5)
+  tm.flush_events();
+  CHECK(log.count(t.id, "retried") == 2);
+  CHECK(log.count(t.id, "failed") == 1);
+  CHECK(log.count(t.id, "cleanup_completed") == 3);
+  // Each failed instance was replaced; the manager goes on.
+  CHECK(tm.get_task_metrics().pool_utilization.at("svc@cpu").destroyed == 3);
+  r.options_json = "";
+  const Task next = tm.create_task(r);
+  tm.start_task(next.id);
+  CHECK(tm.wait_task(next.id, 30s)->status == TaskStatus::kCompleted);
+}
+
+TEST_CASE("fault: a device that disappears mid-task: the running task finishes there, queued ones move, new ones go elsewhere") {
+  Config c = test_config();
+  c.executor.worker_threads = 2;
+  c.devices.declared.push_back({"cuda:0", "gpu", 2000});
+  c.pools.devices["cuda:0"] = PoolSettings{0, 1, 30};
+  TaskManagerOptions o;
+  o.log_sink = [](LogLevel, std::string_view) {};
+  EventLog log;  // these outlive the manager's callbacks and services
+  Gate gate;
+  std::atomic<int> running_on_gpu{0};
+  TaskManager tm(c, o);
+  tm.subscribe([&](const EventRecord& e) { log(e); });
+  tm.register_service(make_function_service("svc", [&](TaskContext& ctx) {
+    if (ctx.device() == "cuda:0" && ctx.options_json().find("hold") != std::string::npos) {
+      ++running_on_gpu;
+      gate.wait();
+    }
+    ctx.set_result("{\"device\":\"" + ctx.device() + "\"}");
+  }));
+  TaskCreateRequest r;
+  r.service = "svc";
+  r.device = "cuda:0";
+  r.options_json = R"({"hold":true})";
+  const Task running = tm.create_task(r);
+  tm.start_task(running.id);
+  REQUIRE(eventually([&] { return running_on_gpu.load() == 1; }));
+  r.options_json = "";
+  const Task queued = tm.create_task(r);  // waits for cuda:0's only instance
+  tm.start_task(queued.id);
+  REQUIRE(tm.get_task(queued.id).assigned_device == "cuda:0");
+
+  tm.set_device_available("cuda:0", false);  // the GPU is gone
+  const Task moved = *tm.wait_task(queued.id, 30s);
+  CHECK(moved.status == TaskStatus::kCompleted);
+  CHECK(moved.assigned_device == "cpu");
+  tm.flush_events();
+  CHECK(log.count(queued.id, "device_fallback") == 1);
+  const Task fresh = tm.create_task(r);  // asks for cuda:0: placed where there is room
+  CHECK(fresh.assigned_device == "cpu");
+  CHECK(tm.get_task(running.id).status == TaskStatus::kRunning);  // untouched
+  gate.open();
+  const Task finished = *tm.wait_task(running.id, 30s);
+  CHECK(finished.status == TaskStatus::kCompleted);
+  CHECK(finished.assigned_device == "cuda:0");
+  CHECK(finished.resource_cleanup_completed);
+
+  tm.set_device_available("cuda:0", true);  // back
+  const Task back = tm.create_task(r);
+  tm.start_task(back.id);
+  const Task back_done = *tm.wait_task(back.id, 30s);
+  CHECK(back_done.status == TaskStatus::kCompleted);
+  CHECK(back_done.assigned_device == "cuda:0");
+  CHECK(tm.get_task_metrics().memory_by_device.at("cuda:0").reserved_mb == 0);
 }

@@ -36,6 +36,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <set>
@@ -327,9 +328,11 @@ class Connections {
   int active_ = 0;
 };
 
-void serve(tcp::socket socket, Server& server, Connections& conns) {
-  const int fd = socket.native_handle();
-  conns.add(fd);
+// The socket is destroyed before the connection is counted out: the main
+// thread destroys the io_context (which sockets use) once none is left.
+void serve(std::unique_ptr<tcp::socket> sp, Server& server, Connections& conns) {
+  const int fd = sp->native_handle();
+  tcp::socket& socket = *sp;
   try {
     beast::flat_buffer buffer;
     for (;;) {
@@ -348,6 +351,7 @@ void serve(tcp::socket socket, Server& server, Connections& conns) {
   } catch (const std::exception& e) {
     std::cerr << "taskmgr-http: connection: " << e.what() << "\n";
   }
+  sp.reset();
   conns.remove(fd);
 }
 
@@ -400,7 +404,9 @@ int main(int argc, char** argv) {
     std::function<void()> accept = [&] {
       acceptor.async_accept([&](const boost::system::error_code& ec, tcp::socket socket) {
         if (ec) return;  // closed: stopping
-        std::thread(serve, std::move(socket), std::ref(server), std::ref(conns)).detach();
+        auto sp = std::make_unique<tcp::socket>(std::move(socket));
+        conns.add(sp->native_handle());  // counted before the thread starts
+        std::thread(serve, std::move(sp), std::ref(server), std::ref(conns)).detach();
         accept();
       });
     };

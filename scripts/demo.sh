@@ -7,5 +7,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 cmake --preset release >/dev/null
-cmake --build --preset release
+cmake --build --preset release --target taskmgr-ocr   # only what the demo runs
 exec ./build/release/examples/taskmgr_ocr/taskmgr-ocr "$@"

@@ -1,6 +1,7 @@
 // The built-in OCR service: Leptonica decodes, OpenCV preprocesses,
 // Tesseract recognizes, on an engine initialised once per instance.
 #include <leptonica/allheaders.h>
+#include <dlfcn.h>
 #include <omp.h>
 #include <sys/stat.h>
 #include <tesseract/baseapi.h>
@@ -9,6 +10,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cstdarg>
 #include <boost/json.hpp>
 #include <cmath>
 #include <cstdlib>
@@ -445,11 +447,32 @@ class OcrMemoryModel final : public MemoryModel {
   std::int64_t max_pixels_;
 };
 
+// libtiff (loaded by Leptonica) prints warnings and errors about corrupt
+// TIFFs to stderr ("Bad file: amount too big"); a library must not write to
+// its host's stderr, and the failure is reported as the task's
+// INVALID_INPUT anyway. The handlers are found at run time: there is no
+// build dependency on libtiff's headers.
+void silence_libtiff() {
+  using Handler = void (*)(const char*, const char*, va_list);
+  using SetHandler = Handler (*)(Handler);
+  for (const char* name : {"TIFFSetWarningHandler", "TIFFSetErrorHandler"}) {
+    if (void* sym = ::dlsym(RTLD_DEFAULT, name)) {
+      reinterpret_cast<SetHandler>(sym)(nullptr);
+    }
+  }
+}
+
 class OcrFactory final : public ServiceFactory {
  public:
   explicit OcrFactory(OcrConfig config) : config_(std::move(config)) {
     static std::once_flag quiet;
-    std::call_once(quiet, [] { setMsgSeverity(L_SEVERITY_NONE); });  // Leptonica: no stderr noise
+    std::call_once(quiet, [] {
+      // Leptonica and libtiff: no stderr noise about corrupt inputs (process-
+      // wide; the failure is the task's INVALID_INPUT with its reason).
+      setMsgSeverity(L_SEVERITY_NONE);
+      leptSetStderrHandler([](const char*) {});
+      silence_libtiff();
+    });
   }
   std::string kind() const override { return "ocr"; }
   std::unique_ptr<Service> create(const std::string& device) override {

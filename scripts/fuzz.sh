@@ -21,7 +21,7 @@ for h in config ocr_input capi; do
   ./build/fuzz/fuzz/fuzz_$h "$work" "fuzz/corpus/$h" -max_total_time="$seconds" \
     -rss_limit_mb=4096 -timeout=30 -print_final_stats=1 \
     -artifact_prefix="build/fuzz/artifacts/$h-" > "$work.log" 2>&1 || status=$?
-  grep -E "^#[0-9]+ *DONE|stat::number_of_executed_units|ERROR|SUMMARY" "$work.log" || true
+  grep -E "^#[0-9]+[[:space:]]+DONE|stat::number_of_executed_units|ERROR|SUMMARY" "$work.log" || true
   if [ "$status" -ne 0 ]; then tail -40 "$work.log"; fi
   rm -f "$work.log"
   rm -rf "$work"

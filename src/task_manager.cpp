@@ -45,8 +45,13 @@ namespace {
 
 double seconds(Duration d) { return std::chrono::duration<double>(d).count(); }
 
+// Seconds from configuration or task options as a steady duration, clamped
+// to [0, 100 years]: a larger value (e.g. "timeout_seconds": 1e300) would
+// overflow the clock's 64-bit nanoseconds.
 Duration from_seconds(double s) {
-  return std::chrono::duration_cast<Duration>(std::chrono::duration<double>(s));
+  constexpr double kMax = 100 * 365.25 * 86400;
+  if (!(s > 0)) return Duration::zero();
+  return std::chrono::duration_cast<Duration>(std::chrono::duration<double>(std::min(s, kMax)));
 }
 
 SqliteStoreOptions sqlite_options(const StorageConfig& c) {
@@ -1440,9 +1445,10 @@ void TaskManager::Impl::prune_retention() {
   const double days = config_.storage.retention_days;
   if (days <= 0) return;
   last_prune_ = clock_->steady_now();
+  // At most 100 years back: larger values would overflow the clock's range.
   const Timestamp cutoff =
       clock_->now() - std::chrono::duration_cast<Timestamp::duration>(
-                          std::chrono::duration<double>(days * 86400.0));
+                          std::chrono::duration<double>(std::min(days * 86400.0, 100 * 365.25 * 86400.0)));
   try {
     const std::size_t n = store_->prune_finished(cutoff);
     if (n > 0) {
@@ -1472,8 +1478,7 @@ void TaskManager::Impl::sweep() {
   const SteadyTime now = clock_->steady_now();
   // Hourly, or four times per retention period when that is shorter.
   if (config_.storage.retention_days > 0 &&
-      now - last_prune_ >= std::min<Duration>(std::chrono::hours(1),
-                                              from_seconds(config_.storage.retention_days * 86400 / 4))) {
+      now - last_prune_ >= from_seconds(std::min(3600.0, config_.storage.retention_days * 86400 / 4))) {
     prune_retention();
   }
   const bool refresh = now - last_refresh_ >= std::chrono::seconds(1);

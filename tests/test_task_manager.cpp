@@ -875,6 +875,10 @@ TEST_CASE("a deadline ends an attempt TIMEOUT: a hung instance is replaced, a co
   CHECK(tm.get_task_metrics().pool_utilization.at("svc@cpu").destroyed == 2);
   CHECK(tm.get_task_metrics().failed_by_reason.at("timeout") == 3);
 
+  // A huge deadline is no deadline in practice (and no overflow).
+  const Task far = run(R"({"timeout_seconds":1e300})");
+  CHECK(far.status == TaskStatus::kCompleted);
+
   // A bad deadline option is the caller's error, at creation.
   TaskCreateRequest bad;
   bad.service = "svc";

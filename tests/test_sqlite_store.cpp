@@ -244,26 +244,37 @@ TEST_CASE("a second store on the same file is refused as in use") {
   CHECK_NOTHROW(open_sqlite_store(dir.db()));
 }
 
-TEST_CASE("a full disk fails create_task clearly: accepted tasks are untouched: it recovers") {
+// A database file whose growth a test can stop (a full disk) and allow again,
+// behind a manager's options: the fault-injection tests share it.
+struct DiskFile {
   TempDir dir;
   SqliteStoreOptions o;
-  o.page_limit = std::make_shared<std::atomic<std::int64_t>>(0);
   Config c = test_config();
-  c.storage.path = dir.db();
   TaskManagerOptions mo;
-  mo.store = open_sqlite_store(dir.db(), o);
-  mo.log_sink = [](LogLevel, std::string_view) {};
-  TaskManager tm(c, mo);
+  DiskFile() {
+    o.page_limit = std::make_shared<std::atomic<std::int64_t>>(0);
+    c.storage.path = dir.db();
+    mo.store = open_sqlite_store(dir.db(), o);
+    mo.log_sink = [](LogLevel, std::string_view) {};
+  }
+  // The file may not grow past its size now.
+  void fill() {
+    SQLite::Database db(dir.db(), SQLite::OPEN_READONLY);
+    o.page_limit->store(db.execAndGet("PRAGMA page_count").getInt64());
+  }
+  void free_space() { o.page_limit->store(0); }
+};
+
+TEST_CASE("a full disk fails create_task clearly: accepted tasks are untouched: it recovers") {
+  DiskFile f;
+  TaskManager tm(f.c, f.mo);
   tm.register_service(make_function_service("svc", [](TaskContext&) {}));
   TaskCreateRequest r;
   r.service = "svc";
   std::vector<std::string> accepted;
   for (int i = 0; i < 5; ++i) accepted.push_back(tm.create_task(r).id);
   // The disk fills up: the database may not grow any more.
-  {
-    SQLite::Database db(dir.db(), SQLite::OPEN_READONLY);
-    o.page_limit->store(db.execAndGet("PRAGMA page_count").getInt64());
-  }
+  f.fill();
   r.options_json = "{\"pad\":\"" + std::string(20000, 'x') + "\"}";
   int refused = 0;
   for (int i = 0; i < 20; ++i) {
@@ -279,7 +290,7 @@ TEST_CASE("a full disk fails create_task clearly: accepted tasks are untouched: 
   CHECK(refused > 0);
   for (const auto& id : accepted) CHECK(tm.get_task(id).status == TaskStatus::kPending);
   // Space returns: work goes on.
-  o.page_limit->store(0);
+  f.free_space();
   r.options_json = "";
   const Task t = tm.create_task(r);
   tm.start_task(t.id);
@@ -290,15 +301,8 @@ TEST_CASE("a full disk fails create_task clearly: accepted tasks are untouched: 
 }
 
 TEST_CASE("writes that fail while tasks run (disk full) are kept and retried in order: the file ends right") {
-  TempDir dir;
-  SqliteStoreOptions o;
-  o.page_limit = std::make_shared<std::atomic<std::int64_t>>(0);
-  Config c = test_config();
-  c.storage.path = dir.db();
-  TaskManagerOptions mo;
-  mo.store = open_sqlite_store(dir.db(), o);
-  mo.log_sink = [](LogLevel, std::string_view) {};
-  auto tm = std::make_unique<TaskManager>(c, mo);
+  DiskFile f;
+  auto tm = std::make_unique<TaskManager>(f.c, f.mo);
   // Each task writes a large result and events: the row updates need pages.
   tm->register_service(make_function_service("svc", [](TaskContext& ctx) {
     ctx.stage("work");
@@ -309,22 +313,19 @@ TEST_CASE("writes that fail while tasks run (disk full) are kept and retried in 
   std::vector<std::string> ids;
   for (int i = 0; i < 20; ++i) ids.push_back(tm->create_task(r).id);  // stored: durable
   tm->get_task_metrics();  // (nothing pending)
-  {
-    SQLite::Database db(dir.db(), SQLite::OPEN_READONLY);
-    o.page_limit->store(db.execAndGet("PRAGMA page_count").getInt64());  // the disk is full now
-  }
+  f.fill();  // the disk is full now
   for (const auto& id : ids) tm->start_task(id);
   REQUIRE(tm->wait_idle(30s));
   // In memory every task completed, with its events, whatever the file says.
   for (const auto& id : ids) CHECK(tm->get_task(id).status == TaskStatus::kCompleted);
   {
-    SQLite::Database db(dir.db(), SQLite::OPEN_READONLY);
+    SQLite::Database db(f.dir.db(), SQLite::OPEN_READONLY);
     CHECK(db.execAndGet("SELECT count(*) FROM tasks WHERE status='completed'").getInt() < 20);
   }
   // Space returns: the backlog is written, in order, without any new write.
-  o.page_limit->store(0);
+  f.free_space();
   REQUIRE(eventually([&] {
-    SQLite::Database db(dir.db(), SQLite::OPEN_READONLY);
+    SQLite::Database db(f.dir.db(), SQLite::OPEN_READONLY);
     return db.execAndGet("SELECT count(*) FROM tasks WHERE status='completed' AND "
                          "resource_cleanup_completed=1").getInt() == 20;
   }));
@@ -333,10 +334,10 @@ TEST_CASE("writes that fail while tasks run (disk full) are kept and retried in 
   tm->start_task(t.id);
   REQUIRE(tm->wait_task(t.id, 30s));
   tm.reset();
-  mo.store.reset();  // the last owner: closes the file
+  f.mo.store.reset();  // the last owner: closes the file
   TaskManagerOptions again;
-  again.log_sink = mo.log_sink;
-  TaskManager reopened(c, again);
+  again.log_sink = f.mo.log_sink;
+  TaskManager reopened(f.c, again);
   for (const auto& id : ids) {
     const Task back = reopened.get_task(id);
     CHECK(back.status == TaskStatus::kCompleted);

@@ -6,6 +6,7 @@
 //   bench_lifecycle [--tasks N] [--runs R] [--workers W]
 //
 // Prints one line per run and the medians; docs/PERFORMANCE.md records them.
+#include <sys/resource.h>
 #include <taskmgr/taskmgr.hpp>
 
 #include <algorithm>
@@ -25,6 +26,14 @@ using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+// CPU seconds (user + system) this process has used so far.
+double cpu_seconds() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return static_cast<double>(u.ru_utime.tv_sec + u.ru_stime.tv_sec) +
+         static_cast<double>(u.ru_utime.tv_usec + u.ru_stime.tv_usec) / 1e6;
 }
 
 double median(std::vector<double> v) {
@@ -54,9 +63,10 @@ struct Lifecycle {
   double create_p99_us = 0;
   std::uint64_t events = 0;
   double submit_share = 0;  // part of the run the host spent creating and starting
+  double cpu_us = 0;        // CPU time (all threads) per lifecycle
 };
 
-Lifecycle taskmgr_rate(int n, int workers) {
+Lifecycle taskmgr_rate(int n, int workers, int batch) {
   taskmgr::Config config;
   config.executor.worker_threads = workers;
   config.tasks.max_queue_size = n + 1;
@@ -73,17 +83,33 @@ Lifecycle taskmgr_rate(int n, int workers) {
   std::vector<double> create_us;
   create_us.reserve(static_cast<std::size_t>(n));
   const auto t0 = Clock::now();
-  for (int i = 0; i < n; ++i) {
-    const auto c0 = Clock::now();
-    const taskmgr::Task t = tm.create_task(req);
-    create_us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - c0).count());
-    tm.start_task(t.id);
+  const double cpu0 = cpu_seconds();
+  if (batch == 0) {  // create_task, then start_task: two calls per task
+    for (int i = 0; i < n; ++i) {
+      const auto c0 = Clock::now();
+      const taskmgr::Task t = tm.create_task(req);
+      create_us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - c0).count());
+      tm.start_task(t.id);
+    }
+  } else {  // create_tasks with start: `batch` tasks created and queued per call
+    req.start = true;
+    const std::vector<taskmgr::TaskCreateRequest> reqs(static_cast<std::size_t>(batch), req);
+    for (int i = 0; i < n; i += batch) {
+      const auto c0 = Clock::now();
+      if (batch == 1) {
+        tm.create_task(req);
+      } else {
+        tm.create_tasks(reqs);
+      }
+      create_us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - c0).count());
+    }
   }
   const double submit_s = seconds_since(t0);
   if (!tm.wait_idle(std::chrono::minutes(10))) std::abort();
   tm.flush_events();  // every event delivered to the subscriber
   const double s = seconds_since(t0);
   Lifecycle r;
+  r.cpu_us = (cpu_seconds() - cpu0) * 1e6 / n;
   r.rate = n / s;
   const auto m = tm.get_task_metrics();
   if (m.tasks_completed != static_cast<std::uint64_t>(n)) std::abort();
@@ -100,17 +126,18 @@ Lifecycle taskmgr_rate(int n, int workers) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  int tasks = 100000, runs = 5, workers = 2;
+  int tasks = 100000, runs = 5, workers = 2, batch = 0;
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!std::strcmp(argv[i], "--tasks")) tasks = std::atoi(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--runs")) runs = std::atoi(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--workers")) workers = std::atoi(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--batch")) batch = std::atoi(argv[i + 1]);
   }
   std::printf("bench_lifecycle: %d tasks, %d workers, %d runs\n", tasks, workers, runs);
-  std::vector<double> raw, life, ratio, p50, p99, c50, c99;
+  std::vector<double> raw, life, ratio, p50, p99, c50, c99, cpu;
   for (int r = 0; r < runs; ++r) {
     const double a = asio_rate(tasks * 4, workers);
-    const Lifecycle l = taskmgr_rate(tasks, workers);
+    const Lifecycle l = taskmgr_rate(tasks, workers, batch);
     raw.push_back(a);
     life.push_back(l.rate);
     ratio.push_back(a / l.rate);
@@ -118,17 +145,19 @@ int main(int argc, char** argv) {
     p99.push_back(l.wait_p99 * 1e6);
     c50.push_back(l.create_p50_us);
     c99.push_back(l.create_p99_us);
+    cpu.push_back(l.cpu_us);
     std::printf(
         "run %d: asio %.0f posts/s | taskmgr %.0f lifecycles/s (%llu events) | asio/taskmgr %.1fx | "
         "queue->start p50 %.0f us p99 %.0f us | create_task p50 %.1f us p99 %.1f us | "
-        "host busy %.0f%%\n",
+        "host busy %.0f%% | CPU %.1f us/lifecycle\n",
         r + 1, a, l.rate, static_cast<unsigned long long>(l.events), a / l.rate,
         l.wait_p50 * 1e6, l.wait_p99 * 1e6, l.create_p50_us, l.create_p99_us,
-        l.submit_share * 100);
+        l.submit_share * 100, l.cpu_us);
   }
   std::printf(
       "median: asio %.0f posts/s | taskmgr %.0f lifecycles/s | asio/taskmgr %.1fx (target <= 30x) | "
-      "queue->start p50 %.0f us p99 %.0f us | create_task p50 %.1f us p99 %.1f us\n",
-      median(raw), median(life), median(ratio), median(p50), median(p99), median(c50), median(c99));
+      "queue->start p50 %.0f us p99 %.0f us | create_task p50 %.1f us p99 %.1f us | CPU %.1f us/lifecycle\n",
+      median(raw), median(life), median(ratio), median(p50), median(p99), median(c50), median(c99),
+      median(cpu));
   return 0;
 }

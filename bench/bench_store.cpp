@@ -146,12 +146,14 @@ Result taskmgr_sqlite(const std::string& path, int n, int producers) {
 
 int main(int argc, char** argv) {
   int tasks = 20000, runs = 3, producers = 4;
+  bool skip_raw = false;  // --skip-raw 1: taskmgr only (for profiling)
   std::string dir = fs::temp_directory_path().string();
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!std::strcmp(argv[i], "--tasks")) tasks = std::atoi(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--runs")) runs = std::atoi(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--dir")) dir = argv[i + 1];
     else if (!std::strcmp(argv[i], "--producers")) producers = std::atoi(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--skip-raw")) skip_raw = std::atoi(argv[i + 1]) != 0;
   }
   std::printf("bench_store: %d tasks, %d host threads creating, 2 workers, %d runs, files in %s\n",
               tasks, producers, runs, dir.c_str());
@@ -161,7 +163,7 @@ int main(int argc, char** argv) {
     for (const auto& f : {a, b}) {
       for (const char* sfx : {"", "-wal", "-shm", ".lock"}) fs::remove(f + sfx);
     }
-    const double rr = raw_sqlite(a, tasks);
+    const double rr = skip_raw ? 0.0 : raw_sqlite(a, tasks);
     const Result t = taskmgr_sqlite(b, tasks, producers);
     raw.push_back(rr);
     tm.push_back(t.rate);

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <initializer_list>
 #include <optional>
 #include <string>
@@ -14,11 +15,57 @@
 
 namespace taskmgr::detail {
 
+// Where JSON text is written: a fixed buffer on the stack that spills into a
+// std::string only when the text outgrows it. Event details are short, and
+// each std::string::append call costs more than the copy itself.
+class JsonOut {
+ public:
+  static constexpr std::size_t kCapacity = 480;
+
+  __attribute__((always_inline)) void put(char c) {
+    if (!spilled_ && n_ < kCapacity) {
+      buf_[n_++] = c;
+    } else {
+      spill().push_back(c);
+    }
+  }
+  __attribute__((always_inline)) void put(std::string_view s) {
+    if (!spilled_ && s.size() <= kCapacity - n_) {
+      std::memcpy(buf_ + n_, s.data(), s.size());
+      n_ += s.size();
+    } else {
+      spill().append(s);
+    }
+  }
+  std::string str() const { return spilled_ ? big_ : std::string(buf_, n_); }
+
+ private:
+  std::string& spill() {
+    if (!spilled_) {
+      big_.reserve(2 * kCapacity);
+      big_.assign(buf_, n_);
+      spilled_ = true;
+    }
+    return big_;
+  }
+  char buf_[kCapacity];
+  std::size_t n_ = 0;
+  bool spilled_ = false;
+  std::string big_;
+};
+
+// Appends to a std::string through the same interface.
+struct StringOut {
+  std::string& s;
+  void put(char c) { s.push_back(c); }
+  void put(std::string_view v) { s.append(v); }
+};
+
 // A JSON value a field can hold: string, integer, number, bool, null, or
 // raw JSON text (an object or array serialized elsewhere).
 class JsonValue {
  public:
-  enum class Kind { kString, kInt, kDouble, kBool, kNull, kRaw };
+  enum class Kind { kString, kInt, kDouble, kSeconds, kBool, kNull, kRaw };
 
   JsonValue(const std::string& s) : kind_(Kind::kString), str_(s) {}
   JsonValue(std::string_view s) : kind_(Kind::kString), str_(s) {}
@@ -31,54 +78,99 @@ class JsonValue {
   JsonValue(const std::optional<std::int64_t>& o)
       : kind_(o ? Kind::kInt : Kind::kNull), i_(o.value_or(0)) {}
 
+  // A duration in seconds, written to the microsecond ("0.000125", "2.5"):
+  // cheaper than the shortest round-trip form, and as precise as the
+  // durations it carries. Always a JSON number with a fraction part.
+  static JsonValue seconds(double s) {
+    JsonValue v(s);
+    v.kind_ = Kind::kSeconds;
+    return v;
+  }
+
   static JsonValue raw(std::string_view json) {
     JsonValue v(json);
     v.kind_ = Kind::kRaw;
     return v;
   }
 
-  void append_to(std::string& out) const {
+  template <typename Out>
+  void append_to(Out& out) const {
     switch (kind_) {
       case Kind::kString: append_string(out, str_); break;
-      case Kind::kInt: out += std::to_string(i_); break;
+      case Kind::kInt: {
+        char buf[24];
+        const auto res = std::to_chars(buf, buf + sizeof buf, i_);
+        out.put(std::string_view(buf, static_cast<std::size_t>(res.ptr - buf)));
+        break;
+      }
       case Kind::kDouble: {
         if (!std::isfinite(d_)) {
-          out += "null";  // JSON has no NaN or infinity
+          out.put("null");  // JSON has no NaN or infinity
           break;
         }
         char buf[32];
         const auto res = std::to_chars(buf, buf + sizeof buf, d_);  // shortest round-trip form
         std::string_view s(buf, static_cast<std::size_t>(res.ptr - buf));
-        out += s;
-        if (s.find_first_of(".eEn") == std::string_view::npos) out += ".0";  // stays a double
+        out.put(s);
+        if (s.find_first_of(".eEn") == std::string_view::npos) out.put(".0");  // stays a double
         break;
       }
-      case Kind::kBool: out += b_ ? "true" : "false"; break;
-      case Kind::kNull: out += "null"; break;
-      case Kind::kRaw: out += str_.empty() ? std::string_view("null") : str_; break;
+      case Kind::kSeconds: {
+        if (!std::isfinite(d_) || std::fabs(d_) >= 1e12) {
+          JsonValue(d_).append_to(out);  // the general form
+          break;
+        }
+        std::int64_t us = std::llround(d_ * 1e6);
+        if (us < 0) {
+          out.put('-');
+          us = -us;
+        }
+        char buf[24];
+        auto res = std::to_chars(buf, buf + sizeof buf, us / 1000000);
+        out.put(std::string_view(buf, static_cast<std::size_t>(res.ptr - buf)));
+        char frac[7] = {'.', '0', '0', '0', '0', '0', '0'};
+        std::int64_t f = us % 1000000;
+        for (int i = 6; i >= 1; --i, f /= 10) frac[i] = static_cast<char>('0' + f % 10);
+        std::size_t len = 7;
+        while (len > 2 && frac[len - 1] == '0') --len;  // keep one digit: "2.0"
+        out.put(std::string_view(frac, len));
+        break;
+      }
+      case Kind::kBool: out.put(b_ ? std::string_view("true") : std::string_view("false")); break;
+      case Kind::kNull: out.put("null"); break;
+      case Kind::kRaw: out.put(str_.empty() ? std::string_view("null") : str_); break;
     }
   }
 
-  static void append_string(std::string& out, std::string_view s) {
-    out += '"';
-    for (const char c : s) {
+  template <typename Out>
+  static void append_string(Out& out, std::string_view s) {
+    out.put('"');
+    // Runs that need no escaping (nearly everything) are appended whole.
+    std::size_t run = 0;
+    for (std::size_t i = 0; i < s.size(); ++i) {
+      const char c = s[i];
+      if (c != '"' && c != '\\' && static_cast<unsigned char>(c) >= 0x20) continue;
+      out.put(s.substr(run, i - run));
+      run = i + 1;
       switch (c) {
-        case '"': out += "\\\""; break;
-        case '\\': out += "\\\\"; break;
-        case '\n': out += "\\n"; break;
-        case '\r': out += "\\r"; break;
-        case '\t': out += "\\t"; break;
-        default:
-          if (static_cast<unsigned char>(c) < 0x20) {
-            char buf[8];
-            std::snprintf(buf, sizeof buf, "\\u%04x", static_cast<unsigned>(c));
-            out += buf;
-          } else {
-            out += c;
-          }
+        case '"': out.put("\\\""); break;
+        case '\\': out.put("\\\\"); break;
+        case '\n': out.put("\\n"); break;
+        case '\r': out.put("\\r"); break;
+        case '\t': out.put("\\t"); break;
+        default: {
+          char buf[8];
+          std::snprintf(buf, sizeof buf, "\\u%04x", static_cast<unsigned>(c));
+          out.put(std::string_view(buf, 6));
+        }
       }
     }
-    out += '"';
+    out.put(s.substr(run));
+    out.put('"');
+  }
+  static void append_string(std::string& out, std::string_view s) {
+    StringOut o{out};
+    append_string(o, s);
   }
 
  private:
@@ -95,19 +187,20 @@ struct JsonField {
 };
 
 inline std::string json_object(std::initializer_list<JsonField> fields) {
-  std::string out;
-  out.reserve(96);
-  out += '{';
+  JsonOut out;
+  out.put('{');
   bool first = true;
   for (const auto& f : fields) {
-    if (!first) out += ',';
+    if (!first) out.put(',');
     first = false;
-    JsonValue::append_string(out, f.key);
-    out += ':';
+    // Keys are the library's own identifiers: nothing to escape.
+    out.put('"');
+    out.put(f.key);
+    out.put("\":");
     f.value.append_to(out);
   }
-  out += '}';
-  return out;
+  out.put('}');
+  return out.str();
 }
 
 }  // namespace taskmgr::detail

@@ -103,10 +103,30 @@ std::string format_timestamp(Timestamp t) {
   }
   std::tm tm{};
   gmtime_r(&secs, &tm);
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", tm.tm_year + 1900,
-                tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, ms);
-  return buf;
+  const int year = tm.tm_year + 1900;
+  if (year < 0 || year > 9999) {
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", year, tm.tm_mon + 1,
+                  tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, ms);
+    return buf;
+  }
+  // YYYY-MM-DDTHH:MM:SS.mmmZ written directly: this runs for every stored
+  // event and task row, and snprintf is most of its cost.
+  std::string out = "0000-00-00T00:00:00.000Z";
+  auto put = [&out](std::size_t at, int v, int digits) {
+    for (int i = digits - 1; i >= 0; --i) {
+      out[at + static_cast<std::size_t>(i)] = static_cast<char>('0' + v % 10);
+      v /= 10;
+    }
+  };
+  put(0, year, 4);
+  put(5, tm.tm_mon + 1, 2);
+  put(8, tm.tm_mday, 2);
+  put(11, tm.tm_hour, 2);
+  put(14, tm.tm_min, 2);
+  put(17, tm.tm_sec, 2);
+  put(20, ms, 3);
+  return out;
 }
 
 std::optional<Timestamp> parse_timestamp(std::string_view text) {
@@ -214,14 +234,24 @@ std::string generate_task_id() {
   const std::uint64_t hi = (ms << 16) | (0x7ULL << 12) | counter;
   const std::uint64_t lo = (0x2ULL << 62) | (rand_b & 0x3FFFFFFFFFFFFFFFULL);
 
-  char buf[37];
-  std::snprintf(buf, sizeof buf, "%08llx-%04llx-%04llx-%04llx-%012llx",
-                static_cast<unsigned long long>(hi >> 32),
-                static_cast<unsigned long long>((hi >> 16) & 0xFFFF),
-                static_cast<unsigned long long>(hi & 0xFFFF),
-                static_cast<unsigned long long>(lo >> 48),
-                static_cast<unsigned long long>(lo & 0xFFFFFFFFFFFFULL));
-  return buf;
+  // 8-4-4-4-12 hex digits, written directly (snprintf costs more than the
+  // rest of this function together).
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string id(36, '-');
+  std::size_t pos = 0;
+  auto put = [&](std::uint64_t v, int digits) {
+    for (int i = digits - 1; i >= 0; --i) id[pos++] = kHex[(v >> (4 * i)) & 0xF];
+  };
+  put(hi >> 32, 8);
+  ++pos;
+  put((hi >> 16) & 0xFFFF, 4);
+  ++pos;
+  put(hi & 0xFFFF, 4);
+  ++pos;
+  put(lo >> 48, 4);
+  ++pos;
+  put(lo & 0xFFFFFFFFFFFFULL, 12);
+  return id;
 }
 
 }  // namespace taskmgr

@@ -150,6 +150,7 @@ class TaskManager::Impl {
 
   void register_service(std::shared_ptr<ServiceFactory> factory);
   Task create_task(const TaskCreateRequest& request);
+  std::vector<Task> create_tasks(const std::vector<TaskCreateRequest>& requests);
   Task start_task(const std::string& id, const TaskStartRequest& params);
   bool cancel_task(const std::string& id);
   Task get_task(const std::string& id) const;
@@ -176,8 +177,11 @@ class TaskManager::Impl {
   class Context;
 
  private:
+  // The events of one state change (one critical section). They share one
+  // timestamp, read once.
   struct Batch {
     std::vector<EventRecord> events;
+    std::optional<Timestamp> now;
   };
 
   void check_open_locked() const;
@@ -192,12 +196,15 @@ class TaskManager::Impl {
 
  private:
   RecordPtr find_locked(const std::string& id) const;
+  void put_locked(const RecordPtr& rec);
   bool supports(const std::string& service, const DeviceInfo& d) const;
   std::function<bool(const DeviceInfo&)> support_filter(const std::string& service) const;
 
   // retry: a further attempt (requeue_task: one priority lower). recovered:
   // found queued at open (never refused, same priority).
   void enqueue_locked(const RecordPtr& rec, Batch& b, bool retry, bool recovered = false);
+  void mark_queued(Record& r, Batch& b, bool retry, bool recovered) const;
+  void push_queued_locked(const RecordPtr& rec, bool retry, bool recovered, bool enforce_limit);
   struct Launch {
     RecordPtr rec;
     ServicePool::Lease lease;
@@ -235,8 +242,10 @@ class TaskManager::Impl {
   mutable std::condition_variable done_cv_;
   std::map<std::string, std::shared_ptr<ServiceFactory>> factories_;
   std::map<std::string, std::unique_ptr<ServicePool>> pools_;
-  std::unordered_map<std::string, RecordPtr> records_;
-  std::deque<std::string> finished_fifo_;
+  // Keyed by a view of the record's own task.id (never changes; the value
+  // keeps it alive): no copy of the id per task. Insert with put_locked.
+  std::unordered_map<std::string_view, RecordPtr> records_;
+  std::deque<RecordPtr> finished_fifo_;  // the recent finished tasks kept in records_
   std::vector<RecordPtr> running_recs_;  // attempts running now (at most one per worker)
   std::map<std::string, SteadyTime> pool_blocked_;
   std::map<std::string, int> running_by_device_;
@@ -252,6 +261,8 @@ class TaskManager::Impl {
   std::mutex outbox_mu_;  // taken inside mu_ to append, alone to swap out
   std::vector<OutboxItem> outbox_;
   std::mutex drain_mu_;  // one drainer at a time keeps commit order
+  std::vector<OutboxItem> spare_outbox_;   // drain_mu_: swapped with outbox_
+  std::vector<EventRecord> spare_events_;  // drain_mu_
   std::vector<std::string> device_ids_;  // fixed at open
   int workers_ = 1;
   int running_ = 0;   // attempts holding a worker thread
@@ -262,6 +273,7 @@ class TaskManager::Impl {
   std::atomic<std::int64_t> arrival_gap_ns_{1'000'000'000};  // mean gap between enqueues
   static constexpr std::chrono::microseconds kWorkerLinger{TASKMGR_LINGER_US};
   int backoff_ = 0;   // tasks waiting for a retry timer
+  std::size_t queue_reserved_ = 0;  // queue room kept for tasks created with start, not yet queued
   bool closing_ = false;
   bool closed_ = false;
   SteadyTime last_prune_{};
@@ -469,12 +481,15 @@ void TaskManager::Impl::check_open_locked() const {
 
 void TaskManager::Impl::add_event(Batch& b, const Record& r, TaskEvent e,
                                   std::initializer_list<detail::JsonField> details) const {
-  EventRecord ev;
+  if (!b.now) {
+    b.now = clock_->now();
+    b.events.reserve(4);
+  }
+  EventRecord& ev = b.events.emplace_back();
   ev.task_id = r.task.id;
   ev.event = e;
-  ev.timestamp = clock_->now();
+  ev.timestamp = *b.now;
   ev.details_json = detail::json_object(details);
-  b.events.push_back(std::move(ev));
 }
 
 // Every state change and its events are committed here, under mu_, in the
@@ -506,7 +521,16 @@ void TaskManager::Impl::commit_locked(Record& r, Batch& b) {
   item.task.resource_cleanup_completed = t.resource_cleanup_completed;
   item.events = std::move(b.events);
   b.events.clear();
+  b.now.reset();
   std::lock_guard<std::mutex> g(outbox_mu_);
+  // The task's previous change still waits: one item (the later row
+  // supersedes the earlier one; the events stay in order).
+  if (!outbox_.empty() && outbox_.back().store && outbox_.back().task.id == item.task.id) {
+    OutboxItem& last = outbox_.back();
+    last.task = std::move(item.task);
+    for (auto& e : item.events) last.events.push_back(std::move(e));
+    return;
+  }
   outbox_.push_back(std::move(item));
 }
 
@@ -518,12 +542,17 @@ void TaskManager::Impl::drain(bool wait) {
     } else if (!d.try_lock()) {
       return;  // the drainer re-checks the outbox after it finishes
     }
-    std::vector<OutboxItem> items;
+    // The outbox and the spare swap buffers: neither is reallocated in the
+    // steady state.
+    std::vector<OutboxItem> items = std::move(spare_outbox_);
     {
       auto g = detail::spin_lock(outbox_mu_);
       items.swap(outbox_);
     }
-    std::vector<EventRecord> events;
+    std::vector<EventRecord> events = std::move(spare_events_);
+    std::size_t n = 0;
+    for (const auto& it : items) n += it.events.size();
+    events.reserve(n);
     for (auto& it : items) {
       if (it.store) {
         try {
@@ -534,13 +563,22 @@ void TaskManager::Impl::drain(bool wait) {
       }
       for (auto& e : it.events) events.push_back(std::move(e));
     }
-    bus_.publish(std::move(events));
+    bus_.publish(std::move(events));  // leaves `events` empty, capacity kept
+    const bool none = items.empty();
+    items.clear();
+    spare_outbox_ = std::move(items);
+    spare_events_ = std::move(events);
     d.unlock();
-    if (items.empty()) {
+    if (none) {
       auto g = detail::spin_lock(outbox_mu_);
       if (outbox_.empty()) return;
     }
   }
+}
+
+void TaskManager::Impl::put_locked(const RecordPtr& rec) {
+  records_.erase(rec->task.id);  // a key must view the id of the record it maps to
+  records_.emplace(std::string_view(rec->task.id), rec);
 }
 
 RecordPtr TaskManager::Impl::find_locked(const std::string& id) const {
@@ -598,7 +636,10 @@ void TaskManager::Impl::register_service(std::shared_ptr<ServiceFactory> factory
 }
 
 // ---- create / start / cancel ------------------------------------------------
-Task TaskManager::Impl::create_task(const TaskCreateRequest& req) {
+namespace {
+
+// The checks create_task makes before it takes any lock.
+void validate_request(const TaskCreateRequest& req) {
   for (const auto& [what, value] :
        {std::pair<const char*, const std::string*>{"input path", &req.input.path},
         {"service", &req.service},
@@ -609,18 +650,6 @@ Task TaskManager::Impl::create_task(const TaskCreateRequest& req) {
                                                    std::to_string(*at) + ")");
     }
   }
-  std::function<bool(const DeviceInfo&)> allowed;
-  {
-    auto g = detail::spin_lock(mu_);
-    check_open_locked();
-    if (!factories_.count(req.service)) {
-      std::string known;
-      for (const auto& [k, f] : factories_) known += (known.empty() ? "" : ", ") + k;
-      throw Error(ErrorCode::kNotFound, "no service '" + req.service + "' is registered" +
-                                            (known.empty() ? "" : " (registered: " + known + ")"));
-    }
-    allowed = support_filter(req.service);
-  }
   if (req.batch_size < 1) {
     throw Error(ErrorCode::kInvalidArgument,
                 "batch_size must be >= 1, got " + std::to_string(req.batch_size));
@@ -629,61 +658,162 @@ Task TaskManager::Impl::create_task(const TaskCreateRequest& req) {
     throw Error(ErrorCode::kInvalidArgument, "input: give a path or bytes, not both");
   }
   check_options_json(req.options_json);
+}
 
-  auto rec = std::make_shared<Record>();
-  Task& t = rec->task;
-  t.id = generate_task_id();
-  t.service = req.service;
-  t.input = req.input;
-  t.options_json = req.options_json;
-  t.priority = req.priority;
-  t.batch_size = req.batch_size;
-  t.status = TaskStatus::kPending;
-  t.created_at = clock_->now();
+}  // namespace
 
-  Batch b;
-  if (config_.tasks.enable_resource_tracking) {
-    rec->features = estimator_.features(req);
-    const MemoryEstimate est = estimator_.estimate(req.service, rec->features, req.device);
-    if (config_.tasks.max_task_memory_mb > 0 && est.mb > config_.tasks.max_task_memory_mb) {
-      throw Error(ErrorCode::kMemoryLimitExceeded,
-                  "task estimated at " + std::to_string(est.mb) +
-                      " MB exceeds tasks.max_task_memory_mb = " +
-                      std::to_string(config_.tasks.max_task_memory_mb) + " (" +
-                      est.explanation() + ")");
+// One request or many: validate all, reserve queue room for those that
+// start, estimate and place each, store them all in one commit, then put
+// the started ones in the queue.
+std::vector<Task> TaskManager::Impl::create_tasks(const std::vector<TaskCreateRequest>& reqs) {
+  const bool many = reqs.size() != 1;
+  // Runs `f` for request i; a failure of one of many names it.
+  auto for_request = [many](std::size_t i, auto&& f) {
+    if (!many) return f();
+    try {
+      return f();
+    } catch (const Error& e) {
+      throw Error(e.code(), "request " + std::to_string(i) + ": " + e.what() +
+                                "; no task was created");
     }
-    t.estimated_memory_mb = est.mb;
-    t.assigned_device = devices_->select_device(est.mb, req.device, allowed);
-    add_event(b, *rec, TaskEvent::kCreated,
-              {{"service", t.service},
-               {"priority", t.priority},
-               {"batch_size", t.batch_size},
-               {"device", *t.assigned_device},
-               {"estimated_memory_mb", est.mb},
-               {"estimate_model", est.model},
-               {"estimate_correction", est.correction}});
-  } else {
-    rec->features.batch_size = req.batch_size;
-    t.assigned_device = devices_->select_device(0, req.device, allowed);
-    add_event(b, *rec, TaskEvent::kCreated,
-              {{"service", t.service},
-               {"priority", t.priority},
-               {"batch_size", t.batch_size},
-               {"device", *t.assigned_device}});
+  };
+  if (reqs.empty()) return {};
+  for (std::size_t i = 0; i < reqs.size(); ++i) {
+    for_request(i, [&] { validate_request(reqs[i]); });
   }
-  store_->insert_task(t, b.events.front());  // durable before we return; throws on failure
+  std::size_t starting = 0;
+  for (const auto& r : reqs) starting += r.start ? 1 : 0;
+  std::map<std::string, std::function<bool(const DeviceInfo&)>> allowed;
   {
     auto g = detail::spin_lock(mu_);
-    records_[t.id] = rec;
-    ++created_;
-    OutboxItem item;
-    item.store = false;  // insert_task stored the created event
-    item.events = std::move(b.events);
-    std::lock_guard<std::mutex> o(outbox_mu_);
-    outbox_.push_back(std::move(item));
+    check_open_locked();
+    for (std::size_t i = 0; i < reqs.size(); ++i) {
+      const std::string& service = reqs[i].service;
+      if (allowed.count(service)) continue;
+      for_request(i, [&] {
+        if (!factories_.count(service)) {
+          std::string known;
+          for (const auto& [k, f] : factories_) known += (known.empty() ? "" : ", ") + k;
+          throw Error(ErrorCode::kNotFound,
+                      "no service '" + service + "' is registered" +
+                          (known.empty() ? "" : " (registered: " + known + ")"));
+        }
+      });
+      allowed.emplace(service, support_filter(service));
+    }
+    if (starting > 0) {
+      const std::size_t max = static_cast<std::size_t>(config_.tasks.max_queue_size);
+      const std::size_t queued = queue_->size() + queue_reserved_;
+      if (queued + starting > max) {
+        ++queue_full_;
+        throw Error(ErrorCode::kQueueFull,
+                    "queue full: " + std::to_string(queued) + " tasks queued (tasks.max_queue_size = " +
+                        std::to_string(max) + ")" +
+                        (many ? ", " + std::to_string(starting) + " more to start"
+                              : std::string()) +
+                        "; " + (many ? "no task was" : "the task was not") + " created");
+      }
+      queue_reserved_ += starting;  // room kept until the tasks are queued
+    }
+  }
+  // Gives back the reserved queue room if anything below fails.
+  struct Reservation {
+    Impl& m;
+    std::size_t n;
+    ~Reservation() {
+      if (n == 0) return;
+      auto g = detail::spin_lock(m.mu_);
+      m.queue_reserved_ -= n;
+    }
+  } reservation{*this, starting};
+
+  std::vector<RecordPtr> recs;
+  std::vector<NewTask> rows;
+  recs.reserve(reqs.size());
+  rows.reserve(reqs.size());
+  for (std::size_t i = 0; i < reqs.size(); ++i) {
+    const TaskCreateRequest& req = reqs[i];
+    auto rec = std::make_shared<Record>();
+    Task& t = rec->task;
+    t.id = generate_task_id();
+    t.service = req.service;
+    t.input = req.input;
+    t.options_json = req.options_json;
+    t.priority = req.priority;
+    t.batch_size = req.batch_size;
+    t.status = TaskStatus::kPending;
+    t.created_at = clock_->now();
+    Batch b;
+    for_request(i, [&] {
+      const auto& filter = allowed.at(req.service);
+      if (config_.tasks.enable_resource_tracking) {
+        rec->features = estimator_.features(req);
+        const MemoryEstimate est = estimator_.estimate(req.service, rec->features, req.device);
+        if (config_.tasks.max_task_memory_mb > 0 && est.mb > config_.tasks.max_task_memory_mb) {
+          throw Error(ErrorCode::kMemoryLimitExceeded,
+                      "task estimated at " + std::to_string(est.mb) +
+                          " MB exceeds tasks.max_task_memory_mb = " +
+                          std::to_string(config_.tasks.max_task_memory_mb) + " (" +
+                          est.explanation() + ")");
+        }
+        t.estimated_memory_mb = est.mb;
+        t.assigned_device = devices_->select_device(est.mb, req.device, filter);
+        add_event(b, *rec, TaskEvent::kCreated,
+                  {{"service", t.service},
+                   {"priority", t.priority},
+                   {"batch_size", t.batch_size},
+                   {"device", *t.assigned_device},
+                   {"estimated_memory_mb", est.mb},
+                   {"estimate_model", est.model},
+                   {"estimate_correction", est.correction}});
+      } else {
+        rec->features.batch_size = req.batch_size;
+        t.assigned_device = devices_->select_device(0, req.device, filter);
+        add_event(b, *rec, TaskEvent::kCreated,
+                  {{"service", t.service},
+                   {"priority", t.priority},
+                   {"batch_size", t.batch_size},
+                   {"device", *t.assigned_device}});
+      }
+    });
+    if (req.start) mark_queued(*rec, b, false, false);
+    NewTask row;
+    row.task = t;
+    row.events = std::move(b.events);
+    rows.push_back(std::move(row));
+    recs.push_back(std::move(rec));
+  }
+  store_->insert_tasks(rows);  // durable before we return; throws on failure: nothing kept
+  std::vector<Task> out;
+  out.reserve(rows.size());
+  {
+    auto g = detail::spin_lock(mu_);
+    for (std::size_t i = 0; i < recs.size(); ++i) {
+      const RecordPtr& rec = recs[i];
+      put_locked(rec);
+      ++created_;
+      if (reqs[i].start) push_queued_locked(rec, false, false, /*enforce_limit=*/false);
+      out.push_back(std::move(rows[i].task));
+    }
+    queue_reserved_ -= starting;  // now in the queue
+    reservation.n = 0;
+    {
+      std::lock_guard<std::mutex> o(outbox_mu_);
+      for (auto& row : rows) {
+        OutboxItem item;
+        item.store = false;  // insert_tasks stored these events
+        item.events = std::move(row.events);
+        outbox_.push_back(std::move(item));
+      }
+    }
+    if (starting > 0) dispatch_locked();
   }
   drain();
-  return t;
+  return out;
+}
+
+Task TaskManager::Impl::create_task(const TaskCreateRequest& req) {
+  return std::move(create_tasks({req}).front());
 }
 
 Task TaskManager::Impl::start_task(const std::string& id, const TaskStartRequest& p) {
@@ -724,10 +854,10 @@ Task TaskManager::Impl::start_task(const std::string& id, const TaskStartRequest
     device = devices_->select_device(estimate.value_or(0), p.device.empty() ? device : p.device,
                                      support_filter(t.service));
   }
-  if (queue_->size() >= static_cast<std::size_t>(config_.tasks.max_queue_size)) {
+  if (queue_->size() + queue_reserved_ >= static_cast<std::size_t>(config_.tasks.max_queue_size)) {
     ++queue_full_;
     throw Error(ErrorCode::kQueueFull,
-                "queue full: " + std::to_string(queue_->size()) +
+                "queue full: " + std::to_string(queue_->size() + queue_reserved_) +
                     " tasks queued (tasks.max_queue_size = " +
                     std::to_string(config_.tasks.max_queue_size) + "); task " + id +
                     " stays pending and can be started later");
@@ -749,19 +879,41 @@ Task TaskManager::Impl::start_task(const std::string& id, const TaskStartRequest
 void TaskManager::Impl::enqueue_locked(const RecordPtr& rec, Batch& b, bool retry,
                                        bool recovered) {
   Task& t = rec->task;
+  if (retry) t.priority -= 1;  // the spec's requeue_task: one priority lower
+  mark_queued(*rec, b, retry, recovered);
+  // A retry or a recovered task was accepted before: never refused.
+  push_queued_locked(rec, retry, recovered, /*enforce_limit=*/!retry && !recovered);
+}
+
+// The task's queued state and event (status, queued_at), without the queue.
+void TaskManager::Impl::mark_queued(Record& r, Batch& b, bool retry, bool recovered) const {
+  Task& t = r.task;
+  t.status = TaskStatus::kQueued;
+  t.queued_at = clock_->now();
+  add_event(b, r, TaskEvent::kQueued,
+            {{"device", *t.assigned_device},
+             {"priority", t.priority},
+             {"batch_size", t.batch_size},
+             {"estimated_memory_mb", t.estimated_memory_mb.value_or(0)},
+             {"retry", retry},
+             {"recovered", recovered}});
+}
+
+// Puts a task marked queued into the queue of its device.
+void TaskManager::Impl::push_queued_locked(const RecordPtr& rec, bool retry, bool recovered,
+                                           bool enforce_limit) {
+  Task& t = rec->task;
   QueuedTask q;
   q.task_id = t.id;
   q.device = *t.assigned_device;
   q.service = t.service;
   q.estimated_memory_mb = t.estimated_memory_mb.value_or(0);
-  if (recovered) {
-    queue_->add_task(q, t.priority, /*enforce_limit=*/false);  // accepted before: never refused
-  } else if (retry) {
-    q.priority = t.priority;
-    queue_->requeue_task(q);  // the spec: one priority lower; never refused
-    t.priority -= 1;
+  if (retry) {
+    q.priority = t.priority + 1;
+    queue_->requeue_task(q);  // one priority lower than q.priority
   } else {
-    queue_->add_task(q, t.priority);
+    (void)recovered;
+    queue_->add_task(q, t.priority, enforce_limit);
   }
   enqueued_.fetch_add(1, std::memory_order_release);
   {
@@ -776,16 +928,7 @@ void TaskManager::Impl::enqueue_locked(const RecordPtr& rec, Batch& b, bool retr
                           std::memory_order_relaxed);
   }
   rec->phase = Phase::kQueued;
-  t.status = TaskStatus::kQueued;
-  t.queued_at = clock_->now();
   rec->queued_steady = clock_->steady_now();
-  add_event(b, *rec, TaskEvent::kQueued,
-            {{"device", q.device},
-             {"priority", t.priority},
-             {"batch_size", t.batch_size},
-             {"estimated_memory_mb", q.estimated_memory_mb},
-             {"retry", retry},
-             {"recovered", recovered}});
 }
 
 bool TaskManager::Impl::cancel_task(const std::string& id) {
@@ -845,15 +988,15 @@ void TaskManager::Impl::end_unstarted_locked(const RecordPtr& rec, TaskStatus st
   add_event(b, *rec, TaskEvent::kCleanupStarted, {{"attempt", t.attempt}});
   t.resource_cleanup_completed = true;
   add_event(b, *rec, TaskEvent::kCleanupCompleted,
-            {{"ok", true}, {"attempt", t.attempt}, {"duration_s", 0.0}});
+            {{"ok", true}, {"attempt", t.attempt}, {"duration_s", detail::JsonValue::seconds(0.0)}});
   finished_locked(rec);
 }
 
 void TaskManager::Impl::finished_locked(const RecordPtr& rec) {
   rec->phase = Phase::kDone;
-  finished_fifo_.push_back(rec->task.id);
+  finished_fifo_.push_back(rec);
   while (finished_fifo_.size() > kFinishedKept) {
-    records_.erase(finished_fifo_.front());
+    records_.erase(finished_fifo_.front()->task.id);
     finished_fifo_.pop_front();
   }
   done_cv_.notify_all();
@@ -1009,7 +1152,7 @@ void TaskManager::Impl::run_attempt(const RecordPtr& rec, ServicePool::Lease lea
                {"reserved_mb", rec->reserved_mb},
                {"estimated_memory_mb", estimate}});
     add_event(b, *rec, TaskEvent::kStarted,
-              {{"attempt", attempt}, {"batch_size", batch}, {"wait_s", wait}});
+              {{"attempt", attempt}, {"batch_size", batch}, {"wait_s", detail::JsonValue::seconds(wait)}});
     commit_locked(*rec, b);
   }
   lock.unlock();
@@ -1035,7 +1178,10 @@ void TaskManager::Impl::run_attempt(const RecordPtr& rec, ServicePool::Lease lea
     begin_cleanup_locked(rec, std::move(o), b);
     commit_locked(*rec, b);
   }
-  drain();
+  // Not drained here: the outcome and cleanup_started go out with the end of
+  // the cleanup (one store write, one publication), a hook's time later. A
+  // hook that hangs does not hold them: any other drain (other tasks, the
+  // sweep, a reader) writes the outbox.
   // The service's cache hook, watched by the sweep (cleanup_timeout_seconds).
   if (svc != nullptr) svc->cleanup_task(rec->task.id);
   int expected = 1;
@@ -1146,7 +1292,7 @@ void TaskManager::Impl::begin_cleanup_locked(const RecordPtr& rec, Outcome o, Ba
       ++completed_;
       add_event(b, *rec, TaskEvent::kCompleted,
                 {{"attempt", t.attempt},
-                 {"processing_time_s", proc},
+                 {"processing_time_s", detail::JsonValue::seconds(proc)},
                  {"actual_memory_mb", o.peak_mb}});
       break;
     case Outcome::Kind::kCancelled:
@@ -1184,7 +1330,7 @@ void TaskManager::Impl::begin_cleanup_locked(const RecordPtr& rec, Outcome o, Ba
                  {"next_attempt", t.attempt + 1},
                  {"device", o.decision.device},
                  {"batch_size", o.decision.batch_size},
-                 {"delay_s", seconds(o.decision.delay)}});
+                 {"delay_s", detail::JsonValue::seconds(seconds(o.decision.delay))}});
       break;
   }
   add_event(b, *rec, TaskEvent::kCleanupStarted, {{"attempt", t.attempt}});
@@ -1231,7 +1377,7 @@ void TaskManager::Impl::finish_cleanup_locked(const RecordPtr& rec, bool hook_ok
   add_event(b, *rec, TaskEvent::kCleanupCompleted,
             {{"ok", ok},
              {"attempt", t.attempt},
-             {"duration_s", seconds(clock_->steady_now() - rec->cleanup_started)},
+             {"duration_s", detail::JsonValue::seconds(seconds(clock_->steady_now() - rec->cleanup_started))},
              {"problems", detail::JsonValue::raw(pj)}});
   if (!ok) {
     log_.write(LogLevel::kWarn, "cleanup of task " + t.id + " incomplete: " + problems.front());
@@ -1308,7 +1454,7 @@ void TaskManager::Impl::retry_unstarted_locked(const RecordPtr& rec, const Failu
              {"next_attempt", t.attempt + 1},
              {"device", d.device},
              {"batch_size", d.batch_size},
-             {"delay_s", seconds(d.delay)}});
+             {"delay_s", detail::JsonValue::seconds(seconds(d.delay))}});
   apply_retry_locked(rec, d, b);
 }
 
@@ -1337,7 +1483,7 @@ void TaskManager::Impl::recover() {
     rec->features = estimator_.features(req);
     rec->task = std::move(t);
     Task& task = rec->task;
-    records_[task.id] = rec;
+    put_locked(rec);
     Batch b;
     if (task.status == TaskStatus::kPending) {
       rec->phase = Phase::kPending;
@@ -1351,7 +1497,7 @@ void TaskManager::Impl::recover() {
                 {{"device", task.assigned_device.value_or("")}, {"recovered", true}});
       add_event(b, *rec, TaskEvent::kCleanupCompleted,
                 {{"ok", true}, {"attempt", task.attempt}, {"recovered", true},
-                 {"duration_s", 0.0}});
+                 {"duration_s", detail::JsonValue::seconds(0.0)}});
       task.resource_cleanup_completed = true;
       finished_locked(rec);
       commit_locked(*rec, b);
@@ -1362,7 +1508,7 @@ void TaskManager::Impl::recover() {
       add_event(b, *rec, TaskEvent::kCleanupStarted, {{"attempt", task.attempt}, {"recovered", true}});
       add_event(b, *rec, TaskEvent::kCleanupCompleted,
                 {{"ok", true}, {"attempt", task.attempt}, {"recovered", true},
-                 {"duration_s", 0.0}});
+                 {"duration_s", detail::JsonValue::seconds(0.0)}});
       task.resource_cleanup_completed = true;
       if (task.attempt >= config_.tasks.retry.max_attempts) {
         end_unstarted_locked(rec, TaskStatus::kFailed, TaskFailureReason::kInterrupted,
@@ -1382,7 +1528,7 @@ void TaskManager::Impl::recover() {
                  {"next_attempt", task.attempt + 1},
                  {"device", task.assigned_device.value_or("")},
                  {"batch_size", task.batch_size},
-                 {"delay_s", 0.0}});
+                 {"delay_s", detail::JsonValue::seconds(0.0)}});
     }
     // Queued again on its device, or another one if that is gone.
     const std::string device = task.assigned_device.value_or("");
@@ -1461,14 +1607,13 @@ void TaskManager::Impl::prune_retention() {
   }
   // The recent finished tasks kept in memory follow the store.
   auto g = detail::spin_lock(mu_);
-  std::deque<std::string> kept;
-  for (auto& id : finished_fifo_) {
-    RecordPtr rec = find_locked(id);
-    if (rec && rec->task.finished_at && *rec->task.finished_at < cutoff &&
+  std::deque<RecordPtr> kept;
+  for (auto& rec : finished_fifo_) {
+    if (rec->task.finished_at && *rec->task.finished_at < cutoff &&
         rec->task.resource_cleanup_completed) {
-      records_.erase(id);
+      records_.erase(rec->task.id);
     } else {
-      kept.push_back(std::move(id));
+      kept.push_back(std::move(rec));
     }
   }
   finished_fifo_.swap(kept);
@@ -1869,6 +2014,9 @@ void TaskManager::register_service(std::shared_ptr<ServiceFactory> f) {
   impl_->register_service(std::move(f));
 }
 Task TaskManager::create_task(const TaskCreateRequest& r) { return impl_->create_task(r); }
+std::vector<Task> TaskManager::create_tasks(const std::vector<TaskCreateRequest>& r) {
+  return impl_->create_tasks(r);
+}
 namespace {
 // Writes what a call committed, however it returns.
 struct DrainOnExit {

@@ -28,25 +28,22 @@ TaskQueue::~TaskQueue() = default;
 void TaskQueue::insert_locked(QueuedTask task) {
   task.sequence = next_sequence_++;
   task.enqueued_at = clock_->steady_now();
-  const std::string device = task.device;
-  const std::string id = task.task_id;
-  by_age_.emplace(task.enqueued_at, task.sequence);
-  age_ids_.emplace(task.sequence, id);
-  auto& q = queues_.try_emplace(device, DeviceQueue(Order{&options_})).first->second;
-  auto it = q.insert(Entry{std::move(task), std::nullopt}).first;
-  index_.emplace(id, Location{it, device});
+  auto qit = queues_.find(task.device);
+  if (qit == queues_.end()) qit = queues_.emplace(task.device, DeviceQueue(Order{&options_})).first;
+  DeviceQueue& q = qit->second;
+  const auto it = q.insert(Entry{std::move(task), std::nullopt}).first;
+  by_seq_.emplace_hint(by_seq_.end(), it->task.sequence, Location{&q, it});
+  index_.emplace(std::string_view(it->task.task_id), it->task.sequence);
 }
 
-void TaskQueue::erase_locked(const std::string& task_id) {
-  auto loc = index_.find(task_id);
-  if (loc == index_.end()) return;
-  auto& q = queues_.at(loc->second.device);
-  const auto& t = loc->second.it->task;
-  by_age_.erase({t.enqueued_at, t.sequence});
-  age_ids_.erase(t.sequence);
-  q.erase(loc->second.it);
-  if (q.empty()) queues_.erase(loc->second.device);
-  index_.erase(loc);
+void TaskQueue::erase_locked(std::string_view task_id) {
+  auto ix = index_.find(task_id);
+  if (ix == index_.end()) return;
+  auto bs = by_seq_.find(ix->second);
+  const Location loc = bs->second;
+  index_.erase(ix);  // its key views the entry: first
+  by_seq_.erase(bs);
+  loc.queue->erase(loc.it);
 }
 
 void TaskQueue::add_task(QueuedTask task, int priority, bool enforce_limit) {
@@ -140,10 +137,9 @@ bool TaskQueue::remove(const std::string& task_id) {
 std::vector<QueuedTask> TaskQueue::take_expired(SteadyTime cutoff) {
   std::lock_guard<std::mutex> g(mu_);
   std::vector<QueuedTask> out;
-  while (!by_age_.empty() && by_age_.begin()->first <= cutoff) {
-    const std::string id = age_ids_.at(by_age_.begin()->second);
-    out.push_back(index_.at(id).it->task);
-    erase_locked(id);
+  while (!by_seq_.empty() && by_seq_.begin()->second.it->task.enqueued_at <= cutoff) {
+    out.push_back(by_seq_.begin()->second.it->task);
+    erase_locked(out.back().task_id);
   }
   return out;
 }
@@ -167,7 +163,9 @@ std::size_t TaskQueue::size(const std::string& device) const {
 std::map<std::string, std::size_t> TaskQueue::sizes() const {
   std::lock_guard<std::mutex> g(mu_);
   std::map<std::string, std::size_t> out;
-  for (const auto& [d, q] : queues_) out[d] = q.size();
+  for (const auto& [d, q] : queues_) {
+    if (!q.empty()) out[d] = q.size();
+  }
   return out;
 }
 

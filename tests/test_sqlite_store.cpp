@@ -512,3 +512,109 @@ TEST_CASE("storage.retention_days deletes finished tasks, their events and sampl
   tm = open();
   CHECK(tm->get_task(pending).status == TaskStatus::kPending);
 }
+
+TEST_CASE("insert_tasks stores many tasks with their events in one commit, all or none") {
+  TempDir dir;
+  auto store = open_sqlite_store(dir.db());
+  std::vector<NewTask> batch;
+  for (int i = 0; i < 3; ++i) {
+    NewTask n;
+    n.task = sample_task();
+    n.task.status = TaskStatus::kQueued;
+    n.events = {event_for(n.task, TaskEvent::kCreated), event_for(n.task, TaskEvent::kQueued)};
+    batch.push_back(n);
+  }
+  store->insert_tasks(batch);
+  for (const auto& n : batch) {
+    const auto t = store->load_task(n.task.id);
+    REQUIRE(t.has_value());
+    CHECK(t->status == TaskStatus::kQueued);
+    CHECK(names(store->load_events(n.task.id)) == std::vector<std::string>{"created", "queued"});
+  }
+  // A batch with an id stored already fails as a whole: its new tasks are not kept.
+  std::vector<NewTask> bad(2);
+  bad[0].task = sample_task();
+  bad[0].events = {event_for(bad[0].task, TaskEvent::kCreated)};
+  bad[1] = batch[1];
+  try {
+    store->insert_tasks(bad);
+    FAIL("expected an error");
+  } catch (const Error& e) {
+    CHECK(std::string(e.what()).find("none of them was created") != std::string::npos);
+  }
+  CHECK_FALSE(store->load_task(bad[0].task.id).has_value());
+  CHECK(store->load_events(bad[0].task.id).empty());
+  CHECK(store->list_tasks({}).size() == 3);
+  // The memory store keeps the same promise.
+  auto mem = make_memory_store();
+  mem->insert_tasks(batch);
+  CHECK_THROWS_AS(mem->insert_tasks(bad), Error);
+  CHECK_FALSE(mem->load_task(bad[0].task.id).has_value());
+  CHECK(mem->list_tasks({}).size() == 3);
+  std::vector<NewTask> twice = {bad[0], bad[0]};
+  CHECK_THROWS_AS(mem->insert_tasks(twice), Error);
+  CHECK_FALSE(mem->load_task(bad[0].task.id).has_value());
+  CHECK(mem->list_tasks({}).size() == 3);
+}
+
+TEST_CASE("a full disk fails create_tasks as a whole: nothing of the batch is kept") {
+  DiskFile f;
+  TaskManager tm(f.c, f.mo);
+  tm.register_service(make_function_service("svc", [](TaskContext&) {}));
+  TaskCreateRequest r;
+  r.service = "svc";
+  r.start = true;
+  const Task before = tm.create_task(r);
+  REQUIRE(tm.wait_idle(30s));
+  f.fill();
+  r.options_json = "{\"pad\":\"" + std::string(20000, 'x') + "\"}";
+  const std::vector<TaskCreateRequest> reqs(20, r);
+  try {
+    tm.create_tasks(reqs);
+    FAIL("expected kIoError");
+  } catch (const Error& e) {
+    CHECK(e.code() == ErrorCode::kIoError);
+    CHECK(std::string(e.what()).find("none of them was created") != std::string::npos);
+  }
+  CHECK(tm.list_tasks().size() == 1);
+  CHECK(tm.get_task_metrics().queued_tasks.at("total") == 0);
+  f.free_space();
+  const auto made = tm.create_tasks(reqs);
+  REQUIRE(tm.wait_idle(30s));
+  for (const auto& t : made) CHECK(tm.get_task(t.id).status == TaskStatus::kCompleted);
+  CHECK(tm.get_task(before.id).status == TaskStatus::kCompleted);
+}
+
+TEST_CASE("tasks created with start are in the file as queued when create_tasks returns") {
+  TempDir dir;
+  Config c = test_config();
+  c.storage.path = dir.db();
+  c.executor.worker_threads = 1;
+  Gate gate;
+  TaskManagerOptions mo;
+  mo.log_sink = [](LogLevel, std::string_view) {};
+  mo.services.push_back(make_function_service("svc", [&](TaskContext&) { gate.wait(); }));
+  TaskManager tm(c, mo);
+  TaskCreateRequest r;
+  r.service = "svc";
+  r.start = true;
+  const auto tasks = tm.create_tasks(std::vector<TaskCreateRequest>(4, r));
+  // Another connection reads the file: every row is there, none pending, and
+  // each has its created and queued events (one commit, before the return).
+  SQLite::Database db(dir.db(), SQLite::OPEN_READONLY);
+  for (const auto& t : tasks) {
+    CAPTURE(t.id);
+    SQLite::Statement q(db, "SELECT status FROM tasks WHERE id=?");
+    q.bind(1, t.id);
+    REQUIRE(q.executeStep());
+    CHECK(q.getColumn(0).getString() != "pending");
+    SQLite::Statement ev(db, "SELECT event_type FROM task_events WHERE task_id=? ORDER BY id LIMIT 2");
+    ev.bind(1, t.id);
+    std::vector<std::string> names;
+    while (ev.executeStep()) names.push_back(ev.getColumn(0).getString());
+    CHECK(names == std::vector<std::string>{"created", "queued"});
+  }
+  gate.open();
+  REQUIRE(tm.wait_idle(30s));
+  for (const auto& t : tasks) CHECK(tm.get_task(t.id).status == TaskStatus::kCompleted);
+}

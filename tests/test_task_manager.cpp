@@ -986,3 +986,144 @@ TEST_CASE("fault: a device that disappears mid-task: the running task finishes t
   CHECK(back_done.assigned_device == "cuda:0");
   CHECK(tm.get_task_metrics().memory_by_device.at("cuda:0").reserved_mb == 0);
 }
+
+TEST_CASE("create with start queues the task in the same step: stored queued, events created then queued") {
+  Harness h;
+  h.open([](TaskContext& ctx) { ctx.set_result("{}"); });
+  TaskCreateRequest r;
+  r.service = "svc";
+  r.options_json = "{\"mb\":100}";
+  r.start = true;
+  const Task t = h.tm->create_task(r);
+  CHECK(t.status == TaskStatus::kQueued);
+  CHECK(t.queued_at.has_value());
+  const Task done = h.finished(t.id);
+  CHECK(done.status == TaskStatus::kCompleted);
+  const std::vector<std::string> expected = {
+      "created", "queued", "resource_acquired", "started", "completed",
+      "cleanup_started", "resource_released", "cleanup_completed"};
+  CHECK(h.events(t.id) == expected);
+  h.tm->flush_events();
+  CHECK(h.log.names_for(t.id) == expected);
+  // start_task on it now is the usual error: it is not pending.
+  CHECK_THROWS_AS(h.tm->start_task(t.id), Error);
+}
+
+TEST_CASE("create_tasks: many tasks in one step, in request order, each as create_task makes it") {
+  Harness h;
+  h.config.executor.worker_threads = 1;
+  Gate gate;
+  h.open([&](TaskContext& ctx) {
+    gate.wait();
+    ctx.set_result("{}");
+  });
+  std::vector<TaskCreateRequest> reqs(5);
+  for (int i = 0; i < 5; ++i) {
+    reqs[static_cast<std::size_t>(i)].service = "svc";
+    reqs[static_cast<std::size_t>(i)].options_json = "{\"mb\":" + std::to_string(10 * (i + 1)) + "}";
+    reqs[static_cast<std::size_t>(i)].start = i != 2;  // the middle one stays pending
+    reqs[static_cast<std::size_t>(i)].priority = i;
+  }
+  const std::vector<Task> tasks = h.tm->create_tasks(reqs);
+  REQUIRE(tasks.size() == 5);
+  std::set<std::string> ids;
+  for (int i = 0; i < 5; ++i) {
+    const Task& t = tasks[static_cast<std::size_t>(i)];
+    ids.insert(t.id);
+    CHECK(t.estimated_memory_mb == 10 * (i + 1));
+    CHECK(t.priority == i);
+    CHECK(t.status == (i == 2 ? TaskStatus::kPending : TaskStatus::kQueued));
+  }
+  CHECK(ids.size() == 5);
+  CHECK(tasks[0].id < tasks[4].id);  // time-ordered ids, in request order
+  CHECK(h.tm->get_task_metrics().tasks_created == 5);
+  gate.open();
+  for (int i : {0, 1, 3, 4}) {
+    CHECK(h.finished(tasks[static_cast<std::size_t>(i)].id).status == TaskStatus::kCompleted);
+  }
+  CHECK(h.status(tasks[2].id) == TaskStatus::kPending);
+  h.tm->start_task(tasks[2].id);
+  CHECK(h.finished(tasks[2].id).status == TaskStatus::kCompleted);
+  CHECK(h.tm->create_tasks({}).empty());
+}
+
+TEST_CASE("create_tasks is all or none: a bad request is named by index and nothing is created") {
+  Harness h;
+  h.open([](TaskContext&) {});
+  std::vector<TaskCreateRequest> reqs(3);
+  for (auto& r : reqs) {
+    r.service = "svc";
+    r.start = true;
+  }
+  auto expect_error = [&](ErrorCode code, const std::string& part) {
+    try {
+      h.tm->create_tasks(reqs);
+      FAIL("expected an error containing " << part);
+    } catch (const Error& e) {
+      CHECK(e.code() == code);
+      CHECK_MESSAGE(std::string(e.what()).find(part) != std::string::npos, e.what());
+      CHECK_MESSAGE(std::string(e.what()).find("no task was created") != std::string::npos, e.what());
+    }
+    CHECK(h.tm->list_tasks().empty());
+    CHECK(h.tm->get_task_metrics().tasks_created == 0);
+  };
+  reqs[1].batch_size = 0;
+  expect_error(ErrorCode::kInvalidArgument, "request 1: batch_size must be >= 1");
+  reqs[1].batch_size = 1;
+  reqs[2].service = "nope";
+  expect_error(ErrorCode::kNotFound, "request 2: no service 'nope'");
+  reqs[2].service = "svc";
+  reqs[0].options_json = "[1]";
+  expect_error(ErrorCode::kInvalidArgument, "request 0: options must be a JSON object");
+  reqs[0].options_json = "";
+  reqs[2].device = "cuda:7";
+  expect_error(ErrorCode::kNotFound, "request 2:");
+  reqs[2].device = "";
+  // All good now: all three are created and run.
+  const auto tasks = h.tm->create_tasks(reqs);
+  for (const auto& t : tasks) CHECK(h.finished(t.id).status == TaskStatus::kCompleted);
+}
+
+TEST_CASE("create with start at a full queue: QUEUE_FULL and nothing created, for one or many") {
+  Harness h;
+  h.config.executor.worker_threads = 1;
+  h.config.tasks.max_queue_size = 3;
+  Gate gate;
+  h.open([&](TaskContext&) { gate.wait(); });
+  const Task running = h.run();
+  REQUIRE(eventually([&] { return h.status(running.id) == TaskStatus::kRunning; }));
+  h.run();  // 1 queued, room for 2 more
+  std::vector<TaskCreateRequest> reqs(3);
+  for (auto& r : reqs) {
+    r.service = "svc";
+    r.start = true;
+  }
+  try {
+    h.tm->create_tasks(reqs);
+    FAIL("expected kQueueFull");
+  } catch (const Error& e) {
+    CHECK(e.code() == ErrorCode::kQueueFull);
+    CHECK(std::string(e.what()).find("3 more to start") != std::string::npos);
+    CHECK(std::string(e.what()).find("no task was created") != std::string::npos);
+  }
+  CHECK(h.tm->list_tasks().size() == 2);
+  // Pending ones do not count: two that start and one that waits fit.
+  reqs[2].start = false;
+  const auto made = h.tm->create_tasks(reqs);
+  CHECK(made[0].status == TaskStatus::kQueued);
+  CHECK(made[2].status == TaskStatus::kPending);
+  // Now the queue is full: a single create with start is refused as a whole.
+  try {
+    h.tm->create_task(reqs[0]);
+    FAIL("expected kQueueFull");
+  } catch (const Error& e) {
+    CHECK(e.code() == ErrorCode::kQueueFull);
+    CHECK(std::string(e.what()).find("the task was not created") != std::string::npos);
+  }
+  CHECK(h.tm->list_tasks().size() == 5);
+  CHECK(h.tm->get_task_metrics().queue_full_rejections == 2);
+  gate.open();
+  for (const auto& t : made) {
+    if (t.status == TaskStatus::kQueued) CHECK(h.finished(t.id).status == TaskStatus::kCompleted);
+  }
+}

@@ -6,9 +6,10 @@
 // benchmarks and hosts that need no durability.
 //
 // Contract of every store:
-//  * insert_task() returns only when the task is durable (for a durable
-//    store); it throws Error (kIoError, kBusy, ...) when it cannot be, and
-//    then nothing of the task is kept;
+//  * insert_tasks() stores new tasks with their first events, all of them or
+//    none, and returns only when they are durable (for a durable store); it
+//    throws Error (kIoError, kBusy, ...) when they cannot be, and then
+//    nothing of them is kept;
 //  * update_task() stores the task's mutable fields (everything but id,
 //    service, input and created_at) together with the events of that change,
 //    atomically, in call order; it may return before they are durable;
@@ -47,11 +48,20 @@ struct TaskFilter {
   std::size_t limit = 0;  // 0 = no limit; otherwise the newest `limit` tasks
 };
 
+// A task to insert with the events of its creation (created, and queued
+// when it is started in the same step), in order.
+struct NewTask {
+  Task task;
+  std::vector<EventRecord> events;
+};
+
 class TASKMGR_API TaskStore {
  public:
   virtual ~TaskStore();
 
-  virtual void insert_task(const Task& task, const EventRecord& created) = 0;
+  virtual void insert_tasks(const std::vector<NewTask>& tasks) = 0;
+  // One task with its created event: insert_tasks of one.
+  void insert_task(const Task& task, const EventRecord& created);
   virtual void update_task(const Task& task, const std::vector<EventRecord>& events) = 0;
   virtual void append_metrics(const std::vector<MetricSample>& samples) = 0;
 

@@ -109,6 +109,10 @@ struct TaskCreateRequest {
   int batch_size = 1;           // pages held and processed at once (>= 1)
   std::string device;           // requested device ("cpu", "cuda:0"); empty = any
   std::string options_json;     // service options as a JSON object; empty = none
+  // Queue the task at once, as start_task(id) would, in the same step: it is
+  // stored already queued (one commit for both), and a full queue refuses
+  // the creation (QUEUE_FULL) instead of leaving the task pending.
+  bool start = false;
 };
 
 // A task. Copies are snapshots: the manager owns the live state.

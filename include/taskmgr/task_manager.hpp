@@ -90,6 +90,12 @@ class TASKMGR_API TaskManager {
 
   // The spec's create_task: estimate, select the device, store durably.
   Task create_task(const TaskCreateRequest& request);
+  // Many tasks in one step (bulk submission): each as create_task would
+  // make it, all stored in one commit, all or none; the error of the first
+  // request that fails names it by index ("request 3: ..."). Requests with
+  // `start` are queued; if the queue cannot take all of them, none is
+  // created (QUEUE_FULL). Returns the tasks in request order.
+  std::vector<Task> create_tasks(const std::vector<TaskCreateRequest>& requests);
   // The spec's start route: queue a pending task. Error(kQueueFull) leaves it
   // pending. Returns the task as queued.
   Task start_task(const std::string& task_id, const TaskStartRequest& params = {});

@@ -28,6 +28,7 @@
 #include <optional>
 #include <set>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 #include <vector>
 
@@ -107,12 +108,12 @@ class TASKMGR_API TaskQueue {
   };
   using DeviceQueue = std::set<Entry, Order>;
   struct Location {
+    DeviceQueue* queue;
     DeviceQueue::iterator it;
-    std::string device;
   };
 
   void insert_locked(QueuedTask task);
-  void erase_locked(const std::string& task_id);
+  void erase_locked(std::string_view task_id);
   std::optional<DeviceQueue::iterator> choose_locked(const std::string& device,
                                                      const Eligible& eligible);
 
@@ -120,10 +121,13 @@ class TASKMGR_API TaskQueue {
   const DeviceRegistry& devices_;
   std::shared_ptr<const Clock> clock_;
   mutable std::mutex mu_;
+  // Set nodes never move: the index views each entry's own task_id, and a
+  // device's queue stays in queues_ once created (empty or not).
   std::map<std::string, DeviceQueue> queues_;
-  std::unordered_map<std::string, Location> index_;
-  std::set<std::pair<SteadyTime, std::uint64_t>> by_age_;
-  std::unordered_map<std::uint64_t, std::string> age_ids_;
+  std::unordered_map<std::string_view, std::uint64_t> index_;  // task id -> sequence
+  // Arrival order, which is also enqueued_at order (a monotonic clock): the
+  // oldest is first (queue timeout).
+  std::map<std::uint64_t, Location> by_seq_;
   std::uint64_t next_sequence_ = 1;
 };
 

@@ -1,4 +1,4 @@
-#include <map>
+#include <deque>
 #include <mutex>
 #include <unordered_map>
 
@@ -9,19 +9,34 @@ namespace taskmgr {
 
 TaskStore::~TaskStore() = default;
 std::size_t TaskStore::prune_finished(Timestamp) { return 0; }
+void TaskStore::insert_task(const Task& task, const EventRecord& created) {
+  insert_tasks({NewTask{task, {created}}});
+}
 
 namespace {
 
+// Rows live in a node-based hash map (stable addresses); order_ keeps them in
+// creation order. Events are kept without their task id (the row has it):
+// one allocation less per event, as the manager writes ~8 per task.
 class MemoryStore final : public TaskStore {
  public:
-  void insert_task(const Task& task, const EventRecord& created) override {
+  void insert_tasks(const std::vector<NewTask>& tasks) override {
     std::lock_guard<std::mutex> g(mu_);
-    auto [it, inserted] = tasks_.try_emplace(task.id);
-    if (!inserted) throw Error(ErrorCode::kInvalidState, "task " + task.id + " exists already");
-    it->second.task = task;
-    it->second.order = next_order_++;
-    it->second.events.push_back(created);
-    order_.emplace(it->second.order, task.id);
+    for (std::size_t i = 0; i < tasks.size(); ++i) {
+      auto [it, fresh] = tasks_.try_emplace(tasks[i].task.id);
+      if (!fresh) {  // all or none: undo this call's inserts
+        const std::string id = tasks[i].task.id;
+        for (std::size_t j = 0; j < i; ++j) {
+          order_.pop_back();
+          tasks_.erase(tasks[j].task.id);
+        }
+        throw Error(ErrorCode::kInvalidState, "task " + id + " exists already");
+      }
+      Row& row = it->second;
+      row.task = tasks[i].task;
+      append(row, tasks[i].events);
+      order_.push_back(&row);
+    }
   }
 
   void update_task(const Task& task, const std::vector<EventRecord>& events) override {
@@ -45,8 +60,7 @@ class MemoryStore final : public TaskStore {
     t.assigned_device = task.assigned_device;
     t.service_instance_id = task.service_instance_id;
     t.resource_cleanup_completed = task.resource_cleanup_completed;
-    auto& ev = it->second.events;
-    ev.insert(ev.end(), events.begin(), events.end());
+    append(it->second, events);
   }
 
   void append_metrics(const std::vector<MetricSample>& samples) override {
@@ -68,7 +82,7 @@ class MemoryStore final : public TaskStore {
     std::lock_guard<std::mutex> g(mu_);
     std::vector<Task> out;
     for (auto it = order_.rbegin(); it != order_.rend(); ++it) {
-      const Task& t = tasks_.at(it->second).task;
+      const Task& t = (*it)->task;
       if (f.status && t.status != *f.status) continue;
       if (!f.service.empty() && t.service != f.service) continue;
       out.push_back(t);
@@ -81,7 +95,18 @@ class MemoryStore final : public TaskStore {
     std::lock_guard<std::mutex> g(mu_);
     auto it = tasks_.find(task_id);
     if (it == tasks_.end()) return {};
-    return it->second.events;
+    std::vector<EventRecord> out;
+    out.reserve(it->second.events.size());
+    for (const auto& e : it->second.events) {
+      EventRecord r;
+      r.sequence = e.sequence;
+      r.task_id = task_id;
+      r.event = e.event;
+      r.timestamp = e.timestamp;
+      r.details_json = e.details_json;
+      out.push_back(std::move(r));
+    }
+    return out;
   }
 
   std::vector<MetricSample> load_metrics(const std::string& task_id) override {
@@ -94,8 +119,8 @@ class MemoryStore final : public TaskStore {
   std::vector<Task> load_unfinished() override {
     std::lock_guard<std::mutex> g(mu_);
     std::vector<Task> out;
-    for (const auto& [order, id] : order_) {
-      const Task& t = tasks_.at(id).task;
+    for (const Row* row : order_) {
+      const Task& t = row->task;
       if (!is_terminal(t.status) || !t.resource_cleanup_completed) out.push_back(t);
     }
     return out;
@@ -103,35 +128,48 @@ class MemoryStore final : public TaskStore {
 
   std::size_t prune_finished(Timestamp finished_before) override {
     std::lock_guard<std::mutex> g(mu_);
-    std::size_t n = 0;
-    for (auto it = order_.begin(); it != order_.end();) {
-      const Task& t = tasks_.at(it->second).task;
+    std::deque<Row*> kept;
+    std::vector<std::string> gone;
+    for (Row* row : order_) {
+      const Task& t = row->task;
       if (is_terminal(t.status) && t.resource_cleanup_completed && t.finished_at &&
           *t.finished_at < finished_before) {
-        tasks_.erase(it->second);
-        it = order_.erase(it);
-        ++n;
+        gone.push_back(t.id);
       } else {
-        ++it;
+        kept.push_back(row);
       }
     }
-    return n;
+    order_.swap(kept);
+    for (const auto& id : gone) tasks_.erase(id);
+    return gone.size();
   }
 
   void flush() override {}
   std::string describe() const override { return "memory"; }
 
  private:
+  struct StoredEvent {
+    std::uint64_t sequence = 0;
+    TaskEvent event = TaskEvent::kCreated;
+    Timestamp timestamp{};
+    std::string details_json;
+  };
   struct Row {
     Task task;
-    std::uint64_t order = 0;
-    std::vector<EventRecord> events;
+    std::vector<StoredEvent> events;
     std::vector<MetricSample> metrics;
   };
+
+  static void append(Row& row, const std::vector<EventRecord>& events) {
+    if (row.events.capacity() == 0) row.events.reserve(8);  // a task's usual count
+    for (const auto& e : events) {
+      row.events.push_back(StoredEvent{e.sequence, e.event, e.timestamp, e.details_json});
+    }
+  }
+
   std::mutex mu_;
   std::unordered_map<std::string, Row> tasks_;
-  std::map<std::uint64_t, std::string> order_;
-  std::uint64_t next_order_ = 1;
+  std::deque<Row*> order_;  // creation order
 };
 
 }  // namespace

@@ -244,9 +244,9 @@ class LockFile {
   int fd_ = -1;
 };
 
+// New tasks, inserted together (one transaction: all or none).
 struct InsertOp {
-  Task task;
-  EventRecord created;
+  const std::vector<NewTask>* tasks;  // the caller's, alive until `done`
   std::promise<void> done;
 };
 struct UpdateOp {
@@ -311,18 +311,22 @@ class SqliteStore final : public TaskStore {
     if (writer_.joinable()) writer_.join();
   }
 
-  void insert_task(const Task& task, const EventRecord& created) override {
+  void insert_tasks(const std::vector<NewTask>& tasks) override {
+    if (tasks.empty()) return;
     std::future<void> done;
+    std::uint64_t seq = 0;
     {
-      InsertOp op{task, created, {}};
+      InsertOp op{&tasks, {}};
       done = op.done.get_future();
-      enqueue(Op(std::move(op)), /*wake_writer=*/false);
+      seq = enqueue(Op(std::move(op)), /*wake_writer=*/false);
     }
     // Leader-based group commit (as LevelDB's writers do): the caller commits
     // everything queued so far itself, its own insert included, unless a
     // commit already in progress took it. No hand-off to the writer thread and
-    // back for a lone caller; many callers still share one commit.
-    commit_queued();
+    // back for a lone caller; many callers still share one commit. The leader
+    // stops once its own insert is in: what was queued after it is left to
+    // the next leader or the writer thread.
+    commit_queued(seq);
     done.get();  // returns once committed; rethrows the commit's error
   }
 
@@ -498,28 +502,33 @@ class SqliteStore final : public TaskStore {
     }
   }
 
-  void enqueue(Op op, bool wake_writer = true) {
+  // Returns the op's sequence number: it is committed once committed_ >= it.
+  std::uint64_t enqueue(Op op, bool wake_writer = true) {
     bool wake = false;
+    std::uint64_t seq = 0;
     {
       std::lock_guard<std::mutex> g(mu_);
       if (stop_) throw Error(ErrorCode::kInvalidState, "the store is closed");
       ops_.push_back(std::move(op));
-      ++enqueued_;
+      seq = ++enqueued_;
       // Wake the writer only when it sleeps for want of work (or the batch
       // is full): while it gathers a batch, more writes need no wake-up.
       wake = wake_writer && (writer_idle_ || ops_.size() >= options_.max_batch);
     }
     if (wake) cv_.notify_one();
+    return seq;
   }
 
   // Commits what is queued now, in one transaction (up to max_batch at a
-  // time). One committer at a time: commit_mu_ keeps the order.
-  void commit_queued() {
+  // time), again while ops up to `until` are not committed. One committer at
+  // a time: commit_mu_ keeps the order.
+  void commit_queued(std::uint64_t until = UINT64_MAX) {
     std::lock_guard<std::mutex> c(commit_mu_);
     for (;;) {
       std::vector<Op> batch;
       {
         std::lock_guard<std::mutex> g(mu_);
+        if (committed_ >= until) return;  // a commit before ours took it
         while (!ops_.empty() && batch.size() < options_.max_batch) {
           batch.push_back(std::move(ops_.front()));
           ops_.pop_front();
@@ -538,23 +547,25 @@ class SqliteStore final : public TaskStore {
 
   void apply(Op& op, bool events_only = false) {
     if (auto* ins = std::get_if<InsertOp>(&op)) {
-      const Task& t = ins->task;
-      SQLite::Statement& st = *insert_task_;
-      st.reset();
-      st.clearBindings();
-      st.bind(1, t.id);
-      st.bind(2, t.service);
-      bind_opt_text(st, 3, t.input.path);
-      if (t.input.data.empty()) {
-        st.bind(4);
-      } else {
-        st.bindNoCopy(4, t.input.data.data(), static_cast<int>(t.input.data.size()));
+      for (const NewTask& n : *ins->tasks) {
+        const Task& t = n.task;
+        SQLite::Statement& st = *insert_task_;
+        st.reset();
+        st.clearBindings();
+        st.bind(1, t.id);
+        st.bind(2, t.service);
+        bind_opt_text(st, 3, t.input.path);
+        if (t.input.data.empty()) {
+          st.bind(4);
+        } else {
+          st.bindNoCopy(4, t.input.data.data(), static_cast<int>(t.input.data.size()));
+        }
+        bind_opt_text(st, 5, t.input.media_type);
+        st.bind(6, format_timestamp(t.created_at));
+        bind_mutable(st, 7, t);
+        st.exec();
+        for (const auto& e : n.events) insert_event(e);
       }
-      bind_opt_text(st, 5, t.input.media_type);
-      st.bind(6, format_timestamp(t.created_at));
-      bind_mutable(st, 7, t);
-      st.exec();
-      insert_event(ins->created);
     } else if (auto* up = std::get_if<UpdateOp>(&op)) {
       if (events_only) {
         for (const auto& e : up->events) insert_event(e);
@@ -664,10 +675,15 @@ class SqliteStore final : public TaskStore {
       } catch (const std::exception& e) {
         if (ins != nullptr) {
           const auto* se = dynamic_cast<const SQLite::Exception*>(&e);
+          const auto& ts = *ins->tasks;
           ins->done.set_exception(std::make_exception_ptr(
               Error(se ? code_of(*se) : ErrorCode::kIoError,
-                    "cannot store task " + ins->task.id + " in " + path_ + ": " + e.what() +
-                        "; the task was not created")));
+                    (ts.size() == 1 ? "cannot store task " + ts.front().task.id
+                                    : "cannot store " + std::to_string(ts.size()) +
+                                          " tasks (" + ts.front().task.id + " ...)") +
+                        " in " + path_ + ": " + e.what() +
+                        (ts.size() == 1 ? "; the task was not created"
+                                        : "; none of them was created"))));
         } else {
           failed_writes_.fetch_add(1);
           backlogged = true;

@@ -105,7 +105,7 @@ struct Result {
   double rate = 0, create_p50_us = 0, create_p99_us = 0;
 };
 
-Result taskmgr_sqlite(const std::string& path, int n, int producers) {
+Result taskmgr_sqlite(const std::string& path, int n, int producers, int batch) {
   taskmgr::Config config;
   config.storage.path = path;
   config.executor.worker_threads = 2;
@@ -121,11 +121,28 @@ Result taskmgr_sqlite(const std::string& path, int n, int producers) {
   for (int p = 0; p < producers; ++p) {
     threads.emplace_back([&, p] {
       auto& us = per[static_cast<std::size_t>(p)];
-      for (int i = p; i < n; i += producers) {
+      if (batch == 0) {  // create_task, then start_task
+        for (int i = p; i < n; i += producers) {
+          const auto c0 = SteadyClock::now();
+          const taskmgr::Task t = tm.create_task(req);
+          us.push_back(std::chrono::duration<double, std::micro>(SteadyClock::now() - c0).count());
+          tm.start_task(t.id);
+        }
+        return;
+      }
+      // create_tasks with start: `batch` tasks created, queued and committed per call
+      taskmgr::TaskCreateRequest r = req;
+      r.start = true;
+      for (int i = p * batch; i < n; i += producers * batch) {
+        const std::vector<taskmgr::TaskCreateRequest> reqs(
+            static_cast<std::size_t>(std::min(batch, n - i)), r);
         const auto c0 = SteadyClock::now();
-        const taskmgr::Task t = tm.create_task(req);
+        if (batch == 1) {
+          tm.create_task(r);
+        } else {
+          tm.create_tasks(reqs);
+        }
         us.push_back(std::chrono::duration<double, std::micro>(SteadyClock::now() - c0).count());
-        tm.start_task(t.id);
       }
     });
   }
@@ -146,6 +163,7 @@ Result taskmgr_sqlite(const std::string& path, int n, int producers) {
 
 int main(int argc, char** argv) {
   int tasks = 20000, runs = 3, producers = 4;
+  int batch = 0;
   bool skip_raw = false;  // --skip-raw 1: taskmgr only (for profiling)
   std::string dir = fs::temp_directory_path().string();
   for (int i = 1; i + 1 < argc; i += 2) {
@@ -154,6 +172,7 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--dir")) dir = argv[i + 1];
     else if (!std::strcmp(argv[i], "--producers")) producers = std::atoi(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--skip-raw")) skip_raw = std::atoi(argv[i + 1]) != 0;
+    else if (!std::strcmp(argv[i], "--batch")) batch = std::atoi(argv[i + 1]);
   }
   std::printf("bench_store: %d tasks, %d host threads creating, 2 workers, %d runs, files in %s\n",
               tasks, producers, runs, dir.c_str());
@@ -164,7 +183,7 @@ int main(int argc, char** argv) {
       for (const char* sfx : {"", "-wal", "-shm", ".lock"}) fs::remove(f + sfx);
     }
     const double rr = skip_raw ? 0.0 : raw_sqlite(a, tasks);
-    const Result t = taskmgr_sqlite(b, tasks, producers);
+    const Result t = taskmgr_sqlite(b, tasks, producers, batch);
     raw.push_back(rr);
     tm.push_back(t.rate);
     p50.push_back(t.create_p50_us);

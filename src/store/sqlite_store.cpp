@@ -519,28 +519,46 @@ class SqliteStore final : public TaskStore {
     return seq;
   }
 
-  // Commits what is queued now, in one transaction (up to max_batch at a
-  // time), again while ops up to `until` are not committed. One committer at
-  // a time: commit_mu_ keeps the order.
+  // Group commit, leader and followers (as LevelDB's writers): the first
+  // caller to find no commit in progress leads: it takes everything queued
+  // (up to max_batch), commits it, and wakes the others. A caller whose write
+  // a leader took just waits on done_cv_ for committed_ to pass it: it never
+  // competes for a lock only to learn that it is done (a caller that just
+  // returned would win that race again and again, one commit per write).
+  // Returns when the ops up to `until` (default: all queued now) are committed.
   void commit_queued(std::uint64_t until = UINT64_MAX) {
-    std::lock_guard<std::mutex> c(commit_mu_);
-    for (;;) {
+    std::unique_lock<std::mutex> l(mu_);
+    if (until == UINT64_MAX) until = enqueued_;
+    while (committed_ < until) {
+      if (committing_) {
+        done_cv_.wait(l);
+        continue;
+      }
       std::vector<Op> batch;
-      {
-        std::lock_guard<std::mutex> g(mu_);
-        if (committed_ >= until) return;  // a commit before ours took it
-        while (!ops_.empty() && batch.size() < options_.max_batch) {
-          batch.push_back(std::move(ops_.front()));
-          ops_.pop_front();
-        }
+      while (!ops_.empty() && batch.size() < options_.max_batch) {
+        batch.push_back(std::move(ops_.front()));
+        ops_.pop_front();
       }
       if (batch.empty()) return;
+      committing_ = true;
+      l.unlock();
       const std::size_t n = batch.size();  // commit() may prepend the backlog
-      commit(batch);
-      {
-        std::lock_guard<std::mutex> g(mu_);
+      try {
+        std::lock_guard<std::mutex> c(commit_mu_);  // prune and backlog retries
+        commit(batch);
+      } catch (...) {
+        // commit() reports failures per op; this is one of its own (no
+        // memory). The batch's inserts see a broken promise; nobody waits
+        // for its ops forever.
+        l.lock();
         committed_ += n;
+        committing_ = false;
+        done_cv_.notify_all();
+        throw;
       }
+      l.lock();
+      committed_ += n;
+      committing_ = false;
       done_cv_.notify_all();
     }
   }
@@ -738,7 +756,7 @@ class SqliteStore final : public TaskStore {
   std::unique_ptr<SQLite::Statement> insert_task_, update_task_, insert_event_, insert_metric_;
   std::mutex read_mu_;
 
-  std::mutex commit_mu_;  // one committer at a time (leader or writer thread)
+  std::mutex commit_mu_;  // held while committing (a leader, a backlog retry, a prune)
   std::mutex mu_;
   std::condition_variable cv_;
   std::condition_variable done_cv_;
@@ -747,6 +765,7 @@ class SqliteStore final : public TaskStore {
   std::uint64_t committed_ = 0;
   bool stop_ = false;
   bool flush_requested_ = false;
+  bool committing_ = false;  // a leader is committing a batch (mu_)
   bool writer_idle_ = false;
   static constexpr std::chrono::milliseconds kWriterDelay{2};
   std::atomic<std::uint64_t> failed_writes_{0};   // asynchronous writes that failed once

@@ -89,6 +89,11 @@ std::string TaskMetrics::to_json() const {
                    {"events_published", events_published},
                    {"events_dropped", events_dropped},
                    {"callback_errors", callback_errors}};
+  o["store"] = {{"commits", store.commits},
+                {"writes", store.writes},
+                {"failed_writes", store.failed_writes},
+                {"dropped_writes", store.dropped_writes},
+                {"backlog", store.backlog}};
   o["latency"] = {{"wait_time", latency_json(wait_time)},
                   {"processing_time", latency_json(processing_time)}};
   return boost::json::serialize(o);
@@ -144,11 +149,16 @@ std::string TaskMetrics::to_prometheus() const {
       {"cleanup_failures_total", cleanup_failures},
       {"events_published_total", events_published},
       {"events_dropped_total", events_dropped},   {"callback_errors_total", callback_errors},
+      {"store_commits_total", store.commits},     {"store_writes_total", store.writes},
+      {"store_failed_writes_total", store.failed_writes},
+      {"store_dropped_writes_total", store.dropped_writes},
   };
   for (const auto& [name, v] : counters) {
     p.family(name, "counter", "See docs/OPERATIONS.md.");
     p.sample(name, static_cast<double>(v));
   }
+  p.family("store_backlog", "gauge", "Failed store writes waiting for a retry.");
+  p.sample("store_backlog", static_cast<double>(store.backlog));
   p.family("tasks_failed_total", "counter", "Tasks that ended failed, by reason.");
   for (const auto& [reason, v] : failed_by_reason) {
     p.sample("tasks_failed_total", static_cast<double>(v), "reason=\"" + esc(reason) + "\"");

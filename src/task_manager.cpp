@@ -1842,6 +1842,7 @@ TaskMetrics TaskManager::Impl::metrics() const {
   m.events_published = bus_.published();
   m.events_dropped = bus_.dropped();
   m.callback_errors = bus_.callback_errors();
+  m.store = store_->stats();
   return m;
 }
 

@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <thread>
 
 #include "test_support.hpp"
 
@@ -322,6 +323,14 @@ TEST_CASE("writes that fail while tasks run (disk full) are kept and retried in 
     SQLite::Database db(f.dir.db(), SQLite::OPEN_READONLY);
     CHECK(db.execAndGet("SELECT count(*) FROM tasks WHERE status='completed'").getInt() < 20);
   }
+  // Monitoring sees it: failed writes, a backlog waiting (a read first:
+  // every write queued before it has been tried).
+  tm->list_tasks();
+  const StoreStats full = tm->get_task_metrics().store;
+  CHECK(full.failed_writes > 0);
+  CHECK(full.backlog > 0);
+  CHECK(full.dropped_writes == 0);
+  CHECK(tm->get_task_metrics().to_prometheus().find("taskmgr_store_backlog ") != std::string::npos);
   // Space returns: the backlog is written, in order, without any new write.
   f.free_space();
   REQUIRE(eventually([&] {
@@ -329,6 +338,7 @@ TEST_CASE("writes that fail while tasks run (disk full) are kept and retried in 
     return db.execAndGet("SELECT count(*) FROM tasks WHERE status='completed' AND "
                          "resource_cleanup_completed=1").getInt() == 20;
   }));
+  REQUIRE(eventually([&] { return tm->get_task_metrics().store.backlog == 0; }));
   // The manager kept serving, and the file now holds each task's full story.
   const Task t = tm->create_task(r);
   tm->start_task(t.id);
@@ -617,4 +627,28 @@ TEST_CASE("tasks created with start are in the file as queued when create_tasks 
   gate.open();
   REQUIRE(tm.wait_idle(30s));
   for (const auto& t : tasks) CHECK(tm.get_task(t.id).status == TaskStatus::kCompleted);
+}
+
+TEST_CASE("group commit: concurrent create_task calls share commits") {
+  TempDir dir;
+  auto store = open_sqlite_store(dir.db());
+  constexpr int kThreads = 8, kEach = 250;
+  std::vector<std::thread> threads;
+  for (int p = 0; p < kThreads; ++p) {
+    threads.emplace_back([&] {
+      for (int i = 0; i < kEach; ++i) {
+        const Task t = sample_task();
+        store->insert_task(t, event_for(t, TaskEvent::kCreated));
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  const StoreStats s = store->stats();
+  CHECK(s.writes == kThreads * kEach);
+  CHECK(store->list_tasks({}).size() == kThreads * kEach);
+  // A caller whose insert another caller's commit took must not need a
+  // commit of its own: with 8 callers at once, far fewer commits than
+  // inserts. (One commit per insert was the behaviour of a convoy bug.)
+  INFO("commits " << s.commits << " for " << s.writes << " inserts");
+  CHECK(s.commits * 20 < s.writes * 19);  // measured: 30-45 % here, ~77 % under ASan; the bug: 99.6 %
 }

@@ -582,6 +582,16 @@ TEST_CASE("metrics and health carry every spec key with correct numbers") {
   CHECK(prom.find("taskmgr_tasks_completed_total 2") != std::string::npos);
   CHECK(prom.find("taskmgr_device_memory_total_mb{device=\"cuda:0\"} 8000") != std::string::npos);
   CHECK(prom.find("# TYPE taskmgr_wait_time_seconds summary") != std::string::npos);
+  // The store's counters: 2 inserts, then each change of each task a write.
+  CHECK(m.store.writes >= 2 + 2 * 3);
+  CHECK(m.store.commits >= 1);
+  CHECK(m.store.failed_writes == 0);
+  const auto mj2 = json::parse(m.to_json()).as_object();
+  for (const char* key : {"commits", "writes", "failed_writes", "dropped_writes", "backlog"}) {
+    CAPTURE(key);
+    CHECK(mj2.at("store").as_object().contains(key));
+  }
+  CHECK(prom.find("taskmgr_store_writes_total ") != std::string::npos);
   health = h.tm->get_task_health(a.id);
   CHECK(health.status == TaskStatus::kCompleted);
   CHECK(health.memory_usage_mb == 1050);

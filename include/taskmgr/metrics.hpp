@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "taskmgr/export.hpp"
+#include "taskmgr/store.hpp"
 #include "taskmgr/task.hpp"
 
 namespace taskmgr {
@@ -75,6 +76,7 @@ struct TASKMGR_API TaskMetrics {
   std::uint64_t events_published = 0;
   std::uint64_t events_dropped = 0;
   std::uint64_t callback_errors = 0;
+  StoreStats store;  // the store's commits, writes and failed writes
 
   LatencySummary wait_time;        // queued -> started
   LatencySummary processing_time;  // started -> finished (one attempt)

@@ -48,6 +48,15 @@ struct TaskFilter {
   std::size_t limit = 0;  // 0 = no limit; otherwise the newest `limit` tasks
 };
 
+// What a store has done since it opened (TaskMetrics::store).
+struct StoreStats {
+  std::uint64_t commits = 0;         // transactions committed
+  std::uint64_t writes = 0;          // writes committed: task inserts, updates, sample batches
+  std::uint64_t failed_writes = 0;   // asynchronous writes that failed at least once (kept, retried)
+  std::uint64_t dropped_writes = 0;  // given up: the backlog of failed writes overflowed
+  std::uint64_t backlog = 0;         // failed writes waiting for a retry now
+};
+
 // A task to insert with the events of its creation (created, and queued
 // when it is started in the same step), in order.
 struct NewTask {
@@ -81,6 +90,8 @@ class TASKMGR_API TaskStore {
   virtual std::size_t prune_finished(Timestamp finished_before);
 
   virtual void flush() = 0;
+  // Counters for monitoring. The default: all zero.
+  virtual StoreStats stats() const;
   // "memory", "sqlite:/path/to.db", ...
   virtual std::string describe() const = 0;
 };

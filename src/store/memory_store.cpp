@@ -9,6 +9,7 @@ namespace taskmgr {
 
 TaskStore::~TaskStore() = default;
 std::size_t TaskStore::prune_finished(Timestamp) { return 0; }
+StoreStats TaskStore::stats() const { return {}; }
 void TaskStore::insert_task(const Task& task, const EventRecord& created) {
   insert_tasks({NewTask{task, {created}}});
 }
@@ -22,6 +23,7 @@ class MemoryStore final : public TaskStore {
  public:
   void insert_tasks(const std::vector<NewTask>& tasks) override {
     std::lock_guard<std::mutex> g(mu_);
+    ++commits_;
     for (std::size_t i = 0; i < tasks.size(); ++i) {
       auto [it, fresh] = tasks_.try_emplace(tasks[i].task.id);
       if (!fresh) {  // all or none: undo this call's inserts
@@ -33,6 +35,7 @@ class MemoryStore final : public TaskStore {
         throw Error(ErrorCode::kInvalidState, "task " + id + " exists already");
       }
       Row& row = it->second;
+      ++writes_;
       row.task = tasks[i].task;
       append(row, tasks[i].events);
       order_.push_back(&row);
@@ -43,6 +46,8 @@ class MemoryStore final : public TaskStore {
     std::lock_guard<std::mutex> g(mu_);
     auto it = tasks_.find(task.id);
     if (it == tasks_.end()) return;  // pruned or never inserted: nothing to update
+    ++commits_;
+    ++writes_;
     Task& t = it->second.task;
     t.options_json = task.options_json;
     t.priority = task.priority;
@@ -146,6 +151,13 @@ class MemoryStore final : public TaskStore {
 
   void flush() override {}
   std::string describe() const override { return "memory"; }
+  StoreStats stats() const override {
+    std::lock_guard<std::mutex> g(mu_);
+    StoreStats s;
+    s.commits = commits_;
+    s.writes = writes_;
+    return s;
+  }
 
  private:
   struct StoredEvent {
@@ -167,7 +179,8 @@ class MemoryStore final : public TaskStore {
     }
   }
 
-  std::mutex mu_;
+  mutable std::mutex mu_;
+  std::uint64_t commits_ = 0, writes_ = 0;  // each insert_tasks / update_task call is one commit
   std::unordered_map<std::string, Row> tasks_;
   std::deque<Row*> order_;  // creation order
 };

@@ -458,6 +458,16 @@ class SqliteStore final : public TaskStore {
 
   std::string describe() const override { return "sqlite:" + path_; }
 
+  StoreStats stats() const override {
+    StoreStats s;
+    s.commits = commits_.load();
+    s.writes = writes_.load();
+    s.failed_writes = failed_writes_.load();
+    s.dropped_writes = dropped_writes_.load();
+    s.backlog = backlog_size_.load();
+    return s;
+  }
+
  private:
   int busy_ms() const { return static_cast<int>(options_.busy_timeout_seconds * 1000); }
 
@@ -666,6 +676,8 @@ class SqliteStore final : public TaskStore {
       SQLite::Transaction tx(*writer_db_, SQLite::TransactionBehavior::IMMEDIATE);
       for (std::size_t i = 0; i < batch.size(); ++i) apply(batch[i], skip[i]);
       tx.commit();
+      commits_.fetch_add(1, std::memory_order_relaxed);
+      writes_.fetch_add(batch.size(), std::memory_order_relaxed);
       for (auto& op : batch) {
         if (auto* ins = std::get_if<InsertOp>(&op)) ins->done.set_value();
       }
@@ -689,6 +701,8 @@ class SqliteStore final : public TaskStore {
         SQLite::Transaction tx(*writer_db_, SQLite::TransactionBehavior::IMMEDIATE);
         apply(op);
         tx.commit();
+        commits_.fetch_add(1, std::memory_order_relaxed);
+        writes_.fetch_add(1, std::memory_order_relaxed);
         if (ins != nullptr) ins->done.set_value();
       } catch (const std::exception& e) {
         if (ins != nullptr) {
@@ -768,6 +782,8 @@ class SqliteStore final : public TaskStore {
   bool committing_ = false;  // a leader is committing a batch (mu_)
   bool writer_idle_ = false;
   static constexpr std::chrono::milliseconds kWriterDelay{2};
+  std::atomic<std::uint64_t> commits_{0};         // transactions committed
+  std::atomic<std::uint64_t> writes_{0};          // ops committed
   std::atomic<std::uint64_t> failed_writes_{0};   // asynchronous writes that failed once
   std::atomic<std::uint64_t> dropped_writes_{0};  // given up: the backlog overflowed
   std::deque<Op> backlog_;                        // failed writes, retried in order (commit_mu_)

@@ -108,6 +108,13 @@ class JsonValue {
           out.put("null");  // JSON has no NaN or infinity
           break;
         }
+        if (d_ == std::trunc(d_) && std::fabs(d_) < 1e15) {  // whole: cheap and exact
+          char buf[24];
+          const auto res = std::to_chars(buf, buf + sizeof buf, static_cast<std::int64_t>(d_));
+          out.put(std::string_view(buf, static_cast<std::size_t>(res.ptr - buf)));
+          out.put(".0");
+          break;
+        }
         char buf[32];
         const auto res = std::to_chars(buf, buf + sizeof buf, d_);  // shortest round-trip form
         std::string_view s(buf, static_cast<std::size_t>(res.ptr - buf));

@@ -241,6 +241,7 @@ class TaskManager::Impl {
   mutable std::mutex mu_;
   mutable std::condition_variable done_cv_;
   std::map<std::string, std::shared_ptr<ServiceFactory>> factories_;
+  std::map<std::string, std::function<bool(const DeviceInfo&)>> filters_;  // per service: supports()
   std::map<std::string, std::unique_ptr<ServicePool>> pools_;
   // Keyed by a view of the record's own task.id (never changes; the value
   // keeps it alive): no copy of the id per task. Insert with put_locked.
@@ -260,6 +261,7 @@ class TaskManager::Impl {
   };
   std::mutex outbox_mu_;  // taken inside mu_ to append, alone to swap out
   std::vector<OutboxItem> outbox_;
+  std::atomic<bool> outbox_pending_{false};  // outbox_ not empty (set and cleared under outbox_mu_)
   std::mutex drain_mu_;  // one drainer at a time keeps commit order
   std::vector<OutboxItem> spare_outbox_;   // drain_mu_: swapped with outbox_
   std::vector<EventRecord> spare_events_;  // drain_mu_
@@ -532,9 +534,13 @@ void TaskManager::Impl::commit_locked(Record& r, Batch& b) {
     return;
   }
   outbox_.push_back(std::move(item));
+  outbox_pending_.store(true, std::memory_order_release);
 }
 
 void TaskManager::Impl::drain(bool wait) {
+  // Nothing committed since the last drain took the outbox: nothing to do
+  // (a drain in progress re-checks the outbox when it ends).
+  if (!wait && !outbox_pending_.load(std::memory_order_acquire)) return;
   for (;;) {
     std::unique_lock<std::mutex> d(drain_mu_, std::defer_lock);
     if (wait) {
@@ -548,6 +554,7 @@ void TaskManager::Impl::drain(bool wait) {
     {
       auto g = detail::spin_lock(outbox_mu_);
       items.swap(outbox_);
+      outbox_pending_.store(false, std::memory_order_relaxed);
     }
     std::vector<EventRecord> events = std::move(spare_events_);
     std::size_t n = 0;
@@ -623,6 +630,7 @@ void TaskManager::Impl::register_service(std::shared_ptr<ServiceFactory> factory
       throw Error(ErrorCode::kInvalidState, "service '" + kind + "' is registered already");
     }
     factories_[kind] = factory;
+    filters_[kind] = [factory](const DeviceInfo& d) { return factory->supports(d); };
     auto p = std::make_unique<ServicePool>(factory, config_.pools, workers_, clock_);
     pool = p.get();
     pools_[kind] = std::move(p);
@@ -683,23 +691,29 @@ std::vector<Task> TaskManager::Impl::create_tasks(const std::vector<TaskCreateRe
   }
   std::size_t starting = 0;
   for (const auto& r : reqs) starting += r.start ? 1 : 0;
-  std::map<std::string, std::function<bool(const DeviceInfo&)>> allowed;
+  // Each request's device filter: its service's, made at registration
+  // (services are never removed, so the pointers stay valid).
+  std::vector<const std::function<bool(const DeviceInfo&)>*> allowed(reqs.size());
   {
     auto g = detail::spin_lock(mu_);
     check_open_locked();
     for (std::size_t i = 0; i < reqs.size(); ++i) {
       const std::string& service = reqs[i].service;
-      if (allowed.count(service)) continue;
+      if (i > 0 && service == reqs[i - 1].service) {
+        allowed[i] = allowed[i - 1];
+        continue;
+      }
+      auto f = filters_.find(service);
       for_request(i, [&] {
-        if (!factories_.count(service)) {
+        if (f == filters_.end()) {
           std::string known;
-          for (const auto& [k, f] : factories_) known += (known.empty() ? "" : ", ") + k;
+          for (const auto& [k, fac] : factories_) known += (known.empty() ? "" : ", ") + k;
           throw Error(ErrorCode::kNotFound,
                       "no service '" + service + "' is registered" +
                           (known.empty() ? "" : " (registered: " + known + ")"));
         }
       });
-      allowed.emplace(service, support_filter(service));
+      allowed[i] = &f->second;
     }
     if (starting > 0) {
       const std::size_t max = static_cast<std::size_t>(config_.tasks.max_queue_size);
@@ -745,7 +759,7 @@ std::vector<Task> TaskManager::Impl::create_tasks(const std::vector<TaskCreateRe
     t.created_at = clock_->now();
     Batch b;
     for_request(i, [&] {
-      const auto& filter = allowed.at(req.service);
+      const auto& filter = *allowed[i];
       if (config_.tasks.enable_resource_tracking) {
         rec->features = estimator_.features(req);
         const MemoryEstimate est = estimator_.estimate(req.service, rec->features, req.device);
@@ -805,6 +819,7 @@ std::vector<Task> TaskManager::Impl::create_tasks(const std::vector<TaskCreateRe
         item.events = std::move(row.events);
         outbox_.push_back(std::move(item));
       }
+      outbox_pending_.store(true, std::memory_order_release);
     }
     if (starting > 0) dispatch_locked();
   }
@@ -1094,7 +1109,7 @@ std::optional<TaskManager::Impl::Launch> TaskManager::Impl::next_locked() {
   if (!lease) return std::nullopt;  // cannot happen: capacity was checked under mu_
   queue_->remove(qt.task_id);
   RecordPtr rec = find_locked(qt.task_id);
-  pool_blocked_.erase(pool_key(qt.service, qt.device));
+  if (!pool_blocked_.empty()) pool_blocked_.erase(pool_key(qt.service, qt.device));
   if (config_.tasks.enable_resource_tracking) {
     devices_->reserve(qt.device, qt.estimated_memory_mb, /*force=*/true);
     rec->reserved_mb = qt.estimated_memory_mb;

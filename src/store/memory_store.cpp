@@ -1,7 +1,9 @@
+#include <algorithm>
 #include <deque>
 #include <mutex>
 #include <unordered_map>
 
+#include "../spin_lock.hpp"
 #include "taskmgr/error.hpp"
 #include "taskmgr/store.hpp"
 
@@ -21,11 +23,18 @@ namespace {
 // one allocation less per event, as the manager writes ~8 per task.
 class MemoryStore final : public TaskStore {
  public:
+  // Copies are made before the lock is taken: the host thread inserting and
+  // a worker updating then hold it only for the hash-map work.
   void insert_tasks(const std::vector<NewTask>& tasks) override {
-    std::lock_guard<std::mutex> g(mu_);
+    std::vector<Row> rows(tasks.size());
+    for (std::size_t i = 0; i < tasks.size(); ++i) {
+      rows[i].task = tasks[i].task;
+      rows[i].events = stored(tasks[i].events);
+    }
+    auto g = detail::spin_lock(mu_);
     ++commits_;
     for (std::size_t i = 0; i < tasks.size(); ++i) {
-      auto [it, fresh] = tasks_.try_emplace(tasks[i].task.id);
+      auto [it, fresh] = tasks_.try_emplace(tasks[i].task.id, std::move(rows[i]));
       if (!fresh) {  // all or none: undo this call's inserts
         const std::string id = tasks[i].task.id;
         for (std::size_t j = 0; j < i; ++j) {
@@ -34,16 +43,14 @@ class MemoryStore final : public TaskStore {
         }
         throw Error(ErrorCode::kInvalidState, "task " + id + " exists already");
       }
-      Row& row = it->second;
       ++writes_;
-      row.task = tasks[i].task;
-      append(row, tasks[i].events);
-      order_.push_back(&row);
+      order_.push_back(&it->second);
     }
   }
 
   void update_task(const Task& task, const std::vector<EventRecord>& events) override {
-    std::lock_guard<std::mutex> g(mu_);
+    std::vector<StoredEvent> evs = stored(events);
+    auto g = detail::spin_lock(mu_);
     auto it = tasks_.find(task.id);
     if (it == tasks_.end()) return;  // pruned or never inserted: nothing to update
     ++commits_;
@@ -65,7 +72,12 @@ class MemoryStore final : public TaskStore {
     t.assigned_device = task.assigned_device;
     t.service_instance_id = task.service_instance_id;
     t.resource_cleanup_completed = task.resource_cleanup_completed;
-    append(it->second, events);
+    auto& dst = it->second.events;
+    if (dst.empty()) {
+      dst = std::move(evs);
+    } else {
+      dst.insert(dst.end(), std::make_move_iterator(evs.begin()), std::make_move_iterator(evs.end()));
+    }
   }
 
   void append_metrics(const std::vector<MetricSample>& samples) override {
@@ -172,11 +184,13 @@ class MemoryStore final : public TaskStore {
     std::vector<MetricSample> metrics;
   };
 
-  static void append(Row& row, const std::vector<EventRecord>& events) {
-    if (row.events.capacity() == 0) row.events.reserve(8);  // a task's usual count
+  static std::vector<StoredEvent> stored(const std::vector<EventRecord>& events) {
+    std::vector<StoredEvent> out;
+    out.reserve(std::max<std::size_t>(events.size(), 8));  // a task's usual count in all
     for (const auto& e : events) {
-      row.events.push_back(StoredEvent{e.sequence, e.event, e.timestamp, e.details_json});
+      out.push_back(StoredEvent{e.sequence, e.event, e.timestamp, e.details_json});
     }
+    return out;
   }
 
   mutable std::mutex mu_;

@@ -34,9 +34,9 @@ extern "C" {
 /* The version these declarations belong to. Compare with
  * taskmgr_version_number() to detect a header/library mismatch. */
 #define TASKMGR_VERSION_MAJOR 0
-#define TASKMGR_VERSION_MINOR 1
+#define TASKMGR_VERSION_MINOR 2
 #define TASKMGR_VERSION_PATCH 0
-#define TASKMGR_VERSION_STRING "0.1.0"
+#define TASKMGR_VERSION_STRING "0.2.0"
 /* MAJOR * 10000 + MINOR * 100 + PATCH, as zstd and sqlite3 do. */
 #define TASKMGR_VERSION_NUMBER (TASKMGR_VERSION_MAJOR * 10000 + TASKMGR_VERSION_MINOR * 100 + TASKMGR_VERSION_PATCH)
 
@@ -248,22 +248,50 @@ typedef struct taskmgr_task_request {
   int32_t batch_size;       /* pages held and processed at once; 0 = 1 */
   const char* device;       /* requested device ("cpu", "cuda:0"); NULL = any */
   const char* options_json; /* service options, a JSON object; NULL = none */
+  int32_t start;            /* non-zero: queue at once (create + start in one
+                               step); 0 = pending until taskmgr_start_task. A
+                               struct_size that ends before it (an older
+                               header) reads as 0 */
 } taskmgr_task_request;
 
 TASKMGR_API void taskmgr_task_request_init(taskmgr_task_request* request);
 
 /* The spec's create_task: estimates the task's memory, selects its device
- * and stores it (durably, with a durable store) as "pending".
+ * and stores it (durably, with a durable store) as "pending" or, with
+ * `start`, already "queued" (one commit for both; events "created" then
+ * "queued").
  *   out_task_id  receives the new id (TASKMGR_TASK_ID_SIZE bytes)
  * Errors: TASKMGR_E_INVALID_ARGUMENT (NULL, both or neither of input_path
  * and input_data, batch_size < 0, a string that is not valid UTF-8, options
  * that are not a JSON object), TASKMGR_E_NOT_FOUND (no such service, or an
  * unknown requested device), TASKMGR_E_DEVICE_UNAVAILABLE /
  * TASKMGR_E_MEMORY_LIMIT_EXCEEDED (no device can hold the estimate; the
- * message gives the numbers), TASKMGR_E_INVALID_STATE (closed),
- * TASKMGR_E_IO (the store failed: nothing was kept). */
+ * message gives the numbers), TASKMGR_E_QUEUE_FULL (with `start` only:
+ * tasks.max_queue_size reached; the task was not created),
+ * TASKMGR_E_INVALID_STATE (closed), TASKMGR_E_IO (the store failed: nothing
+ * was kept). */
 TASKMGR_API int taskmgr_create_task(taskmgr_manager* manager, const taskmgr_task_request* request,
                                     char out_task_id[TASKMGR_TASK_ID_SIZE]);
+
+/* Many tasks in one step (bulk submission): each as taskmgr_create_task
+ * would make it, all stored in one commit, all or none. Requests with
+ * `start` are queued; if the queue cannot take all of them, none is created.
+ *   requests      an array of `count` requests. It is strided by
+ *                 requests[0].struct_size, and every element must carry that
+ *                 same struct_size: an array of taskmgr_task_request, each
+ *                 initialised with taskmgr_task_request_init, is right
+ *   count         0: nothing to do, TASKMGR_OK (requests and out_task_ids
+ *                 may then be NULL)
+ *   out_task_ids  receives the `count` new ids, in request order
+ * On failure no task was created and out_task_ids is left untouched; with
+ * more than one request, the message names the failing one by its index
+ * ("request 3: ...; no task was created").
+ * Errors: those of taskmgr_create_task, TASKMGR_E_QUEUE_FULL when the
+ * requests with `start` do not all fit in tasks.max_queue_size, and
+ * TASKMGR_E_INVALID_ARGUMENT for an element whose struct_size differs from
+ * requests[0].struct_size. */
+TASKMGR_API int taskmgr_create_tasks(taskmgr_manager* manager, const taskmgr_task_request* requests,
+                                     size_t count, char (*out_task_ids)[TASKMGR_TASK_ID_SIZE]);
 
 /* What may change when a task starts (the spec's TaskStartRequest).
  * Initialise with taskmgr_start_params_init: it keeps everything. */

@@ -1,10 +1,12 @@
 // The extern "C" facade. Every body runs inside capi::guarded().
 #include "taskmgr.h"
 
+#include <algorithm>
 #include <atomic>
 #include <boost/json.hpp>
 #include <chrono>
 #include <cstddef>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -317,6 +319,45 @@ std::string json_array(const std::vector<std::string>& items) {
   return s;
 }
 
+// A request of the C ABI (copied to the library's full struct size) as the
+// C++ one. `where` names the function (and request) in error messages.
+taskmgr::TaskCreateRequest to_create_request(const taskmgr_task_request& r, const char* where) {
+  const std::string w(where);
+  if (r.input_path != nullptr && r.input_data != nullptr) {
+    throw_invalid(w + ": give input_path or input_data, not both");
+  }
+  if (r.input_data == nullptr && r.input_size != 0) {
+    throw_invalid(w + ": input_size is " + std::to_string(r.input_size) +
+                  " but input_data is NULL");
+  }
+  if (r.batch_size < 0) {
+    throw_invalid(w + ": batch_size must be >= 0 (0 = 1), got " + std::to_string(r.batch_size));
+  }
+  taskmgr::TaskCreateRequest req;
+  if (r.service != nullptr) req.service = r.service;
+  if (r.input_path != nullptr) {
+    req.input.path = r.input_path;
+    if (req.input.path.empty()) throw_invalid(w + ": input_path is empty");
+  }
+  if (r.input_data != nullptr) {
+    const auto* b = static_cast<const std::uint8_t*>(r.input_data);
+    req.input.data.assign(b, b + r.input_size);
+  }
+  if (r.media_type != nullptr) req.input.media_type = r.media_type;
+  req.priority = r.priority;
+  req.batch_size = r.batch_size == 0 ? 1 : r.batch_size;
+  if (r.device != nullptr) req.device = r.device;
+  if (r.options_json != nullptr) req.options_json = r.options_json;
+  req.start = r.start != 0;
+  return req;
+}
+
+// Copies a task id into a caller's char[TASKMGR_TASK_ID_SIZE], NUL-terminated.
+void copy_task_id(const std::string& id, char* out) {
+  std::memcpy(out, id.c_str(), std::min<std::size_t>(id.size() + 1, TASKMGR_TASK_ID_SIZE));
+  out[TASKMGR_TASK_ID_SIZE - 1] = '\0';
+}
+
 int open_manager(const taskmgr_open_options* o, taskmgr_manager** out) {
   // The log target is owned by the sink from here on: it frees its user data
   // when the manager is destroyed, or now if opening fails.
@@ -490,35 +531,65 @@ int taskmgr_create_task(taskmgr_manager* manager, const taskmgr_task_request* re
     taskmgr_task_request r;
     taskmgr_task_request_init(&r);
     std::memcpy(&r, request, request->struct_size);
-    if (r.input_path != nullptr && r.input_data != nullptr) {
-      throw_invalid("taskmgr_create_task: give input_path or input_data, not both");
+    const taskmgr::Task t = tm.create_task(to_create_request(r, fn));
+    copy_task_id(t.id, out_task_id);
+    return TASKMGR_OK;
+  });
+}
+
+int taskmgr_create_tasks(taskmgr_manager* manager, const taskmgr_task_request* requests,
+                         size_t count, char (*out_task_ids)[TASKMGR_TASK_ID_SIZE]) {
+  return guarded([&]() -> int {
+    constexpr const char* fn = "taskmgr_create_tasks";
+    auto& tm = manager_of(manager, fn);
+    if (count == 0) return TASKMGR_OK;
+    require(requests, fn, "requests");
+    require(out_task_ids, fn, "out_task_ids");
+    check_struct(requests, fn, "taskmgr_task_request");
+    // The array is strided by the caller's struct size (sizeof its
+    // taskmgr_task_request), which every element must carry. Elements are
+    // copied byte-wise: nothing is read through a misaligned pointer.
+    const std::size_t stride = requests[0].struct_size;
+    if (stride < sizeof(requests[0].struct_size)) {
+      throw_invalid(std::string(fn) + ": taskmgr_task_request.struct_size is " +
+                    std::to_string(stride) +
+                    ", smaller than the field itself (initialise it with "
+                    "taskmgr_task_request_init)");
     }
-    if (r.input_data == nullptr && r.input_size != 0) {
-      throw_invalid("taskmgr_create_task: input_size is " + std::to_string(r.input_size) +
-                    " but input_data is NULL");
+    if (count > static_cast<std::size_t>(-1) / stride) {
+      throw_invalid(std::string(fn) + ": count " + std::to_string(count) + " is too large");
     }
-    if (r.batch_size < 0) {
-      throw_invalid("taskmgr_create_task: batch_size must be >= 0 (0 = 1), got " +
-                    std::to_string(r.batch_size));
+    const auto* base = reinterpret_cast<const unsigned char*>(requests);
+    const bool many = count > 1;
+    std::vector<taskmgr::TaskCreateRequest> reqs;
+    reqs.reserve(count);
+    for (std::size_t i = 0; i < count; ++i) {
+      const unsigned char* at = base + i * stride;
+      const std::string where =
+          many ? std::string(fn) + ": request " + std::to_string(i) : std::string(fn);
+      const char* nothing = many ? "; no task was created" : "";
+      std::size_t size = 0;
+      std::memcpy(&size, at, sizeof(size));
+      if (size != stride) {
+        throw_invalid(where + ": struct_size is " + std::to_string(size) +
+                      ", not requests[0].struct_size = " + std::to_string(stride) +
+                      " (the array is strided by it: initialise every element with "
+                      "taskmgr_task_request_init)" + nothing);
+      }
+      taskmgr_task_request r;
+      taskmgr_task_request_init(&r);
+      std::memcpy(&r, at, stride);
+      try {
+        reqs.push_back(to_create_request(r, where.c_str()));
+      } catch (const taskmgr::Error& e) {
+        throw taskmgr::Error(e.code(), e.what() + std::string(nothing));
+      }
     }
-    taskmgr::TaskCreateRequest req;
-    if (r.service != nullptr) req.service = r.service;
-    if (r.input_path != nullptr) {
-      req.input.path = r.input_path;
-      if (req.input.path.empty()) throw_invalid("taskmgr_create_task: input_path is empty");
+    // All or none; a failure of one of many names it ("request 3: ...").
+    const std::vector<taskmgr::Task> tasks = tm.create_tasks(reqs);
+    for (std::size_t i = 0; i < tasks.size() && i < count; ++i) {
+      copy_task_id(tasks[i].id, out_task_ids[i]);
     }
-    if (r.input_data != nullptr) {
-      const auto* b = static_cast<const std::uint8_t*>(r.input_data);
-      req.input.data.assign(b, b + r.input_size);
-    }
-    if (r.media_type != nullptr) req.input.media_type = r.media_type;
-    req.priority = r.priority;
-    req.batch_size = r.batch_size == 0 ? 1 : r.batch_size;
-    if (r.device != nullptr) req.device = r.device;
-    if (r.options_json != nullptr) req.options_json = r.options_json;
-    const taskmgr::Task t = tm.create_task(req);
-    std::memcpy(out_task_id, t.id.c_str(), std::min<std::size_t>(t.id.size() + 1, TASKMGR_TASK_ID_SIZE));
-    out_task_id[TASKMGR_TASK_ID_SIZE - 1] = '\0';
     return TASKMGR_OK;
   });
 }

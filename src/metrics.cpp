@@ -93,7 +93,8 @@ std::string TaskMetrics::to_json() const {
                 {"writes", store.writes},
                 {"failed_writes", store.failed_writes},
                 {"dropped_writes", store.dropped_writes},
-                {"backlog", store.backlog}};
+                {"backlog", store.backlog},
+                {"queued", store.queued}};
   o["latency"] = {{"wait_time", latency_json(wait_time)},
                   {"processing_time", latency_json(processing_time)}};
   return boost::json::serialize(o);
@@ -159,6 +160,8 @@ std::string TaskMetrics::to_prometheus() const {
   }
   p.family("store_backlog", "gauge", "Failed store writes waiting for a retry.");
   p.sample("store_backlog", static_cast<double>(store.backlog));
+  p.family("store_queued_writes", "gauge", "Store writes waiting for their commit.");
+  p.sample("store_queued_writes", static_cast<double>(store.queued));
   p.family("tasks_failed_total", "counter", "Tasks that ended failed, by reason.");
   for (const auto& [reason, v] : failed_by_reason) {
     p.sample("tasks_failed_total", static_cast<double>(v), "reason=\"" + esc(reason) + "\"");

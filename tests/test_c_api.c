@@ -2,6 +2,7 @@
  * Every check prints what failed and the test exits non-zero. */
 #define _POSIX_C_SOURCE 200809L
 #include <pthread.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -391,6 +392,8 @@ static void test_null_arguments(void) {
   CHECK_RC(taskmgr_destroy(NULL), TASKMGR_OK);
   CHECK_RC(taskmgr_create_task(NULL, &req, id), TASKMGR_E_INVALID_ARGUMENT);
   CHECK_MSG("manager");
+  CHECK_RC(taskmgr_create_tasks(NULL, &req, 1, &id), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("taskmgr_create_tasks: manager");
   CHECK_RC(taskmgr_start_task(NULL, "x", NULL), TASKMGR_E_INVALID_ARGUMENT);
   CHECK_RC(taskmgr_cancel_task(NULL, "x", &flag), TASKMGR_E_INVALID_ARGUMENT);
   CHECK_RC(taskmgr_get_task(NULL, "x", &out), TASKMGR_E_INVALID_ARGUMENT);
@@ -436,6 +439,10 @@ static void test_null_arguments(void) {
   CHECK_MSG("request");
   CHECK_RC(taskmgr_create_task(tm, &req, NULL), TASKMGR_E_INVALID_ARGUMENT);
   CHECK_MSG("out_task_id");
+  CHECK_RC(taskmgr_create_tasks(tm, NULL, 1, &id), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("requests");
+  CHECK_RC(taskmgr_create_tasks(tm, &req, 1, NULL), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("out_task_ids");
   CHECK_RC(taskmgr_start_task(tm, NULL, NULL), TASKMGR_E_INVALID_ARGUMENT);
   CHECK_MSG("task_id");
   CHECK_RC(taskmgr_cancel_task(tm, NULL, NULL), TASKMGR_E_INVALID_ARGUMENT);
@@ -849,6 +856,311 @@ static void test_oom_cpu_fallback(void) {
   CHECK(log.frees == 1);
 }
 
+/* ---- create + start in one step; many tasks at once --------------------------------- */
+
+/* The number of tasks the manager knows (-1 when listing fails). */
+static int count_tasks(taskmgr_manager* tm) {
+  char* json = NULL;
+  const char* p;
+  int n = 0;
+  if (taskmgr_list_tasks(tm, NULL, NULL, 0, &json) != TASKMGR_OK || json == NULL) return -1;
+  for (p = json; (p = strstr(p, "\"id\":\"")) != NULL; ++p) ++n;
+  taskmgr_free(json);
+  return n;
+}
+
+/* One worker thread, so a task held at the gate keeps the others queued. */
+static taskmgr_manager* open_one_worker(const char* extra_yaml) {
+  char yaml[2048];
+  taskmgr_open_options o;
+  taskmgr_manager* tm = NULL;
+  snprintf(yaml, sizeof yaml, "%s%s", kConfig, extra_yaml ? extra_yaml : "");
+  taskmgr_open_options_init(&o);
+  o.config_yaml = yaml;
+  o.worker_threads = 1;
+  CHECK_RC(taskmgr_open(&o, &tm), TASKMGR_OK);
+  if (tm != NULL) CHECK_RC(register_echo(tm), TASKMGR_OK);
+  return tm;
+}
+
+static void echo_request(taskmgr_task_request* r, const char* path, int start) {
+  taskmgr_task_request_init(r);
+  r->service = "echo";
+  r->input_path = path;
+  r->device = "cpu";
+  r->start = start;
+}
+
+/* Closes the gate and starts a task that holds the one worker until it opens. */
+static void hold_the_worker(taskmgr_manager* tm, char id[TASKMGR_TASK_ID_SIZE]) {
+  taskmgr_task_request r;
+  pthread_mutex_lock(&mu);
+  echo.gate_closed = 1;
+  pthread_mutex_unlock(&mu);
+  echo_request(&r, "/data/blocker.png", 1); /* create + start: it runs at once */
+  CHECK_RC(taskmgr_create_task(tm, &r, id), TASKMGR_OK);
+  while (echo_running() < 1) sleep_ms(1);
+}
+
+static int task_status(taskmgr_manager* tm, const char* id) {
+  int status = -1;
+  CHECK_RC(taskmgr_get_task_status(tm, id, &status, NULL), TASKMGR_OK);
+  return status;
+}
+
+static int wait_completed(taskmgr_manager* tm, const char* id) {
+  char* json = NULL;
+  int ok;
+  CHECK_RC(taskmgr_wait_task(tm, id, 30, &json), TASKMGR_OK);
+  ok = json != NULL && strstr(json, "\"status\":\"completed\"") != NULL;
+  taskmgr_free(json);
+  return ok;
+}
+
+static void test_create_with_start(void) {
+  taskmgr_manager* tm = open_one_worker("  max_queue_size: 1\n");
+  taskmgr_task_request r;
+  char blocker[TASKMGR_TASK_ID_SIZE], id[TASKMGR_TASK_ID_SIZE], old[TASKMGR_TASK_ID_SIZE];
+  char refused[TASKMGR_TASK_ID_SIZE];
+  char* json = NULL;
+  if (tm == NULL) return;
+  echo_reset();
+  taskmgr_task_request_init(&r);
+  CHECK(r.start == 0); /* the default: pending until taskmgr_start_task */
+  hold_the_worker(tm, blocker);
+
+  /* Created already queued: no taskmgr_start_task (it is not pending). */
+  echo_request(&r, "/data/started.png", 1);
+  CHECK_RC(taskmgr_create_task(tm, &r, id), TASKMGR_OK);
+  CHECK(strlen(id) == 36);
+  CHECK(task_status(tm, id) == TASKMGR_TASK_QUEUED);
+  CHECK_RC(taskmgr_start_task(tm, id, NULL), TASKMGR_E_INVALID_STATE);
+
+  /* The queue is full (max_queue_size 1): refused as a whole, not left pending. */
+  echo_request(&r, "/data/refused.png", 1);
+  CHECK(count_tasks(tm) == 2);
+  CHECK_RC(taskmgr_create_task(tm, &r, refused), TASKMGR_E_QUEUE_FULL);
+  CHECK_MSG("max_queue_size");
+  CHECK_MSG("the task was not created");
+  CHECK(refused[0] == '\0');
+  CHECK(count_tasks(tm) == 2);
+
+  /* A struct from an older header, ending before `start`: still accepted,
+   * `start` reads as 0 (whatever lies beyond struct_size), the task is pending. */
+  echo_request(&r, "/data/old.png", 1);
+  r.struct_size = offsetof(taskmgr_task_request, start);
+  CHECK_RC(taskmgr_create_task(tm, &r, old), TASKMGR_OK);
+  CHECK(task_status(tm, old) == TASKMGR_TASK_PENDING);
+
+  echo_open_gate();
+  CHECK(wait_completed(tm, blocker));
+  CHECK(wait_completed(tm, id));
+  CHECK(task_status(tm, old) == TASKMGR_TASK_PENDING);
+  CHECK_RC(taskmgr_start_task(tm, old, NULL), TASKMGR_OK);
+  CHECK(wait_completed(tm, old));
+
+  /* Events: "created" then "queued", in one step, then the run. */
+  CHECK_RC(taskmgr_get_task_events(tm, id, &json), TASKMGR_OK);
+  if (json != NULL) {
+    const char* first = strstr(json, "\"event_type\":");
+    const char* second = first ? strstr(first + 1, "\"event_type\":") : NULL;
+    CHECK(first != NULL && strncmp(first, "\"event_type\":\"created\"", 22) == 0);
+    CHECK(second != NULL && strncmp(second, "\"event_type\":\"queued\"", 21) == 0);
+    CHECK(strstr(json, "\"event_type\":\"cleanup_completed\"") != NULL);
+  }
+  taskmgr_free(json);
+  CHECK_RC(taskmgr_get_task_metrics(tm, &json), TASKMGR_OK);
+  CHECK(json != NULL && strstr(json, "\"tasks_completed\":3") != NULL);
+  taskmgr_free(json);
+  CHECK_RC(taskmgr_destroy(tm), TASKMGR_OK);
+}
+
+/* A taskmgr_task_request as a caller built against an older header sees it:
+ * the same fields, without `start`. */
+typedef struct old_task_request {
+  size_t struct_size;
+  const char* service;
+  const char* input_path;
+  const void* input_data;
+  size_t input_size;
+  const char* media_type;
+  int32_t priority;
+  int32_t batch_size;
+  const char* device;
+  const char* options_json;
+} old_task_request;
+
+static void test_create_tasks(void) {
+  taskmgr_manager* tm = open_one_worker("  max_queue_size: 2\n");
+  taskmgr_task_request reqs[3];
+  old_task_request olds[2];
+  char ids[3][TASKMGR_TASK_ID_SIZE], untouched[3][TASKMGR_TASK_ID_SIZE];
+  char blocker[TASKMGR_TASK_ID_SIZE];
+  char* json = NULL;
+  int i, n;
+  if (tm == NULL) return;
+  echo_reset();
+  memset(untouched, 'x', sizeof untouched);
+
+  /* Nothing to do: OK, nothing written; the arrays may then be NULL. */
+  memcpy(ids, untouched, sizeof ids);
+  CHECK_RC(taskmgr_create_tasks(tm, NULL, 0, NULL), TASKMGR_OK);
+  CHECK_RC(taskmgr_create_tasks(tm, reqs, 0, ids), TASKMGR_OK);
+  CHECK(memcmp(ids, untouched, sizeof ids) == 0);
+  CHECK(count_tasks(tm) == 0);
+
+  /* NULL arguments, named. */
+  for (i = 0; i < 3; ++i) echo_request(&reqs[i], "/data/m.png", 0);
+  CHECK_RC(taskmgr_create_tasks(NULL, reqs, 3, ids), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("taskmgr_create_tasks: manager is NULL");
+  CHECK_RC(taskmgr_create_tasks(tm, NULL, 3, ids), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("taskmgr_create_tasks: requests is NULL");
+  CHECK_RC(taskmgr_create_tasks(tm, reqs, 3, NULL), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("taskmgr_create_tasks: out_task_ids is NULL");
+  CHECK(memcmp(ids, untouched, sizeof ids) == 0);
+  CHECK(count_tasks(tm) == 0);
+
+  /* Three at once, with the worker held: the first and last start (queued
+   * right away), the middle one stays pending. Ids distinct, in request order. */
+  hold_the_worker(tm, blocker);
+  echo_request(&reqs[0], "/data/m0.png", 1);
+  echo_request(&reqs[1], "/data/m1.png", 0);
+  echo_request(&reqs[2], "/data/m2.png", 1);
+  CHECK_RC(taskmgr_create_tasks(tm, reqs, 3, ids), TASKMGR_OK);
+  CHECK(strcmp(taskmgr_last_error(), "") == 0);
+  for (i = 0; i < 3; ++i) {
+    char path[32];
+    CHECK(strlen(ids[i]) == 36);
+    snprintf(path, sizeof path, "\"/data/m%d.png\"", i);
+    CHECK_RC(taskmgr_get_task(tm, ids[i], &json), TASKMGR_OK);
+    CHECK(json != NULL && strstr(json, path) != NULL);
+    taskmgr_free(json);
+  }
+  CHECK(strcmp(ids[0], ids[1]) < 0 && strcmp(ids[1], ids[2]) < 0); /* time-ordered ids */
+  CHECK(task_status(tm, ids[0]) == TASKMGR_TASK_QUEUED);
+  CHECK(task_status(tm, ids[1]) == TASKMGR_TASK_PENDING);
+  CHECK(task_status(tm, ids[2]) == TASKMGR_TASK_QUEUED);
+  CHECK(count_tasks(tm) == 4);
+
+  /* All or none. The queue holds 2 and has 2: one more that starts does
+   * not fit, so none of the three is created; the ids are left untouched. */
+  memcpy(ids, untouched, sizeof ids);
+  echo_request(&reqs[0], "/data/n0.png", 0);
+  echo_request(&reqs[1], "/data/n1.png", 1);
+  echo_request(&reqs[2], "/data/n2.png", 0);
+  CHECK_RC(taskmgr_create_tasks(tm, reqs, 3, ids), TASKMGR_E_QUEUE_FULL);
+  CHECK_MSG("max_queue_size");
+  CHECK_MSG("no task was created");
+  CHECK(memcmp(ids, untouched, sizeof ids) == 0);
+  CHECK(count_tasks(tm) == 4);
+
+  /* An invalid request at index 1, caught by the C layer or by the library:
+   * named by index, nothing created, ids untouched. */
+  reqs[1].start = 0;
+  reqs[1].batch_size = -1;
+  CHECK_RC(taskmgr_create_tasks(tm, reqs, 3, ids), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("taskmgr_create_tasks: request 1: batch_size");
+  CHECK_MSG("no task was created");
+  reqs[1].batch_size = 0;
+  reqs[1].options_json = "[1, 2]";
+  CHECK_RC(taskmgr_create_tasks(tm, reqs, 3, ids), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("request 1: ");
+  CHECK_MSG("object");
+  CHECK_MSG("no task was created");
+  reqs[1].options_json = NULL;
+  reqs[1].service = "no-such-service";
+  CHECK_RC(taskmgr_create_tasks(tm, reqs, 3, ids), TASKMGR_E_NOT_FOUND);
+  CHECK_MSG("request 1: ");
+  CHECK_MSG("no-such-service");
+  reqs[1].service = "echo";
+  reqs[1].input_data = "abc";
+  reqs[1].input_size = 3;
+  CHECK_RC(taskmgr_create_tasks(tm, reqs, 3, ids), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("request 1: give input_path or input_data, not both");
+  reqs[1].input_data = NULL;
+  reqs[1].input_size = 0;
+  /* Every element carries requests[0].struct_size: the array is strided by it. */
+  reqs[1].struct_size = 0;
+  CHECK_RC(taskmgr_create_tasks(tm, reqs, 3, ids), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("request 1: struct_size is 0");
+  CHECK_MSG("taskmgr_task_request_init");
+  reqs[1].struct_size = sizeof reqs[1];
+  reqs[0].struct_size = sizeof reqs[0] + 64; /* a newer header than the library */
+  CHECK_RC(taskmgr_create_tasks(tm, reqs, 3, ids), TASKMGR_E_INCOMPATIBLE);
+  CHECK_MSG("newer");
+  reqs[0].struct_size = 0;
+  CHECK_RC(taskmgr_create_tasks(tm, reqs, 3, ids), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("struct_size");
+  reqs[0].struct_size = 2; /* cannot be an element's size: not read as a stride */
+  CHECK_RC(taskmgr_create_tasks(tm, reqs, 3, ids), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("struct_size is 2");
+  reqs[0].struct_size = sizeof reqs[0];
+  CHECK(memcmp(ids, untouched, sizeof ids) == 0);
+  CHECK(count_tasks(tm) == 4);
+
+  /* A single request: the message is taskmgr_create_task's (no index). */
+  reqs[0].batch_size = -1;
+  CHECK_RC(taskmgr_create_tasks(tm, reqs, 1, ids), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("taskmgr_create_tasks: batch_size");
+  reqs[0].batch_size = 0;
+
+  /* Fixed (and none starting), all three are created, pending. */
+  CHECK_RC(taskmgr_create_tasks(tm, reqs, 3, ids), TASKMGR_OK);
+  CHECK(task_status(tm, ids[0]) == TASKMGR_TASK_PENDING);
+  CHECK(task_status(tm, ids[1]) == TASKMGR_TASK_PENDING);
+  CHECK(task_status(tm, ids[2]) == TASKMGR_TASK_PENDING);
+  CHECK(count_tasks(tm) == 7);
+
+  /* An array built with an older header (no `start`): strided by its own
+   * struct_size, every task pending. */
+  CHECK(sizeof(old_task_request) == offsetof(taskmgr_task_request, start));
+  memset(olds, 0, sizeof olds);
+  for (i = 0; i < 2; ++i) {
+    olds[i].struct_size = sizeof olds[i];
+    olds[i].service = "echo";
+    olds[i].input_path = i == 0 ? "/data/old0.png" : "/data/old1.png";
+    olds[i].priority = 3 + i;
+  }
+  CHECK_RC(taskmgr_create_tasks(tm, (const taskmgr_task_request*)(const void*)olds, 2, ids),
+           TASKMGR_OK);
+  for (i = 0; i < 2; ++i) {
+    CHECK(task_status(tm, ids[i]) == TASKMGR_TASK_PENDING);
+    CHECK_RC(taskmgr_get_task(tm, ids[i], &json), TASKMGR_OK);
+    CHECK(json != NULL && strstr(json, i == 0 ? "/data/old0.png" : "/data/old1.png") != NULL);
+    CHECK(json != NULL && strstr(json, i == 0 ? "\"priority\":3" : "\"priority\":4") != NULL);
+    taskmgr_free(json);
+  }
+  CHECK(count_tasks(tm) == 9);
+
+  /* Everything runs to completion once the worker is free. */
+  echo_open_gate();
+  CHECK_RC(taskmgr_wait_idle(tm, 30), TASKMGR_OK);
+  CHECK_RC(taskmgr_list_tasks(tm, "pending", NULL, 0, &json), TASKMGR_OK);
+  n = 0;
+  if (json != NULL) {
+    const char* p;
+    for (p = json; (p = strstr(p, "\"id\":\"")) != NULL; ++p) {
+      char pid[TASKMGR_TASK_ID_SIZE];
+      memcpy(pid, p + 6, 36);
+      pid[36] = '\0';
+      CHECK_RC(taskmgr_start_task(tm, pid, NULL), TASKMGR_OK);
+      CHECK(wait_completed(tm, pid));
+      ++n;
+    }
+  }
+  taskmgr_free(json);
+  CHECK(n == 6); /* m1, n0..n2, old0, old1 */
+  CHECK_RC(taskmgr_list_tasks(tm, "completed", "echo", 0, &json), TASKMGR_OK);
+  n = 0;
+  if (json != NULL) {
+    const char* p;
+    for (p = json; (p = strstr(p, "\"id\":\"")) != NULL; ++p) ++n;
+  }
+  taskmgr_free(json);
+  CHECK(n == 9);
+  CHECK_RC(taskmgr_destroy(tm), TASKMGR_OK);
+}
+
 /* ---- callbacks that call back ------------------------------------------------------ */
 
 typedef struct reentrant {
@@ -1142,6 +1454,8 @@ int main(int argc, char** argv) {
   test_task_lifecycle();
   test_task_errors();
   test_oom_cpu_fallback();
+  test_create_with_start();
+  test_create_tasks();
   test_reentrant_callbacks();
   test_close_with_tasks(db_path);
   test_ocr_page(page);

@@ -629,10 +629,39 @@ TEST_CASE("tasks created with start are in the file as queued when create_tasks 
   for (const auto& t : tasks) CHECK(tm.get_task(t.id).status == TaskStatus::kCompleted);
 }
 
-TEST_CASE("group commit: concurrent create_task calls share commits") {
+TEST_CASE("group commit: callers that wait while a commit is in progress share the next one") {
   TempDir dir;
   auto store = open_sqlite_store(dir.db());
-  constexpr int kThreads = 8, kEach = 250;
+  SQLite::Database blocker(dir.db(), SQLite::OPEN_READWRITE);
+  constexpr int kCallers = 8;
+  for (int round = 0; round < 3; ++round) {
+    CAPTURE(round);
+    const std::uint64_t before = store->stats().commits;
+    // Another connection holds the write lock: the first caller's commit
+    // waits for it (busy timeout) and every other caller queues meanwhile.
+    blocker.exec("BEGIN IMMEDIATE");
+    std::vector<std::thread> threads;
+    for (int p = 0; p < kCallers; ++p) {
+      threads.emplace_back([&] {
+        const Task t = sample_task();
+        store->insert_task(t, event_for(t, TaskEvent::kCreated));
+      });
+    }
+    REQUIRE(eventually([&] { return store->stats().queued == kCallers; }));
+    blocker.exec("COMMIT");
+    for (auto& t : threads) t.join();
+    // The first caller's commit, then one for the seven that waited (not one each).
+    CHECK(store->stats().commits - before == 2);
+    CHECK(store->stats().queued == 0);
+  }
+  CHECK(store->list_tasks({}).size() == 3 * kCallers);
+  CHECK(store->stats().writes == 3 * kCallers);
+}
+
+TEST_CASE("group commit: callers calling again and again from many threads (informational ratio)") {
+  TempDir dir;
+  auto store = open_sqlite_store(dir.db());
+  constexpr int kThreads = 8, kEach = 100;
   std::vector<std::thread> threads;
   for (int p = 0; p < kThreads; ++p) {
     threads.emplace_back([&] {
@@ -644,11 +673,10 @@ TEST_CASE("group commit: concurrent create_task calls share commits") {
   }
   for (auto& t : threads) t.join();
   const StoreStats s = store->stats();
+  // How much they share depends on scheduling (not asserted); every write
+  // is in, each in exactly one commit.
+  MESSAGE("commits " << s.commits << " for " << s.writes << " inserts from " << kThreads << " threads");
   CHECK(s.writes == kThreads * kEach);
+  CHECK(s.commits <= s.writes);
   CHECK(store->list_tasks({}).size() == kThreads * kEach);
-  // A caller whose insert another caller's commit took must not need a
-  // commit of its own: with 8 callers at once, far fewer commits than
-  // inserts. (One commit per insert was the behaviour of a convoy bug.)
-  INFO("commits " << s.commits << " for " << s.writes << " inserts");
-  CHECK(s.commits * 20 < s.writes * 19);  // measured: 30-45 % here, ~77 % under ASan; the bug: 99.6 %
 }

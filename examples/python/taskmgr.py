@@ -142,6 +142,7 @@ class _TaskRequest(ctypes.Structure):
         ("batch_size", ctypes.c_int32),
         ("device", ctypes.c_char_p),
         ("options_json", ctypes.c_char_p),
+        ("start", ctypes.c_int32),
     ]
 
 
@@ -200,6 +201,8 @@ def _load():
         "taskmgr_destroy": (I, [P]),
         "taskmgr_task_request_init": (None, [ctypes.POINTER(_TaskRequest)]),
         "taskmgr_create_task": (I, [P, ctypes.POINTER(_TaskRequest), ctypes.c_char_p]),
+        "taskmgr_create_tasks": (I, [P, ctypes.POINTER(_TaskRequest), ctypes.c_size_t,
+                                     ctypes.c_char_p]),
         "taskmgr_start_params_init": (None, [ctypes.POINTER(_StartParams)]),
         "taskmgr_start_task": (I, [P, S, ctypes.POINTER(_StartParams)]),
         "taskmgr_cancel_task": (I, [P, S, ctypes.POINTER(ctypes.c_int)]),
@@ -283,8 +286,32 @@ def _task_id(task):
     return task.encode("utf-8")
 
 
+def _fill_request(r, input=None, data=None, service="ocr", priority=0, batch_size=1,
+                  device=None, options=None, media_type=None, start=False):
+    """Fills a _TaskRequest (create_task's arguments); returns the buffer the
+    request points into, which must outlive the call that reads it."""
+    _lib.taskmgr_task_request_init(ctypes.byref(r))
+    # This module's layout: also the stride of an array of requests.
+    r.struct_size = ctypes.sizeof(_TaskRequest)
+    r.service = _b(service)
+    r.input_path = _b(os.fspath(input)) if input is not None else None
+    buf = None
+    if data is not None:
+        buf = ctypes.create_string_buffer(bytes(data), len(data))
+        r.input_data = ctypes.cast(buf, ctypes.c_void_p)
+        r.input_size = len(data)
+    r.media_type = _b(media_type)
+    r.priority = int(priority)
+    r.batch_size = int(batch_size)
+    r.device = _b(device)
+    if options is not None:
+        r.options_json = _b(options if isinstance(options, str) else json.dumps(options))
+    r.start = 1 if start else 0
+    return buf
+
+
 def version():
-    """The library's version string ("0.1.0")."""
+    """The library's version string ("0.2.0")."""
     return _lib.taskmgr_version_string().decode()
 
 
@@ -455,28 +482,50 @@ class Manager:
 
     # -- tasks
     def create_task(self, input=None, data=None, service="ocr", priority=0, batch_size=1,
-                    device=None, options=None, media_type=None):
+                    device=None, options=None, media_type=None, start=False):
         """Creates a task (pending). `input` is a file path, `data` encoded
-        bytes (exactly one); options a dict (or a JSON string). Returns the
+        bytes (exactly one); options a dict (or a JSON string). start=True
+        queues it in the same step (stored already queued); a full queue
+        then raises QueueFullError and no task is created. Returns the
         task's id."""
         r = _TaskRequest()
-        _lib.taskmgr_task_request_init(ctypes.byref(r))
-        r.service = _b(service)
-        r.input_path = _b(os.fspath(input)) if input is not None else None
-        buf = None
-        if data is not None:
-            buf = ctypes.create_string_buffer(bytes(data), len(data))
-            r.input_data = ctypes.cast(buf, ctypes.c_void_p)
-            r.input_size = len(data)
-        r.media_type = _b(media_type)
-        r.priority = int(priority)
-        r.batch_size = int(batch_size)
-        r.device = _b(device)
-        if options is not None:
-            r.options_json = _b(options if isinstance(options, str) else json.dumps(options))
+        keep = _fill_request(r, input, data, service, priority, batch_size, device, options,
+                             media_type, start)
         out = ctypes.create_string_buffer(_TASK_ID_SIZE)
         _check(_lib.taskmgr_create_task(self._handle(), ctypes.byref(r), out))
+        del keep
         return out.value.decode()
+
+    def create_tasks(self, requests, start=False):
+        """Creates many tasks in one step, all stored at once, all or none.
+        Each request is a dict of create_task's keyword arguments (input,
+        data, service, priority, batch_size, device, options, media_type,
+        start); `start` is the default of those that do not say. Requests
+        that start are queued; if the queue cannot take all of them,
+        QueueFullError and nothing is created. A bad request raises with a
+        message naming it by index ("request 3: ..."), and nothing is
+        created. Returns the ids in request order ([] for no requests)."""
+        requests = list(requests)
+        if not requests:
+            return []
+        array = (_TaskRequest * len(requests))()
+        keep = []
+        for i, args in enumerate(requests):
+            if not isinstance(args, dict):
+                raise TypeError("request %d: a dict of create_task's arguments, got %r"
+                                % (i, args))
+            args = dict(args)
+            args.setdefault("start", start)
+            try:
+                keep.append(_fill_request(array[i], **args))
+            except TypeError as e:
+                raise TypeError("request %d: %s" % (i, e)) from None
+        out = ctypes.create_string_buffer(_TASK_ID_SIZE * len(requests))
+        _check(_lib.taskmgr_create_tasks(self._handle(), array, len(requests), out))
+        del keep
+        raw = out.raw
+        return [raw[i * _TASK_ID_SIZE:(i + 1) * _TASK_ID_SIZE].split(b"\0", 1)[0].decode()
+                for i in range(len(requests))]
 
     def start_task(self, task, device=None, priority=None, batch_size=None, options=None):
         """Queues a pending task. QueueFullError leaves it pending."""

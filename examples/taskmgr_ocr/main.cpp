@@ -351,6 +351,7 @@ int main(int argc, char** argv) {
             << (opt.format == "text" ? text : t->result);
       }
     }
+    tm.flush_events();  // every task has ended: let the bar see every ending event
     progress.finish(ended.load());
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     const taskmgr::TaskMetrics m = tm.get_task_metrics();

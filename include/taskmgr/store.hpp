@@ -55,6 +55,7 @@ struct StoreStats {
   std::uint64_t failed_writes = 0;   // asynchronous writes that failed at least once (kept, retried)
   std::uint64_t dropped_writes = 0;  // given up: the backlog of failed writes overflowed
   std::uint64_t backlog = 0;         // failed writes waiting for a retry now
+  std::uint64_t queued = 0;          // writes waiting for their commit now (or in one)
 };
 
 // A task to insert with the events of its creation (created, and queued

@@ -465,6 +465,10 @@ class SqliteStore final : public TaskStore {
     s.failed_writes = failed_writes_.load();
     s.dropped_writes = dropped_writes_.load();
     s.backlog = backlog_size_.load();
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      s.queued = enqueued_ - committed_;
+    }
     return s;
   }
 
@@ -771,7 +775,7 @@ class SqliteStore final : public TaskStore {
   std::mutex read_mu_;
 
   std::mutex commit_mu_;  // held while committing (a leader, a backlog retry, a prune)
-  std::mutex mu_;
+  mutable std::mutex mu_;
   std::condition_variable cv_;
   std::condition_variable done_cv_;
   std::deque<Op> ops_;

@@ -281,5 +281,105 @@ class PythonServices(unittest.TestCase):
         self.assertTrue(any("no room" in m for m in warns), logs)
         self.assertEqual(tm.callback_errors, [])
 
+
+class CreateWithStartAndMany(unittest.TestCase):
+    """create_task(start=True) and create_tasks: one step, all or none."""
+
+    def setUp(self):
+        self.gate = threading.Event()
+        self.tm = taskmgr.Manager(config_yaml=CONFIG + "  max_queue_size: 2\n",
+                                  database=":memory:", workers=1, builtin_ocr=False)
+        self.running = threading.Event()
+
+        def process(ctx, inst):
+            self.running.set()
+            self.gate.wait(30)
+            return {"path": ctx.input_path, "bytes": len(ctx.input_data)}
+
+        self.tm.register_service("svc", process)
+
+    def tearDown(self):
+        self.gate.set()
+        self.tm.destroy()
+
+    def hold_the_worker(self):
+        """Starts a task that keeps the one worker until the gate opens."""
+        blocker = self.tm.create_task("/data/blocker.png", service="svc", start=True)
+        self.assertTrue(self.running.wait(30))
+        return blocker
+
+    def test_create_with_start(self):
+        blocker = self.hold_the_worker()
+        task = self.tm.create_task("/data/a.png", service="svc", device="cpu", start=True)
+        self.assertEqual(self.tm.get_task(task)["status"], "queued")
+        with self.assertRaises(taskmgr.InvalidStateError):
+            self.tm.start_task(task)  # not pending: it was started when created
+        self.tm.create_task("/data/b.png", service="svc", start=True)  # the queue is full now
+        with self.assertRaises(taskmgr.QueueFullError) as cm:
+            self.tm.create_task("/data/c.png", service="svc", start=True)
+        self.assertIn("the task was not created", cm.exception.message)
+        self.assertEqual(len(self.tm.list_tasks()), 3)  # nothing left pending
+        pending = self.tm.create_task("/data/d.png", service="svc")  # start=False: pending
+        self.assertEqual(self.tm.get_task(pending)["status"], "pending")
+        self.gate.set()
+        for t in (blocker, task):
+            self.assertEqual(self.tm.wait_task(t, timeout=30)["status"], "completed")
+        types = [e.event_type for e in self.tm.task_events(task)]
+        self.assertEqual(types[:2], ["created", "queued"])
+        self.assertEqual(types[-1], "cleanup_completed")
+        self.assertEqual(self.tm.get_task(pending)["status"], "pending")
+
+    def test_create_tasks(self):
+        self.assertEqual(self.tm.create_tasks([]), [])
+        blocker = self.hold_the_worker()
+        ids = self.tm.create_tasks([
+            {"input": "/data/0.png", "service": "svc", "start": True},
+            {"data": b"abc", "service": "svc", "priority": 4, "options": {"k": 1}},
+            {"input": "/data/2.png", "service": "svc", "start": True},
+        ])
+        self.assertEqual(len(ids), 3)
+        self.assertEqual(len(set(ids)), 3)
+        self.assertEqual(ids, sorted(ids))  # time-ordered ids, in request order
+        got = [self.tm.get_task(i) for i in ids]
+        self.assertEqual([t["status"] for t in got], ["queued", "pending", "queued"])
+        self.assertEqual(got[0]["input"]["path"], "/data/0.png")
+        self.assertEqual(got[1]["priority"], 4)
+        self.assertEqual(got[1]["options"], {"k": 1})
+        self.assertEqual(got[2]["input"]["path"], "/data/2.png")
+
+        # All or none: the queue is full (2 of 2), so one more that starts
+        # refuses the whole batch.
+        with self.assertRaises(taskmgr.QueueFullError) as cm:
+            self.tm.create_tasks([{"input": "/data/x.png", "service": "svc"}] * 2, start=True)
+        self.assertIn("no task was created", cm.exception.message)
+        # A bad request is named by its index; nothing is created.
+        bad = [{"input": "/data/y.png", "service": "svc"},
+               {"input": "/data/z.png", "service": "nope"}]
+        with self.assertRaises(taskmgr.NotFoundError) as cm:
+            self.tm.create_tasks(bad)
+        self.assertIn("request 1: ", cm.exception.message)
+        self.assertIn("nope", cm.exception.message)
+        with self.assertRaises(taskmgr.InvalidArgumentError) as cm:
+            self.tm.create_tasks([{"input": "/data/y.png", "service": "svc"},
+                                  {"input": "/data/z.png", "service": "svc", "options": "[1]"}])
+        self.assertIn("request 1: ", cm.exception.message)
+        with self.assertRaises(TypeError):
+            self.tm.create_tasks([{"input": "/data/y.png", "colour": "red"}])
+        self.assertEqual(len(self.tm.list_tasks()), 4)
+
+        # `start` given to create_tasks is the default of the requests.
+        more = self.tm.create_tasks([{"input": "/data/p%d.png" % i, "service": "svc"}
+                                     for i in range(3)])
+        self.assertEqual({self.tm.get_task(i)["status"] for i in more}, {"pending"})
+        self.gate.set()
+        self.tm.wait_idle(timeout=30)
+        for t in [blocker, ids[0], ids[2]]:
+            self.assertEqual(self.tm.wait_task(t, timeout=30)["status"], "completed")
+        for t in [ids[1]] + more:
+            self.tm.start_task(t)
+            self.assertEqual(self.tm.wait_task(t, timeout=30)["status"], "completed")
+        self.assertEqual(self.tm.get_task(ids[1])["result"], {"path": None, "bytes": 3})
+        self.assertEqual(self.tm.metrics()["counters"]["tasks_completed"], 7)
+
 if __name__ == "__main__":
     unittest.main(verbosity=2)

@@ -1,6 +1,7 @@
 // libFuzzer harness: the C ABI entry points that parse strings. The input
 // is split at NUL bytes into fields fed to taskmgr_config_normalize (YAML),
-// taskmgr_create_task (service, path, device, options, media type),
+// taskmgr_create_task (service, path, device, options, media type; then
+// the same request inside a taskmgr_create_tasks batch),
 // taskmgr_list_tasks (status filter) and taskmgr_start_task (options). Every
 // call must return a status (never crash, throw or leak) and leave a
 // message on failure. The manager (in memory, host service "svc") is
@@ -94,6 +95,23 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     expect_message(taskmgr_start_task(tm, id, &p));
     int cancelled = 0;
     expect_message(taskmgr_cancel_task(tm, id, &cancelled));
+  }
+  // The same fields as a batch with start: the fuzzed request between two
+  // good ones. All or none: on failure no id is written.
+  taskmgr_task_request batch[3];
+  for (auto& b : batch) {
+    taskmgr_task_request_init(&b);
+    b.service = "svc";
+    b.start = 1;
+  }
+  batch[1] = r;
+  batch[1].start = static_cast<int32_t>(size & 1);
+  char ids[3][TASKMGR_TASK_ID_SIZE];
+  std::memset(ids, 'x', sizeof ids);
+  rc = taskmgr_create_tasks(tm, batch, 3, ids);
+  expect_message(rc);
+  for (const auto& one : ids) {
+    if (rc == TASKMGR_OK ? std::strlen(one) != 36 : one[0] != 'x') std::abort();
   }
   char* list = nullptr;
   rc = taskmgr_list_tasks(tm, f[6].c_str(), nullptr, 1, &list);

@@ -5,7 +5,8 @@
 // taskmgr_list_tasks (status filter) and taskmgr_start_task (options). Every
 // call must return a status (never crash, throw or leak) and leave a
 // message on failure. The manager (in memory, host service "svc") is
-// replaced every 4,096 runs so its task history stays small.
+// replaced every 1,024 runs so its task history stays small (each run
+// creates up to four tasks, and listing by status scans them).
 #include <taskmgr.h>
 
 #include <cstdint>
@@ -56,7 +57,7 @@ void expect_message(int rc) {
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   static unsigned runs = 0;
-  taskmgr_manager* tm = manager(++runs % 4096 == 0);
+  taskmgr_manager* tm = manager(++runs % 1024 == 0);
   std::vector<std::string> f;
   std::string cur;
   for (std::size_t i = 0; i < size; ++i) {
@@ -102,7 +103,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   for (auto& b : batch) {
     taskmgr_task_request_init(&b);
     b.service = "svc";
-    b.start = 1;
+    b.start = 0;  // pending: nothing to run (the fuzzed one may start)
   }
   batch[1] = r;
   batch[1].start = static_cast<int32_t>(size & 1);
@@ -112,6 +113,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   expect_message(rc);
   for (const auto& one : ids) {
     if (rc == TASKMGR_OK ? std::strlen(one) != 36 : one[0] != 'x') std::abort();
+    int cancelled = 0;
+    if (rc == TASKMGR_OK) expect_message(taskmgr_cancel_task(tm, one, &cancelled));
   }
   char* list = nullptr;
   rc = taskmgr_list_tasks(tm, f[6].c_str(), nullptr, 1, &list);

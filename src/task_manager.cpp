@@ -151,6 +151,17 @@ class TaskManager::Impl {
   void register_service(std::shared_ptr<ServiceFactory> factory);
   Task create_task(const TaskCreateRequest& request);
   std::vector<Task> create_tasks(const std::vector<TaskCreateRequest>& requests);
+  // The requests of create_task (one) or create_tasks (many), uncopied.
+  struct Requests {
+    const TaskCreateRequest* p;
+    std::size_t n;
+    std::size_t size() const { return n; }
+    bool empty() const { return n == 0; }
+    const TaskCreateRequest& operator[](std::size_t i) const { return p[i]; }
+    const TaskCreateRequest* begin() const { return p; }
+    const TaskCreateRequest* end() const { return p + n; }
+  };
+  std::vector<Task> create_many(Requests requests);
   Task start_task(const std::string& id, const TaskStartRequest& params);
   bool cancel_task(const std::string& id);
   Task get_task(const std::string& id) const;
@@ -674,6 +685,14 @@ void validate_request(const TaskCreateRequest& req) {
 // start, estimate and place each, store them all in one commit, then put
 // the started ones in the queue.
 std::vector<Task> TaskManager::Impl::create_tasks(const std::vector<TaskCreateRequest>& reqs) {
+  return create_many({reqs.data(), reqs.size()});
+}
+
+Task TaskManager::Impl::create_task(const TaskCreateRequest& req) {
+  return std::move(create_many({&req, 1}).front());  // no copy of the request
+}
+
+std::vector<Task> TaskManager::Impl::create_many(Requests reqs) {
   const bool many = reqs.size() != 1;
   // Runs `f` for request i; a failure of one of many names it.
   auto for_request = [many](std::size_t i, auto&& f) {
@@ -825,10 +844,6 @@ std::vector<Task> TaskManager::Impl::create_tasks(const std::vector<TaskCreateRe
   }
   drain();
   return out;
-}
-
-Task TaskManager::Impl::create_task(const TaskCreateRequest& req) {
-  return std::move(create_tasks({req}).front());
 }
 
 Task TaskManager::Impl::start_task(const std::string& id, const TaskStartRequest& p) {

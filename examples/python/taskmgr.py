@@ -541,10 +541,11 @@ class Manager:
         _check(_lib.taskmgr_start_task(self._handle(), _task_id(task), ctypes.byref(p)))
 
     def submit(self, input=None, **create_args):
-        """create_task(input, **create_args), then start_task; returns the id."""
-        task = self.create_task(input, **create_args)
-        self.start_task(task)
-        return task
+        """create_task(input, start=True, **create_args): created and queued in
+        one step (one commit); returns the id. A full queue raises
+        QueueFullError and nothing is created."""
+        create_args["start"] = True
+        return self.create_task(input, **create_args)
 
     def cancel_task(self, task):
         """True when it was cancelled, False when it had already ended."""

@@ -183,6 +183,12 @@ class ErrorsThroughPython(unittest.TestCase):
                 tm2.start_task(third)
             self.assertIn("max_queue_size", str(cm.exception))
             self.assertEqual(tm2.get_task(third)["status"], "pending")
+            # submit creates and queues in one step: at a full queue nothing is created.
+            before = len(tm2.list_tasks())
+            with self.assertRaises(taskmgr.QueueFullError) as cm:
+                tm2.submit(service="slow")
+            self.assertIn("not created", str(cm.exception))
+            self.assertEqual(len(tm2.list_tasks()), before)
             with self.assertRaises(taskmgr.TimeoutError):
                 tm2.wait_task(first, timeout=0.05)
             gate.set()

@@ -810,10 +810,9 @@ std::vector<Task> TaskManager::Impl::create_many(Requests reqs) {
       }
     });
     if (req.start) mark_queued(*rec, b, false, false);
-    NewTask row;
+    NewTask& row = rows.emplace_back();  // built in place: a Task is large to move
     row.task = t;
     row.events = std::move(b.events);
-    rows.push_back(std::move(row));
     recs.push_back(std::move(rec));
   }
   store_->insert_tasks(rows);  // durable before we return; throws on failure: nothing kept

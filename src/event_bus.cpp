@@ -40,6 +40,9 @@ struct EventBus::Impl {
   std::vector<EventRecord> queue;
   bool sleeping = false;
   bool stop = false;
+  // The last delivered batch, kept for take_recycled() (queue_mu).
+  std::vector<EventRecord> recycled;
+  static constexpr std::size_t kMaxRecycled = 4096;
   bool flush_requested = false;
 
   std::mutex subs_mu;  // the subscriber list
@@ -116,6 +119,13 @@ EventBus::EventBus(LogSink log, std::size_t max_pending) : impl_(std::make_uniqu
       }
       delivered_.fetch_add(batch.size());
       im->processed.fetch_add(batch.size());
+      if (batch.size() > Impl::kMaxRecycled) batch.resize(Impl::kMaxRecycled);
+      {
+        // Kept for a publisher to fill again, unless it has not taken the
+        // previous batch yet.
+        std::lock_guard<std::mutex> g(im->queue_mu);
+        if (im->recycled.empty()) im->recycled.swap(batch);
+      }
       batch.clear();
       {
         std::lock_guard<std::mutex> g(im->flush_mu);
@@ -183,19 +193,32 @@ void EventBus::publish(EventRecord event) {
   if (wake) impl_->wake_cv.notify_one();
 }
 
+std::vector<EventRecord> EventBus::take_recycled() {
+  std::vector<EventRecord> out;
+  std::lock_guard<std::mutex> g(impl_->queue_mu);
+  out.swap(impl_->recycled);
+  return out;
+}
+
 void EventBus::publish(std::vector<EventRecord>&& events) {
   if (events.empty()) return;
   bool wake = false;
   {
     std::lock_guard<std::mutex> g(impl_->queue_mu);
-    for (auto& event : events) {
-      event.sequence = published_.fetch_add(1) + 1;
-      if (impl_->queue.size() >= impl_->max_pending) {
-        dropped_.fetch_add(1);
-        impl_->processed.fetch_add(1);
-        continue;
+    if (impl_->queue.empty() && events.size() <= impl_->max_pending) {
+      // Nothing waiting: the vector itself becomes the queue (no moves).
+      for (auto& event : events) event.sequence = published_.fetch_add(1) + 1;
+      impl_->queue.swap(events);
+    } else {
+      for (auto& event : events) {
+        event.sequence = published_.fetch_add(1) + 1;
+        if (impl_->queue.size() >= impl_->max_pending) {
+          dropped_.fetch_add(1);
+          impl_->processed.fetch_add(1);
+          continue;
+        }
+        impl_->queue.push_back(std::move(event));
       }
-      impl_->queue.push_back(std::move(event));
     }
     wake = impl_->sleeping;
   }

@@ -38,6 +38,14 @@ class JsonOut {
     }
   }
   std::string str() const { return spilled_ ? big_ : std::string(buf_, n_); }
+  // Into an existing string: no allocation when its capacity suffices.
+  void assign_to(std::string& s) const {
+    if (spilled_) {
+      s.assign(big_);
+    } else {
+      s.assign(buf_, n_);
+    }
+  }
 
  private:
   std::string& spill() {
@@ -90,6 +98,16 @@ class JsonValue {
   static JsonValue raw(std::string_view json) {
     JsonValue v(json);
     v.kind_ = Kind::kRaw;
+    return v;
+  }
+
+  // Strings and raw text refer to outside data; a copy of the value can be
+  // pointed at a copy of that text (CapturedObject).
+  bool has_text() const noexcept { return kind_ == Kind::kString || kind_ == Kind::kRaw; }
+  std::string_view text() const noexcept { return str_; }
+  JsonValue with_text(std::string_view s) const noexcept {
+    JsonValue v = *this;
+    v.str_ = s;
     return v;
   }
 
@@ -193,21 +211,96 @@ struct JsonField {
   JsonValue value;
 };
 
+// One member of an object; `first` writes no comma before it. Keys are the
+// library's own identifiers: nothing to escape.
+template <typename Out>
+void append_member(Out& out, bool first, std::string_view key, const JsonValue& value) {
+  if (!first) out.put(',');
+  out.put('"');
+  out.put(key);
+  out.put("\":");
+  value.append_to(out);
+}
+
 inline std::string json_object(std::initializer_list<JsonField> fields) {
   JsonOut out;
   out.put('{');
   bool first = true;
   for (const auto& f : fields) {
-    if (!first) out.put(',');
+    append_member(out, first, f.key, f.value);
     first = false;
-    // Keys are the library's own identifiers: nothing to escape.
-    out.put('"');
-    out.put(f.key);
-    out.put("\":");
-    f.value.append_to(out);
   }
   out.put('}');
   return out.str();
 }
+
+// The fields of a flat object captured by value, to be written as JSON later
+// (the manager captures event details while it holds its lock and writes
+// them after releasing it). Keys are kept as views: they must outlive the
+// capture, as the string literals every caller uses do. String and raw
+// values are copied into an inline buffer: capturing allocates nothing.
+// str() gives exactly what json_object() gives for the same fields.
+class CapturedObject {
+ public:
+  static constexpr std::size_t kMaxFields = 8;
+  static constexpr std::size_t kTextCapacity = 192;
+
+  // Keeps the fields; false (and nothing kept) when they do not fit: more
+  // than kMaxFields, or more text than kTextCapacity. The caller then writes
+  // them at once with json_object().
+  bool capture(std::initializer_list<JsonField> fields) noexcept {
+    n_ = 0;
+    if (fields.size() > kMaxFields) return false;
+    std::size_t used = 0;
+    for (const auto& f : fields) {
+      Field& d = fields_[n_++];
+      d.key = f.key;
+      d.value = f.value;
+      if (!f.value.has_text()) continue;
+      const std::string_view t = f.value.text();
+      if (t.size() > kTextCapacity - used) {
+        n_ = 0;
+        return false;
+      }
+      if (!t.empty()) std::memcpy(text_ + used, t.data(), t.size());
+      d.offset = static_cast<std::uint16_t>(used);
+      used += t.size();
+    }
+    return true;
+  }
+
+  std::string str() const {
+    std::string s;
+    assign_to(s);
+    return s;
+  }
+
+  // The same text into an existing string (its capacity reused).
+  void assign_to(std::string& s) const {
+    JsonOut out;
+    out.put('{');
+    for (std::size_t i = 0; i < n_; ++i) {
+      const Field& f = fields_[i];
+      if (f.value.has_text()) {
+        append_member(out, i == 0, f.key,
+                      f.value.with_text(std::string_view(text_ + f.offset, f.value.text().size())));
+      } else {
+        append_member(out, i == 0, f.key, f.value);
+      }
+    }
+    out.put('}');
+    out.assign_to(s);
+  }
+
+ private:
+  struct Field {
+    std::string_view key;
+    JsonValue value{nullptr};  // its text, if any, is at text_ + offset
+    std::uint16_t offset = 0;
+  };
+  Field fields_[kMaxFields];
+  std::size_t n_ = 0;
+  char text_[kTextCapacity];
+};
 
 }  // namespace taskmgr::detail

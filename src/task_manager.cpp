@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <boost/asio/post.hpp>
 #include <boost/asio/thread_pool.hpp>
+#include <boost/container/small_vector.hpp>
 #include <boost/json.hpp>
 #include <cmath>
 #include <cstdio>
@@ -16,6 +17,7 @@
 #include <deque>
 #include <filesystem>
 #include <random>
+#include <shared_mutex>
 #include <thread>
 #include <unordered_map>
 
@@ -140,6 +142,26 @@ struct Record {
 
 using RecordPtr = std::shared_ptr<Record>;
 
+// An event as committed under the manager's lock: its details captured by
+// value and written as JSON when drained, after the lock is released (or
+// written at once when they do not fit the capture).
+struct PendingEvent {
+  TaskEvent event = TaskEvent::kCreated;
+  Timestamp timestamp{};
+  bool captured = false;
+  detail::CapturedObject fields;  // when captured
+  std::string details;            // otherwise
+
+  std::string details_json() const { return captured ? fields.str() : details; }
+  void write_details(std::string& out) const {
+    if (captured) {
+      fields.assign_to(out);
+    } else {
+      out.assign(details);
+    }
+  }
+};
+
 }  // namespace
 
 // ---------------------------------------------------------------------------
@@ -189,16 +211,18 @@ class TaskManager::Impl {
 
  private:
   // The events of one state change (one critical section). They share one
-  // timestamp, read once.
+  // timestamp, read once. Held inline: a batch allocates nothing.
   struct Batch {
-    std::vector<EventRecord> events;
+    boost::container::small_vector<PendingEvent, 4> events;
     std::optional<Timestamp> now;
   };
+  // The batch's events as records of task `id` (details written now).
+  static std::vector<EventRecord> records_of(Batch& b, const std::string& id);
 
   void check_open_locked() const;
   void add_event(Batch& b, const Record& r, TaskEvent e,
                  std::initializer_list<detail::JsonField> details) const;
-  void commit_locked(Record& r, Batch& b);
+  void commit_locked(const RecordPtr& rec, Batch& b);
 
  public:
   // Writes what commit_locked queued to the store and the bus, in commit
@@ -251,6 +275,9 @@ class TaskManager::Impl {
 
   mutable std::mutex mu_;
   mutable std::condition_variable done_cv_;
+  // Written under mu_ and registry_mu_ (register_service), so either lock
+  // reads them: create_task takes only registry_mu_ (shared).
+  mutable std::shared_mutex registry_mu_;
   std::map<std::string, std::shared_ptr<ServiceFactory>> factories_;
   std::map<std::string, std::function<bool(const DeviceInfo&)>> filters_;  // per service: supports()
   std::map<std::string, std::unique_ptr<ServicePool>> pools_;
@@ -265,17 +292,25 @@ class TaskManager::Impl {
   std::map<std::string, std::int64_t> peak_by_device_;
   std::vector<RecordPtr> cleanups_;  // attempts whose cleanup hook is running
   // Committed state changes not yet written to the store and the bus (mu_).
+  // What is copied here under the lock is kept small: the row without its
+  // id (taken from `rec` when drained) and the events as captured; the
+  // drain writes ids and JSON details outside the lock.
   struct OutboxItem {
-    Task task;  // without its input
-    std::vector<EventRecord> events;
+    RecordPtr rec;  // the task (its id); null for `ready` items
+    Task task;      // the row to store, without its id and input
+    std::size_t first = 0, count = 0;  // its events in outbox_events_
+    std::vector<EventRecord> ready;    // store == false: events stored already, to publish
     bool store = true;  // false: only publish (the store has it already)
   };
   std::mutex outbox_mu_;  // taken inside mu_ to append, alone to swap out
   std::vector<OutboxItem> outbox_;
+  std::vector<PendingEvent> outbox_events_;
   std::atomic<bool> outbox_pending_{false};  // outbox_ not empty (set and cleared under outbox_mu_)
   std::mutex drain_mu_;  // one drainer at a time keeps commit order
-  std::vector<OutboxItem> spare_outbox_;   // drain_mu_: swapped with outbox_
-  std::vector<EventRecord> spare_events_;  // drain_mu_
+  std::vector<OutboxItem> spare_outbox_;          // drain_mu_: swapped with outbox_
+  std::vector<PendingEvent> spare_outbox_events_;  // drain_mu_: swapped with outbox_events_
+  std::vector<EventRecord> spare_events_;          // drain_mu_
+  std::vector<EventRecord> item_events_;           // drain_mu_: one item's events, for the store
   std::vector<std::string> device_ids_;  // fixed at open
   int workers_ = 1;
   int running_ = 0;   // attempts holding a worker thread
@@ -286,8 +321,13 @@ class TaskManager::Impl {
   std::atomic<std::int64_t> arrival_gap_ns_{1'000'000'000};  // mean gap between enqueues
   static constexpr std::chrono::microseconds kWorkerLinger{TASKMGR_LINGER_US};
   int backoff_ = 0;   // tasks waiting for a retry timer
-  std::size_t queue_reserved_ = 0;  // queue room kept for tasks created with start, not yet queued
-  bool closing_ = false;
+  // Admission to the queue (tasks.max_queue_size): a create with start
+  // reserves room under admit_mu_ alone (it does not take mu_), start_task
+  // checks and queues under mu_ then admit_mu_; the reservation is given
+  // back once the tasks are queued (or their creation failed).
+  std::mutex admit_mu_;
+  std::atomic<std::size_t> queue_reserved_{0};
+  std::atomic<bool> closing_{false};
   bool closed_ = false;
   SteadyTime last_prune_{};
   SteadyTime last_refresh_{};
@@ -295,7 +335,8 @@ class TaskManager::Impl {
   // Counters (under mu_ or atomics).
   std::uint64_t created_ = 0, started_ = 0, completed_ = 0, failed_ = 0, cancelled_ = 0;
   std::map<std::string, std::uint64_t> failed_by_reason_;
-  std::uint64_t retries_ = 0, ooms_ = 0, fallbacks_ = 0, warnings_ = 0, queue_full_ = 0,
+  std::atomic<std::uint64_t> queue_full_{0};
+  std::uint64_t retries_ = 0, ooms_ = 0, fallbacks_ = 0, warnings_ = 0,
                 cleanup_failures_ = 0;
   detail::Histogram wait_hist_;
   detail::Histogram proc_hist_;
@@ -406,7 +447,7 @@ class TaskManager::Impl::Context final : public TaskContext {
                     {"message", "uses " + std::to_string(mb) + " MB, above its estimate of " +
                                     std::to_string(estimate_) + " MB"}});
       ++m_.warnings_;
-      m_.commit_locked(*rec_, b);
+      m_.commit_locked(rec_, b);
     }
     m_.drain();
   }
@@ -492,28 +533,37 @@ void TaskManager::Impl::check_open_locked() const {
   if (closing_) throw Error(ErrorCode::kInvalidState, "the task manager is closed");
 }
 
-void TaskManager::Impl::add_event(Batch& b, const Record& r, TaskEvent e,
+void TaskManager::Impl::add_event(Batch& b, const Record&, TaskEvent e,
                                   std::initializer_list<detail::JsonField> details) const {
-  if (!b.now) {
-    b.now = clock_->now();
-    b.events.reserve(4);
-  }
-  EventRecord& ev = b.events.emplace_back();
-  ev.task_id = r.task.id;
+  if (!b.now) b.now = clock_->now();
+  PendingEvent& ev = b.events.emplace_back();
   ev.event = e;
   ev.timestamp = *b.now;
-  ev.details_json = detail::json_object(details);
+  ev.captured = ev.fields.capture(details);
+  if (!ev.captured) ev.details = detail::json_object(details);  // long text (messages): rare
+}
+
+std::vector<EventRecord> TaskManager::Impl::records_of(Batch& b, const std::string& id) {
+  std::vector<EventRecord> out(b.events.size());
+  for (std::size_t i = 0; i < b.events.size(); ++i) {
+    out[i].task_id = id;
+    out[i].event = b.events[i].event;
+    out[i].timestamp = b.events[i].timestamp;
+    out[i].details_json = b.events[i].details_json();
+  }
+  b.events.clear();
+  b.now.reset();
+  return out;
 }
 
 // Every state change and its events are committed here, under mu_, in the
 // order they happen; drain() writes them to the store (task row + events
 // together) and publishes the events, in that same order, without holding
 // mu_. Readers call drain(true) first, so they see every committed change.
-void TaskManager::Impl::commit_locked(Record& r, Batch& b) {
+void TaskManager::Impl::commit_locked(const RecordPtr& rec, Batch& b) {
   if (b.events.empty()) return;
   OutboxItem item;
-  const Task& t = r.task;
-  item.task.id = t.id;
+  const Task& t = rec->task;
   item.task.service = t.service;
   item.task.options_json = t.options_json;
   item.task.priority = t.priority;
@@ -532,18 +582,23 @@ void TaskManager::Impl::commit_locked(Record& r, Batch& b) {
   item.task.assigned_device = t.assigned_device;
   item.task.service_instance_id = t.service_instance_id;
   item.task.resource_cleanup_completed = t.resource_cleanup_completed;
-  item.events = std::move(b.events);
+  std::lock_guard<std::mutex> g(outbox_mu_);
+  for (auto& e : b.events) outbox_events_.push_back(std::move(e));
+  const std::size_t n = b.events.size();
   b.events.clear();
   b.now.reset();
-  std::lock_guard<std::mutex> g(outbox_mu_);
   // The task's previous change still waits: one item (the later row
-  // supersedes the earlier one; the events stay in order).
-  if (!outbox_.empty() && outbox_.back().store && outbox_.back().task.id == item.task.id) {
+  // supersedes the earlier one; the events, contiguous at the end of
+  // outbox_events_, stay in order).
+  if (!outbox_.empty() && outbox_.back().store && outbox_.back().rec == rec) {
     OutboxItem& last = outbox_.back();
     last.task = std::move(item.task);
-    for (auto& e : item.events) last.events.push_back(std::move(e));
+    last.count += n;
     return;
   }
+  item.rec = rec;
+  item.first = outbox_events_.size() - n;
+  item.count = n;
   outbox_.push_back(std::move(item));
   outbox_pending_.store(true, std::memory_order_release);
 }
@@ -562,29 +617,59 @@ void TaskManager::Impl::drain(bool wait) {
     // The outbox and the spare swap buffers: neither is reallocated in the
     // steady state.
     std::vector<OutboxItem> items = std::move(spare_outbox_);
+    std::vector<PendingEvent> pending = std::move(spare_outbox_events_);
     {
       auto g = detail::spin_lock(outbox_mu_);
       items.swap(outbox_);
+      pending.swap(outbox_events_);
       outbox_pending_.store(false, std::memory_order_relaxed);
     }
-    std::vector<EventRecord> events = std::move(spare_events_);
-    std::size_t n = 0;
-    for (const auto& it : items) n += it.events.size();
-    events.reserve(n);
+    // Records the dispatcher has delivered are filled in again: their
+    // strings keep their capacity, so writing ids and details here
+    // allocates nothing in the steady state.
+    std::vector<EventRecord> events = bus_.take_recycled();
+    if (events.empty()) events = std::move(spare_events_);
+    std::size_t used = 0;
+    auto next_record = [&]() -> EventRecord& {
+      return used < events.size() ? events[used++] : (++used, events.emplace_back());
+    };
     for (auto& it : items) {
-      if (it.store) {
-        try {
-          store_->update_task(it.task, it.events);
-        } catch (const std::exception& e) {
-          log_.write(LogLevel::kError, "storing task " + it.task.id + " failed: " + e.what());
-        }
+      if (!it.store) {
+        for (auto& e : it.ready) next_record() = std::move(e);
+        continue;
       }
-      for (auto& e : it.events) events.push_back(std::move(e));
+      // The ids and the JSON details, written here, outside mu_.
+      it.task.id = it.rec->task.id;
+      item_events_.resize(it.count);
+      for (std::size_t i = 0; i < it.count; ++i) {
+        const PendingEvent& p = pending[it.first + i];
+        EventRecord& e = item_events_[i];
+        e.sequence = 0;
+        e.task_id.assign(it.task.id);
+        e.event = p.event;
+        e.timestamp = p.timestamp;
+        p.write_details(e.details_json);
+      }
+      try {
+        store_->update_task(it.task, item_events_);
+      } catch (const std::exception& e) {
+        log_.write(LogLevel::kError, "storing task " + it.task.id + " failed: " + e.what());
+      }
+      for (const auto& e : item_events_) {
+        EventRecord& r = next_record();
+        r.task_id.assign(e.task_id);
+        r.event = e.event;
+        r.timestamp = e.timestamp;
+        r.details_json.assign(e.details_json);
+      }
     }
+    events.resize(used);
     bus_.publish(std::move(events));  // leaves `events` empty, capacity kept
     const bool none = items.empty();
     items.clear();
+    pending.clear();
     spare_outbox_ = std::move(items);
+    spare_outbox_events_ = std::move(pending);
     spare_events_ = std::move(events);
     d.unlock();
     if (none) {
@@ -640,8 +725,10 @@ void TaskManager::Impl::register_service(std::shared_ptr<ServiceFactory> factory
     if (factories_.count(kind)) {
       throw Error(ErrorCode::kInvalidState, "service '" + kind + "' is registered already");
     }
+    std::unique_lock<std::shared_mutex> r(registry_mu_);
     factories_[kind] = factory;
     filters_[kind] = [factory](const DeviceInfo& d) { return factory->supports(d); };
+    r.unlock();
     auto p = std::make_unique<ServicePool>(factory, config_.pools, workers_, clock_);
     pool = p.get();
     pools_[kind] = std::move(p);
@@ -712,9 +799,11 @@ std::vector<Task> TaskManager::Impl::create_many(Requests reqs) {
   for (const auto& r : reqs) starting += r.start ? 1 : 0;
   // Each request's device filter: its service's, made at registration
   // (services are never removed, so the pointers stay valid).
+  // Neither takes mu_: the workers hold it often, and a host thread that
+  // waits for it is the bottleneck of a stream of short tasks.
   std::vector<const std::function<bool(const DeviceInfo&)>*> allowed(reqs.size());
   {
-    auto g = detail::spin_lock(mu_);
+    std::shared_lock<std::shared_mutex> r(registry_mu_);
     check_open_locked();
     for (std::size_t i = 0; i < reqs.size(); ++i) {
       const std::string& service = reqs[i].service;
@@ -734,9 +823,12 @@ std::vector<Task> TaskManager::Impl::create_many(Requests reqs) {
       });
       allowed[i] = &f->second;
     }
-    if (starting > 0) {
+  }
+  if (starting > 0) {
+    std::lock_guard<std::mutex> a(admit_mu_);
+    {
       const std::size_t max = static_cast<std::size_t>(config_.tasks.max_queue_size);
-      const std::size_t queued = queue_->size() + queue_reserved_;
+      const std::size_t queued = queue_->size() + queue_reserved_.load();
       if (queued + starting > max) {
         ++queue_full_;
         throw Error(ErrorCode::kQueueFull,
@@ -754,9 +846,7 @@ std::vector<Task> TaskManager::Impl::create_many(Requests reqs) {
     Impl& m;
     std::size_t n;
     ~Reservation() {
-      if (n == 0) return;
-      auto g = detail::spin_lock(m.mu_);
-      m.queue_reserved_ -= n;
+      if (n != 0) m.queue_reserved_ -= n;
     }
   } reservation{*this, starting};
 
@@ -812,7 +902,7 @@ std::vector<Task> TaskManager::Impl::create_many(Requests reqs) {
     if (req.start) mark_queued(*rec, b, false, false);
     NewTask& row = rows.emplace_back();  // built in place: a Task is large to move
     row.task = t;
-    row.events = std::move(b.events);
+    row.events = records_of(b, t.id);
     recs.push_back(std::move(rec));
   }
   store_->insert_tasks(rows);  // durable before we return; throws on failure: nothing kept
@@ -834,7 +924,7 @@ std::vector<Task> TaskManager::Impl::create_many(Requests reqs) {
       for (auto& row : rows) {
         OutboxItem item;
         item.store = false;  // insert_tasks stored these events
-        item.events = std::move(row.events);
+        item.ready = std::move(row.events);
         outbox_.push_back(std::move(item));
       }
       outbox_pending_.store(true, std::memory_order_release);
@@ -883,6 +973,9 @@ Task TaskManager::Impl::start_task(const std::string& id, const TaskStartRequest
     device = devices_->select_device(estimate.value_or(0), p.device.empty() ? device : p.device,
                                      support_filter(t.service));
   }
+  // Checked and queued under admit_mu_: creates that start their tasks
+  // reserve room under it without mu_.
+  std::unique_lock<std::mutex> admit(admit_mu_);
   if (queue_->size() + queue_reserved_ >= static_cast<std::size_t>(config_.tasks.max_queue_size)) {
     ++queue_full_;
     throw Error(ErrorCode::kQueueFull,
@@ -899,7 +992,8 @@ Task TaskManager::Impl::start_task(const std::string& id, const TaskStartRequest
   if (!p.options_json.empty()) t.options_json = p.options_json;
   Batch b;
   enqueue_locked(rec, b, false);
-  commit_locked(*rec, b);
+  admit.unlock();
+  commit_locked(rec, b);
   Task out = t;
   dispatch_locked();
   return out;
@@ -989,7 +1083,7 @@ bool TaskManager::Impl::cancel_task(const std::string& id) {
   rec->cancel.store(true);
   end_unstarted_locked(rec, TaskStatus::kCancelled, TaskFailureReason::kCancelled,
                        "cancelled by the host", b);
-  commit_locked(*rec, b);
+  commit_locked(rec, b);
   dispatch_locked();
   return true;
 }
@@ -1182,7 +1276,7 @@ void TaskManager::Impl::run_attempt(const RecordPtr& rec, ServicePool::Lease lea
                {"estimated_memory_mb", estimate}});
     add_event(b, *rec, TaskEvent::kStarted,
               {{"attempt", attempt}, {"batch_size", batch}, {"wait_s", detail::JsonValue::seconds(wait)}});
-    commit_locked(*rec, b);
+    commit_locked(rec, b);
   }
   lock.unlock();
   drain();
@@ -1205,7 +1299,7 @@ void TaskManager::Impl::run_attempt(const RecordPtr& rec, ServicePool::Lease lea
     Batch b;
     rec->temp_dir = ctx.created_temp();
     begin_cleanup_locked(rec, std::move(o), b);
-    commit_locked(*rec, b);
+    commit_locked(rec, b);
   }
   // Not drained here: the outcome and cleanup_started go out with the end of
   // the cleanup (one store write, one publication), a hook's time later. A
@@ -1224,7 +1318,7 @@ void TaskManager::Impl::run_attempt(const RecordPtr& rec, ServicePool::Lease lea
   Batch b;
   if (mine) {
     finish_cleanup_locked(rec, true, "", b);
-    commit_locked(*rec, b);
+    commit_locked(rec, b);
   }
   --running_;
   --running_by_device_[device];
@@ -1452,7 +1546,7 @@ void TaskManager::Impl::apply_retry_locked(const RecordPtr& rec, const RetryDeci
     --self->backoff_by_device_[*rec->task.assigned_device];
     Batch batch;
     self->enqueue_locked(rec, batch, true);
-    self->commit_locked(*rec, batch);
+    self->commit_locked(rec, batch);
     self->dispatch_locked();
     g.unlock();
     self->drain();
@@ -1529,7 +1623,7 @@ void TaskManager::Impl::recover() {
                  {"duration_s", detail::JsonValue::seconds(0.0)}});
       task.resource_cleanup_completed = true;
       finished_locked(rec);
-      commit_locked(*rec, b);
+      commit_locked(rec, b);
       continue;
     }
     const bool was_running = task.status == TaskStatus::kRunning;
@@ -1546,7 +1640,7 @@ void TaskManager::Impl::recover() {
                                  std::to_string(config_.tasks.retry.max_attempts) +
                                  "); no attempts left",
                              b);
-        commit_locked(*rec, b);
+        commit_locked(rec, b);
         continue;
       }
       ++retries_;
@@ -1568,12 +1662,12 @@ void TaskManager::Impl::recover() {
       } catch (const Error& e) {
         end_unstarted_locked(rec, TaskStatus::kFailed, TaskFailureReason::kDeviceUnavailable,
                              std::string("recovered task has no device: ") + e.what(), b);
-        commit_locked(*rec, b);
+        commit_locked(rec, b);
         continue;
       }
     }
     enqueue_locked(rec, b, was_running, /*recovered=*/true);
-    commit_locked(*rec, b);
+    commit_locked(rec, b);
   }
   if (!tasks.empty()) {
     log_.write(LogLevel::kInfo, "recovered " + std::to_string(tasks.size()) +
@@ -1673,7 +1767,7 @@ void TaskManager::Impl::sweep() {
                              " (tasks.queue_timeout_seconds = " +
                              std::to_string(config_.tasks.queue_timeout_seconds) + ")",
                          b);
-    commit_locked(*rec, b);
+    commit_locked(rec, b);
   }
   // Pools that stayed full past their acquire timeout: POOL_EXHAUSTED.
   for (auto it = pool_blocked_.begin(); it != pool_blocked_.end();) {
@@ -1703,7 +1797,7 @@ void TaskManager::Impl::sweep() {
                 std::to_string(pool.settings(device).max_instances) + ")";
     Batch b;
     retry_unstarted_locked(rec, f, b);
-    commit_locked(*rec, b);
+    commit_locked(rec, b);
   }
   // Attempts running past their deadline: they end TIMEOUT when process()
   // returns (a cooperative service sees deadline_exceeded() and stops), and
@@ -1727,7 +1821,7 @@ void TaskManager::Impl::sweep() {
                                 std::to_string(config_.tasks.cleanup_timeout_seconds) +
                                 " s; its instance will be replaced",
                             b);
-      commit_locked(*rec, b);
+      commit_locked(rec, b);
     } else {
       ++it;
     }
@@ -1755,7 +1849,7 @@ void TaskManager::Impl::sweep() {
                    {"total_mb", d.total_mb},
                    {"message", d.id + " is " + std::to_string(used) + " of " +
                                    std::to_string(d.total_mb) + " MB full"}});
-        commit_locked(*rec, b);
+        commit_locked(rec, b);
       }
     }
   }
@@ -1992,7 +2086,7 @@ void TaskManager::Impl::set_device_available(const std::string& device, bool ava
                                  e.what(),
                              b);
       }
-      commit_locked(*rec, b);
+      commit_locked(rec, b);
     }
   }
   dispatch_locked();

@@ -37,6 +37,37 @@ TEST_CASE("events arrive in publication order on the dispatcher thread") {
   CHECK(bus.delivered() == 1000);
 }
 
+TEST_CASE("delivered records come back for reuse, and republished ones are delivered again") {
+  EventBus bus;
+  std::vector<std::string> seen;
+  bus.subscribe([&](const EventRecord& e) { seen.push_back(e.task_id + "/" + e.details_json); });
+  std::vector<EventRecord> batch;
+  for (int i = 0; i < 3; ++i) {
+    EventRecord r = ev("task-" + std::to_string(i), TaskEvent::kQueued);
+    r.details_json = R"({"n":)" + std::to_string(i) + "}";
+    batch.push_back(r);
+  }
+  bus.publish(std::move(batch));
+  CHECK(batch.empty());
+  bus.flush();
+  REQUIRE(seen.size() == 3);
+  // The delivered batch is handed back once, contents stale, strings kept.
+  std::vector<EventRecord> again = bus.take_recycled();
+  REQUIRE(again.size() == 3);
+  CHECK(bus.take_recycled().empty());
+  for (auto& r : again) {
+    r.task_id.replace(0, 4, "work");  // overwrite in place
+    r.details_json = "{}";
+  }
+  bus.publish(std::move(again));
+  bus.flush();
+  REQUIRE(seen.size() == 6);
+  CHECK(seen[3] == "work-0/{}");
+  CHECK(seen[5] == "work-2/{}");
+  CHECK(bus.delivered() == 6);
+  CHECK(bus.published() == 6);
+}
+
 TEST_CASE("per-task order holds with many publishing threads") {
   EventBus bus;
   std::mutex mu;

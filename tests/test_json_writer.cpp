@@ -85,3 +85,58 @@ TEST_CASE("json_writer: durations are written to the microsecond and stay JSON d
   CHECK(boost::json::parse(json_object({{"s", JsonValue::seconds(3e15)}})).at("s").as_double() == 3e15);
   CHECK(boost::json::parse(json_object({{"s", JsonValue::seconds(std::numeric_limits<double>::infinity())}})).at("s").is_null());
 }
+
+TEST_CASE("json_writer: a captured object writes what json_object writes, after its sources are gone") {
+  using taskmgr::detail::CapturedObject;
+  CapturedObject c;
+  std::string expected;
+  {
+    std::string device = "cuda:0";
+    std::string message = "quote \" backslash \\ newline \n";
+    const std::optional<std::int64_t> some = 7, none;
+    expected = json_object({{"device", device},
+                            {"n", -3},
+                            {"d", 2.5},
+                            {"sec", JsonValue::seconds(0.000125)},
+                            {"ok", true},
+                            {"some", some},
+                            {"none", none},
+                            {"raw", JsonValue::raw("[1,2]")}});
+    REQUIRE(c.capture({{"device", device},
+                       {"n", -3},
+                       {"d", 2.5},
+                       {"sec", JsonValue::seconds(0.000125)},
+                       {"ok", true},
+                       {"some", some},
+                       {"none", none},
+                       {"raw", JsonValue::raw("[1,2]")}}));
+    device.assign("overwritten!");  // the capture holds its own copy
+    message.clear();
+  }
+  CHECK(c.str() == expected);
+  // Copies and moves keep their text (views are rebuilt from offsets).
+  CapturedObject copy = c;
+  CapturedObject moved = std::move(copy);
+  CHECK(moved.str() == expected);
+  std::string reused = "an existing string with room";
+  moved.assign_to(reused);
+  CHECK(reused == expected);
+  CHECK(boost::json::parse(expected).as_object().at("device").as_string() == "cuda:0");
+  CapturedObject empty;
+  REQUIRE(empty.capture({}));
+  CHECK(empty.str() == "{}");
+}
+
+TEST_CASE("json_writer: a capture that does not fit is refused whole") {
+  using taskmgr::detail::CapturedObject;
+  CapturedObject c;
+  const std::string long_text(CapturedObject::kTextCapacity + 1, 'x');
+  CHECK_FALSE(c.capture({{"message", long_text}}));
+  const std::string half(CapturedObject::kTextCapacity / 2 + 1, 'y');
+  CHECK_FALSE(c.capture({{"a", half}, {"b", half}}));  // together over the capacity
+  CHECK_FALSE(c.capture({{"1", 1}, {"2", 2}, {"3", 3}, {"4", 4}, {"5", 5}, {"6", 6}, {"7", 7},
+                         {"8", 8}, {"9", 9}}));  // more fields than kMaxFields
+  const std::string fits(CapturedObject::kTextCapacity, 'z');
+  REQUIRE(c.capture({{"message", fits}}));  // exactly the capacity
+  CHECK(c.str() == json_object({{"message", fits}}));
+}

@@ -1094,6 +1094,66 @@ TEST_CASE("create_tasks is all or none: a bad request is named by index and noth
   for (const auto& t : tasks) CHECK(h.finished(t.id).status == TaskStatus::kCompleted);
 }
 
+TEST_CASE("max_queue_size holds exactly with many threads creating with start and starting") {
+  Harness h;
+  h.config.executor.worker_threads = 1;
+  h.config.tasks.max_queue_size = 20;
+  Gate gate;
+  h.open([&](TaskContext&) { gate.wait(); });
+  const Task running = h.run();  // occupies the only worker: nothing leaves the queue
+  REQUIRE(eventually([&] { return h.status(running.id) == TaskStatus::kRunning; }));
+  // Creates with start reserve room without the manager's lock, start_task
+  // checks under it: together they must admit exactly 20.
+  std::atomic<int> admitted{0}, refused{0}, refused_start{0}, other{0};
+  std::vector<std::thread> threads;
+  for (int th = 0; th < 4; ++th) {
+    threads.emplace_back([&, th] {
+      for (int i = 0; i < 15; ++i) {
+        try {
+          const bool one_call = (i + th) % 2 == 0;
+          try {
+            if (one_call) {
+              TaskCreateRequest r;
+              r.service = "svc";
+              r.start = true;
+              h.tm->create_task(r);
+            } else {
+              h.tm->start_task(h.create().id);
+            }
+          } catch (const Error& e) {
+            if (!one_call && e.code() == ErrorCode::kQueueFull) ++refused_start;
+            throw;
+          }
+          ++admitted;
+        } catch (const Error& e) {
+          if (e.code() == ErrorCode::kQueueFull) {
+            ++refused;
+          } else {
+            ++other;
+          }
+        }
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  CHECK(admitted.load() == 20);
+  CHECK(refused.load() == 40);
+  CHECK(other.load() == 0);
+  const TaskMetrics m = h.tm->get_task_metrics();
+  CHECK(m.queued_tasks.at("total") == 20);
+  CHECK(m.queue_full_rejections == 40);
+  std::size_t queued = 0, pending = 0;
+  for (const auto& t : h.tm->list_tasks()) {
+    queued += t.status == TaskStatus::kQueued ? 1 : 0;
+    pending += t.status == TaskStatus::kPending ? 1 : 0;  // refused by start_task: kept
+  }
+  CHECK(queued == 20);
+  CHECK(pending == static_cast<std::size_t>(refused_start.load()));  // nothing else stays pending
+  gate.open();
+  CHECK(h.tm->wait_idle(std::chrono::seconds(60)));
+  CHECK(h.tm->get_task_metrics().tasks_completed == 21);
+}
+
 TEST_CASE("create with start at a full queue: QUEUE_FULL and nothing created, for one or many") {
   Harness h;
   h.config.executor.worker_threads = 1;

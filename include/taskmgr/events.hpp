@@ -68,7 +68,14 @@ class TASKMGR_API EventBus {
   // Assigns the sequence number and queues the event. Never blocks.
   void publish(EventRecord event);
   // The same for several events at once, in order (one lock for all).
+  // Leaves `events` empty.
   void publish(std::vector<EventRecord>&& events);
+
+  // Records already delivered, handed back for a publisher to overwrite and
+  // publish again: their strings keep their capacity, so filling them in
+  // allocates nothing (and the dispatcher thread frees nothing). Their
+  // contents are stale; may be empty.
+  std::vector<EventRecord> take_recycled();
 
   // Waits until every event published before the call has been delivered.
   // Returns at once when called from a callback.

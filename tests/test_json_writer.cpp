@@ -94,22 +94,17 @@ TEST_CASE("json_writer: a captured object writes what json_object writes, after 
     std::string device = "cuda:0";
     std::string message = "quote \" backslash \\ newline \n";
     const std::optional<std::int64_t> some = 7, none;
-    expected = json_object({{"device", device},
-                            {"n", -3},
-                            {"d", 2.5},
-                            {"sec", JsonValue::seconds(0.000125)},
-                            {"ok", true},
-                            {"some", some},
-                            {"none", none},
-                            {"raw", JsonValue::raw("[1,2]")}});
-    REQUIRE(c.capture({{"device", device},
-                       {"n", -3},
-                       {"d", 2.5},
-                       {"sec", JsonValue::seconds(0.000125)},
-                       {"ok", true},
-                       {"some", some},
-                       {"none", none},
-                       {"raw", JsonValue::raw("[1,2]")}}));
+    const std::initializer_list<taskmgr::detail::JsonField> fields = {
+        {"device", device},
+        {"message", message},  // escaped when written
+        {"d", -2.5},
+        {"sec", JsonValue::seconds(0.000125)},
+        {"ok", true},
+        {"some", some},
+        {"none", none},
+        {"raw", JsonValue::raw("[1,2]")}};
+    expected = json_object(fields);
+    REQUIRE(c.capture(fields));
     device.assign("overwritten!");  // the capture holds its own copy
     message.clear();
   }

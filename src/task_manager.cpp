@@ -223,6 +223,8 @@ class TaskManager::Impl {
   void add_event(Batch& b, const Record& r, TaskEvent e,
                  std::initializer_list<detail::JsonField> details) const;
   void commit_locked(const RecordPtr& rec, Batch& b);
+  struct OutboxItem;
+  OutboxItem& next_outbox_item_locked();  // under outbox_mu_
 
  public:
   // Writes what commit_locked queued to the store and the bus, in commit
@@ -303,7 +305,10 @@ class TaskManager::Impl {
     bool store = true;  // false: only publish (the store has it already)
   };
   std::mutex outbox_mu_;  // taken inside mu_ to append, alone to swap out
+  // Items are reused: the first outbox_used_ are pending, the rest keep
+  // their strings' capacity for the next commits.
   std::vector<OutboxItem> outbox_;
+  std::size_t outbox_used_ = 0;
   std::vector<PendingEvent> outbox_events_;
   std::atomic<bool> outbox_pending_{false};  // outbox_ not empty (set and cleared under outbox_mu_)
   std::mutex drain_mu_;  // one drainer at a time keeps commit order
@@ -311,6 +316,11 @@ class TaskManager::Impl {
   std::vector<PendingEvent> spare_outbox_events_;  // drain_mu_: swapped with outbox_events_
   std::vector<EventRecord> spare_events_;          // drain_mu_
   std::vector<EventRecord> item_events_;           // drain_mu_: one item's events, for the store
+  // Finished records evicted from records_ (outbox_mu_): the drainer drops
+  // them, outside mu_, so that freeing them (memory another thread may
+  // have allocated, behind the allocator's lock) never holds up the manager.
+  std::vector<RecordPtr> retired_;
+  std::vector<RecordPtr> spare_retired_;           // drain_mu_
   std::vector<std::string> device_ids_;  // fixed at open
   int workers_ = 1;
   int running_ = 0;   // attempts holding a worker thread
@@ -562,26 +572,7 @@ std::vector<EventRecord> TaskManager::Impl::records_of(Batch& b, const std::stri
 // mu_. Readers call drain(true) first, so they see every committed change.
 void TaskManager::Impl::commit_locked(const RecordPtr& rec, Batch& b) {
   if (b.events.empty()) return;
-  OutboxItem item;
   const Task& t = rec->task;
-  item.task.service = t.service;
-  item.task.options_json = t.options_json;
-  item.task.priority = t.priority;
-  item.task.status = t.status;
-  item.task.attempt = t.attempt;
-  item.task.batch_size = t.batch_size;
-  item.task.failure_reason = t.failure_reason;
-  item.task.failure_message = t.failure_message;
-  item.task.created_at = t.created_at;
-  item.task.queued_at = t.queued_at;
-  item.task.started_at = t.started_at;
-  item.task.finished_at = t.finished_at;
-  item.task.result = t.result;
-  item.task.estimated_memory_mb = t.estimated_memory_mb;
-  item.task.actual_memory_mb = t.actual_memory_mb;
-  item.task.assigned_device = t.assigned_device;
-  item.task.service_instance_id = t.service_instance_id;
-  item.task.resource_cleanup_completed = t.resource_cleanup_completed;
   std::lock_guard<std::mutex> g(outbox_mu_);
   for (auto& e : b.events) outbox_events_.push_back(std::move(e));
   const std::size_t n = b.events.size();
@@ -590,17 +581,44 @@ void TaskManager::Impl::commit_locked(const RecordPtr& rec, Batch& b) {
   // The task's previous change still waits: one item (the later row
   // supersedes the earlier one; the events, contiguous at the end of
   // outbox_events_, stay in order).
-  if (!outbox_.empty() && outbox_.back().store && outbox_.back().rec == rec) {
-    OutboxItem& last = outbox_.back();
-    last.task = std::move(item.task);
-    last.count += n;
-    return;
+  const bool same = outbox_used_ > 0 && outbox_[outbox_used_ - 1].store &&
+                    outbox_[outbox_used_ - 1].rec == rec;
+  OutboxItem& item = same ? outbox_[outbox_used_ - 1] : next_outbox_item_locked();
+  if (same) {
+    item.count += n;
+  } else {
+    item.rec = rec;
+    item.store = true;
+    item.first = outbox_events_.size() - n;
+    item.count = n;
   }
-  item.rec = rec;
-  item.first = outbox_events_.size() - n;
-  item.count = n;
-  outbox_.push_back(std::move(item));
+  // The row, into the item's strings (a reused item's capacity: no
+  // allocation in the steady state).
+  Task& row = item.task;
+  row.service = t.service;
+  row.options_json = t.options_json;
+  row.priority = t.priority;
+  row.status = t.status;
+  row.attempt = t.attempt;
+  row.batch_size = t.batch_size;
+  row.failure_reason = t.failure_reason;
+  row.failure_message = t.failure_message;
+  row.created_at = t.created_at;
+  row.queued_at = t.queued_at;
+  row.started_at = t.started_at;
+  row.finished_at = t.finished_at;
+  row.result = t.result;
+  row.estimated_memory_mb = t.estimated_memory_mb;
+  row.actual_memory_mb = t.actual_memory_mb;
+  row.assigned_device = t.assigned_device;
+  row.service_instance_id = t.service_instance_id;
+  row.resource_cleanup_completed = t.resource_cleanup_completed;
   outbox_pending_.store(true, std::memory_order_release);
+}
+
+TaskManager::Impl::OutboxItem& TaskManager::Impl::next_outbox_item_locked() {
+  if (outbox_used_ == outbox_.size()) outbox_.emplace_back();
+  return outbox_[outbox_used_++];
 }
 
 void TaskManager::Impl::drain(bool wait) {
@@ -618,12 +636,19 @@ void TaskManager::Impl::drain(bool wait) {
     // steady state.
     std::vector<OutboxItem> items = std::move(spare_outbox_);
     std::vector<PendingEvent> pending = std::move(spare_outbox_events_);
+    std::vector<RecordPtr> retired = std::move(spare_retired_);
+    std::size_t n_items = 0;
     {
       auto g = detail::spin_lock(outbox_mu_);
       items.swap(outbox_);
+      n_items = outbox_used_;
+      outbox_used_ = 0;  // the spare's items are all processed: reusable
       pending.swap(outbox_events_);
+      retired.swap(retired_);
       outbox_pending_.store(false, std::memory_order_relaxed);
     }
+    retired.clear();  // the last references, mostly
+    spare_retired_ = std::move(retired);
     // Records the dispatcher has delivered are filled in again: their
     // strings keep their capacity, so writing ids and details here
     // allocates nothing in the steady state.
@@ -633,9 +658,11 @@ void TaskManager::Impl::drain(bool wait) {
     auto next_record = [&]() -> EventRecord& {
       return used < events.size() ? events[used++] : (++used, events.emplace_back());
     };
-    for (auto& it : items) {
+    for (std::size_t k = 0; k < n_items; ++k) {
+      OutboxItem& it = items[k];
       if (!it.store) {
         for (auto& e : it.ready) next_record() = std::move(e);
+        it.ready.clear();
         continue;
       }
       // The ids and the JSON details, written here, outside mu_.
@@ -655,18 +682,14 @@ void TaskManager::Impl::drain(bool wait) {
       } catch (const std::exception& e) {
         log_.write(LogLevel::kError, "storing task " + it.task.id + " failed: " + e.what());
       }
-      for (const auto& e : item_events_) {
-        EventRecord& r = next_record();
-        r.task_id.assign(e.task_id);
-        r.event = e.event;
-        r.timestamp = e.timestamp;
-        r.details_json.assign(e.details_json);
-      }
+      // Published as they are: swapped with recycled records, whose
+      // strings then serve the next item (no copy, no allocation).
+      for (auto& e : item_events_) std::swap(next_record(), e);
+      it.rec.reset();
     }
     events.resize(used);
     bus_.publish(std::move(events));  // leaves `events` empty, capacity kept
-    const bool none = items.empty();
-    items.clear();
+    const bool none = n_items == 0;
     pending.clear();
     spare_outbox_ = std::move(items);
     spare_outbox_events_ = std::move(pending);
@@ -674,7 +697,7 @@ void TaskManager::Impl::drain(bool wait) {
     d.unlock();
     if (none) {
       auto g = detail::spin_lock(outbox_mu_);
-      if (outbox_.empty()) return;
+      if (outbox_used_ == 0) return;
     }
   }
 }
@@ -922,10 +945,11 @@ std::vector<Task> TaskManager::Impl::create_many(Requests reqs) {
     {
       std::lock_guard<std::mutex> o(outbox_mu_);
       for (auto& row : rows) {
-        OutboxItem item;
+        OutboxItem& item = next_outbox_item_locked();
+        item.rec.reset();
         item.store = false;  // insert_tasks stored these events
+        item.count = 0;
         item.ready = std::move(row.events);
-        outbox_.push_back(std::move(item));
       }
       outbox_pending_.store(true, std::memory_order_release);
     }
@@ -1033,10 +1057,10 @@ void TaskManager::Impl::push_queued_locked(const RecordPtr& rec, bool retry, boo
   q.estimated_memory_mb = t.estimated_memory_mb.value_or(0);
   if (retry) {
     q.priority = t.priority + 1;
-    queue_->requeue_task(q);  // one priority lower than q.priority
+    queue_->requeue_task(std::move(q));  // one priority lower than q.priority
   } else {
     (void)recovered;
-    queue_->add_task(q, t.priority, enforce_limit);
+    queue_->add_task(std::move(q), t.priority, enforce_limit);
   }
   enqueued_.fetch_add(1, std::memory_order_release);
   {
@@ -1119,8 +1143,12 @@ void TaskManager::Impl::finished_locked(const RecordPtr& rec) {
   rec->phase = Phase::kDone;
   finished_fifo_.push_back(rec);
   while (finished_fifo_.size() > kFinishedKept) {
-    records_.erase(finished_fifo_.front()->task.id);
+    RecordPtr old = std::move(finished_fifo_.front());
     finished_fifo_.pop_front();
+    records_.erase(old->task.id);
+    std::lock_guard<std::mutex> o(outbox_mu_);
+    retired_.push_back(std::move(old));
+    outbox_pending_.store(true, std::memory_order_release);  // a drain drops it
   }
   done_cv_.notify_all();
 }

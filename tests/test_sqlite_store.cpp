@@ -680,3 +680,41 @@ TEST_CASE("group commit: callers calling again and again from many threads (info
   CHECK(s.commits <= s.writes);
   CHECK(store->list_tasks({}).size() == kThreads * kEach);
 }
+
+TEST_CASE("both stores keep each task's events in order with their details across updates") {
+  TempDir dir;
+  const std::vector<std::shared_ptr<TaskStore>> stores = {make_memory_store(),
+                                                          open_sqlite_store(dir.db())};
+  for (const auto& store : stores) {
+    CAPTURE(store->describe());
+    Task a = sample_task(), b = sample_task();
+    std::vector<NewTask> batch(2);
+    batch[0].task = a;
+    batch[0].events = {event_for(a, TaskEvent::kCreated, R"({"n":"a0"})")};
+    batch[1].task = b;
+    batch[1].events = {event_for(b, TaskEvent::kCreated, R"({"n":"b0","long":")" +
+                                                              std::string(300, 'x') + "\"}")};
+    store->insert_tasks(batch);
+    // Interleaved updates of two tasks, several events each.
+    a.status = TaskStatus::kRunning;
+    store->update_task(a, {event_for(a, TaskEvent::kQueued, R"({"n":"a1"})"),
+                           event_for(a, TaskEvent::kStarted, R"({"n":"a2"})")});
+    b.status = TaskStatus::kQueued;
+    store->update_task(b, {event_for(b, TaskEvent::kQueued, "{}")});
+    a.status = TaskStatus::kCompleted;
+    store->update_task(a, {event_for(a, TaskEvent::kCompleted, R"({"n":"a3"})")});
+    const auto ea = store->load_events(a.id);
+    REQUIRE(ea.size() == 4);
+    CHECK(names(ea) == std::vector<std::string>{"created", "queued", "started", "completed"});
+    CHECK(ea[0].details_json == R"({"n":"a0"})");
+    CHECK(ea[2].details_json == R"({"n":"a2"})");
+    CHECK(ea[3].details_json == R"({"n":"a3"})");
+    for (const auto& e : ea) CHECK(e.task_id == a.id);
+    const auto eb = store->load_events(b.id);
+    REQUIRE(eb.size() == 2);
+    CHECK(eb[0].details_json.size() > 300);
+    CHECK(eb[1].details_json == "{}");
+    CHECK(store->load_task(a.id)->status == TaskStatus::kCompleted);
+    CHECK(store->load_task(b.id)->status == TaskStatus::kQueued);
+  }
+}

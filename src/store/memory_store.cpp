@@ -19,8 +19,9 @@ void TaskStore::insert_task(const Task& task, const EventRecord& created) {
 namespace {
 
 // Rows live in a node-based hash map (stable addresses); order_ keeps them in
-// creation order. Events are kept without their task id (the row has it):
-// one allocation less per event, as the manager writes ~8 per task.
+// creation order. Events are kept without their task id (the row has it),
+// and their details one after the other in one string per row: a task's ~8
+// events cost two growing buffers, not eight strings.
 class MemoryStore final : public TaskStore {
  public:
   // Copies are made before the lock is taken: the host thread inserting and
@@ -29,7 +30,9 @@ class MemoryStore final : public TaskStore {
     std::vector<Row> rows(tasks.size());
     for (std::size_t i = 0; i < tasks.size(); ++i) {
       rows[i].task = tasks[i].task;
-      rows[i].events = stored(tasks[i].events);
+      rows[i].events.reserve(8);     // a task's usual count in all
+      rows[i].details.reserve(768);  // and their usual size
+      rows[i].append(tasks[i].events);
     }
     auto g = detail::spin_lock(mu_);
     ++commits_;
@@ -49,7 +52,6 @@ class MemoryStore final : public TaskStore {
   }
 
   void update_task(const Task& task, const std::vector<EventRecord>& events) override {
-    std::vector<StoredEvent> evs = stored(events);
     auto g = detail::spin_lock(mu_);
     auto it = tasks_.find(task.id);
     if (it == tasks_.end()) return;  // pruned or never inserted: nothing to update
@@ -72,12 +74,7 @@ class MemoryStore final : public TaskStore {
     t.assigned_device = task.assigned_device;
     t.service_instance_id = task.service_instance_id;
     t.resource_cleanup_completed = task.resource_cleanup_completed;
-    auto& dst = it->second.events;
-    if (dst.empty()) {
-      dst = std::move(evs);
-    } else {
-      dst.insert(dst.end(), std::make_move_iterator(evs.begin()), std::make_move_iterator(evs.end()));
-    }
+    it->second.append(events);
   }
 
   void append_metrics(const std::vector<MetricSample>& samples) override {
@@ -112,15 +109,16 @@ class MemoryStore final : public TaskStore {
     std::lock_guard<std::mutex> g(mu_);
     auto it = tasks_.find(task_id);
     if (it == tasks_.end()) return {};
+    const Row& row = it->second;
     std::vector<EventRecord> out;
-    out.reserve(it->second.events.size());
-    for (const auto& e : it->second.events) {
+    out.reserve(row.events.size());
+    for (const auto& e : row.events) {
       EventRecord r;
       r.sequence = e.sequence;
       r.task_id = task_id;
       r.event = e.event;
       r.timestamp = e.timestamp;
-      r.details_json = e.details_json;
+      r.details_json.assign(row.details, e.offset, e.length);
       out.push_back(std::move(r));
     }
     return out;
@@ -176,22 +174,22 @@ class MemoryStore final : public TaskStore {
     std::uint64_t sequence = 0;
     TaskEvent event = TaskEvent::kCreated;
     Timestamp timestamp{};
-    std::string details_json;
+    std::size_t offset = 0, length = 0;  // its details in Row::details
   };
   struct Row {
     Task task;
     std::vector<StoredEvent> events;
+    std::string details;  // every event's details_json, one after the other
     std::vector<MetricSample> metrics;
-  };
 
-  static std::vector<StoredEvent> stored(const std::vector<EventRecord>& events) {
-    std::vector<StoredEvent> out;
-    out.reserve(std::max<std::size_t>(events.size(), 8));  // a task's usual count in all
-    for (const auto& e : events) {
-      out.push_back(StoredEvent{e.sequence, e.event, e.timestamp, e.details_json});
+    void append(const std::vector<EventRecord>& evs) {
+      for (const auto& e : evs) {
+        events.push_back(StoredEvent{e.sequence, e.event, e.timestamp, details.size(),
+                                     e.details_json.size()});
+        details += e.details_json;
+      }
     }
-    return out;
-  }
+  };
 
   mutable std::mutex mu_;
   std::uint64_t commits_ = 0, writes_ = 0;  // each insert_tasks / update_task call is one commit

@@ -286,6 +286,9 @@ class TaskManager::Impl {
   // Keyed by a view of the record's own task.id (never changes; the value
   // keeps it alive): no copy of the id per task. Insert with put_locked.
   std::unordered_map<std::string_view, RecordPtr> records_;
+  // Nodes of records_ erased, reused by put_locked (at most kFinishedKept):
+  // a record put by the host and erased by a worker allocates nothing.
+  std::vector<std::unordered_map<std::string_view, RecordPtr>::node_type> free_record_nodes_;
   std::deque<RecordPtr> finished_fifo_;  // the recent finished tasks kept in records_
   std::vector<RecordPtr> running_recs_;  // attempts running now (at most one per worker)
   std::map<std::string, SteadyTime> pool_blocked_;
@@ -359,7 +362,8 @@ class TaskManager::Impl {
   std::unique_ptr<detail::TimerQueue> timers_;
   Duration sweep_interval_;
 
-  static constexpr std::size_t kFinishedKept = 256;  // recent finished tasks kept in memory; the rest live in the store
+  static constexpr std::size_t kFinishedKept = 256;
+  static constexpr std::size_t kRetiredMax = 1024;  // finished records awaiting a create_task  // recent finished tasks kept in memory; the rest live in the store
 };
 
 // ---------------------------------------------------------------------------
@@ -644,7 +648,7 @@ void TaskManager::Impl::drain(bool wait) {
       n_items = outbox_used_;
       outbox_used_ = 0;  // the spare's items are all processed: reusable
       pending.swap(outbox_events_);
-      retired.swap(retired_);
+      if (retired_.size() > kRetiredMax) retired.swap(retired_);  // no create_task took them
       outbox_pending_.store(false, std::memory_order_relaxed);
     }
     retired.clear();  // the last references, mostly
@@ -704,7 +708,15 @@ void TaskManager::Impl::drain(bool wait) {
 
 void TaskManager::Impl::put_locked(const RecordPtr& rec) {
   records_.erase(rec->task.id);  // a key must view the id of the record it maps to
-  records_.emplace(std::string_view(rec->task.id), rec);
+  if (free_record_nodes_.empty()) {
+    records_.emplace(std::string_view(rec->task.id), rec);
+    return;
+  }
+  auto node = std::move(free_record_nodes_.back());
+  free_record_nodes_.pop_back();
+  node.key() = std::string_view(rec->task.id);
+  node.mapped() = rec;
+  records_.insert(std::move(node));
 }
 
 RecordPtr TaskManager::Impl::find_locked(const std::string& id) const {
@@ -929,6 +941,7 @@ std::vector<Task> TaskManager::Impl::create_many(Requests reqs) {
     recs.push_back(std::move(rec));
   }
   store_->insert_tasks(rows);  // durable before we return; throws on failure: nothing kept
+  std::vector<RecordPtr> retired;  // finished records to drop, after the locks
   std::vector<Task> out;
   out.reserve(rows.size());
   {
@@ -944,6 +957,7 @@ std::vector<Task> TaskManager::Impl::create_many(Requests reqs) {
     reservation.n = 0;
     {
       std::lock_guard<std::mutex> o(outbox_mu_);
+      retired.swap(retired_);  // dropped below, outside both locks
       for (auto& row : rows) {
         OutboxItem& item = next_outbox_item_locked();
         item.rec.reset();
@@ -1145,10 +1159,15 @@ void TaskManager::Impl::finished_locked(const RecordPtr& rec) {
   while (finished_fifo_.size() > kFinishedKept) {
     RecordPtr old = std::move(finished_fifo_.front());
     finished_fifo_.pop_front();
-    records_.erase(old->task.id);
+    if (auto node = records_.extract(old->task.id)) {
+      node.mapped().reset();  // not the last reference: `old` holds one
+      if (free_record_nodes_.size() < kFinishedKept) free_record_nodes_.push_back(std::move(node));
+    }
     std::lock_guard<std::mutex> o(outbox_mu_);
     retired_.push_back(std::move(old));
-    outbox_pending_.store(true, std::memory_order_release);  // a drain drops it
+    // The next create_task drops them (the thread that allocated them,
+    // usually: its allocator's fast path); a drain does when they pile up.
+    if (retired_.size() > kRetiredMax) outbox_pending_.store(true, std::memory_order_release);
   }
   done_cv_.notify_all();
 }

@@ -25,15 +25,52 @@ TaskQueue::TaskQueue(Options options, const DeviceRegistry& devices,
 
 TaskQueue::~TaskQueue() = default;
 
+// Nodes of removed entries are kept (up to kNodeCache of each kind) and
+// filled in again by the next insert: a task queued by one thread and taken
+// by another then allocates and frees nothing in the steady state (no
+// allocator lock shared by the two threads), and the entry's strings keep
+// their capacity.
 void TaskQueue::insert_locked(QueuedTask task) {
   task.sequence = next_sequence_++;
   task.enqueued_at = clock_->steady_now();
   auto qit = queues_.find(task.device);
   if (qit == queues_.end()) qit = queues_.emplace(task.device, DeviceQueue(Order{&options_})).first;
   DeviceQueue& q = qit->second;
-  const auto it = q.insert(Entry{std::move(task), std::nullopt}).first;
-  by_seq_.emplace_hint(by_seq_.end(), it->task.sequence, Location{&q, it});
-  index_.emplace(std::string_view(it->task.task_id), it->task.sequence);
+  DeviceQueue::iterator it;
+  if (!free_entries_.empty()) {
+    DeviceQueue::node_type node = std::move(free_entries_.back());
+    free_entries_.pop_back();
+    QueuedTask& t = node.value().task;
+    t.task_id.assign(task.task_id);  // into the node's capacity
+    t.device.assign(task.device);
+    t.service.assign(task.service);
+    t.estimated_memory_mb = task.estimated_memory_mb;
+    t.priority = task.priority;
+    t.enqueued_at = task.enqueued_at;
+    t.sequence = task.sequence;
+    node.value().passed_over_since.reset();
+    it = q.insert(std::move(node)).position;
+  } else {
+    it = q.insert(Entry{std::move(task), std::nullopt}).first;
+  }
+  if (!free_seq_.empty()) {
+    auto node = std::move(free_seq_.back());
+    free_seq_.pop_back();
+    node.key() = it->task.sequence;
+    node.mapped() = Location{&q, it};
+    by_seq_.insert(by_seq_.end(), std::move(node));
+  } else {
+    by_seq_.emplace_hint(by_seq_.end(), it->task.sequence, Location{&q, it});
+  }
+  if (!free_index_.empty()) {
+    auto node = std::move(free_index_.back());
+    free_index_.pop_back();
+    node.key() = std::string_view(it->task.task_id);
+    node.mapped() = it->task.sequence;
+    index_.insert(std::move(node));
+  } else {
+    index_.emplace(std::string_view(it->task.task_id), it->task.sequence);
+  }
 }
 
 void TaskQueue::erase_locked(std::string_view task_id) {
@@ -41,9 +78,14 @@ void TaskQueue::erase_locked(std::string_view task_id) {
   if (ix == index_.end()) return;
   auto bs = by_seq_.find(ix->second);
   const Location loc = bs->second;
-  index_.erase(ix);  // its key views the entry: first
-  by_seq_.erase(bs);
-  loc.queue->erase(loc.it);
+  auto index_node = index_.extract(ix);  // its key views the entry (never read again)
+  auto seq_node = by_seq_.extract(bs);
+  auto entry_node = loc.queue->extract(loc.it);
+  if (free_entries_.size() < kNodeCache) {
+    free_index_.push_back(std::move(index_node));
+    free_seq_.push_back(std::move(seq_node));
+    free_entries_.push_back(std::move(entry_node));
+  }
 }
 
 void TaskQueue::add_task(QueuedTask task, int priority, bool enforce_limit) {

@@ -1,5 +1,6 @@
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <memory>
 #include <string>
 #include <vector>
@@ -238,4 +239,78 @@ TEST_CASE("add_task takes the spec's Task") {
   REQUIRE(q);
   CHECK(q->priority == 7);
   CHECK(q->estimated_memory_mb == 42);
+}
+
+TEST_CASE("entries removed and added again in rounds keep order, lookups and timeouts right") {
+  // Removed entries' nodes are reused by later adds (any device, any id
+  // length): every round checks the queue against a plain model.
+  Fixture f(TaskQueue::Options{true, QueueOrdering::kFifo, 10000});
+  struct Model {
+    std::string id, device;
+    int priority;
+    int arrival;
+  };
+  std::vector<Model> model;
+  int arrival = 0;
+  auto add = [&](const std::string& id, int priority, const std::string& device) {
+    f.add(id, priority, 10, device);
+    model.push_back({id, device, priority, arrival++});
+    f.clock->advance(std::chrono::milliseconds(1));
+  };
+  auto expected_order = [&](const std::string& device) {
+    std::vector<Model> d;
+    for (const auto& m : model) {
+      if (m.device == device) d.push_back(m);
+    }
+    std::stable_sort(d.begin(), d.end(), [](const Model& a, const Model& b) {
+      return a.priority != b.priority ? a.priority > b.priority : a.arrival < b.arrival;
+    });
+    std::vector<std::string> ids;
+    for (const auto& m : d) ids.push_back(m.id);
+    return ids;
+  };
+  auto snapshot_ids = [&](const std::string& device) {
+    std::vector<std::string> ids;
+    for (const auto& q : f.queue->snapshot(device)) ids.push_back(q.task_id);
+    return ids;
+  };
+  for (int round = 0; round < 5; ++round) {
+    for (int i = 0; i < 40; ++i) {
+      // Short ids (held inline by std::string) and long ones (on the heap).
+      const std::string id = (i % 3 == 0 ? "s" : "a-long-task-id-that-needs-the-heap-") +
+                             std::to_string(round) + "-" + std::to_string(i);
+      add(id, (i * 7) % 5 - 2, i % 2 ? "cpu" : "cuda:0");
+    }
+    // Take some from each device, remove some by id.
+    for (const std::string device : {"cpu", "cuda:0"}) {
+      for (int k = 0; k < 8; ++k) {
+        const auto next = f.queue->get_next_task(device);
+        REQUIRE(next.has_value());
+        REQUIRE(expected_order(device).front() == next->task_id);
+        model.erase(std::find_if(model.begin(), model.end(),
+                                 [&](const Model& m) { return m.id == next->task_id; }));
+      }
+    }
+    for (int k = 0; k < 6; ++k) {
+      const std::string id = model[static_cast<std::size_t>(k * 3) % model.size()].id;
+      CHECK(f.queue->remove(id));
+      CHECK_FALSE(f.queue->contains(id));
+      model.erase(std::find_if(model.begin(), model.end(), [&](const Model& m) { return m.id == id; }));
+    }
+    CHECK(f.queue->size() == model.size());
+    for (const auto& m : model) CHECK(f.queue->contains(m.id));
+    CHECK(snapshot_ids("cpu") == expected_order("cpu"));
+    CHECK(snapshot_ids("cuda:0") == expected_order("cuda:0"));
+  }
+  // Timeouts: the oldest half by arrival, oldest first.
+  std::vector<Model> by_arrival = model;
+  std::sort(by_arrival.begin(), by_arrival.end(),
+            [](const Model& a, const Model& b) { return a.arrival < b.arrival; });
+  const std::size_t half = by_arrival.size() / 2;
+  const auto cutoff = f.clock->steady_now() -
+                      std::chrono::milliseconds(arrival - by_arrival[half - 1].arrival);
+  const auto expired = f.queue->take_expired(cutoff);
+  REQUIRE(expired.size() == half);
+  for (std::size_t i = 0; i < half; ++i) CHECK(expired[i].task_id == by_arrival[i].id);
+  CHECK(f.queue->size() == model.size() - half);
 }

@@ -128,6 +128,11 @@ class TASKMGR_API TaskQueue {
   // Arrival order, which is also enqueued_at order (a monotonic clock): the
   // oldest is first (queue timeout).
   std::map<std::uint64_t, Location> by_seq_;
+  // Nodes of removed entries, reused by the next inserts (task_queue.cpp).
+  static constexpr std::size_t kNodeCache = 1024;
+  std::vector<DeviceQueue::node_type> free_entries_;
+  std::vector<std::map<std::uint64_t, Location>::node_type> free_seq_;
+  std::vector<std::unordered_map<std::string_view, std::uint64_t>::node_type> free_index_;
   std::uint64_t next_sequence_ = 1;
 };
 

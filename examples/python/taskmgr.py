@@ -311,7 +311,7 @@ def _fill_request(r, input=None, data=None, service="ocr", priority=0, batch_siz
 
 
 def version():
-    """The library's version string ("0.2.0")."""
+    """The library's version string ("0.3.0")."""
     return _lib.taskmgr_version_string().decode()
 
 

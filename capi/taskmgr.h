@@ -34,9 +34,9 @@ extern "C" {
 /* The version these declarations belong to. Compare with
  * taskmgr_version_number() to detect a header/library mismatch. */
 #define TASKMGR_VERSION_MAJOR 0
-#define TASKMGR_VERSION_MINOR 2
+#define TASKMGR_VERSION_MINOR 3
 #define TASKMGR_VERSION_PATCH 0
-#define TASKMGR_VERSION_STRING "0.2.0"
+#define TASKMGR_VERSION_STRING "0.3.0"
 /* MAJOR * 10000 + MINOR * 100 + PATCH, as zstd and sqlite3 do. */
 #define TASKMGR_VERSION_NUMBER (TASKMGR_VERSION_MAJOR * 10000 + TASKMGR_VERSION_MINOR * 100 + TASKMGR_VERSION_PATCH)
 

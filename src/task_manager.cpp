@@ -836,7 +836,7 @@ std::vector<Task> TaskManager::Impl::create_many(Requests reqs) {
   // (services are never removed, so the pointers stay valid).
   // Neither takes mu_: the workers hold it often, and a host thread that
   // waits for it is the bottleneck of a stream of short tasks.
-  std::vector<const std::function<bool(const DeviceInfo&)>*> allowed(reqs.size());
+  boost::container::small_vector<const std::function<bool(const DeviceInfo&)>*, 1> allowed(reqs.size());
   {
     std::shared_lock<std::shared_mutex> r(registry_mu_);
     check_open_locked();
@@ -885,7 +885,7 @@ std::vector<Task> TaskManager::Impl::create_many(Requests reqs) {
     }
   } reservation{*this, starting};
 
-  std::vector<RecordPtr> recs;
+  boost::container::small_vector<RecordPtr, 1> recs;  // one create: no allocation
   std::vector<NewTask> rows;
   recs.reserve(reqs.size());
   rows.reserve(reqs.size());

@@ -942,6 +942,7 @@ std::vector<Task> TaskManager::Impl::create_many(Requests reqs) {
   }
   store_->insert_tasks(rows);  // durable before we return; throws on failure: nothing kept
   std::vector<RecordPtr> retired;  // finished records to drop, after the locks
+  bool worker_drains = false;
   std::vector<Task> out;
   out.reserve(rows.size());
   {
@@ -968,8 +969,12 @@ std::vector<Task> TaskManager::Impl::create_many(Requests reqs) {
       outbox_pending_.store(true, std::memory_order_release);
     }
     if (starting > 0) dispatch_locked();
+    // A lingering worker drains when it takes the task or when its linger
+    // ends (~50 us): the host thread, often the bottleneck of a stream of
+    // creates, leaves the events to it.
+    worker_drains = lingering_ > 0;
   }
-  drain();
+  if (!worker_drains) drain();
   return out;
 }
 
@@ -1180,8 +1185,13 @@ void TaskManager::Impl::finished_locked(const RecordPtr& rec) {
 void TaskManager::Impl::dispatch_locked() {
   if (closing_) return;
   const int idle = workers_ - loops_;
-  const int want = static_cast<int>(std::min<std::size_t>(static_cast<std::size_t>(std::max(idle, 0)),
-                                                          queue_->size()));
+  // A lingering loop takes the next task itself (it watches enqueued_):
+  // posting another loop for that task would only wake a thread for nothing.
+  const std::size_t waiting = queue_->size();
+  const std::size_t catching = static_cast<std::size_t>(lingering_);
+  const std::size_t uncaught = waiting > catching ? waiting - catching : 0;
+  const int want = static_cast<int>(
+      std::min<std::size_t>(static_cast<std::size_t>(std::max(idle, 0)), uncaught));
   for (int i = 0; i < want; ++i) {
     ++loops_;
     boost::asio::post(*threads_, [this] { worker_loop(); });
@@ -1219,7 +1229,11 @@ void TaskManager::Impl::worker_loop() {
       detail::spin_relock(lock);
       --lingering_;
       if (more) continue;
-      break;
+      // A task queued after the linger timed out but before this loop took
+      // the lock again counted on it (dispatch_locked posts no loop for a
+      // task a lingering one will catch): look once more.
+      launch = next_locked();
+      if (!launch) break;
     }
     if (!launch) break;
     run_attempt(launch->rec, std::move(launch->lease), lock);  // returns locked

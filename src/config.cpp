@@ -3,6 +3,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include <cmath>
+#include <type_traits>
 #include <fstream>
 #include <functional>
 #include <set>
@@ -10,6 +11,7 @@
 #include <unordered_map>
 
 #include "enum_table.hpp"
+#include "utf8.hpp"
 
 namespace taskmgr {
 namespace {
@@ -70,6 +72,25 @@ class MapReader {
       throw ConfigError(path, line_of(v),
                         fmt_msg(path, std::string("must be ") + type_name<T>() + ", got '" +
                                           v.Scalar() + "'"));
+    }
+    if constexpr (std::is_same_v<T, std::string>) check_text(path, v, out);
+  }
+
+  // Text values (paths, names) must be UTF-8 without control characters:
+  // anything else cannot be written back (to_yaml) or logged unchanged.
+  static void check_text(const std::string& path, const YAML::Node& v, const std::string& s) {
+    if (auto at = detail::invalid_utf8_at(s)) {
+      throw ConfigError(path, line_of(v),
+                        fmt_msg(path, "must be UTF-8 text, got an invalid byte at offset " +
+                                          std::to_string(*at)));
+    }
+    for (std::size_t i = 0; i < s.size(); ++i) {
+      const auto c = static_cast<unsigned char>(s[i]);
+      if (c < 0x20 || c == 0x7F) {
+        throw ConfigError(path, line_of(v),
+                          fmt_msg(path, "must not contain control characters, got byte " +
+                                            std::to_string(c) + " at offset " + std::to_string(i)));
+      }
     }
   }
 

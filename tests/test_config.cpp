@@ -298,3 +298,22 @@ TEST_CASE("every YAML example in docs/CONFIGURATION.md loads") {
   }
   CHECK(blocks >= 1);
 }
+
+TEST_CASE("text values must be UTF-8 without control characters (they are written back by to_yaml)") {
+  // Found by fuzz_config: such a value loaded, but to_yaml could not write
+  // it back to the same value.
+  const ConfigError bad_utf8 =
+      load_error("ocr: {languages: eng\xff\xff\xff\xff\xff\xff\xff\r, max_pixels: 65536}\n");
+  CHECK(bad_utf8.key_path() == "ocr.languages");
+  CHECK(std::string(bad_utf8.what()).find("must be UTF-8 text") != std::string::npos);
+  CHECK(std::string(bad_utf8.what()).find("offset 3") != std::string::npos);
+  const ConfigError control = load_error("storage:\n  path: \"a\\x01b.db\"\n");
+  CHECK(control.key_path() == "storage.path");
+  CHECK(std::string(control.what()).find("control characters") != std::string::npos);
+  const ConfigError in_enum = load_error("tasks:\n  queue_ordering: \"fifo\\r\"\n");
+  CHECK(in_enum.key_path() == "tasks.queue_ordering");
+  // Non-ASCII UTF-8 text is fine, and round-trips.
+  const Config c = Config::from_yaml_string("tasks:\n  temp_dir: /tmp/données\n", "t.yaml");
+  CHECK(c.tasks.temp_dir == "/tmp/données");
+  CHECK(Config::from_yaml_string(c.to_yaml(), "again").tasks.temp_dir == "/tmp/données");
+}

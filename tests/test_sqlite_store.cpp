@@ -716,5 +716,12 @@ TEST_CASE("both stores keep each task's events in order with their details acros
     CHECK(eb[1].details_json == "{}");
     CHECK(store->load_task(a.id)->status == TaskStatus::kCompleted);
     CHECK(store->load_task(b.id)->status == TaskStatus::kQueued);
+    // Both number events in the order they were stored, from 1 up.
+    CHECK(ea[0].sequence >= 1);
+    CHECK(ea[0].sequence < eb[0].sequence);  // a's created, then b's created
+    CHECK(eb[0].sequence < ea[1].sequence);  // then a's queued and started
+    CHECK(ea[1].sequence < ea[2].sequence);
+    CHECK(ea[2].sequence < eb[1].sequence);  // then b's queued
+    CHECK(eb[1].sequence < ea[3].sequence);  // then a's completed
   }
 }

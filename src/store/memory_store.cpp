@@ -47,6 +47,7 @@ class MemoryStore final : public TaskStore {
         throw Error(ErrorCode::kInvalidState, "task " + id + " exists already");
       }
       ++writes_;
+      for (auto& e : it->second.events) e.sequence = ++last_event_;  // as SQLite's row ids
       order_.push_back(&it->second);
     }
   }
@@ -74,7 +75,11 @@ class MemoryStore final : public TaskStore {
     t.assigned_device = task.assigned_device;
     t.service_instance_id = task.service_instance_id;
     t.resource_cleanup_completed = task.resource_cleanup_completed;
+    const std::size_t first = it->second.events.size();
     it->second.append(events);
+    for (std::size_t i = first; i < it->second.events.size(); ++i) {
+      it->second.events[i].sequence = ++last_event_;
+    }
   }
 
   void append_metrics(const std::vector<MetricSample>& samples) override {
@@ -193,6 +198,7 @@ class MemoryStore final : public TaskStore {
 
   mutable std::mutex mu_;
   std::uint64_t commits_ = 0, writes_ = 0;  // each insert_tasks / update_task call is one commit
+  std::uint64_t last_event_ = 0;  // events are numbered in the order stored, from 1
   std::unordered_map<std::string, Row> tasks_;
   std::deque<Row*> order_;  // creation order
 };

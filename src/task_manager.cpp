@@ -161,6 +161,8 @@ struct PendingEvent {
     }
   }
 };
+// commit_locked relies on it: events move into reserved room without throwing.
+static_assert(std::is_nothrow_move_constructible_v<PendingEvent>);
 
 }  // namespace
 
@@ -362,8 +364,14 @@ class TaskManager::Impl {
   std::unique_ptr<detail::TimerQueue> timers_;
   Duration sweep_interval_;
 
-  static constexpr std::size_t kFinishedKept = 256;
-  static constexpr std::size_t kRetiredMax = 1024;  // finished records awaiting a create_task  // recent finished tasks kept in memory; the rest live in the store
+  static constexpr std::size_t kFinishedKept = 256;  // recent finished tasks kept in memory; the rest live in the store
+  // Finished records evicted from records_ that wait for a create_task to
+  // drop them; past this many a drain drops them (they may hold input bytes).
+  static constexpr std::size_t kRetiredMax = 64;
+  // Outbox items kept for reuse after a drain (a burst may have made more),
+  // and the string capacity an item keeps for a task's result.
+  static constexpr std::size_t kOutboxKept = 256;
+  static constexpr std::size_t kResultKept = 4096;
 };
 
 // ---------------------------------------------------------------------------
@@ -577,25 +585,18 @@ std::vector<EventRecord> TaskManager::Impl::records_of(Batch& b, const std::stri
 void TaskManager::Impl::commit_locked(const RecordPtr& rec, Batch& b) {
   if (b.events.empty()) return;
   const Task& t = rec->task;
-  std::lock_guard<std::mutex> g(outbox_mu_);
-  for (auto& e : b.events) outbox_events_.push_back(std::move(e));
   const std::size_t n = b.events.size();
-  b.events.clear();
-  b.now.reset();
+  std::lock_guard<std::mutex> g(outbox_mu_);
+  // What can run out of memory comes first, before anything is claimed:
+  // room for the events, a free item, the row's strings.
+  outbox_events_.reserve(outbox_events_.size() + n);
   // The task's previous change still waits: one item (the later row
   // supersedes the earlier one; the events, contiguous at the end of
   // outbox_events_, stay in order).
   const bool same = outbox_used_ > 0 && outbox_[outbox_used_ - 1].store &&
                     outbox_[outbox_used_ - 1].rec == rec;
-  OutboxItem& item = same ? outbox_[outbox_used_ - 1] : next_outbox_item_locked();
-  if (same) {
-    item.count += n;
-  } else {
-    item.rec = rec;
-    item.store = true;
-    item.first = outbox_events_.size() - n;
-    item.count = n;
-  }
+  if (!same && outbox_used_ == outbox_.size()) outbox_.emplace_back();
+  OutboxItem& item = same ? outbox_[outbox_used_ - 1] : outbox_[outbox_used_];
   // The row, into the item's strings (a reused item's capacity: no
   // allocation in the steady state).
   Task& row = item.task;
@@ -617,6 +618,19 @@ void TaskManager::Impl::commit_locked(const RecordPtr& rec, Batch& b) {
   row.assigned_device = t.assigned_device;
   row.service_instance_id = t.service_instance_id;
   row.resource_cleanup_completed = t.resource_cleanup_completed;
+  // Nothing below throws (room reserved; events move without allocating).
+  for (auto& e : b.events) outbox_events_.push_back(std::move(e));
+  b.events.clear();
+  b.now.reset();
+  if (same) {
+    item.count += n;
+  } else {
+    ++outbox_used_;
+    item.rec = rec;
+    item.store = true;
+    item.first = outbox_events_.size() - n;
+    item.count = n;
+  }
   outbox_pending_.store(true, std::memory_order_release);
 }
 
@@ -690,7 +704,9 @@ void TaskManager::Impl::drain(bool wait) {
       // strings then serve the next item (no copy, no allocation).
       for (auto& e : item_events_) std::swap(next_record(), e);
       it.rec.reset();
+      if (it.task.result.capacity() > kResultKept) std::string().swap(it.task.result);
     }
+    if (items.size() > kOutboxKept) items.resize(kOutboxKept);  // after a burst
     events.resize(used);
     bus_.publish(std::move(events));  // leaves `events` empty, capacity kept
     const bool none = n_items == 0;
@@ -760,14 +776,15 @@ void TaskManager::Impl::register_service(std::shared_ptr<ServiceFactory> factory
     if (factories_.count(kind)) {
       throw Error(ErrorCode::kInvalidState, "service '" + kind + "' is registered already");
     }
-    std::unique_lock<std::shared_mutex> r(registry_mu_);
-    factories_[kind] = factory;
-    filters_[kind] = [factory](const DeviceInfo& d) { return factory->supports(d); };
-    r.unlock();
     auto p = std::make_unique<ServicePool>(factory, config_.pools, workers_, clock_);
     pool = p.get();
     pools_[kind] = std::move(p);
     estimator_.register_model(kind, factory->memory_model());
+    // Visible to create_task (which reads these under registry_mu_ alone)
+    // only now that its pool and memory model are in place.
+    std::unique_lock<std::shared_mutex> r(registry_mu_);
+    factories_[kind] = factory;
+    filters_[kind] = [factory](const DeviceInfo& d) { return factory->supports(d); };
   }
   for (const auto& d : devices_->list()) {
     if (factory->supports(d) && pool->settings(d.id).min_instances > 0) pool->warm(d.id);
@@ -947,6 +964,10 @@ std::vector<Task> TaskManager::Impl::create_many(Requests reqs) {
   out.reserve(rows.size());
   {
     auto g = detail::spin_lock(mu_);
+    // Queued and unreserved in one step, under admit_mu_: an admission check
+    // in between would count these tasks twice (or not at all).
+    std::unique_lock<std::mutex> admit(admit_mu_, std::defer_lock);
+    if (starting > 0) admit.lock();
     for (std::size_t i = 0; i < recs.size(); ++i) {
       const RecordPtr& rec = recs[i];
       put_locked(rec);
@@ -956,6 +977,7 @@ std::vector<Task> TaskManager::Impl::create_many(Requests reqs) {
     }
     queue_reserved_ -= starting;  // now in the queue
     reservation.n = 0;
+    if (admit.owns_lock()) admit.unlock();
     {
       std::lock_guard<std::mutex> o(outbox_mu_);
       retired.swap(retired_);  // dropped below, outside both locks
@@ -1229,6 +1251,7 @@ void TaskManager::Impl::worker_loop() {
       detail::spin_relock(lock);
       --lingering_;
       if (more) continue;
+      if (closing_) break;  // close() leaves queued tasks queued
       // A task queued after the linger timed out but before this loop took
       // the lock again counted on it (dispatch_locked posts no loop for a
       // task a lingering one will catch): look once more.

@@ -1154,6 +1154,45 @@ TEST_CASE("max_queue_size holds exactly with many threads creating with start an
   CHECK(h.tm->get_task_metrics().tasks_completed == 21);
 }
 
+TEST_CASE("creates with start from many threads that exactly fill max_queue_size are never refused") {
+  // Each create reserves room, then queues its tasks and gives the
+  // reservation back in one step: a concurrent check never counts a batch
+  // twice (a spurious QUEUE_FULL) or not at all.
+  for (int round = 0; round < 10; ++round) {
+    CAPTURE(round);
+    Harness h;
+    h.config.executor.worker_threads = 1;
+    h.config.tasks.max_queue_size = 400;  // exactly the 400 created below (the running one left the queue)
+    Gate gate;
+    h.open([&](TaskContext&) { gate.wait(); });
+    const Task running = h.run();
+    REQUIRE(eventually([&] { return h.status(running.id) == TaskStatus::kRunning; }));
+    std::atomic<int> refused{0};
+    std::vector<std::thread> threads;
+    for (int th = 0; th < 4; ++th) {
+      threads.emplace_back([&] {
+        std::vector<TaskCreateRequest> reqs(10);
+        for (auto& r : reqs) {
+          r.service = "svc";
+          r.start = true;
+        }
+        for (int i = 0; i < 10; ++i) {
+          try {
+            h.tm->create_tasks(reqs);
+          } catch (const Error&) {
+            ++refused;
+          }
+        }
+      });
+    }
+    for (auto& t : threads) t.join();
+    CHECK(refused.load() == 0);
+    CHECK(h.tm->get_task_metrics().queued_tasks.at("total") == 400);
+    gate.open();
+    CHECK(h.tm->wait_idle(std::chrono::seconds(60)));
+  }
+}
+
 TEST_CASE("create with start at a full queue: QUEUE_FULL and nothing created, for one or many") {
   Harness h;
   h.config.executor.worker_threads = 1;

@@ -367,10 +367,10 @@ class TaskManager::Impl {
   static constexpr std::size_t kFinishedKept = 256;  // recent finished tasks kept in memory; the rest live in the store
   // Finished records evicted from records_ that wait for a create_task to
   // drop them; past this many a drain drops them (they may hold input bytes).
-  static constexpr std::size_t kRetiredMax = 64;
+  static constexpr std::size_t kRetiredMax = 256;
   // Outbox items kept for reuse after a drain (a burst may have made more),
   // and the string capacity an item keeps for a task's result.
-  static constexpr std::size_t kOutboxKept = 256;
+  static constexpr std::size_t kOutboxKept = 1024;
   static constexpr std::size_t kResultKept = 4096;
 };
 
@@ -589,7 +589,9 @@ void TaskManager::Impl::commit_locked(const RecordPtr& rec, Batch& b) {
   std::lock_guard<std::mutex> g(outbox_mu_);
   // What can run out of memory comes first, before anything is claimed:
   // room for the events, a free item, the row's strings.
-  outbox_events_.reserve(outbox_events_.size() + n);
+  if (outbox_events_.capacity() - outbox_events_.size() < n) {
+    outbox_events_.reserve(std::max(2 * outbox_events_.capacity(), outbox_events_.size() + n));
+  }
   // The task's previous change still waits: one item (the later row
   // supersedes the earlier one; the events, contiguous at the end of
   // outbox_events_, stay in order).

@@ -152,7 +152,6 @@ struct PendingEvent {
   detail::CapturedObject fields;  // when captured
   std::string details;            // otherwise
 
-  std::string details_json() const { return captured ? fields.str() : details; }
   void write_details(std::string& out) const {
     if (captured) {
       fields.assign_to(out);
@@ -571,7 +570,7 @@ std::vector<EventRecord> TaskManager::Impl::records_of(Batch& b, const std::stri
     out[i].task_id = id;
     out[i].event = b.events[i].event;
     out[i].timestamp = b.events[i].timestamp;
-    out[i].details_json = b.events[i].details_json();
+    b.events[i].write_details(out[i].details_json);
   }
   b.events.clear();
   b.now.reset();

@@ -75,9 +75,8 @@ Lifecycle taskmgr_rate(int n, int workers, int batch) {
   options.services.push_back(taskmgr::make_function_service("noop", [](taskmgr::TaskContext&) {}));
   taskmgr::TaskManager tm(config, options);
   std::atomic<std::uint64_t> events{0};
-  tm.subscribe([&events](const taskmgr::EventRecord&) {
-    events.fetch_add(1, std::memory_order_relaxed);
-  });
+  tm.subscribe(
+      [&events](const taskmgr::EventRecord&) { events.fetch_add(1, std::memory_order_relaxed); });
   taskmgr::TaskCreateRequest req;
   req.service = "noop";
   std::vector<double> create_us;
@@ -119,13 +118,16 @@ Lifecycle taskmgr_rate(int n, int workers, int batch) {
   r.create_p50_us = create_us[create_us.size() / 2];
   r.create_p99_us = create_us[create_us.size() * 99 / 100];
   r.events = events.load();
-  if (r.events != 8ULL * static_cast<std::uint64_t>(n)) std::abort();  // 8 events per lifecycle, all delivered
+  if (r.events != 8ULL * static_cast<std::uint64_t>(n))
+    std::abort();  // 8 events per lifecycle, all delivered
   r.submit_share = submit_s / s;
   return r;
 }
 
 const char* mode_name(int batch) {
-  return batch == 0 ? "create_task + start_task" : batch == 1 ? "create_task(start)" : "create_tasks";
+  return batch == 0   ? "create_task + start_task"
+         : batch == 1 ? "create_task(start)"
+                      : "create_tasks";
 }
 
 }  // namespace
@@ -133,18 +135,24 @@ const char* mode_name(int batch) {
 int main(int argc, char** argv) {
   int tasks = 100000, runs = 5, workers = 2, batch = 100;
   for (int i = 1; i + 1 < argc; i += 2) {
-    if (!std::strcmp(argv[i], "--tasks")) tasks = std::atoi(argv[i + 1]);
-    else if (!std::strcmp(argv[i], "--runs")) runs = std::atoi(argv[i + 1]);
-    else if (!std::strcmp(argv[i], "--workers")) workers = std::atoi(argv[i + 1]);
-    else if (!std::strcmp(argv[i], "--batch")) batch = std::atoi(argv[i + 1]);
+    if (!std::strcmp(argv[i], "--tasks"))
+      tasks = std::atoi(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--runs"))
+      runs = std::atoi(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--workers"))
+      workers = std::atoi(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--batch"))
+      batch = std::atoi(argv[i + 1]);
   }
   if (tasks < 1 || runs < 1 || workers < 1 || batch < 2) {
-    std::fprintf(stderr, "usage: bench_lifecycle [--tasks N] [--runs R] [--workers W] [--batch B>=2]\n");
+    std::fprintf(stderr,
+                 "usage: bench_lifecycle [--tasks N] [--runs R] [--workers W] [--batch B>=2]\n");
     return 2;
   }
-  std::printf("bench_lifecycle: %d tasks, %d workers, %d runs; modes: create_task + start_task, "
-              "create_task(start), create_tasks of %d (with start)\n",
-              tasks, workers, runs, batch);
+  std::printf(
+      "bench_lifecycle: %d tasks, %d workers, %d runs; modes: create_task + start_task, "
+      "create_task(start), create_tasks of %d (with start)\n",
+      tasks, workers, runs, batch);
   const int modes[] = {0, 1, batch};
   std::vector<double> raw;
   std::vector<std::vector<double>> rate(3), ratio(3), p50(3), p99(3), c50(3), c99(3), cpu(3);
@@ -161,18 +169,22 @@ int main(int argc, char** argv) {
       c50[m].push_back(l.create_p50_us);
       c99[m].push_back(l.create_p99_us);
       cpu[m].push_back(l.cpu_us);
-      std::printf("  %-26s %7.0f lifecycles/s  asio/taskmgr %5.1fx  queue->start p50 %6.0f us p99 %7.0f us  "
-                  "call p50 %6.1f us p99 %7.1f us  CPU %4.1f us/lifecycle  host busy %3.0f%%\n",
-                  mode_name(modes[m]), l.rate, a / l.rate, l.wait_p50 * 1e6, l.wait_p99 * 1e6,
-                  l.create_p50_us, l.create_p99_us, l.cpu_us, l.submit_share * 100);
+      std::printf(
+          "  %-26s %7.0f lifecycles/s  asio/taskmgr %5.1fx  queue->start p50 %6.0f us p99 %7.0f us "
+          " "
+          "call p50 %6.1f us p99 %7.1f us  CPU %4.1f us/lifecycle  host busy %3.0f%%\n",
+          mode_name(modes[m]), l.rate, a / l.rate, l.wait_p50 * 1e6, l.wait_p99 * 1e6,
+          l.create_p50_us, l.create_p99_us, l.cpu_us, l.submit_share * 100);
     }
   }
-  std::printf("median of %d runs: asio %.0f posts/s (target: taskmgr >= 1/30 of it)\n", runs, median(raw));
+  std::printf("median of %d runs: asio %.0f posts/s (target: taskmgr >= 1/30 of it)\n", runs,
+              median(raw));
   for (int m = 0; m < 3; ++m) {
-    std::printf("  %-26s %7.0f lifecycles/s  asio/taskmgr %5.1fx  queue->start p50 %6.0f us p99 %7.0f us  "
-                "call p50 %6.1f us p99 %7.1f us  CPU %4.1f us/lifecycle\n",
-                mode_name(modes[m]), median(rate[m]), median(ratio[m]), median(p50[m]), median(p99[m]),
-                median(c50[m]), median(c99[m]), median(cpu[m]));
+    std::printf(
+        "  %-26s %7.0f lifecycles/s  asio/taskmgr %5.1fx  queue->start p50 %6.0f us p99 %7.0f us  "
+        "call p50 %6.1f us p99 %7.1f us  CPU %4.1f us/lifecycle\n",
+        mode_name(modes[m]), median(rate[m]), median(ratio[m]), median(p50[m]), median(p99[m]),
+        median(c50[m]), median(c99[m]), median(cpu[m]));
   }
   return 0;
 }

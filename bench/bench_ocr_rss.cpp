@@ -10,7 +10,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <cstdio>
 #include <string>
 
 int main(int argc, char** argv) {
@@ -53,8 +52,10 @@ int main(int argc, char** argv) {
     }
   }
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  std::printf("%d tasks in %.1f s; RSS after warm-up (100 tasks) %lld MB, highest after %lld MB, growth %lld MB\n",
-              tasks, s, static_cast<long long>(after_warmup), static_cast<long long>(peak_after),
-              static_cast<long long>(peak_after - after_warmup));
+  std::printf(
+      "%d tasks in %.1f s; RSS after warm-up (100 tasks) %lld MB, highest after %lld MB, growth "
+      "%lld MB\n",
+      tasks, s, static_cast<long long>(after_warmup), static_cast<long long>(peak_after),
+      static_cast<long long>(peak_after - after_warmup));
   return 0;
 }

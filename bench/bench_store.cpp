@@ -48,26 +48,38 @@ void check(int rc, sqlite3* db, const char* what) {
 double raw_sqlite(const std::string& path, int n) {
   sqlite3* db = nullptr;
   check(sqlite3_open(path.c_str(), &db), db, "open");
-  check(sqlite3_exec(db,
-                     "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"
-                     "CREATE TABLE tasks (id VARCHAR(36) PRIMARY KEY NOT NULL, service TEXT, status TEXT,"
-                     " attempt INTEGER, created_at TEXT, started_at TEXT, finished_at TEXT,"
-                     " estimated_memory_mb INTEGER, assigned_device TEXT, resource_cleanup_completed BOOLEAN DEFAULT FALSE);"
-                     "CREATE INDEX idx_tasks_status ON tasks(status);"
-                     "CREATE TABLE task_events (id INTEGER PRIMARY KEY, task_id VARCHAR(36) REFERENCES tasks(id),"
-                     " event_type TEXT, timestamp TEXT, details TEXT);"
-                     "CREATE INDEX idx_task_events_task ON task_events(task_id, id);",
-                     nullptr, nullptr, nullptr),
+  check(sqlite3_exec(
+            db,
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"
+            "CREATE TABLE tasks (id VARCHAR(36) PRIMARY KEY NOT NULL, service TEXT, status TEXT,"
+            " attempt INTEGER, created_at TEXT, started_at TEXT, finished_at TEXT,"
+            " estimated_memory_mb INTEGER, assigned_device TEXT, resource_cleanup_completed "
+            "BOOLEAN DEFAULT FALSE);"
+            "CREATE INDEX idx_tasks_status ON tasks(status);"
+            "CREATE TABLE task_events (id INTEGER PRIMARY KEY, task_id VARCHAR(36) REFERENCES "
+            "tasks(id),"
+            " event_type TEXT, timestamp TEXT, details TEXT);"
+            "CREATE INDEX idx_task_events_task ON task_events(task_id, id);",
+            nullptr, nullptr, nullptr),
         db, "schema");
   sqlite3_stmt *ins, *upd, *ev;
-  sqlite3_prepare_v2(db, "INSERT INTO tasks (id, service, status, attempt, created_at, estimated_memory_mb, assigned_device) VALUES (?,?,?,?,?,?,?)", -1, &ins, nullptr);
-  sqlite3_prepare_v2(db, "UPDATE tasks SET status=?, attempt=?, started_at=?, finished_at=?, resource_cleanup_completed=? WHERE id=?", -1, &upd, nullptr);
-  sqlite3_prepare_v2(db, "INSERT INTO task_events (task_id, event_type, timestamp, details) VALUES (?,?,?,?)", -1, &ev, nullptr);
+  sqlite3_prepare_v2(db,
+                     "INSERT INTO tasks (id, service, status, attempt, created_at, "
+                     "estimated_memory_mb, assigned_device) VALUES (?,?,?,?,?,?,?)",
+                     -1, &ins, nullptr);
+  sqlite3_prepare_v2(db,
+                     "UPDATE tasks SET status=?, attempt=?, started_at=?, finished_at=?, "
+                     "resource_cleanup_completed=? WHERE id=?",
+                     -1, &upd, nullptr);
+  sqlite3_prepare_v2(
+      db, "INSERT INTO task_events (task_id, event_type, timestamp, details) VALUES (?,?,?,?)", -1,
+      &ev, nullptr);
   const std::string ts = taskmgr::format_timestamp(std::chrono::system_clock::now());
   const char* details = "{\"device\":\"cpu\",\"attempt\":1}";
   const auto t0 = SteadyClock::now();
   for (int i = 0; i < n; ++i) {
-    if (i % 1000 == 0) check(sqlite3_exec(db, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr), db, "begin");
+    if (i % 1000 == 0)
+      check(sqlite3_exec(db, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr), db, "begin");
     const std::string id = taskmgr::generate_task_id();
     sqlite3_bind_text(ins, 1, id.c_str(), -1, SQLITE_STATIC);
     sqlite3_bind_text(ins, 2, "noop", -1, SQLITE_STATIC);
@@ -96,7 +108,8 @@ double raw_sqlite(const std::string& path, int n) {
       check(sqlite3_step(ev), db, "event");
       sqlite3_reset(ev);
     }
-    if (i % 1000 == 999 || i == n - 1) check(sqlite3_exec(db, "COMMIT", nullptr, nullptr, nullptr), db, "commit");
+    if (i % 1000 == 999 || i == n - 1)
+      check(sqlite3_exec(db, "COMMIT", nullptr, nullptr, nullptr), db, "commit");
   }
   const double s = std::chrono::duration<double>(SteadyClock::now() - t0).count();
   sqlite3_finalize(ins);
@@ -119,8 +132,8 @@ void verify(const std::string& path, int n) {
     sqlite3_finalize(st);
     return v;
   };
-  const long long done = count(
-      "SELECT count(*) FROM tasks WHERE status='completed' AND resource_cleanup_completed=1");
+  const long long done =
+      count("SELECT count(*) FROM tasks WHERE status='completed' AND resource_cleanup_completed=1");
   const long long events = count("SELECT count(*) FROM task_events");
   sqlite3_close(db);
   if (done != n || events != 8LL * n) {
@@ -195,19 +208,27 @@ int main(int argc, char** argv) {
   int tasks = 20000, runs = 3, producers = 16, batch = 100;
   std::string dir = fs::temp_directory_path().string();
   for (int i = 1; i + 1 < argc; i += 2) {
-    if (!std::strcmp(argv[i], "--tasks")) tasks = std::atoi(argv[i + 1]);
-    else if (!std::strcmp(argv[i], "--runs")) runs = std::atoi(argv[i + 1]);
-    else if (!std::strcmp(argv[i], "--dir")) dir = argv[i + 1];
-    else if (!std::strcmp(argv[i], "--producers")) producers = std::atoi(argv[i + 1]);
-    else if (!std::strcmp(argv[i], "--batch")) batch = std::atoi(argv[i + 1]);
+    if (!std::strcmp(argv[i], "--tasks"))
+      tasks = std::atoi(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--runs"))
+      runs = std::atoi(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--dir"))
+      dir = argv[i + 1];
+    else if (!std::strcmp(argv[i], "--producers"))
+      producers = std::atoi(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--batch"))
+      batch = std::atoi(argv[i + 1]);
   }
   if (tasks < 1 || runs < 1 || producers < 1 || batch < 2) {
-    std::fprintf(stderr, "usage: bench_store [--tasks N] [--runs R] [--producers P] [--batch B>=2] [--dir D]\n");
+    std::fprintf(
+        stderr,
+        "usage: bench_store [--tasks N] [--runs R] [--producers P] [--batch B>=2] [--dir D]\n");
     return 2;
   }
-  std::printf("bench_store: %d tasks, 2 workers, %d runs, files in %s; modes: create_task + start_task "
-              "(1 host thread), create_task(start) from %d host threads, create_tasks of %d\n",
-              tasks, runs, dir.c_str(), producers, batch);
+  std::printf(
+      "bench_store: %d tasks, 2 workers, %d runs, files in %s; modes: create_task + start_task "
+      "(1 host thread), create_task(start) from %d host threads, create_tasks of %d\n",
+      tasks, runs, dir.c_str(), producers, batch);
   struct Mode {
     const char* name;
     int producers, batch;
@@ -238,8 +259,8 @@ int main(int argc, char** argv) {
                   modes[m].name, t.rate, t.rate / rr, t.create_p50_us, t.create_p99_us);
     }
   }
-  std::printf("median of %d runs: raw sqlite3 %.0f lifecycles/s (target: taskmgr >= 20000/s)\n", runs,
-              median(raw));
+  std::printf("median of %d runs: raw sqlite3 %.0f lifecycles/s (target: taskmgr >= 20000/s)\n",
+              runs, median(raw));
   for (int m = 0; m < 3; ++m) {
     std::printf("  %-26s %6.0f lifecycles/s (%.2f of raw)  call p50 %7.1f us p99 %8.1f us\n",
                 modes[m].name, median(rate[m]), median(rate[m]) / median(raw), median(p50[m]),

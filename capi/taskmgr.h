@@ -15,6 +15,9 @@
  *    values are borrowed; each function says how long they live.
  *  - No exception ever crosses this boundary: every entry point runs inside
  *    one catch-all. An unexpected C++ exception becomes TASKMGR_E_INTERNAL.
+ *  - User data handed over with a free function (log, event callbacks,
+ *    services) belongs to the library only once the call that hands it
+ *    over succeeded; a failed call never calls the free function.
  *  - All functions are thread-safe unless stated otherwise.
  */
 #ifndef TASKMGR_H
@@ -23,7 +26,22 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "taskmgr/export.hpp"
+/* The export attribute of the functions below. Defined here, so that this
+ * header needs no other (the C++ headers use the same macro, from the
+ * generated taskmgr/export.hpp, with the same meaning). */
+#ifndef TASKMGR_API
+#if defined(TASKMGR_STATIC_DEFINE)
+#define TASKMGR_API
+#elif defined(_WIN32) && defined(taskmgr_objects_EXPORTS)
+#define TASKMGR_API __declspec(dllexport)
+#elif defined(_WIN32)
+#define TASKMGR_API __declspec(dllimport)
+#elif defined(__GNUC__) && __GNUC__ >= 4
+#define TASKMGR_API __attribute__((visibility("default")))
+#else
+#define TASKMGR_API
+#endif
+#endif
 
 #ifdef __cplusplus
 extern "C" {
@@ -34,11 +52,12 @@ extern "C" {
 /* The version these declarations belong to. Compare with
  * taskmgr_version_number() to detect a header/library mismatch. */
 #define TASKMGR_VERSION_MAJOR 0
-#define TASKMGR_VERSION_MINOR 3
+#define TASKMGR_VERSION_MINOR 4
 #define TASKMGR_VERSION_PATCH 0
-#define TASKMGR_VERSION_STRING "0.3.0"
+#define TASKMGR_VERSION_STRING "0.4.0"
 /* MAJOR * 10000 + MINOR * 100 + PATCH, as zstd and sqlite3 do. */
-#define TASKMGR_VERSION_NUMBER (TASKMGR_VERSION_MAJOR * 10000 + TASKMGR_VERSION_MINOR * 100 + TASKMGR_VERSION_PATCH)
+#define TASKMGR_VERSION_NUMBER \
+  (TASKMGR_VERSION_MAJOR * 10000 + TASKMGR_VERSION_MINOR * 100 + TASKMGR_VERSION_PATCH)
 
 /* The library's version, "MAJOR.MINOR.PATCH". Static storage: never freed. */
 TASKMGR_API const char* taskmgr_version_string(void);
@@ -48,22 +67,22 @@ TASKMGR_API int taskmgr_version_number(void);
 /* ---- Status codes ----------------------------------------------------- */
 
 #define TASKMGR_OK 0
-#define TASKMGR_E_INVALID_ARGUMENT (-1)     /* NULL or malformed parameter */
-#define TASKMGR_E_NOT_FOUND (-2)            /* unknown task, device, service, file */
-#define TASKMGR_E_QUEUE_FULL (-3)           /* tasks.max_queue_size reached */
-#define TASKMGR_E_OUT_OF_MEMORY (-4)        /* allocation or device memory failed */
-#define TASKMGR_E_TIMEOUT (-5)              /* a wait ran past its deadline */
-#define TASKMGR_E_BUSY (-6)                 /* resource in use (e.g. database held) */
-#define TASKMGR_E_INVALID_CONFIG (-7)       /* configuration failed validation */
-#define TASKMGR_E_IO (-8)                   /* file system or database I/O failed */
-#define TASKMGR_E_DEVICE_UNAVAILABLE (-9)   /* no device can hold the task */
+#define TASKMGR_E_INVALID_ARGUMENT (-1)       /* NULL or malformed parameter */
+#define TASKMGR_E_NOT_FOUND (-2)              /* unknown task, device, service, file */
+#define TASKMGR_E_QUEUE_FULL (-3)             /* tasks.max_queue_size reached */
+#define TASKMGR_E_OUT_OF_MEMORY (-4)          /* allocation or device memory failed */
+#define TASKMGR_E_TIMEOUT (-5)                /* a wait ran past its deadline */
+#define TASKMGR_E_BUSY (-6)                   /* resource in use (e.g. database held) */
+#define TASKMGR_E_INVALID_CONFIG (-7)         /* configuration failed validation */
+#define TASKMGR_E_IO (-8)                     /* file system or database I/O failed */
+#define TASKMGR_E_DEVICE_UNAVAILABLE (-9)     /* no device can hold the task */
 #define TASKMGR_E_MEMORY_LIMIT_EXCEEDED (-10) /* over the per-task memory limit */
-#define TASKMGR_E_POOL_EXHAUSTED (-11)      /* no service instance free in time */
-#define TASKMGR_E_INVALID_STATE (-12)       /* not allowed in the current state */
-#define TASKMGR_E_INCOMPATIBLE (-13)        /* version or schema mismatch */
-#define TASKMGR_E_CANCELLED (-14)           /* the operation was cancelled */
-#define TASKMGR_E_UNSUPPORTED (-15)         /* not available in this build */
-#define TASKMGR_E_INTERNAL (-99)            /* a bug in taskmgr */
+#define TASKMGR_E_POOL_EXHAUSTED (-11)        /* no service instance free in time */
+#define TASKMGR_E_INVALID_STATE (-12)         /* not allowed in the current state */
+#define TASKMGR_E_INCOMPATIBLE (-13)          /* version or schema mismatch */
+#define TASKMGR_E_CANCELLED (-14)             /* the operation was cancelled */
+#define TASKMGR_E_UNSUPPORTED (-15)           /* not available in this build */
+#define TASKMGR_E_INTERNAL (-99)              /* a bug in taskmgr */
 
 /* The stable name of a status code ("ok", "invalid_argument", ...), or
  * "unknown" for a value that is not a code. Static storage: never freed. */
@@ -91,6 +110,25 @@ TASKMGR_API int taskmgr_config_normalize(const char* yaml, char** out_yaml);
 /* As taskmgr_config_normalize, reading the YAML from a file. A missing file
  * is TASKMGR_E_INVALID_CONFIG with a message naming the path. */
 TASKMGR_API int taskmgr_config_normalize_file(const char* path, char** out_yaml);
+
+/* ---- Documents ----------------------------------------------------------- */
+
+/* The pages of a document (an image, a multi-page TIFF or a PDF) before any
+ * task is made, e.g. to make one task per page, largest first. Nothing is
+ * decoded: images are measured from their headers, PDF pages from their
+ * crop box at `dpi` (points * dpi / 72, rounded): the sizes the OCR
+ * service's pages will have. Thread-safe.
+ *   path      the file (UTF-8)
+ *   dpi       resolution PDF pages are measured at, in [72, 1200] (the OCR
+ *             service's default is ocr.pdf_dpi, 300)
+ *   out_json  receives {"media_type": "application/pdf" | "image/tiff" |
+ *             "image/png" | ..., "pages": [{"page": 1, "width": w,
+ *             "height": h}, ...]} (pixels); free it with taskmgr_free()
+ * Returns TASKMGR_OK, TASKMGR_E_NOT_FOUND (no such file) or
+ * TASKMGR_E_INVALID_ARGUMENT (NULL or non-UTF-8 path, NULL out_json, dpi
+ * out of range, or a file that is not a readable image or PDF: encrypted,
+ * corrupt, no pages); the message names the parameter or the file. */
+TASKMGR_API int taskmgr_describe_document(const char* path, int dpi, char** out_json);
 
 /* ---- Enumerations as stable integers ------------------------------------
  * The values follow the C++ enums (taskmgr/task.hpp) and never change;
@@ -163,27 +201,51 @@ typedef void (*taskmgr_free_fn)(void* user_data);
  * Runs on whichever thread logs (the caller's or a library thread), with no
  * library lock held; `message` is valid only during the call. It must not
  * call taskmgr_close or taskmgr_destroy (they fail with
- * TASKMGR_E_INVALID_STATE); any other function may be called. */
+ * TASKMGR_E_INVALID_STATE); any other function may be called. No callback
+ * of a manager (log, event, service) runs after taskmgr_close returned,
+ * except destroy_instance and free functions during taskmgr_destroy. */
 typedef void (*taskmgr_log_fn)(int level, const char* message, void* user_data);
+
+/* An event callback (struct taskmgr_event is below). It runs on the
+ * manager's one event thread, never on the thread that caused the event,
+ * with no library lock held, in publication order (a task's events in the
+ * order they happened). It may call any taskmgr function, taskmgr_subscribe
+ * and taskmgr_unsubscribe included (even for itself), except taskmgr_close
+ * and taskmgr_destroy (TASKMGR_E_INVALID_STATE) and waits for events it
+ * would deliver itself (taskmgr_flush_events returns at once there). A slow
+ * callback delays later events, never the tasks. */
+struct taskmgr_event;
+typedef void (*taskmgr_event_fn)(const struct taskmgr_event* event, void* user_data);
 
 /* Options of taskmgr_open. Initialise with taskmgr_open_options_init, then
  * set the fields you need: fields a caller built against an older header
- * does not have (struct_size) take their defaults. */
+ * does not have (struct_size) take their defaults. Every struct_size is
+ * checked: 0 or smaller than the struct's first version is
+ * TASKMGR_E_INVALID_ARGUMENT, larger than this library's struct is
+ * TASKMGR_E_INCOMPATIBLE. */
 typedef struct taskmgr_open_options {
-  size_t struct_size;        /* sizeof(taskmgr_open_options) */
-  const char* config_yaml;   /* configuration as YAML text; NULL = none */
-  const char* config_path;   /* configuration file (YAML); NULL = none.
-                                Neither set: the defaults. Not both. */
-  const char* database_path; /* overrides storage.path: a SQLite file, or
-                                ":memory:" to keep nothing; NULL = as configured
-                                (default "taskmgr.db" in the working folder) */
-  int32_t worker_threads;    /* overrides executor.worker_threads when > 0 */
+  size_t struct_size;          /* sizeof(taskmgr_open_options) */
+  const char* config_yaml;     /* configuration as YAML text; NULL = none */
+  const char* config_path;     /* configuration file (YAML); NULL = none.
+                                  Neither set: the defaults. Not both. */
+  const char* database_path;   /* overrides storage.path: a SQLite file, or
+                                  ":memory:" to keep nothing; NULL = as configured
+                                  (default "taskmgr.db" in the working folder) */
+  int32_t worker_threads;      /* overrides executor.worker_threads when > 0 */
   int32_t disable_builtin_ocr; /* non-zero: no built-in "ocr" service */
   taskmgr_log_fn log_callback; /* NULL: warnings and errors go to stderr */
   void* log_user_data;         /* passed to log_callback */
-  taskmgr_free_fn log_free;    /* NULL, or frees log_user_data once: when the
-                                  manager is destroyed, or before taskmgr_open
-                                  returns an error */
+  taskmgr_free_fn log_free;    /* NULL, or frees log_user_data once, when the
+                                  manager is destroyed; not called when
+                                  taskmgr_open fails (the caller keeps it) */
+  /* An event callback subscribed before the store is recovered, so that it
+   * also receives the events of recovery (tasks queued again, interrupted
+   * attempts retried). NULL = none. It runs as taskmgr_subscribe's do and
+   * stays subscribed until taskmgr_destroy, which calls event_free (NULL,
+   * or frees event_user_data once; not called when taskmgr_open fails). */
+  taskmgr_event_fn event_callback;
+  void* event_user_data;
+  taskmgr_free_fn event_free;
 } taskmgr_open_options;
 
 /* Sets every field to its default and struct_size to the header's size.
@@ -195,7 +257,7 @@ TASKMGR_API void taskmgr_open_options_init(taskmgr_open_options* options);
  * threads.
  *   options      NULL = the defaults
  *   out_manager  receives the handle (NULL on failure)
- * Errors: TASKMGR_E_INVALID_ARGUMENT (out_manager NULL, struct_size 0, both
+ * Errors: TASKMGR_E_INVALID_ARGUMENT (out_manager NULL, struct_size 0 or too small, both
  * config_yaml and config_path), TASKMGR_E_INVALID_CONFIG (the message names
  * the key path and line, or the missing file), TASKMGR_E_BUSY (the database
  * is held by another manager), TASKMGR_E_INCOMPATIBLE (database from a newer
@@ -210,14 +272,20 @@ TASKMGR_API int taskmgr_open_file(const char* config_path, taskmgr_manager** out
 
 /* Stops accepting work: running tasks finish (this call waits for them and
  * for their cleanup), queued tasks stay queued in the store (a durable store
- * resumes them at the next open), pending events are delivered. After it,
- * every call on the handle but taskmgr_close, taskmgr_destroy and the read
- * calls (get, list, metrics, health, events) fails with
- * TASKMGR_E_INVALID_STATE. Closing twice is allowed: the second call returns
- * TASKMGR_OK and does nothing.
+ * resumes them at the next open), the services' instances are destroyed
+ * (destroy_instance runs on this thread and may still read the manager),
+ * pending events are delivered. After it, every call on the handle but
+ * taskmgr_close, taskmgr_destroy, taskmgr_unsubscribe, taskmgr_flush_events
+ * and the read calls (get, list, metrics, health, events, devices) fails
+ * with TASKMGR_E_INVALID_STATE; taskmgr_wait_task returns an ended task and
+ * fails with TASKMGR_E_INVALID_STATE for one that stays queued or pending,
+ * and so does taskmgr_wait_idle (threads already waiting return too).
+ * Closing twice is allowed: the second call returns TASKMGR_OK and does
+ * nothing.
  * Errors: TASKMGR_E_INVALID_ARGUMENT (NULL), TASKMGR_E_INVALID_STATE when
- * called from a library thread (an event or log callback, or a host
- * service's functions): it would wait for itself; nothing is closed. */
+ * called from code the library called (an event or log callback, a host
+ * service's functions, supports_device): it would wait for itself; nothing
+ * is closed. */
 TASKMGR_API int taskmgr_close(taskmgr_manager* manager);
 
 /* Closes the manager if open, stops its threads, calls the free functions
@@ -230,7 +298,8 @@ TASKMGR_API int taskmgr_destroy(taskmgr_manager* manager);
 /* ---- Tasks ----------------------------------------------------------------
  * Tasks are named by their id: 36 characters (a UUID), NUL-terminated.
  * Every function taking a task id fails with TASKMGR_E_NOT_FOUND for an id
- * the manager does not know and TASKMGR_E_INVALID_ARGUMENT for NULL. */
+ * the manager does not know, and TASKMGR_E_INVALID_ARGUMENT for NULL or an
+ * id that is not valid UTF-8 (no id could be like it). */
 
 #define TASKMGR_TASK_ID_SIZE 37 /* bytes for an id and its NUL */
 
@@ -238,16 +307,18 @@ TASKMGR_API int taskmgr_destroy(taskmgr_manager* manager);
  * taskmgr_task_request_init. The strings and bytes are copied: they need
  * to live only during the call. Strings are UTF-8. */
 typedef struct taskmgr_task_request {
-  size_t struct_size;       /* sizeof(taskmgr_task_request) */
-  const char* service;      /* service kind; NULL = "ocr" */
-  const char* input_path;   /* an input file; NULL when input_data is used */
-  const void* input_data;   /* encoded input (e.g. PNG bytes), copied; NULL when input_path is used */
-  size_t input_size;        /* bytes at input_data */
-  const char* media_type;   /* optional hint, e.g. "image/png"; NULL = none */
-  int32_t priority;         /* larger runs first; default 0 */
-  int32_t batch_size;       /* pages held and processed at once; 0 = 1 */
-  const char* device;       /* requested device ("cpu", "cuda:0"); NULL = any */
-  const char* options_json; /* service options, a JSON object; NULL = none */
+  size_t struct_size;     /* sizeof(taskmgr_task_request) */
+  const char* service;    /* service kind; NULL = "ocr" */
+  const char* input_path; /* an input file; NULL when input_data is used */
+  const void* input_data; /* encoded input (e.g. PNG bytes), copied; NULL when input_path is used */
+  size_t input_size;      /* bytes at input_data */
+  const char* media_type; /* optional hint, e.g. "image/png"; NULL = none */
+  int32_t priority;       /* larger runs first; default 0 */
+  int32_t batch_size;     /* pages held and processed at once; 0 = 1 */
+  const char* device;     /* requested device ("cpu", "cuda:0"); NULL = any */
+  const char* options_json; /* service options, a JSON object; NULL = none.
+                               Strict JSON: UTF-8, no NaN/Infinity, every
+                               number finite (1e99999 is refused) */
   int32_t start;            /* non-zero: queue at once (create + start in one
                                step); 0 = pending until taskmgr_start_task. A
                                struct_size that ends before it (an older
@@ -261,12 +332,13 @@ TASKMGR_API void taskmgr_task_request_init(taskmgr_task_request* request);
  * `start`, already "queued" (one commit for both; events "created" then
  * "queued").
  *   out_task_id  receives the new id (TASKMGR_TASK_ID_SIZE bytes)
- * Errors: TASKMGR_E_INVALID_ARGUMENT (NULL, both or neither of input_path
- * and input_data, batch_size < 0, a string that is not valid UTF-8, options
- * that are not a JSON object), TASKMGR_E_NOT_FOUND (no such service, or an
- * unknown requested device), TASKMGR_E_DEVICE_UNAVAILABLE /
- * TASKMGR_E_MEMORY_LIMIT_EXCEEDED (no device can hold the estimate; the
- * message gives the numbers), TASKMGR_E_QUEUE_FULL (with `start` only:
+ * Errors: TASKMGR_E_INVALID_ARGUMENT (NULL, both input_path and input_data,
+ * neither for a service that needs an input (the built-in "ocr", and a
+ * host service without taskmgr_service.input_optional), batch_size < 0, a
+ * string that is not valid UTF-8, options that are not a strict JSON
+ * object), TASKMGR_E_NOT_FOUND (no such service, or an unknown
+ * requested device), TASKMGR_E_DEVICE_UNAVAILABLE / TASKMGR_E_MEMORY_LIMIT_EXCEEDED (no device can
+ * hold the estimate; the message gives the numbers), TASKMGR_E_QUEUE_FULL (with `start` only:
  * tasks.max_queue_size reached; the task was not created),
  * TASKMGR_E_INVALID_STATE (closed), TASKMGR_E_IO (the store failed: nothing
  * was kept). */
@@ -296,9 +368,9 @@ TASKMGR_API int taskmgr_create_tasks(taskmgr_manager* manager, const taskmgr_tas
 /* What may change when a task starts (the spec's TaskStartRequest).
  * Initialise with taskmgr_start_params_init: it keeps everything. */
 typedef struct taskmgr_start_params {
-  size_t struct_size;       /* sizeof(taskmgr_start_params) */
-  const char* device;       /* NULL = the device chosen at creation */
-  int32_t set_priority;     /* non-zero: use `priority` */
+  size_t struct_size;   /* sizeof(taskmgr_start_params) */
+  const char* device;   /* NULL = the device chosen at creation */
+  int32_t set_priority; /* non-zero: use `priority` */
   int32_t priority;
   int32_t batch_size;       /* 0 = as created */
   const char* options_json; /* NULL = as created */
@@ -315,9 +387,13 @@ TASKMGR_API int taskmgr_start_task(taskmgr_manager* manager, const char* task_id
                                    const taskmgr_start_params* params);
 
 /* Cancels a pending, queued or running task (a running one stops when its
- * service next checks; it still gets its cleanup).
+ * service next checks; it still gets its cleanup). A task this cancels ends
+ * cancelled, even if its service then finishes the work (its result is
+ * dropped).
  *   out_cancelled  NULL, or receives 1 when the task was cancelled, 0 when
- *                  it had already ended */
+ *                  it had already ended
+ * Errors: TASKMGR_E_NOT_FOUND, TASKMGR_E_INVALID_ARGUMENT,
+ * TASKMGR_E_INVALID_STATE (closed). */
 TASKMGR_API int taskmgr_cancel_task(taskmgr_manager* manager, const char* task_id,
                                     int* out_cancelled);
 
@@ -344,13 +420,16 @@ TASKMGR_API int taskmgr_get_task_result(taskmgr_manager* manager, const char* ta
  *   timeout_seconds  < 0 waits without limit
  *   out_json         NULL, or receives the ended task as taskmgr_get_task
  * Errors: TASKMGR_E_TIMEOUT (still running; *out_json is NULL),
- * TASKMGR_E_NOT_FOUND, TASKMGR_E_INVALID_ARGUMENT. Do not wait from an
- * event callback for a task whose events that callback would deliver. */
+ * TASKMGR_E_NOT_FOUND, TASKMGR_E_INVALID_ARGUMENT, TASKMGR_E_INVALID_STATE
+ * (the manager was closed and the task stays queued or pending). Do not
+ * wait from an event callback for a task whose events that callback would
+ * deliver. */
 TASKMGR_API int taskmgr_wait_task(taskmgr_manager* manager, const char* task_id,
                                   double timeout_seconds, char** out_json);
 
 /* Waits until no task is queued, backing off or running.
- * TASKMGR_E_TIMEOUT when the timeout passes first (< 0: no limit). */
+ * TASKMGR_E_TIMEOUT when the timeout passes first (< 0: no limit),
+ * TASKMGR_E_INVALID_STATE when the manager is closed with tasks queued. */
 TASKMGR_API int taskmgr_wait_idle(taskmgr_manager* manager, double timeout_seconds);
 
 /* Tasks as a JSON array of task objects, oldest first.
@@ -358,12 +437,14 @@ TASKMGR_API int taskmgr_wait_idle(taskmgr_manager* manager, double timeout_secon
  *   service  NULL or "" = any
  *   limit    0 = all, else the newest `limit`
  * TASKMGR_E_INVALID_ARGUMENT for an unknown status name. */
-TASKMGR_API int taskmgr_list_tasks(taskmgr_manager* manager, const char* status, const char* service,
-                                   size_t limit, char** out_json);
+TASKMGR_API int taskmgr_list_tasks(taskmgr_manager* manager, const char* status,
+                                   const char* service, size_t limit, char** out_json);
 
-/* The events stored for a task, a JSON array of event objects as
- * delivered to callbacks ({"sequence","task_id","event_type","timestamp",
- * "details"}), in order. */
+/* The events stored for a task, a JSON array of event objects with the
+ * keys of the delivered ones ({"sequence","task_id","event_type",
+ * "timestamp","details"}), in order. Their "sequence" is the store's order,
+ * which orders a task's events as the delivered sequence does (across
+ * tasks the two may differ when tasks are created from several threads). */
 TASKMGR_API int taskmgr_get_task_events(taskmgr_manager* manager, const char* task_id,
                                         char** out_json);
 
@@ -400,26 +481,19 @@ TASKMGR_API int taskmgr_set_device_available(taskmgr_manager* manager, const cha
 /* One event, as passed to a callback. Every pointer in it is valid only
  * during the callback: copy what you keep. */
 typedef struct taskmgr_event {
-  size_t struct_size;        /* sizeof(taskmgr_event) of the library */
-  uint64_t sequence;         /* publication order, from 1 */
+  size_t struct_size; /* sizeof(taskmgr_event) of the library */
+  uint64_t sequence;  /* publication order, from 1 */
   const char* task_id;
-  int32_t event;             /* TASKMGR_EVENT_* */
-  const char* event_type;    /* its name: "created", "resource_acquired", ... */
-  int64_t timestamp_ms;      /* milliseconds since 1970-01-01 UTC */
-  const char* timestamp;     /* the same, RFC 3339 ("2026-11-28T01:02:03.456Z") */
-  const char* details_json;  /* a JSON object; keys depend on the event */
-  const char* json;          /* the whole event as JSON (as in taskmgr_get_task_events) */
+  int32_t event;            /* TASKMGR_EVENT_* */
+  const char* event_type;   /* its name: "created", "resource_acquired", ... */
+  int64_t timestamp_ms;     /* milliseconds since 1970-01-01 UTC */
+  const char* timestamp;    /* the same, RFC 3339 ("2026-11-28T01:02:03.456Z") */
+  const char* details_json; /* a JSON object; keys depend on the event */
+  const char* json;         /* the whole event as JSON (as in taskmgr_get_task_events) */
 } taskmgr_event;
 
-/* An event callback. It runs on the manager's one event thread, never on
- * the thread that caused the event, with no library lock held, in
- * publication order (a task's events in the order they happened). It may
- * call any taskmgr function, taskmgr_subscribe and taskmgr_unsubscribe
- * included (even for itself), except taskmgr_close and taskmgr_destroy
- * (TASKMGR_E_INVALID_STATE) and waits for events it would deliver itself
- * (taskmgr_flush_events returns at once there). A slow callback delays
- * later events, never the tasks. */
-typedef void (*taskmgr_event_fn)(const taskmgr_event* event, void* user_data);
+/* taskmgr_event_fn, the event callback, is declared above taskmgr_open
+ * (taskmgr_open_options can subscribe one before recovery). */
 
 /* Subscribes a callback to every event of every task.
  *   free_user_data  NULL, or called once with user_data when the callback
@@ -427,7 +501,8 @@ typedef void (*taskmgr_event_fn)(const taskmgr_event* event, void* user_data);
  *                   callback returns, when it unsubscribes itself) or by
  *                   taskmgr_destroy
  *   out_subscription  receives the subscription's id (never 0)
- * On failure free_user_data is called before returning. */
+ * On failure free_user_data is not called: the caller still owns
+ * user_data. */
 TASKMGR_API int taskmgr_subscribe(taskmgr_manager* manager, taskmgr_event_fn callback,
                                   void* user_data, taskmgr_free_fn free_user_data,
                                   uint64_t* out_subscription);
@@ -454,8 +529,12 @@ typedef struct taskmgr_task_context taskmgr_task_context;
 
 /* A service kind, described by its functions. The library copies the
  * struct; user_data lives until free_user_data is called. The functions
- * run on worker threads, with no library lock held; none of them may call
- * taskmgr_close or taskmgr_destroy.
+ * run with no library lock held, and may call any function of this header
+ * but taskmgr_close and taskmgr_destroy: create_instance, process and
+ * destroy_instance on worker threads; supports_device on the thread that
+ * places a task (create, start, set_device_available, a worker deciding a
+ * retry) and once per device at registration. The kind is 1 to 100 bytes
+ * of UTF-8 without control characters.
  *
  * process() returns TASKMGR_OK, or the failure of the task:
  *   TASKMGR_E_OUT_OF_MEMORY          out of memory: retried per tasks.retry
@@ -464,9 +543,11 @@ typedef struct taskmgr_task_context taskmgr_task_context;
  *                                    its batch size shrinks); the instance
  *                                    is destroyed and replaced
  *   TASKMGR_E_INVALID_ARGUMENT       the input is bad: INVALID_INPUT, not retried
- *   TASKMGR_E_TIMEOUT                TIMEOUT
- *   TASKMGR_E_CANCELLED              the task stops as cancelled
- *   TASKMGR_E_MEMORY_LIMIT_EXCEEDED  MEMORY_LIMIT_EXCEEDED
+ *   TASKMGR_E_TIMEOUT                TIMEOUT, not retried
+ *   TASKMGR_E_CANCELLED              the task ends cancelled (status and
+ *                                    reason), not retried
+ *   TASKMGR_E_MEMORY_LIMIT_EXCEEDED  MEMORY_LIMIT_EXCEEDED, not retried
+ *                                    (a limit, not out of memory)
  *   any other value                  PROCESSING_ERROR, not retried
  * with the message given to taskmgr_context_set_error (default: the status
  * name). */
@@ -489,7 +570,9 @@ typedef struct taskmgr_service {
    * or "gpu"). Optional: all devices. */
   int (*supports_device)(void* user_data, const char* device, const char* kind);
   /* Frees user_data, once, when the manager that holds the service is
-   * destroyed (or at once when registration fails). Optional. */
+   * destroyed. Not called when taskmgr_register_service fails (a duplicate
+   * kind, a bad field, a closed manager): the caller keeps user_data,
+   * which a live registration may share. Optional. */
   taskmgr_free_fn free_user_data;
 
   /* Memory model, MB: base + batch * (per_page + per_mpixel * megapixels +
@@ -499,12 +582,19 @@ typedef struct taskmgr_service {
   double memory_per_page_mb;
   double memory_per_mpixel_mb;
   double memory_per_input_mb;
+
+  /* Since 0.4: non-zero when the service's tasks may have no input at all
+   * (neither input_path nor input_data). 0, the default: a request with no
+   * input is refused by taskmgr_create_task/_tasks with
+   * TASKMGR_E_INVALID_ARGUMENT, instead of failing later. */
+  int32_t input_optional;
 } taskmgr_service;
 
 TASKMGR_API void taskmgr_service_init(taskmgr_service* service);
 
 /* Registers a service kind; pools.* settings apply to it as to "ocr".
- * Errors: TASKMGR_E_INVALID_ARGUMENT (NULL, no kind, no create_instance or
+ * Errors: TASKMGR_E_INVALID_ARGUMENT (NULL, no kind, a kind that is not 1
+ * to 100 bytes of UTF-8 without control characters, no create_instance or
  * process), TASKMGR_E_INVALID_STATE (the kind is registered already, or the
  * manager is closed). */
 TASKMGR_API int taskmgr_register_service(taskmgr_manager* manager, const taskmgr_service* service);
@@ -536,17 +626,24 @@ TASKMGR_API double taskmgr_context_seconds_left(const taskmgr_task_context* cont
 /* A directory private to the task, removed with its content when the
  * task's cleanup runs. NULL (and the last error set) when it cannot be made. */
 TASKMGR_API const char* taskmgr_context_temp_dir(taskmgr_task_context* context);
-/* Starts a processing stage ("load", "infer", ...): a task_metrics sample. */
+/* Starts a processing stage ("load", "infer", ...): a task_metrics sample.
+ * A name that is not UTF-8 is TASKMGR_E_INVALID_ARGUMENT. */
 TASKMGR_API int taskmgr_context_stage(taskmgr_task_context* context, const char* name);
 /* Reports memory the task uses now, in MB; the peak becomes the task's
  * actual_memory_mb and teaches the estimator. Returns
- * TASKMGR_E_MEMORY_LIMIT_EXCEEDED past tasks.max_task_memory_mb or
- * TASKMGR_E_OUT_OF_MEMORY past the device's total: the task then fails (or
- * is retried) that way whatever process() returns. */
+ * TASKMGR_E_MEMORY_LIMIT_EXCEEDED past tasks.max_task_memory_mb (the task
+ * then fails MEMORY_LIMIT_EXCEEDED, not retried) or TASKMGR_E_OUT_OF_MEMORY
+ * past the device's total (retried as out of memory), whatever process()
+ * returns. */
 TASKMGR_API int taskmgr_context_report_memory(taskmgr_task_context* context, int64_t mb);
-/* Sets the result document (JSON; copied). */
+/* Sets the result document (copied): strict JSON in UTF-8 with finite
+ * numbers, so that every reader can parse it back. Anything else is
+ * TASKMGR_E_INVALID_ARGUMENT, whose message names the byte ("not valid
+ * UTF-8 (byte 6)", "not valid JSON (byte 5: ...)") or the number ("a number
+ * out of range (not finite) at /a/0"); the result set before stays. */
 TASKMGR_API int taskmgr_context_set_result(taskmgr_task_context* context, const char* result_json);
-/* Sets the failure message used when process() returns a failure. */
+/* Sets the failure message used when process() returns a failure. A
+ * message that is not UTF-8 is TASKMGR_E_INVALID_ARGUMENT (naming the byte). */
 TASKMGR_API int taskmgr_context_set_error(taskmgr_task_context* context, const char* message);
 
 #ifdef __cplusplus

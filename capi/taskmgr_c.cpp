@@ -12,13 +12,17 @@
 #include <exception>
 #include <map>
 #include <memory>
-#include <mutex>
+#include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "guard.hpp"
 #include "host_call.hpp"
+#include "input_requirement.hpp"
+#include "sync.hpp"
 #include "taskmgr/taskmgr.hpp"  // also defines TASKMGR_VERSION_*: must match taskmgr.h
+#include "utf8.hpp"
 
 static_assert(TASKMGR_OK == static_cast<int>(taskmgr::ErrorCode::kOk));
 static_assert(TASKMGR_E_INVALID_ARGUMENT == static_cast<int>(taskmgr::ErrorCode::kInvalidArgument));
@@ -48,6 +52,9 @@ std::string& last_error() {
 }
 
 int fail(int status, std::string message) {
+  // Messages quote what the caller gave (a device, a key, a path): a bad
+  // byte there must not make the message itself invalid UTF-8.
+  if (taskmgr::detail::invalid_utf8_at(message)) message = taskmgr::detail::to_valid_utf8(message);
   last_error() = std::move(message);
   return status;
 }
@@ -73,7 +80,8 @@ static_assert(TASKMGR_REASON_OUT_OF_MEMORY ==
 static_assert(TASKMGR_REASON_MEMORY_LIMIT_EXCEEDED ==
               static_cast<int>(taskmgr::TaskFailureReason::kMemoryLimitExceeded));
 static_assert(TASKMGR_EVENT_CREATED == static_cast<int>(taskmgr::TaskEvent::kCreated));
-static_assert(TASKMGR_EVENT_DEVICE_FALLBACK == static_cast<int>(taskmgr::TaskEvent::kDeviceFallback));
+static_assert(TASKMGR_EVENT_DEVICE_FALLBACK ==
+              static_cast<int>(taskmgr::TaskEvent::kDeviceFallback));
 static_assert(TASKMGR_EVENT_CLEANUP_COMPLETED ==
               static_cast<int>(taskmgr::TaskEvent::kCleanupCompleted));
 static_assert(TASKMGR_LOG_TRACE == static_cast<int>(taskmgr::LogLevel::kTrace));
@@ -93,18 +101,48 @@ namespace json = boost::json;
 constexpr bool has_field(std::size_t size, std::size_t offset, std::size_t width) {
   return size >= offset + width;
 }
-#define TASKMGR_HAS(ptr, member)                                                         \
+#define TASKMGR_HAS(ptr, member)                                                        \
   has_field((ptr)->struct_size, offsetof(std::remove_pointer_t<decltype(ptr)>, member), \
             sizeof((ptr)->member))
 
-// Refuses a versioned struct whose struct_size was not set, or is larger
-// than this library knows (a header newer than the library).
+// The size of each versioned struct's first version (0.1.0): a smaller
+// struct_size is no header's, but garbage. Fields are only ever appended.
+#define TASKMGR_END_OF(type, member) (offsetof(type, member) + sizeof(std::declval<type>().member))
+template <typename T>
+constexpr std::size_t first_version_size();
+template <>
+constexpr std::size_t first_version_size<taskmgr_open_options>() {
+  return TASKMGR_END_OF(taskmgr_open_options, log_free);
+}
+template <>
+constexpr std::size_t first_version_size<taskmgr_task_request>() {
+  return TASKMGR_END_OF(taskmgr_task_request, options_json);
+}
+template <>
+constexpr std::size_t first_version_size<taskmgr_start_params>() {
+  return TASKMGR_END_OF(taskmgr_start_params, options_json);
+}
+template <>
+constexpr std::size_t first_version_size<taskmgr_service>() {
+  return TASKMGR_END_OF(taskmgr_service, memory_per_input_mb);
+}
+
+// Refuses a versioned struct whose struct_size was not set, is smaller than
+// its first version (not a size any header had), or is larger than this
+// library knows (a header newer than the library).
 template <typename T>
 void check_struct(const T* p, const char* function, const char* type) {
   if (p->struct_size == 0) {
     throw taskmgr::Error(taskmgr::ErrorCode::kInvalidArgument,
                          std::string(function) + ": " + type +
                              ".struct_size is 0 (initialise it with " + type + "_init)");
+  }
+  if (p->struct_size < first_version_size<T>()) {
+    throw taskmgr::Error(taskmgr::ErrorCode::kInvalidArgument,
+                         std::string(function) + ": " + type + ".struct_size is " +
+                             std::to_string(p->struct_size) + ", smaller than any version of " +
+                             type + " (" + std::to_string(first_version_size<T>()) +
+                             " bytes or more; initialise it with " + type + "_init)");
   }
   if (p->struct_size > sizeof(T)) {
     throw taskmgr::Error(taskmgr::ErrorCode::kIncompatible,
@@ -149,7 +187,10 @@ struct Subscription {
 
   // Calls free_fn once, when fn will not run again.
   void release() noexcept {
-    if (!released.exchange(true) && free_fn != nullptr) free_fn(user_data);
+    if (!released.exchange(true) && free_fn != nullptr) {
+      TASKMGR_HOST_CALL("taskmgr_c: event free_user_data");
+      free_fn(user_data);
+    }
   }
   ~Subscription() { release(); }
 
@@ -163,13 +204,14 @@ struct Subscription {
     e.task_id = ev.task_id.c_str();
     e.event = static_cast<int32_t>(ev.event);
     e.event_type = taskmgr::to_string(ev.event).data();
-    e.timestamp_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
-                         ev.timestamp.time_since_epoch())
-                         .count();
+    e.timestamp_ms =
+        std::chrono::duration_cast<std::chrono::milliseconds>(ev.timestamp.time_since_epoch())
+            .count();
     e.timestamp = timestamp.c_str();
     e.details_json = ev.details_json.c_str();
     e.json = whole.c_str();
     tls_delivering = this;
+    TASKMGR_HOST_CALL("taskmgr_c: event callback");
     fn(&e, user_data);
     tls_delivering = nullptr;
     // Unsubscribed from inside its own callback: free now that it returned.
@@ -183,7 +225,10 @@ struct LogTarget {
   void* user_data = nullptr;
   taskmgr_free_fn free_fn = nullptr;
   ~LogTarget() {
-    if (free_fn != nullptr) free_fn(user_data);
+    if (free_fn != nullptr) {
+      TASKMGR_HOST_CALL("taskmgr_c: log free_user_data");
+      free_fn(user_data);
+    }
   }
 };
 
@@ -191,8 +236,14 @@ struct LogTarget {
 struct ServiceDef {
   taskmgr_service s{};
   std::string kind;
+  // Set once the registration succeeded: only then does the library own
+  // user_data (a refused registration leaves it to the caller).
+  std::atomic<bool> owned{false};
   ~ServiceDef() {
-    if (s.free_user_data != nullptr) s.free_user_data(s.user_data);
+    if (owned.load() && s.free_user_data != nullptr) {
+      TASKMGR_HOST_CALL("taskmgr_c: service free_user_data");
+      s.free_user_data(s.user_data);
+    }
   }
 };
 
@@ -214,12 +265,16 @@ class CService final : public taskmgr::Service {
   CService(std::shared_ptr<const ServiceDef> def, void* instance, std::string device)
       : def_(std::move(def)), instance_(instance), device_(std::move(device)) {}
   ~CService() override {
-    if (def_->s.destroy_instance != nullptr) def_->s.destroy_instance(def_->s.user_data, instance_);
+    if (def_->s.destroy_instance != nullptr) {
+      TASKMGR_HOST_CALL("taskmgr_c: service destroy_instance");
+      def_->s.destroy_instance(def_->s.user_data, instance_);
+    }
   }
 
   void process(taskmgr::TaskContext& ctx) override {
     taskmgr_task_context c;
     c.ctx = &ctx;
+    TASKMGR_HOST_CALL("taskmgr_c: service process");
     const int rc = def_->s.process(def_->s.user_data, instance_, &c);
     if (c.pending) std::rethrow_exception(c.pending);
     if (rc == TASKMGR_OK) return;
@@ -245,8 +300,11 @@ class CService final : public taskmgr::Service {
   std::string device_;
 };
 
-class CServiceFactory final : public taskmgr::ServiceFactory {
+class CServiceFactory final : public taskmgr::ServiceFactory,
+                              public taskmgr::detail::InputRequirement {
  public:
+  // taskmgr_service.input_optional: 0 (the default) = its tasks need an input.
+  bool needs_input() const override { return def_->s.input_optional == 0; }
   explicit CServiceFactory(std::shared_ptr<const ServiceDef> def) : def_(std::move(def)) {
     const taskmgr_service& s = def_->s;
     if (s.memory_base_mb > 0 || s.memory_per_page_mb > 0 || s.memory_per_mpixel_mb > 0 ||
@@ -262,6 +320,7 @@ class CServiceFactory final : public taskmgr::ServiceFactory {
   std::string kind() const override { return def_->kind; }
   std::unique_ptr<taskmgr::Service> create(const std::string& device) override {
     void* instance = nullptr;
+    TASKMGR_HOST_CALL("taskmgr_c: service create_instance");
     const int rc = def_->s.create_instance(def_->s.user_data, device.c_str(), &instance);
     if (rc != TASKMGR_OK) {
       throw std::runtime_error("service '" + def_->kind + "' could not create an instance on " +
@@ -271,6 +330,7 @@ class CServiceFactory final : public taskmgr::ServiceFactory {
   }
   bool supports(const taskmgr::DeviceInfo& d) const override {
     if (def_->s.supports_device == nullptr) return true;
+    TASKMGR_HOST_CALL("taskmgr_c: service supports_device");
     return def_->s.supports_device(def_->s.user_data, d.id.c_str(),
                                    taskmgr::to_string(d.kind).data()) != 0;
   }
@@ -284,9 +344,11 @@ class CServiceFactory final : public taskmgr::ServiceFactory {
 }  // namespace
 
 struct taskmgr_manager {
+  std::shared_ptr<LogTarget> log;             // taskmgr_open_options.log_callback
+  std::shared_ptr<Subscription> opened_with;  // taskmgr_open_options.event_callback
   std::unique_ptr<taskmgr::TaskManager> tm;
-  std::mutex subs_mu;
-  std::map<taskmgr::SubscriptionId, std::shared_ptr<Subscription>> subs;
+  taskmgr::detail::Mutex subs_mu;
+  std::map<taskmgr::SubscriptionId, std::shared_ptr<Subscription>> subs GUARDED_BY(subs_mu);
 };
 
 namespace {
@@ -296,8 +358,17 @@ taskmgr::TaskManager& manager_of(taskmgr_manager* m, const char* function) {
   return *m->tm;
 }
 
+// A string argument must be UTF-8: the message names the first bad byte.
+void require_utf8(const char* s, const char* function, const char* name) {
+  if (auto at = taskmgr::detail::invalid_utf8_at(s)) {
+    throw_invalid(std::string(function) + ": " + name + " is not valid UTF-8 (byte " +
+                  std::to_string(*at) + ")");
+  }
+}
+
 std::string task_id_arg(const char* id, const char* function) {
   require(id, function, "task_id");
+  require_utf8(id, function, "task_id");  // not NOT_FOUND: no id can be like it
   return id;
 }
 
@@ -359,14 +430,21 @@ void copy_task_id(const std::string& id, char* out) {
 }
 
 int open_manager(const taskmgr_open_options* o, taskmgr_manager** out) {
-  // The log target is owned by the sink from here on: it frees its user data
-  // when the manager is destroyed, or now if opening fails.
+  // The log target and the subscription made at open take their free
+  // functions only once the manager is open: a failed open leaves the user
+  // data to the caller.
   std::shared_ptr<LogTarget> log;
   if (o != nullptr && TASKMGR_HAS(o, log_free) && o->struct_size != 0) {
     log = std::make_shared<LogTarget>();
     log->fn = o->log_callback;
     log->user_data = o->log_user_data;
-    log->free_fn = o->log_free;
+  }
+  std::shared_ptr<Subscription> sub;
+  if (o != nullptr && o->struct_size != 0 && TASKMGR_HAS(o, event_free) &&
+      o->event_callback != nullptr) {
+    sub = std::make_shared<Subscription>();
+    sub->fn = o->event_callback;
+    sub->user_data = o->event_user_data;
   }
   require(out, "taskmgr_open", "out_manager");
   *out = nullptr;
@@ -380,11 +458,16 @@ int open_manager(const taskmgr_open_options* o, taskmgr_manager** out) {
   if (opt.config_yaml != nullptr && opt.config_path != nullptr) {
     throw_invalid("taskmgr_open: give config_yaml or config_path, not both");
   }
-  taskmgr::Config config =
-      opt.config_path != nullptr ? taskmgr::Config::from_yaml_file(opt.config_path)
-      : (opt.config_yaml != nullptr && *opt.config_yaml != '\0')
-          ? taskmgr::Config::from_yaml_string(opt.config_yaml, "config_yaml")
-          : taskmgr::Config::defaults();
+  if (opt.config_path != nullptr) require_utf8(opt.config_path, "taskmgr_open", "config_path");
+  if (opt.config_yaml != nullptr) require_utf8(opt.config_yaml, "taskmgr_open", "config_yaml");
+  if (opt.database_path != nullptr) {
+    require_utf8(opt.database_path, "taskmgr_open", "database_path");
+  }
+  taskmgr::Config config = opt.config_path != nullptr
+                               ? taskmgr::Config::from_yaml_file(opt.config_path)
+                           : (opt.config_yaml != nullptr && *opt.config_yaml != '\0')
+                               ? taskmgr::Config::from_yaml_string(opt.config_yaml, "config_yaml")
+                               : taskmgr::Config::defaults();
   if (opt.database_path != nullptr) config.storage.path = opt.database_path;
   if (opt.worker_threads > 0) config.executor.worker_threads = opt.worker_threads;
   taskmgr::TaskManagerOptions options;
@@ -392,12 +475,20 @@ int open_manager(const taskmgr_open_options* o, taskmgr_manager** out) {
   if (log && log->fn != nullptr) {
     options.log_sink = [log](taskmgr::LogLevel level, std::string_view message) {
       const std::string m(message);
+      TASKMGR_HOST_CALL("taskmgr_c: log callback");
       log->fn(static_cast<int>(level), m.c_str(), log->user_data);
     };
   }
+  if (sub) {
+    options.subscribers.push_back([s = sub](const taskmgr::EventRecord& ev) { s->deliver(ev); });
+  }
   auto handle = std::make_unique<taskmgr_manager>();
-  log.reset();  // the sink holds it now (or nothing does, and it is freed)
+  handle->opened_with = sub;
+  handle->log = log;
   handle->tm = std::make_unique<taskmgr::TaskManager>(std::move(config), std::move(options));
+  // Open: from here the library owns the user data (freed by destroy).
+  if (log) log->free_fn = o->log_free;
+  if (sub) sub->free_fn = o->event_free;
   *out = handle.release();
   return TASKMGR_OK;
 }
@@ -438,6 +529,7 @@ int taskmgr_config_normalize(const char* yaml, char** out_yaml) {
       return fail(TASKMGR_E_INVALID_ARGUMENT, "taskmgr_config_normalize: out_yaml is NULL");
     }
     *out_yaml = nullptr;
+    if (yaml != nullptr) require_utf8(yaml, "taskmgr_config_normalize", "yaml");
     const taskmgr::Config c = (yaml == nullptr || *yaml == '\0')
                                   ? taskmgr::Config::defaults()
                                   : taskmgr::Config::from_yaml_string(yaml);
@@ -455,9 +547,28 @@ int taskmgr_config_normalize_file(const char* path, char** out_yaml) {
     if (path == nullptr) {
       return fail(TASKMGR_E_INVALID_ARGUMENT, "taskmgr_config_normalize_file: path is NULL");
     }
+    require_utf8(path, "taskmgr_config_normalize_file", "path");
     const taskmgr::Config c = taskmgr::Config::from_yaml_file(path);
     *out_yaml = dup_string(c.to_yaml());
     return TASKMGR_OK;
+  });
+}
+
+// ---- documents -------------------------------------------------------------------
+int taskmgr_describe_document(const char* path, int dpi, char** out_json) {
+  return guarded([&] {
+    constexpr const char* fn = "taskmgr_describe_document";
+    char** out = checked_out(out_json, fn, "out_json");
+    require(path, fn, "path");
+    require_utf8(path, fn, "path");
+    const taskmgr::DocumentInfo info = taskmgr::describe_document(path, dpi);
+    boost::json::array pages;
+    for (const auto& p : info.pages) {
+      pages.push_back(
+          boost::json::object{{"page", p.page}, {"width", p.width}, {"height", p.height}});
+    }
+    set_out(out, boost::json::serialize(
+                     boost::json::object{{"media_type", info.media_type}, {"pages", pages}}));
   });
 }
 
@@ -500,10 +611,11 @@ int taskmgr_destroy(taskmgr_manager* manager) {
   return guarded([&]() -> int {
     if (manager == nullptr) return TASKMGR_OK;
     if (taskmgr::detail::in_host_call()) {
-      return fail(TASKMGR_E_INVALID_STATE,
-                  "taskmgr_destroy was called from a taskmgr thread (an event or log callback, "
-                  "or a service); it would wait for itself: destroy the manager from another "
-                  "thread. Nothing was destroyed.");
+      return fail(
+          TASKMGR_E_INVALID_STATE,
+          "taskmgr_destroy was called from code the library called (an event or log callback, "
+          "or a service); it would wait for itself: destroy the manager from another "
+          "thread. Nothing was destroyed.");
     }
     manager->tm->close();
     manager->tm.reset();  // threads stopped: no callback runs any more
@@ -574,7 +686,8 @@ int taskmgr_create_tasks(taskmgr_manager* manager, const taskmgr_task_request* r
         throw_invalid(where + ": struct_size is " + std::to_string(size) +
                       ", not requests[0].struct_size = " + std::to_string(stride) +
                       " (the array is strided by it: initialise every element with "
-                      "taskmgr_task_request_init)" + nothing);
+                      "taskmgr_task_request_init)" +
+                      nothing);
       }
       taskmgr_task_request r;
       taskmgr_task_request_init(&r);
@@ -616,7 +729,10 @@ int taskmgr_start_task(taskmgr_manager* manager, const char* task_id,
         throw_invalid(std::string(fn) + ": batch_size must be >= 0 (0 = keep), got " +
                       std::to_string(p.batch_size));
       }
-      if (p.device != nullptr) req.device = p.device;
+      if (p.device != nullptr) {
+        require_utf8(p.device, fn, "device");
+        req.device = p.device;
+      }
       if (p.set_priority != 0) req.priority = p.priority;
       if (p.batch_size > 0) req.batch_size = p.batch_size;
       if (p.options_json != nullptr) req.options_json = p.options_json;
@@ -679,8 +795,8 @@ int taskmgr_wait_task(taskmgr_manager* manager, const char* task_id, double time
     if (out_json != nullptr) *out_json = nullptr;
     const auto t = tm.wait_task(id, timeout_from_seconds(timeout_seconds));
     if (!t) {
-      return fail(TASKMGR_E_TIMEOUT, "task " + id + " has not ended after " +
-                                         std::to_string(timeout_seconds) + " s");
+      return fail(TASKMGR_E_TIMEOUT,
+                  "task " + id + " has not ended after " + std::to_string(timeout_seconds) + " s");
     }
     if (out_json != nullptr) set_out(out_json, taskmgr::to_json(*t));
     return TASKMGR_OK;
@@ -707,6 +823,7 @@ int taskmgr_list_tasks(taskmgr_manager* manager, const char* status, const char*
     checked_out(out_json, fn, "out_json");
     taskmgr::TaskFilter f;
     if (status != nullptr) {
+      require_utf8(status, fn, "status");
       f.status = taskmgr::parse_task_status(status);
       if (!f.status) {
         throw_invalid(std::string(fn) + ": unknown status '" + status +
@@ -794,6 +911,7 @@ int taskmgr_set_device_available(taskmgr_manager* manager, const char* device, i
     constexpr const char* fn = "taskmgr_set_device_available";
     auto& tm = manager_of(manager, fn);
     require(device, fn, "device");
+    require_utf8(device, fn, "device");
     tm.set_device_available(device, available != 0);
   });
 }
@@ -801,10 +919,10 @@ int taskmgr_set_device_available(taskmgr_manager* manager, const char* device, i
 // ---- events ---------------------------------------------------------------------------------
 int taskmgr_subscribe(taskmgr_manager* manager, taskmgr_event_fn callback, void* user_data,
                       taskmgr_free_fn free_user_data, uint64_t* out_subscription) {
-  // Owns user_data from here: freed on every failure below.
+  // The library owns user_data only once the subscription is made: on a
+  // failure free_user_data is not called (the caller still owns it).
   auto sub = std::make_shared<Subscription>();
   sub->user_data = user_data;
-  sub->free_fn = free_user_data;
   return guarded([&] {
     constexpr const char* fn = "taskmgr_subscribe";
     auto& tm = manager_of(manager, fn);
@@ -812,9 +930,16 @@ int taskmgr_subscribe(taskmgr_manager* manager, taskmgr_event_fn callback, void*
     require(out_subscription, fn, "out_subscription");
     *out_subscription = 0;
     sub->fn = callback;
-    std::lock_guard<std::mutex> g(manager->subs_mu);
+    taskmgr::detail::MutexLock g(manager->subs_mu);
     sub->id = tm.subscribe([s = sub](const taskmgr::EventRecord& ev) { s->deliver(ev); });
-    manager->subs[sub->id] = sub;
+    try {
+      manager->subs.emplace(sub->id, sub);
+    } catch (...) {
+      // Not kept, so not made: the caller keeps its user data.
+      tm.unsubscribe(sub->id);
+      throw;
+    }
+    sub->free_fn = free_user_data;  // made: the library owns user_data now
     *out_subscription = sub->id;
   });
 }
@@ -825,7 +950,7 @@ int taskmgr_unsubscribe(taskmgr_manager* manager, uint64_t subscription) {
     auto& tm = manager_of(manager, fn);
     std::shared_ptr<Subscription> sub;
     {
-      std::lock_guard<std::mutex> g(manager->subs_mu);
+      taskmgr::detail::MutexLock g(manager->subs_mu);
       auto it = manager->subs.find(subscription);
       if (it != manager->subs.end()) {
         sub = std::move(it->second);
@@ -859,7 +984,7 @@ int taskmgr_register_service(taskmgr_manager* manager, const taskmgr_service* se
   std::shared_ptr<ServiceDef> def;
   if (service != nullptr && service->struct_size != 0 && service->struct_size <= sizeof(*service) &&
       TASKMGR_HAS(service, free_user_data)) {
-    // Owns user_data from here: freed when the manager is destroyed, or on a failure below.
+    // Owns user_data once registered (ServiceDef::owned): freed at destroy.
     def = std::make_shared<ServiceDef>();
     taskmgr_service_init(&def->s);
     std::memcpy(&def->s, service, service->struct_size);
@@ -877,14 +1002,17 @@ int taskmgr_register_service(taskmgr_manager* manager, const taskmgr_service* se
     if (def->s.create_instance == nullptr) {
       throw_invalid(std::string(fn) + ": taskmgr_service.create_instance is NULL");
     }
-    if (def->s.process == nullptr) throw_invalid(std::string(fn) + ": taskmgr_service.process is NULL");
+    if (def->s.process == nullptr)
+      throw_invalid(std::string(fn) + ": taskmgr_service.process is NULL");
     def->kind = def->s.kind;
     def->s.kind = nullptr;  // the caller's string need not outlive the call
     for (double v : {def->s.memory_base_mb, def->s.memory_per_page_mb, def->s.memory_per_mpixel_mb,
                      def->s.memory_per_input_mb}) {
       if (!(v >= 0)) throw_invalid(std::string(fn) + ": memory model coefficients must be >= 0");
     }
+    ServiceDef* registered = def.get();
     tm.register_service(std::make_shared<CServiceFactory>(std::move(def)));
+    registered->owned = true;  // registered: the library frees user_data at destroy
   });
 }
 
@@ -983,6 +1111,7 @@ int taskmgr_context_set_error(taskmgr_task_context* c, const char* message) {
     constexpr const char* fn = "taskmgr_context_set_error";
     require(c, fn, "context");
     require(message, fn, "message");
+    require_utf8(message, fn, "message");
     c->error_message = message;
   });
 }

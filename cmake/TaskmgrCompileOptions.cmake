@@ -5,6 +5,13 @@ target_compile_options(taskmgr_warnings INTERFACE
   -Wall -Wextra -Wpedantic -Wshadow -Wnon-virtual-dtor -Wold-style-cast
   -Wcast-align -Woverloaded-virtual -Wnull-dereference -Wformat=2
   $<$<BOOL:${TASKMGR_WERROR}>:-Werror>)
+# Clang checks the lock annotations (src/thread_annotations.hpp): fields
+# GUARDED_BY their mutex, REQUIRES / REQUIRES(!scheduler) on functions; the
+# negative requirements propagate to callers, so host code, store reads and
+# file-system calls cannot be reached with the scheduler lock held.
+if(CMAKE_CXX_COMPILER_ID MATCHES "Clang")
+  target_compile_options(taskmgr_warnings INTERFACE -Wthread-safety -Wthread-safety-negative)
+endif()
 # C sources (the C ABI test) get the C subset.
 add_library(taskmgr_c_warnings INTERFACE)
 target_compile_options(taskmgr_c_warnings INTERFACE

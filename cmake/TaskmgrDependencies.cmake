@@ -8,6 +8,7 @@ find_package(SQLiteCpp REQUIRED)
 find_package(PkgConfig REQUIRED)
 pkg_check_modules(TESSERACT REQUIRED IMPORTED_TARGET tesseract>=5)
 pkg_check_modules(LEPTONICA REQUIRED IMPORTED_TARGET lept)
+pkg_check_modules(POPPLER_CPP REQUIRED IMPORTED_TARGET poppler-cpp)  # PDF input
 find_package(OpenCVLite REQUIRED COMPONENTS core imgproc imgcodecs)
 find_package(OpenMP REQUIRED COMPONENTS CXX)
 

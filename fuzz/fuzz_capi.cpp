@@ -6,8 +6,12 @@
 // call must return a status (never crash, throw or leak) and leave a
 // message on failure. The manager (in memory, host service "svc") is
 // replaced every 1,024 runs so its task history stays small (each run
-// creates up to four tasks, and listing by status scans them).
+// creates up to four tasks, and listing by status scans them). Everything
+// it gets back is held to the standard of inputs: every string valid UTF-8,
+// every JSON document strict (tests/strict_json.h), or the run aborts.
 #include <taskmgr.h>
+
+#include "../tests/strict_json.h"
 
 #include <cstdint>
 #include <cstdlib>
@@ -44,13 +48,24 @@ taskmgr_manager* manager(bool renew) {
     s.kind = "svc";
     s.create_instance = noop_create;
     s.process = noop_process;
+    s.input_optional = 1;  // requests without input reach the rest of create
     if (taskmgr_register_service(tm, &s) != TASKMGR_OK) std::abort();
   }
   return tm;
 }
 
 void expect_message(int rc) {
-  if (rc != TASKMGR_OK && taskmgr_last_error()[0] == '\0') std::abort();  // a failure must say why
+  const char* m = taskmgr_last_error();
+  if (rc != TASKMGR_OK && m[0] == '\0') std::abort();           // a failure must say why
+  if (strict_utf8_error(m, std::strlen(m)) >= 0) std::abort();  // in UTF-8
+}
+
+// A string the library returned: UTF-8, and strict JSON when `json`.
+void expect_valid(const char* s, bool json) {
+  if (s == nullptr) return;
+  const std::size_t n = std::strlen(s);
+  if (strict_utf8_error(s, n) >= 0) std::abort();
+  if (json && strict_json_error(s, n) >= 0) std::abort();
 }
 
 }  // namespace
@@ -76,6 +91,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   int rc = taskmgr_config_normalize(f[0].c_str(), &yaml);
   expect_message(rc);
   if ((rc == TASKMGR_OK) != (yaml != nullptr)) std::abort();
+  expect_valid(yaml, false);
   taskmgr_free(yaml);
 
   taskmgr_task_request r;
@@ -90,6 +106,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   expect_message(rc);
   if (rc == TASKMGR_OK) {
     if (std::strlen(id) != 36) std::abort();
+    char* task = nullptr;
+    if (taskmgr_get_task(tm, id, &task) != TASKMGR_OK) std::abort();
+    expect_valid(task, true);  // the fuzzed fields, handed back
+    taskmgr_free(task);
     taskmgr_start_params p;
     taskmgr_start_params_init(&p);
     p.options_json = opt(6);
@@ -119,6 +139,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   char* list = nullptr;
   rc = taskmgr_list_tasks(tm, f[6].c_str(), nullptr, 1, &list);
   expect_message(rc);
+  expect_valid(list, true);
   taskmgr_free(list);
   return 0;
 }

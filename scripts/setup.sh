@@ -8,11 +8,12 @@ PACKAGES=(
   build-essential cmake pkg-config git
   libboost1.81-dev libboost-json1.81-dev
   libopencv-core-dev libopencv-imgproc-dev libopencv-imgcodecs-dev
-  libtesseract-dev libleptonica-dev tesseract-ocr tesseract-ocr-eng
+  libtesseract-dev libleptonica-dev tesseract-ocr tesseract-ocr-eng tesseract-ocr-osd
+  libpoppler-cpp-dev poppler-utils
   libsqlitecpp-dev libsqlite3-dev sqlite3
   libfmt-dev doctest-dev libyaml-cpp-dev libbenchmark-dev
   fonts-dejavu-core python3
-  clang libclang-rt-14-dev
+  clang libclang-rt-14-dev clang-format
 )
 
 missing=()

@@ -3,11 +3,11 @@
 #include <yaml-cpp/yaml.h>
 
 #include <cmath>
-#include <type_traits>
 #include <fstream>
 #include <functional>
 #include <set>
 #include <sstream>
+#include <type_traits>
 #include <unordered_map>
 
 #include "enum_table.hpp"
@@ -45,8 +45,7 @@ const char* node_kind(const YAML::Node& n) {
 // that validate() failures can be reported with a line too.
 class MapReader {
  public:
-  MapReader(const YAML::Node& node, std::string path,
-            std::unordered_map<std::string, int>& lines)
+  MapReader(const YAML::Node& node, std::string path, std::unordered_map<std::string, int>& lines)
       : node_(node), path_(std::move(path)), lines_(lines) {
     if (node_ && !node_.IsNull() && !node_.IsMap()) {
       throw ConfigError(path_, line_of(node_),
@@ -62,16 +61,16 @@ class MapReader {
     if (!v) return;
     const std::string path = join(path_, key);
     if (!v.IsScalar()) {
-      throw ConfigError(path, line_of(v),
-                        fmt_msg(path, std::string("must be ") + type_name<T>() + ", got " +
-                                          node_kind(v)));
+      throw ConfigError(
+          path, line_of(v),
+          fmt_msg(path, std::string("must be ") + type_name<T>() + ", got " + node_kind(v)));
     }
     try {
       out = v.as<T>();
     } catch (const YAML::Exception&) {
-      throw ConfigError(path, line_of(v),
-                        fmt_msg(path, std::string("must be ") + type_name<T>() + ", got '" +
-                                          v.Scalar() + "'"));
+      throw ConfigError(
+          path, line_of(v),
+          fmt_msg(path, std::string("must be ") + type_name<T>() + ", got '" + v.Scalar() + "'"));
     }
     if constexpr (std::is_same_v<T, std::string>) check_text(path, v, out);
   }
@@ -95,8 +94,7 @@ class MapReader {
   }
 
   template <typename E, std::size_t N>
-  void read_enum(std::string_view key, E& out,
-                 const std::pair<E, std::string_view> (&table)[N]) {
+  void read_enum(std::string_view key, E& out, const std::pair<E, std::string_view> (&table)[N]) {
     std::string s;
     read(key, s);
     if (s.empty() && !lookup(key)) return;
@@ -114,9 +112,7 @@ class MapReader {
     out = *parsed;
   }
 
-  MapReader child(std::string_view key) {
-    return MapReader(lookup(key), join(path_, key), lines_);
-  }
+  MapReader child(std::string_view key) { return MapReader(lookup(key), join(path_, key), lines_); }
 
   YAML::Node raw(std::string_view key) { return lookup(key); }
   const std::string& path() const { return path_; }
@@ -154,10 +150,14 @@ class MapReader {
 
   template <typename T>
   static const char* type_name() {
-    if constexpr (std::is_same_v<T, bool>) return "a boolean (true/false)";
-    else if constexpr (std::is_integral_v<T>) return "an integer";
-    else if constexpr (std::is_floating_point_v<T>) return "a number";
-    else return "a string";
+    if constexpr (std::is_same_v<T, bool>)
+      return "a boolean (true/false)";
+    else if constexpr (std::is_integral_v<T>)
+      return "an integer";
+    else if constexpr (std::is_floating_point_v<T>)
+      return "a number";
+    else
+      return "a string";
   }
 
   YAML::Node node_;
@@ -189,6 +189,7 @@ Config parse_document(const YAML::Node& root, std::unordered_map<std::string, in
       MapReader r = t.child("retry");
       auto& y = k.retry;
       r.read("max_attempts", y.max_attempts);
+      r.read("max_interrupted_attempts", y.max_interrupted_attempts);
       r.read("backoff_multiplier", y.backoff_multiplier);
       r.read("memory_reduction_factor", y.memory_reduction_factor);
       r.read("backoff_base_seconds", y.backoff_base_seconds);
@@ -209,6 +210,7 @@ Config parse_document(const YAML::Node& root, std::unordered_map<std::string, in
   {
     MapReader e = top.child("executor");
     e.read("worker_threads", c.executor.worker_threads);
+    e.read("worker_linger_us", c.executor.worker_linger_us);
     e.finish();
   }
   {
@@ -222,9 +224,9 @@ Config parse_document(const YAML::Node& root, std::unordered_map<std::string, in
     if (list && !list.IsNull()) {
       const std::string path = join(d.path(), "declared");
       if (!list.IsSequence()) {
-        throw ConfigError(path, MapReader::line_of(list),
-                          MapReader::fmt_msg(path, std::string("must be a list, got ") +
-                                                       node_kind(list)));
+        throw ConfigError(
+            path, MapReader::line_of(list),
+            MapReader::fmt_msg(path, std::string("must be a list, got ") + node_kind(list)));
       }
       for (std::size_t i = 0; i < list.size(); ++i) {
         const std::string ipath = path + "[" + std::to_string(i) + "]";
@@ -247,9 +249,9 @@ Config parse_document(const YAML::Node& root, std::unordered_map<std::string, in
     if (devs && !devs.IsNull()) {
       const std::string path = join(p.path(), "devices");
       if (!devs.IsMap()) {
-        throw ConfigError(path, MapReader::line_of(devs),
-                          MapReader::fmt_msg(path, std::string("must be a mapping, got ") +
-                                                       node_kind(devs)));
+        throw ConfigError(
+            path, MapReader::line_of(devs),
+            MapReader::fmt_msg(path, std::string("must be a mapping, got ") + node_kind(devs)));
       }
       for (const auto& kv : devs) {
         const std::string id = kv.first.as<std::string>();
@@ -267,6 +269,7 @@ Config parse_document(const YAML::Node& root, std::unordered_map<std::string, in
     s.read_enum("synchronous", c.storage.synchronous, kSyncNames);
     s.read("busy_timeout_seconds", c.storage.busy_timeout_seconds);
     s.read("retention_days", c.storage.retention_days);
+    s.read("max_size_mb", c.storage.max_size_mb);
     s.finish();
   }
   {
@@ -275,6 +278,8 @@ Config parse_document(const YAML::Node& root, std::unordered_map<std::string, in
     o.read("languages", c.ocr.languages);
     o.read("page_segmentation_mode", c.ocr.page_segmentation_mode);
     o.read("max_pixels", c.ocr.max_pixels);
+    o.read("pdf_dpi", c.ocr.pdf_dpi);
+    o.read("orientation", c.ocr.orientation);
     MapReader pp = o.child("preprocess");
     pp.read("grayscale", c.ocr.preprocess.grayscale);
     pp.read("target_dpi", c.ocr.preprocess.target_dpi);
@@ -311,8 +316,8 @@ void validate_pool(const std::string& path, const PoolSettings& p) {
     invalid(path + ".min_instances", "must be >= 0, got " + std::to_string(p.min_instances));
   }
   if (p.max_instances < 0) {
-    invalid(path + ".max_instances", "must be >= 0 (0 = auto), got " +
-                                         std::to_string(p.max_instances));
+    invalid(path + ".max_instances",
+            "must be >= 0 (0 = auto), got " + std::to_string(p.max_instances));
   }
   if (p.max_instances > 0 && p.min_instances > p.max_instances) {
     invalid(path + ".min_instances", "must be <= max_instances (" +
@@ -338,7 +343,9 @@ bool valid_device_id(const std::string& id) {
 
 }  // namespace
 
-std::string_view to_string(QueueOrdering o) noexcept { return detail::enum_name(kOrderingNames, o); }
+std::string_view to_string(QueueOrdering o) noexcept {
+  return detail::enum_name(kOrderingNames, o);
+}
 std::optional<QueueOrdering> parse_queue_ordering(std::string_view s) noexcept {
   return detail::enum_parse(kOrderingNames, s);
 }
@@ -366,6 +373,10 @@ void Config::validate() const {
   check_positive("tasks.queue_timeout_seconds", t.queue_timeout_seconds);
   check_positive("tasks.cleanup_timeout_seconds", t.cleanup_timeout_seconds);
   const auto& r = t.retry;
+  if (r.max_interrupted_attempts < 1) {
+    invalid("tasks.retry.max_interrupted_attempts",
+            "must be >= 1, got " + std::to_string(r.max_interrupted_attempts));
+  }
   if (r.max_attempts < 1) {
     invalid("tasks.retry.max_attempts", "must be >= 1, got " + std::to_string(r.max_attempts));
   }
@@ -380,9 +391,9 @@ void Config::validate() const {
     invalid("tasks.retry.backoff_base_seconds", "must be >= 0, got " + num(r.backoff_base_seconds));
   }
   if (!(r.backoff_max_seconds >= r.backoff_base_seconds) || !std::isfinite(r.backoff_max_seconds)) {
-    invalid("tasks.retry.backoff_max_seconds",
-            "must be >= tasks.retry.backoff_base_seconds (" + num(r.backoff_base_seconds) +
-                "), got " + num(r.backoff_max_seconds));
+    invalid("tasks.retry.backoff_max_seconds", "must be >= tasks.retry.backoff_base_seconds (" +
+                                                   num(r.backoff_base_seconds) + "), got " +
+                                                   num(r.backoff_max_seconds));
   }
   if (!(r.backoff_jitter >= 0 && r.backoff_jitter < 1)) {
     invalid("tasks.retry.backoff_jitter", "must be in [0, 1), got " + num(r.backoff_jitter));
@@ -403,9 +414,12 @@ void Config::validate() const {
   }
 
   if (executor.worker_threads < 0 || executor.worker_threads > 1024) {
-    invalid("executor.worker_threads",
-            "must be in [0, 1024] (0 = number of CPUs), got " +
-                std::to_string(executor.worker_threads));
+    invalid("executor.worker_threads", "must be in [0, 1024] (0 = number of CPUs), got " +
+                                           std::to_string(executor.worker_threads));
+  }
+  if (executor.worker_linger_us < 0 || executor.worker_linger_us > 1'000'000) {
+    invalid("executor.worker_linger_us", "must be in [0, 1000000] (0 = no linger), got " +
+                                             std::to_string(executor.worker_linger_us));
   }
 
   if (devices.cpu_memory_mb < 0) {
@@ -446,17 +460,28 @@ void Config::validate() const {
 
   if (storage.path.empty()) invalid("storage.path", "must not be empty (use ':memory:')");
   check_positive("storage.busy_timeout_seconds", storage.busy_timeout_seconds);
+  if (storage.max_size_mb < 0)
+    invalid("storage.max_size_mb",
+            "must be >= 0 (0 = no limit), got " + std::to_string(storage.max_size_mb));
   if (!(storage.retention_days >= 0) || !std::isfinite(storage.retention_days)) {
-    invalid("storage.retention_days", "must be >= 0 (0 = keep), got " + num(storage.retention_days));
+    invalid("storage.retention_days",
+            "must be >= 0 (0 = keep), got " + num(storage.retention_days));
   }
 
-  if (ocr.languages.empty()) invalid("ocr.languages", "must name at least one language, e.g. 'eng'");
+  if (ocr.languages.empty())
+    invalid("ocr.languages", "must name at least one language, e.g. 'eng'");
   if (ocr.max_pixels <= 0) {
     invalid("ocr.max_pixels", "must be > 0, got " + std::to_string(ocr.max_pixels));
   }
   if (ocr.page_segmentation_mode < 0 || ocr.page_segmentation_mode > 13) {
     invalid("ocr.page_segmentation_mode",
             "must be in [0, 13], got " + std::to_string(ocr.page_segmentation_mode));
+  }
+  if (ocr.pdf_dpi < 72 || ocr.pdf_dpi > 1200) {
+    invalid("ocr.pdf_dpi", "must be in [72, 1200], got " + std::to_string(ocr.pdf_dpi));
+  }
+  if (ocr.orientation != "auto" && ocr.orientation != "off" && ocr.orientation != "always") {
+    invalid("ocr.orientation", "must be one of auto, off, always, got '" + ocr.orientation + "'");
   }
   if (ocr.preprocess.target_dpi < 0 || ocr.preprocess.target_dpi > 1200) {
     invalid("ocr.preprocess.target_dpi",
@@ -495,9 +520,9 @@ Config Config::from_yaml_string(std::string_view yaml, std::string_view source_n
     if (line > 0) where += ":" + std::to_string(line);
     throw ConfigError(e.key_path(), line, where + ": " + e.what());
   } catch (const YAML::Exception& e) {
-    throw ConfigError("", e.mark.line + 1,
-                      std::string(source_name) + ":" + std::to_string(e.mark.line + 1) + ": " +
-                          e.msg);
+    throw ConfigError(
+        "", e.mark.line + 1,
+        std::string(source_name) + ":" + std::to_string(e.mark.line + 1) + ": " + e.msg);
   }
 }
 
@@ -531,6 +556,8 @@ std::string Config::to_yaml() const {
   e << YAML::Key << "cleanup_timeout_seconds" << YAML::Value << tasks.cleanup_timeout_seconds;
   e << YAML::Key << "retry" << YAML::Value << YAML::BeginMap;
   e << YAML::Key << "max_attempts" << YAML::Value << tasks.retry.max_attempts;
+  e << YAML::Key << "max_interrupted_attempts" << YAML::Value
+    << tasks.retry.max_interrupted_attempts;
   e << YAML::Key << "backoff_multiplier" << YAML::Value << tasks.retry.backoff_multiplier;
   e << YAML::Key << "memory_reduction_factor" << YAML::Value << tasks.retry.memory_reduction_factor;
   e << YAML::Key << "backoff_base_seconds" << YAML::Value << tasks.retry.backoff_base_seconds;
@@ -549,6 +576,7 @@ std::string Config::to_yaml() const {
 
   e << YAML::Key << "executor" << YAML::Value << YAML::BeginMap;
   e << YAML::Key << "worker_threads" << YAML::Value << executor.worker_threads;
+  e << YAML::Key << "worker_linger_us" << YAML::Value << executor.worker_linger_us;
   e << YAML::EndMap;
 
   e << YAML::Key << "devices" << YAML::Value << YAML::BeginMap;
@@ -579,6 +607,7 @@ std::string Config::to_yaml() const {
   e << YAML::Key << "synchronous" << YAML::Value << std::string(to_string(storage.synchronous));
   e << YAML::Key << "busy_timeout_seconds" << YAML::Value << storage.busy_timeout_seconds;
   e << YAML::Key << "retention_days" << YAML::Value << storage.retention_days;
+  e << YAML::Key << "max_size_mb" << YAML::Value << storage.max_size_mb;
   e << YAML::EndMap;
 
   e << YAML::Key << "ocr" << YAML::Value << YAML::BeginMap;
@@ -586,6 +615,8 @@ std::string Config::to_yaml() const {
   e << YAML::Key << "languages" << YAML::Value << ocr.languages;
   e << YAML::Key << "page_segmentation_mode" << YAML::Value << ocr.page_segmentation_mode;
   e << YAML::Key << "max_pixels" << YAML::Value << ocr.max_pixels;
+  e << YAML::Key << "pdf_dpi" << YAML::Value << ocr.pdf_dpi;
+  e << YAML::Key << "orientation" << YAML::Value << ocr.orientation;
   e << YAML::Key << "preprocess" << YAML::Value << YAML::BeginMap;
   e << YAML::Key << "grayscale" << YAML::Value << ocr.preprocess.grayscale;
   e << YAML::Key << "target_dpi" << YAML::Value << ocr.preprocess.target_dpi;

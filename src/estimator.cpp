@@ -5,12 +5,18 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <map>
+#include <utility>
+
+#include "host_call.hpp"
+#include "sync.hpp"
+#include "taskmgr/error.hpp"
 
 namespace taskmgr {
 namespace {
 
-constexpr double kAlpha = 0.2;         // weight of a new sample in the running mean
-constexpr int kWarmupSamples = 3;      // before this many, use the largest ratio seen
+constexpr double kAlpha = 0.2;     // weight of a new sample in the running mean
+constexpr int kWarmupSamples = 3;  // before this many, use the largest ratio seen
 constexpr double kMinCorrection = 0.05;
 constexpr double kMaxCorrection = 20;
 
@@ -52,43 +58,80 @@ LinearMemoryModel::LinearMemoryModel(std::string name, Coefficients c)
 std::string LinearMemoryModel::name() const { return name_; }
 
 double LinearMemoryModel::estimate_mb(const RequestFeatures& f) const {
-  const double batch = static_cast<double>(std::max<std::int64_t>(
-      1, std::min(f.batch_size, std::max<std::int64_t>(1, f.pages))));
+  const double batch = static_cast<double>(
+      std::max<std::int64_t>(1, std::min(f.batch_size, std::max<std::int64_t>(1, f.pages))));
   const double per_item = c_.per_page_mb + c_.per_mpixel_mb * static_cast<double>(f.pixels) / 1e6 +
                           c_.per_input_mb * static_cast<double>(f.bytes) / (1024.0 * 1024.0) /
                               static_cast<double>(std::max<std::int64_t>(1, f.pages));
   return c_.base_mb + batch * per_item;
 }
 
-MemoryEstimator::MemoryEstimator() : default_model_(std::make_shared<LinearMemoryModel>()) {}
+struct MemoryEstimator::Impl {
+  struct Learned {
+    double mean = 0;
+    double var = 0;
+    int samples = 0;
+    double max_ratio = 0;
+  };
+
+  double correction_locked(const std::string& service, const std::string& device,
+                           int* samples) const REQUIRES(mu);
+  std::shared_ptr<const MemoryModel> model_locked(const std::string& service) const REQUIRES(mu);
+  // The service's model, taken under the lock; used outside it.
+  std::shared_ptr<const MemoryModel> model(const std::string& service) REQUIRES(!mu);
+
+  const std::shared_ptr<const MemoryModel> default_model = std::make_shared<LinearMemoryModel>();
+
+  detail::Mutex mu;
+  std::map<std::string, std::shared_ptr<const MemoryModel>> models GUARDED_BY(mu);
+  std::map<std::pair<std::string, std::string>, Learned> learned GUARDED_BY(mu);
+};
+
+MemoryEstimator::MemoryEstimator() : impl_(std::make_unique<Impl>()) {}
 MemoryEstimator::~MemoryEstimator() = default;
 
+// A model's destructor is host code: the one replaced goes after the lock.
 void MemoryEstimator::register_model(const std::string& service,
                                      std::shared_ptr<const MemoryModel> model) {
-  std::lock_guard<std::mutex> g(mu_);
-  if (model) {
-    models_[service] = std::move(model);
-  } else {
-    models_.erase(service);
+  Impl& im = *impl_;
+  std::shared_ptr<const MemoryModel> old;
+  {
+    detail::MutexLock g(im.mu);
+    if (model) {
+      std::shared_ptr<const MemoryModel>& slot = im.models[service];
+      old = std::move(slot);
+      slot = std::move(model);
+    } else if (auto it = im.models.find(service); it != im.models.end()) {
+      old = std::move(it->second);
+      im.models.erase(it);
+    }
+  }
+  if (old) {
+    TASKMGR_HOST_CALL("MemoryEstimator::register_model: ~MemoryModel");
+    old.reset();
   }
 }
 
-std::shared_ptr<const MemoryModel> MemoryEstimator::model_locked(const std::string& service) const {
-  auto it = models_.find(service);
-  return it == models_.end() ? default_model_ : it->second;
+std::shared_ptr<const MemoryModel> MemoryEstimator::Impl::model_locked(
+    const std::string& service) const {
+  auto it = models.find(service);
+  return it == models.end() ? default_model : it->second;
+}
+
+std::shared_ptr<const MemoryModel> MemoryEstimator::Impl::model(const std::string& service) {
+  detail::MutexLock g(mu);
+  return model_locked(service);
 }
 
 RequestFeatures MemoryEstimator::features(const TaskCreateRequest& request) const {
-  std::shared_ptr<const MemoryModel> model;
-  {
-    std::lock_guard<std::mutex> g(mu_);
-    model = model_locked(request.service);
-  }
-  return model->features(request);  // may read the input: outside the lock
+  const std::shared_ptr<const MemoryModel> model = impl_->model(request.service);
+  // May read the input: outside the lock.
+  TASKMGR_HOST_CALL("MemoryEstimator::features: MemoryModel::features");
+  return model->features(request);
 }
 
-double MemoryEstimator::correction_locked(const std::string& service, const std::string& device,
-                                          int* samples) const {
+double MemoryEstimator::Impl::correction_locked(const std::string& service,
+                                                const std::string& device, int* samples) const {
   auto one = [](const Learned& l) {
     if (l.samples == 0) return 1.0;
     if (l.samples < kWarmupSamples) return std::max(l.max_ratio, l.mean);
@@ -97,7 +140,7 @@ double MemoryEstimator::correction_locked(const std::string& service, const std:
   double c = 0;
   int n = 0;
   bool any = false;
-  for (const auto& [key, l] : learned_) {
+  for (const auto& [key, l] : learned) {
     if (key.first != service || (!device.empty() && key.second != device)) continue;
     const double v = one(l);
     if (!any || v > c) c = v;  // no device given: the most conservative
@@ -111,19 +154,32 @@ double MemoryEstimator::correction_locked(const std::string& service, const std:
 
 MemoryEstimate MemoryEstimator::estimate(const std::string& service, const RequestFeatures& f,
                                          const std::string& device) const {
+  Impl& im = *impl_;
   MemoryEstimate e;
   std::shared_ptr<const MemoryModel> model;
   {
-    std::lock_guard<std::mutex> g(mu_);
-    model = model_locked(service);
-    e.correction = correction_locked(service, device, &e.samples);
+    detail::MutexLock g(im.mu);
+    model = im.model_locked(service);
+    e.correction = im.correction_locked(service, device, &e.samples);
   }
+  TASKMGR_HOST_CALL("MemoryEstimator::estimate: MemoryModel::name, estimate_mb");
   e.model = model->name();
   e.service = service;
   e.device = device;
   e.features = f;
   e.model_mb = model->estimate_mb(f);
-  e.mb = std::max<std::int64_t>(1, static_cast<std::int64_t>(std::ceil(e.model_mb * e.correction)));
+  const double mb = std::ceil(e.model_mb * e.correction);
+  // A model's figure is a size: not a number, or below zero, is its bug and
+  // is named as such; a figure too large for any machine (infinity included)
+  // stays too large, so that no device takes the task (it used to wrap to 1).
+  if (std::isnan(mb) || mb < 0) {
+    throw Error(ErrorCode::kInvalidArgument, "the memory model '" + e.model + "' of service '" +
+                                                 service + "' estimated " +
+                                                 std::to_string(e.model_mb) + " MB: not a size");
+  }
+  constexpr double kMaxMb = 1e15;  // a zettabyte: no device holds it
+  e.mb = mb > kMaxMb ? static_cast<std::int64_t>(kMaxMb)
+                     : std::max<std::int64_t>(1, static_cast<std::int64_t>(mb));
   return e;
 }
 
@@ -134,16 +190,14 @@ MemoryEstimate MemoryEstimator::estimate(const TaskCreateRequest& request) const
 void MemoryEstimator::record_actual(const std::string& service, const std::string& device,
                                     const RequestFeatures& f, std::int64_t actual_mb) {
   if (actual_mb <= 0) return;
-  std::shared_ptr<const MemoryModel> model;
-  {
-    std::lock_guard<std::mutex> g(mu_);
-    model = model_locked(service);
-  }
+  Impl& im = *impl_;
+  const std::shared_ptr<const MemoryModel> model = im.model(service);
+  TASKMGR_HOST_CALL("MemoryEstimator::record_actual: MemoryModel::estimate_mb");
   const double predicted = model->estimate_mb(f);
-  if (!(predicted > 0)) return;
+  if (!(predicted > 0) || !std::isfinite(predicted)) return;
   const double ratio = static_cast<double>(actual_mb) / predicted;
-  std::lock_guard<std::mutex> g(mu_);
-  Learned& l = learned_[{service, device}];
+  detail::MutexLock g(im.mu);
+  Impl::Learned& l = im.learned[{service, device}];
   if (l.samples == 0) {
     l.mean = ratio;
     l.var = 0;

@@ -14,7 +14,7 @@ namespace taskmgr::detail {
 class Histogram {
  public:
   static constexpr int kBuckets = 256;
-  static constexpr double kMin = 1e-6;     // seconds
+  static constexpr double kMin = 1e-6;  // seconds
   static constexpr double kGrowth = 1.09;
 
   void record(double seconds) noexcept {

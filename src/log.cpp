@@ -3,6 +3,7 @@
 #include <cstdio>
 
 #include "enum_table.hpp"
+#include "forced_unwind.hpp"
 #include "host_call.hpp"
 
 namespace taskmgr {
@@ -22,7 +23,7 @@ namespace detail {
 
 Logger::Logger(LogLevel level, LogSink sink) : level_(level), sink_(std::move(sink)) {}
 
-void Logger::write(LogLevel level, std::string_view message) const noexcept {
+void Logger::write(LogLevel level, std::string_view message) const {
   if (level < level_ || level == LogLevel::kOff) return;
   try {
     if (sink_) {
@@ -33,7 +34,10 @@ void Logger::write(LogLevel level, std::string_view message) const noexcept {
                    static_cast<int>(message.size()), message.data());
     }
   } catch (...) {
-    // A sink must not throw; if it does, the message is lost, not the host.
+    // A forced unwind (the thread is ending: e.g. Python's finalization
+    // exits a thread in a callback) goes on; anything else a sink throws
+    // loses the message, not the host.
+    ::taskmgr::detail::rethrow_if_forced_unwind();
   }
 }
 

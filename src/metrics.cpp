@@ -59,13 +59,14 @@ std::string TaskMetrics::to_json() const {
   for (const auto& [k, v] : active_tasks) active[k] = v;
   for (const auto& [k, v] : queued_tasks) queued[k] = v;
   for (const auto& [k, m] : memory_by_device) {
-    memory[k] = {{"total_mb", m.total_mb},       {"reserved_mb", m.reserved_mb},
-                 {"observed_mb", m.observed_mb}, {"free_mb", m.total_mb - m.reserved_mb},
+    memory[k] = {{"total_mb", m.total_mb},         {"reserved_mb", m.reserved_mb},
+                 {"observed_mb", m.observed_mb},   {"free_mb", m.total_mb - m.reserved_mb},
                  {"peak_task_mb", m.peak_task_mb}, {"available", m.available}};
   }
   for (const auto& [k, p] : pool_utilization) {
-    pools[k] = {{"service", p.service}, {"device", p.device},           {"in_use", p.in_use},
-                {"size", p.size},       {"max", p.max},                 {"utilization", p.utilization},
+    pools[k] = {{"service", p.service}, {"device", p.device},
+                {"in_use", p.in_use},   {"size", p.size},
+                {"max", p.max},         {"utilization", p.utilization},
                 {"created", p.created}, {"destroyed", p.destroyed}};
   }
   for (const auto& [k, v] : failed_by_reason) failed[k] = v;
@@ -86,6 +87,7 @@ std::string TaskMetrics::to_json() const {
                    {"memory_warnings", memory_warnings},
                    {"queue_full_rejections", queue_full_rejections},
                    {"cleanup_failures", cleanup_failures},
+                   {"internal_errors", internal_errors},
                    {"events_published", events_published},
                    {"events_dropped", events_dropped},
                    {"callback_errors", callback_errors}};
@@ -94,7 +96,8 @@ std::string TaskMetrics::to_json() const {
                 {"failed_writes", store.failed_writes},
                 {"dropped_writes", store.dropped_writes},
                 {"backlog", store.backlog},
-                {"queued", store.queued}};
+                {"queued", store.queued},
+                {"last_error", store.last_error}};
   o["latency"] = {{"wait_time", latency_json(wait_time)},
                   {"processing_time", latency_json(processing_time)}};
   return boost::json::serialize(o);
@@ -112,7 +115,8 @@ std::string TaskMetrics::to_prometheus() const {
   }
   p.family("device_memory_total_mb", "gauge", "Memory tasks may be placed into, MB.");
   for (const auto& [d, m] : memory_by_device) {
-    p.sample("device_memory_total_mb", static_cast<double>(m.total_mb), "device=\"" + esc(d) + "\"");
+    p.sample("device_memory_total_mb", static_cast<double>(m.total_mb),
+             "device=\"" + esc(d) + "\"");
   }
   p.family("device_memory_reserved_mb", "gauge", "Sum of estimates of running tasks, MB.");
   for (const auto& [d, m] : memory_by_device) {
@@ -142,15 +146,22 @@ std::string TaskMetrics::to_prometheus() const {
   p.sample("average_wait_time_seconds", average_wait_time);
 
   const std::pair<const char*, std::uint64_t> counters[] = {
-      {"tasks_created_total", tasks_created},     {"tasks_started_total", tasks_started},
-      {"tasks_completed_total", tasks_completed}, {"tasks_cancelled_total", tasks_cancelled},
-      {"retries_total", retries},                 {"oom_errors_total", oom_errors},
-      {"cpu_fallbacks_total", cpu_fallbacks},     {"memory_warnings_total", memory_warnings},
+      {"tasks_created_total", tasks_created},
+      {"tasks_started_total", tasks_started},
+      {"tasks_completed_total", tasks_completed},
+      {"tasks_cancelled_total", tasks_cancelled},
+      {"retries_total", retries},
+      {"oom_errors_total", oom_errors},
+      {"cpu_fallbacks_total", cpu_fallbacks},
+      {"memory_warnings_total", memory_warnings},
       {"queue_full_rejections_total", queue_full_rejections},
       {"cleanup_failures_total", cleanup_failures},
+      {"internal_errors_total", internal_errors},
       {"events_published_total", events_published},
-      {"events_dropped_total", events_dropped},   {"callback_errors_total", callback_errors},
-      {"store_commits_total", store.commits},     {"store_writes_total", store.writes},
+      {"events_dropped_total", events_dropped},
+      {"callback_errors_total", callback_errors},
+      {"store_commits_total", store.commits},
+      {"store_writes_total", store.writes},
       {"store_failed_writes_total", store.failed_writes},
       {"store_dropped_writes_total", store.dropped_writes},
   };

@@ -7,7 +7,8 @@ namespace taskmgr {
 TaskContext::~TaskContext() = default;
 
 void TaskContext::throw_if_cancelled() const {
-  if (cancelled()) throw TaskError(TaskFailureReason::kCancelled, "task " + task_id() + " was cancelled");
+  if (cancelled())
+    throw TaskError(TaskFailureReason::kCancelled, "task " + task_id() + " was cancelled");
   if (deadline_exceeded()) {
     throw TaskError(TaskFailureReason::kTimeout, "task " + task_id() + " ran past its deadline");
   }

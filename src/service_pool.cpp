@@ -1,10 +1,56 @@
 #include "taskmgr/service_pool.hpp"
 
 #include <algorithm>
+#include <condition_variable>
+#include <exception>
+#include <thread>
+#include <vector>
 
+#include "forced_unwind.hpp"
+#include "host_call.hpp"
+#include "sync.hpp"
 #include "taskmgr/error.hpp"
 
 namespace taskmgr {
+
+struct ServicePool::Impl {
+  struct Instance {
+    std::string id;
+    std::unique_ptr<Service> service;
+  };
+  struct Sub {
+    PoolSettings settings;
+    std::vector<Instance> idle;
+    int in_use = 0;
+    std::uint64_t next_id = 1;
+    Stats stats;
+  };
+
+  Impl(std::shared_ptr<ServiceFactory> f, std::string k, PoolsConfig c, int cpu,
+       std::shared_ptr<const Clock> cl)
+      : factory(std::move(f)),
+        kind(std::move(k)),
+        config(std::move(c)),
+        auto_max_cpu(cpu),
+        clock(std::move(cl)) {}
+
+  PoolSettings settings(const std::string& device) const;
+  Sub& sub_locked(const std::string& device) REQUIRES(mu);
+  Lease lease_locked(ServicePool* pool, Sub& sub, const std::string& device) REQUIRES(mu);
+  std::unique_ptr<Service> create_instance(const std::string& device) REQUIRES(!mu);
+  void give_back(Lease& lease) noexcept REQUIRES(!mu);
+
+  // Fixed at construction.
+  const std::shared_ptr<ServiceFactory> factory;
+  const std::string kind;
+  const PoolsConfig config;
+  const int auto_max_cpu;
+  const std::shared_ptr<const Clock> clock;
+
+  detail::Mutex mu;
+  std::condition_variable freed;  // a slot was given back (waits on mu)
+  std::map<std::string, Sub> subs GUARDED_BY(mu);
+};
 
 ServicePool::Lease::Lease(Lease&& o) noexcept
     : pool_(o.pool_),
@@ -32,110 +78,135 @@ ServicePool::Lease::~Lease() { release(); }
 
 Service& ServicePool::Lease::service() {
   if (pool_ == nullptr) throw Error(ErrorCode::kInvalidState, "service(): the lease was released");
-  if (!instance_) instance_ = pool_->create_instance(device_);
+  if (!instance_) instance_ = pool_->impl_->create_instance(device_);
   return *instance_;
 }
 
 void ServicePool::Lease::release() noexcept {
   if (pool_ == nullptr) return;
-  pool_->give_back(*this);
+  pool_->impl_->give_back(*this);
   pool_ = nullptr;
 }
 
 ServicePool::ServicePool(std::shared_ptr<ServiceFactory> factory, PoolsConfig config,
-                         int auto_max_cpu, std::shared_ptr<const Clock> clock)
-    : factory_(std::move(factory)),
-      config_(std::move(config)),
-      auto_max_cpu_(std::max(1, auto_max_cpu)),
-      clock_(clock ? std::move(clock) : Clock::system()) {
-  if (!factory_) throw Error(ErrorCode::kInvalidArgument, "ServicePool needs a factory");
-  kind_ = factory_->kind();
+                         int auto_max_cpu, std::shared_ptr<const Clock> clock) {
+  if (!factory) throw Error(ErrorCode::kInvalidArgument, "ServicePool needs a factory");
+  TASKMGR_HOST_CALL("ServicePool::ServicePool: ServiceFactory::kind");
+  std::string kind = factory->kind();
+  impl_ =
+      std::make_unique<Impl>(std::move(factory), std::move(kind), std::move(config),
+                             std::max(1, auto_max_cpu), clock ? std::move(clock) : Clock::system());
 }
 
-ServicePool::~ServicePool() = default;
+ServicePool::~ServicePool() {
+  // Idle instances are destroyed with impl_, and an instance's destructor
+  // may be host code (a C host's destroy_instance).
+  TASKMGR_HOST_CALL("ServicePool::~ServicePool: destroying idle instances");
+  impl_.reset();
+}
 
-PoolSettings ServicePool::settings(const std::string& device) const {
-  PoolSettings s = config_.for_device(device);
-  if (s.max_instances == 0) s.max_instances = device == "cpu" ? auto_max_cpu_ : 1;
+const std::string& ServicePool::kind() const noexcept { return impl_->kind; }
+ServiceFactory& ServicePool::factory() noexcept { return *impl_->factory; }
+
+PoolSettings ServicePool::Impl::settings(const std::string& device) const {
+  PoolSettings s = config.for_device(device);
+  if (s.max_instances == 0) s.max_instances = device == "cpu" ? auto_max_cpu : 1;
   s.min_instances = std::min(s.min_instances, s.max_instances);
   return s;
 }
 
-ServicePool::Sub& ServicePool::sub_locked(const std::string& device) {
-  auto it = subs_.find(device);
-  if (it == subs_.end()) {
+PoolSettings ServicePool::settings(const std::string& device) const {
+  return impl_->settings(device);
+}
+
+ServicePool::Impl::Sub& ServicePool::Impl::sub_locked(const std::string& device) {
+  auto it = subs.find(device);
+  if (it == subs.end()) {
     Sub sub;
     sub.settings = settings(device);
     sub.stats.max = sub.settings.max_instances;
-    it = subs_.emplace(device, std::move(sub)).first;
+    it = subs.emplace(device, std::move(sub)).first;
   }
   return it->second;
 }
 
-ServicePool::Lease ServicePool::lease_locked(Sub& sub, const std::string& device) {
+// The lease belongs to the pool (pool_ set) only once nothing can throw: a
+// lease destroyed by an exception here would give its slot back under the
+// lock it already holds.
+ServicePool::Lease ServicePool::Impl::lease_locked(ServicePool* pool, Sub& sub,
+                                                   const std::string& device) {
   Lease lease;
-  lease.pool_ = this;
   lease.device_ = device;
   if (!sub.idle.empty()) {
     lease.instance_id_ = std::move(sub.idle.back().id);
     lease.instance_ = std::move(sub.idle.back().service);
     sub.idle.pop_back();
   } else {
-    lease.instance_id_ = kind_ + "@" + device + "#" + std::to_string(sub.next_id++);
+    lease.instance_id_ = kind + "@" + device + "#" + std::to_string(sub.next_id++);
   }
+  lease.pool_ = pool;
   ++sub.in_use;
   ++sub.stats.acquired;
   return lease;
 }
 
-std::unique_ptr<Service> ServicePool::create_instance(const std::string& device) {
-  auto svc = factory_->create(device);
+std::unique_ptr<Service> ServicePool::Impl::create_instance(const std::string& device) {
+  TASKMGR_HOST_CALL("ServicePool::Lease::service: ServiceFactory::create");
+  auto svc = factory->create(device);
   if (!svc) {
     throw Error(ErrorCode::kInternal,
-                "service factory '" + kind_ + "' returned no instance for " + device);
+                "service factory '" + kind + "' returned no instance for " + device);
   }
-  std::lock_guard<std::mutex> g(mu_);
+  detail::MutexLock g(mu);
   ++sub_locked(device).stats.created;
   return svc;
 }
 
 ServicePool::Lease ServicePool::acquire(const std::string& device,
                                         std::optional<Duration> timeout) {
-  std::unique_lock<std::mutex> lock(mu_);
-  Sub& sub = sub_locked(device);
+  Impl& im = *impl_;
+  detail::MutexLock lock(im.mu);
+  Impl::Sub& sub = im.sub_locked(device);
   const Duration wait = timeout.value_or(std::chrono::duration_cast<Duration>(
       std::chrono::duration<double>(sub.settings.acquire_timeout_seconds)));
-  const SteadyTime deadline = clock_->steady_now() + wait;
+  const SteadyTime deadline = im.clock->steady_now() + wait;
   while (sub.in_use >= sub.settings.max_instances) {
-    if (clock_->steady_now() >= deadline) {
+    if (im.clock->steady_now() >= deadline) {
       ++sub.stats.exhausted;
       throw Error(ErrorCode::kPoolExhausted,
-                  "pool '" + kind_ + "' on " + device + ": all " +
-                      std::to_string(sub.settings.max_instances) +
-                      " instance(s) busy for " +
+                  "pool '" + im.kind + "' on " + device + ": all " +
+                      std::to_string(sub.settings.max_instances) + " instance(s) busy for " +
                       std::to_string(std::chrono::duration<double>(wait).count()) + " s");
     }
-    clock_->wait_until(lock, freed_, deadline);
+    im.clock->wait_until(lock.native(), im.freed, deadline);
   }
-  return lease_locked(sub, device);
+  return im.lease_locked(this, sub, device);
 }
 
 std::optional<ServicePool::Lease> ServicePool::try_acquire(const std::string& device) {
-  std::lock_guard<std::mutex> g(mu_);
-  Sub& sub = sub_locked(device);
+  Impl& im = *impl_;
+  detail::MutexLock g(im.mu);
+  Impl::Sub& sub = im.sub_locked(device);
   if (sub.in_use >= sub.settings.max_instances) return std::nullopt;
-  return lease_locked(sub, device);
+  return im.lease_locked(this, sub, device);
 }
 
 void ServicePool::release(Lease&& lease) noexcept { lease.release(); }
 
-void ServicePool::give_back(Lease& lease) noexcept {
+// Service::healthy and the destructor of a discarded instance are host code:
+// both run without the pool's lock. The lease owns its instance until it is
+// put back, so asking it first needs no lock.
+void ServicePool::Impl::give_back(Lease& lease) noexcept {
+  bool keep = false;
+  if (lease.instance_ && !lease.discard_) {
+    TASKMGR_HOST_CALL("ServicePool::Lease::release: Service::healthy");
+    keep = lease.instance_->healthy();
+  }
   std::unique_ptr<Service> doomed;
   {
-    std::lock_guard<std::mutex> g(mu_);
+    detail::MutexLock g(mu);
     Sub& sub = sub_locked(lease.device_);
     --sub.in_use;
-    const bool keep = lease.instance_ && !lease.discard_ && lease.instance_->healthy();
     if (keep) {
       sub.idle.push_back(Instance{std::move(lease.instance_id_), std::move(lease.instance_)});
     } else if (lease.instance_) {
@@ -143,37 +214,77 @@ void ServicePool::give_back(Lease& lease) noexcept {
       ++sub.stats.destroyed;
     }
   }
-  freed_.notify_one();
-  doomed.reset();  // destroyed outside the lock: an engine may take a while
+  freed.notify_one();
+  if (doomed) {
+    TASKMGR_HOST_CALL("ServicePool::Lease::release: destroying an instance");
+    doomed.reset();  // an engine may take a while to go
+  }
 }
 
 void ServicePool::warm(const std::string& device) {
+  Impl& im = *impl_;
   int need = 0;
   {
-    std::lock_guard<std::mutex> g(mu_);
-    Sub& sub = sub_locked(device);
+    detail::MutexLock g(im.mu);
+    Impl::Sub& sub = im.sub_locked(device);
     need = sub.settings.min_instances - static_cast<int>(sub.idle.size()) - sub.in_use;
   }
-  std::vector<Lease> held;  // hold all until done, or the same idle one comes back
-  for (int i = 0; i < need; ++i) {
-    held.push_back(acquire(device));
-    held.back().service();
+  if (need <= 0) return;
+  // Side by side: an instance may take a while to make (an OCR engine loads
+  // its model), and a host with N workers waits for N of them. All are held
+  // until all are made (else the same idle one would come back).
+  std::vector<Lease> held(static_cast<std::size_t>(need));
+  std::vector<std::exception_ptr> failed(held.size());
+  std::vector<std::thread> makers;
+  makers.reserve(held.size());
+  for (std::size_t i = 0; i < held.size(); ++i) {
+    makers.emplace_back([&, i] {
+      try {
+        held[i] = acquire(device);
+        held[i].service();
+      } catch (...) {
+        ::taskmgr::detail::rethrow_if_forced_unwind();
+        failed[i] = std::current_exception();
+      }
+    });
+  }
+  for (auto& t : makers) t.join();
+  for (const auto& e : failed) {
+    if (e) std::rethrow_exception(e);
   }
 }
 
+void ServicePool::destroy_idle() {
+  Impl& im = *impl_;
+  std::vector<Impl::Instance> doomed;
+  {
+    detail::MutexLock g(im.mu);
+    for (auto& [id, sub] : im.subs) {
+      for (auto& inst : sub.idle) doomed.push_back(std::move(inst));
+      sub.stats.destroyed += sub.idle.size();
+      sub.idle.clear();
+    }
+  }
+  if (doomed.empty()) return;
+  TASKMGR_HOST_CALL("ServicePool::destroy_idle: destroying instances");
+  doomed.clear();
+}
+
 bool ServicePool::has_capacity(const std::string& device) const {
-  std::lock_guard<std::mutex> g(mu_);
-  auto it = subs_.find(device);
-  if (it == subs_.end()) return settings(device).max_instances > 0;
+  Impl& im = *impl_;
+  detail::MutexLock g(im.mu);
+  auto it = im.subs.find(device);
+  if (it == im.subs.end()) return im.settings(device).max_instances > 0;
   return it->second.in_use < it->second.settings.max_instances;
 }
 
 ServicePool::Stats ServicePool::stats(const std::string& device) const {
-  std::lock_guard<std::mutex> g(mu_);
-  auto it = subs_.find(device);
-  if (it == subs_.end()) {
+  Impl& im = *impl_;
+  detail::MutexLock g(im.mu);
+  auto it = im.subs.find(device);
+  if (it == im.subs.end()) {
     Stats s;
-    s.max = settings(device).max_instances;
+    s.max = im.settings(device).max_instances;
     return s;
   }
   Stats s = it->second.stats;
@@ -186,8 +297,9 @@ std::map<std::string, ServicePool::Stats> ServicePool::stats() const {
   std::map<std::string, Stats> out;
   std::vector<std::string> devices;
   {
-    std::lock_guard<std::mutex> g(mu_);
-    for (const auto& [d, sub] : subs_) devices.push_back(d);
+    Impl& im = *impl_;
+    detail::MutexLock g(im.mu);
+    for (const auto& [d, sub] : im.subs) devices.push_back(d);
   }
   for (const auto& d : devices) out[d] = stats(d);
   return out;

@@ -31,7 +31,8 @@ inline void cpu_relax() noexcept {
 // 18.3 -> 14.0 us of CPU per lifecycle, against a 1,024-pause spin alone.
 inline void lock_with_spin(std::mutex& m) {
   if (m.try_lock()) return;
-  for (int pauses = 1, spent = 0; spent < 512; spent += pauses, pauses = pauses < 64 ? 2 * pauses : 64) {
+  for (int pauses = 1, spent = 0; spent < 512;
+       spent += pauses, pauses = pauses < 64 ? 2 * pauses : 64) {
     for (int i = 0; i < pauses; ++i) cpu_relax();
     if (m.try_lock()) return;
   }

@@ -7,14 +7,16 @@
 #include <random>
 
 #include "enum_table.hpp"
+#include "json_check.hpp"
+#include "utf8.hpp"
 
 namespace taskmgr {
 namespace {
 
 constexpr std::pair<TaskStatus, std::string_view> kStatusNames[] = {
-    {TaskStatus::kPending, "pending"},     {TaskStatus::kQueued, "queued"},
-    {TaskStatus::kRunning, "running"},     {TaskStatus::kCompleted, "completed"},
-    {TaskStatus::kFailed, "failed"},       {TaskStatus::kCancelled, "cancelled"},
+    {TaskStatus::kPending, "pending"}, {TaskStatus::kQueued, "queued"},
+    {TaskStatus::kRunning, "running"}, {TaskStatus::kCompleted, "completed"},
+    {TaskStatus::kFailed, "failed"},   {TaskStatus::kCancelled, "cancelled"},
 };
 
 constexpr std::pair<TaskFailureReason, std::string_view> kReasonNames[] = {
@@ -160,25 +162,40 @@ std::optional<Timestamp> parse_timestamp(std::string_view text) {
   return Timestamp{} + std::chrono::seconds(secs) + std::chrono::milliseconds(ms);
 }
 
+namespace {
+
+// A stored JSON document as a value, or as a string when it is not strict
+// JSON (written by an older version, or by hand into the store): the output
+// parses with a strict parser whatever the store holds.
+boost::json::value document_or_string(const std::string& text) {
+  if (!detail::json_document_problem(text)) return boost::json::parse(text);
+  return boost::json::string(detail::to_valid_utf8(text));
+}
+
+// Text from the store or a host, as valid UTF-8.
+boost::json::string text(const std::string& s) {
+  return boost::json::string(detail::invalid_utf8_at(s) ? detail::to_valid_utf8(s) : s);
+}
+
+}  // namespace
+
 std::string to_json(const Task& t) {
   boost::json::object o;
-  o["id"] = t.id;
-  o["service"] = t.service;
+  o["id"] = text(t.id);
+  o["service"] = text(t.service);
   boost::json::object input;
   if (!t.input.path.empty()) {
-    input["path"] = t.input.path;
+    input["path"] = text(t.input.path);
   } else {
     input["path"] = nullptr;
   }
   input["bytes"] = t.input.data.size();
-  input["media_type"] = t.input.media_type;
+  input["media_type"] = text(t.input.media_type);
   o["input"] = std::move(input);
   if (t.options_json.empty()) {
     o["options"] = boost::json::object();
   } else {
-    boost::system::error_code ec;
-    auto v = boost::json::parse(t.options_json, ec);
-    o["options"] = ec ? boost::json::value(boost::json::string(t.options_json)) : v;
+    o["options"] = document_or_string(t.options_json);
   }
   o["priority"] = t.priority;
   o["status"] = to_string(t.status);
@@ -189,7 +206,7 @@ std::string to_json(const Task& t) {
   } else {
     o["failure_reason"] = to_string(t.failure_reason);
   }
-  o["failure_message"] = t.failure_message;
+  o["failure_message"] = text(t.failure_message);
   o["created_at"] = format_timestamp(t.created_at);
   o["queued_at"] = opt_ts(t.queued_at);
   o["started_at"] = opt_ts(t.started_at);
@@ -197,9 +214,7 @@ std::string to_json(const Task& t) {
   if (t.result.empty()) {
     o["result"] = nullptr;
   } else {
-    boost::system::error_code ec;
-    auto v = boost::json::parse(t.result, ec);
-    o["result"] = ec ? boost::json::value(boost::json::string(t.result)) : v;
+    o["result"] = document_or_string(t.result);
   }
   o["estimated_memory_mb"] = opt(t.estimated_memory_mb);
   o["actual_memory_mb"] = opt(t.actual_memory_mb);
@@ -215,10 +230,10 @@ std::string generate_task_id() {
   // variant, 62 random bits. Ids from one process sort in creation order,
   // which keeps B-tree inserts at the end of the index.
   static std::atomic<std::uint64_t> last{0};  // (ms << 12) | counter
-  const auto now_ms = static_cast<std::uint64_t>(
-      std::chrono::duration_cast<std::chrono::milliseconds>(
-          std::chrono::system_clock::now().time_since_epoch())
-          .count());
+  const auto now_ms =
+      static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                     std::chrono::system_clock::now().time_since_epoch())
+                                     .count());
   std::uint64_t prev = last.load(std::memory_order_relaxed);
   std::uint64_t next;
   do {

@@ -1,10 +1,64 @@
 #include "taskmgr/task_queue.hpp"
 
+#include <limits>
+
+#include <set>
+#include <string_view>
+#include <unordered_map>
+
+#include "sync.hpp"
 #include "taskmgr/error.hpp"
 
 namespace taskmgr {
 
-bool TaskQueue::Order::operator()(const Entry& a, const Entry& b) const {
+struct TaskQueue::Impl {
+  struct Entry {
+    QueuedTask task;
+    // Written by choose_locked through a const set element: mu guards it.
+    mutable std::optional<SteadyTime> passed_over_since;
+  };
+  struct Order {
+    const Options* options;
+    bool operator()(const Entry& a, const Entry& b) const;
+  };
+  using DeviceQueue = std::set<Entry, Order>;
+  struct Location {
+    DeviceQueue* queue;
+    DeviceQueue::iterator it;
+  };
+  using SeqMap = std::map<std::uint64_t, Location>;
+  using Index = std::unordered_map<std::string_view, std::uint64_t>;
+
+  Impl(Options o, const DeviceRegistry& d, std::shared_ptr<const Clock> c)
+      : options(o), devices(d), clock(c ? std::move(c) : Clock::system()) {}
+
+  void insert_locked(QueuedTask task) REQUIRES(mu);
+  void erase_locked(std::string_view task_id) REQUIRES(mu);
+  std::optional<DeviceQueue::iterator> choose_locked(const std::string& device,
+                                                     const Eligible& eligible) REQUIRES(mu);
+
+  // Fixed at construction.
+  const Options options;
+  const DeviceRegistry& devices;  // its own lock is taken under mu (free_memory)
+  const std::shared_ptr<const Clock> clock;
+
+  detail::Mutex mu;
+  // Set nodes never move: the index views each entry's own task_id, and a
+  // device's queue stays in queues once created (empty or not).
+  std::map<std::string, DeviceQueue> queues GUARDED_BY(mu);
+  Index index GUARDED_BY(mu);  // task id -> sequence
+  // Arrival order, which is also enqueued_at order (a monotonic clock): the
+  // oldest is first (queue timeout).
+  SeqMap by_seq GUARDED_BY(mu);
+  // Nodes of removed entries, reused by the next inserts (insert_locked).
+  static constexpr std::size_t kNodeCache = 1024;
+  std::vector<DeviceQueue::node_type> free_entries GUARDED_BY(mu);
+  std::vector<SeqMap::node_type> free_seq GUARDED_BY(mu);
+  std::vector<Index::node_type> free_index GUARDED_BY(mu);
+  std::uint64_t next_sequence GUARDED_BY(mu) = 1;
+};
+
+bool TaskQueue::Impl::Order::operator()(const Entry& a, const Entry& b) const {
   const QueuedTask& x = a.task;
   const QueuedTask& y = b.task;
   if (options->enable_priority_queue) {
@@ -19,9 +73,7 @@ bool TaskQueue::Order::operator()(const Entry& a, const Entry& b) const {
 
 TaskQueue::TaskQueue(Options options, const DeviceRegistry& devices,
                      std::shared_ptr<const Clock> clock)
-    : options_(options), devices_(devices), clock_(std::move(clock)) {
-  if (!clock_) clock_ = Clock::system();
-}
+    : impl_(std::make_unique<Impl>(options, devices, std::move(clock))) {}
 
 TaskQueue::~TaskQueue() = default;
 
@@ -30,16 +82,16 @@ TaskQueue::~TaskQueue() = default;
 // by another then allocates and frees nothing in the steady state (no
 // allocator lock shared by the two threads), and the entry's strings keep
 // their capacity.
-void TaskQueue::insert_locked(QueuedTask task) {
-  task.sequence = next_sequence_++;
-  task.enqueued_at = clock_->steady_now();
-  auto qit = queues_.find(task.device);
-  if (qit == queues_.end()) qit = queues_.emplace(task.device, DeviceQueue(Order{&options_})).first;
+void TaskQueue::Impl::insert_locked(QueuedTask task) {
+  task.sequence = next_sequence++;
+  task.enqueued_at = clock->steady_now();
+  auto qit = queues.find(task.device);
+  if (qit == queues.end()) qit = queues.emplace(task.device, DeviceQueue(Order{&options})).first;
   DeviceQueue& q = qit->second;
   DeviceQueue::iterator it;
-  if (!free_entries_.empty()) {
-    DeviceQueue::node_type node = std::move(free_entries_.back());
-    free_entries_.pop_back();
+  if (!free_entries.empty()) {
+    DeviceQueue::node_type node = std::move(free_entries.back());
+    free_entries.pop_back();
     QueuedTask& t = node.value().task;
     t.task_id.assign(task.task_id);  // into the node's capacity
     t.device.assign(task.device);
@@ -53,38 +105,38 @@ void TaskQueue::insert_locked(QueuedTask task) {
   } else {
     it = q.insert(Entry{std::move(task), std::nullopt}).first;
   }
-  if (!free_seq_.empty()) {
-    auto node = std::move(free_seq_.back());
-    free_seq_.pop_back();
+  if (!free_seq.empty()) {
+    auto node = std::move(free_seq.back());
+    free_seq.pop_back();
     node.key() = it->task.sequence;
     node.mapped() = Location{&q, it};
-    by_seq_.insert(by_seq_.end(), std::move(node));
+    by_seq.insert(by_seq.end(), std::move(node));
   } else {
-    by_seq_.emplace_hint(by_seq_.end(), it->task.sequence, Location{&q, it});
+    by_seq.emplace_hint(by_seq.end(), it->task.sequence, Location{&q, it});
   }
-  if (!free_index_.empty()) {
-    auto node = std::move(free_index_.back());
-    free_index_.pop_back();
+  if (!free_index.empty()) {
+    auto node = std::move(free_index.back());
+    free_index.pop_back();
     node.key() = std::string_view(it->task.task_id);
     node.mapped() = it->task.sequence;
-    index_.insert(std::move(node));
+    index.insert(std::move(node));
   } else {
-    index_.emplace(std::string_view(it->task.task_id), it->task.sequence);
+    index.emplace(std::string_view(it->task.task_id), it->task.sequence);
   }
 }
 
-void TaskQueue::erase_locked(std::string_view task_id) {
-  auto ix = index_.find(task_id);
-  if (ix == index_.end()) return;
-  auto bs = by_seq_.find(ix->second);
+void TaskQueue::Impl::erase_locked(std::string_view task_id) {
+  auto ix = index.find(task_id);
+  if (ix == index.end()) return;
+  auto bs = by_seq.find(ix->second);
   const Location loc = bs->second;
-  auto index_node = index_.extract(ix);  // its key views the entry (never read again)
-  auto seq_node = by_seq_.extract(bs);
+  auto index_node = index.extract(ix);  // its key views the entry (never read again)
+  auto seq_node = by_seq.extract(bs);
   auto entry_node = loc.queue->extract(loc.it);
-  if (free_entries_.size() < kNodeCache) {
-    free_index_.push_back(std::move(index_node));
-    free_seq_.push_back(std::move(seq_node));
-    free_entries_.push_back(std::move(entry_node));
+  if (free_entries.size() < kNodeCache) {
+    free_index.push_back(std::move(index_node));
+    free_seq.push_back(std::move(seq_node));
+    free_entries.push_back(std::move(entry_node));
   }
 }
 
@@ -92,19 +144,19 @@ void TaskQueue::add_task(QueuedTask task, int priority, bool enforce_limit) {
   if (task.task_id.empty() || task.device.empty()) {
     throw Error(ErrorCode::kInvalidArgument, "add_task: a queued task needs an id and a device");
   }
-  std::lock_guard<std::mutex> g(mu_);
-  if (index_.count(task.task_id)) {
+  Impl& im = *impl_;
+  detail::MutexLock g(im.mu);
+  if (im.index.count(task.task_id)) {
     throw Error(ErrorCode::kInvalidState, "task " + task.task_id + " is already queued");
   }
-  if (enforce_limit && index_.size() >= options_.max_queue_size) {
-    throw Error(ErrorCode::kQueueFull,
-                "queue full: " + std::to_string(index_.size()) +
-                    " tasks queued (tasks.max_queue_size = " +
-                    std::to_string(options_.max_queue_size) + "); task " + task.task_id +
-                    " was not queued");
+  if (enforce_limit && im.index.size() >= im.options.max_queue_size) {
+    throw Error(ErrorCode::kQueueFull, "queue full: " + std::to_string(im.index.size()) +
+                                           " tasks queued (tasks.max_queue_size = " +
+                                           std::to_string(im.options.max_queue_size) + "); task " +
+                                           task.task_id + " was not queued");
   }
   task.priority = priority;
-  insert_locked(std::move(task));
+  im.insert_locked(std::move(task));
 }
 
 void TaskQueue::add_task(const Task& task, int priority) {
@@ -116,21 +168,22 @@ void TaskQueue::add_task(const Task& task, int priority) {
   add_task(std::move(q), priority);
 }
 
-std::optional<TaskQueue::DeviceQueue::iterator> TaskQueue::choose_locked(
+// `eligible` is the manager's own filter (pool capacity), not host code.
+std::optional<TaskQueue::Impl::DeviceQueue::iterator> TaskQueue::Impl::choose_locked(
     const std::string& device, const Eligible& eligible) {
-  auto qit = queues_.find(device);
-  if (qit == queues_.end()) return std::nullopt;
+  auto qit = queues.find(device);
+  if (qit == queues.end()) return std::nullopt;
   std::int64_t free_mb = 0;
-  if (options_.check_memory) {
-    const auto free = devices_.free_memory(device);
+  if (options.check_memory) {
+    const auto free = devices.free_memory(device);
     if (!free) return std::nullopt;  // unknown or unavailable
     free_mb = *free;
   }
-  const SteadyTime now = clock_->steady_now();
+  const SteadyTime now = clock->steady_now();
   for (auto it = qit->second.begin(); it != qit->second.end(); ++it) {
-    if (options_.check_memory && it->task.estimated_memory_mb > free_mb) {
+    if (options.check_memory && it->task.estimated_memory_mb > free_mb) {
       if (!it->passed_over_since) it->passed_over_since = now;
-      if (now - *it->passed_over_since >= options_.starvation_after) {
+      if (now - *it->passed_over_since >= options.starvation_after) {
         return std::nullopt;  // starved: it goes next, nothing passes it any more
       }
       continue;
@@ -143,79 +196,90 @@ std::optional<TaskQueue::DeviceQueue::iterator> TaskQueue::choose_locked(
 
 std::optional<QueuedTask> TaskQueue::get_next_task(const std::string& device,
                                                    const Eligible& eligible) {
-  std::lock_guard<std::mutex> g(mu_);
-  auto it = choose_locked(device, eligible);
+  Impl& im = *impl_;
+  detail::MutexLock g(im.mu);
+  auto it = im.choose_locked(device, eligible);
   if (!it) return std::nullopt;
   QueuedTask out = (*it)->task;
-  erase_locked(out.task_id);
+  im.erase_locked(out.task_id);
   return out;
 }
 
 std::optional<QueuedTask> TaskQueue::peek_next_task(const std::string& device,
                                                     const Eligible& eligible) {
-  std::lock_guard<std::mutex> g(mu_);
-  auto it = choose_locked(device, eligible);
+  Impl& im = *impl_;
+  detail::MutexLock g(im.mu);
+  auto it = im.choose_locked(device, eligible);
   if (!it) return std::nullopt;
   return (*it)->task;
 }
 
 void TaskQueue::requeue_task(QueuedTask task) {
   if (task.task_id.empty() || task.device.empty()) {
-    throw Error(ErrorCode::kInvalidArgument, "requeue_task: a queued task needs an id and a device");
+    throw Error(ErrorCode::kInvalidArgument,
+                "requeue_task: a queued task needs an id and a device");
   }
-  std::lock_guard<std::mutex> g(mu_);
-  erase_locked(task.task_id);
-  task.priority -= 1;
-  insert_locked(std::move(task));
+  Impl& im = *impl_;
+  detail::MutexLock g(im.mu);
+  im.erase_locked(task.task_id);
+  if (task.priority > std::numeric_limits<int>::min()) task.priority -= 1;  // saturates
+  im.insert_locked(std::move(task));
 }
 
 bool TaskQueue::remove(const std::string& task_id) {
-  std::lock_guard<std::mutex> g(mu_);
-  if (!index_.count(task_id)) return false;
-  erase_locked(task_id);
+  Impl& im = *impl_;
+  detail::MutexLock g(im.mu);
+  if (!im.index.count(task_id)) return false;
+  im.erase_locked(task_id);
   return true;
 }
 
 std::vector<QueuedTask> TaskQueue::take_expired(SteadyTime cutoff) {
-  std::lock_guard<std::mutex> g(mu_);
+  Impl& im = *impl_;
+  detail::MutexLock g(im.mu);
   std::vector<QueuedTask> out;
-  while (!by_seq_.empty() && by_seq_.begin()->second.it->task.enqueued_at <= cutoff) {
-    out.push_back(by_seq_.begin()->second.it->task);
-    erase_locked(out.back().task_id);
+  while (!im.by_seq.empty() && im.by_seq.begin()->second.it->task.enqueued_at <= cutoff) {
+    out.push_back(im.by_seq.begin()->second.it->task);
+    im.erase_locked(out.back().task_id);
   }
   return out;
 }
 
 bool TaskQueue::contains(const std::string& task_id) const {
-  std::lock_guard<std::mutex> g(mu_);
-  return index_.count(task_id) != 0;
+  Impl& im = *impl_;
+  detail::MutexLock g(im.mu);
+  return im.index.count(task_id) != 0;
 }
 
 std::size_t TaskQueue::size() const {
-  std::lock_guard<std::mutex> g(mu_);
-  return index_.size();
+  Impl& im = *impl_;
+  detail::MutexLock g(im.mu);
+  return im.index.size();
 }
 
 std::size_t TaskQueue::size(const std::string& device) const {
-  std::lock_guard<std::mutex> g(mu_);
-  auto it = queues_.find(device);
-  return it == queues_.end() ? 0 : it->second.size();
+  Impl& im = *impl_;
+  detail::MutexLock g(im.mu);
+  auto it = im.queues.find(device);
+  return it == im.queues.end() ? 0 : it->second.size();
 }
 
 std::map<std::string, std::size_t> TaskQueue::sizes() const {
-  std::lock_guard<std::mutex> g(mu_);
+  Impl& im = *impl_;
+  detail::MutexLock g(im.mu);
   std::map<std::string, std::size_t> out;
-  for (const auto& [d, q] : queues_) {
+  for (const auto& [d, q] : im.queues) {
     if (!q.empty()) out[d] = q.size();
   }
   return out;
 }
 
 std::vector<QueuedTask> TaskQueue::snapshot(const std::string& device) const {
-  std::lock_guard<std::mutex> g(mu_);
+  Impl& im = *impl_;
+  detail::MutexLock g(im.mu);
   std::vector<QueuedTask> out;
-  auto it = queues_.find(device);
-  if (it == queues_.end()) return out;
+  auto it = im.queues.find(device);
+  if (it == im.queues.end()) return out;
   for (const auto& e : it->second) out.push_back(e.task);
   return out;
 }

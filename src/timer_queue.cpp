@@ -1,5 +1,6 @@
 #include "timer_queue.hpp"
 
+#include "forced_unwind.hpp"
 #include "host_call.hpp"
 
 namespace taskmgr::detail {
@@ -12,7 +13,7 @@ TimerQueue::~TimerQueue() { stop(); }
 
 void TimerQueue::stop() {
   {
-    std::lock_guard<std::mutex> g(mu_);
+    MutexLock g(mu_);
     stop_ = true;
   }
   cv_.notify_all();
@@ -23,7 +24,7 @@ TimerQueue::TimerId TimerQueue::schedule(SteadyTime deadline, std::function<void
   TimerId id;
   bool first;
   {
-    std::lock_guard<std::mutex> g(mu_);
+    MutexLock g(mu_);
     id = next_id_++;
     timers_.emplace(id, std::make_pair(deadline, std::move(fn)));
     order_.emplace(deadline, id);
@@ -38,36 +39,46 @@ TimerQueue::TimerId TimerQueue::schedule_after(Duration delay, std::function<voi
 }
 
 bool TimerQueue::cancel(TimerId id) {
-  std::lock_guard<std::mutex> g(mu_);
+  std::function<void()> fn;  // declared first: destroyed after the lock is released
+  MutexLock g(mu_);
   auto it = timers_.find(id);
   if (it == timers_.end()) return false;
   order_.erase({it->second.first, id});
+  fn = std::move(it->second.second);
   timers_.erase(it);
   return true;
 }
 
 std::size_t TimerQueue::pending() const {
-  std::lock_guard<std::mutex> g(mu_);
+  MutexLock g(mu_);
   return timers_.size();
 }
 
 void TimerQueue::run() {
   HostCallScope host;  // timer callbacks may log to the host
-  std::unique_lock<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   while (!stop_) {
     if (order_.empty()) {
-      cv_.wait(lock);
+      cv_.wait(lock.native());
       continue;
     }
     const auto [deadline, id] = *order_.begin();
     if (clock_->steady_now() < deadline) {
-      clock_->wait_until(lock, cv_, deadline);
+      clock_->wait_until(lock.native(), cv_, deadline);
       continue;
     }
     order_.erase(order_.begin());
-    auto node = timers_.extract(id);
+    std::function<void()> fn;
+    if (auto node = timers_.extract(id); !node.empty()) fn = std::move(node.mapped().second);
     lock.unlock();
-    if (!node.empty()) node.mapped().second();
+    try {
+      if (fn) fn();
+    } catch (...) {
+      ::taskmgr::detail::rethrow_if_forced_unwind();
+      // A timer's failure is its own: the thread goes on to the next one.
+      callback_errors_.fetch_add(1);
+    }
+    fn = nullptr;  // its captures go before the lock is taken again
     lock.lock();
   }
 }

@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <optional>
+#include <string>
 #include <string_view>
 
 namespace taskmgr::detail {
@@ -44,6 +45,24 @@ inline std::optional<std::size_t> invalid_utf8_at(std::string_view s) noexcept {
     i += len;
   }
   return std::nullopt;
+}
+
+// `s` with every byte that is not part of a well-formed sequence replaced
+// by U+FFFD: for text the library cannot refuse (an exception's message
+// from host code) but must hand on as valid UTF-8.
+inline std::string to_valid_utf8(std::string_view s) {
+  std::optional<std::size_t> at = invalid_utf8_at(s);
+  if (!at) return std::string(s);
+  std::string out;
+  out.reserve(s.size() + 8);
+  while (at) {
+    out.append(s.data(), *at);
+    out.append("\xEF\xBF\xBD");  // U+FFFD
+    s.remove_prefix(*at + 1);
+    at = invalid_utf8_at(s);
+  }
+  out.append(s.data(), s.size());
+  return out;
 }
 
 }  // namespace taskmgr::detail

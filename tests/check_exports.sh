@@ -37,10 +37,18 @@ while IFS= read -r s; do
   esac
 done <<< "$cxx"
 
+# A library loaded with dlopen (Python's ctypes) must not need the static TLS
+# surplus: an initial-exec thread_local sets DF_STATIC_TLS and dlopen may then
+# fail with "cannot allocate memory in static TLS block".
+if readelf -d "$lib" | grep -q 'STATIC_TLS'; then
+  echo "libtaskmgr is marked STATIC_TLS (an initial-exec thread_local?): dlopen may fail"
+  bad=1
+fi
+
 n_c=$(printf '%s\n' "$c_syms" | grep -c . || true)
 n_cxx=$(printf '%s\n' "$cxx" | grep -c . || true)
 if [ "$bad" -ne 0 ]; then
-  echo "FAILED: libtaskmgr exports symbols outside its API"
+  echo "FAILED: libtaskmgr exports symbols outside its API (or needs static TLS)"
   exit 1
 fi
 if [ "$n_c" -lt 1 ] || [ "$n_cxx" -lt 1 ]; then

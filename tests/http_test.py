@@ -174,7 +174,9 @@ class HttpServerTest(unittest.TestCase):
             ("POST", "/tasks", {"priority": "high"}, None, 400, "invalid_argument"),
             ("POST", "/tasks", {"options": "x"}, None, 400, "invalid_argument"),
             ("POST", "/tasks", {"service": "nope"}, None, 404, "not_found"),
-            ("POST", "/tasks", {"device": "cuda:3"}, None, 404, "not_found"),
+            ("POST", "/tasks", {"device": "cuda:3", "input": {"path": "/x.png"}}, None, 404,
+             "not_found"),
+            ("POST", "/tasks", {"device": "cpu"}, None, 400, "invalid_argument"),  # no input
             ("POST", "/tasks", {"input": {"data_base64": "***"}}, None, 400, "invalid_argument"),
             ("POST", "/tasks", {"batch_size": 0}, None, 400, "invalid_argument"),
             ("GET", "/tasks/01890000-0000-7000-8000-000000000000", None, None, 404, "not_found"),

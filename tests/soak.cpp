@@ -26,16 +26,16 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <filesystem>
 #include <fstream>
 #include <functional>
-#include <deque>
 #include <map>
-#include <unordered_set>
 #include <mutex>
 #include <random>
 #include <string>
 #include <thread>
+#include <unordered_set>
 #include <vector>
 
 namespace fs = std::filesystem;
@@ -119,10 +119,14 @@ int main(int argc, char** argv) {
   std::string page;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
-    if (a == "--seconds") seconds = std::stod(argv[i + 1]);
-    else if (a == "--sample-seconds") sample_s = std::stod(argv[i + 1]);
-    else if (a == "--dir") dir = argv[i + 1];
-    else if (a == "--page") page = argv[i + 1];
+    if (a == "--seconds")
+      seconds = std::stod(argv[i + 1]);
+    else if (a == "--sample-seconds")
+      sample_s = std::stod(argv[i + 1]);
+    else if (a == "--dir")
+      dir = argv[i + 1];
+    else if (a == "--page")
+      page = argv[i + 1];
     else {
       std::fprintf(stderr, "unknown option %s\n", a.c_str());
       return 2;
@@ -131,10 +135,11 @@ int main(int argc, char** argv) {
   fs::remove_all(dir);
   fs::create_directories(dir / "temp");
   if (page.empty()) {
-    std::ofstream(dir / "page.txt") << "Soak test page. The quick brown fox jumps over the lazy dog.\n"
-                                       "Pack my box with five dozen liquor jugs: 1234567890.\n";
-    const std::string cmd = "text2image --text='" + (dir / "page.txt").string() + "' --outputbase='" +
-                            (dir / "page").string() +
+    std::ofstream(dir / "page.txt")
+        << "Soak test page. The quick brown fox jumps over the lazy dog.\n"
+           "Pack my box with five dozen liquor jugs: 1234567890.\n";
+    const std::string cmd = "text2image --text='" + (dir / "page.txt").string() +
+                            "' --outputbase='" + (dir / "page").string() +
                             "' --font='DejaVu Sans' --fonts_dir=/usr/share/fonts/truetype/dejavu"
                             " --resolution=150 --ptsize=12 --margin=30 --xsize=1000 --ysize=300"
                             " > /dev/null 2>&1";
@@ -188,7 +193,8 @@ int main(int argc, char** argv) {
       ledger.on_terminal(e.task_id);
     } else if (e.event == taskmgr::TaskEvent::kStarted) {
       const auto at = e.details_json.find("\"wait_s\":");
-      if (at != std::string::npos) ledger.waits.push_back(std::atof(e.details_json.c_str() + at + 9));
+      if (at != std::string::npos)
+        ledger.waits.push_back(std::atof(e.details_json.c_str() + at + 9));
     }
   });
 
@@ -253,7 +259,8 @@ int main(int argc, char** argv) {
                   static_cast<long long>(s.db_kb), static_cast<long long>(s.wal_kb), s.wait_mean_s,
                   s.wait_max_s, static_cast<unsigned long long>(s.tasks));
       std::fflush(stdout);
-      next_sample += std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(sample_s));
+      next_sample +=
+          std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(sample_s));
     }
     if (t >= seconds) break;
     const int roll = static_cast<int>(rng() % 1000);
@@ -292,23 +299,25 @@ int main(int argc, char** argv) {
     }
   }
   const taskmgr::TaskMetrics m = tm.get_task_metrics();
-  std::printf("\n%zu tasks in %.0f s (%llu OCR, %llu OOM+fallback, %llu refused by a full queue, "
-              "%llu cancelled by the host, %llu bursts); %llu events; completed %llu, failed %llu, "
-              "cancelled %llu; retries %llu, cpu fallbacks %llu\n",
-              static_cast<std::size_t>(created), seconds, static_cast<unsigned long long>(ocr),
-              static_cast<unsigned long long>(flaky), static_cast<unsigned long long>(refused_full),
-              static_cast<unsigned long long>(cancelled_by_host), static_cast<unsigned long long>(bursts),
-              static_cast<unsigned long long>(ledger.events),
-              static_cast<unsigned long long>(m.tasks_completed),
-              static_cast<unsigned long long>(m.tasks_failed),
-              static_cast<unsigned long long>(m.tasks_cancelled),
-              static_cast<unsigned long long>(m.retries),
-              static_cast<unsigned long long>(m.cpu_fallbacks));
+  std::printf(
+      "\n%zu tasks in %.0f s (%llu OCR, %llu OOM+fallback, %llu refused by a full queue, "
+      "%llu cancelled by the host, %llu bursts); %llu events; completed %llu, failed %llu, "
+      "cancelled %llu; retries %llu, cpu fallbacks %llu\n",
+      static_cast<std::size_t>(created), seconds, static_cast<unsigned long long>(ocr),
+      static_cast<unsigned long long>(flaky), static_cast<unsigned long long>(refused_full),
+      static_cast<unsigned long long>(cancelled_by_host), static_cast<unsigned long long>(bursts),
+      static_cast<unsigned long long>(ledger.events),
+      static_cast<unsigned long long>(m.tasks_completed),
+      static_cast<unsigned long long>(m.tasks_failed),
+      static_cast<unsigned long long>(m.tasks_cancelled),
+      static_cast<unsigned long long>(m.retries), static_cast<unsigned long long>(m.cpu_fallbacks));
 
   bool ok = idle && lost == 0 && twice == 0 && m.cleanup_failures == 0 && m.events_dropped == 0;
   if (!idle) std::printf("FAIL: the manager did not become idle\n");
   if (lost || twice) std::printf("FAIL: %d task(s) lost, %d ended more than once\n", lost, twice);
-  if (m.cleanup_failures) std::printf("FAIL: %llu cleanup failures\n", static_cast<unsigned long long>(m.cleanup_failures));
+  if (m.cleanup_failures)
+    std::printf("FAIL: %llu cleanup failures\n",
+                static_cast<unsigned long long>(m.cleanup_failures));
 
   // Flat after warm-up: the last third's peak against the middle third's.
   const std::size_t n = samples.size();
@@ -335,8 +344,8 @@ int main(int argc, char** argv) {
     for (const auto& ch : checks) {
       const double mid = peak(a, b, ch.get), last = peak(b, n, ch.get);
       const bool flat = last <= mid * 1.10 + ch.tolerance;
-      std::printf("%-12s middle third peak %10.3f, last third peak %10.3f: %s\n", ch.name, mid, last,
-                  flat ? "flat" : "GROWING");
+      std::printf("%-12s middle third peak %10.3f, last third peak %10.3f: %s\n", ch.name, mid,
+                  last, flat ? "flat" : "GROWING");
       ok = ok && flat;
     }
   } else {

@@ -26,3 +26,37 @@ TEST_CASE("the last error message is kept per thread") {
   // The other thread's failure did not overwrite this thread's message.
   CHECK(std::string(taskmgr_last_error()) == mine);
 }
+
+namespace {
+int capi_ok_process(void*, void*, taskmgr_task_context*) { return TASKMGR_OK; }
+int capi_make(void*, const char*, void** out) {
+  static int instance;
+  *out = &instance;
+  return TASKMGR_OK;
+}
+}  // namespace
+
+TEST_CASE(
+    "taskmgr_register_service refuses kinds that are empty, too long, not UTF-8 or with control "
+    "characters") {
+  taskmgr_manager* m = nullptr;
+  REQUIRE(taskmgr_open_yaml("storage: {path: ':memory:'}\n", &m) == TASKMGR_OK);
+  const std::string long_kind(101, 'k');
+  for (const char* kind : {"", "tab\there", "bad\xff", long_kind.c_str()}) {
+    taskmgr_service s;
+    taskmgr_service_init(&s);
+    s.kind = kind;
+    s.create_instance = capi_make;
+    s.process = capi_ok_process;
+    CAPTURE(kind);
+    CHECK(taskmgr_register_service(m, &s) == TASKMGR_E_INVALID_ARGUMENT);
+    CHECK(std::string(taskmgr_last_error()).find("kind") != std::string::npos);
+  }
+  taskmgr_service ok;
+  taskmgr_service_init(&ok);
+  ok.kind = "ocr@v2";
+  ok.create_instance = capi_make;
+  ok.process = capi_ok_process;
+  CHECK(taskmgr_register_service(m, &ok) == TASKMGR_OK);
+  CHECK(taskmgr_destroy(m) == TASKMGR_OK);
+}

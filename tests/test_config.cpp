@@ -33,6 +33,8 @@ TEST_CASE("defaults are the spec's values") {
   CHECK(c.tasks.retry.max_attempts == 3);
   CHECK(c.tasks.retry.backoff_multiplier == 2);
   CHECK(c.tasks.retry.memory_reduction_factor == 0.5);
+  CHECK(c.ocr.pdf_dpi == 300);
+  CHECK(c.ocr.orientation == "auto");
   CHECK_NOTHROW(c.validate());
 }
 
@@ -55,6 +57,7 @@ tasks:
   cleanup_timeout_seconds: 3
   retry:
     max_attempts: 5
+    max_interrupted_attempts: 9
     backoff_multiplier: 3
     memory_reduction_factor: 0.25
 )");
@@ -64,6 +67,7 @@ tasks:
   CHECK(c.tasks.enable_resource_tracking == false);
   CHECK(c.tasks.cleanup_timeout_seconds == 3);
   CHECK(c.tasks.retry.max_attempts == 5);
+  CHECK(c.tasks.retry.max_interrupted_attempts == 9);
   CHECK(c.tasks.retry.backoff_multiplier == 3);
   CHECK(c.tasks.retry.memory_reduction_factor == 0.25);
 }
@@ -72,6 +76,7 @@ TEST_CASE("devices, pools, storage and ocr sections are read") {
   const Config c = Config::from_yaml_string(R"(
 executor:
   worker_threads: 4
+  worker_linger_us: 0
 devices:
   probe_nvidia: false
   declared:
@@ -87,12 +92,15 @@ storage:
 ocr:
   languages: eng+deu
   page_segmentation_mode: 6
+  pdf_dpi: 150
+  orientation: always
   preprocess: {deskew: true, target_dpi: 0}
 tasks:
   queue_ordering: largest_first
 logging: {level: debug}
 )");
   CHECK(c.executor.worker_threads == 4);
+  CHECK(c.executor.worker_linger_us == 0);
   CHECK(c.devices.probe_nvidia == false);
   REQUIRE(c.devices.declared.size() == 2);
   CHECK(c.devices.declared[1].id == "cuda:1");
@@ -108,6 +116,8 @@ logging: {level: debug}
   CHECK(c.ocr.page_segmentation_mode == 6);
   CHECK(c.ocr.preprocess.deskew == true);
   CHECK(c.ocr.preprocess.target_dpi == 0);
+  CHECK(c.ocr.pdf_dpi == 150);
+  CHECK(c.ocr.orientation == "always");
   CHECK(c.tasks.queue_ordering == QueueOrdering::kLargestFirst);
   CHECK(c.logging.level == "debug");
 }
@@ -135,17 +145,22 @@ TEST_CASE("each out-of-range value is an error that names its key path and line"
   };
   const Case cases[] = {
       {"tasks:\n  max_queue_size: 0\n", "tasks.max_queue_size", 2},
+      {"ocr:\n  pdf_dpi: 71\n", "ocr.pdf_dpi", 2},
+      {"ocr:\n  pdf_dpi: 1201\n", "ocr.pdf_dpi", 2},
+      {"ocr:\n  orientation: sideways\n", "ocr.orientation", 2},
       {"tasks:\n  max_queue_size: -5\n", "tasks.max_queue_size", 2},
       {"tasks:\n  queue_timeout_seconds: 0\n", "tasks.queue_timeout_seconds", 2},
       {"tasks:\n  cleanup_timeout_seconds: -1\n", "tasks.cleanup_timeout_seconds", 2},
       {"tasks:\n  retry:\n    max_attempts: 0\n", "tasks.retry.max_attempts", 3},
+      {"tasks:\n  retry:\n    max_interrupted_attempts: 0\n",
+       "tasks.retry.max_interrupted_attempts", 3},
       {"tasks:\n  retry:\n    backoff_multiplier: 0.5\n", "tasks.retry.backoff_multiplier", 3},
       {"tasks:\n  retry:\n    memory_reduction_factor: 1.5\n",
        "tasks.retry.memory_reduction_factor", 3},
-      {"tasks:\n  retry:\n    memory_reduction_factor: 1\n",
-       "tasks.retry.memory_reduction_factor", 3},
-      {"tasks:\n  retry:\n    memory_reduction_factor: 0\n",
-       "tasks.retry.memory_reduction_factor", 3},
+      {"tasks:\n  retry:\n    memory_reduction_factor: 1\n", "tasks.retry.memory_reduction_factor",
+       3},
+      {"tasks:\n  retry:\n    memory_reduction_factor: 0\n", "tasks.retry.memory_reduction_factor",
+       3},
       {"tasks:\n  retry:\n    backoff_jitter: 1\n", "tasks.retry.backoff_jitter", 3},
       {"tasks:\n  retry:\n    backoff_base_seconds: 5\n    backoff_max_seconds: 1\n",
        "tasks.retry.backoff_max_seconds", 4},
@@ -153,6 +168,7 @@ TEST_CASE("each out-of-range value is an error that names its key path and line"
       {"tasks:\n  device_warning_fraction: 1.5\n", "tasks.device_warning_fraction", 2},
       {"tasks:\n  queue_ordering: random\n", "tasks.queue_ordering", 2},
       {"executor:\n  worker_threads: -2\n", "executor.worker_threads", 2},
+      {"executor:\n  worker_linger_us: -1\n", "executor.worker_linger_us", 2},
       {"devices:\n  cpu_memory_fraction: 0\n", "devices.cpu_memory_fraction", 2},
       {"devices:\n  declared:\n    - {id: gpu0, kind: gpu, memory_mb: 10}\n",
        "devices.declared[0].id", 3},
@@ -218,9 +234,9 @@ TEST_CASE("an unknown key is an error that names its full path and line") {
   CHECK(top.key_path() == "taks");
   CHECK(top.line() == 1);
 
-  const ConfigError nested =
-      load_error("devices:\n  declared:\n    - id: 'cuda:0'\n      kind: gpu\n      memory_mb: 1\n"
-                 "      vram: 3\n");
+  const ConfigError nested = load_error(
+      "devices:\n  declared:\n    - id: 'cuda:0'\n      kind: gpu\n      memory_mb: 1\n"
+      "      vram: 3\n");
   CHECK(nested.key_path() == "devices.declared[0].vram");
   CHECK(nested.line() == 6);
 }
@@ -299,7 +315,8 @@ TEST_CASE("every YAML example in docs/CONFIGURATION.md loads") {
   CHECK(blocks >= 1);
 }
 
-TEST_CASE("text values must be UTF-8 without control characters (they are written back by to_yaml)") {
+TEST_CASE(
+    "text values must be UTF-8 without control characters (they are written back by to_yaml)") {
   // Found by fuzz_config: such a value loaded, but to_yaml could not write
   // it back to the same value.
   const ConfigError bad_utf8 =

@@ -19,6 +19,7 @@
 #include <set>
 #include <string>
 
+#include "event_keys.hpp"
 #include "test_support.hpp"
 
 using namespace taskmgr;
@@ -80,8 +81,8 @@ std::vector<std::string> read_acks(const Child& c, std::chrono::milliseconds run
 
 std::string status_after(const std::string& event, const std::string& current) {
   static const std::map<std::string, std::string> changes = {
-      {"created", "pending"},   {"queued", "queued"},    {"started", "running"},
-      {"retried", "queued"},    {"completed", "completed"}, {"failed", "failed"},
+      {"created", "pending"},    {"queued", "queued"},       {"started", "running"},
+      {"retried", "queued"},     {"completed", "completed"}, {"failed", "failed"},
       {"cancelled", "cancelled"}};
   auto it = changes.find(event);
   return it == changes.end() ? current : it->second;
@@ -107,10 +108,21 @@ std::size_t check_file(const std::string& db, const std::set<std::string>& acked
     replay[id] = status_after(ev, replay[id]);
     if (ev == "completed" || ev == "failed" || ev == "cancelled") ++terminal[id];
   }
-  for (const auto& [id, st] : status) {
+  // Every event in the file, written by runs that were killed and runs that
+  // recovered them, has its documented keys (docs/EVENTS.md).
+  SQLite::Statement k(d, "SELECT event_type, details FROM task_events ORDER BY id");
+  while (k.executeStep()) {
+    const auto ev = parse_task_event(k.getColumn(0).getString());
+    REQUIRE(ev.has_value());
+    const std::string problem = test::event_keys_problem(*ev, k.getColumn(1).getString());
+    CHECK_MESSAGE(problem.empty(), problem);
+  }
+  for (const auto& entry : status) {
+    const std::string& id = entry.first;
+    const std::string& st = entry.second;
     CAPTURE(id);
-    CHECK(terminal[id] <= 1);       // never two terminal states
-    CHECK(replay[id] == st);        // the history gives the current status
+    CHECK(terminal[id] <= 1);  // never two terminal states
+    CHECK(replay[id] == st);   // the history gives the current status
   }
   return status.size();
 }
@@ -118,9 +130,10 @@ std::size_t check_file(const std::string& db, const std::set<std::string>& acked
 }  // namespace
 
 TEST_CASE("kill -9 at random points loses no acknowledged task and corrupts nothing") {
-  const int kills = std::getenv("TASKMGR_CRASH_KILLS") ? std::atoi(std::getenv("TASKMGR_CRASH_KILLS")) : 50;
-  const fs::path dir = fs::temp_directory_path() /
-                       ("taskmgr-crash-" + std::to_string(::getpid()) + "-" + generate_task_id().substr(24));
+  const int kills =
+      std::getenv("TASKMGR_CRASH_KILLS") ? std::atoi(std::getenv("TASKMGR_CRASH_KILLS")) : 50;
+  const fs::path dir = fs::temp_directory_path() / ("taskmgr-crash-" + std::to_string(::getpid()) +
+                                                    "-" + generate_task_id().substr(24));
   fs::create_directories(dir);
   const std::string db = (dir / "crash.db").string();
   std::mt19937 rng(12345);
@@ -167,9 +180,11 @@ TEST_CASE("kill -9 at random points loses no acknowledged task and corrupts noth
   CHECK(d.execAndGet("SELECT count(*) FROM (SELECT task_id FROM task_events WHERE event_type IN "
                      "('completed','failed','cancelled') GROUP BY task_id HAVING count(*) != 1)")
             .getInt() == 0);
-  CHECK(d.execAndGet("SELECT count(*) FROM tasks WHERE status NOT IN ('completed','failed','cancelled')")
+  CHECK(d.execAndGet(
+             "SELECT count(*) FROM tasks WHERE status NOT IN ('completed','failed','cancelled')")
             .getInt() == 0);
-  MESSAGE("kill -9 test: " << killed << " kills, " << acked.size() << " acknowledged tasks, all present");
+  MESSAGE("kill -9 test: " << killed << " kills, " << acked.size()
+                           << " acknowledged tasks, all present");
   std::error_code ec;
   fs::remove_all(dir, ec);
 }

@@ -129,3 +129,16 @@ TEST_CASE("the CPU probe reads this machine's memory") {
   CHECK(cpu->total_mb == static_cast<std::int64_t>(m.total_mb * 0.5));
   CHECK(process_rss_mb() > 0);
 }
+
+TEST_CASE("a service filter runs without the registry's lock and may call it") {
+  DeviceRegistry r = two_gpus_and_cpu();
+  int calls = 0;
+  auto roomy = [&](const DeviceInfo& d) {
+    ++calls;
+    return r.free_memory(d.id).value_or(0) >= 7000;  // takes the registry's lock
+  };
+  CHECK(r.select_device(1000, "", roomy) == "cuda:0");
+  CHECK(calls == 3);  // once per device
+  REQUIRE(r.reserve("cuda:0", 2000));
+  CHECK(r.select_device(1000, "cuda:0", roomy) == "cpu");
+}

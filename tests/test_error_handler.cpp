@@ -71,12 +71,15 @@ TEST_CASE("failures are classified by what the service threw") {
   CHECK(invalid.reason == TaskFailureReason::kInvalidInput);
   CHECK_FALSE(invalid.retryable);
 
+  // Over the per-task limit: not an OOM and never retried, even when the
+  // thrower said retryable (issue 15, item 7).
   auto limit = classify_throw(
       [] { throw TaskError(TaskFailureReason::kMemoryLimitExceeded, "over limit", true); });
-  CHECK(limit.out_of_memory);
+  CHECK_FALSE(limit.out_of_memory);
+  CHECK_FALSE(limit.retryable);
 
-  auto flaky = classify_throw(
-      [] { throw TaskError(TaskFailureReason::kProcessingError, "flaky", true); });
+  auto flaky =
+      classify_throw([] { throw TaskError(TaskFailureReason::kProcessingError, "flaky", true); });
   CHECK(flaky.retryable);
   CHECK_FALSE(flaky.out_of_memory);
 
@@ -195,8 +198,16 @@ TEST_CASE("only retryable failures are retried: the rest fail at once with their
   CHECK(r.delay == 2s);
   const RetryDecision give_up = h.handle_failure(gpu_task(3, 4), flaky, state());
   CHECK_FALSE(give_up.retry);
-  CHECK(give_up.final_reason == TaskFailureReason::kMaxAttemptsExceeded);
+  CHECK(give_up.final_reason == TaskFailureReason::kPoolExhausted);  // the spec's reason
   CHECK(give_up.final_message.find("pool_exhausted") != std::string::npos);
+
+  FailureInfo transient;  // any other retryable failure that repeats
+  transient.reason = TaskFailureReason::kProcessingError;
+  transient.retryable = true;
+  transient.message = "flaky";
+  const RetryDecision out = h.handle_failure(gpu_task(3, 4), transient, state());
+  CHECK_FALSE(out.retry);
+  CHECK(out.final_reason == TaskFailureReason::kMaxAttemptsExceeded);
 }
 
 TEST_CASE("backoff is capped and jittered within bounds") {

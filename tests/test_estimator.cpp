@@ -90,3 +90,32 @@ TEST_CASE("learning is per device: before placement the most conservative applie
   CHECK(any.mb == gpu.mb);
   CHECK(e.estimate("svc", f, "cuda:1").samples == 0);
 }
+
+TEST_CASE("a replaced model is destroyed without the estimator's lock") {
+  // A model is host code, its destructor too; here it asks the estimator.
+  struct Calling : MemoryModel {
+    MemoryEstimator* e = nullptr;
+    bool* destroyed = nullptr;
+    ~Calling() override {
+      e->estimate("svc", RequestFeatures{});  // takes the estimator's lock
+      *destroyed = true;
+    }
+    std::string name() const override { return "calling"; }
+    double estimate_mb(const RequestFeatures&) const override { return 50; }
+  };
+  MemoryEstimator e;
+  bool first_gone = false, second_gone = false;
+  auto first = std::make_shared<Calling>();
+  first->e = &e;
+  first->destroyed = &first_gone;
+  e.register_model("svc", std::move(first));
+  auto second = std::make_shared<Calling>();
+  second->e = &e;
+  second->destroyed = &second_gone;
+  e.register_model("svc", std::move(second));  // replaces the first
+  CHECK(first_gone);
+  CHECK(e.estimate("svc", RequestFeatures{}).model == "calling");
+  e.register_model("svc", nullptr);  // removes the second
+  CHECK(second_gone);
+  CHECK(e.estimate("svc", RequestFeatures{}).model == "linear");
+}

@@ -1,4 +1,5 @@
 #include <doctest/doctest.h>
+#include <pthread.h>
 
 #include <atomic>
 #include <stdexcept>
@@ -181,4 +182,56 @@ TEST_CASE("to_json of an event carries the spec's columns") {
   CHECK(j.find("\"task_id\":\"abc\"") != std::string::npos);
   CHECK(j.find("\"details\":{\"device\":\"cpu\"}") != std::string::npos);
   CHECK(j.find("\"timestamp\"") != std::string::npos);
+}
+
+TEST_CASE("an ended subscription's callback is destroyed with no lock of the bus held") {
+  // The dispatcher drops its last reference to an unsubscribed callback when
+  // it next reads the subscriber list; the callback's captures are the host's
+  // and may call the bus from their destructor.
+  EventBus bus;
+  std::atomic<int> destroyed{0};
+  struct Probe {
+    EventBus* bus = nullptr;
+    std::atomic<int>* destroyed = nullptr;
+    ~Probe() {
+      bus->subscriber_count();  // takes the subscriber lock
+      ++*destroyed;
+    }
+  };
+  auto probe = std::make_shared<Probe>();
+  probe->bus = &bus;
+  probe->destroyed = &destroyed;
+  std::atomic<int> calls{0};
+  const auto id = bus.subscribe([probe, &calls](const EventRecord&) { ++calls; });
+  probe.reset();
+  bus.publish(ev("t", TaskEvent::kQueued));
+  bus.flush();  // the dispatcher holds the callback now
+  CHECK(calls == 1);
+  CHECK(bus.unsubscribe(id));
+  CHECK(destroyed == 0);
+  bus.publish(ev("t", TaskEvent::kStarted));
+  bus.flush();
+  CHECK(destroyed == 1);
+  CHECK(calls == 1);
+}
+
+TEST_CASE("a callback that ends the dispatcher thread is not caught: the thread unwinds") {
+  // pthread_exit unwinds with abi::__forced_unwind; a catch that swallowed
+  // it would abort the process ("exception not rethrown"). Nothing is
+  // delivered afterwards, and the bus can still be destroyed.
+  std::atomic<bool> unwound{false};
+  {
+    EventBus bus;
+    bus.subscribe([&](const EventRecord&) {
+      struct Mark {
+        std::atomic<bool>& flag;
+        ~Mark() { flag = true; }
+      } mark{unwound};
+      pthread_exit(nullptr);
+    });
+    bus.publish(ev("t", TaskEvent::kQueued));
+    REQUIRE(test::eventually([&] { return unwound.load(); }));
+    CHECK(bus.callback_errors() == 0);
+    CHECK(bus.dispatch_errors() == 0);
+  }
 }

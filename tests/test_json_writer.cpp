@@ -73,20 +73,25 @@ TEST_CASE("json_writer: durations are written to the microsecond and stay JSON d
     double in;
     const char* text;
   };
-  const Case cases[] = {{0.0, "0.0"},          {2.5, "2.5"},           {1.0, "1.0"},
-                        {0.000125, "0.000125"}, {1.2e-5, "0.000012"}, {3.0000004, "3.0"},
-                        {-0.25, "-0.25"},      {86400.000001, "86400.000001"}};
+  const Case cases[] = {
+      {0.0, "0.0"},         {2.5, "2.5"},       {1.0, "1.0"},     {0.000125, "0.000125"},
+      {1.2e-5, "0.000012"}, {3.0000004, "3.0"}, {-0.25, "-0.25"}, {86400.000001, "86400.000001"}};
   for (const auto& c : cases) {
     const std::string out = json_object({{"s", JsonValue::seconds(c.in)}});
     CHECK(out == std::string("{\"s\":") + c.text + "}");
     CHECK(boost::json::parse(out).as_object().at("s").is_double());
   }
   // Out of range for the fixed form: the general one; NaN and infinity: null.
-  CHECK(boost::json::parse(json_object({{"s", JsonValue::seconds(3e15)}})).at("s").as_double() == 3e15);
-  CHECK(boost::json::parse(json_object({{"s", JsonValue::seconds(std::numeric_limits<double>::infinity())}})).at("s").is_null());
+  CHECK(boost::json::parse(json_object({{"s", JsonValue::seconds(3e15)}})).at("s").as_double() ==
+        3e15);
+  CHECK(boost::json::parse(
+            json_object({{"s", JsonValue::seconds(std::numeric_limits<double>::infinity())}}))
+            .at("s")
+            .is_null());
 }
 
-TEST_CASE("json_writer: a captured object writes what json_object writes, after its sources are gone") {
+TEST_CASE(
+    "json_writer: a captured object writes what json_object writes, after its sources are gone") {
   using taskmgr::detail::CapturedObject;
   CapturedObject c;
   std::string expected;
@@ -95,14 +100,10 @@ TEST_CASE("json_writer: a captured object writes what json_object writes, after 
     std::string message = "quote \" backslash \\ newline \n";
     const std::optional<std::int64_t> some = 7, none;
     const std::initializer_list<taskmgr::detail::JsonField> fields = {
-        {"device", device},
-        {"message", message},  // escaped when written
-        {"d", -2.5},
-        {"sec", JsonValue::seconds(0.000125)},
-        {"ok", true},
-        {"some", some},
-        {"none", none},
-        {"raw", JsonValue::raw("[1,2]")}};
+        {"device", device}, {"message", message},  // escaped when written
+        {"d", -2.5},        {"sec", JsonValue::seconds(0.000125)},
+        {"ok", true},       {"some", some},
+        {"none", none},     {"raw", JsonValue::raw("[1,2]")}};
     expected = json_object(fields);
     REQUIRE(c.capture(fields));
     device.assign("overwritten!");  // the capture holds its own copy
@@ -129,8 +130,15 @@ TEST_CASE("json_writer: a capture that does not fit is refused whole") {
   CHECK_FALSE(c.capture({{"message", long_text}}));
   const std::string half(CapturedObject::kTextCapacity / 2 + 1, 'y');
   CHECK_FALSE(c.capture({{"a", half}, {"b", half}}));  // together over the capacity
-  CHECK_FALSE(c.capture({{"1", 1}, {"2", 2}, {"3", 3}, {"4", 4}, {"5", 5}, {"6", 6}, {"7", 7},
-                         {"8", 8}, {"9", 9}}));  // more fields than kMaxFields
+  CHECK_FALSE(c.capture({{"1", 1},
+                         {"2", 2},
+                         {"3", 3},
+                         {"4", 4},
+                         {"5", 5},
+                         {"6", 6},
+                         {"7", 7},
+                         {"8", 8},
+                         {"9", 9}}));  // more fields than kMaxFields
   const std::string fits(CapturedObject::kTextCapacity, 'z');
   REQUIRE(c.capture({{"message", fits}}));  // exactly the capacity
   CHECK(c.str() == json_object({{"message", fits}}));

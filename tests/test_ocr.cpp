@@ -3,10 +3,12 @@
 // render themselves with text2image and DejaVu fonts (always).
 #include <doctest/doctest.h>
 
-#include <boost/json.hpp>
+#include <fcntl.h>
 #include <leptonica/allheaders.h>
 #include <omp.h>
+#include <sys/stat.h>
 #include <unistd.h>
+#include <boost/json.hpp>
 
 #include <cstdlib>
 #include <filesystem>
@@ -72,12 +74,12 @@ std::string text_of(const Task& t) { return std::string(result_of(t).at("text").
 fs::path render(const fs::path& dir, const std::string& name, const std::string& text, int dpi) {
   const fs::path txt = dir / (name + ".txt");
   std::ofstream(txt) << text;
-  const std::string cmd = "text2image --text=" + txt.string() + " --outputbase=" +
-                          (dir / name).string() +
-                          " --font='DejaVu Sans' --fonts_dir=/usr/share/fonts/truetype/dejavu"
-                          " --resolution=" + std::to_string(dpi) +
-                          " --ptsize=12 --margin=50 --xsize=" + std::to_string(dpi * 85 / 10) +
-                          " --ysize=" + std::to_string(dpi * 11) + " > /dev/null 2>&1";
+  const std::string cmd =
+      "text2image --text=" + txt.string() + " --outputbase=" + (dir / name).string() +
+      " --font='DejaVu Sans' --fonts_dir=/usr/share/fonts/truetype/dejavu"
+      " --resolution=" +
+      std::to_string(dpi) + " --ptsize=12 --margin=50 --xsize=" + std::to_string(dpi * 85 / 10) +
+      " --ysize=" + std::to_string(dpi * 11) + " > /dev/null 2>&1";
   REQUIRE(std::system(cmd.c_str()) == 0);
   const fs::path tif = dir / (name + ".tif");
   REQUIRE(fs::exists(tif));
@@ -85,8 +87,8 @@ fs::path render(const fs::path& dir, const std::string& name, const std::string&
 }
 
 struct TempDir {
-  fs::path path = fs::temp_directory_path() /
-                  ("taskmgr-ocr-test-" + std::to_string(::getpid()) + "-" + generate_task_id().substr(24));
+  fs::path path = fs::temp_directory_path() / ("taskmgr-ocr-test-" + std::to_string(::getpid()) +
+                                               "-" + generate_task_id().substr(24));
   TempDir() { fs::create_directories(path); }
   ~TempDir() {
     std::error_code ec;
@@ -113,6 +115,65 @@ std::string png_header(std::uint32_t w, std::uint32_t h) {
   png.append(reinterpret_cast<const char*>(ihdr), sizeof ihdr);
   for (int shift = 24; shift >= 0; shift -= 8) png += static_cast<char>((crc >> shift) & 0xFF);
   return png;
+}
+
+// An image-only PDF (one page per image, at the image's resolution), made
+// by the project's own tools/img2pdf.
+fs::path make_pdf(const fs::path& out, const std::vector<fs::path>& images) {
+  std::string cmd = std::string(TASKMGR_IMG2PDF) + " " + out.string();
+  for (const auto& i : images) cmd += " " + i.string();
+  REQUIRE(std::system(cmd.c_str()) == 0);
+  return out;
+}
+
+// Runs a shell command; returns its stdout, and its stderr in *err.
+std::string run_command(const std::string& cmd, const fs::path& dir, std::string* err) {
+  const fs::path out = dir / "cmd.out", errf = dir / "cmd.err";
+  const int rc = std::system((cmd + " > " + out.string() + " 2> " + errf.string()).c_str());
+  CHECK(rc == 0);
+  if (err != nullptr) *err = slurp(errf);
+  return slurp(out);
+}
+
+// Everything the process writes to stderr while it lives (fd 2, all threads).
+class StderrCapture {
+ public:
+  explicit StderrCapture(fs::path file) : file_(std::move(file)) {
+    std::fflush(stderr);
+    saved_ = ::dup(2);
+    const int fd = ::open(file_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    REQUIRE(fd >= 0);
+    ::dup2(fd, 2);
+    ::close(fd);
+  }
+  ~StderrCapture() { restore(); }
+  std::string finish() {
+    restore();
+    return slurp(file_);
+  }
+
+ private:
+  void restore() {
+    if (saved_ < 0) return;
+    std::fflush(stderr);
+    ::dup2(saved_, 2);
+    ::close(saved_);
+    saved_ = -1;
+  }
+  fs::path file_;
+  int saved_ = -1;
+};
+
+// A page rendered by text2image, turned clockwise by quarter turns, as PNG.
+fs::path rotated(const fs::path& tif, int quarter_turns, const fs::path& out) {
+  Pix* pix = pixRead(tif.string().c_str());
+  REQUIRE(pix != nullptr);
+  Pix* turned = pixRotateOrth(pix, quarter_turns);
+  REQUIRE(turned != nullptr);
+  REQUIRE(pixWrite(out.string().c_str(), turned, IFF_PNG) == 0);
+  pixDestroy(&turned);
+  pixDestroy(&pix);
+  return out;
 }
 
 const char* kRenderedText =
@@ -150,20 +211,30 @@ TEST_CASE("phototest.tif and eurotext.tif match their ground truth") {
   CHECK(stages == std::vector<std::string>{"load", "preprocess", "recognize"});
 }
 
-TEST_CASE("the upside-down page is reported with low confidence") {
+TEST_CASE(
+    "the upside-down page is read with low confidence without orientation detection, and right "
+    "with it") {
   if (!fs::exists(kShared / "phototest-rotated-180.png")) {
     MESSAGE("skipped: " << kShared.string() << " is absent");
     return;
   }
   Ocr ocr;
   const Task upright = ocr.run_path(kShared / "phototest.tif");
-  const Task rotated = ocr.run_path(kShared / "phototest-rotated-180.png");
+  const Task rotated =
+      ocr.run_path(kShared / "phototest-rotated-180.png", R"({"orientation":"off"})");
   const double up = result_of(upright).at("mean_confidence").as_double();
   const double down = result_of(rotated).at("mean_confidence").as_double();
   MESSAGE("mean confidence upright " << up << ", rotated 180 " << down);
   CHECK(down < 60);
   CHECK(down < up - 25);
   CHECK(character_error_rate(text_of(rotated), slurp(kShared / "phototest.txt")) > 0.3);
+  // The default (ocr.orientation: auto) finds it doubtful, detects the
+  // orientation and reads it turned back.
+  const Task fixed = ocr.run_path(kShared / "phototest-rotated-180.png");
+  CHECK(character_error_rate(text_of(fixed), slurp(kShared / "phototest.txt")) <= 0.01);
+  const auto o = result_of(fixed).at("pages").as_array()[0].at("orientation");
+  CHECK(o.at("angle").as_int64() == 180);
+  CHECK(o.at("applied").as_bool());
 }
 
 TEST_CASE("pages rendered at 150 and 300 dpi are read back, from a path and from bytes") {
@@ -220,12 +291,15 @@ TEST_CASE("hOCR and TSV output on request") {
   Ocr ocr;
   const auto hocr = result_of(ocr.run_path(tif, R"({"output":"hocr"})")).at("pages").as_array()[0];
   CHECK(std::string(hocr.at("hocr").as_string()).find("ocrx_word") != std::string::npos);
-  const auto tsv = result_of(ocr.run_path(tif, R"({"output":"tsv","words":false})")).at("pages").as_array()[0];
+  const auto tsv =
+      result_of(ocr.run_path(tif, R"({"output":"tsv","words":false})")).at("pages").as_array()[0];
   CHECK(std::string(tsv.at("tsv").as_string()).find("Hello") != std::string::npos);
   CHECK_FALSE(tsv.as_object().contains("words"));
 }
 
-TEST_CASE("bad input fails INVALID_INPUT with a clear message: the next good page still reads on the same engine") {
+TEST_CASE(
+    "bad input fails INVALID_INPUT with a clear message: the next good page still reads on the "
+    "same engine") {
   TempDir dir;
   const fs::path good = render(dir.path, "good", "Good page after a bad one.\n", 200);
   const std::string good_bytes = slurp(good);
@@ -262,7 +336,8 @@ TEST_CASE("bad input fails INVALID_INPUT with a clear message: the next good pag
     return in;
   };
   bad.push_back({"zero bytes", file("empty.png", ""), "empty"});
-  bad.push_back({"truncated TIFF", file("trunc.tif", good_bytes.substr(0, good_bytes.size() / 3)), "image"});
+  bad.push_back(
+      {"truncated TIFF", file("trunc.tif", good_bytes.substr(0, good_bytes.size() / 3)), "image"});
   bad.push_back({"truncated PNG", file("trunc.png", png.substr(0, png.size() / 2)), "image"});
   bad.push_back({"truncated JPEG", file("trunc.jpg", jpeg.substr(0, jpeg.size() / 2)), "image"});
   bad.push_back({"random bytes", file("noise.png", random_bytes), "not a readable image"});
@@ -273,6 +348,14 @@ TEST_CASE("bad input fails INVALID_INPUT with a clear message: the next good pag
   TaskInput missing;
   missing.path = (dir.path / "missing.png").string();
   bad.push_back({"a missing path", missing, "no such file"});
+  TaskInput device;
+  device.path = "/dev/zero";  // never ends: refused before it is read
+  bad.push_back({"a device", device, "not a regular file"});
+  const std::string fifo = (dir.path / "pipe.png").string();
+  REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);  // would block a worker for good
+  TaskInput pipe;
+  pipe.path = fifo;
+  bad.push_back({"a FIFO", pipe, "not a regular file"});
   Ocr ocr;
   for (const auto& b : bad) {
     const std::string name = b.name;
@@ -288,7 +371,9 @@ TEST_CASE("bad input fails INVALID_INPUT with a clear message: the next good pag
   }
 }
 
-TEST_CASE("the OCR estimate reads a PNG's declared size from its header, and a page over the pixel limit costs only its bytes") {
+TEST_CASE(
+    "the OCR estimate reads a PNG's declared size from its header, and a page over the pixel limit "
+    "costs only its bytes") {
   const auto model = make_ocr_service(OcrConfig{})->memory_model();
   REQUIRE(model != nullptr);
   TaskCreateRequest req;
@@ -307,7 +392,9 @@ TEST_CASE("the OCR estimate reads a PNG's declared size from its header, and a p
   CHECK(model->estimate_mb(model->features(req)) < 60);
 }
 
-TEST_CASE("a page past its deadline ends TIMEOUT (Tesseract's monitor stops it) and the engine reads the next page") {
+TEST_CASE(
+    "a page past its deadline ends TIMEOUT (Tesseract's monitor stops it) and the engine reads the "
+    "next page") {
   TempDir dir;
   const fs::path page = render(dir.path, "deadline", kRenderedText, 300);
   Ocr ocr;
@@ -338,7 +425,8 @@ TEST_CASE("pages over ocr.max_pixels or 32767 pixels a side fail INVALID_INPUT f
   };
   const Task budget = run(png_header(400, 300));  // 120,000 px
   CHECK(budget.failure_reason == TaskFailureReason::kInvalidInput);
-  CHECK(budget.failure_message.find("400x300 pixels exceeds ocr.max_pixels = 100000") != std::string::npos);
+  CHECK(budget.failure_message.find("400x300 pixels exceeds ocr.max_pixels = 100000") !=
+        std::string::npos);
   const Task side = run(png_header(40000, 2));  // 80,000 px, but too wide
   CHECK(side.failure_reason == TaskFailureReason::kInvalidInput);
   CHECK(side.failure_message.find("32767 pixels per side") != std::string::npos);
@@ -348,12 +436,42 @@ TEST_CASE("pages over ocr.max_pixels or 32767 pixels a side fail INVALID_INPUT f
   CHECK(small.failure_message.find("exceeds") == std::string::npos);
 }
 
+TEST_CASE("ocr.languages without their language data is a ConfigError naming the key") {
+  for (const std::string langs : {"xyz", "eng+xyz", "eng+", "../eng"}) {
+    CAPTURE(langs);
+    OcrConfig c;
+    c.languages = langs;
+    try {
+      make_ocr_service(c);
+      FAIL("accepted");
+    } catch (const ConfigError& e) {
+      CHECK(e.code() == ErrorCode::kInvalidConfig);
+      CHECK(e.key_path() == "ocr.languages");
+      CHECK(std::string(e.what()).find("no language data for") != std::string::npos);
+      CHECK(std::string(e.what()).find("installed: ") != std::string::npos);
+    }
+  }
+  OcrConfig ok;
+  ok.languages = "eng";
+  CHECK_NOTHROW(make_ocr_service(ok));
+  // Through the manager, which makes the built-in service when it opens.
+  Config c;
+  c.storage.path = ":memory:";
+  c.ocr.languages = "xyz";
+  CHECK_THROWS_AS(TaskManager{c}, ConfigError);
+}
+
 TEST_CASE("bad OCR options are INVALID_INPUT") {
   TempDir dir;
   const fs::path tif = render(dir.path, "o", "Options.\n", 150);
   Ocr ocr;
-  for (const std::string opt : {R"({"psm":99})", R"({"output":"pdf"})", R"({"nope":1})",
-                                R"({"preprocess":{"target_dpi":"x"}})"}) {
+  for (const std::string opt :
+       {R"({"psm":99})", R"({"output":"docx"})", R"({"nope":1})",
+        R"({"preprocess":{"target_dpi":"x"}})", R"({"dpi":71})", R"({"dpi":1201})",
+        R"({"dpi":"300"})", R"({"page":0})", R"({"page":1.5})", R"({"page":"1"})",
+        R"({"pages":[2,1]})", R"({"pages":[1]})", R"({"pages":[1,"2"]})", R"({"pages":1})",
+        R"({"page":1,"pages":[1,1]})", R"({"orientation":"sideways"})",
+        R"({"orientation":true})"}) {
     CAPTURE(opt);
     const Task t = ocr.run_path(tif, opt);
     CHECK(t.status == TaskStatus::kFailed);
@@ -377,4 +495,415 @@ TEST_CASE("character_error_rate: edit distance over the truth's length, whitespa
   CHECK(character_error_rate("hello", "hello world") == doctest::Approx(6.0 / 11));
   CHECK(character_error_rate("", "abcd") == 1.0);
   CHECK(character_error_rate("anything", "") == 0.0);
+}
+
+namespace {
+
+const char* kSecondPageText =
+    "Second page of the document.\n"
+    "How vexingly quick daft zebras jump!\n"
+    "The five boxing wizards jump quickly.\n";
+
+// Two pages rendered at 300 dpi (US letter) and an image-only PDF of them.
+struct TwoPagePdf {
+  fs::path first, second, pdf;
+  explicit TwoPagePdf(const fs::path& dir) {
+    first = render(dir, "pdfpage1", kRenderedText, 300);
+    second = render(dir, "pdfpage2", kSecondPageText, 300);
+    pdf = make_pdf(dir / "two.pdf", {first, second});
+  }
+};
+
+}  // namespace
+
+TEST_CASE("a PDF's pages are rendered at the task's dpi and read, from a path and from bytes") {
+  TempDir dir;
+  const TwoPagePdf doc(dir.path);
+  Ocr ocr;
+  const Task t = ocr.run_path(doc.pdf);
+  const auto r = result_of(t);
+  const auto& pages = r.at("pages").as_array();
+  REQUIRE(pages.size() == 2);
+  for (int i = 0; i < 2; ++i) {
+    const auto& p = pages[i].as_object();
+    CHECK(p.at("page").as_int64() == i + 1);
+    CHECK(p.at("dpi").as_int64() == 300);  // ocr.pdf_dpi
+    CHECK(p.at("width").as_int64() == 2550);
+    CHECK(p.at("height").as_int64() == 3300);
+  }
+  const double c1 = character_error_rate(pages[0].at("text").as_string(), kRenderedText);
+  const double c2 = character_error_rate(pages[1].at("text").as_string(), kSecondPageText);
+  MESSAGE("PDF page CER " << c1 * 100 << "%, " << c2 * 100 << "%");
+  CHECK(c1 <= 0.02);
+  CHECK(c2 <= 0.02);
+  TaskInput bytes;
+  const std::string raw = slurp(doc.pdf);
+  bytes.data.assign(raw.begin(), raw.end());
+  CHECK(text_of(ocr.run(bytes)) == text_of(t));
+
+  // "dpi" renders at another resolution; "page" and "pages" select pages,
+  // numbered as in the document.
+  const auto low = result_of(ocr.run_path(doc.pdf, R"({"dpi":150,"page":2})"));
+  REQUIRE(low.at("pages").as_array().size() == 1);
+  const auto& p2 = low.at("pages").as_array()[0].as_object();
+  CHECK(p2.at("page").as_int64() == 2);
+  CHECK(p2.at("dpi").as_int64() == 300);  // rendered at 150, then ocr.preprocess.target_dpi
+  CHECK(p2.at("width").as_int64() == 1275);
+  CHECK(p2.at("height").as_int64() == 1650);
+  CHECK(std::string(p2.at("text").as_string()).find("zebras") != std::string::npos);
+  const auto raw150 = result_of(
+      ocr.run_path(doc.pdf, R"({"dpi":150,"pages":[1,1],"preprocess":{"target_dpi":0}})"));
+  CHECK(raw150.at("pages").as_array()[0].at("dpi").as_int64() == 150);
+  CHECK(raw150.at("pages").as_array()[0].at("page").as_int64() == 1);
+  const auto both = result_of(ocr.run_path(doc.pdf, R"({"pages":[1,2]})"));
+  CHECK(both.at("pages").as_array().size() == 2);
+}
+
+TEST_CASE("ocr.pdf_dpi is the default resolution of PDF pages") {
+  TempDir dir;
+  const fs::path page = render(dir.path, "dpi", "Resolution check.\n", 300);
+  const fs::path pdf = make_pdf(dir.path / "one.pdf", {page});
+  Config c = test_config();
+  c.executor.worker_threads = 1;
+  c.ocr.pdf_dpi = 200;
+  c.ocr.preprocess.target_dpi = 0;
+  TaskManagerOptions o;
+  o.log_sink = [](LogLevel, std::string_view) {};
+  TaskManager tm(c, o);
+  TaskCreateRequest r;
+  r.input.path = pdf.string();
+  const Task t = tm.create_task(r);
+  tm.start_task(t.id);
+  const auto done = tm.wait_task(t.id, 120s);
+  REQUIRE(done.has_value());
+  const auto p = result_of(*done).at("pages").as_array()[0].as_object();
+  CHECK(p.at("dpi").as_int64() == 200);
+  CHECK(p.at("width").as_int64() == 1700);
+  CHECK(p.at("height").as_int64() == 2200);
+}
+
+TEST_CASE("\"pages\" selects pages of a multi-page TIFF, numbered as in the document") {
+  TempDir dir;
+  const fs::path multi = dir.path / "multi.tif";
+  int i = 0;
+  for (const char* text : {"Page one alpha.\n", "Page two bravo.\n", "Page three charlie.\n"}) {
+    const fs::path p = render(dir.path, "t" + std::to_string(i), text, 150);
+    Pix* pix = pixRead(p.string().c_str());
+    REQUIRE(pix != nullptr);
+    REQUIRE(pixWriteTiff(multi.string().c_str(), pix, IFF_TIFF_G4, i++ == 0 ? "w" : "a") == 0);
+    pixDestroy(&pix);
+  }
+  Ocr ocr;
+  const auto pages = result_of(ocr.run_path(multi, R"({"pages":[2,3]})")).at("pages").as_array();
+  REQUIRE(pages.size() == 2);
+  CHECK(pages[0].at("page").as_int64() == 2);
+  CHECK(std::string(pages[0].at("text").as_string()).find("bravo") != std::string::npos);
+  CHECK(pages[1].at("page").as_int64() == 3);
+  CHECK(std::string(pages[1].at("text").as_string()).find("charlie") != std::string::npos);
+  const Task out = ocr.run_path(multi, R"({"page":4})");
+  CHECK(out.failure_reason == TaskFailureReason::kInvalidInput);
+  CHECK(out.failure_message.find("page 4 is out of range: the document has 3 pages") !=
+        std::string::npos);
+}
+
+TEST_CASE(
+    "bad PDFs and pages out of range fail INVALID_INPUT, print nothing, and the engine reads on") {
+  TempDir dir;
+  const TwoPagePdf doc(dir.path);
+  const std::string pdf = slurp(doc.pdf);
+  auto file = [&](const char* name, const std::string& content) {
+    const fs::path p = dir.path / name;
+    std::ofstream(p, std::ios::binary) << content;
+    return p;
+  };
+  const std::string encrypted =
+      "%PDF-1.4\n1 0 obj <</Type/Catalog/Pages 2 0 R>> endobj\n"
+      "2 0 obj <</Type/Pages/Kids[3 0 R]/Count 1>> endobj\n"
+      "3 0 obj <</Type/Page/Parent 2 0 R/MediaBox[0 0 612 792]>> endobj\n"
+      "4 0 obj <</Filter/Standard/V 1/R 2/Length 40"
+      "/O <00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff>"
+      "/U <00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff>/P -4>> endobj\n"
+      "trailer <</Root 1 0 R/Encrypt 4 0 R/ID[<0123456789abcdef0123456789abcdef>"
+      "<0123456789abcdef0123456789abcdef>]/Size 5>>\n%%EOF\n";
+  const std::string no_pages =
+      "%PDF-1.4\n1 0 obj <</Type/Catalog/Pages 2 0 R>> endobj\n"
+      "2 0 obj <</Type/Pages/Kids[]/Count 0>> endobj\ntrailer <</Root 1 0 R/Size 3>>\n%%EOF\n";
+  struct Bad {
+    std::string name;
+    fs::path path;
+    std::string options;
+    std::string expect;
+  };
+  const std::vector<Bad> bad = {
+      {"truncated", file("trunc.pdf", pdf.substr(0, pdf.size() / 3)), "", "not a readable PDF"},
+      {"header only", file("header.pdf", "%PDF-1.7\n"), "", "not a readable PDF"},
+      {"garbage after the header", file("garbage.pdf", "%PDF-1.4\n" + std::string(5000, '\x07')),
+       "", "not a readable PDF"},
+      {"encrypted", file("encrypted.pdf", encrypted), "", "encrypted"},
+      {"no pages", file("zero.pdf", no_pages), "", "the PDF has no pages"},
+      {"page out of range", doc.pdf, R"({"page":3})",
+       "page 3 is out of range: the document has 2 pages"},
+      {"last page out of range", doc.pdf, R"({"pages":[2,9]})",
+       "page 9 is out of range: the document has 2 pages"},
+      {"dpi out of range", doc.pdf, R"({"dpi":5000})", "dpi"},
+      {"a non-integer page", doc.pdf, R"({"page":1.5})", "page"},
+  };
+  Ocr ocr;
+  for (const auto& b : bad) {
+    CAPTURE(b.name);
+    StderrCapture err(dir.path / "stderr.txt");
+    const Task t = ocr.run_path(b.path, b.options);
+    const std::string printed = err.finish();
+    CAPTURE(t.failure_message);
+    CHECK(t.status == TaskStatus::kFailed);
+    CHECK(t.failure_reason == TaskFailureReason::kInvalidInput);
+    CHECK(t.failure_message.find(b.expect) != std::string::npos);
+    CHECK(printed == "");
+    const Task ok = ocr.run_path(doc.pdf, R"({"page":2})");
+    CHECK(text_of(ok).find("zebras") != std::string::npos);
+    CHECK(ok.service_instance_id == "ocr@cpu#1");
+  }
+  // A page out of range of a one-page image names the count too.
+  const Task one = ocr.run_path(doc.first, R"({"page":2})");
+  CHECK(one.failure_message.find("page 2 is out of range: the document has 1 page") !=
+        std::string::npos);
+}
+
+TEST_CASE("output \"pdf\": one searchable PDF of the task's pages, the input's page size") {
+  TempDir dir;
+  const TwoPagePdf doc(dir.path);
+  Ocr ocr;
+  const auto r = result_of(ocr.run_path(doc.pdf, R"({"output":"pdf"})"));
+  REQUIRE(r.contains("pdf_base64"));
+  const std::string b64(r.at("pdf_base64").as_string());
+  // Decode with the standard library's counterpart: coreutils' base64.
+  const fs::path b64file = dir.path / "out.b64", out = dir.path / "out.pdf";
+  std::ofstream(b64file) << b64;
+  REQUIRE(std::system(("base64 -d " + b64file.string() + " > " + out.string()).c_str()) == 0);
+  CHECK(slurp(out).substr(0, 5) == "%PDF-");
+  std::string err;
+  const std::string info = run_command("pdfinfo " + out.string(), dir.path, &err);
+  const std::string input_info = run_command("pdfinfo " + doc.pdf.string(), dir.path, nullptr);
+  CHECK(err == "");
+  CHECK(info.find("Pages:           2\n") != std::string::npos);
+  CHECK(info.find("Page size:       612 x 792 pts (letter)") != std::string::npos);
+  CHECK(input_info.find("Page size:       612 x 792 pts (letter)") != std::string::npos);
+  const std::string text = run_command("pdftotext " + out.string() + " -", dir.path, &err);
+  CHECK(err == "");
+  const std::string truth = std::string(kRenderedText) + kSecondPageText;
+  const double pdf_cer = character_error_rate(text, truth);
+  const double text_cer = character_error_rate(r.at("text").as_string(), truth);
+  MESSAGE("CER: pdftotext of the PDF output " << pdf_cer * 100 << "%, text output "
+                                              << text_cer * 100 << "%");
+  CHECK(std::abs(pdf_cer - text_cer) <= 0.005);
+  // The pages selected are the PDF's pages.
+  const auto one = result_of(ocr.run_path(doc.pdf, R"({"output":"pdf","page":2})"));
+  std::ofstream(b64file) << std::string(one.at("pdf_base64").as_string());
+  REQUIRE(std::system(("base64 -d " + b64file.string() + " > " + out.string()).c_str()) == 0);
+  CHECK(run_command("pdfinfo " + out.string(), dir.path, nullptr).find("Pages:           1\n") !=
+        std::string::npos);
+  CHECK(run_command("pdftotext " + out.string() + " -", dir.path, nullptr).find("zebras") !=
+        std::string::npos);
+  // Only on request.
+  CHECK_FALSE(result_of(ocr.run_path(doc.first)).contains("pdf_base64"));
+}
+
+TEST_CASE("output \"pdf\" of a 150 dpi image keeps its physical size") {
+  TempDir dir;
+  // text2image's TIFFs always say 300 dpi: scale a 300 dpi page by half and
+  // say 150.
+  const fs::path full = render(dir.path, "p300", "A page at 150 dpi.\n", 300);
+  Pix* pix = pixRead(full.string().c_str());
+  REQUIRE(pix != nullptr);
+  Pix* half = pixScale(pix, 0.5, 0.5);
+  pixSetResolution(half, 150, 150);
+  const fs::path page = dir.path / "p150.png";
+  REQUIRE(pixWrite(page.string().c_str(), half, IFF_PNG) == 0);
+  pixDestroy(&half);
+  pixDestroy(&pix);
+  Ocr ocr;
+  const auto r = result_of(ocr.run_path(page, R"({"output":"pdf"})"));
+  const fs::path b64file = dir.path / "out.b64", out = dir.path / "out.pdf";
+  std::ofstream(b64file) << std::string(r.at("pdf_base64").as_string());
+  REQUIRE(std::system(("base64 -d " + b64file.string() + " > " + out.string()).c_str()) == 0);
+  // Upscaled to 300 dpi for recognition (ocr.preprocess.target_dpi): still 8.5 x 11 in.
+  CHECK(run_command("pdfinfo " + out.string(), dir.path, nullptr)
+            .find("Page size:       612 x 792 pts (letter)") != std::string::npos);
+}
+
+TEST_CASE("output \"alto\": ALTO XML per page") {
+  TempDir dir;
+  const fs::path tif = render(dir.path, "alto", "Hello ALTO world.\n", 200);
+  Ocr ocr;
+  const auto page = result_of(ocr.run_path(tif, R"({"output":"alto"})")).at("pages").as_array()[0];
+  const std::string alto(page.at("alto").as_string());
+  CHECK(alto.find("<String") != std::string::npos);
+  CHECK(alto.find("CONTENT=\"ALTO\"") != std::string::npos);
+  CHECK_FALSE(page.as_object().contains("hocr"));
+}
+
+TEST_CASE(
+    "describe_document: media type and page sizes before any task, as the service sees them") {
+  TempDir dir;
+  const TwoPagePdf doc(dir.path);
+  const DocumentInfo pdf = describe_document(doc.pdf.string(), 300);
+  CHECK(pdf.media_type == "application/pdf");
+  REQUIRE(pdf.pages.size() == 2);
+  CHECK(pdf.pages[1].page == 2);
+  CHECK(pdf.pages[1].width == 2550);
+  CHECK(pdf.pages[1].height == 3300);
+  const DocumentInfo low = describe_document(doc.pdf.string(), 72);
+  CHECK(low.pages[0].width == 612);
+  CHECK(low.pages[0].height == 792);
+  // The sizes the service renders (no preprocessing rescale).
+  Ocr ocr;
+  const auto rendered = result_of(ocr.run_path(
+      doc.pdf, R"({"dpi":97,"page":1,"preprocess":{"target_dpi":0},"orientation":"off"})"));
+  const DocumentInfo odd = describe_document(doc.pdf.string(), 97);
+  CHECK(rendered.at("pages").as_array()[0].at("width").as_int64() == odd.pages[0].width);
+  CHECK(rendered.at("pages").as_array()[0].at("height").as_int64() == odd.pages[0].height);
+
+  // Not a regular file: refused at once (a FIFO would block, /dev/zero never end).
+  CHECK_THROWS_WITH_AS(describe_document("/dev/zero"), doctest::Contains("not a regular file"),
+                       Error);
+  const DocumentInfo tif = describe_document(doc.first.string());
+  CHECK(tif.media_type == "image/tiff");
+  REQUIRE(tif.pages.size() == 1);
+  CHECK(tif.pages[0].width == 2550);
+  const fs::path multi = dir.path / "multi.tif";
+  Pix* a = pixRead(doc.first.string().c_str());
+  Pix* b = pixScale(a, 0.5, 0.5);
+  REQUIRE(pixWriteTiff(multi.string().c_str(), a, IFF_TIFF_G4, "w") == 0);
+  REQUIRE(pixWriteTiff(multi.string().c_str(), b, IFF_TIFF_G4, "a") == 0);
+  const fs::path png = dir.path / "page.png";
+  REQUIRE(pixWrite(png.string().c_str(), b, IFF_PNG) == 0);
+  pixDestroy(&a);
+  pixDestroy(&b);
+  const DocumentInfo two = describe_document(multi.string());
+  REQUIRE(two.pages.size() == 2);
+  CHECK(two.pages[1].width == 1275);
+  CHECK(two.pages[1].height == 1650);
+  const DocumentInfo p = describe_document(png.string());
+  CHECK(p.media_type == "image/png");
+  CHECK(p.pages.size() == 1);
+  CHECK(p.pages[0].width == 1275);
+
+  auto code_of = [](const std::string& path, int dpi) {
+    try {
+      describe_document(path, dpi);
+    } catch (const Error& e) {
+      CHECK(std::string(e.what()).find(path) != std::string::npos);
+      return e.code();
+    }
+    return ErrorCode::kOk;
+  };
+  CHECK(code_of((dir.path / "missing.pdf").string(), 300) == ErrorCode::kNotFound);
+  const fs::path junk = dir.path / "junk.bin";
+  std::ofstream(junk) << "not an image at all";
+  CHECK(code_of(junk.string(), 300) == ErrorCode::kInvalidArgument);
+  const fs::path trunc = dir.path / "trunc.pdf";
+  std::ofstream(trunc) << slurp(doc.pdf).substr(0, 100);
+  CHECK(code_of(trunc.string(), 300) == ErrorCode::kInvalidArgument);
+  CHECK(code_of(dir.path.string(), 300) == ErrorCode::kInvalidArgument);
+  CHECK_THROWS_AS(describe_document(doc.pdf.string(), 71), Error);
+  CHECK_THROWS_AS(describe_document(doc.pdf.string(), 1201), Error);
+}
+
+TEST_CASE("the OCR estimate of a PDF: its largest page at the task's dpi, no rendering") {
+  TempDir dir;
+  const TwoPagePdf doc(dir.path);
+  const auto model = make_ocr_service(OcrConfig{})->memory_model();
+  TaskCreateRequest req;
+  req.input.path = doc.pdf.string();
+  RequestFeatures f = model->features(req);
+  CHECK(f.pixels == 2550 * 3300);
+  CHECK(f.pages == 2);
+  req.options_json = R"({"dpi":150,"page":2})";
+  f = model->features(req);
+  CHECK(f.pixels == 1275 * 1650);
+  CHECK(f.pages == 1);
+}
+
+TEST_CASE("pages turned 90, 180 and 270 degrees are read the right way up") {
+  TempDir dir;
+  const std::string truth = std::string(kRenderedText) + kSecondPageText;
+  const fs::path upright = render(dir.path, "upright", truth, 300);
+  Ocr ocr;
+  const Task plain = ocr.run_path(upright, R"({"orientation":"off"})");
+  const double plain_cer = character_error_rate(text_of(plain), truth);
+  CHECK(plain_cer <= 0.01);
+  for (const char* mode : {"auto", "always"}) {
+    CAPTURE(mode);
+    const std::string opt = std::string(R"({"orientation":")") + mode + "\"}";
+    for (int q = 1; q <= 3; ++q) {
+      CAPTURE(q);
+      const fs::path page =
+          rotated(upright, q, dir.path / ("turned" + std::to_string(q * 90) + ".png"));
+      const auto r = result_of(ocr.run_path(page, opt));
+      const double cer = character_error_rate(r.at("text").as_string(), truth);
+      MESSAGE(std::string(mode) << ": page turned " << q * 90 << " degrees, CER " << cer * 100
+                                << "%");
+      CHECK(cer <= 0.01);
+      const auto& o = r.at("pages").as_array()[0].at("orientation").as_object();
+      // "auto" checks only what a first reading found doubtful: Tesseract's
+      // layout analysis itself reads some pages turned 90 or 270 degrees
+      // (vertical text lines) with full confidence.
+      if (o.at("checked").as_bool() || std::string(mode) == "always") {
+        CHECK(o.at("checked").as_bool());
+        CHECK(o.at("angle").as_int64() == q * 90);
+        CHECK(o.at("applied").as_bool());
+        CHECK(o.at("confidence").as_double() > 1.5);
+        // Reported as the page was recognized: the right way up.
+        const auto& p = r.at("pages").as_array()[0].as_object();
+        CHECK(p.at("width").as_int64() == 2550);
+        CHECK(p.at("height").as_int64() == 3300);
+      }
+      if (q == 2) CHECK(o.at("applied").as_bool());  // upside down: never read without OSD
+    }
+    // The upright page keeps its error rate (and text).
+    const auto up = result_of(ocr.run_path(upright, opt));
+    CHECK(character_error_rate(up.at("text").as_string(), truth) <= plain_cer);
+    const auto& o = up.at("pages").as_array()[0].at("orientation").as_object();
+    CHECK_FALSE(o.at("applied").as_bool());
+    CHECK(o.at("angle").as_int64() == 0);
+    // "auto" checks only a page read with low confidence; "always" every page.
+    CHECK(o.at("checked").as_bool() == (std::string(mode) == "always"));
+  }
+  // OSD is a stage of its own in the task's samples.
+  const Task down_task = ocr.run_path(rotated(upright, 2, dir.path / "down-auto.png"));
+  std::vector<std::string> stages;
+  for (const auto& sample : ocr.tm->get_task_samples(down_task.id)) {
+    stages.push_back(sample.processing_stage);
+  }
+  CHECK(stages == std::vector<std::string>{"load", "preprocess", "recognize", "orientation",
+                                           "preprocess", "recognize"});
+  // "off": the page is read as it is (badly, upside down), and not checked.
+  const fs::path down = rotated(upright, 2, dir.path / "down.png");
+  const auto off = result_of(ocr.run_path(down, R"({"orientation":"off"})"));
+  CHECK(character_error_rate(off.at("text").as_string(), truth) > 0.3);
+  CHECK_FALSE(off.at("pages").as_array()[0].at("orientation").at("checked").as_bool());
+  // hOCR carries what OSD found in the ocr_page's title.
+  const fs::path side = rotated(upright, 1, dir.path / "side.png");
+  const auto hocr = result_of(ocr.run_path(side, R"({"output":"hocr","orientation":"always"})"));
+  const std::string h(hocr.at("pages").as_array()[0].at("hocr").as_string());
+  CHECK(h.find("x_orientation_angle 90; x_orientation_confidence ") != std::string::npos);
+  CHECK(h.find("x_orientation_applied 1'") != std::string::npos);
+}
+
+TEST_CASE("an empty page: orientation detection finds nothing and the page is read as it is") {
+  TempDir dir;
+  Pix* blank = pixCreate(850, 1100, 8);
+  pixSetAllArbitrary(blank, 255);
+  pixSetResolution(blank, 100, 100);
+  const fs::path png = dir.path / "blank.png";
+  REQUIRE(pixWrite(png.string().c_str(), blank, IFF_PNG) == 0);
+  pixDestroy(&blank);
+  Ocr ocr;
+  for (const char* opt : {R"({"orientation":"auto"})", R"({"orientation":"always"})"}) {
+    CAPTURE(opt);
+    const auto r = result_of(ocr.run_path(png, opt));
+    const auto& o = r.at("pages").as_array()[0].at("orientation").as_object();
+    CHECK(o.at("checked").as_bool());
+    CHECK_FALSE(o.at("applied").as_bool());
+  }
 }

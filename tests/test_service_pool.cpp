@@ -77,6 +77,9 @@ TEST_CASE("the pool never holds more than max instances under concurrency") {
         int p = peak.load();
         while (now > p && !peak.compare_exchange_weak(p, now)) {
         }
+        // The first lease of each thread is held until two are out at once,
+        // so the threads overlap however the machine schedules them.
+        if (i == 0) taskmgr::test::eventually([&] { return peak.load() >= 2; });
         std::this_thread::yield();
         --in_use;
       }
@@ -171,4 +174,48 @@ TEST_CASE("warm() creates min_instances: auto max is the worker count on cpu, 1 
   CHECK(pool.stats("cpu").idle == 2);
   CHECK(pool.settings("cpu").max_instances == 4);
   CHECK(pool.settings("cuda:0").max_instances == 1);
+}
+
+TEST_CASE("healthy() and an instance's destructor run without the pool's lock") {
+  // Both are host code and may call the pool (here: its stats, which take
+  // the pool's lock).
+  struct Reentrant : ServiceFactory {
+    ServicePool* pool = nullptr;
+    std::atomic<int> healthy_calls{0};
+    std::atomic<int> destroyed{0};
+    struct Svc : Service {
+      explicit Svc(Reentrant& f) : f_(f) {}
+      ~Svc() override {
+        f_.pool->stats("cpu");
+        ++f_.destroyed;
+      }
+      void process(TaskContext&) override {}
+      bool healthy() const noexcept override {
+        f_.pool->has_capacity("cpu");
+        ++f_.healthy_calls;
+        return true;
+      }
+      Reentrant& f_;
+    };
+    std::string kind() const override { return "reentrant"; }
+    std::unique_ptr<Service> create(const std::string&) override {
+      return std::make_unique<Svc>(*this);
+    }
+  };
+  auto f = std::make_shared<Reentrant>();
+  ServicePool pool(f, pools(1), 1);
+  f->pool = &pool;
+  {
+    auto lease = pool.acquire("cpu");
+    lease.service();
+  }
+  CHECK(f->healthy_calls == 1);
+  CHECK(pool.stats("cpu").idle == 1);
+  {
+    auto lease = pool.acquire("cpu");
+    lease.service();
+    lease.discard();
+  }
+  CHECK(f->destroyed == 1);
+  CHECK(pool.stats("cpu").destroyed == 1);
 }

@@ -8,6 +8,7 @@
 #include <boost/json.hpp>
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -188,7 +189,8 @@ TEST_CASE("tasks, events and metric samples round-trip through the file") {
     t.attempt = 1;
     t.started_at = std::chrono::system_clock::now();
     t.service_instance_id = "ocr@cpu#1";
-    store->update_task(t, {event_for(t, TaskEvent::kResourceAcquired), event_for(t, TaskEvent::kStarted)});
+    store->update_task(
+        t, {event_for(t, TaskEvent::kResourceAcquired), event_for(t, TaskEvent::kStarted)});
     MetricSample s;
     s.task_id = t.id;
     s.timestamp = std::chrono::system_clock::now();
@@ -301,7 +303,9 @@ TEST_CASE("a full disk fails create_task clearly: accepted tasks are untouched: 
   for (const auto& id : accepted) CHECK(tm.get_task(id).status == TaskStatus::kCompleted);
 }
 
-TEST_CASE("writes that fail while tasks run (disk full) are kept and retried in order: the file ends right") {
+TEST_CASE(
+    "writes that fail while tasks run (disk full) are kept and retried in order: the file ends "
+    "right") {
   DiskFile f;
   auto tm = std::make_unique<TaskManager>(f.c, f.mo);
   // Each task writes a large result and events: the row updates need pages.
@@ -313,8 +317,8 @@ TEST_CASE("writes that fail while tasks run (disk full) are kept and retried in 
   r.service = "svc";
   std::vector<std::string> ids;
   for (int i = 0; i < 20; ++i) ids.push_back(tm->create_task(r).id);  // stored: durable
-  tm->get_task_metrics();  // (nothing pending)
-  f.fill();  // the disk is full now
+  tm->get_task_metrics();                                             // (nothing pending)
+  f.fill();                                                           // the disk is full now
   for (const auto& id : ids) tm->start_task(id);
   REQUIRE(tm->wait_idle(30s));
   // In memory every task completed, with its events, whatever the file says.
@@ -330,13 +334,19 @@ TEST_CASE("writes that fail while tasks run (disk full) are kept and retried in 
   CHECK(full.failed_writes > 0);
   CHECK(full.backlog > 0);
   CHECK(full.dropped_writes == 0);
+  CHECK(full.last_error.find("full") != std::string::npos);
+  CHECK(full.last_error.find(f.dir.db()) != std::string::npos);
+  CHECK(tm->get_task_metrics().to_json().find("\"last_error\":\"cannot write to ") !=
+        std::string::npos);
   CHECK(tm->get_task_metrics().to_prometheus().find("taskmgr_store_backlog ") != std::string::npos);
   // Space returns: the backlog is written, in order, without any new write.
   f.free_space();
   REQUIRE(eventually([&] {
     SQLite::Database db(f.dir.db(), SQLite::OPEN_READONLY);
-    return db.execAndGet("SELECT count(*) FROM tasks WHERE status='completed' AND "
-                         "resource_cleanup_completed=1").getInt() == 20;
+    return db.execAndGet(
+                 "SELECT count(*) FROM tasks WHERE status='completed' AND "
+                 "resource_cleanup_completed=1")
+               .getInt() == 20;
   }));
   REQUIRE(eventually([&] { return tm->get_task_metrics().store.backlog == 0; }));
   // The manager kept serving, and the file now holds each task's full story.
@@ -358,7 +368,43 @@ TEST_CASE("writes that fail while tasks run (disk full) are kept and retried in 
   }
 }
 
-TEST_CASE("reopening recovers: queued tasks run in priority order, interrupted ones are retried or failed") {
+TEST_CASE(
+    "storage.max_size_mb caps the database: past it create_task is refused, as on a full disk") {
+  TempDir dir;
+  Config c = test_config();
+  c.storage.path = dir.db();
+  c.storage.max_size_mb = 1;
+  TaskManagerOptions mo;
+  mo.log_sink = [](LogLevel, std::string_view) {};
+  TaskManager tm(c, mo);
+  tm.register_service(make_function_service("svc", [](TaskContext&) {}));
+  TaskCreateRequest r;
+  r.service = "svc";
+  r.options_json = "{\"pad\":\"" + std::string(100000, 'x') + "\"}";  // ~100 KB a task
+  int created = 0;
+  std::string refusal;
+  for (int i = 0; i < 40 && refusal.empty(); ++i) {
+    try {
+      tm.create_task(r);
+      ++created;
+    } catch (const Error& e) {
+      CHECK(e.code() == ErrorCode::kIoError);
+      refusal = e.what();
+    }
+  }
+  CHECK(created >= 3);   // about 1 MiB of them fit
+  CHECK(created <= 11);  // and not much more
+  CHECK(refusal.find("full") != std::string::npos);
+  CHECK(refusal.find("the task was not created") != std::string::npos);
+  CHECK(tm.list_tasks().size() == static_cast<std::size_t>(created));
+  CHECK(Config::from_yaml_string("storage: {max_size_mb: 5}").storage.max_size_mb == 5);
+  CHECK_THROWS_WITH_AS(Config::from_yaml_string("storage: {max_size_mb: -1}"),
+                       doctest::Contains("storage.max_size_mb"), ConfigError);
+}
+
+TEST_CASE(
+    "reopening recovers: queued tasks run in priority order, interrupted ones are retried or "
+    "failed") {
   TempDir dir;
   std::string queued_low, queued_high, interrupted, exhausted, pending, done;
   {
@@ -378,7 +424,7 @@ TEST_CASE("reopening recovers: queued tasks run in priority order, interrupted o
     queued_low = put(TaskStatus::kQueued, 0, 0);
     queued_high = put(TaskStatus::kQueued, 5, 0);
     interrupted = put(TaskStatus::kRunning, 0, 1);
-    exhausted = put(TaskStatus::kRunning, 0, 3);
+    exhausted = put(TaskStatus::kRunning, 0, 5);  // tasks.retry.max_interrupted_attempts
     pending = put(TaskStatus::kPending, 0, 0);
     done = put(TaskStatus::kCompleted, 0, 1);
   }
@@ -417,6 +463,70 @@ TEST_CASE("reopening recovers: queued tasks run in priority order, interrupted o
   // The higher priority ran first among the recovered queue.
   REQUIRE(order.size() == 3);
   CHECK(order[0] == queued_high);
+}
+
+TEST_CASE(
+    "after a restart an interrupted task, and a retry that was waiting, wait their backoff before "
+    "they run again") {
+  TempDir dir;
+  std::string interrupted, queued, waiting;
+  {
+    auto store = open_sqlite_store(dir.db());
+    auto put = [&](TaskStatus status, int attempt) {
+      Task t = sample_task();
+      t.input = TaskInput{};
+      t.service = "svc";
+      t.status = status;
+      t.attempt = attempt;
+      t.estimated_memory_mb = 10;
+      t.queued_at = std::chrono::system_clock::now();
+      store->insert_task(t, event_for(t, TaskEvent::kCreated));
+      return t.id;
+    };
+    interrupted = put(TaskStatus::kRunning, 2);
+    queued = put(TaskStatus::kQueued, 0);
+    waiting = put(TaskStatus::kQueued, 1);  // ran once, waiting for its retry
+  }
+  Config c = test_config();
+  c.storage.path = dir.db();
+  c.tasks.retry.backoff_base_seconds = 10;  // after attempt 2: 10 s x 2
+  auto clock = std::make_shared<ManualClock>();
+  TaskManagerOptions mo;
+  mo.clock = clock;
+  mo.log_sink = [](LogLevel, std::string_view) {};
+  mo.services.push_back(make_function_service("svc", [](TaskContext&) {}));
+  TaskManager tm(c, mo);
+  // The queued task runs at once; the interrupted one waits (status queued,
+  // no new attempt), its retried event announcing the delay.
+  REQUIRE(tm.wait_task(queued, 30s).has_value());
+  std::this_thread::sleep_for(50ms);
+  CHECK(tm.get_task(interrupted).status == TaskStatus::kQueued);
+  CHECK(tm.get_task(interrupted).attempt == 2);
+  CHECK_FALSE(tm.wait_idle(0s));
+  tm.flush_events();
+  std::string details;
+  for (const auto& e : tm.get_task_events(interrupted)) {
+    if (e.event == TaskEvent::kRetried) details = e.details_json;
+  }
+  CHECK(details.find("\"interrupted\"") != std::string::npos);
+  CHECK(details.find("\"delay_s\":20") != std::string::npos);
+  // A retry that was waiting when the process stopped waits its backoff
+  // again, in full (10 s after attempt 1), and keeps its priority.
+  CHECK(tm.get_task(waiting).attempt == 1);
+  const int priority = tm.get_task(waiting).priority;
+  clock->advance(11s);
+  const auto second = tm.wait_task(waiting, 30s);
+  REQUIRE(second.has_value());
+  CHECK(second->attempt == 2);
+  CHECK(second->priority == priority);
+  clock->advance(8s);
+  std::this_thread::sleep_for(50ms);
+  CHECK(tm.get_task(interrupted).attempt == 2);
+  clock->advance(2s);
+  const auto done = tm.wait_task(interrupted, 30s);
+  REQUIRE(done.has_value());
+  CHECK(done->status == TaskStatus::kCompleted);
+  CHECK(done->attempt == 3);
 }
 
 TEST_CASE("a manager on a database file keeps tasks and history across close and reopen") {
@@ -458,7 +568,8 @@ TEST_CASE("a manager on a database file keeps tasks and history across close and
   CHECK(tm.get_task_health(id).memory_usage_mb == 7);
 }
 
-TEST_CASE("storage.retention_days deletes finished tasks, their events and samples: at open and hourly") {
+TEST_CASE(
+    "storage.retention_days deletes finished tasks, their events and samples: at open and hourly") {
   TempDir dir;
   Config c = test_config();
   c.storage.path = dir.db();
@@ -504,8 +615,10 @@ TEST_CASE("storage.retention_days deletes finished tasks, their events and sampl
   {
     SQLite::Database db(dir.db());
     CHECK(db.execAndGet("SELECT count(*) FROM tasks WHERE id='" + old_done + "'").getInt() == 0);
-    CHECK(db.execAndGet("SELECT count(*) FROM task_events WHERE task_id='" + old_done + "'").getInt() == 0);
-    CHECK(db.execAndGet("SELECT count(*) FROM task_metrics WHERE task_id='" + old_done + "'").getInt() == 0);
+    CHECK(db.execAndGet("SELECT count(*) FROM task_events WHERE task_id='" + old_done + "'")
+              .getInt() == 0);
+    CHECK(db.execAndGet("SELECT count(*) FROM task_metrics WHERE task_id='" + old_done + "'")
+              .getInt() == 0);
     CHECK(db.execAndGet("SELECT count(*) FROM tasks").getInt() == 2);
   }
   // Reopened two days later: the other finished task goes at open; the
@@ -618,7 +731,8 @@ TEST_CASE("tasks created with start are in the file as queued when create_tasks 
     q.bind(1, t.id);
     REQUIRE(q.executeStep());
     CHECK(q.getColumn(0).getString() != "pending");
-    SQLite::Statement ev(db, "SELECT event_type FROM task_events WHERE task_id=? ORDER BY id LIMIT 2");
+    SQLite::Statement ev(db,
+                         "SELECT event_type FROM task_events WHERE task_id=? ORDER BY id LIMIT 2");
     ev.bind(1, t.id);
     std::vector<std::string> names;
     while (ev.executeStep()) names.push_back(ev.getColumn(0).getString());
@@ -675,10 +789,48 @@ TEST_CASE("group commit: callers calling again and again from many threads (info
   const StoreStats s = store->stats();
   // How much they share depends on scheduling (not asserted); every write
   // is in, each in exactly one commit.
-  MESSAGE("commits " << s.commits << " for " << s.writes << " inserts from " << kThreads << " threads");
+  MESSAGE("commits " << s.commits << " for " << s.writes << " inserts from " << kThreads
+                     << " threads");
   CHECK(s.writes == kThreads * kEach);
   CHECK(s.commits <= s.writes);
   CHECK(store->list_tasks({}).size() == kThreads * kEach);
+}
+
+TEST_CASE("both stores list tasks without their payloads when asked: everything else is there") {
+  TempDir dir;
+  const std::vector<std::shared_ptr<TaskStore>> stores = {make_memory_store(),
+                                                          open_sqlite_store(dir.db())};
+  for (const auto& store : stores) {
+    CAPTURE(store->describe());
+    Task a = sample_task(), b = sample_task();
+    a.input = TaskInput{};
+    a.input.data = {1, 2, 3};
+    a.result = R"({"text":"a"})";
+    a.status = TaskStatus::kCompleted;
+    b.result = R"({"text":"b"})";
+    store->insert_task(a, event_for(a, TaskEvent::kCreated));
+    store->insert_task(b, event_for(b, TaskEvent::kCreated));
+    TaskFilter f;
+    f.with_payloads = false;
+    const auto brief = store->list_tasks(f);
+    REQUIRE(brief.size() == 2);
+    CHECK(brief[0].id == a.id);  // oldest first, as always
+    CHECK(brief[1].id == b.id);
+    for (const auto& t : brief) {
+      CHECK(t.result.empty());
+      CHECK(t.input.data.empty());
+    }
+    CHECK(brief[0].status == TaskStatus::kCompleted);
+    CHECK(brief[0].options_json == a.options_json);
+    CHECK(brief[1].input.path == b.input.path);
+    const auto whole = store->list_tasks(TaskFilter{});
+    CHECK(whole[0].result == a.result);
+    CHECK(whole[0].input.data == a.input.data);
+    f.limit = 1;
+    const auto newest = store->list_tasks(f);
+    REQUIRE(newest.size() == 1);
+    CHECK(newest[0].id == b.id);
+  }
 }
 
 TEST_CASE("both stores keep each task's events in order with their details across updates") {
@@ -692,8 +844,8 @@ TEST_CASE("both stores keep each task's events in order with their details acros
     batch[0].task = a;
     batch[0].events = {event_for(a, TaskEvent::kCreated, R"({"n":"a0"})")};
     batch[1].task = b;
-    batch[1].events = {event_for(b, TaskEvent::kCreated, R"({"n":"b0","long":")" +
-                                                              std::string(300, 'x') + "\"}")};
+    batch[1].events = {
+        event_for(b, TaskEvent::kCreated, R"({"n":"b0","long":")" + std::string(300, 'x') + "\"}")};
     store->insert_tasks(batch);
     // Interleaved updates of two tasks, several events each.
     a.status = TaskStatus::kRunning;
@@ -724,4 +876,148 @@ TEST_CASE("both stores keep each task's events in order with their details acros
     CHECK(ea[2].sequence < eb[1].sequence);  // then b's queued
     CHECK(eb[1].sequence < ea[3].sequence);  // then a's completed
   }
+}
+
+// A commit that SqliteStoreOptions::before_commit can hold at a gate.
+struct HeldCommit {
+  std::atomic<bool> hold{false};
+  std::thread::id held_on;  // the thread whose commit was held (first arrival)
+  Gate gate;
+};
+
+TEST_CASE(
+    "before_commit holds a commit: insert_tasks and reads wait for it, update_task does not") {
+  TempDir dir;
+  // Shared with the hook, which the store's threads call until it closes.
+  auto held = std::make_shared<HeldCommit>();
+  SqliteStoreOptions o;
+  o.before_commit = [held] {
+    if (!held->hold.load()) return;
+    if (held->gate.arrived() == 0) held->held_on = std::this_thread::get_id();
+    held->gate.arrive();
+    held->gate.wait();
+  };
+  auto store = open_sqlite_store(dir.db(), o);
+  struct OpenAtExit {
+    Gate& gate;
+    ~OpenAtExit() { gate.open(); }  // before the store closes, whatever failed
+  } open_at_exit{held->gate};
+  Task a = sample_task();
+  store->insert_task(a, event_for(a, TaskEvent::kCreated));
+  held->hold = true;
+  // An update is queued: the writer thread commits it and stops at the gate.
+  a.status = TaskStatus::kQueued;
+  store->update_task(a, {event_for(a, TaskEvent::kQueued)});
+  REQUIRE(eventually([&] { return held->gate.arrived() == 1; }));
+  CHECK(held->held_on != std::this_thread::get_id());
+  // While the commit is held, another update returns: it waits for a later commit.
+  std::atomic<bool> updated{false}, inserted{false}, read_back{false};
+  std::thread updater([&] {
+    Task running = a;
+    running.status = TaskStatus::kRunning;
+    store->update_task(running, {event_for(running, TaskEvent::kStarted)});
+    updated = true;
+  });
+  CHECK(eventually([&] { return updated.load(); }));
+  // An insert and a read wait for it: neither returns while the gate is
+  // closed (polled a while; not an assertion about time).
+  const Task b = sample_task();
+  std::thread inserter([&] {
+    store->insert_task(b, event_for(b, TaskEvent::kCreated));
+    inserted = true;
+  });
+  std::optional<Task> seen;
+  std::thread reader([&] {
+    seen = store->load_task(a.id);
+    read_back = true;
+  });
+  CHECK_FALSE(eventually([&] { return inserted.load() || read_back.load(); }, 200ms));
+  CHECK(held->gate.arrived() == 1);  // no other commit began meanwhile
+  held->gate.open();
+  updater.join();
+  inserter.join();
+  reader.join();
+  CHECK(inserted.load());
+  CHECK(read_back.load());
+  // The read saw every write queued before it, the one queued during the hold too.
+  REQUIRE(seen.has_value());
+  CHECK(seen->status == TaskStatus::kRunning);
+  CHECK(store->load_task(b.id).has_value());
+  CHECK(names(store->load_events(a.id)) ==
+        std::vector<std::string>{"created", "queued", "started"});
+}
+
+// Commits that fail: before_commit throws on the next `left` commits.
+struct FailingCommits {
+  std::atomic<int> left{0};
+  bool std_exception = false;  // std::runtime_error, or an int (no std::exception)
+  std::mutex mu;
+  std::vector<std::thread::id> threads;  // where each failed commit ran
+};
+
+TEST_CASE(
+    "a commit that throws anything fails only that commit: the writer thread goes on, writes are "
+    "kept and retried") {
+  TempDir dir;
+  auto fail = std::make_shared<FailingCommits>();
+  SqliteStoreOptions o;
+  o.before_commit = [fail] {  // commits never run two at a time
+    if (fail->left.load() == 0) return;
+    fail->left.fetch_sub(1);
+    {
+      std::lock_guard<std::mutex> g(fail->mu);
+      fail->threads.push_back(std::this_thread::get_id());
+    }
+    if (fail->std_exception) throw std::runtime_error("injected commit failure");
+    throw 42;
+  };
+  auto store = open_sqlite_store(dir.db(), o);
+  Task a = sample_task();
+  store->insert_task(a, event_for(a, TaskEvent::kCreated));
+  // The writer thread's commit of an update fails, and so does its retry
+  // alone: the update waits in the backlog; the thread goes on.
+  fail->left = 2;
+  a.status = TaskStatus::kQueued;
+  store->update_task(a, {event_for(a, TaskEvent::kQueued)});
+  store->flush();  // returns once the write was tried
+  CHECK(fail->left.load() == 0);
+  {
+    std::lock_guard<std::mutex> g(fail->mu);
+    CHECK(fail->threads.size() == 2);
+    for (const auto& id : fail->threads) CHECK(id != std::this_thread::get_id());
+  }
+  StoreStats s = store->stats();
+  CHECK(s.failed_writes == 1);
+  CHECK(s.dropped_writes == 0);
+  // The writer thread retries the backlog by itself, and keeps writing.
+  REQUIRE(eventually([&] { return store->stats().backlog == 0; }));
+  CHECK(store->load_task(a.id)->status == TaskStatus::kQueued);
+  a.status = TaskStatus::kRunning;
+  store->update_task(a, {event_for(a, TaskEvent::kStarted)});
+  CHECK(store->load_task(a.id)->status == TaskStatus::kRunning);
+  CHECK(names(store->load_events(a.id)) ==
+        std::vector<std::string>{"created", "queued", "started"});
+  // An insert whose commits fail is refused to its caller as an Error, with
+  // the failure's message when it has one; nothing of it is kept.
+  for (const bool std_exception : {false, true}) {
+    CAPTURE(std_exception);
+    fail->std_exception = std_exception;
+    fail->left = 2;
+    const Task b = sample_task();
+    try {
+      store->insert_task(b, event_for(b, TaskEvent::kCreated));
+      FAIL("expected an Error");
+    } catch (const Error& e) {
+      CHECK(e.code() == ErrorCode::kIoError);
+      CHECK(std::string(e.what()).find("the task was not created") != std::string::npos);
+      if (std_exception) {
+        CHECK(std::string(e.what()).find("injected commit failure") != std::string::npos);
+      }
+    }
+    CHECK_FALSE(store->load_task(b.id).has_value());
+  }
+  const Task c = sample_task();
+  store->insert_task(c, event_for(c, TaskEvent::kCreated));
+  CHECK(store->load_task(c.id).has_value());
+  CHECK(store->stats().failed_writes == 1);
 }

@@ -19,7 +19,8 @@ using namespace taskmgr;
 using namespace taskmgr::test;
 using namespace std::chrono_literals;
 
-TEST_CASE("stress: host threads, callbacks and device changes at once lose no task and end none twice") {
+TEST_CASE(
+    "stress: host threads, callbacks and device changes at once lose no task and end none twice") {
   Config c = test_config();
   c.executor.worker_threads = 3;
   c.tasks.max_queue_size = 200;

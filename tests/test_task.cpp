@@ -17,13 +17,15 @@ TEST_CASE("every TaskStatus round-trips through its string form") {
     REQUIRE(parse_task_status(name).has_value());
     CHECK(*parse_task_status(name) == s);
   }
-  CHECK(names == std::set<std::string>{"pending", "queued", "running", "completed", "failed",
-                                        "cancelled"});
+  CHECK(names ==
+        std::set<std::string>{"pending", "queued", "running", "completed", "failed", "cancelled"});
   CHECK_FALSE(parse_task_status("Pending").has_value());
   CHECK_FALSE(parse_task_status("").has_value());
 }
 
-TEST_CASE("every TaskFailureReason round-trips: the spec's four memory reasons are spelled as in the spec") {
+TEST_CASE(
+    "every TaskFailureReason round-trips: the spec's four memory reasons are spelled as in the "
+    "spec") {
   std::set<std::string> names;
   for (TaskFailureReason r : all_failure_reasons()) {
     const std::string name(to_string(r));
@@ -44,7 +46,8 @@ TEST_CASE("every TaskFailureReason round-trips: the spec's four memory reasons a
   CHECK_FALSE(parse_failure_reason("OUT_OF_MEMORY").has_value());
 }
 
-TEST_CASE("every TaskEvent round-trips: the spec's five resource events are spelled as in the spec") {
+TEST_CASE(
+    "every TaskEvent round-trips: the spec's five resource events are spelled as in the spec") {
   std::set<std::string> names;
   for (TaskEvent e : all_task_events()) {
     const std::string name(to_string(e));
@@ -68,8 +71,8 @@ TEST_CASE("every TaskEvent round-trips: the spec's five resource events are spel
 
 TEST_CASE("is_terminal is true exactly for completed, failed, cancelled") {
   for (TaskStatus s : all_task_statuses()) {
-    const bool expected = s == TaskStatus::kCompleted || s == TaskStatus::kFailed ||
-                          s == TaskStatus::kCancelled;
+    const bool expected =
+        s == TaskStatus::kCompleted || s == TaskStatus::kFailed || s == TaskStatus::kCancelled;
     CHECK(is_terminal(s) == expected);
   }
 }
@@ -103,10 +106,12 @@ TEST_CASE("generate_task_id gives distinct, time-ordered 36-char UUIDv7 strings"
 
 TEST_CASE("the UUIDv7 timestamp is the creation time in Unix milliseconds") {
   const auto before = std::chrono::duration_cast<std::chrono::milliseconds>(
-                          std::chrono::system_clock::now().time_since_epoch()).count();
+                          std::chrono::system_clock::now().time_since_epoch())
+                          .count();
   const std::string id = generate_task_id();
   const auto after = std::chrono::duration_cast<std::chrono::milliseconds>(
-                         std::chrono::system_clock::now().time_since_epoch()).count();
+                         std::chrono::system_clock::now().time_since_epoch())
+                         .count();
   const std::string hex = id.substr(0, 8) + id.substr(9, 4);
   const long long ms = std::stoll(hex, nullptr, 16);
   CHECK(ms >= before);
@@ -139,11 +144,26 @@ TEST_CASE("to_json carries every task field with the spec's names") {
 
   const auto v = boost::json::parse(to_json(t));
   const auto& o = v.as_object();
-  for (const char* key :
-       {"id", "service", "input", "options", "priority", "status", "attempt", "batch_size",
-        "failure_reason", "failure_message", "created_at", "queued_at", "started_at",
-        "finished_at", "result", "estimated_memory_mb", "actual_memory_mb", "assigned_device",
-        "service_instance_id", "resource_cleanup_completed"}) {
+  for (const char* key : {"id",
+                          "service",
+                          "input",
+                          "options",
+                          "priority",
+                          "status",
+                          "attempt",
+                          "batch_size",
+                          "failure_reason",
+                          "failure_message",
+                          "created_at",
+                          "queued_at",
+                          "started_at",
+                          "finished_at",
+                          "result",
+                          "estimated_memory_mb",
+                          "actual_memory_mb",
+                          "assigned_device",
+                          "service_instance_id",
+                          "resource_cleanup_completed"}) {
     CAPTURE(key);
     CHECK(o.contains(key));
   }

@@ -1,5 +1,7 @@
 #include <doctest/doctest.h>
 
+#include <limits>
+
 #include <algorithm>
 #include <memory>
 #include <string>
@@ -134,6 +136,20 @@ TEST_CASE("requeue_task re-adds one priority lower") {
   CHECK(snap[0].task_id == "y");
   CHECK(snap[1].task_id == "x");
   CHECK(snap[1].priority == 2);
+}
+
+TEST_CASE("requeue_task at the lowest priority stays there (no overflow)") {
+  Fixture f;
+  f.add("low", std::numeric_limits<int>::min());
+  f.add("high", std::numeric_limits<int>::max());
+  auto low = f.queue->snapshot("cpu").back();
+  CHECK(low.task_id == "low");
+  f.queue->requeue_task(low);
+  const auto snap = f.queue->snapshot("cpu");
+  REQUIRE(snap.size() == 2);
+  CHECK(snap[0].task_id == "high");
+  CHECK(snap[1].task_id == "low");
+  CHECK(snap[1].priority == std::numeric_limits<int>::min());
 }
 
 TEST_CASE("get_next_task returns only a task that fits free memory now") {
@@ -295,7 +311,8 @@ TEST_CASE("entries removed and added again in rounds keep order, lookups and tim
       const std::string id = model[static_cast<std::size_t>(k * 3) % model.size()].id;
       CHECK(f.queue->remove(id));
       CHECK_FALSE(f.queue->contains(id));
-      model.erase(std::find_if(model.begin(), model.end(), [&](const Model& m) { return m.id == id; }));
+      model.erase(
+          std::find_if(model.begin(), model.end(), [&](const Model& m) { return m.id == id; }));
     }
     CHECK(f.queue->size() == model.size());
     for (const auto& m : model) CHECK(f.queue->contains(m.id));
@@ -307,8 +324,8 @@ TEST_CASE("entries removed and added again in rounds keep order, lookups and tim
   std::sort(by_arrival.begin(), by_arrival.end(),
             [](const Model& a, const Model& b) { return a.arrival < b.arrival; });
   const std::size_t half = by_arrival.size() / 2;
-  const auto cutoff = f.clock->steady_now() -
-                      std::chrono::milliseconds(arrival - by_arrival[half - 1].arrival);
+  const auto cutoff =
+      f.clock->steady_now() - std::chrono::milliseconds(arrival - by_arrival[half - 1].arrival);
   const auto expired = f.queue->take_expired(cutoff);
   REQUIRE(expired.size() == half);
   for (std::size_t i = 0; i < half; ++i) CHECK(expired[i].task_id == by_arrival[i].id);

@@ -29,7 +29,7 @@ static int fail(const char* what, int status) {
 int main(int argc, char** argv) {
   taskmgr_open_options options;
   taskmgr_manager* tm = NULL;
-  char (*ids)[TASKMGR_TASK_ID_SIZE];
+  char(*ids)[TASKMGR_TASK_ID_SIZE];
   uint64_t subscription = 0;
   int i, rc, failed = 0, events = 0;
   char* json = NULL;

@@ -9,7 +9,7 @@
 #include <iostream>
 
 int main() {
-  taskmgr::Config config;                  // the spec's defaults
+  taskmgr::Config config;  // the spec's defaults
   config.storage.path = ":memory:";
   taskmgr::TaskManager tm(config);
 

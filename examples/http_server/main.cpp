@@ -251,7 +251,8 @@ class Server {
     std::size_t at = 0;
     while (at < query.size()) {
       const auto amp = query.find('&', at);
-      const std::string kv = query.substr(at, amp == std::string::npos ? std::string::npos : amp - at);
+      const std::string kv =
+          query.substr(at, amp == std::string::npos ? std::string::npos : amp - at);
       at = amp == std::string::npos ? query.size() : amp + 1;
       const auto eq = kv.find('=');
       const std::string k = kv.substr(0, eq), v = eq == std::string::npos ? "" : kv.substr(eq + 1);
@@ -378,7 +379,8 @@ int main(int argc, char** argv) {
     } else if (a == "--port-file") {
       port_file = value();
     } else {
-      std::cerr << "usage: taskmgr-http [--port N] [--config FILE] [--db PATH] [--port-file PATH]\n";
+      std::cerr
+          << "usage: taskmgr-http [--port N] [--config FILE] [--db PATH] [--port-file PATH]\n";
       return 2;
     }
   }

@@ -17,15 +17,21 @@ A *task's* failure is not an exception: it is the task's "status",
 
 Threads: event callbacks run on the manager's event thread, log callbacks and
 services on library threads; ctypes takes the GIL for them. Exceptions they
-raise are caught: a callback's is kept in Manager.callback_errors, a
-service's fails its task. None of them may close the manager.
+raise are caught: a callback's is kept in Manager.callback_errors (the last
+100; Manager.callback_error_count counts them all, and metrics() adds them
+to counters.callback_errors), a service's fails its task (KeyboardInterrupt
+in a service cancels its task). None of them may close the manager.
 """
 
+import atexit
+import collections
 import ctypes
 import ctypes.util
 import json
 import os
 import threading
+import time
+import weakref
 
 __all__ = [
     "Manager", "TaskmgrError", "InvalidArgumentError", "NotFoundError", "QueueFullError",
@@ -33,7 +39,7 @@ __all__ = [
     "DeviceUnavailableError", "MemoryLimitExceededError", "PoolExhaustedError",
     "InvalidStateError", "IncompatibleError", "CancelledError", "UnsupportedError",
     "InternalError", "InvalidInput", "OutOfMemory", "TaskContext", "Event", "version",
-    "config_normalize",
+    "config_normalize", "describe_document",
 ]
 
 # ---- errors -------------------------------------------------------------------
@@ -117,6 +123,8 @@ _event_fn = ctypes.CFUNCTYPE(None, ctypes.POINTER(_Event), ctypes.c_void_p)
 
 
 class _OpenOptions(ctypes.Structure):
+    # The layout of taskmgr_open_options in taskmgr.h, every field (the
+    # library's taskmgr_open_options_init writes all of them).
     _fields_ = [
         ("struct_size", ctypes.c_size_t),
         ("config_yaml", ctypes.c_char_p),
@@ -127,6 +135,9 @@ class _OpenOptions(ctypes.Structure):
         ("log_callback", _log_fn),
         ("log_user_data", ctypes.c_void_p),
         ("log_free", _free_fn),
+        ("event_callback", _event_fn),
+        ("event_user_data", ctypes.c_void_p),
+        ("event_free", _free_fn),
     ]
 
 
@@ -178,14 +189,44 @@ class _Service(ctypes.Structure):
         ("memory_per_page_mb", ctypes.c_double),
         ("memory_per_mpixel_mb", ctypes.c_double),
         ("memory_per_input_mb", ctypes.c_double),
+        ("input_optional", ctypes.c_int32),
     ]
 
 
+# Set by cmake --install in the installed copy: the library's folder,
+# relative to this file's. None in the source tree.
+_INSTALLED_LIBDIR = None
+
+
+def _library_candidates():
+    """Where the library is looked for, in order: $TASKMGR_LIBRARY; next to
+    this file; the install's libdir (an installed copy); the loader's search
+    path (ldconfig, LD_LIBRARY_PATH)."""
+    env = os.environ.get("TASKMGR_LIBRARY")
+    if env:
+        return [env]
+    here = os.path.dirname(os.path.abspath(__file__))
+    found = []
+    for d in [here] + ([os.path.join(here, _INSTALLED_LIBDIR)] if _INSTALLED_LIBDIR else []):
+        p = os.path.normpath(os.path.join(d, "libtaskmgr.so.0"))
+        if os.path.exists(p):
+            found.append(p)
+    found.append(ctypes.util.find_library("taskmgr") or "libtaskmgr.so.0")
+    return found
+
+
 def _load():
-    path = os.environ.get("TASKMGR_LIBRARY")
-    if not path:
-        path = ctypes.util.find_library("taskmgr") or "libtaskmgr.so.0"
-    lib = ctypes.CDLL(path)  # CDLL: the GIL is released during every call
+    tried = []
+    lib = None
+    for path in _library_candidates():
+        try:
+            lib = ctypes.CDLL(path)  # CDLL: the GIL is released during every call
+            break
+        except OSError as e:
+            tried.append("%s (%s)" % (path, e))
+    if lib is None:
+        raise ImportError("taskmgr: cannot load libtaskmgr: tried " + "; ".join(tried) +
+                          ". Set TASKMGR_LIBRARY to the library's path.")
     P, I, S, D = ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_double
     PS = ctypes.POINTER(ctypes.c_void_p)  # char** (freed with taskmgr_free)
     sigs = {
@@ -195,6 +236,7 @@ def _load():
         "taskmgr_last_error": (S, []),
         "taskmgr_free": (None, [P]),
         "taskmgr_config_normalize": (I, [S, PS]),
+        "taskmgr_describe_document": (I, [S, I, PS]),
         "taskmgr_open_options_init": (None, [ctypes.POINTER(_OpenOptions)]),
         "taskmgr_open": (I, [ctypes.POINTER(_OpenOptions), PS]),
         "taskmgr_close": (I, [P]),
@@ -248,6 +290,25 @@ def _load():
 _lib = _load()
 
 
+def _check_layouts():
+    """The library's versioned structs must be the size this module thinks:
+    their init functions write the library's size (a newer library would
+    write past a smaller ctypes struct)."""
+    for init, cls in (("taskmgr_open_options_init", _OpenOptions),
+                      ("taskmgr_task_request_init", _TaskRequest),
+                      ("taskmgr_start_params_init", _StartParams),
+                      ("taskmgr_service_init", _Service)):
+        buf = ctypes.create_string_buffer(4096)  # room for any size
+        getattr(_lib, init)(ctypes.cast(buf, ctypes.POINTER(cls)))
+        size = ctypes.c_size_t.from_buffer(buf).value
+        if size != ctypes.sizeof(cls):
+            raise ImportError(f"taskmgr.py does not match the library: {init} fills {size} bytes, "
+                              f"this module's struct has {ctypes.sizeof(cls)}")
+
+
+_check_layouts()
+
+
 def _status_name(status):
     return _lib.taskmgr_status_name(status).decode()
 
@@ -259,7 +320,27 @@ def _check(status):
 
 
 def _b(s):
-    return None if s is None else (s.encode("utf-8") if isinstance(s, str) else bytes(s))
+    if s is None:
+        return None
+    if isinstance(s, str):
+        try:
+            b = s.encode("utf-8")
+        except UnicodeEncodeError as e:  # e.g. os.listdir()'s surrogate-escaped names
+            raise InvalidArgumentError(
+                -1, "not valid UTF-8 (character %d of %r): the library takes UTF-8 text"
+                % (e.start, s)) from None
+    else:
+        b = bytes(s)
+    return b
+
+
+def _path(p):
+    """A file path for the library: UTF-8, no NUL (C strings end there: the
+    rest of the path would be dropped silently)."""
+    b = _b(os.fspath(p))
+    if b is not None and b"\0" in b:
+        raise InvalidArgumentError(-1, "embedded NUL character in a path (byte %d)" % b.index(b"\0"))
+    return b
 
 
 def _take_string(ptr):
@@ -286,6 +367,54 @@ def _task_id(task):
     return task.encode("utf-8")
 
 
+def _int32(value, name):
+    """An int32_t argument: an integer (not a float) in range, else
+    TypeError / ValueError (ctypes would silently wrap 2**31 to -2**31)."""
+    import operator
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError("%s must be an integer, got %r" % (name, value)) from None
+    if not -2**31 <= v < 2**31:
+        raise ValueError("%s must fit in 32 bits (-2147483648..2147483647), got %d" % (name, v))
+    return v
+
+
+def _size(value, name):
+    """A size_t argument: an integer >= 0 (ctypes would wrap -1 to 2**64-1)."""
+    import operator
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError("%s must be an integer, got %r" % (name, value)) from None
+    if not 0 <= v < 2**63:
+        raise ValueError("%s must be >= 0, got %d" % (name, v))
+    return v
+
+
+def _callable(fn, name, optional=False):
+    if fn is None and optional:
+        return None
+    if not callable(fn):
+        raise TypeError("%s must be callable, got %r" % (name, fn))
+    return fn
+
+
+class _CallbackErrors:
+    """Exceptions raised by Python callbacks: the last `keep`, and a count.
+    Held by the callbacks instead of the Manager (no reference cycle)."""
+
+    def __init__(self, keep=100):
+        self.items = collections.deque(maxlen=keep)
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, ex):
+        with self._lock:
+            self.items.append(ex)
+            self.count += 1
+
+
 def _fill_request(r, input=None, data=None, service="ocr", priority=0, batch_size=1,
                   device=None, options=None, media_type=None, start=False):
     """Fills a _TaskRequest (create_task's arguments); returns the buffer the
@@ -294,15 +423,15 @@ def _fill_request(r, input=None, data=None, service="ocr", priority=0, batch_siz
     # This module's layout: also the stride of an array of requests.
     r.struct_size = ctypes.sizeof(_TaskRequest)
     r.service = _b(service)
-    r.input_path = _b(os.fspath(input)) if input is not None else None
+    r.input_path = _path(input) if input is not None else None
     buf = None
     if data is not None:
         buf = ctypes.create_string_buffer(bytes(data), len(data))
         r.input_data = ctypes.cast(buf, ctypes.c_void_p)
         r.input_size = len(data)
     r.media_type = _b(media_type)
-    r.priority = int(priority)
-    r.batch_size = int(batch_size)
+    r.priority = _int32(priority, "priority")
+    r.batch_size = _int32(batch_size, "batch_size")
     r.device = _b(device)
     if options is not None:
         r.options_json = _b(options if isinstance(options, str) else json.dumps(options))
@@ -311,7 +440,7 @@ def _fill_request(r, input=None, data=None, service="ocr", priority=0, batch_siz
 
 
 def version():
-    """The library's version string ("0.3.0")."""
+    """The library's version string ("0.4.0")."""
     return _lib.taskmgr_version_string().decode()
 
 
@@ -319,6 +448,18 @@ def config_normalize(yaml_text=None):
     """Validates a YAML configuration (None: the defaults) and returns it
     with every key in force. InvalidConfigError names the key and line."""
     return _call_string(_lib.taskmgr_config_normalize, _b(yaml_text))
+
+
+def describe_document(path, dpi=300):
+    """The pages of a document (image, multi-page TIFF or PDF) before any
+    task is made: {"media_type": "application/pdf", "pages": [{"page": 1,
+    "width": w, "height": h}, ...]}, pixels, PDF pages measured at `dpi`
+    (72..1200). NotFoundError for a missing file, InvalidArgumentError for
+    one that is not a readable image or PDF (the message names it)."""
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise TypeError("path must be a str or os.PathLike, got %r" % (path,))
+    return json.loads(_call_string(_lib.taskmgr_describe_document, _path(path),
+                                   _int32(dpi, "dpi")))
 
 
 # ---- events and contexts ---------------------------------------------------------
@@ -410,6 +551,24 @@ class TaskContext:
 # ---- the manager -----------------------------------------------------------------------
 
 
+# Managers still open when the interpreter exits are closed by atexit,
+# while threads and the GIL still work: after close no library thread calls
+# into Python, so none is ended in the middle of a callback during
+# finalization. (Closed, not destroyed: a daemon thread may still be inside
+# a call on the manager; close is safe against that, destroy is not.)
+_open_managers = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_managers():
+    for m in list(_open_managers):
+        try:
+            if m._h is not None:
+                _lib.taskmgr_close(m._h)
+        except Exception:
+            pass
+
+
 class Manager:
     """A task manager (taskmgr_open). Use it as a context manager, or call
     close() and destroy() (destroy() also closes).
@@ -425,23 +584,27 @@ class Manager:
         self._keep = []  # ctypes callbacks the library holds: they must outlive it
         self._lock = threading.Lock()
         self._subs = {}
-        self.callback_errors = []
+        self._errors = _CallbackErrors()
         self._h = None
         o = _OpenOptions()
         _lib.taskmgr_open_options_init(ctypes.byref(o))
         o.config_yaml = _b(config_yaml)
-        o.config_path = _b(config_path)
-        o.database_path = _b(database)
-        o.worker_threads = int(workers or 0)
+        o.config_path = _path(config_path) if config_path is not None else None
+        o.database_path = _path(database) if database is not None else None
+        o.worker_threads = _int32(workers if workers is not None else 0, "workers")
+        if o.worker_threads < 0:
+            raise ValueError("workers must be >= 0 (0 = as configured), got %d" % o.worker_threads)
         o.disable_builtin_ocr = 0 if builtin_ocr else 1
         if log is not None:
+            _callable(log, "log")
             names = {0: "trace", 1: "debug", 2: "info", 3: "warn", 4: "error"}
+            errors = self._errors  # not self: no cycle through the callback
 
             def on_log(level, message, _ud):
                 try:
                     log(names.get(level, str(level)), message.decode("utf-8", "replace"))
                 except Exception as e:  # a callback must not raise into C
-                    self.callback_errors.append(e)
+                    errors(e)
 
             cb = _log_fn(on_log)
             self._keep.append(cb)
@@ -449,6 +612,17 @@ class Manager:
         h = ctypes.c_void_p()
         _check(_lib.taskmgr_open(ctypes.byref(o), ctypes.byref(h)))
         self._h = h
+        _open_managers.add(self)
+
+    @property
+    def callback_errors(self):
+        """The last 100 exceptions Python callbacks raised (oldest first)."""
+        return list(self._errors.items)
+
+    @property
+    def callback_error_count(self):
+        """How many exceptions Python callbacks raised in all."""
+        return self._errors.count
 
     # -- lifetime
     def __enter__(self):
@@ -479,6 +653,7 @@ class Manager:
             self._h = None
             self._keep.clear()
             self._subs.clear()
+            _open_managers.discard(self)
 
     # -- tasks
     def create_task(self, input=None, data=None, service="ocr", priority=0, batch_size=1,
@@ -534,8 +709,8 @@ class Manager:
         p.device = _b(device)
         if priority is not None:
             p.set_priority = 1
-            p.priority = int(priority)
-        p.batch_size = int(batch_size or 0)
+            p.priority = _int32(priority, "priority")
+        p.batch_size = _int32(batch_size if batch_size is not None else 0, "batch_size")
         if options is not None:
             p.options_json = _b(options if isinstance(options, str) else json.dumps(options))
         _check(_lib.taskmgr_start_task(self._handle(), _task_id(task), ctypes.byref(p)))
@@ -557,17 +732,44 @@ class Manager:
         """The task as a dict with every spec field."""
         return json.loads(_call_string(_lib.taskmgr_get_task, self._handle(), _task_id(task)))
 
+    # Waits run in slices of _WAIT_SLICE_S seconds: Python handles a signal
+    # (Ctrl-C: KeyboardInterrupt) only between C calls, so it arrives within
+    # a slice, not when the whole wait ends.
+    _WAIT_SLICE_S = 0.05
+
+    def _sliced(self, call, timeout):
+        """Runs call(seconds) -> status in slices until it is not TIMEOUT or
+        the whole timeout (None: none) has passed."""
+        deadline = None if timeout is None else time.monotonic() + max(0.0, float(timeout))
+        while True:
+            left = self._WAIT_SLICE_S
+            if deadline is not None:
+                left = min(left, max(0.0, deadline - time.monotonic()))
+            rc = call(left)
+            if rc != TimeoutError.status or (deadline is not None and time.monotonic() >= deadline):
+                _check(rc)
+                return
+
     def wait_task(self, task, timeout=None):
-        """Waits for the task to end; returns it. TimeoutError on timeout."""
-        t = -1.0 if timeout is None else float(timeout)
-        return json.loads(_call_string(_lib.taskmgr_wait_task, self._handle(), _task_id(task), t))
+        """Waits for the task to end; returns it. TimeoutError on timeout.
+        Ctrl-C interrupts it (KeyboardInterrupt) within ~50 ms."""
+        tid = _task_id(task)
+        out = ctypes.c_void_p()
+
+        def call(seconds):
+            return _lib.taskmgr_wait_task(self._handle(), tid, seconds, ctypes.byref(out))
+
+        self._sliced(call, timeout)
+        return json.loads(_take_string(out.value))
 
     def wait_idle(self, timeout=None):
-        _check(_lib.taskmgr_wait_idle(self._handle(), -1.0 if timeout is None else float(timeout)))
+        """Waits until no task is queued or running. TimeoutError on timeout.
+        Ctrl-C interrupts it (KeyboardInterrupt) within ~50 ms."""
+        self._sliced(lambda seconds: _lib.taskmgr_wait_idle(self._handle(), seconds), timeout)
 
     def list_tasks(self, status=None, service=None, limit=0):
         return json.loads(_call_string(_lib.taskmgr_list_tasks, self._handle(), _b(status),
-                                       _b(service), int(limit)))
+                                       _b(service), _size(limit, "limit")))
 
     def task_events(self, task):
         return [Event(e) for e in json.loads(
@@ -575,8 +777,13 @@ class Manager:
 
     # -- metrics, health, devices
     def metrics(self):
-        """The spec's get_task_metrics as a dict."""
-        return json.loads(_call_string(_lib.taskmgr_get_task_metrics, self._handle()))
+        """The spec's get_task_metrics as a dict; counters.callback_errors
+        includes the exceptions of this module's Python callbacks."""
+        m = json.loads(_call_string(_lib.taskmgr_get_task_metrics, self._handle()))
+        counters = m.get("counters")
+        if isinstance(counters, dict):
+            counters["callback_errors"] = counters.get("callback_errors", 0) + self._errors.count
+        return m
 
     def prometheus(self):
         return _call_string(_lib.taskmgr_get_metrics_prometheus, self._handle())
@@ -596,6 +803,8 @@ class Manager:
     def subscribe(self, callback):
         """Calls callback(Event) for every event, on the event thread.
         Returns the subscription id."""
+        _callable(callback, "callback")
+        errors = self._errors  # not self: no cycle through the callback
 
         def on_event(ev, _ud):
             e = ev.contents
@@ -609,7 +818,7 @@ class Manager:
                     details=json.loads(e.details_json.decode("utf-8")),
                 ))
             except Exception as ex:  # never raise into C
-                self.callback_errors.append(ex)
+                errors(ex)
 
         cb = _event_fn(on_event)
         sub = ctypes.c_uint64()
@@ -630,7 +839,8 @@ class Manager:
     # -- host services
     def register_service(self, kind, process, create_instance=None, destroy_instance=None,
                          supports_device=None, memory_base_mb=0.0, memory_per_page_mb=0.0,
-                         memory_per_mpixel_mb=0.0, memory_per_input_mb=0.0):
+                         memory_per_mpixel_mb=0.0, memory_per_input_mb=0.0,
+                         input_optional=False):
         """Registers a Python service kind.
 
         process(ctx, instance) does one task: it returns a result (a dict or
@@ -638,10 +848,16 @@ class Manager:
         smaller batch), InvalidInput (INVALID_INPUT) or any other exception
         (PROCESSING_ERROR). create_instance(device) returns the instance
         object (default: None); destroy_instance(instance) disposes of it;
-        supports_device(device, kind) -> bool."""
+        supports_device(device, kind) -> bool. input_optional=True: its
+        tasks may have no input (else create_task refuses one without)."""
+        _callable(process, "process")
+        _callable(create_instance, "create_instance", optional=True)
+        _callable(destroy_instance, "destroy_instance", optional=True)
+        _callable(supports_device, "supports_device", optional=True)
         instances = {}
         next_key = [1]
         lock = threading.Lock()
+        errors = self._errors  # not self: no cycle through the callbacks
 
         def c_create(_ud, device, out):
             try:
@@ -653,7 +869,7 @@ class Manager:
                 out[0] = key
                 return 0
             except Exception as ex:
-                self.callback_errors.append(ex)
+                errors(ex)
                 return -99
 
         def c_process(_ud, key, ctx):
@@ -679,6 +895,10 @@ class Manager:
             except Exception as ex:
                 _lib.taskmgr_context_set_error(ctx, _b("%s: %s" % (type(ex).__name__, ex)))
                 return -99
+            except KeyboardInterrupt:
+                # Ctrl-C while a service runs: the task is cancelled, not failed.
+                _lib.taskmgr_context_set_error(ctx, b"interrupted (KeyboardInterrupt)")
+                return CancelledError.status
 
         def c_destroy(_ud, key):
             with lock:
@@ -687,13 +907,13 @@ class Manager:
                 try:
                     destroy_instance(inst)
                 except Exception as ex:
-                    self.callback_errors.append(ex)
+                    errors(ex)
 
         def c_supports(_ud, device, kind_):
             try:
                 return 1 if supports_device(device.decode(), kind_.decode()) else 0
             except Exception as ex:
-                self.callback_errors.append(ex)
+                errors(ex)
                 return 0
 
         s = _Service()
@@ -708,5 +928,6 @@ class Manager:
         s.memory_per_page_mb = memory_per_page_mb
         s.memory_per_mpixel_mb = memory_per_mpixel_mb
         s.memory_per_input_mb = memory_per_input_mb
+        s.input_optional = 1 if input_optional else 0
         _check(_lib.taskmgr_register_service(self._handle(), ctypes.byref(s)))
         self._keep.extend(fns)

@@ -34,14 +34,19 @@ TASKMGR_API std::optional<QueueOrdering> parse_queue_ordering(std::string_view s
 
 // tasks.retry (spec).
 struct RetryConfig {
-  int max_attempts = 3;                  // attempts in all, first run included (>= 1)
+  int max_attempts = 3;  // attempts in all, first run included (>= 1)
+  // Attempts in all for a task the process died under (kill, crash, power
+  // loss), each retried after the backoff: a page that crashes the process
+  // stops after this many starts; a host killed now and then does not fail
+  // the pages that happened to run. At least max_attempts is used.
+  int max_interrupted_attempts = 5;
   double backoff_multiplier = 2.0;       // delay = base * multiplier^(attempt-1) (>= 1)
   double memory_reduction_factor = 0.5;  // batch_size *= factor after an OOM, in (0, 1)
   // taskmgr's own retry keys.
-  double backoff_base_seconds = 1.0;     // first retry delay (>= 0)
-  double backoff_max_seconds = 60.0;     // cap on any delay (>= backoff_base_seconds)
-  double backoff_jitter = 0.1;           // +/- fraction of random jitter, in [0, 1)
-  bool cpu_fallback = true;              // an OOM on a GPU moves the task to the CPU
+  double backoff_base_seconds = 1.0;  // first retry delay (>= 0)
+  double backoff_max_seconds = 60.0;  // cap on any delay (>= backoff_base_seconds)
+  double backoff_jitter = 0.1;        // +/- fraction of random jitter, in [0, 1)
+  bool cpu_fallback = true;           // an OOM on a GPU moves the task to the CPU
 };
 
 // tasks (spec).
@@ -67,6 +72,10 @@ struct TasksConfig {
 // executor
 struct ExecutorConfig {
   int worker_threads = 0;  // threads that run services; 0 = number of CPUs
+  // How long an idle worker spins for the next task (microseconds) when
+  // tasks arrive faster than that apart, instead of giving its thread back;
+  // 0 = never. Trades CPU for latency on streams of short tasks.
+  int worker_linger_us = 50;
 };
 
 // devices.declared[]: a device the host manages itself (or a test fakes).
@@ -78,10 +87,10 @@ struct DeclaredDevice {
 
 // devices
 struct DevicesConfig {
-  bool probe_cpu = true;              // read /proc/meminfo and the cgroup v2 limit
-  bool probe_nvidia = true;           // dlopen("libnvidia-ml.so.1") when present
-  std::int64_t cpu_memory_mb = 0;     // override the probed CPU memory; 0 = probe
-  double cpu_memory_fraction = 0.8;   // share of probed CPU memory usable, in (0, 1]
+  bool probe_cpu = true;             // read /proc/meminfo and the cgroup v2 limit
+  bool probe_nvidia = true;          // dlopen("libnvidia-ml.so.1") when present
+  std::int64_t cpu_memory_mb = 0;    // override the probed CPU memory; 0 = probe
+  double cpu_memory_fraction = 0.8;  // share of probed CPU memory usable, in (0, 1]
   std::vector<DeclaredDevice> declared;
 };
 
@@ -89,7 +98,8 @@ struct DevicesConfig {
 struct PoolSettings {
   int min_instances = 0;                // created when the manager opens (warm)
   int max_instances = 0;                // 0 = auto: worker_threads for cpu, 1 for a gpu
-  double acquire_timeout_seconds = 30;  // then POOL_EXHAUSTED (> 0)
+  double acquire_timeout_seconds = 30;  // a stuck pool (held past a deadline or cleanup
+                                        // timeout) this long: POOL_EXHAUSTED (> 0)
 };
 
 // pools
@@ -110,27 +120,33 @@ TASKMGR_API std::optional<SyncMode> parse_sync_mode(std::string_view s) noexcept
 
 // storage
 struct StorageConfig {
-  std::string path = "taskmgr.db";   // SQLite file; ":memory:" keeps nothing
+  std::string path = "taskmgr.db";  // SQLite file; ":memory:" keeps nothing
   SyncMode synchronous = SyncMode::kNormal;
-  double busy_timeout_seconds = 5;   // wait for a lock before failing (> 0)
-  double retention_days = 0;         // prune finished tasks older than this; 0 = keep
+  double busy_timeout_seconds = 5;  // wait for a lock before failing (> 0)
+  double retention_days = 0;        // prune finished tasks older than this; 0 = keep
+  std::int64_t max_size_mb = 0;     // the database grows to about this; past it writes
+                                    // fail as on a full disk; 0 = no limit
 };
 
 // ocr.preprocess
 struct PreprocessConfig {
-  bool grayscale = false;   // convert colour input to gray (Tesseract does it itself; off: no CER gain measured)
-  int target_dpi = 300;     // upscale when the source DPI is known and lower; 0 = off
-  bool deskew = false;      // estimate and correct small rotations
-  bool binarize = false;    // Otsu threshold before recognition
+  bool grayscale =
+      false;  // convert colour input to gray (Tesseract does it itself; off: no CER gain measured)
+  int target_dpi = 300;   // upscale when the source DPI is known and lower; 0 = off
+  bool deskew = false;    // estimate and correct small rotations
+  bool binarize = false;  // Otsu threshold before recognition
 };
 
 // ocr
 struct OcrConfig {
-  std::string tessdata_path;   // "" = found automatically (TESSDATA_PREFIX, Debian paths)
+  std::string tessdata_path;  // "" = found automatically (TESSDATA_PREFIX, Debian paths)
   std::string languages = "eng";
-  int page_segmentation_mode = 3;  // Tesseract PSM, 0..13 (3 = fully automatic)
+  int page_segmentation_mode = 3;         // Tesseract PSM, 0..13 (3 = fully automatic)
   std::int64_t max_pixels = 200'000'000;  // per page; larger pages fail INVALID_INPUT from
                                           // their header, before any decoding (> 0)
+  int pdf_dpi = 300;  // resolution PDF pages are rendered at, 72..1200 (task option "dpi")
+  std::string orientation = "auto";  // "auto", "off" or "always": Tesseract's orientation
+                                     // detection (task option "orientation", docs/OCR.md)
   PreprocessConfig preprocess;
 };
 
@@ -153,8 +169,7 @@ struct TASKMGR_API Config {
   // Parse and validate. Throws ConfigError; a missing or unreadable file is a
   // ConfigError whose message names the path.
   static Config from_yaml_file(const std::string& path);
-  static Config from_yaml_string(std::string_view yaml,
-                                 std::string_view source_name = "<string>");
+  static Config from_yaml_string(std::string_view yaml, std::string_view source_name = "<string>");
 
   // Throws ConfigError naming the first invalid key (line 0: built in code).
   void validate() const;

@@ -16,11 +16,10 @@
 
 #include <cstdint>
 #include <functional>
-#include <map>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "taskmgr/config.hpp"
@@ -32,13 +31,13 @@ enum class DeviceKind { kCpu, kGpu };
 TASKMGR_API std::string_view to_string(DeviceKind kind) noexcept;
 
 struct DeviceInfo {
-  std::string id;            // "cpu", "cuda:0", ...
+  std::string id;  // "cpu", "cuda:0", ...
   DeviceKind kind = DeviceKind::kCpu;
   std::int64_t total_mb = 0;
   std::int64_t reserved_mb = 0;
   std::int64_t observed_mb = 0;
-  bool available = true;     // false: marked unavailable by the host or a probe
-  std::string source;        // "config", "/proc/meminfo", "cgroup", "nvml", "default"
+  bool available = true;  // false: marked unavailable by the host or a probe
+  std::string source;     // "config", "/proc/meminfo", "cgroup", "nvml", "default"
 
   std::int64_t free_mb() const noexcept { return total_mb - reserved_mb; }
 };
@@ -68,7 +67,8 @@ class TASKMGR_API DeviceRegistry {
   // else any available device whose total holds it. Throws
   // Error(kDeviceUnavailable) with the numbers when none can, and
   // Error(kNotFound) when `requested` names no device.
-  // `allowed`, when given, limits the choice (e.g. devices a service supports).
+  // `allowed`, when given, limits the choice (e.g. devices a service supports);
+  // it is called on a snapshot of the devices, without the registry's lock.
   std::string select_device(std::int64_t estimate_mb, const std::string& requested = "",
                             const std::function<bool(const DeviceInfo&)>& allowed = nullptr) const;
 
@@ -88,10 +88,8 @@ class TASKMGR_API DeviceRegistry {
   void set_observed(const std::string& id, std::int64_t mb);
 
  private:
-  struct Probe;
-  mutable std::mutex mu_;
-  std::map<std::string, DeviceInfo> devices_;
-  std::shared_ptr<Probe> probe_;
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
 };
 
 // CPU memory as the probes see it (MB): min(MemTotal, cgroup v2 memory.max),

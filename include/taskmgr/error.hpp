@@ -22,22 +22,22 @@ namespace taskmgr {
 // Stable numeric values: they are the C ABI's status codes.
 enum class ErrorCode : int {
   kOk = 0,
-  kInvalidArgument = -1,     // a parameter is malformed or out of range
-  kNotFound = -2,            // unknown task id, device, service or file
-  kQueueFull = -3,           // tasks.max_queue_size reached; nothing was queued
-  kOutOfMemory = -4,         // allocation failed or no device memory
-  kTimeout = -5,             // a wait or acquire ran past its deadline
-  kBusy = -6,                // the resource is in use (e.g. database held)
-  kInvalidConfig = -7,       // configuration failed validation
-  kIoError = -8,             // file system or database I/O failed
-  kDeviceUnavailable = -9,   // no device can hold the task
-  kMemoryLimitExceeded = -10,// estimate exceeds the configured per-task limit
-  kPoolExhausted = -11,      // no service instance became free in time
-  kInvalidState = -12,       // the call is not allowed in the task's state
-  kIncompatible = -13,       // version or schema mismatch
-  kCancelled = -14,          // the operation was cancelled
-  kUnsupported = -15,        // the feature is not available in this build
-  kInternal = -99,           // a bug in taskmgr: please report it
+  kInvalidArgument = -1,       // a parameter is malformed or out of range
+  kNotFound = -2,              // unknown task id, device, service or file
+  kQueueFull = -3,             // tasks.max_queue_size reached; nothing was queued
+  kOutOfMemory = -4,           // allocation failed or no device memory
+  kTimeout = -5,               // a wait or acquire ran past its deadline
+  kBusy = -6,                  // the resource is in use (e.g. database held)
+  kInvalidConfig = -7,         // configuration failed validation
+  kIoError = -8,               // file system or database I/O failed
+  kDeviceUnavailable = -9,     // no device can hold the task
+  kMemoryLimitExceeded = -10,  // estimate exceeds the configured per-task limit
+  kPoolExhausted = -11,        // no service instance became free in time
+  kInvalidState = -12,         // the call is not allowed in the task's state
+  kIncompatible = -13,         // version or schema mismatch
+  kCancelled = -14,            // the operation was cancelled
+  kUnsupported = -15,          // the feature is not available in this build
+  kInternal = -99,             // a bug in taskmgr: please report it
 };
 
 // "invalid_argument", "not_found", ... (stable; used in JSON and logs).

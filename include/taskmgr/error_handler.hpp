@@ -14,8 +14,10 @@
 //       capped by backoff_max_seconds;
 //    4. raise an alert for monitoring (RetryDecision::alert: the manager emits
 //       a memory_warning event and counts it).
-//    After tasks.retry.max_attempts attempts the task fails OUT_OF_MEMORY (or
-//    MEMORY_LIMIT_EXCEEDED when that was the cause).
+//    After tasks.retry.max_attempts attempts the task fails OUT_OF_MEMORY.
+//  * over tasks.max_task_memory_mb (TaskError(kMemoryLimitExceeded)): a
+//    limit, not a shortage: fails MEMORY_LIMIT_EXCEEDED at once.
+//  * TaskError(kCancelled), from the service: the task ends cancelled.
 //  * other retryable failures (TaskError with retryable = true, pool
 //    exhausted): retried with the same backoff, same device and batch.
 //  * everything else: fails at once with its reason.
@@ -26,9 +28,8 @@
 
 #include <cstdint>
 #include <exception>
-#include <mutex>
+#include <memory>
 #include <optional>
-#include <random>
 #include <string>
 #include <vector>
 
@@ -45,14 +46,14 @@ struct FailureInfo {
   TaskFailureReason reason = TaskFailureReason::kProcessingError;
   std::string message;
   bool retryable = false;
-  bool out_of_memory = false;    // OOM or memory limit exceeded: handle_oom_error applies
+  bool out_of_memory = false;    // out of memory: handle_oom_error applies
   bool instance_broken = false;  // the service instance must be replaced
 };
 
 // Device memory when a task failed (the first step of handle_oom_error).
 struct TASKMGR_API MemoryState {
   std::vector<DeviceInfo> devices;
-  std::string device;                 // the task's device
+  std::string device;  // the task's device
   std::int64_t task_estimate_mb = 0;
   std::optional<std::int64_t> task_peak_mb;
   std::string to_json() const;
@@ -60,11 +61,11 @@ struct TASKMGR_API MemoryState {
 
 struct RetryDecision {
   bool retry = false;
-  std::string device;        // device of the next attempt
-  int batch_size = 1;        // batch size of the next attempt
-  Duration delay{};          // wait before requeueing
-  bool cpu_fallback = false; // device changed to the CPU
-  bool alert = false;        // out-of-memory alert for monitoring
+  std::string device;                                         // device of the next attempt
+  int batch_size = 1;                                         // batch size of the next attempt
+  Duration delay{};                                           // wait before requeueing
+  bool cpu_fallback = false;                                  // device changed to the CPU
+  bool alert = false;                                         // out-of-memory alert for monitoring
   TaskFailureReason final_reason = TaskFailureReason::kNone;  // when !retry
   std::string final_message;
   std::string memory_state_json;  // out-of-memory only
@@ -73,6 +74,9 @@ struct RetryDecision {
 class TASKMGR_API TaskErrorHandler {
  public:
   explicit TaskErrorHandler(RetryConfig config, LogSink log = nullptr, unsigned seed = 0);
+  ~TaskErrorHandler();
+  TaskErrorHandler(const TaskErrorHandler&) = delete;
+  TaskErrorHandler& operator=(const TaskErrorHandler&) = delete;
 
   static FailureInfo classify(std::exception_ptr error);
 
@@ -87,13 +91,11 @@ class TASKMGR_API TaskErrorHandler {
   // Delay before retry number `attempt` (1-based: the delay after attempt 1).
   Duration backoff_delay(int attempt);
 
-  const RetryConfig& config() const noexcept { return config_; }
+  const RetryConfig& config() const noexcept;
 
  private:
-  RetryConfig config_;
-  LogSink log_;
-  std::mutex rng_mu_;
-  std::mt19937_64 rng_;
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
 };
 
 }  // namespace taskmgr

@@ -13,11 +13,8 @@
 #pragma once
 
 #include <cstdint>
-#include <map>
 #include <memory>
-#include <mutex>
 #include <string>
-#include <utility>
 
 #include "taskmgr/export.hpp"
 #include "taskmgr/task.hpp"
@@ -28,7 +25,7 @@ namespace taskmgr {
 struct RequestFeatures {
   std::int64_t pixels = 0;  // per page (largest page when they differ)
   std::int64_t pages = 1;
-  std::int64_t bytes = 0;   // encoded input size
+  std::int64_t bytes = 0;  // encoded input size
   std::int64_t batch_size = 1;
 };
 
@@ -43,7 +40,7 @@ class TASKMGR_API MemoryModel {
 };
 
 struct LinearModelCoefficients {
-  double base_mb = 16;       // instance/engine working set per task
+  double base_mb = 16;  // instance/engine working set per task
   double per_page_mb = 1;
   double per_mpixel_mb = 8;  // decoded pixels and their copies
   double per_input_mb = 2;   // encoded bytes (per page) held plus decode buffers
@@ -65,13 +62,13 @@ class TASKMGR_API LinearMemoryModel : public MemoryModel {
 };
 
 struct MemoryEstimate {
-  std::int64_t mb = 0;        // what placement and reservation use (>= 1)
-  double model_mb = 0;        // the model's raw figure
-  double correction = 1;      // learned factor applied (1 before learning)
-  int samples = 0;            // actuals the correction rests on
-  std::string model;          // model name
+  std::int64_t mb = 0;    // what placement and reservation use (>= 1)
+  double model_mb = 0;    // the model's raw figure
+  double correction = 1;  // learned factor applied (1 before learning)
+  int samples = 0;        // actuals the correction rests on
+  std::string model;      // model name
   std::string service;
-  std::string device;         // "" = before placement
+  std::string device;  // "" = before placement
   RequestFeatures features;
 
   // One line: model, features, learned correction, result. Built on request.
@@ -93,6 +90,9 @@ class TASKMGR_API MemoryEstimator {
 
   // Estimate for a service on a device ("" = before placement: the most
   // conservative correction learned for the service on any device).
+  // Error(kInvalidArgument) when the model's figure is not a number or below
+  // zero; a figure above 10^15 MB (infinity included) is kept at 10^15 MB,
+  // which no device holds.
   MemoryEstimate estimate(const std::string& service, const RequestFeatures& f,
                           const std::string& device = "") const;
   MemoryEstimate estimate(const TaskCreateRequest& request) const;
@@ -103,20 +103,8 @@ class TASKMGR_API MemoryEstimator {
                      const RequestFeatures& f, std::int64_t actual_mb);
 
  private:
-  struct Learned {
-    double mean = 0;
-    double var = 0;
-    int samples = 0;
-    double max_ratio = 0;
-  };
-  double correction_locked(const std::string& service, const std::string& device,
-                           int* samples) const;
-  std::shared_ptr<const MemoryModel> model_locked(const std::string& service) const;
-
-  mutable std::mutex mu_;
-  std::shared_ptr<const MemoryModel> default_model_;
-  std::map<std::string, std::shared_ptr<const MemoryModel>> models_;
-  std::map<std::pair<std::string, std::string>, Learned> learned_;
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
 };
 
 }  // namespace taskmgr

@@ -21,14 +21,11 @@
 // Thread-safety: every member is safe to call from any thread.
 #pragma once
 
-#include <atomic>
-#include <condition_variable>
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "taskmgr/export.hpp"
@@ -38,7 +35,10 @@
 namespace taskmgr {
 
 struct EventRecord {
-  std::uint64_t sequence = 0;  // global publication order, from 1
+  // Delivered: the bus's publication order, from 1. Read from the store: the
+  // store's order. Both order one task's events the same way (their order
+  // across tasks may differ when tasks are created from several threads).
+  std::uint64_t sequence = 0;
   std::string task_id;
   TaskEvent event = TaskEvent::kCreated;
   Timestamp timestamp{};
@@ -83,19 +83,19 @@ class TASKMGR_API EventBus {
 
   bool on_dispatcher_thread() const noexcept;
 
-  std::uint64_t published() const noexcept { return published_.load(); }
-  std::uint64_t delivered() const noexcept { return delivered_.load(); }
-  std::uint64_t dropped() const noexcept { return dropped_.load(); }
-  std::uint64_t callback_errors() const noexcept { return callback_errors_.load(); }
+  std::uint64_t published() const noexcept;
+  std::uint64_t delivered() const noexcept;
+  std::uint64_t dropped() const noexcept;
+  std::uint64_t callback_errors() const noexcept;
+  // Failures of the dispatcher itself, outside any callback (e.g. memory
+  // exhausted while taking a batch). The dispatcher keeps running; a batch
+  // it could not hand out is tried again.
+  std::uint64_t dispatch_errors() const noexcept;
   std::size_t subscriber_count() const;
 
  private:
   struct Impl;
   std::unique_ptr<Impl> impl_;
-  std::atomic<std::uint64_t> published_{0};
-  std::atomic<std::uint64_t> delivered_{0};
-  std::atomic<std::uint64_t> dropped_{0};
-  std::atomic<std::uint64_t> callback_errors_{0};
 };
 
 }  // namespace taskmgr

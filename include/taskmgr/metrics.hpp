@@ -26,9 +26,9 @@ namespace taskmgr {
 
 struct DeviceMemoryMetrics {
   std::int64_t total_mb = 0;
-  std::int64_t reserved_mb = 0;  // sum of estimates of running tasks
-  std::int64_t observed_mb = 0;  // in use as the device's probe saw it
-  std::int64_t peak_task_mb = 0; // largest actual_memory_mb measured on it
+  std::int64_t reserved_mb = 0;   // sum of estimates of running tasks
+  std::int64_t observed_mb = 0;   // in use as the device's probe saw it
+  std::int64_t peak_task_mb = 0;  // largest actual_memory_mb measured on it
   bool available = true;
 };
 
@@ -73,6 +73,9 @@ struct TASKMGR_API TaskMetrics {
   std::uint64_t memory_warnings = 0;
   std::uint64_t queue_full_rejections = 0;
   std::uint64_t cleanup_failures = 0;  // cleanups that timed out or left something behind
+  // Failures the library caught on its own threads (a sweep, a worker loop,
+  // a timer) and state changes its state machine refused: a bug when not 0.
+  std::uint64_t internal_errors = 0;
   std::uint64_t events_published = 0;
   std::uint64_t events_dropped = 0;
   std::uint64_t callback_errors = 0;

@@ -2,34 +2,74 @@
 //
 // One instance is one tesseract::TessBaseAPI, initialised once (LSTM engine,
 // ocr.languages, ocr.tessdata_path or Debian's path) and reused for every
-// task; Clear() runs between tasks. Each worker thread that runs it limits
+// task; Clear() runs between tasks. The instance also holds a second, small
+// engine with Tesseract's orientation model (osd.traineddata), made with it
+// when ocr.orientation is "always", otherwise by the first page that needs
+// orientation detection, and kept warm. Each worker thread that runs it limits
 // OpenMP to one thread for itself (omp_set_num_threads(1)), so several
 // engines side by side do not oversubscribe the cores; the host's own OpenMP
 // use on other threads is untouched.
 //
-// Input: an image file path or encoded bytes (PNG, JPEG, TIFF including
-// multi-page TIFF, BMP, WebP), decoded with Leptonica; each TIFF page is a
-// page of the task, and batch_size pages are held and processed at once.
-// Unreadable input fails the task INVALID_INPUT with the reason.
+// Input: a file path or encoded bytes. Images (PNG, JPEG, TIFF including
+// multi-page TIFF, BMP, WebP) are decoded with Leptonica; each TIFF page is
+// a page of the task. A PDF (bytes starting "%PDF-") is rendered page by
+// page with poppler at the task's "dpi" (default ocr.pdf_dpi), to 8-bit
+// gray, or 24-bit RGB when the page has colour. batch_size pages are held
+// and processed at once. Every page's size is checked from its header (a
+// PDF's: its page box at the dpi) against ocr.max_pixels before decoding.
+// Unreadable input (truncated, corrupt, an encrypted PDF, a PDF of no
+// pages) fails the task INVALID_INPUT with the reason; nothing is printed.
 //
 // Task options (JSON object, all optional):
 //   "psm": 0..13                page segmentation mode (default ocr.page_segmentation_mode)
-//   "output": "text"|"hocr"|"tsv"   extra per-page output besides text (default "text")
+//   "output": "text"|"hocr"|"tsv"|"alto"|"pdf"
+//                               extra output besides text (default "text"): per page
+//                               "hocr"/"tsv"/"alto"; "pdf": one searchable PDF of the
+//                               task's pages (Tesseract's renderer: the page image,
+//                               an invisible text layer, pixels * 72 / dpi points)
 //   "words": true|false         word boxes with confidences (default true)
+//   "dpi": 72..1200             resolution PDF pages are rendered at (default ocr.pdf_dpi)
+//   "page": N | "pages": [first, last]
+//                               the pages of a PDF or multi-page TIFF to read (1-based,
+//                               inclusive; default all); a page past the document's
+//                               end fails INVALID_INPUT naming it and the page count
+//   "orientation": "auto"|"off"|"always"
+//                               Tesseract's orientation detection (default
+//                               ocr.orientation): "always" before every page, "auto"
+//                               when a page's first reading has a mean confidence under
+//                               70; a page found turned 90/180/270 degrees is turned
+//                               back and read (again) the right way up
 //   "preprocess": {"grayscale":bool, "target_dpi":int, "binarize":bool, "deskew":bool}
 //                               overrides of ocr.preprocess
+//   "source": string            the host's name for the input (e.g. taskmgr-ocr's page
+//                               identity); kept with the task, not used by the service
 //   "timeout_seconds": number   the task's deadline (the manager's option, for every
 //                               service): Tesseract's monitor stops at it -> TIMEOUT
+// Any other key, or a value of the wrong type or out of range, fails the
+// task INVALID_INPUT.
 //
 // Result (JSON): {"text": all pages, "mean_confidence": 0..100, "pages": [
-//   {"page": 1, "width": w, "height": h, "dpi": d, "text": "...",
-//    "mean_confidence": c, "words": [{"text","confidence","box":[x,y,w,h]}],
-//    "hocr"|"tsv": "..."}]}
-// Stages recorded as task_metrics samples: "load", "preprocess", "recognize".
+//   {"page": n (the document's page number), "width": w, "height": h,
+//    "dpi": d, "text": "...", "mean_confidence": c,
+//    "words": [{"text","confidence","box":[x,y,w,h]}],
+//    "orientation": {"checked": bool, "angle": 0|90|180|270, "confidence": c,
+//                    "applied": bool},
+//    "hocr"|"tsv"|"alto": "..."}],
+//  "pdf_base64": "..." (output "pdf" only)}
+// width/height/dpi/words describe the page as recognized: after
+// preprocessing's rescale and, when "applied", turned the right way up.
+// "angle" is the page's clockwise rotation OSD found (0 when not checked);
+// hOCR's ocr_page title then carries "x_orientation_angle",
+// "x_orientation_confidence" and "x_orientation_applied".
+// Stages recorded as task_metrics samples: "load", "preprocess",
+// "recognize", and "orientation" when OSD runs.
 #pragma once
 
+#include <cstdint>
 #include <memory>
+#include <string>
 #include <string_view>
+#include <vector>
 
 #include "taskmgr/config.hpp"
 #include "taskmgr/export.hpp"
@@ -38,6 +78,28 @@
 namespace taskmgr {
 
 TASKMGR_API std::shared_ptr<ServiceFactory> make_ocr_service(OcrConfig config);
+
+// One page of a document, as the OCR service would see it.
+struct PageInfo {
+  int page = 0;             // 1-based, as in the "page"/"pages" options and the result
+  std::int64_t width = 0;   // pixels; a PDF page: rendered at the dpi asked for
+  std::int64_t height = 0;  // pixels
+};
+
+struct DocumentInfo {
+  std::string media_type;  // "application/pdf", "image/tiff", "image/png", "image/jpeg", ...
+  std::vector<PageInfo> pages;
+};
+
+// The pages of a document before any task is made (one task per page, the
+// largest first, ...). Nothing is decoded: images are measured from their
+// headers (every page of a TIFF), PDF pages from their crop box (points *
+// pdf_dpi / 72, rounded, width and height swapped for pages turned 90 or
+// 270 degrees): the sizes the service's pages will have. Thread-safe.
+// Throws Error(kInvalidArgument) for pdf_dpi outside [72, 1200] or a file
+// that is not a readable image or PDF (encrypted, corrupt, no pages), and
+// Error(kNotFound) for a missing file; the message names the file.
+TASKMGR_API DocumentInfo describe_document(const std::string& path, int pdf_dpi = 300);
 
 // Character error rate of OCR text against a ground truth: Levenshtein
 // distance / ground-truth length, over UTF-8 bytes, with every whitespace run

@@ -62,14 +62,20 @@ class TASKMGR_API TaskContext {
   virtual const std::string& temp_dir() = 0;
 
   // Marks the start of a processing stage ("load", "recognize", ...): a
-  // task_metrics sample with the memory last reported.
+  // task_metrics sample with the memory last reported. Throws
+  // Error(kInvalidArgument) for a name that is not UTF-8.
   virtual void stage(std::string_view name) = 0;
   // Reports memory the task uses now (MB). The peak becomes actual_memory_mb.
-  // Throws TaskError(kMemoryLimitExceeded) past tasks.max_task_memory_mb, and
-  // OutOfMemoryError past the device's total.
+  // Throws TaskError(kMemoryLimitExceeded) past tasks.max_task_memory_mb (the
+  // task fails MEMORY_LIMIT_EXCEEDED, not retried), and OutOfMemoryError past
+  // the device's total (retried as out of memory).
   virtual void report_memory(std::int64_t mb) = 0;
 
-  // The result document (JSON). Empty is allowed.
+  // The result document. Empty is allowed; anything else must be strict
+  // JSON in UTF-8 with finite numbers (every reader parses it back), or
+  // this throws Error(kInvalidArgument) naming the byte or the number's
+  // JSON Pointer, and the result set before stays. (Let it escape and the
+  // task fails INVALID_INPUT, as every Error(kInvalidArgument) does.)
   virtual void set_result(std::string result_json) = 0;
 };
 

@@ -20,14 +20,11 @@
 // used by one thread at a time and must not outlive its pool.
 #pragma once
 
-#include <condition_variable>
 #include <cstdint>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
-#include <vector>
 
 #include "taskmgr/clock.hpp"
 #include "taskmgr/config.hpp"
@@ -39,9 +36,9 @@ namespace taskmgr {
 class TASKMGR_API ServicePool {
  public:
   struct Stats {
-    int in_use = 0;         // leased now
-    int idle = 0;           // created and free
-    int max = 0;            // max_instances in force
+    int in_use = 0;  // leased now
+    int idle = 0;    // created and free
+    int max = 0;     // max_instances in force
     std::uint64_t created = 0;
     std::uint64_t destroyed = 0;
     std::uint64_t acquired = 0;
@@ -85,8 +82,8 @@ class TASKMGR_API ServicePool {
   ServicePool(const ServicePool&) = delete;
   ServicePool& operator=(const ServicePool&) = delete;
 
-  const std::string& kind() const noexcept { return kind_; }
-  ServiceFactory& factory() noexcept { return *factory_; }
+  const std::string& kind() const noexcept;
+  ServiceFactory& factory() noexcept;
 
   // The spec's acquire(device): waits up to `timeout` (default: the pool's
   // acquire_timeout_seconds) for a free slot; Error(kPoolExhausted) after.
@@ -96,9 +93,15 @@ class TASKMGR_API ServicePool {
   // The spec's release(service): the same as destroying the lease.
   void release(Lease&& lease) noexcept;
 
-  // Creates instances until `device` has min_instances. Throws what the
-  // factory throws.
+  // Creates instances until `device` has min_instances, side by side: each
+  // on a thread of its own (the factory's create() runs there), returning
+  // when all are made. Throws what the factory throws (the first failure).
   void warm(const std::string& device);
+  // Destroys the idle instances now, on the calling thread (an instance's
+  // destructor may be host code: no lock of the pool is held); instances
+  // leased out go when they are released. The manager calls it when it
+  // closes, so a host's destroy_instance runs while the manager still works.
+  void destroy_idle();
 
   bool has_capacity(const std::string& device) const;
   PoolSettings settings(const std::string& device) const;
@@ -106,30 +109,8 @@ class TASKMGR_API ServicePool {
   std::map<std::string, Stats> stats() const;  // devices used so far
 
  private:
-  struct Instance {
-    std::string id;
-    std::unique_ptr<Service> service;
-  };
-  struct Sub {
-    PoolSettings settings;
-    std::vector<Instance> idle;
-    int in_use = 0;
-    std::uint64_t next_id = 1;
-    Stats stats;
-  };
-  Sub& sub_locked(const std::string& device);
-  Lease lease_locked(Sub& sub, const std::string& device);
-  void give_back(Lease& lease) noexcept;
-  std::unique_ptr<Service> create_instance(const std::string& device);
-
-  std::shared_ptr<ServiceFactory> factory_;
-  std::string kind_;
-  PoolsConfig config_;
-  int auto_max_cpu_;
-  std::shared_ptr<const Clock> clock_;
-  mutable std::mutex mu_;
-  std::condition_variable freed_;
-  std::map<std::string, Sub> subs_;
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
 };
 
 }  // namespace taskmgr

@@ -22,6 +22,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -46,16 +47,23 @@ struct TaskFilter {
   std::optional<TaskStatus> status;
   std::string service;    // "" = any
   std::size_t limit = 0;  // 0 = no limit; otherwise the newest `limit` tasks
+  // false: each task's result and input bytes are left empty (a listing of
+  // many tasks reads only what says how they stand; get_task reads one whole).
+  bool with_payloads = true;
 };
 
 // What a store has done since it opened (TaskMetrics::store).
 struct StoreStats {
-  std::uint64_t commits = 0;         // transactions committed
-  std::uint64_t writes = 0;          // writes committed: task inserts, updates, sample batches
-  std::uint64_t failed_writes = 0;   // asynchronous writes that failed at least once (kept, retried)
+  std::uint64_t commits = 0;        // transactions committed
+  std::uint64_t writes = 0;         // writes committed: task inserts, updates, sample batches
+  std::uint64_t failed_writes = 0;  // asynchronous writes that failed at least once (kept, retried)
   std::uint64_t dropped_writes = 0;  // given up: the backlog of failed writes overflowed
   std::uint64_t backlog = 0;         // failed writes waiting for a retry now
   std::uint64_t queued = 0;          // writes waiting for their commit now (or in one)
+  // The store's message for the most recent write that failed (e.g. "database
+  // or disk is full"); "" when none has failed since the store opened. It
+  // stays set after a retry succeeds: a host checks failed_writes and backlog.
+  std::string last_error;
 };
 
 // A task to insert with the events of its creation (created, and queued
@@ -100,21 +108,46 @@ class TASKMGR_API TaskStore {
 TASKMGR_API std::shared_ptr<TaskStore> make_memory_store();
 
 struct SqliteStoreOptions {
-  bool synchronous_full = false;     // FULL survives power loss; NORMAL (default) a process kill
-  double busy_timeout_seconds = 5;   // wait for a lock held by another connection
-  std::size_t max_batch = 1000;      // most writes committed in one transaction
+  bool synchronous_full = false;    // FULL survives power loss; NORMAL (default) a process kill
+  double busy_timeout_seconds = 5;  // wait for a lock held by another connection
+  std::size_t max_batch = 1000;     // most writes committed in one transaction
+  // The database may grow to about this many MiB (0 = no limit); past it
+  // writes fail as on a full disk: an insert is refused to its caller, other
+  // writes are kept and retried (StoreStats::failed_writes, last_error).
+  std::int64_t max_size_mb = 0;
   // Fault injection (tests): when set, the database may grow to this many
   // pages (0 = no limit), re-read before every commit; past it writes fail
   // as on a full disk.
   std::shared_ptr<std::atomic<std::int64_t>> page_limit;
+  // Fault injection (tests): called before each commit of queued writes,
+  // just before its COMMIT (the transaction open), on the thread that makes
+  // it: the writer thread, or a caller of insert_tasks leading a group
+  // commit. No lock of the store's readers is held, nor the one that
+  // insert_tasks, update_task and append_metrics take to queue a write. A
+  // hook that blocks (on a test's gate) holds the commit there:
+  //  * update_task and append_metrics still return at once (their writes go
+  //    into a later commit);
+  //  * insert_tasks waits: its insert goes into the next commit;
+  //  * reads, flush() and prune_finished wait: a read first waits until every
+  //    write queued before it is committed (read-your-writes), the held
+  //    commit's included.
+  // Never called twice at a time. It must not read, flush, prune or insert
+  // (they would wait for the commit it holds). An exception it throws, of
+  // any type, fails the commit as a failed COMMIT would: rolled back, a
+  // group's writes are tried again one by one (the hook is called before
+  // each), an insert that still fails is refused to its caller, other writes
+  // are kept and retried (StoreStats::failed_writes).
+  std::function<void()> before_commit;
 };
 
 // The embedded durable store: a SQLite database file in WAL mode, written by
 // one writer thread that commits queued writes in groups (many callers share
-// one commit), read through its own connection. Opening runs the schema
-// migrations (docs/STORAGE.md); a database from a newer taskmgr is refused
-// with Error(kIncompatible) and left untouched; a database another store
-// holds open (this process or another) is refused with Error(kBusy).
+// one commit), read through its own connection. Reads wait for a pending
+// commit: a read first waits until every write queued before it is
+// committed, so that it sees them. Opening runs the schema migrations
+// (docs/STORAGE.md); a database from a newer taskmgr is refused with
+// Error(kIncompatible) and left untouched; a database another store holds
+// open (this process or another) is refused with Error(kBusy).
 TASKMGR_API std::shared_ptr<TaskStore> open_sqlite_store(const std::string& path,
                                                          SqliteStoreOptions options = {});
 

@@ -37,20 +37,20 @@ enum class TaskStatus {
 enum class TaskFailureReason {
   kNone,
   // Existing reasons.
-  kProcessingError,     // the service failed for a reason not listed below
-  kInvalidInput,        // the input cannot be read or decoded
-  kTimeout,             // processing ran past its deadline
-  kQueueTimeout,        // waited longer than tasks.queue_timeout_seconds
-  kQueueFull,           // tasks.max_queue_size was reached
-  kCancelled,           // cancelled by the host
-  kMaxAttemptsExceeded, // a retryable failure repeated tasks.retry.max_attempts times
-  kServiceUnavailable,  // no service of the task's kind is registered
-  kInterrupted,         // the process died while the task ran, no attempts left
+  kProcessingError,      // the service failed for a reason not listed below
+  kInvalidInput,         // the input cannot be read or decoded
+  kTimeout,              // processing ran past its deadline
+  kQueueTimeout,         // waited longer than tasks.queue_timeout_seconds
+  kQueueFull,            // tasks.max_queue_size was reached
+  kCancelled,            // cancelled by the host
+  kMaxAttemptsExceeded,  // a retryable failure repeated tasks.retry.max_attempts times
+  kServiceUnavailable,   // no service of the task's kind is registered
+  kInterrupted,          // the process died while the task ran, no attempts left
   // New memory-related reasons (spec section 5).
-  kOutOfMemory,         // "out_of_memory"
-  kPoolExhausted,       // "pool_exhausted"
-  kDeviceUnavailable,   // "device_unavailable"
-  kMemoryLimitExceeded, // "memory_limit_exceeded"
+  kOutOfMemory,          // "out_of_memory"
+  kPoolExhausted,        // "pool_exhausted"
+  kDeviceUnavailable,    // "device_unavailable"
+  kMemoryLimitExceeded,  // "memory_limit_exceeded"
 };
 
 enum class TaskEvent {
@@ -86,8 +86,7 @@ TASKMGR_API const std::vector<TaskEvent>& all_task_events();
 
 // True for completed, failed and cancelled.
 constexpr bool is_terminal(TaskStatus s) noexcept {
-  return s == TaskStatus::kCompleted || s == TaskStatus::kFailed ||
-         s == TaskStatus::kCancelled;
+  return s == TaskStatus::kCompleted || s == TaskStatus::kFailed || s == TaskStatus::kCancelled;
 }
 
 // What a task works on: a file path, or encoded bytes held in memory (so C
@@ -105,10 +104,10 @@ struct TaskInput {
 struct TaskCreateRequest {
   std::string service = "ocr";  // service kind; must be registered
   TaskInput input;
-  int priority = 0;             // larger runs first
-  int batch_size = 1;           // pages held and processed at once (>= 1)
-  std::string device;           // requested device ("cpu", "cuda:0"); empty = any
-  std::string options_json;     // service options as a JSON object; empty = none
+  int priority = 0;          // larger runs first
+  int batch_size = 1;        // pages held and processed at once (>= 1)
+  std::string device;        // requested device ("cpu", "cuda:0"); empty = any
+  std::string options_json;  // service options as a JSON object; empty = none
   // Queue the task at once, as start_task(id) would, in the same step: it is
   // stored already queued (one commit for both), and a full queue refuses
   // the creation (QUEUE_FULL) instead of leaving the task pending.
@@ -118,13 +117,13 @@ struct TaskCreateRequest {
 // A task. Copies are snapshots: the manager owns the live state.
 struct Task {
   // Existing fields.
-  std::string id;               // 36-char UUID (version 7: time-ordered)
-  std::string service;          // service kind, e.g. "ocr"
+  std::string id;       // 36-char UUID (version 7: time-ordered)
+  std::string service;  // service kind, e.g. "ocr"
   TaskInput input;
-  std::string options_json;     // service options as given at creation/start
+  std::string options_json;  // service options as given at creation/start
   int priority = 0;
   TaskStatus status = TaskStatus::kPending;
-  int attempt = 0;              // attempts started so far (first run = 1)
+  int attempt = 0;  // attempts started so far (first run = 1)
   int batch_size = 1;
   TaskFailureReason failure_reason = TaskFailureReason::kNone;
   std::string failure_message;
@@ -132,7 +131,7 @@ struct Task {
   std::optional<Timestamp> queued_at;
   std::optional<Timestamp> started_at;
   std::optional<Timestamp> finished_at;
-  std::string result;           // service-defined result document (JSON); empty until completed
+  std::string result;  // service-defined result document (JSON); empty until completed
 
   // New resource-tracking fields (spec section 1).
   std::optional<std::int64_t> estimated_memory_mb;

@@ -21,18 +21,20 @@
 //
 // Errors a caller can cause are thrown as taskmgr::Error with their code:
 // kNotFound (unknown task id, service or device), kInvalidArgument (bad
-// request), kInvalidState (e.g. starting a task twice, or any call after
-// close()), kQueueFull (tasks.max_queue_size; the task stays pending and can
-// be started later), kDeviceUnavailable / kMemoryLimitExceeded (no device
-// can hold the task). A failure *inside* a task never throws here: it is the
-// task's failure_reason.
+// request), kInvalidState (e.g. starting a task twice, or any call that
+// changes something after close()), kQueueFull (tasks.max_queue_size; the task stays pending and
+// can be started later), kDeviceUnavailable / kMemoryLimitExceeded (no device can hold the task). A
+// failure *inside* a task never throws here: it is the task's failure_reason.
 //
 // Threads: the manager owns `executor.worker_threads` worker threads (the
 // services run there), one timer thread and the event bus's dispatcher
 // thread. Every public member is safe to call from any thread, including
-// from inside an event callback, except close() and the destructor (from a
-// callback they throw Error(kInvalidState) / would deadlock: never destroy
-// the manager from a callback).
+// from inside any host code the library calls (event callbacks, log sinks,
+// a service and its factory, supports(), a memory model), except close()
+// and the destructor: from there close() throws Error(kInvalidState) and
+// the destructor leaks the manager rather than wait for itself. The
+// library never calls host code with a lock of its own held
+// (docs/ARCHITECTURE.md, "Locks"), so such calls never deadlock.
 #pragma once
 
 #include <chrono>
@@ -58,10 +60,10 @@ namespace taskmgr {
 
 // The spec's TaskStartRequest: what may change when a task is started.
 struct TaskStartRequest {
-  std::string device;              // "" = keep the device chosen at creation
-  std::optional<int> priority;     // default: the priority given at creation
-  std::optional<int> batch_size;   // default: the batch size given at creation
-  std::string options_json;        // "" = keep the options given at creation
+  std::string device;             // "" = keep the device chosen at creation
+  std::optional<int> priority;    // default: the priority given at creation
+  std::optional<int> batch_size;  // default: the batch size given at creation
+  std::string options_json;       // "" = keep the options given at creation
 };
 
 struct TaskManagerOptions {
@@ -70,8 +72,11 @@ struct TaskManagerOptions {
   std::shared_ptr<DeviceRegistry> devices;  // default: probed/declared per config.devices
   LogSink log_sink;                         // default: warnings and errors to stderr
   std::vector<std::shared_ptr<ServiceFactory>> services;  // registered at open
-  bool builtin_ocr = true;  // register the OCR service ("ocr", per config.ocr) unless given above
-  unsigned random_seed = 0;                 // backoff jitter; 0 = random
+  // Subscribed before the store is recovered, so they also receive the
+  // events of recovery (tasks queued again, interrupted attempts retried).
+  std::vector<EventCallback> subscribers;
+  bool builtin_ocr = true;   // register the OCR service ("ocr", per config.ocr) unless given above
+  unsigned random_seed = 0;  // backoff jitter; 0 = random
   Duration sweep_interval = std::chrono::milliseconds(100);  // timeouts are checked this often
 };
 
@@ -100,7 +105,9 @@ class TASKMGR_API TaskManager {
   // pending. Returns the task as queued.
   Task start_task(const std::string& task_id, const TaskStartRequest& params = {});
   // Cancels a pending, queued or running task (running: cooperatively, via
-  // TaskContext::cancelled()). False when it had already ended.
+  // TaskContext::cancelled()); a task this cancels ends cancelled, even if
+  // its service then finishes the work (the result is dropped). False when
+  // it had already ended.
   bool cancel_task(const std::string& task_id);
 
   Task get_task(const std::string& task_id) const;
@@ -134,8 +141,15 @@ class TASKMGR_API TaskManager {
   MemoryEstimate explain_estimate(const TaskCreateRequest& request) const;
 
   // Stops accepting work, lets running tasks finish, leaves queued tasks
-  // queued in the store (a durable store resumes them at the next open).
-  // Idempotent. Error(kInvalidState) from inside an event callback.
+  // queued in the store (a durable store resumes them at the next open),
+  // then destroys the pools' instances (a host's instance destructor may
+  // still read the manager). Idempotent. Error(kInvalidState) from inside
+  // host code the library called. After it, calls that change something
+  // (register_service, create_task(s), start_task, cancel_task,
+  // set_device_available, subscribe) throw Error(kInvalidState); reads work;
+  // wait_task returns an ended task and throws Error(kInvalidState) for one
+  // that stays queued or pending, and wait_idle throws it too (waiters
+  // already waiting wake up).
   void close();
 
   const Config& config() const noexcept;

@@ -24,12 +24,8 @@
 #include <functional>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <optional>
-#include <set>
 #include <string>
-#include <string_view>
-#include <unordered_map>
 #include <vector>
 
 #include "taskmgr/clock.hpp"
@@ -76,13 +72,15 @@ class TASKMGR_API TaskQueue {
 
   // The spec's get_next_task(device): removes and returns the next task that
   // fits the device's free memory (and passes `eligible`, when given).
+  // `eligible` runs with the queue's lock held: it must not call the queue.
   std::optional<QueuedTask> get_next_task(const std::string& device,
                                           const Eligible& eligible = nullptr);
   // The same choice without removing it.
   std::optional<QueuedTask> peek_next_task(const std::string& device,
                                            const Eligible& eligible = nullptr);
 
-  // The spec's requeue_task(task): re-adds with priority - 1; never refused.
+  // The spec's requeue_task(task): re-adds with priority - 1 (the lowest
+  // priority stays the lowest); never refused.
   void requeue_task(QueuedTask task);
 
   // Removes a queued task (cancel, device change). False when not queued.
@@ -98,42 +96,8 @@ class TASKMGR_API TaskQueue {
   std::vector<QueuedTask> snapshot(const std::string& device) const;
 
  private:
-  struct Entry {
-    QueuedTask task;
-    mutable std::optional<SteadyTime> passed_over_since;
-  };
-  struct Order {
-    const Options* options;
-    bool operator()(const Entry& a, const Entry& b) const;
-  };
-  using DeviceQueue = std::set<Entry, Order>;
-  struct Location {
-    DeviceQueue* queue;
-    DeviceQueue::iterator it;
-  };
-
-  void insert_locked(QueuedTask task);
-  void erase_locked(std::string_view task_id);
-  std::optional<DeviceQueue::iterator> choose_locked(const std::string& device,
-                                                     const Eligible& eligible);
-
-  Options options_;
-  const DeviceRegistry& devices_;
-  std::shared_ptr<const Clock> clock_;
-  mutable std::mutex mu_;
-  // Set nodes never move: the index views each entry's own task_id, and a
-  // device's queue stays in queues_ once created (empty or not).
-  std::map<std::string, DeviceQueue> queues_;
-  std::unordered_map<std::string_view, std::uint64_t> index_;  // task id -> sequence
-  // Arrival order, which is also enqueued_at order (a monotonic clock): the
-  // oldest is first (queue timeout).
-  std::map<std::uint64_t, Location> by_seq_;
-  // Nodes of removed entries, reused by the next inserts (task_queue.cpp).
-  static constexpr std::size_t kNodeCache = 1024;
-  std::vector<DeviceQueue::node_type> free_entries_;
-  std::vector<std::map<std::uint64_t, Location>::node_type> free_seq_;
-  std::vector<std::unordered_map<std::string_view, std::uint64_t>::node_type> free_index_;
-  std::uint64_t next_sequence_ = 1;
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
 };
 
 }  // namespace taskmgr

@@ -1,12 +1,17 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <boost/container/small_vector.hpp>
 #include <cstdio>
 #include <fstream>
+#include <map>
 #include <sstream>
 #include <string>
 
 #include "devices/nvml.hpp"
+#include "forced_unwind.hpp"
+#include "host_call.hpp"
+#include "sync.hpp"
 #include "taskmgr/device.hpp"
 #include "taskmgr/error.hpp"
 
@@ -39,13 +44,15 @@ std::int64_t read_cgroup_bytes(const char* file) {
     rel = cg.substr(p + 3);
     rel = rel.substr(0, rel.find('\n'));
   }
-  for (const std::string& dir : {std::string("/sys/fs/cgroup") + rel, std::string("/sys/fs/cgroup")}) {
+  for (const std::string& dir :
+       {std::string("/sys/fs/cgroup") + rel, std::string("/sys/fs/cgroup")}) {
     std::string v = slurp((dir + "/" + file).c_str());
     if (v.empty()) continue;
     if (v.rfind("max", 0) == 0) return -1;
     try {
       return std::stoll(v);
     } catch (...) {
+      ::taskmgr::detail::rethrow_if_forced_unwind();
       return -1;
     }
   }
@@ -97,13 +104,27 @@ std::int64_t process_rss_mb() {
   return static_cast<std::int64_t>(pages_rss) * sysconf(_SC_PAGESIZE) / (1024 * 1024);
 }
 
-struct DeviceRegistry::Probe {
-  DevicesConfig config;
-  std::unique_ptr<detail::Nvml> nvml;
+struct DeviceRegistry::Impl {
+  struct Probe {
+    DevicesConfig config;
+    std::unique_ptr<detail::Nvml> nvml;
+  };
+  using Devices = std::map<std::string, DeviceInfo>;
+
+  Impl(Devices d, std::unique_ptr<Probe> p) : probe(std::move(p)), devices(std::move(d)) {}
+
+  // What refresh_observed() reads; null for a registry of given devices.
+  // Fixed at construction.
+  const std::unique_ptr<const Probe> probe;
+
+  detail::Mutex mu;
+  Devices devices GUARDED_BY(mu);
 };
 
-DeviceRegistry::DeviceRegistry(const DevicesConfig& config) : probe_(std::make_shared<Probe>()) {
-  probe_->config = config;
+DeviceRegistry::DeviceRegistry(const DevicesConfig& config) {
+  auto probe = std::make_unique<Impl::Probe>();
+  probe->config = config;
+  Impl::Devices devices;
   DeviceInfo cpu;
   cpu.id = "cpu";
   cpu.kind = DeviceKind::kCpu;
@@ -112,27 +133,27 @@ DeviceRegistry::DeviceRegistry(const DevicesConfig& config) : probe_(std::make_s
     cpu.source = "config";
   } else if (config.probe_cpu) {
     const CpuMemory m = probe_cpu_memory();
-    cpu.total_mb = static_cast<std::int64_t>(static_cast<double>(m.total_mb) *
-                                             config.cpu_memory_fraction);
+    cpu.total_mb =
+        static_cast<std::int64_t>(static_cast<double>(m.total_mb) * config.cpu_memory_fraction);
     cpu.observed_mb = m.used_mb;
     cpu.source = m.source;
   } else {
     cpu.total_mb = 1024;
     cpu.source = "default";
   }
-  devices_[cpu.id] = cpu;
+  devices[cpu.id] = cpu;
 
   if (config.probe_nvidia) {
-    probe_->nvml = detail::Nvml::load();
-    if (probe_->nvml) {
-      for (const auto& g : probe_->nvml->devices()) {
+    probe->nvml = detail::Nvml::load();
+    if (probe->nvml) {
+      for (const auto& g : probe->nvml->devices()) {
         DeviceInfo d;
         d.id = g.id;
         d.kind = DeviceKind::kGpu;
         d.total_mb = g.total_mb;
         d.observed_mb = g.used_mb;
         d.source = "nvml";
-        devices_[d.id] = d;
+        devices[d.id] = d;
       }
     }
   }
@@ -142,156 +163,189 @@ DeviceRegistry::DeviceRegistry(const DevicesConfig& config) : probe_(std::make_s
     d.kind = decl.kind == "cpu" ? DeviceKind::kCpu : DeviceKind::kGpu;
     d.total_mb = decl.memory_mb;
     d.source = "config";
-    devices_[d.id] = d;
+    devices[d.id] = d;
   }
+  impl_ = std::make_unique<Impl>(std::move(devices), std::move(probe));
 }
 
-DeviceRegistry::DeviceRegistry(std::vector<DeviceInfo> devices) {
-  for (auto& d : devices) {
+DeviceRegistry::DeviceRegistry(std::vector<DeviceInfo> given) {
+  Impl::Devices devices;
+  for (auto& d : given) {
     if (d.id.empty() || d.total_mb <= 0) {
       throw Error(ErrorCode::kInvalidArgument,
                   "device '" + d.id + "' needs an id and a total memory > 0");
     }
     if (d.source.empty()) d.source = "given";
     const std::string id = d.id;
-    devices_[id] = std::move(d);
+    devices[id] = std::move(d);
   }
-  if (devices_.empty()) throw Error(ErrorCode::kInvalidArgument, "a registry needs a device");
+  if (devices.empty()) throw Error(ErrorCode::kInvalidArgument, "a registry needs a device");
+  impl_ = std::make_unique<Impl>(std::move(devices), nullptr);
 }
 
 DeviceRegistry::~DeviceRegistry() = default;
 
 std::vector<DeviceInfo> DeviceRegistry::list() const {
-  std::lock_guard<std::mutex> g(mu_);
+  Impl& im = *impl_;
+  detail::MutexLock g(im.mu);
   std::vector<DeviceInfo> out;
-  out.reserve(devices_.size());
-  if (auto it = devices_.find("cpu"); it != devices_.end()) out.push_back(it->second);
-  for (const auto& [id, d] : devices_) {
+  out.reserve(im.devices.size());
+  if (auto it = im.devices.find("cpu"); it != im.devices.end()) out.push_back(it->second);
+  for (const auto& [id, d] : im.devices) {
     if (id != "cpu") out.push_back(d);
   }
   return out;
 }
 
 std::optional<DeviceInfo> DeviceRegistry::get(const std::string& id) const {
-  std::lock_guard<std::mutex> g(mu_);
-  auto it = devices_.find(id);
-  if (it == devices_.end()) return std::nullopt;
+  Impl& im = *impl_;
+  detail::MutexLock g(im.mu);
+  auto it = im.devices.find(id);
+  if (it == im.devices.end()) return std::nullopt;
   return it->second;
 }
 
 std::optional<std::int64_t> DeviceRegistry::free_memory(const std::string& id) const {
-  std::lock_guard<std::mutex> g(mu_);
-  auto it = devices_.find(id);
-  if (it == devices_.end() || !it->second.available) return std::nullopt;
+  Impl& im = *impl_;
+  detail::MutexLock g(im.mu);
+  auto it = im.devices.find(id);
+  if (it == im.devices.end() || !it->second.available) return std::nullopt;
   return it->second.free_mb();
 }
 
 std::vector<std::string> DeviceRegistry::ids() const {
-  std::lock_guard<std::mutex> g(mu_);
+  Impl& im = *impl_;
+  detail::MutexLock g(im.mu);
   std::vector<std::string> out;
-  if (devices_.count("cpu")) out.push_back("cpu");
-  for (const auto& [id, d] : devices_) {
+  if (im.devices.count("cpu")) out.push_back("cpu");
+  for (const auto& [id, d] : im.devices) {
     if (id != "cpu") out.push_back(id);
   }
   return out;
 }
 
 bool DeviceRegistry::contains(const std::string& id) const {
-  std::lock_guard<std::mutex> g(mu_);
-  return devices_.count(id) != 0;
+  Impl& im = *impl_;
+  detail::MutexLock g(im.mu);
+  return im.devices.count(id) != 0;
 }
 
+// `allowed` is host code (ServiceFactory::supports), which may call back
+// into the registry: the choice is made on a snapshot, outside the lock, and
+// asks `allowed` once per device. The snapshot costs one allocation: a
+// handful of devices, whose short ids and sources fit in their strings.
 std::string DeviceRegistry::select_device(
     std::int64_t estimate_mb, const std::string& requested,
     const std::function<bool(const DeviceInfo&)>& allowed) const {
-  std::lock_guard<std::mutex> g(mu_);
-  auto usable = [&](const DeviceInfo& d) { return d.available && (!allowed || allowed(d)); };
+  struct Candidate {
+    DeviceInfo d;
+    bool supported = true;
+    bool usable() const { return d.available && supported; }
+  };
+  // In id order; inline for a handful of devices (no allocation per call:
+  // this runs for every task created).
+  boost::container::small_vector<Candidate, 4> devices;
+  {
+    Impl& im = *impl_;
+    detail::MutexLock g(im.mu);
+    for (const auto& [id, d] : im.devices) devices.push_back(Candidate{d});
+  }
+  if (allowed) {
+    TASKMGR_HOST_CALL("DeviceRegistry::select_device: allowed");
+    for (Candidate& c : devices) c.supported = allowed(c.d);
+  }
   if (!requested.empty()) {
-    auto it = devices_.find(requested);
-    if (it == devices_.end()) {
+    auto it = std::find_if(devices.begin(), devices.end(),
+                           [&](const Candidate& c) { return c.d.id == requested; });
+    if (it == devices.end()) {
       std::string known;
-      for (const auto& [id, d] : devices_) known += (known.empty() ? "" : ", ") + id;
+      for (const Candidate& c : devices) known += (known.empty() ? "" : ", ") + c.d.id;
       throw Error(ErrorCode::kNotFound,
                   "unknown device '" + requested + "' (devices: " + known + ")");
     }
-    if (usable(it->second) && estimate_mb <= it->second.total_mb) return requested;
+    if (it->usable() && estimate_mb <= it->d.total_mb) return requested;
   }
   const DeviceInfo* best_gpu = nullptr;
-  for (const auto& [id, d] : devices_) {
-    if (d.kind != DeviceKind::kGpu || !usable(d) || d.free_mb() < estimate_mb) continue;
+  for (const Candidate& c : devices) {
+    const DeviceInfo& d = c.d;
+    if (d.kind != DeviceKind::kGpu || !c.usable() || d.free_mb() < estimate_mb) continue;
     if (best_gpu == nullptr || d.free_mb() > best_gpu->free_mb()) best_gpu = &d;
   }
   if (best_gpu != nullptr) return best_gpu->id;
-  auto cpu = devices_.find("cpu");
-  if (cpu != devices_.end() && usable(cpu->second) && estimate_mb <= cpu->second.total_mb) {
-    return "cpu";
+  for (const Candidate& c : devices) {
+    if (c.d.id == "cpu" && c.usable() && estimate_mb <= c.d.total_mb) return "cpu";
   }
   // Nothing has room now: any device whose total holds it (it waits in queue).
   const DeviceInfo* roomiest = nullptr;
-  for (const auto& [id, d] : devices_) {
-    if (!usable(d) || estimate_mb > d.total_mb) continue;
-    if (roomiest == nullptr || d.total_mb > roomiest->total_mb) roomiest = &d;
+  for (const Candidate& c : devices) {
+    if (!c.usable() || estimate_mb > c.d.total_mb) continue;
+    if (roomiest == nullptr || c.d.total_mb > roomiest->total_mb) roomiest = &c.d;
   }
   if (roomiest != nullptr) return roomiest->id;
 
-  std::string msg = "no device can hold a task estimated at " + std::to_string(estimate_mb) +
-                    " MB";
+  std::string msg = "no device can hold a task estimated at " + std::to_string(estimate_mb) + " MB";
   if (!requested.empty()) msg += " (requested " + requested + ")";
   msg += ": ";
   bool first = true;
-  for (const auto& [id, d] : devices_) {
-    msg += (first ? "" : "; ") + describe(d);
-    if (allowed && !allowed(d)) msg += " (not supported by the service)";
+  for (const Candidate& c : devices) {
+    msg += (first ? "" : "; ") + describe(c.d);
+    if (!c.supported) msg += " (not supported by the service)";
     first = false;
   }
   throw Error(ErrorCode::kDeviceUnavailable, msg);
 }
 
 bool DeviceRegistry::reserve(const std::string& id, std::int64_t mb, bool force) {
-  std::lock_guard<std::mutex> g(mu_);
-  auto it = devices_.find(id);
-  if (it == devices_.end()) return false;
+  Impl& im = *impl_;
+  detail::MutexLock g(im.mu);
+  auto it = im.devices.find(id);
+  if (it == im.devices.end()) return false;
   if (!force && it->second.free_mb() < mb) return false;
   it->second.reserved_mb += mb;
   return true;
 }
 
 void DeviceRegistry::release(const std::string& id, std::int64_t mb) {
-  std::lock_guard<std::mutex> g(mu_);
-  auto it = devices_.find(id);
-  if (it == devices_.end()) return;
+  Impl& im = *impl_;
+  detail::MutexLock g(im.mu);
+  auto it = im.devices.find(id);
+  if (it == im.devices.end()) return;
   it->second.reserved_mb = std::max<std::int64_t>(0, it->second.reserved_mb - mb);
 }
 
 void DeviceRegistry::set_available(const std::string& id, bool available) {
-  std::lock_guard<std::mutex> g(mu_);
-  auto it = devices_.find(id);
-  if (it == devices_.end()) throw Error(ErrorCode::kNotFound, "unknown device '" + id + "'");
+  Impl& im = *impl_;
+  detail::MutexLock g(im.mu);
+  auto it = im.devices.find(id);
+  if (it == im.devices.end()) throw Error(ErrorCode::kNotFound, "unknown device '" + id + "'");
   it->second.available = available;
 }
 
 void DeviceRegistry::refresh_observed() {
-  if (!probe_) return;
+  Impl& im = *impl_;
+  if (!im.probe) return;
+  // The probes read files and NVML: outside the lock.
   CpuMemory cpu;
-  const bool probe_cpu = probe_->config.probe_cpu;
+  const bool probe_cpu = im.probe->config.probe_cpu;
   if (probe_cpu) cpu = probe_cpu_memory();
   std::vector<detail::GpuMemory> gpus;
-  if (probe_->nvml) gpus = probe_->nvml->devices();
-  std::lock_guard<std::mutex> g(mu_);
+  if (im.probe->nvml) gpus = im.probe->nvml->devices();
+  detail::MutexLock g(im.mu);
   if (probe_cpu) {
-    auto it = devices_.find("cpu");
-    if (it != devices_.end()) it->second.observed_mb = cpu.used_mb;
+    auto it = im.devices.find("cpu");
+    if (it != im.devices.end()) it->second.observed_mb = cpu.used_mb;
   }
   for (const auto& gpu : gpus) {
-    auto it = devices_.find(gpu.id);
-    if (it != devices_.end() && it->second.source == "nvml") it->second.observed_mb = gpu.used_mb;
+    auto it = im.devices.find(gpu.id);
+    if (it != im.devices.end() && it->second.source == "nvml") it->second.observed_mb = gpu.used_mb;
   }
 }
 
 void DeviceRegistry::set_observed(const std::string& id, std::int64_t mb) {
-  std::lock_guard<std::mutex> g(mu_);
-  auto it = devices_.find(id);
-  if (it != devices_.end()) it->second.observed_mb = mb;
+  Impl& im = *impl_;
+  detail::MutexLock g(im.mu);
+  auto it = im.devices.find(id);
+  if (it != im.devices.end()) it->second.observed_mb = mb;
 }
 
 }  // namespace taskmgr

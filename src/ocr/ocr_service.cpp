@@ -1,7 +1,6 @@
 // The built-in OCR service: Leptonica decodes, OpenCV preprocesses,
 // Tesseract recognizes, on an engine initialised once per instance.
 #include <leptonica/allheaders.h>
-#include <dlfcn.h>
 #include <omp.h>
 #include <sys/stat.h>
 #include <tesseract/baseapi.h>
@@ -9,20 +8,23 @@
 #include <tesseract/resultiterator.h>
 
 #include <algorithm>
-#include <cctype>
-#include <cstdarg>
 #include <boost/json.hpp>
+#include <cctype>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <memory>
-#include <optional>
 #include <mutex>
 #include <opencv2/core.hpp>
 #include <opencv2/imgproc.hpp>
+#include <optional>
 #include <sstream>
 
+#include "input_requirement.hpp"
+#include "ocr/document.hpp"
+#include "ocr/pdf_output.hpp"
 #include "taskmgr/device.hpp"
 #include "taskmgr/error.hpp"
 #include "taskmgr/ocr.hpp"
@@ -34,12 +36,7 @@ namespace json = boost::json;
 
 constexpr std::int64_t kMaxSide = 32767;  // Tesseract's limit per side
 
-struct PixDeleter {
-  void operator()(Pix* p) const noexcept {
-    if (p != nullptr) pixDestroy(&p);
-  }
-};
-using PixPtr = std::unique_ptr<Pix, PixDeleter>;
+using ocr::PixPtr;
 
 struct TextDeleter {
   void operator()(char* p) const noexcept { delete[] p; }
@@ -49,12 +46,20 @@ using TextPtr = std::unique_ptr<char[], TextDeleter>;
 std::string find_tessdata(const std::string& configured) {
   if (!configured.empty()) return configured;
   if (const char* env = std::getenv("TESSDATA_PREFIX"); env != nullptr && *env != '\0') return env;
-  for (const char* dir : {"/usr/share/tesseract-ocr/5/tessdata", "/usr/share/tesseract-ocr/4.00/tessdata",
-                          "/usr/share/tessdata"}) {
+  for (const char* dir : {"/usr/share/tesseract-ocr/5/tessdata",
+                          "/usr/share/tesseract-ocr/4.00/tessdata", "/usr/share/tessdata"}) {
     struct stat st {};
     if (::stat(dir, &st) == 0) return dir;
   }
   return "";
+}
+
+enum class Orientation { kAuto, kOff, kAlways };
+
+Orientation parse_orientation(std::string_view s) {
+  if (s == "off") return Orientation::kOff;
+  if (s == "always") return Orientation::kAlways;
+  return Orientation::kAuto;
 }
 
 // Options of one task, over the service's defaults.
@@ -63,19 +68,26 @@ struct TaskOptions {
   std::string output = "text";
   bool words = true;
   PreprocessConfig pre;
+  int dpi = 300;       // PDF pages are rendered at this resolution
+  int first_page = 0;  // 1-based, inclusive; 0 = the document's first
+  int last_page = 0;   // 0 = the document's last
+  Orientation orientation = Orientation::kAuto;
 };
 
 TaskOptions parse_options(const std::string& text, const OcrConfig& defaults) {
   TaskOptions o;
   o.psm = defaults.page_segmentation_mode;
   o.pre = defaults.preprocess;
+  o.dpi = defaults.pdf_dpi;
+  o.orientation = parse_orientation(defaults.orientation);
   if (text.empty()) return o;
   boost::system::error_code ec;
   const json::value v = json::parse(text, ec);
   if (ec || !v.is_object()) throw InvalidInputError("options are not a JSON object");
   const auto& obj = v.as_object();
   auto get_bool = [](const json::value& x, const char* what) {
-    if (!x.is_bool()) throw InvalidInputError(std::string("option ") + what + " must be true or false");
+    if (!x.is_bool())
+      throw InvalidInputError(std::string("option ") + what + " must be true or false");
     return x.as_bool();
   };
   auto get_int = [](const json::value& x, const char* what, int lo, int hi) {
@@ -85,26 +97,60 @@ TaskOptions parse_options(const std::string& text, const OcrConfig& defaults) {
     }
     return static_cast<int>(x.as_int64());
   };
+  constexpr int kMaxPage = 1'000'000'000;
   for (const auto& [key, val] : obj) {
     if (key == "psm") {
       o.psm = get_int(val, "psm", 0, 13);
     } else if (key == "output") {
-      if (!val.is_string() || (val.as_string() != "text" && val.as_string() != "hocr" &&
-                               val.as_string() != "tsv")) {
-        throw InvalidInputError("option output must be \"text\", \"hocr\" or \"tsv\"");
+      static constexpr std::string_view kOutputs[] = {"text", "hocr", "tsv", "alto", "pdf"};
+      if (!val.is_string() || std::find(std::begin(kOutputs), std::end(kOutputs),
+                                        std::string_view(val.as_string())) == std::end(kOutputs)) {
+        throw InvalidInputError(
+            "option output must be \"text\", \"hocr\", \"tsv\", \"alto\" or \"pdf\"");
       }
       o.output = std::string(val.as_string());
     } else if (key == "words") {
       o.words = get_bool(val, "words");
+    } else if (key == "dpi") {
+      o.dpi = get_int(val, "dpi", 72, 1200);
+    } else if (key == "page") {
+      if (obj.contains("pages"))
+        throw InvalidInputError("options page and pages exclude each other");
+      o.first_page = o.last_page = get_int(val, "page", 1, kMaxPage);
+    } else if (key == "pages") {
+      if (!val.is_array() || val.as_array().size() != 2) {
+        throw InvalidInputError("option pages must be [first, last] (1-based, inclusive)");
+      }
+      o.first_page = get_int(val.as_array()[0], "pages[0]", 1, kMaxPage);
+      o.last_page = get_int(val.as_array()[1], "pages[1]", 1, kMaxPage);
+      if (o.first_page > o.last_page) {
+        throw InvalidInputError("option pages: the first page (" + std::to_string(o.first_page) +
+                                ") is after the last (" + std::to_string(o.last_page) + ")");
+      }
+    } else if (key == "orientation") {
+      if (!val.is_string() ||
+          (val.as_string() != "auto" && val.as_string() != "off" && val.as_string() != "always")) {
+        throw InvalidInputError("option orientation must be \"auto\", \"off\" or \"always\"");
+      }
+      o.orientation = parse_orientation(val.as_string());
     } else if (key == "preprocess") {
       if (!val.is_object()) throw InvalidInputError("option preprocess must be an object");
       for (const auto& [pk, pv] : val.as_object()) {
-        if (pk == "grayscale") o.pre.grayscale = get_bool(pv, "preprocess.grayscale");
-        else if (pk == "binarize") o.pre.binarize = get_bool(pv, "preprocess.binarize");
-        else if (pk == "deskew") o.pre.deskew = get_bool(pv, "preprocess.deskew");
-        else if (pk == "target_dpi") o.pre.target_dpi = get_int(pv, "preprocess.target_dpi", 0, 1200);
-        else throw InvalidInputError("unknown option preprocess." + std::string(pk));
+        if (pk == "grayscale")
+          o.pre.grayscale = get_bool(pv, "preprocess.grayscale");
+        else if (pk == "binarize")
+          o.pre.binarize = get_bool(pv, "preprocess.binarize");
+        else if (pk == "deskew")
+          o.pre.deskew = get_bool(pv, "preprocess.deskew");
+        else if (pk == "target_dpi")
+          o.pre.target_dpi = get_int(pv, "preprocess.target_dpi", 0, 1200);
+        else
+          throw InvalidInputError("unknown option preprocess." + std::string(pk));
       }
+    } else if (key == "source") {
+      // The host's name for what the task reads (taskmgr-ocr: the page's
+      // identity, by which it resumes); kept with the task, not used here.
+      if (!val.is_string()) throw InvalidInputError("option source must be a string");
     } else if (key == "timeout_seconds") {
       // The library's own option (the attempt's deadline): the manager reads it.
     } else if (key != "mb") {  // "mb" is read by test estimators; ignored here
@@ -118,11 +164,19 @@ std::vector<std::uint8_t> read_input(const TaskInput& in) {
   if (!in.data.empty()) return in.data;
   if (in.path.empty()) throw InvalidInputError("the task has no input (no path, no bytes)");
   struct stat st {};
-  if (::stat(in.path.c_str(), &st) != 0) throw InvalidInputError("cannot read " + in.path + ": no such file");
-  if (S_ISDIR(st.st_mode)) throw InvalidInputError("cannot read " + in.path + ": it is a directory");
+  if (::stat(in.path.c_str(), &st) != 0)
+    throw InvalidInputError("cannot read " + in.path + ": no such file");
+  if (S_ISDIR(st.st_mode))
+    throw InvalidInputError("cannot read " + in.path + ": it is a directory");
+  if (!S_ISREG(st.st_mode)) {
+    // A FIFO would block the worker for good, /dev/zero never end.
+    throw InvalidInputError("cannot read " + in.path +
+                            ": not a regular file (a FIFO, socket or device)");
+  }
   std::ifstream f(in.path, std::ios::binary);
   if (!f) throw InvalidInputError("cannot open " + in.path);
-  std::vector<std::uint8_t> bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  std::vector<std::uint8_t> bytes((std::istreambuf_iterator<char>(f)),
+                                  std::istreambuf_iterator<char>());
   if (bytes.empty()) throw InvalidInputError(in.path + " is empty");
   return bytes;
 }
@@ -157,18 +211,21 @@ double estimate_skew_degrees(const cv::Mat& gray) {
   return angle;
 }
 
-// The width and height a PNG declares in its first chunk (IHDR), read
-// without a decoder; nullopt when the bytes are not a PNG.
-std::optional<std::pair<std::int64_t, std::int64_t>> png_size(const std::uint8_t* p, std::size_t n) {
-  if (n < 24 || std::memcmp(p, "\x89PNG\r\n\x1a\n", 8) != 0 || std::memcmp(p + 12, "IHDR", 4) != 0) {
-    return std::nullopt;
-  }
-  auto be32 = [&](std::size_t at) {
-    return static_cast<std::int64_t>((std::uint32_t{p[at]} << 24) | (std::uint32_t{p[at + 1]} << 16) |
-                                     (std::uint32_t{p[at + 2]} << 8) | std::uint32_t{p[at + 3]});
-  };
-  return std::make_pair(be32(16), be32(20));
-}
+// Orientation detection (Tesseract's OSD) of one page.
+struct PageOrientation {
+  bool checked = false;  // OSD ran on the page
+  int angle = 0;         // the page's clockwise rotation, as detected: 0, 90, 180, 270
+  double confidence = 0;
+  bool applied = false;  // the page was rotated back before the recognition reported
+};
+
+// "auto": a first recognition whose mean confidence is under this runs OSD
+// (upright pages measured 86..96, pages turned 90/180/270 degrees 30..47:
+// docs/OCR.md).
+constexpr double kAutoOsdBelowConfidence = 70;
+// OSD's orientation confidence needed to rotate a page (a page of a few
+// words measured 1.5..4, a page of text 9..10; an empty page fails OSD).
+constexpr double kMinOsdConfidence = 1.5;
 
 class OcrService final : public Service {
  public:
@@ -181,83 +238,78 @@ class OcrService final : public Service {
                                "' and tessdata '" + (tessdata_.empty() ? "(default)" : tessdata_) +
                                "': is the language data installed (tesseract-ocr-eng)?");
     }
+    // The orientation engine is warm from the start when every page uses
+    // it ("always"); with "auto" most pages never do (upright ones read
+    // well), so it is loaded by the first page that needs it.
+    if (parse_orientation(config.orientation) == Orientation::kAlways) init_osd();
   }
 
   void process(TaskContext& ctx) override {
     limit_openmp();
     const TaskOptions opt = parse_options(ctx.options_json(), config_);
     ctx.stage("load");
-    const std::vector<std::uint8_t> bytes = read_input(ctx.input());
-    l_int32 format = 0, w = 0, h = 0, bps = 0, spp = 0, iscmap = 0;
-    // PNG declares its size in the first chunk: check it before any decoder
-    // (a 100000x100000 header must not get as far as an allocation).
-    if (const auto png = png_size(bytes.data(), bytes.size())) {
-      check_size(png->first, png->second, ctx.input());
+    const std::unique_ptr<ocr::Document> doc =
+        ocr::Document::open(read_input(ctx.input()), describe(ctx.input()), opt.dpi);
+    const int count = doc->page_count();
+    const int first = opt.first_page > 0 ? opt.first_page : 1;
+    const int last = opt.last_page > 0 ? opt.last_page : count;
+    for (const int p : {first, last}) {
+      if (p > count) {
+        throw InvalidInputError("page " + std::to_string(p) +
+                                " is out of range: the document has " + std::to_string(count) +
+                                (count == 1 ? " page: " : " pages: ") + doc->what());
+      }
     }
-    if (pixReadHeaderMem(bytes.data(), bytes.size(), &format, &w, &h, &bps, &spp, &iscmap) != 0 ||
-        w <= 0 || h <= 0) {
-      throw InvalidInputError("not a readable image (PNG, JPEG, TIFF, BMP or WebP): " +
-                              describe(ctx.input()));
+    // Every page's declared size is checked before it is decoded (a header
+    // of 100000 x 100000 pixels never gets as far as an allocation).
+    check_size(*doc, first);
+    std::unique_ptr<ocr::PdfOutput> pdf;
+    if (opt.output == "pdf") {
+      const std::string fonts = ocr::find_pdf_font_dir(tessdata_);
+      if (fonts.empty()) {
+        throw TaskError(TaskFailureReason::kProcessingError,
+                        "output \"pdf\" needs Tesseract's pdf.ttf (tesseract-ocr's tessdata)");
+      }
+      pdf = std::make_unique<ocr::PdfOutput>(ctx.temp_dir(), fonts);
     }
-    check_size(w, h, ctx.input());
-    const bool tiff = L_FORMAT_IS_TIFF(format);
     json::array pages;
     std::string all_text;
     double conf_sum = 0;
-    int page_no = 0;
     const int batch = std::max(1, ctx.batch_size());
-    bool more = true;
-    while (more) {
+    for (int next = first; next <= last;) {
       // Decode up to batch_size pages, then recognize them: the batch is what
       // an out-of-memory retry shrinks.
-      std::vector<PixPtr> held;
-      for (int i = 0; i < batch; ++i) {
-        if (tiff && page_no + i > 0) {
-          // Each further page of a TIFF declares its own size: check it first.
-          l_int32 pw = 0, ph = 0, pbps = 0, pspp = 0, pres = 0, pcmap = 0, pformat = 0;
-          if (readHeaderMemTiff(bytes.data(), bytes.size(), page_no + i, &pw, &ph, &pbps, &pspp,
-                                &pres, &pcmap, &pformat) != 0) {
-            more = false;  // no such page: the document ended
-            break;
-          }
-          check_size(pw, ph, ctx.input(), page_no + i + 1);
-        }
-        PixPtr pix(tiff ? pixReadMemTiff(bytes.data(), bytes.size(), page_no + i)
-                        : (page_no + i == 0 ? pixReadMem(bytes.data(), bytes.size()) : nullptr));
-        if (!pix) {
-          more = false;
-          break;
-        }
-        held.push_back(std::move(pix));
+      std::vector<std::pair<int, PixPtr>> held;
+      for (; next <= last && static_cast<int>(held.size()) < batch; ++next) {
+        ctx.throw_if_cancelled();
+        check_size(*doc, next);
+        held.emplace_back(next, doc->load(next));
       }
-      if (held.empty() && page_no == 0) {
-        throw InvalidInputError("cannot decode the image (truncated or corrupt): " + describe(ctx.input()));
-      }
-      std::int64_t held_bytes = static_cast<std::int64_t>(bytes.size());
-      for (const auto& p : held) {
+      std::int64_t held_bytes = static_cast<std::int64_t>(doc->byte_size());
+      for (const auto& [no, p] : held) {
         held_bytes += static_cast<std::int64_t>(pixGetWpl(p.get())) * 4 * pixGetHeight(p.get());
       }
       ctx.report_memory(std::max<std::int64_t>(1, held_bytes >> 20) + engine_mb());
-      for (auto& pix : held) {
+      for (auto& [page_no, pix] : held) {
         ctx.throw_if_cancelled();
-        ++page_no;
-        pages.push_back(recognize(ctx, opt, pix.get(), page_no, held_bytes));
+        pages.push_back(read_page(ctx, opt, std::move(pix), page_no, held_bytes, pdf.get()));
         const auto& pg = pages.back().as_object();
         all_text += std::string(pg.at("text").as_string());
         conf_sum += pg.at("mean_confidence").as_double();
       }
-      if (!tiff) more = false;
     }
     json::object result;
     result["text"] = all_text;
     result["mean_confidence"] = pages.empty() ? 0.0 : conf_sum / static_cast<double>(pages.size());
     result["pages"] = std::move(pages);
+    if (pdf) result["pdf_base64"] = ocr::base64_encode(pdf->finish());
     ctx.set_result(json::serialize(result));
   }
 
   void cleanup_task(const std::string&) noexcept override {
     try {
       api_.Clear();
+      if (osd_) osd_->Clear();
     } catch (...) {
     }
   }
@@ -265,16 +317,18 @@ class OcrService final : public Service {
  private:
   // Before any decoding: a page's declared size against Tesseract's limit per
   // side and ocr.max_pixels.
-  void check_size(std::int64_t w, std::int64_t h, const TaskInput& in, int page = 1) const {
+  void check_size(const ocr::Document& doc, int page) const {
+    std::int64_t w = 0, h = 0;
+    doc.page_size(page, &w, &h);
     const std::string what = "page " + std::to_string(page) + " of " + std::to_string(w) + "x" +
                              std::to_string(h) + " pixels";
     if (w > kMaxSide || h > kMaxSide) {
       throw InvalidInputError(what + " exceeds Tesseract's limit of " + std::to_string(kMaxSide) +
-                              " pixels per side: " + describe(in));
+                              " pixels per side: " + doc.what());
     }
     if (w * h > config_.max_pixels) {
       throw InvalidInputError(what + " exceeds ocr.max_pixels = " +
-                              std::to_string(config_.max_pixels) + ": " + describe(in));
+                              std::to_string(config_.max_pixels) + ": " + doc.what());
     }
   }
 
@@ -298,6 +352,112 @@ class OcrService final : public Service {
     // once per process as the resident size an initialised engine adds is
     // not cheap to isolate; a fixed allowance stands for it.
     return 40;
+  }
+
+  // A second, small engine with Tesseract's legacy OSD model: the LSTM-only
+  // recognition engine cannot detect orientation itself.
+  void init_osd() {
+    if (osd_) return;
+    auto osd = std::make_unique<tesseract::TessBaseAPI>();
+    if (osd->Init(tessdata_.empty() ? nullptr : tessdata_.c_str(), "osd",
+                  tesseract::OEM_TESSERACT_ONLY) != 0) {
+      throw std::runtime_error(
+          "cannot initialise Tesseract's orientation detection from tessdata '" +
+          (tessdata_.empty() ? "(default)" : tessdata_) +
+          "': is osd.traineddata installed (tesseract-ocr-osd)? "
+          "ocr.orientation: off does without it");
+    }
+    osd->SetPageSegMode(tesseract::PSM_OSD_ONLY);
+    osd_ = std::move(osd);
+  }
+
+  PageOrientation detect_orientation(TaskContext& ctx, Pix* pix) {
+    ctx.stage("orientation");
+    if (!osd_) {
+      try {
+        init_osd();
+      } catch (const std::exception& e) {
+        throw TaskError(TaskFailureReason::kProcessingError, e.what());
+      }
+    }
+    PageOrientation o;
+    o.checked = true;
+    const int dpi = static_cast<int>(pixGetYRes(pix));
+    osd_->SetImage(pix);
+    osd_->SetSourceResolution(dpi > 0 ? dpi : 300);
+    int deg = 0;
+    float orient_conf = 0, script_conf = 0;
+    const char* script = nullptr;
+    if (osd_->DetectOrientationScript(&deg, &orient_conf, &script, &script_conf) &&
+        (deg == 0 || deg == 90 || deg == 180 || deg == 270) && std::isfinite(orient_conf)) {
+      o.angle = deg;
+      o.confidence = orient_conf;
+    }
+    osd_->Clear();
+    return o;
+  }
+
+  // One page: recognition, orientation detection when the mode asks for it
+  // (then the page turned the right way up is what is recognized and
+  // reported), the requested outputs.
+  json::object read_page(TaskContext& ctx, const TaskOptions& opt, PixPtr pix, int page_no,
+                         std::int64_t held_bytes, ocr::PdfOutput* pdf) {
+    PageOrientation orientation;
+    auto upright = [&] {
+      if (orientation.angle != 0 && orientation.confidence >= kMinOsdConfidence) {
+        // OSD reports the page's clockwise rotation; turn it back.
+        PixPtr turned(pixRotateOrth(pix.get(), (360 - orientation.angle) / 90));
+        if (!turned) throw std::bad_alloc();
+        pix = std::move(turned);
+        orientation.applied = true;
+      }
+      return orientation.applied;
+    };
+    if (opt.orientation == Orientation::kAlways) {
+      orientation = detect_orientation(ctx, pix.get());
+      upright();
+    }
+    json::object page = recognize(ctx, opt, pix.get(), page_no, held_bytes);
+    if (opt.orientation == Orientation::kAuto &&
+        page.at("mean_confidence").as_double() < kAutoOsdBelowConfidence) {
+      orientation = detect_orientation(ctx, pix.get());
+      if (upright()) page = recognize(ctx, opt, pix.get(), page_no, held_bytes);
+    }
+    page["orientation"] = json::object{{"checked", orientation.checked},
+                                       {"angle", orientation.angle},
+                                       {"confidence", orientation.confidence},
+                                       {"applied", orientation.applied}};
+    if (opt.output == "hocr") {
+      TextPtr hocr(api_.GetHOCRText(page_no - 1));
+      page["hocr"] = with_orientation(hocr ? hocr.get() : "", orientation);
+    } else if (opt.output == "tsv") {
+      TextPtr tsv(api_.GetTSVText(page_no - 1));
+      page["tsv"] = tsv ? tsv.get() : "";
+    } else if (opt.output == "alto") {
+      TextPtr alto(api_.GetAltoText(page_no - 1));
+      page["alto"] = alto ? alto.get() : "";
+    } else if (pdf != nullptr) {
+      pdf->add_page(api_, page_no);
+    }
+    return page;
+  }
+
+  // hOCR: the orientation OSD found goes in the ocr_page's title, as
+  // engine-specific (x_) properties; the boxes are those of the page as
+  // recognized (turned the right way up when "x_orientation_applied 1").
+  static std::string with_orientation(std::string hocr, const PageOrientation& o) {
+    if (!o.checked) return hocr;
+    const std::size_t div = hocr.find("class='ocr_page'");
+    if (div == std::string::npos) return hocr;
+    const std::size_t title = hocr.find("title='", div);
+    const std::size_t end = title == std::string::npos ? title : hocr.find('\'', title + 7);
+    if (end == std::string::npos) return hocr;
+    char conf[32];
+    std::snprintf(conf, sizeof conf, "%.2f", o.confidence);
+    hocr.insert(end, "; x_orientation_angle " + std::to_string(o.angle) +
+                         "; x_orientation_confidence " + conf + "; x_orientation_applied " +
+                         (o.applied ? "1" : "0"));
+    return hocr;
   }
 
   json::object recognize(TaskContext& ctx, const TaskOptions& opt, Pix* pix, int page_no,
@@ -326,8 +486,9 @@ class OcrService final : public Service {
         }
       }
       if (opt.pre.binarize) cv::threshold(img, img, 0, 255, cv::THRESH_BINARY | cv::THRESH_OTSU);
-      ctx.report_memory(std::max<std::int64_t>(
-          1, (held_bytes + static_cast<std::int64_t>(img.total())) >> 20) + engine_mb());
+      ctx.report_memory(
+          std::max<std::int64_t>(1, (held_bytes + static_cast<std::int64_t>(img.total())) >> 20) +
+          engine_mb());
     }
 
     ctx.stage("recognize");
@@ -356,8 +517,8 @@ class OcrService final : public Service {
                       "OCR of page " + std::to_string(page_no) + " ran past the task's deadline");
     }
     if (rc != 0) {
-      throw TaskError(TaskFailureReason::kProcessingError, "Tesseract could not recognize page " +
-                                                               std::to_string(page_no));
+      throw TaskError(TaskFailureReason::kProcessingError,
+                      "Tesseract could not recognize page " + std::to_string(page_no));
     }
     json::object page;
     page["page"] = page_no;
@@ -376,19 +537,13 @@ class OcrService final : public Service {
           if (!word) continue;
           int x1 = 0, y1 = 0, x2 = 0, y2 = 0;
           it->BoundingBox(tesseract::RIL_WORD, &x1, &y1, &x2, &y2);
-          words.push_back(json::object{{"text", word.get()},
-                                       {"confidence", static_cast<double>(it->Confidence(tesseract::RIL_WORD))},
-                                       {"box", json::array{x1, y1, x2 - x1, y2 - y1}}});
+          words.push_back(
+              json::object{{"text", word.get()},
+                           {"confidence", static_cast<double>(it->Confidence(tesseract::RIL_WORD))},
+                           {"box", json::array{x1, y1, x2 - x1, y2 - y1}}});
         } while (it->Next(tesseract::RIL_WORD));
       }
       page["words"] = std::move(words);
-    }
-    if (opt.output == "hocr") {
-      TextPtr hocr(api_.GetHOCRText(page_no - 1));
-      page["hocr"] = hocr ? hocr.get() : "";
-    } else if (opt.output == "tsv") {
-      TextPtr tsv(api_.GetTSVText(page_no - 1));
-      page["tsv"] = tsv ? tsv.get() : "";
     }
     return page;
   }
@@ -396,13 +551,14 @@ class OcrService final : public Service {
   OcrConfig config_;
   std::string tessdata_;
   tesseract::TessBaseAPI api_;
+  std::unique_ptr<tesseract::TessBaseAPI> osd_;  // orientation detection, made once
 };
 
 // Memory model: the engine, plus per page held at once its decoded pixels
 // (bytes per pixel from the header) and the preprocessing copies.
 class OcrMemoryModel final : public MemoryModel {
  public:
-  explicit OcrMemoryModel(std::int64_t max_pixels) : max_pixels_(max_pixels) {}
+  explicit OcrMemoryModel(OcrConfig config) : config_(std::move(config)) {}
   std::string name() const override { return "ocr"; }
   RequestFeatures features(const TaskCreateRequest& request) const override {
     RequestFeatures f = MemoryModel::features(request);
@@ -410,21 +566,28 @@ class OcrMemoryModel final : public MemoryModel {
     try {
       if (!request.input.data.empty()) {
         head.assign(request.input.data.begin(),
-                    request.input.data.begin() +
-                        static_cast<std::ptrdiff_t>(std::min<std::size_t>(request.input.data.size(), 1 << 20)));
-      } else if (!request.input.path.empty()) {
+                    request.input.data.begin() + static_cast<std::ptrdiff_t>(std::min<std::size_t>(
+                                                     request.input.data.size(), 1 << 20)));
+      } else if (struct stat st{}; !request.input.path.empty() &&
+                                   ::stat(request.input.path.c_str(), &st) == 0 &&
+                                   S_ISREG(st.st_mode)) {
+        // Only a regular file: opening a FIFO here would block create_task
+        // (the host's thread) until a writer came.
         std::ifstream in(request.input.path, std::ios::binary);
         head.resize(1 << 20);
         in.read(reinterpret_cast<char*>(head.data()), static_cast<std::streamsize>(head.size()));
         head.resize(static_cast<std::size_t>(std::max<std::streamsize>(0, in.gcount())));
       }
       l_int32 format = 0, w = 0, h = 0, bps = 0, spp = 0, iscmap = 0;
-      if (const auto png = png_size(head.data(), head.size())) {
+      std::int64_t pw = 0, ph = 0;
+      if (ocr::is_pdf(head.data(), head.size())) {
+        pdf_features(request, &f);
+      } else if (ocr::png_size(head.data(), head.size(), &pw, &ph)) {
         // Straight from IHDR: a PNG cut after its header (or a decompression
         // bomb) still gets the estimate its declared size deserves.
-        f.pixels = png->first * png->second;
-      } else if (!head.empty() &&
-                 pixReadHeaderMem(head.data(), head.size(), &format, &w, &h, &bps, &spp, &iscmap) == 0) {
+        f.pixels = pw * ph;
+      } else if (!head.empty() && pixReadHeaderMem(head.data(), head.size(), &format, &w, &h, &bps,
+                                                   &spp, &iscmap) == 0) {
         f.pixels = static_cast<std::int64_t>(w) * h;
       }
     } catch (...) {
@@ -433,46 +596,80 @@ class OcrMemoryModel final : public MemoryModel {
     return f;
   }
   double estimate_mb(const RequestFeatures& f) const override {
-    const double batch = static_cast<double>(std::max<std::int64_t>(1, std::min(f.batch_size, f.pages)));
+    const double batch =
+        static_cast<double>(std::max<std::int64_t>(1, std::min(f.batch_size, f.pages)));
     // A page over the pixel limit is refused by process() from its header,
     // before any decoding: it costs no more than its bytes (and so fails
     // INVALID_INPUT when it runs, rather than finding no device).
-    const std::int64_t pixels = f.pixels > max_pixels_ ? 0 : f.pixels;
+    const std::int64_t pixels = f.pixels > config_.max_pixels ? 0 : f.pixels;
     // gray 8-bit page + cv copy + Tesseract's own page structures (~8 bytes/px)
     const double per_page = static_cast<double>(pixels) * 10.0 / (1024.0 * 1024.0) + 2;
     return 40 + batch * per_page + static_cast<double>(f.bytes) / (1024.0 * 1024.0);
   }
 
  private:
-  std::int64_t max_pixels_;
-};
-
-// libtiff (loaded by Leptonica) prints warnings and errors about corrupt
-// TIFFs to stderr ("Bad file: amount too big"); a library must not write to
-// its host's stderr, and the failure is reported as the task's
-// INVALID_INPUT anyway. The handlers are found at run time: there is no
-// build dependency on libtiff's headers.
-void silence_libtiff() {
-  using Handler = void (*)(const char*, const char*, va_list);
-  using SetHandler = Handler (*)(Handler);
-  for (const char* name : {"TIFFSetWarningHandler", "TIFFSetErrorHandler"}) {
-    if (void* sym = ::dlsym(RTLD_DEFAULT, name)) {
-      reinterpret_cast<SetHandler>(sym)(nullptr);
+  // A PDF: the largest of the task's pages at the task's resolution (poppler
+  // reads the page boxes, nothing is rendered), and how many pages it has.
+  void pdf_features(const TaskCreateRequest& request, RequestFeatures* f) const {
+    TaskOptions opt;
+    try {
+      opt = parse_options(request.options_json, config_);
+    } catch (...) {
+      return;  // the task fails INVALID_INPUT when it runs
+    }
+    const std::unique_ptr<ocr::Document> doc =
+        request.input.data.empty() ? ocr::Document::open_file(request.input.path, opt.dpi)
+                                   : ocr::Document::open(request.input.data, "the input", opt.dpi);
+    const int first = std::max(1, opt.first_page);
+    const int last = std::min(doc->page_count(), opt.last_page > 0 ? opt.last_page : 1 << 30);
+    f->pages = std::max(1, last - first + 1);
+    // At most the first 1000 pages are measured: a hint, kept cheap.
+    for (int p = first; p <= last && p < first + 1000; ++p) {
+      std::int64_t w = 0, h = 0;
+      doc->page_size(p, &w, &h);
+      f->pixels = std::max(f->pixels, w * h);
     }
   }
-}
 
-class OcrFactory final : public ServiceFactory {
+  OcrConfig config_;
+};
+
+class OcrFactory final : public ServiceFactory, public detail::InputRequirement {
  public:
+  bool needs_input() const override { return true; }  // a page to read
   explicit OcrFactory(OcrConfig config) : config_(std::move(config)) {
-    static std::once_flag quiet;
-    std::call_once(quiet, [] {
-      // Leptonica and libtiff: no stderr noise about corrupt inputs (process-
-      // wide; the failure is the task's INVALID_INPUT with its reason).
-      setMsgSeverity(L_SEVERITY_NONE);
-      leptSetStderrHandler([](const char*) {});
-      silence_libtiff();
-    });
+    check_languages(config_);
+    // Leptonica, libtiff and poppler: no stderr noise about corrupt inputs
+    // (process-wide; the failure is the task's INVALID_INPUT with its reason).
+    ocr::silence_decoders();
+  }
+
+  // Every language asked for has its model in the tessdata directory:
+  // Tesseract itself would print to stderr and fail every engine (or, for
+  // "eng+xyz", leave xyz out without a word).
+  static void check_languages(const OcrConfig& c) {
+    const std::string dir = find_tessdata(c.tessdata_path);
+    if (dir.empty()) return;  // no directory to look in: Init reports it
+    std::string installed;
+    std::error_code ec;
+    for (const auto& e : std::filesystem::directory_iterator(dir, ec)) {
+      if (e.path().extension() == ".traineddata") {
+        installed += (installed.empty() ? "" : ", ") + e.path().stem().string();
+      }
+    }
+    std::size_t at = 0;
+    while (at <= c.languages.size()) {
+      const std::size_t plus = std::min(c.languages.find('+', at), c.languages.size());
+      const std::string lang = c.languages.substr(at, plus - at);
+      if (lang.empty() || lang.find('/') != std::string::npos ||
+          !std::filesystem::exists(std::filesystem::path(dir) / (lang + ".traineddata"), ec)) {
+        throw ConfigError("ocr.languages", 0,
+                          "ocr.languages: no language data for '" + lang + "' in " + dir +
+                              " (installed: " + (installed.empty() ? "none" : installed) +
+                              "; Debian: apt-get install tesseract-ocr-<lang>)");
+      }
+      at = plus + 1;
+    }
   }
   std::string kind() const override { return "ocr"; }
   std::unique_ptr<Service> create(const std::string& device) override {
@@ -483,7 +680,7 @@ class OcrFactory final : public ServiceFactory {
 
  private:
   OcrConfig config_;
-  std::shared_ptr<const MemoryModel> model_ = std::make_shared<OcrMemoryModel>(config_.max_pixels);
+  std::shared_ptr<const MemoryModel> model_ = std::make_shared<OcrMemoryModel>(config_);
 };
 
 }  // namespace
@@ -512,7 +709,8 @@ double character_error_rate(std::string_view text, std::string_view truth) {
   for (std::size_t i = 1; i <= a.size(); ++i) {
     cur[0] = i;
     for (std::size_t j = 1; j <= b.size(); ++j) {
-      cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1)});
+      cur[j] =
+          std::min({prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1)});
     }
     std::swap(prev, cur);
   }

@@ -1,9 +1,8 @@
 #include <algorithm>
 #include <deque>
-#include <mutex>
 #include <unordered_map>
 
-#include "../spin_lock.hpp"
+#include "../sync.hpp"
 #include "taskmgr/error.hpp"
 #include "taskmgr/store.hpp"
 
@@ -26,7 +25,7 @@ class MemoryStore final : public TaskStore {
  public:
   // Copies are made before the lock is taken: the host thread inserting and
   // a worker updating then hold it only for the hash-map work.
-  void insert_tasks(const std::vector<NewTask>& tasks) override {
+  void insert_tasks(const std::vector<NewTask>& tasks) override REQUIRES(!mu_) {
     std::vector<Row> rows(tasks.size());
     for (std::size_t i = 0; i < tasks.size(); ++i) {
       rows[i].task = tasks[i].task;
@@ -34,7 +33,7 @@ class MemoryStore final : public TaskStore {
       rows[i].details.reserve(768);  // and their usual size
       rows[i].append(tasks[i].events);
     }
-    auto g = detail::spin_lock(mu_);
+    detail::MutexLock g(mu_, detail::MutexLock::Spin{});
     ++commits_;
     for (std::size_t i = 0; i < tasks.size(); ++i) {
       auto [it, fresh] = tasks_.try_emplace(tasks[i].task.id, std::move(rows[i]));
@@ -52,8 +51,9 @@ class MemoryStore final : public TaskStore {
     }
   }
 
-  void update_task(const Task& task, const std::vector<EventRecord>& events) override {
-    auto g = detail::spin_lock(mu_);
+  void update_task(const Task& task, const std::vector<EventRecord>& events) override
+      REQUIRES(!mu_) {
+    detail::MutexLock g(mu_, detail::MutexLock::Spin{});
     auto it = tasks_.find(task.id);
     if (it == tasks_.end()) return;  // pruned or never inserted: nothing to update
     ++commits_;
@@ -82,36 +82,46 @@ class MemoryStore final : public TaskStore {
     }
   }
 
-  void append_metrics(const std::vector<MetricSample>& samples) override {
-    std::lock_guard<std::mutex> g(mu_);
+  void append_metrics(const std::vector<MetricSample>& samples) override REQUIRES(!mu_) {
+    detail::MutexLock g(mu_);
     for (const auto& s : samples) {
       auto it = tasks_.find(s.task_id);
       if (it != tasks_.end()) it->second.metrics.push_back(s);
     }
   }
 
-  std::optional<Task> load_task(const std::string& id) override {
-    std::lock_guard<std::mutex> g(mu_);
+  std::optional<Task> load_task(const std::string& id) override REQUIRES(!mu_) {
+    detail::MutexLock g(mu_);
     auto it = tasks_.find(id);
     if (it == tasks_.end()) return std::nullopt;
     return it->second.task;
   }
 
-  std::vector<Task> list_tasks(const TaskFilter& f) override {
-    std::lock_guard<std::mutex> g(mu_);
+  std::vector<Task> list_tasks(const TaskFilter& f) override REQUIRES(!mu_) {
+    detail::MutexLock g(mu_);
     std::vector<Task> out;
     for (auto it = order_.rbegin(); it != order_.rend(); ++it) {
       const Task& t = (*it)->task;
       if (f.status && t.status != *f.status) continue;
       if (!f.service.empty() && t.service != f.service) continue;
-      out.push_back(t);
+      if (f.with_payloads) {
+        out.push_back(t);
+      } else {
+        Task brief = t;  // (copies the payloads once; they are dropped here)
+        brief.result.clear();
+        brief.result.shrink_to_fit();
+        brief.input.data.clear();
+        brief.input.data.shrink_to_fit();
+        out.push_back(std::move(brief));
+      }
       if (f.limit != 0 && out.size() >= f.limit) break;
     }
-    return {out.rbegin(), out.rend()};
+    std::reverse(out.begin(), out.end());
+    return out;
   }
 
-  std::vector<EventRecord> load_events(const std::string& task_id) override {
-    std::lock_guard<std::mutex> g(mu_);
+  std::vector<EventRecord> load_events(const std::string& task_id) override REQUIRES(!mu_) {
+    detail::MutexLock g(mu_);
     auto it = tasks_.find(task_id);
     if (it == tasks_.end()) return {};
     const Row& row = it->second;
@@ -129,15 +139,15 @@ class MemoryStore final : public TaskStore {
     return out;
   }
 
-  std::vector<MetricSample> load_metrics(const std::string& task_id) override {
-    std::lock_guard<std::mutex> g(mu_);
+  std::vector<MetricSample> load_metrics(const std::string& task_id) override REQUIRES(!mu_) {
+    detail::MutexLock g(mu_);
     auto it = tasks_.find(task_id);
     if (it == tasks_.end()) return {};
     return it->second.metrics;
   }
 
-  std::vector<Task> load_unfinished() override {
-    std::lock_guard<std::mutex> g(mu_);
+  std::vector<Task> load_unfinished() override REQUIRES(!mu_) {
+    detail::MutexLock g(mu_);
     std::vector<Task> out;
     for (const Row* row : order_) {
       const Task& t = row->task;
@@ -146,8 +156,8 @@ class MemoryStore final : public TaskStore {
     return out;
   }
 
-  std::size_t prune_finished(Timestamp finished_before) override {
-    std::lock_guard<std::mutex> g(mu_);
+  std::size_t prune_finished(Timestamp finished_before) override REQUIRES(!mu_) {
+    detail::MutexLock g(mu_);
     std::deque<Row*> kept;
     std::vector<std::string> gone;
     for (Row* row : order_) {
@@ -166,8 +176,8 @@ class MemoryStore final : public TaskStore {
 
   void flush() override {}
   std::string describe() const override { return "memory"; }
-  StoreStats stats() const override {
-    std::lock_guard<std::mutex> g(mu_);
+  StoreStats stats() const override REQUIRES(!mu_) {
+    detail::MutexLock g(mu_);
     StoreStats s;
     s.commits = commits_;
     s.writes = writes_;
@@ -189,18 +199,20 @@ class MemoryStore final : public TaskStore {
 
     void append(const std::vector<EventRecord>& evs) {
       for (const auto& e : evs) {
-        events.push_back(StoredEvent{e.sequence, e.event, e.timestamp, details.size(),
-                                     e.details_json.size()});
+        events.push_back(
+            StoredEvent{e.sequence, e.event, e.timestamp, details.size(), e.details_json.size()});
         details += e.details_json;
       }
     }
   };
 
-  mutable std::mutex mu_;
-  std::uint64_t commits_ = 0, writes_ = 0;  // each insert_tasks / update_task call is one commit
-  std::uint64_t last_event_ = 0;  // events are numbered in the order stored, from 1
-  std::unordered_map<std::string, Row> tasks_;
-  std::deque<Row*> order_;  // creation order
+  mutable detail::Mutex mu_;
+  // Each insert_tasks / update_task call is one commit.
+  std::uint64_t commits_ GUARDED_BY(mu_) = 0;
+  std::uint64_t writes_ GUARDED_BY(mu_) = 0;
+  std::uint64_t last_event_ GUARDED_BY(mu_) = 0;  // events are numbered in the order stored, from 1
+  std::unordered_map<std::string, Row> tasks_ GUARDED_BY(mu_);
+  std::deque<Row*> order_ GUARDED_BY(mu_);  // creation order
 };
 
 }  // namespace

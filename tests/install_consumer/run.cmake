@@ -1,7 +1,7 @@
 # Installs the build into a fresh prefix, then builds and runs a separate
 # project against it with find_package(taskmgr), and a C program with the
 # flags `pkg-config --cflags --libs taskmgr` gives.
-# Inputs: SOURCE_DIR BUILD_DIR WORK_DIR CONSUMER_DIR CONFIG SANITIZE
+# Inputs: SOURCE_DIR BUILD_DIR WORK_DIR CONSUMER_DIR CONFIG SANITIZE EXAMPLES
 function(run)
   execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
   if(NOT rc EQUAL 0)
@@ -21,8 +21,24 @@ if(SANITIZE)
   set(san_flags "-fsanitize=${SANITIZE}")
 endif()
 
-# 1. find_package(taskmgr)
+# 1. find_package(taskmgr), with the line the docs show (the same in each).
+set(find_line "")
+foreach(doc README.md docs/GETTING_STARTED.md docs/C_API.md)
+  file(READ "${SOURCE_DIR}/${doc}" text)
+  string(REGEX MATCHALL "find_package\\(taskmgr[^)]*\\)" lines "${text}")
+  if(NOT lines)
+    message(FATAL_ERROR "${doc} shows no find_package(taskmgr ...) line")
+  endif()
+  foreach(line IN LISTS lines)
+    if(find_line AND NOT line STREQUAL find_line)
+      message(FATAL_ERROR "the docs show two find_package lines: '${find_line}' and '${line}' (${doc})")
+    endif()
+    set(find_line "${line}")
+  endforeach()
+endforeach()
+message(STATUS "the docs' line: ${find_line}")
 run(${CMAKE_COMMAND} -S "${CONSUMER_DIR}" -B "${WORK_DIR}/build"
+    "-DTASKMGR_FIND_PACKAGE_LINE=${find_line}"
     "-DCMAKE_PREFIX_PATH=${prefix}" "-DCMAKE_BUILD_TYPE=${CONFIG}"
     "-DCMAKE_CXX_FLAGS=${san_flags}" "-DCMAKE_EXE_LINKER_FLAGS=${san_flags}"
     "-DCPP_HOST_SOURCE=${SOURCE_DIR}/examples/cpp_host/main.cpp")
@@ -35,6 +51,39 @@ endif()
 run("${WORK_DIR}/build/cpp_host")
 if(NOT LAST_OUTPUT MATCHES "event cleanup_completed.*task .*\"status\":\"completed\"")
   message(FATAL_ERROR "examples/cpp_host built against the install printed: ${LAST_OUTPUT}")
+endif()
+
+# The installed taskmgr-ocr runs with no LD_LIBRARY_PATH (its RUNPATH is
+# $ORIGIN/../lib), from any working directory.
+if(NOT EXAMPLES)
+  message(STATUS "examples not built: no taskmgr-ocr to check")
+elseif(EXISTS "${prefix}/bin/taskmgr-ocr")
+  run(${CMAKE_COMMAND} -E env --unset=LD_LIBRARY_PATH "${prefix}/bin/taskmgr-ocr" --help)
+  if(NOT LAST_OUTPUT MATCHES "usage: taskmgr-ocr")
+    message(FATAL_ERROR "the installed taskmgr-ocr printed: ${LAST_OUTPUT}")
+  endif()
+else()
+  message(FATAL_ERROR "taskmgr-ocr was not installed under ${prefix}/bin")
+endif()
+
+# The installed Python module imports with no environment variable: it
+# finds the installed library from its own location. (Not under the
+# sanitizers: their runtime cannot be loaded into a plain python3.)
+file(GLOB_RECURSE pymodule "${prefix}/lib/*/taskmgr.py")
+find_program(py3 python3 PATHS /usr/bin NO_DEFAULT_PATH)
+if(NOT pymodule)
+  message(FATAL_ERROR "taskmgr.py was not installed under ${prefix}/lib")
+elseif(py3 AND NOT SANITIZE)
+  get_filename_component(pydir "${pymodule}" DIRECTORY)
+  execute_process(
+    COMMAND ${CMAKE_COMMAND} -E env --unset=TASKMGR_LIBRARY --unset=LD_LIBRARY_PATH
+            --unset=PYTHONPATH ${py3} -c "import taskmgr; print('python module', taskmgr.version(), taskmgr._lib._name)"
+    WORKING_DIRECTORY "${pydir}" RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+  string(FIND "${out}" " ${prefix}/lib/libtaskmgr.so.0" at)  # the installed one, not another
+  if(NOT rc EQUAL 0 OR NOT out MATCHES "python module 0\\.[0-9]+\\.[0-9]+ " OR at EQUAL -1)
+    message(FATAL_ERROR "the installed taskmgr.py (${pymodule}): ${rc}\n${out}\n${err}")
+  endif()
+  message(STATUS "${out}")
 endif()
 
 # 2. pkg-config
@@ -56,6 +105,28 @@ run(cc -std=c99 -Wall -Wextra -Werror ${san_list} "${CONSUMER_DIR}/consumer_c.c"
 run(${CMAKE_COMMAND} -E env "LD_LIBRARY_PATH=${libdir}" "${WORK_DIR}/consumer_c")
 if(NOT LAST_OUTPUT MATCHES "pkg-config consumer ok")
   message(FATAL_ERROR "pkg-config consumer printed: ${LAST_OUTPUT}")
+endif()
+# The line docs/C_API.md gives for a prefix the loader does not search, run
+# as written (host.c is the consumer), then the program with no
+# LD_LIBRARY_PATH.
+file(READ "${SOURCE_DIR}/docs/C_API.md" capi_doc)
+string(REGEX MATCH "cc host\\.c [^\n]*-Wl,-rpath[^\n]*" rpath_line "${capi_doc}")
+if(NOT rpath_line)
+  message(FATAL_ERROR "docs/C_API.md shows no 'cc host.c ... -Wl,-rpath' line")
+endif()
+string(STRIP "${rpath_line}" rpath_line)
+set(docdir "${WORK_DIR}/doc_line")
+file(MAKE_DIRECTORY "${docdir}")
+file(COPY_FILE "${CONSUMER_DIR}/consumer_c.c" "${docdir}/host.c")
+execute_process(COMMAND ${CMAKE_COMMAND} -E env "PKG_CONFIG_PATH=${pcdir}" "CFLAGS=${san_flags}"
+                        bash -c "${rpath_line} ${san_flags} -o host"
+                WORKING_DIRECTORY "${docdir}" RESULT_VARIABLE rc ERROR_VARIABLE err)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "the docs' line failed (${rc}): ${rpath_line}\n${err}")
+endif()
+run(${CMAKE_COMMAND} -E env --unset=LD_LIBRARY_PATH "${docdir}/host")
+if(NOT LAST_OUTPUT MATCHES "pkg-config consumer ok")
+  message(FATAL_ERROR "the program built with the docs' rpath line printed: ${LAST_OUTPUT}")
 endif()
 # examples/c compiles with the same flags.
 run(cc -std=c99 -Wall -Wextra -Werror ${san_list} "${SOURCE_DIR}/examples/c/ocr_pages.c" ${pcflags_list}

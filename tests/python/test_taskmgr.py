@@ -8,6 +8,8 @@ tests skip with a message when it is absent).
 
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -173,7 +175,8 @@ class ErrorsThroughPython(unittest.TestCase):
         tm2 = taskmgr.Manager(config_yaml=CONFIG + "  max_queue_size: 1\n", database=":memory:",
                               workers=1)
         try:
-            tm2.register_service("slow", lambda ctx, inst: gate.wait(30) and {"ok": True})
+            tm2.register_service("slow", lambda ctx, inst: gate.wait(30) and {"ok": True},
+                                 input_optional=True)
             first = tm2.submit(service="slow")
             while tm2.get_task(first)["status"] != "running":
                 time.sleep(0.005)
@@ -198,6 +201,53 @@ class ErrorsThroughPython(unittest.TestCase):
         finally:
             gate.set()
             tm2.destroy()
+
+
+class DescribeDocument(unittest.TestCase):
+    PDF = (b"%PDF-1.4\n1 0 obj <</Type/Catalog/Pages 2 0 R>> endobj\n"
+           b"2 0 obj <</Type/Pages/Kids[3 0 R 4 0 R]/Count 2>> endobj\n"
+           b"3 0 obj <</Type/Page/Parent 2 0 R/MediaBox[0 0 612 792]>> endobj\n"
+           b"4 0 obj <</Type/Page/Parent 2 0 R/MediaBox[0 0 842 595]>> endobj\n"
+           b"trailer <</Root 1 0 R/Size 5>>\n%%EOF\n")
+
+    def test_pages_of_a_pdf_and_errors(self):
+        with tempfile.TemporaryDirectory() as d:
+            pdf = os.path.join(d, "doc.pdf")
+            with open(pdf, "wb") as f:
+                f.write(self.PDF)
+            info = taskmgr.describe_document(pdf)
+            self.assertEqual(info["media_type"], "application/pdf")
+            self.assertEqual(info["pages"], [{"page": 1, "width": 2550, "height": 3300},
+                                             {"page": 2, "width": 3508, "height": 2479}])
+            self.assertEqual(taskmgr.describe_document(pdf, dpi=72)["pages"][0]["width"], 612)
+            with self.assertRaises(taskmgr.NotFoundError) as cm:
+                taskmgr.describe_document(os.path.join(d, "missing.pdf"))
+            self.assertIn("missing.pdf", str(cm.exception))
+            junk = os.path.join(d, "junk.pdf")
+            with open(junk, "wb") as f:
+                f.write(b"%PDF-1.4\n" + b"\x07" * 100)
+            with self.assertRaises(taskmgr.InvalidArgumentError) as cm:
+                taskmgr.describe_document(junk)
+            self.assertIn("junk.pdf", str(cm.exception))
+            with self.assertRaises(taskmgr.InvalidArgumentError):
+                taskmgr.describe_document(pdf, dpi=50)
+            with self.assertRaises(TypeError):
+                taskmgr.describe_document(pdf, dpi=300.0)
+            with self.assertRaises(TypeError):
+                taskmgr.describe_document(None)
+            # A NUL would end the C string early (another file described);
+            # a str that is no UTF-8 (os.listdir's surrogate escapes) is an
+            # InvalidArgumentError too, not a UnicodeEncodeError.
+            with self.assertRaises(taskmgr.InvalidArgumentError) as cm:
+                taskmgr.describe_document(pdf + "\0junk")
+            self.assertIn("NUL", str(cm.exception))
+            with self.assertRaises(taskmgr.InvalidArgumentError) as cm:
+                taskmgr.describe_document(os.path.join(d, "bad\udcff.pdf"))
+            self.assertIn("UTF-8", str(cm.exception))
+            # /dev/zero is no regular file: refused at once, not read forever.
+            with self.assertRaises(taskmgr.InvalidArgumentError) as cm:
+                taskmgr.describe_document("/dev/zero")
+            self.assertIn("not a regular file", str(cm.exception))
 
 
 class PythonServices(unittest.TestCase):
@@ -244,7 +294,7 @@ class PythonServices(unittest.TestCase):
             raise ValueError("boom")
 
         with taskmgr.Manager(config_yaml=CONFIG, database=":memory:", builtin_ocr=False) as tm:
-            tm.register_service("svc", process)
+            tm.register_service("svc", process, input_optional=True)
             t1 = tm.submit(service="svc", options={"bad": True})
             t2 = tm.submit(service="svc")
             d1, d2 = tm.wait_task(t1, 30), tm.wait_task(t2, 30)
@@ -263,7 +313,7 @@ class PythonServices(unittest.TestCase):
                     raise taskmgr.OutOfMemory("no room")
                 return None
 
-            tm.register_service("svc", process)
+            tm.register_service("svc", process, input_optional=True)
 
             def cb(event):
                 if event.event_type == "created" and "close" not in results:
@@ -386,6 +436,187 @@ class CreateWithStartAndMany(unittest.TestCase):
             self.assertEqual(self.tm.wait_task(t, timeout=30)["status"], "completed")
         self.assertEqual(self.tm.get_task(ids[1])["result"], {"path": None, "bytes": 3})
         self.assertEqual(self.tm.metrics()["counters"]["tasks_completed"], 7)
+
+EXIT_WHILE_EVENTS_FLOW = r"""
+import sys, threading, time
+import taskmgr
+
+tm = taskmgr.Manager(config_yaml=sys.argv[1], database=":memory:", builtin_ocr=False,
+                     log=lambda level, message: None)
+tm.register_service("echo", lambda ctx, instance: {"ok": True})
+seen = []
+tm.subscribe(lambda e: seen.append(e.event_type))
+
+def pump():
+    try:
+        while True:
+            tm.create_task(data=b"x", service="echo", start=True)
+            time.sleep(0.0005)
+    except taskmgr.TaskmgrError:
+        pass  # closed at exit
+
+threading.Thread(target=pump, daemon=True).start()
+while len(seen) < 300:
+    time.sleep(0.005)
+sys.exit(0)
+"""
+
+
+class InterpreterExit(unittest.TestCase):
+    def test_exit_while_events_flow(self):
+        """Issue 15, item 2: a script that ends while a Manager is open and
+        events, log lines and tasks flow exits cleanly (it aborted with
+        "FATAL: exception not rethrown", 5 of 5 runs)."""
+        for run in range(5):
+            p = subprocess.run([sys.executable, "-c", EXIT_WHILE_EVENTS_FLOW, CONFIG, "exit"],
+                               capture_output=True, text=True, timeout=120)
+            self.assertEqual(p.returncode, 0, f"run {run}: {p.stderr[-2000:]}")
+            self.assertNotIn("FATAL", p.stderr)
+
+
+CTRL_C_DURING_WAIT = r"""
+import os, signal, sys, threading
+import taskmgr
+
+release = threading.Event()
+tm = taskmgr.Manager(config_yaml=sys.argv[1], database=":memory:", builtin_ocr=False)
+tm.register_service("blocks", lambda ctx, instance: release.wait() and {"done": True})
+task = tm.create_task(data=b"x", service="blocks", start=True)
+threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+try:
+    if sys.argv[2] == "task":
+        tm.wait_task(task)  # no timeout: the task ends only after the interrupt
+    else:
+        tm.wait_idle()
+    print("returned without an interrupt")
+except KeyboardInterrupt:
+    print("interrupted while", tm.get_task(task)["status"])
+release.set()
+print("then", tm.wait_task(task, timeout=60)["status"])
+tm.destroy()
+"""
+
+
+class CtrlC(unittest.TestCase):
+    def test_ctrl_c_interrupts_waits_without_timeout(self):
+        """Issue 15, item 9: SIGINT during wait_task()/wait_idle() with no
+        timeout raises KeyboardInterrupt while the task still runs (it took
+        effect only when the C call returned: here, never)."""
+        for what in ("task", "idle"):
+            p = subprocess.run([sys.executable, "-c", CTRL_C_DURING_WAIT, CONFIG, what],
+                               capture_output=True, text=True, timeout=120)
+            self.assertEqual(p.returncode, 0, p.stderr[-2000:])
+            self.assertIn("interrupted while running", p.stdout)
+            self.assertIn("then completed", p.stdout)
+
+
+class PythonAsAPythonUserExpects(unittest.TestCase):
+    """Issue 15, item 10."""
+
+    def manager(self):
+        return taskmgr.Manager(config_yaml=CONFIG, database=":memory:", builtin_ocr=False)
+
+    def test_integer_arguments_are_checked_not_wrapped(self):
+        with self.manager() as tm:
+            tm.register_service("echo", lambda ctx, inst: None)
+            for bad in (2**31, -2**31 - 1, 2**64):
+                with self.assertRaises(ValueError):
+                    tm.create_task(data=b"x", service="echo", priority=bad)
+                with self.assertRaises(ValueError):
+                    tm.create_task(data=b"x", service="echo", batch_size=bad)
+            with self.assertRaises(TypeError):
+                tm.create_task(data=b"x", service="echo", priority=1.5)
+            self.assertEqual(tm.list_tasks(), [])  # nothing was created
+            t = tm.get_task(tm.create_task(data=b"x", service="echo", priority=-2**31))
+            self.assertEqual(t["priority"], -2**31)  # the ends themselves are fine
+            pending = tm.create_task(data=b"x", service="echo")
+            with self.assertRaises(ValueError):
+                tm.start_task(pending, priority=2**31)
+            with self.assertRaises(ValueError):
+                tm.start_task(pending, batch_size=2**32 + 3)
+            with self.assertRaises(TypeError):
+                tm.start_task(pending, priority=2.7)
+            with self.assertRaises(ValueError):
+                tm.list_tasks(limit=-1)
+            self.assertEqual(tm.get_task(pending)["status"], "pending")
+        for bad, error in ((2**32, ValueError), (-1, ValueError), (1.9, TypeError)):
+            with self.assertRaises(error):
+                taskmgr.Manager(config_yaml=CONFIG, database=":memory:", workers=bad)
+
+    def test_callables_are_checked(self):
+        with self.manager() as tm:
+            with self.assertRaises(TypeError):
+                tm.subscribe(42)
+            with self.assertRaises(TypeError):
+                tm.register_service("echo", "not a function")
+            with self.assertRaises(TypeError):
+                tm.register_service("echo", lambda c, i: None, create_instance=3)
+
+    def test_keyboard_interrupt_in_a_service_cancels_its_task(self):
+        def process(ctx, inst):
+            raise KeyboardInterrupt
+
+        with self.manager() as tm:
+            tm.register_service("interrupted", process)
+            t = tm.wait_task(tm.create_task(data=b"x", service="interrupted", start=True), 60)
+            self.assertEqual(t["status"], "cancelled")
+            self.assertEqual(t["failure_reason"], "cancelled")
+            self.assertIn("KeyboardInterrupt", t["failure_message"])
+
+    def test_callback_errors_are_bounded_and_in_the_metrics(self):
+        def bad(event):
+            raise RuntimeError("boom")
+
+        with self.manager() as tm:
+            tm.register_service("echo", lambda ctx, inst: None)
+            tm.subscribe(bad)
+            ids = [tm.create_task(data=b"x", service="echo", start=True) for _ in range(30)]
+            for i in ids:
+                tm.wait_task(i, 60)
+            tm.flush_events()
+            self.assertGreater(tm.callback_error_count, 100)  # 8 events per task
+            self.assertEqual(len(tm.callback_errors), 100)  # the last 100 kept
+            self.assertIsInstance(tm.callback_errors[-1], RuntimeError)
+            counted = tm.metrics()["counters"]["callback_errors"]
+            self.assertGreaterEqual(counted, tm.callback_error_count)
+
+    def test_del_frees_a_manager_with_subscriptions_and_services(self):
+        import gc
+        import weakref
+        gc.disable()  # freed by reference counting alone: no cycle
+        try:
+            tm = self.manager()
+            tm.register_service("echo", lambda ctx, inst: None,
+                                supports_device=lambda d, k: True)
+            tm.subscribe(lambda e: None)
+            alive = weakref.ref(tm)
+            del tm
+            self.assertIsNone(alive())
+        finally:
+            gc.enable()
+
+
+
+class NoInput(unittest.TestCase):
+    def test_a_task_with_no_input_is_refused_at_create(self):
+        """Issue 15, item 6: a request with no input at all is refused by
+        create_task (it was accepted and failed later), unless the service
+        declares its tasks need none."""
+        with taskmgr.Manager(config_yaml=CONFIG, database=":memory:") as tm:
+            tm.register_service("needs", lambda ctx, inst: {"ok": True})
+            tm.register_service("free", lambda ctx, inst: {"ok": True}, input_optional=True)
+            for service in ("ocr", "needs"):
+                with self.assertRaises(taskmgr.InvalidArgumentError) as e:
+                    tm.create_task(service=service, start=True)
+                self.assertIn("needs an input", str(e.exception))
+                with self.assertRaises(taskmgr.InvalidArgumentError):
+                    tm.create_task(service=service, data=b"")  # empty bytes: no input either
+            self.assertEqual(tm.list_tasks(), [])  # nothing was created
+            done = tm.wait_task(tm.create_task(service="free", start=True), 60)
+            self.assertEqual(done["status"], "completed")
+            done = tm.wait_task(tm.create_task(service="needs", data=b"x", start=True), 60)
+            self.assertEqual(done["status"], "completed")
+
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)

@@ -1,0 +1,88 @@
+#include "manager/admission.hpp"
+
+#include <fmt/format.h>
+#include <boost/json.hpp>
+#include <cmath>
+#include <utility>
+
+#include "json_check.hpp"
+#include "taskmgr/error.hpp"
+#include "utf8.hpp"
+
+namespace taskmgr::detail {
+
+namespace json = boost::json;
+
+void check_options(const std::string& options) {
+  if (options.empty()) return;
+  if (auto problem = json_document_problem(options)) {
+    throw Error(ErrorCode::kInvalidArgument, "options: " + *problem);
+  }
+  auto v = json::parse(options);
+  if (!v.is_object()) throw Error(ErrorCode::kInvalidArgument, "options must be a JSON object");
+  // "timeout_seconds" is the library's own option (the attempt's deadline).
+  if (const json::value* t = v.as_object().if_contains("timeout_seconds")) {
+    if (!t->is_number() || !(t->to_number<double>() > 0) ||
+        !std::isfinite(t->to_number<double>())) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  "options.timeout_seconds must be a number > 0, got " + json::serialize(*t));
+    }
+  }
+}
+
+std::optional<double> timeout_from_options(const std::string& options) {
+  if (options.empty() || options.find("timeout_seconds") == std::string::npos) return std::nullopt;
+  boost::system::error_code ec;
+  auto v = json::parse(options, ec);
+  if (ec || !v.is_object()) return std::nullopt;
+  const json::value* t = v.as_object().if_contains("timeout_seconds");
+  if (t == nullptr || !t->is_number()) return std::nullopt;
+  return t->to_number<double>();
+}
+
+void validate_request(const TaskCreateRequest& req) {
+  for (const auto& [what, value] :
+       {std::pair<const char*, const std::string*>{"input path", &req.input.path},
+        {"service", &req.service},
+        {"device", &req.device},
+        {"media type", &req.input.media_type}}) {
+    if (auto at = invalid_utf8_at(*value)) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  fmt::format("{} is not valid UTF-8 (byte {})", what, *at));
+    }
+  }
+  if (req.batch_size < 1) {
+    throw Error(ErrorCode::kInvalidArgument,
+                fmt::format("batch_size must be >= 1, got {}", req.batch_size));
+  }
+  if (!req.input.path.empty() && !req.input.data.empty()) {
+    throw Error(ErrorCode::kInvalidArgument, "input: give a path or bytes, not both");
+  }
+  check_options(req.options_json);
+}
+
+void QueueAdmission::reserve(std::size_t n, bool many) {
+  MutexLock g(mu_);
+  const std::size_t queued = queue_.size() + reserved_.load();
+  if (queued + n > max_) {
+    rejected_.fetch_add(1, std::memory_order_relaxed);
+    throw Error(ErrorCode::kQueueFull,
+                fmt::format("queue full: {} tasks queued (tasks.max_queue_size = {}){}; {} created",
+                            queued, max_, many ? fmt::format(", {} more to start", n) : "",
+                            many ? "no task was" : "the task was not"));
+  }
+  reserved_ += n;  // room kept until the tasks are queued
+}
+
+void QueueAdmission::check_one(const std::string& id) {
+  const std::size_t queued = queue_.size() + reserved_.load();
+  if (queued >= max_) {
+    rejected_.fetch_add(1, std::memory_order_relaxed);
+    throw Error(ErrorCode::kQueueFull,
+                fmt::format("queue full: {} tasks queued (tasks.max_queue_size = {}); task {} "
+                            "stays pending and can be started later",
+                            queued, max_, id));
+  }
+}
+
+}  // namespace taskmgr::detail

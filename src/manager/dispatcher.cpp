@@ -1,0 +1,295 @@
+#include "manager/dispatcher.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <boost/asio/post.hpp>
+
+#include "forced_unwind.hpp"
+#include "host_call.hpp"
+#include "manager/attempt.hpp"
+
+namespace taskmgr::detail {
+
+Dispatcher::Dispatcher(Scheduler& scheduler, Attempt& attempt, DeviceRegistry& devices,
+                       Stats& stats, int workers, Duration linger)
+    : scheduler_(scheduler),
+      attempt_(attempt),
+      devices_(devices),
+      stats_(stats),
+      workers_(workers),
+      linger_(linger),
+      tracking_(scheduler.config().tasks.enable_resource_tracking),
+      device_ids_(devices.ids()),
+      running_by_device_(device_ids_.size(), 0),
+      threads_(std::make_unique<boost::asio::thread_pool>(static_cast<std::size_t>(workers))) {}
+
+Dispatcher::~Dispatcher() { join(); }
+
+void Dispatcher::join() {
+  if (threads_) threads_->join();
+}
+
+void Dispatcher::add_pool(const std::string& kind, ServicePool* pool) { pools_[kind] = pool; }
+
+int Dispatcher::running_on(const std::string& device) const {
+  for (std::size_t d = 0; d < device_ids_.size(); ++d) {
+    if (device_ids_[d] == device) return running_by_device_[d];
+  }
+  return 0;
+}
+
+void Dispatcher::note_enqueued() {
+  enqueued_.fetch_add(1, std::memory_order_release);
+  // Running mean of the real time between enqueues (the linger heuristic).
+  const std::int64_t now_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                  std::chrono::steady_clock::now().time_since_epoch())
+                                  .count();
+  const std::int64_t gap = now_ns - last_enqueue_ns_;
+  last_enqueue_ns_ = now_ns;
+  const std::int64_t avg = arrival_gap_ns_.load(std::memory_order_relaxed);
+  arrival_gap_ns_.store(avg + (std::min<std::int64_t>(gap, 1'000'000'000) - avg) / 8,
+                        std::memory_order_relaxed);
+}
+
+void Dispatcher::dispatch(int self) {
+  if (scheduler_.closing()) return;
+  const int idle = workers_ - loops_;
+  // A lingering loop takes the next task itself (it watches enqueued_), and
+  // so does the calling loop (`self`): posting another loop for that task
+  // would only wake a thread for nothing.
+  const std::size_t waiting = scheduler_.queue().size();
+  const std::size_t catching = static_cast<std::size_t>(lingering_ + self);
+  const std::size_t uncaught = waiting > catching ? waiting - catching : 0;
+  const int want = static_cast<int>(
+      std::min<std::size_t>(static_cast<std::size_t>(std::max(idle, 0)), uncaught));
+  for (int i = 0; i < want; ++i) {
+    ++loops_;
+    boost::asio::post(*threads_, [this]() REQUIRES(!scheduler_lock) { worker_loop(); });
+  }
+}
+
+void Dispatcher::worker_loop() {
+  HostCallScope host;  // services and log sinks run here
+  bool returned = false;
+  try {
+    loop_body(returned);
+  } catch (...) {
+    ::taskmgr::detail::rethrow_if_forced_unwind();
+    // Nothing the loop does throws by design (the attempt catches what a
+    // service throws); an allocation failure here must not end the thread
+    // (a Boost.Asio handler that throws ends the process).
+    Stats::add(stats_.internal_errors);
+    if (!returned) {
+      SchedulerLock lock(scheduler_.mutex());
+      --loops_;
+      scheduler_.notify();
+    }
+  }
+}
+
+void Dispatcher::loop_body(bool& returned) {
+  SchedulerLock lock(scheduler_.mutex());
+  const auto linger_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(linger_).count();
+  while (!scheduler_.closing()) {
+    std::optional<Launch> launch = next();
+    // Linger only when tasks arrive faster than the linger lasts: spinning
+    // while the host is slow to submit would only take CPU from it.
+    if (!launch && lingering_ == 0 && linger_ns > 0 &&
+        arrival_gap_ns_.load(std::memory_order_relaxed) < linger_ns) {
+      // Linger a moment for the next task before giving the thread back: a
+      // host that submits a stream of short tasks then needs no post and no
+      // thread wake-up per task. Only new work (enqueues) ends the linger
+      // early; real time, as this is CPU scheduling, not a task timeout.
+      const std::uint64_t seen = enqueued_.load(std::memory_order_acquire);
+      ++lingering_;  // one lingering worker is enough to catch the next task
+      lock.unlock();
+      scheduler_.outbox().drain();
+      const auto until = std::chrono::steady_clock::now() + linger_;
+      bool more = false;
+      for (unsigned spin = 1;; ++spin) {
+        if (enqueued_.load(std::memory_order_acquire) != seen) {
+          more = true;
+          break;
+        }
+        if (spin % 64 == 0 && std::chrono::steady_clock::now() >= until) break;
+        cpu_relax();
+      }
+      lock.lock();
+      --lingering_;
+      if (more) continue;
+      if (scheduler_.closing()) break;  // close() leaves queued tasks queued
+      // A task queued after the linger timed out but before this loop took
+      // the lock again counted on it (dispatch() posts no loop for a task a
+      // lingering one will catch): look once more.
+      launch = next();
+      if (!launch) break;
+    }
+    if (!launch) break;
+    run_one(*launch);
+  }
+  // The last drain (store, events, log lines: host code) happens before the
+  // loop counts as returned: close() waits for the loops, so no host code
+  // of this loop runs after close() returned. A task queued during that
+  // drain counted on this loop (dispatch() saw it among loops_ and posted
+  // none for it): the loop takes it instead of returning.
+  for (;;) {
+    lock.unlock();
+    scheduler_.outbox().drain();
+    lock.lock();
+    if (scheduler_.closing()) break;
+    std::optional<Launch> late = next();
+    if (!late) break;
+    run_one(*late);
+  }
+  --loops_;
+  returned = true;
+  scheduler_.notify();
+}
+
+void Dispatcher::run_one(Launch& launch) {
+  const RecordPtr rec = launch.rec;
+  const AttemptStart a = scheduler_.begin_attempt(rec, launch.lease);
+  std::optional<CleanupReport> report;
+  {
+    SchedulerUnlock unlocked(scheduler_.mutex());
+    scheduler_.outbox().drain();
+    report = attempt_.run(rec, std::move(launch.lease), a);
+  }
+  attempt_ended(rec);
+  if (report) scheduler_.finish_cleanup(rec, *report);
+  // The cleanup may have queued a retry and freed a slot: this loop takes
+  // the next task, idle workers take the others.
+  dispatch(/*self=*/1);
+}
+
+void Dispatcher::attempt_ended(const RecordPtr& rec) {
+  for (auto it = holders_.begin(); it != holders_.end(); ++it) {
+    if (it->rec == rec) {
+      --running_by_device_[it->device_index];
+      holders_.erase(it);
+      break;
+    }
+  }
+  --running_;
+  scheduler_.notify();
+}
+
+// The best runnable task over all devices: fits its device's free memory now
+// (TaskQueue::peek_next_task), has a pool slot, highest priority then oldest.
+// Reserves its memory and leases its pool slot.
+std::optional<Dispatcher::Launch> Dispatcher::next() {
+  TaskQueue& queue = scheduler_.queue();
+  if (queue.size() == 0) return std::nullopt;
+  const bool by_priority = scheduler_.config().tasks.enable_priority_queue;
+  std::optional<QueuedTask> best;
+  std::size_t best_device = 0;
+  decltype(pools_)::const_iterator best_pool;
+  for (std::size_t d = 0; d < device_ids_.size(); ++d) {
+    const std::string& id = device_ids_[d];
+    if (queue.size(id) == 0) continue;
+    auto head = queue.peek_next_task(id);  // none when unavailable or nothing fits
+    if (!head) continue;
+    std::optional<QueuedTask> cand = std::move(head);
+    auto pool = pools_.find(cand->service);
+    if (pool == pools_.end() || !pool->second->has_capacity(id)) {
+      if (pool != pools_.end()) pool_blocked_.try_emplace(PoolKey{cand->service, id});
+      cand = queue.peek_next_task(id, [this, &id](const QueuedTask& q) REQUIRES(scheduler_lock) {
+        auto p = pools_.find(q.service);  // a recovered task may wait for its service
+        return p != pools_.end() && p->second->has_capacity(id);
+      });
+      if (cand) pool = pools_.find(cand->service);
+    }
+    if (!cand) continue;
+    const bool better = !best || (by_priority && cand->priority != best->priority
+                                      ? cand->priority > best->priority
+                                      : cand->sequence < best->sequence);
+    if (better) {
+      best = std::move(cand);
+      best_device = d;
+      best_pool = pool;
+    }
+  }
+  if (!best) return std::nullopt;
+  const QueuedTask& qt = *best;
+  auto lease = best_pool->second->try_acquire(qt.device);
+  if (!lease) return std::nullopt;  // cannot happen: capacity was checked under the lock
+  RecordPtr rec = scheduler_.records().find(qt.task_id);
+  queue.remove(qt.task_id);
+  if (!rec) {  // a queue entry without a record: a bug, never a crash
+    Stats::add(stats_.internal_errors);
+    return std::nullopt;
+  }
+  if (!pool_blocked_.empty()) pool_blocked_.erase(PoolKey{qt.service, qt.device});
+  if (tracking_) {
+    devices_.reserve(qt.device, qt.estimated_memory_mb, /*force=*/true);
+    rec->reserved_mb = qt.estimated_memory_mb;
+    rec->reserved_device = qt.device;
+  }
+  // The holder views the pool's key and the device's id: both stay put.
+  holders_.push_back(
+      Holder{rec, best_pool->first, device_ids_[best_device], best_device, rec->task.attempt + 1});
+  ++running_;
+  ++running_by_device_[best_device];
+  return Launch{std::move(rec), std::move(*lease)};
+}
+
+bool Dispatcher::stuck(const PoolKey& key, SteadyTime now) const {
+  for (const Holder& h : holders_) {
+    if (h.service != key.service || h.device != key.device) continue;
+    const Record& r = *h.rec;
+    if (r.task.attempt != h.attempt) return true;  // its cleanup was left to the watchdog
+    if (r.timed_out.load()) return true;           // running past its deadline
+    const std::uint64_t claim = r.cleanup_claim.load();
+    if (claim == static_cast<std::uint64_t>(h.attempt) * 4 + Record::kByWatchdog) return true;
+    if (r.phase() == Phase::kCleanup && now >= r.cleanup_deadline) return true;
+  }
+  return false;
+}
+
+std::vector<std::pair<RecordPtr, FailureInfo>> Dispatcher::take_exhausted(SteadyTime now) {
+  std::vector<std::pair<RecordPtr, FailureInfo>> out;
+  TaskQueue& queue = scheduler_.queue();
+  for (auto it = pool_blocked_.begin(); it != pool_blocked_.end();) {
+    const PoolKey& key = it->first;
+    auto p = pools_.find(key.service);
+    if (p == pools_.end() || p->second->has_capacity(key.device)) {
+      it = pool_blocked_.erase(it);
+      continue;
+    }
+    if (!stuck(key, now)) {
+      it->second.reset();  // busy, not stuck: the timeout does not run
+      ++it;
+      continue;
+    }
+    if (!it->second) {
+      it->second = now;
+      ++it;
+      continue;
+    }
+    const PoolSettings settings = p->second->settings(key.device);
+    const Duration limit = from_seconds(settings.acquire_timeout_seconds);
+    if (now - *it->second < limit) {
+      ++it;
+      continue;
+    }
+    const PoolKey k = key;
+    it = pool_blocked_.erase(it);
+    auto head = queue.peek_next_task(k.device);
+    if (!head || head->service != k.service) continue;
+    RecordPtr rec = scheduler_.records().find(head->task_id);
+    if (!rec) continue;
+    queue.remove(head->task_id);
+    FailureInfo f;
+    f.reason = TaskFailureReason::kPoolExhausted;
+    f.retryable = true;
+    f.message = fmt::format(
+        "no '{}' instance on {} became free within {} s: the pool (max {}) is held by attempts "
+        "past their deadline or cleanup timeout",
+        k.service, k.device, settings.acquire_timeout_seconds, settings.max_instances);
+    out.emplace_back(std::move(rec), std::move(f));
+  }
+  return out;
+}
+
+}  // namespace taskmgr::detail

@@ -3,7 +3,8 @@
 //
 //   bench_ocr_batch --data DIR --samples DIR [--runs N] [--work DIR]
 //                   [--python PY] [--tesserocr SCRIPT] [--skip-unlimited]
-//                   [--only KEYS] [--cli PATH] [--small] [--max-foreign C]
+//                   [--only KEYS] [--cli PATH] [--cli-args "ARGS"] [--small]
+//                   [--max-foreign C]
 //   bench_ocr_batch --priority --data DIR [--backlog N]
 //   bench_ocr_batch --preprocess --data DIR --samples DIR
 //   bench_ocr_batch --orientation --data DIR --samples DIR [--runs N]
@@ -37,6 +38,8 @@
 //       database, batch, teardown) and the batch time it reports itself
 //       (completed / throughput); its exit code must be 0 and every page
 //       completed
+//   clix the same program with --cli-args ARGS (space-separated options)
+//        too: an A/B of an option in the same runs
 //   cli0 the same program on an empty folder: its fixed cost alone
 //
 // --only KEYS (comma-separated) runs those configurations and L (u only if
@@ -466,14 +469,17 @@ fs::path cli_folder(const std::vector<Page>& batch, const fs::path& work) {
 // cli (pages = the batch's size) or cli0 (an empty folder, pages = 0): the
 // program with its defaults, a fresh database each run.
 Result run_taskmgr_ocr(const std::string& cli, const fs::path& folder, std::size_t pages,
-                       const fs::path& work) {
+                       const fs::path& work, const std::vector<std::string>& extra = {}) {
   static int n = 0;
   const std::string db = (work / ("cli-" + std::to_string(++n) + ".db")).string();
   auto remove_db = [&] {
     for (const char* sfx : {"", "-wal", "-shm", ".lock"}) fs::remove(db + sfx);
   };
   remove_db();
-  const Process p = run_process({cli, "--db", db, "--progress", "lines", folder.string()});
+  std::vector<std::string> args = {cli, "--db", db, "--progress", "lines"};
+  args.insert(args.end(), extra.begin(), extra.end());
+  args.push_back(folder.string());
+  const Process p = run_process(args);
   remove_db();
   Result r;
   const double completed = summary_number(p.output, "  completed ");
@@ -747,7 +753,8 @@ int main(int argc, char** argv) {
   bool priority = false, unlimited = true, preprocess = false, orientation = false;
   bool small_only = false;
   double max_foreign = 0.25;
-  std::string only;  // run only these configurations (keys, comma-separated)
+  std::string only;                   // run only these configurations (keys, comma-separated)
+  std::vector<std::string> cli_args;  // clix: the program with these options too
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -783,7 +790,10 @@ int main(int argc, char** argv) {
       only = "," + next() + ",";
     else if (a == "--cli")
       cli = next();
-    else if (a == "--small")
+    else if (a == "--cli-args") {
+      std::istringstream words(next());
+      for (std::string w; words >> w;) cli_args.push_back(w);
+    } else if (a == "--small")
       small_only = true;
     else if (a == "--max-foreign")
       max_foreign = std::stod(next());
@@ -825,6 +835,8 @@ int main(int argc, char** argv) {
        [&] { return run_taskmgr_defaults(batch, work); }},
       {"cli", "taskmgr-ocr, its defaults: process wall time",
        [&] { return run_taskmgr_ocr(cli, work / "cli-pages", batch.size(), work); }},
+      {"clix", "taskmgr-ocr with --cli-args: process wall time",
+       [&] { return run_taskmgr_ocr(cli, work / "cli-pages", batch.size(), work, cli_args); }},
       {"cli0", "taskmgr-ocr on an empty folder (fixed cost)",
        [&] { return run_taskmgr_ocr(cli, work / "cli-empty", 0, work); }},
   };
@@ -838,7 +850,7 @@ int main(int argc, char** argv) {
     if (only.find(",u,") == std::string::npos) unlimited = false;
   }
   const bool with_cli = std::any_of(configs.begin(), configs.end(), [](const Config& c) {
-    return c.key == "cli" || c.key == "cli0";
+    return c.key == "cli" || c.key == "clix" || c.key == "cli0";
   });
   if (with_cli) {
     if (!fs::exists(cli)) {
@@ -867,10 +879,11 @@ int main(int argc, char** argv) {
         return 1;
       }
       this_run[c.key] = r.seconds;
-      if (c.key == "cli") this_run["cli-b"] = r.batch_seconds;
+      if (c.key == "cli" || c.key == "clix") this_run[c.key + "-b"] = r.batch_seconds;
       if (!r.texts.empty()) cer[c.key] = mean_cer(batch, r.texts);
       std::fprintf(stderr, "run %d %-4s %.2f s", run, c.key.c_str(), r.seconds);
-      if (c.key == "cli") std::fprintf(stderr, " (batch %.2f s)", r.batch_seconds);
+      if (c.key == "cli" || c.key == "clix")
+        std::fprintf(stderr, " (batch %.2f s)", r.batch_seconds);
       std::fprintf(stderr, "\n");
     }
     const double foreign = foreign_cores(before, cpu_ticks(), seconds_since(t0));
@@ -898,6 +911,8 @@ int main(int argc, char** argv) {
     rows.emplace_back(c.key, c.name);
     if (c.key == "cli")
       rows.emplace_back("cli-b", "taskmgr-ocr, its defaults: batch time it reports");
+    if (c.key == "clix")
+      rows.emplace_back("clix-b", "taskmgr-ocr with --cli-args: batch time it reports");
   }
   // b1 and Ld run one worker: compare them with one engine alone (L / 2).
   auto one_worker = [](const std::string& key) { return key == "b1" || key == "Ld"; };

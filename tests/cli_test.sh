@@ -38,6 +38,17 @@ set +e
 "$bin" --progress sideways > bad.txt 2>&1; rc=$?
 set -e
 [ "$rc" -eq 2 ] && grep -q -- "--progress" bad.txt || { echo "bad --progress not refused"; exit 1; }
+"$bin" --queue-ahead -1 pages > bad.txt 2>&1 && rc=0 || rc=$?
+[ "$rc" -eq 2 ] && grep -q -- "--queue-ahead must be in \[0, 10000\], got -1" bad.txt ||
+  { cat bad.txt; echo "bad --queue-ahead not refused"; exit 1; }
+# A result holds word boxes only when the output needs them (json): the
+# text run above stored none; a json run of the same page reads it again
+# (its identity says words) and writes them.
+[ "$(sqlite3 run.db "SELECT count(*) FROM tasks WHERE result LIKE '%\"words\"%'")" -eq 0 ] ||
+  { echo "a text run stored word boxes"; exit 1; }
+"$bin" --db run.db --format json --out jout pages/letter.tif > json.txt
+grep -q "pages           1 (0 already done)" json.txt || { cat json.txt; echo "json did not read again"; exit 1; }
+grep -q '"words":\[{"text":"' jout/letter.json || { head -c 300 jout/letter.json; echo "no words in json"; exit 1; }
 # What a stranger found (each once a crash, a whole batch stopped, or silence):
 # a language without its data is a configuration error (exit 2), not an abort;
 "$bin" --db opt.db --languages xyz pages/letter.tif > lang.txt 2>&1 && rc=0 || rc=$?
@@ -99,7 +110,12 @@ mkdir many
 for i in $(seq -w 1 30); do cp pages/notes.tif "many/p$i.tif"; done
 "$bin" --db sig.db --progress lines many > sig.txt 2>&1 &
 pid=$!
-sleep 2
+# Once the first page has ended (a loaded machine may take long to start).
+for _ in $(seq 1 600); do
+  grep -q '^\[1/30\]' sig.txt 2>/dev/null && break
+  kill -0 "$pid" 2>/dev/null || break
+  sleep 0.2
+done
 kill -TERM "$pid"
 wait "$pid" && rc=0 || rc=$?
 [ "$rc" -eq 143 ] && grep -q "^summary" sig.txt && grep -q "not started" sig.txt ||

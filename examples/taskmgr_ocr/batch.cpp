@@ -32,6 +32,7 @@ std::string options_for(const BatchOptions& o, const std::string& key, const Doc
   if (number > 0) obj["page"] = number;
   if (d.pdf) obj["dpi"] = o.dpi;
   if (!o.output.empty()) obj["output"] = o.output;
+  if (!o.words) obj["words"] = false;
   return json::serialize(obj);
 }
 
@@ -86,6 +87,7 @@ std::string Batch::source_for(const Document& d, const Page& p) const {
   std::string s = page_key(d, p);
   if (!options_.settings.empty()) s += "|" + options_.settings;
   if (!options_.output.empty()) s += "|" + options_.output;
+  if (options_.words) s += "|words";  // a page read without them is read again for them
   if (d.pdf) s += "|dpi=" + std::to_string(options_.dpi);
   return s;
 }
@@ -220,6 +222,10 @@ Summary Batch::run(const std::function<void(const PageEnd&)>& on_end,
       }
     }
   };
+  // Pages that ended, handed to on_end only after the next pages are
+  // submitted: what the caller does with a result (parse it, write an
+  // output) never keeps a worker waiting for its next page.
+  std::vector<PageEnd> ended_pages;
   const auto finish = [&](const std::string& id) {
     const auto it = flight.find(id);
     if (it == flight.end()) return;
@@ -230,7 +236,11 @@ Summary Batch::run(const std::function<void(const PageEnd&)>& on_end,
     state[i] = State::kEnded;
     run_outcome[i] = Outcome{t->status, t->failure_reason, true};
     ++ended;
-    on_end(PageEnd{i, std::move(*t), false});
+    ended_pages.push_back(PageEnd{i, std::move(*t), false});
+  };
+  const auto deliver = [&] {
+    for (const PageEnd& e : ended_pages) on_end(e);
+    ended_pages.clear();
   };
   const auto poll = [&] {
     std::vector<std::string> ids;
@@ -243,6 +253,7 @@ Summary Batch::run(const std::function<void(const PageEnd&)>& on_end,
   auto last_poll = std::chrono::steady_clock::now();
   while (!flight.empty() || (next < n && fatal.empty() && !stopped())) {
     submit();
+    deliver();
     const auto ids = endings.wait(std::chrono::milliseconds(200));
     for (const auto& id : ids) finish(id);
     const auto now = std::chrono::steady_clock::now();
@@ -252,6 +263,7 @@ Summary Batch::run(const std::function<void(const PageEnd&)>& on_end,
       on_wait(ended);
     }
   }
+  deliver();
   if (!fatal.empty()) s.problems.push_back(fatal);
 
   // The summary, from the database: what it holds for each page.

@@ -31,7 +31,10 @@ struct BatchOptions {
   int priority = 0;
   std::string device;  // "" = any
   std::string output;  // the OCR service's "output" option; "" = its default
-  int dpi = 300;       // PDF pages are rendered at this resolution
+  // Word boxes in the result (the json format writes them); without them a
+  // page's result is its text and confidence only: less to build and store.
+  bool words = true;
+  int dpi = 300;  // PDF pages are rendered at this resolution
   // The OCR settings a result depends on (languages, psm, orientation,
   // preprocessing): part of a page's identity, so that a page read with
   // other settings is read again.

@@ -56,6 +56,7 @@ struct Options {
   std::string config_path;
   std::string db = "taskmgr.db";
   int workers = 0;
+  int queue_ahead = -1;  // pages queued beyond one per worker; -1: the default
   std::string out_dir;
   std::string format = "text";  // text | json | hocr | alto | pdf
   bool sidecar = false;
@@ -92,6 +93,9 @@ void usage(std::ostream& os) {
         "  --languages L     Tesseract languages, e.g. eng or eng+deu (default: config, eng)\n"
         "  --progress MODE   bar, lines or auto (default auto: a bar on a terminal)\n"
         "  --samples DIR     where sample pages are rendered (default samples)\n"
+        "  --queue-ahead N   pages kept queued beyond one per worker, so that a worker\n"
+        "                    that ends finds its next page waiting (default: one per two\n"
+        "                    workers; 0 when tasks.queue_timeout_seconds is under 60)\n"
         "  --redo            OCR pages again even if done in the database\n"
         "  --list            list the pages and their order, OCR nothing\n"
         "  --print-config    print the configuration in force (YAML, every key) and exit\n"
@@ -212,6 +216,11 @@ int parse_args(int argc, char** argv, Options& opt) {
       if (m != "bar" && m != "lines" && m != "auto")
         throw std::invalid_argument("--progress must be bar, lines or auto");
       opt.progress = m == "bar" ? 1 : m == "lines" ? 0 : -1;
+    } else if (a == "--queue-ahead") {
+      opt.queue_ahead = number("--queue-ahead");
+      if (opt.queue_ahead < 0 || opt.queue_ahead > 10000)
+        throw std::invalid_argument("--queue-ahead must be in [0, 10000], got " +
+                                    std::to_string(opt.queue_ahead));
     } else if (a == "--redo") {
       opt.redo = true;
     } else if (a == "--list") {
@@ -280,9 +289,15 @@ int main(int argc, char** argv) {
   // One page running per worker and one queued per two workers: a worker
   // that ends finds the next page waiting, and a queued page waits about
   // half a page-time, whatever the folder's size (queue_timeout_seconds
-  // keeps its meaning).
+  // keeps its meaning). With a queue timeout under a minute, which a page
+  // may take, no page is queued ahead: one is submitted when a worker is
+  // free, and waits only for that worker to take it.
   const auto workers = static_cast<std::size_t>(config.executor.worker_threads);
-  const std::size_t window = workers + std::max<std::size_t>(1, workers / 2);
+  const std::size_t ahead = opt.queue_ahead >= 0 ? static_cast<std::size_t>(opt.queue_ahead)
+                            : config.tasks.queue_timeout_seconds < 60.0
+                                ? 0
+                                : std::max<std::size_t>(1, workers / 2);
+  const std::size_t window = workers + ahead;
   config.tasks.max_queue_size =
       std::max<int>(config.tasks.max_queue_size, static_cast<int>(window));
   if (opt.print_config) {
@@ -333,6 +348,10 @@ int main(int argc, char** argv) {
     fs::remove(probe, ec);
   }
 
+  // From here a first SIGINT/SIGTERM stops the run gracefully, also while
+  // the manager opens and warms its engines (then no page is started).
+  std::signal(SIGINT, on_stop_signal);
+  std::signal(SIGTERM, on_stop_signal);
   try {
     taskmgr::TaskManager tm(config);
     if (!opt.device.empty()) {
@@ -358,9 +377,8 @@ int main(int argc, char** argv) {
     bo.redo = opt.redo;
     bo.dpi = opt.dpi;
     bo.stop = &g_stop;
-    std::signal(SIGINT, on_stop_signal);
-    std::signal(SIGTERM, on_stop_signal);
     bo.output = ocrcli::service_output_for(opt.format);
+    bo.words = opt.format == "json";
     {
       const taskmgr::OcrConfig& o = config.ocr;
       const taskmgr::PreprocessConfig& p = o.preprocess;

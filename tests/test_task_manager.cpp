@@ -1597,11 +1597,19 @@ TEST_CASE("host code that throws while a retry is decided is logged, and is not 
     std::string kind() const override { return "t"; }
     std::unique_ptr<Service> create(const std::string&) override {
       struct S : Service {
+        explicit S(std::atomic<bool>& a) : armed(a) {}
         void process(TaskContext& c) override {
-          if (c.attempt() == 1) throw OutOfMemoryError("first attempt");
+          if (c.attempt() == 1) {
+            // From now on supports() throws: the retry on the GPU goes on without fallback.
+            // Armed here, not by the test's thread after create_task: the retry could be
+            // decided before that thread ran (a race that failed in CI).
+            armed = true;
+            throw OutOfMemoryError("first attempt");
+          }
         }
+        std::atomic<bool>& armed;
       };
-      return std::make_unique<S>();
+      return std::make_unique<S>(armed);
     }
     bool supports(const DeviceInfo&) const override {
       if (armed) throw std::runtime_error("supports() failed");
@@ -1628,7 +1636,6 @@ TEST_CASE("host code that throws while a retry is decided is logged, and is not 
   r.device = "cuda:0";
   r.start = true;
   const Task t = tm.create_task(r);
-  f->armed = true;  // from now on supports() throws: the retry on the GPU goes on without fallback
   const auto done = tm.wait_task(t.id, 60s);
   REQUIRE(done.has_value());
   CHECK(done->status == TaskStatus::kCompleted);

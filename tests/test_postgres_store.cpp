@@ -572,10 +572,11 @@ std::size_t check_database(PgSchema& s, const std::set<std::string>& acked) {
         event_keys_problem(*e, pg::compact_jsonb(PQgetvalue(ev.get(), i, 2)), /*any_order=*/true);
     CHECK_MESSAGE(problem.empty(), problem);
   }
-  for (const auto& [id, st] : status) {
+  for (const auto& entry : status) {
+    const std::string& id = entry.first;
     CAPTURE(id);
-    CHECK(terminal[id] <= 1);  // never two terminal states
-    CHECK(replay[id] == st);   // the history gives the current status
+    CHECK(terminal[id] <= 1);           // never two terminal states
+    CHECK(replay[id] == entry.second);  // the history gives the current status
   }
   return status.size();
 }

@@ -381,6 +381,13 @@ class PostgresStore final : public TaskStore, private WriteBackend {
         transact(ops, n, superseded, a);
         return;
       } catch (const PgError& e) {
+        // A connection left in the middle of the protocol (or of a
+        // transaction) is not used again.
+        if (writer_ && !e.connection_lost() &&
+            (PQpipelineStatus(writer_->get()) != PQ_PIPELINE_OFF ||
+             PQtransactionStatus(writer_->get()) != PQTRANS_IDLE)) {
+          writer_.reset();
+        }
         if (e.connection_lost()) {
           writer_.reset();
           if (a.commit_sent && committed(a.xid)) return;

@@ -41,9 +41,12 @@ inline Child spawn_crash_child(const std::vector<std::string>& args) {
   return {pid, fds[0]};
 }
 
-// Reads the child's lines for `run` of real time; returns acknowledged ids.
+// Reads the child's lines for `run` of real time (from now), and at least
+// until it is READY and acknowledged `min_acks` tasks (however slow it is:
+// under a sanitizer on a loaded machine `run` may end before any); returns
+// the acknowledged ids.
 inline std::vector<std::string> read_acks(const Child& c, std::chrono::milliseconds run,
-                                          bool* ready) {
+                                          bool* ready, std::size_t min_acks = 0) {
   std::vector<std::string> acks;
   std::string buf;
   const auto end = std::chrono::steady_clock::now() + run;
@@ -51,9 +54,12 @@ inline std::vector<std::string> read_acks(const Child& c, std::chrono::milliseco
   for (;;) {
     const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
         end - std::chrono::steady_clock::now());
-    // Until READY, wait for the child to start (slow under sanitizers).
-    const int timeout = started ? static_cast<int>(std::max<long>(0, left.count())) : 30000;
-    if (started && left.count() <= 0) break;
+    const bool enough = acks.size() >= min_acks;
+    // Until READY and the acks wanted, wait for the child (slow under
+    // sanitizers).
+    const int timeout =
+        started && enough ? static_cast<int>(std::max<long>(0, left.count())) : 30000;
+    if (started && enough && left.count() <= 0) break;
     pollfd p{c.out, POLLIN, 0};
     if (::poll(&p, 1, timeout) <= 0) break;
     char chunk[4096];

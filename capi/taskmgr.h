@@ -230,7 +230,8 @@ typedef struct taskmgr_open_options {
                                   Neither set: the defaults. Not both. */
   const char* database_path;   /* overrides storage.path: a SQLite file, or
                                   ":memory:" to keep nothing; NULL = as configured
-                                  (default "taskmgr.db" in the working folder) */
+                                  (default "taskmgr.db" in the working folder).
+                                  Clears storage.url. */
   int32_t worker_threads;      /* overrides executor.worker_threads when > 0 */
   int32_t disable_builtin_ocr; /* non-zero: no built-in "ocr" service */
   taskmgr_log_fn log_callback; /* NULL: warnings and errors go to stderr */
@@ -246,6 +247,12 @@ typedef struct taskmgr_open_options {
   taskmgr_event_fn event_callback;
   void* event_user_data;
   taskmgr_free_fn event_free;
+  /* Since 0.4: overrides storage.url: a PostgreSQL connection string
+   * (a postgresql:// URL or libpq key=value pairs; a password in it is never
+   * shown in messages); the manager then keeps its tasks in PostgreSQL
+   * (docs/STORAGE.md). NULL = as configured. Not together with
+   * database_path (TASKMGR_E_INVALID_ARGUMENT). */
+  const char* database_url;
 } taskmgr_open_options;
 
 /* Sets every field to its default and struct_size to the header's size.

@@ -463,12 +463,27 @@ int open_manager(const taskmgr_open_options* o, taskmgr_manager** out) {
   if (opt.database_path != nullptr) {
     require_utf8(opt.database_path, "taskmgr_open", "database_path");
   }
+  if (opt.database_url != nullptr) {
+    if (opt.database_path != nullptr) {
+      throw_invalid("taskmgr_open: give database_path or database_url, not both");
+    }
+    require_utf8(opt.database_url, "taskmgr_open", "database_url");
+  }
   taskmgr::Config config = opt.config_path != nullptr
                                ? taskmgr::Config::from_yaml_file(opt.config_path)
                            : (opt.config_yaml != nullptr && *opt.config_yaml != '\0')
                                ? taskmgr::Config::from_yaml_string(opt.config_yaml, "config_yaml")
                                : taskmgr::Config::defaults();
-  if (opt.database_path != nullptr) config.storage.path = opt.database_path;
+  // Each selects the store on its own: the other storage key goes back to
+  // its default.
+  if (opt.database_path != nullptr) {
+    config.storage.path = opt.database_path;
+    config.storage.url.clear();
+  }
+  if (opt.database_url != nullptr) {
+    config.storage.url = opt.database_url;
+    config.storage.path = taskmgr::StorageConfig{}.path;
+  }
   if (opt.worker_threads > 0) config.executor.worker_threads = opt.worker_threads;
   taskmgr::TaskManagerOptions options;
   options.builtin_ocr = opt.disable_builtin_ocr == 0;

@@ -11,6 +11,7 @@ PACKAGES=(
   libtesseract-dev libleptonica-dev tesseract-ocr tesseract-ocr-eng tesseract-ocr-osd
   libpoppler-cpp-dev poppler-utils
   libsqlitecpp-dev libsqlite3-dev sqlite3
+  libpq-dev postgresql-15
   libfmt-dev doctest-dev libyaml-cpp-dev libbenchmark-dev
   fonts-dejavu-core python3
   clang libclang-rt-14-dev clang-format

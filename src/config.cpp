@@ -11,6 +11,7 @@
 #include <unordered_map>
 
 #include "enum_table.hpp"
+#include "store/pg.hpp"
 #include "utf8.hpp"
 
 namespace taskmgr {
@@ -270,6 +271,15 @@ Config parse_document(const YAML::Node& root, std::unordered_map<std::string, in
     s.read("busy_timeout_seconds", c.storage.busy_timeout_seconds);
     s.read("retention_days", c.storage.retention_days);
     s.read("max_size_mb", c.storage.max_size_mb);
+    s.read("url", c.storage.url);
+    MapReader pg = s.child("postgres");
+    auto& k = c.storage.postgres;
+    pg.read("schema", k.schema);
+    pg.read("read_connections", k.read_connections);
+    pg.read("statement_timeout_seconds", k.statement_timeout_seconds);
+    pg.read("connect_timeout_seconds", k.connect_timeout_seconds);
+    pg.read("allow_other_tables", k.allow_other_tables);
+    pg.finish();
     s.finish();
   }
   {
@@ -459,6 +469,49 @@ void Config::validate() const {
   }
 
   if (storage.path.empty()) invalid("storage.path", "must not be empty (use ':memory:')");
+  if (!storage.url.empty()) {
+    // The URL may hold a password: no message here shows it.
+    if (storage.path != StorageConfig{}.path) {
+      invalid("storage.url",
+              "and storage.path are both set: give one (storage.url selects PostgreSQL, "
+              "storage.path SQLite or ':memory:')");
+    }
+    const bool url_form =
+        storage.url.rfind("postgresql://", 0) == 0 || storage.url.rfind("postgres://", 0) == 0;
+    if (!url_form && storage.url.find('=') == std::string::npos) {
+      invalid("storage.url",
+              "must be a postgresql:// (or postgres://) URL or libpq key=value pairs "
+              "(e.g. 'host=db.example dbname=taskmgr')");
+    }
+    if (auto problem = detail::pg::conninfo_problem(storage.url)) {
+      invalid("storage.url", "is not a valid PostgreSQL connection string: " + *problem);
+    }
+    if (storage.synchronous != SyncMode::kNormal) {
+      invalid("storage.synchronous",
+              "applies to the SQLite store only; with storage.url the PostgreSQL server's "
+              "settings decide (taskmgr's sessions commit with synchronous_commit = on)");
+    }
+    if (storage.max_size_mb != 0) {
+      invalid("storage.max_size_mb", "applies to the SQLite store only (storage.url is set)");
+    }
+  }
+  {
+    const auto& p = storage.postgres;
+    if (p.schema.size() > 63) {
+      invalid("storage.postgres.schema",
+              "must be at most 63 bytes (PostgreSQL's longest name), got " +
+                  std::to_string(p.schema.size()));
+    }
+    if (p.read_connections < 1 || p.read_connections > 64) {
+      invalid("storage.postgres.read_connections",
+              "must be in [1, 64], got " + std::to_string(p.read_connections));
+    }
+    if (!(p.statement_timeout_seconds >= 0) || !std::isfinite(p.statement_timeout_seconds)) {
+      invalid("storage.postgres.statement_timeout_seconds",
+              "must be >= 0 (0 = no limit), got " + num(p.statement_timeout_seconds));
+    }
+    check_positive("storage.postgres.connect_timeout_seconds", p.connect_timeout_seconds);
+  }
   check_positive("storage.busy_timeout_seconds", storage.busy_timeout_seconds);
   if (storage.max_size_mb < 0)
     invalid("storage.max_size_mb",
@@ -608,6 +661,16 @@ std::string Config::to_yaml() const {
   e << YAML::Key << "busy_timeout_seconds" << YAML::Value << storage.busy_timeout_seconds;
   e << YAML::Key << "retention_days" << YAML::Value << storage.retention_days;
   e << YAML::Key << "max_size_mb" << YAML::Value << storage.max_size_mb;
+  e << YAML::Key << "url" << YAML::Value << storage.url;
+  e << YAML::Key << "postgres" << YAML::Value << YAML::BeginMap;
+  e << YAML::Key << "schema" << YAML::Value << storage.postgres.schema;
+  e << YAML::Key << "read_connections" << YAML::Value << storage.postgres.read_connections;
+  e << YAML::Key << "statement_timeout_seconds" << YAML::Value
+    << storage.postgres.statement_timeout_seconds;
+  e << YAML::Key << "connect_timeout_seconds" << YAML::Value
+    << storage.postgres.connect_timeout_seconds;
+  e << YAML::Key << "allow_other_tables" << YAML::Value << storage.postgres.allow_other_tables;
+  e << YAML::EndMap;
   e << YAML::EndMap;
 
   e << YAML::Key << "ocr" << YAML::Value << YAML::BeginMap;

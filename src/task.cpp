@@ -95,8 +95,9 @@ const std::vector<TaskEvent>& all_task_events() {
 }
 
 std::string format_timestamp(Timestamp t) {
-  const auto ms_total =
-      std::chrono::duration_cast<std::chrono::milliseconds>(t.time_since_epoch()).count();
+  // floor, not duration_cast (toward zero): before 1970 a time keeps its
+  // order ("...59.999" for a microsecond before the epoch, not "...00.000").
+  const auto ms_total = std::chrono::floor<std::chrono::milliseconds>(t.time_since_epoch()).count();
   auto secs = static_cast<std::time_t>(ms_total / 1000);
   auto ms = static_cast<int>(ms_total % 1000);
   if (ms < 0) {

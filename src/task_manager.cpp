@@ -25,6 +25,8 @@
 #include "taskmgr/error.hpp"
 #include "taskmgr/error_handler.hpp"
 #include "taskmgr/ocr.hpp"
+#include "taskmgr/postgres_store.hpp"
+#include "taskmgr/store.hpp"
 #include "timer_queue.hpp"
 #include "utf8.hpp"
 
@@ -40,6 +42,24 @@ SqliteStoreOptions sqlite_options(const StorageConfig& c) {
   o.busy_timeout_seconds = c.busy_timeout_seconds;
   o.max_size_mb = c.max_size_mb;
   return o;
+}
+
+PostgresStoreOptions postgres_options(const StorageConfig& c) {
+  PostgresStoreOptions o;
+  o.schema = c.postgres.schema;
+  o.read_connections = static_cast<std::size_t>(c.postgres.read_connections);
+  o.statement_timeout_seconds = c.postgres.statement_timeout_seconds;
+  o.connect_timeout_seconds = c.postgres.connect_timeout_seconds;
+  o.allow_other_tables = c.postgres.allow_other_tables;
+  return o;
+}
+
+// The store the configuration names: storage.url (PostgreSQL), or
+// storage.path (SQLite, or ":memory:").
+std::shared_ptr<TaskStore> open_store(const StorageConfig& c) {
+  if (!c.url.empty()) return open_postgres_store(c.url, postgres_options(c));
+  if (c.path == ":memory:") return make_memory_store();
+  return open_sqlite_store(c.path, sqlite_options(c));
 }
 
 int worker_count(const ExecutorConfig& c) {
@@ -108,10 +128,7 @@ TaskManager::Impl::Impl(Config config, TaskManagerOptions options)
       log_(parse_log_level(config_.logging.level).value_or(LogLevel::kInfo),
            std::move(options.log_sink)),
       clock_(options.clock ? std::move(options.clock) : Clock::system()),
-      journal_(options.store ? std::move(options.store)
-               : config_.storage.path == ":memory:"
-                   ? make_memory_store()
-                   : open_sqlite_store(config_.storage.path, sqlite_options(config_.storage))),
+      journal_(options.store ? std::move(options.store) : open_store(config_.storage)),
       devices_(options.devices ? std::move(options.devices)
                                : std::make_shared<DeviceRegistry>(config_.devices)),
       handler_(config_.tasks.retry, nullptr, options.random_seed),

@@ -1,20 +1,29 @@
-// A host that the kill -9 test kills at random points: it creates, starts
-// and completes tasks on a database file as fast as it can and prints
-// "ACK <id>" for every task create_task accepted (the durability promise).
+// A host that the kill -9 tests kill at random points: it creates, starts
+// and completes tasks on a database as fast as it can and prints "ACK <id>"
+// for every task create_task accepted (the durability promise). The
+// database is a SQLite file, or a PostgreSQL connection string (postgresql://
+// or key=value) with the schema to use.
 #include <taskmgr/taskmgr.hpp>
 
 #include <chrono>
 #include <cstdio>
 #include <random>
+#include <string>
 #include <thread>
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::fprintf(stderr, "usage: taskmgr_crash_child DB\n");
+    std::fprintf(stderr, "usage: taskmgr_crash_child SQLITE_FILE | PG_URL [SCHEMA]\n");
     return 2;
   }
   taskmgr::Config config;
-  config.storage.path = argv[1];
+  const std::string db = argv[1];
+  if (db.rfind("postgres", 0) == 0 || db.find('=') != std::string::npos) {
+    config.storage.url = db;
+    if (argc > 2) config.storage.postgres.schema = argv[2];
+  } else {
+    config.storage.path = db;
+  }
   config.executor.worker_threads = 2;
   config.tasks.max_queue_size = 100000;
   config.devices.probe_nvidia = false;

@@ -185,6 +185,12 @@ TEST_CASE("each out-of-range value is an error that names its key path and line"
        "pools.devices.cuda:0.acquire_timeout_seconds", 4},
       {"storage:\n  synchronous: sometimes\n", "storage.synchronous", 2},
       {"storage:\n  path: ''\n", "storage.path", 2},
+      {"storage:\n  postgres:\n    read_connections: 0\n", "storage.postgres.read_connections", 3},
+      {"storage:\n  postgres:\n    read_connections: 65\n", "storage.postgres.read_connections", 3},
+      {"storage:\n  postgres:\n    statement_timeout_seconds: -1\n",
+       "storage.postgres.statement_timeout_seconds", 3},
+      {"storage:\n  postgres:\n    connect_timeout_seconds: 0\n",
+       "storage.postgres.connect_timeout_seconds", 3},
       {"ocr:\n  page_segmentation_mode: 14\n", "ocr.page_segmentation_mode", 2},
       {"ocr:\n  languages: ''\n", "ocr.languages", 2},
       {"logging:\n  level: loud\n", "logging.level", 2},
@@ -333,4 +339,65 @@ TEST_CASE(
   const Config c = Config::from_yaml_string("tasks:\n  temp_dir: /tmp/données\n", "t.yaml");
   CHECK(c.tasks.temp_dir == "/tmp/données");
   CHECK(Config::from_yaml_string(c.to_yaml(), "again").tasks.temp_dir == "/tmp/données");
+}
+
+TEST_CASE("storage.url selects PostgreSQL: it is checked, never shown, and not with storage.path") {
+  const Config c = Config::from_yaml_string(
+      "storage:\n"
+      "  url: postgresql://app:s3cret@db.example:5433/tasks?sslmode=require\n"
+      "  retention_days: 7\n"
+      "  postgres:\n"
+      "    schema: taskmgr\n"
+      "    read_connections: 4\n"
+      "    statement_timeout_seconds: 0\n"
+      "    connect_timeout_seconds: 2.5\n"
+      "    allow_other_tables: true\n",
+      "test.yaml");
+  CHECK(c.storage.url == "postgresql://app:s3cret@db.example:5433/tasks?sslmode=require");
+  CHECK(c.storage.path == "taskmgr.db");  // left at its default
+  CHECK(c.storage.postgres.schema == "taskmgr");
+  CHECK(c.storage.postgres.read_connections == 4);
+  CHECK(c.storage.postgres.statement_timeout_seconds == 0);
+  CHECK(c.storage.postgres.connect_timeout_seconds == 2.5);
+  CHECK(c.storage.postgres.allow_other_tables);
+  const Config back = Config::from_yaml_string(c.to_yaml());
+  CHECK(back.to_yaml() == c.to_yaml());
+  CHECK(back.storage.url == c.storage.url);
+  CHECK(Config::from_yaml_string("storage: {url: 'host=/tmp dbname=t user=me'}").storage.url ==
+        "host=/tmp dbname=t user=me");
+  CHECK(Config::from_yaml_string("storage: {url: 'postgres://h/db'}").storage.url ==
+        "postgres://h/db");
+
+  struct Case {
+    const char* yaml;
+    const char* key;
+    const char* says;
+  };
+  const Case cases[] = {
+      {"storage:\n  path: other.db\n  url: postgresql://h/db\n", "storage.url", "both set"},
+      {"storage:\n  url: 'sqlite:tasks.db'\n", "storage.url", "postgresql://"},
+      {"storage:\n  url: 'postgresql://u:s3cr%zzet@h/db'\n", "storage.url",
+       "not a valid PostgreSQL connection string"},
+      {"storage:\n  url: 'host=h password=s3cret passsword=s3cret'\n", "storage.url",
+       "invalid connection option"},
+      {"storage:\n  url: postgresql://u:s3cret@h/db\n  synchronous: full\n", "storage.synchronous",
+       "SQLite store only"},
+      {"storage:\n  url: postgresql://u:s3cret@h/db\n  max_size_mb: 10\n", "storage.max_size_mb",
+       "SQLite store only"},
+  };
+  for (const auto& k : cases) {
+    CAPTURE(k.yaml);
+    const ConfigError e = load_error(k.yaml);
+    CHECK(e.key_path() == k.key);
+    CHECK(std::string(e.what()).find(k.says) != std::string::npos);
+    CHECK(std::string(e.what()).find("s3cr") == std::string::npos);
+  }
+  // Built in code: the same checks.
+  Config code;
+  code.storage.url = "postgresql://h/db";
+  code.storage.path = ":memory:";
+  CHECK_THROWS_WITH_AS(code.validate(), doctest::Contains("storage.url"), ConfigError);
+  code.storage.path = StorageConfig{}.path;
+  code.storage.postgres.schema = std::string(64, 's');
+  CHECK_THROWS_WITH_AS(code.validate(), doctest::Contains("storage.postgres.schema"), ConfigError);
 }

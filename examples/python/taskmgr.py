@@ -138,6 +138,7 @@ class _OpenOptions(ctypes.Structure):
         ("event_callback", _event_fn),
         ("event_user_data", ctypes.c_void_p),
         ("event_free", _free_fn),
+        ("database_url", ctypes.c_char_p),
     ]
 
 
@@ -575,12 +576,14 @@ class Manager:
 
     config_yaml / config_path: the configuration (neither: the defaults);
     database: the SQLite file (":memory:" keeps nothing; default per config,
-    "taskmgr.db"); workers: worker threads; builtin_ocr: register "ocr";
-    log: a callable (level_name, message) for the library's log messages.
+    "taskmgr.db"); database_url: a PostgreSQL connection string instead
+    (postgresql://... or key=value pairs; not with database); workers: worker
+    threads; builtin_ocr: register "ocr"; log: a callable (level_name,
+    message) for the library's log messages.
     """
 
     def __init__(self, config_yaml=None, config_path=None, database=None, workers=None,
-                 builtin_ocr=True, log=None):
+                 builtin_ocr=True, log=None, database_url=None):
         self._keep = []  # ctypes callbacks the library holds: they must outlive it
         self._lock = threading.Lock()
         self._subs = {}
@@ -591,6 +594,7 @@ class Manager:
         o.config_yaml = _b(config_yaml)
         o.config_path = _path(config_path) if config_path is not None else None
         o.database_path = _path(database) if database is not None else None
+        o.database_url = _b(database_url)
         o.worker_threads = _int32(workers if workers is not None else 0, "workers")
         if o.worker_threads < 0:
             raise ValueError("workers must be >= 0 (0 = as configured), got %d" % o.worker_threads)

@@ -118,14 +118,29 @@ enum class SyncMode {
 TASKMGR_API std::string_view to_string(SyncMode mode) noexcept;
 TASKMGR_API std::optional<SyncMode> parse_sync_mode(std::string_view s) noexcept;
 
-// storage
+// storage.postgres: the PostgreSQL store's settings (with storage.url).
+struct PostgresConfig {
+  std::string schema;                     // "" = the first schema of the connection's search_path
+  int read_connections = 2;               // connections for reads, 1..64
+  double statement_timeout_seconds = 30;  // a longer statement fails; 0 = no limit
+  double connect_timeout_seconds = 10;    // a broken connection is tried again this long (> 0)
+  bool allow_other_tables = false;        // create taskmgr's tables beside others in the schema
+};
+
+// storage: where tasks are kept. storage.url selects PostgreSQL; otherwise
+// storage.path selects SQLite (or ":memory:"). Not both.
 struct StorageConfig {
   std::string path = "taskmgr.db";  // SQLite file; ":memory:" keeps nothing
-  SyncMode synchronous = SyncMode::kNormal;
-  double busy_timeout_seconds = 5;  // wait for a lock before failing (> 0)
-  double retention_days = 0;        // prune finished tasks older than this; 0 = keep
-  std::int64_t max_size_mb = 0;     // the database grows to about this; past it writes
-                                    // fail as on a full disk; 0 = no limit
+  // A PostgreSQL connection string: a postgresql:// (or postgres://) URL or
+  // libpq key=value pairs; "" = none. May hold a password: to_yaml() writes
+  // it back as given, messages never show it.
+  std::string url;
+  SyncMode synchronous = SyncMode::kNormal;  // SQLite only
+  double busy_timeout_seconds = 5;           // wait for a lock before failing (> 0); SQLite only
+  double retention_days = 0;                 // prune finished tasks older than this; 0 = keep
+  std::int64_t max_size_mb = 0;              // the database grows to about this; past it writes
+                                             // fail as on a full disk; 0 = no limit; SQLite only
+  PostgresConfig postgres;
 };
 
 // ocr.preprocess

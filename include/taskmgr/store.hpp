@@ -1,9 +1,10 @@
 // taskmgr: where tasks, their events and their metric samples are kept.
 //
 // TaskStore is the interface the manager writes through; SQL or any other
-// backend detail stays behind it (an embedded SQLite store, later a shared
-// PostgreSQL one). make_memory_store() keeps everything in memory: for tests,
-// benchmarks and hosts that need no durability.
+// backend detail stays behind it (the embedded SQLite store below, the
+// PostgreSQL store of postgres_store.hpp). make_memory_store() keeps
+// everything in memory: for tests, benchmarks and hosts that need no
+// durability.
 //
 // Contract of every store:
 //  * insert_tasks() stores new tasks with their first events, all of them or
@@ -145,9 +146,10 @@ struct SqliteStoreOptions {
 // one commit), read through its own connection. Reads wait for a pending
 // commit: a read first waits until every write queued before it is
 // committed, so that it sees them. Opening runs the schema migrations
-// (docs/STORAGE.md); a database from a newer taskmgr is refused with
-// Error(kIncompatible) and left untouched; a database another store holds
-// open (this process or another) is refused with Error(kBusy).
+// (docs/STORAGE.md); a database from a newer taskmgr, or an unversioned
+// file that holds tables, is refused with Error(kIncompatible) and left
+// untouched; a database another store holds open (this process or another)
+// is refused with Error(kBusy).
 TASKMGR_API std::shared_ptr<TaskStore> open_sqlite_store(const std::string& path,
                                                          SqliteStoreOptions options = {});
 

@@ -50,7 +50,9 @@ std::size_t delete_finished(SQLite::Database& db, Timestamp finished_before);
 
 // Brings the database up to kSchemaVersion, each step in its own
 // transaction, forward only. Throws Error(kIncompatible) and changes nothing
-// for a newer schema, or an unversioned file that has a tasks table.
+// for a newer schema, or an unversioned file that has tables (a tasks table,
+// or any other: taskmgr does not create its tables among data it does not
+// know).
 void migrate(SQLite::Database& db, const std::string& path);
 
 // An exclusive lock on "<db>.lock": one store per database at a time, in this

@@ -293,13 +293,24 @@ void migrate(SQLite::Database& db, const std::string& path) {
                     "); it was not modified");
   }
   if (version == 0) {
-    const bool has_tasks =
-        db.execAndGet("SELECT count(*) FROM sqlite_master WHERE type='table' AND name='tasks'")
-            .getInt() != 0;
-    if (has_tasks) {
+    std::vector<std::string> tables;
+    SQLite::Statement q(db,
+                        "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE "
+                        "'sqlite\\_%' ESCAPE '\\' ORDER BY name");
+    while (q.executeStep()) tables.push_back(q.getColumn(0).getString());
+    if (std::find(tables.begin(), tables.end(), "tasks") != tables.end()) {
       throw Error(
           ErrorCode::kIncompatible,
           "database " + path + " has a tasks table but no schema version; it was not modified");
+    }
+    if (!tables.empty()) {
+      std::string names;
+      for (const auto& t : tables) names += (names.empty() ? "" : ", ") + t;
+      throw Error(ErrorCode::kIncompatible,
+                  "database " + path + " holds " + std::to_string(tables.size()) +
+                      " table(s) that are not taskmgr's (" + names +
+                      "); taskmgr does not create its tables among data it does not know: use "
+                      "another file; it was not modified");
     }
   }
   // Each step in its own transaction; forward only.

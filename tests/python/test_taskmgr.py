@@ -164,6 +164,15 @@ class ErrorsThroughPython(unittest.TestCase):
         with self.assertRaises(taskmgr.InvalidConfigError) as cm:
             taskmgr.Manager(config_path="/no/such/config.yaml")
         self.assertIn("/no/such/config.yaml", str(cm.exception))
+        # database_url: the PostgreSQL store (tests/test_postgres_store.cpp
+        # opens one); checked before any connection, its password never shown.
+        with self.assertRaises(taskmgr.InvalidArgumentError) as cm:
+            taskmgr.Manager(database=":memory:", database_url="postgresql:///db")
+        self.assertIn("database_url", str(cm.exception))
+        with self.assertRaises(taskmgr.InvalidConfigError) as cm:
+            taskmgr.Manager(database_url="postgresql://u:s3cr%zzet@/db")
+        self.assertIn("storage.url", str(cm.exception))
+        self.assertNotIn("s3cr", str(cm.exception))
         task = self.tm.create_task("/no/such/page.png")
         self.tm.cancel_task(task)
         with self.assertRaises(taskmgr.InvalidStateError):

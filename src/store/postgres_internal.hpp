@@ -1,0 +1,72 @@
+// Private to the PostgreSQL store: what its files share. postgres_schema.cpp
+// has the schema and its migrations, the mapping of a task onto a row of
+// `tasks` and the queries; postgres_store.cpp has the store itself (the
+// writer connection under the shared write queue, the read pool). pg.hpp is
+// the libpq layer under both. SQL lives in these files only.
+#pragma once
+
+#include <cstddef>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "pg.hpp"
+#include "taskmgr/postgres_store.hpp"
+#include "taskmgr/store.hpp"
+#include "taskmgr/task.hpp"
+
+namespace taskmgr::detail::postgres {
+
+// The schema version this build writes (the highest row of taskmgr_schema).
+inline constexpr int kSchemaVersion = 2;
+
+// The schema's tables live in: options.schema, or the first schema of the
+// connection's search_path. Throws Error(kInvalidConfig) when there is none.
+std::string target_schema(pg::Conn& conn, const PostgresStoreOptions& options);
+
+// Session settings every connection of the store runs once connected.
+std::string session_setup(const PostgresStoreOptions& options);
+
+// Brings the schema up to kSchemaVersion: every missing step in one
+// transaction, under a transaction-level advisory lock on the schema, so
+// that stores opening at once (in any process) migrate it once. Throws
+// Error(kIncompatible) and changes nothing for a newer schema, a `tasks`
+// table taskmgr did not create, or (unless options.allow_other_tables) a
+// schema that holds other tables and no taskmgr ones. `where` names the
+// database in messages.
+void migrate(pg::Conn& conn, const PostgresStoreOptions& options, const std::string& where);
+
+// The session-level advisory lock that keeps one store per schema, waited
+// for up to `wait_seconds` (a killed store's session holds it until the
+// server notices, usually at once): true when taken. holder_of_store_lock()
+// names who holds it ("server pid 123, application 'taskmgr pid 456',
+// client local"), or "".
+bool lock_store(pg::Conn& conn, const std::string& schema, double wait_seconds);
+std::string holder_of_store_lock(pg::Conn& conn, const std::string& schema);
+
+// The writes, as prepared statements of the writer connection: names and SQL.
+struct Statement {
+  const char* name;
+  std::string sql;
+};
+const Statement& insert_task_statement();
+const Statement& update_task_statement();
+const Statement& insert_event_statement();
+const Statement& insert_metric_statement();
+// Parameters for them.
+pg::Params insert_task_params(const Task& t);
+pg::Params update_task_params(const Task& t);
+pg::Params insert_event_params(const EventRecord& e);
+pg::Params insert_metric_params(const MetricSample& s);
+
+// The reads, as TaskStore's (store.hpp); they throw pg::PgError.
+std::optional<Task> select_task(pg::Conn& c, const std::string& id);
+std::vector<Task> select_tasks(pg::Conn& c, const TaskFilter& f);
+std::vector<EventRecord> select_events(pg::Conn& c, const std::string& task_id);
+std::vector<MetricSample> select_metrics(pg::Conn& c, const std::string& task_id);
+std::vector<Task> select_unfinished(pg::Conn& c);
+// TaskStore::prune_finished's deletes, in one transaction of their own;
+// returns how many tasks went.
+std::size_t delete_finished(pg::Conn& c, Timestamp finished_before);
+
+}  // namespace taskmgr::detail::postgres

@@ -1,0 +1,720 @@
+// One suite for every durable store: the TaskStore contract (store.hpp)
+// checked the same way on each backend. This file is compiled twice: into
+// taskmgr_tests for the SQLite store (a temporary file per case), and, with
+// TASKMGR_CONFORMANCE_POSTGRES, into taskmgr_pg_tests for the PostgreSQL
+// store (a fresh schema per case on the cluster tests/with_postgres.sh
+// starts). Each case takes a fresh database from its fixture, opens the
+// store on it as often as it needs, and looks at the database through a
+// connection of its own.
+#include <doctest/doctest.h>
+
+#include <SQLiteCpp/SQLiteCpp.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <boost/json.hpp>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <thread>
+
+// A C header (shared with test_c_api.c): C casts.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wold-style-cast"
+#include "strict_json.h"
+#pragma GCC diagnostic pop
+#include "test_support.hpp"
+#if TASKMGR_CONFORMANCE_POSTGRES
+#include "pg_test_support.hpp"
+#endif
+
+using namespace taskmgr;
+using namespace taskmgr::test;
+using namespace std::chrono_literals;
+namespace fs = std::filesystem;
+
+namespace {
+
+// What a case needs of a backend beyond the TaskStore interface.
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  // The store on the case's database (the same database every call). While
+  // fail_writes(true), every commit it makes fails.
+  virtual std::shared_ptr<TaskStore> open() = 0;
+  // Timestamps are kept to this resolution (floored).
+  virtual std::chrono::microseconds resolution() const = 0;
+  // SQL on the case's database through the test's own connection.
+  virtual void exec(const std::string& sql) = 0;
+  virtual std::int64_t scalar(const std::string& sql) = 0;
+  // Records schema version `v` as a newer taskmgr would.
+  virtual void record_schema_version(int v) = 0;
+  // Everything a migration could change (tables, columns, rows), as text.
+  virtual std::string fingerprint() = 0;
+  virtual void fail_writes(bool on) = 0;
+};
+
+#if !TASKMGR_CONFORMANCE_POSTGRES
+
+#define STORE_CASE(title) TEST_CASE_FIXTURE(SqliteBackend, "sqlite store conformance: " title)
+
+std::string slurp(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+class SqliteBackend : public Backend {
+ public:
+  SqliteBackend()
+      : dir_(fs::temp_directory_path() /
+             ("taskmgr-conf-" + std::to_string(::getpid()) + "-" + generate_task_id().substr(24))),
+        failing_(std::make_shared<std::atomic<bool>>(false)) {
+    fs::create_directories(dir_);
+  }
+  ~SqliteBackend() override {
+    std::error_code ec;
+    fs::remove_all(dir_, ec);
+  }
+  std::shared_ptr<TaskStore> open() override {
+    SqliteStoreOptions o;
+    o.before_commit = [f = failing_] {
+      if (f->load()) throw std::runtime_error("injected write failure");
+    };
+    return open_sqlite_store(db(), o);
+  }
+  std::chrono::microseconds resolution() const override { return 1ms; }
+  void exec(const std::string& sql) override {
+    SQLite::Database d(db(), SQLite::OPEN_READWRITE | SQLite::OPEN_CREATE);
+    d.exec(sql);
+  }
+  std::int64_t scalar(const std::string& sql) override {
+    SQLite::Database d(db(), SQLite::OPEN_READONLY);
+    return d.execAndGet(sql).getInt64();
+  }
+  void record_schema_version(int v) override { exec("PRAGMA user_version = " + std::to_string(v)); }
+  std::string fingerprint() override {
+    std::string out = slurp(db());
+    if (fs::exists(db() + "-wal")) out += slurp(db() + "-wal");
+    return out;
+  }
+  void fail_writes(bool on) override { failing_->store(on); }
+
+ private:
+  std::string db() const { return (dir_ / "tasks.db").string(); }
+  fs::path dir_;
+  std::shared_ptr<std::atomic<bool>> failing_;
+};
+
+#else
+
+#define STORE_CASE(title) TEST_CASE_FIXTURE(PostgresBackend, "postgres store conformance: " title)
+
+class PostgresBackend : public Backend {
+ public:
+  std::shared_ptr<TaskStore> open() override { return schema_.open(); }
+  std::chrono::microseconds resolution() const override { return 1us; }
+  void exec(const std::string& sql) override { schema_.exec(sql); }
+  std::int64_t scalar(const std::string& sql) override { return schema_.scalar(sql); }
+  void record_schema_version(int v) override {
+    exec("INSERT INTO taskmgr_schema (version) VALUES (" + std::to_string(v) + ")");
+  }
+  std::string fingerprint() override {
+    const std::string s = "'" + schema_.name() + "'";
+    std::string out = schema_.text(
+        "SELECT string_agg(x, E'\\n' ORDER BY x) FROM ("
+        "SELECT 'column ' || table_name || '.' || column_name || ' ' || data_type || ' ' || "
+        "coalesce(column_default, '') AS x FROM information_schema.columns WHERE table_schema = " +
+        s + " UNION ALL SELECT 'index ' || indexdef FROM pg_indexes WHERE schemaname = " + s +
+        " UNION ALL SELECT 'trigger ' || tgname FROM pg_trigger t JOIN pg_class c ON "
+        "c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = " +
+        s + ") f");
+    // Every row of every table.
+    detail::pg::Result tables = schema_.conn().exec(
+        "SELECT tablename FROM pg_tables WHERE schemaname = " + s + " ORDER BY tablename");
+    for (int i = 0; i < PQntuples(tables.get()); ++i) {
+      const std::string t = PQgetvalue(tables.get(), i, 0);
+      out += "\n" + t + ": " +
+             schema_.text("SELECT coalesce(string_agg(r::text, ',' ORDER BY r::text), '') FROM " +
+                          t + " r");
+    }
+    return out;
+  }
+  void fail_writes(bool on) override {
+    if (!trigger_) {
+      // A trigger on every table of the store that raises while the flag
+      // table has a row (RAISE: SQLSTATE P0001, a failure that may pass).
+      exec(R"sql(
+        CREATE TABLE test_fail_writes (on_ BOOLEAN);
+        CREATE FUNCTION test_fail_writes() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+          IF EXISTS (SELECT 1 FROM test_fail_writes) THEN
+            RAISE EXCEPTION 'injected write failure';
+          END IF;
+          RETURN NEW;
+        END $$;
+        CREATE TRIGGER fail BEFORE INSERT OR UPDATE ON tasks
+          FOR EACH ROW EXECUTE FUNCTION test_fail_writes();
+        CREATE TRIGGER fail BEFORE INSERT OR UPDATE ON task_events
+          FOR EACH ROW EXECUTE FUNCTION test_fail_writes();
+        CREATE TRIGGER fail BEFORE INSERT OR UPDATE ON task_metrics
+          FOR EACH ROW EXECUTE FUNCTION test_fail_writes();
+      )sql");
+      trigger_ = true;
+    }
+    exec(on ? "INSERT INTO test_fail_writes VALUES (TRUE)" : "DELETE FROM test_fail_writes");
+  }
+
+ private:
+  PgSchema schema_;
+  bool trigger_ = false;
+};
+
+#endif
+
+Timestamp floor_to(Timestamp t, std::chrono::microseconds res) {
+  const auto us = std::chrono::floor<std::chrono::microseconds>(t.time_since_epoch());
+  const auto r = us - (((us % res) + res) % res);
+  return Timestamp(std::chrono::duration_cast<Timestamp::duration>(r));
+}
+
+Task new_task(const std::string& service = "ocr") {
+  Task t;
+  t.id = generate_task_id();
+  t.service = service;
+  t.input.data = {0x89, 'P', 'N', 'G', 0, 1, 2, 0xff};
+  t.input.media_type = "image/png";
+  t.options_json = R"({"psm":6})";
+  t.priority = 4;
+  t.batch_size = 2;
+  t.created_at = std::chrono::system_clock::now();
+  t.estimated_memory_mb = 321;
+  t.assigned_device = "cpu";
+  return t;
+}
+
+EventRecord event_for(const Task& t, TaskEvent e, const std::string& details = "{}") {
+  EventRecord r;
+  r.task_id = t.id;
+  r.event = e;
+  r.timestamp = std::chrono::system_clock::now();
+  r.details_json = details;
+  return r;
+}
+
+NewTask with_created(const Task& t, const std::string& details = "{}") {
+  return NewTask{t, {event_for(t, TaskEvent::kCreated, details)}};
+}
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+// The two documents hold the same JSON value (object keys in any order).
+bool same_json(const std::string& a, const std::string& b) {
+  return boost::json::parse(a) == boost::json::parse(b);
+}
+
+}  // namespace
+
+STORE_CASE("insert_tasks stores a batch with its events, all or none") {
+  auto store = open();
+  std::vector<NewTask> batch;
+  for (int i = 0; i < 3; ++i) {
+    Task t = new_task();
+    t.status = TaskStatus::kQueued;
+    batch.push_back(
+        NewTask{t, {event_for(t, TaskEvent::kCreated), event_for(t, TaskEvent::kQueued)}});
+  }
+  store->insert_tasks(batch);
+  for (const auto& n : batch) {
+    const auto t = store->load_task(n.task.id);
+    REQUIRE(t.has_value());
+    CHECK(t->status == TaskStatus::kQueued);
+    CHECK(names(store->load_events(n.task.id)) == std::vector<std::string>{"created", "queued"});
+  }
+  // A batch with an id stored already fails as a whole.
+  const Task fresh = new_task();
+  std::vector<NewTask> clash = {with_created(fresh), batch[1]};
+  const std::string why = error_of([&] { store->insert_tasks(clash); });
+  CHECK(why.find("none of them was created") != std::string::npos);
+  CHECK_FALSE(store->load_task(fresh.id).has_value());
+  CHECK(store->load_events(fresh.id).empty());
+  // So does a batch that holds the same new id twice.
+  std::vector<NewTask> twice = {with_created(fresh), with_created(fresh)};
+  CHECK(error_of([&] { store->insert_tasks(twice); }).find("none of them was created") !=
+        std::string::npos);
+  CHECK_FALSE(store->load_task(fresh.id).has_value());
+  // And one task alone, stored already.
+  CHECK(error_of([&] {
+          store->insert_task(batch[0].task, batch[0].events[0]);
+        }).find("the task was not created") != std::string::npos);
+  CHECK(store->list_tasks({}).size() == 3);
+  CHECK(names(store->load_events(batch[0].task.id)) ==
+        std::vector<std::string>{"created", "queued"});
+  // The store goes on after the refusals.
+  store->insert_task(fresh, event_for(fresh, TaskEvent::kCreated));
+  CHECK(store->load_task(fresh.id).has_value());
+  CHECK(scalar("SELECT count(*) FROM tasks") == 4);
+}
+
+STORE_CASE("update_task stores the row with its events, atomically and in call order") {
+  auto store = open();
+  Task a = new_task(), b = new_task();
+  store->insert_tasks({with_created(a, R"({"n":"a0"})"), with_created(b, R"({"n":"b0"})")});
+  a.status = TaskStatus::kQueued;
+  a.queued_at = std::chrono::system_clock::now();
+  store->update_task(a, {event_for(a, TaskEvent::kQueued, R"({"n":"a1"})")});
+  a.status = TaskStatus::kRunning;
+  a.attempt = 1;
+  a.service_instance_id = "ocr@cpu#1";
+  store->update_task(a, {event_for(a, TaskEvent::kResourceAcquired, R"({"n":"a2"})"),
+                         event_for(a, TaskEvent::kStarted, R"({"n":"a3"})")});
+  b.status = TaskStatus::kCancelled;
+  b.finished_at = std::chrono::system_clock::now();
+  store->update_task(b, {event_for(b, TaskEvent::kCancelled, R"({"n":"b1"})")});
+  a.status = TaskStatus::kFailed;
+  a.failure_reason = TaskFailureReason::kOutOfMemory;
+  a.failure_message = "no memory left";
+  a.actual_memory_mb = 4096;
+  a.resource_cleanup_completed = true;
+  store->update_task(a, {event_for(a, TaskEvent::kFailed, R"({"n":"a4"})")});
+  store->flush();
+  // Straight from the database: the last update's row, every event.
+  CHECK(scalar("SELECT count(*) FROM task_events") == 7);
+  CHECK(scalar("SELECT count(*) FROM tasks WHERE status = 'failed' AND attempt = 1 AND "
+               "actual_memory_mb = 4096") == 1);
+  const auto back = store->load_task(a.id);
+  REQUIRE(back.has_value());
+  CHECK(back->status == TaskStatus::kFailed);
+  CHECK(back->failure_reason == TaskFailureReason::kOutOfMemory);
+  CHECK(back->failure_message == "no memory left");
+  CHECK(back->service_instance_id == "ocr@cpu#1");
+  CHECK(back->resource_cleanup_completed);
+  CHECK(back->input.data == a.input.data);  // never rewritten
+  const auto ea = store->load_events(a.id);
+  REQUIRE(ea.size() == 5);
+  CHECK(names(ea) ==
+        std::vector<std::string>{"created", "queued", "resource_acquired", "started", "failed"});
+  for (std::size_t i = 0; i < ea.size(); ++i) {
+    CAPTURE(i);
+    CHECK(same_json(ea[i].details_json, "{\"n\":\"a" + std::to_string(i) + "\"}"));
+    CHECK(ea[i].task_id == a.id);
+    if (i > 0) CHECK(ea[i - 1].sequence < ea[i].sequence);
+  }
+  const auto eb = store->load_events(b.id);
+  REQUIRE(eb.size() == 2);
+  // Numbered in the order stored, across tasks too.
+  CHECK(eb[0].sequence < ea[1].sequence);
+  CHECK(ea[3].sequence < eb[1].sequence);
+  CHECK(eb[1].sequence < ea[4].sequence);
+  CHECK(store->load_task(b.id)->status == TaskStatus::kCancelled);
+  // An update of a task never stored changes nothing else.
+  CHECK(store->list_tasks({}).size() == 2);
+}
+
+STORE_CASE("reads see the caller's own writes at once, without a flush") {
+  auto store = open();
+  Task t = new_task();
+  store->insert_task(t, event_for(t, TaskEvent::kCreated));
+  for (int i = 0; i < 30; ++i) {
+    CAPTURE(i);
+    t.priority = i;
+    t.status = i % 2 == 0 ? TaskStatus::kQueued : TaskStatus::kRunning;
+    store->update_task(t, {event_for(t, TaskEvent::kQueued)});
+    const auto back = store->load_task(t.id);
+    REQUIRE(back.has_value());
+    CHECK(back->priority == i);
+    CHECK(back->status == t.status);
+    MetricSample s;
+    s.task_id = t.id;
+    s.timestamp = std::chrono::system_clock::now();
+    s.memory_usage_mb = i;
+    s.device = "cpu";
+    s.processing_stage = "stage" + std::to_string(i);
+    store->append_metrics({s});
+    CHECK(store->load_metrics(t.id).size() == static_cast<std::size_t>(i + 1));
+    CHECK(store->load_events(t.id).size() == static_cast<std::size_t>(i + 2));
+    TaskFilter f;
+    f.status = t.status;
+    CHECK(store->list_tasks(f).size() == 1);
+  }
+}
+
+STORE_CASE("list_tasks filters by status and service, keeps the newest `limit`, oldest first") {
+  auto store = open();
+  const auto base = std::chrono::system_clock::now();
+  std::vector<Task> tasks;
+  const TaskStatus statuses[] = {TaskStatus::kPending, TaskStatus::kQueued, TaskStatus::kCompleted,
+                                 TaskStatus::kQueued,  TaskStatus::kFailed, TaskStatus::kQueued};
+  for (int i = 0; i < 6; ++i) {
+    Task t = new_task(i % 2 == 0 ? "ocr" : "thumbs");
+    t.created_at = base + std::chrono::milliseconds(i);
+    t.status = statuses[i];
+    t.result = R"({"text":"page )" + std::to_string(i) + "\"}";
+    tasks.push_back(t);
+    store->insert_task(t, event_for(t, TaskEvent::kCreated));
+  }
+  auto ids = [](const std::vector<Task>& ts) {
+    std::vector<std::string> out;
+    for (const auto& t : ts) out.push_back(t.id);
+    return out;
+  };
+  CHECK(ids(store->list_tasks({})) == std::vector<std::string>{tasks[0].id, tasks[1].id,
+                                                               tasks[2].id, tasks[3].id,
+                                                               tasks[4].id, tasks[5].id});
+  TaskFilter f;
+  f.status = TaskStatus::kQueued;
+  CHECK(ids(store->list_tasks(f)) ==
+        std::vector<std::string>{tasks[1].id, tasks[3].id, tasks[5].id});
+  f.service = "thumbs";
+  CHECK(ids(store->list_tasks(f)) ==
+        std::vector<std::string>{tasks[1].id, tasks[3].id, tasks[5].id});
+  f.service = "ocr";
+  CHECK(store->list_tasks(f).empty());
+  f = TaskFilter{};
+  f.service = "ocr";
+  CHECK(ids(store->list_tasks(f)) ==
+        std::vector<std::string>{tasks[0].id, tasks[2].id, tasks[4].id});
+  f.limit = 2;  // the newest two, oldest first
+  CHECK(ids(store->list_tasks(f)) == std::vector<std::string>{tasks[2].id, tasks[4].id});
+  f = TaskFilter{};
+  f.limit = 1;
+  f.with_payloads = false;
+  const auto brief = store->list_tasks(f);
+  REQUIRE(brief.size() == 1);
+  CHECK(brief[0].id == tasks[5].id);
+  CHECK(brief[0].result.empty());
+  CHECK(brief[0].input.data.empty());
+  CHECK(brief[0].input.media_type == "image/png");
+  CHECK(brief[0].options_json == tasks[5].options_json);
+  CHECK(brief[0].estimated_memory_mb == 321);
+  f.with_payloads = true;
+  const auto whole = store->list_tasks(f);
+  REQUIRE(whole.size() == 1);
+  CHECK(whole[0].result == tasks[5].result);
+  CHECK(whole[0].input.data == tasks[5].input.data);
+}
+
+STORE_CASE("load_unfinished returns tasks not ended and ended ones whose cleanup is due") {
+  auto store = open();
+  const auto base = std::chrono::system_clock::now();
+  auto put = [&](TaskStatus status, bool cleaned, int order) {
+    Task t = new_task();
+    t.status = status;
+    t.created_at = base + std::chrono::milliseconds(order);
+    t.resource_cleanup_completed = cleaned;
+    if (is_terminal(status)) t.finished_at = t.created_at;
+    store->insert_task(t, event_for(t, TaskEvent::kCreated));
+    return t.id;
+  };
+  const std::string running = put(TaskStatus::kRunning, false, 5);
+  const std::string pending = put(TaskStatus::kPending, false, 1);
+  put(TaskStatus::kCompleted, true, 2);
+  const std::string uncleaned = put(TaskStatus::kFailed, false, 3);
+  const std::string queued = put(TaskStatus::kQueued, false, 4);
+  put(TaskStatus::kCancelled, true, 0);
+  std::vector<std::string> got;
+  for (const Task& t : store->load_unfinished()) got.push_back(t.id);
+  CHECK(got == std::vector<std::string>{pending, uncleaned, queued, running});
+}
+
+STORE_CASE("prune_finished deletes ended tasks with their events and samples, never others") {
+  auto store = open();
+  const auto now = std::chrono::system_clock::now();
+  const auto cutoff = now - std::chrono::hours(24);
+  auto put = [&](TaskStatus status, bool cleaned, std::optional<Timestamp> finished) {
+    Task t = new_task();
+    t.status = status;
+    t.created_at = now - std::chrono::hours(100);
+    t.finished_at = finished;
+    t.resource_cleanup_completed = cleaned;
+    store->insert_task(t, event_for(t, TaskEvent::kCreated));
+    store->update_task(t, {event_for(t, TaskEvent::kStarted)});
+    MetricSample s;
+    s.task_id = t.id;
+    s.timestamp = now;
+    s.memory_usage_mb = 1;
+    s.device = "cpu";
+    s.processing_stage = "work";
+    store->append_metrics({s, s});
+    return t.id;
+  };
+  const std::string old_done = put(TaskStatus::kCompleted, true, now - std::chrono::hours(48));
+  const std::string old_failed = put(TaskStatus::kFailed, true, now - std::chrono::hours(30));
+  const std::string recent = put(TaskStatus::kCompleted, true, now - std::chrono::hours(1));
+  const std::string uncleaned = put(TaskStatus::kFailed, false, now - std::chrono::hours(48));
+  const std::string pending = put(TaskStatus::kPending, false, std::nullopt);
+  const std::string running = put(TaskStatus::kRunning, false, now - std::chrono::hours(48));
+  CHECK(store->prune_finished(cutoff) == 2);
+  for (const auto& id : {old_done, old_failed}) {
+    CAPTURE(id);
+    CHECK_FALSE(store->load_task(id).has_value());
+    CHECK(store->load_events(id).empty());
+    CHECK(store->load_metrics(id).empty());
+    CHECK(scalar("SELECT count(*) FROM task_events WHERE task_id = '" + id + "'") == 0);
+    CHECK(scalar("SELECT count(*) FROM task_metrics WHERE task_id = '" + id + "'") == 0);
+  }
+  for (const auto& id : {recent, uncleaned, pending, running}) {
+    CAPTURE(id);
+    CHECK(store->load_task(id).has_value());
+    CHECK(store->load_events(id).size() == 2);
+    CHECK(store->load_metrics(id).size() == 2);
+  }
+  CHECK(store->prune_finished(cutoff) == 0);
+  CHECK(scalar("SELECT count(*) FROM tasks") == 4);
+}
+
+STORE_CASE("metric samples are kept in order with every field") {
+  auto store = open();
+  Task t = new_task();
+  store->insert_task(t, event_for(t, TaskEvent::kCreated));
+  std::vector<MetricSample> in;
+  for (int i = 0; i < 5; ++i) {
+    MetricSample s;
+    s.task_id = t.id;
+    s.timestamp =
+        floor_to(std::chrono::system_clock::now(), resolution()) + std::chrono::seconds(i);
+    s.memory_usage_mb = 1000 + i;
+    s.device = i % 2 == 0 ? "cpu" : "cuda:0";
+    s.processing_stage = "stage \xC3\xA9 " + std::to_string(i);
+    in.push_back(s);
+  }
+  store->append_metrics({in[0], in[1]});
+  store->append_metrics({in[2]});
+  store->append_metrics({in[3], in[4]});
+  const auto out = store->load_metrics(t.id);
+  REQUIRE(out.size() == in.size());
+  for (std::size_t i = 0; i < in.size(); ++i) {
+    CAPTURE(i);
+    CHECK(out[i].task_id == t.id);
+    CHECK(out[i].timestamp == in[i].timestamp);
+    CHECK(out[i].memory_usage_mb == in[i].memory_usage_mb);
+    CHECK(out[i].device == in[i].device);
+    CHECK(out[i].processing_stage == in[i].processing_stage);
+  }
+  CHECK(store->load_metrics("no-such-task").empty());
+}
+
+STORE_CASE("event details come back as the same strict JSON, in UTF-8") {
+  auto store = open();
+  const std::vector<std::string> details = {
+      "{}",
+      R"({"device":"cpu","memory_mb":512,"fraction":0.5,"tiny":-1e-7,"big":12345678901234567890})",
+      R"({"text":"caf\u00e9 \u4e2d\u6587 \ud83d\ude00","raw":"café 中文 😀"})",
+      R"({"escapes":"quote \" backslash \\ slash \/ tab \t newline \n ctl \u0001"})",
+      R"({"nested":{"list":[1,[2,[3,{}]],null,true,false],"empty":[]},"a":"x","b":"y"})",
+      R"({"z": 1, "a" : [ 1 , 2 ]})",
+  };
+  Task t = new_task();
+  store->insert_task(t, event_for(t, TaskEvent::kCreated, details[0]));
+  std::vector<EventRecord> evs;
+  for (std::size_t i = 1; i < details.size(); ++i) {
+    evs.push_back(event_for(t, TaskEvent::kMemoryWarning, details[i]));
+  }
+  store->update_task(t, evs);
+  const auto back = store->load_events(t.id);
+  REQUIRE(back.size() == details.size());
+  for (std::size_t i = 0; i < details.size(); ++i) {
+    CAPTURE(i);
+    CAPTURE(back[i].details_json);
+    const std::string& s = back[i].details_json;
+    CHECK(strict_json_error(s.data(), s.size()) == -1);
+    CHECK(same_json(s, details[i]));
+  }
+}
+
+STORE_CASE("timestamps come back exactly, to the store's resolution") {
+  auto store = open();
+  using std::chrono::microseconds;
+  const auto at = [](std::int64_t us) {
+    return Timestamp(std::chrono::duration_cast<Timestamp::duration>(microseconds(us)));
+  };
+  const std::vector<Timestamp> times = {
+      Timestamp{},                       // the epoch
+      at(981173106789012),               // 2001-02-03 04:05:06.789012
+      at(-1),                            // 1969-12-31 23:59:59.999999
+      at(7258118399999999),              // 2199-12-31 23:59:59.999999
+      std::chrono::system_clock::now(),  // with nanoseconds
+      at(1700000000000000) + std::chrono::nanoseconds(999),
+  };
+  for (const Timestamp& when : times) {
+    const Timestamp want = floor_to(when, resolution());
+    CAPTURE(format_timestamp(when));
+    Task t = new_task();
+    t.created_at = when;
+    t.queued_at = when;
+    store->insert_task(t, event_for(t, TaskEvent::kCreated));
+    t.started_at = when;
+    t.finished_at = when;
+    EventRecord e = event_for(t, TaskEvent::kStarted);
+    e.timestamp = when;
+    store->update_task(t, {e});
+    MetricSample s;
+    s.task_id = t.id;
+    s.timestamp = when;
+    store->append_metrics({s});
+    const auto back = store->load_task(t.id);
+    REQUIRE(back.has_value());
+    CHECK(back->created_at == want);
+    CHECK(back->queued_at == want);
+    CHECK(back->started_at == want);
+    CHECK(back->finished_at == want);
+    CHECK(store->load_events(t.id).back().timestamp == want);
+    CHECK(store->load_metrics(t.id).at(0).timestamp == want);
+  }
+  // Storing a value read back changes nothing.
+  const Task first = *store->load_task(store->list_tasks({}).front().id);
+  Task again = first;
+  again.id = generate_task_id();
+  store->insert_task(again, event_for(again, TaskEvent::kCreated));
+  CHECK(store->load_task(again.id)->created_at == first.created_at);
+}
+
+STORE_CASE("migrations: opening again changes nothing, a newer schema is refused untouched") {
+  {
+    auto store = open();
+    Task t = new_task();
+    store->insert_task(t, event_for(t, TaskEvent::kCreated));
+  }
+  const std::string first = fingerprint();
+  {
+    auto store = open();
+    CHECK(store->list_tasks({}).size() == 1);
+  }
+  CHECK(fingerprint() == first);
+  record_schema_version(99);
+  const std::string before = fingerprint();
+  try {
+    open();
+    FAIL("expected kIncompatible");
+  } catch (const Error& e) {
+    CHECK(e.code() == ErrorCode::kIncompatible);
+    CHECK(std::string(e.what()).find("schema version 99") != std::string::npos);
+    CHECK(std::string(e.what()).find("not modified") != std::string::npos);
+  }
+  CHECK(fingerprint() == before);
+}
+
+STORE_CASE("migrations: a database with tables taskmgr does not know is refused, untouched") {
+  exec("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)");
+  exec("INSERT INTO users (id, name) VALUES (1, 'ada')");
+  const std::string before = fingerprint();
+  try {
+    open();
+    FAIL("expected kIncompatible");
+  } catch (const Error& e) {
+    CHECK(e.code() == ErrorCode::kIncompatible);
+    CHECK(std::string(e.what()).find("users") != std::string::npos);
+    CHECK(std::string(e.what()).find("not modified") != std::string::npos);
+  }
+  CHECK(fingerprint() == before);
+  CHECK(scalar("SELECT count(*) FROM users") == 1);
+}
+
+STORE_CASE("concurrent writers from several threads: every write stored, each task in order") {
+  auto store = open();
+  constexpr int kThreads = 6, kEach = 25;
+  std::vector<std::thread> threads;
+  std::mutex mu;
+  std::vector<std::string> ids;
+  std::atomic<int> failures{0};
+  for (int p = 0; p < kThreads; ++p) {
+    threads.emplace_back([&, p] {
+      try {
+        for (int i = 0; i < kEach; ++i) {
+          Task t = new_task(p % 2 == 0 ? "ocr" : "thumbs");
+          store->insert_task(t, event_for(t, TaskEvent::kCreated));
+          t.status = TaskStatus::kQueued;
+          store->update_task(t, {event_for(t, TaskEvent::kQueued, R"({"step":1})")});
+          t.status = TaskStatus::kRunning;
+          store->update_task(t, {event_for(t, TaskEvent::kStarted, R"({"step":2})")});
+          MetricSample s;
+          s.task_id = t.id;
+          s.timestamp = std::chrono::system_clock::now();
+          s.memory_usage_mb = i;
+          store->append_metrics({s});
+          t.status = TaskStatus::kCompleted;
+          t.result = "{\"thread\":" + std::to_string(p) + "}";
+          store->update_task(t, {event_for(t, TaskEvent::kCompleted, R"({"step":3})")});
+          std::lock_guard<std::mutex> g(mu);
+          ids.push_back(t.id);
+        }
+      } catch (...) {
+        ++failures;
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  CHECK(failures.load() == 0);
+  REQUIRE(ids.size() == kThreads * kEach);
+  store->flush();
+  CHECK(scalar("SELECT count(*) FROM tasks WHERE status = 'completed'") == kThreads * kEach);
+  CHECK(scalar("SELECT count(*) FROM task_events") == 4 * kThreads * kEach);
+  for (const auto& id : ids) {
+    CAPTURE(id);
+    CHECK(names(store->load_events(id)) ==
+          std::vector<std::string>{"created", "queued", "started", "completed"});
+    CHECK(store->load_metrics(id).size() == 1);
+  }
+  const StoreStats s = store->stats();
+  CHECK(s.writes == 5 * kThreads * kEach);  // inserts, updates, sample batches
+  CHECK(s.commits <= s.writes);
+  CHECK(s.failed_writes == 0);
+  CHECK(s.queued == 0);
+}
+
+STORE_CASE("a write that fails is kept and retried in order: the store catches up") {
+  auto store = open();
+  Task a = new_task();
+  store->insert_task(a, event_for(a, TaskEvent::kCreated));
+  fail_writes(true);
+  a.status = TaskStatus::kQueued;
+  store->update_task(a, {event_for(a, TaskEvent::kQueued)});
+  a.status = TaskStatus::kRunning;
+  store->update_task(a, {event_for(a, TaskEvent::kStarted)});
+  MetricSample s;
+  s.task_id = a.id;
+  s.timestamp = std::chrono::system_clock::now();
+  s.memory_usage_mb = 9;
+  store->append_metrics({s});
+  store->flush();  // returns once they were tried
+  StoreStats st = store->stats();
+  CHECK(st.failed_writes >= 1);
+  CHECK(st.backlog == 3);
+  CHECK(st.dropped_writes == 0);
+  CHECK(st.last_error.find("injected write failure") != std::string::npos);
+  CHECK(st.last_error.find(store->describe().substr(store->describe().find(':') + 1)) !=
+        std::string::npos);
+  // An insert meanwhile is refused to its caller, and nothing of it kept.
+  const Task b = new_task();
+  const std::string why =
+      error_of([&] { store->insert_task(b, event_for(b, TaskEvent::kCreated)); });
+  CHECK(why.find("the task was not created") != std::string::npos);
+  CHECK(why.find("injected write failure") != std::string::npos);
+  // More writes queue behind the backlog, in order.
+  a.status = TaskStatus::kCompleted;
+  a.resource_cleanup_completed = true;
+  store->update_task(a, {event_for(a, TaskEvent::kCompleted)});
+  fail_writes(false);
+  // The store catches up by itself (no new write needed), in order.
+  REQUIRE(eventually([&] { return store->stats().backlog == 0 && store->stats().queued == 0; }));
+  const auto back = store->load_task(a.id);
+  REQUIRE(back.has_value());
+  CHECK(back->status == TaskStatus::kCompleted);
+  CHECK(back->resource_cleanup_completed);
+  CHECK(names(store->load_events(a.id)) ==
+        std::vector<std::string>{"created", "queued", "started", "completed"});
+  CHECK(store->load_metrics(a.id).size() == 1);
+  CHECK_FALSE(store->load_task(b.id).has_value());
+  CHECK(store->stats().dropped_writes == 0);
+  store->insert_task(b, event_for(b, TaskEvent::kCreated));
+  CHECK(store->load_task(b.id).has_value());
+}

@@ -6,31 +6,29 @@
 #include <algorithm>
 #include <cmath>
 #include <memory>
-#include <opencv2/core.hpp>
-#include <opencv2/imgproc.hpp>
 #include <vector>
 
 namespace taskmgr::ocr {
 namespace {
 
 // text_x_height of 12-point DejaVu Sans rendered at 300 dpi (29 on each of
-// the project's sample texts at full size, 30 on the copy reduced 2x it is
-// measured on; 20..22 at 200 dpi, 15 at 150, 10..11 at 100, 8 at 72).
+// the project's sample texts; 20 at 200 dpi, 15 at 150, 10..11 at 100, 8 at
+// 72: an estimate within ~10% down to 100 dpi).
 constexpr double kBodyTextHeightAt300 = 29;
 // An estimate under this fraction of the target is rescaled: 180 dpi for
 // 300, between the renders at 150 (estimated 155: Tesseract reads 12-point
 // text at 150 dpi without errors, but smaller text not: docs/OCR.md) and
-// at 200 (estimated 207..228, read without errors either way).
+// at 200 (estimated 207, read without errors either way).
 constexpr double kMinEstimatedFraction = 0.6;
 constexpr double kMaxScale = 4;
 // Fewer components than this are no evidence of a text size.
 constexpr std::size_t kMinComponents = 20;
-// Larger pages are measured reduced by a whole factor (x-height 29 at 300
-// dpi: 14.5 on a letter page reduced 2x).
-constexpr double kMaxMeasuredPixels = 2.5e6;
 
 struct PixFree {
   void operator()(Pix* p) const noexcept { pixDestroy(&p); }
+};
+struct BoxaFree {
+  void operator()(Boxa* b) const noexcept { boxaDestroy(&b); }
 };
 
 // The element at `fraction` of the way through v sorted.
@@ -38,6 +36,40 @@ double quantile(std::vector<int>& v, double fraction) {
   const auto at = v.begin() + static_cast<std::ptrdiff_t>(static_cast<double>(v.size()) * fraction);
   std::nth_element(v.begin(), at, v.end());
   return *at;
+}
+
+// Otsu's threshold of an 8-bit gray page: the value that best splits its
+// histogram (sampled on about a quarter of a million pixels) into dark and
+// light.
+int otsu_threshold(Pix* gray) {
+  const double pixels = static_cast<double>(pixGetWidth(gray)) * pixGetHeight(gray);
+  const int factor = std::max(1, static_cast<int>(std::sqrt(pixels / 2.5e5)));
+  Numa* raw = pixGetGrayHistogram(gray, factor);
+  if (raw == nullptr) return 127;
+  double hist[256] = {}, total = 0, sum = 0;
+  for (int i = 0; i < 256 && i < numaGetCount(raw); ++i) {
+    l_float32 v = 0;
+    numaGetFValue(raw, i, &v);
+    hist[i] = v;
+    total += v;
+    sum += i * static_cast<double>(v);
+  }
+  numaDestroy(&raw);
+  double below = 0, below_sum = 0, best = -1;
+  int threshold = 127;
+  for (int t = 0; t < 255; ++t) {
+    below += hist[t];
+    below_sum += t * hist[t];
+    const double above = total - below;
+    if (below == 0 || above == 0) continue;
+    const double diff = below_sum / below - (sum - below_sum) / above;
+    const double between = below * above * diff * diff;
+    if (between > best) {
+      best = between;
+      threshold = t;
+    }
+  }
+  return threshold;
 }
 
 }  // namespace
@@ -55,40 +87,33 @@ bool believable_dpi(int dpi) { return dpi >= 50 && dpi <= 4800 && dpi != 72 && d
 
 double text_x_height(Pix* pix) {
   if (pix == nullptr) return 0;
-  // Reduced first (Leptonica's reductions straight from 1 bpp or colour
-  // are cheaper than a full-size gray copy), then made 8-bit gray.
-  const double pixels = static_cast<double>(pixGetWidth(pix)) * pixGetHeight(pix);
-  const int reduce = pixels > kMaxMeasuredPixels
-                         ? static_cast<int>(std::ceil(std::sqrt(pixels / kMaxMeasuredPixels)))
-                         : 1;
-  std::unique_ptr<Pix, PixFree> reduced;
-  if (reduce > 1) {
-    const float f = 1.0f / static_cast<float>(reduce);
-    const int depth = pixGetDepth(pix);
-    if (depth == 1) {
-      reduced.reset(pixScaleToGray(pix, f));
-    } else if (depth == 2 || depth == 4 || depth == 8 || depth == 32) {
-      reduced.reset(pixScaleAreaMap(pix, f, f));
-    } else {
-      const std::unique_ptr<Pix, PixFree> eight(pixConvertTo8(pix, 0));
-      if (eight) reduced.reset(pixScaleAreaMap(eight.get(), f, f));
+  // The ink as 1 bpp: a 1 bpp page as it is; anything else as 8-bit gray
+  // (colour: its green, Leptonica's fast conversion) cut at Otsu's
+  // threshold.
+  std::unique_ptr<Pix, PixFree> gray, binary;
+  if (pixGetDepth(pix) != 1) {
+    Pix* g = pix;
+    if (pixGetDepth(pix) == 32) {
+      gray.reset(pixConvertRGBToGrayFast(pix));
+      g = gray.get();
+    } else if (pixGetDepth(pix) != 8 || pixGetColormap(pix) != nullptr) {
+      gray.reset(pixConvertTo8(pix, 0));
+      g = gray.get();
     }
-    if (!reduced) return 0;
+    if (g == nullptr) return 0;
+    binary.reset(pixThresholdToBinary(g, otsu_threshold(g) + 1));  // 1: under the threshold
+    if (!binary) return 0;
   }
-  const std::unique_ptr<Pix, PixFree> gray(pixConvertTo8(reduced ? reduced.get() : pix, 0));
-  if (!gray || pixEndianByteSwap(gray.get()) != 0) return 0;  // bytes in memory order
-  const cv::Mat img(static_cast<int>(pixGetHeight(gray.get())),
-                    static_cast<int>(pixGetWidth(gray.get())), CV_8UC1, pixGetData(gray.get()),
-                    static_cast<std::size_t>(pixGetWpl(gray.get())) * 4);
-  cv::Mat ink, labels, stats, centroids;
-  cv::threshold(img, ink, 0, 255, cv::THRESH_BINARY_INV | cv::THRESH_OTSU);
-  const int n = cv::connectedComponentsWithStats(ink, labels, stats, centroids, 8, CV_32S);
+  Pix* ink = binary ? binary.get() : pix;
+  const std::unique_ptr<Boxa, BoxaFree> boxes(pixConnCompBB(ink, 8));
+  if (!boxes) return 0;
+  const int n = boxaGetCount(boxes.get());
   std::vector<int> heights;
-  heights.reserve(static_cast<std::size_t>(std::max(0, n - 1)));
-  const int max_height = std::max(4, img.rows / 8);
-  for (int i = 1; i < n; ++i) {
-    const int w = stats.at<int>(i, cv::CC_STAT_WIDTH);
-    const int h = stats.at<int>(i, cv::CC_STAT_HEIGHT);
+  heights.reserve(static_cast<std::size_t>(std::max(0, n)));
+  const int max_height = std::max(4, static_cast<int>(pixGetHeight(ink)) / 8);
+  for (int i = 0; i < n; ++i) {
+    l_int32 x = 0, y = 0, w = 0, h = 0;
+    if (boxaGetBoxGeometry(boxes.get(), i, &x, &y, &w, &h) != 0) continue;
     // Specks, rules (long and flat) and blobs larger than any letter out.
     if (h < 2 || h > max_height || w > 4 * h) continue;
     heights.push_back(h);
@@ -105,7 +130,7 @@ double text_x_height(Pix* pix) {
     if (h >= mid / 2 && h <= mid * 2) letters.push_back(h);
   }
   if (letters.size() < kMinComponents) return 0;
-  return quantile(letters, 0.25) * reduce;
+  return quantile(letters, 0.25);
 }
 
 int dpi_from_text_height(double height) {

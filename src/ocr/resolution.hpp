@@ -22,12 +22,12 @@ const char* dpi_source_name(DpiSource s);
 bool believable_dpi(int dpi);
 
 // The x-height of the page's text in pixels, measured: the lower quartile of
-// the heights of the ink components that look like letters (Otsu's
-// threshold, 8-connected components; specks, dots, rules and blobs left
-// out); 0 when there are too few to tell (a blank page, a photograph). A
-// page over 2.5 million pixels is measured on a copy reduced by a whole
-// factor (Leptonica's reductions, cheaper than the page's gray copy) and the
-// height scaled back: a few ms where recognition takes hundreds.
+// the heights of the ink's 8-connected components that look like letters
+// (specks, dots, rules and blobs left out); 0 when there are too few to tell
+// (a blank page, a photograph). A 1 bpp page is measured as it is, any other
+// cut at Otsu's threshold of its gray. Leptonica's components: a 300 dpi
+// letter page takes ~1 ms at 1 bpp, ~6 ms gray, ~13 ms colour, where its
+// recognition takes hundreds.
 double text_x_height(Pix* pix);
 
 // The resolution at which text of that x-height would be 12-point body

@@ -418,7 +418,12 @@ TASKMGR_API int taskmgr_get_task_status(taskmgr_manager* manager, const char* ta
                                         int* out_status, int* out_failure_reason);
 
 /* The task's result document as the service wrote it (for "ocr": JSON with
- * "text", "mean_confidence" and "pages"); "" until it completed.
+ * "text", "mean_confidence" and "pages"; each page with its "width",
+ * "height" and every box in the source image's pixels, "dpi" (the
+ * source's) and "dpi_source" ("file", "estimated" or "assumed"),
+ * "preprocess" ({"scale", "rotated", "deskew_degrees"}: what was done to the
+ * page before recognition), "text", "words", "orientation": docs/OCR.md,
+ * "Results"); "" until it completed.
  * *out_result: free with taskmgr_free. */
 TASKMGR_API int taskmgr_get_task_result(taskmgr_manager* manager, const char* task_id,
                                         char** out_result);

@@ -9,7 +9,7 @@ PACKAGES=(
   libboost1.81-dev libboost-json1.81-dev
   libopencv-core-dev libopencv-imgproc-dev libopencv-imgcodecs-dev
   libtesseract-dev libleptonica-dev tesseract-ocr tesseract-ocr-eng tesseract-ocr-osd
-  libpoppler-cpp-dev poppler-utils
+  libpoppler-cpp-dev poppler-utils qpdf
   libsqlitecpp-dev libsqlite3-dev sqlite3
   libpq-dev postgresql-15
   libfmt-dev doctest-dev libyaml-cpp-dev libbenchmark-dev

@@ -10,10 +10,12 @@
 #include <unistd.h>
 #include <boost/json.hpp>
 
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <random>
+#include <regex>
 #include <sstream>
 
 #include "test_support.hpp"
@@ -547,7 +549,11 @@ TEST_CASE("a PDF's pages are rendered at the task's dpi and read, from a path an
   REQUIRE(low.at("pages").as_array().size() == 1);
   const auto& p2 = low.at("pages").as_array()[0].as_object();
   CHECK(p2.at("page").as_int64() == 2);
-  CHECK(p2.at("dpi").as_int64() == 300);  // rendered at 150, then ocr.preprocess.target_dpi
+  // Rendered at 150 (the page's resolution, known), read 2x rescaled
+  // (ocr.preprocess.target_dpi 300).
+  CHECK(p2.at("dpi").as_int64() == 150);
+  CHECK(p2.at("dpi_source").as_string() == "file");
+  CHECK(p2.at("preprocess").at("scale").to_number<double>() == 2);
   CHECK(p2.at("width").as_int64() == 1275);
   CHECK(p2.at("height").as_int64() == 1650);
   CHECK(std::string(p2.at("text").as_string()).find("zebras") != std::string::npos);
@@ -853,10 +859,12 @@ TEST_CASE("pages turned 90, 180 and 270 degrees are read the right way up") {
         CHECK(o.at("angle").as_int64() == q * 90);
         CHECK(o.at("applied").as_bool());
         CHECK(o.at("confidence").as_double() > 1.5);
-        // Reported as the page was recognized: the right way up.
+        // The page's size as the input has it (the boxes too: "pages turned
+        // by orientation detection" below); turned back for recognition.
         const auto& p = r.at("pages").as_array()[0].as_object();
-        CHECK(p.at("width").as_int64() == 2550);
-        CHECK(p.at("height").as_int64() == 3300);
+        CHECK(p.at("width").as_int64() == (q % 2 ? 3300 : 2550));
+        CHECK(p.at("height").as_int64() == (q % 2 ? 2550 : 3300));
+        CHECK(p.at("preprocess").at("rotated").as_int64() == 360 - 90 * q);
       }
       if (q == 2) CHECK(o.at("applied").as_bool());  // upside down: never read without OSD
     }
@@ -905,5 +913,443 @@ TEST_CASE("an empty page: orientation detection finds nothing and the page is re
     const auto& o = r.at("pages").as_array()[0].at("orientation").as_object();
     CHECK(o.at("checked").as_bool());
     CHECK_FALSE(o.at("applied").as_bool());
+  }
+}
+
+// ---- geometry in the source's pixels, and the resolution each page is taken at
+
+namespace {
+
+// `image` written as PNG with resolution `dpi`, or with none for 0
+// (Leptonica writes a pHYs chunk of 300 ppi for a resolution of 0: the
+// chunk is taken out).
+fs::path tagged_png(const fs::path& image, int dpi, const fs::path& out) {
+  Pix* pix = pixRead(image.string().c_str());
+  REQUIRE(pix != nullptr);
+  pixSetResolution(pix, dpi, dpi);
+  l_uint8* data = nullptr;
+  size_t size = 0;
+  REQUIRE(pixWriteMemPng(&data, &size, pix, 0) == 0);
+  const std::string png(reinterpret_cast<const char*>(data), size);
+  lept_free(data);
+  pixDestroy(&pix);
+  std::string bytes = png.substr(0, 8);
+  for (std::size_t at = 8; at + 12 <= png.size();) {
+    const auto byte = [&](std::size_t i) { return static_cast<unsigned char>(png[i]); };
+    const std::size_t len =
+        (std::size_t{byte(at)} << 24) | (byte(at + 1) << 16) | (byte(at + 2) << 8) | byte(at + 3);
+    if (dpi != 0 || png.compare(at + 4, 4, "pHYs") != 0) bytes += png.substr(at, len + 12);
+    at += len + 12;
+  }
+  std::ofstream(out, std::ios::binary) << bytes;
+  return out;
+}
+
+struct WordBox {
+  std::string text;
+  double x0, y0, x1, y1;  // edges, right and bottom exclusive
+};
+
+std::string unescape_xml(std::string s) {
+  for (const auto& [from, to] : std::vector<std::pair<std::string, std::string>>{
+           {"&lt;", "<"}, {"&gt;", ">"}, {"&quot;", "\""}, {"&#39;", "'"}, {"&amp;", "&"}}) {
+    for (std::size_t at = s.find(from); at != std::string::npos; at = s.find(from, at + 1)) {
+      s.replace(at, from.size(), to);
+    }
+  }
+  return s;
+}
+
+std::vector<WordBox> json_words(const json::value& page) {
+  std::vector<WordBox> out;
+  for (const auto& w : page.at("words").as_array()) {
+    const auto& b = w.at("box").as_array();
+    const double x = b[0].to_number<double>(), y = b[1].to_number<double>();
+    out.push_back({std::string(w.at("text").as_string()), x, y, x + b[2].to_number<double>(),
+                   y + b[3].to_number<double>()});
+  }
+  return out;
+}
+
+std::vector<WordBox> hocr_words(const std::string& hocr) {
+  static const std::regex word(
+      "<span class='ocrx_word' id='[^']*' title='bbox (\\d+) (\\d+) (\\d+) (\\d+);[^']*'[^>]*>"
+      "(.*?)</span>");
+  static const std::regex tag("<[^>]*>");
+  std::vector<WordBox> out;
+  for (std::sregex_iterator it(hocr.begin(), hocr.end(), word), end; it != end; ++it) {
+    const auto& m = *it;
+    out.push_back({unescape_xml(std::regex_replace(m[5].str(), tag, "")), std::stod(m[1]),
+                   std::stod(m[2]), std::stod(m[3]), std::stod(m[4])});
+  }
+  return out;
+}
+
+std::vector<WordBox> alto_words(const std::string& alto) {
+  static const std::regex string(
+      "<String ID=\"[^\"]*\" HPOS=\"(\\d+)\" VPOS=\"(\\d+)\" WIDTH=\"(\\d+)\" HEIGHT=\"(\\d+)\" "
+      "WC=\"[^\"]*\" CONTENT=\"([^\"]*)\"");
+  std::vector<WordBox> out;
+  for (std::sregex_iterator it(alto.begin(), alto.end(), string), end; it != end; ++it) {
+    const auto& m = *it;
+    const double x = std::stod(m[1]), y = std::stod(m[2]);
+    out.push_back({unescape_xml(m[5].str()), x, y, x + std::stod(m[3]), y + std::stod(m[4])});
+  }
+  return out;
+}
+
+// pdftotext -bbox: each word's box in points.
+std::vector<WordBox> pdf_words(const std::string& xhtml) {
+  static const std::regex word(
+      "<word xMin=\"([0-9.]+)\" yMin=\"([0-9.]+)\" xMax=\"([0-9.]+)\" yMax=\"([0-9.]+)\">"
+      "([^<]*)</word>");
+  std::vector<WordBox> out;
+  for (std::sregex_iterator it(xhtml.begin(), xhtml.end(), word), end; it != end; ++it) {
+    const auto& m = *it;
+    out.push_back({unescape_xml(m[5].str()), std::stod(m[1]), std::stod(m[2]), std::stod(m[3]),
+                   std::stod(m[4])});
+  }
+  return out;
+}
+
+// The same words in the same order, each box within `tolerance` pixels of
+// the expected one on every side; returns the largest difference. (Their
+// texts are not compared: hOCR and ALTO spell a word from its symbols, which
+// can differ from the word's own text.)
+double check_boxes(const std::vector<WordBox>& got, const std::vector<WordBox>& want,
+                   double tolerance) {
+  REQUIRE(!want.empty());
+  REQUIRE(got.size() == want.size());
+  double worst = 0;
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    CAPTURE(i);
+    CAPTURE(got[i].text);
+    CAPTURE(want[i].text);
+    for (const double d : {got[i].x0 - want[i].x0, got[i].y0 - want[i].y0, got[i].x1 - want[i].x1,
+                           got[i].y1 - want[i].y1}) {
+      CHECK(std::abs(d) <= tolerance);
+      worst = std::max(worst, std::abs(d));
+    }
+  }
+  return worst;
+}
+
+// A box of a w x h page in the coordinates of the page turned clockwise by
+// quarter turns (pixRotateOrth).
+WordBox turned_box(WordBox b, int quarter_turns, double w, double h) {
+  for (int q = 0; q < quarter_turns; ++q) {
+    // (x, y) -> (h - y, x)
+    b = {b.text, h - b.y1, b.x0, h - b.y0, b.x1};
+    std::swap(w, h);
+  }
+  return b;
+}
+
+// A page turned clockwise by quarter turns, keeping its resolution tag.
+fs::path turned_png(const fs::path& png, int quarter_turns, const fs::path& out) {
+  Pix* pix = pixRead(png.string().c_str());
+  REQUIRE(pix != nullptr);
+  Pix* turned = pixRotateOrth(pix, quarter_turns);
+  REQUIRE(turned != nullptr);
+  pixSetResolution(turned, pixGetXRes(pix), pixGetYRes(pix));
+  REQUIRE(pixWrite(out.string().c_str(), turned, IFF_PNG) == 0);
+  pixDestroy(&turned);
+  pixDestroy(&pix);
+  return out;
+}
+
+json::object first_page(const Task& t) {
+  return result_of(t).at("pages").as_array()[0].as_object();
+}
+
+const std::string kTwoPageText = std::string(kRenderedText) + kSecondPageText;
+
+}  // namespace
+
+TEST_CASE(
+    "rescaled pages: word boxes, hOCR and ALTO are in the source's pixels (within 2 px of an "
+    "unscaled reading)") {
+  TempDir dir;
+  // 12-point text at 150 dpi, tagged 150: Tesseract reads it unscaled too.
+  const fs::path page =
+      tagged_png(render(dir.path, "scaled", kTwoPageText, 150), 150, dir.path / "p150.png");
+  Ocr ocr;
+  const std::string plain = R"("orientation":"off","preprocess":{"target_dpi":0})";
+  const auto ref = first_page(ocr.run_path(page, "{\"output\":\"hocr\"," + plain + "}"));
+  CHECK(ref.at("preprocess").at("scale").to_number<double>() == 1);
+  const auto ref_alto = first_page(ocr.run_path(page, "{\"output\":\"alto\"," + plain + "}"));
+  const std::vector<WordBox> want = json_words(ref);
+  CHECK(want.size() >= 25);
+  // The same words as hOCR and ALTO give them, unscaled.
+  check_boxes(hocr_words(std::string(ref.at("hocr").as_string())), want, 0);
+  check_boxes(alto_words(std::string(ref_alto.at("alto").as_string())), want, 0);
+  // A forced scale (the rounding of 2.5 and 0.8 included), and the scale the
+  // default rule chooses for a believable 150 dpi tag (2).
+  for (const std::string scale : {"2.5", "0.8", ""}) {
+    CAPTURE(scale);
+    const std::string pre = scale.empty() ? "{}" : "{\"scale\":" + scale + "}";
+    const std::string opt = R"("orientation":"off","preprocess":)" + pre;
+    const auto hocr_run = first_page(ocr.run_path(page, "{\"output\":\"hocr\"," + opt + "}"));
+    const auto alto_run = first_page(ocr.run_path(page, "{\"output\":\"alto\"," + opt + "}"));
+    const double expect = scale.empty() ? 2.0 : std::stod(scale);
+    CHECK(hocr_run.at("preprocess").at("scale").to_number<double>() == doctest::Approx(expect));
+    CHECK(hocr_run.at("preprocess").at("rotated").as_int64() == 0);
+    CHECK(hocr_run.at("dpi").as_int64() == 150);  // the source's, not the scaled one
+    CHECK(hocr_run.at("dpi_source").as_string() == "file");
+    CHECK(hocr_run.at("width").as_int64() == 1275);
+    CHECK(hocr_run.at("height").as_int64() == 1650);
+    if (expect < 1) {
+      // Read at 120 dpi: some words read otherwise; those read the same lie
+      // where the unscaled reading has them.
+      std::size_t matched = 0;
+      for (const WordBox& got : json_words(hocr_run)) {
+        for (const WordBox& r : want) {
+          if (got.text == r.text && std::abs(got.x0 - r.x0) < 20 && std::abs(got.y0 - r.y0) < 20) {
+            ++matched;
+            check_boxes({got}, {r}, 2);
+          }
+        }
+      }
+      CHECK(matched >= want.size() / 2);
+      continue;
+    }
+    MESSAGE("scale " << expect << ": JSON boxes within "
+                     << check_boxes(json_words(hocr_run), want, 2) << " px of the unscaled ones");
+    const std::string hocr(hocr_run.at("hocr").as_string());
+    check_boxes(hocr_words(hocr), want, 2);
+    CHECK(hocr.find("bbox 0 0 1275 1650; ppageno 0; scan_res 150 150") != std::string::npos);
+    const std::string alto(alto_run.at("alto").as_string());
+    check_boxes(alto_words(alto), want, 2);
+    CHECK(alto.find("<Page WIDTH=\"1275\" HEIGHT=\"1650\"") != std::string::npos);
+  }
+}
+
+TEST_CASE(
+    "pages turned by orientation detection: word boxes and hOCR are in the turned source's "
+    "pixels") {
+  TempDir dir;
+  const fs::path upright =
+      tagged_png(render(dir.path, "upright", kTwoPageText, 150), 150, dir.path / "upright.png");
+  Ocr ocr;
+  const auto ref =
+      first_page(ocr.run_path(upright, R"({"orientation":"off","preprocess":{"target_dpi":0}})"));
+  const std::vector<WordBox> upright_words = json_words(ref);
+  for (int q = 1; q <= 3; ++q) {
+    CAPTURE(q);
+    const fs::path page =
+        turned_png(upright, q, dir.path / ("turned" + std::to_string(q) + ".png"));
+    const auto p = first_page(ocr.run_path(page, R"({"orientation":"always","output":"hocr"})"));
+    CHECK(p.at("orientation").at("applied").as_bool());
+    CHECK(p.at("orientation").at("angle").as_int64() == 90 * q);
+    // Turned back clockwise by 360 - 90q degrees, then rescaled 2x (150 dpi).
+    CHECK(p.at("preprocess").at("rotated").as_int64() == 360 - 90 * q);
+    CHECK(p.at("preprocess").at("scale").to_number<double>() == 2);
+    // The page as the input has it.
+    CHECK(p.at("width").as_int64() == (q % 2 ? 1650 : 1275));
+    CHECK(p.at("height").as_int64() == (q % 2 ? 1275 : 1650));
+    std::vector<WordBox> want;
+    for (const WordBox& w : upright_words) want.push_back(turned_box(w, q, 1275, 1650));
+    MESSAGE("turned " << 90 * q << ": JSON boxes within " << check_boxes(json_words(p), want, 2)
+                      << " px of the upright reading's, turned");
+    const std::string hocr(p.at("hocr").as_string());
+    check_boxes(hocr_words(hocr), want, 2);
+    // The lines run as the source has them: textangle (counter-clockwise:
+    // turned clockwise by 90q), no baseline.
+    CHECK(hocr.find("textangle " + std::to_string(360 - 90 * q) + ";") != std::string::npos);
+    CHECK(hocr.find("baseline") == std::string::npos);
+  }
+}
+
+TEST_CASE("a deskewed page: word boxes are mapped back through the rotation") {
+  TempDir dir;
+  const fs::path upright = render(dir.path, "straight", kTwoPageText, 150);
+  Ocr ocr;
+  const auto ref =
+      first_page(ocr.run_path(tagged_png(upright, 150, dir.path / "straight.png"),
+                              R"({"orientation":"off","preprocess":{"target_dpi":0}})"));
+  // The page turned 3 degrees clockwise about its centre, nearest pixel,
+  // white outside: every point p of the page goes to c + R (p - c).
+  const double angle = 3 * 3.14159265358979323846 / 180, cs = std::cos(angle), sn = std::sin(angle);
+  Pix* src = pixRead(upright.string().c_str());
+  REQUIRE(src != nullptr);
+  Pix* gray = pixConvertTo8(src, 0);
+  const int w = static_cast<int>(pixGetWidth(gray)), h = static_cast<int>(pixGetHeight(gray));
+  const double cx = w / 2.0, cy = h / 2.0;
+  Pix* skewed = pixCreate(w, h, 8);
+  pixSetResolution(skewed, 150, 150);
+  for (int y = 0; y < h; ++y) {
+    for (int x = 0; x < w; ++x) {
+      // The source point of pixel centre (x, y): the inverse turn.
+      const double dx = x + 0.5 - cx, dy = y + 0.5 - cy;
+      const double sx = cx + cs * dx + sn * dy, sy = cy - sn * dx + cs * dy;
+      l_uint32 v = 255;
+      if (sx >= 0 && sy >= 0 && sx < w && sy < h) {
+        pixGetPixel(gray, static_cast<l_int32>(sx), static_cast<l_int32>(sy), &v);
+      }
+      pixSetPixel(skewed, x, y, v);
+    }
+  }
+  const fs::path page = dir.path / "skewed.png";
+  REQUIRE(pixWrite(page.string().c_str(), skewed, IFF_PNG) == 0);
+  pixDestroy(&skewed);
+  pixDestroy(&gray);
+  pixDestroy(&src);
+  const auto p = first_page(
+      ocr.run_path(page, R"({"orientation":"off","preprocess":{"deskew":true,"target_dpi":0}})"));
+  const double applied = p.at("preprocess").at("deskew_degrees").to_number<double>();
+  MESSAGE("deskew applied " << applied << " degrees");
+  CHECK(std::abs(applied) > 2);
+  CHECK(std::abs(applied) < 4);
+  // The reference boxes turned the same way: the box around the turned
+  // rectangle.
+  std::vector<WordBox> want;
+  for (const WordBox& b : json_words(ref)) {
+    double x0 = 1e9, y0 = 1e9, x1 = -1e9, y1 = -1e9;
+    for (const double x : {b.x0, b.x1}) {
+      for (const double y : {b.y0, b.y1}) {
+        const double dx = x - cx, dy = y - cy;
+        const double tx = cx + cs * dx - sn * dy, ty = cy + sn * dx + cs * dy;
+        x0 = std::min(x0, tx);
+        x1 = std::max(x1, tx);
+        y0 = std::min(y0, ty);
+        y1 = std::max(y1, ty);
+      }
+    }
+    want.push_back({b.text, x0, y0, x1, y1});
+  }
+  MESSAGE("deskewed: JSON boxes within " << check_boxes(json_words(p), want, 2)
+                                         << " px of the straight reading's, turned");
+}
+
+TEST_CASE(
+    "output \"pdf\": the source image at its size, the text layer on its words, rescaled or "
+    "turned") {
+  TempDir dir;
+  const fs::path upright =
+      tagged_png(render(dir.path, "pdfsrc", kTwoPageText, 150), 150, dir.path / "pdfsrc.png");
+  Ocr ocr;
+  for (const int q : {0, 1}) {
+    CAPTURE(q);
+    const fs::path page = q == 0 ? upright : turned_png(upright, q, dir.path / "pdfturned.png");
+    const auto r = result_of(ocr.run_path(page, R"({"output":"pdf","orientation":"always"})"));
+    const auto& p = r.at("pages").as_array()[0];
+    CHECK(p.at("preprocess").at("scale").to_number<double>() == 2);  // read at 300 dpi
+    CHECK(p.at("orientation").at("applied").as_bool() == (q != 0));
+    const fs::path b64 = dir.path / "out.b64", pdf = dir.path / "out.pdf";
+    std::ofstream(b64) << std::string(r.at("pdf_base64").as_string());
+    REQUIRE(std::system(("base64 -d " + b64.string() + " > " + pdf.string()).c_str()) == 0);
+    if (std::system("qpdf --version > /dev/null 2>&1") == 0) {
+      std::string err;
+      CHECK(run_command("qpdf --check " + pdf.string(), dir.path, &err)
+                .find("No syntax or stream encoding errors found") != std::string::npos);
+      CHECK(err == "");
+    } else {
+      MESSAGE("qpdf is not installed (scripts/setup.sh installs it): qpdf --check skipped");
+    }
+    std::string err;
+    // The source's size at 150 dpi, as the input has it (turned: landscape).
+    CHECK(run_command("pdfinfo " + pdf.string(), dir.path, &err)
+              .find(q == 0 ? "Page size:       612 x 792 pts" : "Page size:       792 x 612 pts") !=
+          std::string::npos);
+    CHECK(err == "");
+    // The image embedded is the source's pixels (1 bpp, losslessly).
+    const std::string images = run_command("pdfimages -list " + pdf.string(), dir.path, nullptr);
+    CHECK(images.find(q == 0 ? "image    1275  1650  gray    1   1  ccitt"
+                             : "image    1650  1275  gray    1   1  ccitt") != std::string::npos);
+    // Each word of the text layer, in pixels, on the word's box: along the
+    // line within 2 px; across it, the line's extent, which holds the word.
+    std::vector<WordBox> layer =
+        pdf_words(run_command("pdftotext -bbox " + pdf.string() + " -", dir.path, nullptr));
+    for (WordBox& w : layer) {
+      for (double* v : {&w.x0, &w.y0, &w.x1, &w.y1}) *v *= 150.0 / 72;
+    }
+    const std::vector<WordBox> words = json_words(p);
+    REQUIRE(layer.size() == words.size());
+    double worst = 0;
+    for (std::size_t i = 0; i < words.size(); ++i) {
+      CAPTURE(words[i].text);
+      CHECK(layer[i].text == words[i].text);
+      const WordBox& a = layer[i];
+      const WordBox& b = words[i];
+      // q 0: the line runs along x; q 1: down the page (turned clockwise).
+      const double along[2] = {q == 0 ? a.x0 - b.x0 : a.y0 - b.y0,
+                               q == 0 ? a.x1 - b.x1 : a.y1 - b.y1};
+      for (const double d : along) {
+        CHECK(std::abs(d) <= 2);
+        worst = std::max(worst, std::abs(d));
+      }
+      if (q == 0) {
+        CHECK(a.y0 <= b.y0 + 2);
+        CHECK(a.y1 >= b.y1 - 2);
+      } else {
+        CHECK(a.x0 <= b.x0 + 2);
+        CHECK(a.x1 >= b.x1 - 2);
+      }
+    }
+    MESSAGE("text layer within " << worst << " px of the word boxes along the lines");
+    const std::string text = run_command("pdftotext " + pdf.string() + " -", dir.path, nullptr);
+    CHECK(character_error_rate(text, kTwoPageText) <= 0.02);
+  }
+}
+
+TEST_CASE(
+    "the resolution each page is taken at: a believable tag, an estimate from the text, or an "
+    "assumption") {
+  TempDir dir;
+  Ocr ocr;
+  const fs::path r300 = render(dir.path, "r300", kRenderedText, 300);
+  const fs::path r100 = render(dir.path, "r100", kRenderedText, 100);
+  struct Case {
+    std::string name;
+    fs::path page;
+    std::string source;
+    int dpi_min, dpi_max;
+    bool rescaled;
+  };
+  const std::vector<Case> cases = {
+      // 300 dpi pages that say 72 or nothing: measured, and not upscaled.
+      {"300 dpi tagged 72", tagged_png(r300, 72, dir.path / "r300-72.png"), "estimated", 250, 360,
+       false},
+      {"300 dpi untagged", tagged_png(r300, 0, dir.path / "r300-none.png"), "estimated", 250, 360,
+       false},
+      {"300 dpi tagged 96", tagged_png(r300, 96, dir.path / "r300-96.png"), "estimated", 250, 360,
+       false},
+      // A true 100 dpi page, untagged: measured, and upscaled.
+      {"100 dpi untagged", tagged_png(r100, 0, dir.path / "r100-none.png"), "estimated", 80, 125,
+       true},
+      // Believed tags: as before.
+      {"100 dpi tagged 100", tagged_png(r100, 100, dir.path / "r100-100.png"), "file", 100, 100,
+       true},
+      {"300 dpi tagged 300", tagged_png(r300, 300, dir.path / "r300-300.png"), "file", 300, 300,
+       false},
+  };
+  for (const Case& c : cases) {
+    CAPTURE(c.name);
+    const Task t = ocr.run_path(c.page);
+    const auto p = first_page(t);
+    const auto dpi = p.at("dpi").as_int64();
+    const double scale = p.at("preprocess").at("scale").to_number<double>();
+    MESSAGE(c.name << ": dpi " << dpi << " (" << p.at("dpi_source").as_string() << "), scale "
+                   << scale);
+    CHECK(p.at("dpi_source").as_string() == c.source);
+    CHECK(dpi >= c.dpi_min);
+    CHECK(dpi <= c.dpi_max);
+    CHECK((scale > 1) == c.rescaled);
+    CHECK(character_error_rate(text_of(t), kRenderedText) <= 0.02);
+  }
+  // A blank page: nothing to measure. Its tag is kept, but not believed.
+  Pix* blank = pixCreate(850, 1100, 8);
+  pixSetAllArbitrary(blank, 255);
+  const fs::path blank_png = dir.path / "blank.png";
+  REQUIRE(pixWrite(blank_png.string().c_str(), blank, IFF_PNG) == 0);
+  pixDestroy(&blank);
+  for (const int tag : {72, 0}) {
+    CAPTURE(tag);
+    const auto p = first_page(ocr.run_path(
+        tagged_png(blank_png, tag, dir.path / ("blank" + std::to_string(tag) + ".png")),
+        R"({"orientation":"off"})"));
+    CHECK(p.at("dpi_source").as_string() == "assumed");
+    CHECK(p.at("dpi").as_int64() == (tag == 0 ? 300 : 72));
+    CHECK(p.at("preprocess").at("scale").to_number<double>() == 1);
   }
 }

@@ -7,6 +7,14 @@
         done = tm.wait_task(task, timeout=60)
         print(done["status"], done["result"]["text"])
 
+An "ocr" task's result is the service's JSON as a dict: "text",
+"mean_confidence" and "pages", each page with "width" and "height" (the
+source image's pixels, in which every box is given: "words"[i]["box"] is
+[x, y, w, h], hOCR, ALTO and TSV likewise), "dpi" (the source's) and
+"dpi_source" ("file", "estimated" or "assumed"), "preprocess" ({"scale",
+"rotated", "deskew_degrees"}: what was done before recognition), "text",
+"words" and "orientation" (docs/OCR.md, "Results").
+
 The shared library is found through the TASKMGR_LIBRARY environment variable
 (a path), else the system's library path (libtaskmgr.so.0).
 

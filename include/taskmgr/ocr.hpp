@@ -25,8 +25,9 @@
 //   "output": "text"|"hocr"|"tsv"|"alto"|"pdf"
 //                               extra output besides text (default "text"): per page
 //                               "hocr"/"tsv"/"alto"; "pdf": one searchable PDF of the
-//                               task's pages (Tesseract's renderer: the page image,
-//                               an invisible text layer, pixels * 72 / dpi points)
+//                               task's pages (each the source image as the input has
+//                               it, pixels * 72 / dpi points, with an invisible text
+//                               layer on its words)
 //   "words": true|false         word boxes with confidences (default true)
 //   "dpi": 72..1200             resolution PDF pages are rendered at (default ocr.pdf_dpi)
 //   "page": N | "pages": [first, last]
@@ -39,8 +40,10 @@
 //                               when a page's first reading has a mean confidence under
 //                               70; a page found turned 90/180/270 degrees is turned
 //                               back and read (again) the right way up
-//   "preprocess": {"grayscale":bool, "target_dpi":int, "binarize":bool, "deskew":bool}
-//                               overrides of ocr.preprocess
+//   "preprocess": {"grayscale":bool, "target_dpi":int, "binarize":bool, "deskew":bool,
+//                  "scale":number}
+//                               overrides of ocr.preprocess; "scale" (0.25..4) forces
+//                               the rescale instead of the resolution rule below
 //   "source": string            the host's name for the input (e.g. taskmgr-ocr's page
 //                               identity); kept with the task, not used by the service
 //   "timeout_seconds": number   the task's deadline (the manager's option, for every
@@ -50,17 +53,34 @@
 //
 // Result (JSON): {"text": all pages, "mean_confidence": 0..100, "pages": [
 //   {"page": n (the document's page number), "width": w, "height": h,
-//    "dpi": d, "text": "...", "mean_confidence": c,
+//    "dpi": d, "dpi_source": "file"|"estimated"|"assumed",
+//    "preprocess": {"scale": s, "rotated": 0|90|180|270, "deskew_degrees": a},
+//    "text": "...", "mean_confidence": c,
 //    "words": [{"text","confidence","box":[x,y,w,h]}],
 //    "orientation": {"checked": bool, "angle": 0|90|180|270, "confidence": c,
 //                    "applied": bool},
 //    "hocr"|"tsv"|"alto": "..."}],
 //  "pdf_base64": "..." (output "pdf" only)}
-// width/height/dpi/words describe the page as recognized: after
-// preprocessing's rescale and, when "applied", turned the right way up.
+// Every geometry is in the source page's pixels (the image as the input has
+// it; a PDF page as rendered): width/height are the source's, and word
+// boxes, hOCR bbox/baseline, ALTO and TSV positions and the PDF's text layer
+// are mapped back through every preprocessing step that moved pixels.
+// "preprocess" says which ran: "scale" the rescale factor (1 = none),
+// "rotated" the clockwise turn after orientation detection, "deskew_degrees"
+// the deskew rotation (counter-clockwise).
+// "dpi" is the source's resolution (never the rescaled one) and
+// "dpi_source" where it came from: "file" (a believable tag, or the dpi a
+// PDF page was rendered at), "estimated" (the tag was missing, 0/1, 72 or
+// 96, writers' defaults: measured from the height of the page's text),
+// "assumed" (no believable tag and nothing measured: the tag, or 300
+// without one). The page is rescaled toward ocr.preprocess.target_dpi
+// only when that resolution is believable (file or estimated) and low
+// (file: under the target; estimated: under 0.6 of it), by at most 4.
 // "angle" is the page's clockwise rotation OSD found (0 when not checked);
 // hOCR's ocr_page title then carries "x_orientation_angle",
-// "x_orientation_confidence" and "x_orientation_applied".
+// "x_orientation_confidence" and "x_orientation_applied", and the lines of
+// a page turned back for recognition "textangle". docs/OCR.md, "Results",
+// "Coordinates" and "Resolution", has the details.
 // Stages recorded as task_metrics samples: "load", "preprocess",
 // "recognize", and "orientation" when OSD runs.
 #pragma once

@@ -24,7 +24,9 @@
 
 #include "input_requirement.hpp"
 #include "ocr/document.hpp"
+#include "ocr/page_geometry.hpp"
 #include "ocr/pdf_output.hpp"
+#include "ocr/resolution.hpp"
 #include "taskmgr/device.hpp"
 #include "taskmgr/error.hpp"
 #include "taskmgr/ocr.hpp"
@@ -68,6 +70,7 @@ struct TaskOptions {
   std::string output = "text";
   bool words = true;
   PreprocessConfig pre;
+  double scale = 0;    // preprocess.scale: a fixed rescale (0: chosen per page)
   int dpi = 300;       // PDF pages are rendered at this resolution
   int first_page = 0;  // 1-based, inclusive; 0 = the document's first
   int last_page = 0;   // 0 = the document's last
@@ -96,6 +99,15 @@ TaskOptions parse_options(const std::string& text, const OcrConfig& defaults) {
                               std::to_string(lo) + ", " + std::to_string(hi) + "]");
     }
     return static_cast<int>(x.as_int64());
+  };
+  auto get_scale = [](const json::value& x) {
+    const double s = x.is_int64()    ? static_cast<double>(x.as_int64())
+                     : x.is_double() ? x.as_double()
+                                     : 0;
+    if (!(s >= 0.25 && s <= 4)) {
+      throw InvalidInputError("option preprocess.scale must be a number in [0.25, 4]");
+    }
+    return s;
   };
   constexpr int kMaxPage = 1'000'000'000;
   for (const auto& [key, val] : obj) {
@@ -144,6 +156,8 @@ TaskOptions parse_options(const std::string& text, const OcrConfig& defaults) {
           o.pre.deskew = get_bool(pv, "preprocess.deskew");
         else if (pk == "target_dpi")
           o.pre.target_dpi = get_int(pv, "preprocess.target_dpi", 0, 1200);
+        else if (pk == "scale")
+          o.scale = get_scale(pv);
         else
           throw InvalidInputError("unknown option preprocess." + std::string(pk));
       }
@@ -272,6 +286,8 @@ class OcrService final : public Service {
       }
       pdf = std::make_unique<ocr::PdfOutput>(ctx.temp_dir(), fonts);
     }
+    // A PDF page is rendered at a resolution the task chose: known, not a tag.
+    const bool known_dpi = doc->media_type() == "application/pdf";
     json::array pages;
     std::string all_text;
     double conf_sum = 0;
@@ -292,7 +308,8 @@ class OcrService final : public Service {
       ctx.report_memory(std::max<std::int64_t>(1, held_bytes >> 20) + engine_mb());
       for (auto& [page_no, pix] : held) {
         ctx.throw_if_cancelled();
-        pages.push_back(read_page(ctx, opt, std::move(pix), page_no, held_bytes, pdf.get()));
+        pages.push_back(
+            read_page(ctx, opt, std::move(pix), page_no, known_dpi, held_bytes, pdf.get()));
         const auto& pg = pages.back().as_object();
         all_text += std::string(pg.at("text").as_string());
         conf_sum += pg.at("mean_confidence").as_double();
@@ -398,53 +415,68 @@ class OcrService final : public Service {
   }
 
   // One page: recognition, orientation detection when the mode asks for it
-  // (then the page turned the right way up is what is recognized and
-  // reported), the requested outputs.
+  // (then the page turned the right way up is what is recognized), the
+  // requested outputs, every geometry in the source page's pixels.
   json::object read_page(TaskContext& ctx, const TaskOptions& opt, PixPtr pix, int page_no,
-                         std::int64_t held_bytes, ocr::PdfOutput* pdf) {
+                         bool known_dpi, std::int64_t held_bytes, ocr::PdfOutput* pdf) {
+    const PixPtr source = std::move(pix);  // the page as the input shows it
+    PixPtr turned;                         // turned the right way up, when OSD says so
+    int quarter_turns = 0;                 // clockwise, source -> turned
     PageOrientation orientation;
     auto upright = [&] {
       if (orientation.angle != 0 && orientation.confidence >= kMinOsdConfidence) {
         // OSD reports the page's clockwise rotation; turn it back.
-        PixPtr turned(pixRotateOrth(pix.get(), (360 - orientation.angle) / 90));
+        quarter_turns = (360 - orientation.angle) / 90;
+        turned.reset(pixRotateOrth(source.get(), quarter_turns));
         if (!turned) throw std::bad_alloc();
-        pix = std::move(turned);
         orientation.applied = true;
       }
       return orientation.applied;
     };
+    const PageInput in{source.get(), known_dpi};
     if (opt.orientation == Orientation::kAlways) {
-      orientation = detect_orientation(ctx, pix.get());
+      orientation = detect_orientation(ctx, source.get());
       upright();
     }
-    json::object page = recognize(ctx, opt, pix.get(), page_no, held_bytes);
+    Recognition r = recognize(ctx, opt, in, turned ? turned.get() : source.get(), quarter_turns,
+                              page_no, held_bytes, pdf != nullptr);
     if (opt.orientation == Orientation::kAuto &&
-        page.at("mean_confidence").as_double() < kAutoOsdBelowConfidence) {
-      orientation = detect_orientation(ctx, pix.get());
-      if (upright()) page = recognize(ctx, opt, pix.get(), page_no, held_bytes);
+        r.page.at("mean_confidence").as_double() < kAutoOsdBelowConfidence) {
+      orientation = detect_orientation(ctx, source.get());
+      if (upright()) {
+        r = recognize(ctx, opt, in, turned.get(), quarter_turns, page_no, held_bytes,
+                      pdf != nullptr);
+      }
     }
+    turned.reset();
+    json::object& page = r.page;
     page["orientation"] = json::object{{"checked", orientation.checked},
                                        {"angle", orientation.angle},
                                        {"confidence", orientation.confidence},
                                        {"applied", orientation.applied}};
+    const bool moved = !r.geometry.is_identity();
     if (opt.output == "hocr") {
       TextPtr hocr(api_.GetHOCRText(page_no - 1));
-      page["hocr"] = with_orientation(hocr ? hocr.get() : "", orientation);
+      std::string h = hocr ? hocr.get() : "";
+      if (moved) h = ocr::hocr_to_source(h, r.geometry, r.resolution.dpi);
+      page["hocr"] = with_orientation(std::move(h), orientation);
     } else if (opt.output == "tsv") {
       TextPtr tsv(api_.GetTSVText(page_no - 1));
-      page["tsv"] = tsv ? tsv.get() : "";
+      std::string t = tsv ? tsv.get() : "";
+      page["tsv"] = moved ? ocr::tsv_to_source(t, r.geometry) : t;
     } else if (opt.output == "alto") {
       TextPtr alto(api_.GetAltoText(page_no - 1));
-      page["alto"] = alto ? alto.get() : "";
+      std::string a = alto ? alto.get() : "";
+      page["alto"] = moved ? ocr::alto_to_source(a, r.geometry) : a;
     } else if (pdf != nullptr) {
-      pdf->add_page(api_, page_no);
+      pdf->add_page(source.get(), r.resolution.dpi, r.geometry, r.layout, page_no);
     }
-    return page;
+    return std::move(r.page);
   }
 
   // hOCR: the orientation OSD found goes in the ocr_page's title, as
-  // engine-specific (x_) properties; the boxes are those of the page as
-  // recognized (turned the right way up when "x_orientation_applied 1").
+  // engine-specific (x_) properties; the boxes are the source page's (lines
+  // of a page turned for recognition carry "textangle").
   static std::string with_orientation(std::string hocr, const PageOrientation& o) {
     if (!o.checked) return hocr;
     const std::size_t div = hocr.find("class='ocr_page'");
@@ -460,21 +492,56 @@ class OcrService final : public Service {
     return hocr;
   }
 
-  json::object recognize(TaskContext& ctx, const TaskOptions& opt, Pix* pix, int page_no,
-                         std::int64_t held_bytes) {
+  // The page as decoded, before any turn: its resolution tag and size.
+  struct PageInput {
+    Pix* source;
+    bool known_dpi;  // a PDF page rendered at the task's dpi
+  };
+
+  // One recognition: the page object (source coordinates), where the
+  // recognized image lies in the source, and the words with their lines
+  // (recognized coordinates) for the PDF output.
+  struct Recognition {
+    json::object page;
+    ocr::PageGeometry geometry{0, 0};
+    ocr::PageResolution resolution;
+    std::vector<ocr::PdfWord> layout;
+  };
+
+  // The largest scale Tesseract can take for a w x h image (its limit per
+  // side, ocr.max_pixels), at most `scale`.
+  double bounded_scale(double scale, int w, int h) const {
+    const double side = static_cast<double>(kMaxSide) / std::max(w, h);
+    const double area =
+        std::sqrt(static_cast<double>(config_.max_pixels) / (static_cast<double>(w) * h));
+    return std::max(std::min({scale, side, area}), 1e-3);
+  }
+
+  // Recognizes `pix` (the source, or the source turned clockwise by
+  // `quarter_turns`).
+  Recognition recognize(TaskContext& ctx, const TaskOptions& opt, const PageInput& in, Pix* pix,
+                        int quarter_turns, int page_no, std::int64_t held_bytes, bool layout) {
     ctx.stage("preprocess");
-    const int width = static_cast<int>(pixGetWidth(pix));
-    const int height = static_cast<int>(pixGetHeight(pix));
-    int dpi = static_cast<int>(pixGetXRes(pix));
+    Recognition out;
+    out.geometry = ocr::PageGeometry(static_cast<int>(pixGetWidth(in.source)),
+                                     static_cast<int>(pixGetHeight(in.source)));
+    out.geometry.turn_clockwise(quarter_turns);
+    out.resolution = ocr::choose_resolution(static_cast<int>(pixGetXRes(in.source)), in.known_dpi,
+                                            opt.pre.target_dpi, opt.scale,
+                                            [pix] { return ocr::text_x_height(pix); });
+    const ocr::PageResolution& res = out.resolution;
+    const int cols = static_cast<int>(pixGetWidth(pix)), rows = static_cast<int>(pixGetHeight(pix));
+    const double scale = bounded_scale(res.scale, cols, rows);
+    const cv::Size scaled(std::max(1, static_cast<int>(std::lround(cols * scale))),
+                          std::max(1, static_cast<int>(std::lround(rows * scale))));
+    const bool rescale = scaled.width != cols || scaled.height != rows;
+    const bool need_cv = opt.pre.grayscale || opt.pre.binarize || opt.pre.deskew || rescale;
     cv::Mat img;
-    const bool need_cv = opt.pre.grayscale || opt.pre.binarize || opt.pre.deskew ||
-                         (opt.pre.target_dpi > 0 && dpi > 0 && dpi < opt.pre.target_dpi);
     if (need_cv) {
       img = to_gray_mat(pix);
-      if (opt.pre.target_dpi > 0 && dpi > 0 && dpi < opt.pre.target_dpi) {
-        const double f = std::min(4.0, static_cast<double>(opt.pre.target_dpi) / dpi);
-        cv::resize(img, img, cv::Size(), f, f, cv::INTER_CUBIC);
-        dpi = static_cast<int>(std::lround(dpi * f));
+      if (rescale) {
+        cv::resize(img, img, scaled, 0, 0, scale > 1 ? cv::INTER_CUBIC : cv::INTER_AREA);
+        out.geometry.resize(scaled.width, scaled.height);
       }
       if (opt.pre.deskew) {
         const double angle = estimate_skew_degrees(img);
@@ -483,6 +550,7 @@ class OcrService final : public Service {
               cv::getRotationMatrix2D(cv::Point2f(img.cols / 2.0f, img.rows / 2.0f), angle, 1.0);
           cv::warpAffine(img, img, rot, img.size(), cv::INTER_LINEAR, cv::BORDER_CONSTANT,
                          cv::Scalar(255));
+          out.geometry.rotate(angle);
         }
       }
       if (opt.pre.binarize) cv::threshold(img, img, 0, 255, cv::THRESH_BINARY | cv::THRESH_OTSU);
@@ -498,7 +566,9 @@ class OcrService final : public Service {
     } else {
       api_.SetImage(pix);
     }
-    api_.SetSourceResolution(dpi > 0 ? dpi : 300);
+    // The resolution of the image recognized.
+    api_.SetSourceResolution(
+        std::max(1, static_cast<int>(std::lround(res.dpi * out.geometry.scale_y()))));
     // Tesseract's monitor stops the recognition at the task's deadline or
     // when the host cancels it.
     tesseract::ETEXT_DESC monitor;
@@ -520,32 +590,47 @@ class OcrService final : public Service {
       throw TaskError(TaskFailureReason::kProcessingError,
                       "Tesseract could not recognize page " + std::to_string(page_no));
     }
-    json::object page;
+    json::object& page = out.page;
     page["page"] = page_no;
-    page["width"] = width;
-    page["height"] = height;
-    page["dpi"] = dpi;
+    page["width"] = out.geometry.source_width();
+    page["height"] = out.geometry.source_height();
+    page["dpi"] = res.dpi;
+    page["dpi_source"] = ocr::dpi_source_name(res.source);
+    page["preprocess"] =
+        json::object{{"scale", std::round(out.geometry.scale_x() * 1000) / 1000},
+                     {"rotated", 90 * out.geometry.quarter_turns()},
+                     {"deskew_degrees", std::round(out.geometry.rotation_degrees() * 100) / 100}};
     TextPtr text(api_.GetUTF8Text());
     page["text"] = text ? text.get() : "";
     page["mean_confidence"] = static_cast<double>(api_.MeanTextConf());
-    if (opt.words) {
+    if (opt.words || layout) {
       json::array words;
       std::unique_ptr<tesseract::ResultIterator> it(api_.GetIterator());
       if (it) {
         do {
           TextPtr word(it->GetUTF8Text(tesseract::RIL_WORD));
           if (!word) continue;
-          int x1 = 0, y1 = 0, x2 = 0, y2 = 0;
-          it->BoundingBox(tesseract::RIL_WORD, &x1, &y1, &x2, &y2);
-          words.push_back(
-              json::object{{"text", word.get()},
-                           {"confidence", static_cast<double>(it->Confidence(tesseract::RIL_WORD))},
-                           {"box", json::array{x1, y1, x2 - x1, y2 - y1}}});
+          ocr::Box box;
+          it->BoundingBox(tesseract::RIL_WORD, &box.left, &box.top, &box.right, &box.bottom);
+          if (layout) {
+            ocr::PdfWord w;
+            w.text = word.get();
+            w.box = box;
+            it->BoundingBox(tesseract::RIL_TEXTLINE, &w.line.left, &w.line.top, &w.line.right,
+                            &w.line.bottom);
+            w.last_in_line = it->IsAtFinalElement(tesseract::RIL_TEXTLINE, tesseract::RIL_WORD);
+            out.layout.push_back(std::move(w));
+          }
+          const ocr::Box b = out.geometry.to_source(box);
+          words.push_back(json::object{
+              {"text", word.get()},
+              {"confidence", static_cast<double>(it->Confidence(tesseract::RIL_WORD))},
+              {"box", json::array{b.left, b.top, b.right - b.left, b.bottom - b.top}}});
         } while (it->Next(tesseract::RIL_WORD));
       }
-      page["words"] = std::move(words);
+      if (opt.words) page["words"] = std::move(words);
     }
-    return page;
+    return out;
   }
 
   OcrConfig config_;

@@ -171,13 +171,26 @@ TEST_CASE("resolution: what each page is taken to be, and whether it is rescaled
       return h;
     };
   };
-  // A believable tag: the old rule; the text is never measured.
+  // A believable tag: the text is never measured; rescaled to the target
+  // when under 0.6 of it (180 dpi for 300), as an estimate is.
   PageResolution r = choose_resolution(150, false, 300, 0, height(29));
   CHECK(r.dpi == 150);
   CHECK(r.source == DpiSource::kFile);
   CHECK(r.scale == 2);
   r = choose_resolution(300, false, 300, 0, height(9));
   CHECK(r.scale == 1);
+  r = choose_resolution(200, false, 300, 0, height(9));  // phototest's tag: read as it is
+  CHECK(r.dpi == 200);
+  CHECK(r.source == DpiSource::kFile);
+  CHECK(r.scale == 1);
+  r = choose_resolution(179, false, 300, 0, height(29));
+  CHECK(r.scale == doctest::Approx(300 / 179.0));
+  r = choose_resolution(180, false, 300, 0, height(29));
+  CHECK(r.scale == 1);
+  r = choose_resolution(400, false, 600, 0, height(29));  // the fraction is of the target
+  CHECK(r.scale == 1);
+  r = choose_resolution(300, false, 600, 0, height(29));
+  CHECK(r.scale == 2);
   r = choose_resolution(50, false, 300, 0, height(29));
   CHECK(r.scale == 4);  // at most 4
   CHECK(measured == 0);

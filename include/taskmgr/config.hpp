@@ -148,8 +148,8 @@ struct PreprocessConfig {
   bool grayscale =
       false;  // convert colour input to gray (Tesseract does it itself; off: no CER gain measured)
   int target_dpi = 300;   // rescale toward this resolution when the page's is believable and
-                          // lower (a 72/96 or missing tag is not: the text's size is measured;
-                          // docs/OCR.md, "Resolution"); 0 = off
+                          // under 0.6 of it (a 72/96 or missing tag is not believed: the text's
+                          // size is measured; docs/OCR.md, "Resolution"); 0 = off
   bool deskew = false;    // estimate and correct small rotations
   bool binarize = false;  // Otsu threshold before recognition
 };

@@ -74,8 +74,8 @@
 // 96, writers' defaults: measured from the height of the page's text),
 // "assumed" (no believable tag and nothing measured: the tag, or 300
 // without one). The page is rescaled toward ocr.preprocess.target_dpi
-// only when that resolution is believable (file or estimated) and low
-// (file: under the target; estimated: under 0.6 of it), by at most 4.
+// only when that resolution is believable (file or estimated) and under
+// 0.6 of the target (180 dpi for 300), by at most 4.
 // "angle" is the page's clockwise rotation OSD found (0 when not checked);
 // hOCR's ocr_page title then carries "x_orientation_angle",
 // "x_orientation_confidence" and "x_orientation_applied", and the lines of

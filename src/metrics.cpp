@@ -1,6 +1,8 @@
 #include "taskmgr/metrics.hpp"
 
 #include <boost/json.hpp>
+#include <charconv>
+#include <cmath>
 #include <cstdio>
 #include <sstream>
 
@@ -12,10 +14,15 @@ boost::json::object latency_json(const LatencySummary& l) {
           {"p90_s", l.p90_s}, {"p99_s", l.p99_s},   {"max_s", l.max_s}};
 }
 
+// The shortest text that reads back as v (a byte count or counter past 1e9
+// exactly, not rounded to 9 digits); Prometheus spells the specials NaN,
+// +Inf and -Inf.
 std::string num(double v) {
-  char buf[40];
-  std::snprintf(buf, sizeof buf, "%.9g", v);
-  return buf;
+  if (std::isnan(v)) return "NaN";
+  if (std::isinf(v)) return v > 0 ? "+Inf" : "-Inf";
+  char buf[64];
+  const auto r = std::to_chars(buf, buf + sizeof buf, v);
+  return std::string(buf, r.ptr);
 }
 
 // Prometheus label values escape backslash, quote and newline.
@@ -103,6 +110,10 @@ std::string TaskMetrics::to_json() const {
   return boost::json::serialize(o);
 }
 
+// Prometheus names are in base units (bytes, seconds); the spec's JSON
+// keeps its MB.
+constexpr double kBytesPerMb = 1024.0 * 1024.0;
+
 std::string TaskMetrics::to_prometheus() const {
   Prom p;
   p.family("active_tasks", "gauge", "Tasks running now, by device.");
@@ -113,19 +124,20 @@ std::string TaskMetrics::to_prometheus() const {
   for (const auto& [d, v] : queued_tasks) {
     if (d != "total") p.sample("queued_tasks", static_cast<double>(v), "device=\"" + esc(d) + "\"");
   }
-  p.family("device_memory_total_mb", "gauge", "Memory tasks may be placed into, MB.");
+  p.family("device_memory_total_bytes", "gauge", "Memory tasks may be placed into, bytes.");
   for (const auto& [d, m] : memory_by_device) {
-    p.sample("device_memory_total_mb", static_cast<double>(m.total_mb),
+    p.sample("device_memory_total_bytes", static_cast<double>(m.total_mb) * kBytesPerMb,
              "device=\"" + esc(d) + "\"");
   }
-  p.family("device_memory_reserved_mb", "gauge", "Sum of estimates of running tasks, MB.");
+  p.family("device_memory_reserved_bytes", "gauge", "Sum of estimates of running tasks, bytes.");
   for (const auto& [d, m] : memory_by_device) {
-    p.sample("device_memory_reserved_mb", static_cast<double>(m.reserved_mb),
+    p.sample("device_memory_reserved_bytes", static_cast<double>(m.reserved_mb) * kBytesPerMb,
              "device=\"" + esc(d) + "\"");
   }
-  p.family("device_memory_observed_mb", "gauge", "Memory in use as the device probe saw it, MB.");
+  p.family("device_memory_observed_bytes", "gauge",
+           "Memory in use as the device probe saw it, bytes.");
   for (const auto& [d, m] : memory_by_device) {
-    p.sample("device_memory_observed_mb", static_cast<double>(m.observed_mb),
+    p.sample("device_memory_observed_bytes", static_cast<double>(m.observed_mb) * kBytesPerMb,
              "device=\"" + esc(d) + "\"");
   }
   p.family("device_available", "gauge", "1 when the device accepts tasks.");

@@ -2,8 +2,11 @@
 // tests control, an in-memory store and a manual clock.
 #include <doctest/doctest.h>
 
+#include <unistd.h>
+
 #include <boost/json.hpp>
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -602,7 +605,10 @@ TEST_CASE("metrics and health carry every spec key with correct numbers") {
   CHECK(m.memory_warnings >= 2);
   const std::string prom = m.to_prometheus();
   CHECK(prom.find("taskmgr_tasks_completed_total 2") != std::string::npos);
-  CHECK(prom.find("taskmgr_device_memory_total_mb{device=\"cuda:0\"} 8000") != std::string::npos);
+  // Base units: 8000 MB (MiB) as bytes, written exactly (not 8.388608e+09).
+  CHECK(prom.find("taskmgr_device_memory_total_bytes{device=\"cuda:0\"} 8388608000\n") !=
+        std::string::npos);
+  CHECK(prom.find("_mb") == std::string::npos);
   CHECK(prom.find("# TYPE taskmgr_wait_time_seconds summary") != std::string::npos);
   // The store's counters: 2 inserts, then each change of each task a write.
   CHECK(m.store.writes >= 2 + 2 * 3);
@@ -617,6 +623,49 @@ TEST_CASE("metrics and health carry every spec key with correct numbers") {
   health = h.tm->get_task_health(a.id);
   CHECK(health.status == TaskStatus::kCompleted);
   CHECK(health.memory_usage_mb == 1050);
+}
+
+TEST_CASE("the Prometheus text passes promtool check metrics: base units, _total counters") {
+  // Every family, with labels that need escaping and numbers past 1e9.
+  TaskMetrics m;
+  m.active_tasks = {{"cpu", 1}, {"cuda:0", 2}, {"total", 3}};
+  m.queued_tasks = {{"cpu", 4}, {"cuda:0", 0}, {"total", 4}};
+  m.memory_by_device["cpu"] = {16000, 1200, 5000, 800, true};
+  m.memory_by_device["cuda:0"] = {8000, 0, 0, 0, false};
+  PoolMetrics pool;
+  pool.service = "ocr \"quoted\" \\ back\nslash";
+  pool.device = "cpu";
+  pool.in_use = 1;
+  pool.max = 2;
+  m.pool_utilization[pool.service + "@cpu"] = pool;
+  m.average_wait_time = 0.25;
+  m.tasks_created = 5'000'000'001;
+  m.failed_by_reason = {{"out_of_memory", 2}, {"invalid_input", 1}};
+  m.store.writes = 12;
+  m.wait_time = {10, 0.2, 0.1, 0.3, 0.5, 0.9};
+  m.processing_time = {10, 1.2, 1.1, 1.3, 1.5, 1.9};
+  const std::string prom = m.to_prometheus();
+  CHECK(prom.find("taskmgr_tasks_created_total 5000000001\n") != std::string::npos);
+  CHECK(prom.find("taskmgr_device_memory_total_bytes{device=\"cpu\"} 16777216000\n") !=
+        std::string::npos);
+  // promtool (Debian's prometheus package; scripts/setup.sh installs it):
+  // a missing promtool fails the test, as a missing server would.
+  namespace fs = std::filesystem;
+  const fs::path file =
+      fs::temp_directory_path() / ("taskmgr-prom-" + std::to_string(::getpid()) + ".txt");
+  std::ofstream(file) << prom;
+  const std::string cmd = "promtool check metrics < '" + file.string() + "' 2>&1";
+  std::string out;
+  int rc = -1;
+  if (FILE* f = ::popen(cmd.c_str(), "r")) {
+    char buf[512];
+    while (std::fgets(buf, sizeof buf, f) != nullptr) out += buf;
+    rc = ::pclose(f);
+  }
+  fs::remove(file);
+  INFO("promtool check metrics said: " << out);
+  CHECK(rc == 0);
+  CHECK(out.find("not found") == std::string::npos);
 }
 
 TEST_CASE("a callback that throws or blocks does not stop other tasks") {

@@ -4,7 +4,8 @@
 #     a searchable PDF with the same pages and page sizes, which poppler
 #     opens without a word on stderr, and whose text layer (pdftotext) reads
 #     within 0.5 points of CER of the text output; --sidecar writes the text;
-#     hocr and alto outputs parse as XML with one page per page;
+#     hocr and alto outputs parse as XML with one page per page (hOCR's
+#     metadata and properties checked), tsv is Tesseract's TSV over both pages;
 #  2. queue_timeout_seconds: 2 over a folder that takes far longer to OCR:
 #     no page fails queue_timeout (the CLI streams, it does not queue all);
 #  3. listing 100,000 files: the memory it needs grows by a few hundred
@@ -66,7 +67,7 @@ python3 -c "import sys; t,l=float('$text_cer'),float('$layer_cer'); sys.exit(0 i
   { echo "FAIL: the text layer reads differently from the text output"; exit 1; }
 [ "$sidecar_cer" = "$text_cer" ] || { echo "FAIL: the sidecar is not the text output"; exit 1; }
 grep -q $'\f' text-out/two.txt || { echo "FAIL: pages not separated by a form feed"; exit 1; }
-for f in hocr alto; do
+for f in hocr alto tsv; do
   "$bin" --db "$f.db" --progress lines --format "$f" --out "$f-out" pdf > "$f.log"
 done
 python3 - << 'EOF'
@@ -82,7 +83,49 @@ ids = [e.get("ID") for e in a.iter() if e.get("ID")]
 assert len(ids) == len(set(ids)), "alto: duplicate IDs %s" % sorted(set(i for i in ids if ids.count(i) > 1))[:5]
 hids = [e.get("id") for e in h.iter() if e.get("id")]
 assert len(hids) == len(set(hids)), "hocr: duplicate ids"
-print("hocr and alto: 2 pages each, well-formed XML")
+# hOCR's required metadata and properties (the hOCR 1.2 spec, as hocr-check
+# reads it): ocr-system and ocr-capabilities meta; every ocr class used is
+# a declared capability; each ocr_page has image, bbox and ppageno (0, 1);
+# every line and word has a bbox inside its page's.
+x = "{http://www.w3.org/1999/xhtml}"
+meta = {m.get("name"): m.get("content") for m in h.iter(x + "meta")}
+assert meta.get("ocr-system", "").startswith("taskmgr"), meta
+caps = set(meta.get("ocr-capabilities", "").split())
+used = {c for e in h.iter() for c in (e.get("class") or "").split() if c.startswith("ocr")}
+assert used <= caps, "hocr: classes not declared in ocr-capabilities: %s" % (used - caps)
+def props(e):
+    out = {}
+    for part in (e.get("title") or "").split(";"):
+        k, _, v = part.strip().partition(" ")
+        if k: out[k] = v
+    return out
+for n, page in enumerate(pages):
+    p = props(page)
+    assert "image" in p and "bbox" in p and "ppageno" in p, p
+    assert p["image"].strip('"').endswith("/two.pdf"), p["image"]
+    assert int(p["ppageno"]) == n, p["ppageno"]
+    px0, py0, px1, py1 = map(int, p["bbox"].split())
+    assert (px0, py0) == (0, 0) and px1 > 0 and py1 > 0
+    words = [e for e in page.iter() if e.get("class") in ("ocr_line", "ocrx_word")]
+    assert len(words) > 20, "page %d: %d lines and words" % (n, len(words))
+    for e in words:
+        x0, y0, x1, y1 = map(int, props(e)["bbox"].split())
+        assert 0 <= x0 <= x1 <= px1 and 0 <= y0 <= y1 <= py1, (x0, y0, x1, y1, px1, py1)
+# Tesseract's TSV: its header, 12 columns on every row, both pages' rows
+# with page_num 1 and 2, word boxes inside the page (level 1's box).
+rows = [l.split("\t") for l in open("tsv-out/two.tsv", encoding="utf-8").read().splitlines()]
+assert rows[0] == ["level", "page_num", "block_num", "par_num", "line_num", "word_num", "left",
+                   "top", "width", "height", "conf", "text"], rows[0]
+assert all(len(r) == 12 for r in rows), [r for r in rows if len(r) != 12][:2]
+assert sorted({r[1] for r in rows[1:]}) == ["1", "2"], "tsv page_num"
+page_box = {r[1]: (int(r[8]), int(r[9])) for r in rows[1:] if r[0] == "1"}
+words = [r for r in rows[1:] if r[0] == "5"]
+assert len(words) > 40, len(words)
+for r in words:
+    w, hh = page_box[r[1]]
+    l, t, ww, wh = map(int, r[6:10])
+    assert 0 <= l and l + ww <= w and 0 <= t and t + wh <= hh, r
+print("hocr, alto and tsv: 2 pages each; hOCR metadata and boxes, TSV columns and pages")
 EOF
 # A page read before for text is read again for a PDF (its result has none);
 # read again for a PDF, nothing is redone.

@@ -297,6 +297,17 @@ TEST_CASE("hOCR and TSV output on request") {
       result_of(ocr.run_path(tif, R"({"output":"tsv","words":false})")).at("pages").as_array()[0];
   CHECK(std::string(tsv.at("tsv").as_string()).find("Hello") != std::string::npos);
   CHECK_FALSE(tsv.as_object().contains("words"));
+  // hOCR's ocr_page names its image: the input's path; bytes are "unknown"
+  // (on the same engine: the path read before does not show).
+  const std::string named = std::string(hocr.at("hocr").as_string());
+  CHECK(named.find("title='image \"" + tif.string() + "\"; bbox ") != std::string::npos);
+  TaskInput bytes;
+  const std::string raw = slurp(tif);
+  bytes.data.assign(raw.begin(), raw.end());
+  const auto from_bytes =
+      result_of(ocr.run(bytes, R"({"output":"hocr"})")).at("pages").as_array()[0];
+  CHECK(std::string(from_bytes.at("hocr").as_string()).find("title='image \"unknown\"; bbox ") !=
+        std::string::npos);
 }
 
 TEST_CASE(

@@ -58,7 +58,7 @@ struct Options {
   int workers = 0;
   int queue_ahead = -1;  // pages queued beyond one per worker; -1: the default
   std::string out_dir;
-  std::string format = "text";  // text | json | hocr | alto | pdf
+  std::string format = "text";  // text | json | hocr | alto | tsv | pdf
   bool sidecar = false;
   std::string samples_dir = "samples";
   int priority = 0;
@@ -83,7 +83,7 @@ void usage(std::ostream& os) {
         "  --order O         largest (default: the largest pages first, so no core idles at\n"
         "                    the end) or name (by file name and page)\n"
         "  --out DIR         write one output per input file into DIR\n"
-        "  --format F        text, json, hocr, alto or pdf (a searchable PDF: the page\n"
+        "  --format F        text, json, hocr, alto, tsv or pdf (a searchable PDF: the page\n"
         "                    images with an invisible text layer; default text)\n"
         "  --sidecar         with --format pdf: also the text, as NAME.txt\n"
         "  --dpi N           resolution PDF pages are rasterised at (72..1200; default\n"
@@ -190,8 +190,8 @@ int parse_args(int argc, char** argv, Options& opt) {
     } else if (a == "--format") {
       opt.format = next("--format");
       if (opt.format != "text" && opt.format != "json" && opt.format != "hocr" &&
-          opt.format != "alto" && opt.format != "pdf")
-        throw std::invalid_argument("--format must be text, json, hocr, alto or pdf");
+          opt.format != "alto" && opt.format != "tsv" && opt.format != "pdf")
+        throw std::invalid_argument("--format must be text, json, hocr, alto, tsv or pdf");
     } else if (a == "--sidecar") {
       opt.sidecar = true;
     } else if (a == "--dpi") {

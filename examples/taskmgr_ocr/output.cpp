@@ -12,6 +12,8 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <set>
+#include <sstream>
 #include <stdexcept>
 
 namespace fs = std::filesystem;
@@ -68,7 +70,7 @@ std::string quote(const std::string& s) {
 }  // namespace
 
 std::string service_output_for(const std::string& format) {
-  if (format == "hocr" || format == "alto" || format == "pdf") return format;
+  if (format == "hocr" || format == "alto" || format == "tsv" || format == "pdf") return format;
   return "";
 }
 
@@ -195,6 +197,25 @@ std::string OutputWriter::write(std::uint32_t doc, const std::vector<taskmgr::Ta
     o["pages"] = std::move(pages);
     return write_file(with(".json"), json::serialize(o));
   }
+  if (format_ == "tsv") {
+    // Tesseract's TSV (as `tesseract x tsv` writes it): its header line, then
+    // each page's rows; page_num is the document's page number, left, top,
+    // width and height in the source page's pixels.
+    std::string body =
+        "level\tpage_num\tblock_num\tpar_num\tline_num\tword_num\tleft\ttop\twidth\theight\t"
+        "conf\ttext\n";
+    for (const auto& r : results) {
+      if (const json::value* ps = r.if_contains("pages"); ps && ps->is_array()) {
+        for (const auto& p : ps->as_array()) {
+          if (!p.is_object()) continue;
+          std::string t = string_at(p.as_object(), "tsv");
+          if (!t.empty() && t.back() != '\n') t += '\n';
+          body += t;
+        }
+      }
+    }
+    return write_file(with(".tsv"), body);
+  }
   if (format_ == "hocr" || format_ == "alto") {
     std::string body;
     int n = 0;
@@ -222,6 +243,22 @@ std::string OutputWriter::write(std::uint32_t doc, const std::vector<taskmgr::Ta
     const std::string name = xml_escape(fs::path(d.shown).filename().string());
     const std::string software = "taskmgr " + std::string(taskmgr::version());
     if (format_ == "hocr") {
+      // ocr-capabilities names every ocr class the pages use (Tesseract's
+      // line kinds too: ocr_header, ocr_caption, ocr_textfloat, ...).
+      std::set<std::string> classes = {"ocr_page", "ocr_carea", "ocr_par",
+                                       "ocr_line", "ocrx_word", "ocrp_wconf"};
+      for (std::size_t at = body.find("class='"); at != std::string::npos;
+           at = body.find("class='", at)) {
+        at += 7;
+        const std::size_t end = body.find('\'', at);
+        if (end == std::string::npos) break;
+        std::istringstream words(body.substr(at, end - at));
+        for (std::string c; words >> c;) {
+          if (c.rfind("ocr", 0) == 0) classes.insert(c);
+        }
+      }
+      std::string capabilities;
+      for (const auto& c : classes) capabilities += (capabilities.empty() ? "" : " ") + c;
       return write_file(
           with(".hocr"),
           "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n"
@@ -235,9 +272,8 @@ std::string OutputWriter::write(std::uint32_t doc, const std::vector<taskmgr::Ta
               "  <meta name=\"ocr-system\" content=\"" +
               software +
               " (Tesseract)\"/>\n"
-              "  <meta name=\"ocr-capabilities\" content=\"ocr_page ocr_carea ocr_par ocr_line "
-              "ocrx_word ocrp_wconf\"/>\n</head>\n<body>\n" +
-              body + "</body>\n</html>\n");
+              "  <meta name=\"ocr-capabilities\" content=\"" +
+              capabilities + "\"/>\n</head>\n<body>\n" + body + "</body>\n</html>\n");
     }
     return write_file(with(".xml"),
                       "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n"

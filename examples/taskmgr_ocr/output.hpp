@@ -10,6 +10,8 @@
 //                     over all of them, with "source"
 //   hocr  NAME.hocr   an hOCR (XHTML) document, one ocr_page per page
 //   alto  NAME.xml    an ALTO v3 document, one Page per page
+//   tsv   NAME.tsv    Tesseract's TSV: a header line, then every page's rows
+//                     (page_num the document's page; boxes in its pixels)
 //   pdf   NAME.pdf    a searchable PDF: each page's image with its invisible
 //                     text layer (Tesseract's renderer), pages joined with
 //                     pdfunite (poppler-utils); --sidecar also writes NAME.txt

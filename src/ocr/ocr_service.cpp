@@ -30,6 +30,7 @@
 #include "taskmgr/device.hpp"
 #include "taskmgr/error.hpp"
 #include "taskmgr/ocr.hpp"
+#include "utf8.hpp"
 
 namespace taskmgr {
 namespace {
@@ -561,6 +562,12 @@ class OcrService final : public Service {
 
     ctx.stage("recognize");
     api_.SetPageSegMode(static_cast<tesseract::PageSegMode>(opt.psm));
+    // hOCR's ocr_page "image": the input's path (valid UTF-8: it goes into
+    // JSON and XML), "unknown" for bytes. Set on every page: the engine is
+    // reused, and a previous task's path must not show.
+    const std::string path = ctx.input().data.empty() ? ctx.input().path : std::string();
+    const std::string image_name = detail::to_valid_utf8(path);
+    api_.SetInputName(image_name.empty() ? nullptr : image_name.c_str());
     if (need_cv) {
       api_.SetImage(img.data, img.cols, img.rows, 1, static_cast<int>(img.step));
     } else {

@@ -136,6 +136,12 @@ class HttpServerTest(unittest.TestCase):
         self.assertEqual(status, 200)
         self.assertIn("# TYPE taskmgr_tasks_completed_total counter", text)
         self.assertIn("taskmgr_tasks_completed_total %d" % (completed0 + 1), text)
+        # promtool (Debian's prometheus; scripts/setup.sh installs it) finds
+        # nothing to lint in what /metrics serves: base units, _total counters.
+        lint = subprocess.run(["promtool", "check", "metrics"], input=text.encode(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.assertEqual(lint.returncode, 0, lint.stdout.decode(errors="replace"))
+        self.assertIn("taskmgr_device_memory_total_bytes{", text)
 
         status, lst = self.request("GET", "/tasks?status=completed&limit=5")
         self.assertEqual(status, 200)

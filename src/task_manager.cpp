@@ -114,6 +114,8 @@ class TaskManager::Impl {
   // checks that the manager is open (seq_cst on both sides): close either
   // sees it, or the call sees that the manager is closing.
   std::atomic<int> in_flight_{0};
+  // The count of unpersisted writes close() last logged (see close()).
+  std::atomic<std::uint64_t> unpersisted_logged_{0};
 };
 
 namespace {
@@ -249,7 +251,11 @@ void TaskManager::Impl::close() {
         "call close() again to retry",
         st.unpersisted(), journal_.describe(), st.backlog, st.dropped_writes,
         st.last_error.empty() ? std::string("no message") : st.last_error);
-    log_.write(LogLevel::kError, why);
+    // Logged once per count (the destructor's close() says it again only
+    // to its caller): a host that closes, then destroys, sees one line.
+    if (unpersisted_logged_.exchange(st.unpersisted()) != st.unpersisted()) {
+      log_.write(LogLevel::kError, why);
+    }
     throw Error(ErrorCode::kUnpersisted, why);
   }
 }

@@ -13,6 +13,14 @@
 //  * create_tasks of B tasks with start (default 100): one commit per call.
 // After each run the file is checked: every task completed with its cleanup
 // done, and 8 events per task stored.
+//
+// With --postgres URL (e.g. under tests/with_postgres.sh, which exports
+// TASKMGR_TEST_PG_URL for a throwaway cluster: --postgres env), the same
+// three ways with the PostgreSQL store instead, against its own ceiling in
+// the same run: plain libpq writing the same rows (per task 1 insert, 2
+// updates and 8 event inserts, into the tables taskmgr's migration made)
+// in pipeline mode, 1,000 tasks per transaction.
+#include <libpq-fe.h>
 #include <sqlite3.h>
 #include <taskmgr/taskmgr.hpp>
 
@@ -22,6 +30,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -147,9 +156,10 @@ struct Result {
   double rate = 0, create_p50_us = 0, create_p99_us = 0;
 };
 
-Result taskmgr_sqlite(const std::string& path, int n, int producers, int batch) {
-  taskmgr::Config config;
-  config.storage.path = path;
+// One run of taskmgr on the store `config.storage` names; `verify` checks
+// the database afterwards, outside the timing.
+Result taskmgr_run(taskmgr::Config config, int n, int producers, int batch,
+                   const std::function<void()>& verify) {
   config.executor.worker_threads = 2;
   config.tasks.max_queue_size = n + 1;
   taskmgr::TaskManagerOptions options;
@@ -195,11 +205,151 @@ Result taskmgr_sqlite(const std::string& path, int n, int producers, int batch) 
   tm.close();  // every write committed
   Result r;
   r.rate = n / std::chrono::duration<double>(SteadyClock::now() - t0).count();
-  verify(path, n);
+  verify();
   std::sort(create_us.begin(), create_us.end());
   r.create_p50_us = create_us[create_us.size() / 2];
   r.create_p99_us = create_us[create_us.size() * 99 / 100];
   return r;
+}
+
+// ---- PostgreSQL ------------------------------------------------------------------
+
+[[noreturn]] void pg_die(PGconn* c, const std::string& what) {
+  std::fprintf(stderr, "%s: %s\n", what.c_str(), c != nullptr ? PQerrorMessage(c) : "");
+  std::exit(1);
+}
+
+PGconn* pg_connect(const std::string& url) {
+  PGconn* c = PQconnectdb(url.c_str());
+  if (PQstatus(c) != CONNECTION_OK) pg_die(c, "connect");
+  return c;
+}
+
+void pg_exec(PGconn* c, const std::string& sql) {
+  PGresult* r = PQexec(c, sql.c_str());
+  const auto st = PQresultStatus(r);
+  if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) pg_die(c, sql);
+  PQclear(r);
+}
+
+long long pg_count(PGconn* c, const std::string& sql) {
+  PGresult* r = PQexec(c, sql.c_str());
+  if (PQresultStatus(r) != PGRES_TUPLES_OK) pg_die(c, sql);
+  const long long v = std::atoll(PQgetvalue(r, 0, 0));
+  PQclear(r);
+  return v;
+}
+
+// A fresh schema with taskmgr's tables, made by its own migration.
+void fresh_schema(const std::string& url, const std::string& schema) {
+  PGconn* c = pg_connect(url);
+  pg_exec(c, "SET client_min_messages = warning; DROP SCHEMA IF EXISTS " + schema + " CASCADE");
+  PQfinish(c);
+  taskmgr::PostgresStoreOptions o;
+  o.schema = schema;
+  taskmgr::open_postgres_store(url, o).reset();
+}
+
+// Raw ceiling: per task 1 insert (queued), 8 event inserts and 2 updates
+// (running, completed with its cleanup), the rows and columns taskmgr
+// writes, prepared statements in pipeline mode, 1,000 tasks per
+// transaction (a sync point every 100 tasks inside it reads the answers, so
+// that they never fill the socket while statements are still being sent).
+double raw_libpq(const std::string& url, int n) {
+  const std::string schema = "bench_raw";
+  fresh_schema(url, schema);
+  PGconn* c = pg_connect(url);
+  pg_exec(c, "SET search_path TO " + schema + "; SET synchronous_commit = on");
+  auto prepare = [&](const char* name, const char* sql) {
+    PGresult* r = PQprepare(c, name, sql, 0, nullptr);
+    if (PQresultStatus(r) != PGRES_COMMAND_OK) pg_die(c, std::string("prepare ") + name);
+    PQclear(r);
+  };
+  prepare("ins",
+          "INSERT INTO tasks (id, service, options, priority, status, attempt, batch_size, "
+          "created_at, queued_at, estimated_memory_mb, assigned_device, "
+          "resource_cleanup_completed) VALUES ($1, $2, NULL, 0, 'queued', 0, 1, $3, $3, 16, "
+          "'cpu', FALSE)");
+  prepare("upd",
+          "UPDATE tasks SET status = $2, attempt = 1, started_at = $3, finished_at = $4, "
+          "service_instance_id = 'noop@cpu#1', resource_cleanup_completed = $5 WHERE id = $1");
+  prepare("ev",
+          "INSERT INTO task_events (task_id, event_type, timestamp, details) VALUES ($1, $2, $3, "
+          "$4)");
+  const std::string ts = "2026-12-02 20:00:00.123456";
+  const char* details = "{\"device\":\"cpu\",\"attempt\":1}";
+  static const char* kEvents[] = {"created",           "queued",           "resource_acquired",
+                                  "started",           "completed",        "cleanup_started",
+                                  "resource_released", "cleanup_completed"};
+  if (PQenterPipelineMode(c) != 1) pg_die(c, "pipeline mode");
+  int sent = 0;  // statements sent since the last sync
+  auto send = [&](const char* stmt, int nparams, const char* const* values) {
+    if (PQsendQueryPrepared(c, stmt, nparams, values, nullptr, nullptr, 0) != 1) pg_die(c, stmt);
+    ++sent;
+  };
+  auto send_sql = [&](const char* sql) {
+    if (PQsendQueryParams(c, sql, 0, nullptr, nullptr, nullptr, nullptr, 0) != 1) pg_die(c, sql);
+    ++sent;
+  };
+  // Sends a sync point and reads every answer up to it.
+  auto sync = [&] {
+    if (PQpipelineSync(c) != 1) pg_die(c, "sync");
+    int results = 0;
+    for (;;) {
+      PGresult* r = PQgetResult(c);
+      if (r == nullptr) continue;  // the end of one statement's results
+      const auto st = PQresultStatus(r);
+      PQclear(r);
+      if (st == PGRES_PIPELINE_SYNC) break;
+      if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) pg_die(c, "a pipelined statement");
+      ++results;
+    }
+    if (results != sent) pg_die(c, "pipeline: answers missing");
+    sent = 0;
+  };
+  const auto t0 = SteadyClock::now();
+  for (int i = 0; i < n; ++i) {
+    if (i % 1000 == 0) send_sql("BEGIN ISOLATION LEVEL READ COMMITTED");
+    const std::string id = taskmgr::generate_task_id();
+    const char* ins[] = {id.c_str(), "noop", ts.c_str()};
+    send("ins", 3, ins);
+    for (const char* e : kEvents) {
+      const char* ev[] = {id.c_str(), e, ts.c_str(), details};
+      send("ev", 4, ev);
+    }
+    const char* running[] = {id.c_str(), "running", ts.c_str(), nullptr, "false"};
+    send("upd", 5, running);
+    const char* done[] = {id.c_str(), "completed", ts.c_str(), ts.c_str(), "true"};
+    send("upd", 5, done);
+    if (i % 1000 == 999 || i == n - 1) {
+      send_sql("COMMIT");
+      sync();
+    } else if (i % 100 == 99) {
+      sync();
+    }
+  }
+  const double s = std::chrono::duration<double>(SteadyClock::now() - t0).count();
+  PQexitPipelineMode(c);
+  if (pg_count(c, "SELECT count(*) FROM tasks WHERE status = 'completed'") != n ||
+      pg_count(c, "SELECT count(*) FROM task_events") != 8LL * n) {
+    pg_die(c, "raw libpq: the rows are not all there");
+  }
+  PQfinish(c);
+  return n / s;
+}
+
+void verify_pg(const std::string& url, const std::string& schema, int n) {
+  PGconn* c = pg_connect(url);
+  pg_exec(c, "SET search_path TO " + schema);
+  const long long done = pg_count(
+      c, "SELECT count(*) FROM tasks WHERE status = 'completed' AND resource_cleanup_completed");
+  const long long events = pg_count(c, "SELECT count(*) FROM task_events");
+  PQfinish(c);
+  if (done != n || events != 8LL * n) {
+    std::fprintf(stderr, "verify %s: %lld of %d tasks completed, %lld events (expected %lld)\n",
+                 schema.c_str(), done, n, events, 8LL * n);
+    std::exit(1);
+  }
 }
 
 }  // namespace
@@ -207,6 +357,7 @@ Result taskmgr_sqlite(const std::string& path, int n, int producers, int batch) 
 int main(int argc, char** argv) {
   int tasks = 20000, runs = 3, producers = 16, batch = 100;
   std::string dir = fs::temp_directory_path().string();
+  std::string pg_url;  // --postgres: the PostgreSQL store instead of SQLite
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!std::strcmp(argv[i], "--tasks"))
       tasks = std::atoi(argv[i + 1]);
@@ -218,17 +369,32 @@ int main(int argc, char** argv) {
       producers = std::atoi(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--batch"))
       batch = std::atoi(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--postgres"))
+      pg_url = argv[i + 1];
+  }
+  if (pg_url == "env") {
+    const char* url = std::getenv("TASKMGR_TEST_PG_URL");
+    if (url == nullptr || *url == '\0') {
+      std::fprintf(stderr,
+                   "bench_store: --postgres env, but TASKMGR_TEST_PG_URL is not set (run it "
+                   "under tests/with_postgres.sh)\n");
+      return 2;
+    }
+    pg_url = url;
   }
   if (tasks < 1 || runs < 1 || producers < 1 || batch < 2) {
-    std::fprintf(
-        stderr,
-        "usage: bench_store [--tasks N] [--runs R] [--producers P] [--batch B>=2] [--dir D]\n");
+    std::fprintf(stderr,
+                 "usage: bench_store [--tasks N] [--runs R] [--producers P] [--batch B>=2] "
+                 "[--dir D] [--postgres URL|env]\n");
     return 2;
   }
+  const bool pg = !pg_url.empty();
+  const char* ceiling = pg ? "raw libpq" : "raw sqlite3";
   std::printf(
-      "bench_store: %d tasks, 2 workers, %d runs, files in %s; modes: create_task + start_task "
+      "bench_store: %s, %d tasks, 2 workers, %d runs%s%s; modes: create_task + start_task "
       "(1 host thread), create_task(start) from %d host threads, create_tasks of %d\n",
-      tasks, runs, dir.c_str(), producers, batch);
+      pg ? "PostgreSQL" : "SQLite", tasks, runs, pg ? "" : ", files in ", pg ? "" : dir.c_str(),
+      producers, batch);
   struct Mode {
     const char* name;
     int producers, batch;
@@ -243,15 +409,37 @@ int main(int argc, char** argv) {
     auto clean = [](const std::string& f) {
       for (const char* sfx : {"", "-wal", "-shm", ".lock"}) fs::remove(f + sfx);
     };
-    clean(a);
-    const double rr = raw_sqlite(a, tasks);
-    clean(a);
+    double rr = 0;
+    if (pg) {
+      rr = raw_libpq(pg_url, tasks);
+    } else {
+      clean(a);
+      rr = raw_sqlite(a, tasks);
+      clean(a);
+    }
     raw.push_back(rr);
-    std::printf("run %d: raw sqlite3 %.0f lifecycles/s\n", r + 1, rr);
+    std::printf("run %d: %s %.0f lifecycles/s\n", r + 1, ceiling, rr);
     for (int m = 0; m < 3; ++m) {
-      clean(b);
-      const Result t = taskmgr_sqlite(b, tasks, modes[m].producers, modes[m].batch);
-      clean(b);
+      taskmgr::Config config;
+      std::function<void()> verify_run;
+      if (pg) {
+        const std::string schema = "bench_tm";
+        {
+          PGconn* c = pg_connect(pg_url);
+          pg_exec(
+              c, "SET client_min_messages = warning; DROP SCHEMA IF EXISTS " + schema + " CASCADE");
+          PQfinish(c);
+        }
+        config.storage.url = pg_url;
+        config.storage.postgres.schema = schema;
+        verify_run = [&pg_url, schema, tasks] { verify_pg(pg_url, schema, tasks); };
+      } else {
+        clean(b);
+        config.storage.path = b;
+        verify_run = [b, tasks] { verify(b, tasks); };
+      }
+      const Result t = taskmgr_run(config, tasks, modes[m].producers, modes[m].batch, verify_run);
+      if (!pg) clean(b);
       rate[m].push_back(t.rate);
       p50[m].push_back(t.create_p50_us);
       p99[m].push_back(t.create_p99_us);
@@ -259,8 +447,13 @@ int main(int argc, char** argv) {
                   modes[m].name, t.rate, t.rate / rr, t.create_p50_us, t.create_p99_us);
     }
   }
-  std::printf("median of %d runs: raw sqlite3 %.0f lifecycles/s (target: taskmgr >= 20000/s)\n",
-              runs, median(raw));
+  if (pg) {
+    std::printf("median of %d runs: %s %.0f lifecycles/s (bar: create_tasks >= 0.5 of it)\n", runs,
+                ceiling, median(raw));
+  } else {
+    std::printf("median of %d runs: %s %.0f lifecycles/s (target: taskmgr >= 20000/s)\n", runs,
+                ceiling, median(raw));
+  }
   for (int m = 0; m < 3; ++m) {
     std::printf("  %-26s %6.0f lifecycles/s (%.2f of raw)  call p50 %7.1f us p99 %8.1f us\n",
                 modes[m].name, median(rate[m]), median(rate[m]) / median(raw), median(p50[m]),

@@ -82,6 +82,7 @@ TASKMGR_API int taskmgr_version_number(void);
 #define TASKMGR_E_INCOMPATIBLE (-13)          /* version or schema mismatch */
 #define TASKMGR_E_CANCELLED (-14)             /* the operation was cancelled */
 #define TASKMGR_E_UNSUPPORTED (-15)           /* not available in this build */
+#define TASKMGR_E_UNPERSISTED (-16)           /* close: accepted writes not in the store */
 #define TASKMGR_E_INTERNAL (-99)              /* a bug in taskmgr */
 
 /* The stable name of a status code ("ok", "invalid_argument", ...), or
@@ -287,19 +288,27 @@ TASKMGR_API int taskmgr_open_file(const char* config_path, taskmgr_manager** out
  * with TASKMGR_E_INVALID_STATE; taskmgr_wait_task returns an ended task and
  * fails with TASKMGR_E_INVALID_STATE for one that stays queued or pending,
  * and so does taskmgr_wait_idle (threads already waiting return too).
- * Closing twice is allowed: the second call returns TASKMGR_OK and does
- * nothing.
+ * Then the store is flushed: writes that failed before are tried once more.
+ * Closing twice is allowed: the second call only flushes the store again.
  * Errors: TASKMGR_E_INVALID_ARGUMENT (NULL), TASKMGR_E_INVALID_STATE when
  * called from code the library called (an event or log callback, a host
  * service's functions, supports_device): it would wait for itself; nothing
- * is closed. */
+ * is closed. TASKMGR_E_UNPERSISTED: the manager is closed, but writes it
+ * accepted are still not in the store (a full disk, a read-only file, a
+ * database that refused them); the message (taskmgr_last_error) names how
+ * many and the store's own error, and the same is logged as an error. They
+ * are lost if the process ends now: make room and call taskmgr_close again
+ * (it returns TASKMGR_OK once they are in). */
 TASKMGR_API int taskmgr_close(taskmgr_manager* manager);
 
 /* Closes the manager if open, stops its threads, calls the free functions
  * of the log callback and of every remaining subscription and service, and
  * frees the handle. NULL is a no-op (TASKMGR_OK). From a library thread it
- * fails with TASKMGR_E_INVALID_STATE and destroys nothing. Never call it
- * twice on one handle, nor concurrently with another call on it. */
+ * fails with TASKMGR_E_INVALID_STATE and destroys nothing. When writes
+ * the manager accepted are still not in the store, it frees the handle all
+ * the same and returns TASKMGR_E_UNPERSISTED (as taskmgr_close: the
+ * message says how many and why). Never call it twice on one handle, nor
+ * concurrently with another call on it. */
 TASKMGR_API int taskmgr_destroy(taskmgr_manager* manager);
 
 /* ---- Tasks ----------------------------------------------------------------

@@ -42,6 +42,7 @@ static_assert(TASKMGR_E_INVALID_STATE == static_cast<int>(taskmgr::ErrorCode::kI
 static_assert(TASKMGR_E_INCOMPATIBLE == static_cast<int>(taskmgr::ErrorCode::kIncompatible));
 static_assert(TASKMGR_E_CANCELLED == static_cast<int>(taskmgr::ErrorCode::kCancelled));
 static_assert(TASKMGR_E_UNSUPPORTED == static_cast<int>(taskmgr::ErrorCode::kUnsupported));
+static_assert(TASKMGR_E_UNPERSISTED == static_cast<int>(taskmgr::ErrorCode::kUnpersisted));
 static_assert(TASKMGR_E_INTERNAL == static_cast<int>(taskmgr::ErrorCode::kInternal));
 
 namespace taskmgr::capi {
@@ -632,10 +633,18 @@ int taskmgr_destroy(taskmgr_manager* manager) {
           "or a service); it would wait for itself: destroy the manager from another "
           "thread. Nothing was destroyed.");
     }
-    manager->tm->close();
+    // Writes the store could not persist are reported, and the handle is
+    // freed all the same (the caller could not use it any more).
+    int status = TASKMGR_OK;
+    try {
+      manager->tm->close();
+    } catch (const taskmgr::Error& e) {
+      if (e.code() != taskmgr::ErrorCode::kUnpersisted) throw;
+      status = fail(TASKMGR_E_UNPERSISTED, e.what());
+    }
     manager->tm.reset();  // threads stopped: no callback runs any more
     delete manager;       // frees what subscriptions remain
-    return TASKMGR_OK;
+    return status;
   });
 }
 

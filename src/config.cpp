@@ -271,6 +271,8 @@ Config parse_document(const YAML::Node& root, std::unordered_map<std::string, in
     s.read("busy_timeout_seconds", c.storage.busy_timeout_seconds);
     s.read("retention_days", c.storage.retention_days);
     s.read("max_size_mb", c.storage.max_size_mb);
+    s.read("wal_max_mb", c.storage.wal_max_mb);
+    s.read("max_backlog", c.storage.max_backlog);
     s.read("url", c.storage.url);
     MapReader pg = s.child("postgres");
     auto& k = c.storage.postgres;
@@ -494,6 +496,9 @@ void Config::validate() const {
     if (storage.max_size_mb != 0) {
       invalid("storage.max_size_mb", "applies to the SQLite store only (storage.url is set)");
     }
+    if (storage.wal_max_mb != StorageConfig{}.wal_max_mb) {
+      invalid("storage.wal_max_mb", "applies to the SQLite store only (storage.url is set)");
+    }
   }
   {
     const auto& p = storage.postgres;
@@ -516,6 +521,12 @@ void Config::validate() const {
   if (storage.max_size_mb < 0)
     invalid("storage.max_size_mb",
             "must be >= 0 (0 = no limit), got " + std::to_string(storage.max_size_mb));
+  if (storage.wal_max_mb < 1 || storage.wal_max_mb > 1024 * 1024)
+    invalid("storage.wal_max_mb",
+            "must be in [1, 1048576] (MiB), got " + std::to_string(storage.wal_max_mb));
+  if (storage.max_backlog < 1)
+    invalid("storage.max_backlog",
+            "must be >= 1 (failed writes kept), got " + std::to_string(storage.max_backlog));
   if (!(storage.retention_days >= 0) || !std::isfinite(storage.retention_days)) {
     invalid("storage.retention_days",
             "must be >= 0 (0 = keep), got " + num(storage.retention_days));
@@ -661,6 +672,8 @@ std::string Config::to_yaml() const {
   e << YAML::Key << "busy_timeout_seconds" << YAML::Value << storage.busy_timeout_seconds;
   e << YAML::Key << "retention_days" << YAML::Value << storage.retention_days;
   e << YAML::Key << "max_size_mb" << YAML::Value << storage.max_size_mb;
+  e << YAML::Key << "wal_max_mb" << YAML::Value << storage.wal_max_mb;
+  e << YAML::Key << "max_backlog" << YAML::Value << storage.max_backlog;
   e << YAML::Key << "url" << YAML::Value << storage.url;
   e << YAML::Key << "postgres" << YAML::Value << YAML::BeginMap;
   e << YAML::Key << "schema" << YAML::Value << storage.postgres.schema;

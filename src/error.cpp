@@ -20,6 +20,7 @@ std::string_view to_string(ErrorCode code) noexcept {
     case ErrorCode::kIncompatible: return "incompatible";
     case ErrorCode::kCancelled: return "cancelled";
     case ErrorCode::kUnsupported: return "unsupported";
+    case ErrorCode::kUnpersisted: return "unpersisted";
     case ErrorCode::kInternal: return "internal";
   }
   return "unknown";

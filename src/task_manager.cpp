@@ -41,6 +41,8 @@ SqliteStoreOptions sqlite_options(const StorageConfig& c) {
   o.synchronous_full = c.synchronous == SyncMode::kFull;
   o.busy_timeout_seconds = c.busy_timeout_seconds;
   o.max_size_mb = c.max_size_mb;
+  o.wal_max_mb = c.wal_max_mb;
+  o.max_backlog = static_cast<std::size_t>(c.max_backlog);
   return o;
 }
 
@@ -51,6 +53,7 @@ PostgresStoreOptions postgres_options(const StorageConfig& c) {
   o.statement_timeout_seconds = c.postgres.statement_timeout_seconds;
   o.connect_timeout_seconds = c.postgres.connect_timeout_seconds;
   o.allow_other_tables = c.postgres.allow_other_tables;
+  o.max_backlog = static_cast<std::size_t>(c.max_backlog);
   return o;
 }
 
@@ -111,6 +114,8 @@ class TaskManager::Impl {
   // checks that the manager is open (seq_cst on both sides): close either
   // sees it, or the call sees that the manager is closing.
   std::atomic<int> in_flight_{0};
+  // The count of unpersisted writes close() last logged (see close()).
+  std::atomic<std::uint64_t> unpersisted_logged_{0};
 };
 
 namespace {
@@ -191,43 +196,68 @@ void TaskManager::Impl::close() {
                 "sink, a service or its factory, supports(), a memory model); it would wait for "
                 "itself: close the manager from another thread");
   }
+  bool first = false;
   {
     SchedulerLock lock(scheduler_.mutex());
-    if (scheduler_.closed()) return;
-    scheduler_.begin_close();
-    // Running attempts finish; their cleanup completes. Queued and
-    // backing-off tasks stay queued in the store. The worker loops end too
-    // (their last drains write log lines: host code that must not run after
-    // close() returned).
-    while (dispatcher_.running() > 0 || dispatcher_.loops() > 0) {
-      lock.wait_with([this](std::unique_lock<std::mutex>& lk) {
-        scheduler_.done_cv().wait_for(lk, std::chrono::milliseconds(50));
-      });
+    if (!scheduler_.closed()) {
+      first = true;
+      scheduler_.begin_close();
+      // Running attempts finish; their cleanup completes. Queued and
+      // backing-off tasks stay queued in the store. The worker loops end too
+      // (their last drains write log lines: host code that must not run after
+      // close() returned).
+      while (dispatcher_.running() > 0 || dispatcher_.loops() > 0) {
+        lock.wait_with([this](std::unique_lock<std::mutex>& lk) {
+          scheduler_.done_cv().wait_for(lk, std::chrono::milliseconds(50));
+        });
+      }
+      scheduler_.set_closed();
     }
-    scheduler_.set_closed();
   }
-  scheduler_.notify();  // waiters see that it is closed
-  // Calls that began before close (a create that passed its open check,
-  // a read that drains) finish first: their events and log lines are
-  // handed on below, before close() returns. Those that begin now are
-  // refused (writes) or find nothing to drain (reads).
-  while (in_flight_.load(std::memory_order_seq_cst) > 0) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  if (first) {
+    scheduler_.notify();  // waiters see that it is closed
+    // Calls that began before close (a create that passed its open check,
+    // a read that drains) finish first: their events and log lines are
+    // handed on below, before close() returns. Those that begin now are
+    // refused (writes) or find nothing to drain (reads).
+    while (in_flight_.load(std::memory_order_seq_cst) > 0) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    // No sweep or retry timer runs after close (a sweep in progress finishes
+    // first): nothing the library does calls host code after close() returns.
+    timers_.stop();
+    // The instances go now, while reads still work: a host's destroy_instance
+    // may call the manager (instances of attempts still running were waited
+    // for above; none is created after close).
+    for (const ServiceEntry* e : registry_.entries()) e->pool->destroy_idle();
+    outbox_.drain(true);
   }
-  // No sweep or retry timer runs after close (a sweep in progress finishes
-  // first): nothing the library does calls host code after close() returns.
-  timers_.stop();
-  // The instances go now, while reads still work: a host's destroy_instance
-  // may call the manager (instances of attempts still running were waited
-  // for above; none is created after close).
-  for (const ServiceEntry* e : registry_.entries()) e->pool->destroy_idle();
-  outbox_.drain(true);
+  // Every close (a later one too) flushes the store, which tries its
+  // backlog of failed writes once more.
   try {
     journal_.flush();
   } catch (const std::exception& e) {
     log_.write(LogLevel::kError, std::string("flushing the store at close failed: ") + e.what());
   }
-  bus_.flush();
+  if (first) bus_.flush();
+  // Nothing accepted is lost without a word: writes the store holds but
+  // could not persist make close() fail, naming them.
+  const StoreStats st = journal_.stats();
+  if (st.unpersisted() > 0) {
+    const std::string why = fmt::format(
+        "{} write(s) the task manager accepted are not in the store {} ({} failed and wait for a "
+        "retry, {} refused by the database and given up): {}. The tasks' latest states and "
+        "events are lost if the process ends now; make room (or the database writable) and "
+        "call close() again to retry",
+        st.unpersisted(), journal_.describe(), st.backlog, st.dropped_writes,
+        st.last_error.empty() ? std::string("no message") : st.last_error);
+    // Logged once per count (the destructor's close() says it again only
+    // to its caller): a host that closes, then destroys, sees one line.
+    if (unpersisted_logged_.exchange(st.unpersisted()) != st.unpersisted()) {
+      log_.write(LogLevel::kError, why);
+    }
+    throw Error(ErrorCode::kUnpersisted, why);
+  }
 }
 
 Task TaskManager::Impl::get_task(const std::string& id) {

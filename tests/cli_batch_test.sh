@@ -11,7 +11,8 @@
 #  3. listing 100,000 files: the memory it needs grows by a few hundred
 #     bytes per file, nothing more (--list reports the peak);
 #  4. a full disk (storage.max_size_mb reached mid-run): exit 3 and the
-#     store's message on stderr, never a clean summary.
+#     store's message on stderr, never a clean summary; one warning when
+#     writes start failing, and close() naming the writes not stored.
 #   cli_batch_test.sh TASKMGR_OCR TASKMGR_IMG2PDF
 set -euo pipefail
 bin=$(realpath "$1")
@@ -192,4 +193,9 @@ set -e
 cat full.err
 [ "$rc" -eq 3 ] || { tail -20 full.log; echo "FAIL: exit $rc on a full disk, expected 3"; exit 1; }
 grep -q "database or disk is full" full.err || { echo "FAIL: no store message on stderr"; exit 1; }
+# The outcomes the database could not take are reported at close (with
+# their count and the store's message), and the warning came once.
+grep -q "accepted are not in the store" full.err || { echo "FAIL: close did not report the unpersisted writes"; exit 1; }
+warnings=$(grep -c "store: writes fail" full.err || true)
+[ "$warnings" -eq 1 ] || { echo "FAIL: $warnings 'writes fail' warnings, expected 1"; exit 1; }
 echo "cli batch ok"

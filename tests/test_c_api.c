@@ -305,6 +305,19 @@ static int echo_process(void* user_data, void* instance, taskmgr_task_context* c
     int rc = taskmgr_context_report_memory(ctx, atoi(strstr(options, "\"memory\":") + 9));
     if (rc != TASKMGR_OK) return TASKMGR_OK; /* ignored on purpose: the library still fails it */
   }
+  if (strstr(options, "\"big_result\"") != NULL) {
+    /* A 2 MiB result: more than a database capped at 1 MiB can take. */
+    const size_t n = (size_t)2 << 20;
+    char* big = (char*)malloc(n + 16);
+    int rc;
+    if (big == NULL) return TASKMGR_E_OUT_OF_MEMORY;
+    memcpy(big, "{\"pad\":\"", 8);
+    memset(big + 8, 'x', n);
+    memcpy(big + 8 + n, "\"}", 3);
+    rc = taskmgr_context_set_result(ctx, big);
+    free(big);
+    return rc;
+  }
   taskmgr_context_stage(ctx, "compute");
   snprintf(result, sizeof result,
            "{\"device\":\"%s\",\"path\":\"%s\",\"bytes\":%u,\"task\":\"%s\"}", device,
@@ -1926,6 +1939,48 @@ static void* open_gate_later(void* arg) {
   return NULL;
 }
 
+/* A task's outcome the database cannot take (storage.max_size_mb: 1, a
+ * 2 MiB result): the task completes in memory, the update waits in the
+ * backlog, and taskmgr_close says so with its own status, the count and
+ * the store's message; taskmgr_destroy frees the handle and says it too. */
+static void test_close_unpersisted(const char* db_path) {
+  taskmgr_open_options o;
+  taskmgr_manager* tm = NULL;
+  char id[TASKMGR_TASK_ID_SIZE];
+  char wal[600];
+  int status = -1;
+
+  remove(db_path);
+  snprintf(wal, sizeof wal, "%s-wal", db_path);
+  remove(wal);
+  taskmgr_open_options_init(&o);
+  o.config_yaml =
+      "devices: {probe_cpu: false, probe_nvidia: false, cpu_memory_mb: 4000}\n"
+      "storage: {max_size_mb: 1}\n";
+  o.database_path = db_path;
+  o.worker_threads = 1;
+  o.log_callback = ignore_log;
+  CHECK_RC(taskmgr_open(&o, &tm), TASKMGR_OK);
+  if (tm == NULL) return;
+  echo_reset();
+  CHECK_RC(register_echo(tm), TASKMGR_OK);
+  CHECK_RC(create_echo(tm, "/data/big.png", "{\"big_result\":true}", "cpu", id), TASKMGR_OK);
+  CHECK_RC(taskmgr_start_task(tm, id, NULL), TASKMGR_OK);
+  CHECK(wait_completed(tm, id)); /* in memory: the manager ran it */
+  CHECK_RC(taskmgr_close(tm), TASKMGR_E_UNPERSISTED);
+  CHECK_MSG("not in the store");
+  CHECK_MSG("full");
+  CHECK(strcmp(taskmgr_status_name(TASKMGR_E_UNPERSISTED), "unpersisted") == 0);
+  /* Reads still answer with the task's latest state, persisted or not. */
+  CHECK_RC(taskmgr_get_task_status(tm, id, &status, NULL), TASKMGR_OK);
+  CHECK(status == TASKMGR_TASK_COMPLETED);
+  CHECK_RC(taskmgr_close(tm), TASKMGR_E_UNPERSISTED);   /* still not in: said again */
+  CHECK_RC(taskmgr_destroy(tm), TASKMGR_E_UNPERSISTED); /* freed all the same */
+  CHECK_MSG("not in the store");
+  remove(db_path);
+  remove(wal);
+}
+
 static void test_close_with_tasks(const char* db_path) {
   taskmgr_open_options o;
   taskmgr_manager* tm = NULL;
@@ -2145,6 +2200,11 @@ int main(int argc, char** argv) {
   test_create_tasks();
   test_reentrant_callbacks();
   test_close_with_tasks(db_path);
+  {
+    char unpersisted_db[600];
+    snprintf(unpersisted_db, sizeof unpersisted_db, "%s.full.db", db_path);
+    test_close_unpersisted(unpersisted_db);
+  }
   test_ocr_page(page);
   pthread_cond_destroy(&echo.cv);
   CHECK(bad_strings == 0);   /* every string returned was UTF-8, every document strict */

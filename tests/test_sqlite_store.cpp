@@ -8,6 +8,8 @@
 #include <boost/json.hpp>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <mutex>
 #include <set>
 #include <sstream>
 #include <thread>
@@ -366,6 +368,200 @@ TEST_CASE(
           std::vector<std::string>{"created", "queued", "resource_acquired", "started", "completed",
                                    "cleanup_started", "resource_released", "cleanup_completed"});
   }
+}
+
+// Log lines a manager wrote, for the tests that look for a warning.
+class LogLines {
+ public:
+  LogSink sink() {
+    return [this](LogLevel level, std::string_view line) {
+      std::lock_guard<std::mutex> g(mu_);
+      lines_.emplace_back(level, std::string(line));
+    };
+  }
+  // How many lines at `level` hold `text`.
+  int count(LogLevel level, const std::string& text) const {
+    std::lock_guard<std::mutex> g(mu_);
+    int n = 0;
+    for (const auto& [l, line] : lines_) n += l == level && line.find(text) != std::string::npos;
+    return n;
+  }
+  std::string first(const std::string& text) const {
+    std::lock_guard<std::mutex> g(mu_);
+    for (const auto& l : lines_) {
+      if (l.second.find(text) != std::string::npos) return l.second;
+    }
+    return "";
+  }
+
+ private:
+  mutable std::mutex mu_;
+  std::vector<std::pair<LogLevel, std::string>> lines_;
+};
+
+int completed_in_file(const std::string& db) {
+  SQLite::Database d(db, SQLite::OPEN_READONLY);
+  return d.execAndGet("SELECT count(*) FROM tasks WHERE status='completed'").getInt();
+}
+
+// get_task (memory) and list_tasks (the store) say the same of every task.
+void check_reads_agree(TaskManager& tm, const std::vector<std::string>& ids) {
+  std::map<std::string, TaskStatus> listed;
+  for (const Task& t : tm.list_tasks()) listed[t.id] = t.status;
+  TaskFilter completed;
+  completed.status = TaskStatus::kCompleted;
+  std::set<std::string> listed_completed;
+  for (const Task& t : tm.list_tasks(completed)) listed_completed.insert(t.id);
+  for (const auto& id : ids) {
+    CAPTURE(id);
+    const TaskStatus got = tm.get_task(id).status;
+    REQUIRE(listed.count(id) == 1);
+    CHECK(listed[id] == got);
+    CHECK(listed_completed.count(id) == (got == TaskStatus::kCompleted ? 1u : 0u));
+  }
+}
+
+TEST_CASE(
+    "disk full mid-run: one warning, get and list agree, close() reports the unpersisted writes, "
+    "and once space returns a second close() stores them") {
+  DiskFile f;
+  LogLines log;
+  f.mo.log_sink = log.sink();
+  auto tm = std::make_unique<TaskManager>(f.c, f.mo);
+  tm->register_service(make_function_service("svc", [](TaskContext& ctx) {
+    ctx.set_result("{\"pad\":\"" + std::string(8000, 'y') + "\"}");
+  }));
+  TaskCreateRequest r;
+  r.service = "svc";
+  std::vector<std::string> ids;
+  for (int i = 0; i < 10; ++i) ids.push_back(tm->create_task(r).id);  // stored: durable
+  f.fill();                                                           // the disk is full from here
+  for (const auto& id : ids) tm->start_task(id);
+  REQUIRE(tm->wait_idle(30s));
+  for (const auto& id : ids) CHECK(tm->get_task(id).status == TaskStatus::kCompleted);
+  // The file lags behind; the reads do not, and they agree with each other.
+  CHECK(completed_in_file(f.dir.db()) < 10);
+  check_reads_agree(*tm, ids);
+  // A warning with the store's message, once for the whole episode.
+  REQUIRE(eventually([&] { return log.count(LogLevel::kWarn, "store: writes fail") == 1; }));
+  CHECK(log.first("store: writes fail").find("database or disk is full") != std::string::npos);
+  const std::uint64_t waiting = tm->get_task_metrics().store.backlog;
+  CHECK(waiting > 0);
+  // close() names what is not in the store; the manager is closed all the same.
+  try {
+    tm->close();
+    FAIL("close() returned normally with writes not in the store");
+  } catch (const Error& e) {
+    CHECK(e.code() == ErrorCode::kUnpersisted);
+    const std::string why = e.what();
+    CHECK(why.find("not in the store") != std::string::npos);
+    CHECK(why.find("database or disk is full") != std::string::npos);
+    CHECK(why.find(f.dir.db()) != std::string::npos);
+    CHECK(why.find(std::to_string(tm->get_task_metrics().store.unpersisted()) + " write(s)") !=
+          std::string::npos);
+  }
+  CHECK(log.count(LogLevel::kError, "not in the store") >= 1);
+  CHECK(log.count(LogLevel::kWarn, "store: writes fail") == 1);  // no flood
+  CHECK_THROWS_AS(tm->create_task(r), Error);                    // closed
+  check_reads_agree(*tm, ids);
+  CHECK_THROWS_AS(tm->close(), Error);  // still full: said again
+  // Space returns: a second close() stores the backlog and returns.
+  f.free_space();
+  CHECK_NOTHROW(tm->close());
+  CHECK(completed_in_file(f.dir.db()) == 10);
+  CHECK(tm->get_task_metrics().store.unpersisted() == 0);
+  tm.reset();
+  f.mo.store.reset();
+  TaskManagerOptions again;
+  again.log_sink = [](LogLevel, std::string_view) {};
+  TaskManager reopened(f.c, again);
+  for (const auto& id : ids) {
+    const Task back = reopened.get_task(id);
+    CHECK(back.status == TaskStatus::kCompleted);
+    CHECK(back.resource_cleanup_completed);
+    CHECK(names(reopened.get_task_events(id)) ==
+          std::vector<std::string>{"created", "queued", "resource_acquired", "started", "completed",
+                                   "cleanup_started", "resource_released", "cleanup_completed"});
+  }
+}
+
+TEST_CASE(
+    "a read-only database mid-run (SQLite's own SQLITE_READONLY): warned, reads agree, creates "
+    "refused, and writable again the store catches up by itself") {
+  // chmod cannot make the file read-only for the store: its connection has
+  // the file open already, and the tests run as root. PRAGMA query_only on
+  // the writer connection (SqliteStoreOptions::read_only) makes SQLite
+  // itself refuse every write as on a read-only file.
+  TempDir dir;
+  SqliteStoreOptions o;
+  o.read_only = std::make_shared<std::atomic<bool>>(false);
+  LogLines log;
+  Config c = test_config();
+  TaskManagerOptions mo;
+  mo.store = open_sqlite_store(dir.db(), o);
+  mo.log_sink = log.sink();
+  TaskManager tm(c, mo);
+  tm.register_service(make_function_service("svc", [](TaskContext&) {}));
+  TaskCreateRequest r;
+  r.service = "svc";
+  std::vector<std::string> ids;
+  for (int i = 0; i < 5; ++i) ids.push_back(tm.create_task(r).id);
+  o.read_only->store(true);
+  for (const auto& id : ids) tm.start_task(id);
+  REQUIRE(tm.wait_idle(30s));
+  CHECK(completed_in_file(dir.db()) == 0);
+  check_reads_agree(tm, ids);
+  for (const auto& id : ids) CHECK(tm.get_task(id).status == TaskStatus::kCompleted);
+  REQUIRE(eventually([&] { return log.count(LogLevel::kWarn, "store: writes fail") == 1; }));
+  CHECK(log.first("store: writes fail").find("readonly") != std::string::npos);
+  std::string refused;
+  try {
+    tm.create_task(r);
+  } catch (const Error& e) {
+    CHECK(e.code() == ErrorCode::kIoError);
+    refused = e.what();
+  }
+  CHECK(refused.find("readonly") != std::string::npos);
+  CHECK(refused.find("the task was not created") != std::string::npos);
+  // Writable again: the backlog goes in without any new write, and the
+  // manager says so.
+  o.read_only->store(false);
+  REQUIRE(eventually([&] { return completed_in_file(dir.db()) == 5; }));
+  REQUIRE(eventually([&] { return log.count(LogLevel::kInfo, "store: caught up") == 1; }));
+  check_reads_agree(tm, ids);
+  CHECK_NOTHROW(tm.close());
+  CHECK(log.count(LogLevel::kWarn, "store: writes fail") == 1);
+}
+
+TEST_CASE("storage.wal_max_mb bounds the WAL file: many writes, checkpoints keep it under 1 MiB") {
+  TempDir dir;
+  SqliteStoreOptions o;
+  o.wal_max_mb = 1;
+  auto store = open_sqlite_store(dir.db(), o);
+  const std::string wal = dir.db() + "-wal";
+  std::uintmax_t largest = 0;
+  std::size_t written = 0;
+  // ~8 MB through the WAL, one commit per task (each ~4 pages of 4 KiB).
+  for (int i = 0; i < 600; ++i) {
+    Task t = sample_task();
+    t.id = generate_task_id();
+    t.input = TaskInput{};
+    t.options_json = "{\"pad\":\"" + std::string(12000, static_cast<char>('a' + i % 26)) + "\"}";
+    store->insert_task(t, event_for(t, TaskEvent::kCreated));
+    written += t.options_json.size();
+    largest = std::max(largest, fs::file_size(wal));
+  }
+  CHECK(written > 7000000u);
+  CHECK(largest > 0);
+  CHECK(largest <= 1024u * 1024);
+  CHECK(store->list_tasks({}).size() == 600);
+  CHECK(Config::from_yaml_string("storage: {wal_max_mb: 8}").storage.wal_max_mb == 8);
+  CHECK_THROWS_WITH_AS(Config::from_yaml_string("storage: {wal_max_mb: 0}"),
+                       doctest::Contains("storage.wal_max_mb"), ConfigError);
+  CHECK_THROWS_WITH_AS(Config::from_yaml_string("storage: {max_backlog: 0}"),
+                       doctest::Contains("storage.max_backlog"), ConfigError);
+  CHECK_THROWS_WITH_AS(Config::from_yaml_string("storage: {url: 'postgresql:///x', wal_max_mb: 8}"),
+                       doctest::Contains("storage.wal_max_mb"), ConfigError);
 }
 
 TEST_CASE(

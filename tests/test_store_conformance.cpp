@@ -53,6 +53,8 @@ class Backend {
   // Everything a migration could change (tables, columns, rows), as text.
   virtual std::string fingerprint() = 0;
   virtual void fail_writes(bool on) = 0;
+  // The store's max_backlog for the next open() (0: its default).
+  std::size_t max_backlog = 0;
 };
 
 #if !TASKMGR_CONFORMANCE_POSTGRES
@@ -83,6 +85,7 @@ class SqliteBackend : public Backend {
     o.before_commit = [f = failing_] {
       if (f->load()) throw std::runtime_error("injected write failure");
     };
+    if (max_backlog != 0) o.max_backlog = max_backlog;
     return open_sqlite_store(db(), o);
   }
   std::chrono::microseconds resolution() const override { return 1ms; }
@@ -114,7 +117,11 @@ class SqliteBackend : public Backend {
 
 class PostgresBackend : public Backend {
  public:
-  std::shared_ptr<TaskStore> open() override { return schema_.open(); }
+  std::shared_ptr<TaskStore> open() override {
+    PostgresStoreOptions o = schema_.options();
+    if (max_backlog != 0) o.max_backlog = max_backlog;
+    return open_postgres_store(schema_.url(), o);
+  }
   std::chrono::microseconds resolution() const override { return 1us; }
   void exec(const std::string& sql) override { schema_.exec(sql); }
   std::int64_t scalar(const std::string& sql) override { return schema_.scalar(sql); }
@@ -714,6 +721,114 @@ STORE_CASE("a write that fails is kept and retried in order: the store catches u
         std::vector<std::string>{"created", "queued", "started", "completed"});
   CHECK(store->load_metrics(a.id).size() == 1);
   CHECK_FALSE(store->load_task(b.id).has_value());
+  CHECK(store->stats().dropped_writes == 0);
+  store->insert_task(b, event_for(b, TaskEvent::kCreated));
+  CHECK(store->load_task(b.id).has_value());
+}
+
+STORE_CASE("while writes fail, reads answer with each task's latest state: get and list agree") {
+  auto store = open();
+  std::vector<Task> ts;
+  for (int i = 0; i < 3; ++i) {
+    ts.push_back(new_task());
+    store->insert_task(ts.back(), event_for(ts.back(), TaskEvent::kCreated));
+  }
+  fail_writes(true);
+  Task& a = ts[0];
+  a.status = TaskStatus::kCompleted;
+  a.result = R"({"text":"done"})";
+  a.finished_at = std::chrono::system_clock::now();
+  a.resource_cleanup_completed = true;
+  store->update_task(a, {event_for(a, TaskEvent::kCompleted)});
+  store->flush();
+  REQUIRE(store->stats().backlog == 1);
+  // Not in the database: the answers below come from the unpersisted update.
+  CHECK(scalar("SELECT count(*) FROM tasks WHERE status = 'completed'") == 0);
+  const auto one = store->load_task(a.id);
+  REQUIRE(one.has_value());
+  CHECK(one->status == TaskStatus::kCompleted);
+  CHECK(one->result == a.result);
+  CHECK(one->resource_cleanup_completed);
+  CHECK(one->input.data == a.input.data);  // the row's input: updates never carry it
+  auto ids = [](const std::vector<Task>& v) {
+    std::vector<std::string> out;
+    for (const auto& t : v) out.push_back(t.id);
+    return out;
+  };
+  const auto all = store->list_tasks({});
+  REQUIRE(all.size() == 3);
+  CHECK(ids(all) == std::vector<std::string>{ts[0].id, ts[1].id, ts[2].id});  // creation order
+  CHECK(all[0].status == TaskStatus::kCompleted);
+  CHECK(all[0].result == a.result);
+  TaskFilter done;
+  done.status = TaskStatus::kCompleted;
+  CHECK(ids(store->list_tasks(done)) == std::vector<std::string>{a.id});
+  TaskFilter pending;
+  pending.status = TaskStatus::kPending;
+  CHECK(ids(store->list_tasks(pending)) == std::vector<std::string>{ts[1].id, ts[2].id});
+  TaskFilter newest;
+  newest.limit = 1;
+  CHECK(ids(store->list_tasks(newest)) == std::vector<std::string>{ts[2].id});
+  TaskFilter oldest_done;
+  oldest_done.limit = 2;
+  oldest_done.status = TaskStatus::kCompleted;
+  CHECK(ids(store->list_tasks(oldest_done)) == std::vector<std::string>{a.id});
+  TaskFilter other_service;
+  other_service.service = "not-ocr";
+  CHECK(store->list_tasks(other_service).empty());
+  TaskFilter light;
+  light.with_payloads = false;
+  const auto no_payloads = store->list_tasks(light);
+  REQUIRE(no_payloads.size() == 3);
+  CHECK(no_payloads[0].status == TaskStatus::kCompleted);
+  CHECK(no_payloads[0].result.empty());
+  CHECK(no_payloads[0].input.data.empty());
+  // The store catches up; the answers stay the same, now from the database.
+  fail_writes(false);
+  REQUIRE(eventually([&] { return store->stats().backlog == 0; }));
+  CHECK(scalar("SELECT count(*) FROM tasks WHERE status = 'completed'") == 1);
+  CHECK(ids(store->list_tasks(done)) == std::vector<std::string>{a.id});
+  CHECK(store->load_task(a.id)->result == a.result);
+}
+
+STORE_CASE("the backlog is bounded: once full new tasks are refused, nothing accepted is dropped") {
+  max_backlog = 4;
+  auto store = open();
+  Task a = new_task();
+  store->insert_task(a, event_for(a, TaskEvent::kCreated));
+  fail_writes(true);
+  // Ten accepted updates: all kept, past the bound (they are never dropped).
+  for (int i = 1; i <= 10; ++i) {
+    a.attempt = i;
+    store->update_task(a, {event_for(a, TaskEvent::kRetried, "{\"n\":" + std::to_string(i) + "}")});
+  }
+  store->flush();
+  StoreStats st = store->stats();
+  CHECK(st.backlog == 10);
+  CHECK(st.dropped_writes == 0);
+  CHECK(st.unpersisted() == 10);
+  // A new task is refused at once, with the store's own message.
+  Task b = new_task();
+  const std::string why =
+      error_of([&] { store->insert_task(b, event_for(b, TaskEvent::kCreated)); });
+  CHECK(why.find("max_backlog = 4") != std::string::npos);
+  CHECK(why.find("10 earlier writes wait") != std::string::npos);
+  CHECK(why.find("injected write failure") != std::string::npos);
+  CHECK(why.find("the task was not created") != std::string::npos);
+  std::vector<NewTask> two{with_created(new_task()), with_created(new_task())};
+  CHECK(error_of([&] { store->insert_tasks(two); }).find("none of them was created") !=
+        std::string::npos);
+  // The database takes writes again: the backlog goes in by itself, in
+  // order, every write of it; then new tasks are taken again.
+  fail_writes(false);
+  REQUIRE(eventually([&] { return store->stats().backlog == 0; }));
+  const auto events = store->load_events(a.id);
+  REQUIRE(events.size() == 11);
+  for (int i = 1; i <= 10; ++i) {
+    CHECK(same_json(events[static_cast<std::size_t>(i)].details_json,
+                    "{\"n\":" + std::to_string(i) + "}"));
+  }
+  CHECK(store->load_task(a.id)->attempt == 10);
   CHECK(store->stats().dropped_writes == 0);
   store->insert_task(b, event_for(b, TaskEvent::kCreated));
   CHECK(store->load_task(b.id).has_value());

@@ -17,11 +17,13 @@
 // a client can act on: 400 bad input (malformed JSON, bad field, bad
 // options), 404 unknown task or route, 405 wrong method, 409 not allowed in
 // the task's state, 413 over the per-task memory limit, 429 queue full (the
-// task stays pending: start it later), 503 no device can hold the task,
-// 500 otherwise. Port 0 (the default) picks a free port; the port is printed
+// task stays pending: start it later), 503 no device can hold the task or
+// the database cannot store it now (disk full), 500 otherwise. Port 0 (the default) picks a free
+// port; the port is printed
 // ("listening on http://127.0.0.1:PORT") and written to --port-file.
 // SIGINT/SIGTERM stop it: running tasks finish, queued ones stay in the
-// database.
+// database; it exits 3 when writes it accepted could not be stored (close()
+// reports them), 0 otherwise.
 #include <taskmgr/taskmgr.hpp>
 
 #include <sys/socket.h>
@@ -73,6 +75,7 @@ HttpError from_error(const taskmgr::Error& e) {
     case C::kMemoryLimitExceeded: s = http::status::payload_too_large; break;
     case C::kInvalidState: s = http::status::conflict; break;
     case C::kBusy:
+    case C::kIoError:  // the database cannot take the task now (disk full, backlog full)
     case C::kPoolExhausted: s = http::status::service_unavailable; break;
     default: break;
   }
@@ -415,7 +418,14 @@ int main(int argc, char** argv) {
     accept();
     ioc.run();  // until the acceptor closes on a signal
     conns.shutdown_all_and_wait();
-    tm.close();  // running tasks finish; queued ones stay in the database
+    try {
+      tm.close();  // running tasks finish; queued ones stay in the database
+    } catch (const taskmgr::Error& e) {
+      if (e.code() != taskmgr::ErrorCode::kUnpersisted) throw;
+      // Accepted outcomes the database could not take: not a clean stop.
+      std::cerr << "taskmgr-http: " << e.what() << "\n";
+      return 3;
+    }
     std::cout << "stopped" << std::endl;
     return 0;
   } catch (const taskmgr::Error& e) {

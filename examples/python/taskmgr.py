@@ -88,13 +88,14 @@ InvalidStateError = _error_class("InvalidStateError", -12)
 IncompatibleError = _error_class("IncompatibleError", -13)
 CancelledError = _error_class("CancelledError", -14)
 UnsupportedError = _error_class("UnsupportedError", -15)
+UnpersistedError = _error_class("UnpersistedError", -16)
 InternalError = _error_class("InternalError", -99)
 
 _ERRORS = {c.status: c for c in (
     InvalidArgumentError, NotFoundError, QueueFullError, OutOfMemoryError, TimeoutError,
     BusyError, InvalidConfigError, IoError, DeviceUnavailableError, MemoryLimitExceededError,
     PoolExhaustedError, InvalidStateError, IncompatibleError, CancelledError, UnsupportedError,
-    InternalError)}
+    UnpersistedError, InternalError)}
 
 
 class OutOfMemory(Exception):
@@ -661,8 +662,10 @@ class Manager:
     def destroy(self):
         """Closes and frees the manager. Idempotent."""
         if self._h is not None:
-            _check(_lib.taskmgr_destroy(self._h))
-            self._h = None
+            rc = _lib.taskmgr_destroy(self._h)
+            if rc in (0, UnpersistedError.status):  # freed, also when writes were unpersisted
+                self._h = None
+            _check(rc)
             self._keep.clear()
             self._subs.clear()
             _open_managers.discard(self)

@@ -493,6 +493,15 @@ int main(int argc, char** argv) {
     for (const auto& problem : s.problems) {
       std::cerr << "taskmgr-ocr: error: " << problem << "\n";
     }
+    // Closing flushes the database: writes it still could not take are a
+    // failed run (exit 3), whatever the pages did.
+    try {
+      tm.close();
+    } catch (const taskmgr::Error& e) {
+      if (e.code() != taskmgr::ErrorCode::kUnpersisted) throw;
+      std::cerr << "taskmgr-ocr: error: " << e.what() << "\n";
+      return 3;
+    }
     if (!s.problems.empty()) return 3;
     if (g_stop.load() != 0) return 128 + g_stop.load();  // as the signal would have
     return s.failed == 0 && s.cancelled == 0 && s.unfinished == 0 && s.refused == 0 &&

@@ -140,6 +140,10 @@ struct StorageConfig {
   double retention_days = 0;                 // prune finished tasks older than this; 0 = keep
   std::int64_t max_size_mb = 0;              // the database grows to about this; past it writes
                                              // fail as on a full disk; 0 = no limit; SQLite only
+  std::int64_t wal_max_mb = 64;  // the WAL file is kept to about this (>= 1); SQLite only
+  // Failed writes kept for a retry (>= 1); while this many wait, new tasks
+  // are refused (IO_ERROR) instead of holding more in memory.
+  std::int64_t max_backlog = 100000;
   PostgresConfig postgres;
 };
 

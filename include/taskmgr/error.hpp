@@ -37,6 +37,7 @@ enum class ErrorCode : int {
   kIncompatible = -13,         // version or schema mismatch
   kCancelled = -14,            // the operation was cancelled
   kUnsupported = -15,          // the feature is not available in this build
+  kUnpersisted = -16,          // close(): writes accepted earlier are not in the store
   kInternal = -99,             // a bug in taskmgr: please report it
 };
 

@@ -37,6 +37,8 @@ struct PostgresStoreOptions {
   // Opening tries once.
   double connect_timeout_seconds = 10;
   std::size_t max_batch = 1000;  // most writes committed in one transaction
+  // Most failed writes kept for a retry (>= 1): as SqliteStoreOptions::max_backlog.
+  std::size_t max_backlog = 100000;
   // A schema that has tables but none of taskmgr's is refused: taskmgr does
   // not create its tables among data it does not know. true: it does, beside
   // them.

@@ -14,8 +14,13 @@
 //  * update_task() stores the task's mutable fields (everything but id,
 //    service, input and created_at) together with the events of that change,
 //    atomically, in call order; it may return before they are durable;
-//  * flush() returns when everything written before it is durable;
-//  * readers see their own writes.
+//  * flush() returns when everything written before it is durable, or was
+//    tried and failed (then it is in the backlog: StoreStats::backlog);
+//  * readers see their own writes: a task's row as its latest update_task
+//    left it, persisted or not (while an update waits in the backlog of
+//    failed writes, load_task and list_tasks answer with the state it
+//    carries, filters and limits applied to that state); events and metric
+//    samples as persisted.
 //
 // Thread-safety: every member is safe to call from any thread.
 #pragma once
@@ -58,9 +63,15 @@ struct StoreStats {
   std::uint64_t commits = 0;        // transactions committed
   std::uint64_t writes = 0;         // writes committed: task inserts, updates, sample batches
   std::uint64_t failed_writes = 0;  // asynchronous writes that failed at least once (kept, retried)
-  std::uint64_t dropped_writes = 0;  // given up: the backlog of failed writes overflowed
-  std::uint64_t backlog = 0;         // failed writes waiting for a retry now
-  std::uint64_t queued = 0;          // writes waiting for their commit now (or in one)
+  // Asynchronous writes the database refused for their data (a value it
+  // cannot hold, a constraint they break): they can never be stored and
+  // were given up. Should stay 0; a manager logs each and reports them from
+  // close() (kUnpersisted).
+  std::uint64_t dropped_writes = 0;
+  std::uint64_t backlog = 0;  // failed writes waiting for a retry now (unpersisted)
+  std::uint64_t queued = 0;   // writes waiting for their commit now (or in one)
+  // Writes accepted but not in the database now: backlog + dropped_writes.
+  std::uint64_t unpersisted() const { return backlog + dropped_writes; }
   // The store's message for the most recent write that failed (e.g. "database
   // or disk is full"); "" when none has failed since the store opened. It
   // stays set after a retry succeeds: a host checks failed_writes and backlog.
@@ -112,6 +123,15 @@ struct SqliteStoreOptions {
   bool synchronous_full = false;    // FULL survives power loss; NORMAL (default) a process kill
   double busy_timeout_seconds = 5;  // wait for a lock held by another connection
   std::size_t max_batch = 1000;     // most writes committed in one transaction
+  // Most failed writes kept for a retry (>= 1). While this many wait, new
+  // tasks are refused (insert_tasks throws kIoError with the store's
+  // message) instead of holding more in memory; updates of tasks accepted
+  // before are still kept (never dropped).
+  std::size_t max_backlog = 100000;
+  // The WAL file is kept to about this many MiB (storage.wal_max_mb; >= 1):
+  // a checkpoint runs when the WAL reaches half of it, a blocking one when
+  // it passes it, and journal_size_limit truncates it back to it.
+  std::int64_t wal_max_mb = 64;
   // The database may grow to about this many MiB (0 = no limit); past it
   // writes fail as on a full disk: an insert is refused to its caller, other
   // writes are kept and retried (StoreStats::failed_writes, last_error).
@@ -120,6 +140,12 @@ struct SqliteStoreOptions {
   // pages (0 = no limit), re-read before every commit; past it writes fail
   // as on a full disk.
   std::shared_ptr<std::atomic<std::int64_t>> page_limit;
+  // Fault injection (tests): while it holds true, the writer connection is
+  // read-only (PRAGMA query_only, re-read before every commit): writes fail
+  // with SQLite's own "attempt to write a readonly database", as on a file
+  // that became read-only. (chmod cannot stand in: the store's connection
+  // has the file open already, and root ignores the mode.)
+  std::shared_ptr<std::atomic<bool>> read_only;
   // Fault injection (tests): called before each commit of queued writes,
   // just before its COMMIT (the transaction open), on the thread that makes
   // it: the writer thread, or a caller of insert_tasks leading a group

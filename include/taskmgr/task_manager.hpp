@@ -110,6 +110,13 @@ class TASKMGR_API TaskManager {
   // it had already ended.
   bool cancel_task(const std::string& task_id);
 
+  // Reads. get_task answers from memory for a task the manager holds (not
+  // ended, or ended recently), from the store otherwise; list_tasks asks
+  // the store, which answers with each task's latest state also while its
+  // writes fail (store.hpp): the two never disagree about a task.
+  // get_task_events and get_task_samples read the store: while writes fail
+  // they show what is persisted (the rest follows when the store catches
+  // up).
   Task get_task(const std::string& task_id) const;
   std::vector<Task> list_tasks(const TaskFilter& filter = {}) const;
   std::vector<EventRecord> get_task_events(const std::string& task_id) const;
@@ -150,6 +157,13 @@ class TASKMGR_API TaskManager {
   // wait_task returns an ended task and throws Error(kInvalidState) for one
   // that stays queued or pending, and wait_idle throws it too (waiters
   // already waiting wake up).
+  // Then it flushes the store, which tries its failed writes once more; if
+  // writes accepted earlier are still not in the store (a full disk, a
+  // read-only file, a database that refused them), it throws
+  // Error(kUnpersisted) naming how many and the store's message (logged as
+  // an error too): the manager is closed all the same, and a later close()
+  // (after making room) tries them again and returns normally once they are
+  // in.
   void close();
 
   const Config& config() const noexcept;

@@ -101,4 +101,29 @@ void Recovery::prune_retention() {
   scheduler_.records().prune_finished(cutoff);
 }
 
+void Recovery::watch_store_writes() {
+  const StoreStats s = journal_.stats();
+  if (s.dropped_writes > dropped_reported_) {
+    log_.write(LogLevel::kWarn,
+               fmt::format("store: {} write(s) refused by the database for their data were given "
+                           "up: never stored (close() reports them): {}",
+                           s.dropped_writes - dropped_reported_, s.last_error));
+    dropped_reported_ = s.dropped_writes;
+  }
+  if (!writes_failing_ && s.backlog > 0) {
+    writes_failing_ = true;
+    failed_at_episode_start_ = s.failed_writes;
+    log_.write(LogLevel::kWarn,
+               fmt::format("store: writes fail; {} wait to be stored and are retried (new tasks "
+                           "are refused once the backlog is full, storage.max_backlog; close() "
+                           "reports what still waits): {}",
+                           s.backlog, s.last_error));
+  } else if (writes_failing_ && s.backlog == 0) {
+    writes_failing_ = false;
+    log_.write(LogLevel::kInfo, fmt::format("store: caught up: every failed write is stored "
+                                            "now ({} write failure(s) in this episode)",
+                                            s.failed_writes - failed_at_episode_start_));
+  }
+}
+
 }  // namespace taskmgr::detail

@@ -9,6 +9,9 @@
 //    one whose service is not registered yet waits for it on its device.
 //  * prune_retention(): storage.retention_days, at open and then hourly (or
 //    four times per retention period when that is shorter) from the sweep.
+//  * watch_store_writes(), from the sweep: a warning when writes start to
+//    fail (once per episode, with the store's message), a line when the
+//    store caught up, and a warning for writes it gave up.
 //
 // Store reads, placement (host code, image headers) and logging run before
 // or after the scheduler lock, never under it.
@@ -37,6 +40,8 @@ class Recovery {
   void prune_retention() REQUIRES(!scheduler_lock);
   // From the sweep: prunes when the retention cadence says so.
   void prune_if_due(SteadyTime now) REQUIRES(!scheduler_lock);
+  // From the sweep (the timer thread only).
+  void watch_store_writes() REQUIRES(!scheduler_lock);
 
  private:
   const Config& config_;
@@ -49,6 +54,10 @@ class Recovery {
   DeviceRegistry& devices_;
   const Logger& log_;
   std::atomic<std::int64_t> last_prune_ns_{0};  // steady clock, at open then the timer thread
+  // watch_store_writes' state (the timer thread only).
+  bool writes_failing_ = false;  // an episode of failed writes is on
+  std::uint64_t failed_at_episode_start_ = 0;
+  std::uint64_t dropped_reported_ = 0;
 };
 
 }  // namespace taskmgr::detail

@@ -37,6 +37,7 @@ void Sweeper::sweep_once() {
   const SteadyTime now = clock_->steady_now();
   const TasksConfig& tc = config_.tasks;
   recovery_.prune_if_due(now);
+  recovery_.watch_store_writes();
   const bool refresh = now - last_refresh_ >= std::chrono::seconds(1);
   if (refresh) {
     devices_.refresh_observed();  // reads /proc, NVML: no lock held

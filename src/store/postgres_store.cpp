@@ -84,7 +84,8 @@ class PostgresStore final : public TaskStore, private WriteBackend {
     }
     WriteBackend& backend = *this;
     queue_ = std::make_unique<WriteQueue>(
-        backend, WriteQueue::Options{options_.max_batch, where_});  // starts the writer thread
+        backend, WriteQueue::Options{options_.max_batch, where_,
+                                     options_.max_backlog});  // starts the writer thread
   }
 
   ~PostgresStore() override { queue_->stop(); }
@@ -99,12 +100,17 @@ class PostgresStore final : public TaskStore, private WriteBackend {
     queue_->append(samples);
   }
 
+  // Rows as their latest update left them, persisted or not (store.hpp).
   std::optional<Task> load_task(const std::string& id) override REQUIRES(!pool_mu_) {
-    return read([&](Conn& c) { return select_task(c, id); });
+    return read([&](Conn& c) { return queue_->overlay_task(select_task(c, id)); });
   }
 
   std::vector<Task> list_tasks(const TaskFilter& f) override REQUIRES(!pool_mu_) {
-    return read([&](Conn& c) { return select_tasks(c, f); });
+    return read([&](Conn& c) {
+      return queue_->list_tasks(
+          f, [&](const TaskFilter& g) { return select_tasks(c, g); },
+          [&](const std::string& id) { return select_task(c, id); });
+    });
   }
 
   std::vector<EventRecord> load_events(const std::string& task_id) override REQUIRES(!pool_mu_) {
@@ -134,7 +140,7 @@ class PostgresStore final : public TaskStore, private WriteBackend {
     }
   }
 
-  void flush() override { queue_->flush(); }
+  void flush() override { queue_->flush(/*retry_backlog=*/true); }
 
   std::string describe() const override { return where_; }
 
@@ -438,10 +444,10 @@ std::shared_ptr<TaskStore> open_postgres_store(const std::string& url,
     throw Error(ErrorCode::kInvalidArgument, "PostgresStoreOptions::read_connections must be >= 1");
   }
   if (!(options.statement_timeout_seconds >= 0) || !(options.connect_timeout_seconds > 0) ||
-      options.max_batch < 1) {
+      options.max_batch < 1 || options.max_backlog < 1) {
     throw Error(ErrorCode::kInvalidArgument,
                 "PostgresStoreOptions: statement_timeout_seconds must be >= 0, "
-                "connect_timeout_seconds > 0 and max_batch >= 1");
+                "connect_timeout_seconds > 0, max_batch >= 1 and max_backlog >= 1");
   }
   return std::make_shared<detail::postgres::PostgresStore>(url, std::move(options));
 }

@@ -3,6 +3,7 @@
 // schema, its migrations, the queries and the lock file are in
 // sqlite_schema.cpp (sqlite_internal.hpp).
 #include <SQLiteCpp/SQLiteCpp.h>
+#include <sqlite3.h>
 
 #include <algorithm>
 #include <atomic>
@@ -32,9 +33,19 @@ class SqliteStore final : public TaskStore, private WriteBackend {
       writer_db_->exec(options.synchronous_full ? "PRAGMA synchronous=FULL"
                                                 : "PRAGMA synchronous=NORMAL");
       writer_db_->exec("PRAGMA foreign_keys=ON");
-      // Checkpoint every ~40 MB of WAL instead of 4 MB: commits rewrite the same
-      // few hot pages, and a checkpoint copies each distinct page once.
-      writer_db_->exec("PRAGMA wal_autocheckpoint=10000");
+      // The WAL stays near wal_max_mb: a checkpoint (our WAL hook, in place
+      // of wal_autocheckpoint's) when it reaches half of it (commits rewrite the same few hot
+      // pages, and a checkpoint copies each distinct page once: the larger, the fewer copies), a
+      // blocking one after a commit that left it past the bound (a reader kept the passive one from
+      // resetting it), and journal_size_limit truncates the file back to the bound when the WAL
+      // restarts.
+      {
+        const std::int64_t page = writer_db_->execAndGet("PRAGMA page_size").getInt64();
+        const std::int64_t bytes = options_.wal_max_mb * 1024 * 1024;
+        wal_max_pages_ = std::max<std::int64_t>(2, bytes / std::max<std::int64_t>(page, 512));
+        writer_db_->exec("PRAGMA journal_size_limit=" + std::to_string(bytes));
+        sqlite3_wal_hook(writer_db_->getHandle(), &SqliteStore::on_wal_commit, this);
+      }
       if (options_.max_size_mb > 0 && !options_.page_limit) {
         // Through the page limit the commits already apply (SQLite keeps
         // max_page_count per connection, so it is set again on each).
@@ -69,7 +80,8 @@ class SqliteStore final : public TaskStore, private WriteBackend {
     }
     WriteBackend& backend = *this;
     queue_ = std::make_unique<WriteQueue>(
-        backend, WriteQueue::Options{options_.max_batch, path_});  // starts the writer thread
+        backend, WriteQueue::Options{options_.max_batch, path_,
+                                     options_.max_backlog});  // starts the writer thread
   }
 
   ~SqliteStore() override { queue_->stop(); }
@@ -84,12 +96,17 @@ class SqliteStore final : public TaskStore, private WriteBackend {
     queue_->append(samples);
   }
 
+  // Rows as their latest update left them, persisted or not (store.hpp).
   std::optional<Task> load_task(const std::string& id) override REQUIRES(!read_mu_) {
-    return read([&](SQLite::Database& db) { return select_task(db, id); });
+    return read([&](SQLite::Database& db) { return queue_->overlay_task(select_task(db, id)); });
   }
 
   std::vector<Task> list_tasks(const TaskFilter& f) override REQUIRES(!read_mu_) {
-    return read([&](SQLite::Database& db) { return select_tasks(db, f); });
+    return read([&](SQLite::Database& db) {
+      return queue_->list_tasks(
+          f, [&](const TaskFilter& g) { return select_tasks(db, g); },
+          [&](const std::string& id) { return select_task(db, id); });
+    });
   }
 
   std::vector<EventRecord> load_events(const std::string& task_id) override REQUIRES(!read_mu_) {
@@ -114,7 +131,7 @@ class SqliteStore final : public TaskStore, private WriteBackend {
     }
   }
 
-  void flush() override { queue_->flush(); }
+  void flush() override { queue_->flush(/*retry_backlog=*/true); }
 
   std::string describe() const override { return "sqlite:" + path_; }
 
@@ -207,6 +224,13 @@ class SqliteStore final : public TaskStore, private WriteBackend {
       REQUIRES(!db_mu_) {
     MutexLock c(db_mu_);
     try {
+      if (options_.read_only) {
+        const bool ro = options_.read_only->load();
+        if (ro != applied_read_only_) {
+          writer_db_->exec(ro ? "PRAGMA query_only=ON" : "PRAGMA query_only=OFF");
+          applied_read_only_ = ro;
+        }
+      }
       if (options_.page_limit) {
         const std::int64_t limit = options_.page_limit->load();
         if (limit != applied_page_limit_) {
@@ -220,9 +244,34 @@ class SqliteStore final : public TaskStore, private WriteBackend {
       for (std::size_t i = 0; i < n; ++i) apply(ops[i], superseded[i]);
       before_commit();
       tx.commit();
+      if (wal_pages_ > wal_max_pages_) {
+        // The passive checkpoint could not reset the WAL (a reader was in
+        // it): wait for readers (busy timeout), copy it all and truncate it.
+        // A failure here loses nothing: the commit is in the WAL.
+        wal_pages_ = 0;
+        sqlite3_wal_checkpoint_v2(writer_db_->getHandle(), nullptr, SQLITE_CHECKPOINT_TRUNCATE,
+                                  nullptr, nullptr);
+      }
     } catch (const SQLite::Exception& e) {
       throw Error(code_of(e), e.what());
     }
+  }
+
+  // sqlite3_wal_hook: after each commit, with the WAL's size in pages (it
+  // replaces the auto-checkpoint's own hook, so it checkpoints as that did).
+  static int on_wal_commit(void* self, sqlite3* db, const char* name, int pages)
+      NO_THREAD_SAFETY_ANALYSIS {  // called inside write(), db_mu_ held
+    auto* s = static_cast<SqliteStore*>(self);
+    s->wal_pages_ = pages;
+    if (pages >= s->wal_max_pages_ / 2) {
+      int log = 0, done = 0;
+      if (sqlite3_wal_checkpoint_v2(db, name, SQLITE_CHECKPOINT_PASSIVE, &log, &done) ==
+              SQLITE_OK &&
+          log == done) {
+        s->wal_pages_ = 0;  // all copied: the next commit restarts the WAL
+      }
+    }
+    return SQLITE_OK;
   }
 
   std::string path_;
@@ -237,6 +286,9 @@ class SqliteStore final : public TaskStore, private WriteBackend {
   std::unique_ptr<SQLite::Statement> insert_event_ GUARDED_BY(db_mu_);
   std::unique_ptr<SQLite::Statement> insert_metric_ GUARDED_BY(db_mu_);
   std::int64_t applied_page_limit_ GUARDED_BY(db_mu_) = 0;
+  bool applied_read_only_ GUARDED_BY(db_mu_) = false;
+  std::int64_t wal_max_pages_ = 0;                 // set in the constructor
+  std::int64_t wal_pages_ GUARDED_BY(db_mu_) = 0;  // the WAL's size after the last commit
 
   Mutex read_mu_;  // one reader at a time on the read connection
   std::unique_ptr<SQLite::Database> reader_db_ GUARDED_BY(read_mu_);
@@ -252,6 +304,10 @@ std::shared_ptr<TaskStore> open_sqlite_store(const std::string& path, SqliteStor
   if (path.empty() || path == ":memory:") {
     throw Error(ErrorCode::kInvalidArgument,
                 "open_sqlite_store needs a file path (use make_memory_store for ':memory:')");
+  }
+  if (options.max_backlog < 1 || options.wal_max_mb < 1) {
+    throw Error(ErrorCode::kInvalidArgument,
+                "SqliteStoreOptions: max_backlog and wal_max_mb must be >= 1");
   }
   return std::make_shared<detail::sqlite::SqliteStore>(path, options);
 }

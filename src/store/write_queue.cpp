@@ -1,6 +1,7 @@
 // The group commit the durable stores share (write_queue.hpp).
 #include "write_queue.hpp"
 
+#include <algorithm>
 #include <string_view>
 #include <unordered_map>
 
@@ -73,6 +74,24 @@ void WriteQueue::stop() {
 
 void WriteQueue::insert(const std::vector<NewTask>& tasks) {
   if (tasks.empty()) return;
+  if (const std::size_t held = backlog_size_.load(); held >= options_.max_backlog) {
+    // Bounded: the writes of tasks accepted before are kept, new work is
+    // refused until the database takes them.
+    std::string why;
+    {
+      MutexLock g(mu_);
+      why = last_error_;
+    }
+    throw Error(
+        ErrorCode::kIoError,
+        (tasks.size() == 1 ? "cannot store task " + tasks.front().task.id
+                           : "cannot store " + std::to_string(tasks.size()) + " tasks (" +
+                                 tasks.front().task.id + " ...)") +
+            " in " + options_.where + ": " + std::to_string(held) +
+            " earlier writes wait to be stored (the most kept, max_backlog = " +
+            std::to_string(options_.max_backlog) + "); last failure: " + why +
+            (tasks.size() == 1 ? "; the task was not created" : "; none of them was created"));
+  }
   std::future<void> done;
   std::uint64_t seq = 0;
   {
@@ -99,14 +118,97 @@ void WriteQueue::append(std::vector<MetricSample> samples) {
   if (!samples.empty()) enqueue(WriteOp(MetricsOp{std::move(samples)}));
 }
 
-void WriteQueue::flush() {
-  MutexLock l(mu_);
-  const std::uint64_t target = enqueued_;
-  if (committed_ < target) {
-    flush_requested_ = true;
-    cv_.notify_all();
+void WriteQueue::flush(bool retry_backlog) {
+  {
+    MutexLock l(mu_);
+    const std::uint64_t target = enqueued_;
+    if (committed_ < target) {
+      flush_requested_ = true;
+      cv_.notify_all();
+    }
+    done_cv_.wait(l.native(), [&]() REQUIRES(mu_) { return committed_ >= target || stop_; });
   }
-  done_cv_.wait(l.native(), [&]() REQUIRES(mu_) { return committed_ >= target || stop_; });
+  if (retry_backlog && backlog_size_.load() > 0) {
+    MutexLock c(commit_mu_);
+    std::vector<WriteOp> none;
+    commit(none);
+  }
+}
+
+void WriteQueue::remember_unpersisted(const Task& task) {
+  MutexLock g(mu_);
+  unpersisted_[task.id] = task;
+  unpersisted_size_.store(unpersisted_.size());
+}
+
+void WriteQueue::forget_unpersisted(const std::vector<WriteOp>& committed) {
+  if (unpersisted_size_.load() == 0) return;  // the usual case: nothing to look up
+  MutexLock g(mu_);
+  for (const auto& op : committed) {
+    if (const auto* up = std::get_if<UpdateOp>(&op)) unpersisted_.erase(up->task.id);
+  }
+  unpersisted_size_.store(unpersisted_.size());
+}
+
+std::unordered_map<std::string, Task> WriteQueue::unpersisted_snapshot() const {
+  if (unpersisted_size_.load() == 0) return {};
+  MutexLock g(mu_);
+  return unpersisted_;
+}
+
+namespace {
+// The row as read, with the mutable state of `latest` (an update writes
+// all of it; never the input, and the row's created_at is as stored).
+Task overlaid(Task row, const Task& latest) {
+  Task out = latest;
+  out.input = std::move(row.input);
+  out.created_at = row.created_at;
+  return out;
+}
+}  // namespace
+
+std::optional<Task> WriteQueue::overlay_task(std::optional<Task> row) const {
+  if (!row || unpersisted_size_.load() == 0) return row;
+  MutexLock g(mu_);
+  const auto it = unpersisted_.find(row->id);
+  if (it == unpersisted_.end()) return row;
+  return overlaid(std::move(*row), it->second);
+}
+
+std::vector<Task> WriteQueue::list_tasks(
+    const TaskFilter& f, const std::function<std::vector<Task>(const TaskFilter&)>& query,
+    const std::function<std::optional<Task>(const std::string&)>& load) const {
+  // Taken before the query: an update that commits meanwhile is in both.
+  const std::unordered_map<std::string, Task> latest = unpersisted_snapshot();
+  if (latest.empty()) return query(f);
+  // The database's answer without the overlaid tasks (at most latest.size()
+  // of its rows go, so `limit` more rows still hold the newest `limit`),
+  // then each overlaid task that the filter takes in its latest state.
+  TaskFilter g = f;
+  if (g.limit != 0) g.limit += latest.size();
+  std::vector<Task> out;
+  for (Task& t : query(g)) {
+    if (latest.count(t.id) == 0) out.push_back(std::move(t));
+  }
+  for (const auto& [id, state] : latest) {
+    if (f.status && state.status != *f.status) continue;
+    if (!f.service.empty() && state.service != f.service) continue;
+    std::optional<Task> row = load(id);
+    if (!row) continue;
+    Task t = overlaid(std::move(*row), state);
+    if (!f.with_payloads) {
+      t.result.clear();
+      t.input.data.clear();
+    }
+    out.push_back(std::move(t));
+  }
+  std::sort(out.begin(), out.end(), [](const Task& a, const Task& b) {
+    return a.created_at != b.created_at ? a.created_at < b.created_at : a.id < b.id;
+  });
+  if (f.limit != 0 && out.size() > f.limit) {
+    out.erase(out.begin(), out.end() - static_cast<std::ptrdiff_t>(f.limit));
+  }
+  return out;
 }
 
 StoreStats WriteQueue::stats() const {
@@ -217,6 +319,7 @@ void WriteQueue::commit(std::vector<WriteOp>& batch) {
       if (auto* ins = std::get_if<InsertOp>(&op)) ins->done.set_value();
     }
     backlog_size_.store(0);
+    forget_unpersisted(batch);
     return;
   } catch (...) {
     ::taskmgr::detail::rethrow_if_forced_unwind();
@@ -226,12 +329,15 @@ void WriteQueue::commit(std::vector<WriteOp>& batch) {
   // the task is kept); the first asynchronous write that fails goes to the
   // backlog with every asynchronous write after it, to be retried in order
   // (by the next commit, and by the writer thread every kBacklogRetry). An
-  // asynchronous write the database refuses for its data is given up.
+  // asynchronous write the database refuses for its data is given up. Reads
+  // see the state of every update not in the database (the overlay).
   static const std::vector<bool> kAlone(1, false);
   bool backlogged = false;
   for (auto& op : batch) {
     auto* ins = std::get_if<InsertOp>(&op);
+    const auto* up = std::get_if<UpdateOp>(&op);
     if (ins == nullptr && backlogged) {
+      if (up != nullptr) remember_unpersisted(up->task);
       backlog_.push_back(std::move(op));
       continue;
     }
@@ -240,6 +346,11 @@ void WriteQueue::commit(std::vector<WriteOp>& batch) {
       commits_.fetch_add(1, std::memory_order_relaxed);
       writes_.fetch_add(1, std::memory_order_relaxed);
       if (ins != nullptr) ins->done.set_value();
+      if (up != nullptr && unpersisted_size_.load() > 0) {
+        MutexLock g(mu_);
+        unpersisted_.erase(up->task.id);
+        unpersisted_size_.store(unpersisted_.size());
+      }
     } catch (...) {
       ::taskmgr::detail::rethrow_if_forced_unwind();
       const auto [code, why] = current_failure();
@@ -253,7 +364,7 @@ void WriteQueue::commit(std::vector<WriteOp>& batch) {
                 " in " + options_.where + ": " + why +
                 (ts.size() == 1 ? "; the task was not created" : "; none of them was created"))));
       } else if (rejected()) {
-        const auto* up = std::get_if<UpdateOp>(&op);
+        if (up != nullptr) remember_unpersisted(up->task);
         note_failure((up != nullptr ? "an update of task " + up->task.id
                                     : std::string("a batch of metric samples")) +
                      " was refused and given up: " + why);
@@ -263,14 +374,12 @@ void WriteQueue::commit(std::vector<WriteOp>& batch) {
         note_failure(why);
         failed_writes_.fetch_add(1);
         backlogged = true;
+        if (up != nullptr) remember_unpersisted(up->task);
         backlog_.push_back(std::move(op));
       }
     }
   }
-  while (backlog_.size() > kMaxBacklog) {  // bounded: the oldest are given up
-    backlog_.pop_front();
-    dropped_writes_.fetch_add(1);
-  }
+  // Never dropped: insert() refuses new tasks while the backlog is full.
   backlog_size_.store(backlog_.size());
 }
 

@@ -4,7 +4,10 @@
 // queue decides what goes into which transaction, who commits it (a caller
 // of insert_tasks as the leader, or the writer thread), and what becomes of
 // writes that fail (an insert is refused to its caller; an update or a
-// metrics batch is kept and retried in order).
+// metrics batch is kept and retried in order; while the backlog of failed
+// writes is full, new inserts are refused), and what reads see of writes
+// that are not in the database (the latest state of each task whose update
+// waits in the backlog or was given up: overlay_task, list_tasks).
 #pragma once
 
 #include <atomic>
@@ -13,9 +16,12 @@
 #include <cstddef>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <future>
+#include <optional>
 #include <string>
 #include <thread>
+#include <unordered_map>
 #include <utility>
 #include <variant>
 #include <vector>
@@ -42,8 +48,9 @@ using WriteOp = std::variant<InsertOp, UpdateOp, MetricsOp>;
 
 // A write the database refuses for its data (a value it cannot hold, a
 // constraint it breaks): trying it again cannot succeed. An asynchronous
-// write that fails so on its own is given up (StoreStats::dropped_writes)
-// instead of blocking every write queued after it.
+// write that fails so on its own is given up (StoreStats::dropped_writes,
+// named in last_error; a manager logs it and close() reports it) instead of
+// blocking every write queued after it.
 class RejectedWrite : public Error {
  public:
   RejectedWrite(ErrorCode code, const std::string& message) : Error(code, message) {}
@@ -65,8 +72,9 @@ class WriteBackend {
 class WriteQueue {
  public:
   struct Options {
-    std::size_t max_batch = 1000;  // most writes committed in one transaction
-    std::string where;             // names the database in messages ("/path/to.db")
+    std::size_t max_batch = 1000;      // most writes committed in one transaction
+    std::string where;                 // names the database in messages ("/path/to.db")
+    std::size_t max_backlog = 100000;  // failed writes kept; when full, inserts are refused
   };
 
   // Starts the writer thread. `backend` must outlive stop().
@@ -77,14 +85,26 @@ class WriteQueue {
   WriteQueue& operator=(const WriteQueue&) = delete;
 
   // TaskStore::insert_tasks: returns once the tasks are committed; throws
-  // Error when they cannot be (nothing of them kept).
+  // Error when they cannot be (nothing of them kept), kIoError at once while
+  // the backlog holds max_backlog failed writes.
   void insert(const std::vector<NewTask>& tasks) REQUIRES(!mu_, !commit_mu_);
   // TaskStore::update_task and append_metrics: queued, committed later.
   void update(Task task, std::vector<EventRecord> events) REQUIRES(!mu_);
   void append(std::vector<MetricSample> samples) REQUIRES(!mu_);
   // Returns once every write queued before it was tried (committed, or
-  // failed and kept in the backlog).
-  void flush() REQUIRES(!mu_);
+  // failed and kept in the backlog). retry_backlog: then the backlog is
+  // tried once more (TaskStore::flush; reads do not, they only wait).
+  void flush(bool retry_backlog = false) REQUIRES(!mu_, !commit_mu_);
+  // What reads see of writes that are not in the database: `row` as read
+  // from it, with the latest state an unpersisted update gave the task
+  // (its mutable fields; the row keeps its input and created_at).
+  std::optional<Task> overlay_task(std::optional<Task> row) const REQUIRES(!mu_);
+  // TaskStore::list_tasks through the same overlay: `query` runs the
+  // filter on the database, `load` reads one task from it. Filters and the
+  // limit apply to the state a task has with its unpersisted updates.
+  std::vector<Task> list_tasks(
+      const TaskFilter& filter, const std::function<std::vector<Task>(const TaskFilter&)>& query,
+      const std::function<std::optional<Task>(const std::string&)>& load) const REQUIRES(!mu_);
   // The counters of StoreStats.
   StoreStats stats() const REQUIRES(!mu_);
   // Writes queued later are refused (kInvalidState); the writer thread
@@ -97,6 +117,12 @@ class WriteQueue {
   void end_commit_locked(std::size_t n) REQUIRES(mu_);
   void commit(std::vector<WriteOp>& batch) REQUIRES(commit_mu_, !mu_);
   void note_failure(const std::string& why) REQUIRES(!mu_);
+  // The overlay: `task` is the latest state of its task, not in the
+  // database (an update kept in the backlog or given up); forget: an
+  // update of the task committed.
+  void remember_unpersisted(const Task& task) REQUIRES(!mu_);
+  void forget_unpersisted(const std::vector<WriteOp>& committed) REQUIRES(!mu_);
+  std::unordered_map<std::string, Task> unpersisted_snapshot() const REQUIRES(!mu_);
   void run_writer() REQUIRES(!mu_, !commit_mu_);
 
   WriteBackend& backend_;
@@ -119,16 +145,20 @@ class WriteQueue {
   std::string last_error_ GUARDED_BY(mu_);   // StoreStats::last_error
   bool committing_ GUARDED_BY(mu_) = false;  // a leader is committing a batch
   bool writer_idle_ GUARDED_BY(mu_) = false;
+  // Per task id, the latest state of a task whose update is not in the
+  // database (in the backlog, or given up).
+  std::unordered_map<std::string, Task> unpersisted_ GUARDED_BY(mu_);
+  std::atomic<std::size_t> unpersisted_size_{0};  // unpersisted_.size(), read without mu_
 
-  std::atomic<std::uint64_t> commits_{0};         // transactions committed
-  std::atomic<std::uint64_t> writes_{0};          // ops committed
-  std::atomic<std::uint64_t> failed_writes_{0};   // asynchronous writes that failed once
-  std::atomic<std::uint64_t> dropped_writes_{0};  // given up: refused, or the backlog overflowed
+  std::atomic<std::uint64_t> commits_{0};        // transactions committed
+  std::atomic<std::uint64_t> writes_{0};         // ops committed
+  std::atomic<std::uint64_t> failed_writes_{0};  // asynchronous writes that failed once
+  std::atomic<std::uint64_t> dropped_writes_{
+      0};  // given up: refused by the database for their data
   std::atomic<std::size_t> backlog_size_{0};
   std::thread writer_;
 
   static constexpr std::chrono::milliseconds kWriterDelay{2};
-  static constexpr std::size_t kMaxBacklog = 1'000'000;
   static constexpr std::chrono::milliseconds kBacklogRetry{250};
 };
 

@@ -308,6 +308,18 @@ TEST_CASE("hOCR and TSV output on request") {
       result_of(ocr.run(bytes, R"({"output":"hocr"})")).at("pages").as_array()[0];
   CHECK(std::string(from_bytes.at("hocr").as_string()).find("title='image \"unknown\"; bbox ") !=
         std::string::npos);
+  // A name with ';', '&' and a tab, on a rescaled page (its titles are
+  // rewritten): the name intact, escaped; the tab as U+FFFD.
+  const fs::path odd = dir.path / "a&b;c\td.tif";
+  fs::copy_file(tif, odd);
+  const auto scaled =
+      result_of(ocr.run_path(odd, R"({"output":"hocr","preprocess":{"scale":2}})")).at("pages");
+  const std::string odd_hocr(scaled.as_array()[0].at("hocr").as_string());
+  CHECK(odd_hocr.find("title='image \"" +
+                      (dir.path / "a&amp;b;c\xEF\xBF\xBD"
+                                  "d.tif")
+                          .string() +
+                      "\"; bbox ") != std::string::npos);
 }
 
 TEST_CASE(
@@ -1362,5 +1374,27 @@ TEST_CASE(
     CHECK(p.at("dpi_source").as_string() == "assumed");
     CHECK(p.at("dpi").as_int64() == (tag == 0 ? 300 : 72));
     CHECK(p.at("preprocess").at("scale").to_number<double>() == 1);
+  }
+  // Noise (a photograph's grain): many components, all tiny. Not text: was
+  // "estimated" at 21 dpi and read at 4x (70x the time). Nor is the image
+  // block Tesseract rates 95 a word: no words, no confidence.
+  Pix* noise = pixCreate(600, 600, 8);
+  std::mt19937 rng(7);
+  for (int y = 0; y < 600; ++y) {
+    for (int x = 0; x < 600; ++x) pixSetPixel(noise, x, y, rng() % 256);
+  }
+  const fs::path noise_png = dir.path / "noise.png";
+  REQUIRE(pixWrite(noise_png.string().c_str(), noise, IFF_PNG) == 0);
+  pixDestroy(&noise);
+  const Task nt = ocr.run_path(noise_png, R"({"orientation":"off"})");
+  const auto np = first_page(nt);
+  CHECK(np.at("dpi_source").as_string() == "assumed");
+  CHECK(np.at("preprocess").at("scale").to_number<double>() == 1);
+  for (const auto& w : np.at("words").as_array()) {
+    const std::string t(w.at("text").as_string());
+    CHECK(t.find_first_not_of(" \t\r\n\f") != std::string::npos);
+  }
+  if (std::string(np.at("text").as_string()).find_first_not_of(" \t\r\n\f") == std::string::npos) {
+    CHECK(np.at("mean_confidence").as_double() == 0);
   }
 }

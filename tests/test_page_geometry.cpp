@@ -220,6 +220,17 @@ TEST_CASE("resolution: what each page is taken to be, and whether it is rescaled
   r = choose_resolution(0, false, 300, 0, height(29 * 170 / 300.0));
   CHECK(r.dpi == 170);
   CHECK(r.scale == doctest::Approx(300 / 170.0));
+  // Components as small as text under 50 dpi: noise, not text. Assumed,
+  // not rescaled (a photograph was read at 21 dpi x4: 70x the time).
+  measured = 0;
+  r = choose_resolution(0, false, 300, 0, height(4.5));
+  CHECK(measured == 1);
+  CHECK(r.source == DpiSource::kAssumed);
+  CHECK(r.dpi == 300);
+  CHECK(r.scale == 1);
+  r = choose_resolution(72, false, 300, 0, height(29 * 50 / 300.0));
+  CHECK(r.source == DpiSource::kEstimated);
+  CHECK(r.dpi == 50);
   // Nothing to measure: assumed, the tag as it is (300 without one).
   r = choose_resolution(72, false, 300, 0, height(0));
   CHECK(r.source == DpiSource::kAssumed);

@@ -77,7 +77,8 @@
 // only when that resolution is believable (file or estimated) and under
 // 0.6 of the target (180 dpi for 300), by at most 4.
 // hOCR's ocr_page title names the input's path as its "image" ("unknown"
-// for bytes). "angle" is the page's clockwise rotation OSD found (0 when
+// for bytes; a control character in it, or a byte that is not UTF-8, as
+// U+FFFD). "angle" is the page's clockwise rotation OSD found (0 when
 // not checked); hOCR's ocr_page title then carries "x_orientation_angle",
 // "x_orientation_confidence" and "x_orientation_applied", and the lines of
 // a page turned back for recognition "textangle". docs/OCR.md, "Results",

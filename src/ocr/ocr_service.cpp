@@ -566,7 +566,15 @@ class OcrService final : public Service {
     // JSON and XML), "unknown" for bytes. Set on every page: the engine is
     // reused, and a previous task's path must not show.
     const std::string path = ctx.input().data.empty() ? ctx.input().path : std::string();
-    const std::string image_name = detail::to_valid_utf8(path);
+    std::string image_name = detail::to_valid_utf8(path);
+    // A control character (a tab, a newline) would be normalised to a space
+    // by an XML parser: shown as U+FFFD instead.
+    for (std::size_t i = 0; i < image_name.size(); ++i) {
+      if (static_cast<unsigned char>(image_name[i]) < 0x20 || image_name[i] == 0x7f) {
+        image_name.replace(i, 1, "\xEF\xBF\xBD");
+        i += 2;
+      }
+    }
     api_.SetInputName(image_name.empty() ? nullptr : image_name.c_str());
     if (need_cv) {
       api_.SetImage(img.data, img.cols, img.rows, 1, static_cast<int>(img.step));
@@ -608,15 +616,22 @@ class OcrService final : public Service {
                      {"rotated", 90 * out.geometry.quarter_turns()},
                      {"deskew_degrees", std::round(out.geometry.rotation_degrees() * 100) / 100}};
     TextPtr text(api_.GetUTF8Text());
-    page["text"] = text ? text.get() : "";
-    page["mean_confidence"] = static_cast<double>(api_.MeanTextConf());
+    const std::string_view read = text ? std::string_view(text.get()) : std::string_view();
+    const bool blank = read.find_first_not_of(" \t\r\n\f") == std::string_view::npos;
+    page["text"] = read;
+    // No text, no confidence: Tesseract rates an image block it read as
+    // nothing (a photograph) 95.
+    page["mean_confidence"] = blank ? 0.0 : static_cast<double>(api_.MeanTextConf());
     if (opt.words || layout) {
       json::array words;
       std::unique_ptr<tesseract::ResultIterator> it(api_.GetIterator());
       if (it) {
         do {
           TextPtr word(it->GetUTF8Text(tesseract::RIL_WORD));
-          if (!word) continue;
+          // A "word" of spaces only is an image block Tesseract found no text in.
+          if (!word ||
+              std::string_view(word.get()).find_first_not_of(" \t\r\n\f") == std::string_view::npos)
+            continue;
           ocr::Box box;
           it->BoundingBox(tesseract::RIL_WORD, &box.left, &box.top, &box.right, &box.bottom);
           if (layout) {

@@ -67,9 +67,27 @@ std::string box_text(const Box& b) {
          " " + std::to_string(b.bottom);
 }
 
+// A title's properties, split at each ';' outside a double-quoted value
+// (image "a&amp;b;c.png": an entity's or a file name's ';' is not a
+// separator).
+std::vector<std::string_view> title_properties(std::string_view title) {
+  std::vector<std::string_view> out;
+  bool quoted = false;
+  std::size_t start = 0;
+  for (std::size_t i = 0; i < title.size(); ++i) {
+    if (title[i] == '"') quoted = !quoted;
+    if (title[i] == ';' && !quoted) {
+      out.push_back(title.substr(start, i - start));
+      start = i + 1;
+    }
+  }
+  out.push_back(title.substr(start));
+  return out;
+}
+
 // One hOCR title's properties ("bbox 1 2 3 4; baseline 0.01 -5; ...").
 std::string title_to_source(std::string_view title, const PageGeometry& g, int dpi) {
-  const std::vector<std::string_view> props = split(title, ';');
+  const std::vector<std::string_view> props = title_properties(title);
   // The element's box as recognized: the baseline is relative to it.
   std::vector<double> bbox;
   bool has_textangle = false;

@@ -22,6 +22,8 @@ constexpr double kBodyTextHeightAt300 = 29;
 // a 1.5x rescale there cost 1.7x the time and gained nothing).
 constexpr double kRescaleUnderFraction = 0.6;
 constexpr double kMaxScale = 4;
+// The lowest resolution an estimate may give (the lowest believable tag).
+constexpr int kMinEstimatedDpi = 50;
 // Fewer components than this are no evidence of a text size.
 constexpr std::size_t kMinComponents = 20;
 
@@ -157,8 +159,16 @@ PageResolution choose_resolution(int tag_dpi, bool known, int target_dpi, double
   }
   r.text_height = text_height();
   if (r.text_height <= 0) return r;  // nothing to measure: assumed, as it is
+  // Components as small as text under 50 dpi (an x-height under ~5 px) are
+  // not text Tesseract could read at any scale: noise, a photograph's
+  // grain. Nothing measured: assumed, not rescaled.
+  const int estimate = dpi_from_text_height(r.text_height);
+  if (estimate < kMinEstimatedDpi) {
+    r.text_height = 0;
+    return r;
+  }
   r.source = DpiSource::kEstimated;
-  r.dpi = std::max(1, dpi_from_text_height(r.text_height));
+  r.dpi = estimate;
   if (r.dpi < kRescaleUnderFraction * target_dpi) {
     r.scale = std::min(kMaxScale, static_cast<double>(target_dpi) / r.dpi);
   }

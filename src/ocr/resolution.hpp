@@ -47,13 +47,13 @@ struct PageResolution {
 //    as the tag gives it (file, or assumed when not believable).
 //  - target_dpi 0: never rescaled; the dpi likewise.
 //  - a believable tag (or a PDF page): rescaled by min(4, target/dpi) when
-//    the dpi is lower than the target, else not.
+//    the dpi is under 0.6 of the target, else not.
 //  - otherwise the text is measured (`text_height`, called at most once):
 //    estimated dpi = dpi_from_text_height; rescaled by min(4, target/estimate)
 //    when the estimate is under 0.6 of the target (a measured size is only
 //    as good as the assumption of 12-point text: a shortfall that a smaller
-//    font would explain is left alone); nothing measurable: assumed, not
-//    rescaled.
+//    font would explain is left alone); nothing measurable, or an estimate
+//    under 50 dpi (noise, a photograph's grain): assumed, not rescaled.
 PageResolution choose_resolution(int tag_dpi, bool known, int target_dpi, double forced_scale,
                                  const std::function<double()>& text_height);
 

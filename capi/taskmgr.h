@@ -141,6 +141,10 @@ TASKMGR_API int taskmgr_describe_document(const char* path, int dpi, char** out_
 #define TASKMGR_TASK_COMPLETED 3
 #define TASKMGR_TASK_FAILED 4
 #define TASKMGR_TASK_CANCELLED 5
+/* A status word taskmgr does not know, in a table it adopted (the word is the
+ * task JSON's "stored_status"; docs/STORAGE.md, "Adopting an existing
+ * database"). */
+#define TASKMGR_TASK_UNRECOGNIZED 6
 
 /* Failure reason of a failed task. */
 #define TASKMGR_REASON_NONE 0

@@ -70,6 +70,7 @@ char* dup_string(const std::string& s) {
 
 static_assert(TASKMGR_TASK_PENDING == static_cast<int>(taskmgr::TaskStatus::kPending));
 static_assert(TASKMGR_TASK_CANCELLED == static_cast<int>(taskmgr::TaskStatus::kCancelled));
+static_assert(TASKMGR_TASK_UNRECOGNIZED == static_cast<int>(taskmgr::TaskStatus::kUnrecognized));
 static_assert(TASKMGR_REASON_NONE == static_cast<int>(taskmgr::TaskFailureReason::kNone));
 static_assert(TASKMGR_REASON_INVALID_INPUT ==
               static_cast<int>(taskmgr::TaskFailureReason::kInvalidInput));
@@ -522,7 +523,7 @@ const char* taskmgr_status_name(int status) {
 }
 
 const char* taskmgr_task_status_name(int status) {
-  return enum_name<taskmgr::TaskStatus>(status, TASKMGR_TASK_CANCELLED);
+  return enum_name<taskmgr::TaskStatus>(status, TASKMGR_TASK_UNRECOGNIZED);
 }
 const char* taskmgr_failure_reason_name(int reason) {
   return enum_name<taskmgr::TaskFailureReason>(reason, TASKMGR_REASON_MEMORY_LIMIT_EXCEEDED);

@@ -428,7 +428,8 @@ static int event_index(event_log* log, const char* type, int from) {
 static void test_enum_names(void) {
   CHECK(strcmp(taskmgr_task_status_name(TASKMGR_TASK_PENDING), "pending") == 0);
   CHECK(strcmp(taskmgr_task_status_name(TASKMGR_TASK_CANCELLED), "cancelled") == 0);
-  CHECK(strcmp(taskmgr_task_status_name(6), "unknown") == 0);
+  CHECK(strcmp(taskmgr_task_status_name(TASKMGR_TASK_UNRECOGNIZED), "unrecognized") == 0);
+  CHECK(strcmp(taskmgr_task_status_name(7), "unknown") == 0);
   CHECK(strcmp(taskmgr_task_status_name(-1), "unknown") == 0);
   CHECK(strcmp(taskmgr_failure_reason_name(TASKMGR_REASON_OUT_OF_MEMORY), "out_of_memory") == 0);
   CHECK(strcmp(taskmgr_failure_reason_name(TASKMGR_REASON_MEMORY_LIMIT_EXCEEDED),

@@ -127,6 +127,15 @@ struct PostgresConfig {
   bool allow_other_tables = false;        // create taskmgr's tables beside others in the schema
 };
 
+// storage.adopt: reading a `tasks` table adopted from an earlier
+// application (docs/STORAGE.md, "Adopting an existing database").
+struct AdoptConfig {
+  // Old status word -> pending, queued, running, completed, failed or
+  // cancelled. A word neither taskmgr's nor mapped reads as "unrecognized".
+  std::map<std::string, std::string> status_map;
+  std::string default_service = "ocr";  // the service of rows that name none
+};
+
 // storage: where tasks are kept. storage.url selects PostgreSQL; otherwise
 // storage.path selects SQLite (or ":memory:"). Not both.
 struct StorageConfig {
@@ -140,6 +149,10 @@ struct StorageConfig {
   double retention_days = 0;                 // prune finished tasks older than this; 0 = keep
   std::int64_t max_size_mb = 0;              // the database grows to about this; past it writes
                                              // fail as on a full disk; 0 = no limit; SQLite only
+  // SQLite only: an unversioned file with tables but no `tasks` table is
+  // refused; true creates taskmgr's tables beside them.
+  bool allow_other_tables = false;
+  AdoptConfig adopt;
   PostgresConfig postgres;
 };
 

@@ -142,6 +142,10 @@ TASKMGR_API int taskmgr_describe_document(const char* path, int dpi, char** out_
 #define TASKMGR_TASK_COMPLETED 3
 #define TASKMGR_TASK_FAILED 4
 #define TASKMGR_TASK_CANCELLED 5
+/* A status word taskmgr does not know, in a table it adopted (the word is the
+ * task JSON's "stored_status"; docs/STORAGE.md, "Adopting an existing
+ * database"). */
+#define TASKMGR_TASK_UNRECOGNIZED 6
 
 /* Failure reason of a failed task. */
 #define TASKMGR_REASON_NONE 0
@@ -438,7 +442,7 @@ TASKMGR_API int taskmgr_get_task_result(taskmgr_manager* manager, const char* ta
                                         char** out_result);
 
 /* Waits until the task has ended and its cleanup is done.
- *   timeout_seconds  < 0 waits without limit
+ *   timeout_seconds  < 0 waits without limit; NaN is TASKMGR_E_INVALID_ARGUMENT
  *   out_json         NULL, or receives the ended task as taskmgr_get_task
  * Errors: TASKMGR_E_TIMEOUT (still running; *out_json is NULL),
  * TASKMGR_E_NOT_FOUND, TASKMGR_E_INVALID_ARGUMENT, TASKMGR_E_INVALID_STATE
@@ -450,7 +454,8 @@ TASKMGR_API int taskmgr_wait_task(taskmgr_manager* manager, const char* task_id,
 
 /* Waits until no task is queued, backing off or running.
  * TASKMGR_E_TIMEOUT when the timeout passes first (< 0: no limit),
- * TASKMGR_E_INVALID_STATE when the manager is closed with tasks queued. */
+ * TASKMGR_E_INVALID_STATE when the manager is closed with tasks queued,
+ * TASKMGR_E_INVALID_ARGUMENT when timeout_seconds is NaN. */
 TASKMGR_API int taskmgr_wait_idle(taskmgr_manager* manager, double timeout_seconds);
 
 /* Tasks as a JSON array of task objects, oldest first.

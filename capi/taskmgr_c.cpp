@@ -5,6 +5,7 @@
 #include <atomic>
 #include <boost/json.hpp>
 #include <chrono>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -71,6 +72,7 @@ char* dup_string(const std::string& s) {
 
 static_assert(TASKMGR_TASK_PENDING == static_cast<int>(taskmgr::TaskStatus::kPending));
 static_assert(TASKMGR_TASK_CANCELLED == static_cast<int>(taskmgr::TaskStatus::kCancelled));
+static_assert(TASKMGR_TASK_UNRECOGNIZED == static_cast<int>(taskmgr::TaskStatus::kUnrecognized));
 static_assert(TASKMGR_REASON_NONE == static_cast<int>(taskmgr::TaskFailureReason::kNone));
 static_assert(TASKMGR_REASON_INVALID_INPUT ==
               static_cast<int>(taskmgr::TaskFailureReason::kInvalidInput));
@@ -169,7 +171,7 @@ const char* enum_name(int value, int last) {
 }
 
 taskmgr::Duration timeout_from_seconds(double s) {
-  if (!(s >= 0)) return std::chrono::hours(24 * 365 * 10);  // negative or NaN: no limit
+  if (!(s >= 0)) return std::chrono::hours(24 * 365 * 10);  // negative: no limit (NaN refused)
   if (s > 1e9) s = 1e9;
   return std::chrono::duration_cast<taskmgr::Duration>(std::chrono::duration<double>(s));
 }
@@ -523,7 +525,7 @@ const char* taskmgr_status_name(int status) {
 }
 
 const char* taskmgr_task_status_name(int status) {
-  return enum_name<taskmgr::TaskStatus>(status, TASKMGR_TASK_CANCELLED);
+  return enum_name<taskmgr::TaskStatus>(status, TASKMGR_TASK_UNRECOGNIZED);
 }
 const char* taskmgr_failure_reason_name(int reason) {
   return enum_name<taskmgr::TaskFailureReason>(reason, TASKMGR_REASON_MEMORY_LIMIT_EXCEEDED);
@@ -817,6 +819,10 @@ int taskmgr_wait_task(taskmgr_manager* manager, const char* task_id, double time
     auto& tm = manager_of(manager, fn);
     const std::string id = task_id_arg(task_id, fn);
     if (out_json != nullptr) *out_json = nullptr;
+    if (std::isnan(timeout_seconds)) {
+      return fail(TASKMGR_E_INVALID_ARGUMENT,
+                  "taskmgr_wait_task: timeout_seconds is NaN (< 0 waits without limit)");
+    }
     const auto t = tm.wait_task(id, timeout_from_seconds(timeout_seconds));
     if (!t) {
       return fail(TASKMGR_E_TIMEOUT,
@@ -830,6 +836,10 @@ int taskmgr_wait_task(taskmgr_manager* manager, const char* task_id, double time
 int taskmgr_wait_idle(taskmgr_manager* manager, double timeout_seconds) {
   return guarded([&]() -> int {
     auto& tm = manager_of(manager, "taskmgr_wait_idle");
+    if (std::isnan(timeout_seconds)) {
+      return fail(TASKMGR_E_INVALID_ARGUMENT,
+                  "taskmgr_wait_idle: timeout_seconds is NaN (< 0 waits without limit)");
+    }
     if (!tm.wait_idle(timeout_from_seconds(timeout_seconds))) {
       return fail(TASKMGR_E_TIMEOUT,
                   "tasks still queued or running after " + std::to_string(timeout_seconds) + " s");

@@ -12,6 +12,7 @@
 
 #include "enum_table.hpp"
 #include "store/pg.hpp"
+#include "taskmgr/task.hpp"
 #include "utf8.hpp"
 
 namespace taskmgr {
@@ -116,6 +117,7 @@ class MapReader {
   MapReader child(std::string_view key) { return MapReader(lookup(key), join(path_, key), lines_); }
 
   YAML::Node raw(std::string_view key) { return lookup(key); }
+  const YAML::Node& raw_node() const { return node_; }
   const std::string& path() const { return path_; }
 
   // Throws on the first key the schema did not read.
@@ -274,6 +276,22 @@ Config parse_document(const YAML::Node& root, std::unordered_map<std::string, in
     s.read("wal_max_mb", c.storage.wal_max_mb);
     s.read("max_backlog", c.storage.max_backlog);
     s.read("url", c.storage.url);
+    s.read("allow_other_tables", c.storage.allow_other_tables);
+    {
+      MapReader a = s.child("adopt");
+      a.read("default_service", c.storage.adopt.default_service);
+      MapReader m = a.child("status_map");
+      if (m.present()) {
+        for (const auto& kv : m.raw_node()) {
+          const std::string word = kv.first.as<std::string>();
+          std::string to;
+          m.read(word, to);
+          c.storage.adopt.status_map[word] = to;
+        }
+      }
+      m.finish();
+      a.finish();
+    }
     MapReader pg = s.child("postgres");
     auto& k = c.storage.postgres;
     pg.read("schema", k.schema);
@@ -517,6 +535,26 @@ void Config::validate() const {
     }
     check_positive("storage.postgres.connect_timeout_seconds", p.connect_timeout_seconds);
   }
+  if (!storage.url.empty() && storage.allow_other_tables) {
+    invalid("storage.allow_other_tables",
+            "applies to the SQLite store only; with storage.url use "
+            "storage.postgres.allow_other_tables");
+  }
+  for (const auto& [word, to] : storage.adopt.status_map) {
+    const std::string path = "storage.adopt.status_map." + word;
+    if (word.empty()) invalid("storage.adopt.status_map", "an old status word is empty");
+    const auto own = parse_task_status(word);
+    if (own)
+      invalid(path, "'" + word + "' is taskmgr's own status word; only other words are mapped");
+    const auto status = parse_task_status(to);
+    if (!status || *status == TaskStatus::kUnrecognized) {
+      invalid(path, "must be one of pending, queued, running, completed, failed, cancelled, got '" +
+                        to + "'");
+    }
+  }
+  if (storage.adopt.default_service.empty()) {
+    invalid("storage.adopt.default_service", "must not be empty");
+  }
   check_positive("storage.busy_timeout_seconds", storage.busy_timeout_seconds);
   if (storage.max_size_mb < 0)
     invalid("storage.max_size_mb",
@@ -675,6 +713,14 @@ std::string Config::to_yaml() const {
   e << YAML::Key << "wal_max_mb" << YAML::Value << storage.wal_max_mb;
   e << YAML::Key << "max_backlog" << YAML::Value << storage.max_backlog;
   e << YAML::Key << "url" << YAML::Value << storage.url;
+  e << YAML::Key << "allow_other_tables" << YAML::Value << storage.allow_other_tables;
+  e << YAML::Key << "adopt" << YAML::Value << YAML::BeginMap;
+  e << YAML::Key << "status_map" << YAML::Value << YAML::BeginMap;
+  for (const auto& [word, to] : storage.adopt.status_map)
+    e << YAML::Key << word << YAML::Value << to;
+  e << YAML::EndMap;
+  e << YAML::Key << "default_service" << YAML::Value << storage.adopt.default_service;
+  e << YAML::EndMap;
   e << YAML::Key << "postgres" << YAML::Value << YAML::BeginMap;
   e << YAML::Key << "schema" << YAML::Value << storage.postgres.schema;
   e << YAML::Key << "read_connections" << YAML::Value << storage.postgres.read_connections;

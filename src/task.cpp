@@ -14,9 +14,13 @@ namespace taskmgr {
 namespace {
 
 constexpr std::pair<TaskStatus, std::string_view> kStatusNames[] = {
-    {TaskStatus::kPending, "pending"}, {TaskStatus::kQueued, "queued"},
-    {TaskStatus::kRunning, "running"}, {TaskStatus::kCompleted, "completed"},
-    {TaskStatus::kFailed, "failed"},   {TaskStatus::kCancelled, "cancelled"},
+    {TaskStatus::kPending, "pending"},
+    {TaskStatus::kQueued, "queued"},
+    {TaskStatus::kRunning, "running"},
+    {TaskStatus::kCompleted, "completed"},
+    {TaskStatus::kFailed, "failed"},
+    {TaskStatus::kCancelled, "cancelled"},
+    {TaskStatus::kUnrecognized, "unrecognized"},
 };
 
 constexpr std::pair<TaskFailureReason, std::string_view> kReasonNames[] = {
@@ -222,6 +226,14 @@ std::string to_json(const Task& t) {
   o["assigned_device"] = opt(t.assigned_device);
   o["service_instance_id"] = opt(t.service_instance_id);
   o["resource_cleanup_completed"] = t.resource_cleanup_completed;
+  boost::json::object extra;
+  for (const auto& [k, v] : t.extra) extra[text(k)] = text(v);
+  o["extra"] = std::move(extra);
+  if (t.stored_status.empty()) {
+    o["stored_status"] = nullptr;
+  } else {
+    o["stored_status"] = text(t.stored_status);
+  }
   return boost::json::serialize(o);
 }
 

@@ -36,8 +36,20 @@ using namespace detail;
 
 namespace {
 
+AdoptOptions adopt_options(const StorageConfig& c) {
+  AdoptOptions o;
+  // Config::validate() checked every word.
+  for (const auto& [word, to] : c.adopt.status_map) {
+    o.status_map[word] = parse_task_status(to).value_or(TaskStatus::kPending);
+  }
+  o.default_service = c.adopt.default_service;
+  return o;
+}
+
 SqliteStoreOptions sqlite_options(const StorageConfig& c) {
   SqliteStoreOptions o;
+  o.allow_other_tables = c.allow_other_tables;
+  o.adopt = adopt_options(c);
   o.synchronous_full = c.synchronous == SyncMode::kFull;
   o.busy_timeout_seconds = c.busy_timeout_seconds;
   o.max_size_mb = c.max_size_mb;
@@ -54,6 +66,7 @@ PostgresStoreOptions postgres_options(const StorageConfig& c) {
   o.connect_timeout_seconds = c.postgres.connect_timeout_seconds;
   o.allow_other_tables = c.postgres.allow_other_tables;
   o.max_backlog = static_cast<std::size_t>(c.max_backlog);
+  o.adopt = adopt_options(c);
   return o;
 }
 
@@ -297,6 +310,13 @@ std::optional<Task> TaskManager::Impl::wait_task(const std::string& id, Duration
     std::optional<Task> t = journal_.load_task(id);
     if (!t) throw Error(ErrorCode::kNotFound, "unknown task id '" + id + "'");
     if (is_terminal(t->status)) return t;
+    if (t->status == TaskStatus::kUnrecognized) {
+      throw Error(ErrorCode::kInvalidState,
+                  fmt::format("task {} has the status '{}', which taskmgr does not know "
+                              "(storage.adopt.status_map does not map it): taskmgr leaves it as "
+                              "it is, so it will not end here",
+                              id, t->stored_status));
+    }
     return std::nullopt;
   }
   outbox_.drain(true);  // its events are in the store and on the bus

@@ -191,6 +191,15 @@ class HttpServerTest(unittest.TestCase):
             ("GET", "/nowhere", None, None, 404, "not_found"),
             ("DELETE", "/tasks/metrics", None, None, 405, "method_not_allowed"),
             ("GET", "/tasks?status=finished", None, None, 400, "invalid_argument"),
+            # limit: digits only (-1 was a 500 io_error from the database)
+            ("GET", "/tasks?limit=-1", None, None, 400, "invalid_argument"),
+            ("GET", "/tasks?limit=1.5", None, None, 400, "invalid_argument"),
+            ("GET", "/tasks?limit=0x10", None, None, 400, "invalid_argument"),
+            ("GET", "/tasks?limit=1e3", None, None, 400, "invalid_argument"),
+            ("GET", "/tasks?limit=", None, None, 400, "invalid_argument"),
+            # a NUL in a path: another file would be read than recorded
+            ("POST", "/tasks", {"input": {"path": "/tmp/page\u0000.txt"}}, None, 400,
+             "invalid_argument"),
         ]
         for method, path, body, raw, want, code in cases:
             status, e = self.request(method, path, body, raw)

@@ -1,6 +1,7 @@
 /* The C ABI from plain C (C99), linked against the shared library.
  * Every check prints what failed and the test exits non-zero. */
 #define _POSIX_C_SOURCE 200809L
+#include <math.h>
 #include <pthread.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -441,7 +442,8 @@ static int event_index(event_log* log, const char* type, int from) {
 static void test_enum_names(void) {
   CHECK(strcmp(taskmgr_task_status_name(TASKMGR_TASK_PENDING), "pending") == 0);
   CHECK(strcmp(taskmgr_task_status_name(TASKMGR_TASK_CANCELLED), "cancelled") == 0);
-  CHECK(strcmp(taskmgr_task_status_name(6), "unknown") == 0);
+  CHECK(strcmp(taskmgr_task_status_name(TASKMGR_TASK_UNRECOGNIZED), "unrecognized") == 0);
+  CHECK(strcmp(taskmgr_task_status_name(7), "unknown") == 0);
   CHECK(strcmp(taskmgr_task_status_name(-1), "unknown") == 0);
   CHECK(strcmp(taskmgr_failure_reason_name(TASKMGR_REASON_OUT_OF_MEMORY), "out_of_memory") == 0);
   CHECK(strcmp(taskmgr_failure_reason_name(TASKMGR_REASON_MEMORY_LIMIT_EXCEEDED),
@@ -892,6 +894,12 @@ static void test_task_errors(void) {
     CHECK_RC(taskmgr_wait_task(tm, id, 0.05, &json), TASKMGR_E_TIMEOUT);
     CHECK(json == NULL);
     CHECK_RC(taskmgr_wait_idle(tm, 0.05), TASKMGR_E_TIMEOUT);
+    /* NaN is not "< 0": refused, not a wait without limit (it hung). */
+    CHECK_RC(taskmgr_wait_task(tm, id, NAN, &json), TASKMGR_E_INVALID_ARGUMENT);
+    CHECK_MSG("NaN");
+    CHECK(json == NULL);
+    CHECK_RC(taskmgr_wait_idle(tm, NAN), TASKMGR_E_INVALID_ARGUMENT);
+    CHECK_MSG("NaN");
     echo_open_gate();
     CHECK_RC(taskmgr_wait_task(tm, id2, 30, NULL), TASKMGR_OK);
     CHECK_RC(taskmgr_start_task(tm, id3, NULL), TASKMGR_OK); /* room again */

@@ -401,3 +401,53 @@ TEST_CASE("storage.url selects PostgreSQL: it is checked, never shown, and not w
   code.storage.postgres.schema = std::string(64, 's');
   CHECK_THROWS_WITH_AS(code.validate(), doctest::Contains("storage.postgres.schema"), ConfigError);
 }
+
+TEST_CASE("storage.adopt and storage.allow_other_tables: read, written back, checked") {
+  const Config c = Config::from_yaml_string(
+      "storage:\n"
+      "  allow_other_tables: true\n"
+      "  adopt:\n"
+      "    default_service: scan\n"
+      "    status_map:\n"
+      "      done: completed\n"
+      "      waiting: pending\n"
+      "      processing: running\n",
+      "test.yaml");
+  CHECK(c.storage.allow_other_tables);
+  CHECK(c.storage.adopt.default_service == "scan");
+  CHECK(c.storage.adopt.status_map == std::map<std::string, std::string>{{"done", "completed"},
+                                                                         {"processing", "running"},
+                                                                         {"waiting", "pending"}});
+  const Config back = Config::from_yaml_string(c.to_yaml());
+  CHECK(back.to_yaml() == c.to_yaml());
+  CHECK(back.storage.adopt.status_map == c.storage.adopt.status_map);
+  CHECK(Config{}.storage.adopt.default_service == "ocr");
+  CHECK_FALSE(Config{}.storage.allow_other_tables);
+
+  struct Case {
+    const char* yaml;
+    const char* key;
+    const char* says;
+  };
+  const Case cases[] = {
+      {"storage:\n  adopt:\n    status_map:\n      done: finished\n",
+       "storage.adopt.status_map.done", "must be one of pending"},
+      {"storage:\n  adopt:\n    status_map:\n      done: unrecognized\n",
+       "storage.adopt.status_map.done", "must be one of pending"},
+      {"storage:\n  adopt:\n    status_map:\n      failed: completed\n",
+       "storage.adopt.status_map.failed", "taskmgr's own status word"},
+      {"storage:\n  adopt:\n    status_map: [done]\n", "storage.adopt.status_map",
+       "must be a mapping"},
+      {"storage:\n  adopt:\n    status_maps: {}\n", "storage.adopt.status_maps", "unknown key"},
+      {"storage:\n  adopt:\n    default_service: ''\n", "storage.adopt.default_service",
+       "must not be empty"},
+      {"storage:\n  url: postgresql://h/db\n  allow_other_tables: true\n",
+       "storage.allow_other_tables", "storage.postgres.allow_other_tables"},
+  };
+  for (const auto& k : cases) {
+    CAPTURE(k.yaml);
+    const ConfigError e = load_error(k.yaml);
+    CHECK(e.key_path() == k.key);
+    CHECK(std::string(e.what()).find(k.says) != std::string::npos);
+  }
+}

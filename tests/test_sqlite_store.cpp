@@ -1217,3 +1217,125 @@ TEST_CASE(
   CHECK(store->load_task(c.id).has_value());
   CHECK(store->stats().failed_writes == 1);
 }
+
+TEST_CASE(
+    "a -wal file of another database beside ours is refused: the file is left byte-identical") {
+  TempDir dir;
+  std::vector<std::string> ids;
+  {
+    auto store = open_sqlite_store(dir.db());
+    for (int i = 0; i < 3; ++i) {
+      Task t = sample_task();
+      t.status = TaskStatus::kCompleted;
+      t.resource_cleanup_completed = true;
+      store->insert_task(t, event_for(t, TaskEvent::kCreated));
+      ids.push_back(t.id);
+    }
+  }
+  REQUIRE_FALSE(fs::exists(dir.db() + "-wal"));  // a clean close leaves none
+  // Another database in WAL mode, open, whose last commit left it without
+  // tables: its -wal file, copied beside ours (as an operator might).
+  const std::string other = (dir.path / "other.db").string();
+  {
+    SQLite::Database o(other, SQLite::OPEN_READWRITE | SQLite::OPEN_CREATE);
+    o.exec("PRAGMA journal_mode=WAL");
+    o.exec("PRAGMA wal_autocheckpoint=0");
+    o.exec("CREATE TABLE scratch (x INTEGER)");
+    o.exec("DROP TABLE scratch");
+    REQUIRE(fs::file_size(other + "-wal") > 0);
+    fs::copy_file(other + "-wal", dir.db() + "-wal");
+  }
+  const std::string db_before = slurp(dir.db());
+  const std::string wal_before = slurp(dir.db() + "-wal");
+  try {
+    open_sqlite_store(dir.db());
+    FAIL("expected kIncompatible");
+  } catch (const Error& e) {
+    const std::string m = e.what();
+    CHECK(e.code() == ErrorCode::kIncompatible);
+    CHECK(m.find("reads as empty through the -wal file beside it") != std::string::npos);
+    CHECK(m.find("the file alone holds tables task_events, task_metrics, tasks") !=
+          std::string::npos);
+    CHECK(m.find("nothing was modified") != std::string::npos);
+  }
+  CHECK(slurp(dir.db()) == db_before);
+  CHECK(slurp(dir.db() + "-wal") == wal_before);
+  // With the stray file moved away, every task is there.
+  fs::remove(dir.db() + "-wal");
+  fs::remove(dir.db() + "-shm");
+  auto store = open_sqlite_store(dir.db());
+  for (const auto& id : ids) {
+    CAPTURE(id);
+    REQUIRE(store->load_task(id).has_value());
+    CHECK(store->load_task(id)->status == TaskStatus::kCompleted);
+  }
+}
+
+TEST_CASE("a file that is not a SQLite database is refused, byte-identical, saying what it is") {
+  TempDir dir;
+  {
+    std::ofstream out(dir.db(), std::ios::binary);
+    for (int i = 0; i < 200; ++i) out << "id,status\n" << i << ",done\n";
+  }
+  const std::string before = slurp(dir.db());
+  try {
+    open_sqlite_store(dir.db());
+    FAIL("expected kIncompatible");
+  } catch (const Error& e) {
+    const std::string m = e.what();
+    CHECK(e.code() == ErrorCode::kIncompatible);
+    CHECK(m.find("is not a SQLite database") != std::string::npos);
+    CHECK(m.find("beginning \"id,status.") != std::string::npos);
+    CHECK(m.find("not modified") != std::string::npos);
+  }
+  CHECK(slurp(dir.db()) == before);
+  CHECK_FALSE(fs::exists(dir.db() + "-wal"));
+}
+
+TEST_CASE(
+    "allow_other_tables: taskmgr's tables beside another application's, which stay as they "
+    "are") {
+  TempDir dir;
+  {
+    SQLite::Database db(dir.db(), SQLite::OPEN_READWRITE | SQLite::OPEN_CREATE);
+    db.exec("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)");
+    db.exec("INSERT INTO users VALUES (7, 'ada')");
+  }
+  const std::string before = slurp(dir.db());
+  try {
+    open_sqlite_store(dir.db());
+    FAIL("expected kIncompatible");
+  } catch (const Error& e) {
+    CHECK(e.code() == ErrorCode::kIncompatible);
+    CHECK(std::string(e.what()).find("storage.allow_other_tables") != std::string::npos);
+  }
+  CHECK(slurp(dir.db()) == before);
+  SqliteStoreOptions o;
+  o.allow_other_tables = true;
+  {
+    auto store = open_sqlite_store(dir.db(), o);
+    const Task t = sample_task();
+    store->insert_task(t, event_for(t, TaskEvent::kCreated));
+  }
+  {
+    auto store = open_sqlite_store(dir.db());  // versioned now: no option needed
+    CHECK(store->list_tasks({}).size() == 1);
+  }
+  SQLite::Database db(dir.db(), SQLite::OPEN_READONLY);
+  CHECK(db.execAndGet("SELECT name FROM users WHERE id = 7").getString() == "ada");
+  // And through the configuration.
+  Config c = test_config();
+  c.storage.path = dir.db();
+  CHECK_NOTHROW(TaskManager{c});
+}
+
+TEST_CASE("a status map that maps taskmgr's own words, or to 'unrecognized', is refused") {
+  TempDir dir;
+  SqliteStoreOptions o;
+  o.adopt.status_map = {{"failed", TaskStatus::kCompleted}};
+  CHECK_THROWS_WITH_AS(open_sqlite_store(dir.db(), o),
+                       doctest::Contains("'failed' is taskmgr's own status word"), Error);
+  o.adopt.status_map = {{"done", TaskStatus::kUnrecognized}};
+  CHECK_THROWS_WITH_AS(open_sqlite_store(dir.db(), o), doctest::Contains("'done'"), Error);
+  CHECK_FALSE(fs::exists(dir.db()));
+}

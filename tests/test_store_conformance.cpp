@@ -11,6 +11,7 @@
 #include <SQLiteCpp/SQLiteCpp.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <boost/json.hpp>
 #include <filesystem>
@@ -55,7 +56,28 @@ class Backend {
   virtual void fail_writes(bool on) = 0;
   // The store's max_backlog for the next open() (0: its default).
   std::size_t max_backlog = 0;
+  // The store as open() opens it, reading an adopted table with `adopt`.
+  virtual std::shared_ptr<TaskStore> open_adopting(const AdoptOptions& adopt) = 0;
+  // One value (as text; "" for NULL) of a query on the case's database.
+  virtual std::string text(const std::string& sql) = 0;
+  // The columns of `table`: name -> type (and " DEFAULT ..." when it has
+  // one), as the backend spells them.
+  virtual std::map<std::string, std::string> columns(const std::string& table) = 0;
+  // The spec's columns (tasks' five new ones, and the two new tables'), as
+  // this backend writes the spec's DDL: "table.column" -> columns() text.
+  virtual std::map<std::string, std::string> spec_columns() const = 0;
+  // taskmgr's version-1 schema with its version recorded (no rows).
+  virtual void create_v1_schema() = 0;
 };
+
+// The spec's new columns and tables as both backends spell them.
+const char* const kSpecColumnNames[] = {
+    "tasks.estimated_memory_mb", "tasks.actual_memory_mb",           "tasks.assigned_device",
+    "tasks.service_instance_id", "tasks.resource_cleanup_completed", "task_metrics.id",
+    "task_metrics.task_id",      "task_metrics.timestamp",           "task_metrics.memory_usage_mb",
+    "task_metrics.device",       "task_metrics.processing_stage",    "task_events.id",
+    "task_events.task_id",       "task_events.event_type",           "task_events.timestamp",
+    "task_events.details"};
 
 #if !TASKMGR_CONFORMANCE_POSTGRES
 
@@ -104,6 +126,74 @@ class SqliteBackend : public Backend {
     return out;
   }
   void fail_writes(bool on) override { failing_->store(on); }
+  std::shared_ptr<TaskStore> open_adopting(const AdoptOptions& adopt) override {
+    SqliteStoreOptions o;
+    o.adopt = adopt;
+    return open_sqlite_store(db(), o);
+  }
+  std::string text(const std::string& sql) override {
+    SQLite::Database d(db(), SQLite::OPEN_READONLY);
+    SQLite::Statement q(d, sql);
+    REQUIRE(q.executeStep());
+    return q.getColumn(0).isNull() ? "" : q.getColumn(0).getString();
+  }
+  std::map<std::string, std::string> columns(const std::string& table) override {
+    SQLite::Database d(db(), SQLite::OPEN_READONLY);
+    SQLite::Statement q(d, "SELECT name, type, dflt_value FROM pragma_table_info(?)");
+    q.bind(1, table);
+    std::map<std::string, std::string> out;
+    while (q.executeStep()) {
+      out[q.getColumn(0).getString()] =
+          q.getColumn(1).getString() +
+          (q.getColumn(2).isNull() ? "" : " DEFAULT " + q.getColumn(2).getString());
+    }
+    return out;
+  }
+  std::map<std::string, std::string> spec_columns() const override {
+    // SERIAL is SQLite's INTEGER PRIMARY KEY, JSONB is JSON text.
+    return {{"tasks.estimated_memory_mb", "INTEGER"},
+            {"tasks.actual_memory_mb", "INTEGER"},
+            {"tasks.assigned_device", "VARCHAR(50)"},
+            {"tasks.service_instance_id", "VARCHAR(100)"},
+            {"tasks.resource_cleanup_completed", "BOOLEAN DEFAULT FALSE"},
+            {"task_metrics.id", "INTEGER"},
+            {"task_metrics.task_id", "VARCHAR(36)"},
+            {"task_metrics.timestamp", "TIMESTAMP"},
+            {"task_metrics.memory_usage_mb", "INTEGER"},
+            {"task_metrics.device", "VARCHAR(50)"},
+            {"task_metrics.processing_stage", "VARCHAR(100)"},
+            {"task_events.id", "INTEGER"},
+            {"task_events.task_id", "VARCHAR(36)"},
+            {"task_events.event_type", "VARCHAR(50)"},
+            {"task_events.timestamp", "TIMESTAMP"},
+            {"task_events.details", "TEXT"}};
+  }
+  void create_v1_schema() override {
+    exec(R"sql(
+      CREATE TABLE tasks (
+        id VARCHAR(36) PRIMARY KEY NOT NULL,
+        service VARCHAR(50) NOT NULL,
+        input_path TEXT,
+        input_data BLOB,
+        input_media_type TEXT,
+        options TEXT,
+        priority INTEGER NOT NULL DEFAULT 0,
+        status VARCHAR(20) NOT NULL,
+        attempt INTEGER NOT NULL DEFAULT 0,
+        batch_size INTEGER NOT NULL DEFAULT 1,
+        failure_reason VARCHAR(50),
+        failure_message TEXT,
+        result TEXT,
+        created_at TIMESTAMP NOT NULL,
+        queued_at TIMESTAMP,
+        started_at TIMESTAMP,
+        finished_at TIMESTAMP
+      ) WITHOUT ROWID;
+      CREATE INDEX idx_tasks_status ON tasks(status);
+      PRAGMA user_version = 1;
+    )sql");
+  }
+  std::string path() const { return db(); }
 
  private:
   std::string db() const { return (dir_ / "tasks.db").string(); }
@@ -172,6 +262,72 @@ class PostgresBackend : public Backend {
       trigger_ = true;
     }
     exec(on ? "INSERT INTO test_fail_writes VALUES (TRUE)" : "DELETE FROM test_fail_writes");
+  }
+  std::shared_ptr<TaskStore> open_adopting(const AdoptOptions& adopt) override {
+    PostgresStoreOptions o = schema_.options();
+    o.adopt = adopt;
+    return open_postgres_store(schema_.url(), o);
+  }
+  std::string text(const std::string& sql) override { return schema_.text(sql); }
+  std::map<std::string, std::string> columns(const std::string& table) override {
+    detail::pg::Result r = schema_.conn().exec(
+        "SELECT a.attname, format_type(a.atttypid, a.atttypmod) || coalesce(' DEFAULT ' || "
+        "pg_get_expr(d.adbin, d.adrelid), '') FROM pg_attribute a LEFT JOIN pg_attrdef d ON "
+        "d.adrelid = a.attrelid AND d.adnum = a.attnum WHERE a.attrelid = '" +
+        schema_.name() + "." + table + "'::regclass AND a.attnum > 0 AND NOT a.attisdropped");
+    std::map<std::string, std::string> out;
+    for (int i = 0; i < PQntuples(r.get()); ++i) {
+      out[PQgetvalue(r.get(), i, 0)] = PQgetvalue(r.get(), i, 1);
+    }
+    return out;
+  }
+  std::map<std::string, std::string> spec_columns() const override {
+    return {{"tasks.estimated_memory_mb", "integer"},
+            {"tasks.actual_memory_mb", "integer"},
+            {"tasks.assigned_device", "character varying(50)"},
+            {"tasks.service_instance_id", "character varying(100)"},
+            {"tasks.resource_cleanup_completed", "boolean DEFAULT false"},
+            {"task_metrics.id", "integer DEFAULT nextval('task_metrics_id_seq'::regclass)"},
+            {"task_metrics.task_id", "character varying(36)"},
+            {"task_metrics.timestamp", "timestamp without time zone"},
+            {"task_metrics.memory_usage_mb", "integer"},
+            {"task_metrics.device", "character varying(50)"},
+            {"task_metrics.processing_stage", "character varying(100)"},
+            {"task_events.id", "integer DEFAULT nextval('task_events_id_seq'::regclass)"},
+            {"task_events.task_id", "character varying(36)"},
+            {"task_events.event_type", "character varying(50)"},
+            {"task_events.timestamp", "timestamp without time zone"},
+            {"task_events.details", "jsonb"}};
+  }
+  void create_v1_schema() override {
+    exec(R"sql(
+      CREATE TABLE taskmgr_schema (
+        version INTEGER PRIMARY KEY,
+        applied_at TIMESTAMP NOT NULL DEFAULT (now() AT TIME ZONE 'UTC')
+      );
+      CREATE TABLE tasks (
+        id VARCHAR(36) PRIMARY KEY,
+        service VARCHAR(50) NOT NULL,
+        input_path TEXT,
+        input_data BYTEA,
+        input_media_type TEXT,
+        options TEXT,
+        priority INTEGER NOT NULL DEFAULT 0,
+        status VARCHAR(20) NOT NULL,
+        attempt INTEGER NOT NULL DEFAULT 0,
+        batch_size INTEGER NOT NULL DEFAULT 1,
+        failure_reason VARCHAR(50),
+        failure_message TEXT,
+        result TEXT,
+        created_at TIMESTAMP NOT NULL,
+        queued_at TIMESTAMP,
+        started_at TIMESTAMP,
+        finished_at TIMESTAMP
+      );
+      CREATE INDEX idx_tasks_status ON tasks (status, created_at, id);
+      CREATE INDEX idx_tasks_created ON tasks (created_at, id);
+      INSERT INTO taskmgr_schema (version) VALUES (1);
+    )sql");
   }
 
  private:
@@ -832,4 +988,360 @@ STORE_CASE("the backlog is bounded: once full new tasks are refused, nothing acc
   CHECK(store->stats().dropped_writes == 0);
   store->insert_task(b, event_for(b, TaskEvent::kCreated));
   CHECK(store->load_task(b.id).has_value());
+}
+
+// ---- adopting an existing database (docs/STORAGE.md) ----------------------------------------
+
+namespace {
+
+// The earlier service's database: its tasks table (an id of its own form,
+// columns of its own, its own status words, times in several forms) and a
+// table beside it. Valid SQL for both backends.
+constexpr const char* kLegacyFixture = R"sql(
+CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT);
+INSERT INTO users (id, name) VALUES (7, 'ada');
+CREATE TABLE tasks (
+  id VARCHAR(36) PRIMARY KEY,
+  type VARCHAR(50),
+  status VARCHAR(20) NOT NULL,
+  priority INTEGER DEFAULT 0,
+  input_path TEXT,
+  result TEXT,
+  error TEXT,
+  created_at TIMESTAMP,
+  started_at BIGINT,
+  completed_at TEXT,
+  user_id INTEGER,
+  callback_url TEXT
+);
+INSERT INTO tasks (id, type, status, priority, input_path, created_at, user_id, callback_url)
+  VALUES ('legacy-pending', 'ocr', 'pending', 5, '/in/a.png', '2024-05-01 10:00:00', 7,
+          'https://example.com/a');
+INSERT INTO tasks (id, type, status, input_path, result, created_at, started_at, completed_at,
+                   user_id)
+  VALUES ('legacy-done', 'ocr', 'done', '/in/b.png', '{"text":"hello"}',
+          '2024-05-01 10:00:01.250', 1714557600, '2024-05-01T12:00:02+02:00', 7);
+INSERT INTO tasks (id, type, status, created_at, callback_url)
+  VALUES ('legacy-waiting', NULL, 'waiting', '2024-05-01 10:00:03', 'https://example.com/c');
+INSERT INTO tasks (id, type, status, error, created_at)
+  VALUES ('legacy-odd', 'ocr', 'on_hold', 'held by an operator', '2024-05-01 10:00:04');
+INSERT INTO tasks (id, type, status, created_at)
+  VALUES ('legacy-thumbs', 'thumbs', 'queued', '2024-05-01 10:00:05');
+)sql";
+
+AdoptOptions legacy_adopt() {
+  AdoptOptions a;
+  a.status_map = {{"done", TaskStatus::kCompleted}, {"waiting", TaskStatus::kPending}};
+  return a;
+}
+
+std::vector<std::string> ids_of(const std::vector<Task>& tasks) {
+  std::vector<std::string> out;
+  for (const auto& t : tasks) out.push_back(t.id);
+  return out;
+}
+
+bool has_warning(const TaskHealth& h, const std::string& part) {
+  for (const auto& w : h.warnings) {
+    if (w.find(part) != std::string::npos) return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+STORE_CASE(
+    "adopting: an earlier service's tasks table is upgraded in place, rows and columns "
+    "intact") {
+  exec(kLegacyFixture);
+  const auto legacy_columns = columns("tasks");
+  REQUIRE(legacy_columns.size() == 12);
+  {
+    auto store = open_adopting(legacy_adopt());
+    const auto p = store->load_task("legacy-pending");
+    REQUIRE(p.has_value());
+    CHECK(p->status == TaskStatus::kPending);
+    CHECK(p->service == "ocr");
+    CHECK(p->priority == 5);
+    CHECK(p->input.path == "/in/a.png");
+    CHECK(format_timestamp(p->created_at) == "2024-05-01T10:00:00.000Z");
+    CHECK_FALSE(p->started_at.has_value());
+    CHECK(p->extra == std::map<std::string, std::string>{{"callback_url", "https://example.com/a"},
+                                                         {"user_id", "7"}});
+    CHECK_FALSE(p->assigned_device.has_value());
+    CHECK_FALSE(p->resource_cleanup_completed);
+    const auto d = store->load_task("legacy-done");
+    REQUIRE(d.has_value());
+    CHECK(d->status == TaskStatus::kCompleted);  // "done", mapped
+    CHECK(d->stored_status.empty());
+    CHECK(d->result == R"({"text":"hello"})");
+    CHECK(format_timestamp(d->created_at) == "2024-05-01T10:00:01.250Z");
+    REQUIRE(d->started_at.has_value());
+    CHECK(format_timestamp(*d->started_at) == "2024-05-01T10:00:00.000Z");  // epoch seconds
+    REQUIRE(d->finished_at.has_value());
+    CHECK(format_timestamp(*d->finished_at) == "2024-05-01T10:00:02.000Z");  // +02:00
+    CHECK(d->extra == std::map<std::string, std::string>{{"user_id", "7"}});
+    const auto w = store->load_task("legacy-waiting");
+    REQUIRE(w.has_value());
+    CHECK(w->status == TaskStatus::kPending);  // "waiting", mapped
+    CHECK(w->service == "ocr");                // no type: the default service
+    const auto odd = store->load_task("legacy-odd");
+    REQUIRE(odd.has_value());
+    CHECK(odd->status == TaskStatus::kUnrecognized);  // never "failed"
+    CHECK(odd->stored_status == "on_hold");
+    CHECK(odd->failure_reason == TaskFailureReason::kNone);
+    CHECK(odd->failure_message == "held by an operator");
+    const auto json = boost::json::parse(to_json(*odd));
+    CHECK(json.at("status").as_string() == "unrecognized");
+    CHECK(json.at("stored_status").as_string() == "on_hold");
+    CHECK(json.at("extra").as_object().empty());
+    const auto pj = boost::json::parse(to_json(*p));
+    CHECK(pj.at("extra").at("user_id").as_string() == "7");
+    CHECK(pj.at("stored_status").is_null());
+    // Filters know the old words.
+    TaskFilter f;
+    f.status = TaskStatus::kCompleted;
+    CHECK(ids_of(store->list_tasks(f)) == std::vector<std::string>{"legacy-done"});
+    f.status = TaskStatus::kPending;
+    CHECK(ids_of(store->list_tasks(f)) ==
+          std::vector<std::string>{"legacy-pending", "legacy-waiting"});
+    f.status = TaskStatus::kUnrecognized;
+    CHECK(ids_of(store->list_tasks(f)) == std::vector<std::string>{"legacy-odd"});
+    f = TaskFilter{};
+    f.service = "ocr";
+    CHECK(store->list_tasks(f).size() == 4);  // legacy-waiting names none: the default
+    f.service = "thumbs";
+    CHECK(ids_of(store->list_tasks(f)) == std::vector<std::string>{"legacy-thumbs"});
+    CHECK(ids_of(store->load_unfinished()) ==
+          std::vector<std::string>{"legacy-pending", "legacy-waiting", "legacy-thumbs"});
+    CHECK(store->list_tasks({}).size() == 5);
+  }
+  // The spec's columns and tables, exactly; the old columns as they were.
+  const auto spec = spec_columns();
+  for (const char* key : kSpecColumnNames) {
+    CAPTURE(key);
+    const std::string k = key;
+    const std::string table = k.substr(0, k.find('.')), column = k.substr(k.find('.') + 1);
+    const auto cols = columns(table);
+    REQUIRE(cols.count(column) == 1);
+    CHECK(cols.at(column) == spec.at(k));
+  }
+  const auto after = columns("tasks");
+  CHECK(after.size() == legacy_columns.size() + 5);
+  for (const auto& column : legacy_columns) {
+    CAPTURE(column.first);
+    CHECK(after.at(column.first) == column.second);
+  }
+  CHECK(columns("task_events").size() == 5);
+  CHECK(columns("task_metrics").size() == 6);
+  // Old rows as they were (the words too), the new columns at the spec's defaults.
+  CHECK(scalar("SELECT count(*) FROM tasks WHERE id = 'legacy-pending' AND type = 'ocr' AND "
+               "status = 'pending' AND priority = 5 AND input_path = '/in/a.png' AND "
+               "created_at = '2024-05-01 10:00:00' AND user_id = 7 AND "
+               "callback_url = 'https://example.com/a' AND resource_cleanup_completed = FALSE "
+               "AND assigned_device IS NULL AND estimated_memory_mb IS NULL") == 1);
+  CHECK(scalar("SELECT count(*) FROM tasks WHERE status = 'done' AND started_at = 1714557600 AND "
+               "completed_at = '2024-05-01T12:00:02+02:00'") == 1);
+  CHECK(scalar("SELECT count(*) FROM tasks WHERE status = 'on_hold'") == 1);
+  CHECK(scalar("SELECT count(*) FROM tasks WHERE resource_cleanup_completed = FALSE") == 5);
+  CHECK(text("SELECT name FROM users WHERE id = 7") == "ada");
+  // Opening again changes nothing.
+  const std::string first = fingerprint();
+  open_adopting(legacy_adopt()).reset();
+  CHECK(fingerprint() == first);
+}
+
+STORE_CASE(
+    "adopting: old pending tasks start and complete, a queued one waits for its service, "
+    "an unknown status is left as it is") {
+  exec(kLegacyFixture);
+  Config c = test_config();
+  c.tasks.retry.backoff_base_seconds = 0;
+  {
+    TaskManagerOptions mo;
+    mo.store = open_adopting(legacy_adopt());
+    mo.builtin_ocr = false;
+    mo.services.push_back(make_function_service("ocr", [](TaskContext& ctx) {
+      ctx.report_memory(3);
+      ctx.set_result(R"({"text":"new"})");
+    }));
+    TaskManager tm(c, mo);
+    // Queued for a service not registered: it waits, and its health says so.
+    CHECK(tm.get_task("legacy-thumbs").status == TaskStatus::kQueued);
+    CHECK(has_warning(tm.get_task_health("legacy-thumbs"), "waiting for service 'thumbs'"));
+    // Every old pending task (no device assigned) is placed when started.
+    for (const char* id : {"legacy-pending", "legacy-waiting"}) {
+      CAPTURE(id);
+      const Task started = tm.start_task(id);
+      CHECK(started.assigned_device == "cpu");
+      const auto done = tm.wait_task(id, 30s);
+      REQUIRE(done.has_value());
+      CHECK(done->status == TaskStatus::kCompleted);
+      CHECK(done->result == R"({"text":"new"})");
+      CHECK(done->resource_cleanup_completed);
+    }
+    CHECK(tm.get_task("legacy-pending").extra.at("callback_url") == "https://example.com/a");
+    // An unknown status: not started, not failed, and said why.
+    try {
+      tm.start_task("legacy-odd");
+      FAIL("expected kInvalidState");
+    } catch (const Error& e) {
+      CHECK(e.code() == ErrorCode::kInvalidState);
+      CHECK(std::string(e.what()).find("'on_hold'") != std::string::npos);
+      CHECK(std::string(e.what()).find("status_map") != std::string::npos);
+    }
+    CHECK(tm.get_task("legacy-odd").status == TaskStatus::kUnrecognized);
+    CHECK_THROWS_WITH_AS(tm.wait_task("legacy-odd", 1s), doctest::Contains("'on_hold'"), Error);
+    CHECK(has_warning(tm.get_task_health("legacy-odd"), "'on_hold' is not a taskmgr status"));
+    // The service comes: the waiting task runs.
+    tm.register_service(make_function_service(
+        "thumbs", [](TaskContext& ctx) { ctx.set_result(R"({"thumb":1})"); }));
+    const auto thumbs = tm.wait_task("legacy-thumbs", 30s);
+    REQUIRE(thumbs.has_value());
+    CHECK(thumbs->status == TaskStatus::kCompleted);
+    CHECK(tm.get_task("legacy-done").status == TaskStatus::kCompleted);
+  }
+  // In the table: taskmgr's words for what it ran, the columns' own forms
+  // for times, the old columns untouched.
+  CHECK(scalar("SELECT count(*) FROM tasks WHERE status = 'completed'") == 3);
+  CHECK(scalar("SELECT count(*) FROM tasks WHERE id = 'legacy-pending' AND user_id = 7 AND "
+               "callback_url = 'https://example.com/a' AND started_at >= 1714557600 AND "
+               "completed_at IS NOT NULL AND assigned_device = 'cpu' AND "
+               "resource_cleanup_completed = TRUE AND actual_memory_mb = 3") == 1);
+  CHECK(scalar("SELECT count(*) FROM tasks WHERE id = 'legacy-done' AND status = 'done'") == 1);
+  CHECK(scalar("SELECT count(*) FROM tasks WHERE id = 'legacy-odd' AND status = 'on_hold'") == 1);
+  auto store = open_adopting(legacy_adopt());
+  const auto back = store->load_task("legacy-pending");
+  REQUIRE(back.has_value());
+  CHECK(back->status == TaskStatus::kCompleted);
+  CHECK(back->started_at.has_value());
+  CHECK(back->finished_at.has_value());
+  CHECK(format_timestamp(back->created_at) == "2024-05-01T10:00:00.000Z");
+  const auto events = names(store->load_events("legacy-pending"));
+  REQUIRE_FALSE(events.empty());
+  CHECK(events.back() == "cleanup_completed");
+  CHECK(std::count(events.begin(), events.end(), "completed") == 1);
+  // Retention deletes what taskmgr ran, never the earlier service's own rows.
+  CHECK(store->prune_finished(std::chrono::system_clock::now() + std::chrono::hours(1)) == 3);
+  CHECK_FALSE(store->load_task("legacy-pending").has_value());
+  CHECK(store->load_events("legacy-pending").empty());
+  CHECK(store->load_task("legacy-done").has_value());
+  CHECK(ids_of(store->list_tasks({})) == std::vector<std::string>{"legacy-done", "legacy-odd"});
+}
+
+STORE_CASE("adopting: a tasks table that cannot be adopted is refused, untouched, saying why") {
+  struct Case {
+    const char* sql;
+    const char* says;
+  };
+  const std::string long_id(40, 'x');
+  const Case cases[] = {
+      {"CREATE TABLE tasks (id INTEGER PRIMARY KEY, status TEXT); "
+       "INSERT INTO tasks (id, status) VALUES (1, 'pending')",
+       "tasks.id column is"},
+      {"CREATE TABLE tasks (id VARCHAR(36), status TEXT); "
+       "INSERT INTO tasks (id, status) VALUES ('a', 'pending')",
+       "neither the primary key nor unique"},
+      {"CREATE TABLE tasks (task_id VARCHAR(36) PRIMARY KEY, status TEXT); "
+       "INSERT INTO tasks (task_id, status) VALUES ('a', 'pending')",
+       "has no id column"},
+      {"CREATE TABLE tasks (id VARCHAR(36) PRIMARY KEY, status TEXT); "
+       "INSERT INTO tasks (id, status) VALUES ('a', 'pending'); "
+       "CREATE TABLE task_events (id INTEGER, what TEXT)",
+       "task_events table already"},
+  };
+  for (const auto& k : cases) {
+    CAPTURE(k.sql);
+    exec("DROP TABLE IF EXISTS task_events; DROP TABLE IF EXISTS tasks");
+    exec(k.sql);
+    const std::string before = fingerprint();
+    const std::string why = error_of([&] { open(); });
+    CHECK(why.find(k.says) != std::string::npos);
+    CHECK(why.find("cannot adopt") != std::string::npos);
+    CHECK(why.find("not modified") != std::string::npos);
+    CHECK(fingerprint() == before);
+  }
+  exec("DROP TABLE task_events; DROP TABLE tasks");
+  exec("CREATE TABLE tasks (id VARCHAR(64) PRIMARY KEY, status TEXT)");
+  exec("INSERT INTO tasks (id, status) VALUES ('" + long_id + "', 'pending')");
+  const std::string before = fingerprint();
+  const std::string why = error_of([&] { open(); });
+  CHECK(why.find("its tasks.id values are up to 40 characters long") != std::string::npos);
+  CHECK(fingerprint() == before);
+}
+
+STORE_CASE(
+    "migrations: a taskmgr v1 database upgrades in place, its pending, queued and running "
+    "tasks complete") {
+  create_v1_schema();
+  const char* const kRows[] = {
+      "('00000000-0000-7000-8000-00000000000a', 'ocr', 2, 'pending', 0, NULL, "
+      "'2024-05-01 10:00:00', NULL, NULL, NULL)",
+      "('00000000-0000-7000-8000-00000000000b', 'ocr', 0, 'queued', 0, NULL, "
+      "'2024-05-01 10:00:01', '2024-05-01 10:00:01.5', NULL, NULL)",
+      "('00000000-0000-7000-8000-00000000000c', 'ocr', 0, 'running', 1, NULL, "
+      "'2024-05-01 10:00:02', '2024-05-01 10:00:02', '2024-05-01 10:00:03', NULL)",
+      "('00000000-0000-7000-8000-00000000000d', 'ocr', 0, 'completed', 1, '{\"text\":\"old\"}', "
+      "'2024-05-01 10:00:04', '2024-05-01 10:00:04', '2024-05-01 10:00:05', "
+      "'2024-05-01 10:00:06')",
+  };
+  for (const char* row : kRows) {
+    exec(std::string("INSERT INTO tasks (id, service, priority, status, attempt, result, "
+                     "created_at, queued_at, started_at, finished_at) VALUES ") +
+         row);
+  }
+  {
+    auto store = open();
+    const auto pending = store->load_task("00000000-0000-7000-8000-00000000000a");
+    REQUIRE(pending.has_value());
+    CHECK(pending->status == TaskStatus::kPending);
+    CHECK(pending->priority == 2);
+    CHECK(format_timestamp(pending->created_at) == "2024-05-01T10:00:00.000Z");
+    CHECK(pending->extra.empty());
+    const auto queued = store->load_task("00000000-0000-7000-8000-00000000000b");
+    REQUIRE(queued.has_value());
+    CHECK(queued->status == TaskStatus::kQueued);
+    CHECK(format_timestamp(*queued->queued_at) == "2024-05-01T10:00:01.500Z");
+    const auto done = store->load_task("00000000-0000-7000-8000-00000000000d");
+    REQUIRE(done.has_value());
+    CHECK(done->status == TaskStatus::kCompleted);
+    CHECK(format_timestamp(*done->finished_at) == "2024-05-01T10:00:06.000Z");
+    CHECK(done->result == R"({"text":"old"})");
+  }
+  const auto spec = spec_columns();
+  const auto cols = columns("tasks");
+  CHECK(cols.size() == 17 + 5);
+  for (const char* key : kSpecColumnNames) {
+    const std::string k = key;
+    CAPTURE(k);
+    const std::string table = k.substr(0, k.find('.')), column = k.substr(k.find('.') + 1);
+    CHECK(columns(table).at(column) == spec.at(k));
+  }
+  const std::string first = fingerprint();
+  open().reset();
+  CHECK(fingerprint() == first);
+
+  Config c = test_config();
+  c.tasks.retry.backoff_base_seconds = 0;
+  TaskManagerOptions mo;
+  mo.store = open();
+  mo.builtin_ocr = false;
+  mo.services.push_back(
+      make_function_service("ocr", [](TaskContext& ctx) { ctx.set_result(R"({"text":"new"})"); }));
+  TaskManager tm(c, mo);
+  tm.start_task("00000000-0000-7000-8000-00000000000a");
+  for (const char* id :
+       {"00000000-0000-7000-8000-00000000000a", "00000000-0000-7000-8000-00000000000b",
+        "00000000-0000-7000-8000-00000000000c"}) {
+    CAPTURE(id);
+    const auto t = tm.wait_task(id, 30s);
+    REQUIRE(t.has_value());
+    CHECK(t->status == TaskStatus::kCompleted);
+    CHECK(t->result == R"({"text":"new"})");
+  }
+  const Task old = tm.get_task("00000000-0000-7000-8000-00000000000d");
+  CHECK(old.status == TaskStatus::kCompleted);
+  CHECK(old.result == R"({"text":"old"})");
+  CHECK(tm.get_task("00000000-0000-7000-8000-00000000000c").attempt ==
+        2);  // interrupted, run again
 }

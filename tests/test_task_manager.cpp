@@ -1707,6 +1707,20 @@ TEST_CASE(
   CHECK_THROWS_AS(h.tm->list_tasks(f), Error);
   CHECK_THROWS_AS(h.tm->register_service(make_function_service("k\xc2\x85", [](TaskContext&) {})),
                   Error);
+  // A NUL in a path: the system would read "/tmp/page", the task would say
+  // "/tmp/page\0.txt". Refused, naming it; nothing created.
+  TaskCreateRequest nul;
+  nul.service = "svc";
+  nul.input.path = std::string("/tmp/page\0.txt", 14);
+  const std::size_t before = h.tm->list_tasks({}).size();
+  try {
+    h.tm->create_task(nul);
+    FAIL("a path with a NUL was accepted");
+  } catch (const Error& e) {
+    CHECK(e.code() == ErrorCode::kInvalidArgument);
+    CHECK(std::string(e.what()).find("NUL") != std::string::npos);
+  }
+  CHECK(h.tm->list_tasks({}).size() == before);
   const Task t = h.run();
   const Task done = h.finished(t.id);
   CHECK(done.failure_reason == TaskFailureReason::kOutOfMemory);

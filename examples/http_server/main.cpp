@@ -265,11 +265,10 @@ class Server {
       } else if (k == "service") {
         f.service = v;
       } else if (k == "limit") {
-        try {
-          f.limit = static_cast<std::size_t>(std::stoul(v));
-        } catch (const std::exception&) {
-          bad_request("limit must be a number");
-        }
+        // Digits only (no sign, no spaces, no 0x or exponent), 0 = all.
+        if (v.empty() || v.size() > 9 || v.find_first_not_of("0123456789") != std::string::npos)
+          bad_request("limit must be a whole number from 0 (all) to 999999999");
+        f.limit = static_cast<std::size_t>(std::stoul(v));
       } else if (!k.empty()) {
         bad_request("unknown query parameter '" + k + "'");
       }

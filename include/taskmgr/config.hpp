@@ -127,6 +127,15 @@ struct PostgresConfig {
   bool allow_other_tables = false;        // create taskmgr's tables beside others in the schema
 };
 
+// storage.adopt: reading a `tasks` table adopted from an earlier
+// application (docs/STORAGE.md, "Adopting an existing database").
+struct AdoptConfig {
+  // Old status word -> pending, queued, running, completed, failed or
+  // cancelled. A word neither taskmgr's nor mapped reads as "unrecognized".
+  std::map<std::string, std::string> status_map;
+  std::string default_service = "ocr";  // the service of rows that name none
+};
+
 // storage: where tasks are kept. storage.url selects PostgreSQL; otherwise
 // storage.path selects SQLite (or ":memory:"). Not both.
 struct StorageConfig {
@@ -144,6 +153,10 @@ struct StorageConfig {
   // Failed writes kept for a retry (>= 1); while this many wait, new tasks
   // are refused (IO_ERROR) instead of holding more in memory.
   std::int64_t max_backlog = 100000;
+  // SQLite only: an unversioned file with tables but no `tasks` table is
+  // refused; true creates taskmgr's tables beside them.
+  bool allow_other_tables = false;
+  AdoptConfig adopt;
   PostgresConfig postgres;
 };
 

@@ -43,6 +43,7 @@ struct PostgresStoreOptions {
   // not create its tables among data it does not know. true: it does, beside
   // them.
   bool allow_other_tables = false;
+  AdoptOptions adopt;  // reading a `tasks` table adopted from an earlier application
 };
 
 // Opens the store on `url`: a "postgresql://" or "postgres://" URL or a
@@ -52,9 +53,10 @@ struct PostgresStoreOptions {
 // Error: kInvalidArgument (not a connection string, or an option out of
 // range), kIoError (the server cannot be reached or refuses the
 // connection), kIncompatible (a schema from a newer taskmgr, a `tasks`
-// table taskmgr did not create, or other tables without
-// allow_other_tables: nothing is changed), kBusy (another store holds the
-// schema).
+// table that cannot be adopted (the message says why), or other tables
+// without allow_other_tables: nothing is changed), kBusy (another store
+// holds the schema). An unversioned `tasks` table of an earlier application
+// is adopted in place (docs/STORAGE.md, "Adopting an existing database").
 TASKMGR_API std::shared_ptr<TaskStore> open_postgres_store(const std::string& url,
                                                            PostgresStoreOptions options = {});
 

@@ -29,6 +29,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -119,6 +120,18 @@ class TASKMGR_API TaskStore {
 
 TASKMGR_API std::shared_ptr<TaskStore> make_memory_store();
 
+// How a store reads a `tasks` table it adopted from an earlier application
+// (docs/STORAGE.md, "Adopting an existing database"; storage.adopt).
+struct AdoptOptions {
+  // Old status words and what each means, e.g. {"done", kCompleted}. A word
+  // neither taskmgr's own nor in the map is read as kUnrecognized (the word
+  // in Task::stored_status) and left as it is. Keys must not be taskmgr's
+  // own words; values must not be kUnrecognized.
+  std::map<std::string, TaskStatus> status_map;
+  // The service of rows that name none (no service column, or NULL in it).
+  std::string default_service = "ocr";
+};
+
 struct SqliteStoreOptions {
   bool synchronous_full = false;    // FULL survives power loss; NORMAL (default) a process kill
   double busy_timeout_seconds = 5;  // wait for a lock held by another connection
@@ -136,6 +149,11 @@ struct SqliteStoreOptions {
   // writes fail as on a full disk: an insert is refused to its caller, other
   // writes are kept and retried (StoreStats::failed_writes, last_error).
   std::int64_t max_size_mb = 0;
+  // An unversioned database that holds tables but no `tasks` table is
+  // refused: taskmgr does not create its tables among data it does not
+  // know. true: it does, beside them (storage.allow_other_tables).
+  bool allow_other_tables = false;
+  AdoptOptions adopt;
   // Fault injection (tests): when set, the database may grow to this many
   // pages (0 = no limit), re-read before every commit; past it writes fail
   // as on a full disk.
@@ -172,10 +190,16 @@ struct SqliteStoreOptions {
 // one commit), read through its own connection. Reads wait for a pending
 // commit: a read first waits until every write queued before it is
 // committed, so that it sees them. Opening runs the schema migrations
-// (docs/STORAGE.md); a database from a newer taskmgr, or an unversioned
-// file that holds tables, is refused with Error(kIncompatible) and left
-// untouched; a database another store holds open (this process or another)
-// is refused with Error(kBusy).
+// (docs/STORAGE.md); an unversioned database with a `tasks` table of an
+// earlier application is adopted in place (the spec's ALTER TABLEs and new
+// tables). Refused with Error(kIncompatible) and left byte-identical: a
+// database from a newer taskmgr; an unversioned one with tables but no
+// `tasks` (unless allow_other_tables); a `tasks` table that cannot be
+// adopted (the message says why); a file that is not a SQLite database; a
+// non-empty file that reads as empty or loses tables through a `-wal` file
+// beside it (one of another database). A database another store holds open
+// (this process or another) is refused with Error(kBusy); bad options with
+// Error(kInvalidArgument).
 TASKMGR_API std::shared_ptr<TaskStore> open_sqlite_store(const std::string& path,
                                                          SqliteStoreOptions options = {});
 

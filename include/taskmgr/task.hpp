@@ -13,6 +13,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <map>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -32,6 +33,12 @@ enum class TaskStatus {
   kCompleted,  // terminal: result is set
   kFailed,     // terminal: failure_reason and failure_message are set
   kCancelled,  // terminal: cancelled by the host
+  // A status word taskmgr does not know, read from a table it adopted
+  // (docs/STORAGE.md, "Adopting an existing database") and not mapped by
+  // storage.adopt.status_map: the word is Task::stored_status, kept as it is
+  // in the database. Such a task is never started, recovered or changed;
+  // its health says why.
+  kUnrecognized,  // "unrecognized"
 };
 
 enum class TaskFailureReason {
@@ -139,12 +146,20 @@ struct Task {
   std::optional<std::string> assigned_device;
   std::optional<std::string> service_instance_id;
   bool resource_cleanup_completed = false;
+
+  // Only for a table taskmgr adopted (docs/STORAGE.md, "Adopting an existing
+  // database"): its columns taskmgr has no field for, by name, with their
+  // values as text (NULL ones left out). Read, never written by taskmgr.
+  std::map<std::string, std::string> extra;
+  // The status word as stored when status is kUnrecognized; "" otherwise.
+  std::string stored_status;
 };
 
 // The task as a JSON object with every field above (snake_case keys, the
 // spec's names; timestamps as RFC 3339 UTC strings with milliseconds, absent
 // optionals as null, bytes input as its length only, result embedded as JSON
-// when it parses, else as a string).
+// when it parses, else as a string), plus "extra" (an object of strings, {}
+// unless adopted) and "stored_status" (null unless unrecognized).
 TASKMGR_API std::string to_json(const Task& task);
 
 // RFC 3339 UTC with milliseconds, e.g. "2026-11-28T01:02:03.456Z".

@@ -101,8 +101,10 @@ class TASKMGR_API TaskManager {
   // `start` are queued; if the queue cannot take all of them, none is
   // created (QUEUE_FULL). Returns the tasks in request order.
   std::vector<Task> create_tasks(const std::vector<TaskCreateRequest>& requests);
-  // The spec's start route: queue a pending task. Error(kQueueFull) leaves it
-  // pending. Returns the task as queued.
+  // The spec's start route: queue a pending task (one taskmgr never placed,
+  // from an adopted table, is estimated and placed now). Error(kQueueFull)
+  // leaves it pending; Error(kInvalidState) for a task that is not pending
+  // (naming an unrecognized status word). Returns the task as queued.
   Task start_task(const std::string& task_id, const TaskStartRequest& params = {});
   // Cancels a pending, queued or running task (running: cooperatively, via
   // TaskContext::cancelled()); a task this cancels ends cancelled, even if
@@ -123,7 +125,8 @@ class TASKMGR_API TaskManager {
   std::vector<MetricSample> get_task_samples(const std::string& task_id) const;
 
   // Waits until the task has ended and its cleanup is done; std::nullopt on
-  // timeout.
+  // timeout. Error(kInvalidState) for a task whose stored status taskmgr
+  // does not know (TaskStatus::kUnrecognized: it never ends here).
   std::optional<Task> wait_task(const std::string& task_id, Duration timeout) const;
   // Waits until no task is queued, backing off or running; false on timeout.
   bool wait_idle(Duration timeout) const;

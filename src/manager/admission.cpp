@@ -51,6 +51,12 @@ void validate_request(const TaskCreateRequest& req) {
                   fmt::format("{} is not valid UTF-8 (byte {})", what, *at));
     }
   }
+  // A path is a C string to the operating system: a NUL would end it early
+  // and another file would be read than the one recorded.
+  if (const auto nul = req.input.path.find('\0'); nul != std::string::npos) {
+    throw Error(ErrorCode::kInvalidArgument,
+                fmt::format("input path contains a NUL character (byte {})", nul));
+  }
   if (req.batch_size < 1) {
     throw Error(ErrorCode::kInvalidArgument,
                 fmt::format("batch_size must be >= 1, got {}", req.batch_size));

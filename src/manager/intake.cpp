@@ -153,15 +153,24 @@ Task Intake::start(const std::string& id, const TaskStartRequest& p) {
       plan.device = t.assigned_device.value_or("");
       plan.options_json = p.options_json;
       // Nothing to place again: queued in this one section (start() refuses
-      // a task that is not pending).
+      // a task that is not pending). A task with no device (a row of a table
+      // taskmgr adopted, which it never placed) is placed now.
       const bool replace =
-          (!p.device.empty() || plan.batch_size != t.batch_size) && rec->phase() == Phase::kPending;
+          (!p.device.empty() || plan.batch_size != t.batch_size || plan.device.empty()) &&
+          rec->phase() == Phase::kPending;
       if (!replace) return scheduler_.start(rec, plan);
       service = t.service;
     }
   }
   if (!known) {
     if (auto t = journal_.load_task(id)) {
+      if (t->status == TaskStatus::kUnrecognized) {
+        throw Error(ErrorCode::kInvalidState,
+                    fmt::format("task {} has the status '{}', which taskmgr does not know "
+                                "(storage.adopt.status_map does not map it): only a pending task "
+                                "can be started; it was left as it is",
+                                id, t->stored_status));
+      }
       throw Error(ErrorCode::kInvalidState,
                   fmt::format("task {} is {}: only a pending task can be started", id,
                               to_string(t->status)));
@@ -170,8 +179,13 @@ Task Intake::start(const std::string& id, const TaskStartRequest& p) {
   }
   // A new device or batch size: estimate and place again, without the lock.
   const ServiceEntry* entry = registry_.find(service);
-  if (entry == nullptr)
-    throw Error(ErrorCode::kNotFound, "no service '" + service + "' is registered");
+  if (entry == nullptr) {
+    const std::string kinds = registry_.kinds();
+    throw Error(ErrorCode::kNotFound,
+                "task " + id + " is for service '" + service +
+                    "', which is not registered: register it, then start the task" +
+                    (kinds.empty() ? "" : " (registered: " + kinds + ")"));
+  }
   if (auto est = placement_.estimate(service, plan.features, p.device)) plan.estimate = est;
   plan.device = placement_.select_device(*entry, plan.estimate.value_or(0),
                                          p.device.empty() ? plan.device : p.device);

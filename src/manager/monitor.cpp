@@ -128,6 +128,20 @@ TaskHealth Monitor::health(const std::string& id) {
                     "end TIMEOUT",
                     deadline_s, past_deadline));
   }
+  if (t.status == TaskStatus::kUnrecognized) {
+    h.warnings.push_back(
+        t.stored_status.empty()
+            ? std::string("the task has no status in the database; taskmgr leaves it as it is")
+            : fmt::format("status '{}' is not a taskmgr status and storage.adopt.status_map does "
+                          "not map it; taskmgr leaves the task as it is (map the word to start "
+                          "or recover such tasks)",
+                          t.stored_status));
+  }
+  if (t.status == TaskStatus::kQueued && !registry_.contains(t.service)) {
+    h.warnings.push_back(fmt::format(
+        "waiting for service '{}', which is not registered: it runs once a host registers it",
+        t.service));
+  }
   if (queued_for > long_wait) {
     h.warnings.push_back(fmt::format("queued for {:.1f} s (timeout {} s)", queued_for,
                                      config_.tasks.queue_timeout_seconds));

@@ -39,7 +39,18 @@ void Recovery::recover() {
     f.rec = std::make_shared<Record>();
     const RequestFeatures features = placement_.features(t);
     const bool waits = t.status == TaskStatus::kQueued || t.status == TaskStatus::kRunning;
-    if (waits) {
+    bool estimated = true;
+    if (waits && !t.estimated_memory_mb) {
+      // A row taskmgr never placed (an adopted table's): estimated now, as
+      // create_task would have. A model that fails fails the task, saying so.
+      try {
+        t.estimated_memory_mb = placement_.estimate(t.service, features, "");
+      } catch (const Error& e) {
+        f.why = std::string("estimating its memory failed: ") + e.what();
+        estimated = false;
+      }
+    }
+    if (waits && estimated) {
       f.device = t.assigned_device.value_or("");
       if (!devices_.free_memory(f.device)) {  // gone or unavailable: placed again
         f.device.clear();

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "pg.hpp"
+#include "store/task_layout.hpp"
 #include "taskmgr/postgres_store.hpp"
 #include "taskmgr/store.hpp"
 #include "taskmgr/task.hpp"
@@ -31,10 +32,14 @@ std::string session_setup(const PostgresStoreOptions& options);
 // transaction, under a transaction-level advisory lock on the schema, so
 // that stores opening at once (in any process) migrate it once. Throws
 // Error(kIncompatible) and changes nothing for a newer schema, a `tasks`
-// table taskmgr did not create, or (unless options.allow_other_tables) a
-// schema that holds other tables and no taskmgr ones. `where` names the
-// database in messages.
+// table taskmgr did not create and cannot adopt (the message says why), or
+// (unless options.allow_other_tables) a schema that holds other tables and
+// no `tasks`. An unversioned `tasks` table is adopted: the spec's changes
+// (ADD COLUMN IF NOT EXISTS, the two new tables), recorded as version 2.
+// `where` names the database in messages.
 void migrate(pg::Conn& conn, const PostgresStoreOptions& options, const std::string& where);
+// How tasks map onto the schema's `tasks` table (after migrate()).
+store::TaskLayout task_layout(pg::Conn& conn, const PostgresStoreOptions& options);
 
 // The session-level advisory lock that keeps one store per schema, waited
 // for up to `wait_seconds` (a killed store's session holds it until the
@@ -49,24 +54,25 @@ struct Statement {
   const char* name;
   std::string sql;
 };
-const Statement& insert_task_statement();
-const Statement& update_task_statement();
-const Statement& insert_event_statement();
-const Statement& insert_metric_statement();
+Statement insert_task_statement(const store::TaskLayout& l);
+Statement update_task_statement(const store::TaskLayout& l);
+Statement insert_event_statement();
+Statement insert_metric_statement();
 // Parameters for them.
-pg::Params insert_task_params(const Task& t);
-pg::Params update_task_params(const Task& t);
+pg::Params insert_task_params(const store::TaskLayout& l, const Task& t);
+pg::Params update_task_params(const store::TaskLayout& l, const Task& t);
 pg::Params insert_event_params(const EventRecord& e);
 pg::Params insert_metric_params(const MetricSample& s);
 
 // The reads, as TaskStore's (store.hpp); they throw pg::PgError.
-std::optional<Task> select_task(pg::Conn& c, const std::string& id);
-std::vector<Task> select_tasks(pg::Conn& c, const TaskFilter& f);
+std::optional<Task> select_task(pg::Conn& c, const store::TaskLayout& l, const std::string& id);
+std::vector<Task> select_tasks(pg::Conn& c, const store::TaskLayout& l, const TaskFilter& f);
 std::vector<EventRecord> select_events(pg::Conn& c, const std::string& task_id);
 std::vector<MetricSample> select_metrics(pg::Conn& c, const std::string& task_id);
-std::vector<Task> select_unfinished(pg::Conn& c);
+std::vector<Task> select_unfinished(pg::Conn& c, const store::TaskLayout& l);
 // TaskStore::prune_finished's deletes, in one transaction of their own;
-// returns how many tasks went.
-std::size_t delete_finished(pg::Conn& c, Timestamp finished_before);
+// returns how many tasks went. In an adopted table only rows taskmgr ran
+// (assigned_device set) are deleted.
+std::size_t delete_finished(pg::Conn& c, const store::TaskLayout& l, Timestamp finished_before);
 
 }  // namespace taskmgr::detail::postgres

@@ -14,11 +14,13 @@ namespace {
 // Version 1: taskmgr's `tasks` table as it was before the spec's delta (the
 // "existing" table the spec's ALTER TABLEs extend), and the table that
 // records the migrations.
-constexpr const char* kSchemaV1 = R"sql(
+constexpr const char* kSchemaTable = R"sql(
 CREATE TABLE taskmgr_schema (
   version INTEGER PRIMARY KEY,
   applied_at TIMESTAMP NOT NULL DEFAULT (now() AT TIME ZONE 'UTC')
 );
+)sql";
+constexpr const char* kSchemaV1 = R"sql(
 CREATE TABLE tasks (
   id VARCHAR(36) PRIMARY KEY,
   service VARCHAR(50) NOT NULL,
@@ -43,13 +45,14 @@ CREATE INDEX idx_tasks_created ON tasks (created_at, id);
 )sql";
 
 // Version 2: the spec's "Database schema changes", exactly as the spec
-// writes them, and the indexes the queries need.
-constexpr const char* kMigrationV2 = R"sql(
-ALTER TABLE tasks ADD COLUMN estimated_memory_mb INTEGER;
-ALTER TABLE tasks ADD COLUMN actual_memory_mb INTEGER;
-ALTER TABLE tasks ADD COLUMN assigned_device VARCHAR(50);
-ALTER TABLE tasks ADD COLUMN service_instance_id VARCHAR(100);
-ALTER TABLE tasks ADD COLUMN resource_cleanup_completed BOOLEAN DEFAULT FALSE;
+// writes them (with IF NOT EXISTS: an adopted table may have some of the
+// columns), and the indexes the queries need.
+constexpr const char* kSpecChanges = R"sql(
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS estimated_memory_mb INTEGER;
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS actual_memory_mb INTEGER;
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS assigned_device VARCHAR(50);
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS service_instance_id VARCHAR(100);
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS resource_cleanup_completed BOOLEAN DEFAULT FALSE;
 
 CREATE TABLE task_metrics (
     id SERIAL PRIMARY KEY,
@@ -70,6 +73,10 @@ CREATE TABLE task_events (
 
 CREATE INDEX idx_task_metrics_task ON task_metrics (task_id, id);
 CREATE INDEX idx_task_events_task ON task_events (task_id, id);
+)sql";
+// The indexes on taskmgr's own tasks table (an adopted one is not changed
+// beyond the spec's columns).
+constexpr const char* kOwnTaskIndexes = R"sql(
 CREATE INDEX idx_tasks_unfinished ON tasks (created_at, id)
   WHERE status IN ('pending', 'queued', 'running')
      OR (resource_cleanup_completed = FALSE AND assigned_device IS NOT NULL);
@@ -77,71 +84,57 @@ CREATE INDEX idx_tasks_finished ON tasks (finished_at)
   WHERE status IN ('completed', 'failed', 'cancelled');
 )sql";
 
-struct Step {
-  int version;
-  const char* sql;
-};
-constexpr Step kSteps[] = {{1, kSchemaV1}, {2, kMigrationV2}};
+using store::Field;
+using store::Kind;
+using store::TaskLayout;
 
-// The columns every state change rewrites, in the order of mutable_params().
-constexpr const char* kMutableColumns[] = {"options",
-                                           "priority",
-                                           "status",
-                                           "attempt",
-                                           "batch_size",
-                                           "failure_reason",
-                                           "failure_message",
-                                           "result",
-                                           "queued_at",
-                                           "started_at",
-                                           "finished_at",
-                                           "estimated_memory_mb",
-                                           "actual_memory_mb",
-                                           "assigned_device",
-                                           "service_instance_id",
-                                           "resource_cleanup_completed"};
-constexpr int kMutableCount = 16;
+std::string quote(const std::string& name) { return pg::quote_ident(name); }
 
-// Every column of `tasks`, in the order read_task() reads them.
-constexpr const char* kTaskColumns =
-    "id, service, input_path, input_data, input_media_type, options, priority, status, attempt, "
-    "batch_size, failure_reason, failure_message, result, created_at, queued_at, started_at, "
-    "finished_at, estimated_memory_mb, actual_memory_mb, assigned_device, service_instance_id, "
-    "resource_cleanup_completed";
-
-// load_unfinished's rows (idx_tasks_unfinished has the same predicate). Rows
-// from before the upgrade (no assigned_device) never ran under this schema:
-// their cleanup is not ours to redo.
-constexpr const char* kUnfinished =
-    "status IN ('pending', 'queued', 'running') "
-    "OR (resource_cleanup_completed = FALSE AND assigned_device IS NOT NULL)";
-
-// prune_finished's rows, finished before $1.
-constexpr const char* kEnded =
-    "SELECT id FROM tasks WHERE status IN ('completed', 'failed', 'cancelled') "
-    "AND resource_cleanup_completed AND finished_at IS NOT NULL AND finished_at < $1";
-
-void add_mutable(pg::Params& p, const Task& t) {
-  p.text_or_null(t.options_json);
-  p.integer(t.priority);
-  p.text(std::string(to_string(t.status)));
-  p.integer(t.attempt);
-  p.integer(t.batch_size);
-  if (t.failure_reason == TaskFailureReason::kNone) {
+void add_time(pg::Params& p, Kind k, const std::optional<Timestamp>& t) {
+  if (!t) {
     p.null();
+  } else if (k == Kind::kEpoch) {
+    p.integer(std::chrono::floor<std::chrono::seconds>(t->time_since_epoch()).count());
   } else {
-    p.text(std::string(to_string(t.failure_reason)));
+    p.timestamp(*t);
   }
-  p.text_or_null(t.failure_message);
-  p.text_or_null(t.result);
-  p.opt_timestamp(t.queued_at);
-  p.opt_timestamp(t.started_at);
-  p.opt_timestamp(t.finished_at);
-  p.opt_integer(t.estimated_memory_mb);
-  p.opt_integer(t.actual_memory_mb);
-  p.opt_text(t.assigned_device);
-  p.opt_text(t.service_instance_id);
-  p.boolean(t.resource_cleanup_completed);
+}
+
+void add_field(pg::Params& p, const TaskLayout& l, Field f, const Task& t) {
+  switch (f) {
+    case store::kId: p.text(t.id); break;
+    case store::kService: p.text(t.service); break;
+    case store::kInputPath: p.text_or_null(t.input.path); break;
+    case store::kInputData: p.bytes(t.input.data); break;
+    case store::kMediaType: p.text_or_null(t.input.media_type); break;
+    case store::kOptions: p.text_or_null(t.options_json); break;
+    case store::kPriority: p.integer(t.priority); break;
+    case store::kStatus:
+      p.text(t.status == TaskStatus::kUnrecognized ? t.stored_status
+                                                   : std::string(to_string(t.status)));
+      break;
+    case store::kAttempt: p.integer(t.attempt); break;
+    case store::kBatchSize: p.integer(t.batch_size); break;
+    case store::kFailureReason:
+      if (t.failure_reason == TaskFailureReason::kNone) {
+        p.null();
+      } else {
+        p.text(std::string(to_string(t.failure_reason)));
+      }
+      break;
+    case store::kFailureMessage: p.text_or_null(t.failure_message); break;
+    case store::kResult: p.text_or_null(t.result); break;
+    case store::kCreatedAt: add_time(p, l.kind(f), t.created_at); break;
+    case store::kQueuedAt: add_time(p, l.kind(f), t.queued_at); break;
+    case store::kStartedAt: add_time(p, l.kind(f), t.started_at); break;
+    case store::kFinishedAt: add_time(p, l.kind(f), t.finished_at); break;
+    case store::kEstimatedMemory: p.opt_integer(t.estimated_memory_mb); break;
+    case store::kActualMemory: p.opt_integer(t.actual_memory_mb); break;
+    case store::kAssignedDevice: p.opt_text(t.assigned_device); break;
+    case store::kServiceInstance: p.opt_text(t.service_instance_id); break;
+    case store::kCleanupCompleted: p.boolean(t.resource_cleanup_completed); break;
+    case store::kFieldCount: break;
+  }
 }
 
 std::string placeholders(int from, int count) {
@@ -168,46 +161,71 @@ std::optional<Timestamp> timestamp(const PGresult* r, int row, int col) {
   return t;
 }
 
-Task read_task(const PGresult* r, int row) {
+Task read_task(const PGresult* r, int row, const TaskLayout& l) {
   Task t;
-  t.id = text(r, row, 0);
-  t.service = text(r, row, 1);
-  if (!is_null(r, row, 2)) t.input.path = text(r, row, 2);
-  if (!is_null(r, row, 3)) {
-    auto bytes = pg::parse_bytea(text(r, row, 3));
-    if (!bytes) throw pg::PgError(ErrorCode::kIoError, "", false, "cannot read input_data");
-    t.input.data = std::move(*bytes);
+  bool service_seen = false;
+  for (int f = 0; f < store::kFieldCount; ++f) {
+    if (is_null(r, row, f)) continue;
+    if (f == store::kService) service_seen = true;
+    const std::string v = text(r, row, f);
+    if (f == store::kInputData) {
+      auto bytes = pg::parse_bytea(v);
+      if (!bytes) throw pg::PgError(ErrorCode::kIoError, "", false, "cannot read input_data");
+      t.input.data = std::move(*bytes);
+      continue;
+    }
+    if (f >= store::kCreatedAt && f <= store::kFinishedAt) {
+      // TIMESTAMP as the session writes it (to the microsecond) first.
+      if (const auto when = pg::parse_timestamp(v)) {
+        if (f == store::kCreatedAt) t.created_at = *when;
+        if (f == store::kQueuedAt) t.queued_at = *when;
+        if (f == store::kStartedAt) t.started_at = *when;
+        if (f == store::kFinishedAt) t.finished_at = *when;
+        continue;
+      }
+      if (!l.adopted()) {
+        throw pg::PgError(ErrorCode::kIoError, "", false,
+                          "cannot read timestamp '" + v + "' (out of the range taskmgr keeps)");
+      }
+    }
+    l.set_field(t, Field(f), v);
   }
-  if (!is_null(r, row, 4)) t.input.media_type = text(r, row, 4);
-  if (!is_null(r, row, 5)) t.options_json = text(r, row, 5);
-  t.priority = static_cast<int>(integer(r, row, 6));
-  t.status = parse_task_status(text(r, row, 7)).value_or(TaskStatus::kFailed);
-  t.attempt = static_cast<int>(integer(r, row, 8));
-  t.batch_size = static_cast<int>(integer(r, row, 9));
-  if (!is_null(r, row, 10)) {
-    t.failure_reason =
-        parse_failure_reason(text(r, row, 10)).value_or(TaskFailureReason::kProcessingError);
+  if (is_null(r, row, store::kStatus)) t.status = TaskStatus::kUnrecognized;
+  const auto& extra = l.extra();
+  for (std::size_t i = 0; i < extra.size(); ++i) {
+    const int col = store::kFieldCount + static_cast<int>(i);
+    if (!is_null(r, row, col)) t.extra[extra[i]] = text(r, row, col);
   }
-  if (!is_null(r, row, 11)) t.failure_message = text(r, row, 11);
-  if (!is_null(r, row, 12)) t.result = text(r, row, 12);
-  t.created_at = timestamp(r, row, 13).value_or(Timestamp{});
-  t.queued_at = timestamp(r, row, 14);
-  t.started_at = timestamp(r, row, 15);
-  t.finished_at = timestamp(r, row, 16);
-  if (!is_null(r, row, 17)) t.estimated_memory_mb = integer(r, row, 17);
-  if (!is_null(r, row, 18)) t.actual_memory_mb = integer(r, row, 18);
-  if (!is_null(r, row, 19)) t.assigned_device = text(r, row, 19);
-  if (!is_null(r, row, 20)) t.service_instance_id = text(r, row, 20);
-  t.resource_cleanup_completed = !is_null(r, row, 21) && text(r, row, 21) == "t";
+  l.finish(t, service_seen);
   return t;
 }
 
-std::vector<Task> read_tasks(const PGresult* r) {
+std::vector<Task> read_tasks(const PGresult* r, const TaskLayout& l) {
   std::vector<Task> out;
   const int n = PQntuples(r);
   out.reserve(static_cast<std::size_t>(n));
-  for (int i = 0; i < n; ++i) out.push_back(read_task(r, i));
+  for (int i = 0; i < n; ++i) out.push_back(read_task(r, i, l));
   return out;
+}
+
+// "status IN ($k, ...)" for the words of `statuses`, added to `p`.
+std::string status_in(const TaskLayout& l, std::initializer_list<TaskStatus> statuses,
+                      pg::Params& p) {
+  if (!l.has(store::kStatus)) return "FALSE";  // no status column: every row is unrecognized
+  std::string list;
+  for (TaskStatus s : statuses) {
+    for (const auto& w : l.words_for(s)) {
+      p.text(w);
+      list += (list.empty() ? "$" : ", $") + std::to_string(p.size());
+    }
+  }
+  return quote(l.column(store::kStatus)) + " IN (" + list + ")";
+}
+
+std::string order_by(const TaskLayout& l, const char* dir) {
+  std::string out = " ORDER BY ";
+  if (l.has(store::kCreatedAt)) out += quote(l.column(store::kCreatedAt)) + dir + ", ";
+  return out + quote(l.column(store::kId)) + dir;
 }
 
 std::string join(const std::vector<std::string>& names) {
@@ -268,6 +286,67 @@ std::string target_schema(pg::Conn& conn, const PostgresStoreOptions& o) {
   return text(r.get(), 0, 0);
 }
 
+namespace {
+
+// The schema's `tasks` columns, in table order.
+std::vector<store::Column> columns_of(pg::Conn& conn, const std::string& schema) {
+  pg::Params s;
+  s.text(schema);
+  pg::Result r = conn.exec(
+      "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = $1 "
+      "AND table_name = 'tasks' ORDER BY ordinal_position",
+      s);
+  std::vector<store::Column> out;
+  for (int i = 0; i < PQntuples(r.get()); ++i)
+    out.push_back({text(r.get(), i, 0), text(r.get(), i, 1)});
+  return out;
+}
+
+// Why an unversioned `tasks` table cannot be adopted, or "".
+std::string adoption_problem(pg::Conn& conn, const std::string& schema,
+                             const std::vector<std::string>& tables) {
+  for (const char* t : {"task_events", "task_metrics"}) {
+    if (std::find(tables.begin(), tables.end(), t) != tables.end()) {
+      return std::string("it has a ") + t +
+             " table already, which taskmgr would create: it does not know that table's columns";
+    }
+  }
+  const auto cols = columns_of(conn, schema);
+  const auto id =
+      std::find_if(cols.begin(), cols.end(), [](const store::Column& c) { return c.name == "id"; });
+  if (id == cols.end()) return "its tasks table has no id column";
+  if (id->type != "character varying" && id->type != "text" && id->type != "character") {
+    return "its tasks.id column is " + id->type +
+           ", not text: the spec's task_events and task_metrics reference it from a "
+           "VARCHAR(36) column";
+  }
+  const std::string table = pg::quote_ident(schema) + ".tasks";
+  pg::Params t;
+  t.text(table);
+  pg::Result unique = conn.exec(
+      "SELECT count(*) FROM pg_catalog.pg_index i JOIN pg_catalog.pg_attribute a ON "
+      "a.attrelid = i.indrelid AND a.attnum = i.indkey[0] WHERE i.indrelid = $1::regclass "
+      "AND i.indisunique AND i.indnkeyatts = 1 AND a.attname = 'id' AND i.indpred IS NULL",
+      t);
+  if (integer(unique.get(), 0, 0) == 0) {
+    return "its tasks.id column is neither the primary key nor unique: the spec's task_events "
+           "and task_metrics reference tasks(id)";
+  }
+  pg::Result len = conn.exec(
+      "SELECT coalesce(max(length(id)), 0), count(*) FILTER (WHERE id IS "
+      "NULL) FROM " +
+      table);
+  if (integer(len.get(), 0, 0) > 36) {
+    return "its tasks.id values are up to " + text(len.get(), 0, 0) +
+           " characters long; the spec's task_id columns are VARCHAR(36)";
+  }
+  if (integer(len.get(), 0, 1) > 0)
+    return text(len.get(), 0, 1) + " of its tasks have no id (NULL)";
+  return "";
+}
+
+}  // namespace
+
 void migrate(pg::Conn& conn, const PostgresStoreOptions& o, const std::string& where) {
   const std::string schema = target_schema(conn, o);
   const std::string named = where + " (schema " + schema + ")";
@@ -301,34 +380,54 @@ void migrate(pg::Conn& conn, const PostgresStoreOptions& o, const std::string& w
                       ", newer than this taskmgr knows (" + std::to_string(kSchemaVersion) +
                       "); it was not modified");
     }
+    const auto record = [&](int v) {
+      pg::Params p;
+      p.integer(v);
+      conn.exec("INSERT INTO " + pg::quote_ident(schema) + ".taskmgr_schema (version) VALUES ($1)",
+                p);
+    };
     if (version == 0 && has("tasks")) {
-      throw Error(ErrorCode::kIncompatible,
-                  "database " + named +
-                      " has a tasks table that taskmgr did not create (no taskmgr_schema table; "
-                      "tables found: " +
-                      join(tables) +
-                      "); adopting an existing tasks table is not supported yet; it was not "
-                      "modified");
+      // An earlier application's tasks table: adopted in place by the
+      // spec's changes, in this one transaction; its own columns and rows
+      // are not touched. Recorded as version 2 alone (no version 1: the
+      // table is not taskmgr's version 1).
+      const std::string why = adoption_problem(conn, schema, tables);
+      if (!why.empty()) {
+        throw Error(ErrorCode::kIncompatible,
+                    "database " + named +
+                        " has a tasks table that taskmgr did not create, and cannot adopt it: " +
+                        why + " (tables found: " + join(tables) + "); it was not modified");
+      }
+      if (!has("taskmgr_schema")) conn.exec_script(kSchemaTable);
+      conn.exec_script(kSpecChanges);
+      record(2);
+      return 0;
     }
     if (version == 0 && !tables.empty() && !o.allow_other_tables) {
       throw Error(ErrorCode::kIncompatible,
                   "database " + named + " holds " + std::to_string(tables.size()) +
                       " table(s) that are not taskmgr's (" + join(tables) +
-                      "); taskmgr does not create its tables among data it does not know: use "
-                      "an empty schema (storage.postgres.schema) or set "
+                      ") and no tasks table; taskmgr does not create its tables among data it "
+                      "does not know: use an empty schema (storage.postgres.schema) or set "
                       "storage.postgres.allow_other_tables; it was not modified");
     }
-    for (const Step& step : kSteps) {
-      if (version >= step.version) continue;
-      conn.exec_script(step.sql);
-      pg::Params v;
-      v.integer(step.version);
-      conn.exec("INSERT INTO " + pg::quote_ident(schema) + ".taskmgr_schema (version) VALUES ($1)",
-                v);
-      version = step.version;
+    if (version < 1) {
+      if (!has("taskmgr_schema")) conn.exec_script(kSchemaTable);
+      conn.exec_script(kSchemaV1);
+      record(1);
+    }
+    if (version < 2) {
+      conn.exec_script(kSpecChanges);
+      conn.exec_script(kOwnTaskIndexes);
+      record(2);
     }
     return 0;
   });
+}
+
+store::TaskLayout task_layout(pg::Conn& conn, const PostgresStoreOptions& o) {
+  return store::TaskLayout::of(columns_of(conn, target_schema(conn, o)), o.adopt.status_map,
+                               o.adopt.default_service);
 }
 
 bool lock_store(pg::Conn& conn, const std::string& schema, double wait_seconds) {
@@ -363,57 +462,59 @@ std::string holder_of_store_lock(pg::Conn& conn, const std::string& schema) {
          "', client " + text(r.get(), 0, 2);
 }
 
-const Statement& insert_task_statement() {
-  static const Statement s{"taskmgr_insert_task", [] {
-                             std::string cols;
-                             for (const char* c : kMutableColumns) cols += std::string(", ") + c;
-                             return "INSERT INTO tasks (id, service, input_path, input_data, "
-                                    "input_media_type, created_at" +
-                                    cols + ") VALUES (" + placeholders(1, 6 + kMutableCount) + ")";
-                           }()};
-  return s;
+Statement insert_task_statement(const TaskLayout& l) {
+  std::string cols;
+  int n = 0;
+  auto add = [&](Field f) {
+    if (l.has(f)) cols += (n++ == 0 ? "" : ", ") + quote(l.column(f));
+  };
+  for (Field f : store::kInsertOnlyFields) add(f);
+  for (Field f : store::kMutableFields) add(f);
+  return {"taskmgr_insert_task",
+          "INSERT INTO tasks (" + cols + ") VALUES (" + placeholders(1, n) + ")"};
 }
 
-const Statement& update_task_statement() {
-  static const Statement s{
-      "taskmgr_update_task", [] {
-        std::string sets;
-        int i = 1;
-        for (const char* c : kMutableColumns) {
-          sets += (i == 1 ? "" : ", ") + std::string(c) + " = $" + std::to_string(i);
-          ++i;
-        }
-        return "UPDATE tasks SET " + sets + " WHERE id = $" + std::to_string(i);
-      }()};
-  return s;
+Statement update_task_statement(const TaskLayout& l) {
+  std::string sets;
+  int i = 1;
+  for (Field f : store::kMutableFields) {
+    if (!l.has(f)) continue;
+    sets += (i == 1 ? "" : ", ") + quote(l.column(f)) + " = $" + std::to_string(i);
+    ++i;
+  }
+  return {"taskmgr_update_task", "UPDATE tasks SET " + sets + " WHERE " +
+                                     quote(l.column(store::kId)) + " = $" + std::to_string(i)};
 }
 
-const Statement& insert_event_statement() {
-  static const Statement s{
+Statement insert_event_statement() {
+  return {
       "taskmgr_insert_event",
       "INSERT INTO task_events (task_id, event_type, timestamp, details) VALUES ($1, $2, $3, $4)"};
-  return s;
 }
 
-const Statement& insert_metric_statement() {
-  static const Statement s{
+Statement insert_metric_statement() {
+  return {
       "taskmgr_insert_metric",
       "INSERT INTO task_metrics (task_id, timestamp, memory_usage_mb, device, processing_stage) "
       "VALUES ($1, $2, $3, $4, $5)"};
-  return s;
 }
 
-pg::Params insert_task_params(const Task& t) {
+pg::Params insert_task_params(const TaskLayout& l, const Task& t) {
   pg::Params p;
-  p.text(t.id).text(t.service).text_or_null(t.input.path).bytes(t.input.data);
-  p.text_or_null(t.input.media_type).timestamp(t.created_at);
-  add_mutable(p, t);
+  for (Field f : store::kInsertOnlyFields) {
+    if (l.has(f)) add_field(p, l, f, t);
+  }
+  for (Field f : store::kMutableFields) {
+    if (l.has(f)) add_field(p, l, f, t);
+  }
   return p;
 }
 
-pg::Params update_task_params(const Task& t) {
+pg::Params update_task_params(const TaskLayout& l, const Task& t) {
   pg::Params p;
-  add_mutable(p, t);
+  for (Field f : store::kMutableFields) {
+    if (l.has(f)) add_field(p, l, f, t);
+  }
   p.text(t.id);
   return p;
 }
@@ -432,47 +533,63 @@ pg::Params insert_metric_params(const MetricSample& s) {
   return p;
 }
 
-std::optional<Task> select_task(pg::Conn& c, const std::string& id) {
+std::optional<Task> select_task(pg::Conn& c, const TaskLayout& l, const std::string& id) {
   pg::Params p;
   p.text(id);
-  pg::Result r =
-      c.exec_prepared("taskmgr_select_task",
-                      std::string("SELECT ") + kTaskColumns + " FROM tasks WHERE id = $1", p);
+  pg::Result r = c.exec_prepared("taskmgr_select_task",
+                                 "SELECT " + l.select_list(quote, true) + " FROM tasks WHERE " +
+                                     quote(l.column(store::kId)) + " = $1",
+                                 p);
   if (PQntuples(r.get()) == 0) return std::nullopt;
-  return read_task(r.get(), 0);
+  return read_task(r.get(), 0, l);
 }
 
-std::vector<Task> select_tasks(pg::Conn& c, const TaskFilter& f) {
-  std::string columns = kTaskColumns;
-  if (!f.with_payloads) {
-    // Same positions for read_task, NULL instead of the bulky columns.
-    columns.replace(columns.find("input_data"), 10, "NULL");
-    columns.replace(columns.find("result"), 6, "NULL");
-  }
+std::vector<Task> select_tasks(pg::Conn& c, const TaskLayout& l, const TaskFilter& f) {
   // One prepared statement per shape of filter.
   std::string name = "taskmgr_list";
-  std::string sql = "SELECT " + columns + " FROM tasks WHERE TRUE";
+  std::string sql = "SELECT " + l.select_list(quote, f.with_payloads) + " FROM tasks WHERE TRUE";
   pg::Params p;
-  int n = 0;
   if (f.status) {
-    sql += " AND status = $" + std::to_string(++n);
-    p.text(std::string(to_string(*f.status)));
-    name += "_status";
+    if (*f.status == TaskStatus::kUnrecognized) {
+      if (l.has(store::kStatus)) {
+        std::string list;
+        for (const auto& w : l.known_words()) {
+          p.text(w);
+          list += (list.empty() ? "$" : ", $") + std::to_string(p.size());
+        }
+        const std::string col = quote(l.column(store::kStatus));
+        sql += " AND (" + col + " IS NULL OR " + col + " NOT IN (" + list + "))";
+      }
+      name += "_unrecognized";
+    } else {
+      sql += " AND " + status_in(l, {*f.status}, p);
+      name += "_status";
+    }
   }
   if (!f.service.empty()) {
-    sql += " AND service = $" + std::to_string(++n);
-    p.text(f.service);
-    name += "_service";
+    if (l.has(store::kService)) {
+      const std::string col = quote(l.column(store::kService));
+      p.text(f.service);
+      // Rows that name no service are the default service's.
+      sql += " AND (" + col + " = $" + std::to_string(p.size()) +
+             (f.service == l.default_service() ? " OR " + col + " IS NULL)" : std::string(")"));
+      name += f.service == l.default_service() ? "_default_service" : "_service";
+    } else if (f.service != l.default_service()) {
+      sql += " AND FALSE";
+      name += "_no_service";
+    }
   }
-  sql += " ORDER BY created_at DESC, id DESC";
+  sql += order_by(l, " DESC");
   if (f.limit != 0) {
-    sql += " LIMIT $" + std::to_string(++n);
     p.integer(static_cast<std::int64_t>(std::min<std::size_t>(f.limit, INT64_MAX)));
+    sql += " LIMIT $" + std::to_string(p.size());
     name += "_limit";
   }
   if (!f.with_payloads) name += "_brief";
+  // The status words' count is part of the shape.
+  name += "_" + std::to_string(p.size());
   pg::Result r = c.exec_prepared(name, sql, p);
-  std::vector<Task> out = read_tasks(r.get());
+  std::vector<Task> out = read_tasks(r.get(), l);
   std::reverse(out.begin(), out.end());
   return out;
 }
@@ -521,25 +638,49 @@ std::vector<MetricSample> select_metrics(pg::Conn& c, const std::string& task_id
   return out;
 }
 
-std::vector<Task> select_unfinished(pg::Conn& c) {
-  pg::Params none;
-  pg::Result r = c.exec_prepared("taskmgr_select_unfinished",
-                                 std::string("SELECT ") + kTaskColumns + " FROM tasks WHERE " +
-                                     kUnfinished + " ORDER BY created_at, id",
-                                 none);
-  return read_tasks(r.get());
+// Rows from before the upgrade (no assigned_device) never ran under this
+// schema: their cleanup is not ours to redo. (On taskmgr's own table
+// idx_tasks_unfinished has the same predicate.)
+std::vector<Task> select_unfinished(pg::Conn& c, const TaskLayout& l) {
+  pg::Params p;
+  const std::string waiting =
+      status_in(l, {TaskStatus::kPending, TaskStatus::kQueued, TaskStatus::kRunning}, p);
+  pg::Result r = c.exec_prepared(
+      "taskmgr_select_unfinished",
+      "SELECT " + l.select_list(quote, true) + " FROM tasks WHERE " + waiting +
+          " OR (resource_cleanup_completed = FALSE AND assigned_device IS NOT NULL)" +
+          order_by(l, ""),
+      p);
+  return read_tasks(r.get(), l);
 }
 
-std::size_t delete_finished(pg::Conn& c, Timestamp finished_before) {
+std::size_t delete_finished(pg::Conn& c, const TaskLayout& l, Timestamp finished_before) {
+  if (!l.has(store::kFinishedAt)) return 0;  // an adopted table with no end times: nothing known
+  const auto ended = [&](pg::Params& p) {
+    // The status words first: they are $1.. (one statement at a time, so
+    // that the numbering follows the order the parameters are added in).
+    const std::string done =
+        status_in(l, {TaskStatus::kCompleted, TaskStatus::kFailed, TaskStatus::kCancelled}, p);
+    add_time(p, l.kind(store::kFinishedAt), finished_before);
+    std::string sql = "SELECT " + quote(l.column(store::kId)) + " FROM tasks WHERE " + done +
+                      " AND resource_cleanup_completed AND " + quote(l.column(store::kFinishedAt)) +
+                      " IS NOT NULL AND " + quote(l.column(store::kFinishedAt)) + " < $" +
+                      std::to_string(p.size());
+    // An adopted table: only the rows taskmgr ran; the earlier
+    // application's own rows are never deleted.
+    if (l.adopted()) sql += " AND assigned_device IS NOT NULL";
+    return sql;
+  };
   return in_transaction(c, [&] {
     for (const char* table : {"task_metrics", "task_events"}) {
       pg::Params p;
-      p.timestamp(finished_before);
-      c.exec(std::string("DELETE FROM ") + table + " WHERE task_id IN (" + kEnded + ")", p);
+      const std::string sql = ended(p);
+      c.exec(std::string("DELETE FROM ") + table + " WHERE task_id IN (" + sql + ")", p);
     }
     pg::Params p;
-    p.timestamp(finished_before);
-    pg::Result r = c.exec(std::string("DELETE FROM tasks WHERE id IN (") + kEnded + ")", p);
+    const std::string sql = ended(p);
+    pg::Result r =
+        c.exec("DELETE FROM tasks WHERE " + quote(l.column(store::kId)) + " IN (" + sql + ")", p);
     return static_cast<std::size_t>(std::strtoull(PQcmdTuples(r.get()), nullptr, 10));
   });
 }

@@ -73,6 +73,9 @@ class PostgresStore final : public TaskStore, private WriteBackend {
       // another store uses is not migrated under it.
       take_store_lock(*w);
       migrate(*w, options_, where_);
+      layout_ = task_layout(*w, options_);
+      writes_ = {insert_task_statement(layout_), update_task_statement(layout_),
+                 insert_event_statement(), insert_metric_statement()};
       prepare_writes(*w);
       release(connect_once());  // the first read connection: reads work too
     } catch (const PgError& e) {
@@ -102,14 +105,14 @@ class PostgresStore final : public TaskStore, private WriteBackend {
 
   // Rows as their latest update left them, persisted or not (store.hpp).
   std::optional<Task> load_task(const std::string& id) override REQUIRES(!pool_mu_) {
-    return read([&](Conn& c) { return queue_->overlay_task(select_task(c, id)); });
+    return read([&](Conn& c) { return queue_->overlay_task(select_task(c, layout_, id)); });
   }
 
   std::vector<Task> list_tasks(const TaskFilter& f) override REQUIRES(!pool_mu_) {
     return read([&](Conn& c) {
       return queue_->list_tasks(
-          f, [&](const TaskFilter& g) { return select_tasks(c, g); },
-          [&](const std::string& id) { return select_task(c, id); });
+          f, [&](const TaskFilter& g) { return select_tasks(c, layout_, g); },
+          [&](const std::string& id) { return select_task(c, layout_, id); });
     });
   }
 
@@ -122,7 +125,7 @@ class PostgresStore final : public TaskStore, private WriteBackend {
   }
 
   std::vector<Task> load_unfinished() override REQUIRES(!pool_mu_) {
-    return read([&](Conn& c) { return select_unfinished(c); });
+    return read([&](Conn& c) { return select_unfinished(c, layout_); });
   }
 
   std::size_t prune_finished(Timestamp finished_before) override REQUIRES(!writer_mu_) {
@@ -131,7 +134,7 @@ class PostgresStore final : public TaskStore, private WriteBackend {
     for (int attempt = 1;; ++attempt) {
       try {
         ensure_writer();
-        return delete_finished(*writer_, finished_before);
+        return delete_finished(*writer_, layout_, finished_before);
       } catch (const PgError& e) {
         if (e.connection_lost()) writer_.reset();
         if ((e.connection_lost() || e.transaction_conflict()) && attempt < kMaxAttempts) continue;
@@ -190,11 +193,8 @@ class PostgresStore final : public TaskStore, private WriteBackend {
                                       "; only one may use a schema at a time");
   }
 
-  static void prepare_writes(Conn& c) {
-    for (const Statement* s : {&insert_task_statement(), &update_task_statement(),
-                               &insert_event_statement(), &insert_metric_statement()}) {
-      c.prepare(s->name, s->sql);
-    }
+  void prepare_writes(Conn& c) const {
+    for (const Statement& s : writes_) c.prepare(s.name, s.sql);
   }
 
   // The writer connection, connected again (with its store lock and
@@ -272,31 +272,31 @@ class PostgresStore final : public TaskStore, private WriteBackend {
   // ---- writes ----------------------------------------------------------------
 
   // Sends one op's statements; returns how many.
-  static std::size_t send_op(pg::Pipeline& p, WriteOp& op, bool events_only) {
+  std::size_t send_op(pg::Pipeline& p, WriteOp& op, bool events_only) const {
     std::size_t n = 0;
     auto event = [&](const EventRecord& e) {
       pg::Params ps = insert_event_params(e);
-      p.send_prepared(insert_event_statement().name, ps);
+      p.send_prepared(writes_[2].name, ps);
       ++n;
     };
     if (auto* ins = std::get_if<InsertOp>(&op)) {
       for (const NewTask& t : *ins->tasks) {
-        pg::Params ps = insert_task_params(t.task);
-        p.send_prepared(insert_task_statement().name, ps);
+        pg::Params ps = insert_task_params(layout_, t.task);
+        p.send_prepared(writes_[0].name, ps);
         ++n;
         for (const auto& e : t.events) event(e);
       }
     } else if (auto* up = std::get_if<UpdateOp>(&op)) {
       if (!events_only) {
-        pg::Params ps = update_task_params(up->task);
-        p.send_prepared(update_task_statement().name, ps);
+        pg::Params ps = update_task_params(layout_, up->task);
+        p.send_prepared(writes_[1].name, ps);
         ++n;
       }
       for (const auto& e : up->events) event(e);
     } else if (auto* m = std::get_if<MetricsOp>(&op)) {
       for (const auto& s : m->samples) {
         pg::Params ps = insert_metric_params(s);
-        p.send_prepared(insert_metric_statement().name, ps);
+        p.send_prepared(writes_[3].name, ps);
         ++n;
       }
     }
@@ -414,6 +414,11 @@ class PostgresStore final : public TaskStore, private WriteBackend {
   const std::string setup_;  // session_setup(options_)
   std::string where_;        // describe(); set in the constructor
   std::string schema_;       // set in the constructor
+  // Set in the constructor, before any other thread runs: how tasks map
+  // onto the table, and the writes prepared on the writer connection
+  // (insert task, update task, insert event, insert metric).
+  store::TaskLayout layout_;
+  std::vector<Statement> writes_;
 
   // The writer connection: a commit of the queue, or a prune. It holds the
   // store lock.
@@ -448,6 +453,9 @@ std::shared_ptr<TaskStore> open_postgres_store(const std::string& url,
     throw Error(ErrorCode::kInvalidArgument,
                 "PostgresStoreOptions: statement_timeout_seconds must be >= 0, "
                 "connect_timeout_seconds > 0, max_batch >= 1 and max_backlog >= 1");
+  }
+  if (auto problem = detail::store::status_map_problem(options.adopt.status_map)) {
+    throw Error(ErrorCode::kInvalidArgument, "PostgresStoreOptions::adopt.status_map: " + *problem);
   }
   return std::make_shared<detail::postgres::PostgresStore>(url, std::move(options));
 }

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "store/task_layout.hpp"
 #include "taskmgr/error.hpp"
 #include "taskmgr/store.hpp"
 #include "taskmgr/task.hpp"
@@ -21,39 +22,50 @@ namespace taskmgr::detail::sqlite {
 // The schema version this build writes (PRAGMA user_version).
 inline constexpr int kSchemaVersion = 2;
 
-// The columns every state change rewrites, bound from `first` on, in the
-// order of kMutableColumns.
-inline constexpr const char* kMutableColumns =
-    "options, priority, status, attempt, batch_size, failure_reason, failure_message, result, "
-    "queued_at, started_at, finished_at, estimated_memory_mb, actual_memory_mb, "
-    "assigned_device, service_instance_id, resource_cleanup_completed";
-inline constexpr int kMutableCount = 16;
-
-// Binds `v`, or NULL when it is empty.
-void bind_opt_text(SQLite::Statement& st, int i, const std::string& v);
-// Binds the task's kMutableColumns to parameters first, first + 1, ...
-void bind_mutable(SQLite::Statement& st, int first, const Task& t);
-// "options=?, priority=?, ...": kMutableColumns for an UPDATE.
-std::string mutable_assignments();
+// The `tasks` table's columns as PRAGMA table_info gives them.
+std::vector<store::Column> task_columns(SQLite::Database& db);
+// The writes of a task row: an INSERT of every field the table has, an
+// UPDATE of its mutable ones (store::kMutableFields) by id, and their
+// parameters.
+std::string insert_task_sql(const store::TaskLayout& l);
+std::string update_task_sql(const store::TaskLayout& l);
+void bind_insert(SQLite::Statement& st, const store::TaskLayout& l, const Task& t);
+void bind_update(SQLite::Statement& st, const store::TaskLayout& l, const Task& t);
 // Our code for a SQLite failure: kBusy, kOutOfMemory or kIoError.
 ErrorCode code_of(const SQLite::Exception& e);
 
 // The reads, as TaskStore's (store.hpp); they throw SQLite::Exception.
-std::optional<Task> select_task(SQLite::Database& db, const std::string& id);
-std::vector<Task> select_tasks(SQLite::Database& db, const TaskFilter& f);
+std::optional<Task> select_task(SQLite::Database& db, const store::TaskLayout& l,
+                                const std::string& id);
+std::vector<Task> select_tasks(SQLite::Database& db, const store::TaskLayout& l,
+                               const TaskFilter& f);
 std::vector<EventRecord> select_events(SQLite::Database& db, const std::string& task_id);
 std::vector<MetricSample> select_metrics(SQLite::Database& db, const std::string& task_id);
-std::vector<Task> select_unfinished(SQLite::Database& db);
+std::vector<Task> select_unfinished(SQLite::Database& db, const store::TaskLayout& l);
 // TaskStore::prune_finished's deletes, in one transaction of their own;
-// returns how many tasks went.
-std::size_t delete_finished(SQLite::Database& db, Timestamp finished_before);
+// returns how many tasks went. In an adopted table only rows taskmgr ran
+// (assigned_device set) are deleted.
+std::size_t delete_finished(SQLite::Database& db, const store::TaskLayout& l,
+                            Timestamp finished_before);
+
+// Throws Error(kIncompatible), naming what it found, when migrate() would
+// refuse the database: a newer schema; an unversioned database with tables
+// but no `tasks` (unless allow_other_tables); a `tasks` table that cannot be
+// adopted. Reads only: run on a read-only connection before any write.
+void check_migratable(SQLite::Database& db, const std::string& path, bool allow_other_tables);
 
 // Brings the database up to kSchemaVersion, each step in its own
-// transaction, forward only. Throws Error(kIncompatible) and changes nothing
-// for a newer schema, or an unversioned file that has tables (a tasks table,
-// or any other: taskmgr does not create its tables among data it does not
-// know).
-void migrate(SQLite::Database& db, const std::string& path);
+// transaction, forward only; adopts an unversioned `tasks` table (the
+// spec's ALTER TABLEs for the columns it lacks, the two new tables, in one
+// transaction). Refuses as check_migratable() does, changing nothing.
+void migrate(SQLite::Database& db, const std::string& path, bool allow_other_tables);
+
+// Refuses, with Error(kIncompatible) and nothing changed, a file at `path`
+// that is not a SQLite database, or that reads as empty or loses tables
+// through a `-wal` file beside it (one of another database, left there by
+// hand): SQLite would read that file's pages over the database's. Run
+// before the store opens the file for writing.
+void check_file(const std::string& path);
 
 // An exclusive lock on "<db>.lock": one store per database at a time, in this
 // process or any other. flock locks belong to the open file, so a second open

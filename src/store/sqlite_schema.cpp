@@ -8,8 +8,11 @@
 
 #include <sqlite3.h>
 
+#include <cctype>
 #include <cerrno>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 
 #include "sqlite_internal.hpp"
 #include "taskmgr/store.hpp"
@@ -43,13 +46,18 @@ CREATE INDEX idx_tasks_status ON tasks(status);
 )sql";
 
 // Version 2: the spec's "Database schema changes", as the spec writes them
-// (SERIAL becomes SQLite's INTEGER PRIMARY KEY, JSONB is JSON text).
-constexpr const char* kMigrationV2 = R"sql(
-ALTER TABLE tasks ADD COLUMN estimated_memory_mb INTEGER;
-ALTER TABLE tasks ADD COLUMN actual_memory_mb INTEGER;
-ALTER TABLE tasks ADD COLUMN assigned_device VARCHAR(50);
-ALTER TABLE tasks ADD COLUMN service_instance_id VARCHAR(100);
-ALTER TABLE tasks ADD COLUMN resource_cleanup_completed BOOLEAN DEFAULT FALSE;
+// (SERIAL becomes SQLite's INTEGER PRIMARY KEY, JSONB is JSON text): its
+// ALTER TABLEs, each run when the column is not there yet (an adopted table
+// may have some), then its new tables.
+constexpr std::pair<const char*, const char*> kSpecColumns[] = {
+    {"estimated_memory_mb", "ALTER TABLE tasks ADD COLUMN estimated_memory_mb INTEGER"},
+    {"actual_memory_mb", "ALTER TABLE tasks ADD COLUMN actual_memory_mb INTEGER"},
+    {"assigned_device", "ALTER TABLE tasks ADD COLUMN assigned_device VARCHAR(50)"},
+    {"service_instance_id", "ALTER TABLE tasks ADD COLUMN service_instance_id VARCHAR(100)"},
+    {"resource_cleanup_completed",
+     "ALTER TABLE tasks ADD COLUMN resource_cleanup_completed BOOLEAN DEFAULT FALSE"},
+};
+constexpr const char* kSpecTables = R"sql(
 CREATE TABLE task_metrics (
   id INTEGER PRIMARY KEY,
   task_id VARCHAR(36) REFERENCES tasks(id),
@@ -69,6 +77,50 @@ CREATE INDEX idx_task_metrics_task ON task_metrics(task_id);
 CREATE INDEX idx_task_events_task ON task_events(task_id, id);
 )sql";
 
+using store::Field;
+using store::Kind;
+using store::TaskLayout;
+
+std::optional<Timestamp> col_ts(const SQLite::Column& c) {
+  if (c.isNull()) return std::nullopt;
+  const std::string s = c.getString();
+  if (auto t = parse_timestamp(s)) return t;  // taskmgr's own form
+  return store::parse_stored_time(s);
+}
+
+std::string quote(const std::string& name) {
+  std::string out = "\"";
+  for (char c : name) out += c == '"' ? std::string("\"\"") : std::string(1, c);
+  return out + "\"";
+}
+
+// "?, ?, ..." for n parameters.
+std::string params(std::size_t n) {
+  std::string out;
+  for (std::size_t i = 0; i < n; ++i) out += i == 0 ? "?" : ", ?";
+  return out;
+}
+
+// A time as its column keeps it: RFC 3339 text, or seconds since 1970.
+void bind_time(SQLite::Statement& st, int i, Kind k, const std::optional<Timestamp>& t) {
+  if (!t) {
+    st.bind(i);
+  } else if (k == Kind::kEpoch) {
+    st.bind(i, static_cast<std::int64_t>(
+                   std::chrono::floor<std::chrono::seconds>(t->time_since_epoch()).count()));
+  } else {
+    st.bind(i, format_timestamp(*t));
+  }
+}
+
+void bind_text_or_null(SQLite::Statement& st, int i, const std::string& v) {
+  if (v.empty()) {
+    st.bind(i);
+  } else {
+    st.bind(i, v);
+  }
+}
+
 template <typename T>
 void bind_opt(SQLite::Statement& st, int i, const std::optional<T>& v) {
   if (v) {
@@ -78,105 +130,232 @@ void bind_opt(SQLite::Statement& st, int i, const std::optional<T>& v) {
   }
 }
 
-void bind_opt_ts(SQLite::Statement& st, int i, const std::optional<Timestamp>& t) {
-  if (t) {
-    st.bind(i, format_timestamp(*t));
-  } else {
-    st.bind(i);
+void bind_field(SQLite::Statement& st, int i, const TaskLayout& l, Field f, const Task& t) {
+  switch (f) {
+    case store::kId: st.bind(i, t.id); break;
+    case store::kService: st.bind(i, t.service); break;
+    case store::kInputPath: bind_text_or_null(st, i, t.input.path); break;
+    case store::kInputData:
+      if (t.input.data.empty()) {
+        st.bind(i);
+      } else {
+        st.bindNoCopy(i, t.input.data.data(), static_cast<int>(t.input.data.size()));
+      }
+      break;
+    case store::kMediaType: bind_text_or_null(st, i, t.input.media_type); break;
+    case store::kOptions: bind_text_or_null(st, i, t.options_json); break;
+    case store::kPriority: st.bind(i, t.priority); break;
+    case store::kStatus:
+      st.bind(i, t.status == TaskStatus::kUnrecognized ? t.stored_status
+                                                       : std::string(to_string(t.status)));
+      break;
+    case store::kAttempt: st.bind(i, t.attempt); break;
+    case store::kBatchSize: st.bind(i, t.batch_size); break;
+    case store::kFailureReason:
+      if (t.failure_reason == TaskFailureReason::kNone) {
+        st.bind(i);
+      } else {
+        st.bind(i, std::string(to_string(t.failure_reason)));
+      }
+      break;
+    case store::kFailureMessage: bind_text_or_null(st, i, t.failure_message); break;
+    case store::kResult: bind_text_or_null(st, i, t.result); break;
+    case store::kCreatedAt: bind_time(st, i, l.kind(f), t.created_at); break;
+    case store::kQueuedAt: bind_time(st, i, l.kind(f), t.queued_at); break;
+    case store::kStartedAt: bind_time(st, i, l.kind(f), t.started_at); break;
+    case store::kFinishedAt: bind_time(st, i, l.kind(f), t.finished_at); break;
+    case store::kEstimatedMemory: bind_opt(st, i, t.estimated_memory_mb); break;
+    case store::kActualMemory: bind_opt(st, i, t.actual_memory_mb); break;
+    case store::kAssignedDevice: bind_opt(st, i, t.assigned_device); break;
+    case store::kServiceInstance: bind_opt(st, i, t.service_instance_id); break;
+    case store::kCleanupCompleted: st.bind(i, t.resource_cleanup_completed ? 1 : 0); break;
+    case store::kFieldCount: break;
   }
 }
 
-std::optional<Timestamp> col_ts(const SQLite::Column& c) {
-  if (c.isNull()) return std::nullopt;
-  return parse_timestamp(c.getString());
-}
-
-// Every column of `tasks`, in the order read_task() reads them.
-constexpr const char* kTaskColumns =
-    "id, service, input_path, input_data, input_media_type, options, priority, status, attempt, "
-    "batch_size, failure_reason, failure_message, result, created_at, queued_at, started_at, "
-    "finished_at, estimated_memory_mb, actual_memory_mb, assigned_device, service_instance_id, "
-    "resource_cleanup_completed";
-
-Task read_task(SQLite::Statement& q) {
+Task read_task(SQLite::Statement& q, const TaskLayout& l) {
   Task t;
-  t.id = q.getColumn(0).getString();
-  t.service = q.getColumn(1).getString();
-  if (!q.getColumn(2).isNull()) t.input.path = q.getColumn(2).getString();
-  if (!q.getColumn(3).isNull()) {
-    const auto* p = static_cast<const std::uint8_t*>(q.getColumn(3).getBlob());
-    t.input.data.assign(p, p + q.getColumn(3).getBytes());
+  bool service_seen = false;
+  for (int f = 0; f < store::kFieldCount; ++f) {
+    const SQLite::Column c = q.getColumn(f);
+    if (c.isNull()) continue;
+    if (f == store::kService) service_seen = true;
+    if (f == store::kInputData) {
+      const auto* p = static_cast<const std::uint8_t*>(c.getBlob());
+      t.input.data.assign(p, p + c.getBytes());
+      continue;
+    }
+    const std::string v = c.getString();
+    if (f >= store::kCreatedAt && f <= store::kFinishedAt && !l.adopted()) {
+      // taskmgr's own form first (it is nearly always that).
+      if (const auto when = col_ts(c)) {
+        if (f == store::kCreatedAt) t.created_at = *when;
+        if (f == store::kQueuedAt) t.queued_at = *when;
+        if (f == store::kStartedAt) t.started_at = *when;
+        if (f == store::kFinishedAt) t.finished_at = *when;
+        continue;
+      }
+    }
+    l.set_field(t, Field(f), v);
   }
-  if (!q.getColumn(4).isNull()) t.input.media_type = q.getColumn(4).getString();
-  if (!q.getColumn(5).isNull()) t.options_json = q.getColumn(5).getString();
-  t.priority = q.getColumn(6).getInt();
-  t.status = parse_task_status(q.getColumn(7).getString()).value_or(TaskStatus::kFailed);
-  t.attempt = q.getColumn(8).getInt();
-  t.batch_size = q.getColumn(9).getInt();
-  if (!q.getColumn(10).isNull()) {
-    t.failure_reason = parse_failure_reason(q.getColumn(10).getString())
-                           .value_or(TaskFailureReason::kProcessingError);
+  if (!l.has(store::kStatus) || q.getColumn(store::kStatus).isNull()) {
+    t.status = TaskStatus::kUnrecognized;  // no status word at all: stored_status ""
   }
-  if (!q.getColumn(11).isNull()) t.failure_message = q.getColumn(11).getString();
-  if (!q.getColumn(12).isNull()) t.result = q.getColumn(12).getString();
-  t.created_at = col_ts(q.getColumn(13)).value_or(Timestamp{});
-  t.queued_at = col_ts(q.getColumn(14));
-  t.started_at = col_ts(q.getColumn(15));
-  t.finished_at = col_ts(q.getColumn(16));
-  if (!q.getColumn(17).isNull()) t.estimated_memory_mb = q.getColumn(17).getInt64();
-  if (!q.getColumn(18).isNull()) t.actual_memory_mb = q.getColumn(18).getInt64();
-  if (!q.getColumn(19).isNull()) t.assigned_device = q.getColumn(19).getString();
-  if (!q.getColumn(20).isNull()) t.service_instance_id = q.getColumn(20).getString();
-  t.resource_cleanup_completed = !q.getColumn(21).isNull() && q.getColumn(21).getInt() != 0;
+  const auto& extra = l.extra();
+  for (std::size_t i = 0; i < extra.size(); ++i) {
+    const SQLite::Column c = q.getColumn(static_cast<int>(store::kFieldCount + i));
+    if (!c.isNull()) t.extra[extra[i]] = c.getString();
+  }
+  l.finish(t, service_seen);
   return t;
+}
+
+// "status IN (?, ...)" for the words of `statuses`, appended to `binds`.
+std::string status_in(const TaskLayout& l, std::initializer_list<TaskStatus> statuses,
+                      std::vector<std::string>& binds) {
+  if (!l.has(store::kStatus)) return "0";  // no status column: every row is unrecognized
+  std::size_t n = 0;
+  for (TaskStatus s : statuses) {
+    for (auto& w : l.words_for(s)) {
+      binds.push_back(std::move(w));
+      ++n;
+    }
+  }
+  return quote(l.column(store::kStatus)) + " IN (" + params(n) + ")";
+}
+
+std::string order_by(const TaskLayout& l, const char* dir) {
+  std::string out = " ORDER BY ";
+  if (l.has(store::kCreatedAt)) out += quote(l.column(store::kCreatedAt)) + dir + ", ";
+  return out + quote(l.column(store::kId)) + dir;
+}
+
+std::vector<std::string> tables_of(SQLite::Database& db) {
+  std::vector<std::string> tables;
+  SQLite::Statement q(db,
+                      "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE "
+                      "'sqlite\\_%' ESCAPE '\\' ORDER BY name");
+  while (q.executeStep()) tables.push_back(q.getColumn(0).getString());
+  return tables;
+}
+
+std::string join(const std::vector<std::string>& names) {
+  std::string out;
+  for (const auto& n : names) out += (out.empty() ? "" : ", ") + n;
+  return out;
+}
+
+bool has(const std::vector<std::string>& v, const std::string& x) {
+  return std::find(v.begin(), v.end(), x) != v.end();
+}
+
+// Why the unversioned `tasks` table cannot be adopted, or "".
+std::string adoption_problem(SQLite::Database& db) {
+  const std::vector<std::string> tables = tables_of(db);
+  for (const char* t : {"task_events", "task_metrics"}) {
+    if (has(tables, t)) {
+      return std::string("it has a ") + t +
+             " table already, which taskmgr would create: it does not know that table's "
+             "columns";
+    }
+  }
+  const auto cols = task_columns(db);
+  const auto id = std::find_if(cols.begin(), cols.end(), [](const store::Column& c) {
+    std::string n = c.name;
+    std::transform(n.begin(), n.end(), n.begin(),
+                   [](unsigned char ch) { return std::tolower(ch); });
+    return n == "id";
+  });
+  if (id == cols.end()) return "its tasks table has no id column";
+  std::string type = id->type;
+  std::transform(type.begin(), type.end(), type.begin(),
+                 [](unsigned char ch) { return std::toupper(ch); });
+  if (type.find("INT") != std::string::npos || type.find("BLOB") != std::string::npos ||
+      type.find("REAL") != std::string::npos) {
+    return "its tasks.id column is " + id->type +
+           ", not text: taskmgr's ids are 36-character UUIDs (task_events.task_id is "
+           "VARCHAR(36))";
+  }
+  // The new tables' REFERENCES tasks(id) need id to be unique on its own.
+  bool unique = false;
+  {
+    SQLite::Statement pk(
+        db,
+        "SELECT count(*), sum(pk = 1 AND name = ?) FROM pragma_table_info('tasks') "
+        "WHERE pk > 0");
+    pk.bind(1, id->name);
+    if (pk.executeStep()) unique = pk.getColumn(0).getInt() == 1 && pk.getColumn(1).getInt() == 1;
+  }
+  if (!unique) {
+    SQLite::Statement ix(db,
+                         "SELECT count(*) FROM pragma_index_list('tasks') l WHERE l.\"unique\" = 1 "
+                         "AND (SELECT count(*) FROM pragma_index_info(l.name)) = 1 AND "
+                         "(SELECT name FROM pragma_index_info(l.name)) = ?");
+    ix.bind(1, id->name);
+    unique = ix.executeStep() && ix.getColumn(0).getInt() > 0;
+  }
+  if (!unique) {
+    return "its tasks.id column is neither the primary key nor unique: the spec's task_events and "
+           "task_metrics reference tasks(id)";
+  }
+  SQLite::Statement len(db, "SELECT count(*), coalesce(max(length(" + quote(id->name) +
+                                ")), 0), sum(" + quote(id->name) + " IS NULL) FROM tasks");
+  len.executeStep();
+  if (len.getColumn(1).getInt() > 36) {
+    return "its tasks.id values are up to " + std::to_string(len.getColumn(1).getInt()) +
+           " characters long; the spec's task_id columns are VARCHAR(36)";
+  }
+  if (len.getColumn(2).getInt() > 0) {
+    return std::to_string(len.getColumn(2).getInt()) + " of its tasks have no id (NULL)";
+  }
+  return "";
 }
 
 }  // namespace
 
-void bind_opt_text(SQLite::Statement& st, int i, const std::string& v) {
-  if (v.empty()) {
-    st.bind(i);
-  } else {
-    st.bind(i, v);
-  }
-}
-
-void bind_mutable(SQLite::Statement& st, int first, const Task& t) {
-  int i = first;
-  bind_opt_text(st, i++, t.options_json);
-  st.bind(i++, t.priority);
-  st.bind(i++, std::string(to_string(t.status)));
-  st.bind(i++, t.attempt);
-  st.bind(i++, t.batch_size);
-  if (t.failure_reason == TaskFailureReason::kNone) {
-    st.bind(i++);
-  } else {
-    st.bind(i++, std::string(to_string(t.failure_reason)));
-  }
-  bind_opt_text(st, i++, t.failure_message);
-  bind_opt_text(st, i++, t.result);
-  bind_opt_ts(st, i++, t.queued_at);
-  bind_opt_ts(st, i++, t.started_at);
-  bind_opt_ts(st, i++, t.finished_at);
-  bind_opt(st, i++, t.estimated_memory_mb);
-  bind_opt(st, i++, t.actual_memory_mb);
-  bind_opt(st, i++, t.assigned_device);
-  bind_opt(st, i++, t.service_instance_id);
-  st.bind(i++, t.resource_cleanup_completed ? 1 : 0);
-}
-
-std::string mutable_assignments() {
-  std::string out, cols = kMutableColumns;
-  std::size_t pos = 0;
-  while (pos < cols.size()) {
-    std::size_t comma = cols.find(',', pos);
-    if (comma == std::string::npos) comma = cols.size();
-    std::string name = cols.substr(pos, comma - pos);
-    name.erase(0, name.find_first_not_of(' '));
-    out += (out.empty() ? "" : ", ") + name + "=?";
-    pos = comma + 1;
-  }
+std::vector<store::Column> task_columns(SQLite::Database& db) {
+  std::vector<store::Column> out;
+  SQLite::Statement q(db, "SELECT name, type FROM pragma_table_info('tasks') ORDER BY cid");
+  while (q.executeStep()) out.push_back({q.getColumn(0).getString(), q.getColumn(1).getString()});
   return out;
+}
+
+std::string insert_task_sql(const TaskLayout& l) {
+  std::string cols;
+  std::size_t n = 0;
+  auto add = [&](Field f) {
+    if (!l.has(f)) return;
+    cols += (n++ == 0 ? "" : ", ") + quote(l.column(f));
+  };
+  for (Field f : store::kInsertOnlyFields) add(f);
+  for (Field f : store::kMutableFields) add(f);
+  return "INSERT INTO tasks (" + cols + ") VALUES (" + params(n) + ")";
+}
+
+std::string update_task_sql(const TaskLayout& l) {
+  std::string sets;
+  for (Field f : store::kMutableFields) {
+    if (l.has(f)) sets += (sets.empty() ? "" : ", ") + quote(l.column(f)) + " = ?";
+  }
+  return "UPDATE tasks SET " + sets + " WHERE " + quote(l.column(store::kId)) + " = ?";
+}
+
+void bind_insert(SQLite::Statement& st, const TaskLayout& l, const Task& t) {
+  int i = 1;
+  for (Field f : store::kInsertOnlyFields) {
+    if (l.has(f)) bind_field(st, i++, l, f, t);
+  }
+  for (Field f : store::kMutableFields) {
+    if (l.has(f)) bind_field(st, i++, l, f, t);
+  }
+}
+
+void bind_update(SQLite::Statement& st, const TaskLayout& l, const Task& t) {
+  int i = 1;
+  for (Field f : store::kMutableFields) {
+    if (l.has(f)) bind_field(st, i++, l, f, t);
+  }
+  st.bind(i, t.id);
 }
 
 ErrorCode code_of(const SQLite::Exception& e) {
@@ -188,31 +367,46 @@ ErrorCode code_of(const SQLite::Exception& e) {
   }
 }
 
-std::optional<Task> select_task(SQLite::Database& db, const std::string& id) {
-  SQLite::Statement q(db, std::string("SELECT ") + kTaskColumns + " FROM tasks WHERE id=?");
+std::optional<Task> select_task(SQLite::Database& db, const TaskLayout& l, const std::string& id) {
+  SQLite::Statement q(db, "SELECT " + l.select_list(quote, true) + " FROM tasks WHERE " +
+                              quote(l.column(store::kId)) + " = ?");
   q.bind(1, id);
   if (!q.executeStep()) return std::nullopt;
-  return read_task(q);
+  return read_task(q, l);
 }
 
-std::vector<Task> select_tasks(SQLite::Database& db, const TaskFilter& f) {
-  std::string columns = kTaskColumns;
-  if (!f.with_payloads) {
-    // Same positions for read_task, NULL instead of the bulky columns.
-    columns.replace(columns.find("input_data"), 10, "NULL");
-    columns.replace(columns.find("result"), 6, "NULL");
+std::vector<Task> select_tasks(SQLite::Database& db, const TaskLayout& l, const TaskFilter& f) {
+  std::string sql = "SELECT " + l.select_list(quote, f.with_payloads) + " FROM tasks WHERE 1=1";
+  std::vector<std::string> binds;
+  if (f.status) {
+    if (*f.status == TaskStatus::kUnrecognized) {
+      if (l.has(store::kStatus)) {
+        binds = l.known_words();
+        const std::string c = quote(l.column(store::kStatus));
+        sql += " AND (" + c + " IS NULL OR " + c + " NOT IN (" + params(binds.size()) + "))";
+      }
+    } else {
+      sql += " AND " + status_in(l, {*f.status}, binds);
+    }
   }
-  std::string sql = "SELECT " + columns + " FROM tasks WHERE 1=1";
-  if (f.status) sql += " AND status=?";
-  if (!f.service.empty()) sql += " AND service=?";
-  sql += " ORDER BY created_at DESC, id DESC";
+  if (!f.service.empty()) {
+    if (l.has(store::kService)) {
+      const std::string c = quote(l.column(store::kService));
+      sql += " AND (" + c + " = ?";
+      // Rows that name no service are the default service's.
+      if (f.service == l.default_service()) sql += " OR " + c + " IS NULL";
+      sql += ")";
+      binds.push_back(f.service);
+    } else if (f.service != l.default_service()) {
+      sql += " AND 0";
+    }
+  }
+  sql += order_by(l, " DESC");
   if (f.limit != 0) sql += " LIMIT " + std::to_string(f.limit);
   SQLite::Statement q(db, sql);
-  int i = 1;
-  if (f.status) q.bind(i++, std::string(to_string(*f.status)));
-  if (!f.service.empty()) q.bind(i++, f.service);
+  for (std::size_t i = 0; i < binds.size(); ++i) q.bind(static_cast<int>(i + 1), binds[i]);
   std::vector<Task> out;
-  while (q.executeStep()) out.push_back(read_task(q));
+  while (q.executeStep()) out.push_back(read_task(q, l));
   std::reverse(out.begin(), out.end());
   return out;
 }
@@ -255,73 +449,191 @@ std::vector<MetricSample> select_metrics(SQLite::Database& db, const std::string
 
 // Rows from before the upgrade (no assigned_device) never ran under this
 // schema: their cleanup is not ours to redo.
-std::vector<Task> select_unfinished(SQLite::Database& db) {
-  SQLite::Statement q(db, std::string("SELECT ") + kTaskColumns +
-                              " FROM tasks WHERE status IN ('pending','queued','running') "
-                              "OR (resource_cleanup_completed = 0 AND assigned_device IS NOT NULL) "
-                              "ORDER BY created_at, id");
+std::vector<Task> select_unfinished(SQLite::Database& db, const TaskLayout& l) {
+  std::vector<std::string> binds;
+  const std::string waiting =
+      status_in(l, {TaskStatus::kPending, TaskStatus::kQueued, TaskStatus::kRunning}, binds);
+  SQLite::Statement q(db, "SELECT " + l.select_list(quote, true) + " FROM tasks WHERE " + waiting +
+                              " OR (resource_cleanup_completed = 0 AND assigned_device IS NOT "
+                              "NULL)" +
+                              order_by(l, ""));
+  for (std::size_t i = 0; i < binds.size(); ++i) q.bind(static_cast<int>(i + 1), binds[i]);
   std::vector<Task> out;
-  while (q.executeStep()) out.push_back(read_task(q));
+  while (q.executeStep()) out.push_back(read_task(q, l));
   return out;
 }
 
-std::size_t delete_finished(SQLite::Database& db, Timestamp finished_before) {
-  static constexpr const char* kEnded =
-      "SELECT id FROM tasks WHERE status IN ('completed','failed','cancelled') "
-      "AND resource_cleanup_completed = 1 AND finished_at IS NOT NULL AND finished_at < ?1";
+std::size_t delete_finished(SQLite::Database& db, const TaskLayout& l, Timestamp finished_before) {
+  if (!l.has(store::kFinishedAt)) return 0;  // an adopted table with no end times: nothing known
+  std::vector<std::string> binds;
+  std::string ended =
+      "SELECT " + quote(l.column(store::kId)) + " FROM tasks WHERE " +
+      status_in(l, {TaskStatus::kCompleted, TaskStatus::kFailed, TaskStatus::kCancelled}, binds) +
+      " AND resource_cleanup_completed = 1 AND " + quote(l.column(store::kFinishedAt)) +
+      " IS NOT NULL AND " + quote(l.column(store::kFinishedAt)) + " < ?";
+  // An adopted table: only the rows taskmgr ran; the earlier application's
+  // own rows are never deleted.
+  if (l.adopted()) ended += " AND assigned_device IS NOT NULL";
+  auto bind_all = [&](SQLite::Statement& st) {
+    int i = 1;
+    for (const auto& w : binds) st.bind(i++, w);
+    bind_time(st, i, l.kind(store::kFinishedAt), finished_before);
+  };
   SQLite::Transaction tx(db, SQLite::TransactionBehavior::IMMEDIATE);
-  const std::string cutoff = format_timestamp(finished_before);
   for (const char* table : {"task_metrics", "task_events"}) {
     SQLite::Statement del(
-        db, std::string("DELETE FROM ") + table + " WHERE task_id IN (" + kEnded + ")");
-    del.bind(1, cutoff);
+        db, std::string("DELETE FROM ") + table + " WHERE task_id IN (" + ended + ")");
+    bind_all(del);
     del.exec();
   }
-  SQLite::Statement del(db, std::string("DELETE FROM tasks WHERE id IN (") + kEnded + ")");
-  del.bind(1, cutoff);
+  SQLite::Statement del(
+      db, "DELETE FROM tasks WHERE " + quote(l.column(store::kId)) + " IN (" + ended + ")");
+  bind_all(del);
   const int n = del.exec();
   tx.commit();
   return static_cast<std::size_t>(n);
 }
 
-void migrate(SQLite::Database& db, const std::string& path) {
-  int version = db.execAndGet("PRAGMA user_version").getInt();
+void check_migratable(SQLite::Database& db, const std::string& path, bool allow_other_tables) {
+  const int version = db.execAndGet("PRAGMA user_version").getInt();
   if (version > kSchemaVersion) {
     throw Error(ErrorCode::kIncompatible,
                 "database " + path + " has schema version " + std::to_string(version) +
                     ", newer than this taskmgr knows (" + std::to_string(kSchemaVersion) +
                     "); it was not modified");
   }
-  if (version == 0) {
-    std::vector<std::string> tables;
-    SQLite::Statement q(db,
-                        "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE "
-                        "'sqlite\\_%' ESCAPE '\\' ORDER BY name");
-    while (q.executeStep()) tables.push_back(q.getColumn(0).getString());
-    if (std::find(tables.begin(), tables.end(), "tasks") != tables.end()) {
-      throw Error(
-          ErrorCode::kIncompatible,
-          "database " + path + " has a tasks table but no schema version; it was not modified");
-    }
-    if (!tables.empty()) {
-      std::string names;
-      for (const auto& t : tables) names += (names.empty() ? "" : ", ") + t;
+  if (version != 0) return;
+  const std::vector<std::string> tables = tables_of(db);
+  if (has(tables, "tasks")) {
+    const std::string why = adoption_problem(db);
+    if (!why.empty()) {
       throw Error(ErrorCode::kIncompatible,
-                  "database " + path + " holds " + std::to_string(tables.size()) +
-                      " table(s) that are not taskmgr's (" + names +
-                      "); taskmgr does not create its tables among data it does not know: use "
-                      "another file; it was not modified");
+                  "database " + path +
+                      " has a tasks table taskmgr did not create, and cannot adopt it: " + why +
+                      " (tables: " + join(tables) + "); it was not modified");
     }
+    return;
+  }
+  if (!tables.empty() && !allow_other_tables) {
+    throw Error(ErrorCode::kIncompatible,
+                "database " + path + " holds " + std::to_string(tables.size()) +
+                    " table(s) that are not taskmgr's (" + join(tables) +
+                    ") and no tasks table; taskmgr does not create its tables among data it does "
+                    "not know: use another file, or set storage.allow_other_tables to create "
+                    "them beside; it was not modified");
+  }
+}
+
+void migrate(SQLite::Database& db, const std::string& path, bool allow_other_tables) {
+  check_migratable(db, path, allow_other_tables);
+  int version = db.execAndGet("PRAGMA user_version").getInt();
+  auto spec_changes = [&] {
+    std::vector<std::string> have;
+    for (const auto& c : task_columns(db)) have.push_back(c.name);
+    for (const auto& [column, sql] : kSpecColumns) {
+      if (!has(have, column)) db.exec(sql);
+    }
+    db.exec(kSpecTables);
+  };
+  if (version == 0 && has(tables_of(db), "tasks")) {
+    // Adopting an earlier application's table: the spec's changes, in one
+    // transaction; its own columns and rows are not touched.
+    SQLite::Transaction tx(db, SQLite::TransactionBehavior::IMMEDIATE);
+    spec_changes();
+    db.exec("PRAGMA user_version = " + std::to_string(kSchemaVersion));
+    tx.commit();
+    return;
   }
   // Each step in its own transaction; forward only.
-  const std::pair<int, const char*> steps[] = {{1, kSchemaV1}, {2, kMigrationV2}};
-  for (const auto& [to, sql] : steps) {
-    if (version >= to) continue;
+  for (int to = version + 1; to <= kSchemaVersion; ++to) {
     SQLite::Transaction tx(db, SQLite::TransactionBehavior::IMMEDIATE);
-    db.exec(sql);
+    if (to == 1) db.exec(kSchemaV1);
+    if (to == 2) spec_changes();
     db.exec("PRAGMA user_version = " + std::to_string(to));
     tx.commit();
     version = to;
+  }
+}
+
+void check_file(const std::string& path) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const auto size = fs::file_size(path, ec);
+  if (ec) return;  // not there yet: created empty
+  const std::string wal = path + "-wal";
+  const auto wal_size = fs::file_size(wal, ec);
+  const bool has_wal = !ec && wal_size > 0;
+  if (size == 0) {
+    if (has_wal) {
+      throw Error(ErrorCode::kIncompatible,
+                  "database " + path + " is empty, but a -wal file of " + std::to_string(wal_size) +
+                      " bytes is beside it: it belongs to no database here (SQLite would delete "
+                      "it); move it away, or back beside the database it came from; nothing was "
+                      "modified");
+    }
+    return;
+  }
+  {
+    std::ifstream in(path, std::ios::binary);
+    char head[16] = {};
+    in.read(head, sizeof head);
+    const auto n = static_cast<std::size_t>(in.gcount());
+    if (n < sizeof head || std::memcmp(head, "SQLite format 3", 16) != 0) {
+      std::string shown;
+      for (std::size_t i = 0; i < n; ++i) {
+        const auto c = static_cast<unsigned char>(head[i]);
+        shown += c >= 0x20 && c < 0x7f ? std::string(1, head[i]) : std::string(".");
+      }
+      throw Error(ErrorCode::kIncompatible,
+                  "database " + path + " is not a SQLite database (" + std::to_string(size) +
+                      " bytes, beginning \"" + shown +
+                      "\"): taskmgr does not write over a file it does not know; it was not "
+                      "modified");
+    }
+  }
+  if (!has_wal) return;
+  // What the file holds with its -wal, and without it (read through a
+  // second name of the same file, where no -wal is beside it).
+  std::vector<std::string> with_wal, alone;
+  {
+    SQLite::Database db(path, SQLite::OPEN_READONLY);
+    with_wal = tables_of(db);
+  }
+  const fs::path probe = path + ".taskmgr-probe-" + std::to_string(::getpid());
+  fs::remove_all(probe, ec);
+  fs::create_directories(probe, ec);
+  const fs::path copy = probe / "db";
+  fs::create_hard_link(path, copy, ec);
+  if (ec) fs::copy_file(path, copy, ec);
+  bool alone_read = false;
+  if (!ec) {
+    try {
+      SQLite::Database db(copy.string(), SQLite::OPEN_READONLY);
+      alone = tables_of(db);
+      alone_read = true;
+    } catch (const SQLite::Exception&) {
+      // cannot tell: judged below by what reads through the -wal
+    }
+  }
+  fs::remove_all(probe, ec);
+  std::vector<std::string> lost;
+  for (const auto& t : alone) {
+    if (!has(with_wal, t)) lost.push_back(t);
+  }
+  // A -wal of this database adds to what the file holds (a crash leaves one
+  // behind); it never hides a table the file alone has.
+  if (!lost.empty() || (!alone_read && with_wal.empty())) {
+    throw Error(
+        ErrorCode::kIncompatible,
+        "database " + path + " (" + std::to_string(size) + " bytes) " +
+            (with_wal.empty() ? std::string("reads as empty") : "loses table(s) " + join(lost)) +
+            " through the -wal file beside it (" + std::to_string(wal_size) +
+            " bytes), which looks like another database's; " +
+            (alone_read ? "the file alone holds " +
+                              (alone.empty() ? std::string("no tables") : "tables " + join(alone))
+                        : std::string("the file alone could not be read to compare")) +
+            ". Move the -wal file away (or back beside its own database) and open again; "
+            "nothing was modified");
   }
 }
 

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <filesystem>
 #include <memory>
 #include <type_traits>
 
@@ -25,10 +26,21 @@ class SqliteStore final : public TaskStore, private WriteBackend {
   SqliteStore(const std::string& path, SqliteStoreOptions options)
       : path_(path), options_(options), lock_(path) {
     try {
+      // Everything that could refuse the file, read-only first: a refusal
+      // leaves it byte-identical (a connection that wrote would checkpoint a
+      // -wal file into it when it closes).
+      check_file(path);
+      std::error_code ec;
+      if (std::filesystem::file_size(path, ec) > 0 && !ec) {
+        SQLite::Database probe(path, SQLite::OPEN_READONLY);
+        check_migratable(probe, path, options_.allow_other_tables);
+      }
       writer_db_ = std::make_unique<SQLite::Database>(
           path, SQLite::OPEN_READWRITE | SQLite::OPEN_CREATE | SQLite::OPEN_FULLMUTEX);
       writer_db_->setBusyTimeout(busy_ms());
-      migrate(*writer_db_, path);
+      migrate(*writer_db_, path, options_.allow_other_tables);
+      layout_ = store::TaskLayout::of(task_columns(*writer_db_), options_.adopt.status_map,
+                                      options_.adopt.default_service);
       writer_db_->exec("PRAGMA journal_mode=WAL");
       writer_db_->exec(options.synchronous_full ? "PRAGMA synchronous=FULL"
                                                 : "PRAGMA synchronous=NORMAL");
@@ -56,18 +68,8 @@ class SqliteStore final : public TaskStore, private WriteBackend {
       reader_db_ =
           std::make_unique<SQLite::Database>(path, SQLite::OPEN_READONLY | SQLite::OPEN_FULLMUTEX);
       reader_db_->setBusyTimeout(busy_ms());
-      insert_task_ = std::make_unique<SQLite::Statement>(
-          *writer_db_, std::string("INSERT INTO tasks (id, service, input_path, input_data, "
-                                   "input_media_type, created_at, ") +
-                           kMutableColumns + ") VALUES (?,?,?,?,?,?" +
-                           [] {
-                             std::string q;
-                             for (int i = 0; i < kMutableCount; ++i) q += ",?";
-                             return q;
-                           }() +
-                           ")");
-      update_task_ = std::make_unique<SQLite::Statement>(
-          *writer_db_, "UPDATE tasks SET " + mutable_assignments() + " WHERE id=?");
+      insert_task_ = std::make_unique<SQLite::Statement>(*writer_db_, insert_task_sql(layout_));
+      update_task_ = std::make_unique<SQLite::Statement>(*writer_db_, update_task_sql(layout_));
       insert_event_ = std::make_unique<SQLite::Statement>(
           *writer_db_,
           "INSERT INTO task_events (task_id, event_type, timestamp, details) VALUES (?,?,?,?)");
@@ -98,14 +100,15 @@ class SqliteStore final : public TaskStore, private WriteBackend {
 
   // Rows as their latest update left them, persisted or not (store.hpp).
   std::optional<Task> load_task(const std::string& id) override REQUIRES(!read_mu_) {
-    return read([&](SQLite::Database& db) { return queue_->overlay_task(select_task(db, id)); });
+    return read(
+        [&](SQLite::Database& db) { return queue_->overlay_task(select_task(db, layout_, id)); });
   }
 
   std::vector<Task> list_tasks(const TaskFilter& f) override REQUIRES(!read_mu_) {
     return read([&](SQLite::Database& db) {
       return queue_->list_tasks(
-          f, [&](const TaskFilter& g) { return select_tasks(db, g); },
-          [&](const std::string& id) { return select_task(db, id); });
+          f, [&](const TaskFilter& g) { return select_tasks(db, layout_, g); },
+          [&](const std::string& id) { return select_task(db, layout_, id); });
     });
   }
 
@@ -118,14 +121,14 @@ class SqliteStore final : public TaskStore, private WriteBackend {
   }
 
   std::vector<Task> load_unfinished() override REQUIRES(!read_mu_) {
-    return read([&](SQLite::Database& db) { return select_unfinished(db); });
+    return read([&](SQLite::Database& db) { return select_unfinished(db, layout_); });
   }
 
   std::size_t prune_finished(Timestamp finished_before) override REQUIRES(!db_mu_) {
     queue_->flush();  // every write queued before is in, so a task's last update is not lost
     MutexLock c(db_mu_);
     try {
-      return delete_finished(*writer_db_, finished_before);
+      return delete_finished(*writer_db_, layout_, finished_before);
     } catch (const SQLite::Exception& e) {
       throw Error(code_of(e), "pruning finished tasks in " + path_ + " failed: " + e.what());
     }
@@ -154,21 +157,10 @@ class SqliteStore final : public TaskStore, private WriteBackend {
   void apply(WriteOp& op, bool events_only) REQUIRES(db_mu_) {
     if (auto* ins = std::get_if<InsertOp>(&op)) {
       for (const NewTask& n : *ins->tasks) {
-        const Task& t = n.task;
         SQLite::Statement& st = *insert_task_;
         st.reset();
         st.clearBindings();
-        st.bind(1, t.id);
-        st.bind(2, t.service);
-        bind_opt_text(st, 3, t.input.path);
-        if (t.input.data.empty()) {
-          st.bind(4);
-        } else {
-          st.bindNoCopy(4, t.input.data.data(), static_cast<int>(t.input.data.size()));
-        }
-        bind_opt_text(st, 5, t.input.media_type);
-        st.bind(6, format_timestamp(t.created_at));
-        bind_mutable(st, 7, t);
+        bind_insert(st, layout_, n.task);
         st.exec();
         for (const auto& e : n.events) insert_event(e);
       }
@@ -181,8 +173,7 @@ class SqliteStore final : public TaskStore, private WriteBackend {
       SQLite::Statement& st = *update_task_;
       st.reset();
       st.clearBindings();
-      bind_mutable(st, 1, t);
-      st.bind(kMutableCount + 1, t.id);
+      bind_update(st, layout_, t);
       st.exec();
       for (const auto& e : up->events) insert_event(e);
     } else if (auto* m = std::get_if<MetricsOp>(&op)) {
@@ -277,6 +268,7 @@ class SqliteStore final : public TaskStore, private WriteBackend {
   std::string path_;
   SqliteStoreOptions options_;
   LockFile lock_;
+  store::TaskLayout layout_;  // set once, before any other thread runs
 
   // The writer connection: a commit of the queue, or a prune.
   Mutex db_mu_;
@@ -308,6 +300,9 @@ std::shared_ptr<TaskStore> open_sqlite_store(const std::string& path, SqliteStor
   if (options.max_backlog < 1 || options.wal_max_mb < 1) {
     throw Error(ErrorCode::kInvalidArgument,
                 "SqliteStoreOptions: max_backlog and wal_max_mb must be >= 1");
+  }
+  if (auto problem = detail::store::status_map_problem(options.adopt.status_map)) {
+    throw Error(ErrorCode::kInvalidArgument, "SqliteStoreOptions::adopt.status_map: " + *problem);
   }
   return std::make_shared<detail::sqlite::SqliteStore>(path, options);
 }

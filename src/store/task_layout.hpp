@@ -1,0 +1,144 @@
+// Private to the durable stores: how a task maps onto the columns of a
+// `tasks` table, either taskmgr's own or one it adopted from an earlier
+// application (docs/STORAGE.md, "Adopting an existing database"), and how
+// the status words of such a table are read. Both stores build their task
+// queries from a TaskLayout, read once when they open.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "taskmgr/task.hpp"
+
+namespace taskmgr::detail::store {
+
+// The fields of a task a column can hold, in the order of every SELECT a
+// store builds (extra columns follow them).
+enum Field : int {
+  kId,
+  kService,
+  kInputPath,
+  kInputData,
+  kMediaType,
+  kOptions,
+  kPriority,
+  kStatus,
+  kAttempt,
+  kBatchSize,
+  kFailureReason,
+  kFailureMessage,
+  kResult,
+  kCreatedAt,
+  kQueuedAt,
+  kStartedAt,
+  kFinishedAt,
+  kEstimatedMemory,
+  kActualMemory,
+  kAssignedDevice,
+  kServiceInstance,
+  kCleanupCompleted,
+  kFieldCount
+};
+
+// What every state change rewrites (TaskStore::update_task), in this order.
+inline constexpr Field kMutableFields[] = {
+    kOptions,      kPriority,       kStatus,          kAttempt,
+    kBatchSize,    kFailureReason,  kFailureMessage,  kResult,
+    kQueuedAt,     kStartedAt,      kFinishedAt,      kEstimatedMemory,
+    kActualMemory, kAssignedDevice, kServiceInstance, kCleanupCompleted};
+// What an insert writes before them.
+inline constexpr Field kInsertOnlyFields[] = {kId,        kService,   kInputPath,
+                                              kInputData, kMediaType, kCreatedAt};
+
+// How a column's values are written and read.
+enum class Kind {
+  kText,     // text (a timestamp field: RFC 3339 text, or the backend's TIMESTAMP)
+  kInteger,  // a whole number
+  kBinary,   // BLOB / BYTEA
+  kBoolean,  // BOOLEAN (SQLite: 0/1)
+  kEpoch,    // a timestamp field in a numeric column: seconds since 1970
+};
+
+// A column of the table as the database describes it.
+struct Column {
+  std::string name;
+  std::string type;  // declared (SQLite) or data type (PostgreSQL), any case
+};
+
+// Old status words and the status each means (storage.adopt.status_map).
+using StatusMap = std::map<std::string, TaskStatus>;
+
+class TaskLayout {
+ public:
+  // The table with these columns: each field from the first column whose
+  // name (and kind) fits (docs/STORAGE.md lists the names), every other
+  // column an extra one. `default_service` is the service of rows that name
+  // none (no service column, or NULL in it).
+  static TaskLayout of(const std::vector<Column>& columns, StatusMap status_map,
+                       std::string default_service);
+
+  // The column holding `f`, "" when the table has none.
+  const std::string& column(Field f) const { return columns_[f]; }
+  bool has(Field f) const { return !columns_[f].empty(); }
+  Kind kind(Field f) const { return kinds_[f]; }
+  const std::vector<std::string>& extra() const { return extra_; }
+  // Not taskmgr's own table: a field in a column of another name or none,
+  // or columns of its own.
+  bool adopted() const { return adopted_; }
+  const std::string& default_service() const { return default_service_; }
+
+  // The status a stored word means: taskmgr's own words, then the map;
+  // kUnrecognized when neither knows it (also for NULL: nullptr).
+  TaskStatus status_of(const char* word) const;
+  // The words stored for `s`: its own and the map's.
+  std::vector<std::string> words_for(TaskStatus s) const;
+  // Every word status_of() knows.
+  std::vector<std::string> known_words() const;
+
+  // "SELECT" list: every field's column (quoted by `quote`) or NULL (also
+  // input data and result when !with_payloads), then the extra columns.
+  template <typename Quote>
+  std::string select_list(Quote&& quote, bool with_payloads) const {
+    std::string out;
+    for (int f = 0; f < kFieldCount; ++f) {
+      const bool bulky = f == kInputData || f == kResult;
+      const std::string c =
+          has(Field(f)) && (with_payloads || !bulky) ? quote(columns_[f]) : std::string("NULL");
+      out += (f == 0 ? "" : ", ") + c;
+    }
+    for (const auto& e : extra_) out += ", " + quote(e);
+    return out;
+  }
+
+  // Sets field `f` of `t` from its stored text (never for kInputData, whose
+  // bytes the backend reads). A time that cannot be read leaves the field
+  // unset and keeps the text in t.extra under the column's name.
+  void set_field(Task& t, Field f, std::string_view value) const;
+  // Fields absent from the row (NULL or no column): the defaults an adopted
+  // row needs (its service).
+  void finish(Task& t, bool service_seen) const;
+
+ private:
+  std::array<std::string, kFieldCount> columns_;
+  std::array<Kind, kFieldCount> kinds_{};
+  std::vector<std::string> extra_;
+  StatusMap status_map_;
+  std::string default_service_;
+  bool adopted_ = false;
+};
+
+// A stored time in any of the usual forms: RFC 3339 / ISO 8601 with or
+// without a zone (none = UTC; "Z", "+HH", "+HH:MM", "+HHMM"), SQL's
+// "YYYY-MM-DD HH:MM:SS[.fraction]", a date alone, or seconds since 1970
+// (with a fraction or not). Fractions are kept to the microsecond.
+std::optional<Timestamp> parse_stored_time(std::string_view s);
+
+// A problem with `map` as storage.adopt.status_map, or nullopt.
+std::optional<std::string> status_map_problem(const StatusMap& map);
+
+}  // namespace taskmgr::detail::store

@@ -13,7 +13,7 @@
 //   tsv   NAME.tsv    Tesseract's TSV: a header line, then every page's rows
 //                     (page_num the document's page; boxes in its pixels)
 //   pdf   NAME.pdf    a searchable PDF: each page's image with its invisible
-//                     text layer (Tesseract's renderer), pages joined with
+//                     text layer (the OCR service's writer), pages joined with
 //                     pdfunite (poppler-utils); --sidecar also writes NAME.txt
 // A document with a failed page is not written (the page is reported).
 #pragma once

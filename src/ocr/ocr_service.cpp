@@ -581,9 +581,10 @@ class OcrService final : public Service {
     } else {
       api_.SetImage(pix);
     }
-    // The resolution of the image recognized.
+    // The resolution of the image recognized, within what Tesseract takes
+    // (70..2400: outside it, it prints a warning and guesses 70).
     api_.SetSourceResolution(
-        std::max(1, static_cast<int>(std::lround(res.dpi * out.geometry.scale_y()))));
+        std::clamp(static_cast<int>(std::lround(res.dpi * out.geometry.scale_y())), 70, 2400));
     // Tesseract's monitor stops the recognition at the task's deadline or
     // when the host cancels it.
     tesseract::ETEXT_DESC monitor;

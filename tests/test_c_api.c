@@ -1955,7 +1955,7 @@ static void test_close_unpersisted(const char* db_path) {
   taskmgr_open_options o;
   taskmgr_manager* tm = NULL;
   char id[TASKMGR_TASK_ID_SIZE];
-  char wal[600];
+  char wal[640]; /* db_path (< 600) and "-wal" */
   int status = -1;
 
   remove(db_path);

@@ -453,8 +453,8 @@ int registering_supports(void* user_data, const char*, const char*) {
 }  // namespace
 
 TEST_CASE(
-    "supports_device may register a service during a registration; close/destroy from it are "
-    "refused") {
+    "supports_device may register a service during a registration, and close/destroy from it "
+    "are refused") {
   Nested n;
   within_limit("register_service from supports_device", [&] {
     taskmgr_manager* m = nullptr;

@@ -1606,7 +1606,7 @@ TEST_CASE("a task's times read the same from memory and from the store (millisec
 }
 
 TEST_CASE(
-    "a memory model's figure that is not a size is an error; one too big for any device is "
+    "a memory model's figure that is not a size is an error, and one too big for any device is "
     "refused") {
   struct Odd : MemoryModel {
     std::string name() const override { return "odd"; }

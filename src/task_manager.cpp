@@ -178,6 +178,7 @@ TaskManager::Impl::Impl(Config config, TaskManagerOptions options)
   }
   if (options.builtin_ocr && !has_ocr) intake_.register_service(make_ocr_service(config_.ocr));
   temp_dirs_.remove_dead_runs();
+  for (const std::string& n : journal_.notices()) log_.write(LogLevel::kWarn, n);
   recovery_.recover();
   recovery_.prune_retention();
   schedule_sweep();

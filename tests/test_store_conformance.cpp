@@ -17,6 +17,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <mutex>
 #include <sstream>
 #include <thread>
 
@@ -389,6 +390,7 @@ bool same_json(const std::string& a, const std::string& b) {
 
 STORE_CASE("insert_tasks stores a batch with its events, all or none") {
   auto store = open();
+  CHECK(store->notices().empty());  // taskmgr's own table keeps every field
   std::vector<NewTask> batch;
   for (int i = 0; i < 3; ++i) {
     Task t = new_task();
@@ -1115,7 +1117,15 @@ STORE_CASE(
     CHECK(ids_of(store->load_unfinished()) ==
           std::vector<std::string>{"legacy-pending", "legacy-waiting", "legacy-thumbs"});
     CHECK(store->list_tasks({}).size() == 5);
+    // What the table cannot keep is said, with the remedy (attempts are
+    // read from the task's events).
+    const auto notices = store->notices();
+    REQUIRE(notices.size() == 1);
+    CHECK(notices[0].find("has no column for: options, batch_size, failure_reason, queued_at.") !=
+          std::string::npos);
+    CHECK(notices[0].find("add a column of that name") != std::string::npos);
   }
+  CHECK(open()->notices().empty() == false);  // still the adopted table
   // The spec's columns and tables, exactly; the old columns as they were.
   const auto spec = spec_columns();
   for (const char* key : kSpecColumnNames) {
@@ -1161,11 +1171,23 @@ STORE_CASE(
     TaskManagerOptions mo;
     mo.store = open_adopting(legacy_adopt());
     mo.builtin_ocr = false;
+    std::mutex warnings_mu;
+    std::vector<std::string> warnings;
+    mo.log_sink = [&](LogLevel l, std::string_view m) {
+      std::lock_guard<std::mutex> g(warnings_mu);
+      if (l == LogLevel::kWarn) warnings.emplace_back(m);
+    };
     mo.services.push_back(make_function_service("ocr", [](TaskContext& ctx) {
       ctx.report_memory(3);
       ctx.set_result(R"({"text":"new"})");
     }));
     TaskManager tm(c, mo);
+    // The store's notice is logged when the manager opens.
+    std::unique_lock<std::mutex> wg(warnings_mu);
+    CHECK(std::count_if(warnings.begin(), warnings.end(), [](const std::string& w) {
+            return w.find("has no column for: options") != std::string::npos;
+          }) == 1);
+    wg.unlock();
     // Queued for a service not registered: it waits, and its health says so.
     CHECK(tm.get_task("legacy-thumbs").status == TaskStatus::kQueued);
     CHECK(has_warning(tm.get_task_health("legacy-thumbs"), "waiting for service 'thumbs'"));
@@ -1227,6 +1249,64 @@ STORE_CASE(
   CHECK(store->load_events("legacy-pending").empty());
   CHECK(store->load_task("legacy-done").has_value());
   CHECK(ids_of(store->list_tasks({})) == std::vector<std::string>{"legacy-done", "legacy-odd"});
+}
+
+STORE_CASE(
+    "adopting: with no attempt column, a task's attempts are read from its events, so a task "
+    "the process dies under runs out of them") {
+  exec(kLegacyFixture);
+  open_adopting(legacy_adopt()).reset();
+  // What a process killed while the task ran leaves: the row running, one
+  // `started` event per attempt (the table has no attempt column).
+  auto died_running = [&](const std::string& id, int attempts) {
+    exec("UPDATE tasks SET status = 'running', assigned_device = 'cpu' WHERE id = '" + id + "'");
+    for (int a = 1; a <= attempts; ++a) {
+      exec("INSERT INTO task_events (task_id, event_type, timestamp, details) VALUES ('" + id +
+           "', 'started', '2024-05-01 10:00:00', '{\"attempt\":" + std::to_string(a) +
+           ",\"batch_size\":1,\"wait_s\":0}')");
+    }
+  };
+  died_running("legacy-pending", 3);
+  died_running("legacy-waiting", 1);
+  {
+    auto store = open_adopting(legacy_adopt());
+    CHECK(store->load_task("legacy-pending")->attempt == 3);
+    CHECK(store->load_task("legacy-waiting")->attempt == 1);
+    CHECK(store->load_task("legacy-done")->attempt == 0);  // never started by taskmgr
+    for (const Task& t : store->load_unfinished()) {
+      if (t.id == "legacy-pending") CHECK(t.attempt == 3);
+    }
+    TaskFilter f;
+    f.with_payloads = false;
+    for (const Task& t : store->list_tasks(f)) {
+      if (t.id == "legacy-pending") CHECK(t.attempt == 3);
+    }
+  }
+  Config c = test_config();
+  c.tasks.retry.backoff_base_seconds = 0;
+  c.tasks.retry.max_attempts = 3;
+  c.tasks.retry.max_interrupted_attempts = 3;
+  {
+    TaskManagerOptions mo;
+    mo.store = open_adopting(legacy_adopt());
+    mo.builtin_ocr = false;
+    mo.services.push_back(
+        make_function_service("ocr", [](TaskContext& ctx) { ctx.set_result(R"({"ok":1})"); }));
+    TaskManager tm(c, mo);
+    // Out of attempts: failed `interrupted`, not run a fourth time.
+    const Task spent = tm.get_task("legacy-pending");
+    CHECK(spent.status == TaskStatus::kFailed);
+    CHECK(spent.failure_reason == TaskFailureReason::kInterrupted);
+    CHECK(spent.failure_message.find("attempt 3 of 3") != std::string::npos);
+    // One attempt used: retried, as its second.
+    const auto again = tm.wait_task("legacy-waiting", 30s);
+    REQUIRE(again.has_value());
+    CHECK(again->status == TaskStatus::kCompleted);
+    CHECK(again->attempt == 2);
+  }
+  auto store = open_adopting(legacy_adopt());
+  CHECK(store->load_task("legacy-waiting")->attempt == 2);
+  CHECK(store->load_task("legacy-pending")->status == TaskStatus::kFailed);
 }
 
 STORE_CASE("adopting: a tasks table that cannot be adopted is refused, untouched, saying why") {

@@ -116,6 +116,10 @@ class TASKMGR_API TaskStore {
   virtual StoreStats stats() const;
   // "memory", "sqlite:/path/to.db", ...
   virtual std::string describe() const = 0;
+  // What the host should know about how this store keeps tasks, found when
+  // it opened (an adopted table with no column for some fields, say); a
+  // manager logs each at warn level when it opens. The default: none.
+  virtual std::vector<std::string> notices() const;
 };
 
 TASKMGR_API std::shared_ptr<TaskStore> make_memory_store();

@@ -51,6 +51,7 @@ class Journal {
   void flush() REQUIRES(!scheduler_lock) { store_->flush(); }
   StoreStats stats() const REQUIRES(!scheduler_lock) { return store_->stats(); }
   std::string describe() const REQUIRES(!scheduler_lock) { return store_->describe(); }
+  std::vector<std::string> notices() const REQUIRES(!scheduler_lock) { return store_->notices(); }
 
  private:
   std::shared_ptr<TaskStore> store_;

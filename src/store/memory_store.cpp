@@ -11,6 +11,7 @@ namespace taskmgr {
 TaskStore::~TaskStore() = default;
 std::size_t TaskStore::prune_finished(Timestamp) { return 0; }
 StoreStats TaskStore::stats() const { return {}; }
+std::vector<std::string> TaskStore::notices() const { return {}; }
 void TaskStore::insert_task(const Task& task, const EventRecord& created) {
   insert_tasks({NewTask{task, {created}}});
 }

@@ -426,8 +426,19 @@ void migrate(pg::Conn& conn, const PostgresStoreOptions& o, const std::string& w
 }
 
 store::TaskLayout task_layout(pg::Conn& conn, const PostgresStoreOptions& o) {
-  return store::TaskLayout::of(columns_of(conn, target_schema(conn, o)), o.adopt.status_map,
-                               o.adopt.default_service);
+  store::TaskLayout l = store::TaskLayout::of(columns_of(conn, target_schema(conn, o)),
+                                              o.adopt.status_map, o.adopt.default_service);
+  if (!l.has(store::kAttempt)) {
+    // An adopted table with no attempt column: a task's attempt is the one
+    // its last `started` event names (task_events is ours), so that
+    // attempts are counted across restarts (a task the process dies under
+    // again and again runs out of them).
+    l.derive(store::kAttempt,
+             "SELECT MAX((e.details->>'attempt')::integer) FROM task_events e WHERE e.task_id = "
+             "tasks." +
+                 quote(l.column(store::kId)) + " AND e.event_type = 'started'");
+  }
+  return l;
 }
 
 bool lock_store(pg::Conn& conn, const std::string& schema, double wait_seconds) {

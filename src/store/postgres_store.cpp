@@ -147,6 +147,11 @@ class PostgresStore final : public TaskStore, private WriteBackend {
 
   std::string describe() const override { return where_; }
 
+  std::vector<std::string> notices() const override {
+    const std::string n = layout_.notice(where_);
+    return n.empty() ? std::vector<std::string>{} : std::vector<std::string>{n};
+  }
+
   StoreStats stats() const override { return queue_->stats(); }
 
  private:

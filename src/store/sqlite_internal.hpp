@@ -24,6 +24,10 @@ inline constexpr int kSchemaVersion = 2;
 
 // The `tasks` table's columns as PRAGMA table_info gives them.
 std::vector<store::Column> task_columns(SQLite::Database& db);
+// How the `tasks` table holds a task: its columns read with the adoption
+// options (a field an adopted table has no column for derived from the
+// task's events where they hold it).
+store::TaskLayout task_layout(SQLite::Database& db, const AdoptOptions& adopt);
 // The writes of a task row: an INSERT of every field the table has, an
 // UPDATE of its mutable ones (store::kMutableFields) by id, and their
 // parameters.

@@ -320,6 +320,22 @@ std::vector<store::Column> task_columns(SQLite::Database& db) {
   return out;
 }
 
+store::TaskLayout task_layout(SQLite::Database& db, const AdoptOptions& adopt) {
+  store::TaskLayout l =
+      store::TaskLayout::of(task_columns(db), adopt.status_map, adopt.default_service);
+  if (!l.has(store::kAttempt)) {
+    // An adopted table with no attempt column: a task's attempt is the one
+    // its last `started` event names (task_events is ours), so that
+    // attempts are counted across restarts (a task the process dies under
+    // again and again runs out of them).
+    l.derive(store::kAttempt,
+             "SELECT MAX(CAST(json_extract(e.details, '$.attempt') AS INTEGER)) FROM task_events "
+             "e WHERE e.task_id = tasks." +
+                 quote(l.column(store::kId)) + " AND e.event_type = 'started'");
+  }
+  return l;
+}
+
 std::string insert_task_sql(const TaskLayout& l) {
   std::string cols;
   std::size_t n = 0;

@@ -39,8 +39,7 @@ class SqliteStore final : public TaskStore, private WriteBackend {
           path, SQLite::OPEN_READWRITE | SQLite::OPEN_CREATE | SQLite::OPEN_FULLMUTEX);
       writer_db_->setBusyTimeout(busy_ms());
       migrate(*writer_db_, path, options_.allow_other_tables);
-      layout_ = store::TaskLayout::of(task_columns(*writer_db_), options_.adopt.status_map,
-                                      options_.adopt.default_service);
+      layout_ = task_layout(*writer_db_, options_.adopt);
       writer_db_->exec("PRAGMA journal_mode=WAL");
       writer_db_->exec(options.synchronous_full ? "PRAGMA synchronous=FULL"
                                                 : "PRAGMA synchronous=NORMAL");
@@ -137,6 +136,11 @@ class SqliteStore final : public TaskStore, private WriteBackend {
   void flush() override { queue_->flush(/*retry_backlog=*/true); }
 
   std::string describe() const override { return "sqlite:" + path_; }
+
+  std::vector<std::string> notices() const override {
+    const std::string n = layout_.notice(path_);
+    return n.empty() ? std::vector<std::string>{} : std::vector<std::string>{n};
+  }
 
   StoreStats stats() const override { return queue_->stats(); }
 

@@ -132,6 +132,38 @@ TaskLayout TaskLayout::of(const std::vector<Column>& columns, StatusMap status_m
   return l;
 }
 
+std::vector<std::string> TaskLayout::unkept_fields() const {
+  std::vector<std::string> out;
+  for (const Names& n : field_names()) {
+    switch (n.field) {
+      case kOptions:
+      case kAttempt:
+      case kBatchSize:
+      case kFailureReason:
+      case kFailureMessage:
+      case kResult:
+      case kQueuedAt:
+      case kStartedAt:
+      case kFinishedAt:
+        if (!has(n.field) && derived_[n.field].empty()) out.emplace_back(n.names.front());
+        break;
+      default: break;
+    }
+  }
+  return out;
+}
+
+std::string TaskLayout::notice(const std::string& where) const {
+  const auto unkept = unkept_fields();
+  if (unkept.empty()) return "";
+  std::string names;
+  for (const auto& f : unkept) names += (names.empty() ? "" : ", ") + f;
+  return "the adopted tasks table in " + where + " has no column for: " + names +
+         ". These fields of a task are kept in memory only and are lost when the process "
+         "stops (a task started again after a restart runs without its options). To keep one, "
+         "add a column of that name to tasks (docs/STORAGE.md, \"How the columns are read\")";
+}
+
 TaskStatus TaskLayout::status_of(const char* word) const {
   if (word == nullptr) return TaskStatus::kUnrecognized;
   const auto own = parse_task_status(word);

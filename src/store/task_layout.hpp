@@ -91,6 +91,12 @@ class TaskLayout {
   // or columns of its own.
   bool adopted() const { return adopted_; }
   const std::string& default_service() const { return default_service_; }
+  // The fields a task needs across a restart that this table has no column
+  // for (nor a derived expression): their names as in taskmgr's own table.
+  std::vector<std::string> unkept_fields() const;
+  // What a host should know of this table ("" when nothing): the unkept
+  // fields and how to keep them, for TaskStore::notices().
+  std::string notice(const std::string& where) const;
 
   // The status a stored word means: taskmgr's own words, then the map;
   // kUnrecognized when neither knows it (also for NULL: nullptr).
@@ -100,15 +106,25 @@ class TaskLayout {
   // Every word status_of() knows.
   std::vector<std::string> known_words() const;
 
-  // "SELECT" list: every field's column (quoted by `quote`) or NULL (also
-  // input data and result when !with_payloads), then the extra columns.
+  // A field the table has no column for, read from an expression instead
+  // (a subquery on task_events, say); `expression` may refer to the row as
+  // `tasks`. Without one such a field is NULL.
+  void derive(Field f, std::string expression) { derived_[f] = std::move(expression); }
+
+  // "SELECT" list: every field's column (quoted by `quote`), its derived
+  // expression, or NULL (also input data and result when !with_payloads),
+  // then the extra columns.
   template <typename Quote>
   std::string select_list(Quote&& quote, bool with_payloads) const {
     std::string out;
     for (int f = 0; f < kFieldCount; ++f) {
       const bool bulky = f == kInputData || f == kResult;
-      const std::string c =
-          has(Field(f)) && (with_payloads || !bulky) ? quote(columns_[f]) : std::string("NULL");
+      std::string c = "NULL";
+      if (has(Field(f)) && (with_payloads || !bulky)) {
+        c = quote(columns_[f]);
+      } else if (!has(Field(f)) && !derived_[f].empty()) {
+        c = "(" + derived_[f] + ")";
+      }
       out += (f == 0 ? "" : ", ") + c;
     }
     for (const auto& e : extra_) out += ", " + quote(e);
@@ -125,6 +141,7 @@ class TaskLayout {
 
  private:
   std::array<std::string, kFieldCount> columns_;
+  std::array<std::string, kFieldCount> derived_;
   std::array<Kind, kFieldCount> kinds_{};
   std::vector<std::string> extra_;
   StatusMap status_map_;

@@ -180,6 +180,85 @@ TEST_CASE("postgres store: a tasks table taskmgr cannot adopt is refused, naming
   CHECK_THROWS_AS(open_postgres_store(s.url(), o), Error);
 }
 
+TEST_CASE(
+    "postgres store: a status column of an enum type is adopted: its labels are written, "
+    "filters compare as text, and one with no label for a status is refused untouched") {
+  PgSchema s;
+  s.exec(
+      "CREATE TYPE job_state AS ENUM ('waiting', 'queued', 'processing', 'done', 'error', "
+      "'cancelled', 'on_hold');"
+      "CREATE TYPE job_kind AS ENUM ('ocr', 'thumbs');"
+      "CREATE TABLE tasks (id VARCHAR(36) PRIMARY KEY, kind job_kind, status job_state NOT NULL, "
+      "created_at TIMESTAMPTZ DEFAULT now());"
+      "INSERT INTO tasks (id, kind, status) VALUES ('w', 'ocr', 'waiting'), ('d', 'ocr', 'done'), "
+      "('h', 'ocr', 'on_hold'), ('t', 'thumbs', 'waiting')");
+  PostgresStoreOptions o = s.options();
+  o.adopt.status_map = {{"waiting", TaskStatus::kPending},
+                        {"processing", TaskStatus::kRunning},
+                        {"done", TaskStatus::kCompleted},
+                        {"error", TaskStatus::kFailed}};
+  // Without the map it cannot write 'pending', 'running', ...: refused,
+  // naming them and the type, and nothing changed.
+  const auto columns_before =
+      s.scalar("SELECT count(*) FROM information_schema.columns WHERE table_schema = '" +
+               s.name() + "' AND table_name = 'tasks'");
+  try {
+    open_postgres_store(s.url(), s.options());
+    FAIL("expected kIncompatible");
+  } catch (const Error& e) {
+    const std::string m = e.what();
+    CHECK(e.code() == ErrorCode::kIncompatible);
+    CHECK(m.find("enum type job_state") != std::string::npos);
+    CHECK(m.find("'pending', 'running', 'completed', 'failed'") != std::string::npos);
+    CHECK(m.find("not modified") != std::string::npos);
+  }
+  CHECK(s.scalar("SELECT count(*) FROM information_schema.columns WHERE table_schema = '" +
+                 s.name() + "' AND table_name = 'tasks'") == columns_before);
+  CHECK(s.scalar("SELECT count(*) FROM pg_tables WHERE schemaname = '" + s.name() + "'") == 1);
+  {
+    auto store = open_postgres_store(s.url(), o);
+    TaskFilter f;
+    f.status = TaskStatus::kPending;
+    CHECK(store->list_tasks(f).size() == 2);
+    f.status = TaskStatus::kUnrecognized;
+    REQUIRE(store->list_tasks(f).size() == 1);
+    CHECK(store->list_tasks(f)[0].stored_status == "on_hold");
+    f = TaskFilter{};
+    f.service = "nothing-like-a-label";  // compared as text: no match, no error
+    CHECK(store->list_tasks(f).empty());
+    f.service = "thumbs";
+    CHECK(store->list_tasks(f).size() == 1);
+  }
+  Config c = test_config();
+  c.storage.path = StorageConfig{}.path;
+  TaskManagerOptions mo;
+  mo.store = open_postgres_store(s.url(), o);
+  mo.builtin_ocr = false;
+  mo.log_sink = [](LogLevel, std::string_view) {};
+  mo.services.push_back(
+      make_function_service("ocr", [](TaskContext& ctx) { ctx.set_result(R"({"ok":1})"); }));
+  {
+    TaskManager tm(c, mo);
+    tm.start_task("w");
+    const auto done = tm.wait_task("w", 30s);
+    REQUIRE(done.has_value());
+    CHECK(done->status == TaskStatus::kCompleted);
+    // A new task: its own words where they are labels ('queued', 'cancelled').
+    TaskCreateRequest r;
+    r.service = "ocr";
+    const Task n = tm.create_task(r);
+    tm.cancel_task(n.id);
+    CHECK(tm.get_task(n.id).status == TaskStatus::kCancelled);
+  }
+  mo.store.reset();
+  // Written as labels: 'done' for completed (the map's word), 'cancelled'.
+  CHECK(s.text("SELECT status FROM tasks WHERE id = 'w'") == "done");
+  CHECK(s.scalar("SELECT count(*) FROM tasks WHERE status = 'cancelled'") == 1);
+  CHECK(s.text("SELECT status FROM tasks WHERE id = 'h'") == "on_hold");
+  auto store = open_postgres_store(s.url(), o);
+  CHECK(store->load_task("w")->status == TaskStatus::kCompleted);
+}
+
 TEST_CASE("postgres store: allow_other_tables creates taskmgr's tables beside others") {
   PgSchema s;
   s.exec("CREATE TABLE users (id INTEGER PRIMARY KEY); INSERT INTO users VALUES (7)");

@@ -110,8 +110,7 @@ void add_field(pg::Params& p, const TaskLayout& l, Field f, const Task& t) {
     case store::kOptions: p.text_or_null(t.options_json); break;
     case store::kPriority: p.integer(t.priority); break;
     case store::kStatus:
-      p.text(t.status == TaskStatus::kUnrecognized ? t.stored_status
-                                                   : std::string(to_string(t.status)));
+      p.text(t.status == TaskStatus::kUnrecognized ? t.stored_status : l.word_to_write(t.status));
       break;
     case store::kAttempt: p.integer(t.attempt); break;
     case store::kBatchSize: p.integer(t.batch_size); break;
@@ -208,6 +207,13 @@ std::vector<Task> read_tasks(const PGresult* r, const TaskLayout& l) {
   return out;
 }
 
+// A field's column as an operand of a comparison with a text parameter: an
+// enum column as text (a word that is not one of its labels then matches
+// nothing, where comparing with the enum would fail the statement).
+std::string compared(const TaskLayout& l, Field f) {
+  return l.is_user_defined(f) ? quote(l.column(f)) + "::text" : quote(l.column(f));
+}
+
 // "status IN ($k, ...)" for the words of `statuses`, added to `p`.
 std::string status_in(const TaskLayout& l, std::initializer_list<TaskStatus> statuses,
                       pg::Params& p) {
@@ -219,7 +225,7 @@ std::string status_in(const TaskLayout& l, std::initializer_list<TaskStatus> sta
       list += (list.empty() ? "$" : ", $") + std::to_string(p.size());
     }
   }
-  return quote(l.column(store::kStatus)) + " IN (" + list + ")";
+  return compared(l, store::kStatus) + " IN (" + list + ")";
 }
 
 std::string order_by(const TaskLayout& l, const char* dir) {
@@ -398,6 +404,7 @@ void migrate(pg::Conn& conn, const PostgresStoreOptions& o, const std::string& w
                         " has a tasks table that taskmgr did not create, and cannot adopt it: " +
                         why + " (tables found: " + join(tables) + "); it was not modified");
       }
+      (void)task_layout(conn, o);  // a status column it could not write is refused here
       if (!has("taskmgr_schema")) conn.exec_script(kSchemaTable);
       conn.exec_script(kSpecChanges);
       record(2);
@@ -426,8 +433,35 @@ void migrate(pg::Conn& conn, const PostgresStoreOptions& o, const std::string& w
 }
 
 store::TaskLayout task_layout(pg::Conn& conn, const PostgresStoreOptions& o) {
-  store::TaskLayout l = store::TaskLayout::of(columns_of(conn, target_schema(conn, o)),
-                                              o.adopt.status_map, o.adopt.default_service);
+  const std::string schema = target_schema(conn, o);
+  store::TaskLayout l =
+      store::TaskLayout::of(columns_of(conn, schema), o.adopt.status_map, o.adopt.default_service);
+  if (l.has(store::kStatus) && l.is_user_defined(store::kStatus)) {
+    // A status column of an enum type holds only its labels: taskmgr writes
+    // each status as one of them, or refuses the table, saying which.
+    pg::Params p;
+    p.text(pg::quote_ident(schema) + ".tasks").text(l.column(store::kStatus));
+    pg::Result r = conn.exec(
+        "SELECT e.enumlabel, format_type(a.atttypid, NULL) FROM pg_catalog.pg_attribute a JOIN "
+        "pg_catalog.pg_enum e ON e.enumtypid = a.atttypid WHERE a.attrelid = $1::regclass AND "
+        "a.attname = $2 ORDER BY e.enumsortorder",
+        p);
+    std::vector<std::string> labels;
+    for (int i = 0; i < PQntuples(r.get()); ++i) labels.push_back(text(r.get(), i, 0));
+    if (!labels.empty()) {
+      const std::string type = text(r.get(), 0, 1);
+      const std::string missing = l.use_status_words(labels);
+      if (!missing.empty()) {
+        throw Error(ErrorCode::kIncompatible,
+                    "the tasks." + l.column(store::kStatus) + " column is of the enum type " +
+                        type + ", which has no label for taskmgr's " + missing +
+                        " (nor a label that storage.adopt.status_map maps to it): add one (ALTER "
+                        "TYPE " +
+                        type + " ADD VALUE '...') or map one of its labels to it; the database "
+                        "was not modified");
+      }
+    }
+  }
   if (!l.has(store::kAttempt)) {
     // An adopted table with no attempt column: a task's attempt is the one
     // its last `started` event names (task_events is ours), so that
@@ -568,7 +602,7 @@ std::vector<Task> select_tasks(pg::Conn& c, const TaskLayout& l, const TaskFilte
           p.text(w);
           list += (list.empty() ? "$" : ", $") + std::to_string(p.size());
         }
-        const std::string col = quote(l.column(store::kStatus));
+        const std::string col = compared(l, store::kStatus);
         sql += " AND (" + col + " IS NULL OR " + col + " NOT IN (" + list + "))";
       }
       name += "_unrecognized";
@@ -579,7 +613,7 @@ std::vector<Task> select_tasks(pg::Conn& c, const TaskLayout& l, const TaskFilte
   }
   if (!f.service.empty()) {
     if (l.has(store::kService)) {
-      const std::string col = quote(l.column(store::kService));
+      const std::string col = compared(l, store::kService);
       p.text(f.service);
       // Rows that name no service are the default service's.
       sql += " AND (" + col + " = $" + std::to_string(p.size()) +

@@ -116,6 +116,7 @@ TaskLayout TaskLayout::of(const std::vector<Column>& columns, StatusMap status_m
         if (!k) continue;
         l.columns_[n.field] = columns[i].name;
         l.kinds_[n.field] = *k;
+        l.user_defined_[n.field] = lower(columns[i].type) == "user-defined";
         used[i] = true;
         found = true;
         if (name != n.names.front()) l.adopted_ = true;
@@ -178,6 +179,34 @@ std::vector<std::string> TaskLayout::words_for(TaskStatus s) const {
     if (status == s) out.push_back(word);
   }
   return out;
+}
+
+std::string TaskLayout::use_status_words(const std::vector<std::string>& allowed) {
+  const auto ok = [&](const std::string& w) {
+    return std::find(allowed.begin(), allowed.end(), w) != allowed.end();
+  };
+  std::string missing;
+  for (TaskStatus s : all_task_statuses()) {
+    if (s == TaskStatus::kUnrecognized) continue;
+    std::string chosen;
+    for (const auto& w : words_for(s)) {  // its own word first
+      if (ok(w)) {
+        chosen = w;
+        break;
+      }
+    }
+    if (chosen.empty()) {
+      missing += std::string(missing.empty() ? "" : ", ") + "'" + std::string(to_string(s)) + "'";
+    } else {
+      write_words_[s] = chosen;
+    }
+  }
+  return missing;
+}
+
+std::string TaskLayout::word_to_write(TaskStatus s) const {
+  const auto it = write_words_.find(s);
+  return it != write_words_.end() ? it->second : std::string(to_string(s));
 }
 
 std::vector<std::string> TaskLayout::known_words() const {

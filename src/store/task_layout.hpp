@@ -106,6 +106,17 @@ class TaskLayout {
   // Every word status_of() knows.
   std::vector<std::string> known_words() const;
 
+  // A column of a type of its own (PostgreSQL: an enum, a domain), not
+  // text: compared as text, written as one of its values.
+  bool is_user_defined(Field f) const { return user_defined_[f]; }
+  // The status column holds only these words (an enum's labels): each
+  // status is written as its own word when that is one of them, else as a
+  // word of storage.adopt.status_map that means it and is one. The
+  // statuses with neither, as a message naming them, or "" when none.
+  std::string use_status_words(const std::vector<std::string>& allowed);
+  // The word written for `s` (its own unless use_status_words chose another).
+  std::string word_to_write(TaskStatus s) const;
+
   // A field the table has no column for, read from an expression instead
   // (a subquery on task_events, say); `expression` may refer to the row as
   // `tasks`. Without one such a field is NULL.
@@ -142,6 +153,8 @@ class TaskLayout {
  private:
   std::array<std::string, kFieldCount> columns_;
   std::array<std::string, kFieldCount> derived_;
+  std::array<bool, kFieldCount> user_defined_{};
+  std::map<TaskStatus, std::string> write_words_;
   std::array<Kind, kFieldCount> kinds_{};
   std::vector<std::string> extra_;
   StatusMap status_map_;

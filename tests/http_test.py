@@ -252,5 +252,86 @@ class HttpServerTest(unittest.TestCase):
             self.wait_done(refused)
 
 
+class HttpServerFullDiskTest(unittest.TestCase):
+    """A database that fills up while the server runs: creates are refused
+    with 503 and the store's message, nothing accepted is lost from view, and
+    the server exits 3 at shutdown naming the writes it could not store."""
+
+    def test_full_database_refuses_creates_and_exits_3(self):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        cfg = os.path.join(tmp.name, "config.yaml")
+        with open(cfg, "w") as f:
+            f.write(CONFIG.replace("max_queue_size: 2", "max_queue_size: 1000")
+                    + "storage:\n  max_size_mb: 1\n")
+        port_file = os.path.join(tmp.name, "port")
+        proc = subprocess.Popen(
+            [SERVER, "--port", "0", "--config", cfg, "--db", os.path.join(tmp.name, "full.db"),
+             "--port-file", port_file],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+        def stop():
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        self.addCleanup(stop)
+        deadline = time.time() + 60
+        while not (os.path.exists(port_file) and open(port_file).read().strip()):
+            if proc.poll() is not None or time.time() > deadline:
+                self.fail("server did not start: " + proc.stdout.read())
+            time.sleep(0.02)
+        port = int(open(port_file).read())
+
+        def request(method, path, body=None):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            data = json.dumps(body) if body is not None else None
+            conn.request(method, path, body=data,
+                         headers={"Content-Type": "application/json"} if data else {})
+            res = conn.getresponse()
+            text = res.read().decode()
+            conn.close()
+            return res.status, json.loads(text)
+
+        # Fill the database with pending tasks of junk input, in ever smaller
+        # pieces, until even a small one is refused.
+        ids, refusals = [], []
+        for size in (200000, 50000, 10000, 2000, 300):
+            for _ in range(200):
+                data = base64.b64encode(os.urandom(size)).decode()
+                status, body = request("POST", "/tasks", {"input": {"data_base64": data}})
+                if status != 201:
+                    refusals.append((status, body))
+                    break
+                ids.append(body["id"])
+        self.assertTrue(ids)
+        self.assertEqual(len(refusals), 5, refusals)
+        for status, body in refusals:
+            self.assertEqual(status, 503, body)
+            self.assertEqual(body["error"], "io_error", body)
+            self.assertIn("full", body["message"], body)
+        # Run what was accepted: each fails (junk input), and those outcomes
+        # do not fit in the database either.
+        for i in ids:
+            status, body = request("POST", "/tasks/%s/start" % i)
+            self.assertEqual(status, 202, body)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            ended = [request("GET", "/tasks/" + i)[1]["status"] for i in ids]
+            if all(s in ("failed", "pending") for s in ended):
+                break
+            time.sleep(0.1)
+        # get and list agree about every task, full database or not.
+        _, listed = request("GET", "/tasks?limit=1000")
+        by_id = {t["id"]: t["status"] for t in listed}
+        for i in ids:
+            self.assertEqual(by_id[i], request("GET", "/tasks/" + i)[1]["status"], i)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+        self.assertEqual(proc.returncode, 3, out)
+        self.assertIn("accepted are not in the store", out)
+        self.assertIn("database or disk is full", out)
+        self.assertNotIn("stopped", out.splitlines()[-1])
+
+
 if __name__ == "__main__":
     unittest.main(verbosity=2)

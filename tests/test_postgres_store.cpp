@@ -200,8 +200,8 @@ TEST_CASE(
   // Without the map it cannot write 'pending', 'running', ...: refused,
   // naming them and the type, and nothing changed.
   const auto columns_before =
-      s.scalar("SELECT count(*) FROM information_schema.columns WHERE table_schema = '" +
-               s.name() + "' AND table_name = 'tasks'");
+      s.scalar("SELECT count(*) FROM information_schema.columns WHERE table_schema = '" + s.name() +
+               "' AND table_name = 'tasks'");
   try {
     open_postgres_store(s.url(), s.options());
     FAIL("expected kIncompatible");

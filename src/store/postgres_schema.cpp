@@ -457,7 +457,8 @@ store::TaskLayout task_layout(pg::Conn& conn, const PostgresStoreOptions& o) {
                         type + ", which has no label for taskmgr's " + missing +
                         " (nor a label that storage.adopt.status_map maps to it): add one (ALTER "
                         "TYPE " +
-                        type + " ADD VALUE '...') or map one of its labels to it; the database "
+                        type +
+                        " ADD VALUE '...') or map one of its labels to it; the database "
                         "was not modified");
       }
     }

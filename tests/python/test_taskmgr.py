@@ -649,3 +649,88 @@ class NoInput(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)
+
+
+class Storage(unittest.TestCase):
+    def test_full_database_close_and_destroy_raise_unpersisted(self):
+        """A database that fills up: creates are refused (IoError, the
+        store's message), close() and destroy() raise UnpersistedError naming
+        the writes not stored, destroy still frees the manager, and every
+        task whose create returned is in the database afterwards."""
+        with tempfile.TemporaryDirectory() as tmp:
+            db = os.path.join(tmp, "full.db")
+            tm = taskmgr.Manager(config_yaml=CONFIG + "storage:\n  max_size_mb: 1\n",
+                                 database=db, builtin_ocr=False, log=lambda level, msg: None)
+            tm.register_service("big", lambda ctx, inst: {"text": "x" * 50000},
+                                input_optional=True)
+            ids, refused = [], None
+            for _ in range(2000):
+                try:
+                    ids.append(tm.create_task(service="big", start=True))
+                except taskmgr.IoError as e:
+                    refused = e
+                    break
+            self.assertIsNotNone(refused, "the database never filled up")
+            self.assertIn("full", str(refused))
+            self.assertTrue(ids)
+            for i in ids:
+                self.assertEqual(tm.wait_task(i, 60)["status"], "completed")
+            with self.assertRaises(taskmgr.UnpersistedError) as e:
+                tm.close()
+            self.assertIn("not in the store", str(e.exception))
+            # Reads still answer after close, from memory where the file lags.
+            self.assertEqual(tm.get_task(ids[-1])["status"], "completed")
+            with self.assertRaises(taskmgr.UnpersistedError):
+                tm.destroy()
+            with self.assertRaises(taskmgr.InvalidStateError):
+                tm.get_task(ids[0])  # destroyed: freed, not leaked
+            tm.destroy()  # idempotent
+            # Nothing accepted is lost: every task is in the file (those
+            # whose outcome was not stored run again at the next open).
+            with taskmgr.Manager(config_yaml=CONFIG, database=db, builtin_ocr=False,
+                                 log=lambda level, msg: None) as again:
+                stored = {t["id"] for t in again.list_tasks()}
+                self.assertTrue(set(ids) <= stored, set(ids) - stored)
+
+    def test_adopted_table_extra_columns_through_the_c_abi(self):
+        """An earlier application's tasks table (made here with sqlite3) is
+        adopted: its own columns come back in "extra", its old status word is
+        read through storage.adopt.status_map, its tasks run, and a word the
+        map does not know is "unrecognized" with the word kept."""
+        import sqlite3
+        with tempfile.TemporaryDirectory() as tmp:
+            db = os.path.join(tmp, "legacy.db")
+            c = sqlite3.connect(db)
+            c.executescript("""
+                CREATE TABLE tasks (id VARCHAR(36) PRIMARY KEY, type TEXT, status TEXT,
+                                    created_at TIMESTAMP, user_id INTEGER, note TEXT);
+                INSERT INTO tasks VALUES ('old-1', 'echo', 'waiting', '2024-05-01 10:00:00', 7,
+                                          'caf\u00e9');
+                INSERT INTO tasks VALUES ('old-2', 'echo', 'on_hold', '2024-05-01 10:00:01', 8,
+                                          NULL);
+            """)
+            c.commit()
+            c.close()
+            cfg = CONFIG + "storage:\n  adopt:\n    status_map: {waiting: pending, done: completed}\n"
+            with taskmgr.Manager(config_yaml=cfg, database=db, builtin_ocr=False,
+                                 log=lambda level, msg: None) as tm:
+                tm.register_service("echo", lambda ctx, inst: {"ok": True}, input_optional=True)
+                old = tm.get_task("old-1")
+                self.assertEqual(old["status"], "pending")
+                self.assertEqual(old["extra"], {"user_id": "7", "note": "caf\u00e9"})
+                self.assertEqual(old["created_at"], "2024-05-01T10:00:00.000Z")
+                held = tm.get_task("old-2")
+                self.assertEqual((held["status"], held["stored_status"]), ("unrecognized", "on_hold"))
+                self.assertEqual(held["extra"], {"user_id": "8"})
+                tm.start_task("old-1")
+                self.assertEqual(tm.wait_task("old-1", 30)["status"], "completed")
+                with self.assertRaises(taskmgr.InvalidStateError) as e:
+                    tm.start_task("old-2")
+                self.assertIn("'on_hold'", str(e.exception))
+                listed = {t["id"]: t for t in tm.list_tasks()}
+                self.assertEqual(listed["old-1"]["extra"]["note"], "caf\u00e9")
+            c = sqlite3.connect(db)
+            self.assertEqual(c.execute("SELECT status, user_id, note FROM tasks WHERE id = 'old-1'")
+                             .fetchone(), ("completed", 7, "caf\u00e9"))
+            c.close()
+

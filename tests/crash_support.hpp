@@ -1,17 +1,25 @@
 // Helpers of the kill -9 tests (test_crash.cpp on SQLite, and
 // test_postgres_store.cpp on PostgreSQL): the child process they kill, its
-// acknowledgements, and the replay of a task's events to its status.
+// acknowledgements, the replay of a task's events to its status, the kill
+// loop and the recovery after it.
 #pragma once
 
 #include <doctest/doctest.h>
 #include <poll.h>
+#include <signal.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <map>
+#include <random>
+#include <set>
 #include <string>
 #include <vector>
+
+#include "taskmgr/taskmgr.hpp"
 
 namespace taskmgr::test {
 
@@ -90,6 +98,68 @@ inline std::string status_after(const std::string& event, const std::string& cur
 
 inline bool is_terminal_event(const std::string& event) {
   return event == "completed" || event == "failed" || event == "cancelled";
+}
+
+// How many kills a kill -9 test makes: TASKMGR_CRASH_KILLS, else 50.
+inline int crash_kills() {
+  const char* k = std::getenv("TASKMGR_CRASH_KILLS");
+  return k ? std::atoi(k) : 50;
+}
+
+struct KillLoop {
+  std::set<std::string> acked;  // every task a child acknowledged
+  int killed = 0;               // children that died of the SIGKILL
+};
+
+// Starts taskmgr_crash_child with `args` `kills` times, each killed with
+// SIGKILL at a random point (seeded by `seed`) after it is up, and calls
+// `check(acked)` on the store after each kill. Half the kills come at a
+// random time after the child is up (its recovered tasks running), half
+// also after it acknowledged a few tasks: enough work between kills
+// whatever the machine's speed.
+template <typename Check>
+KillLoop kill_loop(int kills, unsigned seed, const std::vector<std::string>& args, Check&& check) {
+  KillLoop out;
+  std::mt19937 rng(seed);
+  for (int k = 0; k < kills; ++k) {
+    CAPTURE(k);
+    Child c = spawn_crash_child(args);
+    bool ready = false;
+    const auto run = std::chrono::milliseconds(10 + rng() % 150);
+    const std::size_t min_acks = k % 2 == 0 ? 0 : 3;
+    for (auto& id : read_acks(c, run, &ready, min_acks)) out.acked.insert(std::move(id));
+    REQUIRE(ready);
+    ::kill(c.pid, SIGKILL);
+    int st = 0;
+    ::waitpid(c.pid, &st, 0);
+    ::close(c.out);
+    out.killed += WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL;
+    check(out.acked);
+  }
+  CHECK(out.killed == kills);
+  CHECK(out.acked.size() > static_cast<std::size_t>(kills));
+  return out;
+}
+
+// After the kills: a manager on the store `c` names recovers every task,
+// the pending ones are started, and each reaches a terminal state with its
+// cleanup done.
+inline void recover_after_kills(Config c) {
+  c.tasks.max_queue_size = 1000000;
+  c.tasks.retry.backoff_base_seconds = 0.001;
+  TaskManagerOptions o;
+  o.log_sink = [](LogLevel, std::string_view) {};
+  o.services.push_back(make_function_service("svc", [](TaskContext&) {}));
+  TaskManager tm(c, o);
+  TaskFilter pending;
+  pending.status = TaskStatus::kPending;
+  for (const Task& t : tm.list_tasks(pending)) tm.start_task(t.id);
+  REQUIRE(tm.wait_idle(std::chrono::seconds(120)));
+  for (const Task& t : tm.list_tasks()) {
+    CAPTURE(t.id);
+    CHECK(is_terminal(t.status));
+    CHECK(t.resource_cleanup_completed);
+  }
 }
 
 }  // namespace taskmgr::test

@@ -71,56 +71,19 @@ std::size_t check_file(const std::string& db, const std::set<std::string>& acked
 }  // namespace
 
 TEST_CASE("kill -9 at random points loses no acknowledged task and corrupts nothing") {
-  const int kills =
-      std::getenv("TASKMGR_CRASH_KILLS") ? std::atoi(std::getenv("TASKMGR_CRASH_KILLS")) : 50;
+  const int kills = crash_kills();
   const fs::path dir = fs::temp_directory_path() / ("taskmgr-crash-" + std::to_string(::getpid()) +
                                                     "-" + generate_task_id().substr(24));
   fs::create_directories(dir);
   const std::string db = (dir / "crash.db").string();
-  std::mt19937 rng(12345);
-  std::set<std::string> acked;
-  int killed = 0;
-  for (int k = 0; k < kills; ++k) {
-    CAPTURE(k);
-    Child c = spawn_crash_child({db});
-    bool ready = false;
-    const auto run = std::chrono::milliseconds(10 + rng() % 150);
-    // Half the kills at a random time after the child is up (its recovered
-    // tasks running), half also after it acknowledged a few tasks: enough
-    // work between kills whatever the machine's speed.
-    const std::size_t min_acks = k % 2 == 0 ? 0 : 3;
-    for (auto& id : read_acks(c, run, &ready, min_acks)) acked.insert(std::move(id));
-    REQUIRE(ready);
-    ::kill(c.pid, SIGKILL);
-    int st = 0;
-    ::waitpid(c.pid, &st, 0);
-    ::close(c.out);
-    killed += WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL;
-    check_file(db, acked);
-  }
-  CHECK(killed == kills);
-  CHECK(acked.size() > static_cast<std::size_t>(kills));
+  const KillLoop loop = kill_loop(
+      kills, 12345, {db}, [&](const std::set<std::string>& acked) { check_file(db, acked); });
+  const std::set<std::string>& acked = loop.acked;
 
   // Recovery: every task reaches exactly one terminal state.
   Config c = test::test_config();
   c.storage.path = db;
-  c.tasks.max_queue_size = 1000000;
-  c.tasks.retry.backoff_base_seconds = 0.001;
-  TaskManagerOptions o;
-  o.log_sink = [](LogLevel, std::string_view) {};
-  o.services.push_back(make_function_service("svc", [](TaskContext&) {}));
-  {
-    TaskManager tm(c, o);
-    TaskFilter pending;
-    pending.status = TaskStatus::kPending;
-    for (const Task& t : tm.list_tasks(pending)) tm.start_task(t.id);
-    REQUIRE(tm.wait_idle(120s));
-    for (const Task& t : tm.list_tasks()) {
-      CAPTURE(t.id);
-      CHECK(is_terminal(t.status));
-      CHECK(t.resource_cleanup_completed);
-    }
-  }
+  recover_after_kills(c);
   SQLite::Database d(db, SQLite::OPEN_READONLY);
   CHECK(d.execAndGet("SELECT count(*) FROM (SELECT task_id FROM task_events WHERE event_type IN "
                      "('completed','failed','cancelled') GROUP BY task_id HAVING count(*) != 1)")
@@ -128,7 +91,7 @@ TEST_CASE("kill -9 at random points loses no acknowledged task and corrupts noth
   CHECK(d.execAndGet(
              "SELECT count(*) FROM tasks WHERE status NOT IN ('completed','failed','cancelled')")
             .getInt() == 0);
-  MESSAGE("kill -9 test: " << killed << " kills, " << acked.size()
+  MESSAGE("kill -9 test: " << loop.killed << " kills, " << acked.size()
                            << " acknowledged tasks, all present");
   std::error_code ec;
   fs::remove_all(dir, ec);

@@ -665,55 +665,18 @@ std::size_t check_database(PgSchema& s, const std::set<std::string>& acked) {
 }  // namespace
 
 TEST_CASE("postgres store: kill -9 at random points loses no acknowledged task") {
-  const int kills =
-      std::getenv("TASKMGR_CRASH_KILLS") ? std::atoi(std::getenv("TASKMGR_CRASH_KILLS")) : 50;
   PgSchema s;
-  std::mt19937 rng(2024);
-  std::set<std::string> acked;
-  int killed = 0;
-  for (int k = 0; k < kills; ++k) {
-    CAPTURE(k);
-    Child c = spawn_crash_child({s.url(), s.name()});
-    bool ready = false;
-    const auto run = std::chrono::milliseconds(10 + rng() % 150);
-    // Half the kills at a random time after the child is up (its recovered
-    // tasks running), half also after it acknowledged a few tasks: enough
-    // work between kills whatever the machine's speed.
-    const std::size_t min_acks = k % 2 == 0 ? 0 : 3;
-    for (auto& id : read_acks(c, run, &ready, min_acks)) acked.insert(std::move(id));
-    REQUIRE(ready);
-    ::kill(c.pid, SIGKILL);
-    int st = 0;
-    ::waitpid(c.pid, &st, 0);
-    ::close(c.out);
-    killed += WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL;
-    check_database(s, acked);
-  }
-  CHECK(killed == kills);
-  CHECK(acked.size() > static_cast<std::size_t>(kills));
+  const KillLoop loop =
+      kill_loop(crash_kills(), 2024, {s.url(), s.name()},
+                [&](const std::set<std::string>& acked) { check_database(s, acked); });
+  const std::set<std::string>& acked = loop.acked;
 
   // Recovery: every task reaches exactly one terminal state.
   Config c = test_config();
   c.storage.path = StorageConfig{}.path;
   c.storage.url = s.url();
   c.storage.postgres.schema = s.name();
-  c.tasks.max_queue_size = 1000000;
-  c.tasks.retry.backoff_base_seconds = 0.001;
-  TaskManagerOptions o;
-  o.log_sink = [](LogLevel, std::string_view) {};
-  o.services.push_back(make_function_service("svc", [](TaskContext&) {}));
-  {
-    TaskManager tm(c, o);
-    TaskFilter pending;
-    pending.status = TaskStatus::kPending;
-    for (const Task& t : tm.list_tasks(pending)) tm.start_task(t.id);
-    REQUIRE(tm.wait_idle(120s));
-    for (const Task& t : tm.list_tasks()) {
-      CAPTURE(t.id);
-      CHECK(is_terminal(t.status));
-      CHECK(t.resource_cleanup_completed);
-    }
-  }
+  recover_after_kills(c);
   CHECK(s.scalar("SELECT count(*) FROM (SELECT task_id FROM task_events WHERE event_type IN "
                  "('completed','failed','cancelled') GROUP BY task_id HAVING count(*) != 1) x") ==
         0);
@@ -721,6 +684,6 @@ TEST_CASE("postgres store: kill -9 at random points loses no acknowledged task")
                  "('completed','failed','cancelled')") == 0);
   CHECK(s.scalar("SELECT count(*) FROM tasks") ==
         static_cast<std::int64_t>(check_database(s, acked)));
-  MESSAGE("postgres kill -9 test: " << killed << " kills, " << acked.size()
+  MESSAGE("postgres kill -9 test: " << loop.killed << " kills, " << acked.size()
                                     << " acknowledged tasks, all present");
 }

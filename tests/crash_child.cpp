@@ -3,10 +3,18 @@
 // for every task create_task accepted (the durability promise). The
 // database is a SQLite file, or a PostgreSQL connection string (postgresql://
 // or key=value) with the schema to use.
+//
+// With TASKMGR_CRASH_SELFKILL=1 it is instead a host whose one task kills
+// it: the service sends SIGKILL to its own process at once. It creates that
+// task when the database has none, waits until nothing runs, prints IDLE
+// and exits 0 (once the task ran out of attempts).
 #include <taskmgr/taskmgr.hpp>
+
+#include <signal.h>
 
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <random>
 #include <string>
 #include <thread>
@@ -31,6 +39,23 @@ int main(int argc, char** argv) {
   config.tasks.retry.backoff_jitter = 0;
   taskmgr::TaskManagerOptions options;
   options.log_sink = [](taskmgr::LogLevel, std::string_view) {};
+  if (const char* s = std::getenv("TASKMGR_CRASH_SELFKILL"); s && std::string(s) == "1") {
+    options.services.push_back(
+        taskmgr::make_function_service("svc", [](taskmgr::TaskContext&) { ::raise(SIGKILL); }));
+    taskmgr::TaskManager tm(config, options);
+    std::printf("READY\n");
+    std::fflush(stdout);
+    if (tm.list_tasks().empty()) {
+      taskmgr::TaskCreateRequest req;
+      req.service = "svc";
+      req.start = true;
+      std::printf("ACK %s\n", tm.create_task(req).id.c_str());
+      std::fflush(stdout);
+    }
+    if (!tm.wait_idle(std::chrono::seconds(60))) return 1;
+    std::printf("IDLE\n");
+    return 0;
+  }
   options.services.push_back(taskmgr::make_function_service("svc", [](taskmgr::TaskContext& ctx) {
     thread_local std::mt19937 rng{std::random_device{}()};
     ctx.stage("work");

@@ -96,3 +96,32 @@ TEST_CASE("kill -9 at random points loses no acknowledged task and corrupts noth
   std::error_code ec;
   fs::remove_all(dir, ec);
 }
+
+TEST_CASE("kill -9: a task that kills its process at once runs out of attempts, not forever") {
+  // Its `started` is in the file before the service runs: each death is
+  // an interrupted attempt, counted, and after tasks.retry.
+  // max_interrupted_attempts (5) the next start fails it `interrupted`.
+  const fs::path dir =
+      fs::temp_directory_path() /
+      ("taskmgr-selfkill-" + std::to_string(::getpid()) + "-" + generate_task_id().substr(24));
+  fs::create_directories(dir);
+  const std::string db = (dir / "selfkill.db").string();
+  ::setenv("TASKMGR_CRASH_SELFKILL", "1", 1);
+  int deaths = 0, clean_exits = 0;
+  for (int run = 0; run < 10 && clean_exits == 0; ++run) {
+    Child c = spawn_crash_child({db});
+    int st = 0;
+    ::waitpid(c.pid, &st, 0);
+    ::close(c.out);
+    if (WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL) ++deaths;
+    if (WIFEXITED(st) && WEXITSTATUS(st) == 0) ++clean_exits;
+  }
+  ::unsetenv("TASKMGR_CRASH_SELFKILL");
+  CHECK(deaths == 5);
+  CHECK(clean_exits == 1);
+  SQLite::Database d(db, SQLite::OPEN_READONLY);
+  CHECK(d.execAndGet("SELECT status || ' ' || failure_reason || ' ' || attempt FROM tasks")
+            .getString() == "failed interrupted 5");
+  std::error_code ec;
+  fs::remove_all(dir, ec);
+}

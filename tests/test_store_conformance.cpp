@@ -1309,6 +1309,39 @@ STORE_CASE(
   CHECK(store->load_task("legacy-pending")->status == TaskStatus::kFailed);
 }
 
+STORE_CASE(
+    "adopting: the earlier application's ended rows are never cleaned up nor pruned, also "
+    "with an assigned_device column of its own") {
+  exec(
+      "CREATE TABLE tasks (id VARCHAR(36) PRIMARY KEY, status VARCHAR(20), assigned_device "
+      "VARCHAR(50), created_at TIMESTAMP, finished_at TIMESTAMP, note TEXT)");
+  exec(
+      "INSERT INTO tasks VALUES ('old-1', 'completed', 'gpu0', '2024-01-01 00:00:00', "
+      "'2024-01-01 00:00:01', 'a')");
+  exec(
+      "INSERT INTO tasks VALUES ('old-2', 'failed', 'cpu', '2024-01-01 00:00:02', "
+      "'2024-01-01 00:00:03', 'b')");
+  {
+    auto store = open();
+    CHECK(store->load_unfinished().empty());
+  }
+  Config c = test_config();
+  c.storage.retention_days = 1;
+  {
+    TaskManagerOptions mo;
+    mo.store = open();
+    mo.builtin_ocr = false;
+    mo.log_sink = [](LogLevel, std::string_view) {};
+    TaskManager tm(c, mo);  // recovery and a retention sweep at open
+    CHECK(tm.get_task("old-1").status == TaskStatus::kCompleted);
+    CHECK(tm.get_task_events("old-1").empty());
+  }
+  auto store = open();
+  CHECK(store->prune_finished(std::chrono::system_clock::now() + std::chrono::hours(1)) == 0);
+  CHECK(scalar("SELECT count(*) FROM tasks") == 2);
+  CHECK(scalar("SELECT count(*) FROM task_events") == 0);
+}
+
 STORE_CASE("adopting: a tasks table that cannot be adopted is refused, untouched, saying why") {
   struct Case {
     const char* sql;

@@ -139,6 +139,14 @@ Attempt::Attempt(const Config& config, std::shared_ptr<const Clock> clock, Sched
 std::optional<CleanupReport> Attempt::run(const RecordPtr& rec, ServicePool::Lease lease,
                                           const AttemptStart& a) {
   Context ctx(*this, rec, a, lease.instance_id());
+  // The attempt's `started` is in the store before host code runs: a
+  // service that takes the process down with it (a crash, the kernel's OOM
+  // killer, an abort) leaves the task running in the store, so that the
+  // next open counts the attempt and stops after max_interrupted_attempts.
+  // Without this the write could still wait in the group commit when the
+  // process died, and the task ran again and again at every start.
+  scheduler_.outbox().drain(/*wait=*/true);
+  journal_.flush();
   std::exception_ptr err;
   try {
     ctx.throw_if_cancelled();

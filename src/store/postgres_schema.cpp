@@ -691,10 +691,17 @@ std::vector<Task> select_unfinished(pg::Conn& c, const TaskLayout& l) {
   pg::Params p;
   const std::string waiting =
       status_in(l, {TaskStatus::kPending, TaskStatus::kQueued, TaskStatus::kRunning}, p);
+  // Ended with its cleanup due: a task taskmgr ran (in an adopted table,
+  // one with events: the earlier application's ended rows are not taskmgr's
+  // to clean up, whatever their assigned_device).
+  const std::string ran =
+      l.adopted() ? " AND EXISTS (SELECT 1 FROM task_events e WHERE e.task_id = tasks." +
+                        quote(l.column(store::kId)) + ")"
+                  : std::string();
   pg::Result r = c.exec_prepared(
       "taskmgr_select_unfinished",
       "SELECT " + l.select_list(quote, true) + " FROM tasks WHERE " + waiting +
-          " OR (resource_cleanup_completed = FALSE AND assigned_device IS NOT NULL)" +
+          " OR (resource_cleanup_completed = FALSE AND assigned_device IS NOT NULL" + ran + ")" +
           order_by(l, ""),
       p);
   return read_tasks(r.get(), l);
@@ -712,9 +719,13 @@ std::size_t delete_finished(pg::Conn& c, const TaskLayout& l, Timestamp finished
                       " AND resource_cleanup_completed AND " + quote(l.column(store::kFinishedAt)) +
                       " IS NOT NULL AND " + quote(l.column(store::kFinishedAt)) + " < $" +
                       std::to_string(p.size());
-    // An adopted table: only the rows taskmgr ran; the earlier
-    // application's own rows are never deleted.
-    if (l.adopted()) sql += " AND assigned_device IS NOT NULL";
+    // An adopted table: only the rows taskmgr ran (it wrote their events);
+    // the earlier application's own rows are never deleted, also when its
+    // table had an assigned_device column of its own.
+    if (l.adopted()) {
+      sql += " AND EXISTS (SELECT 1 FROM task_events e WHERE e.task_id = tasks." +
+             quote(l.column(store::kId)) + ")";
+    }
     return sql;
   };
   return in_transaction(c, [&] {

@@ -469,10 +469,17 @@ std::vector<Task> select_unfinished(SQLite::Database& db, const TaskLayout& l) {
   std::vector<std::string> binds;
   const std::string waiting =
       status_in(l, {TaskStatus::kPending, TaskStatus::kQueued, TaskStatus::kRunning}, binds);
+  // Ended with its cleanup due: a task taskmgr ran (in an adopted table,
+  // one with events: the earlier application's ended rows are not taskmgr's
+  // to clean up, whatever their assigned_device).
+  const std::string ran =
+      l.adopted() ? " AND EXISTS (SELECT 1 FROM task_events e WHERE e.task_id = tasks." +
+                        quote(l.column(store::kId)) + ")"
+                  : std::string();
   SQLite::Statement q(db, "SELECT " + l.select_list(quote, true) + " FROM tasks WHERE " + waiting +
                               " OR (resource_cleanup_completed = 0 AND assigned_device IS NOT "
-                              "NULL)" +
-                              order_by(l, ""));
+                              "NULL" +
+                              ran + ")" + order_by(l, ""));
   for (std::size_t i = 0; i < binds.size(); ++i) q.bind(static_cast<int>(i + 1), binds[i]);
   std::vector<Task> out;
   while (q.executeStep()) out.push_back(read_task(q, l));
@@ -487,9 +494,13 @@ std::size_t delete_finished(SQLite::Database& db, const TaskLayout& l, Timestamp
       status_in(l, {TaskStatus::kCompleted, TaskStatus::kFailed, TaskStatus::kCancelled}, binds) +
       " AND resource_cleanup_completed = 1 AND " + quote(l.column(store::kFinishedAt)) +
       " IS NOT NULL AND " + quote(l.column(store::kFinishedAt)) + " < ?";
-  // An adopted table: only the rows taskmgr ran; the earlier application's
-  // own rows are never deleted.
-  if (l.adopted()) ended += " AND assigned_device IS NOT NULL";
+  // An adopted table: only the rows taskmgr ran (it wrote their events);
+  // the earlier application's own rows are never deleted, also when its
+  // table had an assigned_device column of its own.
+  if (l.adopted()) {
+    ended += " AND EXISTS (SELECT 1 FROM task_events e WHERE e.task_id = tasks." +
+             quote(l.column(store::kId)) + ")";
+  }
   auto bind_all = [&](SQLite::Statement& st) {
     int i = 1;
     for (const auto& w : binds) st.bind(i++, w);

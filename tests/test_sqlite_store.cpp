@@ -102,6 +102,38 @@ EventRecord event_for(const Task& t, TaskEvent e, const std::string& details = "
 
 }  // namespace
 
+TEST_CASE(
+    "a write an adopted table's CHECK refuses is given up, and the writes after it go in") {
+  TempDir dir;
+  {
+    SQLite::Database db(dir.db(), SQLite::OPEN_READWRITE | SQLite::OPEN_CREATE);
+    db.exec(
+        "CREATE TABLE tasks (id VARCHAR(36) PRIMARY KEY, service TEXT, status TEXT CHECK "
+        "(status IN ('pending', 'queued', 'running')), created_at TIMESTAMP)");
+  }
+  auto store = open_sqlite_store(dir.db());
+  Task t = sample_task();
+  Task u = sample_task();
+  store->insert_task(t, event_for(t, TaskEvent::kCreated));
+  store->insert_task(u, event_for(u, TaskEvent::kCreated));
+  t.status = TaskStatus::kCompleted;  // a word the CHECK does not allow
+  store->update_task(t, {event_for(t, TaskEvent::kCompleted)});
+  store->flush();
+  u.status = TaskStatus::kQueued;
+  store->update_task(u, {event_for(u, TaskEvent::kQueued)});
+  store->flush();
+  const StoreStats st = store->stats();
+  CHECK(st.dropped_writes == 1);
+  CHECK(st.backlog == 0);
+  CHECK(st.last_error.find("an update of task " + t.id + " was refused and given up") !=
+        std::string::npos);
+  CHECK(st.last_error.find("CHECK constraint failed") != std::string::npos);
+  CHECK(store->load_task(u.id)->status == TaskStatus::kQueued);  // went in
+  SQLite::Database db(dir.db(), SQLite::OPEN_READONLY);
+  CHECK(db.execAndGet("SELECT status FROM tasks WHERE id = '" + u.id + "'").getString() ==
+        "queued");
+}
+
 TEST_CASE("a v1 database with rows is upgraded in place: old rows keep their data") {
   TempDir dir;
   {

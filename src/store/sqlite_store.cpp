@@ -248,6 +248,14 @@ class SqliteStore final : public TaskStore, private WriteBackend {
                                   nullptr, nullptr);
       }
     } catch (const SQLite::Exception& e) {
+      // The database refused the data (a CHECK, NOT NULL or UNIQUE
+      // constraint of an adopted table, a value too big): the same write
+      // can never succeed, and retrying it would hold up every write behind
+      // it. The queue gives it up (dropped_writes, logged).
+      const int rc = e.getErrorCode();
+      if (rc == SQLITE_CONSTRAINT || rc == SQLITE_MISMATCH || rc == SQLITE_TOOBIG) {
+        throw RejectedWrite(code_of(e), e.what());
+      }
       throw Error(code_of(e), e.what());
     }
   }

@@ -102,8 +102,7 @@ EventRecord event_for(const Task& t, TaskEvent e, const std::string& details = "
 
 }  // namespace
 
-TEST_CASE(
-    "a write an adopted table's CHECK refuses is given up, and the writes after it go in") {
+TEST_CASE("a write an adopted table's CHECK refuses is given up, and the writes after it go in") {
   TempDir dir;
   {
     SQLite::Database db(dir.db(), SQLite::OPEN_READWRITE | SQLite::OPEN_CREATE);

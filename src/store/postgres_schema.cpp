@@ -729,15 +729,16 @@ std::size_t delete_finished(pg::Conn& c, const TaskLayout& l, Timestamp finished
     return sql;
   };
   return in_transaction(c, [&] {
-    for (const char* table : {"task_metrics", "task_events"}) {
-      pg::Params p;
-      const std::string sql = ended(p);
-      c.exec(std::string("DELETE FROM ") + table + " WHERE task_id IN (" + sql + ")", p);
-    }
+    // The ids first: deleting a task's events changes which tasks `ended`
+    // selects in an adopted table (those with events).
+    c.exec_script("CREATE TEMP TABLE taskmgr_prune (id TEXT PRIMARY KEY) ON COMMIT DROP");
     pg::Params p;
     const std::string sql = ended(p);
-    pg::Result r =
-        c.exec("DELETE FROM tasks WHERE " + quote(l.column(store::kId)) + " IN (" + sql + ")", p);
+    c.exec("INSERT INTO taskmgr_prune " + sql, p);
+    const std::string gone = " IN (SELECT id FROM taskmgr_prune)";
+    c.exec_script("DELETE FROM task_metrics WHERE task_id" + gone);
+    c.exec_script("DELETE FROM task_events WHERE task_id" + gone);
+    pg::Result r = c.exec("DELETE FROM tasks WHERE " + quote(l.column(store::kId)) + gone);
     return static_cast<std::size_t>(std::strtoull(PQcmdTuples(r.get()), nullptr, 10));
   });
 }

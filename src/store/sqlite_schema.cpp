@@ -507,16 +507,18 @@ std::size_t delete_finished(SQLite::Database& db, const TaskLayout& l, Timestamp
     bind_time(st, i, l.kind(store::kFinishedAt), finished_before);
   };
   SQLite::Transaction tx(db, SQLite::TransactionBehavior::IMMEDIATE);
-  for (const char* table : {"task_metrics", "task_events"}) {
-    SQLite::Statement del(
-        db, std::string("DELETE FROM ") + table + " WHERE task_id IN (" + ended + ")");
-    bind_all(del);
-    del.exec();
-  }
-  SQLite::Statement del(
-      db, "DELETE FROM tasks WHERE " + quote(l.column(store::kId)) + " IN (" + ended + ")");
-  bind_all(del);
-  const int n = del.exec();
+  // The ids first: deleting a task's events changes which tasks `ended`
+  // selects in an adopted table (those with events).
+  db.exec("CREATE TEMP TABLE IF NOT EXISTS taskmgr_prune (id TEXT PRIMARY KEY)");
+  db.exec("DELETE FROM temp.taskmgr_prune");
+  SQLite::Statement pick(db, "INSERT INTO temp.taskmgr_prune " + ended);
+  bind_all(pick);
+  pick.exec();
+  const std::string gone = " IN (SELECT id FROM temp.taskmgr_prune)";
+  db.exec("DELETE FROM task_metrics WHERE task_id" + gone);
+  db.exec("DELETE FROM task_events WHERE task_id" + gone);
+  const int n = db.exec("DELETE FROM tasks WHERE " + quote(l.column(store::kId)) + gone);
+  db.exec("DELETE FROM temp.taskmgr_prune");
   tx.commit();
   return static_cast<std::size_t>(n);
 }

@@ -1324,6 +1324,57 @@ TEST_CASE("a file that is not a SQLite database is refused, byte-identical, sayi
 }
 
 TEST_CASE(
+    "adopting: an id unique only by a partial index or in another collation is refused "
+    "untouched; one unique in its own collation is adopted and its events are written") {
+  struct Case {
+    const char* ddl;
+    bool adoptable;
+  };
+  const Case cases[] = {
+      {"CREATE TABLE tasks (id VARCHAR(36), status TEXT); CREATE UNIQUE INDEX t_id ON tasks(id) "
+       "WHERE id IS NOT NULL",
+       false},
+      {"CREATE TABLE tasks (id VARCHAR(36), status TEXT); CREATE UNIQUE INDEX t_id ON tasks(id "
+       "COLLATE NOCASE)",
+       false},
+      {"CREATE TABLE tasks (id VARCHAR(36) COLLATE NOCASE UNIQUE, status TEXT)", true},
+      {"CREATE TABLE tasks (id VARCHAR(36), status TEXT); CREATE UNIQUE INDEX t_id ON tasks(id)",
+       true},
+  };
+  for (const auto& k : cases) {
+    CAPTURE(k.ddl);
+    TempDir dir;
+    {
+      SQLite::Database db(dir.db(), SQLite::OPEN_READWRITE | SQLite::OPEN_CREATE);
+      db.exec(k.ddl);
+      db.exec("INSERT INTO tasks (id, status) VALUES ('old-1', 'pending')");
+    }
+    const std::string before = slurp(dir.db());
+    if (!k.adoptable) {
+      try {
+        open_sqlite_store(dir.db());
+        FAIL("expected kIncompatible");
+      } catch (const Error& e) {
+        CHECK(e.code() == ErrorCode::kIncompatible);
+        CHECK(std::string(e.what()).find("neither the primary key nor unique") !=
+              std::string::npos);
+      }
+      CHECK(slurp(dir.db()) == before);
+      continue;
+    }
+    auto store = open_sqlite_store(dir.db());
+    Task t = *store->load_task("old-1");
+    t.status = TaskStatus::kQueued;
+    t.assigned_device = "cpu";
+    store->update_task(t, {event_for(t, TaskEvent::kQueued)});
+    store->flush();
+    CHECK(store->stats().dropped_writes == 0);
+    CHECK(store->stats().backlog == 0);
+    CHECK(names(store->load_events("old-1")) == std::vector<std::string>{"queued"});
+  }
+}
+
+TEST_CASE(
     "allow_other_tables: taskmgr's tables beside another application's, which stay as they "
     "are") {
   TempDir dir;

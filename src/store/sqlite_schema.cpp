@@ -287,15 +287,28 @@ std::string adoption_problem(SQLite::Database& db) {
     if (pk.executeStep()) unique = pk.getColumn(0).getInt() == 1 && pk.getColumn(1).getInt() == 1;
   }
   if (!unique) {
-    SQLite::Statement ix(db,
-                         "SELECT count(*) FROM pragma_index_list('tasks') l WHERE l.\"unique\" = 1 "
-                         "AND (SELECT count(*) FROM pragma_index_info(l.name)) = 1 AND "
-                         "(SELECT name FROM pragma_index_info(l.name)) = ?");
+    // A UNIQUE index SQLite accepts as a foreign key's parent: on id alone,
+    // not partial, in the column's own collation (else every write of an
+    // event fails "foreign key mismatch").
+    const char* coll = nullptr;
+    if (sqlite3_table_column_metadata(db.getHandle(), "main", "tasks", id->name.c_str(), nullptr,
+                                      &coll, nullptr, nullptr, nullptr) != SQLITE_OK ||
+        coll == nullptr) {
+      coll = "BINARY";
+    }
+    SQLite::Statement ix(
+        db,
+        "SELECT count(*) FROM pragma_index_list('tasks') l WHERE l.\"unique\" = 1 AND "
+        "l.partial = 0 AND (SELECT count(*) FROM pragma_index_info(l.name)) = 1 AND "
+        "(SELECT name FROM pragma_index_info(l.name)) = ? AND (SELECT upper(coll) FROM "
+        "pragma_index_xinfo(l.name) WHERE key = 1) = upper(?)");
     ix.bind(1, id->name);
+    ix.bind(2, std::string(coll));
     unique = ix.executeStep() && ix.getColumn(0).getInt() > 0;
   }
   if (!unique) {
-    return "its tasks.id column is neither the primary key nor unique: the spec's task_events and "
+    return "its tasks.id column is neither the primary key nor unique (a UNIQUE index on id "
+           "alone, not partial, in the column's collation): the spec's task_events and "
            "task_metrics reference tasks(id)";
   }
   SQLite::Statement len(db, "SELECT count(*), coalesce(max(length(" + quote(id->name) +

@@ -259,6 +259,52 @@ TEST_CASE(
   CHECK(store->load_task("w")->status == TaskStatus::kCompleted);
 }
 
+TEST_CASE(
+    "postgres store: an id column named \"Id\" and a status column too short for taskmgr's "
+    "words are refused untouched, saying what to change") {
+  struct Case {
+    const char* ddl;
+    const char* says;
+  };
+  const Case cases[] = {
+      {"CREATE TABLE tasks (\"Id\" VARCHAR(36) PRIMARY KEY, status TEXT)",
+       "RENAME COLUMN \"Id\" TO id"},
+      {"CREATE TABLE tasks (id VARCHAR(36) PRIMARY KEY, status VARCHAR(8))",
+       "VARCHAR(8), too short for taskmgr's 'completed', 'cancelled'"},
+  };
+  for (const auto& k : cases) {
+    CAPTURE(k.ddl);
+    PgSchema s;
+    s.exec(k.ddl);
+    try {
+      s.open();
+      FAIL("expected kIncompatible");
+    } catch (const Error& e) {
+      CHECK(e.code() == ErrorCode::kIncompatible);
+      CHECK(std::string(e.what()).find(k.says) != std::string::npos);
+      CHECK(std::string(e.what()).find("not modified") != std::string::npos);
+    }
+    CHECK(s.scalar("SELECT count(*) FROM information_schema.columns WHERE table_schema = '" +
+                   s.name() + "' AND table_name = 'tasks'") == 2);
+    CHECK(s.scalar("SELECT count(*) FROM pg_tables WHERE schemaname = '" + s.name() + "'") == 1);
+  }
+  // A short column with a map of short words for the long ones: adopted,
+  // and a completed task is written in the mapped word.
+  PgSchema s;
+  s.exec("CREATE TABLE tasks (id VARCHAR(36) PRIMARY KEY, status VARCHAR(8))");
+  s.exec("INSERT INTO tasks VALUES ('old-1', 'pending')");
+  PostgresStoreOptions o = s.options();
+  o.adopt.status_map = {{"done", TaskStatus::kCompleted}, {"dropped", TaskStatus::kCancelled}};
+  auto store = open_postgres_store(s.url(), o);
+  Task t = *store->load_task("old-1");
+  t.status = TaskStatus::kCompleted;
+  store->update_task(t, {event_for(t, TaskEvent::kCompleted)});
+  store->flush();
+  CHECK(store->stats().dropped_writes == 0);
+  CHECK(s.text("SELECT status FROM tasks WHERE id = 'old-1'") == "done");
+  CHECK(store->load_task("old-1")->status == TaskStatus::kCompleted);
+}
+
 TEST_CASE("postgres store: allow_other_tables creates taskmgr's tables beside others") {
   PgSchema s;
   s.exec("CREATE TABLE users (id INTEGER PRIMARY KEY); INSERT INTO users VALUES (7)");

@@ -2,6 +2,7 @@
 // store lock, how a task maps onto a row of `tasks`, and the queries (reads
 // and the prune) (postgres_internal.hpp).
 #include <algorithm>
+#include <cctype>
 #include <cstdlib>
 
 #include "postgres_internal.hpp"
@@ -299,12 +300,15 @@ std::vector<store::Column> columns_of(pg::Conn& conn, const std::string& schema)
   pg::Params s;
   s.text(schema);
   pg::Result r = conn.exec(
-      "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = $1 "
-      "AND table_name = 'tasks' ORDER BY ordinal_position",
+      "SELECT column_name, data_type, coalesce(character_maximum_length, 0) FROM "
+      "information_schema.columns WHERE table_schema = $1 AND table_name = 'tasks' ORDER BY "
+      "ordinal_position",
       s);
   std::vector<store::Column> out;
-  for (int i = 0; i < PQntuples(r.get()); ++i)
-    out.push_back({text(r.get(), i, 0), text(r.get(), i, 1)});
+  for (int i = 0; i < PQntuples(r.get()); ++i) {
+    out.push_back(
+        {text(r.get(), i, 0), text(r.get(), i, 1), static_cast<int>(integer(r.get(), i, 2))});
+  }
   return out;
 }
 
@@ -320,7 +324,20 @@ std::string adoption_problem(pg::Conn& conn, const std::string& schema,
   const auto cols = columns_of(conn, schema);
   const auto id =
       std::find_if(cols.begin(), cols.end(), [](const store::Column& c) { return c.name == "id"; });
-  if (id == cols.end()) return "its tasks table has no id column";
+  if (id == cols.end()) {
+    const auto other = std::find_if(cols.begin(), cols.end(), [](const store::Column& c) {
+      return c.name.size() == 2 && std::tolower(static_cast<unsigned char>(c.name[0])) == 'i' &&
+             std::tolower(static_cast<unsigned char>(c.name[1])) == 'd';
+    });
+    if (other != cols.end()) {
+      return "its id column is named \"" + other->name +
+             "\", and the spec's task_events and task_metrics reference tasks(id), which "
+             "PostgreSQL reads as a column named id in lower case (rename it: ALTER TABLE tasks "
+             "RENAME COLUMN \"" +
+             other->name + "\" TO id)";
+    }
+    return "its tasks table has no id column";
+  }
   if (id->type != "character varying" && id->type != "text" && id->type != "character") {
     return "its tasks.id column is " + id->type +
            ", not text: the spec's task_events and task_metrics reference it from a "
@@ -461,6 +478,24 @@ store::TaskLayout task_layout(pg::Conn& conn, const PostgresStoreOptions& o) {
                         " ADD VALUE '...') or map one of its labels to it; the database "
                         "was not modified");
       }
+    }
+  }
+  if (const int n = l.max_length(store::kStatus); n > 0 && !l.is_user_defined(store::kStatus)) {
+    // A VARCHAR(n) status column: each status written in a word that fits.
+    std::vector<std::string> fit;
+    for (const auto& w : l.known_words()) {
+      if (static_cast<int>(w.size()) <= n) fit.push_back(w);
+    }
+    const std::string missing = l.use_status_words(fit);
+    if (!missing.empty()) {
+      throw Error(ErrorCode::kIncompatible,
+                  "the tasks." + l.column(store::kStatus) + " column is VARCHAR(" +
+                      std::to_string(n) + "), too short for taskmgr's " + missing +
+                      " (nor a word that storage.adopt.status_map maps to it fits): widen it "
+                      "(ALTER TABLE tasks ALTER COLUMN " +
+                      l.column(store::kStatus) +
+                      " TYPE VARCHAR(50)) or map a shorter word to it; the database was not "
+                      "modified");
     }
   }
   if (!l.has(store::kAttempt)) {

@@ -329,7 +329,8 @@ std::string adoption_problem(SQLite::Database& db) {
 std::vector<store::Column> task_columns(SQLite::Database& db) {
   std::vector<store::Column> out;
   SQLite::Statement q(db, "SELECT name, type FROM pragma_table_info('tasks') ORDER BY cid");
-  while (q.executeStep()) out.push_back({q.getColumn(0).getString(), q.getColumn(1).getString()});
+  while (q.executeStep())
+    out.push_back({q.getColumn(0).getString(), q.getColumn(1).getString(), 0});
   return out;
 }
 

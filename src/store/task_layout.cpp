@@ -117,6 +117,7 @@ TaskLayout TaskLayout::of(const std::vector<Column>& columns, StatusMap status_m
         l.columns_[n.field] = columns[i].name;
         l.kinds_[n.field] = *k;
         l.user_defined_[n.field] = lower(columns[i].type) == "user-defined";
+        l.max_length_[n.field] = columns[i].max_length;
         used[i] = true;
         found = true;
         if (name != n.names.front()) l.adopted_ = true;

@@ -11,6 +11,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "taskmgr/task.hpp"
@@ -66,8 +67,11 @@ enum class Kind {
 
 // A column of the table as the database describes it.
 struct Column {
+  Column(std::string n, std::string t, int len = 0)
+      : name(std::move(n)), type(std::move(t)), max_length(len) {}
   std::string name;
-  std::string type;  // declared (SQLite) or data type (PostgreSQL), any case
+  std::string type;    // declared (SQLite) or data type (PostgreSQL), any case
+  int max_length = 0;  // PostgreSQL: character_maximum_length (VARCHAR(n)); 0: none
 };
 
 // Old status words and the status each means (storage.adopt.status_map).
@@ -109,6 +113,8 @@ class TaskLayout {
   // A column of a type of its own (PostgreSQL: an enum, a domain), not
   // text: compared as text, written as one of its values.
   bool is_user_defined(Field f) const { return user_defined_[f]; }
+  // The longest text a field's column holds (VARCHAR(n)); 0: no limit.
+  int max_length(Field f) const { return max_length_[f]; }
   // The status column holds only these words (an enum's labels): each
   // status is written as its own word when that is one of them, else as a
   // word of storage.adopt.status_map that means it and is one. The
@@ -154,6 +160,7 @@ class TaskLayout {
   std::array<std::string, kFieldCount> columns_;
   std::array<std::string, kFieldCount> derived_;
   std::array<bool, kFieldCount> user_defined_{};
+  std::array<int, kFieldCount> max_length_{};
   std::map<TaskStatus, std::string> write_words_;
   std::array<Kind, kFieldCount> kinds_{};
   std::vector<std::string> extra_;

@@ -373,6 +373,23 @@ TEST_CASE("postgres store: describe() and messages never show the password") {
   }
 }
 
+TEST_CASE(
+    "postgres store: a failure libpq reports without a SQLSTATE counts as a lost connection") {
+  // After a server restart the first statement on a pooled connection
+  // fails "server closed the connection unexpectedly", with no SQLSTATE and
+  // (until libpq reads again) a connection status of OK. Such a read must
+  // be run again on a new connection, not fail its caller.
+  PgSchema s;
+  PGconn* live = s.conn().get();
+  REQUIRE(PQstatus(live) == CONNECTION_OK);
+  pg::Result r(PQmakeEmptyPGresult(live, PGRES_FATAL_ERROR));
+  CHECK(pg::error_of(live, r.get()).connection_lost());
+  // A server's answer with a SQLSTATE is judged by it.
+  pg::Result ok(PQexec(live, "SELECT 1/0"));
+  REQUIRE(PQresultStatus(ok.get()) == PGRES_FATAL_ERROR);
+  CHECK_FALSE(pg::error_of(live, ok.get()).connection_lost());
+}
+
 TEST_CASE("postgres store: broken connections are made again, writes and reads go on") {
   PgSchema s;
   auto store = s.open();

@@ -107,7 +107,11 @@ PgError error_of(PGconn* conn, const PGresult* r, const std::string& context) {
   if (msg.empty() && conn != nullptr) msg = PQerrorMessage(conn);
   msg = tidy(to_valid_utf8(msg));
   if (msg.empty()) msg = "unknown error";
-  const bool lost = conn == nullptr || PQstatus(conn) == CONNECTION_BAD ||
+  // No SQLSTATE: libpq's own failure, not the server's answer (a socket the
+  // server closed reads "server closed the connection unexpectedly" while
+  // the connection's status may still say OK until the next read): a new
+  // connection may succeed.
+  const bool lost = conn == nullptr || PQstatus(conn) == CONNECTION_BAD || state.empty() ||
                     starts_with(state, "08") || state == "57P01" || state == "57P02" ||
                     state == "57P03";
   return PgError(code_of(state, lost), state, lost, context.empty() ? msg : context + ": " + msg);

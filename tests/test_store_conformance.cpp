@@ -1342,6 +1342,30 @@ STORE_CASE(
   CHECK(scalar("SELECT count(*) FROM task_events") == 0);
 }
 
+STORE_CASE("adopting: times in a floating-point epoch column are written with their fraction") {
+  exec(
+      "CREATE TABLE tasks (id VARCHAR(36) PRIMARY KEY, status VARCHAR(20), created_at DOUBLE "
+      "PRECISION, started_at DOUBLE PRECISION, finished_at DOUBLE PRECISION)");
+  exec("INSERT INTO tasks VALUES ('old-1', 'pending', 1714557600.25, NULL, NULL)");
+  auto store = open();
+  Task t = *store->load_task("old-1");
+  CHECK(format_timestamp(t.created_at) == "2024-05-01T10:00:00.250Z");
+  t.status = TaskStatus::kCompleted;
+  t.started_at = t.created_at + std::chrono::milliseconds(1338);
+  t.finished_at = t.created_at + std::chrono::milliseconds(1750);
+  store->update_task(t, {event_for(t, TaskEvent::kCompleted)});
+  store->flush();
+  CHECK(store->stats().dropped_writes == 0);
+  const Task back = *store->load_task("old-1");
+  REQUIRE(back.started_at.has_value());
+  REQUIRE(back.finished_at.has_value());
+  CHECK(format_timestamp(*back.started_at) == "2024-05-01T10:00:01.588Z");
+  CHECK(format_timestamp(*back.finished_at) == "2024-05-01T10:00:02.000Z");
+  CHECK(*back.started_at < *back.finished_at);
+  CHECK(scalar("SELECT count(*) FROM tasks WHERE started_at > 1714557601.5 AND started_at < "
+               "1714557601.6") == 1);
+}
+
 STORE_CASE("adopting: a tasks table that cannot be adopted is refused, untouched, saying why") {
   struct Case {
     const char* sql;

@@ -96,6 +96,13 @@ void add_time(pg::Params& p, Kind k, const std::optional<Timestamp>& t) {
     p.null();
   } else if (k == Kind::kEpoch) {
     p.integer(std::chrono::floor<std::chrono::seconds>(t->time_since_epoch()).count());
+  } else if (k == Kind::kEpochReal) {
+    // Exact decimal text (a double would round the microseconds).
+    const auto us = std::chrono::floor<std::chrono::microseconds>(t->time_since_epoch()).count();
+    const auto a = us < 0 ? -us : us;
+    std::string frac = std::to_string(a % 1000000);
+    frac.insert(0, 6 - frac.size(), '0');
+    p.text((us < 0 ? "-" : "") + std::to_string(a / 1000000) + "." + frac);
   } else {
     p.timestamp(*t);
   }

@@ -108,6 +108,10 @@ void bind_time(SQLite::Statement& st, int i, Kind k, const std::optional<Timesta
   } else if (k == Kind::kEpoch) {
     st.bind(i, static_cast<std::int64_t>(
                    std::chrono::floor<std::chrono::seconds>(t->time_since_epoch()).count()));
+  } else if (k == Kind::kEpochReal) {
+    const auto us =
+        std::chrono::duration_cast<std::chrono::microseconds>(t->time_since_epoch()).count();
+    st.bind(i, static_cast<double>(us) / 1e6);
   } else {
     st.bind(i, format_timestamp(*t));
   }

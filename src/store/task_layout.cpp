@@ -71,7 +71,10 @@ bool is_integer_field(Field f) {
 std::optional<Kind> kind_for(Field f, const std::string& t) {
   if (f == kInputData) return is_binary(t) ? std::optional(Kind::kBinary) : std::nullopt;
   if (is_binary(t)) return std::nullopt;
-  if (is_time_field(f)) return is_number(t) ? Kind::kEpoch : Kind::kText;
+  if (is_time_field(f)) {
+    if (!is_number(t)) return Kind::kText;
+    return is_integer(t) ? Kind::kEpoch : Kind::kEpochReal;
+  }
   if (is_integer_field(f)) {
     // SQLite's own columns are INTEGER; a column of another type (a priority
     // of 'high') is not read as a number.

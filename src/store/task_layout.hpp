@@ -58,11 +58,12 @@ inline constexpr Field kInsertOnlyFields[] = {kId,        kService,   kInputPath
 
 // How a column's values are written and read.
 enum class Kind {
-  kText,     // text (a timestamp field: RFC 3339 text, or the backend's TIMESTAMP)
-  kInteger,  // a whole number
-  kBinary,   // BLOB / BYTEA
-  kBoolean,  // BOOLEAN (SQLite: 0/1)
-  kEpoch,    // a timestamp field in a numeric column: seconds since 1970
+  kText,       // text (a timestamp field: RFC 3339 text, or the backend's TIMESTAMP)
+  kInteger,    // a whole number
+  kBinary,     // BLOB / BYTEA
+  kBoolean,    // BOOLEAN (SQLite: 0/1)
+  kEpoch,      // a timestamp field in an integer column: whole seconds since 1970
+  kEpochReal,  // ... in a REAL / DOUBLE / NUMERIC column: seconds with their fraction
 };
 
 // A column of the table as the database describes it.

@@ -861,7 +861,7 @@ int taskmgr_list_tasks(taskmgr_manager* manager, const char* status, const char*
       f.status = taskmgr::parse_task_status(status);
       if (!f.status) {
         throw_invalid(std::string(fn) + ": unknown status '" + status +
-                      "' (pending, queued, running, completed, failed, cancelled)");
+                      "' (pending, queued, running, completed, failed, cancelled, unrecognized)");
       }
     }
     if (service != nullptr) f.service = service;

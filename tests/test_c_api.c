@@ -727,6 +727,11 @@ static void test_task_lifecycle(void) {
   CHECK_RC(taskmgr_list_tasks(tm, "finished", NULL, 0, &json), TASKMGR_E_INVALID_ARGUMENT);
   CHECK_MSG("finished");
   CHECK(json == NULL);
+  CHECK_MSG("unrecognized"); /* the message lists every name it accepts */
+  CHECK_RC(taskmgr_list_tasks(tm, "unrecognized", NULL, 0, &json), TASKMGR_OK);
+  CHECK(json != NULL && strcmp(json, "[]") == 0);
+  taskmgr_free(json);
+  json = NULL;
 
   /* Events, metrics, health, devices. */
   CHECK_RC(taskmgr_get_task_events(tm, id, &json), TASKMGR_OK);

@@ -1374,6 +1374,28 @@ TEST_CASE(
   }
 }
 
+TEST_CASE("adopting: ids that are not UTF-8 text are refused untouched, saying how many") {
+  TempDir dir;
+  {
+    SQLite::Database db(dir.db(), SQLite::OPEN_READWRITE | SQLite::OPEN_CREATE);
+    db.exec("CREATE TABLE tasks (id VARCHAR(36) PRIMARY KEY, status TEXT)");
+    db.exec("INSERT INTO tasks VALUES ('good', 'pending')");
+    db.exec("INSERT INTO tasks VALUES (CAST(X'6261642dff' AS TEXT), 'pending')");  // "bad-\xff"
+    db.exec("INSERT INTO tasks VALUES (X'00ff', 'pending')");                      // a BLOB
+  }
+  const std::string before = slurp(dir.db());
+  try {
+    open_sqlite_store(dir.db());
+    FAIL("expected kIncompatible");
+  } catch (const Error& e) {
+    const std::string m = e.what();
+    CHECK(e.code() == ErrorCode::kIncompatible);
+    CHECK(m.find("2 of its tasks.id values are not UTF-8 text") != std::string::npos);
+    CHECK(m.find("bad-\xef\xbf\xbd") != std::string::npos);  // shown with U+FFFD
+  }
+  CHECK(slurp(dir.db()) == before);
+}
+
 TEST_CASE(
     "allow_other_tables: taskmgr's tables beside another application's, which stay as they "
     "are") {

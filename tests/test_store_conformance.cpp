@@ -1290,6 +1290,7 @@ STORE_CASE(
     TaskManagerOptions mo;
     mo.store = open_adopting(legacy_adopt());
     mo.builtin_ocr = false;
+    mo.log_sink = [](LogLevel, std::string_view) {};
     mo.services.push_back(
         make_function_service("ocr", [](TaskContext& ctx) { ctx.set_result(R"({"ok":1})"); }));
     TaskManager tm(c, mo);

@@ -14,6 +14,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "../utf8.hpp"
 #include "sqlite_internal.hpp"
 #include "taskmgr/store.hpp"
 
@@ -324,6 +325,25 @@ std::string adoption_problem(SQLite::Database& db) {
   }
   if (len.getColumn(2).getInt() > 0) {
     return std::to_string(len.getColumn(2).getInt()) + " of its tasks have no id (NULL)";
+  }
+  // Every id comes back to hosts as UTF-8 text and is looked up by what
+  // they send back: an id that is not UTF-8 (or is a BLOB) could be listed
+  // but never found.
+  SQLite::Statement ids(
+      db, "SELECT " + quote(id->name) + ", typeof(" + quote(id->name) + ") FROM tasks");
+  std::int64_t bad = 0;
+  std::string first;
+  while (ids.executeStep()) {
+    const SQLite::Column c = ids.getColumn(0);
+    const std::string v(static_cast<const char*>(c.getBlob()),
+                        static_cast<std::size_t>(c.getBytes()));
+    if (ids.getColumn(1).getString() != "text" || invalid_utf8_at(v)) {
+      if (bad++ == 0) first = to_valid_utf8(v);
+    }
+  }
+  if (bad > 0) {
+    return std::to_string(bad) + " of its tasks.id values are not UTF-8 text (the first reads '" +
+           first + "'): taskmgr returns ids as UTF-8 and finds tasks by them";
   }
   return "";
 }

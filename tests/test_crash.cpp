@@ -98,9 +98,11 @@ TEST_CASE("kill -9 at random points loses no acknowledged task and corrupts noth
 }
 
 TEST_CASE("kill -9: a task that kills its process at once runs out of attempts, not forever") {
-  // Its `started` is in the file before the service runs: each death is
-  // an interrupted attempt, counted, and after tasks.retry.
-  // max_interrupted_attempts (5) the next start fails it `interrupted`.
+  // Once it is found unfinished at an open, its `started` is in the file
+  // before the service runs: each death is an interrupted attempt, counted,
+  // and after tasks.retry.max_interrupted_attempts (5) the next start fails
+  // it `interrupted`. Its first run (not yet recovered) may die before its
+  // start is stored: at most 5 + 1 runs in all.
   const fs::path dir =
       fs::temp_directory_path() /
       ("taskmgr-selfkill-" + std::to_string(::getpid()) + "-" + generate_task_id().substr(24));
@@ -117,7 +119,8 @@ TEST_CASE("kill -9: a task that kills its process at once runs out of attempts, 
     if (WIFEXITED(st) && WEXITSTATUS(st) == 0) ++clean_exits;
   }
   ::unsetenv("TASKMGR_CRASH_SELFKILL");
-  CHECK(deaths == 5);
+  CHECK(deaths >= 5);
+  CHECK(deaths <= 6);
   CHECK(clean_exits == 1);
   SQLite::Database d(db, SQLite::OPEN_READONLY);
   CHECK(d.execAndGet("SELECT status || ' ' || failure_reason || ' ' || attempt FROM tasks")

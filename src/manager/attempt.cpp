@@ -139,14 +139,21 @@ Attempt::Attempt(const Config& config, std::shared_ptr<const Clock> clock, Sched
 std::optional<CleanupReport> Attempt::run(const RecordPtr& rec, ServicePool::Lease lease,
                                           const AttemptStart& a) {
   Context ctx(*this, rec, a, lease.instance_id());
-  // The attempt's `started` is in the store before host code runs: a
-  // service that takes the process down with it (a crash, the kernel's OOM
-  // killer, an abort) leaves the task running in the store, so that the
-  // next open counts the attempt and stops after max_interrupted_attempts.
-  // Without this the write could still wait in the group commit when the
-  // process died, and the task ran again and again at every start.
-  scheduler_.outbox().drain(/*wait=*/true);
-  journal_.flush();
+  // A task found unfinished at open may be one that takes the process down
+  // with it (a crash, the kernel's OOM killer, an abort) as soon as it
+  // runs: its attempt's `started` is in the store before host code runs,
+  // so that the next open counts the attempt and stops after
+  // max_interrupted_attempts. (Without this the write could still wait in
+  // the group commit when the process died, and the task ran again at
+  // every start, forever.) Other tasks do not wait for that commit: one
+  // that kills the process in its first run is found unfinished at the
+  // next open and counted from then on, so a task runs at most
+  // max_interrupted_attempts + 1 times however it dies. The wait costs a
+  // commit per attempt, which only recovered tasks pay.
+  if (rec->recovered.load()) {
+    scheduler_.outbox().drain(/*wait=*/true);
+    journal_.flush();
+  }
   std::exception_ptr err;
   try {
     ctx.throw_if_cancelled();

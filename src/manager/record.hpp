@@ -90,6 +90,9 @@ class Record {
   SteadyTime deadline GUARDED_BY(scheduler_lock){};
   double timeout_s GUARDED_BY(scheduler_lock) = 0;
   std::atomic<bool> timed_out{false};
+  // Found unfinished in the store when the manager opened: its attempts
+  // start only once their `started` is in the store (Attempt::run).
+  std::atomic<bool> recovered{false};
   // Memory the running attempt reported (MB; -1 = none yet).
   std::atomic<std::int64_t> last_mb{-1};
   std::atomic<std::int64_t> peak_mb{-1};

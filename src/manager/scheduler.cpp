@@ -497,6 +497,7 @@ void Scheduler::recover(const RecordPtr& rec, const std::string& device,
                         const std::string& no_device_why) {
   Task& t = rec->task;
   records_.put(rec);
+  rec->recovered.store(true);
   EventBatch b(*clock_);
   if (t.status == TaskStatus::kPending) {
     (void)Lifecycle::apply(*rec, Step::kRecoverPending);

@@ -129,6 +129,8 @@ class TaskManager::Impl {
   std::atomic<int> in_flight_{0};
   // The count of unpersisted writes close() last logged (see close()).
   std::atomic<std::uint64_t> unpersisted_logged_{0};
+  // The dropped_writes count a close() reported last (see close()).
+  std::atomic<std::uint64_t> dropped_reported_{0};
 };
 
 namespace {
@@ -256,15 +258,25 @@ void TaskManager::Impl::close() {
   if (first) bus_.flush();
   // Nothing accepted is lost without a word: writes the store holds but
   // could not persist make close() fail, naming them.
+  // Writes the database refused for their data were given up: no retry
+  // can store them, so each is reported by one close() (the first after
+  // it), and a later close() fails only for writes still waiting.
   const StoreStats st = journal_.stats();
-  if (st.unpersisted() > 0) {
+  const std::uint64_t reported = dropped_reported_.load();
+  const std::uint64_t new_drops = st.dropped_writes > reported ? st.dropped_writes - reported : 0;
+  if (st.backlog > 0 || new_drops > 0) {
+    dropped_reported_.store(st.dropped_writes);
     const std::string why = fmt::format(
         "{} write(s) the task manager accepted are not in the store {} ({} failed and wait for a "
-        "retry, {} refused by the database and given up): {}. The tasks' latest states and "
-        "events are lost if the process ends now; make room (or the database writable) and "
-        "call close() again to retry",
-        st.unpersisted(), journal_.describe(), st.backlog, st.dropped_writes,
-        st.last_error.empty() ? std::string("no message") : st.last_error);
+        "retry, {} refused by the database for their data and given up): {}. {}",
+        st.backlog + new_drops, journal_.describe(), st.backlog, new_drops,
+        st.last_error.empty() ? std::string("no message") : st.last_error,
+        st.backlog > 0 ? "The tasks' latest states and events are lost if the process ends "
+                         "now; make room (or the database writable) and call close() again to "
+                         "retry"
+                       : "No retry can store writes the database refused (a later close() "
+                         "does not report them again); see docs/STORAGE.md, \"What happens "
+                         "on write failures\"");
     // Logged once per count (the destructor's close() says it again only
     // to its caller): a host that closes, then destroys, sees one line.
     if (unpersisted_logged_.exchange(st.unpersisted()) != st.unpersisted()) {

@@ -305,6 +305,69 @@ TEST_CASE(
   CHECK(store->load_task("old-1")->status == TaskStatus::kCompleted);
 }
 
+TEST_CASE(
+    "postgres store: a status column that is generated or an array is no status column: "
+    "refused untouched") {
+  const char* const shapes[] = {
+      "CREATE TABLE tasks (id VARCHAR(36) PRIMARY KEY, code INTEGER, status TEXT GENERATED "
+      "ALWAYS AS (CASE WHEN code = 1 THEN 'completed' ELSE 'pending' END) STORED)",
+      "CREATE TABLE tasks (id VARCHAR(36) PRIMARY KEY, status TEXT[])",
+      "CREATE TABLE tasks (id VARCHAR(36) PRIMARY KEY, note TEXT)",
+  };
+  for (const char* ddl : shapes) {
+    CAPTURE(ddl);
+    PgSchema s;
+    s.exec(ddl);
+    const auto columns =
+        s.scalar("SELECT count(*) FROM information_schema.columns WHERE table_schema = '" +
+                 s.name() + "' AND table_name = 'tasks'");
+    try {
+      s.open();
+      FAIL("expected kIncompatible");
+    } catch (const Error& e) {
+      CHECK(e.code() == ErrorCode::kIncompatible);
+      CHECK(std::string(e.what()).find("no status column taskmgr can write") != std::string::npos);
+    }
+    CHECK(s.scalar("SELECT count(*) FROM information_schema.columns WHERE table_schema = '" +
+                   s.name() + "' AND table_name = 'tasks'") == columns);
+    CHECK(s.scalar("SELECT count(*) FROM pg_tables WHERE schemaname = '" + s.name() + "'") == 1);
+  }
+}
+
+TEST_CASE(
+    "postgres store: CHAR(n) id and status columns are read without their padding; pending rows "
+    "wait, ended ones read as written") {
+  PgSchema s;
+  s.exec(
+      "CREATE TABLE tasks (id CHAR(36) PRIMARY KEY, status CHAR(12), created_at TIMESTAMP);"
+      "INSERT INTO tasks VALUES ('old-1', 'pending', '2024-05-01 10:00:00'),"
+      "('old-2', 'completed', '2024-05-01 10:00:01')");
+  Config c = test_config();
+  c.storage.path = StorageConfig{}.path;
+  TaskManagerOptions mo;
+  mo.store = s.open();
+  mo.builtin_ocr = false;
+  mo.log_sink = [](LogLevel, std::string_view) {};
+  mo.services.push_back(make_function_service("ocr", [](TaskContext&) {}));
+  {
+    TaskManager tm(c, mo);
+    const Task old = tm.get_task("old-1");
+    CHECK(old.id == "old-1");
+    CHECK(old.status == TaskStatus::kPending);  // not failed at open
+    std::vector<std::string> ids;
+    for (const Task& t : tm.list_tasks()) ids.push_back(t.id);
+    CHECK(ids == std::vector<std::string>{"old-1", "old-2"});
+    tm.start_task("old-1");
+    const auto done = tm.wait_task("old-1", 30s);
+    REQUIRE(done.has_value());
+    CHECK(done->status == TaskStatus::kCompleted);
+  }
+  mo.store.reset();
+  auto store = s.open();
+  CHECK(store->load_task("old-1")->status == TaskStatus::kCompleted);
+  CHECK(store->load_task("old-2")->status == TaskStatus::kCompleted);
+}
+
 TEST_CASE("postgres store: allow_other_tables creates taskmgr's tables beside others") {
   PgSchema s;
   s.exec("CREATE TABLE users (id INTEGER PRIMARY KEY); INSERT INTO users VALUES (7)");

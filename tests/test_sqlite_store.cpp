@@ -133,6 +133,42 @@ TEST_CASE("a write an adopted table's CHECK refuses is given up, and the writes 
         "queued");
 }
 
+TEST_CASE(
+    "close() reports writes the database refused for their data once: no retry can store them") {
+  TempDir dir;
+  {
+    SQLite::Database db(dir.db(), SQLite::OPEN_READWRITE | SQLite::OPEN_CREATE);
+    db.exec(
+        "CREATE TABLE tasks (id VARCHAR(36) PRIMARY KEY, service TEXT, status TEXT CHECK "
+        "(status IN ('pending', 'queued', 'running')), created_at TIMESTAMP)");
+  }
+  Config c = test_config();
+  c.storage.path = dir.db();
+  TaskManagerOptions o;
+  o.builtin_ocr = false;
+  o.log_sink = [](LogLevel, std::string_view) {};
+  o.services.push_back(make_function_service("svc", [](TaskContext&) {}));
+  TaskManager tm(c, o);
+  TaskCreateRequest r;
+  r.service = "svc";
+  r.start = true;
+  const std::string id = tm.create_task(r).id;
+  REQUIRE(tm.wait_task(id, std::chrono::seconds(30)).has_value());
+  try {
+    tm.close();
+    FAIL("expected kUnpersisted");
+  } catch (const Error& e) {
+    CHECK(e.code() == ErrorCode::kUnpersisted);
+    const std::string m = e.what();
+    CHECK(m.find("refused by the database for their data and given up") != std::string::npos);
+    CHECK(m.find("CHECK constraint failed") != std::string::npos);
+    CHECK(m.find("No retry can store") != std::string::npos);
+    CHECK(m.find("make room") == std::string::npos);  // room would not help
+  }
+  CHECK_NOTHROW(tm.close());  // reported once; nothing waits for a retry
+  CHECK(tm.get_task_metrics().store.dropped_writes >= 1);
+}
+
 TEST_CASE("a v1 database with rows is upgraded in place: old rows keep their data") {
   TempDir dir;
   {
@@ -1394,6 +1430,41 @@ TEST_CASE("adopting: ids that are not UTF-8 text are refused untouched, saying h
     CHECK(m.find("bad-\xef\xbf\xbd") != std::string::npos);  // shown with U+FFFD
   }
   CHECK(slurp(dir.db()) == before);
+}
+
+TEST_CASE(
+    "adopting: a STRICT table, or one whose status is generated or missing, is refused untouched") {
+  struct Case {
+    const char* ddl;
+    const char* says;
+  };
+  const Case cases[] = {
+      {"CREATE TABLE tasks (id TEXT PRIMARY KEY, status TEXT) STRICT", "the spec's changes failed"},
+      {"CREATE TABLE tasks (id VARCHAR(36) PRIMARY KEY, code INTEGER, status TEXT GENERATED "
+       "ALWAYS AS (CASE WHEN code = 1 THEN 'completed' ELSE 'pending' END) VIRTUAL)",
+       "no status column taskmgr can write"},
+      {"CREATE TABLE tasks (id VARCHAR(36) PRIMARY KEY, note TEXT)",
+       "no status column taskmgr can write"},
+  };
+  for (const auto& k : cases) {
+    CAPTURE(k.ddl);
+    TempDir dir;
+    {
+      SQLite::Database db(dir.db(), SQLite::OPEN_READWRITE | SQLite::OPEN_CREATE);
+      db.exec(k.ddl);
+      db.exec("INSERT INTO tasks (id) VALUES ('old-1')");
+    }
+    const std::string before = slurp(dir.db());
+    try {
+      open_sqlite_store(dir.db());
+      FAIL("expected kIncompatible");
+    } catch (const Error& e) {
+      CHECK(e.code() == ErrorCode::kIncompatible);
+      CHECK(std::string(e.what()).find(k.says) != std::string::npos);
+      CHECK(std::string(e.what()).find("not modified") != std::string::npos);
+    }
+    CHECK(slurp(dir.db()) == before);
+  }
 }
 
 TEST_CASE(

@@ -35,6 +35,9 @@ void Recovery::recover() {
   found.reserve(tasks.size());
   // Outside the lock: features (may read image headers) and placement (host code).
   for (Task& t : tasks) {
+    // A status word taskmgr does not know is left as it is (docs/STORAGE.md,
+    // "Status words"): never queued again, never failed.
+    if (t.status == TaskStatus::kUnrecognized) continue;
     Found f;
     f.rec = std::make_shared<Record>();
     const RequestFeatures features = placement_.features(t);

@@ -307,9 +307,9 @@ std::vector<store::Column> columns_of(pg::Conn& conn, const std::string& schema)
   pg::Params s;
   s.text(schema);
   pg::Result r = conn.exec(
-      "SELECT column_name, data_type, coalesce(character_maximum_length, 0) FROM "
-      "information_schema.columns WHERE table_schema = $1 AND table_name = 'tasks' ORDER BY "
-      "ordinal_position",
+      "SELECT column_name, CASE WHEN is_generated = 'ALWAYS' THEN 'generated' ELSE data_type "
+      "END, coalesce(character_maximum_length, 0) FROM information_schema.columns WHERE "
+      "table_schema = $1 AND table_name = 'tasks' ORDER BY ordinal_position",
       s);
   std::vector<store::Column> out;
   for (int i = 0; i < PQntuples(r.get()); ++i) {
@@ -349,6 +349,11 @@ std::string adoption_problem(pg::Conn& conn, const std::string& schema,
     return "its tasks.id column is " + id->type +
            ", not text: the spec's task_events and task_metrics reference it from a "
            "VARCHAR(36) column";
+  }
+  if (!store::TaskLayout::of(cols, {}, "").has(store::kStatus)) {
+    return "its tasks table has no status column taskmgr can write (a column named status or "
+           "state, of a text or enum type, not generated and not an array): every task would "
+           "read back with no status";
   }
   const std::string table = pg::quote_ident(schema) + ".tasks";
   pg::Params t;

@@ -326,6 +326,12 @@ std::string adoption_problem(SQLite::Database& db) {
   if (len.getColumn(2).getInt() > 0) {
     return std::to_string(len.getColumn(2).getInt()) + " of its tasks have no id (NULL)";
   }
+  // A status column taskmgr can write (generated columns are not listed by
+  // table_info: they are read-only, and stay out of its fields).
+  if (!store::TaskLayout::of(task_columns(db), {}, "").has(store::kStatus)) {
+    return "its tasks table has no status column taskmgr can write (a column named status or "
+           "state, not generated): every task would read back with no status";
+  }
   // Every id comes back to hosts as UTF-8 text and is looked up by what
   // they send back: an id that is not UTF-8 (or is a BLOB) could be listed
   // but never found.
@@ -606,7 +612,17 @@ void migrate(SQLite::Database& db, const std::string& path, bool allow_other_tab
     // Adopting an earlier application's table: the spec's changes, in one
     // transaction; its own columns and rows are not touched.
     SQLite::Transaction tx(db, SQLite::TransactionBehavior::IMMEDIATE);
-    spec_changes();
+    try {
+      spec_changes();
+    } catch (const SQLite::Exception& e) {
+      // A table SQLite will not change so (a STRICT table refuses the
+      // spec's VARCHAR(50), say): rolled back, nothing changed.
+      throw Error(ErrorCode::kIncompatible,
+                  "database " + path +
+                      " has a tasks table taskmgr did not create, and cannot adopt it: the "
+                      "spec's changes failed: " +
+                      e.what() + "; it was not modified");
+    }
     db.exec("PRAGMA user_version = " + std::to_string(kSchemaVersion));
     tx.commit();
     return;

@@ -69,6 +69,9 @@ bool is_integer_field(Field f) {
 // The kind a column of type `t` holds field `f` as, or nullopt when it
 // cannot hold it (it stays an extra column).
 std::optional<Kind> kind_for(Field f, const std::string& t) {
+  // A generated column cannot be written, an array holds no one value:
+  // both stay extra columns, read only.
+  if (t == "generated" || t == "array") return std::nullopt;
   if (f == kInputData) return is_binary(t) ? std::optional(Kind::kBinary) : std::nullopt;
   if (is_binary(t)) return std::nullopt;
   if (is_time_field(f)) {
@@ -121,6 +124,7 @@ TaskLayout TaskLayout::of(const std::vector<Column>& columns, StatusMap status_m
         l.kinds_[n.field] = *k;
         l.user_defined_[n.field] = lower(columns[i].type) == "user-defined";
         l.max_length_[n.field] = columns[i].max_length;
+        l.padded_[n.field] = lower(columns[i].type) == "character";
         used[i] = true;
         found = true;
         if (name != n.names.front()) l.adopted_ = true;
@@ -223,6 +227,11 @@ std::vector<std::string> TaskLayout::known_words() const {
 }
 
 void TaskLayout::set_field(Task& t, Field f, std::string_view v) const {
+  // PostgreSQL's CHAR(n) pads what it holds with spaces (and compares
+  // without them): read without the padding.
+  if (padded_[f]) {
+    while (!v.empty() && v.back() == ' ') v.remove_suffix(1);
+  }
   switch (f) {
     case kId: t.id = v; break;
     case kService: t.service = v; break;

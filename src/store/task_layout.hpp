@@ -162,6 +162,7 @@ class TaskLayout {
   std::array<std::string, kFieldCount> derived_;
   std::array<bool, kFieldCount> user_defined_{};
   std::array<int, kFieldCount> max_length_{};
+  std::array<bool, kFieldCount> padded_{};  // CHAR(n): values read with their padding
   std::map<TaskStatus, std::string> write_words_;
   std::array<Kind, kFieldCount> kinds_{};
   std::vector<std::string> extra_;

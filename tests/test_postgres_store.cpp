@@ -335,7 +335,7 @@ TEST_CASE(
 }
 
 TEST_CASE(
-    "postgres store: CHAR(n) id and status columns are read without their padding; pending rows "
+    "postgres store: CHAR(n) id and status columns are read without their padding, pending rows "
     "wait, ended ones read as written") {
   PgSchema s;
   s.exec(

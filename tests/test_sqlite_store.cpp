@@ -1361,7 +1361,7 @@ TEST_CASE("a file that is not a SQLite database is refused, byte-identical, sayi
 
 TEST_CASE(
     "adopting: an id unique only by a partial index or in another collation is refused "
-    "untouched; one unique in its own collation is adopted and its events are written") {
+    "untouched, and one unique in its own collation is adopted and its events are written") {
   struct Case {
     const char* ddl;
     bool adoptable;

@@ -1367,6 +1367,59 @@ STORE_CASE("adopting: times in a floating-point epoch column are written with th
                "1714557601.6") == 1);
 }
 
+STORE_CASE(
+    "adopting: NOT NULL columns with a default get it where taskmgr has no value, and an empty "
+    "failure reason is none") {
+  exec(
+      "CREATE TABLE tasks (id VARCHAR(36) PRIMARY KEY, service VARCHAR(50), status VARCHAR(20) "
+      "NOT NULL DEFAULT 'pending', result TEXT NOT NULL DEFAULT '', error TEXT NOT NULL DEFAULT "
+      "'', failure_reason VARCHAR(50) NOT NULL DEFAULT '', options TEXT NOT NULL DEFAULT '{}', "
+      "created_at TIMESTAMP)");
+  exec("INSERT INTO tasks (id, service, status) VALUES ('old-1', 'ocr', 'pending')");
+  Config c = test_config();
+  c.tasks.retry.backoff_base_seconds = 0;
+  TaskManagerOptions mo;
+  mo.store = open();
+  mo.builtin_ocr = false;
+  mo.log_sink = [](LogLevel, std::string_view) {};
+  mo.services.push_back(make_function_service("ocr", [](TaskContext& ctx) {
+    if (ctx.options_json().find("fail") != std::string::npos) throw std::runtime_error("asked to");
+    ctx.set_result(R"({"ok":1})");
+  }));
+  std::string fresh, failing;
+  {
+    TaskManager tm(c, mo);
+    CHECK(tm.get_task("old-1").failure_reason == TaskFailureReason::kNone);  // '' is none
+    tm.start_task("old-1");
+    REQUIRE(tm.wait_task("old-1", 30s).has_value());
+    TaskCreateRequest r;
+    r.service = "ocr";
+    r.start = true;
+    fresh = tm.create_task(r).id;  // no result, no error, no reason yet: the defaults
+    r.options_json = R"({"fail":true})";
+    failing = tm.create_task(r).id;
+    REQUIRE(tm.wait_task(fresh, 30s).has_value());
+    REQUIRE(tm.wait_task(failing, 30s).has_value());
+    CHECK(tm.get_task_metrics().store.dropped_writes == 0);
+    CHECK(tm.get_task_metrics().store.backlog == 0);
+  }
+  mo.store.reset();
+  auto store = open();
+  CHECK(store->load_task("old-1")->status == TaskStatus::kCompleted);
+  const Task ok = *store->load_task(fresh);
+  CHECK(ok.status == TaskStatus::kCompleted);
+  CHECK(ok.result == R"({"ok":1})");
+  CHECK(ok.failure_reason == TaskFailureReason::kNone);
+  const Task bad = *store->load_task(failing);
+  CHECK(bad.status == TaskStatus::kFailed);
+  CHECK(bad.failure_reason == TaskFailureReason::kProcessingError);
+  CHECK(bad.failure_message.find("asked to") != std::string::npos);
+  CHECK(bad.options_json == R"({"fail":true})");
+  // The completed task has no error and no reason: the columns' defaults.
+  CHECK(scalar("SELECT count(*) FROM tasks WHERE error = '' AND failure_reason = '' AND id = '" +
+               fresh + "'") == 1);
+}
+
 STORE_CASE("adopting: a tasks table that cannot be adopted is refused, untouched, saying why") {
   struct Case {
     const char* sql;

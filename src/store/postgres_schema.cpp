@@ -144,12 +144,6 @@ void add_field(pg::Params& p, const TaskLayout& l, Field f, const Task& t) {
   }
 }
 
-std::string placeholders(int from, int count) {
-  std::string out;
-  for (int i = 0; i < count; ++i) out += (i == 0 ? "$" : ", $") + std::to_string(from + i);
-  return out;
-}
-
 bool is_null(const PGresult* r, int row, int col) { return PQgetisnull(r, row, col) != 0; }
 std::string text(const PGresult* r, int row, int col) {
   return std::string(PQgetvalue(r, row, col), static_cast<std::size_t>(PQgetlength(r, row, col)));
@@ -308,13 +302,15 @@ std::vector<store::Column> columns_of(pg::Conn& conn, const std::string& schema)
   s.text(schema);
   pg::Result r = conn.exec(
       "SELECT column_name, CASE WHEN is_generated = 'ALWAYS' THEN 'generated' ELSE data_type "
-      "END, coalesce(character_maximum_length, 0) FROM information_schema.columns WHERE "
-      "table_schema = $1 AND table_name = 'tasks' ORDER BY ordinal_position",
+      "END, coalesce(character_maximum_length, 0), is_nullable = 'NO', coalesce(column_default, "
+      "'') FROM information_schema.columns WHERE table_schema = $1 AND table_name = 'tasks' "
+      "ORDER BY ordinal_position",
       s);
   std::vector<store::Column> out;
   for (int i = 0; i < PQntuples(r.get()); ++i) {
-    out.push_back(
-        {text(r.get(), i, 0), text(r.get(), i, 1), static_cast<int>(integer(r.get(), i, 2))});
+    out.push_back({text(r.get(), i, 0), text(r.get(), i, 1),
+                   static_cast<int>(integer(r.get(), i, 2)), text(r.get(), i, 3) == "t",
+                   text(r.get(), i, 4)});
   }
   return out;
 }
@@ -556,15 +552,17 @@ std::string holder_of_store_lock(pg::Conn& conn, const std::string& schema) {
 }
 
 Statement insert_task_statement(const TaskLayout& l) {
-  std::string cols;
+  std::string cols, values;
   int n = 0;
   auto add = [&](Field f) {
-    if (l.has(f)) cols += (n++ == 0 ? "" : ", ") + quote(l.column(f));
+    if (!l.has(f)) return;
+    cols += (n == 0 ? "" : ", ") + quote(l.column(f));
+    ++n;
+    values += (n == 1 ? "" : ", ") + l.written(f, "$" + std::to_string(n));
   };
   for (Field f : store::kInsertOnlyFields) add(f);
   for (Field f : store::kMutableFields) add(f);
-  return {"taskmgr_insert_task",
-          "INSERT INTO tasks (" + cols + ") VALUES (" + placeholders(1, n) + ")"};
+  return {"taskmgr_insert_task", "INSERT INTO tasks (" + cols + ") VALUES (" + values + ")"};
 }
 
 Statement update_task_statement(const TaskLayout& l) {
@@ -572,7 +570,8 @@ Statement update_task_statement(const TaskLayout& l) {
   int i = 1;
   for (Field f : store::kMutableFields) {
     if (!l.has(f)) continue;
-    sets += (i == 1 ? "" : ", ") + quote(l.column(f)) + " = $" + std::to_string(i);
+    sets +=
+        (i == 1 ? "" : ", ") + quote(l.column(f)) + " = " + l.written(f, "$" + std::to_string(i));
     ++i;
   }
   return {"taskmgr_update_task", "UPDATE tasks SET " + sets + " WHERE " +

@@ -358,9 +358,14 @@ std::string adoption_problem(SQLite::Database& db) {
 
 std::vector<store::Column> task_columns(SQLite::Database& db) {
   std::vector<store::Column> out;
-  SQLite::Statement q(db, "SELECT name, type FROM pragma_table_info('tasks') ORDER BY cid");
-  while (q.executeStep())
-    out.push_back({q.getColumn(0).getString(), q.getColumn(1).getString(), 0});
+  SQLite::Statement q(
+      db,
+      "SELECT name, type, \"notnull\", coalesce(dflt_value, '') FROM pragma_table_info('tasks') "
+      "ORDER BY cid");
+  while (q.executeStep()) {
+    out.push_back({q.getColumn(0).getString(), q.getColumn(1).getString(), 0,
+                   q.getColumn(2).getInt() != 0, q.getColumn(3).getString()});
+  }
   return out;
 }
 
@@ -381,21 +386,23 @@ store::TaskLayout task_layout(SQLite::Database& db, const AdoptOptions& adopt) {
 }
 
 std::string insert_task_sql(const TaskLayout& l) {
-  std::string cols;
+  std::string cols, values;
   std::size_t n = 0;
   auto add = [&](Field f) {
     if (!l.has(f)) return;
-    cols += (n++ == 0 ? "" : ", ") + quote(l.column(f));
+    cols += (n == 0 ? "" : ", ") + quote(l.column(f));
+    values += (n++ == 0 ? "" : ", ") + l.written(f, "?");
   };
   for (Field f : store::kInsertOnlyFields) add(f);
   for (Field f : store::kMutableFields) add(f);
-  return "INSERT INTO tasks (" + cols + ") VALUES (" + params(n) + ")";
+  return "INSERT INTO tasks (" + cols + ") VALUES (" + values + ")";
 }
 
 std::string update_task_sql(const TaskLayout& l) {
   std::string sets;
   for (Field f : store::kMutableFields) {
-    if (l.has(f)) sets += (sets.empty() ? "" : ", ") + quote(l.column(f)) + " = ?";
+    if (l.has(f))
+      sets += (sets.empty() ? "" : ", ") + quote(l.column(f)) + " = " + l.written(f, "?");
   }
   return "UPDATE tasks SET " + sets + " WHERE " + quote(l.column(store::kId)) + " = ?";
 }

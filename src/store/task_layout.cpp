@@ -125,6 +125,7 @@ TaskLayout TaskLayout::of(const std::vector<Column>& columns, StatusMap status_m
         l.user_defined_[n.field] = lower(columns[i].type) == "user-defined";
         l.max_length_[n.field] = columns[i].max_length;
         l.padded_[n.field] = lower(columns[i].type) == "character";
+        if (columns[i].not_null) l.null_default_[n.field] = columns[i].default_expr;
         used[i] = true;
         found = true;
         if (name != n.names.front()) l.adopted_ = true;
@@ -249,7 +250,10 @@ void TaskLayout::set_field(Task& t, Field f, std::string_view v) const {
     case kAttempt: t.attempt = static_cast<int>(to_integer(v)); break;
     case kBatchSize: t.batch_size = std::max(1, static_cast<int>(to_integer(v))); break;
     case kFailureReason:
-      t.failure_reason = parse_failure_reason(v).value_or(TaskFailureReason::kProcessingError);
+      // An empty word is no reason (a NOT NULL DEFAULT '' column).
+      t.failure_reason =
+          v.empty() ? TaskFailureReason::kNone
+                    : parse_failure_reason(v).value_or(TaskFailureReason::kProcessingError);
       break;
     case kFailureMessage: t.failure_message = v; break;
     case kResult: t.result = v; break;

@@ -68,11 +68,17 @@ enum class Kind {
 
 // A column of the table as the database describes it.
 struct Column {
-  Column(std::string n, std::string t, int len = 0)
-      : name(std::move(n)), type(std::move(t)), max_length(len) {}
+  Column(std::string n, std::string t, int len = 0, bool nn = false, std::string dflt = "")
+      : name(std::move(n)),
+        type(std::move(t)),
+        max_length(len),
+        not_null(nn),
+        default_expr(std::move(dflt)) {}
   std::string name;
   std::string type;    // declared (SQLite) or data type (PostgreSQL), any case
   int max_length = 0;  // PostgreSQL: character_maximum_length (VARCHAR(n)); 0: none
+  bool not_null = false;
+  std::string default_expr;  // the column's DEFAULT as SQL ("" when none)
 };
 
 // Old status words and the status each means (storage.adopt.status_map).
@@ -114,6 +120,13 @@ class TaskLayout {
   // A column of a type of its own (PostgreSQL: an enum, a domain), not
   // text: compared as text, written as one of its values.
   bool is_user_defined(Field f) const { return user_defined_[f]; }
+  // A field's value as written: `param` (a placeholder), or, for a NOT NULL
+  // column with a DEFAULT, COALESCE(param, default): a field taskmgr has
+  // no value for (a result, a start time) gets the column's default
+  // instead of a NULL the column refuses.
+  std::string written(Field f, const std::string& param) const {
+    return null_default_[f].empty() ? param : "COALESCE(" + param + ", " + null_default_[f] + ")";
+  }
   // The longest text a field's column holds (VARCHAR(n)); 0: no limit.
   int max_length(Field f) const { return max_length_[f]; }
   // The status column holds only these words (an enum's labels): each
@@ -162,7 +175,8 @@ class TaskLayout {
   std::array<std::string, kFieldCount> derived_;
   std::array<bool, kFieldCount> user_defined_{};
   std::array<int, kFieldCount> max_length_{};
-  std::array<bool, kFieldCount> padded_{};  // CHAR(n): values read with their padding
+  std::array<bool, kFieldCount> padded_{};             // CHAR(n): values read with their padding
+  std::array<std::string, kFieldCount> null_default_;  // NOT NULL DEFAULT x: x
   std::map<TaskStatus, std::string> write_words_;
   std::array<Kind, kFieldCount> kinds_{};
   std::vector<std::string> extra_;

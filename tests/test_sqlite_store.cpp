@@ -76,6 +76,22 @@ std::string slurp(const std::string& path) {
   return ss.str();
 }
 
+// Opening `path` is refused (kIncompatible) with a message that contains
+// `says` and that it was not modified, and the file is byte-identical.
+void check_refused_untouched(const std::string& path, const std::string& says) {
+  const std::string before = slurp(path);
+  try {
+    open_sqlite_store(path);
+    FAIL("expected kIncompatible");
+  } catch (const Error& e) {
+    const std::string m = e.what();
+    CHECK(e.code() == ErrorCode::kIncompatible);
+    CHECK(m.find(says) != std::string::npos);
+    CHECK(m.find("not modified") != std::string::npos);
+  }
+  CHECK(slurp(path) == before);
+}
+
 Task sample_task() {
   Task t;
   t.id = generate_task_id();
@@ -1385,17 +1401,8 @@ TEST_CASE(
       db.exec(k.ddl);
       db.exec("INSERT INTO tasks (id, status) VALUES ('old-1', 'pending')");
     }
-    const std::string before = slurp(dir.db());
     if (!k.adoptable) {
-      try {
-        open_sqlite_store(dir.db());
-        FAIL("expected kIncompatible");
-      } catch (const Error& e) {
-        CHECK(e.code() == ErrorCode::kIncompatible);
-        CHECK(std::string(e.what()).find("neither the primary key nor unique") !=
-              std::string::npos);
-      }
-      CHECK(slurp(dir.db()) == before);
+      check_refused_untouched(dir.db(), "neither the primary key nor unique");
       continue;
     }
     auto store = open_sqlite_store(dir.db());
@@ -1419,17 +1426,8 @@ TEST_CASE("adopting: ids that are not UTF-8 text are refused untouched, saying h
     db.exec("INSERT INTO tasks VALUES (CAST(X'6261642dff' AS TEXT), 'pending')");  // "bad-\xff"
     db.exec("INSERT INTO tasks VALUES (X'00ff', 'pending')");                      // a BLOB
   }
-  const std::string before = slurp(dir.db());
-  try {
-    open_sqlite_store(dir.db());
-    FAIL("expected kIncompatible");
-  } catch (const Error& e) {
-    const std::string m = e.what();
-    CHECK(e.code() == ErrorCode::kIncompatible);
-    CHECK(m.find("2 of its tasks.id values are not UTF-8 text") != std::string::npos);
-    CHECK(m.find("bad-\xef\xbf\xbd") != std::string::npos);  // shown with U+FFFD
-  }
-  CHECK(slurp(dir.db()) == before);
+  check_refused_untouched(dir.db(), "2 of its tasks.id values are not UTF-8 text");
+  check_refused_untouched(dir.db(), "the first reads 'bad-\xef\xbf\xbd'");  // with U+FFFD
 }
 
 TEST_CASE(
@@ -1454,16 +1452,7 @@ TEST_CASE(
       db.exec(k.ddl);
       db.exec("INSERT INTO tasks (id) VALUES ('old-1')");
     }
-    const std::string before = slurp(dir.db());
-    try {
-      open_sqlite_store(dir.db());
-      FAIL("expected kIncompatible");
-    } catch (const Error& e) {
-      CHECK(e.code() == ErrorCode::kIncompatible);
-      CHECK(std::string(e.what()).find(k.says) != std::string::npos);
-      CHECK(std::string(e.what()).find("not modified") != std::string::npos);
-    }
-    CHECK(slurp(dir.db()) == before);
+    check_refused_untouched(dir.db(), k.says);
   }
 }
 

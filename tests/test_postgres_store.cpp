@@ -308,13 +308,13 @@ TEST_CASE(
 TEST_CASE(
     "postgres store: a status column that is generated or an array is no status column: "
     "refused untouched") {
-  const char* const shapes[] = {
-      "CREATE TABLE tasks (id VARCHAR(36) PRIMARY KEY, code INTEGER, status TEXT GENERATED "
-      "ALWAYS AS (CASE WHEN code = 1 THEN 'completed' ELSE 'pending' END) STORED)",
+  const std::string shapes[] = {
+      std::string("CREATE TABLE tasks (id VARCHAR(36) PRIMARY KEY, code INTEGER, status TEXT ") +
+          "GENERATED ALWAYS AS (CASE WHEN code = 1 THEN 'completed' ELSE 'pending' END) STORED)",
       "CREATE TABLE tasks (id VARCHAR(36) PRIMARY KEY, status TEXT[])",
       "CREATE TABLE tasks (id VARCHAR(36) PRIMARY KEY, note TEXT)",
   };
-  for (const char* ddl : shapes) {
+  for (const std::string& ddl : shapes) {
     CAPTURE(ddl);
     PgSchema s;
     s.exec(ddl);

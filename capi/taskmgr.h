@@ -492,7 +492,8 @@ TASKMGR_API int taskmgr_get_task_health(taskmgr_manager* manager, const char* ta
 /* ---- Devices --------------------------------------------------------------- */
 
 /* The devices as a JSON array: id, kind, total_mb, reserved_mb,
- * observed_mb, available. */
+ * observed_mb, free_mb, available, source, note (why a probe made it
+ * unavailable, e.g. a GPU in MIG mode or one NVML no longer reports; ""). */
 TASKMGR_API int taskmgr_list_devices(taskmgr_manager* manager, char** out_json);
 
 /* Marks a device unavailable (0) or available again (non-zero). An

@@ -934,6 +934,7 @@ int taskmgr_list_devices(taskmgr_manager* manager, char** out_json) {
       o["free_mb"] = d.free_mb();
       o["available"] = d.available;
       o["source"] = d.source;
+      o["note"] = d.note;
       a.push_back(std::move(o));
     }
     set_out(out_json, json::serialize(a));

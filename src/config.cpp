@@ -221,6 +221,7 @@ Config parse_document(const YAML::Node& root, std::unordered_map<std::string, in
     auto& k = c.devices;
     d.read("probe_cpu", k.probe_cpu);
     d.read("probe_nvidia", k.probe_nvidia);
+    d.read("nvml_library", k.nvml_library);
     d.read("cpu_memory_mb", k.cpu_memory_mb);
     d.read("cpu_memory_fraction", k.cpu_memory_fraction);
     YAML::Node list = d.raw("declared");
@@ -684,6 +685,7 @@ std::string Config::to_yaml() const {
   e << YAML::Key << "devices" << YAML::Value << YAML::BeginMap;
   e << YAML::Key << "probe_cpu" << YAML::Value << devices.probe_cpu;
   e << YAML::Key << "probe_nvidia" << YAML::Value << devices.probe_nvidia;
+  e << YAML::Key << "nvml_library" << YAML::Value << devices.nvml_library;
   e << YAML::Key << "cpu_memory_mb" << YAML::Value << devices.cpu_memory_mb;
   e << YAML::Key << "cpu_memory_fraction" << YAML::Value << devices.cpu_memory_fraction;
   e << YAML::Key << "declared" << YAML::Value << YAML::BeginSeq;

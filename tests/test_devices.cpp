@@ -1,6 +1,13 @@
 #include <doctest/doctest.h>
+#include <unistd.h>
 
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "taskmgr/device.hpp"
 #include "taskmgr/error.hpp"
@@ -10,9 +17,9 @@ using namespace taskmgr;
 namespace {
 DeviceRegistry two_gpus_and_cpu() {
   return DeviceRegistry(std::vector<DeviceInfo>{
-      {"cpu", DeviceKind::kCpu, 16000, 0, 0, true, ""},
-      {"cuda:0", DeviceKind::kGpu, 8000, 0, 0, true, ""},
-      {"cuda:1", DeviceKind::kGpu, 6000, 0, 0, true, ""},
+      {"cpu", DeviceKind::kCpu, 16000, 0, 0, true, "", ""},
+      {"cuda:0", DeviceKind::kGpu, 8000, 0, 0, true, "", ""},
+      {"cuda:1", DeviceKind::kGpu, 6000, 0, 0, true, "", ""},
   });
 }
 }  // namespace
@@ -141,4 +148,155 @@ TEST_CASE("a service filter runs without the registry's lock and may call it") {
   CHECK(calls == 3);  // once per device
   REQUIRE(r.reserve("cuda:0", 2000));
   CHECK(r.select_device(1000, "cuda:0", roomy) == "cpu");
+}
+
+// ---- NVML, through a stand-in library (tests/fake_nvml.c) --------------------
+
+namespace {
+// The fake's state file and the environment it reads, for one test; the
+// environment is restored at the end.
+struct FakeNvml {
+  std::string state;
+  std::optional<std::string> old_visible;
+  explicit FakeNvml(const std::string& lines) {
+    state = (std::filesystem::temp_directory_path() /
+             ("taskmgr-fake-nvml-" + std::to_string(::getpid()) + ".txt"))
+                .string();
+    write(lines);
+    ::setenv("FAKE_NVML_STATE", state.c_str(), 1);
+    if (const char* v = std::getenv("CUDA_VISIBLE_DEVICES")) old_visible = v;
+    ::unsetenv("CUDA_VISIBLE_DEVICES");
+  }
+  ~FakeNvml() {
+    ::unsetenv("FAKE_NVML_STATE");
+    if (old_visible) {
+      ::setenv("CUDA_VISIBLE_DEVICES", old_visible->c_str(), 1);
+    } else {
+      ::unsetenv("CUDA_VISIBLE_DEVICES");
+    }
+    std::remove(state.c_str());
+  }
+  void write(const std::string& lines) const { std::ofstream(state) << lines; }
+  static DevicesConfig config() {
+    DevicesConfig c;
+    c.probe_cpu = false;
+    c.cpu_memory_mb = 4000;
+    c.nvml_library = TASKMGR_FAKE_NVML;
+    return c;
+  }
+};
+
+std::vector<std::string> ids_of(const DeviceRegistry& r) {
+  std::vector<std::string> out;
+  for (const auto& d : r.list()) out.push_back(d.id);
+  return out;
+}
+}  // namespace
+
+TEST_CASE("NVML: GPUs are found with their memory, numbered in NVML's order") {
+  FakeNvml fake("# uuid total used mig\nGPU-aaaa-1111 16000 1200 0\nGPU-bbbb-2222 8000 0 0\n");
+  DeviceRegistry r(FakeNvml::config());
+  CHECK(ids_of(r) == std::vector<std::string>{"cpu", "cuda:0", "cuda:1"});
+  const DeviceInfo g0 = *r.get("cuda:0");
+  CHECK(g0.kind == DeviceKind::kGpu);
+  CHECK(g0.total_mb == 16000);
+  CHECK(g0.observed_mb == 1200);
+  CHECK(g0.source == "nvml");
+  CHECK(g0.available);
+  CHECK(g0.note.empty());
+  CHECK(r.get("cuda:1")->total_mb == 8000);
+}
+
+TEST_CASE(
+    "NVML: a refresh reads memory in use, and a GPU that goes away is unavailable until it "
+    "comes back") {
+  FakeNvml fake("GPU-aaaa 16000 1200 0\nGPU-bbbb 8000 0 0\n");
+  DeviceRegistry r(FakeNvml::config());
+  fake.write("GPU-aaaa 16000 5000 0\nGPU-bbbb 8000 700 0\n");
+  r.refresh_observed();
+  CHECK(r.get("cuda:0")->observed_mb == 5000);
+  CHECK(r.get("cuda:1")->observed_mb == 700);
+  // The first GPU is lost: NVML now lists only the second (at index 0).
+  fake.write("GPU-bbbb 8000 900 0\n");
+  r.refresh_observed();
+  const DeviceInfo lost = *r.get("cuda:0");
+  CHECK_FALSE(lost.available);
+  CHECK(lost.note.find("NVML no longer reports GPU-aaaa") != std::string::npos);
+  CHECK(r.get("cuda:1")->available);
+  CHECK(r.get("cuda:1")->observed_mb == 900);  // found by its UUID, not its index
+  // It comes back.
+  fake.write("GPU-aaaa 16000 100 0\nGPU-bbbb 8000 900 0\n");
+  r.refresh_observed();
+  CHECK(r.get("cuda:0")->available);
+  CHECK(r.get("cuda:0")->note.empty());
+  CHECK(r.get("cuda:0")->observed_mb == 100);
+}
+
+TEST_CASE("NVML: CUDA_VISIBLE_DEVICES orders and hides GPUs as CUDA does") {
+  FakeNvml fake("GPU-aaaa 16000 0 0\nGPU-bbbb 8000 0 0\nGPU-cccc 4000 0 0\n");
+  struct Case {
+    const char* visible;
+    std::vector<std::int64_t> totals;  // of cuda:0, cuda:1, ...
+    const char* note;                  // on the first GPU (or the CPU), "" for none
+  };
+  const Case cases[] = {
+      {"2,0", {4000, 16000}, ""},
+      {"GPU-bbbb,0", {8000, 16000}, ""},
+      {"bb", {8000}, ""},  // a UUID prefix, "GPU-" implied
+      {"1,7,0", {8000}, "entry '7' names no GPU index"},
+      {"0,0", {16000}, "names a GPU already listed"},
+      {"GPU-", {}, "is a prefix of more than one GPU UUID"},
+      {"", {}, ""},  // set and empty: no GPU at all
+  };
+  for (const auto& k : cases) {
+    CAPTURE(k.visible);
+    ::setenv("CUDA_VISIBLE_DEVICES", k.visible, 1);
+    DeviceRegistry r(FakeNvml::config());
+    std::vector<std::int64_t> totals;
+    for (const auto& d : r.list()) {
+      if (d.kind == DeviceKind::kGpu) totals.push_back(d.total_mb);
+    }
+    CHECK(totals == k.totals);
+    const auto list = r.list();
+    const DeviceInfo& first = list.size() > 1 ? list[1] : list[0];
+    if (std::string(k.note).empty()) {
+      CHECK(first.note.empty());
+    } else {
+      CHECK(first.note.find(k.note) != std::string::npos);
+    }
+  }
+}
+
+TEST_CASE("NVML: a GPU in MIG mode and a MIG instance are listed unavailable, saying why") {
+  FakeNvml fake("GPU-aaaa 80000 0 1\nGPU-bbbb 40000 0 0\n");
+  {
+    DeviceRegistry r(FakeNvml::config());
+    const DeviceInfo mig = *r.get("cuda:0");
+    CHECK_FALSE(mig.available);
+    CHECK(mig.note.find("MIG mode is on for GPU-aaaa") != std::string::npos);
+    CHECK(r.get("cuda:1")->available);
+    r.refresh_observed();  // a MIG GPU is not watched: it stays as it is
+    CHECK_FALSE(r.get("cuda:0")->available);
+  }
+  ::setenv("CUDA_VISIBLE_DEVICES", "MIG-1234-5678,1", 1);
+  DeviceRegistry r(FakeNvml::config());
+  const DeviceInfo instance = *r.get("cuda:0");
+  CHECK_FALSE(instance.available);
+  CHECK(instance.note.find("a MIG instance (MIG-1234-5678)") != std::string::npos);
+  CHECK(r.get("cuda:1")->total_mb == 40000);
+}
+
+TEST_CASE("NVML: a library that is absent, incomplete or fails to start gives no GPU, no error") {
+  FakeNvml fake("GPU-aaaa 16000 0 0\n");
+  DevicesConfig c = FakeNvml::config();
+  c.nvml_library = "/nonexistent/libnvidia-ml.so.1";
+  CHECK(ids_of(DeviceRegistry(c)) == std::vector<std::string>{"cpu"});
+  c.nvml_library = "libc.so.6";  // loads, but has no NVML function
+  CHECK(ids_of(DeviceRegistry(c)) == std::vector<std::string>{"cpu"});
+  ::setenv("FAKE_NVML_INIT", "fail", 1);
+  CHECK(ids_of(DeviceRegistry(FakeNvml::config())) == std::vector<std::string>{"cpu"});
+  ::unsetenv("FAKE_NVML_INIT");
+  c = FakeNvml::config();
+  c.probe_nvidia = false;
+  CHECK(ids_of(DeviceRegistry(c)) == std::vector<std::string>{"cpu"});
 }

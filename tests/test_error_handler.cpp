@@ -25,8 +25,8 @@ RetryConfig retry(bool fallback, int attempts = 4) {
 
 MemoryState state() {
   MemoryState s;
-  s.devices = {{"cpu", DeviceKind::kCpu, 16000, 0, 0, true, ""},
-               {"cuda:0", DeviceKind::kGpu, 8000, 7000, 7900, true, ""}};
+  s.devices = {{"cpu", DeviceKind::kCpu, 16000, 0, 0, true, "", ""},
+               {"cuda:0", DeviceKind::kGpu, 8000, 7000, 7900, true, "", ""}};
   s.device = "cuda:0";
   s.task_estimate_mb = 1000;
   return s;

@@ -300,7 +300,7 @@ TEST_CASE(
 TEST_CASE("queue admission: reservations count against max_queue_size until queued or given back") {
   assert_scheduler_not_held("test");  // for the analysis: tests hold no lock
   DeviceRegistry devices(
-      std::vector<DeviceInfo>{{"cpu", DeviceKind::kCpu, 1000, 0, 0, true, "test"}});
+      std::vector<DeviceInfo>{{"cpu", DeviceKind::kCpu, 1000, 0, 0, true, "test", ""}});
   TaskQueue::Options qo;
   qo.max_queue_size = 3;
   TaskQueue queue(qo, devices, Clock::system());

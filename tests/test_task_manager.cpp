@@ -1481,7 +1481,7 @@ TEST_CASE("cleanup verification finds a reservation the device no longer holds")
   // host sharing the registry, a bug releasing twice): the check that the
   // reservation was held and released is real, not a formality.
   auto devices = std::make_shared<DeviceRegistry>(
-      std::vector<DeviceInfo>{{"cpu", DeviceKind::kCpu, 4000, 0, 0, true, "test"}});
+      std::vector<DeviceInfo>{{"cpu", DeviceKind::kCpu, 4000, 0, 0, true, "test", ""}});
   Config c = test_config();
   TaskManagerOptions o;
   o.devices = devices;

@@ -19,8 +19,8 @@ namespace {
 struct Fixture {
   std::shared_ptr<ManualClock> clock = std::make_shared<ManualClock>();
   DeviceRegistry devices{std::vector<DeviceInfo>{
-      {"cpu", DeviceKind::kCpu, 1000, 0, 0, true, ""},
-      {"cuda:0", DeviceKind::kGpu, 1000, 0, 0, true, ""},
+      {"cpu", DeviceKind::kCpu, 1000, 0, 0, true, "", ""},
+      {"cuda:0", DeviceKind::kGpu, 1000, 0, 0, true, "", ""},
   }};
   TaskQueue::Options options;
   std::unique_ptr<TaskQueue> queue;

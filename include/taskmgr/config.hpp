@@ -87,10 +87,11 @@ struct DeclaredDevice {
 
 // devices
 struct DevicesConfig {
-  bool probe_cpu = true;             // read /proc/meminfo and the cgroup v2 limit
-  bool probe_nvidia = true;          // dlopen("libnvidia-ml.so.1") when present
-  std::int64_t cpu_memory_mb = 0;    // override the probed CPU memory; 0 = probe
-  double cpu_memory_fraction = 0.8;  // share of probed CPU memory usable, in (0, 1]
+  bool probe_cpu = true;                           // read /proc/meminfo and the cgroup v2 limit
+  bool probe_nvidia = true;                        // dlopen(nvml_library) when present
+  std::string nvml_library = "libnvidia-ml.so.1";  // NVML: a name the loader finds, or a path
+  std::int64_t cpu_memory_mb = 0;                  // override the probed CPU memory; 0 = probe
+  double cpu_memory_fraction = 0.8;                // share of probed CPU memory usable, in (0, 1]
   std::vector<DeclaredDevice> declared;
 };
 

@@ -38,6 +38,9 @@ struct DeviceInfo {
   std::int64_t observed_mb = 0;
   bool available = true;  // false: marked unavailable by the host or a probe
   std::string source;     // "config", "/proc/meminfo", "cgroup", "nvml", "default"
+  // Why a probe made it unavailable, or what a host should know of it ("MIG
+  // mode is on ...", "NVML no longer reports ..."); "" when nothing.
+  std::string note;
 
   std::int64_t free_mb() const noexcept { return total_mb - reserved_mb; }
 };

@@ -3,10 +3,14 @@
 #include <algorithm>
 #include <boost/container/small_vector.hpp>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <map>
+#include <optional>
+#include <set>
 #include <sstream>
 #include <string>
+#include <utility>
 
 #include "devices/nvml.hpp"
 #include "forced_unwind.hpp"
@@ -108,6 +112,9 @@ struct DeviceRegistry::Impl {
   struct Probe {
     DevicesConfig config;
     std::unique_ptr<detail::Nvml> nvml;
+    // The NVML GPUs found at construction: their id ("cuda:N") and UUID
+    // (or NVML index as text when it has none). Fixed.
+    std::vector<std::pair<std::string, std::string>> gpus;
   };
   using Devices = std::map<std::string, DeviceInfo>;
 
@@ -119,7 +126,15 @@ struct DeviceRegistry::Impl {
 
   detail::Mutex mu;
   Devices devices GUARDED_BY(mu);
+  // GPUs a refresh found gone (made unavailable by it, not by the host).
+  std::set<std::string> lost GUARDED_BY(mu);
 };
+
+namespace {
+std::string key_of(const detail::GpuMemory& g) {
+  return g.uuid.empty() ? "index " + std::to_string(g.index) : g.uuid;
+}
+}  // namespace
 
 DeviceRegistry::DeviceRegistry(const DevicesConfig& config) {
   auto probe = std::make_unique<Impl::Probe>();
@@ -144,16 +159,41 @@ DeviceRegistry::DeviceRegistry(const DevicesConfig& config) {
   devices[cpu.id] = cpu;
 
   if (config.probe_nvidia) {
-    probe->nvml = detail::Nvml::load();
+    probe->nvml = detail::Nvml::load(config.nvml_library);
     if (probe->nvml) {
-      for (const auto& g : probe->nvml->devices()) {
+      // Numbered as CUDA numbers them for this process: CUDA_VISIBLE_DEVICES
+      // (NVML's PCI bus order; CUDA's own with CUDA_DEVICE_ORDER=PCI_BUS_ID).
+      const char* env = std::getenv("CUDA_VISIBLE_DEVICES");
+      std::vector<std::string> notes;
+      const auto gpus = detail::visible_gpus(
+          probe->nvml->probe(), env ? std::optional<std::string>(env) : std::nullopt, &notes);
+      for (const auto& g : gpus) {
         DeviceInfo d;
         d.id = g.id;
         d.kind = DeviceKind::kGpu;
         d.total_mb = g.total_mb;
         d.observed_mb = g.used_mb;
         d.source = "nvml";
+        if (g.mig_instance) {
+          d.available = false;
+          d.note = "a MIG instance (" + g.uuid +
+                   "): taskmgr does not place tasks on MIG instances, and NVML does not give "
+                   "their memory";
+        } else if (g.mig) {
+          d.available = false;
+          d.note = "MIG mode is on for " + key_of(g) +
+                   ": its memory belongs to its MIG instances, on which taskmgr does not place "
+                   "tasks";
+        } else {
+          probe->gpus.emplace_back(d.id, key_of(g));
+        }
         devices[d.id] = d;
+      }
+      // What CUDA_VISIBLE_DEVICES hid, on the first GPU (or nowhere when
+      // none is visible: then the CPU carries it).
+      if (!notes.empty()) {
+        DeviceInfo& on = gpus.empty() ? devices["cpu"] : devices[gpus.front().id];
+        for (const auto& n : notes) on.note += (on.note.empty() ? "" : "; ") + n;
       }
     }
   }
@@ -329,15 +369,33 @@ void DeviceRegistry::refresh_observed() {
   const bool probe_cpu = im.probe->config.probe_cpu;
   if (probe_cpu) cpu = probe_cpu_memory();
   std::vector<detail::GpuMemory> gpus;
-  if (im.probe->nvml) gpus = im.probe->nvml->devices();
+  if (im.probe->nvml) gpus = im.probe->nvml->probe();
   detail::MutexLock g(im.mu);
   if (probe_cpu) {
     auto it = im.devices.find("cpu");
     if (it != im.devices.end()) it->second.observed_mb = cpu.used_mb;
   }
-  for (const auto& gpu : gpus) {
-    auto it = im.devices.find(gpu.id);
-    if (it != im.devices.end() && it->second.source == "nvml") it->second.observed_mb = gpu.used_mb;
+  // Each GPU found at construction, by its UUID: observed memory now, or
+  // gone (unavailable, said why) until NVML reports it again.
+  for (const auto& [id, key] : im.probe->gpus) {
+    auto it = im.devices.find(id);
+    if (it == im.devices.end()) continue;
+    DeviceInfo& d = it->second;
+    const auto now =
+        std::find_if(gpus.begin(), gpus.end(),
+                     [&key = key](const detail::GpuMemory& x) { return key_of(x) == key; });
+    if (now == gpus.end()) {
+      if (im.lost.insert(id).second) {
+        d.available = false;
+        d.note = "NVML no longer reports " + key + " (lost, reset or removed)";
+      }
+      continue;
+    }
+    d.observed_mb = now->used_mb;
+    if (im.lost.erase(id) > 0) {
+      d.available = true;
+      d.note.clear();
+    }
   }
 }
 

@@ -356,7 +356,9 @@ TASKMGR_API void taskmgr_task_request_init(taskmgr_task_request* request);
  * neither for a service that needs an input (the built-in "ocr", and a
  * host service without taskmgr_service.input_optional), batch_size < 0, a
  * string that is not valid UTF-8, options that are not a strict JSON
- * object), TASKMGR_E_NOT_FOUND (no such service, or an unknown
+ * object, an input_path with a NUL or one that exists and is not a regular
+ * file: a FIFO, a device, a socket, a directory, a file of /proc or /sys,
+ * found without opening it), TASKMGR_E_NOT_FOUND (no such service, or an unknown
  * requested device), TASKMGR_E_DEVICE_UNAVAILABLE / TASKMGR_E_MEMORY_LIMIT_EXCEEDED (no device can
  * hold the estimate; the message gives the numbers), TASKMGR_E_QUEUE_FULL (with `start` only:
  * tasks.max_queue_size reached; the task was not created),

@@ -94,6 +94,9 @@ class TASKMGR_API TaskManager {
   void register_service(std::shared_ptr<ServiceFactory> factory);
 
   // The spec's create_task: estimate, select the device, store durably.
+  // Error(kInvalidArgument) for a malformed request, among others an input
+  // path that exists and is not a regular file (a FIFO, a device, a socket,
+  // a directory, a file of /proc or /sys: found with stat(), never opened).
   Task create_task(const TaskCreateRequest& request);
   // Many tasks in one step (bulk submission): each as create_task would
   // make it, all stored in one commit, all or none; the error of the first

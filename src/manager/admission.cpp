@@ -1,6 +1,8 @@
 #include "manager/admission.hpp"
 
 #include <fmt/format.h>
+#include <sys/stat.h>
+#include <sys/vfs.h>
 #include <boost/json.hpp>
 #include <cmath>
 #include <utility>
@@ -40,6 +42,34 @@ std::optional<double> timeout_from_options(const std::string& options) {
   return t->to_number<double>();
 }
 
+void check_input_path(const std::string& path) {
+  if (path.empty()) return;
+  // stat(), never open(): opening a FIFO for reading waits for a writer.
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) return;  // absent now: the task fails when it reads
+  const char* what = nullptr;
+  if (S_ISFIFO(st.st_mode)) what = "a FIFO";
+  if (S_ISCHR(st.st_mode)) what = "a character device";
+  if (S_ISBLK(st.st_mode)) what = "a block device";
+  if (S_ISSOCK(st.st_mode)) what = "a socket";
+  if (S_ISDIR(st.st_mode)) what = "a directory";
+  if (what == nullptr && S_ISREG(st.st_mode)) {
+    // /proc and /sys files say size 0 and are made as they are read.
+    struct statfs fs {};
+    constexpr long kProcMagic = 0x9fa0, kSysfsMagic = 0x62656572;
+    if (::statfs(path.c_str(), &fs) == 0 && (static_cast<long>(fs.f_type) == kProcMagic ||
+                                             static_cast<long>(fs.f_type) == kSysfsMagic)) {
+      what = static_cast<long>(fs.f_type) == kProcMagic ? "a file of /proc" : "a file of /sys";
+    }
+  }
+  if (what == nullptr && !S_ISREG(st.st_mode)) what = "not a regular file";
+  if (what != nullptr) {
+    throw Error(
+        ErrorCode::kInvalidArgument,
+        fmt::format("input path {} is {}: an input is read from a regular file", path, what));
+  }
+}
+
 void validate_request(const TaskCreateRequest& req) {
   for (const auto& [what, value] :
        {std::pair<const char*, const std::string*>{"input path", &req.input.path},
@@ -57,6 +87,7 @@ void validate_request(const TaskCreateRequest& req) {
     throw Error(ErrorCode::kInvalidArgument,
                 fmt::format("input path contains a NUL character (byte {})", nul));
   }
+  check_input_path(req.input.path);
   if (req.batch_size < 1) {
     throw Error(ErrorCode::kInvalidArgument,
                 fmt::format("batch_size must be >= 1, got {}", req.batch_size));

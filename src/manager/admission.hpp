@@ -26,6 +26,10 @@ namespace taskmgr::detail {
 // Error(kInvalidArgument) naming the problem.
 void validate_request(const TaskCreateRequest& req);
 void check_options(const std::string& options_json);
+// An input path that exists and is not a regular file (a FIFO, a device, a
+// socket, a directory, a file of /proc or /sys) is refused, found with
+// stat() alone: nothing is opened.
+void check_input_path(const std::string& path);
 // The task's own deadline in seconds, from its options ("timeout_seconds").
 std::optional<double> timeout_from_options(const std::string& options_json);
 

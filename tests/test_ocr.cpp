@@ -867,6 +867,52 @@ TEST_CASE("the OCR estimate of a PDF: its largest page at the task's dpi, no ren
   CHECK(f.pages == 1);
 }
 
+TEST_CASE(
+    "the OCR estimate of a multi-page TIFF counts its pages: a smaller batch is a smaller "
+    "estimate") {
+  TempDir dir;
+  const fs::path page = render(dir.path, "p", "A page of a multi-page TIFF.\n", 200);
+  const fs::path multi = dir.path / "three.tif";
+  Pix* pix = pixRead(page.string().c_str());
+  REQUIRE(pix != nullptr);
+  for (int i = 0; i < 3; ++i) {
+    REQUIRE(pixWriteTiff(multi.string().c_str(), pix, IFF_TIFF_G4, i == 0 ? "w" : "a") == 0);
+  }
+  const std::int64_t pixels = static_cast<std::int64_t>(pixGetWidth(pix)) * pixGetHeight(pix);
+  pixDestroy(&pix);
+  const auto model = make_ocr_service(OcrConfig{})->memory_model();
+  TaskCreateRequest req;
+  req.input.path = multi.string();
+  RequestFeatures f = model->features(req);
+  CHECK(f.pages == 3);
+  CHECK(f.pixels == pixels);
+  // From bytes too, and as the "pages" option selects them.
+  const std::string raw = slurp(multi);
+  TaskCreateRequest bytes;
+  bytes.input.data.assign(raw.begin(), raw.end());
+  CHECK(model->features(bytes).pages == 3);
+  req.options_json = R"({"pages":[2,3]})";
+  CHECK(model->features(req).pages == 2);
+  req.options_json = R"({"page":3})";
+  CHECK(model->features(req).pages == 1);
+  // The estimate holds min(batch_size, pages) pages: halving the batch (an
+  // out-of-memory retry) lowers it; past the page count it does not grow.
+  req.options_json.clear();
+  f = model->features(req);
+  std::vector<double> by_batch;
+  for (int b : {1, 2, 3, 8}) {
+    f.batch_size = b;
+    by_batch.push_back(model->estimate_mb(f));
+  }
+  CHECK(by_batch[0] < by_batch[1]);
+  CHECK(by_batch[1] < by_batch[2]);
+  CHECK(by_batch[2] == by_batch[3]);
+  // A single-page image: one page whatever the batch.
+  TaskCreateRequest single;
+  single.input.path = page.string();
+  CHECK(model->features(single).pages == 1);
+}
+
 TEST_CASE("pages turned 90, 180 and 270 degrees are read the right way up") {
   TempDir dir;
   const std::string truth = std::string(kRenderedText) + kSecondPageText;

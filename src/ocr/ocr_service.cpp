@@ -11,6 +11,7 @@
 #include <boost/json.hpp>
 #include <cctype>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -690,6 +691,15 @@ class OcrMemoryModel final : public MemoryModel {
       std::int64_t pw = 0, ph = 0;
       if (ocr::is_pdf(head.data(), head.size())) {
         pdf_features(request, &f);
+      } else if (is_tiff(head)) {
+        // Every directory of a TIFF is a page: the batch the estimate holds
+        // is min(batch_size, pages) of them. Counted by walking the
+        // directories (libtiff reads their headers only), the largest page
+        // measured from the first 1 MB as any image.
+        tiff_pages(request, &f);
+        if (pixReadHeaderMem(head.data(), head.size(), &format, &w, &h, &bps, &spp, &iscmap) == 0) {
+          f.pixels = static_cast<std::int64_t>(w) * h;
+        }
       } else if (ocr::png_size(head.data(), head.size(), &pw, &ph)) {
         // Straight from IHDR: a PNG cut after its header (or a decompression
         // bomb) still gets the estimate its declared size deserves.
@@ -716,6 +726,33 @@ class OcrMemoryModel final : public MemoryModel {
   }
 
  private:
+  static bool is_tiff(const std::vector<std::uint8_t>& h) {
+    return h.size() >= 4 && ((h[0] == 'I' && h[1] == 'I' && h[2] == 42 && h[3] == 0) ||
+                             (h[0] == 'M' && h[1] == 'M' && h[2] == 0 && h[3] == 42));
+  }
+
+  // A TIFF's pages, as the task's "page"/"pages" options select them.
+  void tiff_pages(const TaskCreateRequest& request, RequestFeatures* f) const {
+    TaskOptions opt;
+    try {
+      opt = parse_options(request.options_json, config_);
+    } catch (...) {
+      return;  // the task fails INVALID_INPUT when it runs
+    }
+    std::FILE* fp = request.input.data.empty()
+                        ? std::fopen(request.input.path.c_str(), "rb")
+                        : fmemopen(const_cast<std::uint8_t*>(request.input.data.data()),
+                                   request.input.data.size(), "rb");
+    if (fp == nullptr) return;
+    l_int32 n = 0;
+    const bool ok = tiffGetCount(fp, &n) == 0;
+    std::fclose(fp);
+    if (!ok || n < 1) return;
+    const int first = std::max(1, opt.first_page);
+    const int last = std::min<int>(n, opt.last_page > 0 ? opt.last_page : 1 << 30);
+    f->pages = std::max(1, last - first + 1);
+  }
+
   // A PDF: the largest of the task's pages at the task's resolution (poppler
   // reads the page boxes, nothing is rendered), and how many pages it has.
   void pdf_features(const TaskCreateRequest& request, RequestFeatures* f) const {

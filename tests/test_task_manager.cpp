@@ -34,11 +34,15 @@ struct OptionsModel : MemoryModel {
     if (!r.options_json.empty()) {
       auto v = json::parse(r.options_json);
       if (v.as_object().contains("mb")) f.pixels = v.at("mb").to_number<std::int64_t>();
+      if (v.as_object().contains("pages")) f.pages = v.at("pages").to_number<std::int64_t>();
     }
     return f;
   }
+  // "mb" per page held at once: min(batch_size, pages) of them (one page
+  // unless the options say "pages").
   double estimate_mb(const RequestFeatures& f) const override {
-    return static_cast<double>(f.pixels);
+    const std::int64_t held = std::max<std::int64_t>(1, std::min(f.batch_size, f.pages));
+    return static_cast<double>(f.pixels * held);
   }
 };
 
@@ -264,7 +268,13 @@ TEST_CASE(
         throw OutOfMemoryError("CUDA out of memory");
       },
       {kGpu0});
-  const Task t0 = h.create(400, "cuda:0", 8);
+  TaskCreateRequest req;
+  req.service = "svc";
+  req.options_json = R"({"mb":400,"pages":8})";  // 400 MB a page, 8 pages
+  req.device = "cuda:0";
+  req.batch_size = 8;
+  const Task t0 = h.tm->create_task(req);
+  CHECK(t0.estimated_memory_mb == 3200);  // 8 pages held at once
   h.tm->start_task(t0.id);
   const double delays[] = {1, 2, 4};
   for (int i = 0; i < 3; ++i) {
@@ -291,8 +301,20 @@ TEST_CASE(
   CHECK(t.attempt == 4);
   CHECK(t.failure_message.find("max_attempts = 4") != std::string::npos);
   CHECK(batches == std::vector<int>{8, 4, 2, 1});
-  // The estimate shrank with the batch.
-  CHECK(t.estimated_memory_mb.value() < 400 * 8);
+  // The estimate followed the batch: each attempt was queued (and reserved)
+  // with the estimate of its batch, and the task keeps the last one.
+  std::vector<std::int64_t> queued_mb;
+  for (int i = 0; i < 4; ++i) {
+    queued_mb.push_back(h.details(t0.id, "queued", i).at("estimated_memory_mb").as_int64());
+  }
+  CHECK(queued_mb == std::vector<std::int64_t>{3200, 1600, 800, 400});
+  std::vector<std::int64_t> reserved_mb;
+  for (int i = 0; i < 4; ++i) {
+    reserved_mb.push_back(h.details(t0.id, "resource_acquired", i).at("reserved_mb").as_int64());
+  }
+  CHECK(reserved_mb == std::vector<std::int64_t>{3200, 1600, 800, 400});
+  CHECK(t.estimated_memory_mb == 400);
+  CHECK(h.store->load_task(t0.id)->estimated_memory_mb == 400);
   CHECK(h.tm->get_task_metrics().oom_errors == 4);
   CHECK(h.tm->get_task_metrics().failed_by_reason.at("out_of_memory") == 1);
 }

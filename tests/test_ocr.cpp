@@ -11,13 +11,17 @@
 #include <boost/json.hpp>
 
 #include <cmath>
+#include <condition_variable>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
 #include <random>
 #include <regex>
 #include <sstream>
+#include <thread>
 
+#include "ocr/document.hpp"
 #include "test_support.hpp"
 
 using namespace taskmgr;
@@ -600,6 +604,44 @@ TEST_CASE("a PDF's pages are rendered at the task's dpi and read, from a path an
   CHECK(raw150.at("pages").as_array()[0].at("page").as_int64() == 1);
   const auto both = result_of(ocr.run_path(doc.pdf, R"({"pages":[1,2]})"));
   CHECK(both.at("pages").as_array().size() == 2);
+}
+
+// Each test case runs in a process of its own (doctest_discover_tests), so
+// these are the process's first PDF renders: poppler sets a process-wide
+// colour profile on its first render, with no lock, and two first renders
+// at once raced on it (ThreadSanitizer, in the tsan preset: a profile made
+// by one thread was freed by the other).
+TEST_CASE("two PDFs rendered at once as the process's first renders") {
+  TempDir dir;
+  const TwoPagePdf doc(dir.path);
+  std::mutex m;
+  std::condition_variable cv;
+  int ready = 0;
+  std::vector<std::string> failures(2);
+  std::vector<std::int64_t> widths(2, 0);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 2; ++i) {
+    threads.emplace_back([&, i] {
+      try {
+        const auto d = ocr::Document::open_file(doc.pdf.string(), 100 + 50 * i);
+        {
+          std::unique_lock<std::mutex> lock(m);
+          ++ready;
+          cv.notify_all();
+          cv.wait(lock, [&] { return ready == 2; });
+        }
+        const ocr::PixPtr pix = d->load(i + 1);
+        widths[i] = pixGetWidth(pix.get());
+      } catch (const std::exception& e) {
+        failures[i] = e.what();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  CHECK(failures[0] == "");
+  CHECK(failures[1] == "");
+  CHECK(widths[0] == 850);   // 8.5 in at 100 dpi
+  CHECK(widths[1] == 1275);  // at 150 dpi
 }
 
 TEST_CASE("ocr.pdf_dpi is the default resolution of PDF pages") {

@@ -14,6 +14,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdarg>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <iterator>
@@ -135,6 +136,45 @@ class TiffDocument final : public Document {
   int pages_ = 0;
 };
 
+// poppler 22.12 creates a process-wide sRGB colour profile the first time
+// any page is rendered (GfxState::sRGBProfile, set when it is null, with no
+// lock): two documents rendered at once in a fresh process race on it, and
+// one thread frees the profile the other made (ThreadSanitizer saw it in
+// LittleCMS). The first render in the process is of a blank one-page PDF
+// made here, once, while every other render waits for it.
+void warm_poppler() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    const std::vector<std::string> objects = {
+        "<< /Type /Catalog /Pages 2 0 R >>",
+        "<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 8 8] >>",
+    };
+    std::string pdf = "%PDF-1.4\n";
+    std::vector<std::size_t> offsets;
+    for (std::size_t i = 0; i < objects.size(); ++i) {
+      offsets.push_back(pdf.size());
+      pdf += std::to_string(i + 1) + " 0 obj\n" + objects[i] + "\nendobj\n";
+    }
+    const std::size_t xref = pdf.size();
+    pdf += "xref\n0 " + std::to_string(objects.size() + 1) + "\n0000000000 65535 f \n";
+    for (const std::size_t off : offsets) {
+      char line[24];
+      std::snprintf(line, sizeof line, "%010zu 00000 n \n", off);
+      pdf += line;
+    }
+    pdf += "trailer\n<< /Size " + std::to_string(objects.size() + 1) +
+           " /Root 1 0 R >>\nstartxref\n" + std::to_string(xref) + "\n%%EOF\n";
+    const std::unique_ptr<poppler::document> doc(
+        poppler::document::load_from_raw_data(pdf.data(), static_cast<int>(pdf.size())));
+    if (!doc) return;
+    const std::unique_ptr<poppler::page> page(doc->create_page(0));
+    if (!page) return;
+    poppler::page_renderer renderer;
+    (void)renderer.render_page(page.get(), 72, 72);
+  });
+}
+
 // A PDF: poppler renders each page at the task's resolution.
 class PdfDocument final : public Document {
  public:
@@ -167,6 +207,7 @@ class PdfDocument final : public Document {
     *h = static_cast<std::int64_t>(std::floor(ph * dpi_ / 72.0 + 0.5));
   }
   PixPtr load(int page) const override {
+    warm_poppler();
     const std::unique_ptr<poppler::page> p(open_page(page));
     poppler::page_renderer renderer;
     renderer.set_render_hint(poppler::page_renderer::antialiasing, true);

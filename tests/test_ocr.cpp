@@ -387,7 +387,9 @@ TEST_CASE(
       {"/proc/self/status", "is a file of /proc"},
       {"/sys/kernel/mm/transparent_hugepage/enabled", "is a file of /sys"},
   };
-  for (const auto& [path, says] : refused) {
+  for (const auto& r : refused) {
+    const std::string& path = r.first;  // not a structured binding: CAPTURE is a lambda
+    const char* says = r.second;
     CAPTURE(path);
     if (!fs::exists(path)) continue;  // a /sys file this kernel lacks
     TaskInput in;

@@ -2,6 +2,7 @@
 
 #include <yaml-cpp/yaml.h>
 
+#include <algorithm>
 #include <cmath>
 #include <fstream>
 #include <functional>
@@ -320,6 +321,30 @@ Config parse_document(const YAML::Node& root, std::unordered_map<std::string, in
     o.finish();
   }
   {
+    YAML::Node svcs = top.raw("services");
+    if (svcs && !svcs.IsNull()) {
+      const std::string path = "services";
+      if (!svcs.IsMap()) {
+        throw ConfigError(
+            path, MapReader::line_of(svcs),
+            MapReader::fmt_msg(path, std::string("must be a mapping, got ") + node_kind(svcs)));
+      }
+      for (const auto& kv : svcs) {
+        const std::string kind = kv.first.as<std::string>();
+        lines[join(path, kind)] = MapReader::line_of(kv.first);
+        MapReader r(kv.second, join(path, kind), lines);
+        ServiceConfig sc;
+        r.read("isolation", sc.isolation);
+        r.read("library", sc.library);
+        r.read("worker_executable", sc.worker_executable);
+        r.read("memory_limit_mb", sc.memory_limit_mb);
+        r.read("start_timeout_seconds", sc.start_timeout_seconds);
+        r.finish();
+        c.services[kind] = sc;
+      }
+    }
+  }
+  {
     MapReader l = top.child("logging");
     l.read("level", c.logging.level);
     l.finish();
@@ -591,6 +616,38 @@ void Config::validate() const {
             "must be in [0, 1200] (0 = off), got " + std::to_string(ocr.preprocess.target_dpi));
   }
 
+  for (const auto& [kind, sc] : services) {
+    const std::string p = "services." + kind;
+    if (kind.empty() || kind.size() > 100 || detail::invalid_utf8_at(kind) ||
+        std::any_of(kind.begin(), kind.end(),
+                    [](char ch) { return static_cast<unsigned char>(ch) < 0x20 || ch == 0x7F; })) {
+      invalid(p, "is not a service kind (1..100 bytes of UTF-8 without control characters)");
+    }
+    if (sc.isolation != "in_process" && sc.isolation != "process") {
+      invalid(p + ".isolation", "must be one of in_process, process, got '" + sc.isolation + "'");
+    }
+    if (sc.isolation == "in_process") {
+      if (!sc.library.empty()) {
+        invalid(p + ".library", "is only read with isolation: process (the worker loads it)");
+      }
+    } else if (sc.library.empty() && kind != "ocr") {
+      invalid(p + ".library",
+              "must name the shared object that makes '" + kind +
+                  "' instances in the worker (taskmgr_worker_factory): only ocr is built in");
+    }
+    if (sc.memory_limit_mb < 0) {
+      invalid(p + ".memory_limit_mb",
+              "must be >= 0 (0 = none), got " + std::to_string(sc.memory_limit_mb));
+    } else if (sc.memory_limit_mb > 0 && sc.memory_limit_mb < 16) {
+      invalid(p + ".memory_limit_mb",
+              "must be 0 (none) or at least 16 (a worker does not start in less), got " +
+                  std::to_string(sc.memory_limit_mb));
+    }
+    if (!(sc.start_timeout_seconds > 0) || !std::isfinite(sc.start_timeout_seconds)) {
+      invalid(p + ".start_timeout_seconds", "must be > 0, got " + num(sc.start_timeout_seconds));
+    }
+  }
+
   bool level_ok = false;
   for (auto l : kLogLevels) level_ok = level_ok || l == logging.level;
   if (!level_ok) {
@@ -747,6 +804,18 @@ std::string Config::to_yaml() const {
   e << YAML::Key << "deskew" << YAML::Value << ocr.preprocess.deskew;
   e << YAML::Key << "binarize" << YAML::Value << ocr.preprocess.binarize;
   e << YAML::EndMap << YAML::EndMap;
+
+  e << YAML::Key << "services" << YAML::Value << YAML::BeginMap;
+  for (const auto& [kind, sc] : services) {
+    e << YAML::Key << kind << YAML::Value << YAML::BeginMap;
+    e << YAML::Key << "isolation" << YAML::Value << sc.isolation;
+    e << YAML::Key << "library" << YAML::Value << sc.library;
+    e << YAML::Key << "worker_executable" << YAML::Value << sc.worker_executable;
+    e << YAML::Key << "memory_limit_mb" << YAML::Value << sc.memory_limit_mb;
+    e << YAML::Key << "start_timeout_seconds" << YAML::Value << sc.start_timeout_seconds;
+    e << YAML::EndMap;
+  }
+  e << YAML::EndMap;
 
   e << YAML::Key << "logging" << YAML::Value << YAML::BeginMap;
   e << YAML::Key << "level" << YAML::Value << logging.level;

@@ -27,6 +27,7 @@
 #include "taskmgr/ocr.hpp"
 #include "taskmgr/postgres_store.hpp"
 #include "taskmgr/store.hpp"
+#include "taskmgr/worker.hpp"
 #include "timer_queue.hpp"
 #include "utf8.hpp"
 
@@ -179,6 +180,13 @@ TaskManager::Impl::Impl(Config config, TaskManagerOptions options)
     intake_.register_service(std::move(f));
   }
   if (options.builtin_ocr && !has_ocr) intake_.register_service(make_ocr_service(config_.ocr));
+  // Kinds whose instances a worker library makes (services.<kind>.library):
+  // the host has no factory of its own for them.
+  for (const auto& [kind, sc] : config_.services) {
+    if (sc.isolation == "process" && !sc.library.empty() && !registry_.contains(kind)) {
+      intake_.register_service(make_process_service(kind, config_));
+    }
+  }
   temp_dirs_.remove_dead_runs();
   for (const std::string& n : journal_.notices()) log_.write(LogLevel::kWarn, n);
   recovery_.recover();

@@ -185,6 +185,29 @@ struct OcrConfig {
   PreprocessConfig preprocess;
 };
 
+// services.<kind>: how the instances of one service kind run
+// (docs/RELIABILITY.md, "Worker processes").
+struct ServiceConfig {
+  // "in_process": instances are objects in the host's process (fastest; a
+  // crash in an engine is the host's crash). "process": each pooled
+  // instance is a child process (taskmgr-worker) holding one warm engine; a
+  // crash, an abort or a kill ends its task with a clear reason, and the
+  // worker is started again.
+  std::string isolation = "in_process";
+  // process: a shared object whose taskmgr_worker_factory(kind) makes the
+  // kind's instances inside the worker ("" = built in: only "ocr").
+  std::string library;
+  // process: the worker program; "" = taskmgr-worker beside libtaskmgr.so,
+  // or in <prefix>/libexec/taskmgr.
+  std::string worker_executable;
+  // process: each worker's hard memory limit (RLIMIT_DATA: heap and private
+  // mappings); past it an allocation fails and the task is OUT_OF_MEMORY.
+  // 0 = none.
+  std::int64_t memory_limit_mb = 0;
+  // process: a worker whose engine is not loaded by then fails to start (> 0).
+  double start_timeout_seconds = 60;
+};
+
 // logging
 struct LoggingConfig {
   std::string level = "info";  // "trace", "debug", "info", "warn", "error", "off"
@@ -197,6 +220,7 @@ struct TASKMGR_API Config {
   PoolsConfig pools;
   StorageConfig storage;
   OcrConfig ocr;
+  std::map<std::string, ServiceConfig> services;  // per service kind
   LoggingConfig logging;
 
   // The spec's defaults (same as a default-constructed Config).

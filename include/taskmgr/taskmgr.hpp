@@ -22,6 +22,7 @@
 #include "taskmgr/task_manager.hpp"
 #include "taskmgr/task_queue.hpp"
 #include "taskmgr/version.hpp"
+#include "taskmgr/worker.hpp"
 
 namespace taskmgr {
 

@@ -12,6 +12,8 @@
 #include "manager/lifecycle.hpp"
 #include "manager/task_events.hpp"
 #include "taskmgr/error.hpp"
+#include "taskmgr/worker.hpp"
+#include "worker/process_service.hpp"
 
 namespace taskmgr::detail {
 
@@ -240,6 +242,14 @@ void Intake::register_service(std::shared_ptr<ServiceFactory> factory) {
   }
   ServiceRegistry::validate_kind(kind);
   scheduler_.check_open();
+  // services.<kind>.isolation: process: the instances run in worker
+  // processes; the host's factory keeps answering supports() and the
+  // memory model here.
+  if (auto it = config_.services.find(kind);
+      it != config_.services.end() && it->second.isolation == "process" &&
+      !dynamic_cast<const ProcessFactoryTag*>(factory.get())) {
+    factory = make_process_service(kind, config_, factory);
+  }
   if (registry_.contains(kind)) {
     throw Error(ErrorCode::kInvalidState, "service '" + kind + "' is registered already");
   }

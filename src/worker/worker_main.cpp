@@ -1,0 +1,321 @@
+// taskmgr-worker: one pooled service instance in a process of its own.
+//
+// Started by the host (worker/process_service.cpp) with one end of a
+// socketpair on the fd named by --socket-fd. It reads kInit, sets its memory
+// limit, makes the service's factory (the built-in OCR, or a worker
+// library's taskmgr_worker_factory) and one warm instance, answers kReady,
+// then runs one task at a time. A reader thread takes the host's frames: a
+// cancel sets the running task's flag; the host closing the socket (it
+// exited, or replaced this worker) ends the process at once.
+//
+// Uses libtaskmgr's public API only; the protocol is compiled in.
+#include <dlfcn.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <string>
+#include <thread>
+
+#include "taskmgr/config.hpp"
+#include "taskmgr/error_handler.hpp"
+#include "taskmgr/ocr.hpp"
+#include "taskmgr/service.hpp"
+#include "taskmgr/worker.hpp"
+#include "worker/protocol.hpp"
+
+namespace json = boost::json;
+using namespace taskmgr;
+using namespace taskmgr::worker;
+
+namespace {
+
+int g_sock = -1;
+std::atomic<bool> g_cancel{false};
+std::mutex g_mu;
+std::condition_variable g_cv;
+std::deque<Frame> g_tasks;
+std::string g_current;  // id of the running task (guarded by g_mu)
+
+std::string text_of(const json::object& o, const char* key) {
+  const auto* v = o.if_contains(key);
+  return v != nullptr && v->is_string() ? std::string(v->as_string()) : std::string();
+}
+std::int64_t int_of(const json::object& o, const char* key, std::int64_t def) {
+  const auto* v = o.if_contains(key);
+  return v != nullptr && v->is_int64() ? v->as_int64() : def;
+}
+
+void reader() {
+  for (;;) {
+    Frame f;
+    Read r = Read::kClosed;
+    try {
+      r = recv_frame(g_sock, -1, f);
+    } catch (...) {
+      r = Read::kClosed;
+    }
+    // The host is gone or replaced this worker: nothing is left to do.
+    if (r != Read::kFrame) ::_exit(0);
+    if (f.type == Msg::kCancel) {
+      if (f.fd >= 0) ::close(f.fd);
+      std::lock_guard<std::mutex> g(g_mu);
+      if (text_of(f.body, "id") == g_current) g_cancel.store(true);
+      continue;
+    }
+    std::lock_guard<std::mutex> g(g_mu);
+    g_tasks.push_back(std::move(f));
+    g_cv.notify_one();
+  }
+}
+
+class WorkerContext final : public TaskContext {
+ public:
+  WorkerContext(const json::object& t, TaskInput input)
+      : id_(text_of(t, "id")),
+        service_(text_of(t, "service")),
+        options_(text_of(t, "options")),
+        device_(text_of(t, "device")),
+        instance_(text_of(t, "instance")),
+        temp_(text_of(t, "temp_dir")),
+        batch_(static_cast<int>(int_of(t, "batch_size", 1))),
+        attempt_(static_cast<int>(int_of(t, "attempt", 1))),
+        estimate_(int_of(t, "estimate_mb", 0)),
+        input_(std::move(input)) {
+    const auto* s = t.if_contains("seconds_left");
+    const double left = s != nullptr && s->is_number() ? s->to_number<double>() : -1;
+    if (left >= 0) {
+      deadline_ = std::chrono::steady_clock::now() +
+                  std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                      std::chrono::duration<double>(left));
+      has_deadline_ = true;
+    }
+  }
+  const std::string& task_id() const override { return id_; }
+  const std::string& service() const override { return service_; }
+  const TaskInput& input() const override { return input_; }
+  const std::string& options_json() const override { return options_; }
+  int batch_size() const override { return batch_; }
+  int attempt() const override { return attempt_; }
+  const std::string& device() const override { return device_; }
+  const std::string& service_instance_id() const override { return instance_; }
+  std::int64_t estimated_memory_mb() const override { return estimate_; }
+  bool cancelled() const override { return g_cancel.load(); }
+  bool deadline_exceeded() const override {
+    return has_deadline_ && std::chrono::steady_clock::now() >= deadline_;
+  }
+  double seconds_left() const override {
+    if (!has_deadline_) return std::numeric_limits<double>::infinity();
+    return std::max(0.0, std::chrono::duration<double>(deadline_ -
+                                                       std::chrono::steady_clock::now())
+                             .count());
+  }
+  const std::string& temp_dir() override { return temp_; }
+  // The sample's memory is measured here (the resident set now); the host
+  // records the sample.
+  void stage(std::string_view name) override {
+    json::object o;
+    o["name"] = name;
+    o["rss_mb"] = self_rss_mb();
+    send_frame(g_sock, Msg::kStage, o);
+  }
+  // A service's own figure is kept for the record; what the host tracks and
+  // checks is the resident set measured now.
+  void report_memory(std::int64_t mb) override {
+    json::object o;
+    o["rss_mb"] = self_rss_mb();
+    o["reported_mb"] = mb;
+    send_frame(g_sock, Msg::kMemory, o);
+  }
+  void set_result(std::string result_json) override { result_ = std::move(result_json); }
+  std::string& result() { return result_; }
+
+ private:
+  std::string id_, service_, options_, device_, instance_, temp_;
+  int batch_, attempt_;
+  std::int64_t estimate_;
+  TaskInput input_;
+  std::string result_;
+  std::chrono::steady_clock::time_point deadline_{};
+  bool has_deadline_ = false;
+};
+
+std::string limit_memory(std::int64_t mb) {
+  if (mb <= 0) return "none";
+  rlimit rl{};
+  rl.rlim_cur = rl.rlim_max = static_cast<rlim_t>(mb) * 1024 * 1024;
+  if (::setrlimit(RLIMIT_DATA, &rl) != 0) {
+    throw std::runtime_error(std::string("worker: setrlimit(RLIMIT_DATA) failed: ") +
+                             std::strerror(errno));
+  }
+  return "rlimit_data";
+}
+
+std::shared_ptr<ServiceFactory> make_factory(const std::string& kind, const std::string& library,
+                                             const Config& config) {
+  if (library.empty()) {
+    if (kind != "ocr") {
+      throw std::runtime_error("worker: no services." + kind +
+                               ".library to make its instances (only ocr is built in)");
+    }
+    return make_ocr_service(config.ocr);
+  }
+  void* h = ::dlopen(library.c_str(), RTLD_NOW | RTLD_LOCAL);
+  if (h == nullptr) {
+    const char* e = ::dlerror();
+    throw std::runtime_error("worker: services." + kind + ".library: cannot load " + library +
+                             ": " + (e != nullptr ? e : "unknown error"));
+  }
+  auto fn = reinterpret_cast<taskmgr_worker_factory_fn>(::dlsym(h, TASKMGR_WORKER_FACTORY_SYMBOL));
+  if (fn == nullptr) {
+    throw std::runtime_error("worker: services." + kind + ".library: " + library +
+                             " does not export " TASKMGR_WORKER_FACTORY_SYMBOL);
+  }
+  std::shared_ptr<ServiceFactory> f(fn(kind.c_str()));
+  if (!f) {
+    throw std::runtime_error("worker: services." + kind + ".library: " + library +
+                             " has no factory for '" + kind + "'");
+  }
+  return f;
+}
+
+TaskInput input_of(const Frame& f) {
+  TaskInput in;
+  if (f.fd < 0) {
+    in.path = text_of(f.body, "input_path");
+    return in;
+  }
+  struct stat st {};
+  if (::fstat(f.fd, &st) != 0) throw std::runtime_error("worker: the input memfd is unreadable");
+  const auto n = static_cast<std::size_t>(st.st_size);
+  if (n > 0) {
+    void* p = ::mmap(nullptr, n, PROT_READ, MAP_PRIVATE, f.fd, 0);
+    if (p == MAP_FAILED) throw std::bad_alloc();
+    const auto* b = static_cast<const std::uint8_t*>(p);
+    try {
+      in.data.assign(b, b + n);
+    } catch (...) {
+      ::munmap(p, n);
+      throw;
+    }
+    ::munmap(p, n);
+  }
+  return in;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  for (int i = 1; i + 1 < argc; ++i) {
+    if (std::strcmp(argv[i], "--socket-fd") == 0) g_sock = std::atoi(argv[i + 1]);
+  }
+  if (g_sock < 0) {
+    std::fprintf(stderr,
+                 "taskmgr-worker: started by libtaskmgr (services.<kind>.isolation: process), "
+                 "not by hand\n");
+    return 2;
+  }
+  ::signal(SIGPIPE, SIG_IGN);
+  Frame init;
+  if (recv_frame(g_sock, -1, init) != Read::kFrame || init.type != Msg::kInit) return 3;
+  const std::string kind = text_of(init.body, "kind");
+  std::unique_ptr<Service> instance;
+  std::shared_ptr<ServiceFactory> factory;
+  const std::string device = text_of(init.body, "device");
+  std::string limit;
+  try {
+    const Config config = Config::from_yaml_string(text_of(init.body, "config_yaml"), "host");
+    limit = limit_memory(int_of(init.body, "memory_limit_mb", 0));
+    factory = make_factory(kind, text_of(init.body, "library"), config);
+    instance = factory->create(device);
+    if (!instance) throw std::runtime_error("worker: the factory made no instance");
+  } catch (const std::bad_alloc&) {
+    json::object o;
+    o["message"] = "worker: the " + kind + " engine did not load within services." + kind +
+                   ".memory_limit_mb (" + std::to_string(int_of(init.body, "memory_limit_mb", 0)) +
+                   " MB)";
+    send_frame(g_sock, Msg::kInitFailed, o);
+    return 4;
+  } catch (const std::exception& e) {
+    json::object o;
+    o["message"] = e.what();
+    send_frame(g_sock, Msg::kInitFailed, o);
+    return 4;
+  }
+  {
+    json::object o;
+    o["pid"] = static_cast<std::int64_t>(::getpid());
+    o["memory_limit"] = limit;
+    send_frame(g_sock, Msg::kReady, o);
+  }
+  std::thread(reader).detach();
+
+  for (;;) {
+    Frame f;
+    {
+      std::unique_lock<std::mutex> g(g_mu);
+      g_cv.wait(g, [] { return !g_tasks.empty(); });
+      f = std::move(g_tasks.front());
+      g_tasks.pop_front();
+      g_current = text_of(f.body, "id");
+      g_cancel.store(false);
+    }
+    if (f.type != Msg::kTask) return 5;
+    reset_peak_rss();
+    json::object done;
+    std::exception_ptr err;
+    std::string result;
+    {
+      std::unique_ptr<WorkerContext> ctx;
+      try {
+        ctx = std::make_unique<WorkerContext>(f.body, input_of(f));
+        if (f.fd >= 0) ::close(f.fd);
+        f.fd = -1;
+        if (!instance) instance = factory->create(device);
+        instance->process(*ctx);
+        result = std::move(ctx->result());
+      } catch (...) {
+        err = std::current_exception();
+      }
+      if (f.fd >= 0) ::close(f.fd);
+    }
+    bool healthy = true;
+    if (err) {
+      const FailureInfo fi = TaskErrorHandler::classify(err);
+      json::object e;
+      e["reason"] = std::string(to_string(fi.reason));
+      e["message"] = fi.message;
+      e["retryable"] = fi.retryable;
+      e["oom"] = fi.out_of_memory;
+      e["broken"] = fi.instance_broken;
+      done["error"] = std::move(e);
+      healthy = !fi.instance_broken;
+    } else {
+      done["result"] = result;
+    }
+    if (instance) {
+      instance->cleanup_task(text_of(f.body, "id"));
+      healthy = healthy && instance->healthy();
+    }
+    done["peak_mb"] = self_peak_rss_mb();
+    done["healthy"] = healthy;
+    {
+      std::lock_guard<std::mutex> g(g_mu);
+      g_current.clear();
+    }
+    send_frame(g_sock, Msg::kDone, done);
+  }
+}

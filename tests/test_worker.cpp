@@ -1,0 +1,354 @@
+// Worker processes (services.<kind>.isolation: process): crashes, aborts,
+// kills from outside and hangs end one attempt and never the host; a memory
+// limit turns a memory hog into OUT_OF_MEMORY and the handler's policy;
+// actual_memory_mb is the worker's measured peak.
+//
+// The instances come from tests/worker_test_services.cpp (kind "probe"),
+// loaded by taskmgr-worker; the host registers a function service of the
+// same kind for its memory model only (its function never runs here).
+#include <doctest/doctest.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <boost/json.hpp>
+#include <filesystem>
+#include <fstream>
+#include <set>
+
+#include "test_support.hpp"
+#include "worker/protocol.hpp"
+
+using namespace taskmgr;
+using namespace taskmgr::test;
+namespace json = boost::json;
+namespace fs = std::filesystem;
+
+namespace {
+
+// {"do":"hog","mb_per_page":M,"pages":P}: M x min(batch, P) MB, plus a
+// small base; anything else: the base.
+struct ProbeModel : MemoryModel {
+  std::string name() const override { return "probe"; }
+  RequestFeatures features(const TaskCreateRequest& r) const override {
+    RequestFeatures f;
+    f.batch_size = r.batch_size;
+    const auto o = json::parse(r.options_json).as_object();
+    if (o.contains("pages")) f.pages = o.at("pages").to_number<std::int64_t>();
+    if (o.contains("mb_per_page")) f.pixels = o.at("mb_per_page").to_number<std::int64_t>();
+    return f;
+  }
+  double estimate_mb(const RequestFeatures& f) const override {
+    const std::int64_t held = std::max<std::int64_t>(1, std::min(f.batch_size, f.pages));
+    return 20.0 + static_cast<double>(f.pixels * held);
+  }
+};
+
+struct Workers {
+  Config config = test_config();
+  EventLog log;
+  std::unique_ptr<TaskManager> tm;
+  fs::path dir = fs::temp_directory_path() /
+                 ("taskmgr_worker_test_" + std::to_string(::getpid()) + "_" +
+                  std::to_string(reinterpret_cast<std::uintptr_t>(this)));
+
+  explicit Workers(std::int64_t memory_limit_mb = 0, int instances = 1) {
+    fs::create_directories(dir);
+    ServiceConfig sc;
+    sc.isolation = "process";
+    sc.library = TASKMGR_TEST_WORKER_LIBRARY;
+    sc.worker_executable = TASKMGR_WORKER_EXECUTABLE;
+    sc.memory_limit_mb = memory_limit_mb;
+    config.services["probe"] = sc;
+    config.pools.defaults.max_instances = instances;
+    config.tasks.retry.backoff_base_seconds = 0.01;
+    config.tasks.retry.backoff_max_seconds = 0.05;
+    config.tasks.temp_dir = (dir / "tmp").string();
+  }
+  ~Workers() {
+    if (tm) tm->close();
+    std::error_code ec;
+    fs::remove_all(dir, ec);
+  }
+
+  void open() {
+    TaskManagerOptions o;
+    o.log_sink = [](LogLevel, std::string_view) {};
+    o.builtin_ocr = false;
+    o.services.push_back(make_function_service(
+        "probe", [](TaskContext&) { FAIL("the host's own function ran"); },
+        std::make_shared<ProbeModel>()));
+    tm = std::make_unique<TaskManager>(config, o);
+    tm->subscribe([this](const EventRecord& e) { log(e); });
+  }
+
+  Task run(const std::string& options, const std::string& device = "", int batch = 1) {
+    TaskCreateRequest r;
+    r.service = "probe";
+    r.options_json = options;
+    r.device = device;
+    r.batch_size = batch;
+    const Task t = tm->create_task(r);
+    tm->start_task(t.id);
+    return t;
+  }
+
+  Task finished(const std::string& id) {
+    REQUIRE(eventually(
+        [&] {
+          const Task t = tm->get_task(id);
+          int started = 0, cleaned = 0;
+          for (const auto& e : tm->get_task_events(id)) {
+            started += e.event == TaskEvent::kStarted;
+            cleaned += e.event == TaskEvent::kCleanupCompleted;
+          }
+          return is_terminal(t.status) && cleaned >= std::max(1, started);
+        },
+        std::chrono::seconds(60)));
+    return tm->get_task(id);
+  }
+
+  json::object result(const Task& t) {
+    REQUIRE_MESSAGE(t.status == TaskStatus::kCompleted,
+                    "status " << to_string(t.status) << ": " << t.failure_message);
+    return json::parse(t.result.empty() ? "{}" : t.result).as_object();
+  }
+
+  std::vector<json::object> details(const std::string& id, TaskEvent ev) {
+    std::vector<json::object> out;
+    for (const auto& e : tm->get_task_events(id)) {
+      if (e.event == ev) out.push_back(json::parse(e.details_json).as_object());
+    }
+    return out;
+  }
+};
+
+std::int64_t pid_of(const json::object& r) { return r.at("pid").as_int64(); }
+
+bool alive(std::int64_t pid) { return ::kill(static_cast<pid_t>(pid), 0) == 0; }
+
+}  // namespace
+
+TEST_CASE("worker processes: tasks run in a warm child, one process reused task after task") {
+  Workers w;
+  w.open();
+  const auto a = w.result(w.finished(w.run(R"({"do":"ok"})").id));
+  const auto b = w.result(w.finished(w.run(R"({"do":"ok"})").id));
+  CHECK(pid_of(a) != ::getpid());
+  CHECK(pid_of(a) == pid_of(b));
+  CHECK(alive(pid_of(a)));
+  // The instance id is the pool's; the task records it as in process.
+  CHECK(w.tm->get_task(w.run(R"({"do":"ok"})").id).service == "probe");
+}
+
+TEST_CASE("a worker that segfaults or aborts fails its attempt with the signal, is replaced warm, "
+          "and the host's other task completes") {
+  for (const auto& wt : std::vector<std::pair<std::string, std::string>>{
+           {"segv", "processing_error: worker crashed (signal 11: Segmentation fault)"},
+           {"abort", "processing_error: worker crashed (signal 6: Aborted)"}}) {
+    const std::string& what = wt.first;  // not a structured binding: CAPTURE is a lambda
+    const std::string& text = wt.second;
+    CAPTURE(what);
+    Workers w(0, 2);
+    w.config.tasks.retry.max_attempts = 1;
+    w.open();
+    // Another task runs on the other worker the whole time.
+    const fs::path pid_file = w.dir / "other.pid";
+    const Task other =
+        w.run(json::serialize(json::object{{"do", "wait"}, {"pid_file", pid_file.string()}}));
+    REQUIRE(eventually([&] { return fs::exists(pid_file) && fs::file_size(pid_file) > 0; }));
+    const Task bad = w.run(R"({"do":")" + what + R"("})");
+    const Task t = w.finished(bad.id);
+    // Retryable, and out of attempts (max_attempts 1).
+    CHECK(t.status == TaskStatus::kFailed);
+    CHECK(t.failure_reason == TaskFailureReason::kMaxAttemptsExceeded);
+    CHECK(t.failure_message.rfind(text + " (gave up after 1 attempt", 0) == 0);
+    // The other task was never disturbed: it is still running, and ends as
+    // its host asks.
+    CHECK(w.tm->get_task(other.id).status == TaskStatus::kRunning);
+    w.tm->cancel_task(other.id);
+    CHECK(w.finished(other.id).status == TaskStatus::kCancelled);
+    // The crashed worker's replacement (or the other) runs the next tasks.
+    const auto n1 = w.result(w.finished(w.run(R"({"do":"ok"})").id));
+    const auto n2 = w.result(w.finished(w.run(R"({"do":"ok"})").id));
+    CHECK(alive(pid_of(n1)));
+    CHECK(alive(pid_of(n2)));
+  }
+}
+
+TEST_CASE("a worker crash is retried per tasks.retry: the next attempt succeeds on a new worker") {
+  Workers w;
+  w.config.tasks.retry.max_attempts = 3;
+  w.open();
+  const auto first = w.result(w.finished(w.run(R"({"do":"ok"})").id));
+  const Task t = w.finished(w.run(R"({"do":"crash_first"})").id);
+  const auto r = w.result(t);
+  CHECK(r.at("attempt").as_int64() == 2);
+  CHECK(t.attempt == 2);
+  CHECK(pid_of(r) != pid_of(first));  // the first worker died with attempt 1
+  CHECK_FALSE(alive(pid_of(first)));
+  const auto retried = w.details(t.id, TaskEvent::kRetried);
+  REQUIRE(retried.size() == 1);
+  CHECK(retried[0].at("reason").as_string() == "processing_error");
+  CHECK(std::string(retried[0].at("message").as_string()) ==
+        "worker crashed (signal 11: Segmentation fault)");
+}
+
+TEST_CASE("a worker killed from outside (SIGKILL) fails its attempt, and the next task succeeds") {
+  Workers w;
+  w.config.tasks.retry.max_attempts = 1;
+  w.open();
+  const fs::path pid_file = w.dir / "victim.pid";
+  const Task t =
+      w.run(json::serialize(json::object{{"do", "wait"}, {"pid_file", pid_file.string()}}));
+  REQUIRE(eventually([&] { return fs::exists(pid_file) && fs::file_size(pid_file) > 0; }));
+  pid_t pid = 0;
+  std::ifstream(pid_file) >> pid;
+  REQUIRE(pid > 0);
+  REQUIRE(pid != ::getpid());
+  REQUIRE(::kill(pid, SIGKILL) == 0);
+  const Task f = w.finished(t.id);
+  CHECK(f.status == TaskStatus::kFailed);
+  CHECK(f.failure_reason == TaskFailureReason::kMaxAttemptsExceeded);
+  CHECK(f.failure_message.rfind("processing_error: worker crashed (signal 9: Killed) (gave up", 0) ==
+        0);
+  const auto next = w.result(w.finished(w.run(R"({"do":"ok"})").id));
+  CHECK(pid_of(next) != pid);
+}
+
+TEST_CASE("a worker that hangs past its deadline is killed and replaced: TIMEOUT") {
+  Workers w;
+  w.open();
+  const auto before = w.result(w.finished(w.run(R"({"do":"ok"})").id));
+  const Task t = w.finished(w.run(R"({"do":"hang","timeout_seconds":0.5})").id);
+  CHECK(t.status == TaskStatus::kFailed);
+  CHECK(t.failure_reason == TaskFailureReason::kTimeout);
+  CHECK(t.failure_message ==
+        "task " + t.id +
+            " ran past its deadline of 0.5 s (options.timeout_seconds): the worker did not stop "
+            "within 2 s of the deadline; killed (signal 9: Killed) and replaced");
+  CHECK_FALSE(alive(pid_of(before)));
+  const auto after = w.result(w.finished(w.run(R"({"do":"ok"})").id));
+  CHECK(pid_of(after) != pid_of(before));
+}
+
+TEST_CASE("a worker that cooperates stops at cancel and is kept") {
+  Workers w;
+  w.open();
+  const fs::path pid_file = w.dir / "c.pid";
+  const Task t =
+      w.run(json::serialize(json::object{{"do", "wait"}, {"pid_file", pid_file.string()}}));
+  REQUIRE(eventually([&] { return fs::exists(pid_file) && fs::file_size(pid_file) > 0; }));
+  pid_t pid = 0;
+  std::ifstream(pid_file) >> pid;
+  w.tm->cancel_task(t.id);
+  CHECK(w.finished(t.id).status == TaskStatus::kCancelled);
+  const auto next = w.result(w.finished(w.run(R"({"do":"ok"})").id));
+  CHECK(pid_of(next) == pid);
+}
+
+TEST_CASE("a memory hog under the worker's limit: OUT_OF_MEMORY, then half the batch and a lower "
+          "estimate, which succeeds") {
+  Workers w(/*memory_limit_mb=*/300);
+  w.config.tasks.retry.cpu_fallback = false;
+  w.open();
+  const Task t = w.finished(
+      w.run(R"({"do":"hog","mb_per_page":100,"pages":4})", "", /*batch=*/4).id);
+  const auto r = w.result(t);
+  CHECK(t.batch_size == 2);
+  CHECK(r.at("batch").as_int64() == 2);
+  CHECK(r.at("held_mb").as_int64() == 200);
+  CHECK(t.attempt == 2);
+  const auto retried = w.details(t.id, TaskEvent::kRetried);
+  REQUIRE(retried.size() == 1);
+  CHECK(retried[0].at("reason").as_string() == "out_of_memory");
+  const auto queued = w.details(t.id, TaskEvent::kQueued);
+  REQUIRE(queued.size() == 2);
+  const auto e1 = queued[0].at("estimated_memory_mb").to_number<std::int64_t>();
+  const auto e2 = queued[1].at("estimated_memory_mb").to_number<std::int64_t>();
+  CHECK(e1 == 420);
+  CHECK(e2 == 220);
+  CHECK(t.estimated_memory_mb.value_or(0) < e1);
+}
+
+TEST_CASE("a memory hog on a GPU under the worker's limit falls back to the CPU") {
+  Workers w(/*memory_limit_mb=*/300);
+  w.config.devices.declared.push_back({"cuda:0", "gpu", 8000});
+  w.config.tasks.retry.cpu_fallback = true;
+  w.open();
+  const Task t = w.finished(
+      w.run(R"({"do":"hog","mb_per_page":100,"pages":4,"only_on":"cuda:0"})", "cuda:0", 4).id);
+  const auto r = w.result(t);
+  CHECK(t.assigned_device.value_or("") == "cpu");
+  const auto fb = w.details(t.id, TaskEvent::kDeviceFallback);
+  REQUIRE(fb.size() == 1);
+  CHECK(fb[0].at("from").as_string() == "cuda:0");
+  CHECK(fb[0].at("to").as_string() == "cpu");
+  CHECK(r.at("held_mb").as_int64() == 0);
+}
+
+TEST_CASE("actual_memory_mb is the worker's measured peak during the task") {
+  Workers w;
+  w.open();
+  std::vector<std::int64_t> actual;
+  for (const int mb : {40, 160}) {
+    const Task t = w.finished(w.run(R"({"do":"touch","mb":)" + std::to_string(mb) + "}").id);
+    const auto r = w.result(t);
+    // Read independently of the library: the worker's VmHWM, reset at the
+    // start of the task and untouched since its end.
+    const std::int64_t hwm_kb = worker::proc_status_kb(static_cast<int>(pid_of(r)), "VmHWM");
+    REQUIRE(hwm_kb > 0);
+    const double hwm_mb = static_cast<double>(hwm_kb) / 1024.0;
+    REQUIRE(t.actual_memory_mb.has_value());
+    MESSAGE("touched " << mb << " MB: actual_memory_mb " << *t.actual_memory_mb << ", VmHWM "
+                       << hwm_mb << " MB");
+    CHECK(static_cast<double>(*t.actual_memory_mb) >= hwm_mb * 0.9);
+    CHECK(static_cast<double>(*t.actual_memory_mb) <= hwm_mb * 1.1);
+    CHECK(static_cast<double>(*t.actual_memory_mb) >= mb);
+    actual.push_back(*t.actual_memory_mb);
+    // The stage's sample carries the measured resident set too.
+    bool sampled = false;
+    for (const auto& s : w.tm->get_task_samples(t.id)) {
+      if (s.processing_stage == "touched") {
+        sampled = true;
+        CHECK(s.memory_usage_mb >= mb);
+      }
+    }
+    CHECK(sampled);
+  }
+  CHECK(actual[1] - actual[0] >= 100);
+}
+
+TEST_CASE("services.<kind> isolation settings are checked: unknown values, a missing library, "
+          "a worker that cannot start") {
+  {
+    Config c = test_config();
+    c.services["probe"].isolation = "thread";
+    CHECK_THROWS_WITH_AS(c.validate(),
+                         "services.probe.isolation: must be one of in_process, process, got "
+                         "'thread'",
+                         ConfigError);
+  }
+  {
+    Config c = test_config();
+    c.services["probe"].isolation = "process";
+    CHECK_THROWS_WITH_AS(c.validate(),
+                         doctest::Contains("services.probe.library: must name the shared object"),
+                         ConfigError);
+  }
+  {
+    Config c = Config::from_yaml_string(
+        "services:\n  ocr:\n    isolation: process\n    memory_limit_mb: 2048\n");
+    CHECK(c.services.at("ocr").isolation == "process");
+    CHECK(c.services.at("ocr").memory_limit_mb == 2048);
+    const Config back = Config::from_yaml_string(c.to_yaml());
+    CHECK(back.services.at("ocr").memory_limit_mb == 2048);
+  }
+  {
+    Workers w;
+    w.config.services["probe"].library = (w.dir / "missing.so").string();
+    w.open();
+    const Task t = w.finished(w.run(R"({"do":"ok"})").id);
+    CHECK(t.status == TaskStatus::kFailed);
+    CHECK(t.failure_message.find("cannot load") != std::string::npos);
+  }
+}

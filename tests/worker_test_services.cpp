@@ -1,0 +1,97 @@
+// A worker library for the worker-process tests (services.<kind>.library):
+// kind "probe" does what its task's options say, inside taskmgr-worker.
+//
+//   {"do":"ok"}                     result {"pid", "batch", "attempt"}
+//   {"do":"segv"} / {"do":"abort"}  the worker dies by that signal
+//   {"do":"exit","status":N}        the worker exits
+//   {"do":"hang"}                   sleeps forever, ignoring cancel
+//   {"do":"wait"}                   writes its pid to options.pid_file, then
+//                                   sleeps until cancelled (a kill from outside)
+//   {"do":"hog","mb_per_page":M,"pages":P}
+//                                   allocates and touches min(batch, P) x M MB
+//   {"do":"touch","mb":M}           touches M MB, reports a stage, holds it
+//                                   until the task ends; result {"pid"}
+//   {"do":"crash_first"}            segfaults on attempt 1, ok after
+#include <signal.h>
+#include <unistd.h>
+
+#include <boost/json.hpp>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "taskmgr/service.hpp"
+#include "taskmgr/worker.hpp"
+
+namespace {
+
+namespace json = boost::json;
+using namespace taskmgr;
+
+std::vector<char> touched(std::size_t mb) {
+  std::vector<char> v(mb << 20);
+  for (std::size_t i = 0; i < v.size(); i += 4096) v[i] = static_cast<char>(i);
+  return v;
+}
+
+class Probe final : public Service {
+ public:
+  void process(TaskContext& ctx) override {
+    const json::object o = json::parse(ctx.options_json()).as_object();
+    const std::string what(o.at("do").as_string());
+    json::object r;
+    r["pid"] = static_cast<std::int64_t>(::getpid());
+    r["batch"] = ctx.batch_size();
+    r["attempt"] = ctx.attempt();
+    if (what == "segv") ::raise(SIGSEGV);
+    if (what == "abort") std::abort();
+    if (what == "crash_first" && ctx.attempt() == 1) ::raise(SIGSEGV);
+    if (what == "exit") std::_Exit(static_cast<int>(o.at("status").as_int64()));
+    if (what == "hang") {
+      for (;;) std::this_thread::sleep_for(std::chrono::seconds(1));
+    }
+    if (what == "wait") {
+      std::ofstream(std::string(o.at("pid_file").as_string())) << ::getpid() << "\n";
+      while (!ctx.cancelled()) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      ctx.throw_if_cancelled();
+    }
+    if (what == "hog") {
+      const auto pages = o.at("pages").as_int64();
+      const auto held = std::min<std::int64_t>(ctx.batch_size(), pages);
+      auto mb = static_cast<std::size_t>(held * o.at("mb_per_page").as_int64());
+      if (o.contains("only_on") && o.at("only_on").as_string() != ctx.device()) mb = 0;
+      ctx.stage("hog");
+      const auto v = touched(mb);  // std::bad_alloc past the worker's limit
+      ctx.report_memory(static_cast<std::int64_t>(mb));
+      r["held_mb"] = static_cast<std::int64_t>(mb);
+      r["check"] = v.empty() ? 0 : static_cast<int>(v[v.size() / 2]);
+    }
+    if (what == "touch") {
+      const auto v = touched(static_cast<std::size_t>(o.at("mb").as_int64()));
+      ctx.stage("touched");
+      r["check"] = static_cast<int>(v[v.size() / 3]);
+    }
+    ctx.set_result(json::serialize(r));
+  }
+};
+
+class ProbeFactory final : public ServiceFactory {
+ public:
+  std::string kind() const override { return "probe"; }
+  std::unique_ptr<Service> create(const std::string&) override {
+    return std::make_unique<Probe>();
+  }
+};
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) taskmgr::ServiceFactory* taskmgr_worker_factory(
+    const char* kind) {
+  if (std::strcmp(kind, "probe") != 0) return nullptr;
+  return new ProbeFactory();
+}

@@ -23,6 +23,8 @@
 //   b   taskmgr: a TaskManager with a pool of 2 warm OCR engines, SQLite
 //       store, tasks.queue_ordering largest_first (and, for comparison,
 //       fifo); submit all, wait for all
+//   bw  as (b) with services.ocr.isolation: process: each engine in a
+//       taskmgr-worker child process, pages passed by path
 //   c   a fresh engine per page (init, recognise, end), 2 threads
 //   d   the tesseract command once per page, 2 at a time (OMP_THREAD_LIMIT=1)
 //   e   Python, python3-tesserocr, a thread pool of 2 each holding a warm
@@ -336,13 +338,15 @@ std::string result_text(const taskmgr::Task& t) {
 }
 
 Result run_taskmgr(const std::vector<Page>& batch, const fs::path& work,
-                   taskmgr::QueueOrdering ordering, int workers = 2) {
+                   taskmgr::QueueOrdering ordering, int workers = 2, bool isolated = false) {
   const fs::path db = work / "bench.db";
   for (const char* sfx : {"", "-wal", "-shm", ".lock"}) fs::remove(db.string() + sfx);
   Result r;
   auto config = taskmgr_config(db, ordering);
   config.executor.worker_threads = workers;
   config.pools.devices["cpu"] = taskmgr::PoolSettings{workers, workers, 300};
+  // The engines in worker processes (taskmgr-worker beside libtaskmgr.so).
+  if (isolated) config.services["ocr"].isolation = "process";
   taskmgr::TaskManager tm(config);
   {  // warm both engines (min_instances made them; this runs a page on each)
     std::vector<std::string> ids;
@@ -823,6 +827,8 @@ int main(int argc, char** argv) {
        [&] { return run_warm_threads(batch, true); }},
       {"b", "taskmgr, pool of 2, largest_first",
        [&] { return run_taskmgr(batch, work, taskmgr::QueueOrdering::kLargestFirst); }},
+      {"bw", "taskmgr, pool of 2 worker processes, largest_first",
+       [&] { return run_taskmgr(batch, work, taskmgr::QueueOrdering::kLargestFirst, 2, true); }},
       {"b'", "taskmgr, pool of 2, fifo",
        [&] { return run_taskmgr(batch, work, taskmgr::QueueOrdering::kFifo); }},
       {"b1", "taskmgr, 1 worker (x L: per-page overhead)",

@@ -5,9 +5,16 @@
 // = 65,536) so that each run stays fast. Any input must end in success or a
 // TaskError (INVALID_INPUT, ...), never a crash or a leak, and must not
 // poison the engine: every 256 runs a known page must still read.
+//
+// With TASKMGR_FUZZ_WORKER=<path of taskmgr-worker> the same inputs go
+// through the worker-process path instead (services.ocr.isolation:
+// process): the engine is a child process, the bytes pass in a memfd. A
+// crash there must come back as a handled TaskError ("worker crashed ..."),
+// the host goes on, and the next known page must read on the replacement.
 #include <taskmgr/config.hpp>
 #include <taskmgr/ocr.hpp>
 #include <taskmgr/service.hpp>
+#include <taskmgr/worker.hpp>
 
 #include <cstdint>
 #include <cstdlib>
@@ -45,11 +52,18 @@ class FuzzContext final : public taskmgr::TaskContext {
   std::string options_, result_;
 };
 
+const char* worker_path() { return std::getenv("TASKMGR_FUZZ_WORKER"); }
+
 taskmgr::Service& engine() {
   static const std::unique_ptr<taskmgr::Service> svc = [] {
-    taskmgr::OcrConfig c;
-    c.max_pixels = 65'536;
-    return taskmgr::make_ocr_service(c)->create("cpu");
+    taskmgr::Config c;
+    c.ocr.max_pixels = 65'536;
+    if (worker_path() != nullptr && *worker_path() != '\0') {
+      c.services["ocr"].isolation = "process";
+      c.services["ocr"].worker_executable = worker_path();
+      return taskmgr::make_process_service("ocr", c)->create("cpu");
+    }
+    return taskmgr::make_ocr_service(c.ocr)->create("cpu");
   }();
   return *svc;
 }
@@ -62,6 +76,8 @@ const unsigned char kKnownPng[] = {
     0x18, 0x35, 0x60, 0xd4, 0x80, 0x51, 0x03, 0x86, 0x8b, 0x01, 0x00, 0x5d, 0x78, 0xfc, 0x2e, 0xad,
     0x21, 0xa9, 0x5e, 0x00, 0x00, 0x00, 0x00, 0x49, 0x45, 0x4e, 0x44, 0xae, 0x42, 0x60, 0x82};
 
+bool crashed = false;
+
 bool run(const std::uint8_t* bytes, std::size_t n, std::string options) {
   taskmgr::TaskInput in;
   in.data.assign(bytes, bytes + n);
@@ -70,8 +86,13 @@ bool run(const std::uint8_t* bytes, std::size_t n, std::string options) {
     engine().process(ctx);
     engine().cleanup_task(ctx.task_id());
     return true;
-  } catch (const taskmgr::TaskError&) {
+  } catch (const taskmgr::TaskError& e) {
     engine().cleanup_task(ctx.task_id());
+    // In worker mode a crash is the worker's, handled: the host is here,
+    // and the known page must read on the replacement at once.
+    if (worker_path() != nullptr && std::strncmp(e.what(), "worker crashed", 14) == 0) {
+      crashed = true;
+    }
     return false;
   }
 }
@@ -90,8 +111,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     image_size = size - static_cast<std::size_t>(nl - data) - 1;
   }
   run(image, image_size, options);
-  if (++runs % 256 == 0 && !run(kKnownPng, sizeof kKnownPng, "")) {
-    std::abort();  // a bad input poisoned the engine
+  const bool check = ++runs % 256 == 0 || crashed;
+  crashed = false;
+  if (check && (!run(kKnownPng, sizeof kKnownPng, "") || !engine().healthy())) {
+    std::abort();  // a bad input poisoned the engine (or its worker was not replaced)
   }
   return 0;
 }

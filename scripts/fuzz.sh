@@ -10,11 +10,19 @@ seconds=${1:-60}
 cmake --preset fuzz >/dev/null
 cmake --build --preset fuzz
 mkdir -p build/fuzz/artifacts
-for h in config ocr_input capi; do
+# ocr_worker: fuzz_ocr_input again, through a worker process (the
+# taskmgr-worker of the same build; the worker-process path of issue 18).
+for h in config ocr_input ocr_worker capi; do
+  bin=$h
+  export TASKMGR_FUZZ_WORKER=
+  if [ "$h" = ocr_worker ]; then
+    bin=ocr_input
+    export TASKMGR_FUZZ_WORKER=$PWD/build/fuzz/src/taskmgr-worker
+  fi
   work=$(mktemp -d)
   # Regressions first: every input that once crashed must pass.
-  if [ -d "fuzz/regressions/$h" ] && [ -n "$(ls -A "fuzz/regressions/$h")" ]; then
-    ./build/fuzz/fuzz/fuzz_$h -runs=1 fuzz/regressions/$h/*
+  if [ -d "fuzz/regressions/$bin" ] && [ -n "$(ls -A "fuzz/regressions/$bin")" ]; then
+    ./build/fuzz/fuzz/fuzz_$bin -runs=1 fuzz/regressions/$bin/*
   fi
   echo "--- fuzz_$h: ${seconds} s"
   status=0
@@ -23,7 +31,7 @@ for h in config ocr_input capi; do
   # each: it is checked once, when the process exits, instead.
   leaks=1
   [ "$h" = capi ] && leaks=0
-  ./build/fuzz/fuzz/fuzz_$h "$work" "fuzz/corpus/$h" -max_total_time="$seconds" \
+  ./build/fuzz/fuzz/fuzz_$bin "$work" "fuzz/corpus/$bin" -max_total_time="$seconds" \
     -rss_limit_mb=4096 -timeout=30 -print_final_stats=1 -detect_leaks=$leaks \
     -artifact_prefix="build/fuzz/artifacts/$h-" > "$work.log" 2>&1 || status=$?
   grep -E "^#[0-9]+[[:space:]]+DONE|stat::number_of_executed_units|ERROR|SUMMARY" "$work.log" || true

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdio>
 #include <map>
+#include <tuple>
 #include <utility>
 
 #include "host_call.hpp"
@@ -32,12 +33,25 @@ MemoryModel::~MemoryModel() = default;
 
 std::string MemoryEstimate::explanation() const {
   const RequestFeatures& f = features;
+  std::string learned;
+  if (samples == 0) {
+    learned = "; no measurements yet: the model's figure";
+  } else {
+    learned = "; learned correction x" + fmt_double(correction) + " from " +
+              std::to_string(samples) + " measured task(s) with a model figure of " +
+              std::to_string(std::int64_t{1} << size_class) + "-" +
+              std::to_string(std::int64_t{1} << (size_class + 1)) + " MB" +
+              (device.empty() ? std::string(" (any device)") : " on " + device);
+  }
   return "model " + model + " (service " + service + "): pixels=" + std::to_string(f.pixels) +
          " pages=" + std::to_string(f.pages) + " bytes=" + std::to_string(f.bytes) +
          " batch_size=" + std::to_string(f.batch_size) + " -> " + fmt_double(model_mb) + " MB" +
-         "; learned correction x" + fmt_double(correction) + " from " + std::to_string(samples) +
-         " measured task(s)" + (device.empty() ? std::string(" (any device)") : " on " + device) +
-         " -> " + std::to_string(mb) + " MB";
+         learned + " -> " + std::to_string(mb) + " MB";
+}
+
+int memory_size_class(double model_mb) {
+  if (!(model_mb >= 2)) return 0;
+  return std::min(50, static_cast<int>(std::floor(std::log2(model_mb))));
 }
 
 RequestFeatures MemoryModel::features(const TaskCreateRequest& request) const {
@@ -74,8 +88,8 @@ struct MemoryEstimator::Impl {
     double max_ratio = 0;
   };
 
-  double correction_locked(const std::string& service, const std::string& device,
-                           int* samples) const REQUIRES(mu);
+  double correction_locked(const std::string& service, const std::string& device, int size_class,
+                           int* samples, int* from_class) const REQUIRES(mu);
   std::shared_ptr<const MemoryModel> model_locked(const std::string& service) const REQUIRES(mu);
   // The service's model, taken under the lock; used outside it.
   std::shared_ptr<const MemoryModel> model(const std::string& service) REQUIRES(!mu);
@@ -84,7 +98,8 @@ struct MemoryEstimator::Impl {
 
   detail::Mutex mu;
   std::map<std::string, std::shared_ptr<const MemoryModel>> models GUARDED_BY(mu);
-  std::map<std::pair<std::string, std::string>, Learned> learned GUARDED_BY(mu);
+  // Per (service, device, size class of the model's figure).
+  std::map<std::tuple<std::string, std::string, int>, Learned> learned GUARDED_BY(mu);
 };
 
 MemoryEstimator::MemoryEstimator() : impl_(std::make_unique<Impl>()) {}
@@ -130,24 +145,46 @@ RequestFeatures MemoryEstimator::features(const TaskCreateRequest& request) cons
   return model->features(request);
 }
 
+// Per device: the correction learned in the estimate's own size class, or
+// else in the nearest class that has one (the larger correction of two at
+// the same distance). With no device given, the most conservative device's.
 double MemoryEstimator::Impl::correction_locked(const std::string& service,
-                                                const std::string& device, int* samples) const {
+                                                const std::string& device, int size_class,
+                                                int* samples, int* from_class) const {
   auto one = [](const Learned& l) {
-    if (l.samples == 0) return 1.0;
     if (l.samples < kWarmupSamples) return std::max(l.max_ratio, l.mean);
     return l.mean + 2 * std::sqrt(std::max(0.0, l.var));
   };
-  double c = 0;
-  int n = 0;
-  bool any = false;
+  struct Best {
+    int distance = -1;
+    double value = 0;
+    int samples = 0;
+    int cls = 0;
+  };
+  std::map<std::string, Best> per_device;
   for (const auto& [key, l] : learned) {
-    if (key.first != service || (!device.empty() && key.second != device)) continue;
+    const auto& [svc, dev, cls] = key;
+    if (svc != service || (!device.empty() && dev != device) || l.samples == 0) continue;
+    const int d = std::abs(cls - size_class);
     const double v = one(l);
-    if (!any || v > c) c = v;  // no device given: the most conservative
+    Best& b = per_device[dev];
+    if (b.distance < 0 || d < b.distance || (d == b.distance && v > b.value)) {
+      b = Best{d, v, l.samples, cls};
+    }
+  }
+  double c = 1;
+  int n = 0, from = size_class;
+  bool any = false;
+  for (const auto& [dev, b] : per_device) {
+    if (!any || b.value > c) {
+      c = b.value;
+      n = b.samples;
+      from = b.cls;
+    }
     any = true;
-    n = std::max(n, l.samples);
   }
   if (samples != nullptr) *samples = n;
+  if (from_class != nullptr) *from_class = from;
   if (!any) return 1.0;
   return std::clamp(c, kMinCorrection, kMaxCorrection);
 }
@@ -160,14 +197,20 @@ MemoryEstimate MemoryEstimator::estimate(const std::string& service, const Reque
   {
     detail::MutexLock g(im.mu);
     model = im.model_locked(service);
-    e.correction = im.correction_locked(service, device, &e.samples);
   }
-  TASKMGR_HOST_CALL("MemoryEstimator::estimate: MemoryModel::name, estimate_mb");
-  e.model = model->name();
+  {
+    TASKMGR_HOST_CALL("MemoryEstimator::estimate: MemoryModel::name, estimate_mb");
+    e.model = model->name();
+    e.model_mb = model->estimate_mb(f);
+  }
   e.service = service;
   e.device = device;
   e.features = f;
-  e.model_mb = model->estimate_mb(f);
+  {
+    detail::MutexLock g(im.mu);
+    e.correction = im.correction_locked(service, device, memory_size_class(e.model_mb), &e.samples,
+                                        &e.size_class);
+  }
   const double mb = std::ceil(e.model_mb * e.correction);
   // A model's figure is a size: not a number, or below zero, is its bug and
   // is named as such; a figure too large for any machine (infinity included)
@@ -197,7 +240,7 @@ void MemoryEstimator::record_actual(const std::string& service, const std::strin
   if (!(predicted > 0) || !std::isfinite(predicted)) return;
   const double ratio = static_cast<double>(actual_mb) / predicted;
   detail::MutexLock g(im.mu);
-  Impl::Learned& l = im.learned[{service, device}];
+  Impl::Learned& l = im.learned[{service, device, memory_size_class(predicted)}];
   if (l.samples == 0) {
     l.mean = ratio;
     l.var = 0;

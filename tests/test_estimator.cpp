@@ -33,6 +33,44 @@ TEST_CASE("an estimate explains itself") {
   CHECK(est.explanation().find("pixels=2000000") != std::string::npos);
   CHECK(est.explanation().find("bytes=1048576") != std::string::npos);
   CHECK(est.explanation().find("-> " + std::to_string(est.mb) + " MB") != std::string::npos);
+  CHECK(est.explanation().find("no measurements yet: the model's figure") != std::string::npos);
+}
+
+TEST_CASE(
+    "learning is per size class of the model's figure: an estimate uses its own class, or "
+    "the nearest measured") {
+  struct Fixed : MemoryModel {
+    std::string name() const override { return "fixed"; }
+    double estimate_mb(const RequestFeatures& f) const override {
+      return static_cast<double>(f.pixels);
+    }
+  };
+  CHECK(memory_size_class(1) == 0);
+  CHECK(memory_size_class(100) == 6);   // 64-128 MB
+  CHECK(memory_size_class(128) == 7);   // 128-256 MB
+  CHECK(memory_size_class(1000) == 9);  // 512-1024 MB
+  MemoryEstimator e;
+  e.register_model("svc", std::make_shared<Fixed>());
+  RequestFeatures small, large, between;
+  small.pixels = 100;    // class 6
+  large.pixels = 1000;   // class 9
+  between.pixels = 400;  // class 8: nearer 9 than 6
+  for (int i = 0; i < 10; ++i) {
+    e.record_actual("svc", "cpu", small, 200);   // an engine's base: x2 on small inputs
+    e.record_actual("svc", "cpu", large, 1000);  // x1 on large ones
+  }
+  const MemoryEstimate s = e.estimate("svc", small, "cpu");
+  const MemoryEstimate l = e.estimate("svc", large, "cpu");
+  const MemoryEstimate b = e.estimate("svc", between, "cpu");
+  CHECK(s.mb == 200);
+  CHECK(s.size_class == 6);
+  CHECK(l.mb == 1000);
+  CHECK(l.size_class == 9);
+  CHECK(b.mb == 400);  // class 9's correction, x1
+  CHECK(b.size_class == 9);
+  CHECK(s.samples == 10);
+  CHECK(s.explanation().find("learned correction x2 from 10 measured task(s) with a model figure "
+                             "of 64-128 MB on cpu") != std::string::npos);
 }
 
 TEST_CASE("services supply their own model") {

@@ -44,9 +44,14 @@ const fs::path kShared = fs::path(TASKMGR_SHARED_DATA_DIR) / "ocr";
 struct Ocr {
   Config config = test_config();
   std::unique_ptr<TaskManager> tm;
-  explicit Ocr(int workers = 1) {
+  // isolated: the engines run in worker processes (services.ocr.isolation).
+  explicit Ocr(int workers = 1, bool isolated = false) {
     config.executor.worker_threads = workers;
     config.pools.devices["cpu"] = PoolSettings{0, workers, 30};
+    if (isolated) {
+      config.services["ocr"].isolation = "process";
+      config.services["ocr"].worker_executable = TASKMGR_WORKER_EXECUTABLE;
+    }
     TaskManagerOptions o;
     o.log_sink = [](LogLevel, std::string_view) {};
     tm = std::make_unique<TaskManager>(config, o);
@@ -644,6 +649,72 @@ TEST_CASE("two PDFs rendered at once as the process's first renders") {
   CHECK(failures[1] == "");
   CHECK(widths[0] == 850);   // 8.5 in at 100 dpi
   CHECK(widths[1] == 1275);  // at 150 dpi
+}
+
+// The pids of this process's children named taskmgr-worker.
+std::vector<int> worker_children() {
+  std::vector<int> out;
+  for (const auto& e : fs::directory_iterator("/proc")) {
+    const std::string name = e.path().filename().string();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::ifstream in(e.path() / "stat");
+    std::string stat;
+    std::getline(in, stat);
+    const auto open = stat.find('('), close = stat.rfind(')');
+    if (open == std::string::npos || close == std::string::npos) continue;
+    std::istringstream rest(stat.substr(close + 2));
+    char state = 0;
+    int ppid = 0;
+    rest >> state >> ppid;
+    if (ppid == ::getpid() && stat.substr(open + 1, close - open - 1) == "taskmgr-worker") {
+      out.push_back(std::stoi(name));
+    }
+  }
+  return out;
+}
+
+std::int64_t status_kb(int pid, const std::string& field) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind(field + ":", 0) == 0) return std::stoll(line.substr(field.size() + 1));
+  }
+  return -1;
+}
+
+TEST_CASE(
+    "OCR in a worker process: the same text, and actual_memory_mb is the worker's measured "
+    "peak, larger for a larger page") {
+  TempDir dir;
+  const fs::path small = render(dir.path, "p150", kRenderedText, 150);
+  const fs::path large = render(dir.path, "p300", kRenderedText, 300);
+  Ocr local;
+  Ocr isolated(1, /*isolated=*/true);
+  std::vector<std::int64_t> actual;
+  for (const auto& page : {small, large}) {
+    CAPTURE(page);
+    const Task in_proc = local.run_path(page);
+    const Task t = isolated.run_path(page);
+    CHECK(text_of(t) == text_of(in_proc));
+    const auto workers = worker_children();
+    REQUIRE(workers.size() == 1);
+    // Read here, independently: the worker's VmHWM, reset when the task
+    // started and untouched since it ended.
+    const double hwm_mb = static_cast<double>(status_kb(workers[0], "VmHWM")) / 1024.0;
+    REQUIRE(t.actual_memory_mb.has_value());
+    MESSAGE(page.filename() << ": actual_memory_mb " << *t.actual_memory_mb << ", worker VmHWM "
+                            << hwm_mb << " MB; in process: "
+                            << in_proc.actual_memory_mb.value_or(-1) << " MB reported");
+    CHECK(static_cast<double>(*t.actual_memory_mb) >= 0.9 * hwm_mb);
+    CHECK(static_cast<double>(*t.actual_memory_mb) <= 1.1 * hwm_mb);
+    actual.push_back(*t.actual_memory_mb);
+  }
+  CHECK(actual[1] > actual[0]);
+  // Bytes in memory reach the worker through a memfd.
+  TaskInput bytes;
+  const std::string raw = slurp(large);
+  bytes.data.assign(raw.begin(), raw.end());
+  CHECK(text_of(isolated.run(bytes)) == text_of(isolated.run_path(large)));
 }
 
 TEST_CASE("ocr.pdf_dpi is the default resolution of PDF pages") {

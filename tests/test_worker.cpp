@@ -13,6 +13,7 @@
 #include <boost/json.hpp>
 #include <filesystem>
 #include <fstream>
+#include <numeric>
 #include <set>
 
 #include "test_support.hpp"
@@ -47,9 +48,9 @@ struct Workers {
   Config config = test_config();
   EventLog log;
   std::unique_ptr<TaskManager> tm;
-  fs::path dir = fs::temp_directory_path() /
-                 ("taskmgr_worker_test_" + std::to_string(::getpid()) + "_" +
-                  std::to_string(reinterpret_cast<std::uintptr_t>(this)));
+  fs::path dir =
+      fs::temp_directory_path() / ("taskmgr_worker_test_" + std::to_string(::getpid()) + "_" +
+                                   std::to_string(reinterpret_cast<std::uintptr_t>(this)));
 
   explicit Workers(std::int64_t memory_limit_mb = 0, int instances = 1) {
     fs::create_directories(dir);
@@ -140,8 +141,9 @@ TEST_CASE("worker processes: tasks run in a warm child, one process reused task 
   CHECK(w.tm->get_task(w.run(R"({"do":"ok"})").id).service == "probe");
 }
 
-TEST_CASE("a worker that segfaults or aborts fails its attempt with the signal, is replaced warm, "
-          "and the host's other task completes") {
+TEST_CASE(
+    "a worker that segfaults or aborts fails its attempt with the signal, is replaced warm, "
+    "and the host's other task completes") {
   for (const auto& wt : std::vector<std::pair<std::string, std::string>>{
            {"segv", "processing_error: worker crashed (signal 11: Segmentation fault)"},
            {"abort", "processing_error: worker crashed (signal 6: Aborted)"}}) {
@@ -209,8 +211,8 @@ TEST_CASE("a worker killed from outside (SIGKILL) fails its attempt, and the nex
   const Task f = w.finished(t.id);
   CHECK(f.status == TaskStatus::kFailed);
   CHECK(f.failure_reason == TaskFailureReason::kMaxAttemptsExceeded);
-  CHECK(f.failure_message.rfind("processing_error: worker crashed (signal 9: Killed) (gave up", 0) ==
-        0);
+  CHECK(f.failure_message.rfind("processing_error: worker crashed (signal 9: Killed) (gave up",
+                                0) == 0);
   const auto next = w.result(w.finished(w.run(R"({"do":"ok"})").id));
   CHECK(pid_of(next) != pid);
 }
@@ -246,13 +248,14 @@ TEST_CASE("a worker that cooperates stops at cancel and is kept") {
   CHECK(pid_of(next) == pid);
 }
 
-TEST_CASE("a memory hog under the worker's limit: OUT_OF_MEMORY, then half the batch and a lower "
-          "estimate, which succeeds") {
+TEST_CASE(
+    "a memory hog under the worker's limit: OUT_OF_MEMORY, then half the batch and a lower "
+    "estimate, which succeeds") {
   Workers w(/*memory_limit_mb=*/300);
   w.config.tasks.retry.cpu_fallback = false;
   w.open();
-  const Task t = w.finished(
-      w.run(R"({"do":"hog","mb_per_page":100,"pages":4})", "", /*batch=*/4).id);
+  const Task t =
+      w.finished(w.run(R"({"do":"hog","mb_per_page":100,"pages":4})", "", /*batch=*/4).id);
   const auto r = w.result(t);
   CHECK(t.batch_size == 2);
   CHECK(r.at("batch").as_int64() == 2);
@@ -318,8 +321,37 @@ TEST_CASE("actual_memory_mb is the worker's measured peak during the task") {
   CHECK(actual[1] - actual[0] >= 100);
 }
 
-TEST_CASE("services.<kind> isolation settings are checked: unknown values, a missing library, "
-          "a worker that cannot start") {
+TEST_CASE("the estimator learns from the measured peaks: the estimate converges toward them") {
+  Workers w;
+  w.open();
+  TaskCreateRequest r;
+  r.service = "probe";
+  r.options_json = R"({"do":"touch","mb":100})";
+  const MemoryEstimate before = w.tm->explain_estimate(r);
+  CHECK(before.samples == 0);
+  CHECK(before.mb == 20);  // ProbeModel: 20 MB, far below what the worker measures
+  std::vector<double> peaks;
+  for (int i = 0; i < 8; ++i) {
+    const Task t = w.finished(w.run(r.options_json).id);
+    REQUIRE(t.actual_memory_mb.has_value());
+    peaks.push_back(static_cast<double>(*t.actual_memory_mb));
+  }
+  const double mean = std::accumulate(peaks.begin(), peaks.end(), 0.0) / peaks.size();
+  const MemoryEstimate after = w.tm->explain_estimate(r);
+  MESSAGE("measured peaks ~" << mean << " MB; estimate " << before.mb << " -> " << after.mb
+                             << " MB: " << after.explanation());
+  CHECK(after.samples == 8);
+  CHECK(after.explanation().find("learned correction") != std::string::npos);
+  CHECK(std::abs(static_cast<double>(after.mb) - mean) <
+        std::abs(static_cast<double>(before.mb) - mean));
+  // Within 15% of the measured peaks, on the high side or near it.
+  CHECK(static_cast<double>(after.mb) >= mean * 0.95);
+  CHECK(static_cast<double>(after.mb) <= mean * 1.15);
+}
+
+TEST_CASE(
+    "services.<kind> isolation settings are checked: unknown values, a missing library, "
+    "a worker that cannot start") {
   {
     Config c = test_config();
     c.services["probe"].isolation = "thread";

@@ -83,9 +83,7 @@ class Probe final : public Service {
 class ProbeFactory final : public ServiceFactory {
  public:
   std::string kind() const override { return "probe"; }
-  std::unique_ptr<Service> create(const std::string&) override {
-    return std::make_unique<Probe>();
-  }
+  std::unique_ptr<Service> create(const std::string&) override { return std::make_unique<Probe>(); }
 };
 
 }  // namespace

@@ -4,7 +4,8 @@
 // that turns a request's features (pixels, pages, bytes, batch size) into
 // megabytes; services supply their own, and a linear default serves the rest.
 // The estimator then learns from the measured actual_memory_mb of finished
-// tasks, per (service, device): it keeps a running mean and spread of
+// tasks, per service, device and size class of the model's figure (a
+// doubling: 64-128 MB, 128-256 MB, ...): it keeps a running mean and spread of
 // actual / model and multiplies the model by mean + 2 * spread, so estimates
 // converge on reality while erring on the high side. Every estimate says how
 // it was made (MemoryEstimate::explanation()).
@@ -65,15 +66,25 @@ struct MemoryEstimate {
   std::int64_t mb = 0;    // what placement and reservation use (>= 1)
   double model_mb = 0;    // the model's raw figure
   double correction = 1;  // learned factor applied (1 before learning)
-  int samples = 0;        // actuals the correction rests on
-  std::string model;      // model name
+  int samples = 0;        // actuals the correction rests on (0: the model's figure alone)
+  // The size class the correction was learned in: model figures of
+  // 2^size_class to 2^(size_class + 1) MB (memory_size_class). Learning is
+  // per service, device and class; an estimate uses its own class, or the
+  // nearest one measured.
+  int size_class = 0;
+  std::string model;  // model name
   std::string service;
   std::string device;  // "" = before placement
   RequestFeatures features;
 
-  // One line: model, features, learned correction, result. Built on request.
+  // One line: model, features, where the correction came from (the model
+  // alone, or learned measurements: how many, which size class, device),
+  // result. Built on request.
   TASKMGR_API std::string explanation() const;
 };
+
+// The size class of a model figure: floor(log2(mb)), 0 below 2 MB.
+TASKMGR_API int memory_size_class(double model_mb);
 
 class TASKMGR_API MemoryEstimator {
  public:

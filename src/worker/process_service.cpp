@@ -10,13 +10,13 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <fmt/format.h>
 #include <cerrno>
-#include <cmath>
-#include <optional>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
-#include <fmt/format.h>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <system_error>
@@ -93,8 +93,8 @@ class Worker {
     posix_spawnattr_setsigdefault(&attr, &def);
     posix_spawnattr_setsigmask(&attr, &none);
     posix_spawnattr_setpgroup(&attr, 0);
-    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGDEF |
-                                        POSIX_SPAWN_SETSIGMASK);
+    posix_spawnattr_setflags(
+        &attr, POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK);
     std::string arg0 = exe, arg1 = "--socket-fd", arg2 = "3";
     char* argv[] = {arg0.data(), arg1.data(), arg2.data(), nullptr};
     pid_t pid = -1;
@@ -104,8 +104,7 @@ class Worker {
     ::close(child_end);
     if (rc != 0) {
       ::close(sv[0]);
-      throw std::runtime_error(
-          fmt::format("worker: cannot start {}: {}", exe, std::strerror(rc)));
+      throw std::runtime_error(fmt::format("worker: cannot start {}: {}", exe, std::strerror(rc)));
     }
     pid_ = pid;
     sock_ = sv[0];
@@ -116,9 +115,9 @@ class Worker {
     }
     const auto deadline = SteadyClock::now() + std::chrono::duration<double>(timeout_s);
     for (;;) {
-      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
-                            deadline - SteadyClock::now())
-                            .count();
+      const auto left =
+          std::chrono::duration_cast<std::chrono::milliseconds>(deadline - SteadyClock::now())
+              .count();
       if (left <= 0) {
         stop();
         throw std::runtime_error(
@@ -291,9 +290,8 @@ class ProcessService final : public Service {
             crashed(ctx);
           }
           stop_sent = SteadyClock::now();
-        } else if (stop_sent &&
-                   SteadyClock::now() - *stop_sent >
-                       std::chrono::duration<double>(kStopGraceSeconds)) {
+        } else if (stop_sent && SteadyClock::now() - *stop_sent >
+                                    std::chrono::duration<double>(kStopGraceSeconds)) {
           const std::string how = worker_.kill_now();
           replace();
           const std::string msg =
@@ -318,12 +316,8 @@ class ProcessService final : public Service {
           ctx.stage(name);
           break;
         }
-        case Msg::kMemory:
-          report(ctx, f.body, "rss_mb");
-          break;
-        case Msg::kDone:
-          finish(ctx, f.body);
-          return;
+        case Msg::kMemory: report(ctx, f.body, "rss_mb"); break;
+        case Msg::kDone: finish(ctx, f.body); return;
         default:
           replace();
           throw TaskError(TaskFailureReason::kProcessingError,
@@ -388,8 +382,8 @@ class ProcessService final : public Service {
           how, rss, limit, s_->kind));
     }
     (void)ctx;
-    throw TaskError(TaskFailureReason::kProcessingError,
-                    fmt::format("worker crashed ({})", how), /*retryable=*/true);
+    throw TaskError(TaskFailureReason::kProcessingError, fmt::format("worker crashed ({})", how),
+                    /*retryable=*/true);
   }
 
   void finish(TaskContext& ctx, const json::object& body) {

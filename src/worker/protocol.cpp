@@ -132,10 +132,9 @@ Read recv_frame(int sock, int timeout_ms, Frame& out) {
     if (fd >= 0) ::close(fd);
     return Read::kClosed;
   }
-  const std::uint32_t n = static_cast<std::uint32_t>(head[0]) |
-                          (static_cast<std::uint32_t>(head[1]) << 8) |
-                          (static_cast<std::uint32_t>(head[2]) << 16) |
-                          (static_cast<std::uint32_t>(head[3]) << 24);
+  const std::uint32_t n =
+      static_cast<std::uint32_t>(head[0]) | (static_cast<std::uint32_t>(head[1]) << 8) |
+      (static_cast<std::uint32_t>(head[2]) << 16) | (static_cast<std::uint32_t>(head[3]) << 24);
   if (n == 0 || n > kMaxFrame) {
     if (fd >= 0) ::close(fd);
     throw std::runtime_error("worker protocol: a frame of " + std::to_string(n) + " bytes");

@@ -22,15 +22,15 @@
 namespace taskmgr::worker {
 
 enum class Msg : std::uint8_t {
-  kInit = 1,        // {kind, device, library, config_yaml, memory_limit_mb}
-  kTask = 2,        // {id, service, options, batch_size, attempt, device, instance,
-                    //  estimate_mb, seconds_left, temp_dir, input_path, input_size} (+ memfd)
-  kCancel = 3,      // {}: the task was cancelled or ran past its deadline
-  kReady = 10,      // {pid, memory_limit}
-  kInitFailed = 11, // {message}
-  kStage = 12,      // {name, rss_mb}
-  kMemory = 13,     // {rss_mb, reported_mb}
-  kDone = 14,       // {result | error{reason, message, retryable, oom, broken}, peak_mb, healthy}
+  kInit = 1,         // {kind, device, library, config_yaml, memory_limit_mb}
+  kTask = 2,         // {id, service, options, batch_size, attempt, device, instance,
+                     //  estimate_mb, seconds_left, temp_dir, input_path, input_size} (+ memfd)
+  kCancel = 3,       // {}: the task was cancelled or ran past its deadline
+  kReady = 10,       // {pid, memory_limit}
+  kInitFailed = 11,  // {message}
+  kStage = 12,       // {name, rss_mb}
+  kMemory = 13,      // {rss_mb, reported_mb}
+  kDone = 14,        // {result | error{reason, message, retryable, oom, broken}, peak_mb, healthy}
 };
 
 inline constexpr std::uint32_t kMaxFrame = 1u << 30;

@@ -119,9 +119,8 @@ class WorkerContext final : public TaskContext {
   }
   double seconds_left() const override {
     if (!has_deadline_) return std::numeric_limits<double>::infinity();
-    return std::max(0.0, std::chrono::duration<double>(deadline_ -
-                                                       std::chrono::steady_clock::now())
-                             .count());
+    return std::max(
+        0.0, std::chrono::duration<double>(deadline_ - std::chrono::steady_clock::now()).count());
   }
   const std::string& temp_dir() override { return temp_; }
   // The sample's memory is measured here (the resident set now); the host

@@ -159,7 +159,7 @@ void warm_poppler() {
     const std::size_t xref = pdf.size();
     pdf += "xref\n0 " + std::to_string(objects.size() + 1) + "\n0000000000 65535 f \n";
     for (const std::size_t off : offsets) {
-      char line[24];
+      char line[48];
       std::snprintf(line, sizeof line, "%010zu 00000 n \n", off);
       pdf += line;
     }

@@ -17,6 +17,7 @@
 #include <set>
 
 #include "test_support.hpp"
+#include "utf8.hpp"
 #include "worker/protocol.hpp"
 
 using namespace taskmgr;
@@ -229,6 +230,32 @@ TEST_CASE("a worker that hangs past its deadline is killed and replaced: TIMEOUT
             " ran past its deadline of 0.5 s (options.timeout_seconds): the worker did not stop "
             "within 2 s of the deadline; killed (signal 9: Killed) and replaced");
   CHECK_FALSE(alive(pid_of(before)));
+  const auto after = w.result(w.finished(w.run(R"({"do":"ok"})").id));
+  CHECK(pid_of(after) != pid_of(before));
+}
+
+TEST_CASE(
+    "a worker's message or result that is not UTF-8 is judged as in process, and the worker "
+    "is kept") {
+  Workers w;
+  w.open();
+  const auto before = w.result(w.finished(w.run(R"({"do":"ok"})").id));
+  // Any other exception: PROCESSING_ERROR, its bytes made valid (U+FFFD).
+  const Task m = w.finished(w.run(R"({"do":"bad_message"})").id);
+  CHECK(m.status == TaskStatus::kFailed);
+  CHECK(m.failure_reason == TaskFailureReason::kProcessingError);
+  CHECK(m.failure_message.find("bad ") != std::string::npos);
+  CHECK(m.failure_message.find("bytes") != std::string::npos);
+  CHECK(m.failure_message.find("worker") == std::string::npos);  // not a crash, not the protocol
+  CHECK_FALSE(detail::invalid_utf8_at(m.failure_message).has_value());
+  // A result that is not strict JSON in UTF-8: INVALID_INPUT, as set_result
+  // refuses it in process.
+  const Task r = w.finished(w.run(R"({"do":"bad_result"})").id);
+  CHECK(r.status == TaskStatus::kFailed);
+  CHECK(r.failure_reason == TaskFailureReason::kInvalidInput);
+  CHECK(r.failure_message.find("UTF-8") != std::string::npos);
+  // The worker's service was broken by the first (an unknown exception):
+  // replaced; the result error left it as it was.
   const auto after = w.result(w.finished(w.run(R"({"do":"ok"})").id));
   CHECK(pid_of(after) != pid_of(before));
 }

@@ -12,6 +12,8 @@
 //   {"do":"touch","mb":M}           touches M MB, reports a stage, holds it
 //                                   until the task ends; result {"pid"}
 //   {"do":"crash_first"}            segfaults on attempt 1, ok after
+//   {"do":"bad_message"}            throws a message that is not UTF-8
+//   {"do":"bad_result"}             sets a result that is not UTF-8
 #include <signal.h>
 #include <unistd.h>
 
@@ -21,6 +23,7 @@
 #include <cstring>
 #include <fstream>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -49,6 +52,11 @@ class Probe final : public Service {
     r["batch"] = ctx.batch_size();
     r["attempt"] = ctx.attempt();
     if (what == "segv") ::raise(SIGSEGV);
+    if (what == "bad_message") throw std::runtime_error("bad \xff\xfe bytes");
+    if (what == "bad_result") {
+      ctx.set_result("{\"text\":\"\xff\"}");
+      return;
+    }
     if (what == "abort") std::abort();
     if (what == "crash_first" && ctx.attempt() == 1) ::raise(SIGSEGV);
     if (what == "exit") std::_Exit(static_cast<int>(o.at("status").as_int64()));

@@ -144,8 +144,14 @@ Read recv_frame(int sock, int timeout_ms, Frame& out) {
     if (fd >= 0) ::close(fd);
     return Read::kClosed;
   }
+  // Strings are bytes here: a service's message or result that is not
+  // UTF-8 must reach the host as it was (and be judged there as it would be
+  // in process), so invalid UTF-8 is read back as written (the serializer
+  // writes such bytes raw).
   boost::system::error_code ec;
-  json::value v = json::parse(payload, ec);
+  json::parse_options opts;
+  opts.allow_invalid_utf8 = true;
+  json::value v = json::parse(payload, ec, {}, opts);
   if (ec || !v.is_object()) {
     if (fd >= 0) ::close(fd);
     throw std::runtime_error("worker protocol: a frame that is not a JSON object");

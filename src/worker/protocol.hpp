@@ -3,7 +3,8 @@
 //
 // One AF_UNIX stream socket (a socketpair) per worker. A frame is a 4-byte
 // little-endian length N, then N bytes: one type byte and a JSON payload
-// (UTF-8, at most kMaxFrame bytes). A frame may carry one file descriptor
+// (at most kMaxFrame bytes; its strings are bytes: invalid UTF-8 is written
+// raw and read back unchanged). A frame may carry one file descriptor
 // (SCM_RIGHTS, sent with its first byte): a task's input bytes travel in a
 // sealed memfd that the worker maps, never through the socket.
 //

@@ -59,14 +59,18 @@ std::int64_t int_of(const json::object& o, const char* key, std::int64_t def) {
   return v != nullptr && v->is_int64() ? v->as_int64() : def;
 }
 
+// Exit status of a worker that could not read the host's frame.
+constexpr int kProtocolExit = 70;
+
 void reader() {
   for (;;) {
     Frame f;
     Read r = Read::kClosed;
     try {
       r = recv_frame(g_sock, -1, f);
-    } catch (...) {
-      r = Read::kClosed;
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "taskmgr-worker: %s\n", e.what());
+      ::_exit(kProtocolExit);
     }
     // The host is gone or replaced this worker: nothing is left to do.
     if (r != Read::kFrame) ::_exit(0);

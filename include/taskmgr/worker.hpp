@@ -53,9 +53,11 @@ inline constexpr double kStopGraceSeconds = 2.0;
 TASKMGR_API std::shared_ptr<ServiceFactory> make_process_service(
     const std::string& kind, const Config& config, std::shared_ptr<ServiceFactory> local = nullptr);
 
-// The worker program the manager starts for `settings` (worker_executable,
-// or taskmgr-worker beside libtaskmgr.so or in its libexec/taskmgr); "" when
-// none is found.
+// The worker program the manager starts for `settings`: worker_executable,
+// or taskmgr-worker beside libtaskmgr.so (a build tree), in the
+// libexec/taskmgr of the prefix libtaskmgr.so is installed in (wherever
+// that prefix was moved), or where it was installed; "" when none is an
+// executable file.
 TASKMGR_API std::string find_worker_executable(const ServiceConfig& settings);
 
 }  // namespace taskmgr

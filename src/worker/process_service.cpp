@@ -477,7 +477,7 @@ std::string find_worker_executable(const ServiceConfig& settings) {
     if (!ec) {
       candidates.push_back((lib.parent_path() / "taskmgr-worker").string());
       candidates.push_back(
-          (lib.parent_path().parent_path() / "libexec" / "taskmgr" / "taskmgr-worker").string());
+          (lib.parent_path() / TASKMGR_LIBEXEC_FROM_LIBDIR / "taskmgr-worker").string());
     }
   }
   candidates.push_back(std::string(TASKMGR_LIBEXEC_DIR) + "/taskmgr-worker");

@@ -3,6 +3,7 @@
 
 #include <cstdio>
 #include <cstring>
+#include <string>
 
 int main() {
   if (taskmgr::version_number() != TASKMGR_VERSION_NUMBER) return 2;
@@ -20,6 +21,22 @@ int main() {
   char* yaml = nullptr;
   if (taskmgr_config_normalize(nullptr, &yaml) != TASKMGR_OK) return 5;
   taskmgr_free(yaml);
+  // The installed library finds its installed worker program, which starts
+  // (its own RUNPATH finds the library) and loads the OCR engine.
+  const std::string worker = taskmgr::find_worker_executable(taskmgr::ServiceConfig{});
+  const std::string tail = "/libexec/taskmgr/taskmgr-worker";
+  if (worker.size() < tail.size() ||
+      worker.compare(worker.size() - tail.size(), tail.size(), tail)) {
+    std::printf("the installed library found no installed worker: '%s'\n", worker.c_str());
+    return 6;
+  }
+  try {
+    auto svc = taskmgr::make_process_service("ocr", config)->create("cpu");
+    if (!svc || !svc->healthy()) return 7;
+  } catch (const std::exception& e) {
+    std::printf("the installed worker did not start: %s\n", e.what());
+    return 8;
+  }
   std::printf("consumer ok: taskmgr %s, max_queue_size %d, %zu-byte task json\n",
               taskmgr_version_string(), config.tasks.max_queue_size, json.size());
   return 0;

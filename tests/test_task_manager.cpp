@@ -252,6 +252,48 @@ TEST_CASE("an OOM on cuda:0 moves the task to the CPU when fallback is on") {
 }
 
 TEST_CASE(
+    "an OOM retry with half the batch is placed again: a task too big for the GPU at full "
+    "batch moves to it at half, unless the host chose its device") {
+  for (const std::string requested : {"", "cpu"}) {
+    CAPTURE(requested);
+    Harness h;
+    h.config.devices.cpu_memory_mb = 16000;
+    h.config.tasks.retry.backoff_base_seconds = 0;
+    std::vector<std::pair<std::string, int>> seen;
+    std::mutex mu;
+    h.open(
+        [&](TaskContext& ctx) {
+          {
+            std::lock_guard<std::mutex> g(mu);
+            seen.emplace_back(ctx.device(), ctx.batch_size());
+          }
+          // The CPU runs short at 4 pages at once.
+          if (ctx.device() == "cpu" && ctx.batch_size() > 2) throw OutOfMemoryError("RAM short");
+        },
+        {DeclaredDevice{"cuda:0", "gpu", 4000}});
+    TaskCreateRequest r;
+    r.service = "svc";
+    r.options_json = R"({"mb":1500,"pages":4})";  // 1500 MB a page held
+    r.batch_size = 4;
+    r.device = requested;
+    const Task t0 = h.tm->create_task(r);
+    CHECK(t0.estimated_memory_mb == 6000);
+    REQUIRE(t0.assigned_device == "cpu");  // 6000 MB: not on the 4000 MB GPU
+    h.tm->start_task(t0.id);
+    const Task t = h.finished(t0.id);
+    CHECK(t.status == TaskStatus::kCompleted);
+    CHECK(t.batch_size == 2);
+    CHECK(t.estimated_memory_mb == 3000);
+    const std::string next = requested.empty() ? "cuda:0" : "cpu";
+    CHECK(t.assigned_device == next);
+    CHECK(h.details(t.id, "retried").at("device").as_string() == next);
+    CHECK(h.details(t.id, "queued", 1).at("device").as_string() == next);
+    std::lock_guard<std::mutex> g(mu);
+    CHECK(seen == std::vector<std::pair<std::string, int>>{{"cpu", 4}, {next, 2}});
+  }
+}
+
+TEST_CASE(
     "with fallback off an OOM halves the batch with backoff b, 2b, 4b, then fails OUT_OF_MEMORY") {
   Harness h;
   h.config.tasks.retry.cpu_fallback = false;

@@ -291,6 +291,28 @@ Outcome Attempt::decide(const RecordPtr& rec, std::exception_ptr err, Context& c
       ::taskmgr::detail::rethrow_if_forced_unwind();
       host_failed(rec, "the memory model", "the retry keeps the last estimate");
     }
+    // An out-of-memory retry with a smaller batch is placed again for its
+    // smaller estimate, as create_task placed the task: one that did not
+    // fit a GPU at full batch may fit one at half. Not when the host chose
+    // the device, nor for a CPU fallback (the handler chose the CPU).
+    if (o.failure.out_of_memory && !o.decision.cpu_fallback && o.next_estimate_mb &&
+        !rec->device_pinned.load()) {
+      try {
+        const ServiceEntry* entry = registry_.find(rec->service());
+        const auto any = placement_.estimate(rec->service(), f, "");
+        if (entry != nullptr && any) {
+          const std::string to = placement_.select_device(*entry, *any, "");
+          if (to != o.decision.device) {
+            o.decision.device = to;
+            o.next_estimate_mb = placement_.estimate(rec->service(), f, to);
+          }
+        }
+      } catch (...) {
+        ::taskmgr::detail::rethrow_if_forced_unwind();
+        host_failed(rec, "placement (a memory model or supports())",
+                    "the retry stays on its device");
+      }
+    }
   }
   return o;
 }

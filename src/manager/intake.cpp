@@ -82,6 +82,7 @@ std::vector<Task> Intake::create(const TaskCreateRequest* reqs, std::size_t n) {
   for (std::size_t i = 0; i < n; ++i) {
     const TaskCreateRequest& req = reqs[i];
     auto rec = std::make_shared<Record>();
+    rec->device_pinned.store(!req.device.empty());
     Task& t = rec->unshared_task();  // no other thread sees it before add_created
     t.id = generate_task_id();
     t.service = req.service;
@@ -160,6 +161,7 @@ Task Intake::start(const std::string& id, const TaskStartRequest& p) {
       const bool replace =
           (!p.device.empty() || plan.batch_size != t.batch_size || plan.device.empty()) &&
           rec->phase() == Phase::kPending;
+      if (!p.device.empty()) rec->device_pinned.store(true);
       if (!replace) return scheduler_.start(rec, plan);
       service = t.service;
     }
@@ -194,6 +196,7 @@ Task Intake::start(const std::string& id, const TaskStartRequest& p) {
   SchedulerLock g(scheduler_.mutex());
   RecordPtr rec = scheduler_.records().find(id);
   if (!rec) throw Error(ErrorCode::kNotFound, "unknown task id '" + id + "'");
+  if (!p.device.empty()) rec->device_pinned.store(true);
   return scheduler_.start(rec, plan);  // still pending? it checks
 }
 

@@ -93,6 +93,11 @@ class Record {
   // Found unfinished in the store when the manager opened: its attempts
   // start only once their `started` is in the store (Attempt::run).
   std::atomic<bool> recovered{false};
+  // The host chose the device (create_task or start_task named one): an
+  // out-of-memory retry stays on it (or falls back to the CPU). A device
+  // taskmgr chose is chosen again for the retry's smaller estimate. A task
+  // found in the store at open keeps its device (unknown who chose it).
+  std::atomic<bool> device_pinned{true};
   // Memory the running attempt reported (MB; -1 = none yet).
   std::atomic<std::int64_t> last_mb{-1};
   std::atomic<std::int64_t> peak_mb{-1};

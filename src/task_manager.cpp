@@ -170,7 +170,7 @@ TaskManager::Impl::Impl(Config config, TaskManagerOptions options)
       monitor_(config_, clock_, scheduler_, dispatcher_, registry_, *devices_, stats_, bus_,
                journal_),
       intake_(config_, clock_, scheduler_, dispatcher_, registry_, placement_, journal_, *devices_,
-              estimator_, worker_count(config_.executor)),
+              estimator_, worker_count(config_.executor), log_),
       sweep_interval_(options.sweep_interval) {
   scheduler_.attach(dispatcher_);
   for (auto& cb : options.subscribers) bus_.subscribe(std::move(cb));
@@ -184,7 +184,7 @@ TaskManager::Impl::Impl(Config config, TaskManagerOptions options)
   // the host has no factory of its own for them.
   for (const auto& [kind, sc] : config_.services) {
     if (sc.isolation == "process" && !sc.library.empty() && !registry_.contains(kind)) {
-      intake_.register_service(make_process_service(kind, config_));
+      intake_.register_service(make_process_service(kind, config_, nullptr, worker_log_sink(log_)));
     }
   }
   temp_dirs_.remove_dead_runs();

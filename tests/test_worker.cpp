@@ -13,6 +13,7 @@
 #include <boost/json.hpp>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
 #include <numeric>
 #include <set>
 
@@ -72,9 +73,22 @@ struct Workers {
     fs::remove_all(dir, ec);
   }
 
+  std::mutex log_mu;
+  std::vector<std::string> lines;  // what the manager logged
+  bool logged(const std::string& part) {
+    std::lock_guard<std::mutex> g(log_mu);
+    for (const auto& l : lines) {
+      if (l.find(part) != std::string::npos) return true;
+    }
+    return false;
+  }
+
   void open() {
     TaskManagerOptions o;
-    o.log_sink = [](LogLevel, std::string_view) {};
+    o.log_sink = [this](LogLevel, std::string_view text) {
+      std::lock_guard<std::mutex> g(log_mu);
+      lines.emplace_back(text);
+    };
     o.builtin_ocr = false;
     o.services.push_back(make_function_service(
         "probe", [](TaskContext&) { FAIL("the host's own function ran"); },
@@ -194,6 +208,14 @@ TEST_CASE("a worker crash is retried per tasks.retry: the next attempt succeeds 
   CHECK(retried[0].at("reason").as_string() == "processing_error");
   CHECK(std::string(retried[0].at("message").as_string()) ==
         "worker crashed (signal 11: Segmentation fault)");
+  // The log names both workers: the one that died, during which task and
+  // how, and its replacement's start with the memory limit in force.
+  const std::string first_pid = std::to_string(pid_of(first));
+  CHECK(w.logged("worker " + first_pid + " started for probe on cpu in "));
+  CHECK(w.logged("(memory limit: none)"));
+  CHECK(w.logged("worker " + first_pid + " of probe on cpu ended during task " + t.id +
+                 " (signal 11: Segmentation fault, "));
+  CHECK(w.logged("worker " + std::to_string(pid_of(r)) + " started for probe on cpu in "));
 }
 
 TEST_CASE("a worker killed from outside (SIGKILL) fails its attempt, and the next task succeeds") {
@@ -298,6 +320,7 @@ TEST_CASE(
   CHECK(e1 == 420);
   CHECK(e2 == 220);
   CHECK(t.estimated_memory_mb.value_or(0) < e1);
+  CHECK(w.logged("(memory limit: RLIMIT_DATA 300 MB)"));
 }
 
 TEST_CASE("a memory hog on a GPU under the worker's limit falls back to the CPU") {

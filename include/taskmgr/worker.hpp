@@ -32,6 +32,7 @@
 
 #include "taskmgr/config.hpp"
 #include "taskmgr/export.hpp"
+#include "taskmgr/log.hpp"
 #include "taskmgr/service.hpp"
 
 namespace taskmgr {
@@ -50,8 +51,12 @@ inline constexpr double kStopGraceSeconds = 2.0;
 // start_timeout_seconds); it throws std::runtime_error with the worker's
 // message when it cannot (no worker program, a library that does not load,
 // an engine that fails or needs more than the memory limit).
+// `log`, when given, hears each worker's start (its pid, how long the
+// engine took to load, the memory limit in force: "RLIMIT_DATA 300 MB" or
+// "none") at info level, and each crash, kill and replacement at warn level.
 TASKMGR_API std::shared_ptr<ServiceFactory> make_process_service(
-    const std::string& kind, const Config& config, std::shared_ptr<ServiceFactory> local = nullptr);
+    const std::string& kind, const Config& config, std::shared_ptr<ServiceFactory> local = nullptr,
+    LogSink log = nullptr);
 
 // The worker program the manager starts for `settings`: worker_executable,
 // or taskmgr-worker beside libtaskmgr.so (a build tree), in the

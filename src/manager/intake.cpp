@@ -251,7 +251,7 @@ void Intake::register_service(std::shared_ptr<ServiceFactory> factory) {
   if (auto it = config_.services.find(kind);
       it != config_.services.end() && it->second.isolation == "process" &&
       !dynamic_cast<const ProcessFactoryTag*>(factory.get())) {
-    factory = make_process_service(kind, config_, factory);
+    factory = make_process_service(kind, config_, factory, worker_log_sink(log_));
   }
   if (registry_.contains(kind)) {
     throw Error(ErrorCode::kInvalidState, "service '" + kind + "' is registered already");

@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "log_internal.hpp"
 #include "manager/dispatcher.hpp"
 #include "manager/journal.hpp"
 #include "manager/placement.hpp"
@@ -27,11 +28,19 @@
 
 namespace taskmgr::detail {
 
+// What worker processes log (a start, a crash, a kill), through the
+// manager's logger: a copy, so that a worker outliving this room logs to
+// the same sink.
+inline LogSink worker_log_sink(const Logger& log) {
+  return [log](LogLevel level, std::string_view message)
+             REQUIRES(!scheduler_lock) { log.write(level, message); };
+}
+
 class Intake {
  public:
   Intake(const Config& config, std::shared_ptr<const Clock> clock, Scheduler& scheduler,
          Dispatcher& dispatcher, ServiceRegistry& registry, Placement& placement, Journal& journal,
-         DeviceRegistry& devices, MemoryEstimator& estimator, int workers)
+         DeviceRegistry& devices, MemoryEstimator& estimator, int workers, const Logger& log)
       : config_(config),
         clock_(std::move(clock)),
         scheduler_(scheduler),
@@ -41,7 +50,8 @@ class Intake {
         journal_(journal),
         devices_(devices),
         estimator_(estimator),
-        workers_(workers) {}
+        workers_(workers),
+        log_(log) {}
 
   std::vector<Task> create(const TaskCreateRequest* reqs, std::size_t n) REQUIRES(!scheduler_lock);
   Task start(const std::string& id, const TaskStartRequest& params) REQUIRES(!scheduler_lock);
@@ -60,6 +70,7 @@ class Intake {
   DeviceRegistry& devices_;
   MemoryEstimator& estimator_;
   const int workers_;
+  const Logger& log_;
   Mutex register_mu_;  // registrations one at a time (check, then add)
 };
 

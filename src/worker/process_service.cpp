@@ -220,6 +220,14 @@ struct Settings {
   std::string exe;
   ServiceConfig service;
   std::string config_yaml;
+  LogSink log;
+  void write(LogLevel level, const std::string& message) const noexcept {
+    if (!log) return;
+    try {
+      log(level, message);
+    } catch (...) {  // a host's sink that throws loses its line, nothing else
+    }
+  }
 };
 
 class ProcessService final : public Service {
@@ -292,7 +300,13 @@ class ProcessService final : public Service {
           stop_sent = SteadyClock::now();
         } else if (stop_sent && SteadyClock::now() - *stop_sent >
                                     std::chrono::duration<double>(kStopGraceSeconds)) {
+          const int pid = worker_.pid();
           const std::string how = worker_.kill_now();
+          s_->write(LogLevel::kWarn,
+                    fmt::format("worker {} of {} on {} did not stop within {} s of task {}'s {}: "
+                                "killed ({}), replaced",
+                                pid, s_->kind, device_, kStopGraceSeconds, ctx.task_id(),
+                                stop_for_deadline ? "deadline" : "cancel", how));
           replace();
           const std::string msg =
               fmt::format("the worker did not stop within {} s of the {}; killed ({}) and replaced",
@@ -338,8 +352,18 @@ class ProcessService final : public Service {
     init["library"] = s_->service.library;
     init["config_yaml"] = s_->config_yaml;
     init["memory_limit_mb"] = s_->service.memory_limit_mb;
+    const auto t0 = SteadyClock::now();
     worker_.start(s_->exe, init, s_->service.start_timeout_seconds);
     last_rss_mb_ = 0;
+    const std::string limit = worker_.memory_limit() == "rlimit_data"
+                                  ? fmt::format("RLIMIT_DATA {} MB", s_->service.memory_limit_mb)
+                                  : std::string("none");
+    s_->write(
+        LogLevel::kInfo,
+        fmt::format("worker {} started for {} on {} in {:.0f} ms (memory limit: {})", worker_.pid(),
+                    s_->kind, device_,
+                    std::chrono::duration<double, std::milli>(SteadyClock::now() - t0).count(),
+                    limit));
   }
 
   // The worker is gone or must go: a fresh one, warm, for the next task. A
@@ -349,6 +373,10 @@ class ProcessService final : public Service {
     worker_.kill_now();
     try {
       start();
+    } catch (const std::exception& e) {
+      healthy_ = false;
+      s_->write(LogLevel::kWarn, fmt::format("a new worker for {} on {} did not start: {}",
+                                             s_->kind, device_, e.what()));
     } catch (...) {
       healthy_ = false;
     }
@@ -371,8 +399,13 @@ class ProcessService final : public Service {
 
   [[noreturn]] void crashed(TaskContext& ctx) {
     const std::int64_t rss = last_rss_mb_;
+    const int pid = worker_.pid();
     const std::string how = worker_.reap();
     const int sig = worker_.last_signal();
+    s_->write(LogLevel::kWarn,
+              fmt::format("worker {} of {} on {} ended during task {} ({}, {} MB resident when "
+                          "last measured): it is replaced",
+                          pid, s_->kind, device_, ctx.task_id(), how, rss));
     replace();
     const std::int64_t limit = s_->service.memory_limit_mb;
     if (sig == SIGKILL && limit > 0 && rss * 10 >= limit * 9) {
@@ -381,7 +414,6 @@ class ProcessService final : public Service {
           "(services.{}.memory_limit_mb)",
           how, rss, limit, s_->kind));
     }
-    (void)ctx;
     throw TaskError(TaskFailureReason::kProcessingError, fmt::format("worker crashed ({})", how),
                     /*retryable=*/true);
   }
@@ -488,9 +520,11 @@ std::string find_worker_executable(const ServiceConfig& settings) {
 }
 
 std::shared_ptr<ServiceFactory> make_process_service(const std::string& kind, const Config& config,
-                                                     std::shared_ptr<ServiceFactory> local) {
+                                                     std::shared_ptr<ServiceFactory> local,
+                                                     LogSink log) {
   auto s = std::make_shared<Settings>();
   s->kind = kind;
+  s->log = std::move(log);
   if (auto it = config.services.find(kind); it != config.services.end()) s->service = it->second;
   s->exe = find_worker_executable(s->service);
   if (s->exe.empty()) {

@@ -623,10 +623,11 @@ void Config::validate() const {
                     [](char ch) { return static_cast<unsigned char>(ch) < 0x20 || ch == 0x7F; })) {
       invalid(p, "is not a service kind (1..100 bytes of UTF-8 without control characters)");
     }
-    if (sc.isolation != "in_process" && sc.isolation != "process") {
-      invalid(p + ".isolation", "must be one of in_process, process, got '" + sc.isolation + "'");
+    if (sc.isolation != "auto" && sc.isolation != "in_process" && sc.isolation != "process") {
+      invalid(p + ".isolation",
+              "must be one of auto, in_process, process, got '" + sc.isolation + "'");
     }
-    if (sc.isolation == "in_process") {
+    if (sc.isolation != "process") {
       if (!sc.library.empty()) {
         invalid(p + ".library", "is only read with isolation: process (the worker loads it)");
       }

@@ -179,7 +179,24 @@ TaskManager::Impl::Impl(Config config, TaskManagerOptions options)
     has_ocr = has_ocr || (f && f->kind() == "ocr");
     intake_.register_service(std::move(f));
   }
-  if (options.builtin_ocr && !has_ocr) intake_.register_service(make_ocr_service(config_.ocr));
+  if (options.builtin_ocr && !has_ocr) {
+    // services.ocr.isolation: auto (the default) runs the engines in worker
+    // processes when taskmgr-worker is there to run them.
+    std::shared_ptr<ServiceFactory> ocr = make_ocr_service(config_.ocr);
+    const auto it = config_.services.find("ocr");
+    const ServiceConfig sc = it != config_.services.end() ? it->second : ServiceConfig{};
+    if (sc.isolation == "auto") {
+      if (find_worker_executable(sc).empty()) {
+        log_.write(LogLevel::kWarn,
+                   "services.ocr.isolation auto: taskmgr-worker is not beside libtaskmgr.so nor "
+                   "in its libexec/taskmgr: the OCR engines run in this process (a crash in one "
+                   "is this process's crash)");
+      } else {
+        ocr = make_process_service("ocr", config_, std::move(ocr));
+      }
+    }
+    intake_.register_service(std::move(ocr));
+  }
   // Kinds whose instances a worker library makes (services.<kind>.library):
   // the host has no factory of its own for them.
   for (const auto& [kind, sc] : config_.services) {

@@ -717,6 +717,46 @@ TEST_CASE(
   CHECK(text_of(isolated.run(bytes)) == text_of(isolated.run_path(large)));
 }
 
+TEST_CASE(
+    "services.ocr.isolation auto (the default): OCR in a worker when taskmgr-worker is "
+    "found, else in process with a warning") {
+  CHECK(ServiceConfig{}.isolation == "auto");
+  TempDir dir;
+  const fs::path page = render(dir.path, "auto", kRenderedText, 150);
+  for (const bool found : {true, false}) {
+    CAPTURE(found);
+    Config c = test_config();
+    c.services["ocr"] = ServiceConfig{};  // auto
+    c.services["ocr"].worker_executable =
+        found ? std::string(TASKMGR_WORKER_EXECUTABLE) : (dir.path / "no-such-worker").string();
+    std::vector<std::string> warnings;
+    std::mutex m;
+    TaskManagerOptions o;
+    o.log_sink = [&](LogLevel level, std::string_view text) {
+      std::lock_guard<std::mutex> g(m);
+      if (level == LogLevel::kWarn) warnings.emplace_back(text);
+    };
+    TaskManager tm(c, o);
+    TaskCreateRequest r;
+    r.input.path = page.string();
+    const Task t = tm.create_task(r);
+    tm.start_task(t.id);
+    const auto done = tm.wait_task(t.id, 120s);
+    REQUIRE(done.has_value());
+    CHECK(std::string(result_of(*done).at("text").as_string()).find("quick brown fox") !=
+          std::string::npos);
+    CHECK(worker_children().size() == (found ? 1u : 0u));
+    bool warned = false;
+    {
+      std::lock_guard<std::mutex> g(m);
+      for (const auto& w : warnings) {
+        warned = warned || w.find("the OCR engines run in this process") != std::string::npos;
+      }
+    }
+    CHECK(warned == !found);
+  }
+}
+
 TEST_CASE("ocr.pdf_dpi is the default resolution of PDF pages") {
   TempDir dir;
   const fs::path page = render(dir.path, "dpi", "Resolution check.\n", 300);

@@ -108,6 +108,9 @@ inline Config test_config() {
   c.executor.worker_threads = 2;
   c.tasks.retry.backoff_jitter = 0;
   c.storage.path = ":memory:";
+  // The OCR engines in this process (the default runs them in workers):
+  // the unit tests' sanitizers see them; tests of the worker path ask for it.
+  c.services["ocr"].isolation = "in_process";
   return c;
 }
 

@@ -406,7 +406,7 @@ TEST_CASE(
     Config c = test_config();
     c.services["probe"].isolation = "thread";
     CHECK_THROWS_WITH_AS(c.validate(),
-                         "services.probe.isolation: must be one of in_process, process, got "
+                         "services.probe.isolation: must be one of auto, in_process, process, got "
                          "'thread'",
                          ConfigError);
   }

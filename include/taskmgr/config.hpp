@@ -188,12 +188,14 @@ struct OcrConfig {
 // services.<kind>: how the instances of one service kind run
 // (docs/RELIABILITY.md, "Worker processes").
 struct ServiceConfig {
-  // "in_process": instances are objects in the host's process (fastest; a
-  // crash in an engine is the host's crash). "process": each pooled
-  // instance is a child process (taskmgr-worker) holding one warm engine; a
-  // crash, an abort or a kill ends its task with a clear reason, and the
-  // worker is started again.
-  std::string isolation = "in_process";
+  // "process": each pooled instance is a child process (taskmgr-worker)
+  // holding one warm engine; a crash, an abort or a kill ends its task with
+  // a clear reason, and the worker is started again. "in_process":
+  // instances are objects in the host's process (a crash in an engine is
+  // the host's crash). "auto": process for the built-in OCR when
+  // taskmgr-worker is found (else in process, with a warning in the log),
+  // in process for every other kind.
+  std::string isolation = "auto";
   // process: a shared object whose taskmgr_worker_factory(kind) makes the
   // kind's instances inside the worker ("" = built in: only "ocr").
   std::string library;

@@ -192,7 +192,7 @@ TaskManager::Impl::Impl(Config config, TaskManagerOptions options)
                    "in its libexec/taskmgr: the OCR engines run in this process (a crash in one "
                    "is this process's crash)");
       } else {
-        ocr = make_process_service("ocr", config_, std::move(ocr));
+        ocr = make_process_service("ocr", config_, std::move(ocr), worker_log_sink(log_));
       }
     }
     intake_.register_service(std::move(ocr));

@@ -8,6 +8,7 @@
 // same kind for its memory model only (its function never runs here).
 #include <doctest/doctest.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <boost/json.hpp>
@@ -238,6 +239,95 @@ TEST_CASE("a worker killed from outside (SIGKILL) fails its attempt, and the nex
                                 0) == 0);
   const auto next = w.result(w.finished(w.run(R"({"do":"ok"})").id));
   CHECK(pid_of(next) != pid);
+}
+
+TEST_CASE(
+    "a worker that crashes while a process it started holds its socket: the crash is "
+    "seen (not a hang), and that process is killed with the worker") {
+  Workers w;
+  w.config.tasks.retry.max_attempts = 1;
+  w.open();
+  const fs::path pid_file = w.dir / "helper.pid";
+  const Task t = w.finished(
+      w.run(json::serialize(json::object{{"do", "forksegv"}, {"pid_file", pid_file.string()}})).id);
+  CHECK(t.failure_message.rfind("processing_error: worker crashed (signal 11: Segmentation fault)",
+                                0) == 0);
+  pid_t helper = 0;
+  std::ifstream(pid_file) >> helper;
+  REQUIRE(helper > 0);
+  // Killed with the worker's process group (a zombie until init reaps it).
+  CHECK(eventually([&] {
+    std::ifstream st("/proc/" + std::to_string(helper) + "/stat");
+    std::string line;
+    if (!std::getline(st, line)) return true;
+    const auto close = line.rfind(')');
+    return close != std::string::npos && line.size() > close + 2 && line[close + 2] == 'Z';
+  }));
+  CHECK(w.result(w.finished(w.run(R"({"do":"ok"})").id)).at("batch").as_int64() == 1);
+}
+
+TEST_CASE(
+    "a worker that dies while idle is replaced before the next task, which does not pay "
+    "for it") {
+  Workers w;
+  w.config.tasks.retry.max_attempts = 1;
+  w.open();
+  const auto first = w.result(w.finished(w.run(R"({"do":"ok"})").id));
+  REQUIRE(::kill(static_cast<pid_t>(pid_of(first)), SIGKILL) == 0);
+  REQUIRE(eventually([&] {
+    return !alive(pid_of(first)) || [&] {
+      std::ifstream st("/proc/" + std::to_string(pid_of(first)) + "/stat");
+      std::string line;
+      std::getline(st, line);
+      return line.find(") Z") != std::string::npos;
+    }();
+  }));
+  const Task t = w.finished(w.run(R"({"do":"ok"})").id);
+  const auto next = w.result(t);
+  CHECK(t.attempt == 1);
+  CHECK(pid_of(next) != pid_of(first));
+  CHECK(w.logged("worker " + std::to_string(pid_of(first)) +
+                 " of probe on cpu ended while idle (signal 9: Killed): replaced"));
+}
+
+TEST_CASE("a worker inherits no descriptor of the host's but its socket") {
+  int fds[2];
+  REQUIRE(::pipe(fds) == 0);  // no close-on-exec, as a careless host makes them
+  struct stat st {};
+  REQUIRE(::fstat(fds[1], &st) == 0);
+  const std::string mine = "pipe:[" + std::to_string(st.st_ino) + "]";
+  Workers w;
+  w.open();
+  const auto r = w.result(w.finished(w.run(R"({"do":"ok"})").id));
+  int seen = 0;
+  for (const auto& e : fs::directory_iterator("/proc/" + std::to_string(pid_of(r)) + "/fd")) {
+    std::error_code ec;
+    const auto target = fs::read_symlink(e.path(), ec).string();
+    CHECK_MESSAGE(target != mine, "the worker holds the host's pipe as fd " << e.path());
+    ++seen;
+  }
+  CHECK(seen > 0);
+  ::close(fds[0]);
+  ::close(fds[1]);
+}
+
+TEST_CASE(
+    "an engine that fails in its own words, or aborts, when malloc returns NULL under the "
+    "worker's limit: OUT_OF_MEMORY") {
+  for (const std::string what : {"c_alloc", "c_alloc_abort"}) {
+    CAPTURE(what);
+    Workers w(/*memory_limit_mb=*/200);
+    w.config.tasks.retry.max_attempts = 2;
+    w.config.tasks.retry.cpu_fallback = false;
+    w.open();
+    const Task t = w.finished(w.run(R"({"do":")" + what + R"("})").id);
+    CHECK(t.status == TaskStatus::kFailed);
+    CHECK(t.failure_reason == TaskFailureReason::kOutOfMemory);
+    CHECK(t.failure_message.find("90% of its limit of 200 MB") != std::string::npos);
+    const auto retried = w.details(t.id, TaskEvent::kRetried);
+    REQUIRE(retried.size() == 1);
+    CHECK(retried[0].at("reason").as_string() == "out_of_memory");
+  }
 }
 
 TEST_CASE("a worker that hangs past its deadline is killed and replaced: TIMEOUT") {

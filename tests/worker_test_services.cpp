@@ -13,6 +13,10 @@
 //                                   until the task ends; result {"pid"}
 //   {"do":"crash_first"}            segfaults on attempt 1, ok after
 //   {"do":"bad_message"}            throws a message that is not UTF-8
+//   {"do":"forksegv","pid_file":F}  forks a child that sleeps (its pid to F),
+//                                   then segfaults
+//   {"do":"c_alloc"}                mallocs until NULL, then throws in its own
+//                                   words; "c_alloc_abort": aborts instead
 //   {"do":"bad_result"}             sets a result that is not UTF-8
 #include <signal.h>
 #include <unistd.h>
@@ -52,6 +56,30 @@ class Probe final : public Service {
     r["batch"] = ctx.batch_size();
     r["attempt"] = ctx.attempt();
     if (what == "segv") ::raise(SIGSEGV);
+    if (what == "forksegv") {
+      // A helper process that outlives the worker and keeps its socket.
+      const pid_t child = ::fork();
+      if (child == 0) {
+        for (;;) ::pause();
+      }
+      std::ofstream(std::string(o.at("pid_file").as_string())) << child << "\n";
+      ::raise(SIGSEGV);
+    }
+    if (what == "c_alloc" || what == "c_alloc_abort") {
+      // A C library's way: malloc until it returns NULL, then fail in its
+      // own words (or abort).
+      std::vector<void*> held;
+      for (;;) {
+        void* p = std::malloc(8 << 20);
+        if (p == nullptr) break;
+        std::memset(p, 1, 4096);
+        held.push_back(p);
+      }
+      if (what == "c_alloc_abort") std::abort();
+      std::this_thread::sleep_for(std::chrono::milliseconds(60));  // working with what it got
+      for (void* p : held) std::free(p);
+      throw std::runtime_error("engine failed: the page could not be processed");
+    }
     if (what == "bad_message") throw std::runtime_error("bad \xff\xfe bytes");
     if (what == "bad_result") {
       ctx.set_result("{\"text\":\"\xff\"}");

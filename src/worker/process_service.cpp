@@ -52,6 +52,12 @@ std::string signal_text(int sig) {
   return fmt::format("signal {}: {}", sig, d != nullptr ? d : "unknown");
 }
 
+// A worker killed by a signal before it was ready (from outside, or the
+// OOM killer): worth starting again, unlike one that reported a failure.
+struct StartKilled : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
 // One child process and its socket.
 class Worker {
  public:
@@ -79,6 +85,9 @@ class Worker {
     posix_spawnattr_t attr;
     posix_spawn_file_actions_init(&fa);
     posix_spawn_file_actions_adddup2(&fa, child_end, 3);
+    // Nothing else of the host's: a pipe, socket or deleted file the host
+    // holds without close-on-exec stays the host's alone.
+    posix_spawn_file_actions_addclosefrom_np(&fa, 4);
     posix_spawnattr_init(&attr);
     // Its own process group: a ^C at the host's terminal is the host's to
     // handle, not a crash of every worker. Default signal dispositions.
@@ -136,7 +145,9 @@ class Worker {
       if (r == Read::kTimeout) continue;
       if (r == Read::kClosed) {
         const std::string how = reap();
-        throw std::runtime_error(fmt::format("worker: {} ended at start ({})", exe, how));
+        const std::string msg = fmt::format("worker: {} ended at start ({})", exe, how);
+        if (last_signal_ != 0) throw StartKilled(msg);
+        throw std::runtime_error(msg);
       }
       if (f.fd >= 0) ::close(f.fd);
       if (f.type == Msg::kReady) {
@@ -154,32 +165,42 @@ class Worker {
     }
   }
 
-  // Kills the child (if running) and waits for it; how it ended.
+  // Whether the child has ended (looked at, not reaped: its process group
+  // stays reserved until reap() kills what is left of it).
+  bool exited() const {
+    if (pid_ <= 0) return true;
+    siginfo_t si{};
+    return ::waitid(P_PID, static_cast<id_t>(pid_), &si, WEXITED | WNOHANG | WNOWAIT) == 0 &&
+           si.si_pid == pid_;
+  }
+
+  // Kills the child (if running) and what it started, and waits for it;
+  // how it ended.
   std::string kill_now() {
     if (pid_ > 0) ::kill(pid_, SIGKILL);
     return reap();
   }
 
-  // Waits for the child (it closed the socket or was killed): "signal 11:
-  // Segmentation fault", "exit status 3". Sets last_signal().
+  // Closes the socket, gives the child a second to end (it exits when it
+  // reads the end of the socket), then kills its process group (the child,
+  // and whatever it started that is still in the group) and waits for it:
+  // "signal 11: Segmentation fault", "exit status 3". Sets last_signal().
   std::string reap() {
     if (sock_ >= 0) {
       ::close(sock_);
       sock_ = -1;
     }
     if (pid_ <= 0) return "not running";
-    int status = 0;
-    pid_t r;
-    // It closed its end: it is exiting. A child that closed the socket and
-    // lingers is killed after a second.
     const auto give_up = SteadyClock::now() + std::chrono::seconds(1);
-    while ((r = ::waitpid(pid_, &status, WNOHANG)) == 0 && SteadyClock::now() < give_up) {
+    while (!exited() && SteadyClock::now() < give_up) {
       std::this_thread::sleep_for(std::chrono::milliseconds(2));
     }
-    if (r == 0) {
-      ::kill(pid_, SIGKILL);
-      while ((r = ::waitpid(pid_, &status, 0)) < 0 && errno == EINTR) {
-      }
+    // The group's id is the child's pid, still reserved by the unreaped
+    // child: nothing else can have it.
+    ::kill(-pid_, SIGKILL);
+    int status = 0;
+    pid_t r;
+    while ((r = ::waitpid(pid_, &status, 0)) < 0 && errno == EINTR) {
     }
     pid_ = -1;
     last_signal_ = 0;
@@ -234,11 +255,14 @@ class ProcessService final : public Service {
  public:
   ProcessService(std::shared_ptr<const Settings> s, std::string device)
       : s_(std::move(s)), device_(std::move(device)) {
-    start();
+    start_retrying();
   }
 
   void process(TaskContext& ctx) override {
-    if (!worker_.running()) start();  // a replacement that failed to start earlier
+    // A worker that died while idle is replaced now: its death is not this
+    // task's failure.
+    if (worker_.running() && worker_.exited()) idle_death();
+    if (!worker_.running()) start_retrying();  // also one that failed to start earlier
     json::object task;
     task["id"] = ctx.task_id();
     task["service"] = ctx.service();
@@ -268,10 +292,22 @@ class ProcessService final : public Service {
     try {
       send_frame(worker_.sock(), Msg::kTask, task, memfd);
     } catch (const std::exception&) {
-      if (memfd >= 0) ::close(memfd);
-      crashed(ctx);  // died between tasks: throws its reason
+      // It died before it could read the task: idle, as far as this task
+      // goes. One more worker, one more try.
+      try {
+        idle_death();
+        start_retrying();
+        send_frame(worker_.sock(), Msg::kTask, task, memfd);
+      } catch (const TaskError&) {
+        if (memfd >= 0) ::close(memfd);
+        throw;
+      } catch (const std::exception&) {
+        if (memfd >= 0) ::close(memfd);
+        crashed(ctx);
+      }
     }
     if (memfd >= 0) ::close(memfd);
+    near_limit_ = false;
 
     std::optional<SteadyClock::time_point> stop_sent;
     bool stop_for_deadline = false;
@@ -287,6 +323,9 @@ class ProcessService final : public Service {
       }
       if (r == Read::kClosed) crashed(ctx);
       if (r == Read::kTimeout) {
+        // Dead, though its socket is still open: a process it started holds
+        // the socket (a fork, system()).
+        if (worker_.exited()) crashed(ctx);
         const bool cancel = ctx.cancelled(), late = ctx.deadline_exceeded();
         if (!stop_sent && (cancel || late)) {
           stop_for_deadline = late && !cancel;
@@ -366,13 +405,41 @@ class ProcessService final : public Service {
                     limit));
   }
 
+  // Starts a worker; one killed while it started (from outside, the OOM
+  // killer) is started again, three times in all, then the attempt fails
+  // retryable. A worker that reports a failure (a library that does not
+  // load, an engine that does not start) throws std::runtime_error at once.
+  void start_retrying() {
+    for (int i = 1;; ++i) {
+      try {
+        start();
+        return;
+      } catch (const StartKilled& e) {
+        s_->write(LogLevel::kWarn, e.what());
+        if (i >= 3) {
+          throw TaskError(TaskFailureReason::kProcessingError, std::string(e.what()) + " (3 times)",
+                          /*retryable=*/true);
+        }
+      }
+    }
+  }
+
+  // The worker ended between tasks: logged, reaped; the caller starts
+  // another.
+  void idle_death() {
+    const int pid = worker_.pid();
+    const std::string how = worker_.reap();
+    s_->write(LogLevel::kWarn, fmt::format("worker {} of {} on {} ended while idle ({}): replaced",
+                                           pid, s_->kind, device_, how));
+  }
+
   // The worker is gone or must go: a fresh one, warm, for the next task. A
   // replacement that cannot start leaves the instance unhealthy (the pool
   // destroys it; the next acquire makes another).
   void replace() noexcept {
     worker_.kill_now();
     try {
-      start();
+      start_retrying();
     } catch (const std::exception& e) {
       healthy_ = false;
       s_->write(LogLevel::kWarn, fmt::format("a new worker for {} on {} did not start: {}",
@@ -386,6 +453,9 @@ class ProcessService final : public Service {
   // ctx.report_memory throws past tasks.max_task_memory_mb or the device:
   // the worker is mid-task, so it is replaced first.
   void report(TaskContext& ctx, const json::object& body, const char* key) {
+    if (const auto* n = body.if_contains("near_limit"); n && n->is_bool() && n->as_bool()) {
+      near_limit_ = true;
+    }
     const auto* v = body.if_contains(key);
     if (v == nullptr || !v->is_int64() || v->as_int64() < 0) return;
     last_rss_mb_ = v->as_int64();
@@ -408,6 +478,14 @@ class ProcessService final : public Service {
                           pid, s_->kind, device_, ctx.task_id(), how, rss));
     replace();
     const std::int64_t limit = s_->service.memory_limit_mb;
+    if (limit > 0 && near_limit_) {
+      // Its allocations had reached 90% of the limit: an engine that aborts
+      // or crashes when one fails (a C library's NULL) ran out of memory.
+      throw OutOfMemoryError(
+          fmt::format("worker ended ({}) after its memory reached 90% of its limit of {} MB "
+                      "(services.{}.memory_limit_mb)",
+                      how, limit, s_->kind));
+    }
     if (sig == SIGKILL && limit > 0 && rss * 10 >= limit * 9) {
       throw OutOfMemoryError(fmt::format(
           "worker killed ({}) at {} MB resident, within 10% of its memory limit of {} MB "
@@ -456,6 +534,16 @@ class ProcessService final : public Service {
     if (flag("oom")) throw OutOfMemoryError(message);
     const auto reason =
         parse_failure_reason(text("reason")).value_or(TaskFailureReason::kProcessingError);
+    // An engine that fails a task in its own words when an allocation
+    // fails ("could not recognize the page"): past 90% of the limit, that
+    // is out of memory (the worker was replaced above if it said so).
+    if (reason == TaskFailureReason::kProcessingError && near_limit_ &&
+        s_->service.memory_limit_mb > 0) {
+      throw OutOfMemoryError(
+          fmt::format("{} (the worker's memory had reached 90% of its limit "
+                      "of {} MB, services.{}.memory_limit_mb)",
+                      message, s_->service.memory_limit_mb, s_->kind));
+    }
     if (reason == TaskFailureReason::kInvalidInput) throw InvalidInputError(message);
     throw TaskError(reason, message, flag("retryable"));
   }
@@ -464,6 +552,7 @@ class ProcessService final : public Service {
   std::string device_;
   Worker worker_;
   std::int64_t last_rss_mb_ = 0;
+  bool near_limit_ = false;  // this task's worker reached 90% of its memory limit
   bool healthy_ = true;
 };
 

@@ -10,6 +10,7 @@
 //
 // Uses libtaskmgr's public API only; the protocol is compiled in.
 #include <dlfcn.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
@@ -44,7 +45,88 @@ using namespace taskmgr::worker;
 namespace {
 
 int g_sock = -1;
+std::mutex g_send_mu;  // frames from the main thread and the sampler, whole
 std::atomic<bool> g_cancel{false};
+std::atomic<bool> g_running{false};     // a task is running
+std::atomic<bool> g_near_limit{false};  // this task's memory reached 90% of the limit
+std::int64_t g_limit_kb = 0;            // 0 = no limit (set once, before any thread)
+
+void send(Msg type, const json::object& body) {
+  std::lock_guard<std::mutex> g(g_send_mu);
+  send_frame(g_sock, type, body);
+}
+
+// VmData of this process in kB (what RLIMIT_DATA counts), read with system
+// calls only: also called from a signal handler.
+std::int64_t data_kb() {
+  static char buf[8192];
+  const int fd = ::open("/proc/self/status", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return -1;
+  ssize_t n = 0, r;
+  while (n < static_cast<ssize_t>(sizeof buf) - 1 &&
+         (r = ::read(fd, buf + n, sizeof buf - 1 - static_cast<std::size_t>(n))) > 0) {
+    n += r;
+  }
+  ::close(fd);
+  buf[n < 0 ? 0 : n] = '\0';
+  const char* p = std::strstr(buf, "VmData:");
+  if (p == nullptr) return -1;
+  p += 7;
+  while (*p == ' ' || *p == '\t') ++p;
+  std::int64_t v = 0;
+  while (*p >= '0' && *p <= '9') v = v * 10 + (*p++ - '0');
+  return v;
+}
+
+bool past_90_percent(std::int64_t kb) { return g_limit_kb > 0 && kb * 10 >= g_limit_kb * 9; }
+
+// The frame {"near_limit":true} (kMemory), made before any signal arrives.
+char g_near_frame[64];
+std::size_t g_near_frame_size = 0;
+
+void make_near_frame() {
+  const char payload[] = "{\"near_limit\":true}";
+  const auto n = static_cast<std::uint32_t>(sizeof payload - 1 + 1);
+  for (int i = 0; i < 4; ++i) g_near_frame[i] = static_cast<char>((n >> (8 * i)) & 0xFF);
+  g_near_frame[4] = static_cast<char>(Msg::kMemory);
+  std::memcpy(g_near_frame + 5, payload, sizeof payload - 1);
+  g_near_frame_size = 5 + sizeof payload - 1;
+}
+
+// A crash (an engine that aborts or dereferences NULL when an allocation
+// fails) with the memory past 90% of the limit: the host hears it before
+// the worker dies, and reports OUT_OF_MEMORY instead of a crash.
+extern "C" void on_fatal_signal(int sig) {
+  if (!g_near_limit.load() && past_90_percent(data_kb())) {
+    g_near_limit.store(true);
+    (void)!::write(g_sock, g_near_frame, g_near_frame_size);
+  }
+  ::signal(sig, SIG_DFL);
+  ::raise(sig);
+}
+
+// While a task runs under a limit: VmData every 10 ms; past 90% of the
+// limit the host is told (once per task).
+void sampler() {
+  for (;;) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    if (!g_running.load() || g_near_limit.load()) continue;
+    const std::int64_t kb = data_kb();
+    if (!past_90_percent(kb)) continue;
+    if (g_near_limit.exchange(true)) continue;
+    json::object o;
+    o["near_limit"] = true;
+    o["data_mb"] = (kb + 1023) / 1024;
+    try {
+      std::lock_guard<std::mutex> g(g_send_mu);
+      // Never after the task's kDone (the main thread clears g_running
+      // under this lock first).
+      if (g_running.load()) send_frame(g_sock, Msg::kMemory, o);
+    } catch (...) {
+      ::_exit(0);  // the host is gone
+    }
+  }
+}
 std::mutex g_mu;
 std::condition_variable g_cv;
 std::deque<Frame> g_tasks;
@@ -133,7 +215,7 @@ class WorkerContext final : public TaskContext {
     json::object o;
     o["name"] = name;
     o["rss_mb"] = self_rss_mb();
-    send_frame(g_sock, Msg::kStage, o);
+    send(Msg::kStage, o);
   }
   // A service's own figure is kept for the record; what the host tracks and
   // checks is the resident set measured now.
@@ -141,7 +223,7 @@ class WorkerContext final : public TaskContext {
     json::object o;
     o["rss_mb"] = self_rss_mb();
     o["reported_mb"] = mb;
-    send_frame(g_sock, Msg::kMemory, o);
+    send(Msg::kMemory, o);
   }
   void set_result(std::string result_json) override { result_ = std::move(result_json); }
   std::string& result() { return result_; }
@@ -164,6 +246,9 @@ std::string limit_memory(std::int64_t mb) {
     throw std::runtime_error(std::string("worker: setrlimit(RLIMIT_DATA) failed: ") +
                              std::strerror(errno));
   }
+  g_limit_kb = mb * 1024;
+  make_near_frame();
+  for (const int sig : {SIGSEGV, SIGABRT, SIGBUS, SIGFPE, SIGILL}) ::signal(sig, on_fatal_signal);
   return "rlimit_data";
 }
 
@@ -232,6 +317,8 @@ int main(int argc, char** argv) {
     return 2;
   }
   ::signal(SIGPIPE, SIG_IGN);
+  // A program a service runs (system(), popen) does not get the socket.
+  ::fcntl(g_sock, F_SETFD, FD_CLOEXEC);
   Frame init;
   if (recv_frame(g_sock, -1, init) != Read::kFrame || init.type != Msg::kInit) return 3;
   const std::string kind = text_of(init.body, "kind");
@@ -265,6 +352,7 @@ int main(int argc, char** argv) {
     send_frame(g_sock, Msg::kReady, o);
   }
   std::thread(reader).detach();
+  if (g_limit_kb > 0) std::thread(sampler).detach();
 
   for (;;) {
     Frame f;
@@ -275,9 +363,11 @@ int main(int argc, char** argv) {
       g_tasks.pop_front();
       g_current = text_of(f.body, "id");
       g_cancel.store(false);
+      g_near_limit.store(false);
     }
     if (f.type != Msg::kTask) return 5;
     reset_peak_rss();
+    g_running.store(true);
     json::object done;
     std::exception_ptr err;
     std::string result;
@@ -313,12 +403,17 @@ int main(int argc, char** argv) {
       instance->cleanup_task(text_of(f.body, "id"));
       healthy = healthy && instance->healthy();
     }
+    {
+      std::lock_guard<std::mutex> g(g_send_mu);
+      g_running.store(false);
+    }
     done["peak_mb"] = self_peak_rss_mb();
     done["healthy"] = healthy;
+    done["near_limit"] = g_near_limit.load();
     {
       std::lock_guard<std::mutex> g(g_mu);
       g_current.clear();
     }
-    send_frame(g_sock, Msg::kDone, done);
+    send(Msg::kDone, done);
   }
 }

@@ -238,8 +238,22 @@ class WorkerContext final : public TaskContext {
   bool has_deadline_ = false;
 };
 
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define TASKMGR_WORKER_SANITIZED 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define TASKMGR_WORKER_SANITIZED 1
+#endif
+#endif
+
 std::string limit_memory(std::int64_t mb) {
   if (mb <= 0) return "none";
+#ifdef TASKMGR_WORKER_SANITIZED
+  throw std::runtime_error(
+      "worker: this taskmgr-worker is built with a sanitizer, whose shadow memory RLIMIT_DATA "
+      "counts: it cannot run under memory_limit_mb (" +
+      std::to_string(mb) + " MB); use a build without sanitizers, or memory_limit_mb: 0");
+#endif
   rlimit rl{};
   rl.rlim_cur = rl.rlim_max = static_cast<rlim_t>(mb) * 1024 * 1024;
   if (::setrlimit(RLIMIT_DATA, &rl) != 0) {

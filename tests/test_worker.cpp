@@ -426,6 +426,26 @@ TEST_CASE("a worker that cooperates stops at cancel and is kept") {
 }
 
 TEST_CASE(
+    "one allocation the limit refuses, met by the engine in its own words: OUT_OF_MEMORY "
+    "(malloc's NULL is seen in the worker)") {
+  SKIP_UNDER_SANITIZERS();
+  Workers w(/*memory_limit_mb=*/200);
+  w.config.tasks.retry.max_attempts = 1;
+  w.open();
+  const Task t = w.finished(w.run(R"({"do":"big_alloc","mb":190})").id);
+  CHECK(t.status == TaskStatus::kFailed);
+  CHECK(t.failure_reason == TaskFailureReason::kOutOfMemory);
+  CHECK(t.failure_message.find("engine failed: no buffer for the page") != std::string::npos);
+  // A request larger than the whole limit is not a shortage: the engine's
+  // own failure stands.
+  const Task huge = w.finished(w.run(R"({"do":"big_alloc","mb":4096})").id);
+  CHECK(huge.failure_reason == TaskFailureReason::kProcessingError);
+  CHECK(huge.failure_message == "engine failed: no buffer for the page");
+  // …and one the limit holds goes through.
+  CHECK(w.result(w.finished(w.run(R"({"do":"big_alloc","mb":20})").id)).at("batch") == 1);
+}
+
+TEST_CASE(
     "a memory hog under the worker's limit: OUT_OF_MEMORY, then half the batch and a lower "
     "estimate, which succeeds") {
   SKIP_UNDER_SANITIZERS();

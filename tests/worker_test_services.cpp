@@ -65,6 +65,13 @@ class Probe final : public Service {
       std::ofstream(std::string(o.at("pid_file").as_string())) << child << "\n";
       ::raise(SIGSEGV);
     }
+    if (what == "big_alloc") {
+      // One large buffer, as an engine copies a page: NULL from malloc is
+      // met in the engine's own words.
+      void* p = std::malloc(static_cast<std::size_t>(o.at("mb").as_int64()) << 20);
+      if (p == nullptr) throw std::runtime_error("engine failed: no buffer for the page");
+      std::free(p);
+    }
     if (what == "c_alloc" || what == "c_alloc_abort") {
       // A C library's way: malloc until it returns NULL, then fail in its
       // own words (or abort).

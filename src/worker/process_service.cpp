@@ -289,24 +289,33 @@ class ProcessService final : public Service {
     } else {
       task["input_path"] = in.path;
     }
-    try {
-      send_frame(worker_.sock(), Msg::kTask, task, memfd);
-    } catch (const std::exception&) {
-      // It died before it could read the task: idle, as far as this task
-      // goes. One more worker, one more try.
+    // The memfd stays open until the worker has taken the task: a worker
+    // that dies before (it was killed while idle, the task came at once)
+    // is no fault of the task's: another is started and sent the task once.
+    struct Fd {
+      int fd;
+      ~Fd() {
+        if (fd >= 0) ::close(fd);
+      }
+    } input{memfd};
+    bool accepted = false, resent = false;
+    auto died_before_accepting = [&]() {
+      if (accepted || resent) return false;
+      resent = true;
+      idle_death();
+      start_retrying();  // a TaskError (retryable) when it cannot
       try {
-        idle_death();
-        start_retrying();
-        send_frame(worker_.sock(), Msg::kTask, task, memfd);
-      } catch (const TaskError&) {
-        if (memfd >= 0) ::close(memfd);
-        throw;
+        send_frame(worker_.sock(), Msg::kTask, task, input.fd);
       } catch (const std::exception&) {
-        if (memfd >= 0) ::close(memfd);
         crashed(ctx);
       }
+      return true;
+    };
+    try {
+      send_frame(worker_.sock(), Msg::kTask, task, input.fd);
+    } catch (const std::exception&) {
+      died_before_accepting();
     }
-    if (memfd >= 0) ::close(memfd);
     near_limit_ = false;
 
     std::optional<SteadyClock::time_point> stop_sent;
@@ -321,11 +330,17 @@ class ProcessService final : public Service {
         throw TaskError(TaskFailureReason::kProcessingError,
                         std::string("worker broke the protocol: ") + e.what(), true);
       }
-      if (r == Read::kClosed) crashed(ctx);
+      if (r == Read::kClosed) {
+        if (died_before_accepting()) continue;
+        crashed(ctx);
+      }
       if (r == Read::kTimeout) {
         // Dead, though its socket is still open: a process it started holds
         // the socket (a fork, system()).
-        if (worker_.exited()) crashed(ctx);
+        if (worker_.exited()) {
+          if (died_before_accepting()) continue;
+          crashed(ctx);
+        }
         const bool cancel = ctx.cancelled(), late = ctx.deadline_exceeded();
         if (!stop_sent && (cancel || late)) {
           stop_for_deadline = late && !cancel;
@@ -369,6 +384,11 @@ class ProcessService final : public Service {
           ctx.stage(name);
           break;
         }
+        case Msg::kAccepted:
+          accepted = true;
+          if (input.fd >= 0) ::close(input.fd);
+          input.fd = -1;
+          break;
         case Msg::kMemory: report(ctx, f.body, "rss_mb"); break;
         case Msg::kDone: finish(ctx, f.body); return;
         default:

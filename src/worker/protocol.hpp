@@ -9,8 +9,8 @@
 // sealed memfd that the worker maps, never through the socket.
 //
 // host -> worker: kInit (once), kTask, kCancel.
-// worker -> host: kReady or kInitFailed (once), then per task any number of
-// kStage and kMemory, and one kDone.
+// worker -> host: kReady or kInitFailed (once), then per task kAccepted, any
+// number of kStage and kMemory, and one kDone.
 //
 // Compiled into both the library (the host side) and taskmgr-worker: no
 // exported symbols, no dependency beyond POSIX and Boost.JSON.
@@ -32,6 +32,7 @@ enum class Msg : std::uint8_t {
   kStage = 12,       // {name, rss_mb}
   kMemory = 13,      // {rss_mb, reported_mb}
   kDone = 14,        // {result | error{reason, message, retryable, oom, broken}, peak_mb, healthy}
+  kAccepted = 15,    // {id}: the worker took the task (a death before is not the task's)
 };
 
 inline constexpr std::uint32_t kMaxFrame = 1u << 30;

@@ -49,6 +49,7 @@ std::mutex g_send_mu;  // frames from the main thread and the sampler, whole
 std::atomic<bool> g_cancel{false};
 std::atomic<bool> g_running{false};     // a task is running
 std::atomic<bool> g_near_limit{false};  // this task's memory reached 90% of the limit
+std::atomic<bool> g_near_sent{false};   // ... and the host was told so
 std::int64_t g_limit_kb = 0;            // 0 = no limit (set once, before any thread)
 
 void send(Msg type, const json::object& body) {
@@ -97,8 +98,7 @@ void make_near_frame() {
 // fails) with the memory past 90% of the limit: the host hears it before
 // the worker dies, and reports OUT_OF_MEMORY instead of a crash.
 extern "C" void on_fatal_signal(int sig) {
-  if (!g_near_limit.load() && past_90_percent(data_kb())) {
-    g_near_limit.store(true);
+  if ((g_near_limit.load() || past_90_percent(data_kb())) && !g_near_sent.exchange(true)) {
     (void)!::write(g_sock, g_near_frame, g_near_frame_size);
   }
   ::signal(sig, SIG_DFL);
@@ -110,10 +110,11 @@ extern "C" void on_fatal_signal(int sig) {
 void sampler() {
   for (;;) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    if (!g_running.load() || g_near_limit.load()) continue;
+    if (!g_running.load() || g_near_sent.load()) continue;
     const std::int64_t kb = data_kb();
-    if (!past_90_percent(kb)) continue;
-    if (g_near_limit.exchange(true)) continue;
+    if (!g_near_limit.load() && !past_90_percent(kb)) continue;
+    g_near_limit.store(true);
+    if (g_near_sent.exchange(true)) continue;
     json::object o;
     o["near_limit"] = true;
     o["data_mb"] = (kb + 1023) / 1024;
@@ -378,8 +379,14 @@ int main(int argc, char** argv) {
       g_current = text_of(f.body, "id");
       g_cancel.store(false);
       g_near_limit.store(false);
+      g_near_sent.store(false);
     }
     if (f.type != Msg::kTask) return 5;
+    {
+      json::object a;
+      a["id"] = text_of(f.body, "id");
+      send(Msg::kAccepted, a);
+    }
     reset_peak_rss();
     g_running.store(true);
     json::object done;
@@ -431,3 +438,68 @@ int main(int argc, char** argv) {
     send(Msg::kDone, done);
   }
 }
+
+// An allocation that fails under the worker's memory limit (malloc and its
+// kin returning NULL for a request the limit could have held) marks the
+// task as out of memory, whatever the engine then does with the NULL: fail
+// in its own words ("could not recognize page"), abort, crash. Defined in
+// the executable, these come before libc's for every library the worker
+// loads; they allocate with libc's own allocator (free stays libc's). Not in
+// sanitized builds, whose runtime owns malloc.
+#ifndef TASKMGR_WORKER_SANITIZED
+extern "C" {
+void* __libc_malloc(std::size_t);
+void* __libc_calloc(std::size_t, std::size_t);
+void* __libc_realloc(void*, std::size_t);
+void* __libc_memalign(std::size_t, std::size_t);
+}
+
+namespace {
+void note_failed(std::size_t bytes) {
+  if (g_limit_kb > 0 && static_cast<std::int64_t>(bytes / 1024) <= g_limit_kb) {
+    g_near_limit.store(true, std::memory_order_relaxed);
+  }
+}
+}  // namespace
+
+extern "C" {
+__attribute__((visibility("default"))) void* malloc(std::size_t n) {
+  void* p = __libc_malloc(n);
+  if (p == nullptr && n != 0) note_failed(n);
+  return p;
+}
+__attribute__((visibility("default"))) void* calloc(std::size_t n, std::size_t size) {
+  void* p = __libc_calloc(n, size);
+  if (p == nullptr && n != 0 && size != 0) {
+    note_failed(size != 0 && n > SIZE_MAX / size ? SIZE_MAX : n * size);
+  }
+  return p;
+}
+__attribute__((visibility("default"))) void* realloc(void* old, std::size_t n) {
+  void* p = __libc_realloc(old, n);
+  if (p == nullptr && n != 0) note_failed(n);
+  return p;
+}
+__attribute__((visibility("default"))) void* memalign(std::size_t align, std::size_t n) {
+  void* p = __libc_memalign(align, n);
+  if (p == nullptr && n != 0) note_failed(n);
+  return p;
+}
+__attribute__((visibility("default"))) void* aligned_alloc(std::size_t align, std::size_t n) {
+  void* p = __libc_memalign(align, n);
+  if (p == nullptr && n != 0) note_failed(n);
+  return p;
+}
+__attribute__((visibility("default"))) int posix_memalign(void** out, std::size_t align,
+                                                          std::size_t n) {
+  if (align < sizeof(void*) || (align & (align - 1)) != 0) return EINVAL;
+  void* p = __libc_memalign(align, n);
+  if (p == nullptr && n != 0) {
+    note_failed(n);
+    return ENOMEM;
+  }
+  *out = p;
+  return 0;
+}
+}
+#endif

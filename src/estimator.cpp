@@ -20,6 +20,7 @@ constexpr double kAlpha = 0.2;     // weight of a new sample in the running mean
 constexpr int kWarmupSamples = 3;  // before this many, use the largest ratio seen
 constexpr double kMinCorrection = 0.05;
 constexpr double kMaxCorrection = 20;
+constexpr int kMaxClassDistance = 2;  // size classes: a factor of 4 either way
 
 std::string fmt_double(double v) {
   char buf[32];
@@ -35,7 +36,7 @@ std::string MemoryEstimate::explanation() const {
   const RequestFeatures& f = features;
   std::string learned;
   if (samples == 0) {
-    learned = "; no measurements yet: the model's figure";
+    learned = "; no task of about this size measured yet: the model's figure";
   } else {
     learned = "; learned correction x" + fmt_double(correction) + " from " +
               std::to_string(samples) + " measured task(s) with a model figure of " +
@@ -146,8 +147,12 @@ RequestFeatures MemoryEstimator::features(const TaskCreateRequest& request) cons
 }
 
 // Per device: the correction learned in the estimate's own size class, or
-// else in the nearest class that has one (the larger correction of two at
-// the same distance). With no device given, the most conservative device's.
+// else in the nearest class within kMaxClassDistance that has one (the
+// larger correction of two at the same distance). A ratio learned on much
+// smaller or larger figures says little here (an engine's fixed cost is
+// most of a small task and little of a large one): past that distance the
+// model's figure stands alone. With no device given, the most conservative
+// device's.
 double MemoryEstimator::Impl::correction_locked(const std::string& service,
                                                 const std::string& device, int size_class,
                                                 int* samples, int* from_class) const {
@@ -166,6 +171,7 @@ double MemoryEstimator::Impl::correction_locked(const std::string& service,
     const auto& [svc, dev, cls] = key;
     if (svc != service || (!device.empty() && dev != device) || l.samples == 0) continue;
     const int d = std::abs(cls - size_class);
+    if (d > kMaxClassDistance) continue;
     const double v = one(l);
     Best& b = per_device[dev];
     if (b.distance < 0 || d < b.distance || (d == b.distance && v > b.value)) {

@@ -33,7 +33,8 @@ TEST_CASE("an estimate explains itself") {
   CHECK(est.explanation().find("pixels=2000000") != std::string::npos);
   CHECK(est.explanation().find("bytes=1048576") != std::string::npos);
   CHECK(est.explanation().find("-> " + std::to_string(est.mb) + " MB") != std::string::npos);
-  CHECK(est.explanation().find("no measurements yet: the model's figure") != std::string::npos);
+  CHECK(est.explanation().find("no task of about this size measured yet: the model's figure") !=
+        std::string::npos);
 }
 
 TEST_CASE(
@@ -69,6 +70,17 @@ TEST_CASE(
   CHECK(b.mb == 400);  // class 9's correction, x1
   CHECK(b.size_class == 9);
   CHECK(s.samples == 10);
+  // Far from every measured class (more than two classes, a factor of 4,
+  // from the nearest): the model's figure alone.
+  RequestFeatures far;
+  far.pixels = 8000;  // class 12: three from 9
+  const MemoryEstimate f = e.estimate("svc", far, "cpu");
+  CHECK(f.mb == 8000);
+  CHECK(f.samples == 0);
+  CHECK(f.explanation().find("no task of about this size measured yet") != std::string::npos);
+  RequestFeatures near;
+  near.pixels = 3000;  // class 11: two from 9
+  CHECK(e.estimate("svc", near, "cpu").samples == 10);
   CHECK(s.explanation().find("learned correction x2 from 10 measured task(s) with a model figure "
                              "of 64-128 MB on cpu") != std::string::npos);
 }

@@ -70,7 +70,8 @@ struct MemoryEstimate {
   // The size class the correction was learned in: model figures of
   // 2^size_class to 2^(size_class + 1) MB (memory_size_class). Learning is
   // per service, device and class; an estimate uses its own class, or the
-  // nearest one measured.
+  // nearest one measured within two classes (a factor of 4); farther, the
+  // model's figure alone (samples 0).
   int size_class = 0;
   std::string model;  // model name
   std::string service;

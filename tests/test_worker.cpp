@@ -11,7 +11,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <boost/json.hpp>
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -547,9 +549,27 @@ TEST_CASE("the estimator learns from the measured peaks: the estimate converges 
   CHECK(after.explanation().find("learned correction") != std::string::npos);
   CHECK(std::abs(static_cast<double>(after.mb) - mean) <
         std::abs(static_cast<double>(before.mb) - mean));
-  // Within 15% of the measured peaks, on the high side or near it.
-  CHECK(static_cast<double>(after.mb) >= mean * 0.95);
-  CHECK(static_cast<double>(after.mb) <= mean * 1.15);
+  // The header's rule, replayed on the measured peaks: the model's figure
+  // times the running mean + 2 * spread of actual / model, each new ratio
+  // weighing 0.2. The peaks vary from run to run (much more under the
+  // sanitizers), so the bound follows their spread, not a fixed margin.
+  double m = 0;
+  double var = 0;
+  for (std::size_t i = 0; i < peaks.size(); ++i) {
+    const double ratio = peaks[i] / 100.0;
+    if (i == 0) {
+      m = ratio;
+    } else {
+      const double diff = ratio - m;
+      m += 0.2 * diff;
+      var = 0.8 * (var + 0.2 * diff * diff);
+    }
+  }
+  const double expected = std::ceil(100.0 * std::min(20.0, m + 2 * std::sqrt(var)));
+  CAPTURE(expected);
+  CHECK(std::abs(static_cast<double>(after.mb) - expected) <= 1.0);
+  // On the high side: above the smallest peak measured.
+  CHECK(static_cast<double>(after.mb) >= *std::min_element(peaks.begin(), peaks.end()));
 }
 
 TEST_CASE(

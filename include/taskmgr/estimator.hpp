@@ -6,9 +6,10 @@
 // The estimator then learns from the measured actual_memory_mb of finished
 // tasks, per service, device and size class of the model's figure (a
 // doubling: 64-128 MB, 128-256 MB, ...): it keeps a running mean and spread of
-// actual / model and multiplies the model by mean + 2 * spread, so estimates
-// converge on reality while erring on the high side. Every estimate says how
-// it was made (MemoryEstimate::explanation()).
+// actual / model (each new ratio weighs 0.2; the first three use the largest
+// ratio seen) and multiplies the model by mean + 2 * spread, capped to
+// x0.05-x20, so estimates converge on reality while erring on the high side. Every estimate says
+// how it was made (MemoryEstimate::explanation()).
 //
 // Thread-safety: every member is safe to call from any thread.
 #pragma once

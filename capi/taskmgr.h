@@ -284,7 +284,13 @@ TASKMGR_API int taskmgr_open_file(const char* config_path, taskmgr_manager** out
 
 /* Stops accepting work: running tasks finish (this call waits for them and
  * for their cleanup), queued tasks stay queued in the store (a durable store
- * resumes them at the next open), the services' instances are destroyed
+ * resumes them at the next open). Tasks still running after
+ * tasks.close_grace_seconds (default 30) are interrupted: the service sees
+ * its cancelled flag (a worker process still running 2 s later is killed);
+ * one that stops goes back to the queue, its priority kept, and stays queued
+ * in the store (event retried, reason interrupted); one that finishes its
+ * work completes; an in-process service that never looks at the flag is
+ * waited for. Then the services' instances are destroyed
  * (destroy_instance runs on this thread and may still read the manager),
  * pending events are delivered. After it, every call on the handle but
  * taskmgr_close, taskmgr_destroy, taskmgr_unsubscribe, taskmgr_flush_events

@@ -189,6 +189,7 @@ Config parse_document(const YAML::Node& root, std::unordered_map<std::string, in
     t.read("enable_priority_queue", k.enable_priority_queue);
     t.read("enable_resource_tracking", k.enable_resource_tracking);
     t.read("cleanup_timeout_seconds", k.cleanup_timeout_seconds);
+    t.read("close_grace_seconds", k.close_grace_seconds);
     {
       MapReader r = t.child("retry");
       auto& y = k.retry;
@@ -428,6 +429,11 @@ void Config::validate() const {
   }
   check_positive("tasks.queue_timeout_seconds", t.queue_timeout_seconds);
   check_positive("tasks.cleanup_timeout_seconds", t.cleanup_timeout_seconds);
+  if (!(t.close_grace_seconds >= 0) || !std::isfinite(t.close_grace_seconds)) {
+    invalid(
+        "tasks.close_grace_seconds",
+        "must be >= 0 (0 = interrupt running tasks at once), got " + num(t.close_grace_seconds));
+  }
   const auto& r = t.retry;
   if (r.max_interrupted_attempts < 1) {
     invalid("tasks.retry.max_interrupted_attempts",
@@ -673,9 +679,12 @@ Config Config::from_yaml_string(std::string_view yaml, std::string_view source_n
     return c;
   } catch (const ConfigError& e) {
     int line = e.line();
-    if (line == 0) {
-      auto it = lines.find(e.key_path());
-      if (it != lines.end()) line = it->second;
+    // The key's line; for a key that is missing (a required one), the line
+    // of the nearest enclosing key that is there.
+    for (std::string path = e.key_path(); line == 0 && !path.empty();) {
+      if (auto it = lines.find(path); it != lines.end()) line = it->second;
+      const auto dot = path.rfind('.');
+      path = dot == std::string::npos ? std::string() : path.substr(0, dot);
     }
     std::string where(source_name);
     if (line > 0) where += ":" + std::to_string(line);
@@ -715,6 +724,7 @@ std::string Config::to_yaml() const {
   e << YAML::Key << "enable_priority_queue" << YAML::Value << tasks.enable_priority_queue;
   e << YAML::Key << "enable_resource_tracking" << YAML::Value << tasks.enable_resource_tracking;
   e << YAML::Key << "cleanup_timeout_seconds" << YAML::Value << tasks.cleanup_timeout_seconds;
+  e << YAML::Key << "close_grace_seconds" << YAML::Value << tasks.close_grace_seconds;
   e << YAML::Key << "retry" << YAML::Value << YAML::BeginMap;
   e << YAML::Key << "max_attempts" << YAML::Value << tasks.retry.max_attempts;
   e << YAML::Key << "max_interrupted_attempts" << YAML::Value

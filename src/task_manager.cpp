@@ -243,16 +243,51 @@ void TaskManager::Impl::close() {
     if (!scheduler_.closed()) {
       first = true;
       scheduler_.begin_close();
-      // Running attempts finish; their cleanup completes. Queued and
-      // backing-off tasks stay queued in the store. The worker loops end too
-      // (their last drains write log lines: host code that must not run after
-      // close() returned).
-      while (dispatcher_.running() > 0 || dispatcher_.loops() > 0) {
-        lock.wait_with([this](std::unique_lock<std::mutex>& lk) {
-          scheduler_.done_cv().wait_for(lk, std::chrono::milliseconds(50));
-        });
+    }
+  }
+  if (first) {
+    // Running attempts finish; their cleanup completes. Queued and
+    // backing-off tasks stay queued in the store. The worker loops end too
+    // (their last drains write log lines: host code that must not run after
+    // close() returned). Attempts still running after
+    // tasks.close_grace_seconds are interrupted (the service sees
+    // cancelled(); a worker process is killed kStopGraceSeconds later) and
+    // go back to the queue; an in-process service that never looks at
+    // cancelled() is still waited for (a thread cannot be stopped).
+    const SteadyTime grace_end =
+        clock_->steady_now() + from_seconds(config_.tasks.close_grace_seconds);
+    bool interrupted = false;
+    for (;;) {
+      std::vector<std::string> ids;
+      {
+        SchedulerLock lock(scheduler_.mutex());
+        if (dispatcher_.running() == 0 && dispatcher_.loops() == 0) {
+          scheduler_.set_closed();
+          break;
+        }
+        if (!interrupted && clock_->steady_now() >= grace_end) {
+          interrupted = true;
+          scheduler_.records().for_each([&ids](const RecordPtr& r) REQUIRES(scheduler_lock) {
+            if (r->phase() == Phase::kRunning && !r->cancel.load()) {
+              r->close_interrupt.store(true);
+              ids.push_back(r->id());
+            }
+          });
+        } else {
+          lock.wait_with([this](std::unique_lock<std::mutex>& lk) {
+            scheduler_.done_cv().wait_for(lk, std::chrono::milliseconds(50));
+          });
+        }
       }
-      scheduler_.set_closed();
+      if (!ids.empty()) {
+        // The log sink is host code: written with no lock held.
+        log_.write(
+            LogLevel::kWarn,
+            fmt::format("close(): {} task(s) still running after "
+                        "tasks.close_grace_seconds ({} s) interrupted; they stay queued "
+                        "for the next open: {}",
+                        ids.size(), config_.tasks.close_grace_seconds, fmt::join(ids, ", ")));
+      }
     }
   }
   if (first) {

@@ -30,6 +30,7 @@ TEST_CASE("defaults are the spec's values") {
   CHECK(c.tasks.enable_priority_queue == true);
   CHECK(c.tasks.enable_resource_tracking == true);
   CHECK(c.tasks.cleanup_timeout_seconds == 30);
+  CHECK(c.tasks.close_grace_seconds == 30);
   CHECK(c.tasks.retry.max_attempts == 3);
   CHECK(c.tasks.retry.backoff_multiplier == 2);
   CHECK(c.tasks.retry.memory_reduction_factor == 0.5);
@@ -55,6 +56,7 @@ tasks:
   enable_priority_queue: false
   enable_resource_tracking: false
   cleanup_timeout_seconds: 3
+  close_grace_seconds: 0
   retry:
     max_attempts: 5
     max_interrupted_attempts: 9
@@ -66,6 +68,7 @@ tasks:
   CHECK(c.tasks.enable_priority_queue == false);
   CHECK(c.tasks.enable_resource_tracking == false);
   CHECK(c.tasks.cleanup_timeout_seconds == 3);
+  CHECK(c.tasks.close_grace_seconds == 0);
   CHECK(c.tasks.retry.max_attempts == 5);
   CHECK(c.tasks.retry.max_interrupted_attempts == 9);
   CHECK(c.tasks.retry.backoff_multiplier == 3);
@@ -151,6 +154,10 @@ TEST_CASE("each out-of-range value is an error that names its key path and line"
       {"tasks:\n  max_queue_size: -5\n", "tasks.max_queue_size", 2},
       {"tasks:\n  queue_timeout_seconds: 0\n", "tasks.queue_timeout_seconds", 2},
       {"tasks:\n  cleanup_timeout_seconds: -1\n", "tasks.cleanup_timeout_seconds", 2},
+      {"tasks:\n  close_grace_seconds: -1\n", "tasks.close_grace_seconds", 2},
+      {"tasks:\n  close_grace_seconds: .nan\n", "tasks.close_grace_seconds", 2},
+      // A required key that is missing: the line of the key around it.
+      {"services:\n  foo:\n    isolation: process\n", "services.foo.library", 2},
       {"tasks:\n  retry:\n    max_attempts: 0\n", "tasks.retry.max_attempts", 3},
       {"tasks:\n  retry:\n    max_interrupted_attempts: 0\n",
        "tasks.retry.max_interrupted_attempts", 3},

@@ -933,6 +933,70 @@ TEST_CASE("close() from inside an event callback is refused, not a deadlock") {
   CHECK_NOTHROW(h.create());  // still open
 }
 
+TEST_CASE(
+    "close() interrupts attempts still running after tasks.close_grace_seconds: they stay "
+    "queued with their priority, and run at the next open, and a service that finishes its work "
+    "all the same completes") {
+  Harness h;
+  h.config.tasks.close_grace_seconds = 0;  // the manual clock does not move: interrupt at once
+  std::atomic<int> runs{0};
+  std::atomic<bool> waiting{false};
+  Gate quick;
+  auto fn = [&](TaskContext& ctx) {
+    ++runs;
+    if (ctx.options_json().find("quick") != std::string::npos) {
+      quick.wait();
+      return;  // ends as close() waits, cancelled() or not
+    }
+    if (ctx.attempt() == 1) {
+      waiting = true;
+      while (!ctx.cancelled()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      ctx.throw_if_cancelled();
+    }
+    ctx.set_result("{\"attempt\":" + std::to_string(ctx.attempt()) + "}");
+  };
+  h.open(fn);
+  const Task t = h.create(100, "", 1, /*priority=*/5);
+  h.tm->start_task(t.id);
+  REQUIRE(eventually([&] { return waiting.load(); }));
+  TaskCreateRequest qr;
+  qr.service = "svc";
+  qr.options_json = R"({"mb":10,"quick":1})";
+  const Task q = h.tm->create_task(qr);
+  h.tm->start_task(q.id);
+  REQUIRE(eventually([&] { return h.status(q.id) == TaskStatus::kRunning; }));
+  std::thread opener([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    quick.open();
+  });
+  h.tm->close();
+  opener.join();
+  // The quick one finished its work: completed, not interrupted.
+  CHECK(h.status(q.id) == TaskStatus::kCompleted);
+  const Task i = h.tm->get_task(t.id);
+  CHECK(i.status == TaskStatus::kQueued);
+  CHECK(i.priority == 5);
+  CHECK(i.attempt == 1);
+  CHECK_FALSE(i.finished_at.has_value());
+  CHECK(h.count(t.id, "failed") == 0);
+  CHECK(h.count(t.id, "cancelled") == 0);
+  const json::object r = h.details(t.id, "retried");
+  CHECK(r.at("reason").as_string() == "interrupted");
+  CHECK(std::string(r.at("message").as_string()) ==
+        "interrupted by close() after tasks.close_grace_seconds (0 s); queued for the next open");
+  CHECK(h.events(t.id).back() == "queued");
+  // The next open on the same store runs it (attempt 2) after its retry
+  // backoff, as any retry found queued at an open.
+  h.tm.reset();
+  h.open(fn);
+  h.clock->advance(std::chrono::seconds(120));
+  const Task done = h.finished(t.id);
+  CHECK(done.status == TaskStatus::kCompleted);
+  CHECK(done.attempt == 2);
+  CHECK(done.result == R"({"attempt":2})");
+  CHECK(runs == 3);
+}
+
 TEST_CASE("the estimator learns from the actuals of finished tasks") {
   Harness h;
   h.open([](TaskContext& ctx) { ctx.report_memory(300); });

@@ -115,6 +115,12 @@ struct Workers {
 
   std::mutex log_mu;
   std::vector<std::string> lines;  // what the manager logged
+  int count_logged(const std::string& part) {
+    std::lock_guard<std::mutex> g(log_mu);
+    int n = 0;
+    for (const auto& l : lines) n += l.find(part) != std::string::npos;
+    return n;
+  }
   bool logged(const std::string& part) {
     std::lock_guard<std::mutex> g(log_mu);
     for (const auto& l : lines) {
@@ -382,8 +388,92 @@ TEST_CASE("a worker that hangs past its deadline is killed and replaced: TIMEOUT
             " ran past its deadline of 0.5 s (options.timeout_seconds): the worker did not stop "
             "within 2 s of the deadline; killed (signal 9: Killed) and replaced");
   CHECK_FALSE(alive(pid_of(before)));
+  // The replacement started before the attempt ended is the one kept: the
+  // next task starts no worker.
+  const int starts = w.count_logged("started for probe on cpu in ");
+  CHECK(starts == 2);
   const auto after = w.result(w.finished(w.run(R"({"do":"ok"})").id));
   CHECK(pid_of(after) != pid_of(before));
+  CHECK(w.count_logged("started for probe on cpu in ") == starts);
+}
+
+TEST_CASE(
+    "a worker that ignores a cancel is killed after 2 s, the task says so, and its replacement "
+    "is kept") {
+  Workers w;
+  w.open();
+  const auto before = w.result(w.finished(w.run(R"({"do":"ok"})").id));
+  const Task t = w.run(R"({"do":"hang"})");
+  REQUIRE(eventually([&] { return w.tm->get_task(t.id).status == TaskStatus::kRunning; }));
+  w.tm->cancel_task(t.id);
+  const Task c = w.finished(t.id);
+  CHECK(c.status == TaskStatus::kCancelled);
+  CHECK(c.failure_message ==
+        "cancelled by the host while running: the worker did not stop within 2 s of the cancel; "
+        "killed (signal 9: Killed) and replaced");
+  CHECK_FALSE(alive(pid_of(before)));
+  const int starts = w.count_logged("started for probe on cpu in ");
+  const auto after = w.result(w.finished(w.run(R"({"do":"ok"})").id));
+  CHECK(alive(pid_of(after)));
+  CHECK(w.count_logged("started for probe on cpu in ") == starts);
+}
+
+TEST_CASE("a service that closes its worker's socket: the worker's exit status names it") {
+  Workers w;
+  w.config.tasks.retry.max_attempts = 1;
+  w.open();
+  const Task t = w.finished(w.run(R"({"do":"close_socket"})").id);
+  CHECK(t.status == TaskStatus::kFailed);
+  CHECK(t.failure_reason == TaskFailureReason::kMaxAttemptsExceeded);
+  CHECK(t.failure_message.find("worker crashed (exit status 71: its socket to the host was "
+                               "closed or broken inside the worker)") != std::string::npos);
+  // Replaced: the next task runs.
+  w.result(w.finished(w.run(R"({"do":"ok"})").id));
+}
+
+TEST_CASE(
+    "close() interrupts worker tasks still running after tasks.close_grace_seconds: a "
+    "cooperating one stops, one that ignores it is killed, both stay queued and run at the next "
+    "open") {
+  Workers w(0, 2);
+  w.config.storage.path = (w.dir / "tasks.db").string();
+  w.config.tasks.close_grace_seconds = 0.2;
+  w.open();
+  const fs::path pid_file = w.dir / "c.pid";
+  const Task coop =
+      w.run(json::serialize(json::object{{"do", "wait_first"}, {"pid_file", pid_file.string()}}));
+  const Task hung = w.run(R"({"do":"hang_first"})");
+  REQUIRE(eventually([&] {
+    return fs::exists(pid_file) && fs::file_size(pid_file) > 0 &&
+           w.tm->get_task(hung.id).status == TaskStatus::kRunning;
+  }));
+  w.tm->close();  // returns: the hung worker was killed 2 s after the grace
+  for (const Task* t : {&coop, &hung}) {
+    CAPTURE(t->id);
+    const Task q = w.tm->get_task(t->id);
+    CHECK(q.status == TaskStatus::kQueued);
+    CHECK(q.attempt == 1);
+    CHECK(q.priority == t->priority);  // not lowered: not a failure
+    const auto retried = w.details(t->id, TaskEvent::kRetried);
+    REQUIRE(retried.size() == 1);
+    CHECK(retried[0].at("reason").as_string() == "interrupted");
+    const std::string msg(retried[0].at("message").as_string());
+    CHECK(msg.rfind("interrupted by close() after tasks.close_grace_seconds (0.2 s); queued for "
+                    "the next open",
+                    0) == 0);
+    if (t == &hung) CHECK(msg.find("killed (signal 9: Killed)") != std::string::npos);
+  }
+  CHECK(
+      w.logged("close(): 2 task(s) still running after tasks.close_grace_seconds (0.2 s) "
+               "interrupted; they stay queued for the next open: "));
+  // The next open runs them again (attempt 2: ok).
+  w.tm.reset();
+  w.open();
+  for (const Task* t : {&coop, &hung}) {
+    const Task done = w.finished(t->id);
+    CHECK(done.status == TaskStatus::kCompleted);
+    CHECK(done.attempt == 2);
+  }
 }
 
 TEST_CASE(
@@ -598,12 +688,37 @@ TEST_CASE(
     const Config back = Config::from_yaml_string(c.to_yaml());
     CHECK(back.services.at("ocr").memory_limit_mb == 2048);
   }
-  {
+  // A worker library is checked at open (a worker loads it and makes the
+  // kind's factory, no engine): one that does not do so is refused then,
+  // kInvalidConfig naming the key, not found by the first task.
+  struct Case {
+    std::string kind, library, message;
+  };
+  const std::string probe_lib = TASKMGR_TEST_WORKER_LIBRARY;
+  for (const Case& k : std::vector<Case>{
+           {"probe", "/nonexistent/missing.so",
+            "worker: services.probe.library: cannot load /nonexistent/missing.so: "},
+           {"probe", TASKMGR_FAKE_NVML,
+            "worker: services.probe.library: " + std::string(TASKMGR_FAKE_NVML) +
+                " does not export taskmgr_worker_factory"},
+           {"other", probe_lib,
+            "worker: services.other.library: " + probe_lib + " has no factory for 'other'"},
+           {"throws", probe_lib, "worker: starting throws on cpu: no such engine here"},
+           {"wrong", probe_lib,
+            "worker: services.wrong.library: " + probe_lib +
+                " made a factory of kind 'probe' for 'wrong'"}}) {
+    CAPTURE(k.kind);
+    CAPTURE(k.library);
     Workers w;
-    w.config.services["probe"].library = (w.dir / "missing.so").string();
-    w.open();
-    const Task t = w.finished(w.run(R"({"do":"ok"})").id);
-    CHECK(t.status == TaskStatus::kFailed);
-    CHECK(t.failure_message.find("cannot load") != std::string::npos);
+    ServiceConfig sc = w.config.services.at("probe");
+    sc.library = k.library;
+    w.config.services[k.kind] = sc;
+    try {
+      w.open();
+      FAIL("opened");
+    } catch (const Error& e) {
+      CHECK(e.code() == ErrorCode::kInvalidConfig);
+      CHECK_MESSAGE(std::string(e.what()).rfind(k.message, 0) == 0, e.what());
+    }
   }
 }

@@ -1,5 +1,6 @@
 // A worker library for the worker-process tests (services.<kind>.library):
 // kind "probe" does what its task's options say, inside taskmgr-worker.
+// (Kind "throws": the entry point throws; "wrong": a factory of "probe".)
 //
 //   {"do":"ok"}                     result {"pid", "batch", "attempt"}
 //   {"do":"segv"} / {"do":"abort"}  the worker dies by that signal
@@ -18,6 +19,10 @@
 //   {"do":"c_alloc"}                mallocs until NULL, then throws in its own
 //                                   words; "c_alloc_abort": aborts instead
 //   {"do":"bad_result"}             sets a result that is not UTF-8
+//   {"do":"close_socket"}           closes descriptor 3 (the worker's socket),
+//                                   then returns
+//   {"do":"wait_first","pid_file":F} attempt 1 is "wait"; later ones "ok"
+//   {"do":"hang_first"}             attempt 1 is "hang"; later ones "ok"
 #include <signal.h>
 #include <unistd.h>
 
@@ -50,7 +55,9 @@ class Probe final : public Service {
  public:
   void process(TaskContext& ctx) override {
     const json::object o = json::parse(ctx.options_json()).as_object();
-    const std::string what(o.at("do").as_string());
+    std::string what(o.at("do").as_string());
+    if (what == "wait_first") what = ctx.attempt() == 1 ? "wait" : "ok";
+    if (what == "hang_first") what = ctx.attempt() == 1 ? "hang" : "ok";
     json::object r;
     r["pid"] = static_cast<std::int64_t>(::getpid());
     r["batch"] = ctx.batch_size();
@@ -98,6 +105,10 @@ class Probe final : public Service {
     if (what == "hang") {
       for (;;) std::this_thread::sleep_for(std::chrono::seconds(1));
     }
+    if (what == "close_socket") {
+      ::close(3);
+      return;
+    }
     if (what == "wait") {
       std::ofstream(std::string(o.at("pid_file").as_string())) << ::getpid() << "\n";
       while (!ctx.cancelled()) std::this_thread::sleep_for(std::chrono::milliseconds(5));
@@ -133,6 +144,10 @@ class ProbeFactory final : public ServiceFactory {
 
 extern "C" __attribute__((visibility("default"))) taskmgr::ServiceFactory* taskmgr_worker_factory(
     const char* kind) {
+  // "throws" and "wrong" are the open-time check's cases: a factory that
+  // cannot be made, and one of another kind.
+  if (std::strcmp(kind, "throws") == 0) throw std::runtime_error("no such engine here");
+  if (std::strcmp(kind, "wrong") == 0) return new ProbeFactory();
   if (std::strcmp(kind, "probe") != 0) return nullptr;
   return new ProbeFactory();
 }

@@ -656,7 +656,11 @@ class Manager:
         return self._h
 
     def close(self):
-        """Stops accepting work and waits for running tasks (taskmgr_close)."""
+        """Stops accepting work and waits for running tasks (taskmgr_close).
+
+        Tasks still running after tasks.close_grace_seconds (30 s) are
+        interrupted and stay queued for the next open (docs/C_API.md).
+        """
         _check(_lib.taskmgr_close(self._handle()))
 
     def destroy(self):

@@ -56,6 +56,10 @@ struct TasksConfig {
   bool enable_priority_queue = true;     // false: strict FIFO, priority ignored
   bool enable_resource_tracking = true;  // estimate/reserve/measure memory per task
   double cleanup_timeout_seconds = 30;   // bound on one task's cleanup (> 0)
+  // close() waits this long for running attempts, then interrupts them (as a
+  // cancel does; a worker process is killed 2 s later): an interrupted task
+  // stays queued for the next open (>= 0; 0 = interrupt at once).
+  double close_grace_seconds = 30;
   RetryConfig retry;
   // taskmgr's own task keys.
   QueueOrdering queue_ordering = QueueOrdering::kFifo;

@@ -155,7 +155,13 @@ class TASKMGR_API TaskManager {
 
   // Stops accepting work, lets running tasks finish, leaves queued tasks
   // queued in the store (a durable store resumes them at the next open),
-  // then destroys the pools' instances (a host's instance destructor may
+  // then destroys the pools' instances. Attempts still running after
+  // tasks.close_grace_seconds (30 s) are interrupted: their service sees
+  // cancelled() (a worker process still running 2 s later is killed), and
+  // one that stops goes back to the queue with its priority and stays
+  // queued in the store (event retried, reason interrupted); one that
+  // finishes its work completes. An in-process service that never looks at
+  // cancelled() is waited for. Then the instances go (a host's instance destructor may
   // still read the manager). Idempotent. Error(kInvalidState) from inside
   // host code the library called. After it, calls that change something
   // (register_service, create_task(s), start_task, cancel_task,

@@ -47,6 +47,11 @@ inline constexpr double kStopGraceSeconds = 2.0;
 // are used here, in the host (placement and estimates do not start a
 // worker). The worker makes its instances from services.<kind>.library
 // (taskmgr_worker_factory below), or the built-in OCR for "ocr".
+// With services.<kind>.library set, a worker is started here to check it (it
+// loads the library and makes the kind's factory, no instance, and exits):
+// Error(kInvalidConfig) with the worker's message when the library does not
+// load, lacks taskmgr_worker_factory, has no factory for the kind (null), a
+// factory of another kind, or throws; also when no worker program is found.
 // create() starts a worker and waits until its engine is loaded (at most
 // start_timeout_seconds); it throws std::runtime_error with the worker's
 // message when it cannot (no worker program, a library that does not load,

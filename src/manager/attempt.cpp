@@ -28,7 +28,10 @@ class Attempt::Context final : public TaskContext {
   const std::string& device() const override { return a_.device; }
   const std::string& service_instance_id() const override { return instance_; }
   std::int64_t estimated_memory_mb() const override { return a_.estimate_mb; }
-  bool cancelled() const override { return rec_->cancel.load(std::memory_order_relaxed); }
+  bool cancelled() const override {
+    return rec_->cancel.load(std::memory_order_relaxed) ||
+           rec_->close_interrupt.load(std::memory_order_relaxed);
+  }
   bool deadline_exceeded() const override {
     return rec_->timed_out.load(std::memory_order_relaxed) ||
            (a_.timeout_s > 0 && at_.clock_->steady_now() >= a_.deadline);
@@ -237,7 +240,12 @@ Outcome Attempt::decide(const RecordPtr& rec, std::exception_ptr err, Context& c
     // waited for past the deadline (the sweep saw it) is replaced.
     o.kind = Outcome::Kind::kFailed;
     if (err) o.failure = TaskErrorHandler::classify(err);
+    // TIMEOUT from the service is a stop it made itself (throw_if_cancelled,
+    // or a worker process that was killed and replaced already): its
+    // instance is kept. Its own words follow the deadline, unless they are
+    // throw_if_cancelled's.
     const bool cooperated = err && o.failure.reason == TaskFailureReason::kTimeout;
+    const bool plain = o.failure.message == "task " + rec->id() + " ran past its deadline";
     o.failure.reason = TaskFailureReason::kTimeout;
     o.failure.retryable = false;
     o.failure.out_of_memory = false;
@@ -245,10 +253,30 @@ Outcome Attempt::decide(const RecordPtr& rec, std::exception_ptr err, Context& c
     o.failure.message = fmt::format(
         "task {} ran past its deadline of {} s ({}){}", rec->id(), a.timeout_s,
         timeout_from_options(a.options) ? "options.timeout_seconds" : "tasks.task_timeout_seconds",
-        o.failure.message.empty() || cooperated ? "" : ": " + o.failure.message);
+        o.failure.message.empty() || plain ? "" : ": " + o.failure.message);
     o.decision.retry = false;
     o.decision.final_reason = TaskFailureReason::kTimeout;
     o.decision.final_message = o.failure.message;
+    return o;
+  }
+  if (err && rec->close_interrupt.load()) {
+    // close() interrupted it after tasks.close_grace_seconds and the service
+    // stopped (or its worker was killed): back to the queue, as it was, for
+    // the next open. Not a failure: its priority stays.
+    o.failure = TaskErrorHandler::classify(err);
+    const bool plain = o.failure.message == "task " + rec->id() + " was cancelled";
+    o.kind = Outcome::Kind::kRetry;
+    o.failure.reason = TaskFailureReason::kInterrupted;
+    o.failure.retryable = true;
+    o.failure.out_of_memory = false;
+    o.failure.message = fmt::format(
+        "interrupted by close() after tasks.close_grace_seconds ({} s); queued for the next open{}",
+        config_.tasks.close_grace_seconds,
+        plain || o.failure.message.empty() ? "" : ": " + o.failure.message);
+    o.decision.retry = true;
+    o.decision.device = a.device;
+    o.decision.batch_size = a.batch_size;
+    o.decision.delay = Duration::zero();
     return o;
   }
   if (!err) {

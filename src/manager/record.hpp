@@ -76,6 +76,10 @@ class Record {
   Task task GUARDED_BY(scheduler_lock);
   RequestFeatures features GUARDED_BY(scheduler_lock);
   std::atomic<bool> cancel{false};
+  // close() interrupted the running attempt after tasks.close_grace_seconds:
+  // the service sees cancelled(), and an attempt it stops goes back to the
+  // queue (kept in the store for the next open), not to an end.
+  std::atomic<bool> close_interrupt{false};
   TimerQueue::TimerId retry_timer GUARDED_BY(scheduler_lock) = 0;
   // The backoff running was set again at recovery for a retry that was
   // waiting when the process stopped: its priority was lowered already.

@@ -308,8 +308,16 @@ void Scheduler::end_attempt(const RecordPtr& rec, Outcome o, const std::string& 
       (void)Lifecycle::apply(*rec, Step::kEndAttempt, TaskStatus::kCancelled);
       t.failure_reason = TaskFailureReason::kCancelled;
       // The host's cancel, or the service's own (TASKMGR_E_CANCELLED).
-      t.failure_message = rec->cancel.load() ? std::string("cancelled by the host while running")
-                                             : "cancelled by its service: " + o.failure.message;
+      // A host's cancel says what became of the service's work when the
+      // service said more than throw_if_cancelled does (a worker killed).
+      if (rec->cancel.load()) {
+        const bool plain =
+            o.failure.message.empty() || o.failure.message == "task " + t.id + " was cancelled";
+        t.failure_message = std::string("cancelled by the host while running") +
+                            (plain ? "" : ": " + o.failure.message);
+      } else {
+        t.failure_message = "cancelled by its service: " + o.failure.message;
+      }
       t.finished_at = stored_time(*clock_);
       Stats::add(stats_.cancelled);
       events::cancelled(b, TaskStatus::kRunning, t.attempt, t.failure_message);
@@ -383,6 +391,11 @@ void Scheduler::finish_cleanup(const RecordPtr& rec, const CleanupReport& report
   if (o.kind == Outcome::Kind::kRetry && rec->cancel.load()) {
     end_waiting(rec, TaskStatus::kCancelled, TaskFailureReason::kCancelled,
                 "cancelled by the host before its retry", b);
+  } else if (o.kind == Outcome::Kind::kRetry && rec->close_interrupt.load()) {
+    // Interrupted by close(): queued again as it was (its priority kept),
+    // and left queued in the store for the next open.
+    (void)Lifecycle::apply(*rec, Step::kRequeue);
+    enqueue(rec, b, /*retry=*/false, /*recovered=*/false, /*enforce_limit=*/false);
   } else if (o.kind == Outcome::Kind::kRetry) {
     apply_retry(rec, o.decision, o.next_estimate_mb, b);
   } else {

@@ -209,7 +209,19 @@ class Worker {
       last_signal_ = WTERMSIG(status);
       return signal_text(last_signal_);
     }
-    if (WIFEXITED(status)) return fmt::format("exit status {}", WEXITSTATUS(status));
+    if (WIFEXITED(status)) {
+      const int code = WEXITSTATUS(status);
+      if (code == kExitLostSocket) {
+        return fmt::format(
+            "exit status {}: its socket to the host was closed or broken inside "
+            "the worker",
+            code);
+      }
+      if (code == kExitProtocol) {
+        return fmt::format("exit status {}: a frame from the host was not the protocol", code);
+      }
+      return fmt::format("exit status {}", code);
+    }
     return "ended";
   }
 
@@ -366,10 +378,10 @@ class ProcessService final : public Service {
               fmt::format("the worker did not stop within {} s of the {}; killed ({}) and replaced",
                           kStopGraceSeconds, stop_for_deadline ? "deadline" : "cancel", how);
           // Past the deadline the attempt ends TIMEOUT with this message
-          // after its own; a cancelled one ends CANCELLED.
-          throw TaskError(stop_for_deadline ? TaskFailureReason::kProcessingError
-                                            : TaskFailureReason::kCancelled,
-                          msg);
+          // after its own, and the replacement is kept (TIMEOUT from the
+          // service: it stopped); a cancelled one ends CANCELLED.
+          throw TaskError(
+              stop_for_deadline ? TaskFailureReason::kTimeout : TaskFailureReason::kCancelled, msg);
         }
         continue;
       }
@@ -646,6 +658,24 @@ std::shared_ptr<ServiceFactory> make_process_service(const std::string& kind, co
                                   kind, s->service.worker_executable));
   }
   s->config_yaml = config.to_yaml();
+  if (!s->service.library.empty()) {
+    // The library is checked now, not at the first task: a worker loads it
+    // and makes the kind's factory (no instance, no engine), then exits.
+    json::object init;
+    init["kind"] = kind;
+    init["device"] = "cpu";
+    init["library"] = s->service.library;
+    init["config_yaml"] = s->config_yaml;
+    init["memory_limit_mb"] = 0;
+    init["check_only"] = true;
+    try {
+      Worker check;
+      check.start(s->exe, init, s->service.start_timeout_seconds);
+      (void)check.reap();
+    } catch (const std::exception& e) {
+      throw Error(ErrorCode::kInvalidConfig, e.what());
+    }
+  }
   return std::make_shared<ProcessFactory>(std::move(s), std::move(local));
 }
 

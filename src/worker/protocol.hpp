@@ -37,6 +37,10 @@ enum class Msg : std::uint8_t {
 
 inline constexpr std::uint32_t kMaxFrame = 1u << 30;
 
+// A worker's own exit statuses, which the host names.
+inline constexpr int kExitProtocol = 70;    // a frame from the host was not the protocol
+inline constexpr int kExitLostSocket = 71;  // its socket was closed or broke inside the worker
+
 struct Frame {
   Msg type{};
   boost::json::object body;

@@ -29,6 +29,7 @@
 #include <mutex>
 #include <new>
 #include <string>
+#include <system_error>
 #include <thread>
 
 #include "taskmgr/config.hpp"
@@ -52,9 +53,19 @@ std::atomic<bool> g_near_limit{false};  // this task's memory reached 90% of the
 std::atomic<bool> g_near_sent{false};   // ... and the host was told so
 std::int64_t g_limit_kb = 0;            // 0 = no limit (set once, before any thread)
 
+// A frame to the host; a worker that cannot write it exits (the host closed
+// the socket, or the service closed or broke it: the host names the status).
+void send_or_exit(Msg type, const json::object& body) noexcept {
+  try {
+    send_frame(g_sock, type, body);
+  } catch (...) {
+    ::_exit(kExitLostSocket);
+  }
+}
+
 void send(Msg type, const json::object& body) {
   std::lock_guard<std::mutex> g(g_send_mu);
-  send_frame(g_sock, type, body);
+  send_or_exit(type, body);
 }
 
 // VmData of this process in kB (what RLIMIT_DATA counts), read with system
@@ -124,7 +135,7 @@ void sampler() {
       // under this lock first).
       if (g_running.load()) send_frame(g_sock, Msg::kMemory, o);
     } catch (...) {
-      ::_exit(0);  // the host is gone
+      ::_exit(kExitLostSocket);
     }
   }
 }
@@ -142,21 +153,21 @@ std::int64_t int_of(const json::object& o, const char* key, std::int64_t def) {
   return v != nullptr && v->is_int64() ? v->as_int64() : def;
 }
 
-// Exit status of a worker that could not read the host's frame.
-constexpr int kProtocolExit = 70;
-
 void reader() {
   for (;;) {
     Frame f;
     Read r = Read::kClosed;
     try {
       r = recv_frame(g_sock, -1, f);
+    } catch (const std::system_error&) {
+      ::_exit(kExitLostSocket);  // poll failed: the socket is broken here
     } catch (const std::exception& e) {
       std::fprintf(stderr, "taskmgr-worker: %s\n", e.what());
-      ::_exit(kProtocolExit);
+      ::_exit(kExitProtocol);
     }
-    // The host is gone or replaced this worker: nothing is left to do.
-    if (r != Read::kFrame) ::_exit(0);
+    // The host is gone or replaced this worker: nothing is left to do. (Or
+    // the service closed the socket: the host is told by the status.)
+    if (r != Read::kFrame) ::_exit(::fcntl(g_sock, F_GETFD) < 0 ? kExitLostSocket : 0);
     if (f.type == Msg::kCancel) {
       if (f.fd >= 0) ::close(f.fd);
       std::lock_guard<std::mutex> g(g_mu);
@@ -345,6 +356,20 @@ int main(int argc, char** argv) {
     const Config config = Config::from_yaml_string(text_of(init.body, "config_yaml"), "host");
     limit = limit_memory(int_of(init.body, "memory_limit_mb", 0));
     factory = make_factory(kind, text_of(init.body, "library"), config);
+    if (const auto* c = init.body.if_contains("check_only"); c && c->is_bool() && c->as_bool()) {
+      // The host's check at open: the library loads and makes a factory of
+      // the kind; no instance (no engine) is made.
+      if (factory->kind() != kind) {
+        throw std::runtime_error(
+            "worker: services." + kind + ".library: " + text_of(init.body, "library") +
+            " made a factory of kind '" + factory->kind() + "' for '" + kind + "'");
+      }
+      json::object o;
+      o["pid"] = static_cast<std::int64_t>(::getpid());
+      o["memory_limit"] = limit;
+      send_or_exit(Msg::kReady, o);
+      return 0;
+    }
     instance = factory->create(device);
     if (!instance) throw std::runtime_error("worker: the factory made no instance");
   } catch (const std::bad_alloc&) {
@@ -352,19 +377,29 @@ int main(int argc, char** argv) {
     o["message"] = "worker: the " + kind + " engine did not load within services." + kind +
                    ".memory_limit_mb (" + std::to_string(int_of(init.body, "memory_limit_mb", 0)) +
                    " MB)";
-    send_frame(g_sock, Msg::kInitFailed, o);
+    send_or_exit(Msg::kInitFailed, o);
     return 4;
   } catch (const std::exception& e) {
+    // The worker's own messages say "worker: ..."; a factory's or an
+    // engine's words are said to come from starting the worker.
+    const std::string what = e.what();
     json::object o;
-    o["message"] = e.what();
-    send_frame(g_sock, Msg::kInitFailed, o);
+    o["message"] = what.rfind("worker:", 0) == 0
+                       ? what
+                       : "worker: starting " + kind + " on " + device + ": " + what;
+    send_or_exit(Msg::kInitFailed, o);
+    return 4;
+  } catch (...) {
+    json::object o;
+    o["message"] = "worker: starting " + kind + " on " + device + ": an unknown exception";
+    send_or_exit(Msg::kInitFailed, o);
     return 4;
   }
   {
     json::object o;
     o["pid"] = static_cast<std::int64_t>(::getpid());
     o["memory_limit"] = limit;
-    send_frame(g_sock, Msg::kReady, o);
+    send_or_exit(Msg::kReady, o);
   }
   std::thread(reader).detach();
   if (g_limit_kb > 0) std::thread(sampler).detach();

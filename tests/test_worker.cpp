@@ -369,7 +369,12 @@ TEST_CASE(
     const Task t = w.finished(w.run(R"({"do":")" + what + R"("})").id);
     CHECK(t.status == TaskStatus::kFailed);
     CHECK(t.failure_reason == TaskFailureReason::kOutOfMemory);
-    CHECK(t.failure_message.find("90% of its limit of 200 MB") != std::string::npos);
+    // The engine's words, with the refused allocation; an abort: the crash,
+    // after an allocation failed.
+    CHECK(t.failure_message.find(what == "c_alloc"
+                                     ? "was refused under the worker's memory limit of 200 MB"
+                                     : "after an allocation failed or its memory reached 90% of "
+                                       "its limit of 200 MB") != std::string::npos);
     const auto retried = w.details(t.id, TaskEvent::kRetried);
     REQUIRE(retried.size() == 1);
     CHECK(retried[0].at("reason").as_string() == "out_of_memory");
@@ -416,6 +421,29 @@ TEST_CASE(
   const auto after = w.result(w.finished(w.run(R"({"do":"ok"})").id));
   CHECK(alive(pid_of(after)));
   CHECK(w.count_logged("started for probe on cpu in ") == starts);
+}
+
+TEST_CASE(
+    "a stage name that is not UTF-8 is refused in the worker as in process, and every later "
+    "task gets its own result") {
+  Workers w;
+  w.config.tasks.retry.max_attempts = 1;
+  w.open();
+  const auto first = w.result(w.finished(w.run(R"({"do":"ok"})").id));
+  // Caught by the service: it goes on, and completes.
+  const Task caught = w.finished(w.run(R"({"do":"bad_stage"})").id);
+  CHECK(w.result(caught).at("id").as_string() == caught.id);
+  // Not caught: the task fails as in process (INVALID_ARGUMENT's message).
+  const Task failed = w.finished(w.run(R"({"do":"bad_stage","uncaught":1})").id);
+  CHECK(failed.status == TaskStatus::kFailed);
+  CHECK(failed.failure_message.find("stage: the name is not valid UTF-8 (byte 5)") !=
+        std::string::npos);
+  for (int i = 0; i < 3; ++i) {
+    const Task t = w.finished(w.run(R"({"do":"ok"})").id);
+    CHECK(w.result(t).at("id").as_string() == t.id);
+  }
+  CHECK(w.count_logged("started for probe on cpu in ") == 1);  // the worker was kept
+  (void)first;
 }
 
 TEST_CASE("a service that closes its worker's socket: the worker's exit status names it") {
@@ -528,11 +556,19 @@ TEST_CASE(
   CHECK(t.status == TaskStatus::kFailed);
   CHECK(t.failure_reason == TaskFailureReason::kOutOfMemory);
   CHECK(t.failure_message.find("engine failed: no buffer for the page") != std::string::npos);
-  // A request larger than the whole limit is not a shortage: the engine's
-  // own failure stands.
+  CHECK(t.failure_message.find("(an allocation of 190 MB was refused under the worker's memory "
+                               "limit of 200 MB, services.probe.memory_limit_mb)") !=
+        std::string::npos);
+  // A request larger than the whole limit: the task needs more than the
+  // limit gives, out of memory too (a 14000 x 14000 page under 300 MB).
   const Task huge = w.finished(w.run(R"({"do":"big_alloc","mb":4096})").id);
-  CHECK(huge.failure_reason == TaskFailureReason::kProcessingError);
-  CHECK(huge.failure_message == "engine failed: no buffer for the page");
+  CHECK(huge.failure_reason == TaskFailureReason::kOutOfMemory);
+  CHECK(huge.failure_message.find("(an allocation of 4096 MB was refused") != std::string::npos);
+  // One past any machine's memory (2 TiB) is a size computed wrongly: the
+  // engine's own failure stands.
+  const Task absurd = w.finished(w.run(R"({"do":"big_alloc","mb":2097152})").id);
+  CHECK(absurd.failure_reason == TaskFailureReason::kProcessingError);
+  CHECK(absurd.failure_message == "engine failed: no buffer for the page");
   // …and one the limit holds goes through.
   CHECK(w.result(w.finished(w.run(R"({"do":"big_alloc","mb":20})").id)).at("batch") == 1);
 }

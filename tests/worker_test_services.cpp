@@ -19,6 +19,8 @@
 //   {"do":"c_alloc"}                mallocs until NULL, then throws in its own
 //                                   words; "c_alloc_abort": aborts instead
 //   {"do":"bad_result"}             sets a result that is not UTF-8
+//   {"do":"bad_stage"}              a stage name that is not UTF-8 (refused:
+//                                   caught, then "ok"; "uncaught": not caught)
 //   {"do":"close_socket"}           closes descriptor 3 (the worker's socket),
 //                                   then returns
 //   {"do":"wait_first","pid_file":F} attempt 1 is "wait"; later ones "ok"
@@ -62,6 +64,7 @@ class Probe final : public Service {
     r["pid"] = static_cast<std::int64_t>(::getpid());
     r["batch"] = ctx.batch_size();
     r["attempt"] = ctx.attempt();
+    r["id"] = ctx.task_id();
     if (what == "segv") ::raise(SIGSEGV);
     if (what == "forksegv") {
       // A helper process that outlives the worker and keeps its socket.
@@ -104,6 +107,15 @@ class Probe final : public Service {
     if (what == "exit") std::_Exit(static_cast<int>(o.at("status").as_int64()));
     if (what == "hang") {
       for (;;) std::this_thread::sleep_for(std::chrono::seconds(1));
+    }
+    if (what == "bad_stage") {
+      try {
+        ctx.stage("page \xff");
+      } catch (const std::exception&) {
+        // Refused in the worker as in process; a service that goes on
+        // after it must not confuse the host about which task ends.
+      }
+      if (o.contains("uncaught")) ctx.stage("page \xff");
     }
     if (what == "close_socket") {
       ::close(3);

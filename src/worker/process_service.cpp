@@ -393,7 +393,14 @@ class ProcessService final : public Service {
           if (const auto* n = f.body.if_contains("name"); n && n->is_string()) {
             name = std::string(n->as_string());
           }
-          ctx.stage(name);
+          try {
+            ctx.stage(name);
+          } catch (...) {
+            // The task ends here while the worker still runs it: a worker
+            // left so would answer the next task with this one's end.
+            replace();
+            throw;
+          }
           break;
         }
         case Msg::kAccepted:
@@ -402,7 +409,19 @@ class ProcessService final : public Service {
           input.fd = -1;
           break;
         case Msg::kMemory: report(ctx, f.body, "rss_mb"); break;
-        case Msg::kDone: finish(ctx, f.body); return;
+        case Msg::kDone: {
+          // The end of this task, not of another: else the worker and the
+          // host disagree on which task runs, and it is replaced.
+          const auto* id = f.body.if_contains("id");
+          if (id == nullptr || !id->is_string() || id->as_string() != ctx.task_id()) {
+            replace();
+            throw TaskError(
+                TaskFailureReason::kProcessingError,
+                "worker broke the protocol: the end of another task than " + ctx.task_id(), true);
+          }
+          finish(ctx, f.body);
+          return;
+        }
         default:
           replace();
           throw TaskError(TaskFailureReason::kProcessingError,
@@ -514,7 +533,8 @@ class ProcessService final : public Service {
       // Its allocations had reached 90% of the limit: an engine that aborts
       // or crashes when one fails (a C library's NULL) ran out of memory.
       throw OutOfMemoryError(
-          fmt::format("worker ended ({}) after its memory reached 90% of its limit of {} MB "
+          fmt::format("worker ended ({}) after an allocation failed or its memory reached 90% "
+                      "of its limit of {} MB "
                       "(services.{}.memory_limit_mb)",
                       how, limit, s_->kind));
     }
@@ -567,8 +587,21 @@ class ProcessService final : public Service {
     const auto reason =
         parse_failure_reason(text("reason")).value_or(TaskFailureReason::kProcessingError);
     // An engine that fails a task in its own words when an allocation
-    // fails ("could not recognize the page"): past 90% of the limit, that
+    // fails ("could not recognize the page", "cannot decode the image"):
+    // with an allocation refused under the limit, or past 90% of it, that
     // is out of memory (the worker was replaced above if it said so).
+    const std::int64_t refused_mb = [&] {
+      const auto* v = body.if_contains("refused_mb");
+      return v != nullptr && v->is_int64() ? v->as_int64() : 0;
+    }();
+    if ((reason == TaskFailureReason::kProcessingError ||
+         reason == TaskFailureReason::kInvalidInput) &&
+        refused_mb > 0 && s_->service.memory_limit_mb > 0) {
+      throw OutOfMemoryError(fmt::format(
+          "{} (an allocation of {} MB was refused under the worker's memory limit of {} MB, "
+          "services.{}.memory_limit_mb)",
+          message, refused_mb, s_->service.memory_limit_mb, s_->kind));
+    }
     if (reason == TaskFailureReason::kProcessingError && near_limit_ &&
         s_->service.memory_limit_mb > 0) {
       throw OutOfMemoryError(

@@ -37,6 +37,7 @@
 #include "taskmgr/ocr.hpp"
 #include "taskmgr/service.hpp"
 #include "taskmgr/worker.hpp"
+#include "utf8.hpp"
 #include "worker/protocol.hpp"
 
 namespace json = boost::json;
@@ -48,10 +49,11 @@ namespace {
 int g_sock = -1;
 std::mutex g_send_mu;  // frames from the main thread and the sampler, whole
 std::atomic<bool> g_cancel{false};
-std::atomic<bool> g_running{false};     // a task is running
-std::atomic<bool> g_near_limit{false};  // this task's memory reached 90% of the limit
-std::atomic<bool> g_near_sent{false};   // ... and the host was told so
-std::int64_t g_limit_kb = 0;            // 0 = no limit (set once, before any thread)
+std::atomic<bool> g_running{false};         // a task is running
+std::atomic<bool> g_near_limit{false};      // this task's memory reached 90% of the limit
+std::atomic<bool> g_near_sent{false};       // ... and the host was told so
+std::atomic<std::int64_t> g_refused_mb{0};  // the largest allocation refused in this task
+std::int64_t g_limit_kb = 0;                // 0 = no limit (set once, before any thread)
 
 // A frame to the host; a worker that cannot write it exits (the host closed
 // the socket, or the service closed or broke it: the host names the status).
@@ -224,6 +226,12 @@ class WorkerContext final : public TaskContext {
   // The sample's memory is measured here (the resident set now); the host
   // records the sample.
   void stage(std::string_view name) override {
+    // Refused here, as in process (the host would refuse it too, with the
+    // task still running here).
+    if (auto at = detail::invalid_utf8_at(name)) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  "stage: the name is not valid UTF-8 (byte " + std::to_string(*at) + ")");
+    }
     json::object o;
     o["name"] = name;
     o["rss_mb"] = self_rss_mb();
@@ -415,6 +423,7 @@ int main(int argc, char** argv) {
       g_cancel.store(false);
       g_near_limit.store(false);
       g_near_sent.store(false);
+      g_refused_mb.store(0);
     }
     if (f.type != Msg::kTask) return 5;
     {
@@ -463,9 +472,11 @@ int main(int argc, char** argv) {
       std::lock_guard<std::mutex> g(g_send_mu);
       g_running.store(false);
     }
+    done["id"] = text_of(f.body, "id");
     done["peak_mb"] = self_peak_rss_mb();
     done["healthy"] = healthy;
     done["near_limit"] = g_near_limit.load();
+    done["refused_mb"] = g_refused_mb.load();
     {
       std::lock_guard<std::mutex> g(g_mu);
       g_current.clear();
@@ -475,9 +486,11 @@ int main(int argc, char** argv) {
 }
 
 // An allocation that fails under the worker's memory limit (malloc and its
-// kin returning NULL for a request the limit could have held) marks the
-// task as out of memory, whatever the engine then does with the NULL: fail
-// in its own words ("could not recognize page"), abort, crash. Defined in
+// kin returning NULL) marks the task as out of memory, whatever the engine
+// then does with the NULL: fail in its own words ("could not recognize
+// page", "cannot decode the image"), abort, crash. Also one larger than the
+// whole limit: the task needs more than the limit gives. Not one past any
+// machine's memory (1 TiB): a size computed wrongly is the engine's bug. Defined in
 // the executable, these come before libc's for every library the worker
 // loads; they allocate with libc's own allocator (free stays libc's). Not in
 // sanitized builds, whose runtime owns malloc.
@@ -491,8 +504,13 @@ void* __libc_memalign(std::size_t, std::size_t);
 
 namespace {
 void note_failed(std::size_t bytes) {
-  if (g_limit_kb > 0 && static_cast<std::int64_t>(bytes / 1024) <= g_limit_kb) {
+  constexpr std::size_t kImplausible = std::size_t{1} << 40;
+  if (g_limit_kb > 0 && bytes < kImplausible) {
     g_near_limit.store(true, std::memory_order_relaxed);
+    const auto mb = static_cast<std::int64_t>((bytes + (1u << 20) - 1) >> 20);
+    std::int64_t prev = g_refused_mb.load(std::memory_order_relaxed);
+    while (mb > prev && !g_refused_mb.compare_exchange_weak(prev, mb, std::memory_order_relaxed)) {
+    }
   }
 }
 }  // namespace

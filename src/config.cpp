@@ -340,6 +340,32 @@ Config parse_document(const YAML::Node& root, std::unordered_map<std::string, in
         r.read("worker_executable", sc.worker_executable);
         r.read("memory_limit_mb", sc.memory_limit_mb);
         r.read("start_timeout_seconds", sc.start_timeout_seconds);
+        if (YAML::Node m = r.raw("memory_model"); m && !m.IsNull()) {
+          MapReader mr = r.child("memory_model");
+          ServiceConfig::MemoryModel mm;
+          mr.read("base_mb", mm.base_mb);
+          mr.read("per_page_mb", mm.per_page_mb);
+          mr.read("per_mpixel_mb", mm.per_mpixel_mb);
+          mr.read("per_input_mb", mm.per_input_mb);
+          mr.finish();
+          sc.memory_model = mm;
+        }
+        if (YAML::Node d = r.raw("device_kinds"); d && !d.IsNull()) {
+          const std::string dpath = join(join(path, kind), "device_kinds");
+          lines[dpath] = MapReader::line_of(d);
+          if (!d.IsSequence()) {
+            throw ConfigError(
+                dpath, MapReader::line_of(d),
+                MapReader::fmt_msg(dpath, std::string("must be a list, got ") + node_kind(d)));
+          }
+          for (const auto& item : d) {
+            if (!item.IsScalar()) {
+              throw ConfigError(dpath, MapReader::line_of(item),
+                                MapReader::fmt_msg(dpath, "must be a list of device kinds"));
+            }
+            sc.device_kinds.push_back(item.as<std::string>());
+          }
+        }
         r.finish();
         c.services[kind] = sc;
       }
@@ -653,6 +679,25 @@ void Config::validate() const {
     if (!(sc.start_timeout_seconds > 0) || !std::isfinite(sc.start_timeout_seconds)) {
       invalid(p + ".start_timeout_seconds", "must be > 0, got " + num(sc.start_timeout_seconds));
     }
+    if (sc.memory_model) {
+      const auto& m = *sc.memory_model;
+      for (const auto& [key, v] : {std::pair<const char*, double>{"base_mb", m.base_mb},
+                                   {"per_page_mb", m.per_page_mb},
+                                   {"per_mpixel_mb", m.per_mpixel_mb},
+                                   {"per_input_mb", m.per_input_mb}}) {
+        if (!(v >= 0) || !std::isfinite(v)) {
+          invalid(p + ".memory_model." + key, "must be >= 0, got " + num(v));
+        }
+      }
+      if (!(m.base_mb + m.per_page_mb + m.per_mpixel_mb + m.per_input_mb > 0)) {
+        invalid(p + ".memory_model", "estimates 0 MB for every task: give one figure above 0");
+      }
+    }
+    for (const std::string& k : sc.device_kinds) {
+      if (k != "cpu" && k != "gpu") {
+        invalid(p + ".device_kinds", "must list cpu and/or gpu, got '" + k + "'");
+      }
+    }
   }
 
   bool level_ok = false;
@@ -824,6 +869,17 @@ std::string Config::to_yaml() const {
     e << YAML::Key << "worker_executable" << YAML::Value << sc.worker_executable;
     e << YAML::Key << "memory_limit_mb" << YAML::Value << sc.memory_limit_mb;
     e << YAML::Key << "start_timeout_seconds" << YAML::Value << sc.start_timeout_seconds;
+    if (sc.memory_model) {
+      e << YAML::Key << "memory_model" << YAML::Value << YAML::BeginMap;
+      e << YAML::Key << "base_mb" << YAML::Value << sc.memory_model->base_mb;
+      e << YAML::Key << "per_page_mb" << YAML::Value << sc.memory_model->per_page_mb;
+      e << YAML::Key << "per_mpixel_mb" << YAML::Value << sc.memory_model->per_mpixel_mb;
+      e << YAML::Key << "per_input_mb" << YAML::Value << sc.memory_model->per_input_mb;
+      e << YAML::EndMap;
+    }
+    if (!sc.device_kinds.empty()) {
+      e << YAML::Key << "device_kinds" << YAML::Value << YAML::Flow << sc.device_kinds;
+    }
     e << YAML::EndMap;
   }
   e << YAML::EndMap;

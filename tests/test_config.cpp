@@ -133,8 +133,15 @@ TEST_CASE("to_yaml round-trips through from_yaml_string") {
   c.devices.declared.push_back({"cuda:0", "gpu", 1000});
   c.pools.devices["cuda:0"] = PoolSettings{1, 2, 5};
   c.storage.synchronous = SyncMode::kFull;
+  c.tasks.close_grace_seconds = 2.5;
+  c.services["x"].memory_model = ServiceConfig::MemoryModel{40, 3, 0.5, 0};
+  c.services["x"].device_kinds = {"cpu", "gpu"};
   const Config back = Config::from_yaml_string(c.to_yaml());
   CHECK(back.to_yaml() == c.to_yaml());
+  CHECK(back.tasks.close_grace_seconds == 2.5);
+  REQUIRE(back.services.at("x").memory_model.has_value());
+  CHECK(back.services.at("x").memory_model->per_mpixel_mb == 0.5);
+  CHECK(back.services.at("x").device_kinds == std::vector<std::string>{"cpu", "gpu"});
   CHECK(back.tasks.max_queue_size == 42);
   CHECK(back.pools.for_device("cuda:0").max_instances == 2);
   CHECK(back.devices.declared.at(0).memory_mb == 1000);
@@ -156,6 +163,11 @@ TEST_CASE("each out-of-range value is an error that names its key path and line"
       {"tasks:\n  cleanup_timeout_seconds: -1\n", "tasks.cleanup_timeout_seconds", 2},
       {"tasks:\n  close_grace_seconds: -1\n", "tasks.close_grace_seconds", 2},
       {"tasks:\n  close_grace_seconds: .nan\n", "tasks.close_grace_seconds", 2},
+      {"services:\n  x:\n    memory_model:\n      base_mb: -1\n", "services.x.memory_model.base_mb",
+       4},
+      {"services:\n  x:\n    memory_model:\n      per_page_mb: .inf\n",
+       "services.x.memory_model.per_page_mb", 4},
+      {"services:\n  x:\n    device_kinds: [cpu, tpu]\n", "services.x.device_kinds", 3},
       // A required key that is missing: the line of the key around it.
       {"services:\n  foo:\n    isolation: process\n", "services.foo.library", 2},
       {"tasks:\n  retry:\n    max_attempts: 0\n", "tasks.retry.max_attempts", 3},

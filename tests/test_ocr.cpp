@@ -718,6 +718,47 @@ TEST_CASE(
 }
 
 TEST_CASE(
+    "a page larger than the worker's memory limit: OUT_OF_MEMORY naming the refused "
+    "allocation, not a decoding failure") {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  MESSAGE("skipped: a sanitized worker cannot run under RLIMIT_DATA");
+#else
+  TempDir dir;
+  // 14000 x 14000 grey: 196 MB decoded, Tesseract's copies on top.
+  const fs::path big = dir.path / "big.png";
+  {
+    PIX* p = pixCreate(14000, 14000, 8);
+    REQUIRE(p != nullptr);
+    pixSetAll(p);
+    REQUIRE(pixWrite(big.string().c_str(), p, IFF_PNG) == 0);
+    pixDestroy(&p);
+  }
+  Config c = test_config();
+  c.executor.worker_threads = 1;
+  c.services["ocr"].isolation = "process";
+  c.services["ocr"].worker_executable = TASKMGR_WORKER_EXECUTABLE;
+  c.services["ocr"].memory_limit_mb = 300;
+  c.tasks.retry.max_attempts = 1;
+  c.tasks.retry.cpu_fallback = false;
+  TaskManagerOptions o;
+  o.log_sink = [](LogLevel, std::string_view) {};
+  TaskManager tm(c, o);
+  TaskCreateRequest r;
+  r.service = "ocr";
+  r.input.path = big.string();
+  const Task t = tm.create_task(r);
+  tm.start_task(t.id);
+  const auto done = tm.wait_task(t.id, 120s);
+  REQUIRE(done.has_value());
+  MESSAGE(done->failure_message);
+  CHECK(done->status == TaskStatus::kFailed);
+  CHECK(done->failure_reason == TaskFailureReason::kOutOfMemory);
+  CHECK(done->failure_message.find("was refused under the worker's memory limit of 300 MB") !=
+        std::string::npos);
+#endif
+}
+
+TEST_CASE(
     "services.ocr.isolation auto (the default): OCR in a worker when taskmgr-worker is "
     "found, else in process with a warning") {
   CHECK(ServiceConfig{}.isolation == "auto");

@@ -600,6 +600,49 @@ TEST_CASE(
   CHECK(w.logged("(memory limit: RLIMIT_DATA 300 MB)"));
 }
 
+TEST_CASE(
+    "a worker library's kind gets a memory model and its device kinds from the configuration, "
+    "as a C or Python host (no factory of its own) needs") {
+  Workers w;
+  w.config.devices.declared.push_back({"cuda:0", "gpu", 8000});
+  // YAML, as taskmgr_open and Python's Manager take it.
+  const Config extra = Config::from_yaml_string(
+      "services:\n"
+      "  probe:\n"
+      "    memory_model: {base_mb: 50, per_page_mb: 10, per_mpixel_mb: 0, per_input_mb: 0}\n"
+      "    device_kinds: [cpu]\n");
+  w.config.services["probe"].memory_model = extra.services.at("probe").memory_model;
+  w.config.services["probe"].device_kinds = extra.services.at("probe").device_kinds;
+  TaskManagerOptions o;
+  o.builtin_ocr = false;  // and no host factory for "probe": made from the library alone
+  o.log_sink = [](LogLevel, std::string_view) {};
+  w.tm = std::make_unique<TaskManager>(w.config, o);
+  TaskCreateRequest r;
+  r.service = "probe";
+  r.options_json = R"({"do":"ok"})";
+  r.batch_size = 4;
+  const MemoryEstimate e = w.tm->explain_estimate(r);
+  CHECK(e.model == "services.probe.memory_model");
+  CHECK(e.mb == 60);  // 50 + min(batch 4, pages 1) x 10
+  // The GPU is not among its device kinds: it runs on the CPU, also when
+  // the GPU is asked for (a request is a preference, as for any device the
+  // service does not support).
+  const Task t = w.tm->create_task(r);
+  CHECK(t.assigned_device.value_or("") == "cpu");
+  CHECK(t.estimated_memory_mb.value_or(0) == 60);
+  r.device = "cuda:0";
+  CHECK(w.tm->create_task(r).assigned_device.value_or("") == "cpu");
+  r.device.clear();
+  w.tm->start_task(t.id);
+  CHECK(w.result(w.finished(t.id)).at("id").as_string() == t.id);
+  // Without device_kinds, a library's kind runs anywhere (it has no
+  // supports() of its own).
+  Workers any;
+  any.config.devices.declared.push_back({"cuda:0", "gpu", 8000});
+  any.open();
+  CHECK(any.tm->create_task(r).assigned_device.value_or("") == "cuda:0");
+}
+
 TEST_CASE("a memory hog on a GPU under the worker's limit falls back to the CPU") {
   SKIP_UNDER_SANITIZERS();
   Workers w(/*memory_limit_mb=*/300);

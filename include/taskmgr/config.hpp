@@ -212,6 +212,24 @@ struct ServiceConfig {
   std::int64_t memory_limit_mb = 0;
   // process: a worker whose engine is not loaded by then fails to start (> 0).
   double start_timeout_seconds = 60;
+  // Any isolation. The kind's memory model as configuration (the linear
+  // model's coefficients, LinearModelCoefficients in estimator.hpp): it
+  // replaces the model of the kind's factory, or gives one to a kind whose
+  // factory has none (a worker library's kind, a C or Python service
+  // without an estimate function). Unset: the factory's model, else the
+  // default linear model.
+  struct MemoryModel {
+    double base_mb = 16;
+    double per_page_mb = 1;
+    double per_mpixel_mb = 8;
+    double per_input_mb = 2;
+  };
+  std::optional<MemoryModel> memory_model;
+  // Any isolation. The kinds of device the kind's instances run on ("cpu",
+  // "gpu"); a device of another kind is not supported, whatever the
+  // factory's supports() says. Empty: as the factory says (a worker
+  // library's kind: every device).
+  std::vector<std::string> device_kinds;
 };
 
 // logging

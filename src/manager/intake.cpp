@@ -12,6 +12,7 @@
 #include "manager/lifecycle.hpp"
 #include "manager/task_events.hpp"
 #include "taskmgr/error.hpp"
+#include "taskmgr/estimator.hpp"
 #include "taskmgr/worker.hpp"
 #include "worker/process_service.hpp"
 
@@ -245,6 +246,18 @@ void Intake::register_service(std::shared_ptr<ServiceFactory> factory) {
   }
   ServiceRegistry::validate_kind(kind);
   scheduler_.check_open();
+  const auto svc_config = config_.services.find(kind);
+  // services.<kind>.memory_model: the operator's figures for the kind, over
+  // the factory's model (or in place of none).
+  if (svc_config != config_.services.end() && svc_config->second.memory_model) {
+    const auto& m = *svc_config->second.memory_model;
+    LinearModelCoefficients c;
+    c.base_mb = m.base_mb;
+    c.per_page_mb = m.per_page_mb;
+    c.per_mpixel_mb = m.per_mpixel_mb;
+    c.per_input_mb = m.per_input_mb;
+    model = std::make_shared<LinearMemoryModel>("services." + kind + ".memory_model", c);
+  }
   // services.<kind>.isolation: process: the instances run in worker
   // processes; the host's factory keeps answering supports() and the
   // memory model here.
@@ -258,6 +271,11 @@ void Intake::register_service(std::shared_ptr<ServiceFactory> factory) {
   }
   auto entry = std::make_unique<ServiceEntry>();
   entry->kind = kind;
+  if (svc_config != config_.services.end()) {
+    for (const std::string& k : svc_config->second.device_kinds) {
+      entry->device_kinds.push_back(k == "gpu" ? DeviceKind::kGpu : DeviceKind::kCpu);
+    }
+  }
   entry->factory = factory;
   if (const auto* r = dynamic_cast<const InputRequirement*>(factory.get())) {
     entry->needs_input = r->needs_input();  // the library's own factories: no host code

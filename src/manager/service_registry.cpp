@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+
 #include "host_call.hpp"
 #include "taskmgr/error.hpp"
 #include "utf8.hpp"
@@ -66,6 +68,10 @@ std::vector<const ServiceEntry*> ServiceRegistry::entries() const {
 }
 
 bool ServiceRegistry::supports(const ServiceEntry& e, const DeviceInfo& d) {
+  if (!e.device_kinds.empty() &&
+      std::find(e.device_kinds.begin(), e.device_kinds.end(), d.kind) == e.device_kinds.end()) {
+    return false;  // services.<kind>.device_kinds leaves it out: the factory is not asked
+  }
   TASKMGR_HOST_CALL("ServiceFactory::supports");
   return e.factory->supports(d);
 }

@@ -33,6 +33,9 @@ struct ServiceEntry {
   // Tasks of this kind must have an input (path or bytes): the factory
   // said so at registration (detail::InputRequirement).
   bool needs_input = false;
+  // services.<kind>.device_kinds: the kinds of device it may run on; empty:
+  // as the factory's supports() says.
+  std::vector<DeviceKind> device_kinds;
 };
 
 // A pool's identity: service kind and device (never joined into one string).

@@ -524,9 +524,10 @@ class ProcessService final : public Service {
     const std::string how = worker_.reap();
     const int sig = worker_.last_signal();
     s_->write(LogLevel::kWarn,
-              fmt::format("worker {} of {} on {} ended during task {} ({}, {} MB resident when "
-                          "last measured): it is replaced",
-                          pid, s_->kind, device_, ctx.task_id(), how, rss));
+              fmt::format("worker {} of {} on {} ended during task {} ({}, {}): it is replaced",
+                          pid, s_->kind, device_, ctx.task_id(), how,
+                          rss > 0 ? fmt::format("{} MB resident when last measured", rss)
+                                  : std::string("its memory not measured during the task")));
     replace();
     const std::int64_t limit = s_->service.memory_limit_mb;
     if (limit > 0 && near_limit_) {

@@ -17,6 +17,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -70,10 +71,11 @@ void send(Msg type, const json::object& body) {
   send_or_exit(type, body);
 }
 
-// VmData of this process in kB (what RLIMIT_DATA counts), read with system
-// calls only: also called from a signal handler.
-std::int64_t data_kb() {
-  static char buf[8192];
+// A field of /proc/self/status in kB, read with system calls into the
+// stack only (no allocation: the heap may be exhausted; also called from a
+// signal handler); -1 when unreadable.
+std::int64_t status_field_kb(const char* key) {
+  char buf[8192];
   const int fd = ::open("/proc/self/status", O_RDONLY | O_CLOEXEC);
   if (fd < 0) return -1;
   ssize_t n = 0, r;
@@ -83,14 +85,17 @@ std::int64_t data_kb() {
   }
   ::close(fd);
   buf[n < 0 ? 0 : n] = '\0';
-  const char* p = std::strstr(buf, "VmData:");
+  const char* p = std::strstr(buf, key);
   if (p == nullptr) return -1;
-  p += 7;
+  p += std::strlen(key);
   while (*p == ' ' || *p == '\t') ++p;
   std::int64_t v = 0;
   while (*p >= '0' && *p <= '9') v = v * 10 + (*p++ - '0');
   return v;
 }
+
+// VmData: what RLIMIT_DATA counts.
+std::int64_t data_kb() { return status_field_kb("VmData:"); }
 
 bool past_90_percent(std::int64_t kb) { return g_limit_kb > 0 && kb * 10 >= g_limit_kb * 9; }
 
@@ -118,24 +123,46 @@ extern "C" void on_fatal_signal(int sig) {
   ::raise(sig);
 }
 
-// While a task runs under a limit: VmData every 10 ms; past 90% of the
-// limit the host is told (once per task).
+// While a task runs under a limit, every 10 ms: the resident set, sent when
+// it moved by 2% of the limit (at least 4 MB) since last sent, so that the
+// host knows it within 10 ms when the worker is killed (SIGKILL near the
+// limit: the OOM killer); and VmData: past 90% of the limit the host is
+// told (once per task).
 void sampler() {
+  std::int64_t sent_rss = -1;
+  const std::int64_t step = std::max<std::int64_t>(4, g_limit_kb / 1024 / 50);
   for (;;) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    if (!g_running.load() || g_near_sent.load()) continue;
+    if (!g_running.load()) {
+      sent_rss = -1;
+      continue;
+    }
     const std::int64_t kb = data_kb();
-    if (!g_near_limit.load() && !past_90_percent(kb)) continue;
-    g_near_limit.store(true);
-    if (g_near_sent.exchange(true)) continue;
-    json::object o;
-    o["near_limit"] = true;
-    o["data_mb"] = (kb + 1023) / 1024;
+    const bool near = !g_near_sent.load() && (g_near_limit.load() || past_90_percent(kb));
+    const std::int64_t rss_kb = status_field_kb("VmRSS:");
+    const std::int64_t rss = rss_kb < 0 ? -1 : (rss_kb + 1023) / 1024;
+    const bool moved = rss >= 0 && (sent_rss < 0 || std::abs(rss - sent_rss) >= step);
+    if (!near && !moved) continue;
+    if (near) {
+      g_near_limit.store(true);
+      if (g_near_sent.exchange(true)) continue;
+    }
     try {
+      json::object o;
+      if (near) {
+        o["near_limit"] = true;
+        o["data_mb"] = (kb + 1023) / 1024;
+      }
+      if (rss >= 0) o["rss_mb"] = rss;
       std::lock_guard<std::mutex> g(g_send_mu);
       // Never after the task's kDone (the main thread clears g_running
       // under this lock first).
       if (g_running.load()) send_frame(g_sock, Msg::kMemory, o);
+      if (rss >= 0) sent_rss = rss;
+    } catch (const std::bad_alloc&) {
+      // The heap is exhausted now; the next sample tries again (a near
+      // frame not sent is sent by the crash handler if the worker dies).
+      if (near) g_near_sent.store(false);
     } catch (...) {
       ::_exit(kExitLostSocket);
     }

@@ -6,29 +6,32 @@
 // from any other phase is refused (a bug in the caller: it aborts in check
 // builds, and is counted and ignored in release builds). The steps:
 //
-//   step             from                          to        status
-//   kCreate          New                           Pending   pending
-//   kCreateQueued    New                           Queued    queued      (create with start)
-//   kStart           Pending                       Queued    queued
-//   kRecoverPending  New                           Pending   pending
-//   kRecoverQueued   New                           Queued    queued      (found queued, or
-//   interrupted and retried) kRecoverEnded    New                           Done      (kept)
-//   (ended; its cleanup redone) kDispatch        Queued                        Running   running
-//   (attempt + 1, resource_cleanup_completed false) kEndAttempt      Running Cleanup   outcome
-//   (completed|failed|cancelled, or queued to retry) kRequeue         Cleanup, Queued Queued queued
-//   (retry at once; a queued task moved or retried
-//                                                                         after its pool stayed
-//                                                                         stuck)
-//   kBackoff         Cleanup, Queued               Backoff   queued
-//   kBackoffElapsed  Backoff                       Queued    queued
-//   kFinish          Cleanup                       Done      (kept)      (the cleanup of a terminal
-//   outcome finished) kEndWaiting      New, Pending, Queued, Backoff Done      cancelled|failed
-//   (never ran this attempt,
-//                    Cleanup                                         or cancelled while the cleanup
-//                    of
-//                                                                    an attempt to be retried ran)
-//   kCountAttempt    Queued                        Queued    queued      (an attempt that could not
-//   start: attempt + 1)
+// clang-format off
+//   step             from                    to       status     when
+//   kCreate          New                     Pending  pending
+//   kCreateQueued    New                     Queued   queued     create with start
+//   kStart           Pending                 Queued   queued
+//   kRecoverPending  New                     Pending  pending
+//   kRecoverQueued   New                     Queued   queued     found queued, or interrupted
+//                                                                and retried
+//   kRecoverEnded    New                     Done     (kept)     ended; its cleanup redone
+//   kDispatch        Queued                  Running  running    attempt + 1, cleanup flag reset
+//   kEndAttempt      Running                 Cleanup  outcome    completed|failed|cancelled, or
+//                                                                queued to retry
+//   kRequeue         Cleanup, Queued         Queued   queued     retry at once (also interrupted
+//                                                                by close()); a queued task moved,
+//                                                                or retried after its pool stayed
+//                                                                stuck
+//   kBackoff         Cleanup, Queued         Backoff  queued
+//   kBackoffElapsed  Backoff                 Queued   queued
+//   kFinish          Cleanup                 Done     (kept)     the cleanup of a terminal outcome
+//                                                                finished
+//   kEndWaiting      New, Pending, Queued,   Done     cancelled  never ran this attempt, or
+//                    Backoff, Cleanup                 |failed    cancelled while the cleanup of an
+//                                                                attempt to be retried ran
+//   kCountAttempt    Queued                  Queued   queued     an attempt that could not start:
+//                                                                attempt + 1
+// clang-format on
 #pragma once
 
 #include <cstdint>

@@ -676,8 +676,9 @@ void Config::validate() const {
               "must be 0 (none) or at least 16 (a worker does not start in less), got " +
                   std::to_string(sc.memory_limit_mb));
     }
-    if (!(sc.start_timeout_seconds > 0) || !std::isfinite(sc.start_timeout_seconds)) {
-      invalid(p + ".start_timeout_seconds", "must be > 0, got " + num(sc.start_timeout_seconds));
+    if (!(sc.start_timeout_seconds > 0) || !(sc.start_timeout_seconds <= 86400)) {
+      invalid(p + ".start_timeout_seconds",
+              "must be > 0 and at most 86400 (a day), got " + num(sc.start_timeout_seconds));
     }
     if (sc.memory_model) {
       const auto& m = *sc.memory_model;

@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 
 #include <atomic>
+#include <mutex>
 #include <thread>
 
 #include "host_call.hpp"
@@ -132,6 +133,12 @@ class TaskManager::Impl {
   std::atomic<std::uint64_t> unpersisted_logged_{0};
   // The dropped_writes count a close() reported last (see close()).
   std::atomic<std::uint64_t> dropped_reported_{0};
+  // One close() at a time: a second (another thread's) waits for the first
+  // to have finished, then only flushes the store. A plain mutex, not one of
+  // the library's counted locks: close() runs host code (instance
+  // destructors, log lines) while holding it, and host code cannot take it
+  // (close() from host code is refused before it).
+  std::mutex close_mu_;
 };
 
 namespace {
@@ -237,6 +244,7 @@ void TaskManager::Impl::close() {
                 "sink, a service or its factory, supports(), a memory model); it would wait for "
                 "itself: close the manager from another thread");
   }
+  std::lock_guard<std::mutex> one_at_a_time(close_mu_);
   bool first = false;
   {
     SchedulerLock lock(scheduler_.mutex());
@@ -284,8 +292,8 @@ void TaskManager::Impl::close() {
         log_.write(
             LogLevel::kWarn,
             fmt::format("close(): {} task(s) still running after "
-                        "tasks.close_grace_seconds ({} s) interrupted; they stay queued "
-                        "for the next open: {}",
+                        "tasks.close_grace_seconds ({} s) asked to stop; one whose service "
+                        "stops goes back to the queue for the next open: {}",
                         ids.size(), config_.tasks.close_grace_seconds, fmt::join(ids, ", ")));
       }
     }

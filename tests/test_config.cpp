@@ -168,6 +168,7 @@ TEST_CASE("each out-of-range value is an error that names its key path and line"
       {"services:\n  x:\n    memory_model:\n      per_page_mb: .inf\n",
        "services.x.memory_model.per_page_mb", 4},
       {"services:\n  x:\n    device_kinds: [cpu, tpu]\n", "services.x.device_kinds", 3},
+      {"services:\n  x:\n    start_timeout_seconds: 1e18\n", "services.x.start_timeout_seconds", 3},
       // A required key that is missing: the line of the key around it.
       {"services:\n  foo:\n    isolation: process\n", "services.foo.library", 2},
       {"tasks:\n  retry:\n    max_attempts: 0\n", "tasks.retry.max_attempts", 3},

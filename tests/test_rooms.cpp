@@ -54,6 +54,7 @@ TEST_CASE("lifecycle: every step is allowed from exactly the phases the table do
       {Step::kFinish, {P::kCleanup}},
       {Step::kEndWaiting, {P::kNew, P::kPending, P::kQueued, P::kBackoff, P::kCleanup}},
       {Step::kCountAttempt, {P::kQueued}},
+      {Step::kRequeueUncounted, {P::kCleanup}},
   };
   REQUIRE(from.size() == static_cast<std::size_t>(kStepCount));
   const Phase phases[] = {P::kNew,     P::kPending, P::kQueued, P::kBackoff,
@@ -95,6 +96,14 @@ TEST_CASE("lifecycle: a dispatch counts the attempt and resets resource_cleanup_
   REQUIRE(Lifecycle::apply(*r, Step::kDispatch));
   CHECK(r->task.attempt == 2);
   CHECK_FALSE(r->task.resource_cleanup_completed);  // the new attempt's cleanup is to come
+  // Interrupted by close(): queued again, the attempt not charged.
+  REQUIRE(Lifecycle::apply(*r, Step::kEndAttempt, TaskStatus::kQueued));
+  REQUIRE(Lifecycle::apply(*r, Step::kRequeueUncounted));
+  CHECK(r->phase() == Phase::kQueued);
+  CHECK(r->task.status == TaskStatus::kQueued);
+  CHECK(r->task.attempt == 1);
+  REQUIRE(Lifecycle::apply(*r, Step::kDispatch));
+  CHECK(r->task.attempt == 2);
   REQUIRE(Lifecycle::apply(*r, Step::kEndAttempt, TaskStatus::kCompleted));
   REQUIRE(Lifecycle::apply(*r, Step::kFinish));
   CHECK(r->phase() == Phase::kDone);

@@ -940,6 +940,7 @@ TEST_CASE(
   Harness h;
   h.config.tasks.close_grace_seconds = 0;  // the manual clock does not move: interrupt at once
   std::atomic<int> runs{0};
+  std::atomic<int> slow_runs{0};
   std::atomic<bool> waiting{false};
   Gate quick;
   auto fn = [&](TaskContext& ctx) {
@@ -948,7 +949,7 @@ TEST_CASE(
       quick.wait();
       return;  // ends as close() waits, cancelled() or not
     }
-    if (ctx.attempt() == 1) {
+    if (++slow_runs == 1) {
       waiting = true;
       while (!ctx.cancelled()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
       ctx.throw_if_cancelled();
@@ -976,25 +977,51 @@ TEST_CASE(
   const Task i = h.tm->get_task(t.id);
   CHECK(i.status == TaskStatus::kQueued);
   CHECK(i.priority == 5);
-  CHECK(i.attempt == 1);
+  CHECK(i.attempt == 0);  // not charged: close() interrupted it
   CHECK_FALSE(i.finished_at.has_value());
   CHECK(h.count(t.id, "failed") == 0);
   CHECK(h.count(t.id, "cancelled") == 0);
   const json::object r = h.details(t.id, "retried");
   CHECK(r.at("reason").as_string() == "interrupted");
+  CHECK(r.at("attempt").as_int64() == 1);
+  CHECK(r.at("next_attempt").as_int64() == 1);
   CHECK(std::string(r.at("message").as_string()) ==
         "interrupted by close() after tasks.close_grace_seconds (0 s); queued for the next open");
   CHECK(h.events(t.id).back() == "queued");
-  // The next open on the same store runs it (attempt 2) after its retry
-  // backoff, as any retry found queued at an open.
+  // The next open on the same store runs it at once (no retry backoff: no
+  // attempt was charged; the manual clock does not move) as attempt 1.
   h.tm.reset();
   h.open(fn);
-  h.clock->advance(std::chrono::seconds(120));
   const Task done = h.finished(t.id);
   CHECK(done.status == TaskStatus::kCompleted);
-  CHECK(done.attempt == 2);
-  CHECK(done.result == R"({"attempt":2})");
+  CHECK(done.attempt == 1);
+  CHECK(done.result == R"({"attempt":1})");
   CHECK(runs == 3);
+}
+
+TEST_CASE("close() from several threads at once: each returns once the first has closed") {
+  Harness h;
+  h.config.tasks.close_grace_seconds = 0;
+  std::atomic<bool> waiting{false};
+  h.open([&](TaskContext& ctx) {
+    waiting = true;
+    while (!ctx.cancelled()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    ctx.throw_if_cancelled();
+  });
+  const Task t = h.run();
+  REQUIRE(eventually([&] { return waiting.load(); }));
+  std::atomic<int> returned{0};
+  std::vector<std::thread> closers;
+  for (int i = 0; i < 4; ++i) {
+    closers.emplace_back([&] {
+      h.tm->close();
+      // Whoever returns finds the manager closed and the task back in the
+      // queue.
+      if (h.status(t.id) == TaskStatus::kQueued) ++returned;
+    });
+  }
+  for (auto& c : closers) c.join();
+  CHECK(returned == 4);
 }
 
 TEST_CASE("the estimator learns from the actuals of finished tasks") {

@@ -446,6 +446,28 @@ TEST_CASE(
   (void)first;
 }
 
+TEST_CASE(
+    "a result too large to be sent within the worker's memory limit: OUT_OF_MEMORY saying so, "
+    "and the next task gets its own result") {
+  SKIP_UNDER_SANITIZERS();
+  Workers w(/*memory_limit_mb=*/200);
+  w.config.tasks.retry.max_attempts = 1;
+  w.open();
+  // 80 MB of text, its copy in the frame and the frame's JSON: past 200 MB.
+  const Task t = w.finished(w.run(R"({"do":"big_result","mb":80})").id);
+  CHECK(t.status == TaskStatus::kFailed);
+  CHECK(t.failure_reason == TaskFailureReason::kOutOfMemory);
+  CHECK(t.failure_message.find("worker: the task's result (") != std::string::npos);
+  CHECK(t.failure_message.find(" bytes) did not fit in the worker's memory limit to be sent to "
+                               "the host (services.probe.memory_limit_mb)") != std::string::npos);
+  // One that fits is sent.
+  const Task small = w.finished(w.run(R"({"do":"big_result","mb":2})").id);
+  CHECK(small.status == TaskStatus::kCompleted);
+  CHECK(small.result.size() > (2u << 20));
+  const Task next = w.finished(w.run(R"({"do":"ok"})").id);
+  CHECK(w.result(next).at("id").as_string() == next.id);
+}
+
 TEST_CASE("a service that closes its worker's socket: the worker's exit status names it") {
   Workers w;
   w.config.tasks.retry.max_attempts = 1;
@@ -468,9 +490,11 @@ TEST_CASE(
   w.config.tasks.close_grace_seconds = 0.2;
   w.open();
   const fs::path pid_file = w.dir / "c.pid";
-  const Task coop =
-      w.run(json::serialize(json::object{{"do", "wait_first"}, {"pid_file", pid_file.string()}}));
-  const Task hung = w.run(R"({"do":"hang_first"})");
+  const Task coop = w.run(json::serialize(json::object{{"do", "wait_first"},
+                                                       {"pid_file", pid_file.string()},
+                                                       {"mark", (w.dir / "coop.mark").string()}}));
+  const Task hung = w.run(json::serialize(
+      json::object{{"do", "hang_first"}, {"mark", (w.dir / "hung.mark").string()}}));
   REQUIRE(eventually([&] {
     return fs::exists(pid_file) && fs::file_size(pid_file) > 0 &&
            w.tm->get_task(hung.id).status == TaskStatus::kRunning;
@@ -480,7 +504,7 @@ TEST_CASE(
     CAPTURE(t->id);
     const Task q = w.tm->get_task(t->id);
     CHECK(q.status == TaskStatus::kQueued);
-    CHECK(q.attempt == 1);
+    CHECK(q.attempt == 0);             // not charged
     CHECK(q.priority == t->priority);  // not lowered: not a failure
     const auto retried = w.details(t->id, TaskEvent::kRetried);
     REQUIRE(retried.size() == 1);
@@ -493,14 +517,16 @@ TEST_CASE(
   }
   CHECK(
       w.logged("close(): 2 task(s) still running after tasks.close_grace_seconds (0.2 s) "
-               "interrupted; they stay queued for the next open: "));
-  // The next open runs them again (attempt 2: ok).
+               "asked to stop; one whose service stops goes back to the queue for the next "
+               "open: "));
+  // The next open runs them again, at once (no attempt was charged: no
+  // retry backoff), as attempt 1.
   w.tm.reset();
   w.open();
   for (const Task* t : {&coop, &hung}) {
     const Task done = w.finished(t->id);
     CHECK(done.status == TaskStatus::kCompleted);
-    CHECK(done.attempt == 2);
+    CHECK(done.attempt == 1);
   }
 }
 
@@ -782,7 +808,9 @@ TEST_CASE(
                 " does not export taskmgr_worker_factory"},
            {"other", probe_lib,
             "worker: services.other.library: " + probe_lib + " has no factory for 'other'"},
-           {"throws", probe_lib, "worker: starting throws on cpu: no such engine here"},
+           {"throws", probe_lib,
+            "services.throws.library: checking " + probe_lib +
+                " in a worker failed: worker: starting throws on cpu: no such engine here"},
            {"wrong", probe_lib,
             "worker: services.wrong.library: " + probe_lib +
                 " made a factory of kind 'probe' for 'wrong'"}}) {

@@ -21,10 +21,13 @@
 //   {"do":"bad_result"}             sets a result that is not UTF-8
 //   {"do":"bad_stage"}              a stage name that is not UTF-8 (refused:
 //                                   caught, then "ok"; "uncaught": not caught)
+//   {"do":"big_result","mb":M}      a result of M MB of JSON text
 //   {"do":"close_socket"}           closes descriptor 3 (the worker's socket),
 //                                   then returns
-//   {"do":"wait_first","pid_file":F} attempt 1 is "wait"; later ones "ok"
-//   {"do":"hang_first"}             attempt 1 is "hang"; later ones "ok"
+//   {"do":"wait_first","pid_file":F,"mark":M}
+//                                   the first run (M not there: made) is
+//                                   "wait"; later ones "ok"
+//   {"do":"hang_first","mark":M}    the same with "hang"
 #include <signal.h>
 #include <unistd.h>
 
@@ -58,8 +61,13 @@ class Probe final : public Service {
   void process(TaskContext& ctx) override {
     const json::object o = json::parse(ctx.options_json()).as_object();
     std::string what(o.at("do").as_string());
-    if (what == "wait_first") what = ctx.attempt() == 1 ? "wait" : "ok";
-    if (what == "hang_first") what = ctx.attempt() == 1 ? "hang" : "ok";
+    if (what == "wait_first" || what == "hang_first") {
+      // The first run (no mark file yet) waits or hangs; later ones are ok.
+      const std::string mark(o.at("mark").as_string());
+      const bool first = ::access(mark.c_str(), F_OK) != 0;
+      if (first) std::ofstream(mark) << "ran\n";
+      what = !first ? "ok" : what == "wait_first" ? "wait" : "hang";
+    }
     json::object r;
     r["pid"] = static_cast<std::int64_t>(::getpid());
     r["batch"] = ctx.batch_size();
@@ -116,6 +124,17 @@ class Probe final : public Service {
         // after it must not confuse the host about which task ends.
       }
       if (o.contains("uncaught")) ctx.stage("page \xff");
+    }
+    if (what == "big_result") {
+      // A result of about `mb` MB of JSON text.
+      const std::size_t n = static_cast<std::size_t>(o.at("mb").as_int64()) << 20;
+      std::string text;
+      text.reserve(n + 16);  // one buffer of the result's size, no more
+      text += "{\"pad\":\"";
+      text.append(n, 'x');
+      text += "\"}";
+      ctx.set_result(std::move(text));
+      return;
     }
     if (what == "close_socket") {
       ::close(3);

@@ -158,8 +158,9 @@ class TASKMGR_API TaskManager {
   // then destroys the pools' instances. Attempts still running after
   // tasks.close_grace_seconds (30 s) are interrupted: their service sees
   // cancelled() (a worker process still running 2 s later is killed), and
-  // one that stops goes back to the queue with its priority and stays
-  // queued in the store (event retried, reason interrupted); one that
+  // one that stops goes back to the queue with its priority, the attempt not
+  // counted, and stays queued in the store (event retried, reason
+  // interrupted); one that
   // finishes its work completes. An in-process service that never looks at
   // cancelled() is waited for. Then the instances go (a host's instance destructor may
   // still read the manager). Idempotent. Error(kInvalidState) from inside

@@ -1,5 +1,6 @@
 #include "manager/lifecycle.hpp"
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
@@ -36,6 +37,7 @@ constexpr Row kTable[kStepCount] = {
                                bit(Phase::kBackoff) | bit(Phase::kCleanup)),
      Phase::kDone},
     /* kCountAttempt   */ {bit(Phase::kQueued), Phase::kQueued},
+    /* kRequeueUncounted */ {bit(Phase::kCleanup), Phase::kQueued},
 };
 
 std::atomic<std::uint64_t> g_refused{0};
@@ -71,6 +73,7 @@ const char* to_string(Step s) noexcept {
     case Step::kFinish: return "finish";
     case Step::kEndWaiting: return "end_waiting";
     case Step::kCountAttempt: return "count_attempt";
+    case Step::kRequeueUncounted: return "requeue_uncounted";
   }
   return "?";
 }
@@ -121,6 +124,10 @@ bool Lifecycle::apply(Record& r, Step step, TaskStatus status) {
       break;
     case Step::kCountAttempt:
       t.attempt += 1;
+      t.status = TaskStatus::kQueued;
+      break;
+    case Step::kRequeueUncounted:
+      t.attempt = std::max(0, t.attempt - 1);
       t.status = TaskStatus::kQueued;
       break;
     case Step::kEndAttempt:

@@ -18,10 +18,9 @@
 //   kDispatch        Queued                  Running  running    attempt + 1, cleanup flag reset
 //   kEndAttempt      Running                 Cleanup  outcome    completed|failed|cancelled, or
 //                                                                queued to retry
-//   kRequeue         Cleanup, Queued         Queued   queued     retry at once (also interrupted
-//                                                                by close()); a queued task moved,
-//                                                                or retried after its pool stayed
-//                                                                stuck
+//   kRequeue         Cleanup, Queued         Queued   queued     retry at once; a queued task
+//                                                                moved, or retried after its pool
+//                                                                stayed stuck
 //   kBackoff         Cleanup, Queued         Backoff  queued
 //   kBackoffElapsed  Backoff                 Queued   queued
 //   kFinish          Cleanup                 Done     (kept)     the cleanup of a terminal outcome
@@ -31,6 +30,8 @@
 //                                                                attempt to be retried ran
 //   kCountAttempt    Queued                  Queued   queued     an attempt that could not start:
 //                                                                attempt + 1
+//   kRequeueUncounted Cleanup                Queued   queued     an attempt close() interrupted:
+//                                                                attempt - 1 (not charged)
 // clang-format on
 #pragma once
 
@@ -56,8 +57,9 @@ enum class Step : std::uint8_t {
   kFinish,
   kEndWaiting,
   kCountAttempt,
+  kRequeueUncounted,
 };
-inline constexpr int kStepCount = 14;
+inline constexpr int kStepCount = 15;
 
 const char* to_string(Step s) noexcept;
 

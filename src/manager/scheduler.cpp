@@ -339,7 +339,8 @@ void Scheduler::end_attempt(const RecordPtr& rec, Outcome o, const std::string& 
       }
       const std::string_view reason = to_string(o.failure.reason);
       events::retried(b, reason, o.failure.message, t.attempt, o.decision.device,
-                      o.decision.batch_size, seconds(o.decision.delay));
+                      o.decision.batch_size, seconds(o.decision.delay),
+                      /*counted=*/!rec->close_interrupt.load());
       warn(*rec, events::retried_warning_text(reason, t.attempt, o.failure.message));
       break;
     }
@@ -392,9 +393,10 @@ void Scheduler::finish_cleanup(const RecordPtr& rec, const CleanupReport& report
     end_waiting(rec, TaskStatus::kCancelled, TaskFailureReason::kCancelled,
                 "cancelled by the host before its retry", b);
   } else if (o.kind == Outcome::Kind::kRetry && rec->close_interrupt.load()) {
-    // Interrupted by close(): queued again as it was (its priority kept),
-    // and left queued in the store for the next open.
-    (void)Lifecycle::apply(*rec, Step::kRequeue);
+    // Interrupted by close(): queued again as it was (its priority kept, the
+    // attempt not charged: the next run has the same number), and left
+    // queued in the store for the next open.
+    (void)Lifecycle::apply(*rec, Step::kRequeueUncounted);
     enqueue(rec, b, /*retry=*/false, /*recovered=*/false, /*enforce_limit=*/false);
   } else if (o.kind == Outcome::Kind::kRetry) {
     apply_retry(rec, o.decision, o.next_estimate_mb, b);

@@ -96,12 +96,12 @@ void cancelled(EventBatch& b, TaskStatus was, int attempt, const std::string& me
 }
 
 void retried(EventBatch& b, std::string_view reason, const std::string& message, int attempt,
-             const std::string& next_device, int next_batch_size, double delay_s) {
+             const std::string& next_device, int next_batch_size, double delay_s, bool counted) {
   add(b, TaskEvent::kRetried,
       {{"reason", reason},
        {"message", message},
        {"attempt", attempt},
-       {"next_attempt", attempt + 1},
+       {"next_attempt", counted ? attempt + 1 : attempt},
        {"device", next_device},
        {"batch_size", next_batch_size},
        {"delay_s", JsonValue::seconds(delay_s)}});

@@ -84,8 +84,11 @@ void completed(EventBatch& b, int attempt, double processing_s,
                std::optional<std::int64_t> actual_mb);
 void failed(EventBatch& b, TaskFailureReason reason, const std::string& message, int attempt);
 void cancelled(EventBatch& b, TaskStatus was, int attempt, const std::string& message);
+// `counted`: the attempt that ended counts (next_attempt = attempt + 1);
+// not for one close() interrupted (the next run has its number again).
 void retried(EventBatch& b, std::string_view reason, const std::string& message, int attempt,
-             const std::string& next_device, int next_batch_size, double delay_s);
+             const std::string& next_device, int next_batch_size, double delay_s,
+             bool counted = true);
 void device_fallback(EventBatch& b, const std::string& from, const std::string& to,
                      std::string_view reason);
 

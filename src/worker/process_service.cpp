@@ -129,10 +129,10 @@ class Worker {
               .count();
       if (left <= 0) {
         stop();
-        throw std::runtime_error(
-            fmt::format("worker: {} did not load its engine within {} s "
-                        "(services.<kind>.start_timeout_seconds)",
-                        exe, timeout_s));
+        const auto* k = init.if_contains("kind");
+        throw std::runtime_error(fmt::format(
+            "worker: {} did not load its engine within {} s (services.{}.start_timeout_seconds)",
+            exe, timeout_s, k != nullptr && k->is_string() ? std::string(k->as_string()) : "?"));
       }
       Frame f;
       Read r = Read::kTimeout;
@@ -707,7 +707,13 @@ std::shared_ptr<ServiceFactory> make_process_service(const std::string& kind, co
       check.start(s->exe, init, s->service.start_timeout_seconds);
       (void)check.reap();
     } catch (const std::exception& e) {
-      throw Error(ErrorCode::kInvalidConfig, e.what());
+      // Named by its key, whatever went wrong (a crash, a timeout, a throw).
+      std::string msg = e.what();
+      const std::string key = "services." + kind + ".library";
+      if (msg.find(key) == std::string::npos) {
+        msg = key + ": checking " + s->service.library + " in a worker failed: " + msg;
+      }
+      throw Error(ErrorCode::kInvalidConfig, msg);
     }
   }
   return std::make_shared<ProcessFactory>(std::move(s), std::move(local));

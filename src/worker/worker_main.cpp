@@ -58,9 +58,13 @@ std::int64_t g_limit_kb = 0;                // 0 = no limit (set once, before an
 
 // A frame to the host; a worker that cannot write it exits (the host closed
 // the socket, or the service closed or broke it: the host names the status).
-void send_or_exit(Msg type, const json::object& body) noexcept {
+// A frame that does not fit in memory (std::bad_alloc: under the limit,
+// the JSON text of a large frame) is the caller's to handle.
+void send_or_exit(Msg type, const json::object& body) {
   try {
     send_frame(g_sock, type, body);
+  } catch (const std::bad_alloc&) {
+    throw;
   } catch (...) {
     ::_exit(kExitLostSocket);
   }
@@ -460,7 +464,6 @@ int main(int argc, char** argv) {
     }
     reset_peak_rss();
     g_running.store(true);
-    json::object done;
     std::exception_ptr err;
     std::string result;
     {
@@ -478,37 +481,74 @@ int main(int argc, char** argv) {
       if (f.fd >= 0) ::close(f.fd);
     }
     bool healthy = true;
+    FailureInfo fi;
     if (err) {
-      const FailureInfo fi = TaskErrorHandler::classify(err);
-      json::object e;
-      e["reason"] = std::string(to_string(fi.reason));
-      e["message"] = fi.message;
-      e["retryable"] = fi.retryable;
-      e["oom"] = fi.out_of_memory;
-      e["broken"] = fi.instance_broken;
-      done["error"] = std::move(e);
+      fi = TaskErrorHandler::classify(err);
       healthy = !fi.instance_broken;
-    } else {
-      done["result"] = result;
     }
+    const std::string id = text_of(f.body, "id");
     if (instance) {
-      instance->cleanup_task(text_of(f.body, "id"));
+      instance->cleanup_task(id);
       healthy = healthy && instance->healthy();
     }
     {
       std::lock_guard<std::mutex> g(g_send_mu);
       g_running.store(false);
     }
-    done["id"] = text_of(f.body, "id");
-    done["peak_mb"] = self_peak_rss_mb();
-    done["healthy"] = healthy;
-    done["near_limit"] = g_near_limit.load();
-    done["refused_mb"] = g_refused_mb.load();
     {
       std::lock_guard<std::mutex> g(g_mu);
       g_current.clear();
     }
-    send(Msg::kDone, done);
+    auto base = [&](json::object& done) {
+      done["id"] = id;
+      done["peak_mb"] = self_peak_rss_mb();
+      done["healthy"] = healthy;
+      done["near_limit"] = g_near_limit.load();
+      done["refused_mb"] = g_refused_mb.load();
+    };
+    const std::size_t result_bytes = result.size();
+    bool sent = false;
+    try {
+      json::object done;
+      if (err) {
+        json::object e;
+        e["reason"] = std::string(to_string(fi.reason));
+        e["message"] = fi.message;
+        e["retryable"] = fi.retryable;
+        e["oom"] = fi.out_of_memory;
+        e["broken"] = fi.instance_broken;
+        done["error"] = std::move(e);
+      } else {
+        done["result"] = result;
+      }
+      base(done);
+      std::lock_guard<std::mutex> g(g_send_mu);
+      send_frame(g_sock, Msg::kDone, done);
+      sent = true;
+    } catch (const std::bad_alloc&) {
+      // The end does not fit in what the memory limit leaves (a large
+      // result copied into its frame): said so, in a small frame.
+    } catch (...) {
+      ::_exit(kExitLostSocket);
+    }
+    if (!sent) {
+      std::string().swap(result);
+      json::object e;
+      e["reason"] = "out_of_memory";
+      e["message"] = "worker: the task's " + std::string(err ? "error" : "result") + " (" +
+                     std::to_string(result_bytes) +
+                     " bytes) did not fit in the worker's memory limit to be sent to the host "
+                     "(services." +
+                     kind + ".memory_limit_mb)";
+      e["retryable"] = true;
+      e["oom"] = true;
+      e["broken"] = true;
+      json::object done;
+      done["error"] = std::move(e);
+      healthy = false;
+      base(done);
+      send(Msg::kDone, done);
+    }
   }
 }
 

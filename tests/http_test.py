@@ -333,5 +333,232 @@ class HttpServerFullDiskTest(unittest.TestCase):
         self.assertNotIn("stopped", out.splitlines()[-1])
 
 
+def start_server(tmpdir, extra_args=(), nofile=None):
+    """Starts taskmgr-http on a free port; returns (proc, port)."""
+    cfg = os.path.join(tmpdir, "config.yaml")
+    with open(cfg, "w") as f:
+        f.write(CONFIG)
+    port_file = os.path.join(tmpdir, "port")
+    preexec = None
+    if nofile is not None:
+        import resource
+
+        def preexec():
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+    proc = subprocess.Popen(
+        [SERVER, "--port", "0", "--config", cfg, "--db", os.path.join(tmpdir, "t.db"),
+         "--port-file", port_file] + list(extra_args),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=preexec)
+    deadline = time.time() + 60
+    while not (os.path.exists(port_file) and open(port_file).read().strip()):
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError("server did not start: " + proc.stdout.read())
+        time.sleep(0.02)
+    return proc, int(open(port_file).read())
+
+
+def raw_exchange(port, data, timeout=30):
+    """Sends raw bytes, returns (status, parsed JSON body) of the answer."""
+    import socket
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        s.sendall(data)
+        chunks = []
+        while True:
+            try:
+                b = s.recv(65536)
+            except (ConnectionResetError, BrokenPipeError):
+                break
+            if not b:
+                break
+            chunks.append(b)
+            whole = b"".join(chunks)
+            head, sep, body = whole.partition(b"\r\n\r\n")
+            if sep:
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    k, _, v = line.partition(b":")
+                    if k.strip().lower() == b"content-length":
+                        length = int(v.strip())
+                if len(body) >= length:
+                    break
+        whole = b"".join(chunks)
+        head, _, body = whole.partition(b"\r\n\r\n")
+        status = int(head.split(b" ")[1])
+        return status, json.loads(body.decode("utf-8"))
+    finally:
+        s.close()
+
+
+class HttpTransportTest(unittest.TestCase):
+    """The transport against a hostile or careless client: sizes, malformed
+    requests, slow and idle connections, the connection limit, descriptor
+    exhaustion, bad command lines. Every error body is JSON."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.proc, cls.port = start_server(
+            cls.tmp.name, ["--body-limit-mb", "1", "--header-timeout", "1",
+                           "--idle-timeout", "2"])
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.proc.send_signal(signal.SIGTERM)
+        out, _ = cls.proc.communicate(timeout=120)
+        cls.tmp.cleanup()
+        assert cls.proc.returncode == 0, out
+
+    def get(self, path="/tasks/metrics"):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        conn.request("GET", path)
+        res = conn.getresponse()
+        res.read()
+        conn.close()
+        return res.status
+
+    def test_sizes_and_malformed_requests_get_their_status_and_json(self):
+        cases = [
+            (b"GET /" + b"a" * 100000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "uri_too_long"),
+            (b"GET /tasks/metrics HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 40000 + b"\r\n\r\n",
+             431, "header_fields_too_large"),
+            (b"POST /tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+             b"Content-Length: 5000000\r\n\r\n{", 413, "payload_too_large"),
+            (b"GARBAGE\r\n\r\n", 400, "bad_request"),
+            (b"GET / HTTP/9.9\r\n\r\n", 400, "bad_request"),
+            (b"GET /tasks/metrics HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400, "bad_request"),
+        ]
+        for data, want, code in cases:
+            status, e = raw_exchange(self.port, data)
+            self.assertEqual(status, want, (data[:60], e))
+            self.assertEqual(e["error"], code, e)
+            self.assertTrue(e["message"])
+        # A body just under the limit is read (and judged by the route).
+        body = json.dumps({"input": {"data_base64": "A" * 1000000}}).encode()
+        status, e = raw_exchange(self.port, b"POST /tasks HTTP/1.1\r\nHost: x\r\n"
+                                 b"Content-Type: application/json\r\nContent-Length: "
+                                 + str(len(body)).encode() + b"\r\n\r\n" + body)
+        self.assertNotIn(status, (413, 500), e)
+        self.assertEqual(self.get(), 200)
+
+    def test_slow_and_idle_connections_are_closed_and_others_are_served(self):
+        import socket
+        # A client that sends its header one byte at a time, too slowly:
+        # closed after --header-timeout, while others are answered.
+        slow = socket.create_connection(("127.0.0.1", self.port), timeout=30)
+        idle = [socket.create_connection(("127.0.0.1", self.port), timeout=30) for _ in range(20)]
+        closed = False
+        start = time.time()
+        for ch in b"GET /tasks/metrics HTTP/1.1\r\n":
+            try:
+                slow.sendall(bytes([ch]))
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+            self.assertEqual(self.get(), 200)  # served meanwhile
+            time.sleep(0.2)
+            if time.time() - start > 20:
+                break
+        if not closed:
+            slow.settimeout(30)
+            try:
+                closed = slow.recv(1) == b""
+            except (ConnectionResetError, BrokenPipeError):
+                closed = True
+        self.assertTrue(closed, "the slow client was not cut off")
+        slow.close()
+        # The idle ones were closed too (they sent nothing within the timeout).
+        for s in idle:
+            s.settimeout(30)
+            try:
+                self.assertEqual(s.recv(1), b"")
+            except ConnectionResetError:
+                pass
+            s.close()
+
+    def test_connections_past_the_limit_get_503_and_the_server_recovers(self):
+        import socket
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        # Idle connections are not cut off during the test (header timeout
+        # 60 s): the limit alone turns the next one away.
+        proc, port = start_server(tmp.name, ["--max-connections", "40",
+                                             "--header-timeout", "60"])
+
+        def stop():
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=120)
+        self.addCleanup(stop)
+        held = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(40)]
+        try:
+            # The 41st is answered 503 (once the server has counted the 40).
+            deadline = time.time() + 30
+            while True:
+                status, e = raw_exchange(port, b"GET /tasks/metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                if status == 503 or time.time() > deadline:
+                    break
+                time.sleep(0.05)
+            self.assertEqual(status, 503, e)
+            self.assertEqual(e["error"], "busy")
+        finally:
+            for s in held:
+                s.close()
+        deadline = time.time() + 30
+        status = None
+        while time.time() < deadline:
+            status, e = raw_exchange(port, b"GET /tasks/metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            if status == 200:
+                break
+            time.sleep(0.1)
+        self.assertEqual(status, 200)
+
+    def test_bad_command_lines_exit_2_with_a_message(self):
+        for args, part in ((["--port", "abc"], "--port must be a whole number"),
+                           (["--port", "70000"], "--port must be a whole number"),
+                           (["--body-limit-mb", "0"], "--body-limit-mb"),
+                           (["--header-timeout", "nan"], "--header-timeout"),
+                           (["--bogus"], "unknown option")):
+            p = subprocess.run([SERVER] + args, capture_output=True, text=True, timeout=60)
+            self.assertEqual(p.returncode, 2, (args, p.stderr))
+            self.assertIn(part, p.stderr)
+
+
+class HttpDescriptorExhaustionTest(unittest.TestCase):
+    """Out of descriptors once: the server accepts again when they are free."""
+
+    def test_accepts_again_after_running_out_of_descriptors(self):
+        import socket
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        proc, port = start_server(tmp.name, ["--max-connections", "10000"], nofile=96)
+
+        def stop():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.communicate(timeout=120)
+        self.addCleanup(stop)
+        held = []
+        for _ in range(300):  # far past 96 descriptors
+            try:
+                held.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            except OSError:
+                break
+        time.sleep(0.5)
+        for s in held:
+            s.close()
+        ok = False
+        deadline = time.time() + 30
+        while time.time() < deadline and not ok:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", "/tasks/metrics")
+                ok = conn.getresponse().status == 200
+                conn.close()
+            except OSError:
+                time.sleep(0.2)
+        self.assertTrue(ok, "the server did not accept again")
+        self.assertIsNone(proc.poll())
+
+
 if __name__ == "__main__":
     unittest.main(verbosity=2)

@@ -1,7 +1,11 @@
-// taskmgr-http: the spec's routes over HTTP on the loopback interface, a
-// small host built with Boost.Beast around one TaskManager.
+// taskmgr-http: the spec's routes over HTTP on the loopback interface,
+// around one TaskManager: an asynchronous server (server.hpp: Boost.Beast,
+// a few I/O threads, bounded connections, timeouts and sizes) and the routes
+// (api.hpp).
 //
 //   taskmgr-http [--port N] [--config FILE] [--db PATH] [--port-file PATH]
+//                [--max-connections N] [--body-limit-mb N]
+//                [--header-timeout S] [--idle-timeout S]
 //
 //   POST /tasks                  create   {"service","input":{"path"|"data_base64","media_type"},
 //                                          "priority","batch_size","device","options"}  -> 201 task
@@ -21,347 +25,68 @@
 // the database cannot store it now (disk full), 500 otherwise. Port 0 (the default) picks a free
 // port; the port is printed
 // ("listening on http://127.0.0.1:PORT") and written to --port-file.
-// SIGINT/SIGTERM stop it: running tasks finish, queued ones stay in the
-// database; it exits 3 when writes it accepted could not be stored (close()
+// Transport errors: 414 (a target past 8 KiB), 431 (headers past 16 KiB),
+// 413 (a body past --body-limit-mb, 32 by default), 400 (not HTTP/1.x), 503
+// (past --max-connections, 1024): JSON bodies too. SIGINT/SIGTERM stop it:
+// it stops accepting, answers the requests in flight, then closes the
+// manager (running tasks finish within tasks.close_grace_seconds, queued
+// ones stay in the database); it exits 3 when writes it accepted could not be stored (close()
 // reports them), 0 otherwise.
 #include <taskmgr/taskmgr.hpp>
 
-#include <sys/socket.h>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/signal_set.hpp>
 
-#include <boost/asio.hpp>
-#include <boost/beast/core.hpp>
-#include <boost/beast/http.hpp>
-#include <boost/json.hpp>
-
-#include <atomic>
-#include <condition_variable>
+#include <charconv>
+#include <chrono>
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
-#include <memory>
-#include <mutex>
-#include <optional>
-#include <set>
 #include <string>
 #include <thread>
 
-namespace asio = boost::asio;
-namespace beast = boost::beast;
-namespace http = beast::http;
-namespace json = boost::json;
-using tcp = asio::ip::tcp;
+#include "api.hpp"
+#include "server.hpp"
 
 namespace {
 
-using Request = http::request<http::string_body>;
-using Response = http::response<http::string_body>;
-
-// An HTTP error with its status and our error code name.
-struct HttpError {
-  http::status status;
-  std::string code;
-  std::string message;
-};
-
-HttpError from_error(const taskmgr::Error& e) {
-  using C = taskmgr::ErrorCode;
-  http::status s = http::status::internal_server_error;
-  switch (e.code()) {
-    case C::kInvalidArgument:
-    case C::kInvalidConfig: s = http::status::bad_request; break;
-    case C::kNotFound: s = http::status::not_found; break;
-    case C::kQueueFull: s = http::status::too_many_requests; break;
-    case C::kDeviceUnavailable: s = http::status::service_unavailable; break;
-    case C::kMemoryLimitExceeded: s = http::status::payload_too_large; break;
-    case C::kInvalidState: s = http::status::conflict; break;
-    case C::kBusy:
-    case C::kIoError:  // the database cannot take the task now (disk full, backlog full)
-    case C::kPoolExhausted: s = http::status::service_unavailable; break;
-    default: break;
+// A whole number in [lo, hi] written in digits only, or exit 2 naming the
+// option.
+long long number_arg(const std::string& option, const std::string& text, long long lo,
+                     long long hi) {
+  long long v = 0;
+  const char* end = text.data() + text.size();
+  const auto r = std::from_chars(text.data(), end, v);
+  if (text.empty() || r.ec != std::errc() || r.ptr != end || v < lo || v > hi) {
+    std::cerr << "taskmgr-http: " << option << " must be a whole number from " << lo << " to " << hi
+              << ", got '" << text << "'\n";
+    std::exit(2);
   }
-  return {s, std::string(taskmgr::to_string(e.code())), e.what()};
+  return v;
 }
 
-[[noreturn]] void bad_request(const std::string& message) {
-  throw HttpError{http::status::bad_request, "invalid_argument", message};
+// Seconds: a number in (0, 86400], or exit 2 naming the option.
+std::chrono::milliseconds seconds_arg(const std::string& option, const std::string& text) {
+  double v = 0;
+  const char* end = text.data() + text.size();
+  const auto r = std::from_chars(text.data(), end, v);
+  if (text.empty() || r.ec != std::errc() || r.ptr != end || !(v > 0) || v > 86400) {
+    std::cerr << "taskmgr-http: " << option << " must be a number of seconds in (0, 86400], got '"
+              << text << "'\n";
+    std::exit(2);
+  }
+  return std::chrono::milliseconds(static_cast<long long>(v * 1000 + 0.5));
 }
 
-std::string base64_decode(std::string_view in) {
-  static const std::string chars =
-      "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-  std::string out;
-  unsigned val = 0;
-  int bits = -8;
-  for (char c : in) {
-    if (c == '=' || c == '\n' || c == '\r') continue;
-    const auto pos = chars.find(c);
-    if (pos == std::string::npos) bad_request("input.data_base64 is not base64");
-    val = (val << 6) + static_cast<unsigned>(pos);
-    bits += 6;
-    if (bits >= 0) {
-      out.push_back(static_cast<char>((val >> bits) & 0xFF));
-      bits -= 8;
-    }
-  }
-  return out;
-}
-
-json::object parse_body(const Request& req, bool required) {
-  if (req.body().empty()) {
-    if (required) bad_request("the request needs a JSON object body");
-    return {};
-  }
-  boost::system::error_code ec;
-  json::value v = json::parse(req.body(), ec);
-  if (ec) bad_request("the body is not valid JSON: " + ec.message());
-  if (!v.is_object()) bad_request("the body must be a JSON object");
-  return std::move(v.as_object());
-}
-
-std::string get_string(const json::object& o, const char* key, const std::string& path) {
-  const json::value* v = o.if_contains(key);
-  if (v == nullptr || v->is_null()) return "";
-  if (!v->is_string()) bad_request(path + key + " must be a string");
-  return std::string(v->as_string());
-}
-
-std::optional<int> get_int(const json::object& o, const char* key) {
-  const json::value* v = o.if_contains(key);
-  if (v == nullptr || v->is_null()) return std::nullopt;
-  if (!v->is_int64() && !v->is_uint64()) bad_request(std::string(key) + " must be an integer");
-  const std::int64_t n = v->to_number<std::int64_t>();
-  if (n < INT32_MIN || n > INT32_MAX) bad_request(std::string(key) + " is out of range");
-  return static_cast<int>(n);
-}
-
-std::string get_options(const json::object& o) {
-  const json::value* v = o.if_contains("options");
-  if (v == nullptr || v->is_null()) return "";
-  if (!v->is_object()) bad_request("options must be a JSON object");
-  return json::serialize(*v);
-}
-
-class Server {
- public:
-  explicit Server(taskmgr::TaskManager& tm) : tm_(tm) {}
-
-  Response handle(const Request& req) {
-    try {
-      return route(req);
-    } catch (const HttpError& e) {
-      return error(req, e);
-    } catch (const taskmgr::Error& e) {
-      return error(req, from_error(e));
-    } catch (const std::exception& e) {
-      return error(req, {http::status::internal_server_error, "internal", e.what()});
-    }
-  }
-
- private:
-  Response route(const Request& req) {
-    std::string target(req.target());
-    std::string query;
-    if (const auto q = target.find('?'); q != std::string::npos) {
-      query = target.substr(q + 1);
-      target.resize(q);
-    }
-    while (target.size() > 1 && target.back() == '/') target.pop_back();
-    const auto method = req.method();
-    auto require = [&](http::verb v) {
-      if (method != v) {
-        throw HttpError{http::status::method_not_allowed, "method_not_allowed",
-                        std::string(req.method_string()) + " is not allowed on " + target};
-      }
-    };
-    if (target == "/metrics") {
-      require(http::verb::get);
-      Response r = make(req, http::status::ok, tm_.get_task_metrics().to_prometheus());
-      r.set(http::field::content_type, "text/plain; version=0.0.4");
-      return r;
-    }
-    if (target == "/tasks/metrics") {
-      require(http::verb::get);
-      return make_json(req, http::status::ok, tm_.get_task_metrics().to_json());
-    }
-    if (target == "/tasks") {
-      if (method == http::verb::get) return list(req, query);
-      require(http::verb::post);
-      return create(req);
-    }
-    if (target.rfind("/tasks/", 0) == 0) {
-      const std::string rest = target.substr(7);
-      const auto slash = rest.find('/');
-      const std::string id = rest.substr(0, slash);
-      const std::string action = slash == std::string::npos ? "" : rest.substr(slash + 1);
-      if (action.empty()) {
-        require(http::verb::get);
-        return make_json(req, http::status::ok, taskmgr::to_json(tm_.get_task(id)));
-      }
-      if (action == "health") {
-        require(http::verb::get);
-        return make_json(req, http::status::ok, tm_.get_task_health(id).to_json());
-      }
-      if (action == "start") {
-        require(http::verb::post);
-        return start(req, id);
-      }
-      if (action == "cancel") {
-        require(http::verb::post);
-        tm_.cancel_task(id);
-        return make_json(req, http::status::ok, taskmgr::to_json(tm_.get_task(id)));
-      }
-    }
-    throw HttpError{http::status::not_found, "not_found", "no route " + target};
-  }
-
-  Response create(const Request& req) {
-    const json::object body = parse_body(req, true);
-    taskmgr::TaskCreateRequest r;
-    if (auto s = get_string(body, "service", ""); !s.empty()) r.service = s;
-    if (const json::value* in = body.if_contains("input"); in && !in->is_null()) {
-      if (!in->is_object()) bad_request("input must be an object with path or data_base64");
-      const json::object& io = in->as_object();
-      r.input.path = get_string(io, "path", "input.");
-      const std::string b64 = get_string(io, "data_base64", "input.");
-      if (!b64.empty()) {
-        const std::string bytes = base64_decode(b64);
-        r.input.data.assign(bytes.begin(), bytes.end());
-      }
-      r.input.media_type = get_string(io, "media_type", "input.");
-    }
-    r.priority = get_int(body, "priority").value_or(0);
-    r.batch_size = get_int(body, "batch_size").value_or(1);
-    r.device = get_string(body, "device", "");
-    r.options_json = get_options(body);
-    const taskmgr::Task t = tm_.create_task(r);
-    Response res = make_json(req, http::status::created, taskmgr::to_json(t));
-    res.set(http::field::location, "/tasks/" + t.id);
-    return res;
-  }
-
-  Response start(const Request& req, const std::string& id) {
-    const json::object body = parse_body(req, false);
-    taskmgr::TaskStartRequest p;
-    p.device = get_string(body, "device", "");
-    p.priority = get_int(body, "priority");
-    p.batch_size = get_int(body, "batch_size");
-    p.options_json = get_options(body);
-    return make_json(req, http::status::accepted, taskmgr::to_json(tm_.start_task(id, p)));
-  }
-
-  Response list(const Request& req, const std::string& query) {
-    taskmgr::TaskFilter f;
-    std::size_t at = 0;
-    while (at < query.size()) {
-      const auto amp = query.find('&', at);
-      const std::string kv =
-          query.substr(at, amp == std::string::npos ? std::string::npos : amp - at);
-      at = amp == std::string::npos ? query.size() : amp + 1;
-      const auto eq = kv.find('=');
-      const std::string k = kv.substr(0, eq), v = eq == std::string::npos ? "" : kv.substr(eq + 1);
-      if (k == "status") {
-        f.status = taskmgr::parse_task_status(v);
-        if (!f.status) bad_request("unknown status '" + v + "'");
-      } else if (k == "service") {
-        f.service = v;
-      } else if (k == "limit") {
-        // Digits only (no sign, no spaces, no 0x or exponent), 0 = all.
-        if (v.empty() || v.size() > 9 || v.find_first_not_of("0123456789") != std::string::npos)
-          bad_request("limit must be a whole number from 0 (all) to 999999999");
-        f.limit = static_cast<std::size_t>(std::stoul(v));
-      } else if (!k.empty()) {
-        bad_request("unknown query parameter '" + k + "'");
-      }
-    }
-    std::string out = "[";
-    for (const auto& t : tm_.list_tasks(f)) {
-      if (out.size() > 1) out += ',';
-      out += taskmgr::to_json(t);
-    }
-    out += ']';
-    return make_json(req, http::status::ok, out);
-  }
-
-  static Response make(const Request& req, http::status s, std::string body) {
-    Response r{s, req.version()};
-    r.set(http::field::server, "taskmgr-http");
-    r.keep_alive(req.keep_alive());
-    r.body() = std::move(body);
-    r.prepare_payload();
-    return r;
-  }
-  static Response make_json(const Request& req, http::status s, std::string body) {
-    Response r = make(req, s, std::move(body));
-    r.set(http::field::content_type, "application/json");
-    return r;
-  }
-  static Response error(const Request& req, const HttpError& e) {
-    json::object o{{"error", e.code}, {"message", e.message}};
-    return make_json(req, e.status, json::serialize(o));
-  }
-
-  taskmgr::TaskManager& tm_;
-};
-
-// One thread per connection, synchronous reads and writes; the sockets are
-// tracked so that stopping the server can end their blocking reads.
-class Connections {
- public:
-  void add(int fd) {
-    std::lock_guard<std::mutex> g(mu_);
-    fds_.insert(fd);
-    ++active_;
-  }
-  void remove(int fd) {
-    std::lock_guard<std::mutex> g(mu_);
-    fds_.erase(fd);
-    --active_;
-    cv_.notify_all();
-  }
-  void shutdown_all_and_wait() {
-    std::unique_lock<std::mutex> g(mu_);
-    for (int fd : fds_) ::shutdown(fd, SHUT_RDWR);
-    cv_.wait(g, [&] { return active_ == 0; });
-  }
-
- private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::set<int> fds_;
-  int active_ = 0;
-};
-
-// The socket is destroyed before the connection is counted out: the main
-// thread destroys the io_context (which sockets use) once none is left.
-void serve(std::unique_ptr<tcp::socket> sp, Server& server, Connections& conns) {
-  const int fd = sp->native_handle();
-  tcp::socket& socket = *sp;
-  try {
-    beast::flat_buffer buffer;
-    for (;;) {
-      http::request_parser<http::string_body> parser;
-      parser.body_limit(256u << 20);  // images sent as base64
-      boost::system::error_code ec;
-      http::read(socket, buffer, parser, ec);
-      if (ec == http::error::end_of_stream || ec) break;
-      const Request req = parser.release();
-      Response res = server.handle(req);
-      http::write(socket, res, ec);
-      if (ec || !res.keep_alive()) break;
-    }
-    boost::system::error_code ignored;
-    socket.shutdown(tcp::socket::shutdown_send, ignored);
-  } catch (const std::exception& e) {
-    std::cerr << "taskmgr-http: connection: " << e.what() << "\n";
-  }
-  sp.reset();
-  conns.remove(fd);
-}
+constexpr const char* kUsage =
+    "usage: taskmgr-http [--port N] [--config FILE] [--db PATH] [--port-file PATH]\n"
+    "                    [--max-connections N] [--body-limit-mb N]\n"
+    "                    [--header-timeout S] [--idle-timeout S] [--help] [--version]\n";
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  unsigned short port = 0;
+  taskmgr_http::ServerOptions so;
   std::string config_path, db, port_file;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -373,16 +98,29 @@ int main(int argc, char** argv) {
       return argv[++i];
     };
     if (a == "--port") {
-      port = static_cast<unsigned short>(std::stoi(value()));
+      so.port = static_cast<unsigned short>(number_arg(a, value(), 0, 65535));
     } else if (a == "--config") {
       config_path = value();
     } else if (a == "--db") {
       db = value();
     } else if (a == "--port-file") {
       port_file = value();
+    } else if (a == "--max-connections") {
+      so.max_connections = static_cast<int>(number_arg(a, value(), 1, 1000000));
+    } else if (a == "--body-limit-mb") {
+      so.body_limit = static_cast<std::size_t>(number_arg(a, value(), 1, 4096)) << 20;
+    } else if (a == "--header-timeout") {
+      so.header_timeout = seconds_arg(a, value());
+    } else if (a == "--idle-timeout") {
+      so.idle_timeout = seconds_arg(a, value());
+    } else if (a == "--help" || a == "-h") {
+      std::cout << kUsage;
+      return 0;
+    } else if (a == "--version") {
+      std::cout << "taskmgr-http " << taskmgr::version() << "\n";
+      return 0;
     } else {
-      std::cerr
-          << "usage: taskmgr-http [--port N] [--config FILE] [--db PATH] [--port-file PATH]\n";
+      std::cerr << "taskmgr-http: unknown option '" << a << "'\n" << kUsage;
       return 2;
     }
   }
@@ -391,34 +129,26 @@ int main(int argc, char** argv) {
                                                  : taskmgr::Config::from_yaml_file(config_path);
     if (!db.empty()) config.storage.path = db;
     taskmgr::TaskManager tm(config);
-    Server server(tm);
-    Connections conns;
-
-    asio::io_context ioc;
-    tcp::acceptor acceptor(ioc, {asio::ip::make_address("127.0.0.1"), port});
-    const unsigned short bound = acceptor.local_endpoint().port();
+    taskmgr_http::HttpServer server(
+        so, [&tm](const taskmgr_http::Request& req) { return taskmgr_http::handle(tm, req); });
+    const unsigned short bound = server.port();
     if (!port_file.empty()) std::ofstream(port_file) << bound << "\n";
-    std::cout << "listening on http://127.0.0.1:" << bound << std::endl;
+    std::cout << "listening on http://" << so.address << ":" << bound << std::endl;
 
-    asio::signal_set signals(ioc, SIGINT, SIGTERM);
-    signals.async_wait([&](const boost::system::error_code&, int) {
-      boost::system::error_code ec;
-      acceptor.close(ec);
+    // Signals on a small io_context of their own: the server's threads are
+    // its own business.
+    boost::asio::io_context sig_ioc;
+    boost::asio::signal_set signals(sig_ioc, SIGINT, SIGTERM);
+    signals.async_wait([&](const boost::system::error_code& ec, int) {
+      if (!ec) server.stop();
     });
-    std::function<void()> accept = [&] {
-      acceptor.async_accept([&](const boost::system::error_code& ec, tcp::socket socket) {
-        if (ec) return;  // closed: stopping
-        auto sp = std::make_unique<tcp::socket>(std::move(socket));
-        conns.add(sp->native_handle());  // counted before the thread starts
-        std::thread(serve, std::move(sp), std::ref(server), std::ref(conns)).detach();
-        accept();
-      });
-    };
-    accept();
-    ioc.run();  // until the acceptor closes on a signal
-    conns.shutdown_all_and_wait();
+    std::thread sig_thread([&] { sig_ioc.run(); });
+    server.run();  // until a signal's stop() has drained the connections
+    signals.cancel();
+    sig_ioc.stop();
+    sig_thread.join();
     try {
-      tm.close();  // running tasks finish; queued ones stay in the database
+      tm.close();  // running tasks finish (within the grace); queued ones stay in the database
     } catch (const taskmgr::Error& e) {
       if (e.code() != taskmgr::ErrorCode::kUnpersisted) throw;
       // Accepted outcomes the database could not take: not a clean stop.

@@ -1,0 +1,321 @@
+#include "server.hpp"
+
+#include <boost/asio.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/json.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <optional>
+#include <thread>
+#include <vector>
+
+namespace taskmgr_http {
+
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace json = boost::json;
+using tcp = asio::ip::tcp;
+using error_code = boost::system::error_code;
+
+Response json_error(http::status status, const std::string& code, const std::string& message,
+                    unsigned version, bool keep_alive) {
+  Response r{status, version};
+  r.set(http::field::server, "taskmgr-http");
+  r.set(http::field::content_type, "application/json");
+  r.keep_alive(keep_alive);
+  r.body() = json::serialize(json::object{{"error", code}, {"message", message}});
+  r.prepare_payload();
+  return r;
+}
+
+namespace {
+class Session;
+}
+
+// Handlers of the io_context capture `this`: the io_context is a member,
+// destroyed (with what it still holds) before the members it uses.
+class HttpServer::Impl {
+ public:
+  Impl(ServerOptions o, Handler h)
+      : opt(std::move(o)),
+        handler(std::move(h)),
+        pool(static_cast<std::size_t>(std::max(1, opt.handler_threads))),
+        acceptor(ioc),
+        backoff(ioc) {
+    const tcp::endpoint ep(asio::ip::make_address(opt.address), opt.port);
+    acceptor.open(ep.protocol());
+    acceptor.set_option(asio::socket_base::reuse_address(true));
+    acceptor.bind(ep);
+    acceptor.listen(asio::socket_base::max_listen_connections);
+  }
+  ~Impl() {
+    pool.join();  // handlers hold sessions, which use the io_context below
+  }
+
+  void accept();
+  void add(const std::shared_ptr<Session>& s);
+  void stop();
+  void run();
+  void session_ended() {
+    std::lock_guard<std::mutex> g(mu);
+    --active;
+    cv.notify_all();
+  }
+
+  const ServerOptions opt;
+  const Handler handler;
+  // Declared before the io_context: a session destroyed with it (a handler
+  // still queued when the server stopped) counts itself out here.
+  std::mutex mu;
+  std::condition_variable cv;
+  int active = 0;  // connections open (guarded by mu)
+  bool stop_requested = false;
+  std::atomic<bool> stopping{false};
+  std::vector<std::weak_ptr<Session>> sessions;  // guarded by mu
+  asio::thread_pool pool;
+  asio::io_context ioc;
+  tcp::acceptor acceptor;
+  asio::steady_timer backoff;
+};
+
+namespace {
+
+bool out_of_descriptors(const error_code& ec) {
+  return ec == asio::error::no_descriptors ||  // EMFILE
+         ec == asio::error::no_buffer_space || ec == asio::error::no_memory ||
+         ec.value() == ENFILE;
+}
+
+class Session : public std::enable_shared_from_this<Session> {
+ public:
+  Session(tcp::socket socket, HttpServer::Impl& im) : stream_(std::move(socket)), im_(im) {}
+  ~Session() { im_.session_ended(); }
+
+  void start() { read(); }
+
+  // Over the connection limit: one 503, then close.
+  void reject_busy() {
+    write(json_error(http::status::service_unavailable, "busy",
+                     "too many connections (at most " + std::to_string(im_.opt.max_connections) +
+                         "); try again later"));
+  }
+
+  // stop(): an idle connection closes now; one whose request is being
+  // handled closes once its response is written.
+  void stop_if_idle() {
+    asio::post(stream_.get_executor(), [self = shared_from_this()] {
+      if (!self->busy_) self->close();
+    });
+  }
+
+ private:
+  void read() {
+    parser_.emplace();
+    parser_->header_limit(static_cast<std::uint32_t>(im_.opt.header_limit));
+    parser_->body_limit(im_.opt.body_limit);
+    // The first request's header within header_timeout; a kept-alive
+    // connection may wait idle_timeout for the next one.
+    stream_.expires_after(served_ == 0 ? im_.opt.header_timeout : im_.opt.idle_timeout);
+    http::async_read_header(stream_, buffer_, *parser_,
+                            beast::bind_front_handler(&Session::on_header, shared_from_this()));
+  }
+
+  void on_header(error_code ec, std::size_t) {
+    if (ec) return read_failed(ec);
+    const auto& req = parser_->get();
+    if (req.target().size() > im_.opt.max_target) {
+      return write(json_error(http::status::uri_too_long, "uri_too_long",
+                              "the request target is longer than " +
+                                  std::to_string(im_.opt.max_target) + " bytes"));
+    }
+    if (parser_->is_done()) return on_read({}, 0);
+    stream_.expires_after(im_.opt.body_timeout);
+    http::async_read(stream_, buffer_, *parser_,
+                     beast::bind_front_handler(&Session::on_read, shared_from_this()));
+  }
+
+  void on_read(error_code ec, std::size_t) {
+    if (ec) return read_failed(ec);
+    busy_ = true;
+    stream_.expires_never();  // the handler may take its time; the client waits
+    asio::post(im_.pool, [self = shared_from_this(), req = parser_->release()]() mutable {
+      Response res;
+      try {
+        res = self->im_.handler(req);
+      } catch (...) {
+        res = json_error(http::status::internal_server_error, "internal",
+                         "the request could not be handled", req.version(), req.keep_alive());
+      }
+      asio::post(self->stream_.get_executor(),
+                 [self, r = std::move(res)]() mutable { self->write(std::move(r)); });
+    });
+  }
+
+  void read_failed(const error_code& ec) {
+    if (ec == http::error::end_of_stream || ec == beast::error::timeout ||
+        ec == asio::error::operation_aborted || ec == asio::error::eof ||
+        ec == asio::error::connection_reset || ec == asio::error::broken_pipe) {
+      return close();  // the client left, was too slow, or the server stops
+    }
+    if (ec == http::error::header_limit) {
+      // A request line that did not end within the limit is a target too
+      // long (414); else the header fields are too large (431).
+      // (The parser has the request line once it is whole; else the bytes
+      // read so far do not hold its end.)
+      const auto data = buffer_.cdata();
+      const std::string_view seen(static_cast<const char*>(data.data()), data.size());
+      const auto eol = seen.find("\r\n");
+      const bool line_parsed = !parser_->get().target().empty();
+      if (!line_parsed && (eol == std::string_view::npos || eol > im_.opt.max_target)) {
+        return write(json_error(http::status::uri_too_long, "uri_too_long",
+                                "the request line is longer than " +
+                                    std::to_string(im_.opt.max_target) + " bytes"));
+      }
+      return write(json_error(http::status::request_header_fields_too_large,
+                              "header_fields_too_large",
+                              "the request's header is larger than " +
+                                  std::to_string(im_.opt.header_limit) + " bytes"));
+    }
+    if (ec == http::error::body_limit) {
+      return write(json_error(http::status::payload_too_large, "payload_too_large",
+                              "the request body is larger than " +
+                                  std::to_string(im_.opt.body_limit) + " bytes"));
+    }
+    return write(json_error(http::status::bad_request, "bad_request",
+                            "not an HTTP/1.1 request: " + ec.message()));
+  }
+
+  void write(Response res) {
+    ++served_;
+    const bool keep = res.keep_alive() && served_ < im_.opt.max_requests_per_connection &&
+                      !im_.stopping.load();
+    res.keep_alive(keep);
+    res_ = std::make_shared<Response>(std::move(res));
+    stream_.expires_after(im_.opt.body_timeout);  // a client that does not read is dropped
+    http::async_write(stream_, *res_,
+                      [self = shared_from_this(), keep](error_code ec, std::size_t) {
+                        self->res_.reset();
+                        self->busy_ = false;
+                        if (ec || !keep || self->im_.stopping.load()) return self->close();
+                        self->read();
+                      });
+  }
+
+  void close() {
+    error_code ec;
+    stream_.socket().shutdown(tcp::socket::shutdown_both, ec);
+    stream_.close();
+  }
+
+  beast::tcp_stream stream_;
+  beast::flat_buffer buffer_;
+  std::optional<http::request_parser<http::string_body>> parser_;
+  std::shared_ptr<Response> res_;
+  HttpServer::Impl& im_;
+  int served_ = 0;
+  bool busy_ = false;  // a request is with the handler or being written
+};
+
+}  // namespace
+
+void HttpServer::Impl::add(const std::shared_ptr<Session>& s) {
+  std::lock_guard<std::mutex> g(mu);
+  if (sessions.size() >= 64 && sessions.size() >= 2 * static_cast<std::size_t>(active)) {
+    sessions.erase(std::remove_if(sessions.begin(), sessions.end(),
+                                  [](const std::weak_ptr<Session>& w) { return w.expired(); }),
+                   sessions.end());
+  }
+  sessions.push_back(s);
+}
+
+void HttpServer::Impl::accept() {
+  acceptor.async_accept(
+      asio::make_strand(ioc), [self = this](error_code ec, tcp::socket socket) {
+        if (self->stopping.load() || !self->acceptor.is_open()) return;
+        if (ec) {
+          // Re-armed on every error; out of descriptors, after a pause (the
+          // connection stays in the backlog until one is free).
+          if (out_of_descriptors(ec)) {
+            self->backoff.expires_after(std::chrono::milliseconds(50));
+            self->backoff.async_wait([self](error_code e) {
+              if (!e && !self->stopping.load()) self->accept();
+            });
+            return;
+          }
+          return self->accept();
+        }
+        bool over = false;
+        {
+          std::lock_guard<std::mutex> g(self->mu);
+          over = ++self->active > self->opt.max_connections;
+        }
+        auto s = std::make_shared<Session>(std::move(socket), *self);
+        if (over) {
+          s->reject_busy();
+        } else {
+          self->add(s);
+          s->start();
+        }
+        self->accept();
+      });
+}
+
+void HttpServer::Impl::stop() {
+  std::vector<std::weak_ptr<Session>> now;
+  {
+    std::lock_guard<std::mutex> g(mu);
+    if (stop_requested) return;
+    stop_requested = true;
+    stopping.store(true);
+    now = sessions;
+    cv.notify_all();
+  }
+  asio::post(ioc, [self = this] {
+    error_code ec;
+    self->acceptor.close(ec);
+    self->backoff.cancel();
+  });
+  for (auto& w : now) {
+    if (auto s = w.lock()) s->stop_if_idle();
+  }
+}
+
+void HttpServer::Impl::run() {
+  auto guard = asio::make_work_guard(ioc);
+  accept();
+  std::vector<std::thread> threads;
+  for (int i = 0; i < std::max(1, opt.io_threads); ++i) threads.emplace_back([this] { ioc.run(); });
+  {
+    std::unique_lock<std::mutex> g(mu);
+    cv.wait(g, [this] { return stop_requested; });
+    // Requests in flight are answered; then the connections close.
+    cv.wait_for(g, opt.drain_timeout, [this] { return active == 0; });
+  }
+  guard.reset();
+  ioc.stop();
+  for (auto& t : threads) t.join();
+  pool.join();
+}
+
+HttpServer::HttpServer(ServerOptions options, Handler handler)
+    : impl_(std::make_shared<Impl>(std::move(options), std::move(handler))) {}
+
+HttpServer::~HttpServer() {
+  impl_->stop();
+}
+
+unsigned short HttpServer::port() const { return impl_->acceptor.local_endpoint().port(); }
+
+void HttpServer::run() { impl_->run(); }
+
+void HttpServer::stop() { impl_->stop(); }
+
+int HttpServer::connections() const {
+  std::lock_guard<std::mutex> g(impl_->mu);
+  return impl_->active;
+}
+
+}  // namespace taskmgr_http

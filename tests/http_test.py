@@ -60,7 +60,7 @@ class HttpServerTest(unittest.TestCase):
         port_file = os.path.join(cls.tmp.name, "port")
         cls.proc = subprocess.Popen(
             [SERVER, "--port", "0", "--config", cfg, "--db", os.path.join(cls.tmp.name, "t.db"),
-             "--port-file", port_file],
+             "--port-file", port_file, "--input-root", PAGES or cls.tmp.name],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 60
         while not (os.path.exists(port_file) and open(port_file).read().strip()):
@@ -153,7 +153,9 @@ class HttpServerTest(unittest.TestCase):
         self.assertEqual(e["error"], "invalid_state")
 
         # cancel a pending task
-        status, t = self.request("POST", "/tasks", {"input": {"path": "/no/such.png"}})
+        status, t = self.request("POST", "/tasks",
+                                 {"input": {"data_base64": base64.b64encode(TINY_PNG).decode()}})
+        self.assertEqual(status, 201, t)
         status, t = self.request("POST", "/tasks/%s/cancel" % t["id"])
         self.assertEqual((status, t["status"]), (200, "cancelled"))
 
@@ -180,7 +182,7 @@ class HttpServerTest(unittest.TestCase):
             ("POST", "/tasks", {"priority": "high"}, None, 400, "invalid_argument"),
             ("POST", "/tasks", {"options": "x"}, None, 400, "invalid_argument"),
             ("POST", "/tasks", {"service": "nope"}, None, 404, "not_found"),
-            ("POST", "/tasks", {"device": "cuda:3", "input": {"path": "/x.png"}}, None, 404,
+            ("POST", "/tasks", {"device": "cuda:3", "input": {"data_base64": "AAAA"}}, None, 404,
              "not_found"),
             ("POST", "/tasks", {"device": "cpu"}, None, 400, "invalid_argument"),  # no input
             ("POST", "/tasks", {"input": {"data_base64": "***"}}, None, 400, "invalid_argument"),
@@ -197,9 +199,10 @@ class HttpServerTest(unittest.TestCase):
             ("GET", "/tasks?limit=0x10", None, None, 400, "invalid_argument"),
             ("GET", "/tasks?limit=1e3", None, None, 400, "invalid_argument"),
             ("GET", "/tasks?limit=", None, None, 400, "invalid_argument"),
-            # a NUL in a path: another file would be read than recorded
-            ("POST", "/tasks", {"input": {"path": "/tmp/page\u0000.txt"}}, None, 400,
-             "invalid_argument"),
+            # a path outside the --input-root, or with a NUL: refused alike
+            ("POST", "/tasks", {"input": {"path": "/tmp/page\u0000.txt"}}, None, 403,
+             "forbidden"),
+            ("POST", "/tasks", {"input": {"path": "/etc/passwd"}}, None, 403, "forbidden"),
         ]
         for method, path, body, raw, want, code in cases:
             status, e = self.request(method, path, body, raw)
@@ -518,6 +521,112 @@ class HttpTransportTest(unittest.TestCase):
                            (["--body-limit-mb", "0"], "--body-limit-mb"),
                            (["--header-timeout", "nan"], "--header-timeout"),
                            (["--bogus"], "unknown option")):
+            p = subprocess.run([SERVER] + args, capture_output=True, text=True, timeout=60)
+            self.assertEqual(p.returncode, 2, (args, p.stderr))
+            self.assertIn(part, p.stderr)
+
+
+class HttpPathsAndAuthTest(unittest.TestCase):
+    """input.path only under --input-root, one answer for every refusal;
+    a bearer token on every route but /health; no public bind without one."""
+
+    TOKEN = "s3cret-token-0123456789"
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        t = cls.tmp.name
+        cls.root = os.path.join(t, "root")
+        outside = os.path.join(t, "outside")
+        os.makedirs(os.path.join(cls.root, "dir"))
+        os.makedirs(outside)
+        with open(os.path.join(cls.root, "ok.png"), "wb") as f:
+            f.write(TINY_PNG)
+        with open(os.path.join(outside, "secret.png"), "wb") as f:
+            f.write(TINY_PNG)
+        os.symlink(os.path.join(outside, "secret.png"), os.path.join(cls.root, "link.png"))
+        os.symlink(os.path.join(cls.root, "ok.png"), os.path.join(cls.root, "inside-link.png"))
+        os.mkfifo(os.path.join(cls.root, "fifo.png"))
+        cls.outside = outside
+        token_file = os.path.join(t, "token")
+        with open(token_file, "w") as f:
+            f.write(cls.TOKEN + "\n")
+        cls.proc, cls.port = start_server(t, ["--input-root", cls.root,
+                                              "--token-file", token_file])
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.proc.send_signal(signal.SIGTERM)
+        out, _ = cls.proc.communicate(timeout=120)
+        cls.tmp.cleanup()
+        assert cls.proc.returncode == 0, out
+
+    def request(self, method, path, body=None, token=TOKEN):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        headers = {"Content-Type": "application/json"}
+        if token is not None:
+            headers["Authorization"] = "Bearer " + token
+        conn.request(method, path, body=json.dumps(body) if body is not None else None,
+                     headers=headers)
+        res = conn.getresponse()
+        text = res.read().decode("utf-8")
+        conn.close()
+        return res.status, json.loads(text), res
+
+    def created(self):
+        status, m, _ = self.request("GET", "/tasks/metrics")
+        self.assertEqual(status, 200)
+        return m["counters"]["tasks_created"]
+
+    def test_paths_outside_the_roots_are_refused_alike_and_take_no_task(self):
+        before = self.created()
+        probes = [
+            os.path.join(self.outside, "secret.png"),         # exists, outside
+            os.path.join(self.root, "missing.png"),            # missing, inside
+            os.path.join(self.root, "dir"),                    # a directory
+            os.path.join(self.root, "fifo.png"),               # a FIFO (must not hang)
+            os.path.join(self.root, "link.png"),               # a symlink out of the root
+            os.path.join(self.root, "..", "outside", "secret.png"),
+            "/dev/zero", "/proc/self/environ", "/etc/shadow", "/root", "relative.png",
+            os.path.join(self.root, "ok.png") + "\u0000.txt",   # a NUL
+        ]
+        answers = set()
+        for p in probes:
+            status, e, _ = self.request("POST", "/tasks", {"input": {"path": p}})
+            self.assertEqual(status, 403, (p, e))
+            answers.add(json.dumps(e, sort_keys=True))
+        self.assertEqual(len(answers), 1, answers)  # one answer: nothing learned
+        self.assertEqual(self.created(), before)   # no task made, no worker taken
+        # Inside the root (also through a symlink that stays inside): read by
+        # the server and run.
+        for name in ("ok.png", "inside-link.png"):
+            status, t, _ = self.request("POST", "/tasks",
+                                        {"input": {"path": os.path.join(self.root, name)}})
+            self.assertEqual(status, 201, t)
+        self.assertEqual(self.created(), before + 2)
+
+    def test_the_token_is_needed_everywhere_but_health(self):
+        for token, want in ((None, 401), ("wrong-token-0123456789", 401), ("", 401),
+                            (self.TOKEN + "x", 401), (self.TOKEN, 200)):
+            status, e, res = self.request("GET", "/tasks/metrics", token=token)
+            self.assertEqual(status, want, (token, e))
+            if want == 401:
+                self.assertEqual(e["error"], "unauthorized")
+                self.assertEqual(res.getheader("WWW-Authenticate"), "Bearer")
+        status, h, _ = self.request("GET", "/health", token=None)
+        self.assertEqual(status, 200, h)
+        self.assertTrue(h["ready"])
+        self.assertEqual(h["status"], "ok")
+        self.assertIn("cpu", [d["id"] for d in h["devices"]])
+
+    def test_public_bind_needs_a_token(self):
+        p = subprocess.run([SERVER, "--address", "0.0.0.0", "--port", "0"], capture_output=True,
+                           text=True, timeout=60)
+        self.assertEqual(p.returncode, 2, p.stderr)
+        self.assertIn("not a loopback address", p.stderr)
+        for args, part in ((["--token-file", "/nonexistent"], "cannot read"),
+                           (["--input-root", "/nonexistent"], "is not a directory"),
+                           (["--address", "not-an-ip"], "--address must be an IP address")):
             p = subprocess.run([SERVER] + args, capture_output=True, text=True, timeout=60)
             self.assertEqual(p.returncode, 2, (args, p.stderr))
             self.assertIn(part, p.stderr)

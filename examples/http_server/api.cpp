@@ -1,8 +1,17 @@
 #include "api.hpp"
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <boost/json.hpp>
 
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+
 #include <cstdint>
+#include <map>
 #include <optional>
 #include <string>
 
@@ -97,9 +106,31 @@ std::string get_options(const json::object& o) {
   return json::serialize(*v);
 }
 
+// Equal, in time that depends on the lengths only (a token is not guessed
+// byte by byte from the answer's timing).
+bool same_secret(std::string_view a, std::string_view b) {
+  unsigned char diff = a.size() == b.size() ? 0 : 1;
+  const std::size_t n = std::max(a.size(), b.size());
+  for (std::size_t i = 0; i < n; ++i) {
+    const unsigned char x = i < a.size() ? static_cast<unsigned char>(a[i]) : 0;
+    const unsigned char y = i < b.size() ? static_cast<unsigned char>(b[i]) : 0;
+    diff |= static_cast<unsigned char>(x ^ y);
+  }
+  return diff == 0;
+}
+
+// One answer for every input.path that is not served, whatever the reason
+// (missing, a directory, a FIFO, a device, outside the roots, a symlink
+// out of them, unreadable): the file system is not probed through it.
+[[noreturn]] void path_refused() {
+  throw HttpError{http::status::forbidden, "forbidden",
+                  "input.path is not a readable regular file under an --input-root of this "
+                  "server"};
+}
+
 class Api {
  public:
-  explicit Api(taskmgr::TaskManager& tm) : tm_(tm) {}
+  Api(taskmgr::TaskManager& tm, const ApiOptions& o) : tm_(tm), o_(o) {}
 
   Response handle(const Request& req) {
     try {
@@ -116,6 +147,21 @@ class Api {
  private:
   Response route(const Request& req) {
     std::string target(req.target());
+    if (!o_.token.empty() && !(req.method() == http::verb::get && target == "/health")) {
+      const auto h = req.find(http::field::authorization);
+      const std::string_view given = h == req.end()
+                                         ? std::string_view()
+                                         : std::string_view(h->value().data(), h->value().size());
+      const std::string want = "Bearer " + o_.token;
+      if (!same_secret(given, want)) {
+        Response r = json_error(http::status::unauthorized, "unauthorized",
+                                h == req.end() ? "this server needs Authorization: Bearer <token>"
+                                               : "the token is not this server's",
+                                req.version(), req.keep_alive());
+        r.set(http::field::www_authenticate, "Bearer");
+        return r;
+      }
+    }
     std::string query;
     if (const auto q = target.find('?'); q != std::string::npos) {
       query = target.substr(q + 1);
@@ -129,6 +175,10 @@ class Api {
                         std::string(req.method_string()) + " is not allowed on " + target};
       }
     };
+    if (target == "/health") {
+      require(http::verb::get);
+      return health(req);
+    }
     if (target == "/metrics") {
       require(http::verb::get);
       Response r = make(req, http::status::ok, tm_.get_task_metrics().to_prometheus());
@@ -177,7 +227,8 @@ class Api {
     if (const json::value* in = body.if_contains("input"); in && !in->is_null()) {
       if (!in->is_object()) bad_request("input must be an object with path or data_base64");
       const json::object& io = in->as_object();
-      r.input.path = get_string(io, "path", "input.");
+      const std::string path = get_string(io, "path", "input.");
+      if (!path.empty()) read_under_roots(path, r.input);
       const std::string b64 = get_string(io, "data_base64", "input.");
       if (!b64.empty()) {
         const std::string bytes = base64_decode(b64);
@@ -193,6 +244,88 @@ class Api {
     Response res = make_json(req, http::status::created, taskmgr::to_json(t));
     res.set(http::field::location, "/tasks/" + t.id);
     return res;
+  }
+
+  static std::int64_t total(const std::map<std::string, std::int64_t>& per_device) {
+    const auto it = per_device.find("total");
+    return it == per_device.end() ? 0 : it->second;
+  }
+
+  // GET /health: live (it answers) and ready (the store takes writes, a
+  // device is available): 200, else 503 with what is wrong.
+  Response health(const Request& req) {
+    const taskmgr::TaskMetrics m = tm_.get_task_metrics();
+    json::array devices;
+    bool any_device = false;
+    for (const auto& d : tm_.devices()) {
+      any_device = any_device || d.available;
+      devices.push_back(json::object{{"id", d.id}, {"available", d.available}});
+    }
+    const bool store_ok = m.store.backlog == 0;
+    json::array problems;
+    if (!store_ok) {
+      problems.push_back(json::string("the store has " + std::to_string(m.store.backlog) +
+                                      " write(s) waiting for a retry"));
+    }
+    if (!any_device) problems.push_back(json::string("no device is available"));
+    const bool ready = problems.empty();
+    json::object o{{"status", ready ? "ok" : "degraded"},
+                   {"live", true},
+                   {"ready", ready},
+                   {"problems", std::move(problems)},
+                   {"store", json::object{{"backlog", m.store.backlog},
+                                          {"failed_writes", m.store.failed_writes}}},
+                   {"devices", std::move(devices)},
+                   {"active_tasks", total(m.active_tasks)},
+                   {"queued_tasks", total(m.queued_tasks)},
+                   {"version", std::string(taskmgr::version())}};
+    return make_json(req, ready ? http::status::ok : http::status::service_unavailable,
+                     json::serialize(o));
+  }
+
+  // input.path: only a regular file that resolves (symlinks followed)
+  // inside an --input-root, read here (at most max_input_bytes) so that the
+  // library gets bytes, never a path of the client's choosing.
+  void read_under_roots(const std::string& path, taskmgr::TaskInput& in) {
+    if (o_.input_roots.empty() || path.find('\0') != std::string::npos) path_refused();
+    char* real = ::realpath(path.c_str(), nullptr);
+    if (real == nullptr) path_refused();
+    const std::string resolved(real);
+    std::free(real);
+    bool inside = false;
+    for (const auto& root : o_.input_roots) {
+      if (resolved.size() > root.size() && resolved.compare(0, root.size(), root) == 0 &&
+          (root.back() == '/' || resolved[root.size()] == '/')) {
+        inside = true;
+      }
+    }
+    if (!inside) path_refused();
+    // Opened without blocking (a FIFO swapped in after realpath does not
+    // hang), without following a final symlink, and checked again on the
+    // descriptor.
+    const int fd = ::open(resolved.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
+    if (fd < 0) path_refused();
+    struct stat st {};
+    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+      ::close(fd);
+      path_refused();
+    }
+    if (static_cast<std::uint64_t>(st.st_size) > o_.max_input_bytes) {
+      ::close(fd);
+      throw HttpError{
+          http::status::payload_too_large, "payload_too_large",
+          "input.path names a file larger than " + std::to_string(o_.max_input_bytes) + " bytes"};
+    }
+    in.data.resize(static_cast<std::size_t>(st.st_size));
+    std::size_t got = 0;
+    while (got < in.data.size()) {
+      const ssize_t n = ::read(fd, in.data.data() + got, in.data.size() - got);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) break;
+      got += static_cast<std::size_t>(n);
+    }
+    ::close(fd);
+    if (got != in.data.size()) path_refused();  // changed while read
   }
 
   Response start(const Request& req, const std::string& id) {
@@ -256,10 +389,23 @@ class Api {
   }
 
   taskmgr::TaskManager& tm_;
+  const ApiOptions& o_;
 };
 
 }  // namespace
 
-Response handle(taskmgr::TaskManager& tm, const Request& req) { return Api(tm).handle(req); }
+Response handle(taskmgr::TaskManager& tm, const ApiOptions& options, const Request& req) {
+  return Api(tm, options).handle(req);
+}
+
+std::string canonical_directory(const std::string& dir) {
+  char* real = ::realpath(dir.c_str(), nullptr);
+  if (real == nullptr) return "";
+  std::string out(real);
+  std::free(real);
+  struct stat st {};
+  if (::stat(out.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) return "";
+  return out;
+}
 
 }  // namespace taskmgr_http

@@ -5,12 +5,32 @@
 
 #include <taskmgr/taskmgr.hpp>
 
+#include <string>
+#include <vector>
+
 #include "server.hpp"
 
 namespace taskmgr_http {
 
+struct ApiOptions {
+  // When not empty, every route but GET /health needs the header
+  // "Authorization: Bearer <token>" (compared in constant time): 401 else.
+  std::string token;
+  // Directories under which input.path may name a file (each resolved with
+  // realpath at start). Empty: input.path is refused (403); inputs come as
+  // bytes.
+  std::vector<std::string> input_roots;
+  // A file named by input.path is read by the server, at most this many
+  // bytes (larger: 413).
+  std::size_t max_input_bytes = 32u << 20;
+};
+
 // The request's answer; never throws (errors are JSON bodies with the
 // status a client can act on: docs/CLI.md, "taskmgr-http").
-Response handle(taskmgr::TaskManager& tm, const Request& req);
+Response handle(taskmgr::TaskManager& tm, const ApiOptions& options, const Request& req);
+
+// The directory's canonical path (realpath), or "" when it is not a
+// directory.
+std::string canonical_directory(const std::string& dir);
 
 }  // namespace taskmgr_http

@@ -35,6 +35,7 @@
 #include <taskmgr/taskmgr.hpp>
 
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/address.hpp>
 #include <boost/asio/signal_set.hpp>
 
 #include <charconv>
@@ -79,14 +80,40 @@ std::chrono::milliseconds seconds_arg(const std::string& option, const std::stri
 }
 
 constexpr const char* kUsage =
-    "usage: taskmgr-http [--port N] [--config FILE] [--db PATH] [--port-file PATH]\n"
+    "usage: taskmgr-http [--address A] [--port N] [--config FILE] [--db PATH] [--port-file PATH]\n"
+    "                    [--token-file FILE] [--input-root DIR]...\n"
     "                    [--max-connections N] [--body-limit-mb N]\n"
     "                    [--header-timeout S] [--idle-timeout S] [--help] [--version]\n";
+
+// The token: the file's first line, without its line end; exit 2 when the
+// file cannot be read or the token is empty or shorter than 16 bytes.
+std::string read_token(const std::string& path) {
+  std::ifstream in(path);
+  std::string token;
+  if (!in || !std::getline(in, token)) {
+    std::cerr << "taskmgr-http: --token-file " << path << ": cannot read it\n";
+    std::exit(2);
+  }
+  while (!token.empty() && (token.back() == '\r' || token.back() == ' ')) token.pop_back();
+  if (token.size() < 16) {
+    std::cerr << "taskmgr-http: --token-file " << path
+              << ": the token must be at least 16 characters on its first line\n";
+    std::exit(2);
+  }
+  return token;
+}
+
+bool loopback(const std::string& address) {
+  boost::system::error_code ec;
+  const auto a = boost::asio::ip::make_address(address, ec);
+  return !ec && a.is_loopback();
+}
 
 }  // namespace
 
 int main(int argc, char** argv) {
   taskmgr_http::ServerOptions so;
+  taskmgr_http::ApiOptions api;
   std::string config_path, db, port_file;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -97,7 +124,25 @@ int main(int argc, char** argv) {
       }
       return argv[++i];
     };
-    if (a == "--port") {
+    if (a == "--address") {
+      so.address = value();
+      boost::system::error_code ec;
+      boost::asio::ip::make_address(so.address, ec);
+      if (ec) {
+        std::cerr << "taskmgr-http: --address must be an IP address, got '" << so.address << "'\n";
+        return 2;
+      }
+    } else if (a == "--token-file") {
+      api.token = read_token(value());
+    } else if (a == "--input-root") {
+      const std::string dir = value();
+      const std::string real = taskmgr_http::canonical_directory(dir);
+      if (real.empty()) {
+        std::cerr << "taskmgr-http: --input-root " << dir << " is not a directory\n";
+        return 2;
+      }
+      api.input_roots.push_back(real);
+    } else if (a == "--port") {
       so.port = static_cast<unsigned short>(number_arg(a, value(), 0, 65535));
     } else if (a == "--config") {
       config_path = value();
@@ -124,13 +169,21 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
+  if (!loopback(so.address) && api.token.empty()) {
+    std::cerr << "taskmgr-http: --address " << so.address
+              << " is not a loopback address: give --token-file (and put a TLS-terminating proxy "
+                 "in front)\n";
+    return 2;
+  }
+  api.max_input_bytes = so.body_limit;
   try {
     taskmgr::Config config = config_path.empty() ? taskmgr::Config::defaults()
                                                  : taskmgr::Config::from_yaml_file(config_path);
     if (!db.empty()) config.storage.path = db;
     taskmgr::TaskManager tm(config);
-    taskmgr_http::HttpServer server(
-        so, [&tm](const taskmgr_http::Request& req) { return taskmgr_http::handle(tm, req); });
+    taskmgr_http::HttpServer server(so, [&tm, &api](const taskmgr_http::Request& req) {
+      return taskmgr_http::handle(tm, api, req);
+    });
     const unsigned short bound = server.port();
     if (!port_file.empty()) std::ofstream(port_file) << bound << "\n";
     std::cout << "listening on http://" << so.address << ":" << bound << std::endl;

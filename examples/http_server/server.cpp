@@ -85,8 +85,7 @@ namespace {
 
 bool out_of_descriptors(const error_code& ec) {
   return ec == asio::error::no_descriptors ||  // EMFILE
-         ec == asio::error::no_buffer_space || ec == asio::error::no_memory ||
-         ec.value() == ENFILE;
+         ec == asio::error::no_buffer_space || ec == asio::error::no_memory || ec.value() == ENFILE;
 }
 
 class Session : public std::enable_shared_from_this<Session> {
@@ -127,9 +126,9 @@ class Session : public std::enable_shared_from_this<Session> {
     if (ec) return read_failed(ec);
     const auto& req = parser_->get();
     if (req.target().size() > im_.opt.max_target) {
-      return write(json_error(http::status::uri_too_long, "uri_too_long",
-                              "the request target is longer than " +
-                                  std::to_string(im_.opt.max_target) + " bytes"));
+      return write(json_error(
+          http::status::uri_too_long, "uri_too_long",
+          "the request target is longer than " + std::to_string(im_.opt.max_target) + " bytes"));
     }
     if (parser_->is_done()) return on_read({}, 0);
     stream_.expires_after(im_.opt.body_timeout);
@@ -170,9 +169,9 @@ class Session : public std::enable_shared_from_this<Session> {
       const auto eol = seen.find("\r\n");
       const bool line_parsed = !parser_->get().target().empty();
       if (!line_parsed && (eol == std::string_view::npos || eol > im_.opt.max_target)) {
-        return write(json_error(http::status::uri_too_long, "uri_too_long",
-                                "the request line is longer than " +
-                                    std::to_string(im_.opt.max_target) + " bytes"));
+        return write(json_error(
+            http::status::uri_too_long, "uri_too_long",
+            "the request line is longer than " + std::to_string(im_.opt.max_target) + " bytes"));
       }
       return write(json_error(http::status::request_header_fields_too_large,
                               "header_fields_too_large",
@@ -180,9 +179,9 @@ class Session : public std::enable_shared_from_this<Session> {
                                   std::to_string(im_.opt.header_limit) + " bytes"));
     }
     if (ec == http::error::body_limit) {
-      return write(json_error(http::status::payload_too_large, "payload_too_large",
-                              "the request body is larger than " +
-                                  std::to_string(im_.opt.body_limit) + " bytes"));
+      return write(json_error(
+          http::status::payload_too_large, "payload_too_large",
+          "the request body is larger than " + std::to_string(im_.opt.body_limit) + " bytes"));
     }
     return write(json_error(http::status::bad_request, "bad_request",
                             "not an HTTP/1.1 request: " + ec.message()));
@@ -190,8 +189,8 @@ class Session : public std::enable_shared_from_this<Session> {
 
   void write(Response res) {
     ++served_;
-    const bool keep = res.keep_alive() && served_ < im_.opt.max_requests_per_connection &&
-                      !im_.stopping.load();
+    const bool keep =
+        res.keep_alive() && served_ < im_.opt.max_requests_per_connection && !im_.stopping.load();
     res.keep_alive(keep);
     res_ = std::make_shared<Response>(std::move(res));
     stream_.expires_after(im_.opt.body_timeout);  // a client that does not read is dropped
@@ -232,35 +231,34 @@ void HttpServer::Impl::add(const std::shared_ptr<Session>& s) {
 }
 
 void HttpServer::Impl::accept() {
-  acceptor.async_accept(
-      asio::make_strand(ioc), [self = this](error_code ec, tcp::socket socket) {
-        if (self->stopping.load() || !self->acceptor.is_open()) return;
-        if (ec) {
-          // Re-armed on every error; out of descriptors, after a pause (the
-          // connection stays in the backlog until one is free).
-          if (out_of_descriptors(ec)) {
-            self->backoff.expires_after(std::chrono::milliseconds(50));
-            self->backoff.async_wait([self](error_code e) {
-              if (!e && !self->stopping.load()) self->accept();
-            });
-            return;
-          }
-          return self->accept();
-        }
-        bool over = false;
-        {
-          std::lock_guard<std::mutex> g(self->mu);
-          over = ++self->active > self->opt.max_connections;
-        }
-        auto s = std::make_shared<Session>(std::move(socket), *self);
-        if (over) {
-          s->reject_busy();
-        } else {
-          self->add(s);
-          s->start();
-        }
-        self->accept();
-      });
+  acceptor.async_accept(asio::make_strand(ioc), [self = this](error_code ec, tcp::socket socket) {
+    if (self->stopping.load() || !self->acceptor.is_open()) return;
+    if (ec) {
+      // Re-armed on every error; out of descriptors, after a pause (the
+      // connection stays in the backlog until one is free).
+      if (out_of_descriptors(ec)) {
+        self->backoff.expires_after(std::chrono::milliseconds(50));
+        self->backoff.async_wait([self](error_code e) {
+          if (!e && !self->stopping.load()) self->accept();
+        });
+        return;
+      }
+      return self->accept();
+    }
+    bool over = false;
+    {
+      std::lock_guard<std::mutex> g(self->mu);
+      over = ++self->active > self->opt.max_connections;
+    }
+    auto s = std::make_shared<Session>(std::move(socket), *self);
+    if (over) {
+      s->reject_busy();
+    } else {
+      self->add(s);
+      s->start();
+    }
+    self->accept();
+  });
 }
 
 void HttpServer::Impl::stop() {
@@ -303,9 +301,7 @@ void HttpServer::Impl::run() {
 HttpServer::HttpServer(ServerOptions options, Handler handler)
     : impl_(std::make_shared<Impl>(std::move(options), std::move(handler))) {}
 
-HttpServer::~HttpServer() {
-  impl_->stop();
-}
+HttpServer::~HttpServer() { impl_->stop(); }
 
 unsigned short HttpServer::port() const { return impl_->acceptor.local_endpoint().port(); }
 

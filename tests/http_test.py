@@ -123,6 +123,25 @@ class HttpServerTest(unittest.TestCase):
         done = self.wait_done(task_id)
         self.assertEqual(done["status"], "completed", done)
 
+        # its events and its result
+        status, evs = self.request("GET", "/tasks/%s/events" % task_id)
+        self.assertEqual(status, 200, evs)
+        names = [e["event_type"] for e in evs]
+        self.assertEqual(names[0], "created")
+        self.assertIn("completed", names)
+        status, r = self.request("GET", "/tasks/%s/result" % task_id)
+        self.assertEqual(status, 200, r)
+        self.assertEqual(r, done["result"])
+        status, text = self.request("GET", "/tasks/%s/result?format=text" % task_id)
+        self.assertEqual(status, 200, text)
+        self.assertEqual(text, done["result"]["text"])
+        for path, want in (("/tasks/%s/result?format=pdf" % task_id, 400),
+                           ("/tasks/%s/result?x=1" % task_id, 400),
+                           ("/tasks/01890000-0000-7000-8000-000000000000/result", 404),
+                           ("/tasks/01890000-0000-7000-8000-000000000000/events", 404)):
+            status, e = self.request("GET", path)
+            self.assertEqual(status, want, (path, e))
+
         status, h = self.request("GET", "/tasks/%s/health" % task_id)
         self.assertEqual(status, 200)
         self.assertEqual(h["status"], "completed")
@@ -158,6 +177,8 @@ class HttpServerTest(unittest.TestCase):
         self.assertEqual(status, 201, t)
         status, t = self.request("POST", "/tasks/%s/cancel" % t["id"])
         self.assertEqual((status, t["status"]), (200, "cancelled"))
+        status, e = self.request("GET", "/tasks/%s/result" % t["id"])  # no result: 409
+        self.assertEqual((status, e["error"]), (409, "invalid_state"), e)
 
     @unittest.skipUnless(PAGES, "no OCR pages given")
     def test_ocr_a_real_page(self):

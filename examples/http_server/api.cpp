@@ -207,6 +207,21 @@ class Api {
         require(http::verb::get);
         return make_json(req, http::status::ok, tm_.get_task_health(id).to_json());
       }
+      if (action == "events") {
+        require(http::verb::get);
+        (void)tm_.get_task(id);  // 404 for an unknown task
+        std::string out = "[";
+        for (const auto& e : tm_.get_task_events(id)) {
+          if (out.size() > 1) out += ',';
+          out += taskmgr::to_json(e);
+        }
+        out += ']';
+        return make_json(req, http::status::ok, out);
+      }
+      if (action == "result") {
+        require(http::verb::get);
+        return result(req, id, query);
+      }
       if (action == "start") {
         require(http::verb::post);
         return start(req, id);
@@ -326,6 +341,40 @@ class Api {
     }
     ::close(fd);
     if (got != in.data.size()) path_refused();  // changed while read
+  }
+
+  // GET /tasks/{id}/result[?format=json|text]: a completed task's result
+  // (its JSON), or its text (the result's "text" field) as text/plain.
+  Response result(const Request& req, const std::string& id, const std::string& query) {
+    std::string format = "json";
+    if (!query.empty()) {
+      if (query.rfind("format=", 0) != 0 || query.find('&') != std::string::npos) {
+        bad_request("the only query parameter of /result is format=json|text");
+      }
+      format = query.substr(7);
+      if (format != "json" && format != "text") {
+        bad_request("format must be json or text");
+      }
+    }
+    const taskmgr::Task t = tm_.get_task(id);
+    if (t.status != taskmgr::TaskStatus::kCompleted) {
+      throw HttpError{http::status::conflict, "invalid_state",
+                      "task " + id + " is " + std::string(taskmgr::to_string(t.status)) +
+                          ": only a completed task has a result"};
+    }
+    if (format == "json") {
+      return make_json(req, http::status::ok, t.result.empty() ? "null" : t.result);
+    }
+    boost::system::error_code ec;
+    const json::value v = json::parse(t.result, ec);
+    const json::value* text = !ec && v.is_object() ? v.as_object().if_contains("text") : nullptr;
+    if (text == nullptr || !text->is_string()) {
+      throw HttpError{http::status::not_found, "not_found",
+                      "task " + id + "'s result has no text (format=json gives all of it)"};
+    }
+    Response r = make(req, http::status::ok, std::string(text->as_string()));
+    r.set(http::field::content_type, "text/plain; charset=utf-8");
+    return r;
   }
 
   Response start(const Request& req, const std::string& id) {

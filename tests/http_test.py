@@ -180,6 +180,71 @@ class HttpServerTest(unittest.TestCase):
         status, e = self.request("GET", "/tasks/%s/result" % t["id"])  # no result: 409
         self.assertEqual((status, e["error"]), (409, "invalid_state"), e)
 
+    def open_events(self, query=""):
+        import socket
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=60)
+        s.sendall(("GET /events%s HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
+                   % query).encode())
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = s.recv(4096)
+            self.assertTrue(chunk, "the stream closed before its header")
+            buf += chunk
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        self.assertIn(b" 200 ", head.split(b"\r\n")[0])
+        self.assertIn(b"content-type: text/event-stream", head.lower())
+        return s, rest
+
+    def read_events(self, sock, buf, until, timeout=120):
+        """SSE messages (event name, JSON data) until `until(name, data)`."""
+        got = []
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            while b"\n\n" in buf:
+                block, _, buf = buf.partition(b"\n\n")
+                fields = {}
+                for line in block.decode("utf-8").split("\n"):
+                    if line.startswith(":"):
+                        continue  # a heartbeat comment
+                    k, _, v = line.partition(": ")
+                    fields[k] = v
+                if "event" in fields:
+                    data = json.loads(fields["data"])
+                    self.assertEqual(int(fields["id"]), data["sequence"])
+                    self.assertEqual(fields["event"], data["event_type"])
+                    got.append((fields["event"], data))
+                    if until(fields["event"], data):
+                        return got
+            chunk = sock.recv(65536)
+            self.assertTrue(chunk, "the stream ended")
+            buf += chunk
+        self.fail("no such event within %s s: %s" % (timeout, got[-5:]))
+
+    def test_events_stream_as_server_sent_events(self):
+        every, b1 = self.open_events()
+        status, t = self.request("POST", "/tasks", {
+            "input": {"data_base64": base64.b64encode(TINY_PNG).decode()}})
+        self.assertEqual(status, 201, t)
+        one, b2 = self.open_events("?task_id=" + t["id"])
+        status, other = self.request("POST", "/tasks", {
+            "input": {"data_base64": base64.b64encode(TINY_PNG).decode()}})
+        self.assertEqual(status, 201)
+        self.request("POST", "/tasks/%s/start" % t["id"])
+        got = self.read_events(every, b1, lambda n, d: n == "completed" and d["task_id"] == t["id"])
+        names = [n for n, d in got if d["task_id"] == t["id"]]
+        self.assertEqual(names[0], "created")
+        self.assertIn("started", names)
+        self.assertIn(other["id"], [d["task_id"] for n, d in got])  # every task's
+        mine = self.read_events(one, b2, lambda n, d: n == "completed")
+        self.assertEqual({d["task_id"] for n, d in mine}, {t["id"]})  # only this one's
+        every.close()
+        one.close()
+        self.wait_done(t["id"])
+        status, e = self.request("GET", "/events?bogus=1")
+        self.assertEqual((status, e["error"]), (400, "invalid_argument"), e)
+        status, e = self.request("POST", "/events")
+        self.assertEqual(status, 405, e)
+
     @unittest.skipUnless(PAGES, "no OCR pages given")
     def test_ocr_a_real_page(self):
         status, t = self.request("POST", "/tasks", {"input": {"path": os.path.join(PAGES, "phototest.tif")}})
@@ -634,6 +699,8 @@ class HttpPathsAndAuthTest(unittest.TestCase):
             if want == 401:
                 self.assertEqual(e["error"], "unauthorized")
                 self.assertEqual(res.getheader("WWW-Authenticate"), "Bearer")
+        status, e, _ = self.request("GET", "/events", token=None)  # the stream too
+        self.assertEqual((status, e["error"]), (401, "unauthorized"), e)
         status, h, _ = self.request("GET", "/health", token=None)
         self.assertEqual(status, 200, h)
         self.assertTrue(h["ready"])

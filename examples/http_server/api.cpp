@@ -128,6 +128,22 @@ bool same_secret(std::string_view a, std::string_view b) {
                   "server"};
 }
 
+// 401 unless the request carries the server's token (when it has one).
+std::optional<Response> unauthorized(const ApiOptions& o, const Request& req) {
+  if (o.token.empty()) return std::nullopt;
+  const auto h = req.find(http::field::authorization);
+  const std::string_view given =
+      h == req.end() ? std::string_view() : std::string_view(h->value().data(), h->value().size());
+  const std::string want = "Bearer " + o.token;
+  if (same_secret(given, want)) return std::nullopt;
+  Response r = json_error(http::status::unauthorized, "unauthorized",
+                          h == req.end() ? "this server needs Authorization: Bearer <token>"
+                                         : "the token is not this server's",
+                          req.version(), req.keep_alive());
+  r.set(http::field::www_authenticate, "Bearer");
+  return r;
+}
+
 class Api {
  public:
   Api(taskmgr::TaskManager& tm, const ApiOptions& o) : tm_(tm), o_(o) {}
@@ -147,20 +163,8 @@ class Api {
  private:
   Response route(const Request& req) {
     std::string target(req.target());
-    if (!o_.token.empty() && !(req.method() == http::verb::get && target == "/health")) {
-      const auto h = req.find(http::field::authorization);
-      const std::string_view given = h == req.end()
-                                         ? std::string_view()
-                                         : std::string_view(h->value().data(), h->value().size());
-      const std::string want = "Bearer " + o_.token;
-      if (!same_secret(given, want)) {
-        Response r = json_error(http::status::unauthorized, "unauthorized",
-                                h == req.end() ? "this server needs Authorization: Bearer <token>"
-                                               : "the token is not this server's",
-                                req.version(), req.keep_alive());
-        r.set(http::field::www_authenticate, "Bearer");
-        return r;
-      }
+    if (!(req.method() == http::verb::get && target == "/health")) {
+      if (auto r = unauthorized(o_, req)) return std::move(*r);
     }
     std::string query;
     if (const auto q = target.find('?'); q != std::string::npos) {
@@ -445,6 +449,66 @@ class Api {
 
 Response handle(taskmgr::TaskManager& tm, const ApiOptions& options, const Request& req) {
   return Api(tm, options).handle(req);
+}
+
+EventFanout::EventFanout(taskmgr::TaskManager& tm) : tm_(tm) {
+  id_ = tm_.subscribe([this](const taskmgr::EventRecord& e) { publish(e); });
+}
+
+EventFanout::~EventFanout() { tm_.unsubscribe(id_); }
+
+int EventFanout::streams() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return static_cast<int>(subs_.size());
+}
+
+// On the manager's event thread: send() only queues, so one slow client
+// delays nobody (it is dropped past its backlog).
+void EventFanout::publish(const taskmgr::EventRecord& e) {
+  const std::string msg = "id: " + std::to_string(e.sequence) +
+                          "\nevent: " + std::string(taskmgr::to_string(e.event)) +
+                          "\ndata: " + taskmgr::to_json(e) + "\n\n";
+  std::lock_guard<std::mutex> g(mu_);
+  subs_.erase(std::remove_if(subs_.begin(), subs_.end(),
+                             [&](const Sub& s) {
+                               if (!s.task_id.empty() && s.task_id != e.task_id) return false;
+                               return !s.stream->send(msg);
+                             }),
+              subs_.end());
+}
+
+StreamRoute EventFanout::route(const ApiOptions& options) {
+  StreamRoute r;
+  r.matches = [](const Request& req) {
+    const std::string_view t(req.target().data(), req.target().size());
+    return t == "/events" || t.rfind("/events?", 0) == 0;
+  };
+  r.admit = [&options](const Request& req) -> std::optional<Response> {
+    if (auto u = unauthorized(options, req)) return u;
+    if (req.method() != http::verb::get) {
+      return json_error(http::status::method_not_allowed, "method_not_allowed",
+                        std::string(req.method_string()) + " is not allowed on /events",
+                        req.version(), req.keep_alive());
+    }
+    const std::string_view t(req.target().data(), req.target().size());
+    const auto q = t.find('?');
+    if (q != std::string_view::npos && t.substr(q + 1).rfind("task_id=", 0) != 0) {
+      return json_error(http::status::bad_request, "invalid_argument",
+                        "the only query parameter of /events is task_id=ID", req.version(),
+                        req.keep_alive());
+    }
+    return std::nullopt;
+  };
+  r.on_open = [this](const Request& req, std::shared_ptr<Stream> s) {
+    const std::string_view t(req.target().data(), req.target().size());
+    const auto q = t.find("?task_id=");
+    Sub sub{std::move(s), q == std::string_view::npos ? "" : std::string(t.substr(q + 9))};
+    // The reconnection delay a browser's EventSource uses.
+    if (!sub.stream->send("retry: 2000\n\n")) return;
+    std::lock_guard<std::mutex> g(mu_);
+    subs_.push_back(std::move(sub));
+  };
+  return r;
 }
 
 std::string canonical_directory(const std::string& dir) {

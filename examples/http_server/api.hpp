@@ -5,6 +5,8 @@
 
 #include <taskmgr/taskmgr.hpp>
 
+#include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -32,5 +34,32 @@ Response handle(taskmgr::TaskManager& tm, const ApiOptions& options, const Reque
 // The directory's canonical path (realpath), or "" when it is not a
 // directory.
 std::string canonical_directory(const std::string& dir);
+
+// GET /events: the manager's events as Server-Sent Events, one message per
+// event ("id: <sequence>", "event: <event_type>", "data: <the event's
+// JSON>"); ?task_id=ID keeps one task's. Needs the token as every route.
+class EventFanout {
+ public:
+  explicit EventFanout(taskmgr::TaskManager& tm);
+  ~EventFanout();
+  EventFanout(const EventFanout&) = delete;
+  EventFanout& operator=(const EventFanout&) = delete;
+
+  // The server's stream route for /events.
+  StreamRoute route(const ApiOptions& options);
+  int streams() const;
+
+ private:
+  struct Sub {
+    std::shared_ptr<Stream> stream;
+    std::string task_id;  // "" = every task
+  };
+  void publish(const taskmgr::EventRecord& e);
+
+  taskmgr::TaskManager& tm_;
+  taskmgr::SubscriptionId id_ = 0;
+  mutable std::mutex mu_;
+  std::vector<Sub> subs_;
+};
 
 }  // namespace taskmgr_http

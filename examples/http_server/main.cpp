@@ -181,9 +181,13 @@ int main(int argc, char** argv) {
                                                  : taskmgr::Config::from_yaml_file(config_path);
     if (!db.empty()) config.storage.path = db;
     taskmgr::TaskManager tm(config);
-    taskmgr_http::HttpServer server(so, [&tm, &api](const taskmgr_http::Request& req) {
-      return taskmgr_http::handle(tm, api, req);
-    });
+    taskmgr_http::EventFanout events(tm);
+    taskmgr_http::HttpServer server(
+        so,
+        [&tm, &api](const taskmgr_http::Request& req) {
+          return taskmgr_http::handle(tm, api, req);
+        },
+        events.route(api));
     const unsigned short bound = server.port();
     if (!port_file.empty()) std::ofstream(port_file) << bound << "\n";
     std::cout << "listening on http://" << so.address << ":" << bound << std::endl;

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <deque>
 #include <mutex>
 #include <optional>
 #include <thread>
@@ -39,9 +40,10 @@ class Session;
 // destroyed (with what it still holds) before the members it uses.
 class HttpServer::Impl {
  public:
-  Impl(ServerOptions o, Handler h)
+  Impl(ServerOptions o, Handler h, StreamRoute sr)
       : opt(std::move(o)),
         handler(std::move(h)),
+        stream_route(std::move(sr)),
         pool(static_cast<std::size_t>(std::max(1, opt.handler_threads))),
         acceptor(ioc),
         backoff(ioc) {
@@ -67,6 +69,7 @@ class HttpServer::Impl {
 
   const ServerOptions opt;
   const Handler handler;
+  const StreamRoute stream_route;
   // Declared before the io_context: a session destroyed with it (a handler
   // still queued when the server stopped) counts itself out here.
   std::mutex mu;
@@ -88,9 +91,25 @@ bool out_of_descriptors(const error_code& ec) {
          ec == asio::error::no_buffer_space || ec == asio::error::no_memory || ec.value() == ENFILE;
 }
 
-class Session : public std::enable_shared_from_this<Session> {
+class Session : public Stream, public std::enable_shared_from_this<Session> {
  public:
   Session(tcp::socket socket, HttpServer::Impl& im) : stream_(std::move(socket)), im_(im) {}
+
+  // Stream: from any thread.
+  bool send(std::string bytes) override {
+    if (closed_.load()) return false;
+    const std::size_t n = bytes.size();
+    if (backlog_.fetch_add(n) + n > im_.stream_route.max_backlog) {
+      // A client that does not read: dropped, not buffered without bound.
+      asio::post(stream_.get_executor(), [self = shared_from_this()] { self->close(); });
+      return false;
+    }
+    asio::post(stream_.get_executor(), [self = shared_from_this(), b = std::move(bytes)]() mutable {
+      self->out_.push_back(std::move(b));
+      if (!self->writing_) self->write_next();
+    });
+    return true;
+  }
   ~Session() { im_.session_ended(); }
 
   void start() { read(); }
@@ -106,7 +125,7 @@ class Session : public std::enable_shared_from_this<Session> {
   // handled closes once its response is written.
   void stop_if_idle() {
     asio::post(stream_.get_executor(), [self = shared_from_this()] {
-      if (!self->busy_) self->close();
+      if (!self->busy_ || self->streaming_) self->close();
     });
   }
 
@@ -140,6 +159,21 @@ class Session : public std::enable_shared_from_this<Session> {
     if (ec) return read_failed(ec);
     busy_ = true;
     stream_.expires_never();  // the handler may take its time; the client waits
+    if (im_.stream_route.matches && im_.stream_route.matches(parser_->get())) {
+      return asio::post(im_.pool, [self = shared_from_this(), req = parser_->release()] {
+        std::optional<Response> refused;
+        try {
+          refused = self->im_.stream_route.admit(req);
+        } catch (...) {
+          refused = json_error(http::status::internal_server_error, "internal",
+                               "the request could not be handled", req.version(), false);
+        }
+        asio::post(self->stream_.get_executor(), [self, req, r = std::move(refused)]() mutable {
+          if (r) return self->write(std::move(*r));
+          self->open_stream(req);
+        });
+      });
+    }
     asio::post(im_.pool, [self = shared_from_this(), req = parser_->release()]() mutable {
       Response res;
       try {
@@ -203,7 +237,54 @@ class Session : public std::enable_shared_from_this<Session> {
                       });
   }
 
+  // The stream's header, then its messages as they are sent; a comment
+  // line every heartbeat finds a client that is gone.
+  void open_stream(const Request& req) {
+    streaming_ = true;
+    if (im_.stopping.load()) return close();
+    out_.push_back(
+        "HTTP/1.1 200 OK\r\nServer: taskmgr-http\r\nContent-Type: text/event-stream\r\n"
+        "Cache-Control: no-cache\r\nConnection: close\r\nX-Accel-Buffering: no\r\n\r\n");
+    backlog_.fetch_add(out_.back().size());
+    write_next();
+    heartbeat_.emplace(stream_.get_executor());
+    beat();
+    try {
+      im_.stream_route.on_open(req, shared_from_this());
+    } catch (...) {
+      close();
+    }
+  }
+
+  void beat() {
+    heartbeat_->expires_after(im_.stream_route.heartbeat);
+    heartbeat_->async_wait([self = shared_from_this()](error_code ec) {
+      if (ec || self->closed_.load()) return;
+      self->send(": keep-alive\n\n");
+      self->beat();
+    });
+  }
+
+  void write_next() {
+    if (out_.empty() || closed_.load()) {
+      writing_ = false;
+      return;
+    }
+    writing_ = true;
+    stream_.expires_after(im_.opt.body_timeout);  // a client that stops reading is dropped
+    asio::async_write(stream_, asio::buffer(out_.front()),
+                      [self = shared_from_this()](error_code ec, std::size_t n) {
+                        (void)n;
+                        self->backlog_.fetch_sub(self->out_.front().size());
+                        self->out_.pop_front();
+                        if (ec) return self->close();
+                        self->write_next();
+                      });
+  }
+
   void close() {
+    closed_.store(true);
+    if (heartbeat_) heartbeat_->cancel();
     error_code ec;
     stream_.socket().shutdown(tcp::socket::shutdown_both, ec);
     stream_.close();
@@ -216,6 +297,12 @@ class Session : public std::enable_shared_from_this<Session> {
   HttpServer::Impl& im_;
   int served_ = 0;
   bool busy_ = false;  // a request is with the handler or being written
+  bool streaming_ = false;
+  bool writing_ = false;
+  std::deque<std::string> out_;  // a stream's bytes to write (the strand's)
+  std::atomic<std::size_t> backlog_{0};
+  std::atomic<bool> closed_{false};
+  std::optional<asio::steady_timer> heartbeat_;
 };
 
 }  // namespace
@@ -298,8 +385,8 @@ void HttpServer::Impl::run() {
   pool.join();
 }
 
-HttpServer::HttpServer(ServerOptions options, Handler handler)
-    : impl_(std::make_shared<Impl>(std::move(options), std::move(handler))) {}
+HttpServer::HttpServer(ServerOptions options, Handler handler, StreamRoute stream)
+    : impl_(std::make_shared<Impl>(std::move(options), std::move(handler), std::move(stream))) {}
 
 HttpServer::~HttpServer() { impl_->stop(); }
 

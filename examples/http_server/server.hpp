@@ -26,6 +26,7 @@
 #include <cstddef>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 
 namespace taskmgr_http {
@@ -54,6 +55,28 @@ struct ServerOptions {
 // must not throw (an exception is answered 500 with a generic message).
 using Handler = std::function<Response(const Request&)>;
 
+// A long-lived answer (Server-Sent Events): after the header, whatever
+// send() is given, in order, until the client leaves, its backlog passes
+// `max_backlog` bytes (a client that does not read), or the server stops.
+class Stream {
+ public:
+  virtual ~Stream() = default;
+  // Queues bytes; false once the stream is closed (drop it then).
+  virtual bool send(std::string bytes) = 0;
+};
+
+// The route of streams. For a request `matches` takes (cheap: the target
+// only), `admit` runs on the handler pool: a Response refuses it (401,
+// 405...), nullopt opens the stream: the server writes the header (200,
+// text/event-stream) and hands the stream to `on_open`.
+struct StreamRoute {
+  std::function<bool(const Request&)> matches;
+  std::function<std::optional<Response>(const Request&)> admit;
+  std::function<void(const Request&, std::shared_ptr<Stream>)> on_open;
+  std::size_t max_backlog = 4u << 20;
+  std::chrono::milliseconds heartbeat{15'000};
+};
+
 // A JSON error response {"error": code, "message": message}.
 Response json_error(http::status status, const std::string& code, const std::string& message,
                     unsigned version = 11, bool keep_alive = false);
@@ -61,7 +84,7 @@ Response json_error(http::status status, const std::string& code, const std::str
 class HttpServer {
  public:
   // Binds now (std::system_error when it cannot, e.g. the port is taken).
-  HttpServer(ServerOptions options, Handler handler);
+  HttpServer(ServerOptions options, Handler handler, StreamRoute stream = {});
   ~HttpServer();
   HttpServer(const HttpServer&) = delete;
   HttpServer& operator=(const HttpServer&) = delete;

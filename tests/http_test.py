@@ -123,6 +123,13 @@ class HttpServerTest(unittest.TestCase):
         done = self.wait_done(task_id)
         self.assertEqual(done["status"], "completed", done)
 
+        # the dashboard page
+        status, page = self.request("GET", "/")
+        self.assertEqual(status, 200)
+        for part in ("<title>taskmgr</title>", 'id="devices"', 'id="running"', 'id="failures"',
+                     'id="chart"', 'fetch("/events"'):
+            self.assertIn(part, page)
+
         # its events and its result
         status, evs = self.request("GET", "/tasks/%s/events" % task_id)
         self.assertEqual(status, 200, evs)
@@ -699,6 +706,13 @@ class HttpPathsAndAuthTest(unittest.TestCase):
             if want == 401:
                 self.assertEqual(e["error"], "unauthorized")
                 self.assertEqual(res.getheader("WWW-Authenticate"), "Bearer")
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        conn.request("GET", "/")  # the dashboard page holds no data: open
+        res = conn.getresponse()
+        self.assertEqual(res.status, 200)
+        self.assertIn("text/html", res.getheader("Content-Type"))
+        res.read()
+        conn.close()
         status, e, _ = self.request("GET", "/events", token=None)  # the stream too
         self.assertEqual((status, e["error"]), (401, "unauthorized"), e)
         status, h, _ = self.request("GET", "/health", token=None)

@@ -1,5 +1,7 @@
 #include "api.hpp"
 
+#include "dashboard.hpp"
+
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -163,7 +165,11 @@ class Api {
  private:
   Response route(const Request& req) {
     std::string target(req.target());
-    if (!(req.method() == http::verb::get && target == "/health")) {
+    // Open without a token: liveness, and the dashboard page (it holds no
+    // data; it asks for the token and sends it with its requests).
+    const bool open_route = req.method() == http::verb::get &&
+                            (target == "/health" || target == "/" || target == "/index.html");
+    if (!open_route) {
       if (auto r = unauthorized(o_, req)) return std::move(*r);
     }
     std::string query;
@@ -179,6 +185,13 @@ class Api {
                         std::string(req.method_string()) + " is not allowed on " + target};
       }
     };
+    if (target == "/" || target == "/index.html") {
+      require(http::verb::get);  // the dashboard: no token (its data needs one)
+      Response r = make(req, http::status::ok, kDashboardHtml);
+      r.set(http::field::content_type, "text/html; charset=utf-8");
+      r.set(http::field::cache_control, "no-cache");
+      return r;
+    }
     if (target == "/health") {
       require(http::verb::get);
       return health(req);

@@ -13,7 +13,7 @@ PACKAGES=(
   libsqlitecpp-dev libsqlite3-dev sqlite3
   libpq-dev postgresql-15
   libfmt-dev doctest-dev libyaml-cpp-dev libbenchmark-dev
-  fonts-dejavu-core python3 prometheus
+  fonts-dejavu-core python3 prometheus chromium wrk
   clang libclang-rt-14-dev clang-format
 )
 

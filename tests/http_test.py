@@ -172,6 +172,14 @@ class HttpServerTest(unittest.TestCase):
         status, lst = self.request("GET", "/tasks?status=completed&limit=5")
         self.assertEqual(status, 200)
         self.assertIn(task_id, [x["id"] for x in lst])
+        # a listing leaves results out (they may be large) unless asked
+        mine = [x for x in lst if x["id"] == task_id][0]
+        self.assertNotEqual(mine.get("result"), done["result"])
+        status, lst = self.request("GET", "/tasks?status=completed&limit=5&payloads=1")
+        mine = [x for x in lst if x["id"] == task_id][0]
+        self.assertEqual(mine["result"], done["result"])
+        status, e = self.request("GET", "/tasks?payloads=yes")
+        self.assertEqual(status, 400, e)
 
         # starting twice: 409
         status, e = self.request("POST", "/tasks/%s/start" % task_id)

@@ -406,6 +406,9 @@ class Api {
 
   Response list(const Request& req, const std::string& query) {
     taskmgr::TaskFilter f;
+    // A listing reads how tasks stand, not their results or input bytes
+    // (payloads=1 includes results): GET /tasks/{id} gives one whole.
+    f.with_payloads = false;
     std::size_t at = 0;
     while (at < query.size()) {
       const auto amp = query.find('&', at);
@@ -424,6 +427,9 @@ class Api {
         if (v.empty() || v.size() > 9 || v.find_first_not_of("0123456789") != std::string::npos)
           bad_request("limit must be a whole number from 0 (all) to 999999999");
         f.limit = static_cast<std::size_t>(std::stoul(v));
+      } else if (k == "payloads") {
+        if (v != "0" && v != "1") bad_request("payloads must be 0 or 1");
+        f.with_payloads = v == "1";
       } else if (!k.empty()) {
         bad_request("unknown query parameter '" + k + "'");
       }

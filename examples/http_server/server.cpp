@@ -174,14 +174,25 @@ class Session : public Stream, public std::enable_shared_from_this<Session> {
         });
       });
     }
-    asio::post(im_.pool, [self = shared_from_this(), req = parser_->release()]() mutable {
-      Response res;
+    auto run = [](HttpServer::Impl& im, const Request& req) {
       try {
-        res = self->im_.handler(req);
+        return im.handler(req);
       } catch (...) {
-        res = json_error(http::status::internal_server_error, "internal",
-                         "the request could not be handled", req.version(), req.keep_alive());
+        return json_error(http::status::internal_server_error, "internal",
+                          "the request could not be handled", req.version(), req.keep_alive());
       }
+    };
+    // Reads (GET, HEAD) are quick (memory, or one row of the store): run
+    // here, on the I/O thread, with no hand-off. The rest (a create reads
+    // and stores its input) goes to the handler pool, so that slow ones
+    // never hold the threads that serve the sockets.
+    if (im_.opt.inline_reads &&
+        (parser_->get().method() == http::verb::get || parser_->get().method() == http::verb::head)) {
+      const Request req = parser_->release();
+      return write(run(im_, req));
+    }
+    asio::post(im_.pool, [self = shared_from_this(), req = parser_->release(), run]() mutable {
+      Response res = run(self->im_, req);
       asio::post(self->stream_.get_executor(),
                  [self, r = std::move(res)]() mutable { self->write(std::move(r)); });
     });

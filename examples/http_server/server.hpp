@@ -49,6 +49,9 @@ struct ServerOptions {
   std::chrono::milliseconds idle_timeout{30'000};
   std::chrono::milliseconds drain_timeout{10'000};
   int max_requests_per_connection = 1000;
+  // GET and HEAD run on the I/O thread that read them (no hand-off); other
+  // methods on the handler pool.
+  bool inline_reads = true;
 };
 
 // The handler: one complete request in, one response out; it may block. It

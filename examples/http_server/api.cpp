@@ -474,7 +474,20 @@ EventFanout::EventFanout(taskmgr::TaskManager& tm) : tm_(tm) {
   id_ = tm_.subscribe([this](const taskmgr::EventRecord& e) { publish(e); });
 }
 
-EventFanout::~EventFanout() { tm_.unsubscribe(id_); }
+EventFanout::~EventFanout() {
+  tm_.unsubscribe(id_);
+  close();
+}
+
+void EventFanout::close() {
+  std::vector<Sub> gone;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    closed_ = true;
+    gone.swap(subs_);
+  }
+  // Released here, with no lock held.
+}
 
 int EventFanout::streams() const {
   std::lock_guard<std::mutex> g(mu_);
@@ -525,7 +538,7 @@ StreamRoute EventFanout::route(const ApiOptions& options) {
     // The reconnection delay a browser's EventSource uses.
     if (!sub.stream->send("retry: 2000\n\n")) return;
     std::lock_guard<std::mutex> g(mu_);
-    subs_.push_back(std::move(sub));
+    if (!closed_) subs_.push_back(std::move(sub));
   };
   return r;
 }

@@ -48,6 +48,9 @@ class EventFanout {
   // The server's stream route for /events.
   StreamRoute route(const ApiOptions& options);
   int streams() const;
+  // Drops every stream and takes no new one: called once the server has
+  // stopped, while it still exists (a stream is a connection of its).
+  void close();
 
  private:
   struct Sub {
@@ -60,6 +63,7 @@ class EventFanout {
   taskmgr::SubscriptionId id_ = 0;
   mutable std::mutex mu_;
   std::vector<Sub> subs_;
+  bool closed_ = false;
 };
 
 }  // namespace taskmgr_http

@@ -200,7 +200,8 @@ int main(int argc, char** argv) {
       if (!ec) server.stop();
     });
     std::thread sig_thread([&] { sig_ioc.run(); });
-    server.run();  // until a signal's stop() has drained the connections
+    server.run();    // until a signal's stop() has drained the connections
+    events.close();  // its streams are connections of the server: dropped while it exists
     signals.cancel();
     sig_ioc.stop();
     sig_thread.join();

@@ -186,8 +186,8 @@ class Session : public Stream, public std::enable_shared_from_this<Session> {
     // here, on the I/O thread, with no hand-off. The rest (a create reads
     // and stores its input) goes to the handler pool, so that slow ones
     // never hold the threads that serve the sockets.
-    if (im_.opt.inline_reads &&
-        (parser_->get().method() == http::verb::get || parser_->get().method() == http::verb::head)) {
+    if (im_.opt.inline_reads && (parser_->get().method() == http::verb::get ||
+                                 parser_->get().method() == http::verb::head)) {
       const Request req = parser_->release();
       return write(run(im_, req));
     }

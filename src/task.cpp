@@ -194,7 +194,7 @@ std::string to_json(const Task& t) {
   } else {
     input["path"] = nullptr;
   }
-  input["bytes"] = t.input.data.size();
+  input["bytes"] = t.input.bytes();
   input["media_type"] = text(t.input.media_type);
   o["input"] = std::move(input);
   if (t.options_json.empty()) {

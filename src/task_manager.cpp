@@ -360,7 +360,10 @@ Task TaskManager::Impl::get_task(const std::string& id) {
     if (RecordPtr rec = scheduler_.records().find(id)) return rec->task;
   }
   outbox_.drain(true);
-  if (auto t = journal_.load_task(id)) return *t;
+  if (auto t = journal_.load_task(id)) {
+    t->input.leave_out_data();  // as a live task's snapshot: the bytes stay in the store
+    return std::move(*t);
+  }
   throw Error(ErrorCode::kNotFound, "unknown task id '" + id + "'");
 }
 
@@ -390,6 +393,7 @@ std::optional<Task> TaskManager::Impl::wait_task(const std::string& id, Duration
     outbox_.drain(true);
     std::optional<Task> t = journal_.load_task(id);
     if (!t) throw Error(ErrorCode::kNotFound, "unknown task id '" + id + "'");
+    t->input.leave_out_data();
     if (is_terminal(t->status)) return t;
     if (t->status == TaskStatus::kUnrecognized) {
       throw Error(ErrorCode::kInvalidState,

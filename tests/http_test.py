@@ -311,6 +311,105 @@ class HttpServerTest(unittest.TestCase):
             self.assertEqual(e["error"], code, e)
             self.assertTrue(e["message"], e)
 
+    def upload(self, query, body, ctype="image/png"):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        headers = {"Content-Type": ctype} if ctype is not None else {}
+        conn.request("POST", "/tasks" + query, body=body, headers=headers)
+        res = conn.getresponse()
+        out = json.loads(res.read().decode())
+        conn.close()
+        return res.status, out
+
+    def test_uploads_are_the_body_with_the_request_in_the_query(self):
+        # The body is the bytes, its Content-Type the media type; the query
+        # percent-decoded (o%63r is ocr; + a space in options).
+        status, t = self.upload("?service=o%63r&priority=-4&batch_size=2&start=true"
+                                "&options=%7B%22words%22:+true%7D", TINY_PNG)
+        self.assertEqual(status, 201, t)
+        self.assertEqual(t["service"], "ocr")
+        self.assertEqual(t["priority"], -4)
+        self.assertEqual(t["batch_size"], 2)
+        self.assertEqual(t["status"], "queued")
+        self.assertEqual(t["media_type"] if "media_type" in t else "image/png", "image/png")
+        done = self.wait_done(t["id"])
+        self.assertEqual(done["status"], "completed", done)
+        # A JSON create may say start too.
+        status, t = self.request("POST", "/tasks", {
+            "input": {"data_base64": base64.b64encode(TINY_PNG).decode()}, "start": True})
+        self.assertEqual(status, 201, t)
+        self.assertEqual(t["status"], "queued")
+        self.wait_done(t["id"])
+        # Listing filters are decoded the same way.
+        status, listed = self.request("GET", "/tasks?service=o%63r&limit=1")
+        self.assertEqual(status, 200)
+        self.assertEqual(len(listed), 1)
+        for query, body, ctype in (
+                ("?colour=red", TINY_PNG, "image/png"),          # unknown parameter
+                ("", b"", "image/png"),                          # nothing uploaded
+                ("?priority=high", TINY_PNG, "image/png"),
+                ("?priority=99999999999", TINY_PNG, "image/png"),
+                ("?priority=18446744073709551615", TINY_PNG, "image/png"),
+                ("?batch_size=0", TINY_PNG, "image/png"),
+                ("?start=maybe", TINY_PNG, "image/png"),
+                ("?options=%5B1%5D", TINY_PNG, "image/png"),     # not an object
+                ("?options=%7B", TINY_PNG, "image/png"),         # not JSON
+                ("?service=%zz", TINY_PNG, "image/png"),         # a malformed escape
+                ("?service=%ff", TINY_PNG, "image/png"),         # not UTF-8
+                ("?service=a%00b", TINY_PNG, "image/png"),       # a NUL
+                ("?service=ocr", TINY_PNG, "application/json"),  # JSON takes no query
+        ):
+            status, e = self.upload(query, body, ctype)
+            self.assertEqual(status, 400, (query, body[:10], ctype, e))
+            self.assertEqual(e["error"], "invalid_argument", e)
+            self.assertTrue(e["message"], e)
+        # An unknown service is a 404, as for JSON.
+        status, e = self.upload("?service=nope", TINY_PNG)
+        self.assertEqual(status, 404, e)
+        # A status filter with an escape that decodes to a bad byte: 400.
+        status, e = self.request("GET", "/tasks?status=%c3%28")
+        self.assertEqual(status, 400, e)
+
+    def test_listing_pages_back_with_a_cursor(self):
+        mine = []
+        for _ in range(5):
+            status, t = self.upload("?priority=1", TINY_PNG)  # pending
+            self.assertEqual(status, 201, t)
+            mine.append(t["id"])
+        seen, path, pages = [], "/tasks?status=pending&limit=2", 0
+        while path is not None and pages < 1000:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+            conn.request("GET", path)
+            res = conn.getresponse()
+            page = json.loads(res.read())
+            self.assertEqual(res.status, 200, page)
+            link = res.getheader("Link")
+            cursor = res.getheader("X-Next-Cursor")
+            conn.close()
+            self.assertLessEqual(len(page), 2)
+            self.assertTrue(all(t["status"] == "pending" for t in page))
+            seen += [t["id"] for t in page]
+            pages += 1
+            if len(page) < 2:
+                self.assertIsNone(link)
+                path = None
+            else:
+                self.assertTrue(link.startswith("</tasks?status=pending&limit=2&before="), link)
+                self.assertTrue(link.endswith('>; rel="next"'), link)
+                self.assertIn("before=" + cursor.split("_")[0] + "_", link)
+                path = link[1:link.index(">")]
+        self.assertEqual(len(seen), len(set(seen)), "a task was listed twice")
+        # Newest first: mine in reverse order of creation, none missing.
+        self.assertEqual([i for i in seen if i in mine], list(reversed(mine)))
+        # A page without a limit is 100 tasks at most; limit=0 is all.
+        status, page = self.request("GET", "/tasks?status=pending")
+        self.assertLessEqual(len(page), 100)
+        for bad in ("abc", "_x", "12_", "1e3_x", "99999999999999999999_x"):
+            status, e = self.request("GET", "/tasks?before=" + bad)
+            self.assertEqual(status, 400, (bad, e))
+            self.assertEqual(e["error"], "invalid_argument")
+        for task_id in mine:
+            self.request("POST", "/tasks/%s/cancel" % task_id)
+
     @staticmethod
     def png_header(w, h):
         import struct

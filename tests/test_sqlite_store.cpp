@@ -1503,3 +1503,60 @@ TEST_CASE("a status map that maps taskmgr's own words, or to 'unrecognized', is 
   CHECK_THROWS_WITH_AS(open_sqlite_store(dir.db(), o), doctest::Contains("'done'"), Error);
   CHECK_FALSE(fs::exists(dir.db()));
 }
+
+TEST_CASE(
+    "schema 3: input bytes live in task_inputs (moved there from an older database), a task's "
+    "row stays small, listings give their length, and pruning deletes them") {
+  TempDir dir;
+  {
+    SQLite::Database db(dir.db(), SQLite::OPEN_READWRITE | SQLite::OPEN_CREATE);
+    db.exec(kV1Fixture);
+    db.exec(
+        "INSERT INTO tasks (id, service, input_data, input_media_type, status, created_at) "
+        "VALUES ('00000000-0000-7000-8000-000000000003', 'ocr', X'89504E470001', 'image/png', "
+        "'pending', '2025-01-02T03:04:08.000Z')");
+  }
+  Task big = sample_task();
+  big.input.data.assign(std::size_t{1} << 20, 7);
+  {
+    auto store = open_sqlite_store(dir.db());
+    const auto old = store->load_task("00000000-0000-7000-8000-000000000003");
+    REQUIRE(old.has_value());
+    CHECK(old->input.data == std::vector<std::uint8_t>{0x89, 'P', 'N', 'G', 0, 1});
+    const auto unfinished = store->load_unfinished();
+    REQUIRE(unfinished.size() == 2);
+    CHECK(unfinished[1].input.data.empty());
+    CHECK(unfinished[1].input.bytes() == 6);
+    store->insert_task(big, event_for(big, TaskEvent::kCreated));
+    TaskFilter f;
+    f.with_payloads = false;
+    const auto brief = store->list_tasks(f);
+    REQUIRE(brief.size() == 4);
+    CHECK(brief.back().id == big.id);
+    CHECK(brief.back().input.data.empty());
+    CHECK(brief.back().input.bytes() == big.input.data.size());
+    CHECK(brief.front().input.bytes() == 0);  // a path input
+    CHECK(store->load_task(big.id)->input.data == big.input.data);
+    // Ended long ago, cleaned up: pruned with its input.
+    big.status = TaskStatus::kCompleted;
+    big.finished_at = big.created_at;
+    big.resource_cleanup_completed = true;
+    store->update_task(big, {});
+    store->flush();
+    {
+      SQLite::Database db(dir.db(), SQLite::OPEN_READONLY);
+      CHECK(db.execAndGet("PRAGMA user_version").getInt() == 3);
+      REQUIRE(db.tableExists("task_inputs"));
+      // No task row holds input bytes: each is in task_inputs.
+      CHECK(db.execAndGet("SELECT count(*) FROM tasks WHERE input_data IS NOT NULL").getInt() == 0);
+      CHECK(db.execAndGet("SELECT count(*) FROM task_inputs").getInt() == 2);
+      CHECK(db.execAndGet("SELECT max(length(data)) FROM task_inputs").getInt() == 1 << 20);
+    }
+    CHECK(store->prune_finished(big.created_at + std::chrono::seconds(1)) >= 1);
+  }
+  SQLite::Database db(dir.db(), SQLite::OPEN_READONLY);
+  CHECK(db.execAndGet("SELECT count(*) FROM task_inputs").getInt() == 1);
+  CHECK(db.execAndGet("SELECT count(*) FROM task_inputs WHERE task_id = "
+                      "'00000000-0000-7000-8000-000000000003'")
+            .getInt() == 1);
+}

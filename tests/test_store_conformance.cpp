@@ -558,6 +558,9 @@ STORE_CASE("list_tasks filters by status and service, keeps the newest `limit`, 
   CHECK(brief[0].id == tasks[5].id);
   CHECK(brief[0].result.empty());
   CHECK(brief[0].input.data.empty());
+  REQUIRE_FALSE(tasks[5].input.data.empty());
+  CHECK(brief[0].input.left_out_bytes == tasks[5].input.data.size());  // the length, kept
+  CHECK(brief[0].input.bytes() == tasks[5].input.data.size());
   CHECK(brief[0].input.media_type == "image/png");
   CHECK(brief[0].options_json == tasks[5].options_json);
   CHECK(brief[0].estimated_memory_mb == 321);
@@ -566,6 +569,56 @@ STORE_CASE("list_tasks filters by status and service, keeps the newest `limit`, 
   REQUIRE(whole.size() == 1);
   CHECK(whole[0].result == tasks[5].result);
   CHECK(whole[0].input.data == tasks[5].input.data);
+  CHECK(whole[0].input.bytes() == tasks[5].input.data.size());
+}
+
+STORE_CASE(
+    "list_tasks pages back in creation order with a cursor: every task once, none skipped, "
+    "ties of created_at ordered by id, with filters") {
+  auto store = open();
+  const auto base = std::chrono::floor<std::chrono::milliseconds>(std::chrono::system_clock::now());
+  std::vector<Task> tasks;
+  for (int i = 0; i < 9; ++i) {
+    Task t = new_task();
+    t.created_at = base + std::chrono::milliseconds(i / 3);  // three share each instant
+    t.status = i % 2 == 0 ? TaskStatus::kQueued : TaskStatus::kPending;
+    tasks.push_back(t);
+    store->insert_task(t, event_for(t, TaskEvent::kCreated));
+  }
+  std::vector<Task> order = tasks;  // creation order: created_at, then id
+  std::sort(order.begin(), order.end(), [](const Task& a, const Task& b) {
+    return a.created_at != b.created_at ? a.created_at < b.created_at : a.id < b.id;
+  });
+  auto walk = [&](TaskFilter f) {
+    std::vector<std::string> seen;  // newest first
+    for (int pages = 0; pages < 20; ++pages) {
+      const auto page = store->list_tasks(f);  // oldest first
+      for (auto it = page.rbegin(); it != page.rend(); ++it) seen.push_back(it->id);
+      if (page.size() < f.limit) break;
+      f.before = page_cursor(page);
+      REQUIRE(f.before.has_value());
+    }
+    return seen;
+  };
+  TaskFilter f;
+  f.limit = 4;
+  f.with_payloads = false;
+  std::vector<std::string> want;
+  for (auto it = order.rbegin(); it != order.rend(); ++it) want.push_back(it->id);
+  CHECK(walk(f) == want);
+  f.limit = 3;  // pages that end exactly at the end
+  CHECK(walk(f) == want);
+  f.limit = 2;
+  f.status = TaskStatus::kQueued;
+  want.clear();
+  for (auto it = order.rbegin(); it != order.rend(); ++it) {
+    if (it->status == TaskStatus::kQueued) want.push_back(it->id);
+  }
+  CHECK(walk(f) == want);
+  // Before the oldest: nothing.
+  TaskFilter none;
+  none.before = TaskCursor{order.front().created_at, order.front().id};
+  CHECK(store->list_tasks(none).empty());
 }
 
 STORE_CASE("load_unfinished returns tasks not ended and ended ones whose cleanup is due") {
@@ -587,7 +640,16 @@ STORE_CASE("load_unfinished returns tasks not ended and ended ones whose cleanup
   const std::string queued = put(TaskStatus::kQueued, false, 4);
   put(TaskStatus::kCancelled, true, 0);
   std::vector<std::string> got;
-  for (const Task& t : store->load_unfinished()) got.push_back(t.id);
+  for (const Task& t : store->load_unfinished()) {
+    got.push_back(t.id);
+    // Input bytes are left out (a queue of large inputs is not read at
+    // once), their length kept; load_task reads them.
+    CHECK(t.input.data.empty());
+    CHECK(t.input.bytes() == new_task().input.data.size());
+    const auto whole = store->load_task(t.id);
+    REQUIRE(whole);
+    CHECK(whole->input.data.size() == new_task().input.data.size());
+  }
   CHECK(got == std::vector<std::string>{pending, uncleaned, queued, running});
 }
 

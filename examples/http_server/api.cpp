@@ -9,7 +9,10 @@
 #include <boost/json.hpp>
 
 #include <algorithm>
+#include <array>
+#include <cctype>
 #include <cerrno>
+#include <chrono>
 #include <cstdlib>
 
 #include <cstdint>
@@ -54,16 +57,26 @@ HttpError from_error(const taskmgr::Error& e) {
 }
 
 std::string base64_decode(std::string_view in) {
-  static const std::string chars =
-      "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  // The value of each byte (-1: not base64), built once.
+  static const std::array<signed char, 256> value = [] {
+    std::array<signed char, 256> v{};
+    v.fill(-1);
+    const std::string_view chars =
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    for (std::size_t i = 0; i < chars.size(); ++i) {
+      v[static_cast<unsigned char>(chars[i])] = static_cast<signed char>(i);
+    }
+    return v;
+  }();
   std::string out;
+  out.reserve(in.size() / 4 * 3 + 3);
   unsigned val = 0;
   int bits = -8;
   for (char c : in) {
     if (c == '=' || c == '\n' || c == '\r') continue;
-    const auto pos = chars.find(c);
-    if (pos == std::string::npos) bad_request("input.data_base64 is not base64");
-    val = (val << 6) + static_cast<unsigned>(pos);
+    const int pos = value[static_cast<unsigned char>(c)];
+    if (pos < 0) bad_request("input.data_base64 is not base64");
+    val = ((val << 6) + static_cast<unsigned>(pos)) & 0xFFFFFFu;
     bits += 6;
     if (bits >= 0) {
       out.push_back(static_cast<char>((val >> bits) & 0xFF));
@@ -71,6 +84,140 @@ std::string base64_decode(std::string_view in) {
     }
   }
   return out;
+}
+
+// Strict UTF-8: no overlong forms, no surrogates, nothing past U+10FFFF.
+bool valid_utf8(std::string_view s) {
+  std::size_t i = 0;
+  while (i < s.size()) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    int n = 0;
+    unsigned lo = 0x80, hi = 0xBF;
+    if (c < 0x80) {
+      ++i;
+      continue;
+    } else if (c >= 0xC2 && c <= 0xDF) {
+      n = 1;
+    } else if (c >= 0xE0 && c <= 0xEF) {
+      n = 2;
+      if (c == 0xE0) lo = 0xA0;
+      if (c == 0xED) hi = 0x9F;
+    } else if (c >= 0xF0 && c <= 0xF4) {
+      n = 3;
+      if (c == 0xF0) lo = 0x90;
+      if (c == 0xF4) hi = 0x8F;
+    } else {
+      return false;
+    }
+    if (s.size() - i <= static_cast<std::size_t>(n)) return false;  // cut short
+    for (int k = 1; k <= n; ++k) {
+      const auto b = static_cast<unsigned char>(s[i + static_cast<std::size_t>(k)]);
+      if (b < (k == 1 ? lo : 0x80) || b > (k == 1 ? hi : 0xBF)) return false;
+    }
+    i += static_cast<std::size_t>(n) + 1;
+  }
+  return true;
+}
+
+// A query string's parameters, percent-decoded ('+' is a space), in order.
+// A malformed escape, a NUL or a value that is not UTF-8 is a 400.
+std::vector<std::pair<std::string, std::string>> parse_query(const std::string& query) {
+  auto decode = [](std::string_view in) {
+    std::string out;
+    out.reserve(in.size());
+    for (std::size_t i = 0; i < in.size(); ++i) {
+      const char c = in[i];
+      if (c == '+') {
+        out.push_back(' ');
+      } else if (c == '%') {
+        auto hex = [](char h) -> int {
+          if (h >= '0' && h <= '9') return h - '0';
+          if (h >= 'a' && h <= 'f') return h - 'a' + 10;
+          if (h >= 'A' && h <= 'F') return h - 'A' + 10;
+          return -1;
+        };
+        const int hi = i + 2 < in.size() ? hex(in[i + 1]) : -1;
+        const int lo = i + 2 < in.size() ? hex(in[i + 2]) : -1;
+        if (hi < 0 || lo < 0) bad_request("the query has a malformed %-escape");
+        out.push_back(static_cast<char>(hi * 16 + lo));
+        i += 2;
+      } else {
+        out.push_back(c);
+      }
+    }
+    if (out.find('\0') != std::string::npos) bad_request("the query has a NUL byte");
+    if (!valid_utf8(out)) bad_request("the query is not valid UTF-8 once decoded");
+    return out;
+  };
+  std::vector<std::pair<std::string, std::string>> out;
+  std::size_t at = 0;
+  while (at < query.size()) {
+    const auto amp = query.find('&', at);
+    const std::string_view kv =
+        std::string_view(query).substr(at, amp == std::string::npos ? std::string::npos : amp - at);
+    at = amp == std::string::npos ? query.size() : amp + 1;
+    if (kv.empty()) continue;
+    const auto eq = kv.find('=');
+    out.emplace_back(decode(kv.substr(0, eq)),
+                     eq == std::string_view::npos ? std::string() : decode(kv.substr(eq + 1)));
+  }
+  return out;
+}
+
+// "%XX" for every byte but the unreserved ones (RFC 3986).
+std::string percent_encode(std::string_view s) {
+  static const char* hex = "0123456789ABCDEF";
+  std::string out;
+  for (const char c : s) {
+    const auto b = static_cast<unsigned char>(c);
+    if (std::isalnum(b) != 0 || c == '-' || c == '.' || c == '_' || c == '~') {
+      out.push_back(c);
+    } else {
+      out += {'%', hex[b >> 4], hex[b & 15]};
+    }
+  }
+  return out;
+}
+
+// A page cursor as text: the task's creation time in microseconds since
+// 1970, '_', its id.
+std::string format_cursor(const taskmgr::TaskCursor& c) {
+  const auto us =
+      std::chrono::duration_cast<std::chrono::microseconds>(c.created_at.time_since_epoch());
+  return std::to_string(us.count()) + "_" + c.id;
+}
+
+taskmgr::TaskCursor parse_cursor(const std::string& v) {
+  const auto sep = v.find('_');
+  const std::string us = v.substr(0, sep);
+  const std::size_t digits = us.size() - (!us.empty() && us[0] == '-' ? 1 : 0);
+  if (sep == std::string::npos || sep + 1 == v.size() || digits == 0 || digits > 18 ||
+      us.find_first_not_of("0123456789", us.size() - digits) != std::string::npos) {
+    bad_request("before must be a cursor from X-Next-Cursor (or the Link header)");
+  }
+  taskmgr::TaskCursor c;
+  c.created_at = taskmgr::Timestamp(std::chrono::duration_cast<taskmgr::Timestamp::duration>(
+      std::chrono::microseconds(std::stoll(us))));
+  c.id = v.substr(sep + 1);
+  return c;
+}
+
+// An integer query value: digits with an optional sign, within int's range.
+int query_int(const std::string& key, const std::string& v) {
+  const std::size_t digits = v.size() - (!v.empty() && (v[0] == '-' || v[0] == '+') ? 1 : 0);
+  if (digits == 0 || digits > 10 ||
+      v.find_first_not_of("0123456789", v.size() - digits) != std::string::npos) {
+    bad_request(key + " must be an integer");
+  }
+  const long long n = std::stoll(v);
+  if (n < INT32_MIN || n > INT32_MAX) bad_request(key + " is out of range");
+  return static_cast<int>(n);
+}
+
+bool query_flag(const std::string& key, const std::string& v) {
+  if (v == "1" || v == "true") return true;
+  if (v == "0" || v == "false") return false;
+  bad_request(key + " must be 0, 1, true or false");
 }
 
 json::object parse_body(const Request& req, bool required) {
@@ -209,7 +356,7 @@ class Api {
     if (target == "/tasks") {
       if (method == http::verb::get) return list(req, query);
       require(http::verb::post);
-      return create(req);
+      return create(req, query);
     }
     if (target.rfind("/tasks/", 0) == 0) {
       const std::string rest = target.substr(7);
@@ -252,7 +399,61 @@ class Api {
     throw HttpError{http::status::not_found, "not_found", "no route " + target};
   }
 
-  Response create(const Request& req) {
+  // POST /tasks with a body that is not JSON: the body is the input's bytes
+  // (an image or a PDF), its Content-Type the media type, and the rest of
+  // the request in the query (service, priority, batch_size, device, start,
+  // options as URL-encoded JSON).
+  Response create_upload(const Request& req, const std::string& query) {
+    taskmgr::TaskCreateRequest r;
+    for (const auto& [k, v] : parse_query(query)) {
+      if (k == "service") {
+        if (!v.empty()) r.service = v;
+      } else if (k == "priority") {
+        r.priority = query_int(k, v);
+      } else if (k == "batch_size") {
+        r.batch_size = query_int(k, v);
+      } else if (k == "device") {
+        r.device = v;
+      } else if (k == "start") {
+        r.start = query_flag(k, v);
+      } else if (k == "options") {
+        boost::system::error_code ec;
+        const json::value o = json::parse(v, ec);
+        if (ec || !o.is_object()) bad_request("options must be a JSON object");
+        r.options_json = json::serialize(o);
+      } else {
+        bad_request("unknown query parameter '" + k +
+                    "' (service, priority, batch_size, "
+                    "device, start, options)");
+      }
+    }
+    if (req.body().empty()) bad_request("the upload is empty: the body is the input's bytes");
+    const auto ct = req.find(http::field::content_type);
+    std::string media = ct == req.end() ? "" : std::string(ct->value());
+    if (const auto semi = media.find(';'); semi != std::string::npos) media.resize(semi);
+    while (!media.empty() && media.back() == ' ') media.pop_back();
+    if (media == "application/octet-stream") media.clear();
+    if (!valid_utf8(media)) bad_request("Content-Type is not valid UTF-8");
+    r.input.media_type = media;
+    r.input.data.assign(req.body().begin(), req.body().end());
+    const taskmgr::Task t = tm_.create_task(r);
+    Response res = make_json(req, http::status::created, taskmgr::to_json(t));
+    res.set(http::field::location, "/tasks/" + t.id);
+    return res;
+  }
+
+  Response create(const Request& req, const std::string& query) {
+    const auto ct = req.find(http::field::content_type);
+    const std::string_view type = ct == req.end()
+                                      ? std::string_view()
+                                      : std::string_view(ct->value().data(), ct->value().size());
+    const bool is_json = type.empty() || type.rfind("application/json", 0) == 0;
+    if (!is_json) return create_upload(req, query);
+    if (!query.empty()) {
+      bad_request(
+          "a JSON create takes no query parameters (they are for uploads: a body that "
+          "is the input's bytes)");
+    }
     const json::object body = parse_body(req, true);
     taskmgr::TaskCreateRequest r;
     if (auto s = get_string(body, "service", ""); !s.empty()) r.service = s;
@@ -272,6 +473,10 @@ class Api {
     r.batch_size = get_int(body, "batch_size").value_or(1);
     r.device = get_string(body, "device", "");
     r.options_json = get_options(body);
+    if (const json::value* s = body.if_contains("start"); s && !s->is_null()) {
+      if (!s->is_bool()) bad_request("start must be true or false");
+      r.start = s->as_bool();
+    }
     const taskmgr::Task t = tm_.create_task(r);
     Response res = make_json(req, http::status::created, taskmgr::to_json(t));
     res.set(http::field::location, "/tasks/" + t.id);
@@ -409,15 +614,11 @@ class Api {
     // A listing reads how tasks stand, not their results or input bytes
     // (payloads=1 includes results): GET /tasks/{id} gives one whole.
     f.with_payloads = false;
-    std::size_t at = 0;
-    while (at < query.size()) {
-      const auto amp = query.find('&', at);
-      const std::string kv =
-          query.substr(at, amp == std::string::npos ? std::string::npos : amp - at);
-      at = amp == std::string::npos ? query.size() : amp + 1;
-      const auto eq = kv.find('=');
-      const std::string k = kv.substr(0, eq), v = eq == std::string::npos ? "" : kv.substr(eq + 1);
-      if (k == "status") {
+    f.limit = 100;  // a page
+    for (const auto& [k, v] : parse_query(query)) {
+      if (k == "before") {
+        f.before = parse_cursor(v);
+      } else if (k == "status") {
         f.status = taskmgr::parse_task_status(v);
         if (!f.status) bad_request("unknown status '" + v + "'");
       } else if (k == "service") {
@@ -434,13 +635,27 @@ class Api {
         bad_request("unknown query parameter '" + k + "'");
       }
     }
+    const std::vector<taskmgr::Task> page = tm_.list_tasks(f);  // oldest first
     std::string out = "[";
-    for (const auto& t : tm_.list_tasks(f)) {
+    for (auto it = page.rbegin(); it != page.rend(); ++it) {  // newest first
       if (out.size() > 1) out += ',';
-      out += taskmgr::to_json(t);
+      out += taskmgr::to_json(*it);
     }
     out += ']';
-    return make_json(req, http::status::ok, out);
+    Response r = make_json(req, http::status::ok, out);
+    // A full page may have more before it: the next page's link, the same
+    // query with its cursor.
+    if (f.limit != 0 && page.size() == f.limit) {
+      const std::string cursor = format_cursor(*taskmgr::page_cursor(page));
+      std::string next = "/tasks?";
+      for (const auto& [k, v] : parse_query(query)) {
+        if (k != "before") next += percent_encode(k) + "=" + percent_encode(v) + "&";
+      }
+      next += "before=" + percent_encode(cursor);
+      r.set("X-Next-Cursor", cursor);
+      r.set(http::field::link, "<" + next + ">; rel=\"next\"");
+    }
+    return r;
   }
 
   static Response make(const Request& req, http::status s, std::string body) {

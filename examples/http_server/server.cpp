@@ -150,6 +150,13 @@ class Session : public Stream, public std::enable_shared_from_this<Session> {
           "the request target is longer than " + std::to_string(im_.opt.max_target) + " bytes"));
     }
     if (parser_->is_done()) return on_read({}, 0);
+    // A body of some size is read in pieces of up to 64 KiB: the buffer
+    // has the capacity the header needed, and a read takes no more than
+    // that (a 1 MiB upload took ~250 reads, each a trip through the
+    // reactor). Given back once the request is read.
+    if (const auto n = parser_->content_length(); n && *n > 4096) {
+      buffer_.reserve(static_cast<std::size_t>(std::min<std::uint64_t>(*n, 65536)));
+    }
     stream_.expires_after(im_.opt.body_timeout);
     http::async_read(stream_, buffer_, *parser_,
                      beast::bind_front_handler(&Session::on_read, shared_from_this()));
@@ -158,6 +165,7 @@ class Session : public Stream, public std::enable_shared_from_this<Session> {
   void on_read(error_code ec, std::size_t) {
     if (ec) return read_failed(ec);
     busy_ = true;
+    if (buffer_.capacity() > 16384 && buffer_.size() == 0) buffer_.shrink_to_fit();
     stream_.expires_never();  // the handler may take its time; the client waits
     if (im_.stream_route.matches && im_.stream_route.matches(parser_->get())) {
       return asio::post(im_.pool, [self = shared_from_this(), req = parser_->release()] {

@@ -37,7 +37,8 @@ class TASKMGR_API TaskContext {
   virtual ~TaskContext();
   virtual const std::string& task_id() const = 0;
   virtual const std::string& service() const = 0;
-  virtual const TaskInput& input() const = 0;
+  virtual const TaskInput& input()
+      const = 0;  // with its bytes, read from the store for this attempt
   virtual const std::string& options_json() const = 0;
   virtual int batch_size() const = 0;  // shrinks after an out-of-memory retry
   virtual int attempt() const = 0;     // 1 for the first run

@@ -50,6 +50,18 @@ struct MetricSample {
   std::string processing_stage;
 };
 
+// A place in creation order (created_at, then id): where a page of
+// list_tasks ends, for the next page to go on from.
+struct TaskCursor {
+  Timestamp created_at;
+  std::string id;
+};
+
+// True when `t` comes before `c` in creation order.
+inline bool before_cursor(const Task& t, const TaskCursor& c) {
+  return t.created_at != c.created_at ? t.created_at < c.created_at : t.id < c.id;
+}
+
 struct TaskFilter {
   std::optional<TaskStatus> status;
   std::string service;    // "" = any
@@ -57,7 +69,18 @@ struct TaskFilter {
   // false: each task's result and input bytes are left empty (a listing of
   // many tasks reads only what says how they stand; get_task reads one whole).
   bool with_payloads = true;
+  // Paging back in time: only tasks created before this place (the first,
+  // oldest, task of the previous page; see page_cursor). With `limit`, the
+  // newest `limit` of those.
+  std::optional<TaskCursor> before;
 };
+
+// The cursor of the page after `page` (a list_tasks answer, oldest first):
+// its first task's place; std::nullopt for an empty page.
+inline std::optional<TaskCursor> page_cursor(const std::vector<Task>& page) {
+  if (page.empty()) return std::nullopt;
+  return TaskCursor{page.front().created_at, page.front().id};
+}
 
 // What a store has done since it opened (TaskMetrics::store).
 struct StoreStats {
@@ -103,7 +126,9 @@ class TASKMGR_API TaskStore {
   virtual std::vector<MetricSample> load_metrics(const std::string& task_id) = 0;
   // What a manager recovers when it opens, oldest first: tasks not in a
   // terminal state (pending, queued, running), and ended tasks whose cleanup
-  // did not complete (resource_cleanup_completed false).
+  // did not complete (resource_cleanup_completed false). Input bytes are
+  // left out (input.data empty; load_task reads one task's), so that a
+  // queue of large inputs is not read into memory at once.
   virtual std::vector<Task> load_unfinished() = 0;
   // Deletes the tasks that ended (completed, failed or cancelled, cleanup
   // done) before `finished_before`, with their events and metric samples

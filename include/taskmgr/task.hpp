@@ -103,8 +103,20 @@ struct TaskInput {
   std::string path;                // a file; empty when data is used
   std::vector<std::uint8_t> data;  // encoded bytes (e.g. a PNG); empty when path is used
   std::string media_type;          // optional hint, e.g. "image/png"
+  // The length of the input's bytes where they are left out (a task's
+  // snapshot or a listing keeps them in the store: data is empty there).
+  // Set by taskmgr; ignored in a request.
+  std::uint64_t left_out_bytes = 0;
 
   bool empty() const noexcept { return path.empty() && data.empty(); }
+  // The input's bytes: data's, or those left out.
+  std::uint64_t bytes() const noexcept { return data.empty() ? left_out_bytes : data.size(); }
+  // Leaves the bytes out, keeping their length.
+  void leave_out_data() {
+    if (data.empty()) return;
+    left_out_bytes = data.size();
+    data = {};
+  }
 };
 
 // What the host asks for when it creates a task (the spec's TaskCreateRequest).

@@ -122,6 +122,12 @@ class TASKMGR_API TaskManager {
   // get_task_events and get_task_samples read the store: while writes fail
   // they show what is persisted (the rest follows when the store catches
   // up).
+  // Input bytes are kept in the store, not in memory: a task waiting in the
+  // queue costs no memory for its input, and its attempt reads the bytes
+  // when it runs (TaskContext::input()). The Task that create_task,
+  // create_tasks, get_task and wait_task return has its input's path and
+  // media type but empty input.data; list_tasks with with_payloads = true
+  // returns the bytes.
   Task get_task(const std::string& task_id) const;
   std::vector<Task> list_tasks(const TaskFilter& filter = {}) const;
   std::vector<EventRecord> get_task_events(const std::string& task_id) const;

@@ -21,7 +21,7 @@ class Attempt::Context final : public TaskContext {
 
   const std::string& task_id() const override { return rec_->id(); }
   const std::string& service() const override { return rec_->service(); }
-  const TaskInput& input() const override { return rec_->input(); }
+  const TaskInput& input() const override { return loaded_ ? input_ : rec_->input(); }
   const std::string& options_json() const override { return a_.options; }
   int batch_size() const override { return a_.batch_size; }
   int attempt() const override { return a_.attempt; }
@@ -111,6 +111,26 @@ class Attempt::Context final : public TaskContext {
     result_ = std::move(result_json);
   }
 
+  // The input's bytes, read from the store for this attempt when the record
+  // holds none (a waiting task keeps them there, not in memory); released
+  // with the attempt.
+  void load_input() REQUIRES(!scheduler_lock) {
+    if (!rec_->input_in_store()) return;
+    std::optional<Task> row;
+    try {
+      row = at_.journal_.load_task(rec_->id());
+    } catch (const Error& e) {
+      throw Error(e.code(),
+                  std::string("reading the task's input from the store failed: ") + e.what());
+    }
+    if (!row || row->input.data.empty()) {
+      throw TaskError(TaskFailureReason::kInvalidInput,
+                      "the task's input bytes are no longer in the store");
+    }
+    input_ = std::move(row->input);
+    loaded_ = true;
+  }
+
   std::string take_result() { return std::move(result_); }
   const std::string& created_temp() const { return temp_; }
 
@@ -121,6 +141,8 @@ class Attempt::Context final : public TaskContext {
   std::string instance_;
   std::string temp_;
   std::string result_;
+  TaskInput input_;
+  bool loaded_ = false;
 };
 
 Attempt::Attempt(const Config& config, std::shared_ptr<const Clock> clock, Scheduler& scheduler,
@@ -160,6 +182,7 @@ std::optional<CleanupReport> Attempt::run(const RecordPtr& rec, ServicePool::Lea
   std::exception_ptr err;
   try {
     ctx.throw_if_cancelled();
+    ctx.load_input();
     TASKMGR_HOST_CALL("Service::process");
     lease.service().process(ctx);  // creates the instance on first use (the factory)
   } catch (...) {

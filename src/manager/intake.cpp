@@ -87,7 +87,9 @@ std::vector<Task> Intake::create(const TaskCreateRequest* reqs, std::size_t n) {
     Task& t = rec->unshared_task();  // no other thread sees it before add_created
     t.id = generate_task_id();
     t.service = req.service;
-    t.input = req.input;
+    t.input.path = req.input.path;  // the bytes: below, for the store only
+    t.input.media_type = req.input.media_type;
+    t.input.left_out_bytes = req.input.data.size();
     t.options_json = req.options_json;
     t.priority = req.priority;
     t.batch_size = req.batch_size;
@@ -110,6 +112,13 @@ std::vector<Task> Intake::create(const TaskCreateRequest* reqs, std::size_t n) {
     NewTask& row = rows.emplace_back();  // built in place: a Task is large to move
     row.task = t;
     row.events = b.take_records(t.id);
+    // The input's bytes go to the store only: the record (and the task
+    // returned) hold its path and media type, and the attempt reads the
+    // bytes when it runs, so that a waiting task costs no memory for them.
+    if (!req.input.data.empty()) {
+      row.task.input.data = req.input.data;
+      rec->set_input_in_store_unshared();
+    }
     recs.push_back(std::move(rec));
     start.push_back(req.start);
   }
@@ -129,7 +138,10 @@ std::vector<Task> Intake::create(const TaskCreateRequest* reqs, std::size_t n) {
   retired.clear();
   std::vector<Task> out;
   out.reserve(rows.size());
-  for (auto& row : rows) out.push_back(std::move(row.task));
+  for (auto& row : rows) {
+    out.push_back(std::move(row.task));
+    out.back().input.leave_out_data();  // a snapshot, as get_task's: the bytes are in the store
+  }
   if (!worker_drains) scheduler_.outbox().drain();
   return out;
 }

@@ -57,10 +57,17 @@ struct CleanupReport {
 class Record {
  public:
   // Immutable after creation, so readable without the lock: the task's id,
-  // service kind and input never change.
+  // service kind and input never change. The input held here is its path
+  // and media type: input bytes stay in the store while the task waits
+  // (input_in_store), and its attempts read them from there when they run.
   const std::string& id() const NO_THREAD_SAFETY_ANALYSIS { return task.id; }
   const std::string& service() const NO_THREAD_SAFETY_ANALYSIS { return task.service; }
   const TaskInput& input() const NO_THREAD_SAFETY_ANALYSIS { return task.input; }
+  bool input_in_store() const NO_THREAD_SAFETY_ANALYSIS { return input_in_store_; }
+
+  // The input's bytes are in the store only (the record holds none): the
+  // attempt reads them. Only while the record is unshared.
+  void set_input_in_store_unshared() NO_THREAD_SAFETY_ANALYSIS { input_in_store_ = true; }
 
   Phase phase() const REQUIRES(scheduler_lock) { return phase_; }
 
@@ -124,6 +131,7 @@ class Record {
  private:
   friend class Lifecycle;
   Phase phase_ GUARDED_BY(scheduler_lock) = Phase::kNew;
+  bool input_in_store_ = false;  // set before the record is shared; never changes after
 };
 
 using RecordPtr = std::shared_ptr<Record>;

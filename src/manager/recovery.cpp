@@ -40,7 +40,18 @@ void Recovery::recover() {
     if (t.status == TaskStatus::kUnrecognized) continue;
     Found f;
     f.rec = std::make_shared<Record>();
-    const RequestFeatures features = placement_.features(t);
+    // load_unfinished leaves out input bytes: a task without an input path
+    // has its own read here, one at a time, for its features (the model may
+    // read the bytes), and dropped again (its attempt reads them).
+    bool in_store = false;
+    RequestFeatures features;
+    if (t.input.path.empty()) {
+      std::optional<Task> whole = journal_.load_task(t.id);
+      in_store = whole && !whole->input.data.empty();
+      features = placement_.features(in_store ? *whole : t);
+    } else {
+      features = placement_.features(t);
+    }
     const bool waits = t.status == TaskStatus::kQueued || t.status == TaskStatus::kRunning;
     bool estimated = true;
     if (waits && !t.estimated_memory_mb) {
@@ -70,6 +81,7 @@ void Recovery::recover() {
       }
     }
     f.rec->init_unshared(std::move(t), features);
+    if (in_store) f.rec->set_input_in_store_unshared();
     found.push_back(std::move(f));
   }
   {

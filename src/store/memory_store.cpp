@@ -105,14 +105,14 @@ class MemoryStore final : public TaskStore {
       const Task& t = (*it)->task;
       if (f.status && t.status != *f.status) continue;
       if (!f.service.empty() && t.service != f.service) continue;
+      if (f.before && !before_cursor(t, *f.before)) continue;
       if (f.with_payloads) {
         out.push_back(t);
       } else {
         Task brief = t;  // (copies the payloads once; they are dropped here)
         brief.result.clear();
         brief.result.shrink_to_fit();
-        brief.input.data.clear();
-        brief.input.data.shrink_to_fit();
+        brief.input.leave_out_data();
         out.push_back(std::move(brief));
       }
       if (f.limit != 0 && out.size() >= f.limit) break;
@@ -152,7 +152,10 @@ class MemoryStore final : public TaskStore {
     std::vector<Task> out;
     for (const Row* row : order_) {
       const Task& t = row->task;
-      if (!is_terminal(t.status) || !t.resource_cleanup_completed) out.push_back(t);
+      if (!is_terminal(t.status) || !t.resource_cleanup_completed) {
+        out.push_back(t);  // (copies the input bytes once; they are dropped here)
+        out.back().input.leave_out_data();
+      }
     }
     return out;
   }

@@ -169,6 +169,15 @@ Task read_task(const PGresult* r, int row, const TaskLayout& l) {
     if (is_null(r, row, f)) continue;
     if (f == store::kService) service_seen = true;
     const std::string v = text(r, row, f);
+    if (f == store::kInputData && (PQftype(r, f) == 23 || PQftype(r, f) == 20)) {
+      // Left out: its length, an int4 (TaskLayout::select_list).
+      try {
+        t.input.left_out_bytes = std::stoull(v);
+      } catch (const std::exception&) {
+        throw pg::PgError(ErrorCode::kIoError, "", false, "cannot read the length of input_data");
+      }
+      continue;
+    }
     if (f == store::kInputData) {
       auto bytes = pg::parse_bytea(v);
       if (!bytes) throw pg::PgError(ErrorCode::kIoError, "", false, "cannot read input_data");
@@ -629,8 +638,8 @@ std::optional<Task> select_task(pg::Conn& c, const TaskLayout& l, const std::str
   pg::Params p;
   p.text(id);
   pg::Result r = c.exec_prepared("taskmgr_select_task",
-                                 "SELECT " + l.select_list(quote, true) + " FROM tasks WHERE " +
-                                     quote(l.column(store::kId)) + " = $1",
+                                 "SELECT " + l.select_list(quote, "octet_length", true) +
+                                     " FROM tasks WHERE " + quote(l.column(store::kId)) + " = $1",
                                  p);
   if (PQntuples(r.get()) == 0) return std::nullopt;
   return read_task(r.get(), 0, l);
@@ -639,7 +648,8 @@ std::optional<Task> select_task(pg::Conn& c, const TaskLayout& l, const std::str
 std::vector<Task> select_tasks(pg::Conn& c, const TaskLayout& l, const TaskFilter& f) {
   // One prepared statement per shape of filter.
   std::string name = "taskmgr_list";
-  std::string sql = "SELECT " + l.select_list(quote, f.with_payloads) + " FROM tasks WHERE TRUE";
+  std::string sql =
+      "SELECT " + l.select_list(quote, "octet_length", f.with_payloads) + " FROM tasks WHERE TRUE";
   pg::Params p;
   if (f.status) {
     if (*f.status == TaskStatus::kUnrecognized) {
@@ -670,6 +680,22 @@ std::vector<Task> select_tasks(pg::Conn& c, const TaskLayout& l, const TaskFilte
       sql += " AND FALSE";
       name += "_no_service";
     }
+  }
+  // Paging: before the cursor in the order below (created_at, then id).
+  if (f.before) {
+    const std::string id_col = quote(l.column(store::kId));
+    if (l.has(store::kCreatedAt)) {
+      const std::string created = quote(l.column(store::kCreatedAt));
+      add_time(p, l.kind(store::kCreatedAt), f.before->created_at);
+      const std::string at = "$" + std::to_string(p.size());
+      p.text(f.before->id);
+      sql += " AND (" + created + " < " + at + " OR (" + created + " = " + at + " AND " + id_col +
+             " < $" + std::to_string(p.size()) + "))";
+    } else {
+      p.text(f.before->id);
+      sql += " AND " + id_col + " < $" + std::to_string(p.size());
+    }
+    name += "_before";
   }
   sql += order_by(l, " DESC");
   if (f.limit != 0) {
@@ -746,7 +772,8 @@ std::vector<Task> select_unfinished(pg::Conn& c, const TaskLayout& l) {
                   : std::string();
   pg::Result r = c.exec_prepared(
       "taskmgr_select_unfinished",
-      "SELECT " + l.select_list(quote, true) + " FROM tasks WHERE " + waiting +
+      "SELECT " + l.select_list(quote, "octet_length", true, /*with_input=*/false) +
+          " FROM tasks WHERE " + waiting +
           " OR (resource_cleanup_completed = FALSE AND assigned_device IS NOT NULL" + ran + ")" +
           order_by(l, ""),
       p);

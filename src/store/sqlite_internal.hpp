@@ -20,7 +20,7 @@
 namespace taskmgr::detail::sqlite {
 
 // The schema version this build writes (PRAGMA user_version).
-inline constexpr int kSchemaVersion = 2;
+inline constexpr int kSchemaVersion = 3;
 
 // The `tasks` table's columns as PRAGMA table_info gives them.
 std::vector<store::Column> task_columns(SQLite::Database& db);
@@ -35,6 +35,10 @@ std::string insert_task_sql(const store::TaskLayout& l);
 std::string update_task_sql(const store::TaskLayout& l);
 void bind_insert(SQLite::Statement& st, const store::TaskLayout& l, const Task& t);
 void bind_update(SQLite::Statement& st, const store::TaskLayout& l, const Task& t);
+// The write of a task's input bytes where the layout keeps them apart
+// (TaskLayout::inputs_apart): the task's id, then the bytes.
+inline constexpr const char* kInsertInputSql =
+    "INSERT INTO task_inputs (task_id, data) VALUES (?, ?)";
 // Our code for a SQLite failure: kBusy, kOutOfMemory or kIoError.
 ErrorCode code_of(const SQLite::Exception& e);
 

@@ -78,6 +78,22 @@ CREATE INDEX idx_task_metrics_task ON task_metrics(task_id);
 CREATE INDEX idx_task_events_task ON task_events(task_id, id);
 )sql";
 
+// Version 3: input bytes in a table of their own, so that a task's row
+// stays small. SQLite reads a column stored after a large value by walking
+// the value's overflow pages (listing 10,000 tasks of 1 MiB read all 10 GB
+// of their inputs), and rewrites a whole row on every update (each state
+// change of a task rewrote its input). For taskmgr's own table only (an
+// adopted table keeps its input column: its application reads it).
+constexpr const char* kInputsApart = R"sql(
+CREATE TABLE task_inputs (
+  task_id VARCHAR(36) PRIMARY KEY NOT NULL REFERENCES tasks(id),
+  data BLOB NOT NULL
+);
+INSERT INTO task_inputs (task_id, data)
+  SELECT id, input_data FROM tasks WHERE input_data IS NOT NULL;
+UPDATE tasks SET input_data = NULL WHERE input_data IS NOT NULL;
+)sql";
+
 using store::Field;
 using store::Kind;
 using store::TaskLayout;
@@ -186,6 +202,11 @@ Task read_task(SQLite::Statement& q, const TaskLayout& l) {
     if (c.isNull()) continue;
     if (f == store::kService) service_seen = true;
     if (f == store::kInputData) {
+      if (c.isInteger()) {  // left out: its length (TaskLayout::select_list)
+        t.input.left_out_bytes =
+            static_cast<std::uint64_t>(std::max<std::int64_t>(0, c.getInt64()));
+        continue;
+      }
       const auto* p = static_cast<const std::uint8_t*>(c.getBlob());
       t.input.data.assign(p, p + c.getBytes());
       continue;
@@ -372,6 +393,10 @@ std::vector<store::Column> task_columns(SQLite::Database& db) {
 store::TaskLayout task_layout(SQLite::Database& db, const AdoptOptions& adopt) {
   store::TaskLayout l =
       store::TaskLayout::of(task_columns(db), adopt.status_map, adopt.default_service);
+  if (has(tables_of(db), "task_inputs")) {
+    l.keep_inputs_apart("SELECT i.data FROM task_inputs i WHERE i.task_id = tasks.id",
+                        "SELECT length(i.data) FROM task_inputs i WHERE i.task_id = tasks.id");
+  }
   if (!l.has(store::kAttempt)) {
     // An adopted table with no attempt column: a task's attempt is the one
     // its last `started` event names (task_events is ours), so that
@@ -435,7 +460,7 @@ ErrorCode code_of(const SQLite::Exception& e) {
 }
 
 std::optional<Task> select_task(SQLite::Database& db, const TaskLayout& l, const std::string& id) {
-  SQLite::Statement q(db, "SELECT " + l.select_list(quote, true) + " FROM tasks WHERE " +
+  SQLite::Statement q(db, "SELECT " + l.select_list(quote, "length", true) + " FROM tasks WHERE " +
                               quote(l.column(store::kId)) + " = ?");
   q.bind(1, id);
   if (!q.executeStep()) return std::nullopt;
@@ -443,7 +468,8 @@ std::optional<Task> select_task(SQLite::Database& db, const TaskLayout& l, const
 }
 
 std::vector<Task> select_tasks(SQLite::Database& db, const TaskLayout& l, const TaskFilter& f) {
-  std::string sql = "SELECT " + l.select_list(quote, f.with_payloads) + " FROM tasks WHERE 1=1";
+  std::string sql =
+      "SELECT " + l.select_list(quote, "length", f.with_payloads) + " FROM tasks WHERE 1=1";
   std::vector<std::string> binds;
   if (f.status) {
     if (*f.status == TaskStatus::kUnrecognized) {
@@ -468,10 +494,25 @@ std::vector<Task> select_tasks(SQLite::Database& db, const TaskLayout& l, const 
       sql += " AND 0";
     }
   }
+  // Paging: before the cursor in the order below (created_at, then id).
+  const std::string id_col = quote(l.column(store::kId));
+  const bool by_time = f.before && l.has(store::kCreatedAt);
+  if (by_time) {
+    const std::string c = quote(l.column(store::kCreatedAt));
+    sql += " AND (" + c + " < ? OR (" + c + " = ? AND " + id_col + " < ?))";
+  } else if (f.before) {
+    sql += " AND " + id_col + " < ?";
+  }
   sql += order_by(l, " DESC");
   if (f.limit != 0) sql += " LIMIT " + std::to_string(f.limit);
   SQLite::Statement q(db, sql);
-  for (std::size_t i = 0; i < binds.size(); ++i) q.bind(static_cast<int>(i + 1), binds[i]);
+  int n = 0;
+  for (const auto& b : binds) q.bind(++n, b);
+  if (by_time) {
+    bind_time(q, ++n, l.kind(store::kCreatedAt), f.before->created_at);
+    bind_time(q, ++n, l.kind(store::kCreatedAt), f.before->created_at);
+  }
+  if (f.before) q.bind(++n, f.before->id);
   std::vector<Task> out;
   while (q.executeStep()) out.push_back(read_task(q, l));
   std::reverse(out.begin(), out.end());
@@ -527,7 +568,8 @@ std::vector<Task> select_unfinished(SQLite::Database& db, const TaskLayout& l) {
       l.adopted() ? " AND EXISTS (SELECT 1 FROM task_events e WHERE e.task_id = tasks." +
                         quote(l.column(store::kId)) + ")"
                   : std::string();
-  SQLite::Statement q(db, "SELECT " + l.select_list(quote, true) + " FROM tasks WHERE " + waiting +
+  SQLite::Statement q(db, "SELECT " + l.select_list(quote, "length", true, /*with_input=*/false) +
+                              " FROM tasks WHERE " + waiting +
                               " OR (resource_cleanup_completed = 0 AND assigned_device IS NOT "
                               "NULL" +
                               ran + ")" + order_by(l, ""));
@@ -568,6 +610,7 @@ std::size_t delete_finished(SQLite::Database& db, const TaskLayout& l, Timestamp
   const std::string gone = " IN (SELECT id FROM temp.taskmgr_prune)";
   db.exec("DELETE FROM task_metrics WHERE task_id" + gone);
   db.exec("DELETE FROM task_events WHERE task_id" + gone);
+  if (l.inputs_apart()) db.exec("DELETE FROM task_inputs WHERE task_id" + gone);
   const int n = db.exec("DELETE FROM tasks WHERE " + quote(l.column(store::kId)) + gone);
   db.exec("DELETE FROM temp.taskmgr_prune");
   tx.commit();
@@ -615,6 +658,12 @@ void migrate(SQLite::Database& db, const std::string& path, bool allow_other_tab
     }
     db.exec(kSpecTables);
   };
+  // Version 3 (kInputsApart), where the table is taskmgr's own in its
+  // columns. (Adoption, below, records the current version without it: an
+  // adopted table keeps its input column, which its application reads.)
+  auto inputs_apart = [&] {
+    if (!store::TaskLayout::of(task_columns(db), {}, "").adopted()) db.exec(kInputsApart);
+  };
   if (version == 0 && has(tables_of(db), "tasks")) {
     // Adopting an earlier application's table: the spec's changes, in one
     // transaction; its own columns and rows are not touched.
@@ -639,6 +688,7 @@ void migrate(SQLite::Database& db, const std::string& path, bool allow_other_tab
     SQLite::Transaction tx(db, SQLite::TransactionBehavior::IMMEDIATE);
     if (to == 1) db.exec(kSchemaV1);
     if (to == 2) spec_changes();
+    if (to == 3) inputs_apart();
     db.exec("PRAGMA user_version = " + std::to_string(to));
     tx.commit();
     version = to;

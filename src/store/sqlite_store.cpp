@@ -69,6 +69,9 @@ class SqliteStore final : public TaskStore, private WriteBackend {
       reader_db_->setBusyTimeout(busy_ms());
       insert_task_ = std::make_unique<SQLite::Statement>(*writer_db_, insert_task_sql(layout_));
       update_task_ = std::make_unique<SQLite::Statement>(*writer_db_, update_task_sql(layout_));
+      if (layout_.inputs_apart()) {
+        insert_input_ = std::make_unique<SQLite::Statement>(*writer_db_, kInsertInputSql);
+      }
       insert_event_ = std::make_unique<SQLite::Statement>(
           *writer_db_,
           "INSERT INTO task_events (task_id, event_type, timestamp, details) VALUES (?,?,?,?)");
@@ -166,6 +169,14 @@ class SqliteStore final : public TaskStore, private WriteBackend {
         st.clearBindings();
         bind_insert(st, layout_, n.task);
         st.exec();
+        if (insert_input_ && !n.task.input.data.empty()) {
+          SQLite::Statement& in = *insert_input_;
+          in.reset();
+          in.clearBindings();
+          in.bind(1, n.task.id);
+          in.bindNoCopy(2, n.task.input.data.data(), static_cast<int>(n.task.input.data.size()));
+          in.exec();
+        }
         for (const auto& e : n.events) insert_event(e);
       }
     } else if (auto* up = std::get_if<UpdateOp>(&op)) {
@@ -287,6 +298,7 @@ class SqliteStore final : public TaskStore, private WriteBackend {
   std::unique_ptr<SQLite::Database> writer_db_ GUARDED_BY(db_mu_);
   std::unique_ptr<SQLite::Statement> insert_task_ GUARDED_BY(db_mu_);
   std::unique_ptr<SQLite::Statement> update_task_ GUARDED_BY(db_mu_);
+  std::unique_ptr<SQLite::Statement> insert_input_ GUARDED_BY(db_mu_);  // inputs apart only
   std::unique_ptr<SQLite::Statement> insert_event_ GUARDED_BY(db_mu_);
   std::unique_ptr<SQLite::Statement> insert_metric_ GUARDED_BY(db_mu_);
   std::int64_t applied_page_limit_ GUARDED_BY(db_mu_) = 0;

@@ -142,17 +142,37 @@ class TaskLayout {
   // `tasks`. Without one such a field is NULL.
   void derive(Field f, std::string expression) { derived_[f] = std::move(expression); }
 
+  // Input bytes kept in a table of their own (SQLite, taskmgr's own
+  // schema): kInputData is no column of tasks (inserts and updates leave it
+  // out; the store writes the bytes apart) but read through `data` (an
+  // expression on `tasks`, a subquery), its length through `length`.
+  void keep_inputs_apart(std::string data, std::string length) {
+    columns_[kInputData].clear();
+    derived_[kInputData] = std::move(data);
+    input_length_ = std::move(length);
+    inputs_apart_ = true;
+  }
+  bool inputs_apart() const { return inputs_apart_; }
+
   // "SELECT" list: every field's column (quoted by `quote`), its derived
-  // expression, or NULL (also input data and result when !with_payloads),
-  // then the extra columns.
+  // expression, or NULL (also the result when !with_payloads), then the
+  // extra columns. Input data left out (!with_payloads or !with_input) is
+  // selected as its length, `length_fn(column)`: an integer, which the
+  // reader tells from the bytes by its type (TaskInput::left_out_bytes).
   template <typename Quote>
-  std::string select_list(Quote&& quote, bool with_payloads) const {
+  std::string select_list(Quote&& quote, const char* length_fn, bool with_payloads,
+                          bool with_input = true) const {
     std::string out;
     for (int f = 0; f < kFieldCount; ++f) {
       const bool bulky = f == kInputData || f == kResult;
       std::string c = "NULL";
-      if (has(Field(f)) && (with_payloads || !bulky)) {
+      const bool left_out = f == kInputData && !(with_payloads && with_input);
+      if (has(Field(f)) && left_out) {
+        c = std::string(length_fn) + "(" + quote(columns_[f]) + ")";
+      } else if (has(Field(f)) && (with_payloads || !bulky)) {
         c = quote(columns_[f]);
+      } else if (left_out && inputs_apart_) {
+        c = "(" + input_length_ + ")";
       } else if (!has(Field(f)) && !derived_[f].empty()) {
         c = "(" + derived_[f] + ")";
       }
@@ -172,6 +192,8 @@ class TaskLayout {
 
  private:
   std::array<std::string, kFieldCount> columns_;
+  std::string input_length_;
+  bool inputs_apart_ = false;
   std::array<std::string, kFieldCount> derived_;
   std::array<bool, kFieldCount> user_defined_{};
   std::array<int, kFieldCount> max_length_{};

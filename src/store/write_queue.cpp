@@ -195,10 +195,11 @@ std::vector<Task> WriteQueue::list_tasks(
     if (!f.service.empty() && state.service != f.service) continue;
     std::optional<Task> row = load(id);
     if (!row) continue;
+    if (f.before && !before_cursor(*row, *f.before)) continue;
     Task t = overlaid(std::move(*row), state);
     if (!f.with_payloads) {
       t.result.clear();
-      t.input.data.clear();
+      t.input.leave_out_data();
     }
     out.push_back(std::move(t));
   }

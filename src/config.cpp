@@ -376,6 +376,12 @@ Config parse_document(const YAML::Node& root, std::unordered_map<std::string, in
     l.read("level", c.logging.level);
     l.finish();
   }
+  {
+    // taskmgr-http's section: a mapping, kept as text (the server checks
+    // its keys against the file, with their lines).
+    MapReader h = top.child("http");
+    if (h.present()) c.http_yaml = YAML::Dump(h.raw_node());
+  }
   top.finish();
   return c;
 }
@@ -707,6 +713,14 @@ void Config::validate() const {
     invalid("logging.level",
             "must be one of trace, debug, info, warn, error, off, got '" + logging.level + "'");
   }
+  if (!http_yaml.empty()) {
+    bool mapping = false;
+    try {
+      mapping = YAML::Load(http_yaml).IsMap();
+    } catch (const YAML::Exception&) {
+    }
+    if (!mapping) invalid("http", "must be the YAML text of a mapping (taskmgr-http's settings)");
+  }
 }
 
 Config Config::from_yaml_string(std::string_view yaml, std::string_view source_name) {
@@ -888,6 +902,7 @@ std::string Config::to_yaml() const {
   e << YAML::Key << "logging" << YAML::Value << YAML::BeginMap;
   e << YAML::Key << "level" << YAML::Value << logging.level;
   e << YAML::EndMap;
+  if (!http_yaml.empty()) e << YAML::Key << "http" << YAML::Value << YAML::Load(http_yaml);
   e << YAML::EndMap;
   return std::string(e.c_str()) + "\n";
 }

@@ -235,6 +235,26 @@ class HttpServerTest(unittest.TestCase):
             buf += chunk
         self.fail("no such event within %s s: %s" % (timeout, got[-5:]))
 
+    def test_a_stream_s_client_that_leaves_no_longer_counts_as_a_connection(self):
+        # It held every stop for the whole drain timeout (10 s): the server
+        # counted it open until its session object went, at the next event.
+        def connections():
+            status, h = self.request("GET", "/health")
+            self.assertEqual(status, 200)
+            return h["connections"]
+        base = connections()
+        streams = [self.open_events()[0] for _ in range(3)]
+        deadline = time.time() + 30
+        while connections() < base + 3 and time.time() < deadline:
+            time.sleep(0.05)
+        self.assertEqual(connections(), base + 3)
+        for s in streams:
+            s.close()
+        deadline = time.time() + 30
+        while connections() > base and time.time() < deadline:
+            time.sleep(0.05)
+        self.assertEqual(connections(), base)
+
     def test_events_stream_as_server_sent_events(self):
         every, b1 = self.open_events()
         status, t = self.request("POST", "/tasks", {
@@ -409,6 +429,85 @@ class HttpServerTest(unittest.TestCase):
             self.assertEqual(e["error"], "invalid_argument")
         for task_id in mine:
             self.request("POST", "/tasks/%s/cancel" % task_id)
+
+    def raw(self, data):
+        return raw_exchange(self.port, data)
+
+    def test_a_stranger_s_findings_stay_fixed(self):
+        # Input bytes are never in a task's JSON: payloads=1 adds results
+        # only (it read every stored upload into memory and sent none).
+        status, t = self.upload("?start=1", TINY_PNG)
+        self.assertEqual(status, 201, t)
+        self.wait_done(t["id"])
+        status, page = self.request("GET", "/tasks?limit=1000&payloads=1")
+        self.assertEqual(status, 200)
+        mine = [x for x in page if x["id"] == t["id"]][0]
+        self.assertEqual(mine["input"]["bytes"], len(TINY_PNG))
+        self.assertNotIn("data", mine["input"])
+        self.assertIn("result", mine)
+        # Options live in memory with their task: at most 64 KiB.
+        big = {"k": "x" * 70000}
+        status, e = self.request("POST", "/tasks", {
+            "input": {"data_base64": base64.b64encode(TINY_PNG).decode()}, "options": big})
+        self.assertEqual(status, 400, e)
+        self.assertIn("more than 65536", e["message"])
+        # (in a query they cannot come near it: a target is at most 8 KiB, 414)
+        # A page is 1 to 1000 tasks.
+        for q in ("limit=0", "limit=1001"):
+            status, e = self.request("GET", "/tasks?" + q)
+            self.assertEqual(status, 400, (q, e))
+        # Bytes that are not UTF-8 in a target are not echoed raw: the
+        # body parses strictly (raw_exchange decodes UTF-8 strictly).
+        status, e = self.raw(b"GET /\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(status, 404, e)
+        self.assertIn("\ufffd", e["message"])
+        # A NUL in a service or device: 400 naming it (the message was cut).
+        status, e = self.request("POST", "/tasks", {
+            "service": "ocr\u0000x", "input": {"data_base64": "AAAA"}})
+        self.assertEqual(status, 400, e)
+        self.assertEqual(e["message"], "service contains a NUL character (byte 3)")
+        # A query where a route takes none, or a malformed one on /events.
+        for path in ("/health?x=1", "/metrics?x=%zz", "/tasks/metrics?a=b",
+                     "/tasks/%s?x=1" % t["id"], "/tasks/%s/events?x=1" % t["id"]):
+            status, e = self.request("GET", path)
+            self.assertEqual(status, 400, (path, e))
+        status, e = self.request("POST", "/tasks/%s/start?priority=1" % t["id"], {})
+        self.assertEqual(status, 400, e)
+        for q in ("task_id=%zz", "task_id=%ff", "x=1", "task_id=a&task_id=b"):
+            status, e = self.raw(("GET /events?%s HTTP/1.1\r\nHost: x\r\n\r\n" % q).encode())
+            self.assertEqual(status, 400, (q, e))
+        # Base64: padded, padding only at the end, unused bits zero.
+        for b64 in ("A", "A===", "QQ==QQ==", "QR==", "QUJD\tRA=="):
+            status, e = self.request("POST", "/tasks", {"input": {"data_base64": b64}})
+            self.assertEqual(status, 400, (b64, e))
+            self.assertIn("not base64", e["message"])
+        # Media types and the auth scheme are case-insensitive.
+        body = json.dumps({"input": {"data_base64": base64.b64encode(TINY_PNG).decode()}})
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        conn.request("POST", "/tasks", body, {"Content-Type": "APPLICATION/JSON; charset=UTF-8"})
+        res = conn.getresponse()
+        self.assertEqual(res.status, 201, res.read())
+        res.read()
+        # 405 says what is allowed; HEAD is a GET without its body.
+        conn.request("DELETE", "/tasks/metrics")
+        res = conn.getresponse()
+        res.read()
+        self.assertEqual(res.status, 405)
+        self.assertEqual(res.getheader("Allow"), "GET, HEAD")
+        conn.request("PUT", "/tasks")
+        res = conn.getresponse()
+        res.read()
+        self.assertEqual(res.getheader("Allow"), "GET, HEAD, POST")
+        conn.request("GET", "/health")
+        res = conn.getresponse()
+        health = json.loads(res.read())
+        conn.request("HEAD", "/health")
+        res = conn.getresponse()
+        self.assertEqual(res.status, 200)
+        self.assertGreater(int(res.getheader("Content-Length")), 0)
+        self.assertEqual(res.read(), b"")
+        conn.close()
+        self.assertIn("connections", health)
 
     @staticmethod
     def png_header(w, h):
@@ -715,6 +814,64 @@ class HttpTransportTest(unittest.TestCase):
             time.sleep(0.1)
         self.assertEqual(status, 200)
 
+    def test_the_config_file_s_http_section(self):
+        import socket
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        cfg = os.path.join(tmp.name, "server.yaml")
+
+        def run_with(section, extra=()):
+            with open(cfg, "w") as f:
+                f.write(CONFIG + "http:\n" + section)
+            return subprocess.run([SERVER, "--config", cfg, "--port", "0"] + list(extra),
+                                  capture_output=True, text=True, timeout=60)
+        # Refused, naming the key and its line.
+        p = run_with("  prot: 8080\n")
+        self.assertEqual(p.returncode, 2, p.stderr)
+        line = CONFIG.count("\n") + 2
+        self.assertIn("http.prot (%s line %d): unknown key" % (cfg, line), p.stderr)
+        p = run_with("  port: abc\n")
+        self.assertEqual(p.returncode, 2, p.stderr)
+        self.assertIn("http.port (%s line %d) must be a whole number" % (cfg, line), p.stderr)
+        p = run_with("  input_roots: /not-a-list\n")
+        self.assertEqual(p.returncode, 2, p.stderr)
+        self.assertIn("must be a list of directories", p.stderr)
+        p = run_with("  address: 0.0.0.0\n")  # public without a token: refused as on the line
+        self.assertEqual(p.returncode, 2, p.stderr)
+        self.assertIn("not a loopback address", p.stderr)
+        # Applied: at most 3 connections from the file (the 4th is busy) ...
+        with open(cfg, "w") as f:
+            f.write(CONFIG + "http:\n  max_connections: 3\n  header_timeout_seconds: 60\n")
+        first, second = os.path.join(tmp.name, "a"), os.path.join(tmp.name, "b")
+        os.makedirs(first)
+        os.makedirs(second)
+        proc, port = start_server(first, ["--config", cfg])
+
+        def stop(p=proc):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                p.communicate(timeout=120)
+        self.addCleanup(stop)
+        held = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(3)]
+        deadline = time.time() + 30
+        while True:
+            status, e = raw_exchange(port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            if status == 503 or time.time() > deadline:
+                break
+            time.sleep(0.05)
+        self.assertEqual(status, 503, e)
+        for s in held:
+            s.close()
+        stop()
+        # ... and the command line wins over the file.
+        proc2, port2 = start_server(second, ["--config", cfg, "--max-connections", "50"])
+        self.addCleanup(stop, proc2)
+        held = [socket.create_connection(("127.0.0.1", port2), timeout=30) for _ in range(10)]
+        status, e = raw_exchange(port2, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(status, 200, e)
+        for s in held:
+            s.close()
+
     def test_bad_command_lines_exit_2_with_a_message(self):
         for args, part in ((["--port", "abc"], "--port must be a whole number"),
                            (["--port", "70000"], "--port must be a whole number"),
@@ -789,6 +946,7 @@ class HttpPathsAndAuthTest(unittest.TestCase):
             os.path.join(self.root, "..", "outside", "secret.png"),
             "/dev/zero", "/proc/self/environ", "/etc/shadow", "/root", "relative.png",
             os.path.join(self.root, "ok.png") + "\u0000.txt",   # a NUL
+            os.path.join(self.root, "dir", "..", "ok.png"),    # '..' even back inside
         ]
         answers = set()
         for p in probes:
@@ -822,6 +980,16 @@ class HttpPathsAndAuthTest(unittest.TestCase):
         conn.close()
         status, e, _ = self.request("GET", "/events", token=None)  # the stream too
         self.assertEqual((status, e["error"]), (401, "unauthorized"), e)
+        # The scheme is case-insensitive (RFC 9110); the token is not.
+        for header, want in (("bearer " + self.TOKEN, 200), ("BEARER " + self.TOKEN, 200),
+                             ("Bearer " + self.TOKEN.upper(), 401),
+                             ("Basic " + self.TOKEN, 401), ("Bearer", 401)):
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+            conn.request("GET", "/tasks/metrics", headers={"Authorization": header})
+            res = conn.getresponse()
+            res.read()
+            conn.close()
+            self.assertEqual(res.status, want, header)
         status, h, _ = self.request("GET", "/health", token=None)
         self.assertEqual(status, 200, h)
         self.assertTrue(h["ready"])

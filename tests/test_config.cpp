@@ -471,3 +471,34 @@ TEST_CASE("storage.adopt and storage.allow_other_tables: read, written back, che
     CHECK(std::string(e.what()).find(k.says) != std::string::npos);
   }
 }
+
+TEST_CASE(
+    "the http section is taskmgr-http's: kept as its YAML text, written back, refused when not a "
+    "mapping") {
+  const Config c = Config::from_yaml_string(
+      "tasks:\n  max_queue_size: 7\nhttp:\n  port: 8080\n  input_roots: [/srv/a, /srv/b]\n"
+      "  anything: {the: library reads none of it}\n");
+  CHECK(c.tasks.max_queue_size == 7);
+  REQUIRE_FALSE(c.http_yaml.empty());
+  const Config back = Config::from_yaml_string(c.to_yaml());
+  CHECK(back.http_yaml == c.http_yaml);
+  CHECK(back.to_yaml() == c.to_yaml());
+  CHECK(back.to_yaml().find("input_roots") != std::string::npos);
+  CHECK(Config::from_yaml_string("http:\n").http_yaml.empty());  // an empty section: none
+  try {
+    (void)Config::from_yaml_string("logging:\n  level: info\nhttp: 8080\n");
+    FAIL("expected a ConfigError");
+  } catch (const ConfigError& e) {
+    CHECK(std::string(e.what()).find("http: must be a mapping") != std::string::npos);
+    CHECK(e.line() == 3);
+  }
+  Config bad;
+  bad.http_yaml = "[1, 2]";
+  try {
+    bad.validate();
+    FAIL("expected a ConfigError");
+  } catch (const ConfigError& e) {
+    CHECK(std::string(e.what()).find("http: must be the YAML text of a mapping") !=
+          std::string::npos);
+  }
+}

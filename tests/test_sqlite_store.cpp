@@ -1337,7 +1337,7 @@ TEST_CASE(
     const std::string m = e.what();
     CHECK(e.code() == ErrorCode::kIncompatible);
     CHECK(m.find("reads as empty through the -wal file beside it") != std::string::npos);
-    CHECK(m.find("the file alone holds tables task_events, task_metrics, tasks") !=
+    CHECK(m.find("the file alone holds tables task_events, task_inputs, task_metrics, tasks") !=
           std::string::npos);
     CHECK(m.find("nothing was modified") != std::string::npos);
   }

@@ -570,6 +570,12 @@ STORE_CASE("list_tasks filters by status and service, keeps the newest `limit`, 
   CHECK(whole[0].result == tasks[5].result);
   CHECK(whole[0].input.data == tasks[5].input.data);
   CHECK(whole[0].input.bytes() == tasks[5].input.data.size());
+  f.with_input_bytes = false;  // results, not input bytes
+  const auto results = store->list_tasks(f);
+  REQUIRE(results.size() == 1);
+  CHECK(results[0].result == tasks[5].result);
+  CHECK(results[0].input.data.empty());
+  CHECK(results[0].input.bytes() == tasks[5].input.data.size());
 }
 
 STORE_CASE(

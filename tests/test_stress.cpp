@@ -94,7 +94,9 @@ TEST_CASE(
             tm.unsubscribe(s);
             break;
           }
-          default: (void)tm.list_tasks(TaskFilter{std::nullopt, "", 10, true, std::nullopt}); break;
+          default:
+            (void)tm.list_tasks(TaskFilter{std::nullopt, "", 10, true, true, std::nullopt});
+            break;
         }
       }
     });

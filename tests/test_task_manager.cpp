@@ -2078,3 +2078,39 @@ TEST_CASE("input bytes with the in-memory store: the attempt reads them from the
   CHECK(h.finished(t.id).status == TaskStatus::kCompleted);
   CHECK(got == input_bytes(5000, 3));
 }
+
+TEST_CASE(
+    "a service, device or media type with a NUL is refused naming the byte (a message quoting "
+    "it would be cut there)") {
+  Harness h;
+  h.open([](TaskContext&) {});
+  auto refused = [&](TaskCreateRequest r, const std::string& says) {
+    try {
+      h.tm->create_task(r);
+      FAIL("expected kInvalidArgument");
+    } catch (const Error& e) {
+      CHECK(e.code() == ErrorCode::kInvalidArgument);
+      CHECK(std::string(e.what()) == says);
+    }
+  };
+  TaskCreateRequest r;
+  r.service = std::string("svc\0x", 5);
+  refused(r, "service contains a NUL character (byte 3)");
+  r.service = "svc";
+  r.device = std::string("cp\0u", 4);
+  refused(r, "device contains a NUL character (byte 2)");
+  r.device.clear();
+  r.input.media_type = std::string("image/png\0", 10);
+  refused(r, "media type contains a NUL character (byte 9)");
+  const Task t = h.create();
+  TaskStartRequest p;
+  p.device = std::string("cpu\0", 4);
+  try {
+    h.tm->start_task(t.id, p);
+    FAIL("expected kInvalidArgument");
+  } catch (const Error& e) {
+    CHECK(e.code() == ErrorCode::kInvalidArgument);
+    CHECK(std::string(e.what()) == "device contains a NUL character (byte 3)");
+  }
+  CHECK(h.status(t.id) == TaskStatus::kPending);
+}

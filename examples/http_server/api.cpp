@@ -31,7 +31,14 @@ struct HttpError {
   http::status status;
   std::string code;
   std::string message;
+  std::string allow = {};  // 405: the methods the route takes
 };
+
+// What a single option value or JSON options document may be at most: they
+// live in memory with their task while it waits.
+constexpr std::size_t kMaxOptionsBytes = 64 * 1024;
+// A page of GET /tasks: at most this many tasks.
+constexpr std::size_t kMaxPage = 1000;
 
 HttpError from_error(const taskmgr::Error& e) {
   using C = taskmgr::ErrorCode;
@@ -68,14 +75,32 @@ std::string base64_decode(std::string_view in) {
     }
     return v;
   }();
+  // RFC 4648 with padding; line breaks are skipped. Padding only at the
+  // end, and the bits it leaves unused zero (one text per byte string).
+  std::string clean;
+  clean.reserve(in.size());
+  for (char c : in) {
+    if (c != '\n' && c != '\r') clean.push_back(c);
+  }
+  const auto not_base64 = [] {
+    bad_request("input.data_base64 is not base64 (RFC 4648, with padding)");
+  };
+  if (clean.size() % 4 != 0) not_base64();
+  std::size_t pad = 0;
+  while (pad < 2 && pad < clean.size() && clean[clean.size() - 1 - pad] == '=') ++pad;
+  clean.resize(clean.size() - pad);
+  if (clean.find('=') != std::string::npos) not_base64();
+  if (pad > 0) {
+    const int last = value[static_cast<unsigned char>(clean.back())];
+    if (last < 0 || (last & (pad == 1 ? 0x3 : 0xF)) != 0) not_base64();
+  }
   std::string out;
-  out.reserve(in.size() / 4 * 3 + 3);
+  out.reserve(clean.size() / 4 * 3 + 3);
   unsigned val = 0;
   int bits = -8;
-  for (char c : in) {
-    if (c == '=' || c == '\n' || c == '\r') continue;
+  for (char c : clean) {
     const int pos = value[static_cast<unsigned char>(c)];
-    if (pos < 0) bad_request("input.data_base64 is not base64");
+    if (pos < 0) not_base64();
     val = ((val << 6) + static_cast<unsigned>(pos)) & 0xFFFFFFu;
     bits += 6;
     if (bits >= 0) {
@@ -248,11 +273,31 @@ std::optional<int> get_int(const json::object& o, const char* key) {
   return static_cast<int>(n);
 }
 
+std::string check_options_size(std::string options) {
+  if (options.size() > kMaxOptionsBytes) {
+    bad_request("options are " + std::to_string(options.size()) + " bytes, more than " +
+                std::to_string(kMaxOptionsBytes) +
+                " (they stay in memory with the task: put data in the input)");
+  }
+  return options;
+}
+
 std::string get_options(const json::object& o) {
   const json::value* v = o.if_contains("options");
   if (v == nullptr || v->is_null()) return "";
   if (!v->is_object()) bad_request("options must be a JSON object");
-  return json::serialize(*v);
+  return check_options_size(json::serialize(*v));
+}
+
+bool iequals_prefix(std::string_view s, std::string_view prefix) {
+  if (s.size() < prefix.size()) return false;
+  for (std::size_t i = 0; i < prefix.size(); ++i) {
+    if (std::tolower(static_cast<unsigned char>(s[i])) !=
+        std::tolower(static_cast<unsigned char>(prefix[i]))) {
+      return false;
+    }
+  }
+  return true;
 }
 
 // Equal, in time that depends on the lengths only (a token is not guessed
@@ -281,10 +326,13 @@ bool same_secret(std::string_view a, std::string_view b) {
 std::optional<Response> unauthorized(const ApiOptions& o, const Request& req) {
   if (o.token.empty()) return std::nullopt;
   const auto h = req.find(http::field::authorization);
-  const std::string_view given =
+  std::string_view given =
       h == req.end() ? std::string_view() : std::string_view(h->value().data(), h->value().size());
-  const std::string want = "Bearer " + o.token;
-  if (same_secret(given, want)) return std::nullopt;
+  // The scheme is case-insensitive (RFC 9110); the token is compared whole.
+  const bool bearer = iequals_prefix(given, "bearer ");
+  given.remove_prefix(bearer ? 7 : given.size());
+  while (!given.empty() && given.front() == ' ') given.remove_prefix(1);
+  if (same_secret(given, o.token) && bearer) return std::nullopt;
   Response r = json_error(http::status::unauthorized, "unauthorized",
                           h == req.end() ? "this server needs Authorization: Bearer <token>"
                                          : "the token is not this server's",
@@ -298,6 +346,16 @@ class Api {
   Api(taskmgr::TaskManager& tm, const ApiOptions& o) : tm_(tm), o_(o) {}
 
   Response handle(const Request& req) {
+    if (req.method() == http::verb::head) {
+      // A GET's answer without its body (its Content-Length kept).
+      Request get = req;
+      get.method(http::verb::get);
+      Response r = handle(get);
+      const std::size_t n = r.body().size();
+      r.body().clear();
+      r.content_length(n);
+      return r;
+    }
     try {
       return route(req);
     } catch (const HttpError& e) {
@@ -329,8 +387,12 @@ class Api {
     auto require = [&](http::verb v) {
       if (method != v) {
         throw HttpError{http::status::method_not_allowed, "method_not_allowed",
-                        std::string(req.method_string()) + " is not allowed on " + target};
+                        std::string(req.method_string()) + " is not allowed on " + target,
+                        v == http::verb::get ? "GET, HEAD" : std::string(http::to_string(v))};
       }
+      // Only GET /tasks, POST /tasks (an upload), /result and /events take
+      // a query; elsewhere one is a mistake the client should hear of.
+      if (!query.empty()) bad_request(target + " takes no query parameters");
     };
     if (target == "/" || target == "/index.html") {
       require(http::verb::get);  // the dashboard: no token (its data needs one)
@@ -355,7 +417,11 @@ class Api {
     }
     if (target == "/tasks") {
       if (method == http::verb::get) return list(req, query);
-      require(http::verb::post);
+      if (method != http::verb::post) {
+        throw HttpError{http::status::method_not_allowed, "method_not_allowed",
+                        std::string(req.method_string()) + " is not allowed on /tasks",
+                        "GET, HEAD, POST"};
+      }
       return create(req, query);
     }
     if (target.rfind("/tasks/", 0) == 0) {
@@ -383,8 +449,10 @@ class Api {
         return make_json(req, http::status::ok, out);
       }
       if (action == "result") {
+        const std::string q = std::move(query);  // the only /tasks/{id} route with one
+        query.clear();
         require(http::verb::get);
-        return result(req, id, query);
+        return result(req, id, q);
       }
       if (action == "start") {
         require(http::verb::post);
@@ -420,7 +488,7 @@ class Api {
         boost::system::error_code ec;
         const json::value o = json::parse(v, ec);
         if (ec || !o.is_object()) bad_request("options must be a JSON object");
-        r.options_json = json::serialize(o);
+        r.options_json = check_options_size(json::serialize(o));
       } else {
         bad_request("unknown query parameter '" + k +
                     "' (service, priority, batch_size, "
@@ -432,7 +500,10 @@ class Api {
     std::string media = ct == req.end() ? "" : std::string(ct->value());
     if (const auto semi = media.find(';'); semi != std::string::npos) media.resize(semi);
     while (!media.empty() && media.back() == ' ') media.pop_back();
-    if (media == "application/octet-stream") media.clear();
+    if (iequals_prefix(media, "application/octet-stream") &&
+        media.size() == std::string_view("application/octet-stream").size()) {
+      media.clear();
+    }
     if (!valid_utf8(media)) bad_request("Content-Type is not valid UTF-8");
     r.input.media_type = media;
     r.input.data.assign(req.body().begin(), req.body().end());
@@ -447,7 +518,7 @@ class Api {
     const std::string_view type = ct == req.end()
                                       ? std::string_view()
                                       : std::string_view(ct->value().data(), ct->value().size());
-    const bool is_json = type.empty() || type.rfind("application/json", 0) == 0;
+    const bool is_json = type.empty() || iequals_prefix(type, "application/json");
     if (!is_json) return create_upload(req, query);
     if (!query.empty()) {
       bad_request(
@@ -514,6 +585,7 @@ class Api {
                                           {"failed_writes", m.store.failed_writes}}},
                    {"devices", std::move(devices)},
                    {"active_tasks", total(m.active_tasks)},
+                   {"connections", o_.connections ? o_.connections() : 0},
                    {"queued_tasks", total(m.queued_tasks)},
                    {"version", std::string(taskmgr::version())}};
     return make_json(req, ready ? http::status::ok : http::status::service_unavailable,
@@ -525,22 +597,28 @@ class Api {
   // library gets bytes, never a path of the client's choosing.
   void read_under_roots(const std::string& path, taskmgr::TaskInput& in) {
     if (o_.input_roots.empty() || path.find('\0') != std::string::npos) path_refused();
-    char* real = ::realpath(path.c_str(), nullptr);
-    if (real == nullptr) path_refused();
-    const std::string resolved(real);
-    std::free(real);
-    bool inside = false;
-    for (const auto& root : o_.input_roots) {
-      if (resolved.size() > root.size() && resolved.compare(0, root.size(), root) == 0 &&
-          (root.back() == '/' || resolved[root.size()] == '/')) {
-        inside = true;
+    // The root is chosen from the text alone: a path that does not start
+    // with a root touches nothing on disk, so that no timing tells what
+    // exists outside the roots.
+    const std::string* root = nullptr;
+    for (const auto& r : o_.input_roots) {
+      if (path.size() > r.size() && path.compare(0, r.size(), r) == 0 &&
+          (r.back() == '/' || path[r.size()] == '/')) {
+        root = &r;
+        break;
       }
     }
-    if (!inside) path_refused();
-    // Opened without blocking (a FIFO swapped in after realpath does not
-    // hang), without following a final symlink, and checked again on the
-    // descriptor.
-    const int fd = ::open(resolved.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
+    if (root == nullptr) path_refused();
+    std::size_t from = root->size();
+    while (from < path.size() && path[from] == '/') ++from;
+    if (from == path.size()) path_refused();
+    const std::string rel = path.substr(from);
+    // Only down from the root: a ".." would look at what is above it.
+    if (rel == ".." || rel.rfind("../", 0) == 0 || rel.find("/../") != std::string::npos ||
+        (rel.size() >= 3 && rel.compare(rel.size() - 3, 3, "/..") == 0)) {
+      path_refused();
+    }
+    const int fd = open_below(*root, rel);
     if (fd < 0) path_refused();
     struct stat st {};
     if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
@@ -563,6 +641,26 @@ class Api {
     }
     ::close(fd);
     if (got != in.data.size()) path_refused();  // changed while read
+  }
+
+  // Opens `rel`, a path below `root` with no ".." (checked by the caller),
+  // for reading without blocking (a FIFO does not hang); -1 when refused.
+  // Symlinks are followed (realpath) and the result must be under a root;
+  // the final component is opened without following a link (one swapped
+  // in after realpath is refused).
+  int open_below(const std::string& root, const std::string& rel) const {
+    const std::string joined = root + (root.back() == '/' ? "" : "/") + rel;
+    char* real = ::realpath(joined.c_str(), nullptr);
+    if (real == nullptr) return -1;
+    const std::string resolved(real);
+    std::free(real);
+    bool inside = false;
+    for (const auto& r : o_.input_roots) {
+      inside = inside || (resolved.size() > r.size() && resolved.compare(0, r.size(), r) == 0 &&
+                          (r.back() == '/' || resolved[r.size()] == '/'));
+    }
+    if (!inside) return -1;
+    return ::open(resolved.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY);
   }
 
   // GET /tasks/{id}/result[?format=json|text]: a completed task's result
@@ -624,13 +722,19 @@ class Api {
       } else if (k == "service") {
         f.service = v;
       } else if (k == "limit") {
-        // Digits only (no sign, no spaces, no 0x or exponent), 0 = all.
-        if (v.empty() || v.size() > 9 || v.find_first_not_of("0123456789") != std::string::npos)
-          bad_request("limit must be a whole number from 0 (all) to 999999999");
+        // Digits only (no sign, no spaces, no 0x or exponent).
+        if (v.empty() || v.size() > 4 || v.find_first_not_of("0123456789") != std::string::npos ||
+            std::stoul(v) < 1 || std::stoul(v) > kMaxPage) {
+          bad_request("limit must be a whole number from 1 to " + std::to_string(kMaxPage) +
+                      " (a page; the Link header leads to the next)");
+        }
         f.limit = static_cast<std::size_t>(std::stoul(v));
       } else if (k == "payloads") {
+        // The results; input bytes are never in a task's JSON (its
+        // input.bytes says how many), so they are not read.
         if (v != "0" && v != "1") bad_request("payloads must be 0 or 1");
         f.with_payloads = v == "1";
+        f.with_input_bytes = false;
       } else if (!k.empty()) {
         bad_request("unknown query parameter '" + k + "'");
       }
@@ -672,7 +776,9 @@ class Api {
     return r;
   }
   static Response error(const Request& req, const HttpError& e) {
-    return json_error(e.status, e.code, e.message, req.version(), req.keep_alive());
+    Response r = json_error(e.status, e.code, e.message, req.version(), req.keep_alive());
+    if (!e.allow.empty()) r.set(http::field::allow, e.allow);
+    return r;
   }
 
   taskmgr::TaskManager& tm_;
@@ -724,6 +830,24 @@ void EventFanout::publish(const taskmgr::EventRecord& e) {
               subs_.end());
 }
 
+namespace {
+// GET /events[?task_id=ID]: the task id, percent-decoded ("" = every task);
+// any other query is a 400.
+std::string events_task_id(const Request& req) {
+  const std::string t(req.target());
+  const auto q = t.find('?');
+  if (q == std::string::npos) return "";
+  std::string id;
+  bool seen = false;
+  for (const auto& [k, v] : parse_query(t.substr(q + 1))) {
+    if (k != "task_id" || seen) bad_request("the only query parameter of /events is task_id=ID");
+    id = v;
+    seen = true;
+  }
+  return id;
+}
+}  // namespace
+
 StreamRoute EventFanout::route(const ApiOptions& options) {
   StreamRoute r;
   r.matches = [](const Request& req) {
@@ -737,19 +861,15 @@ StreamRoute EventFanout::route(const ApiOptions& options) {
                         std::string(req.method_string()) + " is not allowed on /events",
                         req.version(), req.keep_alive());
     }
-    const std::string_view t(req.target().data(), req.target().size());
-    const auto q = t.find('?');
-    if (q != std::string_view::npos && t.substr(q + 1).rfind("task_id=", 0) != 0) {
-      return json_error(http::status::bad_request, "invalid_argument",
-                        "the only query parameter of /events is task_id=ID", req.version(),
-                        req.keep_alive());
+    try {
+      (void)events_task_id(req);
+    } catch (const HttpError& e) {
+      return json_error(e.status, e.code, e.message, req.version(), req.keep_alive());
     }
     return std::nullopt;
   };
   r.on_open = [this](const Request& req, std::shared_ptr<Stream> s) {
-    const std::string_view t(req.target().data(), req.target().size());
-    const auto q = t.find("?task_id=");
-    Sub sub{std::move(s), q == std::string_view::npos ? "" : std::string(t.substr(q + 9))};
+    Sub sub{std::move(s), events_task_id(req)};  // checked by admit
     // The reconnection delay a browser's EventSource uses.
     if (!sub.stream->send("retry: 2000\n\n")) return;
     std::lock_guard<std::mutex> g(mu_);

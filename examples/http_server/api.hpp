@@ -5,6 +5,7 @@
 
 #include <taskmgr/taskmgr.hpp>
 
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -25,6 +26,8 @@ struct ApiOptions {
   // A file named by input.path is read by the server, at most this many
   // bytes (larger: 413).
   std::size_t max_input_bytes = 32u << 20;
+  // The server's open connections, for GET /health (unset: 0).
+  std::function<int()> connections;
 };
 
 // The request's answer; never throws (errors are JSON bodies with the

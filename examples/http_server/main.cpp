@@ -34,6 +34,7 @@
 // reports them), 0 otherwise.
 #include <taskmgr/taskmgr.hpp>
 
+#include <yaml-cpp/yaml.h>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/address.hpp>
 #include <boost/asio/signal_set.hpp>
@@ -45,6 +46,7 @@
 #include <iostream>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "api.hpp"
 #include "server.hpp"
@@ -83,20 +85,23 @@ constexpr const char* kUsage =
     "usage: taskmgr-http [--address A] [--port N] [--config FILE] [--db PATH] [--port-file PATH]\n"
     "                    [--token-file FILE] [--input-root DIR]...\n"
     "                    [--max-connections N] [--body-limit-mb N]\n"
-    "                    [--header-timeout S] [--idle-timeout S] [--help] [--version]\n";
+    "                    [--header-timeout S] [--idle-timeout S] [--help] [--version]\n"
+    "The server's settings may also be in the --config file's http section (address, port,\n"
+    "token_file, input_roots, max_connections, body_limit_mb, header_timeout_seconds,\n"
+    "idle_timeout_seconds); an option on the command line wins. docs/CLI.md.\n";
 
 // The token: the file's first line, without its line end; exit 2 when the
 // file cannot be read or the token is empty or shorter than 16 bytes.
-std::string read_token(const std::string& path) {
+std::string read_token(const std::string& label, const std::string& path) {
   std::ifstream in(path);
   std::string token;
   if (!in || !std::getline(in, token)) {
-    std::cerr << "taskmgr-http: --token-file " << path << ": cannot read it\n";
+    std::cerr << "taskmgr-http: " << label << " " << path << ": cannot read it\n";
     std::exit(2);
   }
   while (!token.empty() && (token.back() == '\r' || token.back() == ' ')) token.pop_back();
   if (token.size() < 16) {
-    std::cerr << "taskmgr-http: --token-file " << path
+    std::cerr << "taskmgr-http: " << label << " " << path
               << ": the token must be at least 16 characters on its first line\n";
     std::exit(2);
   }
@@ -109,12 +114,75 @@ bool loopback(const std::string& address) {
   return !ec && a.is_loopback();
 }
 
+// One setting: an option and its value, from the command line or from the
+// configuration file's `http` section (`label` names where, for messages).
+struct Setting {
+  std::string option;
+  std::string value;
+  std::string label;
+};
+
+// The `http` section of the configuration file as settings, each key named
+// with its line in messages; exit 2 for an unknown key or a value of the
+// wrong shape.
+std::vector<Setting> file_settings(const std::string& path) {
+  static const std::pair<const char*, const char*> keys[] = {
+      {"address", "--address"},
+      {"port", "--port"},
+      {"token_file", "--token-file"},
+      {"input_roots", "--input-root"},
+      {"max_connections", "--max-connections"},
+      {"body_limit_mb", "--body-limit-mb"},
+      {"header_timeout_seconds", "--header-timeout"},
+      {"idle_timeout_seconds", "--idle-timeout"},
+  };
+  std::vector<Setting> out;
+  const YAML::Node http = YAML::LoadFile(path)["http"];  // parsed and checked by the library
+  if (!http || !http.IsMap()) return out;
+  for (const auto& kv : http) {
+    const std::string key = kv.first.as<std::string>();
+    const std::string label =
+        "http." + key + " (" + path + " line " + std::to_string(kv.first.Mark().line + 1) + ")";
+    const char* option = nullptr;
+    for (const auto& [k, o] : keys) {
+      if (key == k) option = o;
+    }
+    if (option == nullptr) {
+      std::cerr << "taskmgr-http: " << label << ": unknown key (address, port, token_file, "
+                << "input_roots, max_connections, body_limit_mb, header_timeout_seconds, "
+                << "idle_timeout_seconds)\n";
+      std::exit(2);
+    }
+    if (key == "input_roots") {
+      if (!kv.second.IsSequence()) {
+        std::cerr << "taskmgr-http: " << label << ": must be a list of directories\n";
+        std::exit(2);
+      }
+      for (const auto& dir : kv.second) {
+        if (!dir.IsScalar()) {
+          std::cerr << "taskmgr-http: " << label << ": must be a list of directories\n";
+          std::exit(2);
+        }
+        out.push_back({option, dir.Scalar(), label});
+      }
+      continue;
+    }
+    if (!kv.second.IsScalar()) {
+      std::cerr << "taskmgr-http: " << label << ": must be a single value\n";
+      std::exit(2);
+    }
+    out.push_back({option, kv.second.Scalar(), label});
+  }
+  return out;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   taskmgr_http::ServerOptions so;
   taskmgr_http::ApiOptions api;
   std::string config_path, db, port_file;
+  std::vector<Setting> given;  // the command line's server settings
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto value = [&]() -> std::string {
@@ -124,40 +192,16 @@ int main(int argc, char** argv) {
       }
       return argv[++i];
     };
-    if (a == "--address") {
-      so.address = value();
-      boost::system::error_code ec;
-      boost::asio::ip::make_address(so.address, ec);
-      if (ec) {
-        std::cerr << "taskmgr-http: --address must be an IP address, got '" << so.address << "'\n";
-        return 2;
-      }
-    } else if (a == "--token-file") {
-      api.token = read_token(value());
-    } else if (a == "--input-root") {
-      const std::string dir = value();
-      const std::string real = taskmgr_http::canonical_directory(dir);
-      if (real.empty()) {
-        std::cerr << "taskmgr-http: --input-root " << dir << " is not a directory\n";
-        return 2;
-      }
-      api.input_roots.push_back(real);
-    } else if (a == "--port") {
-      so.port = static_cast<unsigned short>(number_arg(a, value(), 0, 65535));
-    } else if (a == "--config") {
+    if (a == "--config") {
       config_path = value();
     } else if (a == "--db") {
       db = value();
     } else if (a == "--port-file") {
       port_file = value();
-    } else if (a == "--max-connections") {
-      so.max_connections = static_cast<int>(number_arg(a, value(), 1, 1000000));
-    } else if (a == "--body-limit-mb") {
-      so.body_limit = static_cast<std::size_t>(number_arg(a, value(), 1, 4096)) << 20;
-    } else if (a == "--header-timeout") {
-      so.header_timeout = seconds_arg(a, value());
-    } else if (a == "--idle-timeout") {
-      so.idle_timeout = seconds_arg(a, value());
+    } else if (a == "--address" || a == "--token-file" || a == "--input-root" || a == "--port" ||
+               a == "--max-connections" || a == "--body-limit-mb" || a == "--header-timeout" ||
+               a == "--idle-timeout") {
+      given.push_back({a, value(), a});
     } else if (a == "--help" || a == "-h") {
       std::cout << kUsage;
       return 0;
@@ -169,6 +213,69 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
+  taskmgr::Config config;
+  try {
+    config = config_path.empty() ? taskmgr::Config::defaults()
+                                 : taskmgr::Config::from_yaml_file(config_path);
+  } catch (const taskmgr::Error& e) {
+    std::cerr << "taskmgr-http: " << e.what() << "\n";
+    return 2;
+  }
+  // The file's settings first, then the command line's: an option given
+  // there wins (--input-root: the command line's list replaces the file's).
+  std::vector<Setting> settings;
+  bool roots_given = false;
+  for (const auto& s : given) roots_given = roots_given || s.option == "--input-root";
+  if (!config.http_yaml.empty()) {
+    std::vector<Setting> from_file;
+    try {
+      from_file = file_settings(config_path);
+    } catch (const std::exception& e) {  // the file changed since the library read it
+      std::cerr << "taskmgr-http: " << config_path << ": " << e.what() << "\n";
+      return 2;
+    }
+    for (auto& s : from_file) {
+      if (!(roots_given && s.option == "--input-root")) settings.push_back(std::move(s));
+    }
+  }
+  settings.insert(settings.end(), given.begin(), given.end());
+  for (const auto& [a, v, label] : settings) {
+    if (a == "--address") {
+      so.address = v;
+      boost::system::error_code ec;
+      boost::asio::ip::make_address(so.address, ec);
+      if (ec) {
+        std::cerr << "taskmgr-http: " << label << " must be an IP address, got '" << v << "'\n";
+        return 2;
+      }
+    } else if (a == "--token-file") {
+      api.token = read_token(label, v);
+    } else if (a == "--input-root") {
+      const std::string real = taskmgr_http::canonical_directory(v);
+      if (real.empty() || v.empty() || v[0] != '/') {
+        std::cerr << "taskmgr-http: " << label << " " << v
+                  << " is not a directory given by its absolute path\n";
+        return 2;
+      }
+      // Paths are matched by their text against the root as given and as
+      // it resolves (with symlinks in it, the two differ); what they
+      // resolve to must be under the resolved one.
+      api.input_roots.push_back(real);
+      std::string given_root = v;
+      while (given_root.size() > 1 && given_root.back() == '/') given_root.pop_back();
+      if (given_root != real) api.input_roots.push_back(given_root);
+    } else if (a == "--port") {
+      so.port = static_cast<unsigned short>(number_arg(label, v, 0, 65535));
+    } else if (a == "--max-connections") {
+      so.max_connections = static_cast<int>(number_arg(label, v, 1, 1000000));
+    } else if (a == "--body-limit-mb") {
+      so.body_limit = static_cast<std::size_t>(number_arg(label, v, 1, 4096)) << 20;
+    } else if (a == "--header-timeout") {
+      so.header_timeout = seconds_arg(label, v);
+    } else if (a == "--idle-timeout") {
+      so.idle_timeout = seconds_arg(label, v);
+    }
+  }
   if (!loopback(so.address) && api.token.empty()) {
     std::cerr << "taskmgr-http: --address " << so.address
               << " is not a loopback address: give --token-file (and put a TLS-terminating proxy "
@@ -177,8 +284,6 @@ int main(int argc, char** argv) {
   }
   api.max_input_bytes = so.body_limit;
   try {
-    taskmgr::Config config = config_path.empty() ? taskmgr::Config::defaults()
-                                                 : taskmgr::Config::from_yaml_file(config_path);
     if (!db.empty()) config.storage.path = db;
     taskmgr::TaskManager tm(config);
     taskmgr_http::EventFanout events(tm);
@@ -188,6 +293,7 @@ int main(int argc, char** argv) {
           return taskmgr_http::handle(tm, api, req);
         },
         events.route(api));
+    api.connections = [&server] { return server.connections(); };
     const unsigned short bound = server.port();
     if (!port_file.empty()) std::ofstream(port_file) << bound << "\n";
     std::cout << "listening on http://" << so.address << ":" << bound << std::endl;

@@ -5,6 +5,7 @@
 #include <boost/json.hpp>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <condition_variable>
 #include <deque>
@@ -21,13 +22,58 @@ namespace json = boost::json;
 using tcp = asio::ip::tcp;
 using error_code = boost::system::error_code;
 
+namespace {
+// Text as valid UTF-8: each byte of an invalid sequence becomes U+FFFD (a
+// message may quote what a client sent: a request target, a service name).
+std::string valid_utf8_text(std::string_view s) {
+  std::string out;
+  out.reserve(s.size());
+  std::size_t i = 0;
+  while (i < s.size()) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    std::size_t n = 0;
+    unsigned lo = 0x80, hi = 0xBF;
+    if (c < 0x80) {
+      n = 0;
+    } else if (c >= 0xC2 && c <= 0xDF) {
+      n = 1;
+    } else if (c >= 0xE0 && c <= 0xEF) {
+      n = 2;
+      lo = c == 0xE0 ? 0xA0 : 0x80;
+      hi = c == 0xED ? 0x9F : 0xBF;
+    } else if (c >= 0xF0 && c <= 0xF4) {
+      n = 3;
+      lo = c == 0xF0 ? 0x90 : 0x80;
+      hi = c == 0xF4 ? 0x8F : 0xBF;
+    } else {
+      out += "\xEF\xBF\xBD";
+      ++i;
+      continue;
+    }
+    bool ok = s.size() - i > n;
+    for (std::size_t k = 1; ok && k <= n; ++k) {
+      const auto b = static_cast<unsigned char>(s[i + k]);
+      ok = b >= (k == 1 ? lo : 0x80) && b <= (k == 1 ? hi : 0xBF);
+    }
+    if (!ok) {
+      out += "\xEF\xBF\xBD";
+      ++i;
+      continue;
+    }
+    out.append(s.substr(i, n + 1));
+    i += n + 1;
+  }
+  return out;
+}
+}  // namespace
+
 Response json_error(http::status status, const std::string& code, const std::string& message,
                     unsigned version, bool keep_alive) {
   Response r{status, version};
   r.set(http::field::server, "taskmgr-http");
   r.set(http::field::content_type, "application/json");
   r.keep_alive(keep_alive);
-  r.body() = json::serialize(json::object{{"error", code}, {"message", message}});
+  r.body() = json::serialize(json::object{{"error", code}, {"message", valid_utf8_text(message)}});
   r.prepare_payload();
   return r;
 }
@@ -110,7 +156,7 @@ class Session : public Stream, public std::enable_shared_from_this<Session> {
     });
     return true;
   }
-  ~Session() { im_.session_ended(); }
+  ~Session() { count_out(); }
 
   void start() { read(); }
 
@@ -268,11 +314,23 @@ class Session : public Stream, public std::enable_shared_from_this<Session> {
     write_next();
     heartbeat_.emplace(stream_.get_executor());
     beat();
+    watch_peer();
     try {
       im_.stream_route.on_open(req, shared_from_this());
     } catch (...) {
       close();
     }
+  }
+
+  // A stream's client sends nothing more: a read that completes means it
+  // left (end of file, a reset), and the connection is closed at once (not
+  // at the next heartbeat's failed write); bytes it sends are dropped.
+  void watch_peer() {
+    stream_.socket().async_read_some(asio::buffer(peer_bytes_),
+                                     [self = shared_from_this()](error_code ec, std::size_t) {
+                                       if (ec || self->closed_.load()) return self->close();
+                                       self->watch_peer();
+                                     });
   }
 
   void beat() {
@@ -301,8 +359,18 @@ class Session : public Stream, public std::enable_shared_from_this<Session> {
                       });
   }
 
+  // The connection no longer counts as open (against max_connections, and
+  // for stop()'s drain) once it is closed, not when the session object goes:
+  // an event stream's session lives on in the fan-out's list until its next
+  // send finds it closed (a client that had left held every stop for the
+  // whole drain timeout).
+  void count_out() {
+    if (!counted_out_.exchange(true)) im_.session_ended();
+  }
+
   void close() {
     closed_.store(true);
+    count_out();
     if (heartbeat_) heartbeat_->cancel();
     error_code ec;
     stream_.socket().shutdown(tcp::socket::shutdown_both, ec);
@@ -321,7 +389,9 @@ class Session : public Stream, public std::enable_shared_from_this<Session> {
   std::deque<std::string> out_;  // a stream's bytes to write (the strand's)
   std::atomic<std::size_t> backlog_{0};
   std::atomic<bool> closed_{false};
+  std::atomic<bool> counted_out_{false};
   std::optional<asio::steady_timer> heartbeat_;
+  std::array<char, 256> peer_bytes_{};  // what a stream's client sends: dropped
 };
 
 }  // namespace

@@ -246,6 +246,10 @@ struct TASKMGR_API Config {
   OcrConfig ocr;
   std::map<std::string, ServiceConfig> services;  // per service kind
   LoggingConfig logging;
+  // The `http` section: taskmgr-http's settings (docs/CLI.md), kept as its
+  // YAML text (a mapping) and written back by to_yaml; the library reads
+  // none of it. Empty: no section.
+  std::string http_yaml;
 
   // The spec's defaults (same as a default-constructed Config).
   static Config defaults();

@@ -69,6 +69,9 @@ struct TaskFilter {
   // false: each task's result and input bytes are left empty (a listing of
   // many tasks reads only what says how they stand; get_task reads one whole).
   bool with_payloads = true;
+  // With with_payloads: false leaves the input bytes out (their length in
+  // TaskInput::left_out_bytes) and keeps the results.
+  bool with_input_bytes = true;
   // Paging back in time: only tasks created before this place (the first,
   // oldest, task of the previous page; see page_cursor). With `limit`, the
   // newest `limit` of those.

@@ -70,17 +70,27 @@ void check_input_path(const std::string& path) {
   }
 }
 
-void validate_request(const TaskCreateRequest& req) {
-  for (const auto& [what, value] :
-       {std::pair<const char*, const std::string*>{"input path", &req.input.path},
-        {"service", &req.service},
-        {"device", &req.device},
-        {"media type", &req.input.media_type}}) {
-    if (auto at = invalid_utf8_at(*value)) {
-      throw Error(ErrorCode::kInvalidArgument,
-                  fmt::format("{} is not valid UTF-8 (byte {})", what, *at));
-    }
+void check_name(const char* what, const std::string& value) {
+  if (auto at = invalid_utf8_at(value)) {
+    throw Error(ErrorCode::kInvalidArgument,
+                fmt::format("{} is not valid UTF-8 (byte {})", what, *at));
   }
+  // A NUL would cut the messages that quote the name (they are C strings
+  // to a C host), and no service, device or media type has one.
+  if (const auto nul = value.find('\0'); nul != std::string::npos) {
+    throw Error(ErrorCode::kInvalidArgument,
+                fmt::format("{} contains a NUL character (byte {})", what, nul));
+  }
+}
+
+void validate_request(const TaskCreateRequest& req) {
+  if (auto at = invalid_utf8_at(req.input.path)) {
+    throw Error(ErrorCode::kInvalidArgument,
+                fmt::format("input path is not valid UTF-8 (byte {})", *at));
+  }
+  check_name("service", req.service);
+  check_name("device", req.device);
+  check_name("media type", req.input.media_type);
   // A path is a C string to the operating system: a NUL would end it early
   // and another file would be read than the one recorded.
   if (const auto nul = req.input.path.find('\0'); nul != std::string::npos) {

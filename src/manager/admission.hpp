@@ -25,6 +25,9 @@ namespace taskmgr::detail {
 
 // Error(kInvalidArgument) naming the problem.
 void validate_request(const TaskCreateRequest& req);
+// A service kind, device id or media type from the host: UTF-8 without a
+// NUL, else Error(kInvalidArgument) naming `what` and the byte.
+void check_name(const char* what, const std::string& value);
 void check_options(const std::string& options_json);
 // An input path that exists and is not a regular file (a FIFO, a device, a
 // socket, a directory, a file of /proc or /sys) is refused, found with

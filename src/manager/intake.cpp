@@ -153,6 +153,7 @@ Task Intake::start(const std::string& id, const TaskStartRequest& p) {
                 fmt::format("batch_size must be >= 1, got {}", *p.batch_size));
   }
   check_options(p.options_json);
+  check_name("device", p.device);
   StartPlan plan;
   std::string service;
   bool known = false;

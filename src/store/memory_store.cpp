@@ -108,6 +108,7 @@ class MemoryStore final : public TaskStore {
       if (f.before && !before_cursor(t, *f.before)) continue;
       if (f.with_payloads) {
         out.push_back(t);
+        if (!f.with_input_bytes) out.back().input.leave_out_data();
       } else {
         Task brief = t;  // (copies the payloads once; they are dropped here)
         brief.result.clear();

@@ -648,8 +648,9 @@ std::optional<Task> select_task(pg::Conn& c, const TaskLayout& l, const std::str
 std::vector<Task> select_tasks(pg::Conn& c, const TaskLayout& l, const TaskFilter& f) {
   // One prepared statement per shape of filter.
   std::string name = "taskmgr_list";
-  std::string sql =
-      "SELECT " + l.select_list(quote, "octet_length", f.with_payloads) + " FROM tasks WHERE TRUE";
+  std::string sql = "SELECT " +
+                    l.select_list(quote, "octet_length", f.with_payloads, f.with_input_bytes) +
+                    " FROM tasks WHERE TRUE";
   pg::Params p;
   if (f.status) {
     if (*f.status == TaskStatus::kUnrecognized) {
@@ -704,6 +705,7 @@ std::vector<Task> select_tasks(pg::Conn& c, const TaskLayout& l, const TaskFilte
     name += "_limit";
   }
   if (!f.with_payloads) name += "_brief";
+  if (f.with_payloads && !f.with_input_bytes) name += "_results";
   // The status words' count is part of the shape.
   name += "_" + std::to_string(p.size());
   pg::Result r = c.exec_prepared(name, sql, p);

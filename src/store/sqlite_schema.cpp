@@ -468,8 +468,9 @@ std::optional<Task> select_task(SQLite::Database& db, const TaskLayout& l, const
 }
 
 std::vector<Task> select_tasks(SQLite::Database& db, const TaskLayout& l, const TaskFilter& f) {
-  std::string sql =
-      "SELECT " + l.select_list(quote, "length", f.with_payloads) + " FROM tasks WHERE 1=1";
+  std::string sql = "SELECT " +
+                    l.select_list(quote, "length", f.with_payloads, f.with_input_bytes) +
+                    " FROM tasks WHERE 1=1";
   std::vector<std::string> binds;
   if (f.status) {
     if (*f.status == TaskStatus::kUnrecognized) {

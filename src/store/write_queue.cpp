@@ -200,6 +200,8 @@ std::vector<Task> WriteQueue::list_tasks(
     if (!f.with_payloads) {
       t.result.clear();
       t.input.leave_out_data();
+    } else if (!f.with_input_bytes) {
+      t.input.leave_out_data();
     }
     out.push_back(std::move(t));
   }

@@ -18,6 +18,8 @@
 #include <cstdint>
 #include <map>
 #include <optional>
+#include <set>
+#include <sstream>
 #include <string>
 
 namespace taskmgr_http {
@@ -665,36 +667,222 @@ class Api {
 
   // GET /tasks/{id}/result[?format=json|text]: a completed task's result
   // (its JSON), or its text (the result's "text" field) as text/plain.
+  // GET /tasks/{id}/result: a completed task's result in the format that
+  // ?format= names, else the first of the Accept header's types served,
+  // else JSON. hocr, alto, tsv and pdf need the task to have made that
+  // output (options {"output": "hocr"}, docs/OCR.md "Outputs"); the pages'
+  // parts are joined into one document as taskmgr-ocr writes it.
   Response result(const Request& req, const std::string& id, const std::string& query) {
-    std::string format = "json";
-    if (!query.empty()) {
-      if (query.rfind("format=", 0) != 0 || query.find('&') != std::string::npos) {
-        bad_request("the only query parameter of /result is format=json|text");
+    static const std::pair<const char*, const char*> kFormats[] = {
+        {"json", "application/json"},
+        {"text", "text/plain; charset=utf-8"},
+        {"hocr", "application/xhtml+xml; charset=utf-8"},
+        {"alto", "application/xml; charset=utf-8"},
+        {"tsv", "text/tab-separated-values; charset=utf-8"},
+        {"pdf", "application/pdf"},
+    };
+    std::string format;
+    for (const auto& [k, v] : parse_query(query)) {
+      if (k != "format" || !format.empty()) {
+        bad_request("the only query parameter of /result is format=json|text|hocr|alto|tsv|pdf");
       }
-      format = query.substr(7);
-      if (format != "json" && format != "text") {
-        bad_request("format must be json or text");
-      }
+      format = v;
+      bool known = false;
+      for (const auto& f : kFormats) known = known || format == f.first;
+      if (!known) bad_request("format must be json, text, hocr, alto, tsv or pdf");
     }
+    if (format.empty()) format = accepted_format(req);
     const taskmgr::Task t = tm_.get_task(id);
     if (t.status != taskmgr::TaskStatus::kCompleted) {
       throw HttpError{http::status::conflict, "invalid_state",
                       "task " + id + " is " + std::string(taskmgr::to_string(t.status)) +
                           ": only a completed task has a result"};
     }
+    const char* type = "application/json";
+    for (const auto& f : kFormats) {
+      if (format == f.first) type = f.second;
+    }
     if (format == "json") {
-      return make_json(req, http::status::ok, t.result.empty() ? "null" : t.result);
+      Response r = make_json(req, http::status::ok, t.result.empty() ? "null" : t.result);
+      r.set(http::field::vary, "Accept");
+      return r;
     }
     boost::system::error_code ec;
     const json::value v = json::parse(t.result, ec);
-    const json::value* text = !ec && v.is_object() ? v.as_object().if_contains("text") : nullptr;
-    if (text == nullptr || !text->is_string()) {
-      throw HttpError{http::status::not_found, "not_found",
-                      "task " + id + "'s result has no text (format=json gives all of it)"};
+    const json::object empty;
+    const json::object& o = !ec && v.is_object() ? v.as_object() : empty;
+    auto missing = [&](const std::string& what) {
+      return HttpError{http::status::not_found, "not_found",
+                       "task " + id + "'s result has no " + what +
+                           (format == "text" ? std::string(" (format=json gives all of it)")
+                                             : " (create the task with options {\"output\": \"" +
+                                                   format + "\"})")};
+    };
+    std::string body;
+    if (format == "text") {
+      const json::value* text = o.if_contains("text");
+      if (text == nullptr || !text->is_string()) throw missing("text");
+      body = std::string(text->as_string());
+    } else if (format == "pdf") {
+      const json::value* pdf = o.if_contains("pdf_base64");
+      if (pdf == nullptr || !pdf->is_string()) throw missing("pdf");
+      try {
+        body = base64_decode(pdf->as_string());
+      } catch (const HttpError&) {
+        throw HttpError{http::status::internal_server_error, "internal",
+                        "task " + id + "'s pdf_base64 is not base64"};
+      }
+    } else {
+      body = document(format, o, id);
+      if (body.empty()) throw missing(format);
     }
-    Response r = make(req, http::status::ok, std::string(text->as_string()));
-    r.set(http::field::content_type, "text/plain; charset=utf-8");
+    Response r = make(req, http::status::ok, std::move(body));
+    r.set(http::field::content_type, type);
+    r.set(http::field::vary, "Accept");
     return r;
+  }
+
+  // The format the Accept header asks for: its first media type (with a q
+  // above 0) that /result serves; JSON without one or for */*; 406 when it
+  // names only types /result does not serve.
+  static std::string accepted_format(const Request& req) {
+    const auto h = req.find(http::field::accept);
+    if (h == req.end()) return "json";
+    static const std::pair<const char*, const char*> kTypes[] = {
+        {"application/json", "json"},
+        {"text/plain", "text"},
+        {"application/xhtml+xml", "hocr"},
+        {"text/html", "hocr"},
+        {"application/xml", "alto"},
+        {"text/xml", "alto"},
+        {"text/tab-separated-values", "tsv"},
+        {"application/pdf", "pdf"},
+        {"*/*", "json"},
+        {"application/*", "json"},
+        {"text/*", "text"},
+    };
+    const std::string accept(h->value());
+    std::size_t at = 0;
+    while (at <= accept.size()) {
+      const auto comma = accept.find(',', at);
+      std::string range =
+          accept.substr(at, comma == std::string::npos ? std::string::npos : comma - at);
+      at = comma == std::string::npos ? accept.size() + 1 : comma + 1;
+      const auto semi = range.find(';');
+      const std::string params = semi == std::string::npos ? "" : range.substr(semi);
+      range = range.substr(0, semi);
+      while (!range.empty() && range.front() == ' ') range.erase(0, 1);
+      while (!range.empty() && range.back() == ' ') range.pop_back();
+      if (params.find("q=0") != std::string::npos &&
+          params.find_first_of("123456789", params.find("q=0")) == std::string::npos) {
+        continue;  // q=0, 0.0, 0.00: not acceptable
+      }
+      for (const auto& [type, format] : kTypes) {
+        if (iequals_prefix(range, type) && range.size() == std::string_view(type).size()) {
+          return format;
+        }
+      }
+    }
+    throw HttpError{http::status::not_acceptable, "not_acceptable",
+                    "/result serves application/json, text/plain, application/xhtml+xml "
+                    "(hOCR), application/xml (ALTO), text/tab-separated-values and "
+                    "application/pdf"};
+  }
+
+  static std::string xml_escape(const std::string& s) {
+    std::string out;
+    for (const char c : s) {
+      switch (c) {
+        case '&': out += "&amp;"; break;
+        case '<': out += "&lt;"; break;
+        case '>': out += "&gt;"; break;
+        case '"': out += "&quot;"; break;
+        default: out.push_back(c);
+      }
+    }
+    return out;
+  }
+
+  // One hOCR, ALTO or TSV document of the result's pages, as taskmgr-ocr
+  // writes a document (examples/taskmgr_ocr/output.cpp); "" when no page
+  // has that output.
+  static std::string document(const std::string& format, const json::object& result,
+                              const std::string& id) {
+    std::string body;
+    int n = 0;
+    bool any = false;
+    if (const json::value* ps = result.if_contains("pages"); ps && ps->is_array()) {
+      for (const auto& p : ps->as_array()) {
+        if (!p.is_object()) continue;
+        ++n;
+        const json::value* part = p.as_object().if_contains(format);
+        if (part == nullptr || !part->is_string()) continue;
+        any = true;
+        std::string s(part->as_string());
+        if (format == "tsv") {
+          if (!s.empty() && s.back() != '\n') s += '\n';
+        } else if (format == "alto") {
+          // Tesseract numbers an ALTO page's ids from 0 on each page; in one
+          // document they must be unique (xsd:ID): prefixed with the page.
+          const std::string prefix = " ID=\"p" + std::to_string(n) + "_";
+          for (std::size_t at = s.find(" ID=\""); at != std::string::npos;
+               at = s.find(" ID=\"", at + prefix.size())) {
+            s.replace(at, 5, prefix);
+          }
+        }
+        body += s;
+      }
+    }
+    if (!any) return "";
+    const std::string software = "taskmgr " + std::string(taskmgr::version());
+    if (format == "tsv") {
+      return "level\tpage_num\tblock_num\tpar_num\tline_num\tword_num\tleft\ttop\twidth\t"
+             "height\tconf\ttext\n" +
+             body;
+    }
+    if (format == "hocr") {
+      std::set<std::string> classes = {"ocr_page", "ocr_carea", "ocr_par",
+                                       "ocr_line", "ocrx_word", "ocrp_wconf"};
+      for (std::size_t at = body.find("class='"); at != std::string::npos;
+           at = body.find("class='", at)) {
+        at += 7;
+        const std::size_t end = body.find('\'', at);
+        if (end == std::string::npos) break;
+        std::istringstream words(body.substr(at, end - at));
+        for (std::string c; words >> c;) {
+          if (c.rfind("ocr", 0) == 0) classes.insert(c);
+        }
+      }
+      std::string capabilities;
+      for (const auto& c : classes) capabilities += (capabilities.empty() ? "" : " ") + c;
+      return "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n"
+             "<!DOCTYPE html PUBLIC \"-//W3C//DTD XHTML 1.0 Transitional//EN\"\n"
+             "    \"http://www.w3.org/TR/xhtml1/DTD/xhtml1-transitional.dtd\">\n"
+             "<html xmlns=\"http://www.w3.org/1999/xhtml\" xml:lang=\"en\" lang=\"en\">\n<head>\n"
+             "  <title>task " +
+             xml_escape(id) +
+             "</title>\n"
+             "  <meta http-equiv=\"Content-Type\" content=\"text/html;charset=utf-8\"/>\n"
+             "  <meta name=\"ocr-system\" content=\"" +
+             software + " (Tesseract)\"/>\n  <meta name=\"ocr-capabilities\" content=\"" +
+             capabilities + "\"/>\n</head>\n<body>\n" + body + "</body>\n</html>\n";
+    }
+    return "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n"
+           "<alto xmlns=\"http://www.loc.gov/standards/alto/ns-v3#\" "
+           "xmlns:xlink=\"http://www.w3.org/1999/xlink\" "
+           "xmlns:xsi=\"http://www.w3.org/2001/XMLSchema-instance\" "
+           "xsi:schemaLocation=\"http://www.loc.gov/standards/alto/ns-v3# "
+           "http://www.loc.gov/alto/v3/alto-3-0.xsd\">\n"
+           "  <Description>\n    <MeasurementUnit>pixel</MeasurementUnit>\n"
+           "    <sourceImageInformation><fileName>task " +
+           xml_escape(id) +
+           "</fileName></sourceImageInformation>\n"
+           "    <OCRProcessing ID=\"OCR_0\"><ocrProcessingStep><processingSoftware>"
+           "<softwareName>" +
+           software +
+           " (Tesseract)</softwareName></processingSoftware></ocrProcessingStep>"
+           "</OCRProcessing>\n  </Description>\n  <Layout>\n" +
+           body + "  </Layout>\n</alto>\n";
   }
 
   Response start(const Request& req, const std::string& id) {

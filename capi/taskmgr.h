@@ -177,6 +177,7 @@ TASKMGR_API int taskmgr_describe_document(const char* path, int dpi, char** out_
 #define TASKMGR_EVENT_MEMORY_WARNING 10
 #define TASKMGR_EVENT_CLEANUP_STARTED 11
 #define TASKMGR_EVENT_CLEANUP_COMPLETED 12
+#define TASKMGR_EVENT_DELETED 13 /* delivered only: never stored */
 
 /* Log level (logging.level in the configuration). */
 #define TASKMGR_LOG_TRACE 0
@@ -425,6 +426,17 @@ TASKMGR_API int taskmgr_start_task(taskmgr_manager* manager, const char* task_id
 TASKMGR_API int taskmgr_cancel_task(taskmgr_manager* manager, const char* task_id,
                                     int* out_cancelled);
 
+/* Deletes an ended task (completed, failed or cancelled, its cleanup done)
+ * with its events, metric samples and input bytes, in the store and in
+ * memory; subscribers get a "deleted" event (delivered, not stored).
+ * Errors: TASKMGR_E_NOT_FOUND (unknown, or deleted already),
+ * TASKMGR_E_INVALID_STATE (not ended yet: cancel it and wait for it; its
+ * cleanup did not complete; its final state is not stored yet; a row of an
+ * adopted table taskmgr did not run; or the manager is closed),
+ * TASKMGR_E_INVALID_ARGUMENT, TASKMGR_E_UNSUPPORTED (a store that cannot
+ * delete). */
+TASKMGR_API int taskmgr_delete_task(taskmgr_manager* manager, const char* task_id);
+
 /* The task as a JSON object with every spec field (id, service, input,
  * options, priority, status, attempt, batch_size, failure_reason,
  * failure_message, timestamps, result, estimated_memory_mb,
@@ -473,6 +485,32 @@ TASKMGR_API int taskmgr_wait_idle(taskmgr_manager* manager, double timeout_secon
  * TASKMGR_E_INVALID_ARGUMENT for an unknown status name. */
 TASKMGR_API int taskmgr_list_tasks(taskmgr_manager* manager, const char* status,
                                    const char* service, size_t limit, char** out_json);
+
+/* One page of tasks, newest first, for paging back through many of them.
+ * Initialise with taskmgr_list_params_init (any status and service, pages
+ * of 100, from the newest, no results). */
+typedef struct taskmgr_list_params {
+  size_t struct_size;   /* sizeof(taskmgr_list_params) */
+  const char* status;   /* NULL = any, else a status name */
+  const char* service;  /* NULL or "" = any */
+  size_t limit;         /* tasks per page, 1..10000 (0 = 100) */
+  const char* before;   /* NULL or "" = from the newest; else the cursor of
+                           the previous page (*out_next_cursor) */
+  int32_t with_results; /* non-zero: each task's result too (never its
+                           input bytes: "input.bytes" says how many) */
+} taskmgr_list_params;
+
+TASKMGR_API void taskmgr_list_params_init(taskmgr_list_params* params);
+
+/* *out_json: a JSON array of task objects, newest first (params NULL = the
+ * defaults). *out_next_cursor (may be NULL to not ask): the cursor to pass
+ * as `before` for the next page, or NULL when this page is the last (it has
+ * fewer than `limit` tasks); free with taskmgr_free. A task created while
+ * paging is not on a later page (pages go back in time).
+ * Errors: TASKMGR_E_INVALID_ARGUMENT (an unknown status, a limit over
+ * 10000, a `before` that is not a cursor). */
+TASKMGR_API int taskmgr_list_tasks_page(taskmgr_manager* manager, const taskmgr_list_params* params,
+                                        char** out_json, char** out_next_cursor);
 
 /* The events stored for a task, a JSON array of event objects with the
  * keys of the delivered ones ({"sequence","task_id","event_type",

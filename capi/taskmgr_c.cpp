@@ -87,6 +87,7 @@ static_assert(TASKMGR_EVENT_DEVICE_FALLBACK ==
               static_cast<int>(taskmgr::TaskEvent::kDeviceFallback));
 static_assert(TASKMGR_EVENT_CLEANUP_COMPLETED ==
               static_cast<int>(taskmgr::TaskEvent::kCleanupCompleted));
+static_assert(TASKMGR_EVENT_DELETED == static_cast<int>(taskmgr::TaskEvent::kDeleted));
 static_assert(TASKMGR_LOG_TRACE == static_cast<int>(taskmgr::LogLevel::kTrace));
 static_assert(TASKMGR_LOG_ERROR == static_cast<int>(taskmgr::LogLevel::kError));
 
@@ -124,6 +125,10 @@ constexpr std::size_t first_version_size<taskmgr_task_request>() {
 template <>
 constexpr std::size_t first_version_size<taskmgr_start_params>() {
   return TASKMGR_END_OF(taskmgr_start_params, options_json);
+}
+template <>
+constexpr std::size_t first_version_size<taskmgr_list_params>() {
+  return TASKMGR_END_OF(taskmgr_list_params, with_results);
 }
 template <>
 constexpr std::size_t first_version_size<taskmgr_service>() {
@@ -531,7 +536,7 @@ const char* taskmgr_failure_reason_name(int reason) {
   return enum_name<taskmgr::TaskFailureReason>(reason, TASKMGR_REASON_MEMORY_LIMIT_EXCEEDED);
 }
 const char* taskmgr_event_name(int event) {
-  return enum_name<taskmgr::TaskEvent>(event, TASKMGR_EVENT_CLEANUP_COMPLETED);
+  return enum_name<taskmgr::TaskEvent>(event, TASKMGR_EVENT_DELETED);
 }
 const char* taskmgr_log_level_name(int level) {
   return enum_name<taskmgr::LogLevel>(level, TASKMGR_LOG_ERROR);
@@ -778,6 +783,14 @@ int taskmgr_cancel_task(taskmgr_manager* manager, const char* task_id, int* out_
   });
 }
 
+int taskmgr_delete_task(taskmgr_manager* manager, const char* task_id) {
+  return guarded([&] {
+    constexpr const char* fn = "taskmgr_delete_task";
+    auto& tm = manager_of(manager, fn);
+    tm.delete_task(task_id_arg(task_id, fn));
+  });
+}
+
 int taskmgr_get_task(taskmgr_manager* manager, const char* task_id, char** out_json) {
   return guarded([&] {
     if (out_json != nullptr) *out_json = nullptr;
@@ -869,6 +882,76 @@ int taskmgr_list_tasks(taskmgr_manager* manager, const char* status, const char*
     std::vector<std::string> items;
     for (const auto& t : tm.list_tasks(f)) items.push_back(taskmgr::to_json(t));
     set_out(out_json, json_array(items));
+  });
+}
+
+void taskmgr_list_params_init(taskmgr_list_params* p) {
+  if (p == nullptr) return;
+  std::memset(p, 0, sizeof(*p));
+  p->struct_size = sizeof(*p);
+}
+
+int taskmgr_list_tasks_page(taskmgr_manager* manager, const taskmgr_list_params* params,
+                            char** out_json, char** out_next_cursor) {
+  return guarded([&] {
+    if (out_json != nullptr) *out_json = nullptr;
+    if (out_next_cursor != nullptr) *out_next_cursor = nullptr;
+    constexpr const char* fn = "taskmgr_list_tasks_page";
+    auto& tm = manager_of(manager, fn);
+    checked_out(out_json, fn, "out_json");
+    taskmgr_list_params p;
+    taskmgr_list_params_init(&p);
+    if (params != nullptr) {
+      check_struct(params, fn, "taskmgr_list_params");
+      std::memcpy(&p, params, params->struct_size);
+      p.struct_size = sizeof(p);
+    }
+    constexpr std::size_t kMaxPage = 10000;
+    if (p.limit > kMaxPage) {
+      throw_invalid(std::string(fn) + ": limit must be at most " + std::to_string(kMaxPage) +
+                    " (0 = 100), got " + std::to_string(p.limit));
+    }
+    taskmgr::TaskFilter f;
+    f.limit = p.limit == 0 ? 100 : p.limit;
+    f.with_payloads = p.with_results != 0;
+    f.with_input_bytes = false;
+    if (p.status != nullptr) {
+      require_utf8(p.status, fn, "status");
+      f.status = taskmgr::parse_task_status(p.status);
+      if (!f.status) {
+        throw_invalid(std::string(fn) + ": unknown status '" + p.status +
+                      "' (pending, queued, running, completed, failed, cancelled, unrecognized)");
+      }
+    }
+    if (p.service != nullptr) {
+      require_utf8(p.service, fn, "service");
+      f.service = p.service;
+    }
+    if (p.before != nullptr && p.before[0] != '\0') {
+      require_utf8(p.before, fn, "before");
+      f.before = taskmgr::parse_task_cursor(p.before);
+      if (!f.before) {
+        throw_invalid(std::string(fn) + ": before '" + p.before +
+                      "' is not a cursor (pass the *out_next_cursor of the previous page)");
+      }
+    }
+    const std::vector<taskmgr::Task> page = tm.list_tasks(f);  // oldest first
+    std::vector<std::string> items;
+    items.reserve(page.size());
+    for (auto it = page.rbegin(); it != page.rend(); ++it) items.push_back(taskmgr::to_json(*it));
+    std::string next;
+    if (page.size() == f.limit) next = taskmgr::to_string(*taskmgr::page_cursor(page));
+    // Both or neither: the cursor is copied first, so a failure leaves
+    // nothing to free.
+    char* cursor = nullptr;
+    if (out_next_cursor != nullptr && !next.empty()) cursor = dup_string(next);
+    try {
+      set_out(out_json, json_array(items));
+    } catch (...) {
+      std::free(cursor);
+      throw;
+    }
+    if (out_next_cursor != nullptr) *out_next_cursor = cursor;
   });
 }
 

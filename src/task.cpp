@@ -54,6 +54,7 @@ constexpr std::pair<TaskEvent, std::string_view> kEventNames[] = {
     {TaskEvent::kMemoryWarning, "memory_warning"},
     {TaskEvent::kCleanupStarted, "cleanup_started"},
     {TaskEvent::kCleanupCompleted, "cleanup_completed"},
+    {TaskEvent::kDeleted, "deleted"},
 };
 
 boost::json::value opt_ts(const std::optional<Timestamp>& t) {

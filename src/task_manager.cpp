@@ -96,6 +96,7 @@ class TaskManager::Impl {
 
   void close() REQUIRES(!scheduler_lock);
   Task get_task(const std::string& id) REQUIRES(!scheduler_lock);
+  void delete_task(const std::string& id) REQUIRES(!scheduler_lock);
   std::optional<Task> wait_task(const std::string& id, Duration timeout) REQUIRES(!scheduler_lock);
   bool wait_idle(Duration timeout) REQUIRES(!scheduler_lock);
   void schedule_sweep();
@@ -367,6 +368,82 @@ Task TaskManager::Impl::get_task(const std::string& id) {
   throw Error(ErrorCode::kNotFound, "unknown task id '" + id + "'");
 }
 
+namespace {
+// Why an ended task `t` may not be deleted ("" when it may).
+std::string not_deletable(const Task& t) {
+  if (!is_terminal(t.status)) {
+    const std::string status =
+        t.status == TaskStatus::kUnrecognized ? t.stored_status : std::string(to_string(t.status));
+    return fmt::format(
+        "task {} is {}: only an ended task (completed, failed or cancelled) can be "
+        "deleted; cancel it and wait for it to end first",
+        t.id, status);
+  }
+  if (!t.resource_cleanup_completed) {
+    return fmt::format(
+        "task {} ended {}, but its cleanup did not complete (it is redone when the "
+        "store is opened again); only a task whose cleanup is done can be deleted",
+        t.id, to_string(t.status));
+  }
+  return {};
+}
+}  // namespace
+
+void TaskManager::Impl::delete_task(const std::string& id) {
+  scheduler_.check_open();
+  std::optional<Task> ended;
+  {
+    SchedulerLock g(scheduler_.mutex());
+    if (RecordPtr rec = scheduler_.records().find(id)) {
+      // A record not done yet may still have its cleanup to come.
+      Task t = rec->task;
+      if (rec->phase() != Phase::kDone && is_terminal(t.status))
+        t.resource_cleanup_completed = false;
+      if (std::string why = not_deletable(t); !why.empty()) {
+        throw Error(ErrorCode::kInvalidState, why);
+      }
+      t.input.data.clear();
+      ended = std::move(t);
+    }
+  }
+  outbox_.drain(true);  // its last changes are in the store (or in its queue)
+  if (!ended) {
+    ended = journal_.load_task(id);
+    if (!ended) throw Error(ErrorCode::kNotFound, "unknown task id '" + id + "'");
+    if (std::string why = not_deletable(*ended); !why.empty()) {
+      throw Error(ErrorCode::kInvalidState, why);
+    }
+  }
+  if (journal_.delete_tasks({id}) == 0) {
+    if (!journal_.load_task(id)) {
+      throw Error(ErrorCode::kNotFound, "unknown task id '" + id + "' (deleted meanwhile)");
+    }
+    const StoreStats st = journal_.stats();
+    if (st.unpersisted() > 0) {
+      throw Error(ErrorCode::kInvalidState,
+                  fmt::format("task {} was not deleted: its final state is not in the store yet "
+                              "({} write(s) wait or were refused: {}); try again once the store "
+                              "has caught up",
+                              id, st.unpersisted(), st.last_error));
+    }
+    throw Error(ErrorCode::kInvalidState,
+                fmt::format("task {} was not deleted: it is a row of the adopted table that "
+                            "taskmgr did not run, and taskmgr never deletes those",
+                            id));
+  }
+  RecordPtr gone;
+  {
+    SchedulerLock g(scheduler_.mutex());
+    gone = scheduler_.records().erase_finished(id);
+    EventBatch b(*clock_);
+    events::deleted(b, ended->status, ended->attempt);
+    outbox_.publish_unstored(b.take_records(id));
+  }
+  outbox_.drain();
+  log_.write(LogLevel::kInfo,
+             fmt::format("task {} ({}) deleted by the host", id, to_string(ended->status)));
+}
+
 std::optional<Task> TaskManager::Impl::wait_task(const std::string& id, Duration timeout) {
   const SteadyTime deadline = clock_->steady_now() + timeout;
   std::optional<Task> done;
@@ -493,6 +570,10 @@ bool TaskManager::cancel_task(const std::string& id) {
   }
   if (impl_->journal_.load_task(id)) return false;  // ended long ago
   throw Error(ErrorCode::kNotFound, "unknown task id '" + id + "'");
+}
+void TaskManager::delete_task(const std::string& id) {
+  TASKMGR_WRITER_ENTRY("delete_task");
+  impl_->delete_task(id);
 }
 Task TaskManager::get_task(const std::string& id) const {
   TASKMGR_WRITER_ENTRY("get_task");

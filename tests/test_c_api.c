@@ -451,7 +451,8 @@ static void test_enum_names(void) {
   CHECK(strcmp(taskmgr_failure_reason_name(14), "unknown") == 0);
   CHECK(strcmp(taskmgr_event_name(TASKMGR_EVENT_RESOURCE_ACQUIRED), "resource_acquired") == 0);
   CHECK(strcmp(taskmgr_event_name(TASKMGR_EVENT_CLEANUP_COMPLETED), "cleanup_completed") == 0);
-  CHECK(strcmp(taskmgr_event_name(13), "unknown") == 0);
+  CHECK(strcmp(taskmgr_event_name(TASKMGR_EVENT_DELETED), "deleted") == 0);
+  CHECK(strcmp(taskmgr_event_name(14), "unknown") == 0);
   CHECK(strcmp(taskmgr_log_level_name(TASKMGR_LOG_WARN), "warn") == 0);
   CHECK(strcmp(taskmgr_log_level_name(5), "unknown") == 0);
 }
@@ -504,6 +505,9 @@ static void test_null_arguments(void) {
   CHECK_RC(taskmgr_wait_task(NULL, "x", 0, &out), TASKMGR_E_INVALID_ARGUMENT);
   CHECK_RC(taskmgr_wait_idle(NULL, 0), TASKMGR_E_INVALID_ARGUMENT);
   CHECK_RC(taskmgr_list_tasks(NULL, NULL, NULL, 0, &out), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_list_tasks_page(NULL, NULL, &out, NULL), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_delete_task(NULL, "x"), TASKMGR_E_INVALID_ARGUMENT);
+  taskmgr_list_params_init(NULL);
   CHECK_RC(taskmgr_get_task_events(NULL, "x", &out), TASKMGR_E_INVALID_ARGUMENT);
   CHECK_RC(taskmgr_get_task_metrics(NULL, &out), TASKMGR_E_INVALID_ARGUMENT);
   CHECK_RC(taskmgr_get_metrics_prometheus(NULL, &out), TASKMGR_E_INVALID_ARGUMENT);
@@ -555,6 +559,10 @@ static void test_null_arguments(void) {
   CHECK_RC(taskmgr_get_task_health(tm, NULL, &out), TASKMGR_E_INVALID_ARGUMENT);
   CHECK_RC(taskmgr_list_tasks(tm, NULL, NULL, 0, NULL), TASKMGR_E_INVALID_ARGUMENT);
   CHECK_MSG("out_json");
+  CHECK_RC(taskmgr_list_tasks_page(tm, NULL, NULL, NULL), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("out_json");
+  CHECK_RC(taskmgr_delete_task(tm, NULL), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("task_id");
   CHECK_RC(taskmgr_get_task_metrics(tm, NULL), TASKMGR_E_INVALID_ARGUMENT);
   CHECK_RC(taskmgr_get_metrics_prometheus(tm, NULL), TASKMGR_E_INVALID_ARGUMENT);
   CHECK_RC(taskmgr_list_devices(tm, NULL), TASKMGR_E_INVALID_ARGUMENT);
@@ -2182,6 +2190,104 @@ static void test_strict_json_checker(void) {
   }
 }
 
+/* Pages of tasks, newest first, each task once; and deleting ended tasks. */
+static void test_paging_and_delete(void) {
+  taskmgr_manager* tm = open_one_worker(NULL);
+  taskmgr_task_request r;
+  taskmgr_list_params lp;
+  char ids[25][TASKMGR_TASK_ID_SIZE], pending[TASKMGR_TASK_ID_SIZE];
+  char *json = NULL, *next = NULL, *before = NULL;
+  int i, pages = 0, seen = 0, order_ok = 1;
+  event_log log;
+  uint64_t sub = 0;
+  if (tm == NULL) return;
+  echo_reset();
+  memset(&log, 0, sizeof log);
+  CHECK_RC(taskmgr_subscribe(tm, record_event, &log, NULL, &sub), TASKMGR_OK);
+  for (i = 0; i < 25; ++i) {
+    echo_request(&r, "/data/page.png", 1);
+    CHECK_RC(taskmgr_create_task(tm, &r, ids[i]), TASKMGR_OK);
+  }
+  CHECK_RC(taskmgr_wait_idle(tm, 30), TASKMGR_OK);
+  for (i = 0; i < 25; ++i) CHECK(wait_completed(tm, ids[i]));
+  echo_request(&r, "/data/pending.png", 0);
+  CHECK_RC(taskmgr_create_task(tm, &r, pending), TASKMGR_OK);
+
+  /* Pages of 10 of the completed ones: 10, 10, 5, newest first, the cursor
+   * NULL after the last. */
+  taskmgr_list_params_init(&lp);
+  CHECK(lp.struct_size == sizeof lp && lp.limit == 0 && lp.before == NULL);
+  lp.status = "completed";
+  lp.limit = 10;
+  do {
+    const char* p;
+    lp.before = before;
+    CHECK_RC(taskmgr_list_tasks_page(tm, &lp, &json, &next), TASKMGR_OK);
+    if (json == NULL) break;
+    for (p = json; (p = strstr(p, "\"id\":\"")) != NULL; p += 6) {
+      /* Newest first: the seen-th task listed is ids[24 - seen]. */
+      if (seen >= 25 || strncmp(p + 6, ids[24 - seen], 36) != 0) order_ok = 0;
+      ++seen;
+    }
+    CHECK(strstr(json, "\"result\":null") != NULL); /* no results unless asked */
+    ++pages;
+    taskmgr_free(json);
+    json = NULL;
+    taskmgr_free(before);
+    before = next;
+    next = NULL;
+  } while (before != NULL && pages < 10);
+  CHECK(pages == 3);
+  CHECK(seen == 25);
+  CHECK(order_ok);
+  /* All statuses, results too, and no cursor asked for. */
+  taskmgr_list_params_init(&lp);
+  lp.with_results = 1;
+  CHECK_RC(taskmgr_list_tasks_page(tm, &lp, &json, NULL), TASKMGR_OK);
+  CHECK(json != NULL && strstr(json, pending) != NULL && strstr(json, "\"result\":{") != NULL);
+  CHECK(json != NULL && strncmp(json + 8, pending, 36) == 0); /* [{"id":"<newest>" */
+  taskmgr_free(json);
+  json = NULL;
+  /* Bad parameters name themselves and return nothing. */
+  lp.limit = 10001;
+  next = (char*)1;
+  CHECK_RC(taskmgr_list_tasks_page(tm, &lp, &json, &next), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("limit");
+  CHECK(json == NULL && next == NULL);
+  lp.limit = 0;
+  lp.before = "yesterday";
+  CHECK_RC(taskmgr_list_tasks_page(tm, &lp, &json, NULL), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("yesterday");
+  lp.before = "99999999999999999999_x"; /* out of range */
+  CHECK_RC(taskmgr_list_tasks_page(tm, &lp, &json, NULL), TASKMGR_E_INVALID_ARGUMENT);
+  lp.before = NULL;
+  lp.status = "finished";
+  CHECK_RC(taskmgr_list_tasks_page(tm, &lp, &json, NULL), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("finished");
+  lp.status = NULL;
+  lp.struct_size = 0;
+  CHECK_RC(taskmgr_list_tasks_page(tm, &lp, &json, NULL), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("struct_size");
+
+  /* Delete: an ended task goes with its events; a pending one is refused. */
+  CHECK_RC(taskmgr_delete_task(tm, pending), TASKMGR_E_INVALID_STATE);
+  CHECK_MSG("pending");
+  CHECK_RC(taskmgr_delete_task(tm, ids[0]), TASKMGR_OK);
+  CHECK_RC(taskmgr_delete_task(tm, ids[0]), TASKMGR_E_NOT_FOUND);
+  CHECK_RC(taskmgr_get_task(tm, ids[0], &json), TASKMGR_E_NOT_FOUND);
+  CHECK_RC(taskmgr_get_task_events(tm, ids[0], &json), TASKMGR_E_NOT_FOUND);
+  CHECK_RC(taskmgr_delete_task(tm, "no-such-task"), TASKMGR_E_NOT_FOUND);
+  CHECK(count_tasks(tm) == 25);
+  CHECK_RC(taskmgr_flush_events(tm), TASKMGR_OK);
+  CHECK(event_index(&log, "deleted", 0) >= 0);
+  pthread_mutex_lock(&mu);
+  CHECK(log.bad_pointers == 0 && log.out_of_order == 0);
+  pthread_mutex_unlock(&mu);
+  CHECK_RC(taskmgr_close(tm), TASKMGR_OK);
+  CHECK_RC(taskmgr_delete_task(tm, ids[1]), TASKMGR_E_INVALID_STATE); /* closed */
+  CHECK_RC(taskmgr_destroy(tm), TASKMGR_OK);
+}
+
 int main(int argc, char** argv) {
   const char* page = argc > 1 && argv[1][0] != '\0' ? argv[1] : NULL;
   char db_path[256];
@@ -2212,6 +2318,7 @@ int main(int argc, char** argv) {
   test_create_with_start();
   test_create_tasks();
   test_reentrant_callbacks();
+  test_paging_and_delete();
   test_close_with_tasks(db_path);
   {
     char unpersisted_db[600];

@@ -705,6 +705,87 @@ STORE_CASE("prune_finished deletes ended tasks with their events and samples, ne
   CHECK(scalar("SELECT count(*) FROM tasks") == 4);
 }
 
+STORE_CASE(
+    "delete_tasks deletes the named ended tasks with their events, samples and inputs, never "
+    "others") {
+  auto store = open();
+  const auto now = std::chrono::system_clock::now();
+  auto put = [&](TaskStatus status, bool cleaned) {
+    Task t = new_task();
+    t.status = status;
+    t.finished_at = is_terminal(status) ? std::optional<Timestamp>(now) : std::nullopt;
+    t.resource_cleanup_completed = cleaned;
+    store->insert_task(t, event_for(t, TaskEvent::kCreated));
+    store->update_task(t, {event_for(t, TaskEvent::kStarted)});
+    MetricSample s;
+    s.task_id = t.id;
+    s.timestamp = now;
+    s.memory_usage_mb = 1;
+    s.device = "cpu";
+    s.processing_stage = "work";
+    store->append_metrics({s, s});
+    return t.id;
+  };
+  const std::string done = put(TaskStatus::kCompleted, true);
+  const std::string failed = put(TaskStatus::kFailed, true);
+  const std::string cancelled = put(TaskStatus::kCancelled, true);
+  const std::string kept_done = put(TaskStatus::kCompleted, true);  // not named
+  const std::string uncleaned = put(TaskStatus::kFailed, false);
+  const std::string pending = put(TaskStatus::kPending, false);
+  const std::string queued = put(TaskStatus::kQueued, false);
+  const std::string running = put(TaskStatus::kRunning, false);
+  const std::int64_t inputs_before = scalar("SELECT count(*) FROM tasks");
+  // Unknown ids, duplicates, and tasks that have not ended are left alone.
+  CHECK(store->delete_tasks({done, failed, cancelled, done, "no-such-task", uncleaned, pending,
+                             queued, running}) == 3);
+  CHECK(store->delete_tasks({}) == 0);
+  for (const auto& id : {done, failed, cancelled}) {
+    CAPTURE(id);
+    CHECK_FALSE(store->load_task(id).has_value());
+    CHECK(store->load_events(id).empty());
+    CHECK(store->load_metrics(id).empty());
+    CHECK(scalar("SELECT count(*) FROM task_events WHERE task_id = '" + id + "'") == 0);
+    CHECK(scalar("SELECT count(*) FROM task_metrics WHERE task_id = '" + id + "'") == 0);
+    CHECK(scalar("SELECT count(*) FROM tasks WHERE id = '" + id + "'") == 0);
+  }
+  for (const auto& id : {kept_done, uncleaned, pending, queued, running}) {
+    CAPTURE(id);
+    const auto t = store->load_task(id);
+    REQUIRE(t.has_value());
+    CHECK(t->input.data == new_task().input.data);  // its input bytes are still there
+    CHECK(store->load_events(id).size() == 2);
+    CHECK(store->load_metrics(id).size() == 2);
+  }
+  CHECK(scalar("SELECT count(*) FROM tasks") == inputs_before - 3);
+#if !TASKMGR_CONFORMANCE_POSTGRES
+  // SQLite keeps input bytes in a table of their own (schema 3).
+  CHECK(scalar("SELECT count(*) FROM task_inputs") == inputs_before - 3);
+#endif
+  // Deleting again finds nothing.
+  CHECK(store->delete_tasks({done}) == 0);
+  // A listing and a reopened store agree.
+  CHECK(store->list_tasks({}).size() == 5);
+  store.reset();
+  store = open();
+  CHECK(store->list_tasks({}).size() == 5);
+  CHECK(store->delete_tasks({kept_done}) == 1);
+  CHECK(store->list_tasks({}).size() == 4);
+}
+
+STORE_CASE("delete_tasks waits for the writes queued before it: a task's last update counts") {
+  auto store = open();
+  Task t = new_task();
+  store->insert_task(t, event_for(t, TaskEvent::kCreated));
+  // Queued, not yet committed when delete_tasks is called.
+  t.status = TaskStatus::kCompleted;
+  t.finished_at = std::chrono::system_clock::now();
+  t.resource_cleanup_completed = true;
+  store->update_task(t, {event_for(t, TaskEvent::kCompleted)});
+  CHECK(store->delete_tasks({t.id}) == 1);
+  CHECK_FALSE(store->load_task(t.id).has_value());
+  CHECK(scalar("SELECT count(*) FROM task_events") == 0);
+}
+
 STORE_CASE("metric samples are kept in order with every field") {
   auto store = open();
   Task t = new_task();
@@ -1317,6 +1398,15 @@ STORE_CASE(
   CHECK(store->load_events("legacy-pending").empty());
   CHECK(store->load_task("legacy-done").has_value());
   CHECK(ids_of(store->list_tasks({})) == std::vector<std::string>{"legacy-done", "legacy-odd"});
+  // Nor does a host's delete: the earlier service's own rows stay (also
+  // one that reads as ended with its cleanup done).
+  store.reset();
+  exec("UPDATE tasks SET resource_cleanup_completed = TRUE WHERE id = 'legacy-done'");
+  store = open_adopting(legacy_adopt());
+  REQUIRE(store->load_task("legacy-done")->status == TaskStatus::kCompleted);
+  REQUIRE(store->load_task("legacy-done")->resource_cleanup_completed);
+  CHECK(store->delete_tasks({"legacy-done", "legacy-odd"}) == 0);
+  CHECK(store->load_task("legacy-done").has_value());
 }
 
 STORE_CASE(

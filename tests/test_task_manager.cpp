@@ -2,6 +2,8 @@
 // tests control, an in-memory store and a manual clock.
 #include <doctest/doctest.h>
 
+#include <SQLiteCpp/SQLiteCpp.h>
+
 #include <malloc.h>
 #include <unistd.h>
 
@@ -602,6 +604,159 @@ TEST_CASE("cancelling pending and queued tasks") {
   }
   gate.open();
   h.finished(running.id);
+}
+
+TEST_CASE(
+    "delete_task removes an ended task with its events and samples, tells subscribers, and "
+    "refuses one that has not ended") {
+  Harness h;
+  h.config.executor.worker_threads = 1;
+  Gate gate;
+  h.open([&](TaskContext& ctx) {
+    ctx.report_memory(5);
+    if (ctx.options_json().find("\"hold\"") != std::string::npos) gate.wait();
+  });
+  const Task done = h.finished(h.run().id);
+  REQUIRE(done.status == TaskStatus::kCompleted);
+  REQUIRE_FALSE(h.tm->get_task_events(done.id).empty());
+  TaskCreateRequest held_req;
+  held_req.service = "svc";
+  held_req.options_json = R"({"mb":100,"hold":true})";
+  const Task held = h.tm->create_task(held_req);
+  h.tm->start_task(held.id);
+  REQUIRE(eventually([&] { return h.status(held.id) == TaskStatus::kRunning; }));
+  const Task pending = h.create();
+  auto refused = [&](const std::string& id, ErrorCode code, const std::string& words) {
+    try {
+      h.tm->delete_task(id);
+      FAIL("expected an error for " << id);
+    } catch (const Error& e) {
+      CHECK(e.code() == code);
+      CHECK_MESSAGE(std::string(e.what()).find(words) != std::string::npos, e.what());
+    }
+  };
+  refused(held.id, ErrorCode::kInvalidState, "is running");
+  refused(pending.id, ErrorCode::kInvalidState, "is pending");
+  refused("no-such-task", ErrorCode::kNotFound, "unknown task id");
+  CHECK(h.status(held.id) == TaskStatus::kRunning);  // a refused delete changes nothing
+
+  h.tm->delete_task(done.id);
+  refused(done.id, ErrorCode::kNotFound, "unknown task id");  // deleted already
+  CHECK_THROWS_AS(h.tm->get_task(done.id), Error);
+  CHECK_THROWS_AS(h.tm->get_task_events(done.id), Error);
+  CHECK(h.store->load_task(done.id) == std::nullopt);
+  CHECK(h.store->load_events(done.id).empty());
+  CHECK(h.store->load_metrics(done.id).empty());
+  for (const auto& t : h.tm->list_tasks()) CHECK(t.id != done.id);
+  // Subscribers hear of it: one `deleted` event, after the task's others.
+  h.tm->flush_events();
+  const auto seen = h.log.names_for(done.id);
+  REQUIRE_FALSE(seen.empty());
+  CHECK(seen.back() == "deleted");
+  CHECK(std::count(seen.begin(), seen.end(), "deleted") == 1);
+  for (const auto& e : h.log.all()) {
+    if (e.task_id != done.id || e.event != TaskEvent::kDeleted) continue;
+    const auto d = json::parse(e.details_json).as_object();
+    CHECK(d.at("status").as_string() == "completed");
+    CHECK(d.at("attempt").as_int64() == 1);
+  }
+
+  // A cancelled task that never ran, and the held one once it has ended.
+  CHECK(h.tm->cancel_task(pending.id));
+  h.tm->delete_task(pending.id);
+  gate.open();
+  h.finished(held.id);
+  h.tm->delete_task(held.id);
+  CHECK(h.tm->list_tasks().empty());
+  h.tm->close();
+  refused(held.id, ErrorCode::kInvalidState, "closed");
+}
+
+TEST_CASE("delete_task of a task only the store holds, after a reopen, and from two threads") {
+  const fs::path dir = fs::temp_directory_path() / ("taskmgr-delete-" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  struct Remove {
+    fs::path p;
+    ~Remove() {
+      std::error_code ec;
+      fs::remove_all(p, ec);
+    }
+  } remove{dir};
+  const std::string db = (dir / "tasks.db").string();
+  Config c = test_config();
+  c.storage.path = db;
+  std::vector<std::string> ids;
+  {
+    TaskManagerOptions o;
+    o.builtin_ocr = false;
+    o.log_sink = [](LogLevel, std::string_view) {};
+    o.store = open_sqlite_store(db);
+    TaskManager tm(c, o);
+    tm.register_service(make_function_service("svc", [](TaskContext&) {}));
+    for (int i = 0; i < 20; ++i) {
+      TaskCreateRequest r;
+      r.service = "svc";
+      r.input.data = std::vector<std::uint8_t>(1000, static_cast<std::uint8_t>(i));
+      r.start = true;
+      ids.push_back(tm.create_task(r).id);
+    }
+    REQUIRE(tm.wait_idle(30s));
+    for (const auto& id : ids) REQUIRE(tm.wait_task(id, 30s));
+  }
+  TaskManagerOptions o;
+  o.builtin_ocr = false;
+  o.log_sink = [](LogLevel, std::string_view) {};
+  o.store = open_sqlite_store(db);
+  TaskManager tm(c, o);
+  tm.register_service(make_function_service("svc", [](TaskContext&) {}));
+  // Each id deleted by two threads at once: exactly one of them does.
+  std::atomic<int> deleted{0}, not_found{0}, other{0};
+  auto worker = [&] {
+    for (const auto& id : ids) {
+      try {
+        tm.delete_task(id);
+        ++deleted;
+      } catch (const Error& e) {
+        (e.code() == ErrorCode::kNotFound ? not_found : other)++;
+      }
+    }
+  };
+  std::thread a(worker), b(worker);
+  a.join();
+  b.join();
+  CHECK(deleted.load() == 20);
+  CHECK(not_found.load() == 20);
+  CHECK(other.load() == 0);
+  CHECK(tm.list_tasks().empty());
+  tm.close();
+  SQLite::Database check(db);
+  for (const char* table : {"tasks", "task_events", "task_metrics", "task_inputs"}) {
+    CAPTURE(table);
+    CHECK(check.execAndGet(std::string("SELECT count(*) FROM ") + table).getInt() == 0);
+  }
+}
+
+TEST_CASE("delete_task from inside an event callback: each task deleted as its cleanup completes") {
+  Harness h;
+  h.open([](TaskContext&) {});
+  std::atomic<int> deleted{0};
+  std::mutex mu;
+  std::vector<std::string> errors;
+  h.tm->subscribe([&](const EventRecord& e) {
+    if (e.event != TaskEvent::kCleanupCompleted) return;
+    try {
+      h.tm->delete_task(e.task_id);
+      ++deleted;
+    } catch (const std::exception& ex) {
+      std::lock_guard<std::mutex> g(mu);
+      errors.push_back(ex.what());
+    }
+  });
+  for (int i = 0; i < 10; ++i) h.run();
+  REQUIRE(eventually([&] { return deleted.load() == 10; }));
+  CHECK(errors.empty());
+  CHECK(h.tm->list_tasks().empty());
 }
 
 TEST_CASE("metrics and health carry every spec key with correct numbers") {

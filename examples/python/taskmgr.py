@@ -178,6 +178,17 @@ class _StartParams(ctypes.Structure):
     ]
 
 
+class _ListParams(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("status", ctypes.c_char_p),
+        ("service", ctypes.c_char_p),
+        ("limit", ctypes.c_size_t),
+        ("before", ctypes.c_char_p),
+        ("with_results", ctypes.c_int32),
+    ]
+
+
 _create_fn = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p,
                               ctypes.POINTER(ctypes.c_void_p))
 _process_fn = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
@@ -258,6 +269,9 @@ def _load():
         "taskmgr_start_params_init": (None, [ctypes.POINTER(_StartParams)]),
         "taskmgr_start_task": (I, [P, S, ctypes.POINTER(_StartParams)]),
         "taskmgr_cancel_task": (I, [P, S, ctypes.POINTER(ctypes.c_int)]),
+        "taskmgr_delete_task": (I, [P, S]),
+        "taskmgr_list_params_init": (None, [ctypes.POINTER(_ListParams)]),
+        "taskmgr_list_tasks_page": (I, [P, ctypes.POINTER(_ListParams), PS, PS]),
         "taskmgr_get_task": (I, [P, S, PS]),
         "taskmgr_wait_task": (I, [P, S, D, PS]),
         "taskmgr_wait_idle": (I, [P, D]),
@@ -307,6 +321,7 @@ def _check_layouts():
     for init, cls in (("taskmgr_open_options_init", _OpenOptions),
                       ("taskmgr_task_request_init", _TaskRequest),
                       ("taskmgr_start_params_init", _StartParams),
+                      ("taskmgr_list_params_init", _ListParams),
                       ("taskmgr_service_init", _Service)):
         buf = ctypes.create_string_buffer(4096)  # room for any size
         getattr(_lib, init)(ctypes.cast(buf, ctypes.POINTER(cls)))
@@ -789,6 +804,41 @@ class Manager:
     def list_tasks(self, status=None, service=None, limit=0):
         return json.loads(_call_string(_lib.taskmgr_list_tasks, self._handle(), _b(status),
                                        _b(service), _size(limit, "limit")))
+
+    def list_tasks_page(self, status=None, service=None, limit=100, before=None,
+                        results=False):
+        """One page of tasks, newest first: (tasks, next_cursor). Pass
+        next_cursor as `before` for the page after it; it is None after the
+        last page. Input bytes are never read (each task's input.bytes says
+        how many); results only with results=True."""
+        p = _ListParams()
+        _lib.taskmgr_list_params_init(ctypes.byref(p))
+        p.status = _b(status)
+        p.service = _b(service)
+        p.limit = _size(limit, "limit")
+        p.before = _b(before)
+        p.with_results = 1 if results else 0
+        out = ctypes.c_void_p()
+        cursor = ctypes.c_void_p()
+        _check(_lib.taskmgr_list_tasks_page(self._handle(), ctypes.byref(p), ctypes.byref(out),
+                                            ctypes.byref(cursor)))
+        page = json.loads(_take_string(out.value))
+        return page, _take_string(cursor.value)
+
+    def iter_tasks(self, status=None, service=None, page_size=100, results=False):
+        """Every task, newest first, read a page at a time."""
+        before = None
+        while True:
+            page, before = self.list_tasks_page(status, service, page_size, before, results)
+            yield from page
+            if before is None:
+                return
+
+    def delete_task(self, task):
+        """Deletes an ended task with its events, samples and input
+        (InvalidState for one that has not ended, NotFound for an unknown
+        id)."""
+        _check(_lib.taskmgr_delete_task(self._handle(), _task_id(task)))
 
     def task_events(self, task):
         return [Event(e) for e in json.loads(

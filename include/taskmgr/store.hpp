@@ -33,6 +33,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "taskmgr/events.hpp"
@@ -56,6 +57,14 @@ struct TaskCursor {
   Timestamp created_at;
   std::string id;
 };
+
+// A cursor as text, for a page's link: the creation time in microseconds
+// since 1970, '_', the id ("1764771234567000_3f2a..."); and back
+// (std::nullopt when `s` is not one: no '_', no digits before it (an
+// optional '-', then at most 9e15 microseconds: 285 years either side of
+// 1970), or no id after it).
+TASKMGR_API std::string to_string(const TaskCursor& c);
+TASKMGR_API std::optional<TaskCursor> parse_task_cursor(std::string_view s);
 
 // True when `t` comes before `c` in creation order.
 inline bool before_cursor(const Task& t, const TaskCursor& c) {
@@ -138,6 +147,14 @@ class TASKMGR_API TaskStore {
   // (storage.retention_days). Never touches an unfinished task. Returns how
   // many tasks were deleted. The default keeps everything and returns 0.
   virtual std::size_t prune_finished(Timestamp finished_before);
+  // Deletes those of the tasks `ids` that ended (completed, failed or
+  // cancelled, cleanup done) with their events, metric samples and input
+  // bytes, all in one transaction, after every write queued before the call
+  // is in; the others (unknown, unfinished, or rows of an adopted table that
+  // taskmgr did not run) are left as they are. Returns how many were
+  // deleted. The default deletes nothing: it throws Error(kUnsupported)
+  // naming the store (describe()).
+  virtual std::size_t delete_tasks(const std::vector<std::string>& ids);
 
   virtual void flush() = 0;
   // Counters for monitoring. The default: all zero.

@@ -76,6 +76,8 @@ enum class TaskEvent {
   kMemoryWarning,     // "memory_warning"
   kCleanupStarted,    // "cleanup_started"
   kCleanupCompleted,  // "cleanup_completed"
+  // Operator events.
+  kDeleted,  // "deleted": the host deleted the ended task (TaskManager::delete_task)
 };
 
 TASKMGR_API std::string_view to_string(TaskStatus status) noexcept;

@@ -115,6 +115,20 @@ class TASKMGR_API TaskManager {
   // it had already ended.
   bool cancel_task(const std::string& task_id);
 
+  // Deletes an ended task (completed, failed or cancelled, its cleanup
+  // done) with its events, metric samples and input bytes, from the store
+  // and from memory, in one transaction: afterwards get_task throws
+  // kNotFound and list_tasks leaves it out. Subscribers get a `deleted`
+  // event (delivered, not stored: the task's events went with it).
+  // Error(kNotFound) for an unknown id (or one deleted already);
+  // Error(kInvalidState) for a task that has not ended (cancel it and wait
+  // for it first), one whose cleanup did not complete (it is redone at the
+  // next open), one whose final state is not in the store yet (its writes
+  // fail: the message says why), and a row of an adopted table that taskmgr
+  // did not run (it never deletes those); Error(kUnsupported) from a host's
+  // store that does not implement TaskStore::delete_tasks.
+  void delete_task(const std::string& task_id);
+
   // Reads. get_task answers from memory for a task the manager holds (not
   // ended, or ended recently), from the store otherwise; list_tasks asks
   // the store, which answers with each task's latest state also while its

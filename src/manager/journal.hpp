@@ -48,6 +48,9 @@ class Journal {
   std::size_t prune_finished(Timestamp before) REQUIRES(!scheduler_lock) {
     return store_->prune_finished(before);
   }
+  std::size_t delete_tasks(const std::vector<std::string>& ids) REQUIRES(!scheduler_lock) {
+    return store_->delete_tasks(ids);
+  }
   void flush() REQUIRES(!scheduler_lock) { store_->flush(); }
   StoreStats stats() const REQUIRES(!scheduler_lock) { return store_->stats(); }
   std::string describe() const REQUIRES(!scheduler_lock) { return store_->describe(); }

@@ -90,6 +90,16 @@ void Outbox::publish_stored(std::vector<NewTask>& rows) {
   pending_.store(true, std::memory_order_release);
 }
 
+void Outbox::publish_unstored(std::vector<EventRecord>&& events) {
+  MutexLock g(mu_, MutexLock::Spin{});
+  Item& item = next_item();
+  item.kind = Item::Kind::kStored;
+  item.rec.reset();
+  item.count = 0;
+  item.ready = std::move(events);
+  pending_.store(true, std::memory_order_release);
+}
+
 void Outbox::retire(std::vector<RecordPtr>& evicted) {
   if (evicted.empty()) return;
   MutexLock g(mu_, MutexLock::Spin{});

@@ -50,6 +50,9 @@ class Outbox {
   bool logs(LogLevel level) const noexcept { return log_.enabled(level); }
   // Events the store has already (insert_tasks stored them): only published.
   void publish_stored(std::vector<NewTask>& rows) REQUIRES(scheduler_lock) REQUIRES(!mu_);
+  // Events the store does not keep (a deleted task's `deleted`): only
+  // published, in commit order.
+  void publish_unstored(std::vector<EventRecord>&& events) REQUIRES(scheduler_lock) REQUIRES(!mu_);
 
   // Records evicted from the record table: the next create_task drops them
   // (the thread that allocated them, usually: its allocator's fast path);

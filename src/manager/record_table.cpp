@@ -1,5 +1,7 @@
 #include "manager/record_table.hpp"
 
+#include <algorithm>
+
 namespace taskmgr::detail {
 
 void RecordTable::put(const RecordPtr& rec) {
@@ -31,6 +33,15 @@ void RecordTable::finished(const RecordPtr& rec, std::vector<RecordPtr>& evicted
     }
     evicted.push_back(std::move(old));
   }
+}
+
+RecordPtr RecordTable::erase_finished(std::string_view id) {
+  auto it = records_.find(id);
+  if (it == records_.end()) return nullptr;
+  RecordPtr rec = it->second;
+  records_.erase(it);
+  finished_.erase(std::remove(finished_.begin(), finished_.end(), rec), finished_.end());
+  return rec;
 }
 
 void RecordTable::prune_finished(Timestamp cutoff) {

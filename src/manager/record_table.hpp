@@ -30,6 +30,9 @@ class RecordTable {
   void finished(const RecordPtr& rec, std::vector<RecordPtr>& evicted) REQUIRES(scheduler_lock);
   // Drops the finished records that ended before `cutoff` (retention).
   void prune_finished(Timestamp cutoff) REQUIRES(scheduler_lock);
+  // Drops a finished record (the host deleted its task); returns it (to be
+  // dropped outside the lock), or nullptr when the table does not hold it.
+  RecordPtr erase_finished(std::string_view id) REQUIRES(scheduler_lock);
   std::size_t size() const REQUIRES(scheduler_lock) { return records_.size(); }
 
   template <typename F>

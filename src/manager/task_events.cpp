@@ -180,6 +180,10 @@ void cleanup_completed(EventBatch& b, int attempt, double duration_s,
        {"recovered", recovered}});
 }
 
+void deleted(EventBatch& b, TaskStatus status, int attempt) {
+  add(b, TaskEvent::kDeleted, {{"status", to_string(status)}, {"attempt", attempt}});
+}
+
 // ---- health warnings ---------------------------------------------------------------
 std::string memory_warning_text(std::string_view kind, std::string_view message) {
   return fmt::format("memory warning ({}): {}", kind, message);
@@ -261,6 +265,7 @@ const std::vector<std::string_view>& keys_of(TaskEvent event) {
        "total_mb", "memory_state"},
       /* cleanup_started */ {"attempt", "recovered"},
       /* cleanup_completed */ {"ok", "attempt", "duration_s", "problems", "recovered"},
+      /* deleted */ {"status", "attempt"},
   };
   return kKeys[static_cast<int>(event)];
 }

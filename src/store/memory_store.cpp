@@ -1,6 +1,7 @@
 #include <algorithm>
 #include <deque>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "../sync.hpp"
 #include "taskmgr/error.hpp"
@@ -9,7 +10,43 @@
 namespace taskmgr {
 
 TaskStore::~TaskStore() = default;
+namespace {
+constexpr std::int64_t kMaxCursorMicros = 9'000'000'000'000'000;
+}  // namespace
+
+std::string to_string(const TaskCursor& c) {
+  const auto us =
+      std::chrono::duration_cast<std::chrono::microseconds>(c.created_at.time_since_epoch());
+  return std::to_string(us.count()) + "_" + c.id;
+}
+
+std::optional<TaskCursor> parse_task_cursor(std::string_view s) {
+  const auto sep = s.find('_');
+  if (sep == std::string_view::npos || sep + 1 == s.size()) return std::nullopt;
+  const std::string_view us = s.substr(0, sep);
+  const bool negative = !us.empty() && us[0] == '-';
+  const std::string_view digits = us.substr(negative ? 1 : 0);
+  if (digits.empty() || digits.size() > 16 ||
+      digits.find_first_not_of("0123456789") != std::string_view::npos) {
+    return std::nullopt;
+  }
+  std::int64_t n = 0;
+  for (char ch : digits) n = n * 10 + (ch - '0');  // 16 digits fit
+  // In nanoseconds (the clock's unit) it must fit 64 bits: ±285 years.
+  if (n > kMaxCursorMicros) return std::nullopt;
+  TaskCursor c;
+  c.created_at = Timestamp(std::chrono::duration_cast<Timestamp::duration>(
+      std::chrono::microseconds(negative ? -n : n)));
+  c.id = std::string(s.substr(sep + 1));
+  return c;
+}
+
 std::size_t TaskStore::prune_finished(Timestamp) { return 0; }
+std::size_t TaskStore::delete_tasks(const std::vector<std::string>&) {
+  throw Error(ErrorCode::kUnsupported, "the store " + describe() +
+                                           " cannot delete tasks (it does not implement "
+                                           "TaskStore::delete_tasks)");
+}
 StoreStats TaskStore::stats() const { return {}; }
 std::vector<std::string> TaskStore::notices() const { return {}; }
 void TaskStore::insert_task(const Task& task, const EventRecord& created) {
@@ -175,6 +212,27 @@ class MemoryStore final : public TaskStore {
       }
     }
     order_.swap(kept);
+    for (const auto& id : gone) tasks_.erase(id);
+    return gone.size();
+  }
+
+  std::size_t delete_tasks(const std::vector<std::string>& ids) override REQUIRES(!mu_) {
+    detail::MutexLock g(mu_);
+    std::unordered_set<const Row*> doomed;
+    for (const auto& id : ids) {
+      auto it = tasks_.find(id);
+      if (it == tasks_.end()) continue;
+      const Task& t = it->second.task;
+      if (is_terminal(t.status) && t.resource_cleanup_completed) doomed.insert(&it->second);
+    }
+    if (doomed.empty()) return 0;
+    std::deque<Row*> kept;
+    for (Row* row : order_) {
+      if (doomed.count(row) == 0) kept.push_back(row);
+    }
+    order_.swap(kept);
+    std::vector<std::string> gone;
+    for (const Row* row : doomed) gone.push_back(row->task.id);
     for (const auto& id : gone) tasks_.erase(id);
     return gone.size();
   }

@@ -74,5 +74,9 @@ std::vector<Task> select_unfinished(pg::Conn& c, const store::TaskLayout& l);
 // returns how many tasks went. In an adopted table only rows taskmgr ran
 // (assigned_device set) are deleted.
 std::size_t delete_finished(pg::Conn& c, const store::TaskLayout& l, Timestamp finished_before);
+// TaskStore::delete_tasks's deletes: the ended ones among `ids`, in one
+// transaction of their own (the same rule for an adopted table).
+std::size_t delete_tasks(pg::Conn& c, const store::TaskLayout& l,
+                         const std::vector<std::string>& ids);
 
 }  // namespace taskmgr::detail::postgres

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cstdlib>
+#include <functional>
 
 #include "postgres_internal.hpp"
 #include "taskmgr/error.hpp"
@@ -782,39 +783,68 @@ std::vector<Task> select_unfinished(pg::Conn& c, const TaskLayout& l) {
   return read_tasks(r.get(), l);
 }
 
+namespace {
+// The ended tasks (completed, failed or cancelled, cleanup done) that
+// `extra` selects (an SQL condition on `tasks` whose parameters it adds to
+// `p` after the status words), deleted with their samples and events in the
+// caller's transaction. In an adopted table: only the rows taskmgr ran (it
+// wrote their events); the earlier application's own rows are never
+// deleted, also when its table had an assigned_device column of its own.
+std::size_t delete_ended(pg::Conn& c, const TaskLayout& l,
+                         const std::function<std::string(pg::Params&)>& extra) {
+  // The status words first: they are $1.. (one statement at a time, so
+  // that the numbering follows the order the parameters are added in).
+  pg::Params p;
+  const std::string done =
+      status_in(l, {TaskStatus::kCompleted, TaskStatus::kFailed, TaskStatus::kCancelled}, p);
+  std::string sql = "SELECT " + quote(l.column(store::kId)) + " FROM tasks WHERE " + done +
+                    " AND resource_cleanup_completed AND " + extra(p);
+  if (l.adopted()) {
+    sql += " AND EXISTS (SELECT 1 FROM task_events e WHERE e.task_id = tasks." +
+           quote(l.column(store::kId)) + ")";
+  }
+  // The ids first: deleting a task's events changes which tasks `ended`
+  // selects in an adopted table (those with events).
+  c.exec_script(
+      "CREATE TEMP TABLE IF NOT EXISTS taskmgr_prune (id TEXT PRIMARY KEY) ON COMMIT DELETE ROWS");
+  c.exec_script("DELETE FROM taskmgr_prune");
+  c.exec("INSERT INTO taskmgr_prune " + sql + " ON CONFLICT DO NOTHING", p);
+  const std::string gone = " IN (SELECT id FROM taskmgr_prune)";
+  c.exec_script("DELETE FROM task_metrics WHERE task_id" + gone);
+  c.exec_script("DELETE FROM task_events WHERE task_id" + gone);
+  pg::Result r = c.exec("DELETE FROM tasks WHERE " + quote(l.column(store::kId)) + gone);
+  return static_cast<std::size_t>(std::strtoull(PQcmdTuples(r.get()), nullptr, 10));
+}
+}  // namespace
+
 std::size_t delete_finished(pg::Conn& c, const TaskLayout& l, Timestamp finished_before) {
   if (!l.has(store::kFinishedAt)) return 0;  // an adopted table with no end times: nothing known
-  const auto ended = [&](pg::Params& p) {
-    // The status words first: they are $1.. (one statement at a time, so
-    // that the numbering follows the order the parameters are added in).
-    const std::string done =
-        status_in(l, {TaskStatus::kCompleted, TaskStatus::kFailed, TaskStatus::kCancelled}, p);
-    add_time(p, l.kind(store::kFinishedAt), finished_before);
-    std::string sql = "SELECT " + quote(l.column(store::kId)) + " FROM tasks WHERE " + done +
-                      " AND resource_cleanup_completed AND " + quote(l.column(store::kFinishedAt)) +
-                      " IS NOT NULL AND " + quote(l.column(store::kFinishedAt)) + " < $" +
-                      std::to_string(p.size());
-    // An adopted table: only the rows taskmgr ran (it wrote their events);
-    // the earlier application's own rows are never deleted, also when its
-    // table had an assigned_device column of its own.
-    if (l.adopted()) {
-      sql += " AND EXISTS (SELECT 1 FROM task_events e WHERE e.task_id = tasks." +
-             quote(l.column(store::kId)) + ")";
-    }
-    return sql;
-  };
   return in_transaction(c, [&] {
-    // The ids first: deleting a task's events changes which tasks `ended`
-    // selects in an adopted table (those with events).
-    c.exec_script("CREATE TEMP TABLE taskmgr_prune (id TEXT PRIMARY KEY) ON COMMIT DROP");
-    pg::Params p;
-    const std::string sql = ended(p);
-    c.exec("INSERT INTO taskmgr_prune " + sql, p);
-    const std::string gone = " IN (SELECT id FROM taskmgr_prune)";
-    c.exec_script("DELETE FROM task_metrics WHERE task_id" + gone);
-    c.exec_script("DELETE FROM task_events WHERE task_id" + gone);
-    pg::Result r = c.exec("DELETE FROM tasks WHERE " + quote(l.column(store::kId)) + gone);
-    return static_cast<std::size_t>(std::strtoull(PQcmdTuples(r.get()), nullptr, 10));
+    return delete_ended(c, l, [&](pg::Params& p) {
+      add_time(p, l.kind(store::kFinishedAt), finished_before);
+      const std::string at = quote(l.column(store::kFinishedAt));
+      return at + " IS NOT NULL AND " + at + " < $" + std::to_string(p.size());
+    });
+  });
+}
+
+std::size_t delete_tasks(pg::Conn& c, const TaskLayout& l, const std::vector<std::string>& ids) {
+  if (ids.empty()) return 0;
+  constexpr std::size_t kChunk = 10000;  // parameters per statement stay far below 65535
+  return in_transaction(c, [&] {
+    std::size_t n = 0;
+    for (std::size_t from = 0; from < ids.size(); from += kChunk) {
+      const std::size_t to = std::min(ids.size(), from + kChunk);
+      n += delete_ended(c, l, [&](pg::Params& p) {
+        std::string in = quote(l.column(store::kId)) + " IN (";
+        for (std::size_t i = from; i < to; ++i) {
+          p.text(ids[i]);
+          in += (i == from ? "$" : ", $") + std::to_string(p.size());
+        }
+        return in + ")";
+      });
+    }
+    return n;
   });
 }
 

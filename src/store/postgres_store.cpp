@@ -142,6 +142,20 @@ class PostgresStore final : public TaskStore, private WriteBackend {
       }
     }
   }
+  std::size_t delete_tasks(const std::vector<std::string>& ids) override REQUIRES(!writer_mu_) {
+    queue_->flush();  // every write queued before is in, so a task's last update is not lost
+    MutexLock g(writer_mu_);
+    for (int attempt = 1;; ++attempt) {
+      try {
+        ensure_writer();
+        return detail::postgres::delete_tasks(*writer_, layout_, ids);
+      } catch (const PgError& e) {
+        if (e.connection_lost()) writer_.reset();
+        if ((e.connection_lost() || e.transaction_conflict()) && attempt < kMaxAttempts) continue;
+        throw Error(e.code(), "deleting tasks in " + where_ + " failed: " + e.what());
+      }
+    }
+  }
 
   void flush() override { queue_->flush(/*retry_backlog=*/true); }
 

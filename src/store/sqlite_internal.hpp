@@ -55,6 +55,10 @@ std::vector<Task> select_unfinished(SQLite::Database& db, const store::TaskLayou
 // (assigned_device set) are deleted.
 std::size_t delete_finished(SQLite::Database& db, const store::TaskLayout& l,
                             Timestamp finished_before);
+// TaskStore::delete_tasks's deletes: the ended ones among `ids`, in one
+// transaction of their own (the same rule for an adopted table).
+std::size_t delete_tasks(SQLite::Database& db, const store::TaskLayout& l,
+                         const std::vector<std::string>& ids);
 
 // Throws Error(kIncompatible), naming what it found, when migrate() would
 // refuse the database: a newer schema; an unversioned database with tables

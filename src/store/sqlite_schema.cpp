@@ -13,6 +13,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 
 #include "../utf8.hpp"
 #include "sqlite_internal.hpp"
@@ -580,33 +581,35 @@ std::vector<Task> select_unfinished(SQLite::Database& db, const TaskLayout& l) {
   return out;
 }
 
-std::size_t delete_finished(SQLite::Database& db, const TaskLayout& l, Timestamp finished_before) {
-  if (!l.has(store::kFinishedAt)) return 0;  // an adopted table with no end times: nothing known
+namespace {
+// The ended tasks (completed, failed or cancelled, cleanup done) that
+// `extra` (an SQL condition on `tasks`, its ? bound by `bind_extra` after the
+// status words) selects, deleted with their samples, events and input bytes
+// in one transaction. In an adopted table: only the rows taskmgr ran (it
+// wrote their events); the earlier application's own rows are never
+// deleted, also when its table had an assigned_device column of its own.
+std::size_t delete_ended(SQLite::Database& db, const TaskLayout& l, const std::string& extra,
+                         const std::function<void(SQLite::Statement&, int)>& bind_extra,
+                         const std::function<void()>& before = {}) {
   std::vector<std::string> binds;
   std::string ended =
       "SELECT " + quote(l.column(store::kId)) + " FROM tasks WHERE " +
       status_in(l, {TaskStatus::kCompleted, TaskStatus::kFailed, TaskStatus::kCancelled}, binds) +
-      " AND resource_cleanup_completed = 1 AND " + quote(l.column(store::kFinishedAt)) +
-      " IS NOT NULL AND " + quote(l.column(store::kFinishedAt)) + " < ?";
-  // An adopted table: only the rows taskmgr ran (it wrote their events);
-  // the earlier application's own rows are never deleted, also when its
-  // table had an assigned_device column of its own.
+      " AND resource_cleanup_completed = 1 AND " + extra;
   if (l.adopted()) {
     ended += " AND EXISTS (SELECT 1 FROM task_events e WHERE e.task_id = tasks." +
              quote(l.column(store::kId)) + ")";
   }
-  auto bind_all = [&](SQLite::Statement& st) {
-    int i = 1;
-    for (const auto& w : binds) st.bind(i++, w);
-    bind_time(st, i, l.kind(store::kFinishedAt), finished_before);
-  };
   SQLite::Transaction tx(db, SQLite::TransactionBehavior::IMMEDIATE);
+  if (before) before();
   // The ids first: deleting a task's events changes which tasks `ended`
   // selects in an adopted table (those with events).
   db.exec("CREATE TEMP TABLE IF NOT EXISTS taskmgr_prune (id TEXT PRIMARY KEY)");
   db.exec("DELETE FROM temp.taskmgr_prune");
   SQLite::Statement pick(db, "INSERT INTO temp.taskmgr_prune " + ended);
-  bind_all(pick);
+  int i = 1;
+  for (const auto& w : binds) pick.bind(i++, w);
+  bind_extra(pick, i);
   pick.exec();
   const std::string gone = " IN (SELECT id FROM temp.taskmgr_prune)";
   db.exec("DELETE FROM task_metrics WHERE task_id" + gone);
@@ -616,6 +619,34 @@ std::size_t delete_finished(SQLite::Database& db, const TaskLayout& l, Timestamp
   db.exec("DELETE FROM temp.taskmgr_prune");
   tx.commit();
   return static_cast<std::size_t>(n);
+}
+}  // namespace
+
+std::size_t delete_finished(SQLite::Database& db, const TaskLayout& l, Timestamp finished_before) {
+  if (!l.has(store::kFinishedAt)) return 0;  // an adopted table with no end times: nothing known
+  const std::string at = quote(l.column(store::kFinishedAt));
+  return delete_ended(db, l, at + " IS NOT NULL AND " + at + " < ?",
+                      [&](SQLite::Statement& st, int i) {
+                        bind_time(st, i, l.kind(store::kFinishedAt), finished_before);
+                      });
+}
+
+std::size_t delete_tasks(SQLite::Database& db, const TaskLayout& l,
+                         const std::vector<std::string>& ids) {
+  if (ids.empty()) return 0;
+  return delete_ended(
+      db, l, quote(l.column(store::kId)) + " IN (SELECT id FROM temp.taskmgr_wanted)",
+      [](SQLite::Statement&, int) {},
+      [&] {
+        db.exec("CREATE TEMP TABLE IF NOT EXISTS taskmgr_wanted (id TEXT PRIMARY KEY)");
+        db.exec("DELETE FROM temp.taskmgr_wanted");
+        SQLite::Statement add(db, "INSERT OR IGNORE INTO temp.taskmgr_wanted VALUES (?)");
+        for (const auto& id : ids) {
+          add.bind(1, id);
+          add.exec();
+          add.reset();
+        }
+      });
 }
 
 void check_migratable(SQLite::Database& db, const std::string& path, bool allow_other_tables) {

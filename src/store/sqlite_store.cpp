@@ -136,6 +136,16 @@ class SqliteStore final : public TaskStore, private WriteBackend {
     }
   }
 
+  std::size_t delete_tasks(const std::vector<std::string>& ids) override REQUIRES(!db_mu_) {
+    queue_->flush();  // every write queued before is in: a task's last update is not lost
+    MutexLock c(db_mu_);
+    try {
+      return detail::sqlite::delete_tasks(*writer_db_, layout_, ids);
+    } catch (const SQLite::Exception& e) {
+      throw Error(code_of(e), "deleting tasks in " + path_ + " failed: " + e.what());
+    }
+  }
+
   void flush() override { queue_->flush(/*retry_backlog=*/true); }
 
   std::string describe() const override { return "sqlite:" + path_; }

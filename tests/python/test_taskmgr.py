@@ -647,9 +647,6 @@ class NoInput(unittest.TestCase):
             self.assertEqual(done["status"], "completed")
 
 
-if __name__ == "__main__":
-    unittest.main(verbosity=2)
-
 
 class Storage(unittest.TestCase):
     def test_full_database_close_and_destroy_raise_unpersisted(self):
@@ -735,3 +732,53 @@ class Storage(unittest.TestCase):
                              .fetchone(), ("completed", 7, "caf\u00e9"))
             c.close()
 
+
+class PagingAndDelete(unittest.TestCase):
+    """list_tasks_page / iter_tasks walk every task once, newest first;
+    delete_task removes an ended task and refuses others."""
+
+    def test_pages_and_delete(self):
+        with taskmgr.Manager(config_yaml=CONFIG, database=":memory:", builtin_ocr=False) as tm:
+            gate = threading.Event()
+            tm.register_service("svc", lambda ctx, inst: gate.wait(30) and {"ok": True},
+                                input_optional=True)
+            gate.set()
+            ids = [tm.create_task(service="svc", start=True) for _ in range(23)]
+            tm.wait_idle(60)
+            for t in ids:
+                self.assertEqual(tm.wait_task(t, 60)["status"], "completed")
+            page, cursor = tm.list_tasks_page(limit=10)
+            self.assertEqual([t["id"] for t in page], ids[::-1][:10])
+            self.assertIsNotNone(cursor)
+            self.assertTrue(all(t["result"] is None for t in page))  # results only when asked
+            page, _ = tm.list_tasks_page(limit=10, before=cursor, results=True)
+            self.assertEqual([t["id"] for t in page], ids[::-1][10:20])
+            self.assertEqual(page[0]["result"], {"ok": True})
+            self.assertEqual([t["id"] for t in tm.iter_tasks(page_size=4)], ids[::-1])
+            self.assertEqual(len(list(tm.iter_tasks(status="pending"))), 0)
+            with self.assertRaises(taskmgr.InvalidArgumentError) as cm:
+                tm.list_tasks_page(before="not-a-cursor")
+            self.assertIn("not-a-cursor", str(cm.exception))
+            with self.assertRaises(taskmgr.InvalidArgumentError):
+                tm.list_tasks_page(limit=10001)
+            with self.assertRaises(ValueError):
+                tm.list_tasks_page(limit=-1)
+
+            tm.delete_task(ids[0])
+            with self.assertRaises(taskmgr.NotFoundError):
+                tm.get_task(ids[0])
+            with self.assertRaises(taskmgr.NotFoundError):
+                tm.delete_task(ids[0])
+            gate.clear()
+            held = tm.create_task(service="svc", start=True)
+            with self.assertRaises(taskmgr.InvalidStateError) as cm:
+                tm.delete_task(held)
+            self.assertIn("cancel it", str(cm.exception))
+            gate.set()
+            self.assertEqual(tm.wait_task(held, 30)["status"], "completed")
+            tm.delete_task(held)
+            self.assertEqual(len(tm.list_tasks()), 22)
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)

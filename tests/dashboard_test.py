@@ -149,6 +149,28 @@ class DashboardTest(unittest.TestCase):
         self.assertNotIn("data-task=", self.table(dom, "running"))  # finished: gone
         self.assertRegex(dom, r"completed 3 ")
 
+    def test_recent_failures_are_listed_with_a_delete_button_and_leave_when_deleted(self):
+        bad = base64.b64encode(b"this is not an image").decode()
+        status, t = self.request("POST", "/tasks", {"input": {"data_base64": bad}, "start": True})
+        self.assertEqual(status, 201, t)
+        deadline = time.time() + 120
+        while self.request("GET", "/tasks/" + t["id"])[1]["status"] != "failed":
+            self.assertLess(time.time(), deadline, "the task did not fail")
+            time.sleep(0.05)
+        dom, console = self.browse("dashboard-failure")
+        errors = [l for l in console if re.search(r"Uncaught|ERROR|Failed|error", l)]
+        self.assertEqual(errors, [], console)
+        failures = self.table(dom, "failures")
+        self.assertIn('data-task="%s"' % t["id"], failures)
+        self.assertIn("invalid_input", failures)
+        self.assertIn('class="delete"', failures)
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        conn.request("DELETE", "/tasks/" + t["id"])
+        self.assertEqual(conn.getresponse().status, 204)
+        conn.close()
+        dom, console = self.browse("dashboard-failure-deleted")
+        self.assertNotIn(t["id"], self.table(dom, "failures"))
+
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)

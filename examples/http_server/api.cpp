@@ -56,6 +56,7 @@ HttpError from_error(const taskmgr::Error& e) {
     case C::kBusy:
     case C::kIoError:  // the database cannot take the task now (disk full, backlog full)
     case C::kPoolExhausted: s = http::status::service_unavailable; break;
+    case C::kUnsupported: s = http::status::not_implemented; break;
     default: break;
   }
   return {s, std::string(taskmgr::to_string(e.code())), e.what()};
@@ -206,27 +207,11 @@ std::string percent_encode(std::string_view s) {
   return out;
 }
 
-// A page cursor as text: the task's creation time in microseconds since
-// 1970, '_', its id.
-std::string format_cursor(const taskmgr::TaskCursor& c) {
-  const auto us =
-      std::chrono::duration_cast<std::chrono::microseconds>(c.created_at.time_since_epoch());
-  return std::to_string(us.count()) + "_" + c.id;
-}
-
+// A page cursor (taskmgr::to_string(TaskCursor) wrote it).
 taskmgr::TaskCursor parse_cursor(const std::string& v) {
-  const auto sep = v.find('_');
-  const std::string us = v.substr(0, sep);
-  const std::size_t digits = us.size() - (!us.empty() && us[0] == '-' ? 1 : 0);
-  if (sep == std::string::npos || sep + 1 == v.size() || digits == 0 || digits > 18 ||
-      us.find_first_not_of("0123456789", us.size() - digits) != std::string::npos) {
-    bad_request("before must be a cursor from X-Next-Cursor (or the Link header)");
-  }
-  taskmgr::TaskCursor c;
-  c.created_at = taskmgr::Timestamp(std::chrono::duration_cast<taskmgr::Timestamp::duration>(
-      std::chrono::microseconds(std::stoll(us))));
-  c.id = v.substr(sep + 1);
-  return c;
+  auto c = taskmgr::parse_task_cursor(v);
+  if (!c) bad_request("before must be a cursor from X-Next-Cursor (or the Link header)");
+  return std::move(*c);
 }
 
 // An integer query value: digits with an optional sign, within int's range.
@@ -432,7 +417,19 @@ class Api {
       const std::string id = rest.substr(0, slash);
       const std::string action = slash == std::string::npos ? "" : rest.substr(slash + 1);
       if (action.empty()) {
-        require(http::verb::get);
+        if (method == http::verb::delete_) {
+          // An ended task, with its events, samples and input: 204.
+          if (!query.empty()) bad_request(target + " takes no query parameters");
+          tm_.delete_task(id);
+          Response r = make(req, http::status::no_content, "");
+          return r;
+        }
+        if (method != http::verb::get) {
+          throw HttpError{http::status::method_not_allowed, "method_not_allowed",
+                          std::string(req.method_string()) + " is not allowed on " + target,
+                          "GET, HEAD, DELETE"};
+        }
+        if (!query.empty()) bad_request(target + " takes no query parameters");
         return make_json(req, http::status::ok, taskmgr::to_json(tm_.get_task(id)));
       }
       if (action == "health") {
@@ -938,7 +935,7 @@ class Api {
     // A full page may have more before it: the next page's link, the same
     // query with its cursor.
     if (f.limit != 0 && page.size() == f.limit) {
-      const std::string cursor = format_cursor(*taskmgr::page_cursor(page));
+      const std::string cursor = taskmgr::to_string(*taskmgr::page_cursor(page));
       std::string next = "/tasks?";
       for (const auto& [k, v] : parse_query(query)) {
         if (k != "before") next += percent_encode(k) + "=" + percent_encode(v) + "&";

@@ -177,7 +177,8 @@ TASKMGR_API int taskmgr_describe_document(const char* path, int dpi, char** out_
 #define TASKMGR_EVENT_MEMORY_WARNING 10
 #define TASKMGR_EVENT_CLEANUP_STARTED 11
 #define TASKMGR_EVENT_CLEANUP_COMPLETED 12
-#define TASKMGR_EVENT_DELETED 13 /* delivered only: never stored */
+#define TASKMGR_EVENT_PRIORITY_CHANGED 13
+#define TASKMGR_EVENT_DELETED 14 /* delivered only: never stored */
 
 /* Log level (logging.level in the configuration). */
 #define TASKMGR_LOG_TRACE 0
@@ -425,6 +426,16 @@ TASKMGR_API int taskmgr_start_task(taskmgr_manager* manager, const char* task_id
  * TASKMGR_E_INVALID_STATE (closed). */
 TASKMGR_API int taskmgr_cancel_task(taskmgr_manager* manager, const char* task_id,
                                     int* out_cancelled);
+
+/* Changes a waiting task's priority: a pending one starts with it, a queued
+ * one moves to its place in its device's queue (among equals by when it was
+ * queued), one waiting for a retry is queued with it. A "priority_changed"
+ * event records it.
+ * Errors: TASKMGR_E_NOT_FOUND, TASKMGR_E_INVALID_STATE (it runs, is
+ * finishing an attempt, or has ended; or the manager is closed),
+ * TASKMGR_E_INVALID_ARGUMENT. */
+TASKMGR_API int taskmgr_set_task_priority(taskmgr_manager* manager, const char* task_id,
+                                          int32_t priority);
 
 /* Deletes an ended task (completed, failed or cancelled, its cleanup done)
  * with its events, metric samples and input bytes, in the store and in

@@ -87,6 +87,8 @@ static_assert(TASKMGR_EVENT_DEVICE_FALLBACK ==
               static_cast<int>(taskmgr::TaskEvent::kDeviceFallback));
 static_assert(TASKMGR_EVENT_CLEANUP_COMPLETED ==
               static_cast<int>(taskmgr::TaskEvent::kCleanupCompleted));
+static_assert(TASKMGR_EVENT_PRIORITY_CHANGED ==
+              static_cast<int>(taskmgr::TaskEvent::kPriorityChanged));
 static_assert(TASKMGR_EVENT_DELETED == static_cast<int>(taskmgr::TaskEvent::kDeleted));
 static_assert(TASKMGR_LOG_TRACE == static_cast<int>(taskmgr::LogLevel::kTrace));
 static_assert(TASKMGR_LOG_ERROR == static_cast<int>(taskmgr::LogLevel::kError));
@@ -780,6 +782,14 @@ int taskmgr_cancel_task(taskmgr_manager* manager, const char* task_id, int* out_
     if (out_cancelled != nullptr) *out_cancelled = 0;
     const bool cancelled = tm.cancel_task(id);
     if (out_cancelled != nullptr) *out_cancelled = cancelled ? 1 : 0;
+  });
+}
+
+int taskmgr_set_task_priority(taskmgr_manager* manager, const char* task_id, int32_t priority) {
+  return guarded([&] {
+    constexpr const char* fn = "taskmgr_set_task_priority";
+    auto& tm = manager_of(manager, fn);
+    tm.set_task_priority(task_id_arg(task_id, fn), priority);
   });
 }
 

@@ -54,6 +54,7 @@ constexpr std::pair<TaskEvent, std::string_view> kEventNames[] = {
     {TaskEvent::kMemoryWarning, "memory_warning"},
     {TaskEvent::kCleanupStarted, "cleanup_started"},
     {TaskEvent::kCleanupCompleted, "cleanup_completed"},
+    {TaskEvent::kPriorityChanged, "priority_changed"},
     {TaskEvent::kDeleted, "deleted"},
 };
 

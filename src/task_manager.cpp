@@ -571,6 +571,29 @@ bool TaskManager::cancel_task(const std::string& id) {
   if (impl_->journal_.load_task(id)) return false;  // ended long ago
   throw Error(ErrorCode::kNotFound, "unknown task id '" + id + "'");
 }
+Task TaskManager::set_task_priority(const std::string& id, int priority) {
+  TASKMGR_WRITER_ENTRY("set_task_priority");
+  impl_->scheduler_.check_open();
+  DrainOnExit d{impl_->outbox_};
+  {
+    SchedulerLock g(impl_->scheduler_.mutex());
+    if (RecordPtr rec = impl_->scheduler_.records().find(id)) {
+      Task t = impl_->scheduler_.set_priority(rec, priority);
+      t.input.data.clear();
+      return t;
+    }
+  }
+  if (auto t = impl_->journal_.load_task(id)) {
+    throw Error(
+        ErrorCode::kInvalidState,
+        fmt::format("task {} has ended ({}): only a waiting task's priority can change "
+                    "(pending or queued)",
+                    id,
+                    t->status == TaskStatus::kUnrecognized ? t->stored_status
+                                                           : std::string(to_string(t->status))));
+  }
+  throw Error(ErrorCode::kNotFound, "unknown task id '" + id + "'");
+}
 void TaskManager::delete_task(const std::string& id) {
   TASKMGR_WRITER_ENTRY("delete_task");
   impl_->delete_task(id);

@@ -226,6 +226,19 @@ void TaskQueue::requeue_task(QueuedTask task) {
   im.insert_locked(std::move(task));
 }
 
+bool TaskQueue::set_priority(const std::string& task_id, int priority) {
+  Impl& im = *impl_;
+  detail::MutexLock g(im.mu);
+  auto ix = im.index.find(task_id);
+  if (ix == im.index.end()) return false;
+  Impl::Location& loc = im.by_seq.find(ix->second)->second;
+  // The node keeps its strings (the index's key views its task_id).
+  auto node = loc.queue->extract(loc.it);
+  node.value().task.priority = priority;
+  loc.it = loc.queue->insert(std::move(node)).position;
+  return true;
+}
+
 bool TaskQueue::remove(const std::string& task_id) {
   Impl& im = *impl_;
   detail::MutexLock g(im.mu);

@@ -452,7 +452,8 @@ static void test_enum_names(void) {
   CHECK(strcmp(taskmgr_event_name(TASKMGR_EVENT_RESOURCE_ACQUIRED), "resource_acquired") == 0);
   CHECK(strcmp(taskmgr_event_name(TASKMGR_EVENT_CLEANUP_COMPLETED), "cleanup_completed") == 0);
   CHECK(strcmp(taskmgr_event_name(TASKMGR_EVENT_DELETED), "deleted") == 0);
-  CHECK(strcmp(taskmgr_event_name(14), "unknown") == 0);
+  CHECK(strcmp(taskmgr_event_name(TASKMGR_EVENT_PRIORITY_CHANGED), "priority_changed") == 0);
+  CHECK(strcmp(taskmgr_event_name(15), "unknown") == 0);
   CHECK(strcmp(taskmgr_log_level_name(TASKMGR_LOG_WARN), "warn") == 0);
   CHECK(strcmp(taskmgr_log_level_name(5), "unknown") == 0);
 }
@@ -507,6 +508,7 @@ static void test_null_arguments(void) {
   CHECK_RC(taskmgr_list_tasks(NULL, NULL, NULL, 0, &out), TASKMGR_E_INVALID_ARGUMENT);
   CHECK_RC(taskmgr_list_tasks_page(NULL, NULL, &out, NULL), TASKMGR_E_INVALID_ARGUMENT);
   CHECK_RC(taskmgr_delete_task(NULL, "x"), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_set_task_priority(NULL, "x", 1), TASKMGR_E_INVALID_ARGUMENT);
   taskmgr_list_params_init(NULL);
   CHECK_RC(taskmgr_get_task_events(NULL, "x", &out), TASKMGR_E_INVALID_ARGUMENT);
   CHECK_RC(taskmgr_get_task_metrics(NULL, &out), TASKMGR_E_INVALID_ARGUMENT);
@@ -562,6 +564,8 @@ static void test_null_arguments(void) {
   CHECK_RC(taskmgr_list_tasks_page(tm, NULL, NULL, NULL), TASKMGR_E_INVALID_ARGUMENT);
   CHECK_MSG("out_json");
   CHECK_RC(taskmgr_delete_task(tm, NULL), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("task_id");
+  CHECK_RC(taskmgr_set_task_priority(tm, NULL, 1), TASKMGR_E_INVALID_ARGUMENT);
   CHECK_MSG("task_id");
   CHECK_RC(taskmgr_get_task_metrics(tm, NULL), TASKMGR_E_INVALID_ARGUMENT);
   CHECK_RC(taskmgr_get_metrics_prometheus(tm, NULL), TASKMGR_E_INVALID_ARGUMENT);
@@ -2268,6 +2272,21 @@ static void test_paging_and_delete(void) {
   lp.struct_size = 0;
   CHECK_RC(taskmgr_list_tasks_page(tm, &lp, &json, NULL), TASKMGR_E_INVALID_ARGUMENT);
   CHECK_MSG("struct_size");
+
+  /* A waiting task's priority changes; an ended one's is refused. */
+  CHECK_RC(taskmgr_set_task_priority(tm, pending, 9), TASKMGR_OK);
+  CHECK_RC(taskmgr_get_task(tm, pending, &json), TASKMGR_OK);
+  CHECK(json != NULL && strstr(json, "\"priority\":9") != NULL);
+  taskmgr_free(json);
+  json = NULL;
+  CHECK_RC(taskmgr_get_task_events(tm, pending, &json), TASKMGR_OK);
+  CHECK(json != NULL && strstr(json, "\"event_type\":\"priority_changed\"") != NULL);
+  CHECK(json != NULL && strstr(json, "\"from\":0,\"to\":9,\"while\":\"pending\"") != NULL);
+  taskmgr_free(json);
+  json = NULL;
+  CHECK_RC(taskmgr_set_task_priority(tm, ids[3], 1), TASKMGR_E_INVALID_STATE);
+  CHECK_MSG("completed");
+  CHECK_RC(taskmgr_set_task_priority(tm, "no-such-task", 1), TASKMGR_E_NOT_FOUND);
 
   /* Delete: an ended task goes with its events; a pending one is refused. */
   CHECK_RC(taskmgr_delete_task(tm, pending), TASKMGR_E_INVALID_STATE);

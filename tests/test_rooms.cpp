@@ -376,6 +376,7 @@ TEST_CASE(
   events::resource_released(b, "cpu", "", 0, true);
   events::cleanup_completed(b, 1, 0.1, {}, false);
   events::cleanup_completed(b, 1, 0.1, {std::string(300, 'x')}, false);  // too long to capture
+  events::priority_changed(b, 0, 5, TaskStatus::kQueued);
   events::deleted(b, TaskStatus::kCompleted, 1);
   const auto records = b.take_records("t");
   std::set<TaskEvent> seen;

@@ -66,7 +66,9 @@ TEST_CASE(
     CAPTURE(lifecycle);
     CHECK(names.count(lifecycle) == 1);
   }
-  CHECK(names.size() == 13);
+  CHECK(to_string(TaskEvent::kPriorityChanged) == "priority_changed");  // operator events
+  CHECK(to_string(TaskEvent::kDeleted) == "deleted");
+  CHECK(names.size() == 15);
 }
 
 TEST_CASE("is_terminal is true exactly for completed, failed, cancelled") {

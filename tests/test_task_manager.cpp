@@ -672,6 +672,63 @@ TEST_CASE(
   refused(held.id, ErrorCode::kInvalidState, "closed");
 }
 
+TEST_CASE(
+    "set_task_priority reorders a queued task at once, among equals by when it was queued, and "
+    "refuses a task that runs or has ended") {
+  Harness h;
+  h.config.executor.worker_threads = 1;
+  Gate gate;
+  std::mutex mu;
+  std::vector<std::string> order;
+  h.open([&](TaskContext& ctx) {
+    {
+      std::lock_guard<std::mutex> g(mu);
+      order.push_back(ctx.task_id());
+    }
+    gate.wait();
+  });
+  const Task blocker = h.run();
+  REQUIRE(eventually([&] { return h.status(blocker.id) == TaskStatus::kRunning; }));
+  const Task a = h.run(), b = h.run(), c = h.run(), d = h.run();
+  const Task pending = h.create();
+  // c first; then d and a, both 3, in the order they were queued (a before
+  // d, though d was raised first); then b.
+  CHECK(h.tm->set_task_priority(c.id, 7).priority == 7);
+  CHECK(h.tm->set_task_priority(d.id, 3).priority == 3);
+  CHECK(h.tm->set_task_priority(a.id, 3).priority == 3);
+  CHECK(h.tm->set_task_priority(a.id, 3).priority == 3);  // no change: no event
+  CHECK(h.tm->set_task_priority(pending.id, -2).priority == -2);
+  CHECK(h.tm->get_task(c.id).priority == 7);
+  CHECK(h.store->load_task(c.id)->priority == 7);  // stored
+  auto refused = [&](const std::string& id, ErrorCode code) {
+    try {
+      h.tm->set_task_priority(id, 1);
+      FAIL("expected an error for " << id);
+    } catch (const Error& e) {
+      CHECK(e.code() == code);
+    }
+  };
+  refused(blocker.id, ErrorCode::kInvalidState);
+  refused("no-such-task", ErrorCode::kNotFound);
+  const auto ev = h.details(c.id, "priority_changed");
+  CHECK(ev.at("from").as_int64() == 0);
+  CHECK(ev.at("to").as_int64() == 7);
+  CHECK(ev.at("while").as_string() == "queued");
+  CHECK(h.count(a.id, "priority_changed") == 1);
+  CHECK(h.details(pending.id, "priority_changed").at("while").as_string() == "pending");
+  gate.open();
+  for (const auto& t : {blocker, a, b, c, d}) h.finished(t.id);
+  {
+    std::lock_guard<std::mutex> g(mu);
+    CHECK(order == std::vector<std::string>{blocker.id, c.id, a.id, d.id, b.id});
+  }
+  refused(c.id, ErrorCode::kInvalidState);  // ended
+  h.tm->start_task(pending.id);
+  CHECK(h.finished(pending.id).priority == -2);  // it started with its new priority
+  h.tm->close();
+  refused(a.id, ErrorCode::kInvalidState);
+}
+
 TEST_CASE("delete_task of a task only the store holds, after a reopen, and from two threads") {
   const fs::path dir = fs::temp_directory_path() / ("taskmgr-delete-" + std::to_string(::getpid()));
   fs::remove_all(dir);

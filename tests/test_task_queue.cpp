@@ -331,3 +331,24 @@ TEST_CASE("entries removed and added again in rounds keep order, lookups and tim
   for (std::size_t i = 0; i < half; ++i) CHECK(expired[i].task_id == by_arrival[i].id);
   CHECK(f.queue->size() == model.size() - half);
 }
+
+TEST_CASE("set_priority moves a queued task at once and keeps its arrival among equals") {
+  Fixture f;
+  f.add("a", 0);
+  f.clock->advance(1s);
+  f.add("b", 0);
+  f.clock->advance(1s);
+  f.add("c", 0);
+  f.clock->advance(1s);
+  CHECK(f.queue->set_priority("c", 1));
+  CHECK(f.queue->set_priority("a", 1));
+  CHECK_FALSE(f.queue->set_priority("zz", 1));
+  std::vector<std::string> got;
+  for (const auto& t : f.queue->snapshot("cpu")) got.push_back(t.task_id);
+  CHECK(got == std::vector<std::string>{"a", "c", "b"});
+  // The queue timeout still counts from each task's arrival.
+  const auto expired = f.queue->take_expired(f.clock->steady_now() - 3s + 1ms);
+  REQUIRE(expired.size() == 1);
+  CHECK(expired[0].task_id == "a");
+  CHECK(f.drain() == std::vector<std::string>{"c", "b"});
+}

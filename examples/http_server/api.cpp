@@ -457,6 +457,21 @@ class Api {
         require(http::verb::post);
         return start(req, id);
       }
+      if (action == "priority") {
+        // A waiting task's new priority: {"priority": n}.
+        require(http::verb::post);
+        const json::object body = parse_body(req, false);
+        for (const auto& kv : body) {
+          if (kv.key() != "priority") {
+            bad_request("unknown key '" + std::string(kv.key()) +
+                        "' (the body is {\"priority\": n})");
+          }
+        }
+        const std::optional<int> priority = get_int(body, "priority");
+        if (!priority) bad_request("priority is required: {\"priority\": n}");
+        return make_json(req, http::status::ok,
+                         taskmgr::to_json(tm_.set_task_priority(id, *priority)));
+      }
       if (action == "cancel") {
         require(http::verb::post);
         tm_.cancel_task(id);

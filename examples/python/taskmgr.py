@@ -270,6 +270,7 @@ def _load():
         "taskmgr_start_task": (I, [P, S, ctypes.POINTER(_StartParams)]),
         "taskmgr_cancel_task": (I, [P, S, ctypes.POINTER(ctypes.c_int)]),
         "taskmgr_delete_task": (I, [P, S]),
+        "taskmgr_set_task_priority": (I, [P, S, ctypes.c_int32]),
         "taskmgr_list_params_init": (None, [ctypes.POINTER(_ListParams)]),
         "taskmgr_list_tasks_page": (I, [P, ctypes.POINTER(_ListParams), PS, PS]),
         "taskmgr_get_task": (I, [P, S, PS]),
@@ -833,6 +834,12 @@ class Manager:
             yield from page
             if before is None:
                 return
+
+    def set_task_priority(self, task, priority):
+        """A waiting (pending or queued) task's new priority; a queued one
+        moves in its queue at once (InvalidState once it runs or has ended)."""
+        _check(_lib.taskmgr_set_task_priority(self._handle(), _task_id(task),
+                                              _int32(priority, "priority")))
 
     def delete_task(self, task):
         """Deletes an ended task with its events, samples and input

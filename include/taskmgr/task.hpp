@@ -77,7 +77,8 @@ enum class TaskEvent {
   kCleanupStarted,    // "cleanup_started"
   kCleanupCompleted,  // "cleanup_completed"
   // Operator events.
-  kDeleted,  // "deleted": the host deleted the ended task (TaskManager::delete_task)
+  kPriorityChanged,  // "priority_changed": the host changed a waiting task's priority
+  kDeleted,          // "deleted": the host deleted the ended task (TaskManager::delete_task)
 };
 
 TASKMGR_API std::string_view to_string(TaskStatus status) noexcept;

@@ -115,6 +115,16 @@ class TASKMGR_API TaskManager {
   // it had already ended.
   bool cancel_task(const std::string& task_id);
 
+  // Changes the priority of a waiting task: a pending one starts with it, a
+  // queued one moves to its place in its device's queue at once (among
+  // tasks of equal priority by when it was queued: the queue timeout still
+  // counts from then), one waiting for a retry's backoff is queued with it
+  // (not one lower). A `priority_changed` event records it (stored).
+  // Returns the task as it is now. Error(kNotFound) for an unknown id,
+  // Error(kInvalidState) for a task that runs, is finishing an attempt, or
+  // has ended, and after close().
+  Task set_task_priority(const std::string& task_id, int priority);
+
   // Deletes an ended task (completed, failed or cancelled, its cleanup
   // done) with its events, metric samples and input bytes, from the store
   // and from memory, in one transaction: afterwards get_task throws

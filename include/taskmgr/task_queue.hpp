@@ -83,6 +83,12 @@ class TASKMGR_API TaskQueue {
   // priority stays the lowest); never refused.
   void requeue_task(QueuedTask task);
 
+  // Gives a queued task another priority: it moves to its place in that
+  // order, among equals by its original arrival (it keeps its enqueued_at
+  // and sequence: the queue timeout still counts from its arrival). False
+  // when not queued.
+  bool set_priority(const std::string& task_id, int priority);
+
   // Removes a queued task (cancel, device change). False when not queued.
   bool remove(const std::string& task_id);
   // Removes and returns the tasks enqueued at or before `cutoff` (queue timeout).

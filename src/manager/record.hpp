@@ -91,6 +91,9 @@ class Record {
   // The backoff running was set again at recovery for a retry that was
   // waiting when the process stopped: its priority was lowered already.
   bool backoff_after_recovery GUARDED_BY(scheduler_lock) = false;
+  // The host set the priority while the task waited for a retry: it is
+  // queued with that priority (not one lower).
+  bool priority_pinned GUARDED_BY(scheduler_lock) = false;
   SteadyTime queued_steady GUARDED_BY(scheduler_lock){};
   SteadyTime started_steady GUARDED_BY(scheduler_lock){};
   std::int64_t reserved_mb GUARDED_BY(scheduler_lock) = 0;

@@ -114,8 +114,10 @@ Task Scheduler::start(const RecordPtr& rec, const StartPlan& plan) {
 void Scheduler::enqueue(const RecordPtr& rec, EventBatch& b, bool retry, bool recovered,
                         bool enforce_limit) {
   Task& t = rec->task;
-  // The spec's requeue_task: one priority lower (saturating at the lowest).
-  if (retry && t.priority > INT_MIN) t.priority -= 1;
+  // The spec's requeue_task: one priority lower (saturating at the lowest),
+  // unless the host set the priority while it waited.
+  const bool host_set = std::exchange(rec->priority_pinned, false);
+  if (retry && !host_set && t.priority > INT_MIN) t.priority -= 1;
   t.queued_at = stored_time(*clock_);
   events::queued(b, t, retry, recovered);
   push_queued(rec, retry, enforce_limit);
@@ -137,6 +139,34 @@ void Scheduler::push_queued(const RecordPtr& rec, bool retry, bool enforce_limit
   }
   dispatcher_->note_enqueued();
   rec->queued_steady = clock_->steady_now();
+}
+
+Task Scheduler::set_priority(const RecordPtr& rec, int priority) {
+  Task& t = rec->task;
+  switch (rec->phase()) {
+    case Phase::kPending: break;
+    case Phase::kQueued: (void)queue_->set_priority(rec->id(), priority); break;
+    case Phase::kBackoff: rec->priority_pinned = true; break;
+    default: {
+      const std::string status = t.status == TaskStatus::kUnrecognized
+                                     ? t.stored_status
+                                     : std::string(to_string(t.status));
+      throw Error(
+          ErrorCode::kInvalidState,
+          fmt::format("task {} is {}: only a waiting task's priority can change (pending "
+                      "or queued)",
+                      t.id, rec->phase() == Phase::kCleanup ? "finishing an attempt" : status));
+    }
+  }
+  const int from = t.priority;
+  if (from != priority) {
+    t.priority = priority;
+    EventBatch b(*clock_);
+    events::priority_changed(b, from, priority, t.status);
+    outbox_.commit(rec, b);
+    if (rec->phase() == Phase::kQueued) dispatcher_->dispatch();
+  }
+  return t;
 }
 
 bool Scheduler::cancel(const RecordPtr& rec) {

@@ -104,6 +104,11 @@ class Scheduler {
   // Cancels a pending, queued or backing-off task, or flags a running one.
   // False when it had ended already.
   bool cancel(const RecordPtr& rec) REQUIRES(scheduler_lock);
+  // The host's new priority for a pending, queued or backing-off task (a
+  // queued one moves in its queue; one backing off is queued with it):
+  // the event, and the task as it is now. Error(kInvalidState) for a task
+  // that runs, is in a cleanup or has ended.
+  Task set_priority(const RecordPtr& rec, int priority) REQUIRES(scheduler_lock);
   // kEndWaiting: a task that ends without running (cancelled while waiting,
   // queue timeout, no device, interrupted without attempts left).
   void end_waiting(const RecordPtr& rec, TaskStatus status, TaskFailureReason reason,

@@ -180,6 +180,10 @@ void cleanup_completed(EventBatch& b, int attempt, double duration_s,
        {"recovered", recovered}});
 }
 
+void priority_changed(EventBatch& b, int from, int to, TaskStatus was) {
+  add(b, TaskEvent::kPriorityChanged, {{"from", from}, {"to", to}, {"while", to_string(was)}});
+}
+
 void deleted(EventBatch& b, TaskStatus status, int attempt) {
   add(b, TaskEvent::kDeleted, {{"status", to_string(status)}, {"attempt", attempt}});
 }
@@ -265,6 +269,7 @@ const std::vector<std::string_view>& keys_of(TaskEvent event) {
        "total_mb", "memory_state"},
       /* cleanup_started */ {"attempt", "recovered"},
       /* cleanup_completed */ {"ok", "attempt", "duration_s", "problems", "recovered"},
+      /* priority_changed */ {"from", "to", "while"},
       /* deleted */ {"status", "attempt"},
   };
   return kKeys[static_cast<int>(event)];

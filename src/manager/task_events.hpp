@@ -105,6 +105,8 @@ void resource_released(EventBatch& b, const std::string& device, const std::stri
                        std::int64_t reserved_mb, bool recovered);
 void cleanup_completed(EventBatch& b, int attempt, double duration_s,
                        const std::vector<std::string>& problems, bool recovered);
+// The host changed the priority of a waiting task (`was`: pending or queued).
+void priority_changed(EventBatch& b, int from, int to, TaskStatus was);
 // The host deleted the ended task (published, not stored: its events went
 // with it). `status`: the one it ended with.
 void deleted(EventBatch& b, TaskStatus status, int attempt);

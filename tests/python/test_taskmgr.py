@@ -771,6 +771,15 @@ class PagingAndDelete(unittest.TestCase):
                 tm.delete_task(ids[0])
             gate.clear()
             held = tm.create_task(service="svc", start=True)
+            waiting = tm.create_task(service="svc")
+            tm.set_task_priority(waiting, 4)
+            self.assertEqual(tm.get_task(waiting)["priority"], 4)
+            with self.assertRaises(ValueError):
+                tm.set_task_priority(waiting, 2**31)
+            with self.assertRaises(taskmgr.InvalidStateError):
+                tm.set_task_priority(ids[1], 4)  # ended
+            tm.cancel_task(waiting)
+            tm.delete_task(waiting)
             with self.assertRaises(taskmgr.InvalidStateError) as cm:
                 tm.delete_task(held)
             self.assertIn("cancel it", str(cm.exception))

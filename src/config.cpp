@@ -121,9 +121,22 @@ class MapReader {
   const YAML::Node& raw_node() const { return node_; }
   const std::string& path() const { return path_; }
 
-  // Throws on the first key the schema did not read.
+  // Throws on the first key given twice (YAML's loader keeps one of them
+  // silently), then on the first key the schema did not read.
   void finish() const {
     if (!present()) return;
+    std::unordered_map<std::string, int> first_line;
+    for (const auto& kv : node_) {
+      const std::string k = kv.first.as<std::string>();
+      const auto [it, fresh] = first_line.emplace(k, line_of(kv.first));
+      if (!fresh) {
+        const std::string path = join(path_, k);
+        throw ConfigError(
+            path, line_of(kv.first),
+            fmt_msg(path, "given twice (lines " + std::to_string(it->second) + " and " +
+                              std::to_string(line_of(kv.first)) + "): keep one"));
+      }
+    }
     for (const auto& kv : node_) {
       const std::string k = kv.first.as<std::string>();
       if (!seen_.count(k)) {

@@ -573,6 +573,100 @@ class HttpServerTest(unittest.TestCase):
         conn.close()
         return res.status, res.getheader("Content-Type", ""), body
 
+    def test_a_second_stranger_s_findings_stay_fixed(self):
+        # A body the server cannot frame is refused and the connection
+        # closed: the bytes that follow are never read as a request.
+        smuggled = b"GET /tasks?limit=1 HTTP/1.1\r\nHost: x\r\n\r\n"
+        for te, want in ((b"gzip", 400), (b"identity", 400), (b"gzip, chunked", 501),
+                         (b"chunked, gzip", 400)):
+            raw = raw_exchange_all(self.port, b"POST /tasks HTTP/1.1\r\nHost: x\r\n"
+                                   b"Content-Type: image/png\r\nTransfer-Encoding: " + te +
+                                   b"\r\n\r\n" + smuggled)
+            self.assertEqual(raw.count(b"HTTP/1.1 "), 1, (te, raw))
+            self.assertTrue(raw.startswith(b"HTTP/1.1 %d " % want), (te, raw))
+            json.loads(raw.partition(b"\r\n\r\n")[2])
+        raw = raw_exchange_all(self.port, b"POST /tasks HTTP/1.1\r\nHost: x\r\n"
+                               b"Content-Type: image/png\r\nContent-Encoding: gzip\r\n"
+                               b"Content-Length: 4\r\n\r\nabcd")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 415 "), raw)
+        raw = raw_exchange_all(self.port, b"POST /tasks HTTP/1.1\r\nHost: x\r\n"
+                               b"Content-Type: image/png\r\nExpect: 200-ok\r\n"
+                               b"Content-Length: 4\r\n\r\nabcd")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 417 "), raw)
+        # Expect: 100-continue gets its go-ahead before the body is sent.
+        import socket
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=30)
+        s.sendall(b"POST /tasks HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                  b"Expect: 100-continue\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
+                  % len(TINY_PNG))
+        self.assertEqual(s.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")
+        s.sendall(TINY_PNG)
+        answer = b""
+        while True:
+            b = s.recv(65536)
+            if not b:
+                break
+            answer += b
+        s.close()
+        self.assertTrue(answer.startswith(b"HTTP/1.1 201 "), answer)
+        # HEAD /events: the stream's header alone; the next request on the
+        # connection is answered as itself.
+        raw = raw_exchange_all(self.port, b"HEAD /events HTTP/1.1\r\nHost: x\r\n\r\n"
+                               b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        first, _, rest = raw.partition(b"\r\n\r\n")
+        self.assertTrue(first.startswith(b"HTTP/1.1 200 "), raw)
+        self.assertIn(b"text/event-stream", first)
+        self.assertTrue(rest.startswith(b"HTTP/1.1 200 "), raw)
+        for method in ("POST", "PUT", "DELETE"):
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+            conn.request(method, "/events")
+            res = conn.getresponse()
+            json.loads(res.read())
+            self.assertEqual(res.status, 405, method)
+            self.assertEqual(res.getheader("Allow"), "GET, HEAD", method)
+            conn.close()
+        status, e = self.request("GET", "/events?task_id=01890000-0000-7000-8000-000000000000")
+        self.assertEqual(status, 404, e)
+        status, e = self.request("GET", "/events?task_id=")
+        self.assertEqual(status, 400, e)
+        # A misspelt key is not ignored; application/json is matched exactly.
+        status, e = self.request("POST", "/tasks", {"priorty": 5, "input": {"data_base64": "aGk="}})
+        self.assertEqual(status, 400, e)
+        self.assertIn("priorty", e["message"])
+        status, e = self.request("POST", "/tasks", {"input": {"data_base64": "aGk=", "pth": "x"}})
+        self.assertEqual(status, 400, e)
+        self.assertIn("input.pth", e["message"])
+        status, t = self.upload("", b'{"input": {"data_base64": "aGk="}}', "application/jsonx")
+        self.assertEqual(status, 201, t)
+        self.assertEqual(t["input"]["media_type"], "application/jsonx")  # an upload
+        status, t = self.upload("", b'{"input": {"data_base64": "aGk="}}',
+                                "Application/JSON; charset=utf-8")
+        self.assertEqual(status, 201, t)
+        self.assertEqual(t["input"]["bytes"], 2)  # JSON: its input is "hi"
+        # Accept by q, and the first type the result has.
+        status, t = self.upload("?start=1", TINY_PNG)
+        self.assertEqual(status, 201, t)
+        self.assertEqual(self.wait_done(t["id"])["status"], "completed")
+        path = "/tasks/%s/result" % t["id"]
+        for accept, want in (("text/html,application/xhtml+xml,*/*;q=0.8", "application/json"),
+                             ("text/plain;q=0.5, application/json;q=0.9", "application/json"),
+                             ("application/json;q=0.5, text/plain", "text/plain"),
+                             ("application/pdf;q=0.1, application/json;q=0.2", "application/json")):
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+            conn.request("GET", path, headers={"Accept": accept})
+            res = conn.getresponse()
+            res.read()
+            self.assertEqual(res.status, 200, accept)
+            self.assertTrue(res.getheader("Content-Type").startswith(want), (accept, res.getheader("Content-Type")))
+            conn.close()
+        for bad in ("application/json;q=abc", "application/json;q=1.5", "text/plain;q=-1"):
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+            conn.request("GET", path, headers={"Accept": bad})
+            res = conn.getresponse()
+            json.loads(res.read())
+            self.assertEqual(res.status, 400, bad)
+            conn.close()
+
     def test_a_result_as_hocr_alto_tsv_or_pdf_by_format_or_accept(self):
         ids = {}
         for output in ("hocr", "alto", "tsv", "pdf"):  # one at a time: max_queue_size 2
@@ -767,6 +861,27 @@ def start_server(tmpdir, extra_args=(), nofile=None):
     return proc, int(open(port_file).read())
 
 
+def raw_exchange_all(port, data, timeout=30):
+    """Sends raw bytes and returns every byte the server sends until it
+    closes the connection."""
+    import socket
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    out = b""
+    try:
+        s.sendall(data)
+        while True:
+            try:
+                b = s.recv(65536)
+            except (ConnectionResetError, BrokenPipeError):
+                break
+            if not b:
+                break
+            out += b
+    finally:
+        s.close()
+    return out
+
+
 def raw_exchange(port, data, timeout=30):
     """Sends raw bytes, returns (status, parsed JSON body) of the answer."""
     import socket
@@ -947,6 +1062,18 @@ class HttpTransportTest(unittest.TestCase):
         p = run_with("  address: 0.0.0.0\n")  # public without a token: refused as on the line
         self.assertEqual(p.returncode, 2, p.stderr)
         self.assertIn("not a loopback address", p.stderr)
+        # A key given twice, a NUL in a value, two http sections: refused
+        # (YAML keeps one of the two silently).
+        p = run_with("  port: 18150\n  port: 18151\n")
+        self.assertEqual(p.returncode, 2, p.stderr)
+        self.assertIn("http.port (%s line %d): given twice (first at line %d)"
+                      % (cfg, line + 1, line), p.stderr)
+        p = run_with('  input_roots: ["%s\\0zzz"]\n' % tmp.name)
+        self.assertEqual(p.returncode, 2, p.stderr)
+        self.assertIn("contains a NUL byte", p.stderr)
+        p = run_with("  port: 18150\nhttp:\n  port: 18151\n")
+        self.assertNotEqual(p.returncode, 0, p.stderr)
+        self.assertIn("http: given twice", p.stderr)
         # Applied: at most 3 connections from the file (the 4th is busy) ...
         with open(cfg, "w") as f:
             f.write(CONFIG + "http:\n  max_connections: 3\n  header_timeout_seconds: 60\n")

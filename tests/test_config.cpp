@@ -502,3 +502,19 @@ TEST_CASE(
           std::string::npos);
   }
 }
+
+TEST_CASE("a key given twice is refused with both lines (YAML would keep one silently)") {
+  try {
+    Config::from_yaml_string("tasks:\n  max_queue_size: 5\n  max_queue_size: 7\n", "test.yaml");
+    FAIL("expected a ConfigError");
+  } catch (const ConfigError& e) {
+    CHECK(e.key_path() == "tasks.max_queue_size");
+    CHECK(std::string(e.what()).find("given twice (lines 2 and 3)") != std::string::npos);
+  }
+  try {
+    Config::from_yaml_string("http:\n  port: 1\nhttp:\n  port: 2\n", "test.yaml");
+    FAIL("expected a ConfigError");
+  } catch (const ConfigError& e) {
+    CHECK(e.key_path() == "http");
+  }
+}

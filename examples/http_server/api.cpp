@@ -251,11 +251,27 @@ std::string get_string(const json::object& o, const char* key, const std::string
   return std::string(v->as_string());
 }
 
+// A body's keys must be among `known` (a misspelt key is not ignored).
+void only_keys(const json::object& o, std::initializer_list<std::string_view> known,
+               const std::string& prefix) {
+  for (const auto& kv : o) {
+    const std::string_view k(kv.key().data(), kv.key().size());
+    if (std::find(known.begin(), known.end(), k) == known.end()) {
+      std::string list;
+      for (const auto& n : known) list += (list.empty() ? "" : ", ") + prefix + std::string(n);
+      bad_request("unknown key '" + prefix + std::string(k) + "' (known: " + list + ")");
+    }
+  }
+}
+
 std::optional<int> get_int(const json::object& o, const char* key) {
   const json::value* v = o.if_contains(key);
   if (v == nullptr || v->is_null()) return std::nullopt;
   if (!v->is_int64() && !v->is_uint64()) bad_request(std::string(key) + " must be an integer");
-  const std::int64_t n = v->to_number<std::int64_t>();
+  if (v->is_uint64() && v->as_uint64() > static_cast<std::uint64_t>(INT32_MAX)) {
+    bad_request(std::string(key) + " is out of range");
+  }
+  const std::int64_t n = v->is_int64() ? v->as_int64() : static_cast<std::int64_t>(v->as_uint64());
   if (n < INT32_MIN || n > INT32_MAX) bad_request(std::string(key) + " is out of range");
   return static_cast<int>(n);
 }
@@ -274,6 +290,17 @@ std::string get_options(const json::object& o) {
   if (v == nullptr || v->is_null()) return "";
   if (!v->is_object()) bad_request("options must be a JSON object");
   return check_options_size(json::serialize(*v));
+}
+
+std::string_view trim(std::string_view s) {
+  while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
+  while (!s.empty() && (s.back() == ' ' || s.back() == '\t')) s.remove_suffix(1);
+  return s;
+}
+
+bool iequals_prefix(std::string_view s, std::string_view prefix);
+bool iequals(std::string_view a, std::string_view b) {
+  return a.size() == b.size() && iequals_prefix(a, b);
 }
 
 bool iequals_prefix(std::string_view s, std::string_view prefix) {
@@ -461,12 +488,7 @@ class Api {
         // A waiting task's new priority: {"priority": n}.
         require(http::verb::post);
         const json::object body = parse_body(req, false);
-        for (const auto& kv : body) {
-          if (kv.key() != "priority") {
-            bad_request("unknown key '" + std::string(kv.key()) +
-                        "' (the body is {\"priority\": n})");
-          }
-        }
+        only_keys(body, {"priority"}, "");
         const std::optional<int> priority = get_int(body, "priority");
         if (!priority) bad_request("priority is required: {\"priority\": n}");
         return make_json(req, http::status::ok,
@@ -532,7 +554,10 @@ class Api {
     const std::string_view type = ct == req.end()
                                       ? std::string_view()
                                       : std::string_view(ct->value().data(), ct->value().size());
-    const bool is_json = type.empty() || iequals_prefix(type, "application/json");
+    // application/json exactly (parameters after ';' aside); a request with
+    // no Content-Type is read as JSON too. Anything else is an upload.
+    const std::string_view essence = trim(type.substr(0, type.find(';')));
+    const bool is_json = essence.empty() || iequals(essence, "application/json");
     if (!is_json) return create_upload(req, query);
     if (!query.empty()) {
       bad_request(
@@ -540,11 +565,14 @@ class Api {
           "is the input's bytes)");
     }
     const json::object body = parse_body(req, true);
+    only_keys(body, {"service", "input", "priority", "batch_size", "device", "options", "start"},
+              "");
     taskmgr::TaskCreateRequest r;
     if (auto s = get_string(body, "service", ""); !s.empty()) r.service = s;
     if (const json::value* in = body.if_contains("input"); in && !in->is_null()) {
       if (!in->is_object()) bad_request("input must be an object with path or data_base64");
       const json::object& io = in->as_object();
+      only_keys(io, {"path", "data_base64", "media_type"}, "input.");
       const std::string path = get_string(io, "path", "input.");
       if (!path.empty()) read_under_roots(path, r.input);
       const std::string b64 = get_string(io, "data_base64", "input.");
@@ -703,63 +731,75 @@ class Api {
       for (const auto& f : kFormats) known = known || format == f.first;
       if (!known) bad_request("format must be json, text, hocr, alto, tsv or pdf");
     }
-    if (format.empty()) format = accepted_format(req);
+    // format= names one; else the Accept header's acceptable types, best
+    // first: the first of them this task's result has.
+    const std::vector<std::string> wanted =
+        format.empty() ? accepted_formats(req) : std::vector<std::string>{format};
     const taskmgr::Task t = tm_.get_task(id);
     if (t.status != taskmgr::TaskStatus::kCompleted) {
       throw HttpError{http::status::conflict, "invalid_state",
                       "task " + id + " is " + std::string(taskmgr::to_string(t.status)) +
                           ": only a completed task has a result"};
     }
-    const char* type = "application/json";
-    for (const auto& f : kFormats) {
-      if (format == f.first) type = f.second;
-    }
-    if (format == "json") {
-      Response r = make_json(req, http::status::ok, t.result.empty() ? "null" : t.result);
-      r.set(http::field::vary, "Accept");
-      return r;
-    }
     boost::system::error_code ec;
     const json::value v = json::parse(t.result, ec);
     const json::object empty;
     const json::object& o = !ec && v.is_object() ? v.as_object() : empty;
-    auto missing = [&](const std::string& what) {
-      return HttpError{http::status::not_found, "not_found",
-                       "task " + id + "'s result has no " + what +
-                           (format == "text" ? std::string(" (format=json gives all of it)")
-                                             : " (create the task with options {\"output\": \"" +
-                                                   format + "\"})")};
-    };
-    std::string body;
-    if (format == "text") {
-      const json::value* text = o.if_contains("text");
-      if (text == nullptr || !text->is_string()) throw missing("text");
-      body = std::string(text->as_string());
-    } else if (format == "pdf") {
-      const json::value* pdf = o.if_contains("pdf_base64");
-      if (pdf == nullptr || !pdf->is_string()) throw missing("pdf");
-      try {
-        body = base64_decode(pdf->as_string());
-      } catch (const HttpError&) {
-        throw HttpError{http::status::internal_server_error, "internal",
-                        "task " + id + "'s pdf_base64 is not base64"};
+    // The result as `f`, or nullopt when the task did not make it.
+    auto as = [&](const std::string& f) -> std::optional<std::string> {
+      if (f == "json") return t.result.empty() ? std::string("null") : t.result;
+      if (f == "text") {
+        const json::value* text = o.if_contains("text");
+        if (text == nullptr || !text->is_string()) return std::nullopt;
+        return std::string(text->as_string());
       }
-    } else {
-      body = document(format, o, id);
-      if (body.empty()) throw missing(format);
+      if (f == "pdf") {
+        const json::value* pdf = o.if_contains("pdf_base64");
+        if (pdf == nullptr || !pdf->is_string()) return std::nullopt;
+        try {
+          return base64_decode(pdf->as_string());
+        } catch (const HttpError&) {
+          throw HttpError{http::status::internal_server_error, "internal",
+                          "task " + id + "'s pdf_base64 is not base64"};
+        }
+      }
+      std::string doc = document(f, o, id);
+      if (doc.empty()) return std::nullopt;
+      return doc;
+    };
+    for (const std::string& f : wanted) {
+      std::optional<std::string> body = as(f);
+      if (!body) continue;
+      if (f == "json") {
+        Response r = make_json(req, http::status::ok, std::move(*body));
+        r.set(http::field::vary, "Accept");
+        return r;
+      }
+      const char* type = "application/json";
+      for (const auto& k : kFormats) {
+        if (f == k.first) type = k.second;
+      }
+      Response r = make(req, http::status::ok, std::move(*body));
+      r.set(http::field::content_type, type);
+      r.set(http::field::vary, "Accept");
+      return r;
     }
-    Response r = make(req, http::status::ok, std::move(body));
-    r.set(http::field::content_type, type);
-    r.set(http::field::vary, "Accept");
-    return r;
+    const std::string& first = wanted.front();
+    throw HttpError{
+        http::status::not_found, "not_found",
+        "task " + id + "'s result has no " + first +
+            (first == "text" ? std::string(" (format=json gives all of it)")
+                             : " (create the task with options {\"output\": \"" + first + "\"})")};
   }
 
-  // The format the Accept header asks for: its first media type (with a q
-  // above 0) that /result serves; JSON without one or for */*; 406 when it
-  // names only types /result does not serve.
-  static std::string accepted_format(const Request& req) {
+  // The formats the Accept header asks for, best first: its media types
+  // that /result serves, by q (highest first; equal ones in the header's
+  // order), q=0 left out; JSON without the header or for */*. 406 when it
+  // names only types /result does not serve; 400 for a q that is not a
+  // number from 0 to 1.
+  static std::vector<std::string> accepted_formats(const Request& req) {
     const auto h = req.find(http::field::accept);
-    if (h == req.end()) return "json";
+    if (h == req.end()) return {"json"};
     static const std::pair<const char*, const char*> kTypes[] = {
         {"application/json", "json"},
         {"text/plain", "text"},
@@ -773,32 +813,67 @@ class Api {
         {"application/*", "json"},
         {"text/*", "text"},
     };
+    struct Choice {
+      int q;  // thousandths
+      std::size_t order;
+      std::string format;
+    };
+    std::vector<Choice> choices;
     const std::string accept(h->value());
-    std::size_t at = 0;
+    std::size_t at = 0, order = 0;
     while (at <= accept.size()) {
       const auto comma = accept.find(',', at);
-      std::string range =
+      const std::string item =
           accept.substr(at, comma == std::string::npos ? std::string::npos : comma - at);
       at = comma == std::string::npos ? accept.size() + 1 : comma + 1;
-      const auto semi = range.find(';');
-      const std::string params = semi == std::string::npos ? "" : range.substr(semi);
-      range = range.substr(0, semi);
-      while (!range.empty() && range.front() == ' ') range.erase(0, 1);
-      while (!range.empty() && range.back() == ' ') range.pop_back();
-      if (params.find("q=0") != std::string::npos &&
-          params.find_first_of("123456789", params.find("q=0")) == std::string::npos) {
-        continue;  // q=0, 0.0, 0.00: not acceptable
+      std::vector<std::string_view> parts;
+      for (std::size_t p = 0; p <= item.size();) {
+        const auto semi = item.find(';', p);
+        const auto end = semi == std::string::npos ? item.size() : semi;
+        parts.push_back(trim(std::string_view(item).substr(p, end - p)));
+        p = end + 1;
       }
-      for (const auto& [type, format] : kTypes) {
-        if (iequals_prefix(range, type) && range.size() == std::string_view(type).size()) {
-          return format;
-        }
+      int q = 1000;
+      for (std::size_t k = 1; k < parts.size(); ++k) {
+        const std::string_view param = parts[k];
+        if (param.size() < 2 || (param[0] != 'q' && param[0] != 'Q') || param[1] != '=') continue;
+        const std::optional<int> parsed = parse_qvalue(param.substr(2));
+        if (!parsed) bad_request("Accept: q must be a number from 0 to 1 (at most 3 decimals)");
+        q = *parsed;
+      }
+      if (q == 0) continue;
+      for (const auto& [type, f] : kTypes) {
+        if (iequals(parts[0], type)) choices.push_back({q, order++, f});
       }
     }
-    throw HttpError{http::status::not_acceptable, "not_acceptable",
-                    "/result serves application/json, text/plain, application/xhtml+xml "
-                    "(hOCR), application/xml (ALTO), text/tab-separated-values and "
-                    "application/pdf"};
+    if (choices.empty()) {
+      throw HttpError{http::status::not_acceptable, "not_acceptable",
+                      "/result serves application/json, text/plain, application/xhtml+xml "
+                      "(hOCR), application/xml (ALTO), text/tab-separated-values and "
+                      "application/pdf"};
+    }
+    std::stable_sort(choices.begin(), choices.end(),
+                     [](const Choice& a, const Choice& b) { return a.q > b.q; });
+    std::vector<std::string> out;
+    for (const auto& c : choices) {
+      if (std::find(out.begin(), out.end(), c.format) == out.end()) out.push_back(c.format);
+    }
+    return out;
+  }
+
+  // RFC 9110's qvalue: 0[.ddd] or 1[.000], as thousandths.
+  static std::optional<int> parse_qvalue(std::string_view v) {
+    if (v.empty() || (v[0] != '0' && v[0] != '1')) return std::nullopt;
+    int q = (v[0] - '0') * 1000;
+    if (v.size() == 1) return q;
+    if (v[1] != '.' || v.size() > 5) return std::nullopt;
+    int scale = 100;
+    for (std::size_t i = 2; i < v.size(); ++i, scale /= 10) {
+      if (v[i] < '0' || v[i] > '9') return std::nullopt;
+      q += (v[i] - '0') * scale;
+    }
+    if (q > 1000) return std::nullopt;
+    return q;
   }
 
   static std::string xml_escape(const std::string& s) {
@@ -899,6 +974,7 @@ class Api {
 
   Response start(const Request& req, const std::string& id) {
     const json::object body = parse_body(req, false);
+    only_keys(body, {"device", "priority", "batch_size", "options"}, "");
     taskmgr::TaskStartRequest p;
     p.device = get_string(body, "device", "");
     p.priority = get_int(body, "priority");
@@ -1041,6 +1117,7 @@ std::string events_task_id(const Request& req) {
   bool seen = false;
   for (const auto& [k, v] : parse_query(t.substr(q + 1))) {
     if (k != "task_id" || seen) bad_request("the only query parameter of /events is task_id=ID");
+    if (v.empty()) bad_request("task_id is empty: /events?task_id=ID, or /events for every task");
     id = v;
     seen = true;
   }
@@ -1054,17 +1131,32 @@ StreamRoute EventFanout::route(const ApiOptions& options) {
     const std::string_view t(req.target().data(), req.target().size());
     return t == "/events" || t.rfind("/events?", 0) == 0;
   };
-  r.admit = [&options](const Request& req) -> std::optional<Response> {
+  r.admit = [this, &options](const Request& req) -> std::optional<Response> {
     if (auto u = unauthorized(options, req)) return u;
-    if (req.method() != http::verb::get) {
-      return json_error(http::status::method_not_allowed, "method_not_allowed",
-                        std::string(req.method_string()) + " is not allowed on /events",
-                        req.version(), req.keep_alive());
+    if (req.method() != http::verb::get && req.method() != http::verb::head) {
+      Response e = json_error(http::status::method_not_allowed, "method_not_allowed",
+                              std::string(req.method_string()) + " is not allowed on /events",
+                              req.version(), req.keep_alive());
+      e.set(http::field::allow, "GET, HEAD");
+      return e;
     }
     try {
-      (void)events_task_id(req);
+      const std::string id = events_task_id(req);
+      if (!id.empty()) (void)tm_.get_task(id);  // 404 for an unknown task
     } catch (const HttpError& e) {
       return json_error(e.status, e.code, e.message, req.version(), req.keep_alive());
+    } catch (const taskmgr::Error& e) {
+      const HttpError h = from_error(e);
+      return json_error(h.status, h.code, h.message, req.version(), req.keep_alive());
+    }
+    if (req.method() == http::verb::head) {
+      // A stream's header without the stream: nothing follows it.
+      Response h{http::status::ok, req.version()};
+      h.set(http::field::server, "taskmgr-http");
+      h.set(http::field::content_type, "text/event-stream");
+      h.set(http::field::cache_control, "no-cache");
+      h.keep_alive(req.keep_alive());
+      return h;
     }
     return std::nullopt;
   };

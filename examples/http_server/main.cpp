@@ -44,6 +44,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
+#include <map>
 #include <string>
 #include <thread>
 #include <vector>
@@ -139,10 +140,23 @@ std::vector<Setting> file_settings(const std::string& path) {
   std::vector<Setting> out;
   const YAML::Node http = YAML::LoadFile(path)["http"];  // parsed and checked by the library
   if (!http || !http.IsMap()) return out;
+  std::map<std::string, int> lines;  // each key's line: a key given twice is refused
+  auto text = [](const std::string& label, const std::string& v) {
+    if (v.find('\0') != std::string::npos) {
+      std::cerr << "taskmgr-http: " << label << ": contains a NUL byte\n";
+      std::exit(2);
+    }
+    return v;
+  };
   for (const auto& kv : http) {
     const std::string key = kv.first.as<std::string>();
-    const std::string label =
-        "http." + key + " (" + path + " line " + std::to_string(kv.first.Mark().line + 1) + ")";
+    const int line = kv.first.Mark().line + 1;
+    const std::string label = "http." + key + " (" + path + " line " + std::to_string(line) + ")";
+    if (const auto [it, fresh] = lines.emplace(key, line); !fresh) {
+      std::cerr << "taskmgr-http: " << label << ": given twice (first at line " << it->second
+                << "): keep one\n";
+      std::exit(2);
+    }
     const char* option = nullptr;
     for (const auto& [k, o] : keys) {
       if (key == k) option = o;
@@ -163,7 +177,7 @@ std::vector<Setting> file_settings(const std::string& path) {
           std::cerr << "taskmgr-http: " << label << ": must be a list of directories\n";
           std::exit(2);
         }
-        out.push_back({option, dir.Scalar(), label});
+        out.push_back({option, text(label, dir.Scalar()), label});
       }
       continue;
     }
@@ -171,7 +185,7 @@ std::vector<Setting> file_settings(const std::string& path) {
       std::cerr << "taskmgr-http: " << label << ": must be a single value\n";
       std::exit(2);
     }
-    out.push_back({option, kv.second.Scalar(), label});
+    out.push_back({option, text(label, kv.second.Scalar()), label});
   }
   return out;
 }
@@ -296,7 +310,10 @@ int main(int argc, char** argv) {
     api.connections = [&server] { return server.connections(); };
     const unsigned short bound = server.port();
     if (!port_file.empty()) std::ofstream(port_file) << bound << "\n";
-    std::cout << "listening on http://" << so.address << ":" << bound << std::endl;
+    // An IPv6 address goes in brackets in a URL.
+    const bool v6 = so.address.find(':') != std::string::npos;
+    std::cout << "listening on http://" << (v6 ? "[" : "") << so.address << (v6 ? "]" : "") << ":"
+              << bound << std::endl;
 
     // Signals on a small io_context of their own: the server's threads are
     // its own business.

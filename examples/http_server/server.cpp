@@ -7,10 +7,12 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cctype>
 #include <condition_variable>
 #include <deque>
 #include <mutex>
 #include <optional>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -195,7 +197,76 @@ class Session : public Stream, public std::enable_shared_from_this<Session> {
           http::status::uri_too_long, "uri_too_long",
           "the request target is longer than " + std::to_string(im_.opt.max_target) + " bytes"));
     }
+    if (auto refused = refuse_framing(req)) return write(std::move(*refused));
     if (parser_->is_done()) return on_read({}, 0);
+    // A client that asked (Expect: 100-continue) waits for a go-ahead
+    // before it sends the body (curl does for bodies over 1 MiB).
+    if (expects_continue(req)) {
+      stream_.expires_after(im_.opt.body_timeout);
+      return asio::async_write(stream_, asio::buffer(kContinue),
+                               [self = shared_from_this()](error_code wec, std::size_t) {
+                                 if (wec) return self->close();
+                                 self->read_body();
+                               });
+    }
+    read_body();
+  }
+
+  static constexpr std::string_view kContinue = "HTTP/1.1 100 Continue\r\n\r\n";
+
+  static std::string lower_trimmed(std::string_view v) {
+    std::string s;
+    for (char c : v) {
+      if (c != ' ' && c != '\t')
+        s += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    }
+    return s;
+  }
+
+  static bool expects_continue(const Request& req) {
+    const auto it = req.find(http::field::expect);
+    return it != req.end() && lower_trimmed(it->value()) == "100-continue";
+  }
+
+  // A body the server cannot frame or read is refused before it is read,
+  // and the connection closed (what follows on it cannot be trusted to be
+  // a request): a Transfer-Encoding other than "chunked" alone (RFC 9112,
+  // 6.1: a request whose last coding is not chunked has no length, and
+  // taking its body for the next request would let one request hide
+  // another), a Content-Encoding (the bytes would be stored encoded), an
+  // Expect other than 100-continue.
+  static std::optional<Response> refuse_framing(const Request& req) {
+    std::string te;
+    for (auto [it, end] = req.equal_range(http::field::transfer_encoding); it != end; ++it) {
+      if (!te.empty()) te += ',';
+      te += lower_trimmed(it->value());
+    }
+    if (!te.empty() && te != "chunked") {
+      const bool last_chunked = te.size() >= 7 && te.compare(te.size() - 7, 7, "chunked") == 0;
+      return json_error(last_chunked ? http::status::not_implemented : http::status::bad_request,
+                        last_chunked ? "not_implemented" : "bad_request",
+                        "Transfer-Encoding '" + te + "' is not supported: send the body as it " +
+                            "is, with Content-Length or Transfer-Encoding: chunked",
+                        req.version(), false);
+    }
+    for (auto [it, end] = req.equal_range(http::field::content_encoding); it != end; ++it) {
+      const std::string ce = lower_trimmed(it->value());
+      if (!ce.empty() && ce != "identity") {
+        return json_error(
+            http::status::unsupported_media_type, "unsupported_media_type",
+            "Content-Encoding '" + ce + "' is not supported: send the bytes as " + "they are",
+            req.version(), false);
+      }
+    }
+    if (const auto it = req.find(http::field::expect);
+        it != req.end() && lower_trimmed(it->value()) != "100-continue") {
+      return json_error(http::status::expectation_failed, "expectation_failed",
+                        "Expect: only 100-continue is understood", req.version(), false);
+    }
+    return std::nullopt;
+  }
+
+  void read_body() {
     // A body of some size is read in pieces of up to 64 KiB: the buffer
     // has the capacity the header needed, and a read takes no more than
     // that (a 1 MiB upload took ~250 reads, each a trip through the
@@ -223,6 +294,13 @@ class Session : public Stream, public std::enable_shared_from_this<Session> {
                                "the request could not be handled", req.version(), false);
         }
         asio::post(self->stream_.get_executor(), [self, req, r = std::move(refused)]() mutable {
+          if (r && req.method() == http::verb::head && !r->body().empty()) {
+            // A HEAD's answer has no body (its length kept): else the
+            // next response on the connection would start with it.
+            const std::size_t n = r->body().size();
+            r->body().clear();
+            r->content_length(n);
+          }
           if (r) return self->write(std::move(*r));
           self->open_stream(req);
         });

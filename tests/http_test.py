@@ -237,6 +237,41 @@ class HttpServerTest(unittest.TestCase):
             buf += chunk
         self.fail("no such event within %s s: %s" % (timeout, got[-5:]))
 
+    def test_streams_that_never_read_do_not_hold_up_those_that_do(self):
+        # 40 clients that open the stream and never read (a small receive
+        # buffer: the server's writes to them block at once) beside 2 that
+        # read: these get every event, in order, and the stalled ones hold
+        # the messages shared, not a copy each. (One write a message per
+        # stream let the readers fall megabytes behind and be dropped.)
+        import socket
+        stalled = []
+        for _ in range(40):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.settimeout(30)
+            s.connect(("127.0.0.1", self.port))
+            s.sendall(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+            stalled.append(s)
+        self.addCleanup(lambda: [s.close() for s in stalled])
+        readers = [self.open_events() for _ in range(2)]
+        for sock, _ in readers:
+            self.addCleanup(sock.close)
+        created = []
+        for _ in range(600):  # ~200 KiB of events: within any stream's share
+            status, t = self.upload("", TINY_PNG)
+            self.assertEqual(status, 201, t)
+            created.append(t["id"])
+        last = created[-1]
+        for sock, buf in readers:
+            got = self.read_events(sock, buf, lambda name, d: d["task_id"] == last)
+            seqs = [d["sequence"] for _, d in got]
+            self.assertEqual(seqs, sorted(seqs))
+            self.assertEqual(len(seqs), len(set(seqs)))
+            made = [d["task_id"] for name, d in got if name == "created"]
+            self.assertEqual([i for i in made if i in set(created)], created)
+        for task_id in created:
+            self.request("POST", "/tasks/%s/cancel" % task_id)
+
     def test_a_stream_s_client_that_leaves_no_longer_counts_as_a_connection(self):
         # It held every stop for the whole drain timeout (10 s): the server
         # counted it open until its session object went, at the next event.

@@ -1094,9 +1094,10 @@ int EventFanout::streams() const {
 // On the manager's event thread: send() only queues, so one slow client
 // delays nobody (it is dropped past its backlog).
 void EventFanout::publish(const taskmgr::EventRecord& e) {
-  const std::string msg = "id: " + std::to_string(e.sequence) +
-                          "\nevent: " + std::string(taskmgr::to_string(e.event)) +
-                          "\ndata: " + taskmgr::to_json(e) + "\n\n";
+  // One copy of the message, shared by every stream it goes to.
+  const auto msg = std::make_shared<const std::string>(
+      "id: " + std::to_string(e.sequence) + "\nevent: " + std::string(taskmgr::to_string(e.event)) +
+      "\ndata: " + taskmgr::to_json(e) + "\n\n");
   std::lock_guard<std::mutex> g(mu_);
   subs_.erase(std::remove_if(subs_.begin(), subs_.end(),
                              [&](const Sub& s) {

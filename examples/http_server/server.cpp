@@ -126,6 +126,10 @@ class HttpServer::Impl {
   bool stop_requested = false;
   std::atomic<bool> stopping{false};
   std::vector<std::weak_ptr<Session>> sessions;  // guarded by mu
+  // Bytes queued for the streams' clients, all together, and the streams
+  // open: past the total budget each stream may hold its share only.
+  std::atomic<std::size_t> stream_bytes{0};
+  std::atomic<std::size_t> streams_open{0};
   asio::thread_pool pool;
   asio::io_context ioc;
   tcp::acceptor acceptor;
@@ -144,10 +148,23 @@ class Session : public Stream, public std::enable_shared_from_this<Session> {
   Session(tcp::socket socket, HttpServer::Impl& im) : stream_(std::move(socket)), im_(im) {}
 
   // Stream: from any thread.
-  bool send(std::string bytes) override {
+  using Stream::send;
+  bool send(std::shared_ptr<const std::string> bytes) override {
     if (closed_.load()) return false;
-    const std::size_t n = bytes.size();
-    if (backlog_.fetch_add(n) + n > im_.stream_route.max_backlog) {
+    const std::size_t n = bytes->size();
+    const std::size_t mine = backlog_.fetch_add(n) + n;
+    const std::size_t total = im_.stream_bytes.fetch_add(n) + n;
+    // Each stream may hold max_backlog; once all of them together hold
+    // more than max_total_backlog, each may hold its share of that (clients
+    // that read keep up and hold little; those that do not are dropped
+    // first, and the server's memory stays bounded however many there are).
+    std::size_t limit = im_.stream_route.max_backlog;
+    if (total > im_.stream_route.max_total_backlog) {
+      const std::size_t share =
+          im_.stream_route.max_total_backlog / std::max<std::size_t>(1, im_.streams_open.load());
+      limit = std::min(limit, std::max<std::size_t>(share, 64 * 1024));
+    }
+    if (mine > limit) {
       // A client that does not read: dropped, not buffered without bound.
       asio::post(stream_.get_executor(), [self = shared_from_this()] { self->close(); });
       return false;
@@ -158,7 +175,11 @@ class Session : public Stream, public std::enable_shared_from_this<Session> {
     });
     return true;
   }
-  ~Session() { count_out(); }
+  ~Session() {
+    count_out();
+    im_.stream_bytes.fetch_sub(backlog_.load());  // never written
+    if (stream_counted_) im_.streams_open.fetch_sub(1);
+  }
 
   void start() { read(); }
 
@@ -384,11 +405,14 @@ class Session : public Stream, public std::enable_shared_from_this<Session> {
   // line every heartbeat finds a client that is gone.
   void open_stream(const Request& req) {
     streaming_ = true;
+    stream_counted_ = true;
+    im_.streams_open.fetch_add(1);
     if (im_.stopping.load()) return close();
-    out_.push_back(
+    out_.push_back(std::make_shared<const std::string>(
         "HTTP/1.1 200 OK\r\nServer: taskmgr-http\r\nContent-Type: text/event-stream\r\n"
-        "Cache-Control: no-cache\r\nConnection: close\r\nX-Accel-Buffering: no\r\n\r\n");
-    backlog_.fetch_add(out_.back().size());
+        "Cache-Control: no-cache\r\nConnection: close\r\nX-Accel-Buffering: no\r\n\r\n"));
+    backlog_.fetch_add(out_.back()->size());
+    im_.stream_bytes.fetch_add(out_.back()->size());
     write_next();
     heartbeat_.emplace(stream_.get_executor());
     beat();
@@ -427,11 +451,23 @@ class Session : public Stream, public std::enable_shared_from_this<Session> {
     }
     writing_ = true;
     stream_.expires_after(im_.opt.body_timeout);  // a client that stops reading is dropped
-    asio::async_write(stream_, asio::buffer(out_.front()),
-                      [self = shared_from_this()](error_code ec, std::size_t n) {
-                        (void)n;
-                        self->backlog_.fetch_sub(self->out_.front().size());
-                        self->out_.pop_front();
+    // What is queued, up to 64 messages, in one write (one message a write
+    // made a trip through the reactor and a system call each, for every
+    // stream: under a burst of events the readers fell behind).
+    write_bufs_.clear();
+    for (const auto& m : out_) {
+      if (write_bufs_.size() == kGather) break;
+      write_bufs_.emplace_back(m->data(), m->size());
+    }
+    asio::async_write(stream_, write_bufs_,
+                      [self = shared_from_this()](error_code ec, std::size_t) {
+                        std::size_t bytes = 0;
+                        for (std::size_t i = 0; i < self->write_bufs_.size(); ++i) {
+                          bytes += self->out_.front()->size();
+                          self->out_.pop_front();
+                        }
+                        self->backlog_.fetch_sub(bytes);
+                        self->im_.stream_bytes.fetch_sub(bytes);
                         if (ec) return self->close();
                         self->write_next();
                       });
@@ -464,9 +500,14 @@ class Session : public Stream, public std::enable_shared_from_this<Session> {
   bool busy_ = false;  // a request is with the handler or being written
   bool streaming_ = false;
   bool writing_ = false;
-  std::deque<std::string> out_;  // a stream's bytes to write (the strand's)
+  // A stream's messages to write (the strand's), shared with the other
+  // streams they were sent to.
+  std::deque<std::shared_ptr<const std::string>> out_;
+  static constexpr std::size_t kGather = 64;
+  std::vector<asio::const_buffer> write_bufs_;  // the write in flight (the strand's)
   std::atomic<std::size_t> backlog_{0};
   std::atomic<bool> closed_{false};
+  bool stream_counted_ = false;  // in streams_open (the strand's; read by the destructor)
   std::atomic<bool> counted_out_{false};
   std::optional<asio::steady_timer> heartbeat_;
   std::array<char, 256> peer_bytes_{};  // what a stream's client sends: dropped

@@ -64,8 +64,13 @@ using Handler = std::function<Response(const Request&)>;
 class Stream {
  public:
   virtual ~Stream() = default;
-  // Queues bytes; false once the stream is closed (drop it then).
-  virtual bool send(std::string bytes) = 0;
+  // Queues bytes; false once the stream is closed (drop it then). The
+  // bytes are shared, not copied: one message sent to many streams is held
+  // once however far behind its clients are.
+  virtual bool send(std::shared_ptr<const std::string> bytes) = 0;
+  bool send(std::string bytes) {
+    return send(std::make_shared<const std::string>(std::move(bytes)));
+  }
 };
 
 // The route of streams. For a request `matches` takes (cheap: the target
@@ -77,6 +82,9 @@ struct StreamRoute {
   std::function<std::optional<Response>(const Request&)> admit;
   std::function<void(const Request&, std::shared_ptr<Stream>)> on_open;
   std::size_t max_backlog = 4u << 20;
+  // All streams together: past it, each may hold its share of it (at least
+  // 64 KiB), and the clients that read least are dropped first.
+  std::size_t max_total_backlog = 64u << 20;
   std::chrono::milliseconds heartbeat{15'000};
 };
 

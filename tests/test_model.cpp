@@ -1,6 +1,7 @@
 // The task state machine against a model: random sequences of create,
 // start, cancel, complete, fail, out-of-memory (retry: CPU fallback or
-// backoff), clock advances and close + reopen, through the public API with
+// backoff), priority changes, deletes of ended tasks (and of live ones,
+// refused), clock advances and close + reopen, through the public API with
 // a real SQLite file, checked after every step:
 //
 //  * every task's status is the one the model allows (queued or running
@@ -119,6 +120,11 @@ class Grammar {
     auto bad = [&] { return "event " + ev + " in state " + state_; };
     const bool terminal = ev == "completed" || ev == "failed" || ev == "cancelled";
     if (terminal && ++terminals_ > 1) return "a second terminal event: " + ev;
+    if (ev == "priority_changed") {
+      // The host's change of a waiting task: its state stays.
+      if (state_ != "pending" && state_ != "queued" && state_ != "between_attempts") return bad();
+      return "";
+    }
     if (state_ == "start") {
       if (ev != "created") return bad();
       state_ = "pending";
@@ -279,7 +285,9 @@ class Model {
     if (roll < 63) return finish(Script::End::kComplete);
     if (roll < 70) return finish(Script::End::kFail);
     if (roll < 85) return finish(Script::End::kOom);
-    if (roll < 99) return advance();
+    if (roll < 93) return advance();
+    if (roll < 96) return set_priority();
+    if (roll < 99) return remove();
     return reopen();
   }
 
@@ -298,6 +306,8 @@ class Model {
   }
 
   std::size_t tasks() const { return tasks_.size(); }
+  std::size_t priorities_changed() const { return priorities_changed_; }
+  std::size_t deleted() const { return deleted_; }
   std::size_t ended() const { return ended_; }
 
  private:
@@ -376,6 +386,61 @@ class Model {
       e.backoff_until = clock_->steady_now() + std::chrono::seconds(1 << (attempt - 1));
     }
     return "oom " + id + " on " + device + " (attempt " + std::to_string(attempt) + ")";
+  }
+
+  // A live task's new priority: pending and backing-off tasks take it; a
+  // waiting one takes it, or is refused if it runs now; an ended one refuses.
+  std::string set_priority() {
+    const std::string id = pick([](const Expect&) { return true; });
+    if (id.empty()) return create();
+    const Expect& e = tasks_[id].expect;
+    const int p = std::uniform_int_distribution<int>(-3, 3)(rng_);
+    try {
+      const Task t = tm_->set_task_priority(id, p);  // (outside CHECK: it would catch a throw)
+      CHECK(t.priority == p);
+      CHECK(e.state != Expect::State::kDone);
+      ++priorities_changed_;
+      return "priority " + std::to_string(p) + " for " + id;
+    } catch (const Error& err) {
+      CHECK(err.code() == ErrorCode::kInvalidState);
+      CHECK(e.state != Expect::State::kPending);
+      CHECK(e.state != Expect::State::kBackoff);
+      return "priority refused for " + id + ": " + err.what();
+    }
+  }
+
+  // Deletes an ended task (it leaves the store, subscribers hear of it), or
+  // tries a live one (refused, nothing changes).
+  std::string remove() {
+    const bool live_one = std::uniform_int_distribution<int>(0, 3)(rng_) == 0 || ended_ids_.empty();
+    if (live_one) {
+      const std::string id = pick([](const Expect& x) { return x.state != Expect::State::kDone; });
+      if (id.empty()) return create();
+      try {
+        tm_->delete_task(id);
+        FAIL("a live task was deleted: " << id);
+      } catch (const Error& err) {
+        CHECK(err.code() == ErrorCode::kInvalidState);
+      }
+      return "delete refused for live " + id;
+    }
+    const std::size_t at =
+        std::uniform_int_distribution<std::size_t>(0, ended_ids_.size() - 1)(rng_);
+    const std::string id = ended_ids_[at];
+    ended_ids_.erase(ended_ids_.begin() + static_cast<std::ptrdiff_t>(at));
+    tm_->delete_task(id);
+    try {
+      tm_->get_task(id);
+      FAIL("a deleted task is still there: " << id);
+    } catch (const Error& err) {
+      CHECK(err.code() == ErrorCode::kNotFound);
+    }
+    tm_->flush_events();
+    const auto delivered = events_.take(id, 0);
+    REQUIRE_FALSE(delivered.empty());
+    CHECK(delivered.back().event == TaskEvent::kDeleted);
+    ++deleted_;
+    return "delete " + id;
   }
 
   std::string advance() {
@@ -550,6 +615,8 @@ class Model {
     for (const auto& id : forget) {
       tasks_.erase(id);
       ++ended_;
+      ended_ids_.push_back(id);  // for a later delete
+      if (ended_ids_.size() > 50) ended_ids_.erase(ended_ids_.begin());
     }
   }
 
@@ -572,6 +639,9 @@ class Model {
   std::unique_ptr<TaskManager> tm_;
   std::map<std::string, Tracked> tasks_;
   std::size_t ended_ = 0;
+  std::vector<std::string> ended_ids_;  // recently ended (forgotten by the model), to delete
+  std::size_t priorities_changed_ = 0;
+  std::size_t deleted_ = 0;
 };
 
 std::uint64_t env_or(const char* name, std::uint64_t fallback) {
@@ -598,8 +668,11 @@ TEST_CASE(
                              std::to_string(seed) + ")");
     }
     MESSAGE("model test: " << steps << " steps, " << model.ended() << " tasks ended, "
-                           << model.tasks() << " still live");
+                           << model.tasks() << " still live, " << model.priorities_changed()
+                           << " priorities changed, " << model.deleted() << " deleted");
     CHECK(model.ended() > steps / 20);  // the walk did reach the ends it checks
+    CHECK(model.priorities_changed() > steps / 200);
+    CHECK(model.deleted() > steps / 200);
   }
   std::error_code ec;
   fs::remove_all(dir, ec);

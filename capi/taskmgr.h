@@ -427,10 +427,22 @@ TASKMGR_API int taskmgr_start_task(taskmgr_manager* manager, const char* task_id
 TASKMGR_API int taskmgr_cancel_task(taskmgr_manager* manager, const char* task_id,
                                     int* out_cancelled);
 
+/* Runs a failed or cancelled task again: a new attempt of the same task
+ * (its events kept, the attempt counter going on), queued with `params`
+ * where they give something (NULL = keep everything; placed again when the
+ * device or batch size changes). Events "retried" (reason "host") and
+ * "queued" record it.
+ * Errors: TASKMGR_E_NOT_FOUND, TASKMGR_E_INVALID_STATE (not failed or
+ * cancelled, its cleanup not done, or the manager is closed),
+ * TASKMGR_E_QUEUE_FULL (it stays as it was), TASKMGR_E_INVALID_ARGUMENT,
+ * TASKMGR_E_DEVICE_UNAVAILABLE. */
+TASKMGR_API int taskmgr_retry_task(taskmgr_manager* manager, const char* task_id,
+                                   const taskmgr_start_params* params);
+
 /* Changes a waiting task's priority: a pending one starts with it, a queued
  * one moves to its place in its device's queue (among equals by when it was
  * queued), one waiting for a retry is queued with it. A "priority_changed"
- * event records it.
+ * event records a change (none when the priority is the one it has).
  * Errors: TASKMGR_E_NOT_FOUND, TASKMGR_E_INVALID_STATE (it runs, is
  * finishing an attempt, or has ended; or the manager is closed),
  * TASKMGR_E_INVALID_ARGUMENT. */
@@ -444,8 +456,9 @@ TASKMGR_API int taskmgr_set_task_priority(taskmgr_manager* manager, const char* 
  * TASKMGR_E_INVALID_STATE (not ended yet: cancel it and wait for it; its
  * cleanup did not complete; its final state is not stored yet; a row of an
  * adopted table taskmgr did not run; or the manager is closed),
- * TASKMGR_E_INVALID_ARGUMENT, TASKMGR_E_UNSUPPORTED (a store that cannot
- * delete). */
+ * TASKMGR_E_INVALID_ARGUMENT, TASKMGR_E_IO (the store cannot write the
+ * delete now: nothing was deleted), TASKMGR_E_UNSUPPORTED (a store that
+ * cannot delete). */
 TASKMGR_API int taskmgr_delete_task(taskmgr_manager* manager, const char* task_id);
 
 /* The task as a JSON object with every spec field (id, service, input,

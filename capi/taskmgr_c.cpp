@@ -774,6 +774,34 @@ int taskmgr_start_task(taskmgr_manager* manager, const char* task_id,
   });
 }
 
+int taskmgr_retry_task(taskmgr_manager* manager, const char* task_id,
+                       const taskmgr_start_params* params) {
+  return guarded([&] {
+    constexpr const char* fn = "taskmgr_retry_task";
+    auto& tm = manager_of(manager, fn);
+    const std::string id = task_id_arg(task_id, fn);
+    taskmgr::TaskStartRequest req;
+    if (params != nullptr) {
+      check_struct(params, fn, "taskmgr_start_params");
+      taskmgr_start_params p;
+      taskmgr_start_params_init(&p);
+      std::memcpy(&p, params, params->struct_size);
+      if (p.batch_size < 0) {
+        throw_invalid(std::string(fn) + ": batch_size must be >= 0 (0 = keep), got " +
+                      std::to_string(p.batch_size));
+      }
+      if (p.device != nullptr) {
+        require_utf8(p.device, fn, "device");
+        req.device = p.device;
+      }
+      if (p.set_priority != 0) req.priority = p.priority;
+      if (p.batch_size > 0) req.batch_size = p.batch_size;
+      if (p.options_json != nullptr) req.options_json = p.options_json;
+    }
+    tm.retry_task(id, req);
+  });
+}
+
 int taskmgr_cancel_task(taskmgr_manager* manager, const char* task_id, int* out_cancelled) {
   return guarded([&] {
     constexpr const char* fn = "taskmgr_cancel_task";
@@ -941,7 +969,17 @@ int taskmgr_list_tasks_page(taskmgr_manager* manager, const taskmgr_list_params*
       require_utf8(p.before, fn, "before");
       f.before = taskmgr::parse_task_cursor(p.before);
       if (!f.before) {
-        throw_invalid(std::string(fn) + ": before '" + p.before +
+        // Quoted in part: a cursor is short, and what was passed may not be.
+        std::string shown(p.before);
+        if (shown.size() > 80) {
+          std::size_t cut = 80;  // at a character's start: the message stays UTF-8
+          while (cut > 0 && (static_cast<unsigned char>(shown[cut]) & 0xC0) == 0x80) --cut;
+          shown = shown.substr(0, cut) + "...";
+        }
+        for (char& ch : shown) {
+          if (static_cast<unsigned char>(ch) < 0x20 || ch == 0x7F) ch = '?';
+        }
+        throw_invalid(std::string(fn) + ": before '" + shown +
                       "' is not a cursor (pass the *out_next_cursor of the previous page)");
       }
     }

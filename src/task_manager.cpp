@@ -379,6 +379,13 @@ std::string not_deletable(const Task& t) {
         "deleted; cancel it and wait for it to end first",
         t.id, status);
   }
+  if (!t.resource_cleanup_completed && !t.assigned_device) {
+    // Never placed by taskmgr: a row of an adopted table that ended before.
+    return fmt::format(
+        "task {} ended {} before taskmgr ran it (a row of the adopted table): "
+        "taskmgr never deletes those",
+        t.id, to_string(t.status));
+  }
   if (!t.resource_cleanup_completed) {
     return fmt::format(
         "task {} ended {}, but its cleanup did not complete (it is redone when the "
@@ -570,6 +577,11 @@ bool TaskManager::cancel_task(const std::string& id) {
   }
   if (impl_->journal_.load_task(id)) return false;  // ended long ago
   throw Error(ErrorCode::kNotFound, "unknown task id '" + id + "'");
+}
+Task TaskManager::retry_task(const std::string& id, const TaskStartRequest& p) {
+  TASKMGR_WRITER_ENTRY("retry_task");
+  DrainOnExit d{impl_->outbox_};
+  return impl_->intake_.retry(id, p);
 }
 Task TaskManager::set_task_priority(const std::string& id, int priority) {
   TASKMGR_WRITER_ENTRY("set_task_priority");

@@ -509,6 +509,7 @@ static void test_null_arguments(void) {
   CHECK_RC(taskmgr_list_tasks_page(NULL, NULL, &out, NULL), TASKMGR_E_INVALID_ARGUMENT);
   CHECK_RC(taskmgr_delete_task(NULL, "x"), TASKMGR_E_INVALID_ARGUMENT);
   CHECK_RC(taskmgr_set_task_priority(NULL, "x", 1), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_retry_task(NULL, "x", NULL), TASKMGR_E_INVALID_ARGUMENT);
   taskmgr_list_params_init(NULL);
   CHECK_RC(taskmgr_get_task_events(NULL, "x", &out), TASKMGR_E_INVALID_ARGUMENT);
   CHECK_RC(taskmgr_get_task_metrics(NULL, &out), TASKMGR_E_INVALID_ARGUMENT);
@@ -566,6 +567,8 @@ static void test_null_arguments(void) {
   CHECK_RC(taskmgr_delete_task(tm, NULL), TASKMGR_E_INVALID_ARGUMENT);
   CHECK_MSG("task_id");
   CHECK_RC(taskmgr_set_task_priority(tm, NULL, 1), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("task_id");
+  CHECK_RC(taskmgr_retry_task(tm, NULL, NULL), TASKMGR_E_INVALID_ARGUMENT);
   CHECK_MSG("task_id");
   CHECK_RC(taskmgr_get_task_metrics(tm, NULL), TASKMGR_E_INVALID_ARGUMENT);
   CHECK_RC(taskmgr_get_metrics_prometheus(tm, NULL), TASKMGR_E_INVALID_ARGUMENT);
@@ -2287,6 +2290,30 @@ static void test_paging_and_delete(void) {
   CHECK_RC(taskmgr_set_task_priority(tm, ids[3], 1), TASKMGR_E_INVALID_STATE);
   CHECK_MSG("completed");
   CHECK_RC(taskmgr_set_task_priority(tm, "no-such-task", 1), TASKMGR_E_NOT_FOUND);
+
+  /* Retry: a cancelled task runs again, with new parameters; a completed
+   * one is refused. */
+  {
+    char again[TASKMGR_TASK_ID_SIZE];
+    taskmgr_start_params sp;
+    echo_request(&r, "/data/again.png", 0);
+    CHECK_RC(taskmgr_create_task(tm, &r, again), TASKMGR_OK);
+    CHECK_RC(taskmgr_cancel_task(tm, again, NULL), TASKMGR_OK);
+    taskmgr_start_params_init(&sp);
+    sp.set_priority = 1;
+    sp.priority = 3;
+    CHECK_RC(taskmgr_retry_task(tm, again, &sp), TASKMGR_OK);
+    CHECK(wait_completed(tm, again));
+    CHECK_RC(taskmgr_get_task_events(tm, again, &json), TASKMGR_OK);
+    CHECK(json != NULL && strstr(json, "\"reason\":\"host\"") != NULL);
+    CHECK(json != NULL && strstr(json, "\"event_type\":\"cancelled\"") != NULL);
+    taskmgr_free(json);
+    json = NULL;
+    CHECK_RC(taskmgr_retry_task(tm, again, NULL), TASKMGR_E_INVALID_STATE);
+    CHECK_MSG("only a failed or cancelled task");
+    CHECK_RC(taskmgr_retry_task(tm, "no-such-task", NULL), TASKMGR_E_NOT_FOUND);
+    CHECK_RC(taskmgr_delete_task(tm, again), TASKMGR_OK);
+  }
 
   /* Delete: an ended task goes with its events; a pending one is refused. */
   CHECK_RC(taskmgr_delete_task(tm, pending), TASKMGR_E_INVALID_STATE);

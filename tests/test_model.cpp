@@ -1,8 +1,8 @@
 // The task state machine against a model: random sequences of create,
 // start, cancel, complete, fail, out-of-memory (retry: CPU fallback or
-// backoff), priority changes, deletes of ended tasks (and of live ones,
-// refused), clock advances and close + reopen, through the public API with
-// a real SQLite file, checked after every step:
+// backoff), priority changes, the host's retries of ended tasks, deletes of
+// ended tasks (and of live ones, refused), clock advances and close + reopen, through the public
+// API with a real SQLite file, checked after every step:
 //
 //  * every task's status is the one the model allows (queued or running
 //    while it waits; exact once it ended, with its cleanup completed);
@@ -191,12 +191,22 @@ class Grammar {
     } else if (state_ == "waiting_cleanup") {
       if (ev != "cleanup_completed") return bad();
       state_ = "done";
+    } else if (state_ == "done" && ev == "retried") {
+      // The host ran the ended task again: a new run, with a terminal
+      // event of its own.
+      state_ = "between_attempts";
+      terminals_ = 0;
     } else {
-      return bad();  // nothing after done
+      return bad();  // nothing else after done
     }
     return "";
   }
   bool done() const { return state_ == "done"; }
+  // A task the model forgot once it ended, tracked again (the host retried it).
+  void resume_ended() {
+    state_ = "done";
+    terminals_ = 1;
+  }
   const std::string& history() const { return history_; }
   const std::string& state() const { return state_; }
 
@@ -212,6 +222,10 @@ class Events {
   void operator()(const EventRecord& e) {
     std::lock_guard<std::mutex> g(mu_);
     by_task_[e.task_id].push_back(e);
+  }
+  std::size_t count(const std::string& id) {
+    std::lock_guard<std::mutex> g(mu_);
+    return by_task_[id].size();
   }
   std::vector<EventRecord> take(const std::string& id, std::size_t from) {
     std::lock_guard<std::mutex> g(mu_);
@@ -286,7 +300,8 @@ class Model {
     if (roll < 70) return finish(Script::End::kFail);
     if (roll < 85) return finish(Script::End::kOom);
     if (roll < 93) return advance();
-    if (roll < 96) return set_priority();
+    if (roll < 95) return set_priority();
+    if (roll < 97) return retry();
     if (roll < 99) return remove();
     return reopen();
   }
@@ -308,6 +323,7 @@ class Model {
   std::size_t tasks() const { return tasks_.size(); }
   std::size_t priorities_changed() const { return priorities_changed_; }
   std::size_t deleted() const { return deleted_; }
+  std::size_t retried() const { return retried_; }
   std::size_t ended() const { return ended_; }
 
  private:
@@ -364,6 +380,9 @@ class Model {
     Expect& e = tasks_[id].expect;
     REQUIRE(e.state == Expect::State::kWaiting);
     ++e.attempts;
+    // Read before the order: once it is given, the next attempt (a CPU
+    // fallback at once) may have started and counted itself.
+    const int attempt = tm_->get_task(id).attempt;
     script_->order(id, how);
     switch (how) {
       case Script::End::kComplete:
@@ -376,7 +395,6 @@ class Model {
     }
     // Out of memory: on the GPU, the CPU at once; on the CPU a backoff of
     // 1 s, 2 s, ...; out of attempts, failed.
-    const int attempt = tm_->get_task(id).attempt;
     if (attempt >= kMaxAttempts) {
       end(id, TaskStatus::kFailed, TaskFailureReason::kOutOfMemory);
     } else if (device != "cpu") {
@@ -407,6 +425,47 @@ class Model {
       CHECK(e.state != Expect::State::kBackoff);
       return "priority refused for " + id + ": " + err.what();
     }
+  }
+
+  // Runs a recently ended task again: a failed or cancelled one is queued
+  // (the model tracks it again, its grammar going on from its end); a
+  // completed one is refused.
+  std::string retry() {
+    if (ended_ids_.empty()) return advance();
+    const std::size_t at =
+        std::uniform_int_distribution<std::size_t>(0, ended_ids_.size() - 1)(rng_);
+    const std::string id = ended_ids_[at];
+    const TaskStatus status = tm_->get_task(id).status;
+    try {
+      const Task t = tm_->retry_task(id);  // (outside CHECK: it would catch a throw)
+      CHECK(t.status == TaskStatus::kQueued);
+      CHECK((status == TaskStatus::kFailed || status == TaskStatus::kCancelled));
+    } catch (const Error& err) {
+      CHECK(err.code() == ErrorCode::kInvalidState);
+      CHECK(status == TaskStatus::kCompleted);
+      return "retry refused for " + id + " (" + std::string(to_string(status)) + ")";
+    }
+    ended_ids_.erase(ended_ids_.begin() + static_cast<std::ptrdiff_t>(at));
+    tm_->flush_events();
+    Tracked& tr = tasks_[id];
+    tr.expect.state = Expect::State::kWaiting;
+    tr.grammar.resume_ended();
+    // Its events before were checked before it was forgotten; the retry's
+    // are checked from its retried event (the host's last), whatever
+    // followed it already.
+    const auto all = events_.take(id, 0);
+    std::size_t from = all.size();
+    for (std::size_t i = all.size(); i-- > 0;) {
+      if (all[i].event == TaskEvent::kRetried &&
+          all[i].details_json.find("\"reason\":\"host\"") != std::string::npos) {
+        from = i;
+        break;
+      }
+    }
+    REQUIRE(from < all.size());
+    tr.events_seen = from;
+    ++retried_;
+    return "retry " + id + " (" + std::string(to_string(status)) + ")";
   }
 
   // Deletes an ended task (it leaves the store, subscribers hear of it), or
@@ -642,6 +701,7 @@ class Model {
   std::vector<std::string> ended_ids_;  // recently ended (forgotten by the model), to delete
   std::size_t priorities_changed_ = 0;
   std::size_t deleted_ = 0;
+  std::size_t retried_ = 0;
 };
 
 std::uint64_t env_or(const char* name, std::uint64_t fallback) {
@@ -669,10 +729,12 @@ TEST_CASE(
     }
     MESSAGE("model test: " << steps << " steps, " << model.ended() << " tasks ended, "
                            << model.tasks() << " still live, " << model.priorities_changed()
-                           << " priorities changed, " << model.deleted() << " deleted");
+                           << " priorities changed, " << model.retried() << " retried, "
+                           << model.deleted() << " deleted");
     CHECK(model.ended() > steps / 20);  // the walk did reach the ends it checks
     CHECK(model.priorities_changed() > steps / 200);
     CHECK(model.deleted() > steps / 200);
+    CHECK(model.retried() > steps / 400);
   }
   std::error_code ec;
   fs::remove_all(dir, ec);

@@ -55,6 +55,7 @@ TEST_CASE("lifecycle: every step is allowed from exactly the phases the table do
       {Step::kEndWaiting, {P::kNew, P::kPending, P::kQueued, P::kBackoff, P::kCleanup}},
       {Step::kCountAttempt, {P::kQueued}},
       {Step::kRequeueUncounted, {P::kCleanup}},
+      {Step::kHostRetry, {P::kDone}},
   };
   REQUIRE(from.size() == static_cast<std::size_t>(kStepCount));
   const Phase phases[] = {P::kNew,     P::kPending, P::kQueued, P::kBackoff,

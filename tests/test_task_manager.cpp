@@ -729,6 +729,149 @@ TEST_CASE(
   refused(a.id, ErrorCode::kInvalidState);
 }
 
+TEST_CASE(
+    "retry_task runs a failed or cancelled task again: same id, history kept, attempt counter "
+    "continued, failure cleared; refused for any other task") {
+  Harness h;
+  h.config.executor.worker_threads = 1;
+  Gate gate;
+  h.open([&](TaskContext& ctx) {
+    if (ctx.options_json().find("\"hold\"") != std::string::npos) gate.wait();
+    if (ctx.options_json().find("\"fail_first\"") != std::string::npos && ctx.attempt() == 1) {
+      throw InvalidInputError("the first attempt fails");
+    }
+    ctx.set_result(R"({"ok":true})");
+  });
+  auto make = [&](const std::string& options) {
+    TaskCreateRequest r;
+    r.service = "svc";
+    r.options_json = options;
+    return h.tm->create_task(r);
+  };
+  const Task failed = make(R"({"mb":100,"fail_first":true})");
+  h.tm->start_task(failed.id);
+  REQUIRE(h.finished(failed.id).status == TaskStatus::kFailed);
+  TaskStartRequest again;
+  again.priority = 4;
+  again.batch_size = 2;
+  const Task retried = h.tm->retry_task(failed.id, again);
+  CHECK(retried.status == TaskStatus::kQueued);
+  CHECK(retried.priority == 4);
+  CHECK(retried.batch_size == 2);
+  CHECK(retried.failure_reason == TaskFailureReason::kNone);
+  CHECK(retried.failure_message.empty());
+  CHECK_FALSE(retried.finished_at.has_value());
+  REQUIRE(eventually([&] { return h.count(failed.id, "completed") == 1; }));
+  const Task done = h.finished(failed.id);
+  CHECK(done.status == TaskStatus::kCompleted);
+  CHECK(done.attempt == 2);  // the counter goes on
+  CHECK(done.result == R"({"ok":true})");
+  CHECK(done.failure_reason == TaskFailureReason::kNone);
+  CHECK(h.events(failed.id) ==
+        std::vector<std::string>{"created", "queued", "resource_acquired", "started", "failed",
+                                 "cleanup_started", "resource_released", "cleanup_completed",
+                                 "retried", "queued", "resource_acquired", "started", "completed",
+                                 "cleanup_started", "resource_released", "cleanup_completed"});
+  const auto r = h.details(failed.id, "retried");
+  CHECK(r.at("reason").as_string() == "host");
+  CHECK(r.at("attempt").as_int64() == 1);
+  CHECK(r.at("next_attempt").as_int64() == 2);
+  CHECK(r.at("batch_size").as_int64() == 2);
+
+  // A cancelled task that never ran runs now (its first attempt).
+  const Task cancelled = make(R"({"mb":100})");
+  CHECK(h.tm->cancel_task(cancelled.id));
+  h.tm->retry_task(cancelled.id);
+  REQUIRE(eventually([&] { return h.status(cancelled.id) == TaskStatus::kCompleted; }));
+  CHECK(h.finished(cancelled.id).attempt == 1);
+
+  auto refused = [&](const std::string& id, ErrorCode code, const std::string& words) {
+    try {
+      h.tm->retry_task(id);
+      FAIL("expected an error for " << id);
+    } catch (const Error& e) {
+      CHECK(e.code() == code);
+      CHECK_MESSAGE(std::string(e.what()).find(words) != std::string::npos, e.what());
+    }
+  };
+  refused(failed.id, ErrorCode::kInvalidState, "create a new task");  // completed now
+  const Task held = make(R"({"mb":100,"hold":true})");
+  refused(held.id, ErrorCode::kInvalidState, "is pending");
+  h.tm->start_task(held.id);
+  REQUIRE(eventually([&] { return h.status(held.id) == TaskStatus::kRunning; }));
+  refused(held.id, ErrorCode::kInvalidState, "is running");
+  refused("no-such-task", ErrorCode::kNotFound, "unknown task id");
+  // No room in the queue: refused, and the task stays cancelled.
+  const Task other = make(R"({"mb":100})");
+  CHECK(h.tm->cancel_task(other.id));
+  h.config.tasks.max_queue_size = 1;  // (the manager has its own copy: fill the queue instead)
+  std::vector<std::string> fillers;
+  try {
+    for (int i = 0; i < 200; ++i) fillers.push_back(h.run().id);
+  } catch (const Error& e) {
+    REQUIRE(e.code() == ErrorCode::kQueueFull);
+  }
+  refused(other.id, ErrorCode::kQueueFull, "");
+  CHECK(h.status(other.id) == TaskStatus::kCancelled);
+  gate.open();
+  h.finished(held.id);
+  for (const auto& id : fillers) h.finished(id);
+  h.tm->close();
+  refused(other.id, ErrorCode::kInvalidState, "closed");
+}
+
+TEST_CASE("retry_task of a task only the store holds (after a reopen): its history goes on") {
+  const fs::path dir = fs::temp_directory_path() / ("taskmgr-retry-" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  struct Remove {
+    fs::path p;
+    ~Remove() {
+      std::error_code ec;
+      fs::remove_all(p, ec);
+    }
+  } remove{dir};
+  const std::string db = (dir / "tasks.db").string();
+  Config c = test_config();
+  c.storage.path = db;
+  std::atomic<int> runs{0};
+  auto open = [&] {
+    TaskManagerOptions o;
+    o.builtin_ocr = false;
+    o.log_sink = [](LogLevel, std::string_view) {};
+    o.store = open_sqlite_store(db);
+    auto tm = std::make_unique<TaskManager>(c, o);
+    tm->register_service(make_function_service("svc", [&](TaskContext& ctx) {
+      ++runs;
+      CHECK(ctx.input().data == std::vector<std::uint8_t>(3000, 7));  // its bytes, from the store
+      if (ctx.attempt() == 1) throw InvalidInputError("first");
+    }));
+    return tm;
+  };
+  std::string id;
+  {
+    auto tm = open();
+    TaskCreateRequest r;
+    r.service = "svc";
+    r.input.data = std::vector<std::uint8_t>(3000, 7);
+    r.start = true;
+    id = tm->create_task(r).id;
+    REQUIRE(tm->wait_task(id, 30s)->status == TaskStatus::kFailed);
+  }
+  auto tm = open();
+  const std::size_t before = tm->get_task_events(id).size();
+  tm->retry_task(id);
+  const auto done = tm->wait_task(id, 30s);
+  REQUIRE(done);
+  CHECK(done->status == TaskStatus::kCompleted);
+  CHECK(done->attempt == 2);
+  CHECK(runs.load() == 2);
+  const auto events = names(tm->get_task_events(id));
+  CHECK(events.size() > before);
+  CHECK(events[before] == "retried");
+  CHECK(events.back() == "cleanup_completed");
+}
+
 TEST_CASE("delete_task of a task only the store holds, after a reopen, and from two threads") {
   const fs::path dir = fs::temp_directory_path() / ("taskmgr-delete-" + std::to_string(::getpid()));
   fs::remove_all(dir);

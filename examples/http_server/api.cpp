@@ -484,6 +484,18 @@ class Api {
         require(http::verb::post);
         return start(req, id);
       }
+      if (action == "retry") {
+        // A failed or cancelled task again; the body as start's (optional).
+        require(http::verb::post);
+        const json::object body = parse_body(req, false);
+        only_keys(body, {"device", "priority", "batch_size", "options"}, "");
+        taskmgr::TaskStartRequest p;
+        p.device = get_string(body, "device", "");
+        p.priority = get_int(body, "priority");
+        p.batch_size = get_int(body, "batch_size");
+        p.options_json = get_options(body);
+        return make_json(req, http::status::accepted, taskmgr::to_json(tm_.retry_task(id, p)));
+      }
       if (action == "priority") {
         // A waiting task's new priority: {"priority": n}.
         require(http::verb::post);

@@ -270,6 +270,7 @@ def _load():
         "taskmgr_start_task": (I, [P, S, ctypes.POINTER(_StartParams)]),
         "taskmgr_cancel_task": (I, [P, S, ctypes.POINTER(ctypes.c_int)]),
         "taskmgr_delete_task": (I, [P, S]),
+        "taskmgr_retry_task": (I, [P, S, ctypes.POINTER(_StartParams)]),
         "taskmgr_set_task_priority": (I, [P, S, ctypes.c_int32]),
         "taskmgr_list_params_init": (None, [ctypes.POINTER(_ListParams)]),
         "taskmgr_list_tasks_page": (I, [P, ctypes.POINTER(_ListParams), PS, PS]),
@@ -385,12 +386,26 @@ def _call_string(fn, *args):
     return _take_string(out.value)
 
 
+def _name(s, what):
+    """A name or word for the library (an id, a status, a cursor, a device):
+    None, or text (str or bytes) of UTF-8 without NUL: a C string ends at
+    its first NUL, so "id\\0junk" would name the task "id"."""
+    if s is None:
+        return None
+    if not isinstance(s, (str, bytes)):
+        raise TypeError("%s must be text, got %r" % (what, s))
+    b = _b(s)
+    if b"\0" in b:
+        raise InvalidArgumentError(-1, "%s holds a NUL character (byte %d)" % (what, b.index(b"\0")))
+    return b
+
+
 def _task_id(task):
     if isinstance(task, dict):
         task = task["id"]
     if not isinstance(task, str):
         raise TypeError("a task is named by its id (str) or its dict, got %r" % (task,))
-    return task.encode("utf-8")
+    return _name(task, "the task id")
 
 
 def _int32(value, name):
@@ -750,6 +765,20 @@ class Manager:
             p.options_json = _b(options if isinstance(options, str) else json.dumps(options))
         _check(_lib.taskmgr_start_task(self._handle(), _task_id(task), ctypes.byref(p)))
 
+    def retry_task(self, task, device=None, priority=None, batch_size=None, options=None):
+        """Runs a failed or cancelled task again (the same id, its events
+        kept, the attempt counter going on); InvalidState for any other."""
+        p = _StartParams()
+        _lib.taskmgr_start_params_init(ctypes.byref(p))
+        p.device = _b(device)
+        if priority is not None:
+            p.set_priority = 1
+            p.priority = _int32(priority, "priority")
+        p.batch_size = _int32(batch_size if batch_size is not None else 0, "batch_size")
+        if options is not None:
+            p.options_json = _b(options if isinstance(options, str) else json.dumps(options))
+        _check(_lib.taskmgr_retry_task(self._handle(), _task_id(task), ctypes.byref(p)))
+
     def submit(self, input=None, **create_args):
         """create_task(input, start=True, **create_args): created and queued in
         one step (one commit); returns the id. A full queue raises
@@ -803,8 +832,9 @@ class Manager:
         self._sliced(lambda seconds: _lib.taskmgr_wait_idle(self._handle(), seconds), timeout)
 
     def list_tasks(self, status=None, service=None, limit=0):
-        return json.loads(_call_string(_lib.taskmgr_list_tasks, self._handle(), _b(status),
-                                       _b(service), _size(limit, "limit")))
+        return json.loads(_call_string(_lib.taskmgr_list_tasks, self._handle(),
+                                       _name(status, "status"), _name(service, "service"),
+                                       _size(limit, "limit")))
 
     def list_tasks_page(self, status=None, service=None, limit=100, before=None,
                         results=False):
@@ -814,10 +844,10 @@ class Manager:
         how many); results only with results=True."""
         p = _ListParams()
         _lib.taskmgr_list_params_init(ctypes.byref(p))
-        p.status = _b(status)
-        p.service = _b(service)
+        p.status = _name(status, "status")
+        p.service = _name(service, "service")
         p.limit = _size(limit, "limit")
-        p.before = _b(before)
+        p.before = _name(before, "before")
         p.with_results = 1 if results else 0
         out = ctypes.c_void_p()
         cursor = ctypes.c_void_p()

@@ -60,9 +60,9 @@ struct TaskCursor {
 
 // A cursor as text, for a page's link: the creation time in microseconds
 // since 1970, '_', the id ("1764771234567000_3f2a..."); and back
-// (std::nullopt when `s` is not one: no '_', no digits before it (an
+// (std::nullopt when `s` is not one: no '_', or no digits before it (an
 // optional '-', then at most 9e15 microseconds: 285 years either side of
-// 1970), or no id after it).
+// 1970); what follows the '_' is the id, empty or not).
 TASKMGR_API std::string to_string(const TaskCursor& c);
 TASKMGR_API std::optional<TaskCursor> parse_task_cursor(std::string_view s);
 

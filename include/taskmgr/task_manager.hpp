@@ -115,11 +115,27 @@ class TASKMGR_API TaskManager {
   // it had already ended.
   bool cancel_task(const std::string& task_id);
 
+  // Runs a failed or cancelled task again: a new attempt of the same task
+  // (its id, events and samples kept; the attempt counter goes on), queued
+  // with the request's priority, device, batch size and options where it
+  // gives them (else the task's own; placed again when the device or batch
+  // size changes or its device can take nothing now). Its failure, result
+  // and finish time are cleared; events `retried` (reason "host") and
+  // `queued` record it. This attempt always runs; the automatic retries it
+  // may get after (out of memory) are those tasks.retry.max_attempts still
+  // allows. Returns the task as queued. Error(kNotFound) for an unknown id;
+  // Error(kInvalidState) for a task that is not failed or cancelled
+  // (completed: create a new one), one whose cleanup is not done, and after
+  // close(); Error(kQueueFull) when the queue has no room (it stays as it
+  // was); the errors of start_task for the request.
+  Task retry_task(const std::string& task_id, const TaskStartRequest& params = {});
+
   // Changes the priority of a waiting task: a pending one starts with it, a
   // queued one moves to its place in its device's queue at once (among
   // tasks of equal priority by when it was queued: the queue timeout still
   // counts from then), one waiting for a retry's backoff is queued with it
-  // (not one lower). A `priority_changed` event records it (stored).
+  // (not one lower). A `priority_changed` event records a change (stored;
+  // none when the priority is the one it has).
   // Returns the task as it is now. Error(kNotFound) for an unknown id,
   // Error(kInvalidState) for a task that runs, is finishing an attempt, or
   // has ended, and after close().
@@ -135,8 +151,10 @@ class TASKMGR_API TaskManager {
   // for it first), one whose cleanup did not complete (it is redone at the
   // next open), one whose final state is not in the store yet (its writes
   // fail: the message says why), and a row of an adopted table that taskmgr
-  // did not run (it never deletes those); Error(kUnsupported) from a host's
-  // store that does not implement TaskStore::delete_tasks.
+  // did not run (it never deletes those); Error(kIoError) when the store
+  // cannot write the delete now (a full disk, a read-only file: nothing is
+  // deleted, and a later call can); Error(kUnsupported) from a host's store
+  // that does not implement TaskStore::delete_tasks.
   void delete_task(const std::string& task_id);
 
   // Reads. get_task answers from memory for a task the manager holds (not
@@ -196,7 +214,8 @@ class TASKMGR_API TaskManager {
   // still read the manager). Idempotent. Error(kInvalidState) from inside
   // host code the library called. After it, calls that change something
   // (register_service, create_task(s), start_task, cancel_task,
-  // set_device_available, subscribe) throw Error(kInvalidState); reads work;
+  // set_device_available, subscribe, retry_task, set_task_priority,
+  // delete_task) throw Error(kInvalidState); reads work;
   // wait_task returns an ended task and throws Error(kInvalidState) for one
   // that stays queued or pending, and wait_idle throws it too (waiters
   // already waiting wake up).

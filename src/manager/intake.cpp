@@ -214,6 +214,91 @@ Task Intake::start(const std::string& id, const TaskStartRequest& p) {
   return scheduler_.start(rec, plan);  // still pending? it checks
 }
 
+Task Intake::retry(const std::string& id, const TaskStartRequest& p) {
+  scheduler_.check_open();
+  if (p.batch_size && *p.batch_size < 1) {
+    throw Error(ErrorCode::kInvalidArgument,
+                fmt::format("batch_size must be >= 1, got {}", *p.batch_size));
+  }
+  check_options(p.options_json);
+  check_name("device", p.device);
+  RecordPtr rec;
+  StartPlan plan;
+  std::string service;
+  int batch_now = 1;
+  {
+    SchedulerLock g(scheduler_.mutex());
+    rec = scheduler_.records().find(id);
+    if (rec) {
+      const Task& t = rec->task;
+      if (std::string why = not_retryable(t, rec->phase() == Phase::kDone); !why.empty()) {
+        throw Error(ErrorCode::kInvalidState, why);
+      }
+      plan.features = rec->features;
+      plan.estimate = t.estimated_memory_mb;
+      plan.device = t.assigned_device.value_or("");
+      plan.priority = p.priority.value_or(t.priority);
+      plan.batch_size = p.batch_size.value_or(t.batch_size);
+      batch_now = t.batch_size;
+      service = t.service;
+    }
+  }
+  if (!rec) {
+    // Ended a while ago: its record is rebuilt from the store, as recovery
+    // builds one (its features read from its input, bytes included).
+    std::optional<Task> t = journal_.load_task(id);
+    if (!t) throw Error(ErrorCode::kNotFound, "unknown task id '" + id + "'");
+    if (std::string why = not_retryable(*t, true); !why.empty()) {
+      throw Error(ErrorCode::kInvalidState, why);
+    }
+    const bool in_store = t->input.path.empty() && !t->input.data.empty();
+    const RequestFeatures features = placement_.features(*t);
+    t->input.leave_out_data();
+    plan.features = features;
+    plan.estimate = t->estimated_memory_mb;
+    plan.device = t->assigned_device.value_or("");
+    plan.priority = p.priority.value_or(t->priority);
+    plan.batch_size = p.batch_size.value_or(t->batch_size);
+    batch_now = t->batch_size;
+    service = t->service;
+    rec = std::make_shared<Record>();
+    rec->init_unshared(std::move(*t), features);
+    if (in_store) rec->set_input_in_store_unshared();
+    (void)Lifecycle::apply_unshared(*rec, Step::kRecoverEnded);
+  }
+  plan.options_json = p.options_json;
+  plan.features.batch_size = plan.batch_size;
+  // Placed again when the host names a device, the batch size changes, or
+  // its device can take nothing now (gone or unavailable).
+  const bool moved = !p.device.empty() || plan.batch_size != batch_now || plan.device.empty() ||
+                     !devices_.free_memory(plan.device);
+  if (moved) {
+    const ServiceEntry* entry = registry_.find(service);
+    if (entry == nullptr) {
+      const std::string kinds = registry_.kinds();
+      throw Error(ErrorCode::kNotFound,
+                  "task " + id + " is for service '" + service +
+                      "', which is not registered: register it, then retry the task" +
+                      (kinds.empty() ? "" : " (registered: " + kinds + ")"));
+    }
+    if (auto est = placement_.estimate(service, plan.features, p.device)) plan.estimate = est;
+    plan.device = placement_.select_device(*entry, plan.estimate.value_or(0),
+                                           p.device.empty() ? plan.device : p.device);
+  }
+  Task out;
+  {
+    SchedulerLock g(scheduler_.mutex());
+    // Rebuilt meanwhile by another retry (or the manager holds it again):
+    // that record, whose state decides.
+    if (RecordPtr held = scheduler_.records().find(id); held && held != rec) rec = held;
+    if (!p.device.empty()) rec->device_pinned.store(true);
+    out = scheduler_.retry(rec, plan);
+  }
+  scheduler_.outbox().drain();
+  out.input.data.clear();
+  return out;
+}
+
 void Intake::set_device_available(const std::string& device, bool available) {
   devices_.set_available(device, available);  // kNotFound for an unknown id
   if (available) {

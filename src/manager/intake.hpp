@@ -5,6 +5,10 @@
 //           estimate and placement -> durable insert -> Scheduler::add_created
 //   start   the pending task's snapshot -> placement again when the device or
 //           batch size changes -> Scheduler::start (admission, queue)
+//   retry   a failed or cancelled task's record (rebuilt from the store when
+//           the manager no longer holds it) -> placement again when the
+//           device or batch size changes or its device is gone ->
+//           Scheduler::retry (admission, queue)
 //   device  a device became unavailable: its queued tasks placed again, then
 //           Scheduler::move_queued
 //   service register_service: pool, memory model, dispatcher, then visible
@@ -55,6 +59,7 @@ class Intake {
 
   std::vector<Task> create(const TaskCreateRequest* reqs, std::size_t n) REQUIRES(!scheduler_lock);
   Task start(const std::string& id, const TaskStartRequest& params) REQUIRES(!scheduler_lock);
+  Task retry(const std::string& id, const TaskStartRequest& params) REQUIRES(!scheduler_lock);
   void set_device_available(const std::string& device, bool available) REQUIRES(!scheduler_lock);
   void register_service(std::shared_ptr<ServiceFactory> factory) REQUIRES(!scheduler_lock)
       REQUIRES(!register_mu_);

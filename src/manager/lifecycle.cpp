@@ -38,6 +38,7 @@ constexpr Row kTable[kStepCount] = {
      Phase::kDone},
     /* kCountAttempt   */ {bit(Phase::kQueued), Phase::kQueued},
     /* kRequeueUncounted */ {bit(Phase::kCleanup), Phase::kQueued},
+    /* kHostRetry      */ {bit(Phase::kDone), Phase::kQueued},
 };
 
 std::atomic<std::uint64_t> g_refused{0};
@@ -74,6 +75,7 @@ const char* to_string(Step s) noexcept {
     case Step::kEndWaiting: return "end_waiting";
     case Step::kCountAttempt: return "count_attempt";
     case Step::kRequeueUncounted: return "requeue_uncounted";
+    case Step::kHostRetry: return "host_retry";
   }
   return "?";
 }
@@ -102,7 +104,9 @@ bool Lifecycle::apply_unshared(Record& r, Step step) NO_THREAD_SAFETY_ANALYSIS {
 bool Lifecycle::apply(Record& r, Step step, TaskStatus status) {
   const Phase from = r.phase_;
   if (!allowed(from, step) || !status_allowed(step, status) ||
-      ((step == Step::kFinish || step == Step::kRecoverEnded) && !is_terminal(r.task.status))) {
+      ((step == Step::kFinish || step == Step::kRecoverEnded) && !is_terminal(r.task.status)) ||
+      (step == Step::kHostRetry && r.task.status != TaskStatus::kFailed &&
+       r.task.status != TaskStatus::kCancelled)) {
     g_refused.fetch_add(1, std::memory_order_relaxed);
 #if defined(TASKMGR_INTERNAL_CHECKS)
     std::fprintf(stderr, "taskmgr: task %s: step %s refused in phase %s (status %s)\n",

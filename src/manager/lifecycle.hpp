@@ -32,6 +32,8 @@
 //                                                                attempt + 1
 //   kRequeueUncounted Cleanup                Queued   queued     an attempt close() interrupted:
 //                                                                attempt - 1 (not charged)
+//   kHostRetry       Done                    Queued   queued     the host retries a failed or
+//                                                                cancelled task (retry_task)
 // clang-format on
 #pragma once
 
@@ -58,8 +60,9 @@ enum class Step : std::uint8_t {
   kEndWaiting,
   kCountAttempt,
   kRequeueUncounted,
+  kHostRetry,
 };
-inline constexpr int kStepCount = 15;
+inline constexpr int kStepCount = 16;
 
 const char* to_string(Step s) noexcept;
 

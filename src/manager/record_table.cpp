@@ -35,6 +35,11 @@ void RecordTable::finished(const RecordPtr& rec, std::vector<RecordPtr>& evicted
   }
 }
 
+void RecordTable::revive(const RecordPtr& rec) {
+  if (find(rec->id()) != rec) put(rec);
+  finished_.erase(std::remove(finished_.begin(), finished_.end(), rec), finished_.end());
+}
+
 RecordPtr RecordTable::erase_finished(std::string_view id) {
   auto it = records_.find(id);
   if (it == records_.end()) return nullptr;

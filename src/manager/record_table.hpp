@@ -30,6 +30,10 @@ class RecordTable {
   void finished(const RecordPtr& rec, std::vector<RecordPtr>& evicted) REQUIRES(scheduler_lock);
   // Drops the finished records that ended before `cutoff` (retention).
   void prune_finished(Timestamp cutoff) REQUIRES(scheduler_lock);
+  // A finished record runs again (the host retried its task): put (when the
+  // table does not hold it) and out of the finished ones, never evicted
+  // while it is live.
+  void revive(const RecordPtr& rec) REQUIRES(scheduler_lock);
   // Drops a finished record (the host deleted its task); returns it (to be
   // dropped outside the lock), or nullptr when the table does not hold it.
   RecordPtr erase_finished(std::string_view id) REQUIRES(scheduler_lock);

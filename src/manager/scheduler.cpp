@@ -141,6 +141,58 @@ void Scheduler::push_queued(const RecordPtr& rec, bool retry, bool enforce_limit
   rec->queued_steady = clock_->steady_now();
 }
 
+Task Scheduler::retry(const RecordPtr& rec, const StartPlan& plan) {
+  Task& t = rec->task;
+  if (std::string why = not_retryable(t, rec->phase() == Phase::kDone); !why.empty()) {
+    throw Error(ErrorCode::kInvalidState, why);
+  }
+  MutexLock admit(admission_.mutex());
+  admission_.check_one(t.id);  // kQueueFull: nothing changed
+  records_.revive(rec);
+  const int last = t.attempt;
+  t.priority = plan.priority;
+  t.batch_size = plan.batch_size;
+  rec->features = plan.features;
+  t.estimated_memory_mb = plan.estimate;
+  t.assigned_device = plan.device;
+  if (!plan.options_json.empty()) t.options_json = plan.options_json;
+  t.failure_reason = TaskFailureReason::kNone;
+  t.failure_message.clear();
+  t.result.clear();
+  t.finished_at.reset();
+  rec->cancel.store(false);
+  rec->timed_out.store(false);
+  rec->close_interrupt.store(false);
+  rec->memory_warned.store(false);
+  rec->device_warned = false;
+  rec->last_mb.store(-1);
+  rec->peak_mb.store(-1);
+  rec->pending = Outcome{};
+  EventBatch b(*clock_);
+  events::retried(b, "host", "retried by the host", last, plan.device, plan.batch_size, 0.0);
+  (void)Lifecycle::apply(*rec, Step::kHostRetry);
+  enqueue(rec, b, /*retry=*/false, /*recovered=*/false, /*enforce_limit=*/true);
+  admit.unlock();
+  outbox_.commit(rec, b);
+  dispatcher_->dispatch();
+  return t;
+}
+
+std::string not_retryable(const Task& t, bool cleanup_over) {
+  const std::string status =
+      t.status == TaskStatus::kUnrecognized ? t.stored_status : std::string(to_string(t.status));
+  if (t.status != TaskStatus::kFailed && t.status != TaskStatus::kCancelled) {
+    return fmt::format(
+        "task {} is {}: only a failed or cancelled task can be retried{}", t.id, status,
+        t.status == TaskStatus::kCompleted ? " (create a new task to run it again)" : "");
+  }
+  if (!cleanup_over || !t.resource_cleanup_completed) {
+    return fmt::format("task {} ended {}, but its cleanup is not done: retry it once it is", t.id,
+                       status);
+  }
+  return {};
+}
+
 Task Scheduler::set_priority(const RecordPtr& rec, int priority) {
   Task& t = rec->task;
   switch (rec->phase()) {

@@ -104,6 +104,11 @@ class Scheduler {
   // Cancels a pending, queued or backing-off task, or flags a running one.
   // False when it had ended already.
   bool cancel(const RecordPtr& rec) REQUIRES(scheduler_lock);
+  // kHostRetry: a failed or cancelled task (its cleanup done) runs again
+  // with `plan`: retried (reason host) and queued; put in the record table
+  // when it was rebuilt from the store. Error(kInvalidState) for any other
+  // task, Error(kQueueFull) when the queue has no room (nothing changes).
+  Task retry(const RecordPtr& rec, const StartPlan& plan) REQUIRES(scheduler_lock);
   // The host's new priority for a pending, queued or backing-off task (a
   // queued one moves in its queue; one backing off is queued with it):
   // the event, and the task as it is now. Error(kInvalidState) for a task
@@ -192,6 +197,10 @@ class Scheduler {
   std::atomic<bool> closing_{false};
   bool closed_ GUARDED_BY(scheduler_lock) = false;
 };
+
+// Why the host may not retry `t` ("" when it may): only a failed or
+// cancelled task whose cleanup is over (`cleanup_over`: its record is done).
+std::string not_retryable(const Task& t, bool cleanup_over);
 
 // Seconds as the clock's duration, clamped to [0, 100 years] (a larger
 // value, e.g. "timeout_seconds": 1e300, would overflow its nanoseconds).

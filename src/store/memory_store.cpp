@@ -22,7 +22,8 @@ std::string to_string(const TaskCursor& c) {
 
 std::optional<TaskCursor> parse_task_cursor(std::string_view s) {
   const auto sep = s.find('_');
-  if (sep == std::string_view::npos || sep + 1 == s.size()) return std::nullopt;
+  // The id may be empty: an adopted table's row may have one.
+  if (sep == std::string_view::npos) return std::nullopt;
   const std::string_view us = s.substr(0, sep);
   const bool negative = !us.empty() && us[0] == '-';
   const std::string_view digits = us.substr(negative ? 1 : 0);

@@ -111,7 +111,15 @@ class PostgresStore final : public TaskStore, private WriteBackend {
   std::vector<Task> list_tasks(const TaskFilter& f) override REQUIRES(!pool_mu_) {
     return read([&](Conn& c) {
       return queue_->list_tasks(
-          f, [&](const TaskFilter& g) { return select_tasks(c, layout_, g); },
+          f,
+          [&](const TaskFilter& g) {
+            // An adopted table's times may not sort as the database sees
+            // them: ordered and paged on their parsed values.
+            if (!layout_.adopted()) return select_tasks(c, layout_, g);
+            return detail::store::list_in_creation_order(
+                g, [&](const TaskFilter& h) { return select_tasks(c, layout_, h); },
+                [&](const std::string& id) { return select_task(c, layout_, id); });
+          },
           [&](const std::string& id) { return select_task(c, layout_, id); });
     });
   }

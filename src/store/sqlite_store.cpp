@@ -109,7 +109,15 @@ class SqliteStore final : public TaskStore, private WriteBackend {
   std::vector<Task> list_tasks(const TaskFilter& f) override REQUIRES(!read_mu_) {
     return read([&](SQLite::Database& db) {
       return queue_->list_tasks(
-          f, [&](const TaskFilter& g) { return select_tasks(db, layout_, g); },
+          f,
+          [&](const TaskFilter& g) {
+            // An adopted table's times may not sort as the database sees
+            // them: ordered and paged on their parsed values.
+            if (!layout_.adopted()) return select_tasks(db, layout_, g);
+            return detail::store::list_in_creation_order(
+                g, [&](const TaskFilter& h) { return select_tasks(db, layout_, h); },
+                [&](const std::string& id) { return select_task(db, layout_, id); });
+          },
           [&](const std::string& id) { return select_task(db, layout_, id); });
     });
   }

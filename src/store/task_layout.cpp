@@ -397,4 +397,36 @@ std::optional<std::string> status_map_problem(const StatusMap& map) {
   return std::nullopt;
 }
 
+std::vector<Task> list_in_creation_order(
+    const TaskFilter& filter, const std::function<std::vector<Task>(const TaskFilter&)>& query,
+    const std::function<std::optional<Task>(const std::string&)>& load) {
+  TaskFilter light = filter;
+  light.before.reset();
+  light.limit = 0;
+  light.with_payloads = false;
+  std::vector<Task> rows = query(light);
+  std::stable_sort(rows.begin(), rows.end(), [](const Task& a, const Task& b) {
+    return a.created_at != b.created_at ? a.created_at < b.created_at : a.id < b.id;
+  });
+  if (filter.before) {
+    const TaskCursor& c = *filter.before;
+    rows.erase(std::partition_point(rows.begin(), rows.end(),
+                                    [&](const Task& t) { return before_cursor(t, c); }),
+               rows.end());
+  }
+  if (filter.limit != 0 && rows.size() > filter.limit) {
+    rows.erase(rows.begin(), rows.end() - static_cast<std::ptrdiff_t>(filter.limit));
+  }
+  if (!filter.with_payloads) return rows;
+  std::vector<Task> out;
+  out.reserve(rows.size());
+  for (const Task& t : rows) {
+    std::optional<Task> whole = load(t.id);
+    if (!whole) continue;  // deleted meanwhile
+    if (!filter.with_input_bytes) whole->input.leave_out_data();
+    out.push_back(std::move(*whole));
+  }
+  return out;
+}
+
 }  // namespace taskmgr::detail::store

@@ -7,6 +7,7 @@
 
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <optional>
 #include <string>
@@ -14,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "taskmgr/store.hpp"
 #include "taskmgr/task.hpp"
 
 namespace taskmgr::detail::store {
@@ -212,6 +214,17 @@ class TaskLayout {
 // "YYYY-MM-DD HH:MM:SS[.fraction]", a date alone, or seconds since 1970
 // (with a fraction or not). Fractions are kept to the microsecond.
 std::optional<Timestamp> parse_stored_time(std::string_view s);
+
+// TaskStore::list_tasks on an adopted table, whose created_at column may
+// hold times in several forms (parse_stored_time) that neither sort nor
+// compare as the database sees them (text: a space before 'T'; numbers
+// before text): the filter's rows, their times parsed, ordered and paged
+// here by (created_at, id), as every store orders tasks. `query` runs the
+// filter's status and service on the database (no order, no limit, no
+// payloads); `load` reads one task whole, for the payloads of a page's.
+std::vector<Task> list_in_creation_order(
+    const TaskFilter& filter, const std::function<std::vector<Task>(const TaskFilter&)>& query,
+    const std::function<std::optional<Task>(const std::string&)>& load);
 
 // A problem with `map` as storage.adopt.status_map, or nullopt.
 std::optional<std::string> status_map_problem(const StatusMap& map);

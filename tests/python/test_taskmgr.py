@@ -763,6 +763,20 @@ class PagingAndDelete(unittest.TestCase):
                 tm.list_tasks_page(limit=10001)
             with self.assertRaises(ValueError):
                 tm.list_tasks_page(limit=-1)
+            # A NUL would end the C string early: "id\0junk" named the task
+            # "id" (a stranger deleted a task so); refused instead.
+            for bad in (ids[0] + "\0junk", "\udcff"):
+                with self.assertRaises(taskmgr.InvalidArgumentError):
+                    tm.delete_task(bad)
+                with self.assertRaises(taskmgr.InvalidArgumentError):
+                    tm.set_task_priority(bad, 1)
+            with self.assertRaises(taskmgr.InvalidArgumentError):
+                tm.list_tasks_page(before=cursor + "\0garbage")
+            with self.assertRaises(taskmgr.InvalidArgumentError):
+                tm.list_tasks_page(status="completed\0x")
+            with self.assertRaises(TypeError):
+                tm.list_tasks_page(before=5)
+            self.assertEqual(tm.get_task(ids[0])["status"], "completed")  # untouched
 
             tm.delete_task(ids[0])
             with self.assertRaises(taskmgr.NotFoundError):
@@ -779,13 +793,18 @@ class PagingAndDelete(unittest.TestCase):
             with self.assertRaises(taskmgr.InvalidStateError):
                 tm.set_task_priority(ids[1], 4)  # ended
             tm.cancel_task(waiting)
-            tm.delete_task(waiting)
             with self.assertRaises(taskmgr.InvalidStateError) as cm:
                 tm.delete_task(held)
             self.assertIn("cancel it", str(cm.exception))
             gate.set()
             self.assertEqual(tm.wait_task(held, 30)["status"], "completed")
             tm.delete_task(held)
+            tm.retry_task(waiting, priority=1)  # cancelled: it runs now
+            self.assertEqual(tm.wait_task(waiting, 30)["status"], "completed")
+            self.assertEqual(tm.get_task(waiting)["priority"], 1)
+            with self.assertRaises(taskmgr.InvalidStateError):
+                tm.retry_task(waiting)  # completed
+            tm.delete_task(waiting)
             self.assertEqual(len(tm.list_tasks()), 22)
 
 

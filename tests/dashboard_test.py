@@ -164,6 +164,7 @@ class DashboardTest(unittest.TestCase):
         self.assertIn('data-task="%s"' % t["id"], failures)
         self.assertIn("invalid_input", failures)
         self.assertIn('class="delete"', failures)
+        self.assertIn('class="retry"', failures)
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
         conn.request("DELETE", "/tasks/" + t["id"])
         self.assertEqual(conn.getresponse().status, 204)

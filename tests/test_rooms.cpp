@@ -69,9 +69,12 @@ TEST_CASE("lifecycle: every step is allowed from exactly the phases the table do
       CHECK(Lifecycle::allowed(p, step) == (allowed.count(p) > 0));
     }
   }
-  // Nothing leaves Done.
-  for (int s = 0; s < kStepCount; ++s)
-    CHECK_FALSE(Lifecycle::allowed(P::kDone, static_cast<Step>(s)));
+  // Nothing leaves Done but the host's retry of a failed or cancelled task.
+  for (int s = 0; s < kStepCount; ++s) {
+    CHECK(Lifecycle::allowed(P::kDone, static_cast<Step>(s)) ==
+          (static_cast<Step>(s) == Step::kHostRetry));
+  }
+  CHECK(Lifecycle::status_allowed(Step::kHostRetry, TaskStatus::kQueued));
   CHECK(Lifecycle::status_allowed(Step::kEndAttempt, TaskStatus::kQueued));  // a retry
   CHECK_FALSE(Lifecycle::status_allowed(Step::kEndAttempt, TaskStatus::kPending));
   CHECK(Lifecycle::status_allowed(Step::kEndWaiting, TaskStatus::kCancelled));

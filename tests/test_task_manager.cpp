@@ -731,7 +731,7 @@ TEST_CASE(
 
 TEST_CASE(
     "retry_task runs a failed or cancelled task again: same id, history kept, attempt counter "
-    "continued, failure cleared; refused for any other task") {
+    "continued, failure cleared, and refused for any other task") {
   Harness h;
   h.config.executor.worker_threads = 1;
   Gate gate;

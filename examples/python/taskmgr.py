@@ -408,6 +408,20 @@ def _task_id(task):
     return _name(task, "the task id")
 
 
+def _start_params(device, priority, batch_size, options):
+    """A taskmgr_start_params (start_task and retry_task read it alike)."""
+    p = _StartParams()
+    _lib.taskmgr_start_params_init(ctypes.byref(p))
+    p.device = _b(device)
+    if priority is not None:
+        p.set_priority = 1
+        p.priority = _int32(priority, "priority")
+    p.batch_size = _int32(batch_size if batch_size is not None else 0, "batch_size")
+    if options is not None:
+        p.options_json = _b(options if isinstance(options, str) else json.dumps(options))
+    return p
+
+
 def _int32(value, name):
     """An int32_t argument: an integer (not a float) in range, else
     TypeError / ValueError (ctypes would silently wrap 2**31 to -2**31)."""
@@ -754,29 +768,13 @@ class Manager:
 
     def start_task(self, task, device=None, priority=None, batch_size=None, options=None):
         """Queues a pending task. QueueFullError leaves it pending."""
-        p = _StartParams()
-        _lib.taskmgr_start_params_init(ctypes.byref(p))
-        p.device = _b(device)
-        if priority is not None:
-            p.set_priority = 1
-            p.priority = _int32(priority, "priority")
-        p.batch_size = _int32(batch_size if batch_size is not None else 0, "batch_size")
-        if options is not None:
-            p.options_json = _b(options if isinstance(options, str) else json.dumps(options))
+        p = _start_params(device, priority, batch_size, options)
         _check(_lib.taskmgr_start_task(self._handle(), _task_id(task), ctypes.byref(p)))
 
     def retry_task(self, task, device=None, priority=None, batch_size=None, options=None):
         """Runs a failed or cancelled task again (the same id, its events
         kept, the attempt counter going on); InvalidState for any other."""
-        p = _StartParams()
-        _lib.taskmgr_start_params_init(ctypes.byref(p))
-        p.device = _b(device)
-        if priority is not None:
-            p.set_priority = 1
-            p.priority = _int32(priority, "priority")
-        p.batch_size = _int32(batch_size if batch_size is not None else 0, "batch_size")
-        if options is not None:
-            p.options_json = _b(options if isinstance(options, str) else json.dumps(options))
+        p = _start_params(device, priority, batch_size, options)
         _check(_lib.taskmgr_retry_task(self._handle(), _task_id(task), ctypes.byref(p)))
 
     def submit(self, input=None, **create_args):

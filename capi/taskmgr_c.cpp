@@ -518,6 +518,29 @@ int open_manager(const taskmgr_open_options* o, taskmgr_manager** out) {
   return TASKMGR_OK;
 }
 
+// A taskmgr_start_params as the TaskStartRequest it asks for (NULL: keep
+// everything), checked: start and retry read it alike.
+taskmgr::TaskStartRequest start_request(const taskmgr_start_params* params, const char* fn) {
+  taskmgr::TaskStartRequest req;
+  if (params == nullptr) return req;
+  check_struct(params, fn, "taskmgr_start_params");
+  taskmgr_start_params p;
+  taskmgr_start_params_init(&p);
+  std::memcpy(&p, params, params->struct_size);
+  if (p.batch_size < 0) {
+    throw_invalid(std::string(fn) + ": batch_size must be >= 0 (0 = keep), got " +
+                  std::to_string(p.batch_size));
+  }
+  if (p.device != nullptr) {
+    require_utf8(p.device, fn, "device");
+    req.device = p.device;
+  }
+  if (p.set_priority != 0) req.priority = p.priority;
+  if (p.batch_size > 0) req.batch_size = p.batch_size;
+  if (p.options_json != nullptr) req.options_json = p.options_json;
+  return req;
+}
+
 }  // namespace
 
 extern "C" {
@@ -745,31 +768,6 @@ void taskmgr_start_params_init(taskmgr_start_params* p) {
   std::memset(p, 0, sizeof(*p));
   p->struct_size = sizeof(*p);
 }
-
-namespace {
-// A taskmgr_start_params as the TaskStartRequest it asks for (NULL: keep
-// everything), checked: start and retry read it alike.
-taskmgr::TaskStartRequest start_request(const taskmgr_start_params* params, const char* fn) {
-  taskmgr::TaskStartRequest req;
-  if (params == nullptr) return req;
-  check_struct(params, fn, "taskmgr_start_params");
-  taskmgr_start_params p;
-  taskmgr_start_params_init(&p);
-  std::memcpy(&p, params, params->struct_size);
-  if (p.batch_size < 0) {
-    throw_invalid(std::string(fn) + ": batch_size must be >= 0 (0 = keep), got " +
-                  std::to_string(p.batch_size));
-  }
-  if (p.device != nullptr) {
-    require_utf8(p.device, fn, "device");
-    req.device = p.device;
-  }
-  if (p.set_priority != 0) req.priority = p.priority;
-  if (p.batch_size > 0) req.batch_size = p.batch_size;
-  if (p.options_json != nullptr) req.options_json = p.options_json;
-  return req;
-}
-}  // namespace
 
 int taskmgr_start_task(taskmgr_manager* manager, const char* task_id,
                        const taskmgr_start_params* params) {

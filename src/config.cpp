@@ -115,6 +115,14 @@ class MapReader {
     out = *parsed;
   }
 
+  template <typename T>
+  void read_opt(std::string_view key, std::optional<T>& out) {
+    if (!lookup(key)) return;
+    T v{};
+    read(key, v);
+    out = v;
+  }
+
   MapReader child(std::string_view key) { return MapReader(lookup(key), join(path_, key), lines_); }
 
   YAML::Node raw(std::string_view key) { return lookup(key); }
@@ -190,6 +198,12 @@ void read_pool(MapReader r, PoolSettings& p) {
   r.finish();
 }
 
+void read_pool_override(MapReader& r, PoolOverride& o) {
+  r.read_opt("min_instances", o.min_instances);
+  r.read_opt("max_instances", o.max_instances);
+  r.read_opt("acquire_timeout_seconds", o.acquire_timeout_seconds);
+}
+
 Config parse_document(const YAML::Node& root, std::unordered_map<std::string, int>& lines) {
   Config c;
   MapReader top(root, "", lines);
@@ -222,6 +236,7 @@ Config parse_document(const YAML::Node& root, std::unordered_map<std::string, in
     t.read("memory_warning_fraction", k.memory_warning_fraction);
     t.read("device_warning_fraction", k.device_warning_fraction);
     t.read("starvation_seconds", k.starvation_seconds);
+    t.read("priority_aging_seconds", k.priority_aging_seconds);
     t.read("temp_dir", k.temp_dir);
     t.finish();
   }
@@ -353,6 +368,8 @@ Config parse_document(const YAML::Node& root, std::unordered_map<std::string, in
         r.read("worker_executable", sc.worker_executable);
         r.read("memory_limit_mb", sc.memory_limit_mb);
         r.read("start_timeout_seconds", sc.start_timeout_seconds);
+        r.read("rate_limit_per_second", sc.rate_limit_per_second);
+        r.read("rate_limit_burst", sc.rate_limit_burst);
         if (YAML::Node m = r.raw("memory_model"); m && !m.IsNull()) {
           MapReader mr = r.child("memory_model");
           ServiceConfig::MemoryModel mm;
@@ -362,6 +379,27 @@ Config parse_document(const YAML::Node& root, std::unordered_map<std::string, in
           mr.read("per_input_mb", mm.per_input_mb);
           mr.finish();
           sc.memory_model = mm;
+        }
+        if (YAML::Node pn = r.raw("pool"); pn && !pn.IsNull()) {
+          MapReader pr = r.child("pool");
+          read_pool_override(pr, sc.pool);
+          YAML::Node devs = pr.raw("devices");
+          if (devs && !devs.IsNull()) {
+            const std::string dpath = join(pr.path(), "devices");
+            if (!devs.IsMap()) {
+              throw ConfigError(dpath, MapReader::line_of(devs),
+                                MapReader::fmt_msg(dpath, std::string("must be a mapping, got ") +
+                                                              node_kind(devs)));
+            }
+            for (const auto& dv : devs) {
+              const std::string id = dv.first.as<std::string>();
+              lines[join(dpath, id)] = MapReader::line_of(dv.first);
+              MapReader dr(dv.second, join(dpath, id), lines);
+              read_pool_override(dr, sc.pool.devices[id]);
+              dr.finish();
+            }
+          }
+          pr.finish();
         }
         if (YAML::Node d = r.raw("device_kinds"); d && !d.IsNull()) {
           const std::string dpath = join(join(path, kind), "device_kinds");
@@ -456,6 +494,24 @@ std::optional<SyncMode> parse_sync_mode(std::string_view s) noexcept {
   return detail::enum_parse(kSyncNames, s);
 }
 
+PoolSettings PoolOverride::over(PoolSettings base) const {
+  if (min_instances) base.min_instances = *min_instances;
+  if (max_instances) base.max_instances = *max_instances;
+  if (acquire_timeout_seconds) base.acquire_timeout_seconds = *acquire_timeout_seconds;
+  return base;
+}
+
+PoolsConfig Config::pools_for(const std::string& kind) const {
+  auto sc = services.find(kind);
+  if (sc == services.end()) return pools;
+  const ServicePoolConfig& sp = sc->second.pool;
+  PoolsConfig out;
+  out.defaults = sp.over(pools.defaults);
+  for (const auto& [id, s] : pools.devices) out.devices[id] = sp.over(s);
+  for (const auto& [id, o] : sp.devices) out.devices[id] = o.over(sp.over(pools.for_device(id)));
+  return out;
+}
+
 PoolSettings PoolsConfig::for_device(const std::string& device_id) const {
   auto it = devices.find(device_id);
   return it == devices.end() ? defaults : it->second;
@@ -515,6 +571,11 @@ void Config::validate() const {
             "must be in (0, 1], got " + num(t.device_warning_fraction));
   }
   check_positive("tasks.starvation_seconds", t.starvation_seconds);
+  if (!(t.priority_aging_seconds >= 0) || !(t.priority_aging_seconds <= 86400.0 * 365)) {
+    invalid("tasks.priority_aging_seconds",
+            "must be >= 0 (0 = no aging) and at most a year (31536000), got " +
+                num(t.priority_aging_seconds));
+  }
   if (!(t.task_timeout_seconds >= 0) || !std::isfinite(t.task_timeout_seconds)) {
     invalid("tasks.task_timeout_seconds",
             "must be >= 0 (0 = no deadline), got " + num(t.task_timeout_seconds));
@@ -713,6 +774,33 @@ void Config::validate() const {
         invalid(p + ".memory_model", "estimates 0 MB for every task: give one figure above 0");
       }
     }
+    {
+      // The settings the kind's pool will have, on each device named.
+      const PoolsConfig kp = pools_for(kind);
+      if (!sc.pool.empty()) validate_pool(p + ".pool", kp.defaults);
+      for (const auto& [id, s] : pools.devices) {
+        if (!sc.pool.empty()) validate_pool(p + ".pool", kp.for_device(id));
+      }
+      for (const auto& [id, o] : sc.pool.devices) {
+        if (!valid_device_id(id)) {
+          invalid(p + ".pool.devices." + id, "is not a device id ('cpu' or '<kind>:<index>')");
+        }
+        validate_pool(p + ".pool.devices." + id, kp.for_device(id));
+      }
+    }
+    if (!(sc.rate_limit_per_second >= 0) || !(sc.rate_limit_per_second <= 1e6)) {
+      invalid(
+          p + ".rate_limit_per_second",
+          "must be >= 0 (0 = no limit) and at most 1000000, got " + num(sc.rate_limit_per_second));
+    }
+    if (sc.rate_limit_burst < 0 || sc.rate_limit_burst > 1000000) {
+      invalid(p + ".rate_limit_burst", "must be in [0, 1000000] (0 = the rate, at least 1), got " +
+                                           std::to_string(sc.rate_limit_burst));
+    }
+    if (sc.rate_limit_burst > 0 && sc.rate_limit_per_second == 0) {
+      invalid(p + ".rate_limit_burst",
+              "is set but rate_limit_per_second is 0 (no limit): set the rate too");
+    }
     for (const std::string& k : sc.device_kinds) {
       if (k != "cpu" && k != "gpu") {
         invalid(p + ".device_kinds", "must list cpu and/or gpu, got '" + k + "'");
@@ -815,6 +903,7 @@ std::string Config::to_yaml() const {
   e << YAML::Key << "memory_warning_fraction" << YAML::Value << tasks.memory_warning_fraction;
   e << YAML::Key << "device_warning_fraction" << YAML::Value << tasks.device_warning_fraction;
   e << YAML::Key << "starvation_seconds" << YAML::Value << tasks.starvation_seconds;
+  e << YAML::Key << "priority_aging_seconds" << YAML::Value << tasks.priority_aging_seconds;
   e << YAML::Key << "temp_dir" << YAML::Value << tasks.temp_dir;
   e << YAML::EndMap;
 
@@ -897,6 +986,8 @@ std::string Config::to_yaml() const {
     e << YAML::Key << "worker_executable" << YAML::Value << sc.worker_executable;
     e << YAML::Key << "memory_limit_mb" << YAML::Value << sc.memory_limit_mb;
     e << YAML::Key << "start_timeout_seconds" << YAML::Value << sc.start_timeout_seconds;
+    e << YAML::Key << "rate_limit_per_second" << YAML::Value << sc.rate_limit_per_second;
+    e << YAML::Key << "rate_limit_burst" << YAML::Value << sc.rate_limit_burst;
     if (sc.memory_model) {
       e << YAML::Key << "memory_model" << YAML::Value << YAML::BeginMap;
       e << YAML::Key << "base_mb" << YAML::Value << sc.memory_model->base_mb;
@@ -907,6 +998,27 @@ std::string Config::to_yaml() const {
     }
     if (!sc.device_kinds.empty()) {
       e << YAML::Key << "device_kinds" << YAML::Value << YAML::Flow << sc.device_kinds;
+    }
+    auto pool_override = [&e](const PoolOverride& o) {
+      if (o.min_instances) e << YAML::Key << "min_instances" << YAML::Value << *o.min_instances;
+      if (o.max_instances) e << YAML::Key << "max_instances" << YAML::Value << *o.max_instances;
+      if (o.acquire_timeout_seconds) {
+        e << YAML::Key << "acquire_timeout_seconds" << YAML::Value << *o.acquire_timeout_seconds;
+      }
+    };
+    if (!sc.pool.empty() || !sc.pool.devices.empty()) {
+      e << YAML::Key << "pool" << YAML::Value << YAML::BeginMap;
+      pool_override(sc.pool);
+      if (!sc.pool.devices.empty()) {
+        e << YAML::Key << "devices" << YAML::Value << YAML::BeginMap;
+        for (const auto& [id, o] : sc.pool.devices) {
+          e << YAML::Key << id << YAML::Value << YAML::BeginMap;
+          pool_override(o);
+          e << YAML::EndMap;
+        }
+        e << YAML::EndMap;
+      }
+      e << YAML::EndMap;
     }
     e << YAML::EndMap;
   }

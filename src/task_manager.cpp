@@ -170,7 +170,7 @@ TaskManager::Impl::Impl(Config config, TaskManagerOptions options)
       temp_dirs_(config_.tasks.temp_dir),
       attempt_(config_, clock_, scheduler_, placement_, registry_, handler_, journal_, *devices_,
                temp_dirs_, stats_, log_),
-      dispatcher_(scheduler_, attempt_, *devices_, stats_, worker_count(config_.executor),
+      dispatcher_(scheduler_, attempt_, *devices_, stats_, timers_, worker_count(config_.executor),
                   std::chrono::microseconds(config_.executor.worker_linger_us)),
       recovery_(config_, clock_, scheduler_, dispatcher_, journal_, placement_, registry_,
                 *devices_, log_),

@@ -58,11 +58,32 @@ struct TaskQueue::Impl {
   std::uint64_t next_sequence GUARDED_BY(mu) = 1;
 };
 
+namespace {
+__extension__ typedef __int128 Wide;  // GCC and Clang (-Wpedantic: an extension)
+
+// -1 when x ranks above y by priority (aged: priority + waited / interval,
+// equivalently priority * interval - enqueued_at), 1 when below, 0 when equal.
+int rank_order(const QueuedTask& x, const QueuedTask& y, Duration aging) {
+  if (aging.count() <= 0) {
+    if (x.priority == y.priority) return 0;
+    return x.priority > y.priority ? -1 : 1;
+  }
+  // (px - py) * I against ex - ey, in 128 bits: no priority or interval
+  // overflows it.
+  const Wide levels = static_cast<Wide>(x.priority) - y.priority;
+  const Wide lhs = levels * aging.count();
+  const Wide rhs = static_cast<Wide>(x.enqueued_at.time_since_epoch().count()) -
+                   y.enqueued_at.time_since_epoch().count();
+  if (lhs == rhs) return 0;
+  return lhs > rhs ? -1 : 1;
+}
+}  // namespace
+
 bool TaskQueue::Impl::Order::operator()(const Entry& a, const Entry& b) const {
   const QueuedTask& x = a.task;
   const QueuedTask& y = b.task;
   if (options->enable_priority_queue) {
-    if (x.priority != y.priority) return x.priority > y.priority;
+    if (const int r = rank_order(x, y, options->priority_aging); r != 0) return r < 0;
     if (options->ordering == QueueOrdering::kLargestFirst &&
         x.estimated_memory_mb != y.estimated_memory_mb) {
       return x.estimated_memory_mb > y.estimated_memory_mb;
@@ -237,6 +258,14 @@ bool TaskQueue::set_priority(const std::string& task_id, int priority) {
   node.value().task.priority = priority;
   loc.it = loc.queue->insert(std::move(node)).position;
   return true;
+}
+
+bool TaskQueue::precedes(const QueuedTask& a, const QueuedTask& b) const {
+  const Options& o = impl_->options;  // fixed at construction: no lock
+  if (o.enable_priority_queue) {
+    if (const int r = rank_order(a, b, o.priority_aging); r != 0) return r < 0;
+  }
+  return a.sequence < b.sequence;
 }
 
 bool TaskQueue::remove(const std::string& task_id) {

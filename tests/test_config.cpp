@@ -136,6 +136,11 @@ TEST_CASE("to_yaml round-trips through from_yaml_string") {
   c.tasks.close_grace_seconds = 2.5;
   c.services["x"].memory_model = ServiceConfig::MemoryModel{40, 3, 0.5, 0};
   c.services["x"].device_kinds = {"cpu", "gpu"};
+  c.services["x"].rate_limit_per_second = 0.5;
+  c.services["x"].rate_limit_burst = 3;
+  c.tasks.priority_aging_seconds = 90;
+  c.services["x"].pool.max_instances = 3;
+  c.services["x"].pool.devices["cuda:0"].acquire_timeout_seconds = 7;
   const Config back = Config::from_yaml_string(c.to_yaml());
   CHECK(back.to_yaml() == c.to_yaml());
   CHECK(back.tasks.close_grace_seconds == 2.5);
@@ -143,6 +148,12 @@ TEST_CASE("to_yaml round-trips through from_yaml_string") {
   CHECK(back.services.at("x").memory_model->per_mpixel_mb == 0.5);
   CHECK(back.services.at("x").device_kinds == std::vector<std::string>{"cpu", "gpu"});
   CHECK(back.tasks.max_queue_size == 42);
+  CHECK(back.tasks.priority_aging_seconds == 90);
+  CHECK(back.services.at("x").rate_limit_per_second == 0.5);
+  CHECK(back.services.at("x").rate_limit_burst == 3);
+  CHECK(back.services.at("x").pool.max_instances == 3);
+  CHECK_FALSE(back.services.at("x").pool.min_instances.has_value());
+  CHECK(back.services.at("x").pool.devices.at("cuda:0").acquire_timeout_seconds == 7);
   CHECK(back.pools.for_device("cuda:0").max_instances == 2);
   CHECK(back.devices.declared.at(0).memory_mb == 1000);
 }
@@ -169,6 +180,23 @@ TEST_CASE("each out-of-range value is an error that names its key path and line"
        "services.x.memory_model.per_page_mb", 4},
       {"services:\n  x:\n    device_kinds: [cpu, tpu]\n", "services.x.device_kinds", 3},
       {"services:\n  x:\n    start_timeout_seconds: 1e18\n", "services.x.start_timeout_seconds", 3},
+      {"services:\n  x:\n    rate_limit_per_second: -1\n", "services.x.rate_limit_per_second", 3},
+      {"services:\n  x:\n    rate_limit_per_second: .nan\n", "services.x.rate_limit_per_second", 3},
+      {"services:\n  x:\n    rate_limit_per_second: 1e7\n", "services.x.rate_limit_per_second", 3},
+      {"services:\n  x:\n    rate_limit_per_second: 2\n    rate_limit_burst: -1\n",
+       "services.x.rate_limit_burst", 4},
+      {"services:\n  x:\n    rate_limit_burst: 5\n", "services.x.rate_limit_burst", 3},
+      {"services:\n  x:\n    pool:\n      max_instances: -1\n", "services.x.pool.max_instances", 4},
+      {"pools:\n  defaults:\n    max_instances: 4\nservices:\n  x:\n    pool:\n      "
+       "min_instances: 5\n",
+       "services.x.pool.min_instances", 7},
+      {"services:\n  x:\n    pool:\n      devices:\n        'cuda:0':\n          "
+       "acquire_timeout_seconds: 0\n",
+       "services.x.pool.devices.cuda:0.acquire_timeout_seconds", 6},
+      {"services:\n  x:\n    pool:\n      devices:\n        gpu:\n          max_instances: 1\n",
+       "services.x.pool.devices.gpu", 5},
+      {"tasks:\n  priority_aging_seconds: -1\n", "tasks.priority_aging_seconds", 2},
+      {"tasks:\n  priority_aging_seconds: .inf\n", "tasks.priority_aging_seconds", 2},
       // A required key that is missing: the line of the key around it.
       {"services:\n  foo:\n    isolation: process\n", "services.foo.library", 2},
       {"tasks:\n  retry:\n    max_attempts: 0\n", "tasks.retry.max_attempts", 3},
@@ -517,4 +545,33 @@ TEST_CASE("a key given twice is refused with both lines (YAML would keep one sil
   } catch (const ConfigError& e) {
     CHECK(e.key_path() == "http");
   }
+}
+
+TEST_CASE(
+    "services.<kind>.pool: a kind's own pool settings, per device, over pools.devices and "
+    "pools.defaults field by field") {
+  const Config c = Config::from_yaml_string(
+      "pools:\n"
+      "  defaults: {min_instances: 0, max_instances: 4, acquire_timeout_seconds: 30}\n"
+      "  devices:\n"
+      "    'cuda:0': {max_instances: 2}\n"
+      "services:\n"
+      "  ocr:\n"
+      "    pool:\n"
+      "      min_instances: 1\n"
+      "      devices:\n"
+      "        'cuda:1': {max_instances: 1, acquire_timeout_seconds: 5}\n",
+      "test.yaml");
+  const PoolsConfig ocr = c.pools_for("ocr");
+  CHECK(ocr.for_device("cpu").min_instances == 1);
+  CHECK(ocr.for_device("cpu").max_instances == 4);
+  CHECK(ocr.for_device("cuda:0").max_instances == 2);  // pools.devices, under the kind's min
+  CHECK(ocr.for_device("cuda:0").min_instances == 1);
+  CHECK(ocr.for_device("cuda:1").max_instances == 1);
+  CHECK(ocr.for_device("cuda:1").acquire_timeout_seconds == 5);
+  CHECK(ocr.for_device("cuda:1").min_instances == 1);
+  const PoolsConfig other = c.pools_for("other");  // a kind without its own: the pools
+  CHECK(other.for_device("cpu").min_instances == 0);
+  CHECK(other.for_device("cuda:0").max_instances == 2);
+  CHECK(Config::from_yaml_string(c.to_yaml()).to_yaml() == c.to_yaml());
 }

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -351,4 +352,73 @@ TEST_CASE("set_priority moves a queued task at once and keeps its arrival among 
   REQUIRE(expired.size() == 1);
   CHECK(expired[0].task_id == "a");
   CHECK(f.drain() == std::vector<std::string>{"c", "b"});
+}
+
+TEST_CASE("priority aging: a waiting task gains a level per interval, and ties go to the older") {
+  TaskQueue::Options o;
+  o.priority_aging = 10s;
+  Fixture f(o);
+  f.add("low", 0);
+  f.clock->advance(5s);
+  f.add("p1", 1);  // low has aged half a level: p1 still goes first
+  f.clock->advance(5s);
+  f.add("p1b", 1);  // low has aged a whole level: equal, and low is older
+  f.clock->advance(1s);
+  f.add("p2", 2);
+  std::vector<std::string> got;
+  for (const auto& t : f.queue->snapshot("cpu")) got.push_back(t.task_id);
+  CHECK(got == std::vector<std::string>{"p2", "p1", "low", "p1b"});
+  // The order across devices is the same rank.
+  f.add("gpu2", 2, 10, "cuda:0");
+  const auto head_cpu = f.queue->peek_next_task("cpu");
+  const auto head_gpu = f.queue->peek_next_task("cuda:0");
+  REQUIRE(head_cpu);
+  REQUIRE(head_gpu);
+  CHECK(f.queue->precedes(*head_cpu, *head_gpu));  // equal rank: p2 was queued first
+  CHECK_FALSE(f.queue->precedes(*head_gpu, *head_cpu));
+  CHECK(f.drain() == got);
+}
+
+TEST_CASE("priority aging off: the spec's strict order, however long a task waits") {
+  Fixture f;
+  f.add("low", 0);
+  f.clock->advance(std::chrono::hours(24 * 365));
+  f.add("high", 1);
+  CHECK(f.drain() == std::vector<std::string>{"high", "low"});
+}
+
+TEST_CASE("priority aging bounds a low priority's wait behind a steady stream of higher ones") {
+  // One task leaves per second and one priority-5 task arrives per second.
+  // With aging every I seconds, the priority-0 task ranks beside priority-5
+  // tasks that arrive 5*I after it: it leaves within 5*I + 1 s. Without
+  // aging it never leaves while the stream lasts.
+  for (const bool aging : {true, false}) {
+    CAPTURE(aging);
+    TaskQueue::Options o;
+    o.max_queue_size = 100000;
+    if (aging) o.priority_aging = 7s;
+    Fixture f(o);
+    for (int i = 0; i < 3; ++i) f.add("early" + std::to_string(i), 5);  // a backlog ahead of it
+    f.add("low", 0);
+    const auto t0 = f.clock->steady_now();
+    std::optional<std::chrono::seconds> left;
+    for (int s = 1; s <= 200 && !left; ++s) {
+      f.clock->advance(1s);
+      f.add("p5-" + std::to_string(s), 5);
+      auto t = f.queue->get_next_task("cpu");
+      REQUIRE(t);
+      if (t->task_id == "low") {
+        left = std::chrono::duration_cast<std::chrono::seconds>(f.clock->steady_now() - t0);
+      }
+    }
+    if (aging) {
+      REQUIRE(left);
+      // The bound: 5 levels * 7 s, plus the backlog of 3 queued before it,
+      // plus the second it takes.
+      CHECK(left->count() <= 5 * 7 + 3 + 1);
+      CHECK(left->count() >= 5 * 7);  // and it does not jump the levels early
+    } else {
+      CHECK_FALSE(left);
+    }
+  }
 }

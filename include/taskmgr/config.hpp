@@ -70,7 +70,11 @@ struct TasksConfig {
   double device_warning_fraction = 0.9;  // warn when a device is this full, in (0, 1]
   double starvation_seconds = 10;        // a task skipped this long for lack of memory
                                          // blocks smaller tasks until it fits (> 0)
-  std::string temp_dir;                  // root for per-task temp dirs; "" = system temp
+  // Priority aging: a queued task gains one priority level per this many
+  // seconds of waiting, so a low priority cannot starve behind a steady
+  // stream of higher ones (TaskQueue). 0 = off: the spec's strict order.
+  double priority_aging_seconds = 0;
+  std::string temp_dir;  // root for per-task temp dirs; "" = system temp
 };
 
 // executor
@@ -114,6 +118,21 @@ struct PoolsConfig {
 
   // The settings in force for a device.
   TASKMGR_API PoolSettings for_device(const std::string& device_id) const;
+};
+
+// services.<kind>.pool and services.<kind>.pool.devices.<id>: a kind's own
+// pool settings. A field left unset falls back to the kind's pool, then to
+// pools.devices.<id>, then to pools.defaults.
+struct PoolOverride {
+  std::optional<int> min_instances;
+  std::optional<int> max_instances;
+  std::optional<double> acquire_timeout_seconds;
+  bool empty() const { return !min_instances && !max_instances && !acquire_timeout_seconds; }
+  // `base` with the fields set here replacing its own.
+  TASKMGR_API PoolSettings over(PoolSettings base) const;
+};
+struct ServicePoolConfig : PoolOverride {
+  std::map<std::string, PoolOverride> devices;  // per device id
 };
 
 enum class SyncMode {
@@ -230,6 +249,16 @@ struct ServiceConfig {
   // factory's supports() says. Empty: as the factory says (a worker
   // library's kind: every device).
   std::vector<std::string> device_kinds;
+  // Any isolation. The kind's own pool settings (see PoolOverride).
+  ServicePoolConfig pool;
+  // Any isolation. At most this many of the kind's tasks start per second,
+  // over all devices (a token bucket of rate_limit_burst tokens, refilled
+  // at this rate): for a service that calls a metered backend. Tasks over
+  // the rate wait in their queue (other kinds pass them). 0 = no limit.
+  double rate_limit_per_second = 0;
+  // The bucket's size: how many tasks may start at once after a quiet
+  // spell (>= 1; 0 = the rate rounded up, at least 1).
+  int rate_limit_burst = 0;
 };
 
 // logging
@@ -252,6 +281,10 @@ struct TASKMGR_API Config {
   std::string http_yaml;
 
   // The spec's defaults (same as a default-constructed Config).
+  // The pool settings of a service kind: pools, with services.<kind>.pool
+  // over them (Config::pools when the kind has none).
+  PoolsConfig pools_for(const std::string& kind) const;
+
   static Config defaults();
   // Parse and validate. Throws ConfigError; a missing or unreadable file is a
   // ConfigError whose message names the path.

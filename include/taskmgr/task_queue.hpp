@@ -5,6 +5,15 @@
 // memory first (largest_first), then FIFO. With enable_priority_queue false
 // the order is strict FIFO and priorities are ignored.
 //
+// Priority aging (Options::priority_aging > 0, with the priority queue on):
+// a waiting task gains one priority level per interval, continuously, so
+// that a task that has waited k intervals ranks beside a task k levels
+// higher that arrives now (equal ranks: the older first). A low priority
+// then cannot starve behind a steady stream of higher ones: a task of
+// priority p is ahead of every task of priority p + n that arrives more than
+// n intervals after it. The order stays fixed while time passes (both of
+// two waiting tasks age alike), so it costs nothing per dispatch.
+//
 // get_next_task(device) returns the first task in that order whose estimate
 // fits the device's free memory now (DeviceRegistry). Smaller tasks may pass
 // a task that does not fit, but not forever: once a task has been passed over
@@ -53,7 +62,8 @@ class TASKMGR_API TaskQueue {
     QueueOrdering ordering = QueueOrdering::kFifo;
     std::size_t max_queue_size = 100;
     Duration starvation_after = std::chrono::seconds(10);
-    bool check_memory = true;  // false: ignore free memory (resource tracking off)
+    bool check_memory = true;    // false: ignore free memory (resource tracking off)
+    Duration priority_aging{0};  // one priority level per this much waiting; 0 = no aging
   };
   using Eligible = std::function<bool(const QueuedTask&)>;
 
@@ -88,6 +98,11 @@ class TASKMGR_API TaskQueue {
   // and sequence: the queue timeout still counts from its arrival). False
   // when not queued.
   bool set_priority(const std::string& task_id, int priority);
+
+  // True when `a` goes before `b` in dispatch order by priority (aged, when
+  // aging is on) and then arrival: the order of the heads of two devices'
+  // queues (queue_ordering's largest_first applies within a device only).
+  bool precedes(const QueuedTask& a, const QueuedTask& b) const;
 
   // Removes a queued task (cancel, device change). False when not queued.
   bool remove(const std::string& task_id);

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <boost/asio/post.hpp>
+#include <cmath>
 
 #include "forced_unwind.hpp"
 #include "host_call.hpp"
@@ -12,11 +13,12 @@
 namespace taskmgr::detail {
 
 Dispatcher::Dispatcher(Scheduler& scheduler, Attempt& attempt, DeviceRegistry& devices,
-                       Stats& stats, int workers, Duration linger)
+                       Stats& stats, TimerQueue& timers, int workers, Duration linger)
     : scheduler_(scheduler),
       attempt_(attempt),
       devices_(devices),
       stats_(stats),
+      timers_(timers),
       workers_(workers),
       linger_(linger),
       tracking_(scheduler.config().tasks.enable_resource_tracking),
@@ -30,7 +32,62 @@ void Dispatcher::join() {
   if (threads_) threads_->join();
 }
 
-void Dispatcher::add_pool(const std::string& kind, ServicePool* pool) { pools_[kind] = pool; }
+void Dispatcher::add_pool(const std::string& kind, ServicePool* pool) {
+  pools_[kind] = pool;
+  const auto& services = scheduler_.config().services;
+  auto sc = services.find(kind);
+  if (sc == services.end() || sc->second.rate_limit_per_second <= 0) return;
+  Bucket b;
+  b.per_second = sc->second.rate_limit_per_second;
+  b.burst = sc->second.rate_limit_burst > 0 ? sc->second.rate_limit_burst
+                                            : std::max(1.0, std::ceil(b.per_second));
+  b.tokens = b.burst;  // a quiet spell before the first task
+  b.last = scheduler_.clock().steady_now();
+  buckets_.insert_or_assign(kind, b);
+}
+
+void Dispatcher::Bucket::refill(SteadyTime now) {
+  if (now <= last) return;
+  const double elapsed = std::chrono::duration<double>(now - last).count();
+  tokens = std::min(burst, tokens + elapsed * per_second);
+  last = now;
+}
+
+bool Dispatcher::has_token(const std::string& kind, SteadyTime now) {
+  auto it = buckets_.find(kind);
+  if (it == buckets_.end()) return true;
+  Bucket& b = it->second;
+  b.refill(now);
+  if (b.tokens >= 1) return true;
+  // Due when the missing fraction has refilled (rounded up to the next
+  // microsecond, so that the refill at that time reaches a whole token).
+  const double wait_s = (1 - b.tokens) / b.per_second;
+  const SteadyTime due =
+      now + std::chrono::duration_cast<Duration>(std::chrono::duration<double>(wait_s)) +
+      std::chrono::microseconds(1);
+  if (!rate_wake_ || due < *rate_wake_) rate_wake_ = due;
+  return false;
+}
+
+void Dispatcher::arm_rate_timer() {
+  if (!rate_wake_) return;
+  const SteadyTime at = *rate_wake_;
+  rate_wake_.reset();
+  if (rate_timer_at_ && *rate_timer_at_ <= at) return;  // an earlier one looks again
+  rate_timer_at_ = at;
+  timers_.schedule(at, [this, at]() REQUIRES(!scheduler_lock) {
+    SchedulerLock lock(scheduler_.mutex());
+    if (rate_timer_at_ == at) rate_timer_at_.reset();
+    dispatch();
+  });
+}
+
+std::optional<Dispatcher::RateState> Dispatcher::rate_state(const std::string& kind) {
+  auto it = buckets_.find(kind);
+  if (it == buckets_.end()) return std::nullopt;
+  it->second.refill(scheduler_.clock().steady_now());
+  return RateState{it->second.tokens, it->second.per_second, static_cast<int>(it->second.burst)};
+}
 
 int Dispatcher::running_on(const std::string& device) const {
   for (std::size_t d = 0; d < device_ids_.size(); ++d) {
@@ -181,7 +238,7 @@ void Dispatcher::attempt_ended(const RecordPtr& rec) {
 std::optional<Dispatcher::Launch> Dispatcher::next() {
   TaskQueue& queue = scheduler_.queue();
   if (queue.size() == 0) return std::nullopt;
-  const bool by_priority = scheduler_.config().tasks.enable_priority_queue;
+  const SteadyTime now = buckets_.empty() ? SteadyTime{} : scheduler_.clock().steady_now();
   std::optional<QueuedTask> best;
   std::size_t best_device = 0;
   decltype(pools_)::const_iterator best_pool;
@@ -192,30 +249,34 @@ std::optional<Dispatcher::Launch> Dispatcher::next() {
     if (!head) continue;
     std::optional<QueuedTask> cand = std::move(head);
     auto pool = pools_.find(cand->service);
-    if (pool == pools_.end() || !pool->second->has_capacity(id)) {
-      if (pool != pools_.end()) pool_blocked_.try_emplace(PoolKey{cand->service, id});
-      cand = queue.peek_next_task(id, [this, &id](const QueuedTask& q) REQUIRES(scheduler_lock) {
-        auto p = pools_.find(q.service);  // a recovered task may wait for its service
-        return p != pools_.end() && p->second->has_capacity(id);
-      });
+    const bool pool_free = pool != pools_.end() && pool->second->has_capacity(id);
+    if (!pool_free || !has_token(cand->service, now)) {
+      if (pool != pools_.end() && !pool_free) {
+        pool_blocked_.try_emplace(PoolKey{cand->service, id});
+      }
+      cand =
+          queue.peek_next_task(id, [this, &id, now](const QueuedTask& q) REQUIRES(scheduler_lock) {
+            auto p = pools_.find(q.service);  // a recovered task may wait for its service
+            return p != pools_.end() && p->second->has_capacity(id) && has_token(q.service, now);
+          });
       if (cand) pool = pools_.find(cand->service);
     }
     if (!cand) continue;
-    const bool better = !best || (by_priority && cand->priority != best->priority
-                                      ? cand->priority > best->priority
-                                      : cand->sequence < best->sequence);
+    const bool better = !best || queue.precedes(*cand, *best);
     if (better) {
       best = std::move(cand);
       best_device = d;
       best_pool = pool;
     }
   }
+  arm_rate_timer();  // a task held back by its rate limit: look again when a token is due
   if (!best) return std::nullopt;
   const QueuedTask& qt = *best;
   auto lease = best_pool->second->try_acquire(qt.device);
   if (!lease) return std::nullopt;  // cannot happen: capacity was checked under the lock
   RecordPtr rec = scheduler_.records().find(qt.task_id);
   queue.remove(qt.task_id);
+  if (auto b = buckets_.find(qt.service); b != buckets_.end()) b->second.tokens -= 1;
   if (!rec) {  // a queue entry without a record: a bug, never a crash
     Stats::add(stats_.internal_errors);
     return std::nullopt;

@@ -10,6 +10,11 @@
 // task. When tasks arrive faster than executor.worker_linger_us apart, one
 // idle loop lingers that long for the next before giving its thread back.
 //
+// Rate limits (services.<kind>.rate_limit_per_second): a token bucket per
+// limited kind. A task whose kind has no token left is not eligible (other
+// kinds' tasks pass it, as they pass a task whose pool is full); a timer
+// posts the dispatch again when the next token is due.
+//
 // It also owns what the pools' slots say about the queues: which pool
 // blocks the head of a device queue, and whether that pool is merely busy
 // or stuck (see take_exhausted).
@@ -28,6 +33,7 @@
 #include "manager/service_registry.hpp"
 #include "sync.hpp"
 #include "taskmgr/service_pool.hpp"
+#include "timer_queue.hpp"
 
 namespace taskmgr::detail {
 
@@ -36,13 +42,21 @@ class Attempt;
 class Dispatcher {
  public:
   Dispatcher(Scheduler& scheduler, Attempt& attempt, DeviceRegistry& devices, Stats& stats,
-             int workers, Duration linger);
+             TimerQueue& timers, int workers, Duration linger);
   Dispatcher(const Dispatcher&) = delete;
   Dispatcher& operator=(const Dispatcher&) = delete;
   ~Dispatcher();
 
   // A pool tasks of `kind` can be dispatched to (at registration).
   void add_pool(const std::string& kind, ServicePool* pool) REQUIRES(scheduler_lock);
+  // The kind's rate limit (services.<kind>.rate_limit_per_second), when it
+  // has one, as {tokens now, rate, burst}.
+  struct RateState {
+    double tokens = 0;
+    double per_second = 0;
+    int burst = 0;
+  };
+  std::optional<RateState> rate_state(const std::string& kind) REQUIRES(scheduler_lock);
   // Posts loops for idle workers when tasks wait that no loop will catch
   // (`self`: the calling worker loop will take one itself).
   void dispatch(int self = 0) REQUIRES(scheduler_lock);
@@ -86,7 +100,20 @@ class Dispatcher {
     RecordPtr rec;
     ServicePool::Lease lease;
   };
+  // A token bucket: `burst` tokens at most, refilled at `per_second`.
+  struct Bucket {
+    double per_second = 0;
+    double burst = 1;
+    double tokens = 1;
+    SteadyTime last{};
+    void refill(SteadyTime now);
+  };
   std::optional<Launch> next() REQUIRES(scheduler_lock);
+  // True when a task of `kind` may start now by its rate limit; if not,
+  // notes when its next token is due (rate_wake_).
+  bool has_token(const std::string& kind, SteadyTime now) REQUIRES(scheduler_lock);
+  // A timer for rate_wake_, unless one fires by then already.
+  void arm_rate_timer() REQUIRES(scheduler_lock);
   bool stuck(const PoolKey& key, SteadyTime now) const REQUIRES(scheduler_lock);
   void worker_loop() REQUIRES(!scheduler_lock);
   void loop_body(bool& returned) REQUIRES(!scheduler_lock);
@@ -99,6 +126,7 @@ class Dispatcher {
   Attempt& attempt_;
   DeviceRegistry& devices_;
   Stats& stats_;
+  TimerQueue& timers_;
   const int workers_;
   const Duration linger_;
   const bool tracking_;
@@ -109,7 +137,10 @@ class Dispatcher {
   // they are stuck (nullopt: busy, not stuck).
   std::map<PoolKey, std::optional<SteadyTime>> pool_blocked_ GUARDED_BY(scheduler_lock);
   std::vector<Holder> holders_ GUARDED_BY(scheduler_lock);
-  std::vector<int> running_by_device_ GUARDED_BY(scheduler_lock);  // by index in device_ids_
+  std::map<std::string, Bucket, std::less<>> buckets_ GUARDED_BY(scheduler_lock);  // limited kinds
+  std::optional<SteadyTime> rate_wake_ GUARDED_BY(scheduler_lock);  // next token due (this pass)
+  std::optional<SteadyTime> rate_timer_at_ GUARDED_BY(scheduler_lock);  // the armed timer's time
+  std::vector<int> running_by_device_ GUARDED_BY(scheduler_lock);       // by index in device_ids_
   int running_ GUARDED_BY(scheduler_lock) = 0;    // attempts holding a worker thread
   int loops_ GUARDED_BY(scheduler_lock) = 0;      // worker_loop jobs posted and not yet returned
   int lingering_ GUARDED_BY(scheduler_lock) = 0;  // loops waiting a moment for new work

@@ -378,7 +378,7 @@ void Intake::register_service(std::shared_ptr<ServiceFactory> factory) {
   if (const auto* r = dynamic_cast<const InputRequirement*>(factory.get())) {
     entry->needs_input = r->needs_input();  // the library's own factories: no host code
   }
-  entry->pool = std::make_unique<ServicePool>(factory, config_.pools, workers_, clock_);
+  entry->pool = std::make_unique<ServicePool>(factory, config_.pools_for(kind), workers_, clock_);
   for (const auto& d : devices_.list()) {
     if (ServiceRegistry::supports(*entry, d)) entry->devices.push_back(d.id);
   }

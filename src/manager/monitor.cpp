@@ -77,6 +77,7 @@ TaskHealth Monitor::health(const std::string& id) {
   bool live = false, running = false;
   std::int64_t live_mb = -1;
   double live_s = 0, queued_for = -1, past_deadline = -1, deadline_s = 0;
+  std::optional<Dispatcher::RateState> rate;  // a queued task's kind's rate limit
   {
     SchedulerLock g(scheduler_.mutex());
     if (RecordPtr rec = scheduler_.records().find(id)) {
@@ -93,7 +94,10 @@ TaskHealth Monitor::health(const std::string& id) {
           deadline_s = rec->timeout_s;
         }
       }
-      if (rec->phase() == Phase::kQueued) queued_for = seconds(now - rec->queued_steady);
+      if (rec->phase() == Phase::kQueued) {
+        queued_for = seconds(now - rec->queued_steady);
+        rate = dispatcher_.rate_state(t.service);
+      }
     }
   }
   std::vector<EventRecord> stored;
@@ -141,6 +145,12 @@ TaskHealth Monitor::health(const std::string& id) {
     h.warnings.push_back(fmt::format(
         "waiting for service '{}', which is not registered: it runs once a host registers it",
         t.service));
+  }
+  if (rate && rate->tokens < 1) {
+    h.warnings.push_back(fmt::format(
+        "service '{}' is at its rate limit ({:g} tasks per second, burst {}): the next start "
+        "waits for a token",
+        t.service, rate->per_second, rate->burst));
   }
   if (queued_for > long_wait) {
     h.warnings.push_back(fmt::format("queued for {:.1f} s (timeout {} s)", queued_for,

@@ -31,6 +31,7 @@ TaskQueue::Options queue_options(const TasksConfig& c) {
   qo.max_queue_size = static_cast<std::size_t>(c.max_queue_size);
   qo.starvation_after = from_seconds(c.starvation_seconds);
   qo.check_memory = c.enable_resource_tracking;
+  qo.priority_aging = from_seconds(c.priority_aging_seconds);
   return qo;
 }
 

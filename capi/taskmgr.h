@@ -179,6 +179,13 @@ TASKMGR_API int taskmgr_describe_document(const char* path, int dpi, char** out_
 #define TASKMGR_EVENT_CLEANUP_COMPLETED 12
 #define TASKMGR_EVENT_PRIORITY_CHANGED 13
 #define TASKMGR_EVENT_DELETED 14 /* delivered only: never stored */
+#define TASKMGR_EVENT_PAUSED 15  /* manager-level (task_id ""), delivered only */
+#define TASKMGR_EVENT_RESUMED 16 /* manager-level (task_id ""), delivered only */
+
+/* What a pause covers (taskmgr_pause). */
+#define TASKMGR_PAUSE_MANAGER 0 /* every queue; name NULL or "" */
+#define TASKMGR_PAUSE_DEVICE 1  /* one device's queue; name: its id ("cpu", "cuda:0") */
+#define TASKMGR_PAUSE_SERVICE 2 /* one service kind's tasks on every device; name: the kind */
 
 /* Log level (logging.level in the configuration). */
 #define TASKMGR_LOG_TRACE 0
@@ -461,6 +468,33 @@ TASKMGR_API int taskmgr_set_task_priority(taskmgr_manager* manager, const char* 
  * cannot delete). */
 TASKMGR_API int taskmgr_delete_task(taskmgr_manager* manager, const char* task_id);
 
+/* Pauses the manager, a device's queue or a service kind (scope: a
+ * TASKMGR_PAUSE_* constant; name: the device id or kind, NULL or "" for the
+ * manager; a kind need not be registered). A queued task a pause holds does
+ * not start: running tasks finish, new tasks are accepted and queued, and
+ * its queue timeout does not run (the paused time is not counted when the
+ * pause ends). The pause is recorded in the store before this returns and
+ * holds again when a manager opens on that store. Subscribers get a
+ * "paused" event with task_id "". *out_changed (may be NULL): 1, or 0 when
+ * that pause was in force already (nothing changed).
+ * Errors: TASKMGR_E_INVALID_ARGUMENT (an unknown scope, a name for the
+ * manager, a kind that is not 1..100 bytes of UTF-8 without control
+ * characters), TASKMGR_E_NOT_FOUND (an unknown device),
+ * TASKMGR_E_INVALID_STATE (closed), TASKMGR_E_IO (the store cannot record
+ * it: nothing changed), TASKMGR_E_UNSUPPORTED (a store that cannot). */
+TASKMGR_API int taskmgr_pause(taskmgr_manager* manager, int scope, const char* name,
+                              int* out_changed);
+/* Ends a pause; the tasks it held start in queue order unless another pause
+ * holds them. A "resumed" event (task_id ""). *out_changed: 0 when that
+ * pause was not in force. The same errors as taskmgr_pause (a device that is
+ * gone may be resumed). */
+TASKMGR_API int taskmgr_resume(taskmgr_manager* manager, int scope, const char* name,
+                               int* out_changed);
+/* The pauses in force as a JSON array of {"scope","name","since"} objects
+ * ("since": RFC 3339 UTC), in (scope, name) order. *out_json: free with
+ * taskmgr_free. */
+TASKMGR_API int taskmgr_paused(taskmgr_manager* manager, char** out_json);
+
 /* The task as a JSON object with every spec field (id, service, input,
  * options, priority, status, attempt, batch_size, failure_reason,
  * failure_message, timestamps, result, estimated_memory_mb,
@@ -578,9 +612,9 @@ TASKMGR_API int taskmgr_set_device_available(taskmgr_manager* manager, const cha
 /* One event, as passed to a callback. Every pointer in it is valid only
  * during the callback: copy what you keep. */
 typedef struct taskmgr_event {
-  size_t struct_size; /* sizeof(taskmgr_event) of the library */
-  uint64_t sequence;  /* publication order, from 1 */
-  const char* task_id;
+  size_t struct_size;       /* sizeof(taskmgr_event) of the library */
+  uint64_t sequence;        /* publication order, from 1 */
+  const char* task_id;      /* "" for a manager-level event (paused, resumed) */
   int32_t event;            /* TASKMGR_EVENT_* */
   const char* event_type;   /* its name: "created", "resource_acquired", ... */
   int64_t timestamp_ms;     /* milliseconds since 1970-01-01 UTC */

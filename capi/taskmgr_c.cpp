@@ -90,6 +90,9 @@ static_assert(TASKMGR_EVENT_CLEANUP_COMPLETED ==
 static_assert(TASKMGR_EVENT_PRIORITY_CHANGED ==
               static_cast<int>(taskmgr::TaskEvent::kPriorityChanged));
 static_assert(TASKMGR_EVENT_DELETED == static_cast<int>(taskmgr::TaskEvent::kDeleted));
+static_assert(TASKMGR_EVENT_RESUMED == static_cast<int>(taskmgr::TaskEvent::kResumed));
+static_assert(TASKMGR_PAUSE_MANAGER == static_cast<int>(taskmgr::PauseScope::kManager));
+static_assert(TASKMGR_PAUSE_SERVICE == static_cast<int>(taskmgr::PauseScope::kService));
 static_assert(TASKMGR_LOG_TRACE == static_cast<int>(taskmgr::LogLevel::kTrace));
 static_assert(TASKMGR_LOG_ERROR == static_cast<int>(taskmgr::LogLevel::kError));
 
@@ -813,6 +816,59 @@ int taskmgr_delete_task(taskmgr_manager* manager, const char* task_id) {
     constexpr const char* fn = "taskmgr_delete_task";
     auto& tm = manager_of(manager, fn);
     tm.delete_task(task_id_arg(task_id, fn));
+  });
+}
+
+}  // extern "C"
+
+namespace {
+int set_paused(taskmgr_manager* manager, int scope, const char* name, int* out_changed, bool on) {
+  return guarded([&] {
+    const char* fn = on ? "taskmgr_pause" : "taskmgr_resume";
+    if (out_changed != nullptr) *out_changed = 0;
+    auto& tm = manager_of(manager, fn);
+    if (scope < TASKMGR_PAUSE_MANAGER || scope > TASKMGR_PAUSE_SERVICE) {
+      throw_invalid(std::string(fn) +
+                    ": scope must be TASKMGR_PAUSE_MANAGER (0), _DEVICE (1) or "
+                    "_SERVICE (2), got " +
+                    std::to_string(scope));
+    }
+    if (name != nullptr) require_utf8(name, fn, "name");
+    if (scope != TASKMGR_PAUSE_MANAGER && (name == nullptr || *name == '\0')) {
+      throw_invalid(std::string(fn) + ": name must be the " +
+                    (scope == TASKMGR_PAUSE_DEVICE ? "device id" : "service kind") +
+                    " (NULL or empty given)");
+    }
+    const auto s = static_cast<taskmgr::PauseScope>(scope);
+    const std::string n = name != nullptr ? name : "";
+    const bool changed = on ? tm.pause(s, n) : tm.resume(s, n);
+    if (out_changed != nullptr) *out_changed = changed ? 1 : 0;
+  });
+}
+}  // namespace
+
+extern "C" {
+
+int taskmgr_pause(taskmgr_manager* manager, int scope, const char* name, int* out_changed) {
+  return set_paused(manager, scope, name, out_changed, true);
+}
+
+int taskmgr_resume(taskmgr_manager* manager, int scope, const char* name, int* out_changed) {
+  return set_paused(manager, scope, name, out_changed, false);
+}
+
+int taskmgr_paused(taskmgr_manager* manager, char** out_json) {
+  return guarded([&] {
+    if (out_json != nullptr) *out_json = nullptr;
+    constexpr const char* fn = "taskmgr_paused";
+    auto& tm = manager_of(manager, fn);
+    char** out = checked_out(out_json, fn, "out_json");
+    std::string json = "[";
+    for (const auto& p : tm.paused()) {
+      if (json.size() > 1) json += ',';
+      json += taskmgr::to_json(p);
+    }
+    set_out(out, json + "]");
   });
 }
 

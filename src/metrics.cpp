@@ -82,6 +82,12 @@ std::string TaskMetrics::to_json() const {
   o["memory_by_device"] = std::move(memory);
   o["pool_utilization"] = std::move(pools);
   o["average_wait_time"] = average_wait_time;
+  boost::json::array paused_json;
+  for (const PauseState& ps : paused) {
+    paused_json.push_back(boost::json::object{
+        {"scope", to_string(ps.scope)}, {"name", ps.name}, {"since", format_timestamp(ps.since)}});
+  }
+  o["paused"] = std::move(paused_json);
   o["counters"] = {{"tasks_created", tasks_created},
                    {"tasks_started", tasks_started},
                    {"tasks_completed", tasks_completed},
@@ -153,6 +159,12 @@ std::string TaskMetrics::to_prometheus() const {
   for (const auto& [k, m] : pool_utilization) {
     p.sample("pool_instances_max", m.max,
              "service=\"" + esc(m.service) + "\",device=\"" + esc(m.device) + "\"");
+  }
+  p.family("paused", "gauge", "1 for each pause in force (scope manager, device or service).");
+  for (const PauseState& ps : paused) {
+    p.sample(
+        "paused", 1,
+        "scope=\"" + esc(std::string(to_string(ps.scope))) + "\",name=\"" + esc(ps.name) + "\"");
   }
   p.family("average_wait_time_seconds", "gauge", "Mean time from queued to started.");
   p.sample("average_wait_time_seconds", average_wait_time);

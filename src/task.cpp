@@ -56,6 +56,8 @@ constexpr std::pair<TaskEvent, std::string_view> kEventNames[] = {
     {TaskEvent::kCleanupCompleted, "cleanup_completed"},
     {TaskEvent::kPriorityChanged, "priority_changed"},
     {TaskEvent::kDeleted, "deleted"},
+    {TaskEvent::kPaused, "paused"},
+    {TaskEvent::kResumed, "resumed"},
 };
 
 boost::json::value opt_ts(const std::optional<Timestamp>& t) {

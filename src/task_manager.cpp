@@ -4,6 +4,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <atomic>
 #include <mutex>
 #include <thread>
@@ -97,6 +98,7 @@ class TaskManager::Impl {
   void close() REQUIRES(!scheduler_lock);
   Task get_task(const std::string& id) REQUIRES(!scheduler_lock);
   void delete_task(const std::string& id) REQUIRES(!scheduler_lock);
+  bool set_paused(PauseScope scope, const std::string& name, bool on) REQUIRES(!scheduler_lock);
   std::optional<Task> wait_task(const std::string& id, Duration timeout) REQUIRES(!scheduler_lock);
   bool wait_idle(Duration timeout) REQUIRES(!scheduler_lock);
   void schedule_sweep();
@@ -123,6 +125,9 @@ class TaskManager::Impl {
   Monitor monitor_;
   Intake intake_;
   const Duration sweep_interval_;
+  // One pause or resume at a time: the store's rows and the scheduler's
+  // pauses change in the same order.
+  std::mutex controls_mu_;
   // Host calls in progress that may commit a change or drain the outbox
   // (creates, starts, cancels, registrations, draining reads): close()
   // returns only after they have, so none of their host code (store, log
@@ -214,6 +219,18 @@ TaskManager::Impl::Impl(Config config, TaskManagerOptions options)
   }
   temp_dirs_.remove_dead_runs();
   for (const std::string& n : journal_.notices()) log_.write(LogLevel::kWarn, n);
+  {
+    // The pauses in force when the store was last used hold from the start:
+    // a recovered task they hold is queued and waits.
+    std::vector<PauseState> stored = journal_.load_pauses();
+    for (const PauseState& p : stored) {
+      log_.write(LogLevel::kInfo,
+                 fmt::format("paused since {} (store): {}{}", format_timestamp(p.since),
+                             to_string(p.scope), p.name.empty() ? "" : " '" + p.name + "'"));
+    }
+    SchedulerLock g(scheduler_.mutex());
+    scheduler_.restore_pauses(stored);
+  }
   recovery_.recover();
   recovery_.prune_retention();
   schedule_sweep();
@@ -395,6 +412,72 @@ std::string not_deletable(const Task& t) {
   return {};
 }
 }  // namespace
+
+bool TaskManager::Impl::set_paused(PauseScope scope, const std::string& name, bool on) {
+  const char* fn = on ? "pause" : "resume";
+  switch (scope) {
+    case PauseScope::kManager:
+      if (!name.empty()) {
+        throw Error(ErrorCode::kInvalidArgument,
+                    fmt::format("{}: a pause of the manager has no name (got a name of {} bytes)",
+                                fn, name.size()));
+      }
+      break;
+    case PauseScope::kDevice: {
+      bool known = false;
+      for (const auto& d : devices_->list()) known = known || d.id == name;
+      // A device that is gone may still be resumed (its pause was stored).
+      if (!known && on) {
+        throw Error(ErrorCode::kNotFound,
+                    fmt::format("{}: unknown device '{}'", fn,
+                                name.size() > 100 ? name.substr(0, 100) + "..." : name));
+      }
+      if (!known && name.empty()) {
+        throw Error(ErrorCode::kInvalidArgument,
+                    fmt::format("{}: a device pause needs the id", fn));
+      }
+      break;
+    }
+    case PauseScope::kService:
+      if (name.empty() || name.size() > 100 || invalid_utf8_at(name) ||
+          std::any_of(name.begin(), name.end(),
+                      [](char c) { return static_cast<unsigned char>(c) < 0x20 || c == 0x7F; })) {
+        throw Error(ErrorCode::kInvalidArgument,
+                    fmt::format("{}: a service kind is 1..100 bytes of UTF-8 without control "
+                                "characters (got {} bytes)",
+                                fn, name.size()));
+      }
+      break;
+    default:
+      throw Error(ErrorCode::kInvalidArgument,
+                  fmt::format("{}: unknown pause scope {}", fn, static_cast<int>(scope)));
+  }
+  scheduler_.check_open();
+  {
+    std::lock_guard<std::mutex> one(controls_mu_);
+    PauseState p;
+    p.scope = scope;
+    p.name = name;
+    {
+      SchedulerLock g(scheduler_.mutex());
+      const Pauses::Entry* e = scheduler_.pauses().find(scope, name);
+      if ((e != nullptr) == on) return false;  // in force already, or not at all
+      p.since = on ? stored_time(*clock_) : e->state.since;
+    }
+    journal_.save_pause(p, on);  // throws: nothing changed
+    SchedulerLock g(scheduler_.mutex());
+    if (on) {
+      scheduler_.pause(p);
+    } else {
+      scheduler_.resume(scope, name);
+      dispatcher_.dispatch();
+    }
+  }
+  outbox_.drain();
+  log_.write(LogLevel::kInfo, fmt::format("{} by the host: {}{}", on ? "paused" : "resumed",
+                                          to_string(scope), name.empty() ? "" : " '" + name + "'"));
+  return true;
+}
 
 void TaskManager::Impl::delete_task(const std::string& id) {
   scheduler_.check_open();
@@ -605,6 +688,18 @@ Task TaskManager::set_task_priority(const std::string& id, int priority) {
                                                            : std::string(to_string(t->status))));
   }
   throw Error(ErrorCode::kNotFound, "unknown task id '" + id + "'");
+}
+bool TaskManager::pause(PauseScope scope, const std::string& name) {
+  TASKMGR_WRITER_ENTRY("pause");
+  return impl_->set_paused(scope, name, true);
+}
+bool TaskManager::resume(PauseScope scope, const std::string& name) {
+  TASKMGR_WRITER_ENTRY("resume");
+  return impl_->set_paused(scope, name, false);
+}
+std::vector<PauseState> TaskManager::paused() const {
+  SchedulerLock g(impl_->scheduler_.mutex());
+  return impl_->scheduler_.pauses().list();
 }
 void TaskManager::delete_task(const std::string& id) {
   TASKMGR_WRITER_ENTRY("delete_task");

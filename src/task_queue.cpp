@@ -1,5 +1,6 @@
 #include "taskmgr/task_queue.hpp"
 
+#include <algorithm>
 #include <limits>
 
 #include <set>
@@ -16,6 +17,7 @@ struct TaskQueue::Impl {
     QueuedTask task;
     // Written by choose_locked through a const set element: mu guards it.
     mutable std::optional<SteadyTime> passed_over_since;
+    bool delayed = false;  // enqueued_at moved later (delay): by_seq is no longer its order
   };
   struct Order {
     const Options* options;
@@ -35,7 +37,8 @@ struct TaskQueue::Impl {
   void insert_locked(QueuedTask task) REQUIRES(mu);
   void erase_locked(std::string_view task_id) REQUIRES(mu);
   std::optional<DeviceQueue::iterator> choose_locked(const std::string& device,
-                                                     const Eligible& eligible) REQUIRES(mu);
+                                                     const Eligible& eligible,
+                                                     const Eligible& hidden) REQUIRES(mu);
 
   // Fixed at construction.
   const Options options;
@@ -56,6 +59,7 @@ struct TaskQueue::Impl {
   std::vector<SeqMap::node_type> free_seq GUARDED_BY(mu);
   std::vector<Index::node_type> free_index GUARDED_BY(mu);
   std::uint64_t next_sequence GUARDED_BY(mu) = 1;
+  std::size_t delayed GUARDED_BY(mu) = 0;  // entries with delayed set
 };
 
 namespace {
@@ -122,6 +126,7 @@ void TaskQueue::Impl::insert_locked(QueuedTask task) {
     t.enqueued_at = task.enqueued_at;
     t.sequence = task.sequence;
     node.value().passed_over_since.reset();
+    node.value().delayed = false;
     it = q.insert(std::move(node)).position;
   } else {
     it = q.insert(Entry{std::move(task), std::nullopt}).first;
@@ -151,6 +156,7 @@ void TaskQueue::Impl::erase_locked(std::string_view task_id) {
   if (ix == index.end()) return;
   auto bs = by_seq.find(ix->second);
   const Location loc = bs->second;
+  if (loc.it->delayed) --delayed;
   auto index_node = index.extract(ix);  // its key views the entry (never read again)
   auto seq_node = by_seq.extract(bs);
   auto entry_node = loc.queue->extract(loc.it);
@@ -191,7 +197,7 @@ void TaskQueue::add_task(const Task& task, int priority) {
 
 // `eligible` is the manager's own filter (pool capacity), not host code.
 std::optional<TaskQueue::Impl::DeviceQueue::iterator> TaskQueue::Impl::choose_locked(
-    const std::string& device, const Eligible& eligible) {
+    const std::string& device, const Eligible& eligible, const Eligible& hidden) {
   auto qit = queues.find(device);
   if (qit == queues.end()) return std::nullopt;
   std::int64_t free_mb = 0;
@@ -202,6 +208,7 @@ std::optional<TaskQueue::Impl::DeviceQueue::iterator> TaskQueue::Impl::choose_lo
   }
   const SteadyTime now = clock->steady_now();
   for (auto it = qit->second.begin(); it != qit->second.end(); ++it) {
+    if (hidden && hidden(it->task)) continue;
     if (options.check_memory && it->task.estimated_memory_mb > free_mb) {
       if (!it->passed_over_since) it->passed_over_since = now;
       if (now - *it->passed_over_since >= options.starvation_after) {
@@ -216,10 +223,11 @@ std::optional<TaskQueue::Impl::DeviceQueue::iterator> TaskQueue::Impl::choose_lo
 }
 
 std::optional<QueuedTask> TaskQueue::get_next_task(const std::string& device,
-                                                   const Eligible& eligible) {
+                                                   const Eligible& eligible,
+                                                   const Eligible& hidden) {
   Impl& im = *impl_;
   detail::MutexLock g(im.mu);
-  auto it = im.choose_locked(device, eligible);
+  auto it = im.choose_locked(device, eligible, hidden);
   if (!it) return std::nullopt;
   QueuedTask out = (*it)->task;
   im.erase_locked(out.task_id);
@@ -227,10 +235,11 @@ std::optional<QueuedTask> TaskQueue::get_next_task(const std::string& device,
 }
 
 std::optional<QueuedTask> TaskQueue::peek_next_task(const std::string& device,
-                                                    const Eligible& eligible) {
+                                                    const Eligible& eligible,
+                                                    const Eligible& hidden) {
   Impl& im = *impl_;
   detail::MutexLock g(im.mu);
-  auto it = im.choose_locked(device, eligible);
+  auto it = im.choose_locked(device, eligible, hidden);
   if (!it) return std::nullopt;
   return (*it)->task;
 }
@@ -276,15 +285,51 @@ bool TaskQueue::remove(const std::string& task_id) {
   return true;
 }
 
-std::vector<QueuedTask> TaskQueue::take_expired(SteadyTime cutoff) {
+std::vector<QueuedTask> TaskQueue::take_expired(SteadyTime cutoff, const Eligible& exempt) {
   Impl& im = *impl_;
   detail::MutexLock g(im.mu);
   std::vector<QueuedTask> out;
-  while (!im.by_seq.empty() && im.by_seq.begin()->second.it->task.enqueued_at <= cutoff) {
-    out.push_back(im.by_seq.begin()->second.it->task);
+  // Arrival order is enqueued_at order unless a task was delayed: then
+  // every entry is looked at.
+  for (auto it = im.by_seq.begin(); it != im.by_seq.end();) {
+    const QueuedTask& t = it->second.it->task;
+    if (t.enqueued_at > cutoff) {
+      if (im.delayed == 0) break;
+      ++it;
+      continue;
+    }
+    if (exempt && exempt(t)) {
+      ++it;
+      continue;
+    }
+    out.push_back(t);
+    ++it;  // erase_locked invalidates only the erased entry's iterator
     im.erase_locked(out.back().task_id);
   }
+  if (im.delayed > 0) {
+    std::sort(out.begin(), out.end(), [](const QueuedTask& a, const QueuedTask& b) {
+      return a.enqueued_at != b.enqueued_at ? a.enqueued_at < b.enqueued_at
+                                            : a.sequence < b.sequence;
+    });
+  }
   return out;
+}
+
+bool TaskQueue::delay(const std::string& task_id, Duration by) {
+  Impl& im = *impl_;
+  detail::MutexLock g(im.mu);
+  auto ix = im.index.find(task_id);
+  if (ix == im.index.end()) return false;
+  if (by <= Duration::zero()) return true;
+  Impl::Location& loc = im.by_seq.find(ix->second)->second;
+  auto node = loc.queue->extract(loc.it);  // keeps its strings (the index views its id)
+  node.value().task.enqueued_at += by;
+  if (!node.value().delayed) {
+    node.value().delayed = true;
+    ++im.delayed;
+  }
+  loc.it = loc.queue->insert(std::move(node)).position;
+  return true;
 }
 
 bool TaskQueue::contains(const std::string& task_id) const {

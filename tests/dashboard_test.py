@@ -173,5 +173,25 @@ class DashboardTest(unittest.TestCase):
         self.assertNotIn(t["id"], self.table(dom, "failures"))
 
 
+    def test_pauses_are_listed_with_resume_buttons_and_devices_with_pause_buttons(self):
+        dom, console = self.browse("dashboard-unpaused")
+        self.assertNotIn("data-pause=", self.table(dom, "paused"))
+        self.assertIn('class="pause"', self.table(dom, "devices"))  # each device can be paused
+        status, r = self.request("POST", "/pause", {"device": "cpu"})
+        self.assertEqual(status, 200, r)
+        status, r = self.request("POST", "/pause", {"service": "ocr"})
+        self.assertEqual(status, 200, r)
+        dom, console = self.browse("dashboard-paused")
+        errors = [l for l in console if re.search(r"Uncaught|ERROR|Failed|error", l)]
+        self.assertEqual(errors, [], console)
+        paused = self.table(dom, "paused")
+        self.assertIn('data-pause="device:cpu"', paused)
+        self.assertIn('data-pause="service:ocr"', paused)
+        self.assertEqual(paused.count('class="resume"'), 2)
+        devices = self.table(dom, "devices")
+        self.assertIn('class="resume"', devices)  # the paused device offers resume
+        self.assertNotIn('class="pause"', devices)
+
+
 if __name__ == "__main__":
     unittest.main(verbosity=2)

@@ -531,6 +531,40 @@ class HttpServerTest(unittest.TestCase):
         status, page = self.request("GET", "/tasks?limit=1000")
         self.assertNotIn(task_id, [x["id"] for x in page])
 
+    def test_pause_and_resume(self):
+        status, r = self.request("POST", "/pause", {"service": "ocr"})
+        self.addCleanup(self.request, "POST", "/resume", {"service": "ocr"})
+        self.assertEqual(status, 200, r)
+        self.assertTrue(r["changed"])
+        self.assertEqual([(p["scope"], p["name"]) for p in r["paused"]], [("service", "ocr")])
+        status, r = self.request("POST", "/pause", {"service": "ocr"})
+        self.assertEqual((status, r["changed"]), (200, False))
+        status, t = self.upload("?start=1", TINY_PNG)
+        self.assertEqual(status, 201, t)
+        time.sleep(0.3)
+        self.assertEqual(self.request("GET", "/tasks/" + t["id"])[1]["status"], "queued")
+        status, health = self.request("GET", "/health")
+        self.assertEqual(status, 200, health)  # paused on purpose: still ready
+        self.assertEqual([p["name"] for p in health["paused"]], ["ocr"])
+        self.assertEqual([p["name"] for p in self.request("GET", "/paused")[1]], ["ocr"])
+        status, h = self.request("GET", "/tasks/%s/health" % t["id"])
+        self.assertTrue(any(w.startswith("paused: service 'ocr'") for w in h["warnings"]), h)
+        for bad, want in (({"device": "cpu", "service": "ocr"}, 400), ({"device": "cuda:9"}, 404),
+                          ({"x": 1}, 400), ({"device": ""}, 400), ({"device": 5}, 400),
+                          ({"service": "a\u0000b"}, 400), ({"service": "k" * 101}, 400)):
+            status, e = self.request("POST", "/pause", bad)
+            self.assertEqual(status, want, (bad, e))
+            self.assertIn("message", e)
+        status, e = self.request("GET", "/pause")
+        self.assertEqual(status, 405, e)
+        status, e = self.request("POST", "/paused", {})
+        self.assertEqual(status, 405, e)
+        status, r = self.request("POST", "/resume", {"service": "ocr"})
+        self.assertEqual((status, r["changed"], r["paused"]), (200, True, []))
+        self.assertEqual(self.wait_done(t["id"])["status"], "completed")
+        status, r = self.request("POST", "/resume", {"service": "ocr"})
+        self.assertEqual((status, r["changed"]), (200, False))
+
     def raw(self, data):
         return raw_exchange(self.port, data)
 

@@ -2198,6 +2198,86 @@ static void test_strict_json_checker(void) {
 }
 
 /* Pages of tasks, newest first, each task once; and deleting ended tasks. */
+typedef struct control_log {
+  int paused, resumed, bad;
+} control_log;
+
+static void record_control(const taskmgr_event* e, void* user_data) {
+  control_log* log = (control_log*)user_data;
+  pthread_mutex_lock(&mu);
+  if (e->event == TASKMGR_EVENT_PAUSED || e->event == TASKMGR_EVENT_RESUMED) {
+    /* Manager-level: no task; the details name the scope and the name. */
+    if (e->task_id == NULL || e->task_id[0] != '\0' ||
+        strstr(e->details_json, "\"scope\":\"service\"") == NULL ||
+        strstr(e->details_json, "\"name\":\"echo\"") == NULL ||
+        strict_json_error(e->json, strlen(e->json)) >= 0) {
+      ++log->bad;
+    }
+    if (e->event == TASKMGR_EVENT_PAUSED) ++log->paused;
+    if (e->event == TASKMGR_EVENT_RESUMED) ++log->resumed;
+  }
+  pthread_mutex_unlock(&mu);
+}
+
+/* taskmgr_pause / taskmgr_resume / taskmgr_paused: a paused kind's tasks stay
+ * queued, resume runs them, each change is one manager-level event, and
+ * every argument a caller can get wrong is refused by name. */
+static void test_pauses(void) {
+  taskmgr_manager* tm = open_one_worker(NULL);
+  taskmgr_task_request r;
+  char a[TASKMGR_TASK_ID_SIZE], b[TASKMGR_TASK_ID_SIZE];
+  char* json = NULL;
+  int changed = -1;
+  control_log log;
+  uint64_t sub = 0;
+  if (tm == NULL) return;
+  memset(&log, 0, sizeof log);
+  CHECK_RC(taskmgr_subscribe(tm, record_control, &log, NULL, &sub), TASKMGR_OK);
+  CHECK_RC(taskmgr_pause(tm, TASKMGR_PAUSE_SERVICE, "echo", &changed), TASKMGR_OK);
+  CHECK(changed == 1);
+  CHECK_RC(taskmgr_pause(tm, TASKMGR_PAUSE_SERVICE, "echo", &changed), TASKMGR_OK);
+  CHECK(changed == 0); /* in force already */
+  echo_request(&r, "/data/a.png", 1);
+  CHECK_RC(taskmgr_create_task(tm, &r, a), TASKMGR_OK);
+  echo_request(&r, "/data/b.png", 1);
+  CHECK_RC(taskmgr_create_task(tm, &r, b), TASKMGR_OK);
+  sleep_ms(50);
+  CHECK(task_status(tm, a) == TASKMGR_TASK_QUEUED);
+  CHECK(task_status(tm, b) == TASKMGR_TASK_QUEUED);
+  CHECK_RC(taskmgr_paused(tm, &json), TASKMGR_OK);
+  CHECK(json != NULL && strict_json_error(json, strlen(json)) < 0 && json[0] == '[' &&
+        strstr(json, "{\"scope\":\"service\",\"name\":\"echo\",\"since\":\"") != NULL);
+  taskmgr_free(json);
+  json = NULL;
+
+  /* Refused, by name, changing nothing. */
+  CHECK_RC(taskmgr_pause(tm, 7, "echo", &changed), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("scope must be");
+  CHECK_RC(taskmgr_pause(tm, TASKMGR_PAUSE_DEVICE, NULL, NULL), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("device id");
+  CHECK_RC(taskmgr_pause(tm, TASKMGR_PAUSE_DEVICE, "cuda:9", NULL), TASKMGR_E_NOT_FOUND);
+  CHECK_MSG("unknown device");
+  CHECK_RC(taskmgr_pause(tm, TASKMGR_PAUSE_MANAGER, "x", NULL), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_pause(tm, TASKMGR_PAUSE_SERVICE, "\xff", NULL), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_pause(NULL, TASKMGR_PAUSE_MANAGER, NULL, NULL), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_paused(tm, NULL), TASKMGR_E_INVALID_ARGUMENT);
+
+  CHECK_RC(taskmgr_resume(tm, TASKMGR_PAUSE_SERVICE, "echo", &changed), TASKMGR_OK);
+  CHECK(changed == 1);
+  CHECK_RC(taskmgr_resume(tm, TASKMGR_PAUSE_SERVICE, "echo", &changed), TASKMGR_OK);
+  CHECK(changed == 0);
+  CHECK(wait_completed(tm, a));
+  CHECK(wait_completed(tm, b));
+  CHECK_RC(taskmgr_paused(tm, &json), TASKMGR_OK);
+  CHECK(json != NULL && strcmp(json, "[]") == 0);
+  taskmgr_free(json);
+  CHECK_RC(taskmgr_flush_events(tm), TASKMGR_OK);
+  pthread_mutex_lock(&mu);
+  CHECK(log.paused == 1 && log.resumed == 1 && log.bad == 0);
+  pthread_mutex_unlock(&mu);
+  CHECK_RC(taskmgr_destroy(tm), TASKMGR_OK);
+}
+
 static void test_paging_and_delete(void) {
   taskmgr_manager* tm = open_one_worker(NULL);
   taskmgr_task_request r;
@@ -2365,6 +2445,7 @@ int main(int argc, char** argv) {
   test_create_tasks();
   test_reentrant_callbacks();
   test_paging_and_delete();
+  test_pauses();
   test_close_with_tasks(db_path);
   {
     char unpersisted_db[600];

@@ -1,13 +1,17 @@
 // The task state machine against a model: random sequences of create,
 // start, cancel, complete, fail, out-of-memory (retry: CPU fallback or
 // backoff), priority changes, the host's retries of ended tasks, deletes of
-// ended tasks (and of live ones, refused), clock advances and close + reopen, through the public
-// API with a real SQLite file, checked after every step:
+// ended tasks (and of live ones, refused), pauses and resumes of the manager,
+// a device or the service, clock advances and close + reopen, through the
+// public API with a real SQLite file, checked after every step:
 //
 //  * every task's status is the one the model allows (queued or running
 //    while it waits; exact once it ended, with its cleanup completed);
 //  * status "running" if and only if its service is running it now;
-//  * no worker idles while a task that could run waits (work conservation);
+//  * no worker idles while a task that could run waits (work conservation),
+//    and nothing starts that a pause holds (a paused manager, device or
+//    service), also after a reopen;
+//  * the pauses in force are the ones the model says;
 //  * the events delivered for each task follow the documented grammar
 //    (docs/ARCHITECTURE.md), with exactly one terminal event;
 //  * the metrics' running count matches.
@@ -292,7 +296,7 @@ class Model {
 
   // One random step; what it did, for the failure message.
   std::string step() {
-    const int roll = std::uniform_int_distribution<int>(0, 99)(rng_);
+    const int roll = std::uniform_int_distribution<int>(0, 104)(rng_);
     if (roll < 20) return create();
     if (roll < 33) return start();
     if (roll < 43) return cancel();
@@ -303,6 +307,7 @@ class Model {
     if (roll < 95) return set_priority();
     if (roll < 97) return retry();
     if (roll < 99) return remove();
+    if (roll < 104) return pause_or_resume();
     return reopen();
   }
 
@@ -324,6 +329,7 @@ class Model {
   std::size_t priorities_changed() const { return priorities_changed_; }
   std::size_t deleted() const { return deleted_; }
   std::size_t retried() const { return retried_; }
+  std::size_t pauses() const { return pauses_; }
   std::size_t ended() const { return ended_; }
 
  private:
@@ -377,6 +383,7 @@ class Model {
     std::advance(it, std::uniform_int_distribution<std::size_t>(0, running.size() - 1)(rng_));
     const std::string id = it->first;
     const std::string device = it->second;
+    ran_before_pause_.erase(id);  // its next attempt, if any, is a new start
     Expect& e = tasks_[id].expect;
     REQUIRE(e.state == Expect::State::kWaiting);
     ++e.attempts;
@@ -502,6 +509,44 @@ class Model {
     return "delete " + id;
   }
 
+  // Pauses one of the scopes, or (more often, while any holds) resumes one:
+  // pause answers whether it changed anything, and so does resume.
+  std::string pause_or_resume() {
+    static const std::vector<std::pair<PauseScope, std::string>> kScopes = {
+        {PauseScope::kManager, ""},
+        {PauseScope::kDevice, "cpu"},
+        {PauseScope::kDevice, "cuda:0"},
+        {PauseScope::kService, "m"}};
+    const auto& [scope, name] =
+        kScopes[std::uniform_int_distribution<std::size_t>(0, kScopes.size() - 1)(rng_)];
+    const std::string what = std::string(to_string(scope)) + (name.empty() ? "" : " " + name);
+    const bool resume = !paused_.empty() && std::uniform_int_distribution<int>(0, 9)(rng_) < 7;
+    if (resume) {
+      const auto it =
+          std::next(paused_.begin(), static_cast<long>(std::uniform_int_distribution<std::size_t>(
+                                         0, paused_.size() - 1)(rng_)));
+      const auto [s, n] = *it;
+      paused_.erase(it);
+      const bool changed = tm_->resume(s, n);  // (outside CHECK: it would catch a throw)
+      CHECK(changed);
+      return "resume " + std::string(to_string(s)) + (n.empty() ? "" : " " + n);
+    }
+    const bool was = paused_.count({scope, name}) > 0;
+    for (const auto& [id, dev] : script_->running()) ran_before_pause_.insert(id);
+    const bool changed = tm_->pause(scope, name);
+    CHECK(changed == !was);
+    paused_.insert({scope, name});
+    ++pauses_;
+    return "pause " + what;
+  }
+
+  // Whether a pause holds a task of service "m" on `device`.
+  bool held(const std::string& device) const {
+    return paused_.count({PauseScope::kManager, ""}) ||
+           paused_.count({PauseScope::kService, "m"}) ||
+           paused_.count({PauseScope::kDevice, device});
+  }
+
   std::string advance() {
     const auto d = std::chrono::milliseconds(std::uniform_int_distribution<int>(200, 2500)(rng_));
     clock_->advance(d);
@@ -596,6 +641,11 @@ class Model {
     std::map<std::string, int> on_device;
     for (const auto& [id, dev] : running) ++on_device[dev];
     const int busy = static_cast<int>(running.size());
+    for (const auto& [id, dev] : running) {
+      if (held(dev) && ran_before_pause_.count(id) == 0) {
+        return (why = id + " started on " + dev + " while a pause holds it"), false;
+      }
+    }
     for (const auto& [id, tr] : tasks_) {
       const Task t = tm_->get_task(id);
       const Expect& e = tr.expect;
@@ -624,7 +674,7 @@ class Model {
           if (t.status == TaskStatus::kQueued) {
             const std::string dev = t.assigned_device.value_or("");
             const int pool_max = dev == "cpu" ? kWorkers : kGpuPool;
-            if (busy < kWorkers && on_device[dev] < pool_max) {
+            if (busy < kWorkers && on_device[dev] < pool_max && !held(dev)) {
               why = id + " could run on " + dev + " but waits";
               return false;
             }
@@ -642,6 +692,9 @@ class Model {
           break;
       }
     }
+    std::set<std::pair<PauseScope, std::string>> in_force;
+    for (const auto& p : tm_->paused()) in_force.insert({p.scope, p.name});
+    if (in_force != paused_) return (why = "the pauses in force are not the model's"), false;
     const TaskMetrics m = tm_->get_task_metrics();
     if (m.active_tasks.at("total") != busy)
       return (why = "metrics count another number running"), false;
@@ -670,6 +723,10 @@ class Model {
         REQUIRE(tr.grammar.done());
         forget.push_back(id);
       }
+    }
+    const auto running = script_->running();
+    for (auto it = ran_before_pause_.begin(); it != ran_before_pause_.end();) {
+      it = running.count(*it) ? std::next(it) : ran_before_pause_.erase(it);
     }
     for (const auto& id : forget) {
       tasks_.erase(id);
@@ -702,6 +759,9 @@ class Model {
   std::size_t priorities_changed_ = 0;
   std::size_t deleted_ = 0;
   std::size_t retried_ = 0;
+  std::set<std::pair<PauseScope, std::string>> paused_;  // in force, kept across a reopen
+  std::size_t pauses_ = 0;
+  std::set<std::string> ran_before_pause_;  // in service when a pause came: may go on running
 };
 
 std::uint64_t env_or(const char* name, std::uint64_t fallback) {
@@ -730,11 +790,12 @@ TEST_CASE(
     MESSAGE("model test: " << steps << " steps, " << model.ended() << " tasks ended, "
                            << model.tasks() << " still live, " << model.priorities_changed()
                            << " priorities changed, " << model.retried() << " retried, "
-                           << model.deleted() << " deleted");
+                           << model.deleted() << " deleted, " << model.pauses() << " paused");
     CHECK(model.ended() > steps / 20);  // the walk did reach the ends it checks
     CHECK(model.priorities_changed() > steps / 200);
     CHECK(model.deleted() > steps / 200);
     CHECK(model.retried() > steps / 400);
+    CHECK(model.pauses() > steps / 200);
   }
   std::error_code ec;
   fs::remove_all(dir, ec);

@@ -97,16 +97,6 @@ fs::path render(const fs::path& dir, const std::string& name, const std::string&
   return tif;
 }
 
-struct TempDir {
-  fs::path path = fs::temp_directory_path() / ("taskmgr-ocr-test-" + std::to_string(::getpid()) +
-                                               "-" + generate_task_id().substr(24));
-  TempDir() { fs::create_directories(path); }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
-
 // The signature and IHDR chunk (correct CRC) of a PNG declaring w x h
 // 8-bit gray pixels, and nothing else.
 std::string png_header(std::uint32_t w, std::uint32_t h) {

@@ -160,32 +160,6 @@ TEST_CASE("record table: finds by id, keeps the recent finished ones, evicts the
 // ---- the outbox ----------------------------------------------------------------
 namespace {
 
-// A store that forwards everything to another: the decorators below
-// override only the write they watch.
-class ForwardingStore : public TaskStore {
- public:
-  explicit ForwardingStore(std::shared_ptr<TaskStore> inner) : inner_(std::move(inner)) {}
-  void insert_tasks(const std::vector<NewTask>& t) override { inner_->insert_tasks(t); }
-  void update_task(const Task& t, const std::vector<EventRecord>& e) override {
-    inner_->update_task(t, e);
-  }
-  void append_metrics(const std::vector<MetricSample>& s) override { inner_->append_metrics(s); }
-  std::optional<Task> load_task(const std::string& id) override { return inner_->load_task(id); }
-  std::vector<Task> list_tasks(const TaskFilter& f) override { return inner_->list_tasks(f); }
-  std::vector<EventRecord> load_events(const std::string& id) override {
-    return inner_->load_events(id);
-  }
-  std::vector<MetricSample> load_metrics(const std::string& id) override {
-    return inner_->load_metrics(id);
-  }
-  std::vector<Task> load_unfinished() override { return inner_->load_unfinished(); }
-  void flush() override { inner_->flush(); }
-  std::string describe() const override { return "forwarding"; }
-
- private:
-  std::shared_ptr<TaskStore> inner_;
-};
-
 // A store that counts writes and can hold the first one on a gate.
 class CountingStore : public ForwardingStore {
  public:
@@ -382,6 +356,8 @@ TEST_CASE(
   events::cleanup_completed(b, 1, 0.1, {std::string(300, 'x')}, false);  // too long to capture
   events::priority_changed(b, 0, 5, TaskStatus::kQueued);
   events::deleted(b, TaskStatus::kCompleted, 1);
+  events::paused(b, "device", "cpu", clock.now());
+  events::resumed(b, "device", "cpu", clock.now(), 2.5);
   const auto records = b.take_records("t");
   std::set<TaskEvent> seen;
   for (const auto& e : records) {

@@ -1735,3 +1735,27 @@ STORE_CASE(
   CHECK(tm.get_task("00000000-0000-7000-8000-00000000000c").attempt ==
         2);  // interrupted, run again
 }
+
+STORE_CASE("pauses: save_pause records and removes them, durably: a reopened store has them") {
+  const Timestamp t0 = floor_to(std::chrono::system_clock::now(), std::chrono::milliseconds(1));
+  {
+    auto store = open();
+    CHECK(store->load_pauses().empty());
+    store->save_pause(PauseState{PauseScope::kDevice, "cuda:0", t0}, true);
+    store->save_pause(PauseState{PauseScope::kService, "ocr \xC3\xA9", t0 + 1s}, true);
+    store->save_pause(PauseState{PauseScope::kManager, "", t0 + 2s}, true);
+    store->save_pause(PauseState{PauseScope::kManager, "", t0 + 3s}, true);  // again: its new since
+    store->save_pause(PauseState{PauseScope::kService, "ocr \xC3\xA9", t0}, false);
+    store->save_pause(PauseState{PauseScope::kService, "never paused", t0}, false);  // no row
+  }
+  auto store = open();
+  const auto got = store->load_pauses();
+  REQUIRE(got.size() == 2);
+  CHECK(got[0].scope == PauseScope::kDevice);
+  CHECK(got[0].name == "cuda:0");
+  CHECK(got[0].since == t0);
+  CHECK(got[1].scope == PauseScope::kManager);
+  CHECK(got[1].name == "");
+  CHECK(got[1].since == t0 + 3s);
+  CHECK(scalar("SELECT count(*) FROM task_pauses") == 2);
+}

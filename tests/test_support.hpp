@@ -1,11 +1,16 @@
 // Helpers shared by the tests.
 #pragma once
 
+#include <unistd.h>
+
 #include <chrono>
 #include <condition_variable>
+#include <filesystem>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -113,5 +118,54 @@ inline Config test_config() {
   c.services["ocr"].isolation = "in_process";
   return c;
 }
+
+// A fresh folder under the system's temporary directory, removed with
+// everything in it when the object goes.
+struct TempDir {
+  std::filesystem::path path =
+      std::filesystem::temp_directory_path() /
+      ("taskmgr-test-" + std::to_string(::getpid()) + "-" + generate_task_id().substr(24));
+  TempDir() { std::filesystem::create_directories(path); }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path, ec);
+  }
+  std::string db() const { return (path / "tasks.db").string(); }  // a database file in it
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+};
+
+// A store that forwards everything to another: test decorators derive from
+// it and override only the calls they watch.
+class ForwardingStore : public TaskStore {
+ public:
+  explicit ForwardingStore(std::shared_ptr<TaskStore> inner) : inner_(std::move(inner)) {}
+  void insert_tasks(const std::vector<NewTask>& t) override { inner_->insert_tasks(t); }
+  void update_task(const Task& t, const std::vector<EventRecord>& e) override {
+    inner_->update_task(t, e);
+  }
+  void append_metrics(const std::vector<MetricSample>& s) override { inner_->append_metrics(s); }
+  std::optional<Task> load_task(const std::string& id) override { return inner_->load_task(id); }
+  std::vector<Task> list_tasks(const TaskFilter& f) override { return inner_->list_tasks(f); }
+  std::vector<EventRecord> load_events(const std::string& id) override {
+    return inner_->load_events(id);
+  }
+  std::vector<MetricSample> load_metrics(const std::string& id) override {
+    return inner_->load_metrics(id);
+  }
+  std::vector<Task> load_unfinished() override { return inner_->load_unfinished(); }
+  std::size_t prune_finished(Timestamp before) override { return inner_->prune_finished(before); }
+  std::size_t delete_tasks(const std::vector<std::string>& ids) override {
+    return inner_->delete_tasks(ids);
+  }
+  std::vector<PauseState> load_pauses() override { return inner_->load_pauses(); }
+  void save_pause(const PauseState& p, bool paused) override { inner_->save_pause(p, paused); }
+  void flush() override { inner_->flush(); }
+  StoreStats stats() const override { return inner_->stats(); }
+  std::string describe() const override { return "forwarding"; }
+
+ private:
+  std::shared_ptr<TaskStore> inner_;
+};
 
 }  // namespace taskmgr::test

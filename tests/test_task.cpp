@@ -68,7 +68,9 @@ TEST_CASE(
   }
   CHECK(to_string(TaskEvent::kPriorityChanged) == "priority_changed");  // operator events
   CHECK(to_string(TaskEvent::kDeleted) == "deleted");
-  CHECK(names.size() == 15);
+  CHECK(to_string(TaskEvent::kPaused) == "paused");  // manager-level events
+  CHECK(to_string(TaskEvent::kResumed) == "resumed");
+  CHECK(names.size() == 17);
 }
 
 TEST_CASE("is_terminal is true exactly for completed, failed, cancelled") {

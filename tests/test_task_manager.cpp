@@ -132,6 +132,19 @@ struct Harness {
 const DeclaredDevice kGpu0{"cuda:0", "gpu", 8000};
 const DeclaredDevice kGpu1{"cuda:1", "gpu", 6000};
 
+// A TaskManager over the SQLite file `db`, without the built-in OCR and
+// quiet, with `setup` registering its services: for tests that reopen.
+std::unique_ptr<TaskManager> open_on_file(const Config& c, const std::string& db,
+                                          const std::function<void(TaskManager&)>& setup) {
+  TaskManagerOptions o;
+  o.builtin_ocr = false;
+  o.log_sink = [](LogLevel, std::string_view) {};
+  o.store = open_sqlite_store(db);
+  auto tm = std::make_unique<TaskManager>(c, o);
+  setup(*tm);
+  return tm;
+}
+
 }  // namespace
 
 TEST_CASE("a task runs end to end: fields, result and the exact event sequence") {
@@ -823,32 +836,19 @@ TEST_CASE(
 }
 
 TEST_CASE("retry_task of a task only the store holds (after a reopen): its history goes on") {
-  const fs::path dir = fs::temp_directory_path() / ("taskmgr-retry-" + std::to_string(::getpid()));
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  struct Remove {
-    fs::path p;
-    ~Remove() {
-      std::error_code ec;
-      fs::remove_all(p, ec);
-    }
-  } remove{dir};
-  const std::string db = (dir / "tasks.db").string();
+  TempDir dir;
+  const std::string db = dir.db();
   Config c = test_config();
   c.storage.path = db;
   std::atomic<int> runs{0};
   auto open = [&] {
-    TaskManagerOptions o;
-    o.builtin_ocr = false;
-    o.log_sink = [](LogLevel, std::string_view) {};
-    o.store = open_sqlite_store(db);
-    auto tm = std::make_unique<TaskManager>(c, o);
-    tm->register_service(make_function_service("svc", [&](TaskContext& ctx) {
-      ++runs;
-      CHECK(ctx.input().data == std::vector<std::uint8_t>(3000, 7));  // its bytes, from the store
-      if (ctx.attempt() == 1) throw InvalidInputError("first");
-    }));
-    return tm;
+    return open_on_file(c, db, [&](TaskManager& tm) {
+      tm.register_service(make_function_service("svc", [&](TaskContext& ctx) {
+        ++runs;
+        CHECK(ctx.input().data == std::vector<std::uint8_t>(3000, 7));  // its bytes, from the store
+        if (ctx.attempt() == 1) throw InvalidInputError("first");
+      }));
+    });
   };
   std::string id;
   {
@@ -875,43 +875,28 @@ TEST_CASE("retry_task of a task only the store holds (after a reopen): its histo
 }
 
 TEST_CASE("delete_task of a task only the store holds, after a reopen, and from two threads") {
-  const fs::path dir = fs::temp_directory_path() / ("taskmgr-delete-" + std::to_string(::getpid()));
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  struct Remove {
-    fs::path p;
-    ~Remove() {
-      std::error_code ec;
-      fs::remove_all(p, ec);
-    }
-  } remove{dir};
-  const std::string db = (dir / "tasks.db").string();
+  TempDir dir;
+  const std::string db = dir.db();
   Config c = test_config();
   c.storage.path = db;
+  auto setup = [](TaskManager& tm) {
+    tm.register_service(make_function_service("svc", [](TaskContext&) {}));
+  };
   std::vector<std::string> ids;
   {
-    TaskManagerOptions o;
-    o.builtin_ocr = false;
-    o.log_sink = [](LogLevel, std::string_view) {};
-    o.store = open_sqlite_store(db);
-    TaskManager tm(c, o);
-    tm.register_service(make_function_service("svc", [](TaskContext&) {}));
+    auto first = open_on_file(c, db, setup);
     for (int i = 0; i < 20; ++i) {
       TaskCreateRequest r;
       r.service = "svc";
       r.input.data = std::vector<std::uint8_t>(1000, static_cast<std::uint8_t>(i));
       r.start = true;
-      ids.push_back(tm.create_task(r).id);
+      ids.push_back(first->create_task(r).id);
     }
-    REQUIRE(tm.wait_idle(30s));
-    for (const auto& id : ids) REQUIRE(tm.wait_task(id, 30s));
+    REQUIRE(first->wait_idle(30s));
+    for (const auto& id : ids) REQUIRE(first->wait_task(id, 30s));
   }
-  TaskManagerOptions o;
-  o.builtin_ocr = false;
-  o.log_sink = [](LogLevel, std::string_view) {};
-  o.store = open_sqlite_store(db);
-  TaskManager tm(c, o);
-  tm.register_service(make_function_service("svc", [](TaskContext&) {}));
+  auto owner = open_on_file(c, db, setup);
+  TaskManager& tm = *owner;
   // Each id deleted by two threads at once: exactly one of them does.
   std::atomic<int> deleted{0}, not_found{0}, other{0};
   auto worker = [&] {
@@ -2623,5 +2608,249 @@ TEST_CASE("services.<kind>.pool sizes that kind's pool over the per-device defau
   turns.open_all();
   for (const auto& t : {a, b, c}) CHECK(h.finished(t.id).status == TaskStatus::kCompleted);
   CHECK(h.tm->get_task_metrics().pool_utilization.at("svc@cpu").size <= 1);
+  h.tm->close();
+}
+
+// ---- pauses -------------------------------------------------------------------------------
+TEST_CASE(
+    "pause a service: its tasks stay queued while others run, resume runs them in queue order, "
+    "and each change is one manager-level event") {
+  Harness h;
+  h.config.executor.worker_threads = 1;
+  std::mutex mu;
+  std::vector<std::string> order;
+  h.open([&](TaskContext& ctx) {
+    std::lock_guard<std::mutex> g(mu);
+    order.push_back(ctx.task_id());
+  });
+  h.tm->register_service(make_function_service(
+      "other", [](TaskContext&) {}, std::make_shared<OptionsModel>()));
+  CHECK(h.tm->pause(PauseScope::kService, "svc"));
+  CHECK_FALSE(h.tm->pause(PauseScope::kService, "svc"));  // in force already: nothing changes
+  const auto held = h.tm->paused();
+  REQUIRE(held.size() == 1);
+  CHECK(held[0].scope == PauseScope::kService);
+  CHECK(held[0].name == "svc");
+  const Task a = h.create(100, "", 1, 0), b = h.create(100, "", 1, 5), c = h.create(100, "", 1, 0);
+  for (const auto& t : {a, b, c}) h.tm->start_task(t.id);
+  TaskCreateRequest r;
+  r.service = "other";
+  r.options_json = "{\"mb\":10}";
+  const Task o = h.tm->create_task(r);
+  h.tm->start_task(o.id);
+  CHECK(h.finished(o.id).status == TaskStatus::kCompleted);  // a kind not paused runs
+  for (const auto& t : {a, b, c}) CHECK(h.status(t.id) == TaskStatus::kQueued);
+  {
+    std::lock_guard<std::mutex> g(mu);
+    CHECK(order.empty());
+  }
+  bool warned = false;
+  for (const auto& w : h.tm->get_task_health(a.id).warnings) {
+    warned = warned || w.rfind("paused: service 'svc' since ", 0) == 0;
+  }
+  CHECK(warned);
+  const TaskMetrics m = h.tm->get_task_metrics();
+  REQUIRE(m.paused.size() == 1);
+  CHECK(m.paused[0].name == "svc");
+  CHECK(json::parse(m.to_json()).at("paused").as_array().size() == 1);
+  CHECK(m.to_prometheus().find("taskmgr_paused{scope=\"service\",name=\"svc\"} 1") !=
+        std::string::npos);
+
+  CHECK(h.tm->resume(PauseScope::kService, "svc"));
+  CHECK_FALSE(h.tm->resume(PauseScope::kService, "svc"));
+  for (const auto& t : {a, b, c}) CHECK(h.finished(t.id).status == TaskStatus::kCompleted);
+  {
+    std::lock_guard<std::mutex> g(mu);
+    CHECK(order == std::vector<std::string>{b.id, a.id, c.id});
+  }
+  CHECK(h.tm->paused().empty());
+  h.tm->flush_events();
+  std::vector<std::string> control;
+  for (const auto& e : h.log.all()) {
+    if (e.event != TaskEvent::kPaused && e.event != TaskEvent::kResumed) continue;
+    CHECK(e.task_id.empty());
+    const auto d = json::parse(e.details_json).as_object();
+    CHECK(d.at("scope").as_string() == "service");
+    CHECK(d.at("name").as_string() == "svc");
+    control.push_back(std::string(to_string(e.event)));
+  }
+  CHECK(control == std::vector<std::string>{"paused", "resumed"});
+  h.tm->close();
+}
+
+TEST_CASE(
+    "pause the manager and a device: nothing held starts until every pause that holds it ends; "
+    "pause and resume refuse what they cannot do") {
+  Harness h;
+  h.config.executor.worker_threads = 2;
+  std::atomic<int> ran{0};
+  h.open([&](TaskContext&) { ran.fetch_add(1); });
+  CHECK(h.tm->pause(PauseScope::kManager));
+  CHECK(h.tm->pause(PauseScope::kDevice, "cpu"));
+  const Task a = h.run(), b = h.run();
+  CHECK(h.tm->resume(PauseScope::kManager));  // the device's pause still holds them
+  CHECK(h.status(a.id) == TaskStatus::kQueued);
+  CHECK(h.status(b.id) == TaskStatus::kQueued);
+  CHECK(ran.load() == 0);
+  CHECK(h.tm->resume(PauseScope::kDevice, "cpu"));
+  CHECK(h.finished(a.id).status == TaskStatus::kCompleted);
+  CHECK(h.finished(b.id).status == TaskStatus::kCompleted);
+
+  auto refused = [&](PauseScope s, const std::string& name, ErrorCode code, const char* words) {
+    try {
+      h.tm->pause(s, name);
+      FAIL("expected an error");
+    } catch (const Error& e) {
+      CHECK(e.code() == code);
+      CHECK(std::string(e.what()).find(words) != std::string::npos);
+    }
+  };
+  refused(PauseScope::kDevice, "cuda:7", ErrorCode::kNotFound, "unknown device 'cuda:7'");
+  refused(PauseScope::kManager, "x", ErrorCode::kInvalidArgument, "has no name");
+  refused(PauseScope::kService, "", ErrorCode::kInvalidArgument, "1..100 bytes");
+  refused(PauseScope::kService, std::string(101, 'k'), ErrorCode::kInvalidArgument, "1..100");
+  refused(PauseScope::kService, "a\nb", ErrorCode::kInvalidArgument, "control characters");
+  refused(PauseScope::kService, "\xff", ErrorCode::kInvalidArgument, "UTF-8");
+  refused(static_cast<PauseScope>(9), "", ErrorCode::kInvalidArgument, "unknown pause scope");
+  CHECK_FALSE(h.tm->resume(PauseScope::kDevice, "cuda:7"));        // not paused: nothing to do
+  CHECK(h.tm->pause(PauseScope::kService, "not-registered-yet"));  // any kind
+  CHECK(h.tm->paused().size() == 1);
+  h.tm->close();
+  refused(PauseScope::kManager, "", ErrorCode::kInvalidState, "closed");
+}
+
+TEST_CASE(
+    "a paused task's queue timeout does not run: resume counts its queue time without the pause "
+    "(fake clock)") {
+  Harness h;
+  h.config.executor.worker_threads = 1;
+  h.config.tasks.queue_timeout_seconds = 10;
+  Gate gate;
+  h.open([](TaskContext&) {});
+  h.tm->register_service(make_function_service(
+      "blocker", [&](TaskContext&) { gate.wait(); }, std::make_shared<OptionsModel>()));
+  TaskCreateRequest r;
+  r.service = "blocker";
+  r.options_json = "{\"mb\":10}";
+  r.start = true;
+  const Task blocker = h.tm->create_task(r);  // holds the only worker
+  REQUIRE(eventually([&] { return h.status(blocker.id) == TaskStatus::kRunning; }));
+  CHECK(h.tm->pause(PauseScope::kService, "svc"));
+  const Task t = h.run();
+  for (int i = 0; i < 60; ++i) {  // a fake minute, sweeps and all
+    h.clock->advance(1s);
+    std::this_thread::sleep_for(2ms);
+  }
+  CHECK(h.status(t.id) == TaskStatus::kQueued);  // held: not timed out
+  CHECK(h.tm->resume(PauseScope::kService, "svc"));
+  // Still waiting for the worker; 5 s of queue time so far (60 s paused).
+  h.clock->advance(5s);
+  std::this_thread::sleep_for(50ms);
+  CHECK(h.status(t.id) == TaskStatus::kQueued);
+  h.clock->advance(6s);  // 11 s of queue time: past the 10 s timeout
+  REQUIRE(eventually([&] { return is_terminal(h.status(t.id)); }));
+  const Task failed = h.tm->get_task(t.id);
+  CHECK(failed.status == TaskStatus::kFailed);
+  CHECK(failed.failure_reason == TaskFailureReason::kQueueTimeout);
+  gate.open();
+  h.finished(blocker.id);
+  h.tm->close();
+}
+
+TEST_CASE(
+    "a pause is kept in the store: after a reopen it holds the queued tasks, and resume runs "
+    "them in order (SQLite file)") {
+  TempDir dir;
+  const std::string db = dir.db();
+  Config c = test_config();
+  c.storage.path = db;
+  c.executor.worker_threads = 1;
+  std::mutex mu;
+  std::vector<std::string> order;
+  auto open = [&] {
+    return open_on_file(c, db, [&](TaskManager& tm) {
+      tm.register_service(make_function_service("svc", [&](TaskContext& ctx) {
+        std::lock_guard<std::mutex> g(mu);
+        order.push_back(ctx.task_id());
+      }));
+    });
+  };
+  std::vector<std::string> ids;
+  Timestamp since{};
+  {
+    auto tm = open();
+    CHECK(tm->pause(PauseScope::kDevice, "cpu"));
+    since = tm->paused().at(0).since;
+    for (int p : {0, 2, 1}) {
+      TaskCreateRequest r;
+      r.service = "svc";
+      r.priority = p;
+      r.start = true;
+      ids.push_back(tm->create_task(r).id);
+    }
+    tm->close();  // they stay queued
+  }
+  auto tm = open();
+  const auto held = tm->paused();
+  REQUIRE(held.size() == 1);
+  CHECK(held[0].scope == PauseScope::kDevice);
+  CHECK(held[0].name == "cpu");
+  CHECK(held[0].since == since);
+  for (const auto& id : ids) CHECK(tm->get_task(id).status == TaskStatus::kQueued);
+  {
+    std::lock_guard<std::mutex> g(mu);
+    CHECK(order.empty());
+  }
+  CHECK(tm->resume(PauseScope::kDevice, "cpu"));
+  for (const auto& id : ids) CHECK(tm->wait_task(id, 30s)->status == TaskStatus::kCompleted);
+  {
+    std::lock_guard<std::mutex> g(mu);
+    CHECK(order == std::vector<std::string>{ids[1], ids[2], ids[0]});
+  }
+  tm->close();
+  tm.reset();
+  auto again = open();  // resumed for good: the store holds no pause
+  CHECK(again->paused().empty());
+  SQLite::Database file(db);
+  CHECK(file.execAndGet("SELECT count(*) FROM task_pauses").getInt() == 0);
+}
+
+namespace {
+// The memory store, but its pause writes fail while `fail` is set.
+class PauseFailingStore : public test::ForwardingStore {
+ public:
+  PauseFailingStore() : ForwardingStore(make_memory_store()) {}
+  std::atomic<bool> fail{false};
+  void save_pause(const PauseState& p, bool paused) override {
+    if (fail.load()) throw Error(ErrorCode::kIoError, "disk full");
+    ForwardingStore::save_pause(p, paused);
+  }
+  std::string describe() const override { return "pause-failing"; }
+};
+}  // namespace
+
+TEST_CASE("a pause the store cannot record changes nothing, and says why") {
+  auto store = std::make_shared<PauseFailingStore>();
+  Harness h;
+  h.store = store;
+  h.open([](TaskContext&) {});
+  store->fail = true;
+  try {
+    h.tm->pause(PauseScope::kManager);
+    FAIL("expected kIoError");
+  } catch (const Error& e) {
+    CHECK(e.code() == ErrorCode::kIoError);
+    CHECK(std::string(e.what()).find("disk full") != std::string::npos);
+  }
+  CHECK(h.tm->paused().empty());
+  CHECK(h.finished(h.run().id).status == TaskStatus::kCompleted);  // not paused
+  store->fail = false;
+  CHECK(h.tm->pause(PauseScope::kManager));
+  store->fail = true;
+  CHECK_THROWS_AS(h.tm->resume(PauseScope::kManager), Error);
+  CHECK(h.tm->paused().size() == 1);  // still paused: the store says so too
+  CHECK(store->load_pauses().size() == 1);
+  store->fail = false;
+  CHECK(h.tm->resume(PauseScope::kManager));
   h.tm->close();
 }

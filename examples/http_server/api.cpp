@@ -429,6 +429,31 @@ class Api {
       require(http::verb::get);
       return make_json(req, http::status::ok, tm_.get_task_metrics().to_json());
     }
+    if (target == "/pause" || target == "/resume") {
+      // {} pauses the whole manager; {"device": id} one device's queue;
+      // {"service": kind} one kind's tasks. 200 {"changed", "paused"}.
+      require(http::verb::post);
+      const json::object body = parse_body(req, false);
+      only_keys(body, {"device", "service"}, "");
+      const std::string device = get_string(body, "device", "");
+      const std::string service = get_string(body, "service", "");
+      if (body.contains("device") && device.empty()) bad_request("device must not be empty");
+      if (body.contains("service") && service.empty()) bad_request("service must not be empty");
+      if (!device.empty() && !service.empty()) {
+        bad_request("pause one thing at a time: a device or a service, not both");
+      }
+      const auto scope = !device.empty()    ? taskmgr::PauseScope::kDevice
+                         : !service.empty() ? taskmgr::PauseScope::kService
+                                            : taskmgr::PauseScope::kManager;
+      const std::string& name = !device.empty() ? device : service;
+      const bool changed = target == "/pause" ? tm_.pause(scope, name) : tm_.resume(scope, name);
+      return make_json(req, http::status::ok,
+                       json::serialize(json::object{{"changed", changed}, {"paused", paused()}}));
+    }
+    if (target == "/paused") {
+      require(http::verb::get);
+      return make_json(req, http::status::ok, json::serialize(paused()));
+    }
     if (target == "/tasks") {
       if (method == http::verb::get) return list(req, query);
       if (method != http::verb::post) {
@@ -615,6 +640,12 @@ class Api {
 
   // GET /health: live (it answers) and ready (the store takes writes, a
   // device is available): 200, else 503 with what is wrong.
+  json::array paused() {
+    json::array out;
+    for (const auto& p : tm_.paused()) out.push_back(json::parse(taskmgr::to_json(p)));
+    return out;
+  }
+
   Response health(const Request& req) {
     const taskmgr::TaskMetrics m = tm_.get_task_metrics();
     json::array devices;
@@ -641,6 +672,7 @@ class Api {
                    {"active_tasks", total(m.active_tasks)},
                    {"connections", o_.connections ? o_.connections() : 0},
                    {"queued_tasks", total(m.queued_tasks)},
+                   {"paused", paused()},
                    {"version", std::string(taskmgr::version())}};
     return make_json(req, ready ? http::status::ok : http::status::service_unavailable,
                      json::serialize(o));

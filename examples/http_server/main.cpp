@@ -16,6 +16,8 @@
 //   GET  /tasks/metrics          the spec's metrics (JSON)                              -> 200
 //   GET  /tasks?status=&service=&limit=   list                                          -> 200
 //   GET  /metrics                Prometheus text                                        -> 200
+//   POST /pause, /resume         {} (the manager), {"device"} or {"service"}  -> 200
+//   {"changed","paused"} GET  /paused                 the pauses in force -> 200
 //
 // Errors are JSON {"error": "<code name>", "message": "..."} with the status
 // a client can act on: 400 bad input (malformed JSON, bad field, bad

@@ -272,6 +272,9 @@ def _load():
         "taskmgr_delete_task": (I, [P, S]),
         "taskmgr_retry_task": (I, [P, S, ctypes.POINTER(_StartParams)]),
         "taskmgr_set_task_priority": (I, [P, S, ctypes.c_int32]),
+        "taskmgr_pause": (I, [P, I, S, ctypes.POINTER(ctypes.c_int)]),
+        "taskmgr_resume": (I, [P, I, S, ctypes.POINTER(ctypes.c_int)]),
+        "taskmgr_paused": (I, [P, PS]),
         "taskmgr_list_params_init": (None, [ctypes.POINTER(_ListParams)]),
         "taskmgr_list_tasks_page": (I, [P, ctypes.POINTER(_ListParams), PS, PS]),
         "taskmgr_get_task": (I, [P, S, PS]),
@@ -868,6 +871,38 @@ class Manager:
         moves in its queue at once (InvalidState once it runs or has ended)."""
         _check(_lib.taskmgr_set_task_priority(self._handle(), _task_id(task),
                                               _int32(priority, "priority")))
+
+    def _pause_args(self, device, service):
+        if device is not None and service is not None:
+            raise InvalidArgumentError(-1, "pause one thing at a time: a device or a service")
+        if device is not None:
+            return 1, _name(device, "device")
+        if service is not None:
+            return 2, _name(service, "service")
+        return 0, None
+
+    def pause(self, device=None, service=None):
+        """Pauses the whole manager (no argument), one device's queue
+        (device="cuda:0") or one service kind (service="ocr"): the queued
+        tasks it holds do not start (nor time out) until resume(); running
+        tasks finish. Kept in the store across a restart. True when it
+        changed something (False: paused already)."""
+        scope, name = self._pause_args(device, service)
+        changed = ctypes.c_int(0)
+        _check(_lib.taskmgr_pause(self._handle(), scope, name, ctypes.byref(changed)))
+        return bool(changed.value)
+
+    def resume(self, device=None, service=None):
+        """Ends a pause made with the same arguments; False when it was
+        not in force."""
+        scope, name = self._pause_args(device, service)
+        changed = ctypes.c_int(0)
+        _check(_lib.taskmgr_resume(self._handle(), scope, name, ctypes.byref(changed)))
+        return bool(changed.value)
+
+    def paused(self):
+        """The pauses in force: [{"scope", "name", "since"}]."""
+        return json.loads(_call_string(_lib.taskmgr_paused, self._handle()))
 
     def delete_task(self, task):
         """Deletes an ended task with its events, samples and input

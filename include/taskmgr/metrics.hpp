@@ -5,7 +5,8 @@
 // relaxed atomics on the hot path. JSON keys are the spec's:
 //
 //   metrics: active_tasks, queued_tasks, memory_by_device, pool_utilization,
-//            average_wait_time, plus counters and latency percentiles;
+//            average_wait_time, plus the pauses in force, counters and
+//            latency percentiles;
 //   health:  status, memory_usage_mb, processing_time_s, device, warnings.
 //
 // to_prometheus() renders the metrics in the Prometheus text exposition
@@ -19,6 +20,7 @@
 #include <vector>
 
 #include "taskmgr/export.hpp"
+#include "taskmgr/pause.hpp"
 #include "taskmgr/store.hpp"
 #include "taskmgr/task.hpp"
 
@@ -58,7 +60,8 @@ struct TASKMGR_API TaskMetrics {
   std::map<std::string, std::int64_t> queued_tasks;
   std::map<std::string, DeviceMemoryMetrics> memory_by_device;
   std::map<std::string, PoolMetrics> pool_utilization;  // key "<service>@<device>"
-  double average_wait_time = 0;  // seconds from queued to started, all attempts so far
+  double average_wait_time = 0;    // seconds from queued to started, all attempts so far
+  std::vector<PauseState> paused;  // the pauses in force (TaskManager::pause)
 
   // Counters since the manager opened.
   std::uint64_t tasks_created = 0;

@@ -38,6 +38,7 @@
 
 #include "taskmgr/events.hpp"
 #include "taskmgr/export.hpp"
+#include "taskmgr/pause.hpp"
 #include "taskmgr/task.hpp"
 
 namespace taskmgr {
@@ -155,6 +156,16 @@ class TASKMGR_API TaskStore {
   // deleted. The default deletes nothing: it throws Error(kUnsupported)
   // naming the store (describe()).
   virtual std::size_t delete_tasks(const std::vector<std::string>& ids);
+
+  // The pauses in force (TaskManager::pause), as save_pause left them. The
+  // default: none.
+  virtual std::vector<PauseState> load_pauses();
+  // Records a pause (`paused` true: it begins, with its `since`) or its end
+  // (false), durably before it returns: a manager opened on this store
+  // after a crash finds it. Throws Error(kIoError) (or another code) when
+  // it cannot write: then nothing changed. The default throws
+  // Error(kUnsupported) naming the store.
+  virtual void save_pause(const PauseState& pause, bool paused);
 
   virtual void flush() = 0;
   // Counters for monitoring. The default: all zero.

@@ -79,6 +79,10 @@ enum class TaskEvent {
   // Operator events.
   kPriorityChanged,  // "priority_changed": the host changed a waiting task's priority
   kDeleted,          // "deleted": the host deleted the ended task (TaskManager::delete_task)
+  // Manager-level events (task_id ""): delivered to subscribers, not stored
+  // (the store keeps the pauses themselves).
+  kPaused,   // "paused": the host paused the manager, a device or a service (TaskManager::pause)
+  kResumed,  // "resumed": the host resumed it (TaskManager::resume)
 };
 
 TASKMGR_API std::string_view to_string(TaskStatus status) noexcept;

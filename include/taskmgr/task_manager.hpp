@@ -52,6 +52,7 @@
 #include "taskmgr/export.hpp"
 #include "taskmgr/log.hpp"
 #include "taskmgr/metrics.hpp"
+#include "taskmgr/pause.hpp"
 #include "taskmgr/service.hpp"
 #include "taskmgr/store.hpp"
 #include "taskmgr/task.hpp"
@@ -156,6 +157,33 @@ class TASKMGR_API TaskManager {
   // deleted, and a later call can); Error(kUnsupported) from a host's store
   // that does not implement TaskStore::delete_tasks.
   void delete_task(const std::string& task_id);
+
+  // Pauses the whole manager (PauseScope::kManager, name ""), one device's
+  // queue (kDevice, its id) or one service kind's tasks on every device
+  // (kService, the kind; it need not be registered yet). While a queued
+  // task is held by a pause it does not start: running tasks finish, new
+  // tasks are accepted and queued (create_task, start_task), retries are
+  // queued when their backoff ends, and tasks not held start as before.
+  // A held task's queue timeout does not run: when the pause ends, the time
+  // it held the task is not counted (nor toward priority aging). The pause
+  // is recorded in the store before this returns and holds again when a
+  // manager opens on that store (pause.hpp). Subscribers get a manager-
+  // level `paused` event (task_id "": delivered, not stored). Returns false,
+  // changing nothing, when that pause is in force already.
+  // Error(kInvalidArgument) for a manager pause with a name or a service
+  // kind that is not 1..100 bytes of UTF-8 without control characters;
+  // Error(kNotFound) for a device the manager does not have;
+  // Error(kInvalidState) after close(); Error(kIoError) when the store
+  // cannot record it (nothing changed); Error(kUnsupported) from a host's
+  // store that does not implement TaskStore::save_pause.
+  bool pause(PauseScope scope, const std::string& name = "");
+  // Ends a pause: the tasks it held start again in queue order (unless
+  // another pause holds them). A `resumed` event (its `paused_s`). Returns
+  // false, changing nothing, when that pause is not in force. The same
+  // errors as pause() (a device that is gone may be resumed).
+  bool resume(PauseScope scope, const std::string& name = "");
+  // The pauses in force, in (scope, name) order.
+  std::vector<PauseState> paused() const;
 
   // Reads. get_task answers from memory for a task the manager holds (not
   // ended, or ended recently), from the store otherwise; list_tasks asks

@@ -81,13 +81,17 @@ class TASKMGR_API TaskQueue {
   void add_task(const Task& task, int priority);
 
   // The spec's get_next_task(device): removes and returns the next task that
-  // fits the device's free memory (and passes `eligible`, when given).
-  // `eligible` runs with the queue's lock held: it must not call the queue.
+  // fits the device's free memory (and passes `eligible`, when given). Tasks
+  // `hidden` says are held (paused) are passed as if not queued: they are
+  // not passed over for memory (starvation_after does not run for them).
+  // Both run with the queue's lock held: they must not call the queue.
   std::optional<QueuedTask> get_next_task(const std::string& device,
-                                          const Eligible& eligible = nullptr);
+                                          const Eligible& eligible = nullptr,
+                                          const Eligible& hidden = nullptr);
   // The same choice without removing it.
   std::optional<QueuedTask> peek_next_task(const std::string& device,
-                                           const Eligible& eligible = nullptr);
+                                           const Eligible& eligible = nullptr,
+                                           const Eligible& hidden = nullptr);
 
   // The spec's requeue_task(task): re-adds with priority - 1 (the lowest
   // priority stays the lowest); never refused.
@@ -106,8 +110,14 @@ class TASKMGR_API TaskQueue {
 
   // Removes a queued task (cancel, device change). False when not queued.
   bool remove(const std::string& task_id);
-  // Removes and returns the tasks enqueued at or before `cutoff` (queue timeout).
-  std::vector<QueuedTask> take_expired(SteadyTime cutoff);
+  // Removes and returns the tasks enqueued at or before `cutoff` (queue
+  // timeout), oldest first, but those `exempt` says are not expiring (a
+  // paused one). `exempt` runs with the queue's lock held.
+  std::vector<QueuedTask> take_expired(SteadyTime cutoff, const Eligible& exempt = nullptr);
+  // Counts a queued task as enqueued `by` later (time it was paused does
+  // not count toward its queue timeout, nor its aging); it keeps its place
+  // among equals (sequence). False when not queued.
+  bool delay(const std::string& task_id, Duration by);
 
   bool contains(const std::string& task_id) const;
   std::size_t size() const;

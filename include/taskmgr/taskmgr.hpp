@@ -14,6 +14,7 @@
 #include "taskmgr/log.hpp"
 #include "taskmgr/metrics.hpp"
 #include "taskmgr/ocr.hpp"
+#include "taskmgr/pause.hpp"
 #include "taskmgr/postgres_store.hpp"
 #include "taskmgr/service.hpp"
 #include "taskmgr/service_pool.hpp"

@@ -238,6 +238,13 @@ void Dispatcher::attempt_ended(const RecordPtr& rec) {
 std::optional<Dispatcher::Launch> Dispatcher::next() {
   TaskQueue& queue = scheduler_.queue();
   if (queue.size() == 0) return std::nullopt;
+  // Paused: the manager (nothing starts), a device (its queue is skipped),
+  // a service (its tasks are hidden in every queue).
+  const Pauses& pauses = scheduler_.pauses();
+  if (pauses.manager()) return std::nullopt;
+  const bool any_paused = !pauses.empty();
+  TaskQueue::Eligible hidden;
+  if (any_paused) hidden = [&pauses](const QueuedTask& q) { return pauses.service(q.service); };
   const SteadyTime now = buckets_.empty() ? SteadyTime{} : scheduler_.clock().steady_now();
   std::optional<QueuedTask> best;
   std::size_t best_device = 0;
@@ -245,7 +252,8 @@ std::optional<Dispatcher::Launch> Dispatcher::next() {
   for (std::size_t d = 0; d < device_ids_.size(); ++d) {
     const std::string& id = device_ids_[d];
     if (queue.size(id) == 0) continue;
-    auto head = queue.peek_next_task(id);  // none when unavailable or nothing fits
+    if (any_paused && pauses.device(id)) continue;
+    auto head = queue.peek_next_task(id, nullptr, hidden);  // none: unavailable, nothing fits
     if (!head) continue;
     std::optional<QueuedTask> cand = std::move(head);
     auto pool = pools_.find(cand->service);
@@ -254,11 +262,13 @@ std::optional<Dispatcher::Launch> Dispatcher::next() {
       if (pool != pools_.end() && !pool_free) {
         pool_blocked_.try_emplace(PoolKey{cand->service, id});
       }
-      cand =
-          queue.peek_next_task(id, [this, &id, now](const QueuedTask& q) REQUIRES(scheduler_lock) {
+      cand = queue.peek_next_task(
+          id,
+          [this, &id, now](const QueuedTask& q) REQUIRES(scheduler_lock) {
             auto p = pools_.find(q.service);  // a recovered task may wait for its service
             return p != pools_.end() && p->second->has_capacity(id) && has_token(q.service, now);
-          });
+          },
+          hidden);
       if (cand) pool = pools_.find(cand->service);
     }
     if (!cand) continue;
@@ -338,6 +348,7 @@ std::vector<std::pair<RecordPtr, FailureInfo>> Dispatcher::take_exhausted(Steady
     it = pool_blocked_.erase(it);
     auto head = queue.peek_next_task(k.device);
     if (!head || head->service != k.service) continue;
+    if (scheduler_.pauses().holds(head->device, head->service)) continue;  // it is not waiting
     RecordPtr rec = scheduler_.records().find(head->task_id);
     if (!rec) continue;
     queue.remove(head->task_id);

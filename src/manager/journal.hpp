@@ -51,6 +51,10 @@ class Journal {
   std::size_t delete_tasks(const std::vector<std::string>& ids) REQUIRES(!scheduler_lock) {
     return store_->delete_tasks(ids);
   }
+  std::vector<PauseState> load_pauses() REQUIRES(!scheduler_lock) { return store_->load_pauses(); }
+  void save_pause(const PauseState& p, bool paused) REQUIRES(!scheduler_lock) {
+    store_->save_pause(p, paused);
+  }
   void flush() REQUIRES(!scheduler_lock) { store_->flush(); }
   StoreStats stats() const REQUIRES(!scheduler_lock) { return store_->stats(); }
   std::string describe() const REQUIRES(!scheduler_lock) { return store_->describe(); }

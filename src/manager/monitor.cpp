@@ -18,6 +18,7 @@ TaskMetrics Monitor::metrics() {
   {
     SchedulerLock g(scheduler_.mutex());
     const auto queued = scheduler_.queue().sizes();
+    m.paused = scheduler_.pauses().list();
     for (std::size_t i = 0; i < devices.size(); ++i) {
       const std::string& id = devices[i].id;
       const auto q = queued.find(id);
@@ -78,6 +79,7 @@ TaskHealth Monitor::health(const std::string& id) {
   std::int64_t live_mb = -1;
   double live_s = 0, queued_for = -1, past_deadline = -1, deadline_s = 0;
   std::optional<Dispatcher::RateState> rate;  // a queued task's kind's rate limit
+  std::optional<PauseState> held;             // the pause that holds a queued task
   {
     SchedulerLock g(scheduler_.mutex());
     if (RecordPtr rec = scheduler_.records().find(id)) {
@@ -97,6 +99,10 @@ TaskHealth Monitor::health(const std::string& id) {
       if (rec->phase() == Phase::kQueued) {
         queued_for = seconds(now - rec->queued_steady);
         rate = dispatcher_.rate_state(t.service);
+        if (const Pauses::Entry* e =
+                scheduler_.pauses().holding(t.assigned_device.value_or(""), t.service)) {
+          held = e->state;
+        }
       }
     }
   }
@@ -145,6 +151,14 @@ TaskHealth Monitor::health(const std::string& id) {
     h.warnings.push_back(fmt::format(
         "waiting for service '{}', which is not registered: it runs once a host registers it",
         t.service));
+  }
+  if (held) {
+    h.warnings.push_back(fmt::format(
+        "paused: {} since {}; it starts when resumed (its queue timeout does not run meanwhile)",
+        held->scope == PauseScope::kManager
+            ? std::string("the manager")
+            : fmt::format("{} '{}'", to_string(held->scope), held->name),
+        format_timestamp(held->since)));
   }
   if (rate && rate->tokens < 1) {
     h.warnings.push_back(fmt::format(

@@ -686,3 +686,43 @@ MemoryState Scheduler::memory_state(const Record& r) const {
 }
 
 }  // namespace taskmgr::detail
+
+namespace taskmgr::detail {
+
+void Scheduler::pause(const PauseState& p) {
+  pauses_.add(Pauses::Entry{p, clock_->steady_now()});
+  EventBatch b(*clock_);
+  events::paused(b, to_string(p.scope), p.name, p.since);
+  outbox_.publish_unstored(b.take_records(""));
+}
+
+void Scheduler::resume(PauseScope scope, const std::string& name) {
+  std::optional<Pauses::Entry> ended = pauses_.remove(scope, name);
+  if (!ended) return;
+  const SteadyTime now = clock_->steady_now();
+  for (const auto& [device, n] : queue_->sizes()) {
+    if (scope == PauseScope::kDevice && device != name) continue;
+    for (const QueuedTask& q : queue_->snapshot(device)) {
+      if (scope == PauseScope::kService && q.service != name) continue;
+      const Duration credit = pauses_.credit(*ended, q.enqueued_at, q.device, q.service, now);
+      if (credit > Duration::zero()) queue_->delay(q.task_id, credit);
+    }
+  }
+  EventBatch b(*clock_);
+  events::resumed(b, to_string(scope), name, ended->state.since,
+                  seconds(now - ended->since_steady));
+  outbox_.publish_unstored(b.take_records(""));
+}
+
+void Scheduler::restore_pauses(const std::vector<PauseState>& stored) {
+  const SteadyTime now = clock_->steady_now();
+  const Timestamp wall = clock_->now();
+  for (const PauseState& p : stored) {
+    // Its start on this process's steady clock: as long ago as its since.
+    const Duration ago =
+        wall > p.since ? std::chrono::duration_cast<Duration>(wall - p.since) : Duration::zero();
+    pauses_.add(Pauses::Entry{p, now - std::min(ago, now.time_since_epoch())});
+  }
+}
+
+}  // namespace taskmgr::detail

@@ -19,6 +19,7 @@
 
 #include "manager/admission.hpp"
 #include "manager/outbox.hpp"
+#include "manager/pauses.hpp"
 #include "manager/record.hpp"
 #include "manager/record_table.hpp"
 #include "manager/stats.hpp"
@@ -149,6 +150,19 @@ class Scheduler {
   // then retried or failed POOL_EXHAUSTED.
   void pool_exhausted(const RecordPtr& rec, const FailureInfo& f) REQUIRES(scheduler_lock);
 
+  // ---- pauses ---------------------------------------------------------------------
+  // The pauses in force: the Dispatcher does not start a task one holds,
+  // the Sweeper does not time it out.
+  const Pauses& pauses() const REQUIRES(scheduler_lock) { return pauses_; }
+  // A pause begins (`p.since`, stored already): its `paused` event.
+  void pause(const PauseState& p) REQUIRES(scheduler_lock);
+  // A pause in force ends: each queued task it held alone is counted as
+  // queued later by that time (queue timeout, aging), and its `resumed`
+  // event. The caller dispatches.
+  void resume(PauseScope scope, const std::string& name) REQUIRES(scheduler_lock);
+  // The stored pauses, at open (no events: they were in force already).
+  void restore_pauses(const std::vector<PauseState>& stored) REQUIRES(scheduler_lock);
+
   // ---- recovery -------------------------------------------------------------------
   // A task found unfinished in the store at open (kRecover*). `features` and
   // `device` were worked out before the lock (device "" = none available).
@@ -191,6 +205,7 @@ class Scheduler {
   RecordTable records_;
   std::unique_ptr<TaskQueue> queue_;  // its own lock, taken inside this one
   QueueAdmission admission_;
+  Pauses pauses_ GUARDED_BY(scheduler_lock);
   std::vector<RecordPtr> cleanups_ GUARDED_BY(scheduler_lock);  // attempts whose cleanup hook runs
   int backoff_ GUARDED_BY(scheduler_lock) = 0;                  // tasks waiting for a retry timer
   std::map<std::string, int> backoff_by_device_ GUARDED_BY(scheduler_lock);

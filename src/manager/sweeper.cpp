@@ -52,8 +52,14 @@ void Sweeper::sweep_once() {
     SchedulerLock g(scheduler_.mutex());
     if (scheduler_.closed()) return;
     // Queue timeouts.
+    // A paused task's timeout does not run (resume credits its paused time).
+    const Pauses& pauses = scheduler_.pauses();
+    TaskQueue::Eligible paused;
+    if (!pauses.empty()) {
+      paused = [&pauses](const QueuedTask& q) { return pauses.holds(q.device, q.service); };
+    }
     for (const auto& q :
-         scheduler_.queue().take_expired(now - from_seconds(tc.queue_timeout_seconds))) {
+         scheduler_.queue().take_expired(now - from_seconds(tc.queue_timeout_seconds), paused)) {
       RecordPtr rec = scheduler_.records().find(q.task_id);
       if (!rec) continue;
       scheduler_.end_waiting(

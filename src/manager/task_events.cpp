@@ -188,6 +188,20 @@ void deleted(EventBatch& b, TaskStatus status, int attempt) {
   add(b, TaskEvent::kDeleted, {{"status", to_string(status)}, {"attempt", attempt}});
 }
 
+void paused(EventBatch& b, std::string_view scope, std::string_view name, Timestamp since) {
+  add(b, TaskEvent::kPaused,
+      {{"scope", scope}, {"name", name}, {"since", format_timestamp(since)}});
+}
+
+void resumed(EventBatch& b, std::string_view scope, std::string_view name, Timestamp since,
+             double paused_s) {
+  add(b, TaskEvent::kResumed,
+      {{"scope", scope},
+       {"name", name},
+       {"since", format_timestamp(since)},
+       {"paused_s", paused_s}});
+}
+
 // ---- health warnings ---------------------------------------------------------------
 std::string memory_warning_text(std::string_view kind, std::string_view message) {
   return fmt::format("memory warning ({}): {}", kind, message);
@@ -271,6 +285,8 @@ const std::vector<std::string_view>& keys_of(TaskEvent event) {
       /* cleanup_completed */ {"ok", "attempt", "duration_s", "problems", "recovered"},
       /* priority_changed */ {"from", "to", "while"},
       /* deleted */ {"status", "attempt"},
+      /* paused */ {"scope", "name", "since"},
+      /* resumed */ {"scope", "name", "since", "paused_s"},
   };
   return kKeys[static_cast<int>(event)];
 }

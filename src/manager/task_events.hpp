@@ -110,6 +110,11 @@ void priority_changed(EventBatch& b, int from, int to, TaskStatus was);
 // The host deleted the ended task (published, not stored: its events went
 // with it). `status`: the one it ended with.
 void deleted(EventBatch& b, TaskStatus status, int attempt);
+// Manager-level (task_id ""; published, not stored): a pause began (`since`)
+// or ended (`paused_s` after `since`). `scope`: manager, device or service.
+void paused(EventBatch& b, std::string_view scope, std::string_view name, Timestamp since);
+void resumed(EventBatch& b, std::string_view scope, std::string_view name, Timestamp since,
+             double paused_s);
 
 // ---- health warnings ----------------------------------------------------------
 std::string memory_warning_text(std::string_view kind, std::string_view message);

@@ -1,5 +1,6 @@
 #include <algorithm>
 #include <deque>
+#include <map>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -47,6 +48,12 @@ std::size_t TaskStore::delete_tasks(const std::vector<std::string>&) {
   throw Error(ErrorCode::kUnsupported, "the store " + describe() +
                                            " cannot delete tasks (it does not implement "
                                            "TaskStore::delete_tasks)");
+}
+std::vector<PauseState> TaskStore::load_pauses() { return {}; }
+void TaskStore::save_pause(const PauseState&, bool) {
+  throw Error(ErrorCode::kUnsupported, "the store " + describe() +
+                                           " cannot keep pauses (it does not implement "
+                                           "TaskStore::save_pause)");
 }
 StoreStats TaskStore::stats() const { return {}; }
 std::vector<std::string> TaskStore::notices() const { return {}; }
@@ -238,6 +245,24 @@ class MemoryStore final : public TaskStore {
     return gone.size();
   }
 
+  std::vector<PauseState> load_pauses() override REQUIRES(!mu_) {
+    detail::MutexLock g(mu_);
+    std::vector<PauseState> out;
+    for (const auto& [key, p] : pauses_) out.push_back(p);
+    return out;
+  }
+  void save_pause(const PauseState& p, bool paused) override REQUIRES(!mu_) {
+    detail::MutexLock g(mu_);
+    ++commits_;
+    ++writes_;
+    const auto key = std::make_pair(static_cast<int>(p.scope), p.name);
+    if (paused) {
+      pauses_[key] = p;
+    } else {
+      pauses_.erase(key);
+    }
+  }
+
   void flush() override {}
   std::string describe() const override { return "memory"; }
   StoreStats stats() const override REQUIRES(!mu_) {
@@ -277,6 +302,7 @@ class MemoryStore final : public TaskStore {
   std::uint64_t last_event_ GUARDED_BY(mu_) = 0;  // events are numbered in the order stored, from 1
   std::unordered_map<std::string, Row> tasks_ GUARDED_BY(mu_);
   std::deque<Row*> order_ GUARDED_BY(mu_);  // creation order
+  std::map<std::pair<int, std::string>, PauseState> pauses_ GUARDED_BY(mu_);
 };
 
 }  // namespace

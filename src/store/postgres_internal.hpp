@@ -19,7 +19,7 @@
 namespace taskmgr::detail::postgres {
 
 // The schema version this build writes (the highest row of taskmgr_schema).
-inline constexpr int kSchemaVersion = 2;
+inline constexpr int kSchemaVersion = 3;
 
 // The schema's tables live in: options.schema, or the first schema of the
 // connection's search_path. Throws Error(kInvalidConfig) when there is none.
@@ -74,6 +74,10 @@ std::vector<Task> select_unfinished(pg::Conn& c, const store::TaskLayout& l);
 // returns how many tasks went. In an adopted table only rows taskmgr ran
 // (assigned_device set) are deleted.
 std::size_t delete_finished(pg::Conn& c, const store::TaskLayout& l, Timestamp finished_before);
+// The pauses table (task_pauses, version 3): its rows, and one written or
+// deleted (autocommit).
+std::vector<PauseState> load_pauses(pg::Conn& c);
+void save_pause(pg::Conn& c, const PauseState& p, bool paused);
 // TaskStore::delete_tasks's deletes: the ended ones among `ids`, in one
 // transaction of their own (the same rule for an adopted table).
 std::size_t delete_tasks(pg::Conn& c, const store::TaskLayout& l,

@@ -76,6 +76,17 @@ CREATE TABLE task_events (
 CREATE INDEX idx_task_metrics_task ON task_metrics (task_id, id);
 CREATE INDEX idx_task_events_task ON task_events (task_id, id);
 )sql";
+// Version 3: the pauses in force (TaskManager::pause), so that they hold
+// across a restart. One row per paused scope; resume deletes it.
+constexpr const char* kPausesTable = R"sql(
+CREATE TABLE IF NOT EXISTS task_pauses (
+  scope VARCHAR(20) NOT NULL,
+  name TEXT NOT NULL,
+  since TIMESTAMP NOT NULL,
+  PRIMARY KEY (scope, name)
+);
+)sql";
+
 // The indexes on taskmgr's own tasks table (an adopted one is not changed
 // beyond the spec's columns).
 constexpr const char* kOwnTaskIndexes = R"sql(
@@ -443,6 +454,8 @@ void migrate(pg::Conn& conn, const PostgresStoreOptions& o, const std::string& w
       if (!has("taskmgr_schema")) conn.exec_script(kSchemaTable);
       conn.exec_script(kSpecChanges);
       record(2);
+      conn.exec_script(kPausesTable);
+      record(3);
       return 0;
     }
     if (version == 0 && !tables.empty() && !o.allow_other_tables) {
@@ -462,6 +475,10 @@ void migrate(pg::Conn& conn, const PostgresStoreOptions& o, const std::string& w
       conn.exec_script(kSpecChanges);
       conn.exec_script(kOwnTaskIndexes);
       record(2);
+    }
+    if (version < 3) {
+      conn.exec_script(kPausesTable);
+      record(3);
     }
     return 0;
   });
@@ -846,6 +863,32 @@ std::size_t delete_tasks(pg::Conn& c, const TaskLayout& l, const std::vector<std
     }
     return n;
   });
+}
+
+std::vector<PauseState> load_pauses(pg::Conn& c) {
+  pg::Result r = c.exec("SELECT scope, name, since FROM task_pauses ORDER BY scope, name");
+  std::vector<PauseState> out;
+  for (int i = 0; i < PQntuples(r.get()); ++i) {
+    auto scope = parse_pause_scope(text(r.get(), i, 0));
+    auto since = timestamp(r.get(), i, 2);
+    if (!scope || !since) continue;  // not a row taskmgr wrote: left as it is
+    out.push_back(PauseState{*scope, text(r.get(), i, 1), *since});
+  }
+  return out;
+}
+
+void save_pause(pg::Conn& c, const PauseState& p, bool paused) {
+  pg::Params q;
+  q.text(std::string(to_string(p.scope))).text(p.name);
+  if (paused) {
+    q.timestamp(p.since);
+    c.exec(
+        "INSERT INTO task_pauses (scope, name, since) VALUES ($1, $2, $3) "
+        "ON CONFLICT (scope, name) DO UPDATE SET since = EXCLUDED.since",
+        q);
+  } else {
+    c.exec("DELETE FROM task_pauses WHERE scope = $1 AND name = $2", q);
+  }
 }
 
 }  // namespace detail::postgres

@@ -165,6 +165,28 @@ class PostgresStore final : public TaskStore, private WriteBackend {
     }
   }
 
+  std::vector<PauseState> load_pauses() override REQUIRES(!pool_mu_) {
+    return read([&](Conn& c) { return detail::postgres::load_pauses(c); });
+  }
+
+  void save_pause(const PauseState& p, bool paused) override REQUIRES(!writer_mu_) {
+    MutexLock g(writer_mu_);
+    for (int attempt = 1;; ++attempt) {
+      try {
+        ensure_writer();
+        detail::postgres::save_pause(*writer_, p, paused);
+        return;
+      } catch (const PgError& e) {
+        if (e.connection_lost()) writer_.reset();
+        if ((e.connection_lost() || e.transaction_conflict()) && attempt < kMaxAttempts) continue;
+        throw Error(e.code(), std::string(paused ? "recording" : "removing") + " the pause of " +
+                                  std::string(to_string(p.scope)) +
+                                  (p.name.empty() ? std::string() : " '" + p.name + "'") + " in " +
+                                  where_ + " failed: " + e.what());
+      }
+    }
+  }
+
   void flush() override { queue_->flush(/*retry_backlog=*/true); }
 
   std::string describe() const override { return where_; }

@@ -20,7 +20,7 @@
 namespace taskmgr::detail::sqlite {
 
 // The schema version this build writes (PRAGMA user_version).
-inline constexpr int kSchemaVersion = 3;
+inline constexpr int kSchemaVersion = 4;
 
 // The `tasks` table's columns as PRAGMA table_info gives them.
 std::vector<store::Column> task_columns(SQLite::Database& db);
@@ -59,6 +59,11 @@ std::size_t delete_finished(SQLite::Database& db, const store::TaskLayout& l,
 // transaction of their own (the same rule for an adopted table).
 std::size_t delete_tasks(SQLite::Database& db, const store::TaskLayout& l,
                          const std::vector<std::string>& ids);
+
+// The pauses table (task_pauses, version 4): its rows, and one written or
+// deleted (in a transaction of its own: autocommit).
+std::vector<PauseState> load_pauses(SQLite::Database& db);
+void save_pause(SQLite::Database& db, const PauseState& p, bool paused);
 
 // Throws Error(kIncompatible), naming what it found, when migrate() would
 // refuse the database: a newer schema; an unversioned database with tables

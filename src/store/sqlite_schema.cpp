@@ -95,6 +95,17 @@ INSERT INTO task_inputs (task_id, data)
 UPDATE tasks SET input_data = NULL WHERE input_data IS NOT NULL;
 )sql";
 
+// Version 4: the pauses in force (TaskManager::pause), so that they hold
+// across a restart. One row per paused scope; resume deletes it.
+constexpr const char* kPausesTable = R"sql(
+CREATE TABLE IF NOT EXISTS task_pauses (
+  scope VARCHAR(20) NOT NULL,
+  name TEXT NOT NULL,
+  since TIMESTAMP NOT NULL,
+  PRIMARY KEY (scope, name)
+) WITHOUT ROWID;
+)sql";
+
 using store::Field;
 using store::Kind;
 using store::TaskLayout;
@@ -649,6 +660,34 @@ std::size_t delete_tasks(SQLite::Database& db, const TaskLayout& l,
       });
 }
 
+std::vector<PauseState> load_pauses(SQLite::Database& db) {
+  std::vector<PauseState> out;
+  SQLite::Statement q(db, "SELECT scope, name, since FROM task_pauses ORDER BY scope, name");
+  while (q.executeStep()) {
+    auto scope = parse_pause_scope(q.getColumn(0).getString());
+    auto since = col_ts(q.getColumn(2));
+    if (!scope || !since) continue;  // not a row taskmgr wrote: left as it is
+    out.push_back(PauseState{*scope, q.getColumn(1).getString(), *since});
+  }
+  return out;
+}
+
+void save_pause(SQLite::Database& db, const PauseState& p, bool paused) {
+  if (paused) {
+    SQLite::Statement st(
+        db, "INSERT OR REPLACE INTO task_pauses (scope, name, since) VALUES (?, ?, ?)");
+    st.bind(1, std::string(to_string(p.scope)));
+    st.bind(2, p.name);
+    st.bind(3, format_timestamp(p.since));
+    st.exec();
+  } else {
+    SQLite::Statement st(db, "DELETE FROM task_pauses WHERE scope = ? AND name = ?");
+    st.bind(1, std::string(to_string(p.scope)));
+    st.bind(2, p.name);
+    st.exec();
+  }
+}
+
 void check_migratable(SQLite::Database& db, const std::string& path, bool allow_other_tables) {
   const int version = db.execAndGet("PRAGMA user_version").getInt();
   if (version > kSchemaVersion) {
@@ -702,6 +741,7 @@ void migrate(SQLite::Database& db, const std::string& path, bool allow_other_tab
     SQLite::Transaction tx(db, SQLite::TransactionBehavior::IMMEDIATE);
     try {
       spec_changes();
+      db.exec(kPausesTable);
     } catch (const SQLite::Exception& e) {
       // A table SQLite will not change so (a STRICT table refuses the
       // spec's VARCHAR(50), say): rolled back, nothing changed.
@@ -721,6 +761,7 @@ void migrate(SQLite::Database& db, const std::string& path, bool allow_other_tab
     if (to == 1) db.exec(kSchemaV1);
     if (to == 2) spec_changes();
     if (to == 3) inputs_apart();
+    if (to == 4) db.exec(kPausesTable);
     db.exec("PRAGMA user_version = " + std::to_string(to));
     tx.commit();
     version = to;

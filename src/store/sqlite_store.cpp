@@ -144,6 +144,27 @@ class SqliteStore final : public TaskStore, private WriteBackend {
     }
   }
 
+  std::vector<PauseState> load_pauses() override REQUIRES(!db_mu_) {
+    MutexLock c(db_mu_);
+    try {
+      return detail::sqlite::load_pauses(*writer_db_);
+    } catch (const SQLite::Exception& e) {
+      throw Error(code_of(e), "reading the pauses in " + path_ + " failed: " + e.what());
+    }
+  }
+
+  void save_pause(const PauseState& p, bool paused) override REQUIRES(!db_mu_) {
+    MutexLock c(db_mu_);
+    try {
+      detail::sqlite::save_pause(*writer_db_, p, paused);
+    } catch (const SQLite::Exception& e) {
+      throw Error(code_of(e), std::string(paused ? "recording" : "removing") + " the pause of " +
+                                  std::string(to_string(p.scope)) +
+                                  (p.name.empty() ? std::string() : " '" + p.name + "'") + " in " +
+                                  path_ + " failed: " + e.what());
+    }
+  }
+
   std::size_t delete_tasks(const std::vector<std::string>& ids) override REQUIRES(!db_mu_) {
     queue_->flush();  // every write queued before is in: a task's last update is not lost
     MutexLock c(db_mu_);

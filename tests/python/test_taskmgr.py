@@ -808,5 +808,67 @@ class PagingAndDelete(unittest.TestCase):
             self.assertEqual(len(tm.list_tasks()), 22)
 
 
+class Pauses(unittest.TestCase):
+    """pause/resume a service, a device or the manager: held tasks stay
+    queued, the pause survives a reopen of the database, resume runs them;
+    each change is a manager-level event (task_id "")."""
+
+    def test_pause_survives_reopen_and_resume_runs_in_order(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            db = os.path.join(tmp, "p.db")
+            order = []
+            yaml = CONFIG
+
+            def run(ctx, inst):
+                order.append(ctx.task_id)
+                return {"ok": True}
+
+            rec = Recorder()
+            with taskmgr.Manager(config_yaml=yaml, database=db, builtin_ocr=False,
+                                 workers=1) as tm:
+                tm.subscribe(rec)
+                tm.register_service("svc", run, input_optional=True)
+                self.assertTrue(tm.pause(service="svc"))
+                self.assertFalse(tm.pause(service="svc"))
+                ids = [tm.create_task(service="svc", priority=p, start=True) for p in (0, 3, 1)]
+                [paused] = tm.paused()
+                self.assertEqual((paused["scope"], paused["name"]), ("service", "svc"))
+                self.assertTrue(paused["since"].endswith("Z"))
+                self.assertEqual([tm.get_task(t)["status"] for t in ids], ["queued"] * 3)
+                health = tm.health(ids[0])
+                self.assertTrue(any(w.startswith("paused: service 'svc'") for w in health["warnings"]))
+                self.assertEqual(tm.metrics()["paused"], [paused])
+                tm.flush_events()
+                self.assertIn(("", "paused"), [(e.task_id, e.event_type) for e in rec.events])
+                for bad in ({"device": "cuda:9"},):
+                    with self.assertRaises(taskmgr.NotFoundError):
+                        tm.pause(**bad)
+                with self.assertRaises(taskmgr.InvalidArgumentError):
+                    tm.pause(device="cpu", service="svc")
+                with self.assertRaises(taskmgr.InvalidArgumentError):
+                    tm.pause(service="a\0b")
+                with self.assertRaises(taskmgr.InvalidArgumentError):
+                    tm.pause(service="")
+            self.assertEqual(order, [])
+            with taskmgr.Manager(config_yaml=yaml, database=db, builtin_ocr=False,
+                                 workers=1) as tm:
+                tm.subscribe(rec)
+                tm.register_service("svc", run, input_optional=True)
+                self.assertEqual(tm.paused(), [paused])
+                self.assertEqual([tm.get_task(t)["status"] for t in ids], ["queued"] * 3)
+                self.assertTrue(tm.resume(service="svc"))
+                self.assertFalse(tm.resume(service="svc"))
+                for t in ids:
+                    self.assertEqual(tm.wait_task(t, 60)["status"], "completed")
+                self.assertEqual(order, [ids[1], ids[2], ids[0]])
+                self.assertEqual(tm.paused(), [])
+                tm.flush_events()
+                resumed = [e for e in rec.events if e.event_type == "resumed"]
+                self.assertEqual(len(resumed), 1)
+                self.assertEqual(resumed[0].task_id, "")
+                self.assertEqual(resumed[0].details["name"], "svc")
+                self.assertGreaterEqual(resumed[0].details["paused_s"], 0)
+
+
 if __name__ == "__main__":
     unittest.main(verbosity=2)

@@ -178,9 +178,10 @@ TASKMGR_API int taskmgr_describe_document(const char* path, int dpi, char** out_
 #define TASKMGR_EVENT_CLEANUP_STARTED 11
 #define TASKMGR_EVENT_CLEANUP_COMPLETED 12
 #define TASKMGR_EVENT_PRIORITY_CHANGED 13
-#define TASKMGR_EVENT_DELETED 14 /* delivered only: never stored */
-#define TASKMGR_EVENT_PAUSED 15  /* manager-level (task_id ""), delivered only */
-#define TASKMGR_EVENT_RESUMED 16 /* manager-level (task_id ""), delivered only */
+#define TASKMGR_EVENT_DELETED 14      /* delivered only: never stored */
+#define TASKMGR_EVENT_PAUSED 15       /* manager-level (task_id ""), delivered only */
+#define TASKMGR_EVENT_RESUMED 16      /* manager-level (task_id ""), delivered only */
+#define TASKMGR_EVENT_POOL_RESIZED 17 /* manager-level (task_id ""), delivered only */
 
 /* What a pause covers (taskmgr_pause). */
 #define TASKMGR_PAUSE_MANAGER 0 /* every queue; name NULL or "" */
@@ -481,7 +482,10 @@ TASKMGR_API int taskmgr_delete_task(taskmgr_manager* manager, const char* task_i
  * manager, a kind that is not 1..100 bytes of UTF-8 without control
  * characters), TASKMGR_E_NOT_FOUND (an unknown device),
  * TASKMGR_E_INVALID_STATE (closed), TASKMGR_E_IO (the store cannot record
- * it: nothing changed), TASKMGR_E_UNSUPPORTED (a store that cannot). */
+ * it) or TASKMGR_E_BUSY (another process holds the store locked past its
+ * busy timeout; in both cases nothing changed), TASKMGR_E_UNSUPPORTED (a
+ * store that cannot). One pause or resume records at a time: others wait
+ * for it, while a call that changes nothing answers at once. */
 TASKMGR_API int taskmgr_pause(taskmgr_manager* manager, int scope, const char* name,
                               int* out_changed);
 /* Ends a pause; the tasks it held start in queue order unless another pause
@@ -494,6 +498,21 @@ TASKMGR_API int taskmgr_resume(taskmgr_manager* manager, int scope, const char* 
  * ("since": RFC 3339 UTC), in (scope, name) order. *out_json: free with
  * taskmgr_free. */
 TASKMGR_API int taskmgr_paused(taskmgr_manager* manager, char** out_json);
+
+/* Sizes a service kind's pool on a device while the manager runs, until it
+ * closes: at most max_instances of its tasks run there at once, and
+ * min_instances instances are kept warm (made in the background: this call
+ * does not wait for them). A smaller max destroys idle instances at once and
+ * running ones as their tasks finish: no running task is stopped, and none
+ * starts there while max or more run. A "pool_resized" event (task_id "").
+ * *out_previous_min and *out_previous_max (each may be NULL): the sizes it
+ * replaced. Errors: TASKMGR_E_NOT_FOUND (a kind not registered, an unknown
+ * device), TASKMGR_E_INVALID_ARGUMENT (NULL or non-UTF-8 names, a device the
+ * kind does not run on, sizes outside 0 <= min <= max, 1 <= max <= 4096),
+ * TASKMGR_E_INVALID_STATE (closed). */
+TASKMGR_API int taskmgr_resize_pool(taskmgr_manager* manager, const char* service,
+                                    const char* device, int min_instances, int max_instances,
+                                    int* out_previous_min, int* out_previous_max);
 
 /* The task as a JSON object with every spec field (id, service, input,
  * options, priority, status, attempt, batch_size, failure_reason,

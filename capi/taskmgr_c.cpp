@@ -857,6 +857,25 @@ int taskmgr_resume(taskmgr_manager* manager, int scope, const char* name, int* o
   return set_paused(manager, scope, name, out_changed, false);
 }
 
+int taskmgr_resize_pool(taskmgr_manager* manager, const char* service, const char* device,
+                        int min_instances, int max_instances, int* out_previous_min,
+                        int* out_previous_max) {
+  return guarded([&] {
+    constexpr const char* fn = "taskmgr_resize_pool";
+    if (out_previous_min != nullptr) *out_previous_min = 0;
+    if (out_previous_max != nullptr) *out_previous_max = 0;
+    auto& tm = manager_of(manager, fn);
+    if (service == nullptr) throw_invalid(std::string(fn) + ": service is NULL");
+    if (device == nullptr) throw_invalid(std::string(fn) + ": device is NULL");
+    require_utf8(service, fn, "service");
+    require_utf8(device, fn, "device");
+    const taskmgr::PoolSettings before =
+        tm.resize_pool(service, device, min_instances, max_instances);
+    if (out_previous_min != nullptr) *out_previous_min = before.min_instances;
+    if (out_previous_max != nullptr) *out_previous_max = before.max_instances;
+  });
+}
+
 int taskmgr_paused(taskmgr_manager* manager, char** out_json) {
   return guarded([&] {
     if (out_json != nullptr) *out_json = nullptr;

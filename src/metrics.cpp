@@ -71,10 +71,15 @@ std::string TaskMetrics::to_json() const {
                  {"peak_task_mb", m.peak_task_mb}, {"available", m.available}};
   }
   for (const auto& [k, p] : pool_utilization) {
-    pools[k] = {{"service", p.service}, {"device", p.device},
-                {"in_use", p.in_use},   {"size", p.size},
-                {"max", p.max},         {"utilization", p.utilization},
-                {"created", p.created}, {"destroyed", p.destroyed}};
+    pools[k] = {{"service", p.service},
+                {"device", p.device},
+                {"in_use", p.in_use},
+                {"size", p.size},
+                {"max", p.max},
+                {"min", p.min},
+                {"utilization", p.utilization},
+                {"created", p.created},
+                {"destroyed", p.destroyed}};
   }
   for (const auto& [k, v] : failed_by_reason) failed[k] = v;
   o["active_tasks"] = std::move(active);
@@ -158,6 +163,11 @@ std::string TaskMetrics::to_prometheus() const {
   p.family("pool_instances_max", "gauge", "Most service instances a pool may hold.");
   for (const auto& [k, m] : pool_utilization) {
     p.sample("pool_instances_max", m.max,
+             "service=\"" + esc(m.service) + "\",device=\"" + esc(m.device) + "\"");
+  }
+  p.family("pool_instances_min", "gauge", "Service instances a pool keeps warm.");
+  for (const auto& [k, m] : pool_utilization) {
+    p.sample("pool_instances_min", m.min,
              "service=\"" + esc(m.service) + "\",device=\"" + esc(m.device) + "\"");
   }
   p.family("paused", "gauge", "1 for each pause in force (scope manager, device or service).");

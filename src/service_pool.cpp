@@ -34,9 +34,11 @@ struct ServicePool::Impl {
         auto_max_cpu(cpu),
         clock(std::move(cl)) {}
 
-  PoolSettings settings(const std::string& device) const;
+  PoolSettings configured(const std::string& device) const;
   Sub& sub_locked(const std::string& device) REQUIRES(mu);
-  Lease lease_locked(ServicePool* pool, Sub& sub, const std::string& device) REQUIRES(mu);
+  // A slot, with an idle instance unless `fresh` (then one is made on use).
+  Lease lease_locked(ServicePool* pool, Sub& sub, const std::string& device, bool fresh = false)
+      REQUIRES(mu);
   std::unique_ptr<Service> create_instance(const std::string& device) REQUIRES(!mu);
   void give_back(Lease& lease) noexcept REQUIRES(!mu);
 
@@ -50,6 +52,11 @@ struct ServicePool::Impl {
   detail::Mutex mu;
   std::condition_variable freed;  // a slot was given back (waits on mu)
   std::map<std::string, Sub> subs GUARDED_BY(mu);
+  // warm_in_background's threads, joined by destroy_idle() and at the end.
+  std::vector<std::thread> warmers GUARDED_BY(mu);
+  bool closed GUARDED_BY(mu) = false;  // destroy_idle() ran: no more warming
+
+  void join_warmers() REQUIRES(!mu);
 };
 
 ServicePool::Lease::Lease(Lease&& o) noexcept
@@ -99,6 +106,11 @@ ServicePool::ServicePool(std::shared_ptr<ServiceFactory> factory, PoolsConfig co
 }
 
 ServicePool::~ServicePool() {
+  {
+    detail::MutexLock g(impl_->mu);
+    impl_->closed = true;
+  }
+  impl_->join_warmers();
   // Idle instances are destroyed with impl_, and an instance's destructor
   // may be host code (a C host's destroy_instance).
   TASKMGR_HOST_CALL("ServicePool::~ServicePool: destroying idle instances");
@@ -108,7 +120,7 @@ ServicePool::~ServicePool() {
 const std::string& ServicePool::kind() const noexcept { return impl_->kind; }
 ServiceFactory& ServicePool::factory() noexcept { return *impl_->factory; }
 
-PoolSettings ServicePool::Impl::settings(const std::string& device) const {
+PoolSettings ServicePool::Impl::configured(const std::string& device) const {
   PoolSettings s = config.for_device(device);
   if (s.max_instances == 0) s.max_instances = device == "cpu" ? auto_max_cpu : 1;
   s.min_instances = std::min(s.min_instances, s.max_instances);
@@ -116,15 +128,19 @@ PoolSettings ServicePool::Impl::settings(const std::string& device) const {
 }
 
 PoolSettings ServicePool::settings(const std::string& device) const {
-  return impl_->settings(device);
+  Impl& im = *impl_;
+  detail::MutexLock g(im.mu);
+  auto it = im.subs.find(device);
+  return it == im.subs.end() ? im.configured(device) : it->second.settings;
 }
 
 ServicePool::Impl::Sub& ServicePool::Impl::sub_locked(const std::string& device) {
   auto it = subs.find(device);
   if (it == subs.end()) {
     Sub sub;
-    sub.settings = settings(device);
+    sub.settings = configured(device);
     sub.stats.max = sub.settings.max_instances;
+    sub.stats.min = sub.settings.min_instances;
     it = subs.emplace(device, std::move(sub)).first;
   }
   return it->second;
@@ -134,10 +150,10 @@ ServicePool::Impl::Sub& ServicePool::Impl::sub_locked(const std::string& device)
 // lease destroyed by an exception here would give its slot back under the
 // lock it already holds.
 ServicePool::Lease ServicePool::Impl::lease_locked(ServicePool* pool, Sub& sub,
-                                                   const std::string& device) {
+                                                   const std::string& device, bool fresh) {
   Lease lease;
   lease.device_ = device;
-  if (!sub.idle.empty()) {
+  if (!fresh && !sub.idle.empty()) {
     lease.instance_id_ = std::move(sub.idle.back().id);
     lease.instance_ = std::move(sub.idle.back().service);
     sub.idle.pop_back();
@@ -207,6 +223,9 @@ void ServicePool::Impl::give_back(Lease& lease) noexcept {
     detail::MutexLock g(mu);
     Sub& sub = sub_locked(lease.device_);
     --sub.in_use;
+    // Beyond a max that resize() lowered: retired, not kept.
+    if (keep && static_cast<int>(sub.idle.size()) + sub.in_use >= sub.settings.max_instances)
+      keep = false;
     if (keep) {
       sub.idle.push_back(Instance{std::move(lease.instance_id_), std::move(lease.instance_)});
     } else if (lease.instance_) {
@@ -254,8 +273,102 @@ void ServicePool::warm(const std::string& device) {
   }
 }
 
+void ServicePool::Impl::join_warmers() {
+  for (;;) {
+    std::vector<std::thread> joining;
+    {
+      detail::MutexLock g(mu);
+      joining.swap(warmers);
+    }
+    if (joining.empty()) return;
+    for (auto& t : joining) t.join();
+  }
+}
+
+void ServicePool::warm_in_background(const std::string& device,
+                                     std::function<void(const std::string&)> on_error) {
+  Impl& im = *impl_;
+  detail::MutexLock g(im.mu);
+  if (im.closed) return;
+  im.warmers.emplace_back([this, device, on_error = std::move(on_error)] {
+    for (;;) {
+      std::optional<Lease> lease;
+      {
+        Impl& pool = *impl_;
+        detail::MutexLock g2(pool.mu);
+        Impl::Sub& sub = pool.sub_locked(device);
+        if (pool.closed ||
+            static_cast<int>(sub.idle.size()) + sub.in_use >= sub.settings.min_instances ||
+            sub.in_use >= sub.settings.max_instances) {
+          return;
+        }
+        lease = pool.lease_locked(this, sub, device, /*fresh=*/true);
+      }
+      try {
+        lease->service();  // created here; back to the pool, idle, when the lease goes
+      } catch (...) {
+        ::taskmgr::detail::rethrow_if_forced_unwind();
+        lease->discard();
+        std::string why = "unknown error";
+        try {
+          throw;
+        } catch (const std::exception& e) {
+          why = e.what();
+        } catch (...) {
+        }
+        if (on_error) {
+          TASKMGR_HOST_CALL("ServicePool::warm_in_background: on_error");
+          on_error("pool '" + impl_->kind + "' on " + device + ": warming failed: " + why);
+        }
+        return;
+      }
+    }
+  });
+}
+
+PoolSettings ServicePool::resize(const std::string& device, int min_instances, int max_instances) {
+  constexpr int kMaxInstances = 4096;
+  if (max_instances < 1 || max_instances > kMaxInstances || min_instances < 0 ||
+      min_instances > max_instances) {
+    throw Error(ErrorCode::kInvalidArgument,
+                "resize: pool sizes need 0 <= min_instances <= max_instances and 1 <= "
+                "max_instances <= " +
+                    std::to_string(kMaxInstances) + " (got min " + std::to_string(min_instances) +
+                    ", max " + std::to_string(max_instances) + ")");
+  }
+  Impl& im = *impl_;
+  PoolSettings before;
+  std::vector<Impl::Instance> doomed;
+  {
+    detail::MutexLock g(im.mu);
+    Impl::Sub& sub = im.sub_locked(device);
+    before = sub.settings;
+    sub.settings.min_instances = min_instances;
+    sub.settings.max_instances = max_instances;
+    sub.stats.min = min_instances;
+    sub.stats.max = max_instances;
+    // Idle ones first: the slots beyond the new max that are not leased.
+    while (!sub.idle.empty() && static_cast<int>(sub.idle.size()) + sub.in_use > max_instances) {
+      doomed.push_back(std::move(sub.idle.front()));  // the oldest first
+      sub.idle.erase(sub.idle.begin());
+      ++sub.stats.destroyed;
+    }
+  }
+  im.freed.notify_all();  // a larger max: waiting acquires may go on
+  if (!doomed.empty()) {
+    TASKMGR_HOST_CALL("ServicePool::resize: destroying instances");
+    doomed.clear();
+  }
+  return before;
+}
+
 void ServicePool::destroy_idle() {
   Impl& im = *impl_;
+  {
+    detail::MutexLock g(im.mu);
+    im.closed = true;
+  }
+  im.join_warmers();
   std::vector<Impl::Instance> doomed;
   {
     detail::MutexLock g(im.mu);
@@ -274,7 +387,7 @@ bool ServicePool::has_capacity(const std::string& device) const {
   Impl& im = *impl_;
   detail::MutexLock g(im.mu);
   auto it = im.subs.find(device);
-  if (it == im.subs.end()) return im.settings(device).max_instances > 0;
+  if (it == im.subs.end()) return im.configured(device).max_instances > 0;
   return it->second.in_use < it->second.settings.max_instances;
 }
 
@@ -284,7 +397,9 @@ ServicePool::Stats ServicePool::stats(const std::string& device) const {
   auto it = im.subs.find(device);
   if (it == im.subs.end()) {
     Stats s;
-    s.max = im.settings(device).max_instances;
+    const PoolSettings c = im.configured(device);
+    s.max = c.max_instances;
+    s.min = c.min_instances;
     return s;
   }
   Stats s = it->second.stats;

@@ -58,6 +58,7 @@ constexpr std::pair<TaskEvent, std::string_view> kEventNames[] = {
     {TaskEvent::kDeleted, "deleted"},
     {TaskEvent::kPaused, "paused"},
     {TaskEvent::kResumed, "resumed"},
+    {TaskEvent::kPoolResized, "pool_resized"},
 };
 
 boost::json::value opt_ts(const std::optional<Timestamp>& t) {

@@ -99,6 +99,8 @@ class TaskManager::Impl {
   Task get_task(const std::string& id) REQUIRES(!scheduler_lock);
   void delete_task(const std::string& id) REQUIRES(!scheduler_lock);
   bool set_paused(PauseScope scope, const std::string& name, bool on) REQUIRES(!scheduler_lock);
+  PoolSettings resize_pool(const std::string& service, const std::string& device, int min, int max)
+      REQUIRES(!scheduler_lock);
   std::optional<Task> wait_task(const std::string& id, Duration timeout) REQUIRES(!scheduler_lock);
   bool wait_idle(Duration timeout) REQUIRES(!scheduler_lock);
   void schedule_sweep();
@@ -415,6 +417,7 @@ std::string not_deletable(const Task& t) {
 
 bool TaskManager::Impl::set_paused(PauseScope scope, const std::string& name, bool on) {
   const char* fn = on ? "pause" : "resume";
+  auto shown = [](const std::string& s) { return printable_name(s); };
   switch (scope) {
     case PauseScope::kManager:
       if (!name.empty()) {
@@ -424,35 +427,32 @@ bool TaskManager::Impl::set_paused(PauseScope scope, const std::string& name, bo
       }
       break;
     case PauseScope::kDevice: {
+      if (name.empty()) {
+        throw Error(ErrorCode::kInvalidArgument,
+                    fmt::format("{}: a device pause needs the device's id", fn));
+      }
       bool known = false;
       for (const auto& d : devices_->list()) known = known || d.id == name;
       // A device that is gone may still be resumed (its pause was stored).
       if (!known && on) {
-        throw Error(ErrorCode::kNotFound,
-                    fmt::format("{}: unknown device '{}'", fn,
-                                name.size() > 100 ? name.substr(0, 100) + "..." : name));
-      }
-      if (!known && name.empty()) {
-        throw Error(ErrorCode::kInvalidArgument,
-                    fmt::format("{}: a device pause needs the id", fn));
+        throw Error(ErrorCode::kNotFound, fmt::format("{}: unknown device '{}'", fn, shown(name)));
       }
       break;
     }
     case PauseScope::kService:
-      if (name.empty() || name.size() > 100 || invalid_utf8_at(name) ||
-          std::any_of(name.begin(), name.end(),
-                      [](char c) { return static_cast<unsigned char>(c) < 0x20 || c == 0x7F; })) {
-        throw Error(ErrorCode::kInvalidArgument,
-                    fmt::format("{}: a service kind is 1..100 bytes of UTF-8 without control "
-                                "characters (got {} bytes)",
-                                fn, name.size()));
-      }
+      ServiceRegistry::validate_kind(name, fn);  // as register_service checks a kind
       break;
     default:
       throw Error(ErrorCode::kInvalidArgument,
                   fmt::format("{}: unknown pause scope {}", fn, static_cast<int>(scope)));
   }
   scheduler_.check_open();
+  {
+    // Nothing to do: answered without waiting for another pause's store
+    // write (as if this call came first).
+    SchedulerLock g(scheduler_.mutex());
+    if ((scheduler_.pauses().find(scope, name) != nullptr) == on) return false;
+  }
   {
     std::lock_guard<std::mutex> one(controls_mu_);
     PauseState p;
@@ -477,6 +477,54 @@ bool TaskManager::Impl::set_paused(PauseScope scope, const std::string& name, bo
   log_.write(LogLevel::kInfo, fmt::format("{} by the host: {}{}", on ? "paused" : "resumed",
                                           to_string(scope), name.empty() ? "" : " '" + name + "'"));
   return true;
+}
+
+PoolSettings TaskManager::Impl::resize_pool(const std::string& service, const std::string& device,
+                                            int min, int max) {
+  auto shown = [](const std::string& s) { return printable_name(s); };
+  const ServiceEntry* entry = registry_.find(service);
+  if (entry == nullptr) {
+    throw Error(ErrorCode::kNotFound,
+                fmt::format("resize_pool: service '{}' is not registered (registered: {})",
+                            shown(service), registry_.kinds()));
+  }
+  bool known = false;
+  for (const auto& d : devices_->list()) known = known || d.id == device;
+  if (!known) {
+    throw Error(ErrorCode::kNotFound,
+                fmt::format("resize_pool: unknown device '{}'", shown(device)));
+  }
+  if (std::find(entry->devices.begin(), entry->devices.end(), device) == entry->devices.end()) {
+    std::string runs;
+    for (const auto& d : entry->devices) runs += (runs.empty() ? "" : ", ") + d;
+    throw Error(
+        ErrorCode::kInvalidArgument,
+        fmt::format("resize_pool: service '{}' does not run on device '{}' (it runs on: {})",
+                    service, device, runs.empty() ? "none" : runs));
+  }
+  scheduler_.check_open();
+  PoolSettings before, now;
+  {
+    std::lock_guard<std::mutex> one(controls_mu_);
+    before = entry->pool->resize(device, min, max);  // throws for sizes out of range
+    now = entry->pool->settings(device);
+    SchedulerLock g(scheduler_.mutex());
+    EventBatch b(*clock_);
+    events::pool_resized(b, service, device, before, now);
+    outbox_.publish_unstored(b.take_records(""));
+    dispatcher_.dispatch();  // a larger max: tasks waiting for a slot may start
+  }
+  if (now.min_instances > 0) {
+    entry->pool->warm_in_background(
+        device, [this](const std::string& message)
+                    REQUIRES(!scheduler_lock) { log_.write(LogLevel::kWarn, message); });
+  }
+  outbox_.drain();
+  log_.write(LogLevel::kInfo,
+             fmt::format("pool '{}' on {} resized by the host: min {} max {} (was min {} max {})",
+                         service, device, now.min_instances, now.max_instances,
+                         before.min_instances, before.max_instances));
+  return before;
 }
 
 void TaskManager::Impl::delete_task(const std::string& id) {
@@ -697,7 +745,13 @@ bool TaskManager::resume(PauseScope scope, const std::string& name) {
   TASKMGR_WRITER_ENTRY("resume");
   return impl_->set_paused(scope, name, false);
 }
+PoolSettings TaskManager::resize_pool(const std::string& service, const std::string& device,
+                                      int min_instances, int max_instances) {
+  TASKMGR_WRITER_ENTRY("resize_pool");
+  return impl_->resize_pool(service, device, min_instances, max_instances);
+}
 std::vector<PauseState> TaskManager::paused() const {
+  TASKMGR_ENTRY("paused");
   SchedulerLock g(impl_->scheduler_.mutex());
   return impl_->scheduler_.pauses().list();
 }

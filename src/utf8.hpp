@@ -65,4 +65,23 @@ inline std::string to_valid_utf8(std::string_view s) {
   return out;
 }
 
+// A name a caller gave, fit to quote in a message: at most 100 bytes (then
+// "..."), control characters (NUL included) as U+FFFD, valid UTF-8.
+inline std::string printable_name(std::string_view s) {
+  constexpr std::size_t kMax = 100;
+  const bool cut = s.size() > kMax;
+  std::string out = to_valid_utf8(s.substr(0, kMax));
+  std::string clean;
+  clean.reserve(out.size());
+  for (char c : out) {
+    const auto u = static_cast<unsigned char>(c);
+    if (u < 0x20 || u == 0x7F) {
+      clean.append("\xEF\xBF\xBD");
+    } else {
+      clean.push_back(c);
+    }
+  }
+  return cut ? clean + "..." : clean;
+}
+
 }  // namespace taskmgr::detail

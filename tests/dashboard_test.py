@@ -192,6 +192,23 @@ class DashboardTest(unittest.TestCase):
         self.assertIn('class="resume"', devices)  # the paused device offers resume
         self.assertNotIn('class="pause"', devices)
 
+    def test_pools_show_their_sizes_with_resize_buttons(self):
+        status, r = self.request("POST", "/pools/resize", {"service": "ocr", "device": "cpu",
+                                                            "min_instances": 1,
+                                                            "max_instances": 2})
+        self.assertEqual(status, 200, r)
+        dom, console = self.browse("dashboard-pools")
+        errors = [l for l in console if re.search(r"Uncaught|ERROR|Failed|error", l)]
+        self.assertEqual(errors, [], console)
+        pools = self.table(dom, "pools")
+        row = re.search(r'<tr data-pool="ocr@cpu">(.*?)</tr>', pools, re.S)
+        self.assertIsNotNone(row, pools)
+        cells = re.findall(r"<td[^>]*>([^<]*)</td>", row.group(1))
+        self.assertEqual(cells[3:5], ["1", "2"], row.group(1))  # min, max
+        self.assertIn('class="shrink"', row.group(1))
+        self.assertIn('class="grow"', row.group(1))
+        self.assertIn("max_instances&quot;:3", row.group(1))  # grow asks for one more
+
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)

@@ -551,7 +551,10 @@ class HttpServerTest(unittest.TestCase):
         self.assertTrue(any(w.startswith("paused: service 'ocr'") for w in h["warnings"]), h)
         for bad, want in (({"device": "cpu", "service": "ocr"}, 400), ({"device": "cuda:9"}, 404),
                           ({"x": 1}, 400), ({"device": ""}, 400), ({"device": 5}, 400),
-                          ({"service": "a\u0000b"}, 400), ({"service": "k" * 101}, 400)):
+                          ({"service": "a\u0000b"}, 400), ({"service": "k" * 101}, 400),
+                          ({}, 400), ({"manager": False}, 400), ({"manager": 1}, 400),
+                          ({"manager": True, "service": "ocr"}, 400),
+                          ({"service": "a\u0085b"}, 400)):
             status, e = self.request("POST", "/pause", bad)
             self.assertEqual(status, want, (bad, e))
             self.assertIn("message", e)
@@ -564,6 +567,44 @@ class HttpServerTest(unittest.TestCase):
         self.assertEqual(self.wait_done(t["id"])["status"], "completed")
         status, r = self.request("POST", "/resume", {"service": "ocr"})
         self.assertEqual((status, r["changed"]), (200, False))
+        # The whole manager is paused by name only: {"manager": true}.
+        status, r = self.request("POST", "/pause", {"manager": True})
+        self.addCleanup(self.request, "POST", "/resume", {"manager": True})
+        self.assertEqual((status, [(p["scope"], p["name"]) for p in r["paused"]]),
+                         (200, [("manager", "")]), r)
+        status, r = self.request("POST", "/resume", {"manager": True})
+        self.assertEqual((status, r["changed"], r["paused"]), (200, True, []))
+
+    def test_resize_pool(self):
+        status, r = self.request("POST", "/pools/resize", {"service": "ocr", "device": "cpu",
+                                                            "min_instances": 0,
+                                                            "max_instances": 1})
+        self.assertEqual(status, 200, r)
+        previous = r["previous"]
+        self.addCleanup(self.request, "POST", "/pools/resize",
+                        {"service": "ocr", "device": "cpu",
+                         "min_instances": previous["min_instances"],
+                         "max_instances": previous["max_instances"]})
+        self.assertEqual((r["service"], r["device"], r["min_instances"], r["max_instances"]),
+                         ("ocr", "cpu", 0, 1))
+        self.assertEqual(set(previous), {"min_instances", "max_instances"})
+        status, m = self.request("GET", "/tasks/metrics")
+        pool = m["pool_utilization"]["ocr@cpu"]
+        self.assertEqual((pool["min"], pool["max"]), (0, 1))
+        good = {"service": "ocr", "device": "cpu", "min_instances": 0, "max_instances": 1}
+        for bad, want in ((dict(good, service="nope"), 404), (dict(good, device="cuda:9"), 404),
+                          (dict(good, min_instances=2), 400), (dict(good, max_instances=0), 400),
+                          (dict(good, max_instances=5000), 400),
+                          (dict(good, max_instances=2 ** 40), 400),
+                          (dict(good, max_instances="2"), 400), (dict(good, extra=1), 400),
+                          ({"service": "ocr", "device": "cpu"}, 400), ({}, 400)):
+            status, e = self.request("POST", "/pools/resize", bad)
+            self.assertEqual(status, want, (bad, e))
+            self.assertIn("message", e)
+        status, e = self.request("GET", "/pools/resize")
+        self.assertEqual(status, 405, e)
+        status, m = self.request("GET", "/tasks/metrics")
+        self.assertEqual(m["pool_utilization"]["ocr@cpu"]["max"], 1)  # refusals changed nothing
 
     def raw(self, data):
         return raw_exchange(self.port, data)

@@ -2278,6 +2278,70 @@ static void test_pauses(void) {
   CHECK_RC(taskmgr_destroy(tm), TASKMGR_OK);
 }
 
+/* taskmgr_resize_pool: the sizes in force change (metrics say so), a larger
+ * min is made in the background, each resize is one manager-level event,
+ * and every argument a caller can get wrong is refused by name. */
+static int resized_events;
+static int resized_bad;
+static void record_resized(const taskmgr_event* e, void* user_data) {
+  (void)user_data;
+  if (e->event != TASKMGR_EVENT_POOL_RESIZED) return;
+  pthread_mutex_lock(&mu);
+  ++resized_events;
+  if (e->task_id == NULL || e->task_id[0] != '\0' ||
+      strstr(e->details_json, "\"service\":\"echo\"") == NULL ||
+      strstr(e->details_json, "\"device\":\"cpu\"") == NULL ||
+      strstr(e->details_json, "\"min_instances\":2") == NULL ||
+      strstr(e->details_json, "\"max_instances\":3") == NULL ||
+      strstr(e->details_json, "\"previous_max_instances\":") == NULL ||
+      strict_json_error(e->json, strlen(e->json)) >= 0) {
+    ++resized_bad;
+  }
+  pthread_mutex_unlock(&mu);
+}
+
+static void test_resize_pool(void) {
+  taskmgr_manager* tm = open_one_worker(NULL);
+  char* json = NULL;
+  int before_min = -1, before_max = -1, warmed = 0, i;
+  uint64_t sub = 0;
+  if (tm == NULL) return;
+  resized_events = resized_bad = 0;
+  CHECK_RC(taskmgr_subscribe(tm, record_resized, NULL, NULL, &sub), TASKMGR_OK);
+  CHECK_RC(taskmgr_resize_pool(tm, "echo", "cpu", 2, 3, &before_min, &before_max), TASKMGR_OK);
+  CHECK(before_min == 0 && before_max == 1); /* one worker: the cpu's auto max */
+  for (i = 0; i < 500 && !warmed; ++i) {     /* made in the background */
+    CHECK_RC(taskmgr_get_task_metrics(tm, &json), TASKMGR_OK);
+    warmed = json != NULL && strstr(json, "\"echo@cpu\":{") != NULL &&
+             strstr(strstr(json, "\"echo@cpu\":{"), "\"size\":2,\"max\":3,\"min\":2") != NULL;
+    taskmgr_free(json);
+    json = NULL;
+    if (!warmed) sleep_ms(10);
+  }
+  CHECK(warmed);
+
+  CHECK_RC(taskmgr_resize_pool(tm, NULL, "cpu", 0, 1, NULL, NULL), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("service is NULL");
+  CHECK_RC(taskmgr_resize_pool(tm, "echo", NULL, 0, 1, NULL, NULL), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("device is NULL");
+  CHECK_RC(taskmgr_resize_pool(tm, "nope", "cpu", 0, 1, NULL, NULL), TASKMGR_E_NOT_FOUND);
+  CHECK_MSG("service 'nope' is not registered");
+  CHECK_RC(taskmgr_resize_pool(tm, "echo", "cuda:9", 0, 1, NULL, NULL), TASKMGR_E_NOT_FOUND);
+  CHECK_MSG("unknown device 'cuda:9'");
+  CHECK_RC(taskmgr_resize_pool(tm, "echo", "cpu", 2, 1, NULL, NULL), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_MSG("0 <= min_instances <= max_instances");
+  CHECK_RC(taskmgr_resize_pool(tm, "echo", "cpu", 0, 0, NULL, NULL), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_resize_pool(tm, "\xff", "cpu", 0, 1, NULL, NULL), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_resize_pool(NULL, "echo", "cpu", 0, 1, NULL, NULL), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_flush_events(tm), TASKMGR_OK);
+  pthread_mutex_lock(&mu);
+  CHECK(resized_events == 1 && resized_bad == 0); /* the refused ones sent none */
+  pthread_mutex_unlock(&mu);
+  CHECK_RC(taskmgr_close(tm), TASKMGR_OK);
+  CHECK_RC(taskmgr_resize_pool(tm, "echo", "cpu", 0, 1, NULL, NULL), TASKMGR_E_INVALID_STATE);
+  CHECK_RC(taskmgr_destroy(tm), TASKMGR_OK);
+}
+
 static void test_paging_and_delete(void) {
   taskmgr_manager* tm = open_one_worker(NULL);
   taskmgr_task_request r;
@@ -2446,6 +2510,7 @@ int main(int argc, char** argv) {
   test_reentrant_callbacks();
   test_paging_and_delete();
   test_pauses();
+  test_resize_pool();
   test_close_with_tasks(db_path);
   {
     char unpersisted_db[600];

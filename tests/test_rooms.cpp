@@ -358,6 +358,7 @@ TEST_CASE(
   events::deleted(b, TaskStatus::kCompleted, 1);
   events::paused(b, "device", "cpu", clock.now());
   events::resumed(b, "device", "cpu", clock.now(), 2.5);
+  events::pool_resized(b, "svc", "cpu", PoolSettings{0, 4, 30}, PoolSettings{1, 2, 30});
   const auto records = b.take_records("t");
   std::set<TaskEvent> seen;
   for (const auto& e : records) {

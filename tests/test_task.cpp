@@ -70,7 +70,8 @@ TEST_CASE(
   CHECK(to_string(TaskEvent::kDeleted) == "deleted");
   CHECK(to_string(TaskEvent::kPaused) == "paused");  // manager-level events
   CHECK(to_string(TaskEvent::kResumed) == "resumed");
-  CHECK(names.size() == 17);
+  CHECK(to_string(TaskEvent::kPoolResized) == "pool_resized");
+  CHECK(names.size() == 18);
 }
 
 TEST_CASE("is_terminal is true exactly for completed, failed, cancelled") {

@@ -2595,6 +2595,10 @@ TEST_CASE("services.<kind>.pool sizes that kind's pool over the per-device defau
   h.config.services["svc"].pool.max_instances = 1;
   h.config.services["svc"].pool.min_instances = 1;
   h.open([&](TaskContext& ctx) { turns.enter(ctx.task_id()); });
+  const struct Opener {
+    Turnstile& t;
+    ~Opener() { t.open_all(); }
+  } opener{turns};
   {
     const auto m = h.tm->get_task_metrics();
     const PoolMetrics& p = m.pool_utilization.at("svc@cpu");
@@ -2609,6 +2613,133 @@ TEST_CASE("services.<kind>.pool sizes that kind's pool over the per-device defau
   for (const auto& t : {a, b, c}) CHECK(h.finished(t.id).status == TaskStatus::kCompleted);
   CHECK(h.tm->get_task_metrics().pool_utilization.at("svc@cpu").size <= 1);
   h.tm->close();
+}
+
+// ---- pools resized at run time ------------------------------------------------------------
+TEST_CASE(
+    "resize_pool under load: a smaller max retires instances as their tasks finish and starts "
+    "none while max or more run, no running task is dropped, a larger max starts tasks at once") {
+  Turnstile turns;
+  std::atomic<int> inside{0};    // in the service now
+  std::atomic<int> limit{1000};  // the max in force for starts from now on
+  std::atomic<int> over{0};      // starts that found more than that running, themselves included
+  Harness h;
+  h.config.executor.worker_threads = 4;
+  h.config.pools.defaults.max_instances = 4;
+  h.open([&](TaskContext& ctx) {
+    if (inside.fetch_add(1) + 1 > limit.load()) over.fetch_add(1);
+    turns.enter(ctx.task_id());
+    inside.fetch_sub(1);  // before the lease goes back: inside <= leased
+  });
+  // A failed REQUIRE ends the test: the gates open before the manager closes
+  // (close waits for the running tasks).
+  const struct Opener {
+    Turnstile& t;
+    ~Opener() { t.open_all(); }
+  } opener{turns};
+  std::vector<Task> tasks;
+  for (int i = 0; i < 12; ++i) tasks.push_back(h.run(10));
+  REQUIRE(eventually([&] { return turns.count() == 4; }));
+  auto pool = [&] { return h.tm->get_task_metrics().pool_utilization.at("svc@cpu"); };
+  CHECK(pool().max == 4);
+
+  limit = 2;
+  const PoolSettings before = h.tm->resize_pool("svc", "cpu", 0, 2);
+  CHECK(before.max_instances == 4);
+  CHECK(before.min_instances == 0);
+  CHECK(pool().max == 2);
+  CHECK(pool().in_use == 4);  // the four running go on
+  // Two of the four end: two still run, which is the new max: none starts.
+  turns.release();
+  turns.release();
+  std::this_thread::sleep_for(100ms);
+  CHECK(turns.count() == 4);
+  // The third and fourth end: one starts after each.
+  turns.release();
+  turns.release();
+  REQUIRE(eventually([&] { return turns.count() == 6; }));
+  std::this_thread::sleep_for(100ms);
+  CHECK(turns.count() == 6);
+  CHECK(eventually([&] { return pool().size <= 2; }));  // retired as they came back
+  CHECK(pool().destroyed >= 2);
+
+  limit = 3;
+  CHECK(h.tm->resize_pool("svc", "cpu", 0, 3).max_instances == 2);
+  REQUIRE(eventually([&] { return turns.count() == 7; }));  // a third at once
+  std::this_thread::sleep_for(100ms);
+  CHECK(turns.count() == 7);
+
+  turns.open_all();
+  for (const auto& t : tasks) {
+    const Task done = h.finished(t.id);
+    CHECK(done.status == TaskStatus::kCompleted);
+    CHECK(done.attempt == 1);  // none was stopped and run again
+  }
+  CHECK(over.load() == 0);
+  h.tm->flush_events();
+  std::vector<std::pair<int, int>> resized;
+  for (const auto& e : h.log.all()) {
+    if (e.event != TaskEvent::kPoolResized) continue;
+    CHECK(e.task_id.empty());
+    const auto d = json::parse(e.details_json).as_object();
+    CHECK(d.at("service").as_string() == "svc");
+    CHECK(d.at("device").as_string() == "cpu");
+    resized.emplace_back(static_cast<int>(d.at("previous_max_instances").as_int64()),
+                         static_cast<int>(d.at("max_instances").as_int64()));
+  }
+  CHECK(resized == std::vector<std::pair<int, int>>{{4, 2}, {2, 3}});
+  h.tm->close();
+}
+
+TEST_CASE(
+    "resize_pool: a larger min warms instances in the background, a smaller max retires idle ones "
+    "at once, and each mistake gets its own error") {
+  Harness h;
+  h.config.executor.worker_threads = 2;
+  h.config.services["svc"].device_kinds = {"cpu"};
+  std::atomic<int> ran{0};
+  h.open([&](TaskContext&) { ran.fetch_add(1); }, {kGpu0});
+  auto pool = [&] { return h.tm->get_task_metrics().pool_utilization.at("svc@cpu"); };
+  CHECK(pool().size == 0);
+  h.tm->resize_pool("svc", "cpu", 3, 5);
+  REQUIRE(eventually([&] { return pool().size == 3; }));  // made without a task
+  CHECK(pool().min == 3);
+  CHECK(pool().max == 5);
+  CHECK(pool().created == 3);
+  CHECK(ran.load() == 0);
+  CHECK(h.tm->get_task_metrics().to_prometheus().find(
+            "taskmgr_pool_instances_min{service=\"svc\",device=\"cpu\"} 3") != std::string::npos);
+  const PoolSettings before = h.tm->resize_pool("svc", "cpu", 1, 1);
+  CHECK(before.min_instances == 3);
+  CHECK(before.max_instances == 5);
+  CHECK(pool().size == 1);  // two idle ones destroyed before it returned
+  CHECK(pool().destroyed == 2);
+  CHECK(h.finished(h.run().id).status == TaskStatus::kCompleted);  // the one left still works
+
+  auto refused = [&](const std::string& svc, const std::string& dev, int mn, int mx, ErrorCode code,
+                     const char* words) {
+    try {
+      h.tm->resize_pool(svc, dev, mn, mx);
+      FAIL("expected an error");
+    } catch (const Error& e) {
+      CHECK(e.code() == code);
+      CHECK_MESSAGE(std::string(e.what()).find(words) != std::string::npos, e.what());
+    }
+  };
+  refused("nope", "cpu", 0, 1, ErrorCode::kNotFound, "service 'nope' is not registered");
+  refused("svc", "cuda:9", 0, 1, ErrorCode::kNotFound, "unknown device 'cuda:9'");
+  refused("svc", "cuda:0", 0, 1, ErrorCode::kInvalidArgument,
+          "service 'svc' does not run on device 'cuda:0' (it runs on: cpu)");
+  for (const auto& sizes : std::vector<std::pair<int, int>>{{2, 1}, {0, 0}, {-1, 2}, {0, 4097}}) {
+    const int mn = sizes.first, mx = sizes.second;
+    CAPTURE(mn);
+    CAPTURE(mx);
+    refused("svc", "cpu", mn, mx, ErrorCode::kInvalidArgument,
+            "0 <= min_instances <= max_instances");
+  }
+  CHECK(pool().max == 1);  // nothing refused changed anything
+  h.tm->close();
+  refused("svc", "cpu", 0, 1, ErrorCode::kInvalidState, "closed");
 }
 
 // ---- pauses -------------------------------------------------------------------------------
@@ -2679,7 +2810,7 @@ TEST_CASE(
 }
 
 TEST_CASE(
-    "pause the manager and a device: nothing held starts until every pause that holds it ends; "
+    "pause the manager and a device: nothing held starts until every pause that holds it ends, and "
     "pause and resume refuse what they cannot do") {
   Harness h;
   h.config.executor.worker_threads = 2;
@@ -2707,10 +2838,26 @@ TEST_CASE(
   };
   refused(PauseScope::kDevice, "cuda:7", ErrorCode::kNotFound, "unknown device 'cuda:7'");
   refused(PauseScope::kManager, "x", ErrorCode::kInvalidArgument, "has no name");
-  refused(PauseScope::kService, "", ErrorCode::kInvalidArgument, "1..100 bytes");
-  refused(PauseScope::kService, std::string(101, 'k'), ErrorCode::kInvalidArgument, "1..100");
-  refused(PauseScope::kService, "a\nb", ErrorCode::kInvalidArgument, "control characters");
-  refused(PauseScope::kService, "\xff", ErrorCode::kInvalidArgument, "UTF-8");
+  refused(PauseScope::kService, "", ErrorCode::kInvalidArgument, "pause: empty service kind");
+  refused(PauseScope::kService, std::string(101, 'k'), ErrorCode::kInvalidArgument,
+          "101 bytes long (at most 100)");
+  refused(PauseScope::kService, "a\nb", ErrorCode::kInvalidArgument, "control character (byte 1)");
+  // A C1 control (U+0085), as register_service refuses it: no pause matches
+  // a kind that cannot be registered.
+  refused(PauseScope::kService,
+          "a\xC2\x85"
+          "b",
+          ErrorCode::kInvalidArgument, "control character (byte 1)");
+  refused(PauseScope::kService, "\xff", ErrorCode::kInvalidArgument, "not valid UTF-8 (byte 0)");
+  refused(PauseScope::kDevice, "", ErrorCode::kInvalidArgument, "needs the device's id");
+  try {  // a NUL in the name: the message quotes it without the NUL
+    h.tm->pause(PauseScope::kDevice, std::string("cpu\0x", 5));
+    FAIL("expected an error");
+  } catch (const Error& e) {
+    CHECK(e.code() == ErrorCode::kNotFound);
+    CHECK(std::string(e.what()).find('\0') == std::string::npos);
+    CHECK(std::string(e.what()).find("unknown device 'cpu\xEF\xBF\xBDx'") != std::string::npos);
+  }
   refused(static_cast<PauseScope>(9), "", ErrorCode::kInvalidArgument, "unknown pause scope");
   CHECK_FALSE(h.tm->resume(PauseScope::kDevice, "cuda:7"));        // not paused: nothing to do
   CHECK(h.tm->pause(PauseScope::kService, "not-registered-yet"));  // any kind
@@ -2720,8 +2867,8 @@ TEST_CASE(
 }
 
 TEST_CASE(
-    "a paused task's queue timeout does not run: resume counts its queue time without the pause "
-    "(fake clock)") {
+    "a paused task's queue timeout does not run: resume counts its queue time without the pause, "
+    "and so do its wait and health (fake clock)") {
   Harness h;
   h.config.executor.worker_threads = 1;
   h.config.tasks.queue_timeout_seconds = 10;
@@ -2752,6 +2899,8 @@ TEST_CASE(
   const Task failed = h.tm->get_task(t.id);
   CHECK(failed.status == TaskStatus::kFailed);
   CHECK(failed.failure_reason == TaskFailureReason::kQueueTimeout);
+  // Its wait is the time it counted: 11 s, not the 71 s it stood in line.
+  CHECK_MESSAGE(failed.failure_message.rfind("waited 11.0", 0) == 0, failed.failure_message);
   gate.open();
   h.finished(blocker.id);
   h.tm->close();

@@ -430,17 +430,26 @@ class Api {
       return make_json(req, http::status::ok, tm_.get_task_metrics().to_json());
     }
     if (target == "/pause" || target == "/resume") {
-      // {} pauses the whole manager; {"device": id} one device's queue;
-      // {"service": kind} one kind's tasks. 200 {"changed", "paused"}.
+      // {"manager": true} pauses the whole manager; {"device": id} one
+      // device's queue; {"service": kind} one kind's tasks: exactly one of
+      // them (an empty body is a mistake, not "everything").
+      // 200 {"changed", "paused"}.
       require(http::verb::post);
       const json::object body = parse_body(req, false);
-      only_keys(body, {"device", "service"}, "");
+      only_keys(body, {"manager", "device", "service"}, "");
       const std::string device = get_string(body, "device", "");
       const std::string service = get_string(body, "service", "");
+      bool manager = false;
+      if (const json::value* m = body.if_contains("manager")) {
+        if (!m->is_bool() || !m->as_bool()) bad_request("manager must be true");
+        manager = true;
+      }
       if (body.contains("device") && device.empty()) bad_request("device must not be empty");
       if (body.contains("service") && service.empty()) bad_request("service must not be empty");
-      if (!device.empty() && !service.empty()) {
-        bad_request("pause one thing at a time: a device or a service, not both");
+      if (int(manager) + int(!device.empty()) + int(!service.empty()) != 1) {
+        bad_request(
+            "say what to " + target.substr(1) +
+            ", one thing at a time: {\"manager\": true}, {\"device\": id} or {\"service\": kind}");
       }
       const auto scope = !device.empty()    ? taskmgr::PauseScope::kDevice
                          : !service.empty() ? taskmgr::PauseScope::kService
@@ -453,6 +462,30 @@ class Api {
     if (target == "/paused") {
       require(http::verb::get);
       return make_json(req, http::status::ok, json::serialize(paused()));
+    }
+    if (target == "/pools/resize") {
+      // {"service", "device", "min_instances", "max_instances"}: every key.
+      // 200 {"service", "device", "min_instances", "max_instances",
+      // "previous": {"min_instances", "max_instances"}}.
+      require(http::verb::post);
+      const json::object body = parse_body(req, true);
+      only_keys(body, {"service", "device", "min_instances", "max_instances"}, "");
+      const std::string service = get_string(body, "service", "");
+      const std::string device = get_string(body, "device", "");
+      const std::optional<int> min = get_int(body, "min_instances");
+      const std::optional<int> max = get_int(body, "max_instances");
+      if (service.empty()) bad_request("service is required (a service kind)");
+      if (device.empty()) bad_request("device is required (a device id)");
+      if (!min || !max) bad_request("min_instances and max_instances are required (integers)");
+      const taskmgr::PoolSettings before = tm_.resize_pool(service, device, *min, *max);
+      return make_json(req, http::status::ok,
+                       json::serialize(json::object{
+                           {"service", service},
+                           {"device", device},
+                           {"min_instances", *min},
+                           {"max_instances", *max},
+                           {"previous", json::object{{"min_instances", before.min_instances},
+                                                     {"max_instances", before.max_instances}}}}));
     }
     if (target == "/tasks") {
       if (method == http::verb::get) return list(req, query);

@@ -275,6 +275,8 @@ def _load():
         "taskmgr_pause": (I, [P, I, S, ctypes.POINTER(ctypes.c_int)]),
         "taskmgr_resume": (I, [P, I, S, ctypes.POINTER(ctypes.c_int)]),
         "taskmgr_paused": (I, [P, PS]),
+        "taskmgr_resize_pool": (I, [P, S, S, I, I, ctypes.POINTER(ctypes.c_int),
+                                    ctypes.POINTER(ctypes.c_int)]),
         "taskmgr_list_params_init": (None, [ctypes.POINTER(_ListParams)]),
         "taskmgr_list_tasks_page": (I, [P, ctypes.POINTER(_ListParams), PS, PS]),
         "taskmgr_get_task": (I, [P, S, PS]),
@@ -903,6 +905,20 @@ class Manager:
     def paused(self):
         """The pauses in force: [{"scope", "name", "since"}]."""
         return json.loads(_call_string(_lib.taskmgr_paused, self._handle()))
+
+    def resize_pool(self, service, device, min_instances, max_instances):
+        """Sizes a service kind's pool on a device until the manager
+        closes: at most max_instances of its tasks run there at once,
+        min_instances are kept warm (made in the background). A smaller max
+        retires idle instances at once and running ones as their tasks
+        finish. Returns the sizes it replaced: {"min_instances",
+        "max_instances"}."""
+        before_min, before_max = ctypes.c_int(0), ctypes.c_int(0)
+        _check(_lib.taskmgr_resize_pool(
+            self._handle(), _name(service, "service"), _name(device, "device"),
+            _int32(min_instances, "min_instances"), _int32(max_instances, "max_instances"),
+            ctypes.byref(before_min), ctypes.byref(before_max)))
+        return {"min_instances": before_min.value, "max_instances": before_max.value}
 
     def delete_task(self, task):
         """Deletes an ended task with its events, samples and input

@@ -38,8 +38,9 @@ struct PoolMetrics {
   std::string service;
   std::string device;
   int in_use = 0;
-  int size = 0;  // created instances (in use + idle)
-  int max = 0;
+  int size = 0;            // created instances (in use + idle)
+  int max = 0;             // max_instances in force (the configuration's, or resize_pool's)
+  int min = 0;             // min_instances in force
   double utilization = 0;  // in_use / max
   std::uint64_t created = 0;
   std::uint64_t destroyed = 0;

@@ -16,11 +16,18 @@
 // and the next acquire creates a replacement. Each instance has a stable id,
 // "<kind>@<device>#<n>", recorded on the task as service_instance_id.
 //
+// resize() changes a device's min_instances and max_instances while the
+// pool is in use: a smaller max retires idle instances at once and leased
+// ones as they are released (none is taken from its task), and no acquire
+// gets a slot while max or more are leased; warm_in_background() then
+// creates the instances a larger min asks for without blocking the caller.
+//
 // Thread-safety: every member is safe to call from any thread. A Lease is
 // used by one thread at a time and must not outlive its pool.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -39,6 +46,7 @@ class TASKMGR_API ServicePool {
     int in_use = 0;  // leased now
     int idle = 0;    // created and free
     int max = 0;     // max_instances in force
+    int min = 0;     // min_instances in force
     std::uint64_t created = 0;
     std::uint64_t destroyed = 0;
     std::uint64_t acquired = 0;
@@ -97,13 +105,31 @@ class TASKMGR_API ServicePool {
   // on a thread of its own (the factory's create() runs there), returning
   // when all are made. Throws what the factory throws (the first failure).
   void warm(const std::string& device);
+  // Creates instances until `device` has min_instances, on a thread of the
+  // pool's own, only into free slots (never waiting for one: a busy slot
+  // makes its instance when a task needs it). Returns at once. A failure of
+  // the factory is passed to `on_error` (on that thread) and ends the
+  // warming; the next acquire tries again. Does nothing after destroy_idle().
+  void warm_in_background(const std::string& device,
+                          std::function<void(const std::string& message)> on_error = nullptr);
+  // Sets a device's min_instances and max_instances now (the acquire
+  // timeout is kept) and returns the settings it replaced. Idle instances
+  // beyond the new max are destroyed on the calling thread before it
+  // returns (no lock of the pool held); leased ones beyond it are destroyed
+  // as they are released. A larger max wakes acquire() calls waiting for a
+  // slot. It does not create instances: warm_in_background() does.
+  // Error(kInvalidArgument) unless 0 <= min_instances <= max_instances and
+  // 1 <= max_instances <= 4096.
+  PoolSettings resize(const std::string& device, int min_instances, int max_instances);
   // Destroys the idle instances now, on the calling thread (an instance's
   // destructor may be host code: no lock of the pool is held); instances
-  // leased out go when they are released. The manager calls it when it
+  // leased out go when they are released. Waits for background warming to
+  // end first, and no warming starts after it. The manager calls it when it
   // closes, so a host's destroy_instance runs while the manager still works.
   void destroy_idle();
 
   bool has_capacity(const std::string& device) const;
+  // The settings in force: the configuration's, or the last resize().
   PoolSettings settings(const std::string& device) const;
   Stats stats(const std::string& device) const;
   std::map<std::string, Stats> stats() const;  // devices used so far

@@ -83,6 +83,7 @@ enum class TaskEvent {
   // (the store keeps the pauses themselves).
   kPaused,   // "paused": the host paused the manager, a device or a service (TaskManager::pause)
   kResumed,  // "resumed": the host resumed it (TaskManager::resume)
+  kPoolResized,  // "pool_resized": the host resized a pool (TaskManager::resize_pool)
 };
 
 TASKMGR_API std::string_view to_string(TaskStatus status) noexcept;

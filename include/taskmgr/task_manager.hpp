@@ -68,8 +68,11 @@ struct TaskStartRequest {
 };
 
 struct TaskManagerOptions {
-  std::shared_ptr<Clock> clock;             // default: Clock::system()
-  std::shared_ptr<TaskStore> store;         // default: an in-memory store
+  std::shared_ptr<Clock> clock;  // default: Clock::system()
+  // Default: the one the configuration names: storage.url (PostgreSQL), else
+  // the SQLite file storage.path (default "taskmgr.db" in the working
+  // directory; ":memory:" for the in-memory store, which keeps nothing).
+  std::shared_ptr<TaskStore> store;
   std::shared_ptr<DeviceRegistry> devices;  // default: probed/declared per config.devices
   LogSink log_sink;                         // default: warnings and errors to stderr
   std::vector<std::shared_ptr<ServiceFactory>> services;  // registered at open
@@ -174,7 +177,10 @@ class TASKMGR_API TaskManager {
   // kind that is not 1..100 bytes of UTF-8 without control characters;
   // Error(kNotFound) for a device the manager does not have;
   // Error(kInvalidState) after close(); Error(kIoError) when the store
-  // cannot record it (nothing changed); Error(kUnsupported) from a host's
+  // cannot record it, Error(kBusy) when another process holds the store
+  // locked past its busy timeout (in both cases nothing changed; one pause
+  // or resume records at a time, so others wait for it, while calls that
+  // change nothing answer at once); Error(kUnsupported) from a host's
   // store that does not implement TaskStore::save_pause.
   bool pause(PauseScope scope, const std::string& name = "");
   // Ends a pause: the tasks it held start again in queue order (unless
@@ -184,6 +190,25 @@ class TASKMGR_API TaskManager {
   bool resume(PauseScope scope, const std::string& name = "");
   // The pauses in force, in (scope, name) order.
   std::vector<PauseState> paused() const;
+
+  // Sizes one service kind's pool on one device while the manager runs,
+  // until it closes (the configuration's pools and services.<kind>.pool
+  // size it at open): at most `max_instances` of its tasks run there at
+  // once, and `min_instances` instances are kept warm. A larger max lets
+  // waiting tasks start at once; a larger min creates the instances in the
+  // background (this call does not wait for them; a factory that fails
+  // then is logged, and the instance is made when a task needs it). A
+  // smaller max destroys idle instances beyond it before this returns and
+  // retires running ones as their tasks finish: no running task is
+  // stopped, and no task starts there while max or more run. The acquire
+  // timeout is kept. Subscribers get a manager-level `pool_resized` event
+  // (task_id "": delivered, not stored). Returns the settings it replaced.
+  // Error(kNotFound) for a service kind not registered or a device the
+  // manager does not have; Error(kInvalidArgument) for a device the kind
+  // does not run on, or sizes outside 0 <= min_instances <= max_instances,
+  // 1 <= max_instances <= 4096; Error(kInvalidState) after close().
+  PoolSettings resize_pool(const std::string& service, const std::string& device, int min_instances,
+                           int max_instances);
 
   // Reads. get_task answers from memory for a task the manager holds (not
   // ended, or ended recently), from the store otherwise; list_tasks asks

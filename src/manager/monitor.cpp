@@ -53,6 +53,7 @@ TaskMetrics Monitor::metrics() {
       p.in_use = s.in_use;
       p.size = s.in_use + s.idle;
       p.max = s.max;
+      p.min = s.min;
       p.utilization = s.max > 0 ? static_cast<double>(s.in_use) / s.max : 0;
       p.created = s.created;
       p.destroyed = s.destroyed;

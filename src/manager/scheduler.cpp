@@ -705,7 +705,11 @@ void Scheduler::resume(PauseScope scope, const std::string& name) {
     for (const QueuedTask& q : queue_->snapshot(device)) {
       if (scope == PauseScope::kService && q.service != name) continue;
       const Duration credit = pauses_.credit(*ended, q.enqueued_at, q.device, q.service, now);
-      if (credit > Duration::zero()) queue_->delay(q.task_id, credit);
+      if (credit <= Duration::zero()) continue;
+      queue_->delay(q.task_id, credit);
+      // Its wait (started's wait_s, health, the timeout's message) leaves
+      // the pause out as well.
+      if (RecordPtr rec = records_.find(q.task_id)) rec->queued_steady += credit;
     }
   }
   EventBatch b(*clock_);

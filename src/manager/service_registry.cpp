@@ -10,18 +10,18 @@
 
 namespace taskmgr::detail {
 
-void ServiceRegistry::validate_kind(const std::string& kind) {
+void ServiceRegistry::validate_kind(const std::string& kind, std::string_view fn) {
   constexpr std::size_t kMaxKind = 100;
   if (kind.empty())
-    throw Error(ErrorCode::kInvalidArgument, "register_service: empty service kind");
+    throw Error(ErrorCode::kInvalidArgument, fmt::format("{}: empty service kind", fn));
   if (kind.size() > kMaxKind) {
-    throw Error(ErrorCode::kInvalidArgument,
-                fmt::format("register_service: service kind is {} bytes long (at most {})",
-                            kind.size(), kMaxKind));
+    throw Error(
+        ErrorCode::kInvalidArgument,
+        fmt::format("{}: service kind is {} bytes long (at most {})", fn, kind.size(), kMaxKind));
   }
   if (auto at = invalid_utf8_at(kind)) {
     throw Error(ErrorCode::kInvalidArgument,
-                fmt::format("register_service: service kind is not valid UTF-8 (byte {})", *at));
+                fmt::format("{}: service kind is not valid UTF-8 (byte {})", fn, *at));
   }
   for (std::size_t i = 0; i < kind.size(); ++i) {
     const auto c = static_cast<unsigned char>(kind[i]);
@@ -30,9 +30,8 @@ void ServiceRegistry::validate_kind(const std::string& kind) {
                     static_cast<unsigned char>(kind[i + 1]) >= 0x80 &&
                     static_cast<unsigned char>(kind[i + 1]) <= 0x9F;
     if (c < 0x20 || c == 0x7F || c1) {
-      throw Error(
-          ErrorCode::kInvalidArgument,
-          fmt::format("register_service: service kind has a control character (byte {})", i));
+      throw Error(ErrorCode::kInvalidArgument,
+                  fmt::format("{}: service kind has a control character (byte {})", fn, i));
     }
   }
 }

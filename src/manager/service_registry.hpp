@@ -52,7 +52,8 @@ class ServiceRegistry {
   // A service kind must be 1..100 bytes of UTF-8 without control characters
   // (it appears in logs, JSON, HTTP paths and SQL): Error(kInvalidArgument)
   // naming the problem.
-  static void validate_kind(const std::string& kind);
+  // `fn` names the call in the message.
+  static void validate_kind(const std::string& kind, std::string_view fn = "register_service");
 
   // Adds a complete entry. Error(kInvalidState) when the kind exists.
   const ServiceEntry& add(std::unique_ptr<ServiceEntry> entry) REQUIRES(!mu_);

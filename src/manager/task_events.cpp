@@ -202,6 +202,17 @@ void resumed(EventBatch& b, std::string_view scope, std::string_view name, Times
        {"paused_s", paused_s}});
 }
 
+void pool_resized(EventBatch& b, std::string_view service, std::string_view device,
+                  const PoolSettings& before, const PoolSettings& now) {
+  add(b, TaskEvent::kPoolResized,
+      {{"service", service},
+       {"device", device},
+       {"min_instances", now.min_instances},
+       {"max_instances", now.max_instances},
+       {"previous_min_instances", before.min_instances},
+       {"previous_max_instances", before.max_instances}});
+}
+
 // ---- health warnings ---------------------------------------------------------------
 std::string memory_warning_text(std::string_view kind, std::string_view message) {
   return fmt::format("memory warning ({}): {}", kind, message);
@@ -287,6 +298,9 @@ const std::vector<std::string_view>& keys_of(TaskEvent event) {
       /* deleted */ {"status", "attempt"},
       /* paused */ {"scope", "name", "since"},
       /* resumed */ {"scope", "name", "since", "paused_s"},
+      /* pool_resized */
+      {"service", "device", "min_instances", "max_instances", "previous_min_instances",
+       "previous_max_instances"},
   };
   return kKeys[static_cast<int>(event)];
 }

@@ -19,6 +19,7 @@
 
 #include "json_writer.hpp"
 #include "taskmgr/clock.hpp"
+#include "taskmgr/config.hpp"
 #include "taskmgr/estimator.hpp"
 #include "taskmgr/events.hpp"
 #include "taskmgr/task.hpp"
@@ -115,6 +116,10 @@ void deleted(EventBatch& b, TaskStatus status, int attempt);
 void paused(EventBatch& b, std::string_view scope, std::string_view name, Timestamp since);
 void resumed(EventBatch& b, std::string_view scope, std::string_view name, Timestamp since,
              double paused_s);
+// The host resized a service's pool on a device (manager-level, like the
+// pauses): the sizes in force now and before.
+void pool_resized(EventBatch& b, std::string_view service, std::string_view device,
+                  const PoolSettings& before, const PoolSettings& now);
 
 // ---- health warnings ----------------------------------------------------------
 std::string memory_warning_text(std::string_view kind, std::string_view message);

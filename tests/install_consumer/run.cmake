@@ -53,17 +53,20 @@ if(NOT LAST_OUTPUT MATCHES "event cleanup_completed.*task .*\"status\":\"complet
   message(FATAL_ERROR "examples/cpp_host built against the install printed: ${LAST_OUTPUT}")
 endif()
 
-# The installed taskmgr-ocr runs with no LD_LIBRARY_PATH (its RUNPATH is
+# The installed programs run with no LD_LIBRARY_PATH (their RUNPATH is
 # $ORIGIN/../lib), from any working directory.
 if(NOT EXAMPLES)
-  message(STATUS "examples not built: no taskmgr-ocr to check")
-elseif(EXISTS "${prefix}/bin/taskmgr-ocr")
-  run(${CMAKE_COMMAND} -E env --unset=LD_LIBRARY_PATH "${prefix}/bin/taskmgr-ocr" --help)
-  if(NOT LAST_OUTPUT MATCHES "usage: taskmgr-ocr")
-    message(FATAL_ERROR "the installed taskmgr-ocr printed: ${LAST_OUTPUT}")
-  endif()
+  message(STATUS "examples not built: no taskmgr-ocr or taskmgr-http to check")
 else()
-  message(FATAL_ERROR "taskmgr-ocr was not installed under ${prefix}/bin")
+  foreach(program taskmgr-ocr taskmgr-http)
+    if(NOT EXISTS "${prefix}/bin/${program}")
+      message(FATAL_ERROR "${program} was not installed under ${prefix}/bin")
+    endif()
+    run(${CMAKE_COMMAND} -E env --unset=LD_LIBRARY_PATH "${prefix}/bin/${program}" --help)
+    if(NOT LAST_OUTPUT MATCHES "usage: ${program}")
+      message(FATAL_ERROR "the installed ${program} printed: ${LAST_OUTPUT}")
+    endif()
+  endforeach()
 endif()
 
 # The installed Python module imports with no environment variable: it

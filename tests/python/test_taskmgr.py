@@ -870,5 +870,65 @@ class Pauses(unittest.TestCase):
                 self.assertGreaterEqual(resumed[0].details["paused_s"], 0)
 
 
+class ResizePool(unittest.TestCase):
+    """resize_pool: a smaller max holds further starts back while tasks run,
+    a larger one lets them start; the previous sizes come back; each resize
+    is a manager-level event; mistakes raise the matching error."""
+
+    def test_resize_limits_concurrency_and_reports(self):
+        lock = threading.Lock()
+        gate = threading.Event()
+        state = {"inside": 0, "most": 0}
+
+        def run(ctx, inst):
+            with lock:
+                state["inside"] += 1
+                state["most"] = max(state["most"], state["inside"])
+            gate.wait(60)
+            with lock:
+                state["inside"] -= 1
+            return {"ok": True}
+
+        rec = Recorder()
+        with taskmgr.Manager(config_yaml=CONFIG, database=":memory:", builtin_ocr=False,
+                             workers=3) as tm:
+            tm.subscribe(rec)
+            tm.register_service("svc", run, input_optional=True)
+            before = tm.resize_pool("svc", "cpu", 0, 1)
+            self.assertEqual(before, {"min_instances": 0, "max_instances": 3})
+            ids = [tm.create_task(service="svc", device="cpu", start=True) for _ in range(4)]
+            deadline = time.time() + 30
+            while time.time() < deadline and state["inside"] < 1:
+                time.sleep(0.01)
+            time.sleep(0.2)
+            self.assertEqual(state["inside"], 1)  # max 1: one runs
+            self.assertEqual(tm.resize_pool("svc", "cpu", 0, 3)["max_instances"], 1)
+            deadline = time.time() + 30
+            while time.time() < deadline and state["inside"] < 3:
+                time.sleep(0.01)
+            self.assertEqual(state["inside"], 3)  # max 3: two more at once
+            gate.set()
+            for t in ids:
+                self.assertEqual(tm.wait_task(t, 60)["status"], "completed")
+            self.assertEqual(state["most"], 3)
+            pool = tm.metrics()["pool_utilization"]["svc@cpu"]
+            self.assertEqual((pool["min"], pool["max"]), (0, 3))
+            with self.assertRaises(taskmgr.NotFoundError):
+                tm.resize_pool("nope", "cpu", 0, 1)
+            with self.assertRaises(taskmgr.NotFoundError):
+                tm.resize_pool("svc", "cuda:9", 0, 1)
+            with self.assertRaises(taskmgr.InvalidArgumentError):
+                tm.resize_pool("svc", "cpu", 2, 1)
+            with self.assertRaises(taskmgr.InvalidArgumentError):
+                tm.resize_pool(None, "cpu", 0, 1)
+            with self.assertRaises(TypeError):
+                tm.resize_pool("svc", "cpu", 0, 1.5)
+            tm.flush_events()
+            resized = [e for e in rec.events if e.event_type == "pool_resized"]
+            self.assertEqual([(e.task_id, e.details["previous_max_instances"],
+                               e.details["max_instances"]) for e in resized],
+                             [("", 3, 1), ("", 1, 3)])
+
+
 if __name__ == "__main__":
     unittest.main(verbosity=2)

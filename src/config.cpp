@@ -27,6 +27,11 @@ constexpr std::pair<SyncMode, std::string_view> kSyncNames[] = {
     {SyncMode::kNormal, "normal"},
     {SyncMode::kFull, "full"},
 };
+constexpr std::pair<VacuumMode, std::string_view> kVacuumNames[] = {
+    {VacuumMode::kIncremental, "incremental"},
+    {VacuumMode::kFull, "full"},
+    {VacuumMode::kNone, "none"},
+};
 constexpr std::string_view kLogLevels[] = {"trace", "debug", "info", "warn", "error", "off"};
 
 std::string join(const std::string& path, std::string_view key) {
@@ -303,6 +308,7 @@ Config parse_document(const YAML::Node& root, std::unordered_map<std::string, in
     s.read_enum("synchronous", c.storage.synchronous, kSyncNames);
     s.read("busy_timeout_seconds", c.storage.busy_timeout_seconds);
     s.read("retention_days", c.storage.retention_days);
+    s.read_enum("vacuum", c.storage.vacuum, kVacuumNames);
     s.read("max_size_mb", c.storage.max_size_mb);
     s.read("wal_max_mb", c.storage.wal_max_mb);
     s.read("max_backlog", c.storage.max_backlog);
@@ -493,6 +499,10 @@ std::string_view to_string(SyncMode m) noexcept { return detail::enum_name(kSync
 std::optional<SyncMode> parse_sync_mode(std::string_view s) noexcept {
   return detail::enum_parse(kSyncNames, s);
 }
+std::string_view to_string(VacuumMode m) noexcept { return detail::enum_name(kVacuumNames, m); }
+std::optional<VacuumMode> parse_vacuum_mode(std::string_view s) noexcept {
+  return detail::enum_parse(kVacuumNames, s);
+}
 
 PoolSettings PoolOverride::over(PoolSettings base) const {
   if (min_instances) base.min_instances = *min_instances;
@@ -654,6 +664,11 @@ void Config::validate() const {
     }
     if (storage.wal_max_mb != StorageConfig{}.wal_max_mb) {
       invalid("storage.wal_max_mb", "applies to the SQLite store only (storage.url is set)");
+    }
+    if (storage.vacuum != StorageConfig{}.vacuum) {
+      invalid("storage.vacuum",
+              "applies to the SQLite store only (storage.url is set: PostgreSQL's autovacuum "
+              "reclaims deleted rows)");
     }
   }
   {
@@ -941,6 +956,7 @@ std::string Config::to_yaml() const {
   e << YAML::Key << "synchronous" << YAML::Value << std::string(to_string(storage.synchronous));
   e << YAML::Key << "busy_timeout_seconds" << YAML::Value << storage.busy_timeout_seconds;
   e << YAML::Key << "retention_days" << YAML::Value << storage.retention_days;
+  e << YAML::Key << "vacuum" << YAML::Value << std::string(to_string(storage.vacuum));
   e << YAML::Key << "max_size_mb" << YAML::Value << storage.max_size_mb;
   e << YAML::Key << "wal_max_mb" << YAML::Value << storage.wal_max_mb;
   e << YAML::Key << "max_backlog" << YAML::Value << storage.max_backlog;

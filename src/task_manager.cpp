@@ -57,6 +57,7 @@ SqliteStoreOptions sqlite_options(const StorageConfig& c) {
   o.busy_timeout_seconds = c.busy_timeout_seconds;
   o.max_size_mb = c.max_size_mb;
   o.wal_max_mb = c.wal_max_mb;
+  o.vacuum = c.vacuum;
   o.max_backlog = static_cast<std::size_t>(c.max_backlog);
   return o;
 }

@@ -92,6 +92,7 @@ pools:
 storage:
   path: ":memory:"
   synchronous: full
+  vacuum: full
 ocr:
   languages: eng+deu
   page_segmentation_mode: 6
@@ -115,6 +116,8 @@ logging: {level: debug}
   CHECK(c.pools.for_device("cuda:0").acquire_timeout_seconds == 2);
   CHECK(c.storage.path == ":memory:");
   CHECK(c.storage.synchronous == SyncMode::kFull);
+  CHECK(c.storage.vacuum == VacuumMode::kFull);
+  CHECK(Config{}.storage.vacuum == VacuumMode::kIncremental);
   CHECK(c.ocr.languages == "eng+deu");
   CHECK(c.ocr.page_segmentation_mode == 6);
   CHECK(c.ocr.preprocess.deskew == true);
@@ -133,6 +136,7 @@ TEST_CASE("to_yaml round-trips through from_yaml_string") {
   c.devices.declared.push_back({"cuda:0", "gpu", 1000});
   c.pools.devices["cuda:0"] = PoolSettings{1, 2, 5};
   c.storage.synchronous = SyncMode::kFull;
+  c.storage.vacuum = VacuumMode::kNone;
   c.tasks.close_grace_seconds = 2.5;
   c.services["x"].memory_model = ServiceConfig::MemoryModel{40, 3, 0.5, 0};
   c.services["x"].device_kinds = {"cpu", "gpu"};
@@ -148,6 +152,7 @@ TEST_CASE("to_yaml round-trips through from_yaml_string") {
   CHECK(back.services.at("x").memory_model->per_mpixel_mb == 0.5);
   CHECK(back.services.at("x").device_kinds == std::vector<std::string>{"cpu", "gpu"});
   CHECK(back.tasks.max_queue_size == 42);
+  CHECK(back.storage.vacuum == VacuumMode::kNone);
   CHECK(back.tasks.priority_aging_seconds == 90);
   CHECK(back.services.at("x").rate_limit_per_second == 0.5);
   CHECK(back.services.at("x").rate_limit_burst == 3);
@@ -232,6 +237,7 @@ TEST_CASE("each out-of-range value is an error that names its key path and line"
       {"pools:\n  devices:\n    'cuda:0':\n      acquire_timeout_seconds: 0\n",
        "pools.devices.cuda:0.acquire_timeout_seconds", 4},
       {"storage:\n  synchronous: sometimes\n", "storage.synchronous", 2},
+      {"storage:\n  vacuum: often\n", "storage.vacuum", 2},
       {"storage:\n  path: ''\n", "storage.path", 2},
       {"storage:\n  postgres:\n    read_connections: 0\n", "storage.postgres.read_connections", 3},
       {"storage:\n  postgres:\n    read_connections: 65\n", "storage.postgres.read_connections", 3},
@@ -431,6 +437,8 @@ TEST_CASE("storage.url selects PostgreSQL: it is checked, never shown, and not w
       {"storage:\n  url: postgresql://u:s3cret@h/db\n  synchronous: full\n", "storage.synchronous",
        "SQLite store only"},
       {"storage:\n  url: postgresql://u:s3cret@h/db\n  max_size_mb: 10\n", "storage.max_size_mb",
+       "SQLite store only"},
+      {"storage:\n  url: postgresql://u:s3cret@h/db\n  vacuum: none\n", "storage.vacuum",
        "SQLite store only"},
   };
   for (const auto& k : cases) {

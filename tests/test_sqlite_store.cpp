@@ -1547,3 +1547,86 @@ TEST_CASE(
                       "'00000000-0000-7000-8000-000000000003'")
             .getInt() == 1);
 }
+
+// ---- storage.vacuum ------------------------------------------------------------------------
+namespace {
+// A store on `db` with 120 ended tasks of 64 KiB inputs each (7.5 MiB),
+// closed; returns their ids.
+std::vector<std::string> fill_ended(const std::string& db, VacuumMode mode) {
+  SqliteStoreOptions o;
+  o.vacuum = mode;
+  auto store = open_sqlite_store(db, o);
+  std::vector<std::string> ids;
+  for (int i = 0; i < 120; ++i) {
+    Task t = sample_task();
+    t.input.data.assign(64 * 1024, static_cast<std::uint8_t>(i));
+    store->insert_task(t, event_for(t, TaskEvent::kCreated));
+    t.status = TaskStatus::kCompleted;
+    t.finished_at = std::chrono::system_clock::now();
+    t.resource_cleanup_completed = true;
+    store->update_task(t, {event_for(t, TaskEvent::kCompleted)});
+    ids.push_back(t.id);
+  }
+  store->flush();
+  return ids;
+}
+
+std::int64_t auto_vacuum_of(const std::string& db) {
+  SQLite::Database f(db);
+  return f.execAndGet("PRAGMA auto_vacuum").getInt64();
+}
+}  // namespace
+
+TEST_CASE("storage.vacuum: after deletes the file shrinks (incremental, full) or keeps its size") {
+  for (VacuumMode mode : {VacuumMode::kIncremental, VacuumMode::kFull, VacuumMode::kNone}) {
+    CAPTURE(to_string(mode));
+    TempDir dir;
+    const std::string db = dir.db();
+    const auto ids = fill_ended(db, mode);
+    const auto full_size = fs::file_size(db);  // closed: the WAL is in the file
+    CHECK(full_size > 7u * 1024 * 1024);
+    CHECK(auto_vacuum_of(db) == (mode == VacuumMode::kIncremental ? 2 : 0));
+    {
+      SqliteStoreOptions o;
+      o.vacuum = mode;
+      auto store = open_sqlite_store(db, o);
+      CHECK(store->delete_tasks(ids) == ids.size());
+      CHECK(store->notices().empty());
+    }
+    SQLite::Database f(db);
+    CHECK(f.execAndGet("SELECT count(*) FROM tasks").getInt() == 0);
+    CHECK(f.execAndGet("SELECT count(*) FROM task_inputs").getInt() == 0);
+    const auto after = fs::file_size(db);
+    CAPTURE(full_size);
+    CAPTURE(after);
+    if (mode == VacuumMode::kNone) {
+      CHECK(after == full_size);  // the pages stay, free for reuse
+    } else {
+      CHECK(after < full_size / 8);
+    }
+  }
+}
+
+TEST_CASE(
+    "storage.vacuum incremental converts a file made without it at a delete that frees a quarter "
+    "of it, through retention's prune") {
+  TempDir dir;
+  const std::string db = dir.db();
+  fill_ended(db, VacuumMode::kNone);  // an older file: auto_vacuum NONE
+  REQUIRE(auto_vacuum_of(db) == 0);
+  const auto full_size = fs::file_size(db);
+  {
+    auto store = open_sqlite_store(db);  // the default: incremental
+    CHECK(store->prune_finished(std::chrono::system_clock::now() + std::chrono::hours(1)) == 120);
+  }
+  CHECK(auto_vacuum_of(db) == 2);  // converted: later deletes give pages back at once
+  CHECK(fs::file_size(db) < full_size / 8);
+  // And the next deletes shrink it without a VACUUM.
+  const auto ids = fill_ended(db, VacuumMode::kIncremental);
+  const auto again = fs::file_size(db);
+  {
+    auto store = open_sqlite_store(db);
+    CHECK(store->delete_tasks(ids) == ids.size());
+  }
+  CHECK(fs::file_size(db) < again / 8);
+}

@@ -142,6 +142,24 @@ enum class SyncMode {
 TASKMGR_API std::string_view to_string(SyncMode mode) noexcept;
 TASKMGR_API std::optional<SyncMode> parse_sync_mode(std::string_view s) noexcept;
 
+// storage.vacuum: what the SQLite store does with the pages that deleted
+// tasks (retention's prune, delete_task) leave free.
+enum class VacuumMode {
+  // "incremental" (default): new files are made with auto_vacuum =
+  // INCREMENTAL, and after each delete the free pages go back to the file
+  // system (the file shrinks by what was deleted). A file made without it
+  // is converted by one VACUUM at the first delete that leaves a quarter of
+  // it free.
+  kIncremental,
+  // "full": a VACUUM (the whole file rewritten, defragmented) after a
+  // delete that leaves a quarter of the file free.
+  kFull,
+  // "none": free pages are reused by later writes; the file keeps its size.
+  kNone,
+};
+TASKMGR_API std::string_view to_string(VacuumMode mode) noexcept;
+TASKMGR_API std::optional<VacuumMode> parse_vacuum_mode(std::string_view s) noexcept;
+
 // storage.postgres: the PostgreSQL store's settings (with storage.url).
 struct PostgresConfig {
   std::string schema;                     // "" = the first schema of the connection's search_path
@@ -171,8 +189,9 @@ struct StorageConfig {
   SyncMode synchronous = SyncMode::kNormal;  // SQLite only
   double busy_timeout_seconds = 5;           // wait for a lock before failing (> 0); SQLite only
   double retention_days = 0;                 // prune finished tasks older than this; 0 = keep
-  std::int64_t max_size_mb = 0;              // the database grows to about this; past it writes
-                                             // fail as on a full disk; 0 = no limit; SQLite only
+  VacuumMode vacuum = VacuumMode::kIncremental;  // SQLite only: what deletes give back
+  std::int64_t max_size_mb = 0;                  // the database grows to about this; past it writes
+                                 // fail as on a full disk; 0 = no limit; SQLite only
   std::int64_t wal_max_mb = 64;  // the WAL file is kept to about this (>= 1); SQLite only
   // Failed writes kept for a retry (>= 1); while this many wait, new tasks
   // are refused (IO_ERROR) instead of holding more in memory.

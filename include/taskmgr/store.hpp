@@ -36,6 +36,7 @@
 #include <string_view>
 #include <vector>
 
+#include "taskmgr/config.hpp"
 #include "taskmgr/events.hpp"
 #include "taskmgr/export.hpp"
 #include "taskmgr/pause.hpp"
@@ -209,6 +210,9 @@ struct SqliteStoreOptions {
   // writes fail as on a full disk: an insert is refused to its caller, other
   // writes are kept and retried (StoreStats::failed_writes, last_error).
   std::int64_t max_size_mb = 0;
+  // What deletes (prune_finished, delete_tasks) give back: storage.vacuum
+  // (config.hpp, VacuumMode).
+  VacuumMode vacuum = VacuumMode::kIncremental;
   // An unversioned database that holds tables but no `tasks` table is
   // refused: taskmgr does not create its tables among data it does not
   // know. true: it does, beside them (storage.allow_other_tables).

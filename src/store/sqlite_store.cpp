@@ -38,6 +38,12 @@ class SqliteStore final : public TaskStore, private WriteBackend {
       writer_db_ = std::make_unique<SQLite::Database>(
           path, SQLite::OPEN_READWRITE | SQLite::OPEN_CREATE | SQLite::OPEN_FULLMUTEX);
       writer_db_->setBusyTimeout(busy_ms());
+      // A new file gets auto_vacuum before its first table (later, only a
+      // VACUUM can change it): deletes can then give pages back.
+      if (options_.vacuum == VacuumMode::kIncremental &&
+          writer_db_->execAndGet("SELECT count(*) FROM sqlite_master").getInt() == 0) {
+        writer_db_->exec("PRAGMA auto_vacuum = INCREMENTAL");
+      }
       migrate(*writer_db_, path, options_.allow_other_tables);
       layout_ = task_layout(*writer_db_, options_.adopt);
       writer_db_->exec("PRAGMA journal_mode=WAL");
@@ -137,11 +143,14 @@ class SqliteStore final : public TaskStore, private WriteBackend {
   std::size_t prune_finished(Timestamp finished_before) override REQUIRES(!db_mu_) {
     queue_->flush();  // every write queued before is in, so a task's last update is not lost
     MutexLock c(db_mu_);
+    std::size_t n = 0;
     try {
-      return delete_finished(*writer_db_, layout_, finished_before);
+      n = delete_finished(*writer_db_, layout_, finished_before);
     } catch (const SQLite::Exception& e) {
       throw Error(code_of(e), "pruning finished tasks in " + path_ + " failed: " + e.what());
     }
+    if (n > 0) reclaim();
+    return n;
   }
 
   std::vector<PauseState> load_pauses() override REQUIRES(!db_mu_) {
@@ -168,25 +177,60 @@ class SqliteStore final : public TaskStore, private WriteBackend {
   std::size_t delete_tasks(const std::vector<std::string>& ids) override REQUIRES(!db_mu_) {
     queue_->flush();  // every write queued before is in: a task's last update is not lost
     MutexLock c(db_mu_);
+    std::size_t n = 0;
     try {
-      return detail::sqlite::delete_tasks(*writer_db_, layout_, ids);
+      n = detail::sqlite::delete_tasks(*writer_db_, layout_, ids);
     } catch (const SQLite::Exception& e) {
       throw Error(code_of(e), "deleting tasks in " + path_ + " failed: " + e.what());
     }
+    if (n > 0) reclaim();
+    return n;
   }
 
   void flush() override { queue_->flush(/*retry_backlog=*/true); }
 
   std::string describe() const override { return "sqlite:" + path_; }
 
-  std::vector<std::string> notices() const override {
-    const std::string n = layout_.notice(path_);
-    return n.empty() ? std::vector<std::string>{} : std::vector<std::string>{n};
+  std::vector<std::string> notices() const override REQUIRES(!db_mu_) {
+    std::vector<std::string> out;
+    if (std::string n = layout_.notice(path_); !n.empty()) out.push_back(std::move(n));
+    MutexLock c(db_mu_);
+    if (!vacuum_problem_.empty()) out.push_back(vacuum_problem_);
+    return out;
   }
 
   StoreStats stats() const override { return queue_->stats(); }
 
  private:
+  // After a delete that removed rows, per storage.vacuum (VacuumMode): the
+  // free pages go back to the file system. The delete is committed
+  // already: a vacuum that fails (another connection reading, no room for
+  // VACUUM's copy) leaves the pages free for reuse, and notices() says why.
+  void reclaim() REQUIRES(db_mu_) {
+    if (options_.vacuum == VacuumMode::kNone) return;
+    SQLite::Database& db = *writer_db_;
+    try {
+      const bool incremental = db.execAndGet("PRAGMA auto_vacuum").getInt() == 2;
+      if (options_.vacuum == VacuumMode::kIncremental && incremental) {
+        db.exec("PRAGMA incremental_vacuum");
+      } else {
+        const std::int64_t pages = db.execAndGet("PRAGMA page_count").getInt64();
+        const std::int64_t free = db.execAndGet("PRAGMA freelist_count").getInt64();
+        if (free == 0 || free * 4 < pages) return;  // less than a quarter: not worth a rewrite
+        // incremental: the one VACUUM that converts a file made without it.
+        if (options_.vacuum == VacuumMode::kIncremental)
+          db.exec("PRAGMA auto_vacuum = INCREMENTAL");
+        db.exec("VACUUM");
+      }
+      // The file shrinks when the WAL's pages are copied back into it.
+      db.exec("PRAGMA wal_checkpoint(PASSIVE)");
+      vacuum_problem_.clear();
+    } catch (const SQLite::Exception& e) {
+      vacuum_problem_ = "storage.vacuum (" + std::string(to_string(options_.vacuum)) + ") in " +
+                        path_ + " failed after a delete; the free pages are reused: " + e.what();
+    }
+  }
+
   int busy_ms() const { return static_cast<int>(options_.busy_timeout_seconds * 1000); }
 
   template <typename F, typename R = std::invoke_result_t<F, SQLite::Database&>>
@@ -333,7 +377,7 @@ class SqliteStore final : public TaskStore, private WriteBackend {
   store::TaskLayout layout_;  // set once, before any other thread runs
 
   // The writer connection: a commit of the queue, or a prune.
-  Mutex db_mu_;
+  mutable Mutex db_mu_;
   std::unique_ptr<SQLite::Database> writer_db_ GUARDED_BY(db_mu_);
   std::unique_ptr<SQLite::Statement> insert_task_ GUARDED_BY(db_mu_);
   std::unique_ptr<SQLite::Statement> update_task_ GUARDED_BY(db_mu_);
@@ -344,6 +388,7 @@ class SqliteStore final : public TaskStore, private WriteBackend {
   bool applied_read_only_ GUARDED_BY(db_mu_) = false;
   std::int64_t wal_max_pages_ = 0;                 // set in the constructor
   std::int64_t wal_pages_ GUARDED_BY(db_mu_) = 0;  // the WAL's size after the last commit
+  std::string vacuum_problem_ GUARDED_BY(db_mu_);  // the last reclaim() that failed
 
   Mutex read_mu_;  // one reader at a time on the read connection
   std::unique_ptr<SQLite::Database> reader_db_ GUARDED_BY(read_mu_);

@@ -506,10 +506,10 @@ TASKMGR_API int taskmgr_paused(taskmgr_manager* manager, char** out_json);
  * running ones as their tasks finish: no running task is stopped, and none
  * starts there while max or more run. A "pool_resized" event (task_id "").
  * *out_previous_min and *out_previous_max (each may be NULL): the sizes it
- * replaced. Errors: TASKMGR_E_NOT_FOUND (a kind not registered, an unknown
- * device), TASKMGR_E_INVALID_ARGUMENT (NULL or non-UTF-8 names, a device the
- * kind does not run on, sizes outside 0 <= min <= max, 1 <= max <= 4096),
- * TASKMGR_E_INVALID_STATE (closed). */
+ * replaced (set to 0 when the call fails). A resize to the sizes in force
+ * changes nothing and sends no event. Errors: TASKMGR_E_NOT_FOUND (a kind not registered, an
+ * unknown device), TASKMGR_E_INVALID_ARGUMENT (NULL or non-UTF-8 names, a device the kind does not
+ * run on, sizes outside 0 <= min <= max, 1 <= max <= 4096), TASKMGR_E_INVALID_STATE (closed). */
 TASKMGR_API int taskmgr_resize_pool(taskmgr_manager* manager, const char* service,
                                     const char* device, int min_instances, int max_instances,
                                     int* out_previous_min, int* out_previous_max);
@@ -681,7 +681,10 @@ typedef struct taskmgr_task_context taskmgr_task_context;
  * struct; user_data lives until free_user_data is called. The functions
  * run with no library lock held, and may call any function of this header
  * but taskmgr_close and taskmgr_destroy: create_instance, process and
- * destroy_instance on worker threads; supports_device on the thread that
+ * destroy_instance on worker threads (create_instance also on a pool's
+ * warming thread; destroy_instance also on the thread of taskmgr_close, or
+ * of taskmgr_resize_pool for the idle instances a smaller max retires, with
+ * no lock held); supports_device on the thread that
  * places a task (create, start, set_device_available, a worker deciding a
  * retry) and once per device at registration. The kind is 1 to 100 bytes
  * of UTF-8 without control characters.

@@ -155,7 +155,8 @@ std::string TaskMetrics::to_prometheus() const {
   for (const auto& [d, m] : memory_by_device) {
     p.sample("device_available", m.available ? 1 : 0, "device=\"" + esc(d) + "\"");
   }
-  p.family("pool_instances_in_use", "gauge", "Service instances leased now.");
+  p.family("pool_instances_in_use", "gauge",
+           "Service instances leased now (to a task, or being made by warming).");
   for (const auto& [k, m] : pool_utilization) {
     p.sample("pool_instances_in_use", m.in_use,
              "service=\"" + esc(m.service) + "\",device=\"" + esc(m.device) + "\"");

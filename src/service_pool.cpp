@@ -326,7 +326,8 @@ void ServicePool::warm_in_background(const std::string& device,
   });
 }
 
-PoolSettings ServicePool::resize(const std::string& device, int min_instances, int max_instances) {
+PoolSettings ServicePool::resize(const std::string& device, int min_instances, int max_instances,
+                                 std::vector<std::unique_ptr<Service>>* retired) {
   constexpr int kMaxInstances = 4096;
   if (max_instances < 1 || max_instances > kMaxInstances || min_instances < 0 ||
       min_instances > max_instances) {
@@ -355,6 +356,10 @@ PoolSettings ServicePool::resize(const std::string& device, int min_instances, i
     }
   }
   im.freed.notify_all();  // a larger max: waiting acquires may go on
+  if (retired != nullptr) {
+    for (auto& inst : doomed) retired->push_back(std::move(inst.service));
+    return before;
+  }
   if (!doomed.empty()) {
     TASKMGR_HOST_CALL("ServicePool::resize: destroying instances");
     doomed.clear();

@@ -11,6 +11,7 @@
 
 #include "host_call.hpp"
 #include "log_internal.hpp"
+#include "manager/admission.hpp"
 #include "manager/attempt.hpp"
 #include "manager/dispatcher.hpp"
 #include "manager/intake.hpp"
@@ -428,6 +429,7 @@ bool TaskManager::Impl::set_paused(PauseScope scope, const std::string& name, bo
       }
       break;
     case PauseScope::kDevice: {
+      check_name(on ? "pause: device" : "resume: device", name);
       if (name.empty()) {
         throw Error(ErrorCode::kInvalidArgument,
                     fmt::format("{}: a device pause needs the device's id", fn));
@@ -483,6 +485,8 @@ bool TaskManager::Impl::set_paused(PauseScope scope, const std::string& name, bo
 PoolSettings TaskManager::Impl::resize_pool(const std::string& service, const std::string& device,
                                             int min, int max) {
   auto shown = [](const std::string& s) { return printable_name(s); };
+  check_name("resize_pool: service", service);
+  check_name("resize_pool: device", device);
   const ServiceEntry* entry = registry_.find(service);
   if (entry == nullptr) {
     throw Error(ErrorCode::kNotFound,
@@ -505,15 +509,25 @@ PoolSettings TaskManager::Impl::resize_pool(const std::string& service, const st
   }
   scheduler_.check_open();
   PoolSettings before, now;
+  // Idle instances the smaller max retires: destroyed below, with no lock
+  // of the manager held (destroy_instance is host code, and may call back).
+  std::vector<std::unique_ptr<Service>> retired;
   {
     std::lock_guard<std::mutex> one(controls_mu_);
-    before = entry->pool->resize(device, min, max);  // throws for sizes out of range
+    before = entry->pool->resize(device, min, max, &retired);  // throws for sizes out of range
     now = entry->pool->settings(device);
+    if (before.min_instances == now.min_instances && before.max_instances == now.max_instances) {
+      return before;  // nothing changed: no event (a callback that resizes cannot loop)
+    }
     SchedulerLock g(scheduler_.mutex());
     EventBatch b(*clock_);
     events::pool_resized(b, service, device, before, now);
     outbox_.publish_unstored(b.take_records(""));
     dispatcher_.dispatch();  // a larger max: tasks waiting for a slot may start
+  }
+  if (!retired.empty()) {
+    TASKMGR_HOST_CALL("TaskManager::resize_pool: destroying retired instances");
+    retired.clear();
   }
   if (now.min_instances > 0) {
     entry->pool->warm_in_background(

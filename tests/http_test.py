@@ -597,6 +597,8 @@ class HttpServerTest(unittest.TestCase):
                           (dict(good, max_instances=5000), 400),
                           (dict(good, max_instances=2 ** 40), 400),
                           (dict(good, max_instances="2"), 400), (dict(good, extra=1), 400),
+                          (dict(good, service="ocr\u0000"), 400),
+                          (dict(good, device="cp\u0000u"), 400),
                           ({"service": "ocr", "device": "cpu"}, 400), ({}, 400)):
             status, e = self.request("POST", "/pools/resize", bad)
             self.assertEqual(status, want, (bad, e))

@@ -37,7 +37,7 @@ struct DeviceMemoryMetrics {
 struct PoolMetrics {
   std::string service;
   std::string device;
-  int in_use = 0;
+  int in_use = 0;          // leased now: to a task, or to warming making an instance
   int size = 0;            // created instances (in use + idle)
   int max = 0;             // max_instances in force (the configuration's, or resize_pool's)
   int min = 0;             // min_instances in force

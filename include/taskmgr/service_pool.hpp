@@ -32,6 +32,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "taskmgr/clock.hpp"
 #include "taskmgr/config.hpp"
@@ -119,8 +120,12 @@ class TASKMGR_API ServicePool {
   // as they are released. A larger max wakes acquire() calls waiting for a
   // slot. It does not create instances: warm_in_background() does.
   // Error(kInvalidArgument) unless 0 <= min_instances <= max_instances and
-  // 1 <= max_instances <= 4096.
-  PoolSettings resize(const std::string& device, int min_instances, int max_instances);
+  // 1 <= max_instances <= 4096. With `retired`, the idle instances it
+  // retires are moved there instead, for the caller to destroy where it
+  // holds no lock of its own (an instance's destructor may be host code
+  // that calls back into the caller).
+  PoolSettings resize(const std::string& device, int min_instances, int max_instances,
+                      std::vector<std::unique_ptr<Service>>* retired = nullptr);
   // Destroys the idle instances now, on the calling thread (an instance's
   // destructor may be host code: no lock of the pool is held); instances
   // leased out go when they are released. Waits for background warming to

@@ -202,9 +202,14 @@ class TASKMGR_API TaskManager {
   // retires running ones as their tasks finish: no running task is
   // stopped, and no task starts there while max or more run. The acquire
   // timeout is kept. Subscribers get a manager-level `pool_resized` event
-  // (task_id "": delivered, not stored). Returns the settings it replaced.
+  // (task_id "": delivered, not stored); a resize to the sizes in force
+  // changes nothing and sends none. The idle instances it retires are
+  // destroyed on the calling thread with no lock of the manager held (an
+  // instance's destructor may call the manager). Returns the settings it
+  // replaced.
   // Error(kNotFound) for a service kind not registered or a device the
-  // manager does not have; Error(kInvalidArgument) for a device the kind
+  // manager does not have; Error(kInvalidArgument) for a name that is not
+  // UTF-8 or has a NUL, a device the kind
   // does not run on, or sizes outside 0 <= min_instances <= max_instances,
   // 1 <= max_instances <= 4096; Error(kInvalidState) after close().
   PoolSettings resize_pool(const std::string& service, const std::string& device, int min_instances,

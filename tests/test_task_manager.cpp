@@ -2493,6 +2493,15 @@ struct Turnstile {
     cv.notify_all();
   }
   ~Turnstile() { open_all(); }
+
+  // Opens every gate when it goes: declared after the Harness, it runs
+  // before the manager closes (close waits for the running tasks), so a
+  // failed REQUIRE ends the test instead of hanging it.
+  struct OpenOnExit {
+    Turnstile& t;
+    ~OpenOnExit() { t.open_all(); }
+  };
+  OpenOnExit open_on_exit() { return OpenOnExit{*this}; }
 };
 }  // namespace
 
@@ -2595,10 +2604,7 @@ TEST_CASE("services.<kind>.pool sizes that kind's pool over the per-device defau
   h.config.services["svc"].pool.max_instances = 1;
   h.config.services["svc"].pool.min_instances = 1;
   h.open([&](TaskContext& ctx) { turns.enter(ctx.task_id()); });
-  const struct Opener {
-    Turnstile& t;
-    ~Opener() { t.open_all(); }
-  } opener{turns};
+  const auto opener = turns.open_on_exit();
   {
     const auto m = h.tm->get_task_metrics();
     const PoolMetrics& p = m.pool_utilization.at("svc@cpu");
@@ -2631,12 +2637,7 @@ TEST_CASE(
     turns.enter(ctx.task_id());
     inside.fetch_sub(1);  // before the lease goes back: inside <= leased
   });
-  // A failed REQUIRE ends the test: the gates open before the manager closes
-  // (close waits for the running tasks).
-  const struct Opener {
-    Turnstile& t;
-    ~Opener() { t.open_all(); }
-  } opener{turns};
+  const auto opener = turns.open_on_exit();
   std::vector<Task> tasks;
   for (int i = 0; i < 12; ++i) tasks.push_back(h.run(10));
   REQUIRE(eventually([&] { return turns.count() == 4; }));

@@ -272,6 +272,24 @@ class HttpServerTest(unittest.TestCase):
         for task_id in created:
             self.request("POST", "/tasks/%s/cancel" % task_id)
 
+    def test_a_stream_s_header_means_it_is_subscribed(self):
+        # The header went out before the stream was subscribed: a client
+        # that created a task as soon as it had read the header now and then
+        # missed that task's created event (CI saw one missing of 600). A
+        # second task's event marks where to stop reading, with no timing.
+        for _ in range(40):
+            sock, buf = self.open_events()
+            ids = []
+            for _ in range(2):
+                status, t = self.upload("", TINY_PNG)
+                self.assertEqual(status, 201, t)
+                ids.append(t["id"])
+            got = self.read_events(sock, buf, lambda n, d: d["task_id"] == ids[1])
+            sock.close()
+            self.assertIn(("created", ids[0]), [(n, d["task_id"]) for n, d in got])
+            for task_id in ids:
+                self.request("POST", "/tasks/%s/cancel" % task_id)
+
     def test_a_stream_s_client_that_leaves_no_longer_counts_as_a_connection(self):
         # It held every stop for the whole drain timeout (10 s): the server
         # counted it open until its session object went, at the next event.

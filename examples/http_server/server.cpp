@@ -413,15 +413,19 @@ class Session : public Stream, public std::enable_shared_from_this<Session> {
         "Cache-Control: no-cache\r\nConnection: close\r\nX-Accel-Buffering: no\r\n\r\n"));
     backlog_.fetch_add(out_.back()->size());
     im_.stream_bytes.fetch_add(out_.back()->size());
-    write_next();
     heartbeat_.emplace(stream_.get_executor());
     beat();
     watch_peer();
+    // The stream is subscribed before its header goes out: a client that
+    // has read the header gets every event sent after it (the header
+    // written first let the client's next request's event come before the
+    // subscription, now and then, and be missed).
     try {
       im_.stream_route.on_open(req, shared_from_this());
     } catch (...) {
-      close();
+      return close();
     }
+    write_next();
   }
 
   // A stream's client sends nothing more: a read that completes means it

@@ -547,6 +547,14 @@ void TaskManager::Impl::delete_task(const std::string& id) {
   std::optional<Task> ended;
   {
     SchedulerLock g(scheduler_.mutex());
+    // Another delete of it first (then it is gone: NOT_FOUND); the same
+    // thread's (a log sink that deletes the task it is told of) is refused.
+    while (scheduler_.deleting(id)) {
+      if (scheduler_.deleter(id) == std::this_thread::get_id()) {
+        throw Error(ErrorCode::kInvalidState, "task " + id + " is being deleted already");
+      }
+      g.wait_with([this](std::unique_lock<std::mutex>& lk) { scheduler_.done_cv().wait(lk); });
+    }
     if (RecordPtr rec = scheduler_.records().find(id)) {
       // A record not done yet may still have its cleanup to come.
       Task t = rec->task;
@@ -558,7 +566,18 @@ void TaskManager::Impl::delete_task(const std::string& id) {
       t.input.data.clear();
       ended = std::move(t);
     }
+    // From here to the end a retry of the task is refused (and one that
+    // read it from the store before reads it again).
+    scheduler_.begin_delete(id);
   }
+  struct EndDelete {
+    Scheduler& s;
+    const std::string& id;
+    ~EndDelete() {
+      SchedulerLock g(s.mutex());
+      s.end_delete(id);
+    }
+  } end_delete{scheduler_, id};
   outbox_.drain(true);  // its last changes are in the store (or in its queue)
   if (!ended) {
     ended = journal_.load_task(id);
@@ -727,19 +746,32 @@ bool TaskManager::cancel_task(const std::string& id) {
 Task TaskManager::retry_task(const std::string& id, const TaskStartRequest& p) {
   TASKMGR_WRITER_ENTRY("retry_task");
   DrainOnExit d{impl_->outbox_};
-  return impl_->intake_.retry(id, p);
+  Task t = impl_->intake_.retry(id, p);
+  // Stored before it returns (a kill -9 right after keeps the retry): in
+  // the store's queue (after another thread's drain), then committed.
+  impl_->outbox_.drain(/*wait=*/true);
+  impl_->journal_.flush();
+  return t;
 }
 Task TaskManager::set_task_priority(const std::string& id, int priority) {
   TASKMGR_WRITER_ENTRY("set_task_priority");
   impl_->scheduler_.check_open();
   DrainOnExit d{impl_->outbox_};
+  std::optional<Task> changed;
   {
     SchedulerLock g(impl_->scheduler_.mutex());
     if (RecordPtr rec = impl_->scheduler_.records().find(id)) {
       Task t = impl_->scheduler_.set_priority(rec, priority);
       t.input.data.clear();
-      return t;
+      changed = std::move(t);
     }
+  }
+  if (changed) {
+    // Stored before it returns (a kill -9 right after keeps the priority):
+    // in the store's queue (after another thread's drain), then committed.
+    impl_->outbox_.drain(/*wait=*/true);
+    impl_->journal_.flush();
+    return *changed;
   }
   if (auto t = impl_->journal_.load_task(id)) {
     throw Error(

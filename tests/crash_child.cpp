@@ -8,6 +8,11 @@
 // it: the service sends SIGKILL to its own process at once. It creates that
 // task when the database has none, waits until nothing runs, prints IDLE
 // and exits 0 (once the task ran out of attempts).
+//
+// With TASKMGR_CRASH_CONTROL=1 it is a host killed right after its
+// controls return: it makes a task that fails and a pending one, then
+// retries the first and sets the second's priority to 7, prints "IDS
+// <failed> <pending>" and sends itself SIGKILL at once.
 #include <taskmgr/taskmgr.hpp>
 
 #include <signal.h>
@@ -39,6 +44,25 @@ int main(int argc, char** argv) {
   config.tasks.retry.backoff_jitter = 0;
   taskmgr::TaskManagerOptions options;
   options.log_sink = [](taskmgr::LogLevel, std::string_view) {};
+  if (const char* s = std::getenv("TASKMGR_CRASH_CONTROL"); s && std::string(s) == "1") {
+    options.services.push_back(taskmgr::make_function_service("svc", [](taskmgr::TaskContext& ctx) {
+      if (ctx.attempt() == 1) throw taskmgr::InvalidInputError("first attempt fails");
+      std::this_thread::sleep_for(std::chrono::seconds(30));  // the retry: killed while it runs
+    }));
+    taskmgr::TaskManager tm(config, options);
+    taskmgr::TaskCreateRequest req;
+    req.service = "svc";
+    req.start = true;
+    const std::string failed = tm.create_task(req).id;
+    if (!tm.wait_task(failed, std::chrono::seconds(60))) return 1;
+    req.start = false;
+    const std::string pending = tm.create_task(req).id;
+    tm.retry_task(failed);
+    tm.set_task_priority(pending, 7);
+    std::printf("IDS %s %s\n", failed.c_str(), pending.c_str());
+    std::fflush(stdout);
+    ::raise(SIGKILL);
+  }
   if (const char* s = std::getenv("TASKMGR_CRASH_SELFKILL"); s && std::string(s) == "1") {
     options.services.push_back(
         taskmgr::make_function_service("svc", [](taskmgr::TaskContext&) { ::raise(SIGKILL); }));

@@ -128,3 +128,40 @@ TEST_CASE("kill -9: a task that kills its process at once runs out of attempts, 
   std::error_code ec;
   fs::remove_all(dir, ec);
 }
+
+TEST_CASE("kill -9 right after retry_task and set_task_priority return: both are kept") {
+  // They returned before their changes were stored: a kill 1-2 ms later
+  // lost the retry (the task read failed, attempt 1) and the priority.
+  const fs::path dir =
+      fs::temp_directory_path() /
+      ("taskmgr-control-" + std::to_string(::getpid()) + "-" + generate_task_id().substr(24));
+  fs::create_directories(dir);
+  ::setenv("TASKMGR_CRASH_CONTROL", "1", 1);
+  for (int run = 0; run < 10; ++run) {
+    CAPTURE(run);
+    const std::string db = (dir / ("control" + std::to_string(run) + ".db")).string();
+    Child c = spawn_crash_child({db});
+    std::string out;
+    char buf[256];
+    for (ssize_t n; (n = ::read(c.out, buf, sizeof buf)) > 0;)
+      out.append(buf, static_cast<std::size_t>(n));
+    ::close(c.out);
+    int st = 0;
+    ::waitpid(c.pid, &st, 0);
+    REQUIRE(WIFSIGNALED(st));
+    REQUIRE(out.rfind("IDS ", 0) == 0);
+    const std::string failed = out.substr(4, 36), pending = out.substr(41, 36);
+    SQLite::Database d(db, SQLite::OPEN_READONLY);
+    // The retry: its events stored, the task queued again (or started).
+    CHECK(d.execAndGet("SELECT count(*) FROM task_events WHERE task_id = '" + failed +
+                       "' AND event_type = 'retried' AND details LIKE '%\"reason\":\"host\"%'")
+              .getInt() == 1);
+    const std::string status =
+        d.execAndGet("SELECT status FROM tasks WHERE id = '" + failed + "'").getString();
+    CHECK((status == "queued" || status == "running"));
+    CHECK(d.execAndGet("SELECT priority FROM tasks WHERE id = '" + pending + "'").getInt() == 7);
+  }
+  ::unsetenv("TASKMGR_CRASH_CONTROL");
+  std::error_code ec;
+  fs::remove_all(dir, ec);
+}

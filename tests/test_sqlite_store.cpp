@@ -136,6 +136,29 @@ TEST_CASE("a write an adopted table's CHECK refuses is given up, and the writes 
         "queued");
 }
 
+TEST_CASE("an insert committed with a write the database refuses is stored: one fails alone") {
+  // A stranger's creates failed ("FOREIGN KEY constraint failed; the task
+  // was not created") while updates of a deleted task were refused beside
+  // them. Each round queues an update of a task with no row (its events
+  // break the foreign key), then inserts a new task: the insert leads the
+  // group commit that holds both.
+  TempDir dir;
+  auto store = open_sqlite_store(dir.db());
+  for (int i = 0; i < 50; ++i) {
+    Task ghost = sample_task();
+    ghost.status = TaskStatus::kFailed;
+    store->update_task(ghost, {event_for(ghost, TaskEvent::kFailed)});
+    Task t = sample_task();
+    CHECK_NOTHROW(store->insert_task(t, event_for(t, TaskEvent::kCreated)));
+    CHECK(store->load_task(t.id).has_value());
+  }
+  store->flush();
+  const StoreStats st = store->stats();
+  CHECK(st.dropped_writes == 50);
+  CHECK(st.backlog == 0);
+  CHECK(store->list_tasks({}).size() == 50);
+}
+
 TEST_CASE(
     "close() reports writes the database refused for their data once: no retry can store them") {
   TempDir dir;
@@ -1592,6 +1615,14 @@ TEST_CASE("storage.vacuum: after deletes the file shrinks (incremental, full) or
       auto store = open_sqlite_store(db, o);
       CHECK(store->delete_tasks(ids) == ids.size());
       CHECK(store->notices().empty());
+      // What is on disk shrinks at once, the store still open: the WAL the
+      // delete filled is emptied (it stayed until close: a stranger saw
+      // db + WAL keep their size).
+      const std::string wal = db + "-wal";
+      const auto on_disk = fs::file_size(db) + (fs::exists(wal) ? fs::file_size(wal) : 0);
+      CAPTURE(on_disk);
+      CHECK(fs::file_size(wal) == 0);
+      if (mode != VacuumMode::kNone) CHECK(on_disk < full_size / 8);
     }
     SQLite::Database f(db);
     CHECK(f.execAndGet("SELECT count(*) FROM tasks").getInt() == 0);

@@ -924,6 +924,97 @@ TEST_CASE("delete_task of a task only the store holds, after a reopen, and from 
   }
 }
 
+TEST_CASE("retry_task and delete_task of one ended task at once: exactly one of them wins") {
+  // Both succeeded now and then: the retried attempt ran, its writes were
+  // refused (the row was gone), other tasks' inserts failed beside them,
+  // and a queue entry without its record dropped a lease under the lock.
+  TempDir dir;
+  const std::string db = dir.db();
+  Config c = test_config();
+  c.storage.path = db;
+  c.executor.worker_threads = 2;
+  // A retried attempt takes 50 ms: a delete that comes within 400 us of
+  // a retry that won finds it running (one that came later would find it
+  // ended again, and rightly delete it).
+  auto setup = [](TaskManager& tm) {
+    tm.register_service(make_function_service("svc", [](TaskContext& ctx) {
+      if (ctx.attempt() > 1) std::this_thread::sleep_for(50ms);
+      throw InvalidInputError("always");
+    }));
+  };
+  std::vector<std::string> ids;
+  {
+    auto tm = open_on_file(c, db, setup);
+    for (int i = 0; i < 60; ++i) {
+      TaskCreateRequest r;
+      r.service = "svc";
+      r.start = true;
+      ids.push_back(tm->create_task(r).id);
+    }
+    for (const auto& id : ids) REQUIRE(tm->wait_task(id, 30s)->status == TaskStatus::kFailed);
+  }
+  // Half with their records held (after a wait), half read from the store.
+  auto tm = open_on_file(c, db, setup);
+  for (std::size_t i = 0; i < 30; ++i) REQUIRE(tm->get_task(ids[i]).status == TaskStatus::kFailed);
+  int retried = 0, deleted = 0;
+  std::minstd_rand rng(7);
+  for (const auto& id : ids) {
+    CAPTURE(id);
+    std::atomic<int> ready{0};
+    std::optional<Error> retry_error, delete_error;
+    // The delete starts up to 400 us after the retry: either may win.
+    const auto lag = std::chrono::microseconds(rng() % 400);
+    std::thread r([&] {
+      ++ready;
+      while (ready.load() < 2) {
+      }
+      try {
+        tm->retry_task(id);
+      } catch (const Error& e) {
+        retry_error = e;
+      }
+    });
+    std::thread d([&] {
+      ++ready;
+      while (ready.load() < 2) {
+      }
+      std::this_thread::sleep_for(lag);
+      try {
+        tm->delete_task(id);
+      } catch (const Error& e) {
+        delete_error = e;
+      }
+    });
+    r.join();
+    d.join();
+    CHECK(retry_error.has_value() != delete_error.has_value());  // one wins, never both
+    if (!delete_error) {
+      ++deleted;
+      if (retry_error) {
+        CHECK((retry_error->code() == ErrorCode::kInvalidState ||
+               retry_error->code() == ErrorCode::kNotFound));
+      }
+      CHECK_THROWS_AS(tm->get_task(id), Error);
+    } else {
+      ++retried;
+      CHECK(delete_error->code() == ErrorCode::kInvalidState);
+      const auto again = tm->wait_task(id, 30s);
+      REQUIRE(again);
+      CHECK(again->status == TaskStatus::kFailed);
+      CHECK(again->attempt == 2);
+    }
+  }
+  MESSAGE("retried " << retried << ", deleted " << deleted);
+  // A task created meanwhile is stored; nothing was refused or lost.
+  TaskCreateRequest r;
+  r.service = "svc";
+  CHECK_NOTHROW(tm->create_task(r));
+  const TaskMetrics m = tm->get_task_metrics();
+  CHECK(m.internal_errors == 0);
+  CHECK(m.store.dropped_writes == 0);
+  CHECK_NOTHROW(tm->close());
+}
+
 TEST_CASE("delete_task from inside an event callback: each task deleted as its cleanup completes") {
   Harness h;
   h.open([](TaskContext&) {});

@@ -417,13 +417,14 @@ def _start_params(device, priority, batch_size, options):
     """A taskmgr_start_params (start_task and retry_task read it alike)."""
     p = _StartParams()
     _lib.taskmgr_start_params_init(ctypes.byref(p))
-    p.device = _b(device)
+    p.device = _name(device, "device")
     if priority is not None:
         p.set_priority = 1
         p.priority = _int32(priority, "priority")
     p.batch_size = _int32(batch_size if batch_size is not None else 0, "batch_size")
     if options is not None:
-        p.options_json = _b(options if isinstance(options, str) else json.dumps(options))
+        p.options_json = _name(options if isinstance(options, str) else json.dumps(options),
+                               "options")
     return p
 
 
@@ -482,19 +483,20 @@ def _fill_request(r, input=None, data=None, service="ocr", priority=0, batch_siz
     _lib.taskmgr_task_request_init(ctypes.byref(r))
     # This module's layout: also the stride of an array of requests.
     r.struct_size = ctypes.sizeof(_TaskRequest)
-    r.service = _b(service)
+    r.service = _name(service, "service")
     r.input_path = _path(input) if input is not None else None
     buf = None
     if data is not None:
         buf = ctypes.create_string_buffer(bytes(data), len(data))
         r.input_data = ctypes.cast(buf, ctypes.c_void_p)
         r.input_size = len(data)
-    r.media_type = _b(media_type)
+    r.media_type = _name(media_type, "media_type")
     r.priority = _int32(priority, "priority")
     r.batch_size = _int32(batch_size, "batch_size")
-    r.device = _b(device)
+    r.device = _name(device, "device")
     if options is not None:
-        r.options_json = _b(options if isinstance(options, str) else json.dumps(options))
+        r.options_json = _name(options if isinstance(options, str) else json.dumps(options),
+                               "options")
     r.start = 1 if start else 0
     return buf
 
@@ -507,7 +509,7 @@ def version():
 def config_normalize(yaml_text=None):
     """Validates a YAML configuration (None: the defaults) and returns it
     with every key in force. InvalidConfigError names the key and line."""
-    return _call_string(_lib.taskmgr_config_normalize, _b(yaml_text))
+    return _call_string(_lib.taskmgr_config_normalize, _name(yaml_text, "the configuration"))
 
 
 def describe_document(path, dpi=300):
@@ -600,7 +602,7 @@ class TaskContext:
         return v.decode("utf-8")
 
     def stage(self, name):
-        _check(_lib.taskmgr_context_stage(self._p, _b(name)))
+        _check(_lib.taskmgr_context_stage(self._p, _name(name, "the stage")))
 
     def report_memory(self, mb):
         """Reports memory in use (MB). Raises OutOfMemoryError or
@@ -650,10 +652,10 @@ class Manager:
         self._h = None
         o = _OpenOptions()
         _lib.taskmgr_open_options_init(ctypes.byref(o))
-        o.config_yaml = _b(config_yaml)
+        o.config_yaml = _name(config_yaml, "config_yaml")
         o.config_path = _path(config_path) if config_path is not None else None
         o.database_path = _path(database) if database is not None else None
-        o.database_url = _b(database_url)
+        o.database_url = _name(database_url, "database_url")
         o.worker_threads = _int32(workers if workers is not None else 0, "workers")
         if o.worker_threads < 0:
             raise ValueError("workers must be >= 0 (0 = as configured), got %d" % o.worker_threads)
@@ -952,7 +954,8 @@ class Manager:
         return json.loads(_call_string(_lib.taskmgr_list_devices, self._handle()))
 
     def set_device_available(self, device, available):
-        _check(_lib.taskmgr_set_device_available(self._handle(), _b(device), 1 if available else 0))
+        _check(_lib.taskmgr_set_device_available(self._handle(), _name(device, "device"),
+                                                 1 if available else 0))
 
     # -- events
     def subscribe(self, callback):
@@ -1073,7 +1076,7 @@ class Manager:
 
         s = _Service()
         _lib.taskmgr_service_init(ctypes.byref(s))
-        s.kind = _b(kind)
+        s.kind = _name(kind, "the service kind")
         fns = [_create_fn(c_create), _process_fn(c_process), _destroy_fn(c_destroy)]
         s.create_instance, s.process, s.destroy_instance = fns
         if supports_device is not None:

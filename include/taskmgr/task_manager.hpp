@@ -129,9 +129,12 @@ class TASKMGR_API TaskManager {
   // may get after (out of memory) are those tasks.retry.max_attempts still
   // allows. Returns the task as queued. Error(kNotFound) for an unknown id;
   // Error(kInvalidState) for a task that is not failed or cancelled
-  // (completed: create a new one), one whose cleanup is not done, and after
-  // close(); Error(kQueueFull) when the queue has no room (it stays as it
-  // was); the errors of start_task for the request.
+  // (completed: create a new one), one whose cleanup is not done, one
+  // delete_task is deleting, and after close(); Error(kQueueFull) when the
+  // queue has no room (it stays as it was); the errors of start_task for
+  // the request. The retry is in the store when it returns (durable
+  // stores: a kill right after keeps it). A retry and a delete of one task
+  // at once: exactly one of them succeeds.
   Task retry_task(const std::string& task_id, const TaskStartRequest& params = {});
 
   // Changes the priority of a waiting task: a pending one starts with it, a
@@ -140,7 +143,8 @@ class TASKMGR_API TaskManager {
   // counts from then), one waiting for a retry's backoff is queued with it
   // (not one lower). A `priority_changed` event records a change (stored;
   // none when the priority is the one it has).
-  // Returns the task as it is now. Error(kNotFound) for an unknown id,
+  // Returns the task as it is now, the change in the store (durable stores:
+  // a kill right after keeps it). Error(kNotFound) for an unknown id,
   // Error(kInvalidState) for a task that runs, is finishing an attempt, or
   // has ended, and after close().
   Task set_task_priority(const std::string& task_id, int priority);
@@ -158,7 +162,9 @@ class TASKMGR_API TaskManager {
   // did not run (it never deletes those); Error(kIoError) when the store
   // cannot write the delete now (a full disk, a read-only file: nothing is
   // deleted, and a later call can); Error(kUnsupported) from a host's store
-  // that does not implement TaskStore::delete_tasks.
+  // that does not implement TaskStore::delete_tasks. Two deletes of one
+  // task at once: the second waits for the first (then kNotFound); one from
+  // the thread that is deleting it (a log sink) gets kInvalidState.
   void delete_task(const std::string& task_id);
 
   // Pauses the whole manager (PauseScope::kManager, name ""), one device's

@@ -121,14 +121,14 @@ void QueueAdmission::reserve(std::size_t n, bool many) {
   reserved_ += n;  // room kept until the tasks are queued
 }
 
-void QueueAdmission::check_one(const std::string& id) {
+void QueueAdmission::check_one(const std::string& id, std::string_view stays) {
   const std::size_t queued = queue_.size() + reserved_.load();
   if (queued >= max_) {
     rejected_.fetch_add(1, std::memory_order_relaxed);
     throw Error(ErrorCode::kQueueFull,
                 fmt::format("queue full: {} tasks queued (tasks.max_queue_size = {}); task {} "
-                            "stays pending and can be started later",
-                            queued, max_, id));
+                            "{}",
+                            queued, max_, id, stays));
   }
 }
 

@@ -16,6 +16,7 @@
 #include <cstddef>
 #include <optional>
 #include <string>
+#include <string_view>
 
 #include "sync.hpp"
 #include "taskmgr/task.hpp"
@@ -48,8 +49,10 @@ class QueueAdmission {
 
   // The admission lock, for the sections that check or queue.
   Mutex& mutex() RETURN_CAPABILITY(mu_) { return mu_; }
-  // Room for one more task (start_task); Error(kQueueFull) naming `id` else.
-  void check_one(const std::string& id) REQUIRES(mu_);
+  // Room for one more task (start_task, retry_task); Error(kQueueFull)
+  // naming `id` and what it stays as else.
+  void check_one(const std::string& id,
+                 std::string_view stays = "stays pending and can be started later") REQUIRES(mu_);
   // A create's reserved tasks are in the queue now.
   void queued_reserved(std::size_t n) REQUIRES(mu_) { reserved_ -= n; }
 

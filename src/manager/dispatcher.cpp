@@ -282,15 +282,18 @@ std::optional<Dispatcher::Launch> Dispatcher::next() {
   arm_rate_timer();  // a task held back by its rate limit: look again when a token is due
   if (!best) return std::nullopt;
   const QueuedTask& qt = *best;
-  auto lease = best_pool->second->try_acquire(qt.device);
-  if (!lease) return std::nullopt;  // cannot happen: capacity was checked under the lock
   RecordPtr rec = scheduler_.records().find(qt.task_id);
-  queue.remove(qt.task_id);
-  if (auto b = buckets_.find(qt.service); b != buckets_.end()) b->second.tokens -= 1;
   if (!rec) {  // a queue entry without a record: a bug, never a crash
+    queue.remove(qt.task_id);
     Stats::add(stats_.internal_errors);
     return std::nullopt;
   }
+  // Before a lease is taken: one dropped here would be given back under the
+  // lock (its release may call the service's healthy(), host code).
+  auto lease = best_pool->second->try_acquire(qt.device);
+  if (!lease) return std::nullopt;  // cannot happen: capacity was checked under the lock
+  queue.remove(qt.task_id);
+  if (auto b = buckets_.find(qt.service); b != buckets_.end()) b->second.tokens -= 1;
   if (!pool_blocked_.empty()) pool_blocked_.erase(PoolKey{qt.service, qt.device});
   if (tracking_) {
     devices_.reserve(qt.device, qt.estimated_memory_mb, /*force=*/true);

@@ -226,8 +226,13 @@ Task Intake::retry(const std::string& id, const TaskStartRequest& p) {
   StartPlan plan;
   std::string service;
   int batch_now = 1;
+  std::uint64_t deletes_seen = 0;
   {
     SchedulerLock g(scheduler_.mutex());
+    if (scheduler_.deleting(id)) {
+      throw Error(ErrorCode::kInvalidState, "task " + id + " is being deleted: not retried");
+    }
+    deletes_seen = scheduler_.deletes_done();
     rec = scheduler_.records().find(id);
     if (rec) {
       const Task& t = rec->task;
@@ -248,6 +253,9 @@ Task Intake::retry(const std::string& id, const TaskStartRequest& p) {
     // builds one (its features read from its input, bytes included).
     std::optional<Task> t = journal_.load_task(id);
     if (!t) throw Error(ErrorCode::kNotFound, "unknown task id '" + id + "'");
+    // Never placed (a row of an adopted table that ended before taskmgr):
+    // nothing of taskmgr's to clean up, and no open ever does.
+    if (!t->assigned_device && is_terminal(t->status)) t->resource_cleanup_completed = true;
     if (std::string why = not_retryable(*t, true); !why.empty()) {
       throw Error(ErrorCode::kInvalidState, why);
     }
@@ -286,14 +294,25 @@ Task Intake::retry(const std::string& id, const TaskStartRequest& p) {
                                            p.device.empty() ? plan.device : p.device);
   }
   Task out;
+  bool again = false;
   {
     SchedulerLock g(scheduler_.mutex());
-    // Rebuilt meanwhile by another retry (or the manager holds it again):
-    // that record, whose state decides.
-    if (RecordPtr held = scheduler_.records().find(id); held && held != rec) rec = held;
-    if (!p.device.empty()) rec->device_pinned.store(true);
-    out = scheduler_.retry(rec, plan);
+    if (scheduler_.deleting(id)) {
+      throw Error(ErrorCode::kInvalidState, "task " + id + " is being deleted: not retried");
+    }
+    RecordPtr held = scheduler_.records().find(id);
+    // A delete ended since the task was read (its record gone from the
+    // table, or read from the store): read again, as a new call would.
+    again = held != rec && scheduler_.deletes_done() != deletes_seen;
+    if (!again) {
+      // Rebuilt meanwhile by another retry (or the manager holds it again):
+      // that record, whose state decides.
+      if (held && held != rec) rec = held;
+      if (!p.device.empty()) rec->device_pinned.store(true);
+      out = scheduler_.retry(rec, plan);
+    }
   }
+  if (again) return retry(id, p);
   scheduler_.outbox().drain();
   out.input.data.clear();
   return out;

@@ -148,7 +148,8 @@ Task Scheduler::retry(const RecordPtr& rec, const StartPlan& plan) {
     throw Error(ErrorCode::kInvalidState, why);
   }
   MutexLock admit(admission_.mutex());
-  admission_.check_one(t.id);  // kQueueFull: nothing changed
+  admission_.check_one(t.id, fmt::format("stays {} and can be retried later",
+                                         to_string(t.status)));  // kQueueFull: nothing changed
   records_.revive(rec);
   const int last = t.attempt;
   t.priority = plan.priority;

@@ -13,8 +13,11 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <cstdint>
 #include <memory>
 #include <string>
+#include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include "manager/admission.hpp"
@@ -92,6 +95,30 @@ class Scheduler {
   bool idle() const REQUIRES(scheduler_lock);
   int backoff_count() const REQUIRES(scheduler_lock) { return backoff_; }
   int backoff_on(const std::string& device) const REQUIRES(scheduler_lock);
+
+  // ---- the host's deletes -----------------------------------------------------
+  // A delete (delete_task) holds its task's id from its check to its end:
+  // a retry of that task meanwhile is refused (one of the two wins, never
+  // both), another delete waits for it. deletes_done() counts the ended
+  // ones: a retry that read its task from the store before one ended reads
+  // it again (its row may be gone).
+  bool deleting(const std::string& id) const REQUIRES(scheduler_lock) {
+    return deleting_.count(id) > 0;
+  }
+  // The thread deleting `id` (a default id when none).
+  std::thread::id deleter(const std::string& id) const REQUIRES(scheduler_lock) {
+    auto it = deleting_.find(id);
+    return it == deleting_.end() ? std::thread::id() : it->second;
+  }
+  void begin_delete(const std::string& id) REQUIRES(scheduler_lock) {
+    deleting_.emplace(id, std::this_thread::get_id());
+  }
+  void end_delete(const std::string& id) REQUIRES(scheduler_lock) {
+    deleting_.erase(id);
+    ++deletes_done_;
+    notify();
+  }
+  std::uint64_t deletes_done() const REQUIRES(scheduler_lock) { return deletes_done_; }
 
   // ---- creation and start -----------------------------------------------------
   // New records, stored already (insert_tasks): made visible, and those
@@ -203,6 +230,8 @@ class Scheduler {
   SchedulerMutex mu_;
   std::condition_variable done_cv_;  // a task finished, an attempt ended, a loop returned
   RecordTable records_;
+  std::unordered_map<std::string, std::thread::id> deleting_ GUARDED_BY(scheduler_lock);
+  std::uint64_t deletes_done_ GUARDED_BY(scheduler_lock) = 0;
   std::unique_ptr<TaskQueue> queue_;  // its own lock, taken inside this one
   QueueAdmission admission_;
   Pauses pauses_ GUARDED_BY(scheduler_lock);

@@ -207,23 +207,29 @@ class SqliteStore final : public TaskStore, private WriteBackend {
   // already: a vacuum that fails (another connection reading, no room for
   // VACUUM's copy) leaves the pages free for reuse, and notices() says why.
   void reclaim() REQUIRES(db_mu_) {
-    if (options_.vacuum == VacuumMode::kNone) return;
     SQLite::Database& db = *writer_db_;
     try {
       const bool incremental = db.execAndGet("PRAGMA auto_vacuum").getInt() == 2;
-      if (options_.vacuum == VacuumMode::kIncremental && incremental) {
+      if (options_.vacuum == VacuumMode::kNone) {
+        // Nothing given back; the WAL the delete wrote is emptied below.
+      } else if (options_.vacuum == VacuumMode::kIncremental && incremental) {
         db.exec("PRAGMA incremental_vacuum");
       } else {
         const std::int64_t pages = db.execAndGet("PRAGMA page_count").getInt64();
         const std::int64_t free = db.execAndGet("PRAGMA freelist_count").getInt64();
-        if (free == 0 || free * 4 < pages) return;  // less than a quarter: not worth a rewrite
-        // incremental: the one VACUUM that converts a file made without it.
-        if (options_.vacuum == VacuumMode::kIncremental)
-          db.exec("PRAGMA auto_vacuum = INCREMENTAL");
-        db.exec("VACUUM");
+        // Less than a quarter free: not worth a rewrite.
+        if (free > 0 && free * 4 >= pages) {
+          // incremental: the one VACUUM that converts a file made without it.
+          if (options_.vacuum == VacuumMode::kIncremental)
+            db.exec("PRAGMA auto_vacuum = INCREMENTAL");
+          db.exec("VACUUM");
+        }
       }
-      // The file shrinks when the WAL's pages are copied back into it.
-      db.exec("PRAGMA wal_checkpoint(PASSIVE)");
+      // The file shrinks when the WAL's pages are copied back into it, and
+      // the WAL (which the delete filled) goes back to empty: what is on
+      // disk shrinks at once, not at the next checkpoint. TRUNCATE waits
+      // (busy_timeout_seconds) for readers that still need the WAL.
+      db.exec("PRAGMA wal_checkpoint(TRUNCATE)");
       vacuum_problem_.clear();
     } catch (const SQLite::Exception& e) {
       vacuum_problem_ = "storage.vacuum (" + std::string(to_string(options_.vacuum)) + ") in " +

@@ -660,9 +660,14 @@ class Storage(unittest.TestCase):
                                  database=db, builtin_ocr=False, log=lambda level, msg: None)
             tm.register_service("big", lambda ctx, inst: {"text": "x" * 50000},
                                 input_optional=True)
+            # Made while there is room, started once there is none: its
+            # writes (a 50 KB result) cannot be stored, whatever the last
+            # task before the refusal left (the file's free pages decide
+            # whether its writes went in: CI saw both).
+            late = tm.create_task(service="big")
             # One task at a time (a sanitizer build is slow: never a full
             # queue), each waited for, until the file cannot take another.
-            ids, refused = [], None
+            ids, refused = [late], None
             for _ in range(2000):
                 try:
                     ids.append(tm.create_task(service="big", start=True))
@@ -673,6 +678,8 @@ class Storage(unittest.TestCase):
             self.assertIsNotNone(refused, "the database never filled up")
             self.assertIn("full", str(refused))
             self.assertTrue(ids)
+            tm.start_task(late)
+            self.assertEqual(tm.wait_task(late, 60)["status"], "completed")
             with self.assertRaises(taskmgr.UnpersistedError) as e:
                 tm.close()
             self.assertIn("not in the store", str(e.exception))
@@ -776,6 +783,18 @@ class PagingAndDelete(unittest.TestCase):
                 tm.list_tasks_page(status="completed\0x")
             with self.assertRaises(TypeError):
                 tm.list_tasks_page(before=5)
+            # The same for every other text the binding passes as a C string
+            # (a stranger's "cpu\0junk" device and options were truncated
+            # and accepted).
+            for call in (lambda: tm.retry_task(ids[0], device="cpu\0junk"),
+                         lambda: tm.retry_task(ids[0], options='{"a":1}\0junk'),
+                         lambda: tm.create_task(service="svc", device="cpu\0x"),
+                         lambda: tm.create_task(service="svc\0x"),
+                         lambda: tm.create_task(service="svc", data=b"x", media_type="a\0b"),
+                         lambda: tm.set_device_available("cpu\0x", True)):
+                with self.assertRaises(taskmgr.InvalidArgumentError) as cm:
+                    call()
+                self.assertIn("NUL", str(cm.exception))
             self.assertEqual(tm.get_task(ids[0])["status"], "completed")  # untouched
 
             tm.delete_task(ids[0])

@@ -167,6 +167,13 @@ struct Task {
   std::optional<std::string> service_instance_id;
   bool resource_cleanup_completed = false;
 
+  // Several hosts sharing one queue (docs/SCALING.md): the device the host
+  // named at create or start (unset: the host that runs it chooses), and
+  // the host name of the host that claimed it (assigned_device is one of
+  // that host's devices). Unset on a single host.
+  std::optional<std::string> requested_device;
+  std::optional<std::string> host;
+
   // Only for a table taskmgr adopted (docs/STORAGE.md, "Adopting an existing
   // database"): its columns taskmgr has no field for, by name, with their
   // values as text (NULL ones left out). Read, never written by taskmgr.

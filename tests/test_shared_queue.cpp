@@ -1,0 +1,382 @@
+// The shared queue of the PostgreSQL store (src/store/shared_queue.hpp),
+// below the manager: stores opened shared on one schema claim without
+// overlap and in priority order, write only while they hold a task's claim
+// (the fence), find claims they lost, rescue tasks whose leases ran out,
+// wake each other through notifications, and show the cluster. Run through
+// tests/with_postgres.sh.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <chrono>
+#include <set>
+#include <thread>
+
+#include "pg_test_support.hpp"
+#include "store/shared_queue.hpp"
+#include "test_support.hpp"
+
+using namespace taskmgr;
+using namespace taskmgr::test;
+using namespace std::chrono_literals;
+namespace pg = taskmgr::detail::pg;
+using taskmgr::detail::ClaimRequest;
+using taskmgr::detail::SharedQueue;
+
+namespace {
+
+PostgresStoreOptions shared_options(const PgSchema& s, const std::string& name, double lease = 30) {
+  PostgresStoreOptions o = s.options();
+  o.shared = true;
+  o.cluster.host_name = name;
+  o.cluster.lease_seconds = lease;
+  return o;
+}
+
+Task queued_task(int priority, const std::string& service = "ocr") {
+  Task t;
+  t.id = generate_task_id();
+  t.service = service;
+  t.priority = priority;
+  t.status = TaskStatus::kQueued;
+  t.created_at = std::chrono::system_clock::now();
+  t.queued_at = t.created_at;
+  t.estimated_memory_mb = 100;
+  return t;
+}
+
+EventRecord event_for(const std::string& id, TaskEvent e) {
+  EventRecord r;
+  r.task_id = id;
+  r.event = e;
+  r.timestamp = std::chrono::system_clock::now();
+  r.details_json = "{}";
+  return r;
+}
+
+void insert(TaskStore& store, const std::vector<Task>& tasks) {
+  std::vector<NewTask> n;
+  for (const Task& t : tasks) n.push_back({t, {event_for(t.id, TaskEvent::kCreated)}});
+  store.insert_tasks(n);
+}
+
+ClaimRequest request(std::size_t n) {
+  ClaimRequest r;
+  r.max_tasks = n;
+  r.services = {"ocr"};
+  r.devices = {"cpu"};
+  r.max_memory_mb = 1000;
+  return r;
+}
+
+SharedQueue& queue_of(const std::shared_ptr<TaskStore>& store) {
+  SharedQueue* q = detail::shared_queue_of(*store);
+  REQUIRE(q != nullptr);
+  return *q;
+}
+
+}  // namespace
+
+TEST_CASE("shared queue: hosts share a schema, and a store that does not share it is kept out") {
+  PgSchema s;
+  auto a = open_postgres_store(s.url(), shared_options(s, "a"));
+  auto b = open_postgres_store(s.url(), shared_options(s, "b"));
+  CHECK(queue_of(a).host_id() != queue_of(b).host_id());
+  CHECK(queue_of(a).host_id().rfind("a/", 0) == 0);
+  CHECK(detail::shared_queue_of(*make_memory_store()) == nullptr);
+  try {
+    PostgresStoreOptions o = s.options();
+    o.connect_timeout_seconds = 0.5;
+    (void)open_postgres_store(s.url(), o);
+    FAIL("a store that does not share the schema opened beside shared ones");
+  } catch (const Error& e) {
+    CHECK(e.code() == ErrorCode::kBusy);
+    CHECK(std::string(e.what()).find("storage.shared") != std::string::npos);
+  }
+  a.reset();
+  b.reset();
+  auto alone = open_postgres_store(s.url(), s.options());
+  try {
+    PostgresStoreOptions o = shared_options(s, "c");
+    o.connect_timeout_seconds = 0.5;
+    (void)open_postgres_store(s.url(), o);
+    FAIL("a shared store opened beside one that does not share the schema");
+  } catch (const Error& e) {
+    CHECK(e.code() == ErrorCode::kBusy);
+    CHECK(std::string(e.what()).find("does not share it") != std::string::npos);
+  }
+}
+
+TEST_CASE("shared queue: claims take the highest priorities first, never a task twice") {
+  PgSchema s;
+  auto a = open_postgres_store(s.url(), shared_options(s, "a"));
+  auto b = open_postgres_store(s.url(), shared_options(s, "b"));
+  std::vector<Task> tasks;
+  for (int i = 0; i < 20; ++i) tasks.push_back(queued_task(i % 5));
+  Task gpu_only = queued_task(9);
+  gpu_only.requested_device = "cuda:0";
+  Task other_kind = queued_task(9, "translate");
+  Task too_big = queued_task(9);
+  too_big.estimated_memory_mb = 5000;
+  tasks.push_back(gpu_only);
+  tasks.push_back(other_kind);
+  tasks.push_back(too_big);
+  insert(*a, tasks);
+
+  auto first = queue_of(a).claim(request(4));
+  REQUIRE(first.size() == 4);
+  for (const auto& c : first) {
+    CHECK(c.task.priority == 4);  // the four of priority 4, oldest first
+    CHECK(c.claim > 0);
+    CHECK(c.task.host == "a");
+    CHECK(queue_of(a).fence_of(c.task.id) == c.claim);
+  }
+  CHECK(std::is_sorted(first.begin(), first.end(), [](const auto& x, const auto& y) {
+    return x.task.created_at < y.task.created_at;
+  }));
+  auto rest = queue_of(b).claim(request(100));
+  CHECK(rest.size() == 16);  // not the GPU one, the other kind, the one too big
+  std::set<std::string> ids;
+  for (const auto& c : first) ids.insert(c.task.id);
+  for (const auto& c : rest) {
+    CHECK(ids.insert(c.task.id).second);
+    CHECK(c.task.id != gpu_only.id);
+    CHECK(c.task.id != other_kind.id);
+    CHECK(c.task.id != too_big.id);
+    CHECK(queue_of(a).fence_of(c.task.id) == 0);
+  }
+  CHECK(s.scalar("SELECT count(*) FROM tasks WHERE claimed_by IS NOT NULL") == 20);
+  CHECK(s.scalar("SELECT count(DISTINCT claim) FROM tasks WHERE claim IS NOT NULL") == 20);
+  ClaimRequest gpu = request(10);
+  gpu.devices = {"cpu", "cuda:0"};
+  auto g = queue_of(b).claim(gpu);
+  REQUIRE(g.size() == 1);
+  CHECK(g[0].task.id == gpu_only.id);
+}
+
+TEST_CASE("shared queue: claiming hosts at once take every task exactly once") {
+  PgSchema s;
+  std::vector<std::shared_ptr<TaskStore>> hosts;
+  for (int i = 0; i < 3; ++i) hosts.push_back(open_postgres_store(s.url(), shared_options(s, "h")));
+  std::vector<Task> tasks;
+  for (int i = 0; i < 300; ++i) tasks.push_back(queued_task(i % 3));
+  insert(*hosts[0], tasks);
+  std::vector<std::vector<std::string>> got(3);
+  std::vector<std::thread> threads;
+  for (int h = 0; h < 3; ++h) {
+    threads.emplace_back([&, h] {
+      for (;;) {
+        auto c = queue_of(hosts[h]).claim(request(7));
+        if (c.empty()) return;
+        for (const auto& x : c) got[h].push_back(x.task.id);
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  std::set<std::string> all;
+  std::size_t n = 0;
+  for (const auto& g : got) {
+    n += g.size();
+    all.insert(g.begin(), g.end());
+  }
+  CHECK(n == 300);
+  CHECK(all.size() == 300);
+}
+
+TEST_CASE("shared queue: the claim query reads the claimable index") {
+  PgSchema s;
+  auto a = open_postgres_store(s.url(), shared_options(s, "a"));
+  std::vector<Task> tasks;
+  for (int i = 0; i < 2000; ++i) {
+    Task t = queued_task(i % 10);
+    if (i % 4 != 0) t.status = TaskStatus::kCompleted;
+    tasks.push_back(t);
+  }
+  insert(*a, tasks);
+  s.exec("ANALYZE tasks");
+  std::string whole;
+  pg::Result r = s.conn().exec(
+      "EXPLAIN SELECT id FROM tasks WHERE status = 'queued' AND claimed_by IS NULL AND service = "
+      "ANY('{ocr}'::text[]) AND coalesce(estimated_memory_mb, 0) <= 1000 AND (requested_device "
+      "IS NULL OR requested_device = ANY('{cpu}'::text[])) ORDER BY priority DESC, queued_at, id "
+      "LIMIT 8 FOR UPDATE SKIP LOCKED");
+  for (int i = 0; i < PQntuples(r.get()); ++i) whole += std::string(PQgetvalue(r.get(), i, 0)) + "\n";
+  CAPTURE(whole);
+  CHECK(whole.find("idx_tasks_claimable") != std::string::npos);
+  CHECK(whole.find("Sort") == std::string::npos);  // the index gives the order
+}
+
+TEST_CASE("shared queue: a write whose claim was lost is refused, with its events and samples") {
+  PgSchema s;
+  auto a = open_postgres_store(s.url(), shared_options(s, "a"));
+  auto b = open_postgres_store(s.url(), shared_options(s, "b"));
+  Task t = queued_task(0);
+  insert(*a, {t});
+  auto c = queue_of(a).claim(request(1));
+  REQUIRE(c.size() == 1);
+  // A's write while it holds the claim: stored, lease renewed.
+  Task running = c[0].task;
+  running.status = TaskStatus::kRunning;
+  running.attempt = 1;
+  running.started_at = std::chrono::system_clock::now();
+  a->update_task(running, {event_for(t.id, TaskEvent::kStarted)});
+  a->flush();
+  CHECK(s.text("SELECT status FROM tasks WHERE id = '" + t.id + "'") == "running");
+  CHECK(queue_of(a).confirm(t.id));
+
+  // The lease runs out (as if A stood still) and B rescues the task.
+  s.exec("UPDATE tasks SET lease_expires_at = (now() AT TIME ZONE 'UTC') - interval '1 second'");
+  std::string lost_host;
+  auto answer = queue_of(b).heartbeat("{}", [&](Task& task, const std::string& host) {
+    lost_host = host;
+    task.status = TaskStatus::kQueued;
+    task.assigned_device.reset();
+    return std::vector<EventRecord>{event_for(task.id, TaskEvent::kRetried),
+                                    event_for(task.id, TaskEvent::kQueued)};
+  });
+  CHECK(answer.rescued == 1);
+  CHECK(lost_host == queue_of(a).host_id());
+  CHECK(s.scalar("SELECT count(*) FROM tasks WHERE claimed_by IS NULL AND claim IS NULL AND "
+                 "status = 'queued'") == 1);
+
+  // A finishes late: its completion, events and samples are fenced out.
+  Task done = running;
+  done.status = TaskStatus::kCompleted;
+  done.result = "{\"text\":\"late\"}";
+  done.finished_at = std::chrono::system_clock::now();
+  a->update_task(done, {event_for(t.id, TaskEvent::kCompleted)});
+  MetricSample m;
+  m.task_id = t.id;
+  m.timestamp = std::chrono::system_clock::now();
+  m.memory_usage_mb = 10;
+  m.device = "cpu";
+  m.processing_stage = "ocr";
+  a->append_metrics({m});
+  a->flush();
+  CHECK(s.text("SELECT status FROM tasks WHERE id = '" + t.id + "'") == "queued");
+  CHECK(s.scalar("SELECT count(*) FROM task_events WHERE event_type = 'completed'") == 0);
+  CHECK(s.scalar("SELECT count(*) FROM task_metrics") == 0);
+  CHECK(queue_of(a).lost_claims() == 1);
+  CHECK(queue_of(a).take_lost() == std::vector<std::string>{t.id});
+  CHECK(queue_of(a).fence_of(t.id) == 0);
+  CHECK_FALSE(queue_of(a).confirm(t.id));
+
+  // B claims it again and completes it: one completed, B's.
+  auto again = queue_of(b).claim(request(1));
+  REQUIRE(again.size() == 1);
+  CHECK(again[0].claim != c[0].claim);
+  Task fin = again[0].task;
+  fin.status = TaskStatus::kCompleted;
+  fin.resource_cleanup_completed = true;
+  b->update_task(fin, {event_for(t.id, TaskEvent::kCompleted)});
+  b->flush();
+  CHECK(s.scalar("SELECT count(*) FROM task_events WHERE event_type = 'completed'") == 1);
+  CHECK(s.text("SELECT coalesce(claimed_by, 'none') FROM tasks") == "none");  // the last write
+  CHECK(queue_of(b).fence_of(t.id) == 0);
+  CHECK(queue_of(b).lost_claims() == 0);
+}
+
+TEST_CASE("shared queue: a heartbeat finds lost claims and cancellations asked by other hosts") {
+  PgSchema s;
+  auto a = open_postgres_store(s.url(), shared_options(s, "a"));
+  auto b = open_postgres_store(s.url(), shared_options(s, "b"));
+  Task t1 = queued_task(1), t2 = queued_task(0);
+  insert(*b, {t1, t2});
+  auto c = queue_of(a).claim(request(2));
+  REQUIRE(c.size() == 2);
+  CHECK(queue_of(b).request_cancel(t2.id));
+  CHECK_FALSE(queue_of(b).request_cancel(generate_task_id()));
+  // Another host took t1 over (as a rescue does).
+  s.exec("UPDATE tasks SET claimed_by = 'x/1/1', claim = nextval('task_claims') WHERE id = '" +
+         t1.id + "'");
+  auto none = [](Task&, const std::string&) { return std::vector<EventRecord>{}; };
+  auto answer = queue_of(a).heartbeat("{\"devices\":[]}", none);
+  CHECK(answer.lost == std::vector<std::string>{t1.id});
+  CHECK(answer.cancel_requested == std::vector<std::string>{t2.id});
+  CHECK(queue_of(a).fence_of(t1.id) == 0);
+  CHECK(queue_of(a).fence_of(t2.id) != 0);
+  CHECK(queue_of(a).lost_claims() == 1);
+  // Leases are renewed: far in the future of the server's clock.
+  CHECK(s.scalar("SELECT count(*) FROM tasks WHERE id = '" + t2.id +
+                 "' AND lease_expires_at > (now() AT TIME ZONE 'UTC') + interval '20 seconds'") ==
+        1);
+}
+
+TEST_CASE("shared queue: a control on an unclaimed task is applied under its lock, not on a claimed one") {
+  PgSchema s;
+  auto a = open_postgres_store(s.url(), shared_options(s, "a"));
+  auto b = open_postgres_store(s.url(), shared_options(s, "b"));
+  Task t = queued_task(0), u = queued_task(0);
+  insert(*a, {t, u});
+  auto r = queue_of(b).change_unclaimed(t.id, [](Task& task) {
+    task.status = TaskStatus::kCancelled;
+    return std::optional<std::vector<EventRecord>>(
+        std::vector<EventRecord>{event_for(task.id, TaskEvent::kCancelled)});
+  });
+  CHECK(r.applied);
+  REQUIRE(r.task);
+  CHECK(r.task->status == TaskStatus::kCancelled);
+  CHECK(s.text("SELECT status FROM tasks WHERE id = '" + t.id + "'") == "cancelled");
+  CHECK(s.scalar("SELECT count(*) FROM task_events WHERE event_type = 'cancelled'") == 1);
+  REQUIRE(queue_of(a).claim(request(5)).size() == 1);  // u only
+  bool called = false;
+  auto held = queue_of(b).change_unclaimed(u.id, [&](Task&) {
+    called = true;
+    return std::optional<std::vector<EventRecord>>();
+  });
+  CHECK_FALSE(held.applied);
+  CHECK_FALSE(called);
+  REQUIRE(held.task);
+  CHECK(held.task->host == "a");
+  CHECK_FALSE(queue_of(b).change_unclaimed(generate_task_id(), [](Task&) {
+                                        return std::optional<std::vector<EventRecord>>();
+                                      })
+                  .task);
+}
+
+TEST_CASE("shared queue: a task queued by one host wakes another that waits") {
+  PgSchema s;
+  auto a = open_postgres_store(s.url(), shared_options(s, "a"));
+  auto b = open_postgres_store(s.url(), shared_options(s, "b"));
+  CHECK_FALSE(queue_of(b).wait_for_work(0.2));  // nothing: the poll's timeout
+  std::atomic<bool> woke{false};
+  std::thread waiter([&] { woke = queue_of(b).wait_for_work(60); });
+  std::this_thread::sleep_for(200ms);  // (the waiter listens before: either way it wakes)
+  insert(*a, {queued_task(0)});
+  waiter.join();
+  CHECK(woke.load());
+  // wake() ends a wait at once (close).
+  std::thread waiter2([&] { woke = queue_of(b).wait_for_work(60); });
+  queue_of(b).wake();
+  waiter2.join();
+  CHECK(woke.load());
+}
+
+TEST_CASE("shared queue: the cluster view lists the hosts, their claims, and those that closed") {
+  PgSchema s;
+  auto a = open_postgres_store(s.url(), shared_options(s, "a"));
+  auto b = open_postgres_store(s.url(), shared_options(s, "b", 1));
+  insert(*a, {queued_task(0), queued_task(0), queued_task(0)});
+  REQUIRE(queue_of(a).claim(request(2)).size() == 2);
+  auto none = [](Task&, const std::string&) { return std::vector<EventRecord>{}; };
+  queue_of(a).heartbeat("{\"devices\":[{\"id\":\"cpu\"}]}", none);
+  ClusterStatus c = queue_of(a).cluster();
+  CHECK(c.host_id == queue_of(a).host_id());
+  REQUIRE(c.hosts.size() == 2);
+  CHECK(c.queued == 1);
+  const auto& ha = c.hosts[0].host_name == "a" ? c.hosts[0] : c.hosts[1];
+  CHECK(ha.claimed == 2);
+  CHECK(ha.report_json == "{\"devices\":[{\"id\":\"cpu\"}]}");
+  CHECK_FALSE(ha.lost);
+  const std::string json = to_json(c);
+  CHECK(json.find("\"state\":\"alive\"") != std::string::npos);
+  // b (a lease of 1 s) stops heartbeating: lost; then it closes: closed.
+  std::this_thread::sleep_for(1500ms);
+  c = queue_of(a).cluster();
+  const auto& hb = c.hosts[0].host_name == "b" ? c.hosts[0] : c.hosts[1];
+  CHECK(hb.lost);
+  b.reset();
+  c = queue_of(a).cluster();
+  const auto& hb2 = c.hosts[0].host_name == "b" ? c.hosts[0] : c.hosts[1];
+  CHECK(hb2.closed_at.has_value());
+  CHECK_FALSE(hb2.lost);
+}

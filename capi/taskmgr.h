@@ -162,6 +162,7 @@ TASKMGR_API int taskmgr_describe_document(const char* path, int dpi, char** out_
 #define TASKMGR_REASON_POOL_EXHAUSTED 11
 #define TASKMGR_REASON_DEVICE_UNAVAILABLE 12
 #define TASKMGR_REASON_MEMORY_LIMIT_EXCEEDED 13
+#define TASKMGR_REASON_HOST_LOST 14
 
 /* Event type. */
 #define TASKMGR_EVENT_CREATED 0

@@ -82,6 +82,7 @@ static_assert(TASKMGR_REASON_OUT_OF_MEMORY ==
               static_cast<int>(taskmgr::TaskFailureReason::kOutOfMemory));
 static_assert(TASKMGR_REASON_MEMORY_LIMIT_EXCEEDED ==
               static_cast<int>(taskmgr::TaskFailureReason::kMemoryLimitExceeded));
+static_assert(TASKMGR_REASON_HOST_LOST == static_cast<int>(taskmgr::TaskFailureReason::kHostLost));
 static_assert(TASKMGR_EVENT_CREATED == static_cast<int>(taskmgr::TaskEvent::kCreated));
 static_assert(TASKMGR_EVENT_DEVICE_FALLBACK ==
               static_cast<int>(taskmgr::TaskEvent::kDeviceFallback));
@@ -561,7 +562,7 @@ const char* taskmgr_task_status_name(int status) {
   return enum_name<taskmgr::TaskStatus>(status, TASKMGR_TASK_UNRECOGNIZED);
 }
 const char* taskmgr_failure_reason_name(int reason) {
-  return enum_name<taskmgr::TaskFailureReason>(reason, TASKMGR_REASON_MEMORY_LIMIT_EXCEEDED);
+  return enum_name<taskmgr::TaskFailureReason>(reason, TASKMGR_REASON_HOST_LOST);
 }
 const char* taskmgr_event_name(int event) {
   return enum_name<taskmgr::TaskEvent>(event, TASKMGR_EVENT_DELETED);

@@ -38,6 +38,7 @@ constexpr std::pair<TaskFailureReason, std::string_view> kReasonNames[] = {
     {TaskFailureReason::kPoolExhausted, "pool_exhausted"},
     {TaskFailureReason::kDeviceUnavailable, "device_unavailable"},
     {TaskFailureReason::kMemoryLimitExceeded, "memory_limit_exceeded"},
+    {TaskFailureReason::kHostLost, "host_lost"},
 };
 
 constexpr std::pair<TaskEvent, std::string_view> kEventNames[] = {

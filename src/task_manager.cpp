@@ -13,6 +13,7 @@
 #include "log_internal.hpp"
 #include "manager/admission.hpp"
 #include "manager/attempt.hpp"
+#include "manager/cluster.hpp"
 #include "manager/dispatcher.hpp"
 #include "manager/intake.hpp"
 #include "manager/journal.hpp"
@@ -72,6 +73,8 @@ PostgresStoreOptions postgres_options(const StorageConfig& c) {
   o.allow_other_tables = c.postgres.allow_other_tables;
   o.max_backlog = static_cast<std::size_t>(c.max_backlog);
   o.adopt = adopt_options(c);
+  o.shared = c.shared;
+  o.cluster = c.cluster;
   return o;
 }
 
@@ -104,6 +107,8 @@ class TaskManager::Impl {
   PoolSettings resize_pool(const std::string& service, const std::string& device, int min, int max)
       REQUIRES(!scheduler_lock);
   std::optional<Task> wait_task(const std::string& id, Duration timeout) REQUIRES(!scheduler_lock);
+  std::optional<Task> wait_task_here(const std::string& id, Duration timeout)
+      REQUIRES(!scheduler_lock);
   bool wait_idle(Duration timeout) REQUIRES(!scheduler_lock);
   void schedule_sweep();
 
@@ -128,6 +133,8 @@ class TaskManager::Impl {
   Sweeper sweeper_;
   Monitor monitor_;
   Intake intake_;
+  // A shared queue (storage.shared): claims, heartbeats, rescue.
+  std::unique_ptr<Cluster> cluster_;
   const Duration sweep_interval_;
   // One pause or resume at a time: the store's rows and the scheduler's
   // pauses change in the same order.
@@ -235,7 +242,22 @@ TaskManager::Impl::Impl(Config config, TaskManagerOptions options)
     SchedulerLock g(scheduler_.mutex());
     scheduler_.restore_pauses(stored);
   }
-  recovery_.recover();
+  if (SharedQueue* shared = shared_queue_of(journal_.store())) {
+    // Several hosts share the queue: this host runs what it claims. Nothing
+    // is recovered at open (the tasks of a host that died, this one's
+    // earlier run too, are rescued once their leases run out).
+    cluster_ = std::make_unique<Cluster>(config_, clock_, *shared, scheduler_, dispatcher_,
+                                         placement_, registry_, *devices_, temp_dirs_, log_);
+    Cluster* c = cluster_.get();
+    intake_.set_shared([c] { c->wake(); });
+    attempt_.set_claim_check([c](const std::string& id) { return c->confirm(id); });
+    dispatcher_.set_on_slot_free([c] { c->wake(); });
+    log_.write(LogLevel::kInfo, fmt::format("cluster: this host is {} in the shared queue of {}",
+                                            shared->host_id(), journal_.describe()));
+    cluster_->start();
+  } else {
+    recovery_.recover();
+  }
   recovery_.prune_retention();
   schedule_sweep();
 }
@@ -332,6 +354,9 @@ void TaskManager::Impl::close() {
     // No sweep or retry timer runs after close (a sweep in progress finishes
     // first): nothing the library does calls host code after close() returns.
     timers_.stop();
+    // A shared queue: no more claims; what was claimed and did not start
+    // goes back for the other hosts.
+    if (cluster_) cluster_->stop();
     // The instances go now, while reads still work: a host's destroy_instance
     // may call the manager (instances of attempts still running were waited
     // for above; none is created after close).
@@ -617,6 +642,29 @@ void TaskManager::Impl::delete_task(const std::string& id) {
 }
 
 std::optional<Task> TaskManager::Impl::wait_task(const std::string& id, Duration timeout) {
+  if (!cluster_) return wait_task_here(id, timeout);
+  // A shared queue: the task may run on another host (or be claimed here
+  // meanwhile): this host's record when it holds one, else the store's row,
+  // read again until it has ended and its cleanup is recorded.
+  const SteadyTime deadline = clock_->steady_now() + timeout;
+  Duration slice = std::chrono::milliseconds(5);
+  for (;;) {
+    const SteadyTime now = clock_->steady_now();
+    const Duration left = deadline > now ? deadline - now : Duration::zero();
+    std::optional<Task> t = wait_task_here(id, std::min(left, slice));
+    if (t && is_terminal(t->status) && t->resource_cleanup_completed) return t;
+    if (clock_->steady_now() >= deadline) return std::nullopt;
+    bool here = false;
+    {
+      SchedulerLock g(scheduler_.mutex());
+      here = scheduler_.records().find(id) != nullptr;
+    }
+    if (!here) std::this_thread::sleep_for(std::min(left, slice));
+    slice = std::min<Duration>(slice * 2, std::chrono::milliseconds(200));
+  }
+}
+
+std::optional<Task> TaskManager::Impl::wait_task_here(const std::string& id, Duration timeout) {
   const SteadyTime deadline = clock_->steady_now() + timeout;
   std::optional<Task> done;
   {
@@ -732,6 +780,15 @@ Task TaskManager::start_task(const std::string& id, const TaskStartRequest& p) {
   DrainOnExit d{impl_->outbox_};
   return impl_->intake_.start(id, p);
 }
+ClusterStatus TaskManager::cluster() const {
+  TASKMGR_ENTRY("cluster");
+  if (!impl_->cluster_) {
+    throw Error(ErrorCode::kUnsupported,
+                "cluster(): this manager does not share its queue (storage.shared is off)");
+  }
+  return impl_->cluster_->status();
+}
+
 bool TaskManager::cancel_task(const std::string& id) {
   TASKMGR_WRITER_ENTRY("cancel_task");
   impl_->scheduler_.check_open();
@@ -740,7 +797,8 @@ bool TaskManager::cancel_task(const std::string& id) {
     SchedulerLock g(impl_->scheduler_.mutex());
     if (RecordPtr rec = impl_->scheduler_.records().find(id)) return impl_->scheduler_.cancel(rec);
   }
-  if (impl_->journal_.load_task(id)) return false;  // ended long ago
+  if (impl_->cluster_) return impl_->cluster_->cancel(id);  // in the shared table, or elsewhere
+  if (impl_->journal_.load_task(id)) return false;          // ended long ago
   throw Error(ErrorCode::kNotFound, "unknown task id '" + id + "'");
 }
 Task TaskManager::retry_task(const std::string& id, const TaskStartRequest& p) {

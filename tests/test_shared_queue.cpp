@@ -8,6 +8,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <map>
+#include <mutex>
 #include <set>
 #include <thread>
 
@@ -199,7 +201,8 @@ TEST_CASE("shared queue: the claim query reads the claimable index") {
       "ANY('{ocr}'::text[]) AND coalesce(estimated_memory_mb, 0) <= 1000 AND (requested_device "
       "IS NULL OR requested_device = ANY('{cpu}'::text[])) ORDER BY priority DESC, queued_at, id "
       "LIMIT 8 FOR UPDATE SKIP LOCKED");
-  for (int i = 0; i < PQntuples(r.get()); ++i) whole += std::string(PQgetvalue(r.get(), i, 0)) + "\n";
+  for (int i = 0; i < PQntuples(r.get()); ++i)
+    whole += std::string(PQgetvalue(r.get(), i, 0)) + "\n";
   CAPTURE(whole);
   CHECK(whole.find("idx_tasks_claimable") != std::string::npos);
   CHECK(whole.find("Sort") == std::string::npos);  // the index gives the order
@@ -301,7 +304,9 @@ TEST_CASE("shared queue: a heartbeat finds lost claims and cancellations asked b
         1);
 }
 
-TEST_CASE("shared queue: a control on an unclaimed task is applied under its lock, not on a claimed one") {
+TEST_CASE(
+    "shared queue: a control on an unclaimed task is applied under its lock, not on a claimed "
+    "one") {
   PgSchema s;
   auto a = open_postgres_store(s.url(), shared_options(s, "a"));
   auto b = open_postgres_store(s.url(), shared_options(s, "b"));
@@ -327,9 +332,9 @@ TEST_CASE("shared queue: a control on an unclaimed task is applied under its loc
   CHECK_FALSE(called);
   REQUIRE(held.task);
   CHECK(held.task->host == "a");
-  CHECK_FALSE(queue_of(b).change_unclaimed(generate_task_id(), [](Task&) {
-                                        return std::optional<std::vector<EventRecord>>();
-                                      })
+  CHECK_FALSE(queue_of(b)
+                  .change_unclaimed(generate_task_id(),
+                                    [](Task&) { return std::optional<std::vector<EventRecord>>(); })
                   .task);
 }
 
@@ -379,4 +384,160 @@ TEST_CASE("shared queue: the cluster view lists the hosts, their claims, and tho
   const auto& hb2 = c.hosts[0].host_name == "b" ? c.hosts[0] : c.hosts[1];
   CHECK(hb2.closed_at.has_value());
   CHECK_FALSE(hb2.lost);
+}
+
+// ---- managers sharing the queue ---------------------------------------------
+
+namespace {
+
+Config shared_config(const PgSchema& s, const std::string& host) {
+  Config c = test_config();
+  c.storage.path = StorageConfig{}.path;
+  c.storage.url = s.url();
+  c.storage.postgres.schema = s.name();
+  c.storage.shared = true;
+  c.storage.cluster.host_name = host;
+  c.storage.cluster.lease_seconds = 5;
+  c.storage.cluster.heartbeat_seconds = 0.2;
+  c.storage.cluster.poll_seconds = 0.5;
+  return c;
+}
+
+struct Execution {
+  std::string task_id;
+  int attempt;
+  std::string host;
+};
+
+}  // namespace
+
+TEST_CASE("shared queue: two managers share one queue and run every task exactly once") {
+  PgSchema s;
+  std::mutex mu;
+  std::vector<Execution> runs;
+  auto open = [&](const std::string& host) {
+    TaskManagerOptions o;
+    o.builtin_ocr = false;
+    o.log_sink = [](LogLevel, std::string_view) {};
+    o.services.push_back(make_function_service("svc", [&, host](TaskContext& ctx) {
+      std::this_thread::sleep_for(std::chrono::microseconds(ctx.task_id()[35] % 8 * 300));
+      std::lock_guard<std::mutex> g(mu);
+      runs.push_back({ctx.task_id(), ctx.attempt(), host});
+    }));
+    return std::make_unique<TaskManager>(shared_config(s, host), o);
+  };
+  auto a = open("a");
+  auto b = open("b");
+  std::vector<std::string> ids;
+  for (int i = 0; i < 200; ++i) {
+    TaskCreateRequest r;
+    r.service = "svc";
+    r.start = true;
+    r.priority = i % 3;
+    ids.push_back((i % 2 == 0 ? *a : *b).create_task(r).id);
+  }
+  for (const auto& id : ids) {
+    CAPTURE(id);
+    const auto done = a->wait_task(id, 60s);
+    REQUIRE(done);
+    CHECK(done->status == TaskStatus::kCompleted);
+    CHECK(done->attempt == 1);
+    REQUIRE(done->host.has_value());
+    CHECK((*done->host == "a" || *done->host == "b"));
+  }
+  std::map<std::string, int> per_task;
+  std::set<std::string> hosts;
+  {
+    std::lock_guard<std::mutex> g(mu);
+    for (const auto& r : runs) {
+      ++per_task[r.task_id];
+      hosts.insert(r.host);
+    }
+  }
+  CHECK(per_task.size() == 200);
+  for (const auto& [id, n] : per_task) {
+    CAPTURE(id);
+    CHECK(n == 1);
+  }
+  CHECK(hosts.size() == 2);  // both hosts claimed work
+  a->close();
+  b->close();
+  CHECK(s.scalar("SELECT count(*) FROM task_events WHERE event_type = 'completed'") == 200);
+  CHECK(s.scalar("SELECT count(DISTINCT task_id) FROM task_events WHERE event_type = "
+                 "'completed'") == 200);
+  CHECK(s.scalar("SELECT count(*) FROM tasks WHERE claimed_by IS NOT NULL") == 0);
+  CHECK(s.scalar("SELECT count(*) FROM tasks WHERE status = 'completed' AND "
+                 "resource_cleanup_completed") == 200);
+}
+
+TEST_CASE("shared queue: a manager whose claim was taken over finishes late and is fenced out") {
+  PgSchema s;
+  Gate gate;
+  std::atomic<int> b_runs{0};
+  TaskManagerOptions oa;
+  oa.builtin_ocr = false;
+  oa.log_sink = [](LogLevel, std::string_view) {};
+  oa.services.push_back(make_function_service("svc", [&](TaskContext& ctx) {
+    gate.arrive();
+    gate.wait();
+    ctx.set_result("{\"by\":\"a\"}");
+  }));
+  std::mutex mu;
+  std::vector<EventRecord> a_events;
+  oa.subscribers.push_back([&](const EventRecord& e) {
+    std::lock_guard<std::mutex> g(mu);
+    a_events.push_back(e);
+  });
+  auto a = std::make_unique<TaskManager>(shared_config(s, "a"), oa);
+  TaskCreateRequest r;
+  r.service = "svc";
+  r.start = true;
+  const std::string id = a->create_task(r).id;
+  while (gate.arrived() == 0) std::this_thread::sleep_for(1ms);
+  // Another host takes it over, as a rescue does once A's lease has run
+  // out (here while A is alive: A's heartbeat finds the claim gone).
+  s.exec(
+      "UPDATE tasks SET claimed_by = NULL, claim = NULL, lease_expires_at = NULL, status = "
+      "'queued', assigned_device = NULL, run_host = NULL WHERE id = '" +
+      id + "'");
+  TaskManagerOptions ob;
+  ob.builtin_ocr = false;
+  ob.log_sink = [](LogLevel, std::string_view) {};
+  ob.services.push_back(make_function_service("svc", [&](TaskContext& ctx) {
+    ++b_runs;
+    ctx.set_result("{\"by\":\"b\"}");
+  }));
+  auto b = std::make_unique<TaskManager>(shared_config(s, "b"), ob);
+  const auto done = b->wait_task(id, 60s);
+  REQUIRE(done);
+  CHECK(done->status == TaskStatus::kCompleted);
+  CHECK(done->host == "b");
+  // A finishes late: fenced out. The row keeps B's completion.
+  gate.open();
+  for (int i = 0; i < 200 && b->cluster().hosts.size() < 2; ++i) std::this_thread::sleep_for(10ms);
+  a->close();
+  const Task row = *b->wait_task(id, 1s);
+  CHECK(row.result == "{\"by\":\"b\"}");
+  CHECK(row.host == "b");
+  CHECK(b_runs.load() == 1);
+  // A learnt it: its attempt ended "cancelled" on the lost claim (told to
+  // its own subscribers; nothing of it stored).
+  {
+    std::lock_guard<std::mutex> g(mu);
+    bool told = false;
+    for (const auto& e : a_events) {
+      if (e.task_id == id && e.event == TaskEvent::kCancelled &&
+          e.details_json.find("lost claim") != std::string::npos)
+        told = true;
+      CHECK(e.event != TaskEvent::kCompleted);
+    }
+    CHECK(told);
+  }
+  const ClusterStatus c = b->cluster();
+  REQUIRE(c.hosts.size() == 2);
+  const HostStatus& ha = c.hosts[0].host_name == "a" ? c.hosts[0] : c.hosts[1];
+  CHECK(ha.closed_at.has_value());
+  b->close();  // its writes are in the store
+  CHECK(s.scalar("SELECT count(*) FROM task_events WHERE event_type = 'completed'") == 1);
+  CHECK(s.text("SELECT result FROM tasks WHERE id = '" + id + "'") == "{\"by\":\"b\"}");
 }

@@ -58,6 +58,9 @@ enum class TaskFailureReason {
   kPoolExhausted,        // "pool_exhausted"
   kDeviceUnavailable,    // "device_unavailable"
   kMemoryLimitExceeded,  // "memory_limit_exceeded"
+  // Several hosts (docs/SCALING.md): the host running the task stopped
+  // renewing its lease, and its attempts ran out ("host_lost").
+  kHostLost,
 };
 
 enum class TaskEvent {

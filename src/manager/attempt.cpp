@@ -192,6 +192,20 @@ std::optional<CleanupReport> Attempt::run(const RecordPtr& rec, ServicePool::Lea
   stats_.proc.record(seconds(clock_->steady_now() - a.started));
 
   Outcome o = decide(rec, err, ctx, a);
+  if (claim_check_ && !claim_check_(rec->id())) {
+    // The claim is lost: another host took the task over (its lease ran
+    // out). This attempt's outcome is discarded; the store keeps the other
+    // host's.
+    Outcome lost;
+    lost.kind = Outcome::Kind::kCancelled;
+    lost.failure.reason = TaskFailureReason::kCancelled;
+    lost.failure.message =
+        "lost claim: another host took the task over (this host's lease ran "
+        "out); the result of this attempt is discarded";
+    lost.peak_mb = o.peak_mb;
+    lost.failure.instance_broken = o.failure.instance_broken;
+    o = std::move(lost);
+  }
   if (o.failure.instance_broken) lease.discard();
   Service* svc = lease.has_instance() ? &lease.service() : nullptr;
   const std::optional<std::int64_t> peak = o.peak_mb;

@@ -17,6 +17,7 @@
 // the lock is taken once at the end of each path.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -64,7 +65,13 @@ class Intake {
   void register_service(std::shared_ptr<ServiceFactory> factory) REQUIRES(!scheduler_lock)
       REQUIRES(!register_mu_);
 
+  // Several hosts share the queue (Cluster): created tasks go to the shared
+  // table only (queued for any host to claim; `wake` claims at once).
+  void set_shared(std::function<void()> wake) { shared_wake_ = std::move(wake); }
+  bool shared() const { return static_cast<bool>(shared_wake_); }
+
  private:
+  std::function<void()> shared_wake_;
   const Config& config_;
   std::shared_ptr<const Clock> clock_;
   Scheduler& scheduler_;

@@ -670,6 +670,16 @@ void Scheduler::recover(const RecordPtr& rec, const std::string& device,
   outbox_.commit(rec, b);
 }
 
+bool Scheduler::adopt_claimed(const RecordPtr& rec, const std::string& device) {
+  Task& t = rec->task;
+  if (records_.find(t.id)) return false;
+  records_.put(rec);
+  t.assigned_device = device;
+  (void)Lifecycle::apply(*rec, Step::kRecoverQueued);
+  push_queued(rec, /*retry=*/false, /*enforce_limit=*/false);
+  return true;
+}
+
 void Scheduler::finished(const RecordPtr& rec) {
   std::vector<RecordPtr> evicted;
   records_.finished(rec, evicted);

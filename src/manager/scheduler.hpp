@@ -96,6 +96,12 @@ class Scheduler {
   int backoff_count() const REQUIRES(scheduler_lock) { return backoff_; }
   int backoff_on(const std::string& device) const REQUIRES(scheduler_lock);
 
+  // A task this host claimed from the shared queue (Cluster): queued on
+  // `device` as it stands, with no event (its row has the claim).
+  // False when a record of that task is held here already (an attempt of a
+  // claim it lost still runs): nothing changes.
+  bool adopt_claimed(const RecordPtr& rec, const std::string& device) REQUIRES(scheduler_lock);
+
   // ---- the host's deletes -----------------------------------------------------
   // A delete (delete_task) holds its task's id from its check to its end:
   // a retry of that task meanwhile is refused (one of the two wins, never

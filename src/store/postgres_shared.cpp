@@ -128,13 +128,22 @@ std::vector<ClaimedTask> PostgresShared::claim(const ClaimRequest& r) {
   const std::string sql =
       "WITH picked AS (SELECT id AS picked_id FROM tasks WHERE status = 'queued' AND claimed_by "
       "IS NULL AND service = ANY($1::text[]) AND coalesce(estimated_memory_mb, 0) <= $2 AND "
-      "(requested_device IS NULL OR requested_device = ANY($3::text[])) ORDER BY priority DESC, "
-      "queued_at, id LIMIT $4 FOR UPDATE SKIP LOCKED) UPDATE tasks SET claimed_by = $5, claim = "
+      "(requested_device IS NULL OR requested_device = ANY($3::text[])) AND NOT (id = "
+      "ANY($7::text[])) ORDER BY priority DESC, queued_at, id LIMIT $4 FOR UPDATE SKIP LOCKED) "
+      "UPDATE tasks SET claimed_by = $5, claim = "
       "nextval('task_claims'), lease_expires_at = " +
       std::string(kNow) + " + " + lease_interval() +
       ", run_host = $6, cancel_requested = FALSE FROM picked WHERE tasks.id = picked.picked_id "
       "RETURNING " +
       list + ", claim";
+  // Never a task this host holds or still runs under a claim it lost: a
+  // claim's token is the fence of its writes, one per task here.
+  std::vector<std::string> exclude = r.exclude;
+  {
+    MutexLock g(claims_mu_);
+    for (const auto& [id, token] : claims_) exclude.push_back(id);
+    exclude.insert(exclude.end(), retired_.begin(), retired_.end());
+  }
   std::vector<ClaimedTask> out;
   {
     MutexLock g(work_mu_);
@@ -142,6 +151,7 @@ std::vector<ClaimedTask> PostgresShared::claim(const ClaimRequest& r) {
       pg::Params p;
       p.text(text_array(r.services)).integer(r.max_memory_mb).text(text_array(r.devices));
       p.integer(static_cast<std::int64_t>(r.max_tasks)).text(host_id_).text(s_.cluster.host_name);
+      p.text(text_array(exclude));
       Result res = c.exec_prepared("taskmgr_claim", sql, p);
       out.clear();
       for (int i = 0; i < PQntuples(res.get()); ++i) {
@@ -225,12 +235,16 @@ std::int64_t PostgresShared::fence_of(const std::string& id) const {
 void PostgresShared::forget(const std::string& id) {
   MutexLock g(claims_mu_);
   claims_.erase(id);
+  retired_.erase(id);
 }
 
 void PostgresShared::lost(const std::string& id, std::int64_t token) {
   MutexLock g(claims_mu_);
   auto it = claims_.find(id);
-  if (it != claims_.end() && it->second == token) claims_.erase(it);
+  if (it != claims_.end() && it->second == token) {
+    claims_.erase(it);
+    retired_.insert(id);  // until its record's last write (forget)
+  }
   if (token != 0 && counted_lost_.emplace(id, token).second) {
     ++lost_claims_;
     lost_ids_.push_back(id);
@@ -282,9 +296,9 @@ HeartbeatAnswer PostgresShared::heartbeat(const std::string& report_json, const 
                     p);
     pg::Params q;
     q.text(host_id_);
-    Result r = c.exec_prepared("taskmgr_beat_held",
-                               "SELECT id, claim, cancel_requested FROM tasks WHERE claimed_by = $1",
-                               q);
+    Result r =
+        c.exec_prepared("taskmgr_beat_held",
+                        "SELECT id, claim, cancel_requested FROM tasks WHERE claimed_by = $1", q);
     c.exec_script("COMMIT");
     for (int i = 0; i < PQntuples(r.get()); ++i) {
       found.emplace(text(r.get(), i, 0), integer(r.get(), i, 1));
@@ -315,19 +329,21 @@ std::size_t PostgresShared::rescue_expired(const RescueFn& rescue) REQUIRES(beat
     c.exec_script("BEGIN");
     pg::Params l;
     l.text(s_.schema);
-    Result got = c.exec(
-        "SELECT pg_try_advisory_xact_lock(hashtext('taskmgr.rescue'), hashtext($1))", l);
+    Result got =
+        c.exec("SELECT pg_try_advisory_xact_lock(hashtext('taskmgr.rescue'), hashtext($1))", l);
     if (text(got.get(), 0, 0) != "t") {
       c.exec_script("COMMIT");
       return 0;  // another host is rescuing
     }
     pg::Params p;
     p.integer(static_cast<std::int64_t>(s_.cluster.rescue_batch));
-    Result r = c.exec_prepared("taskmgr_rescue_select",
-                               "SELECT " + list + ", claimed_by FROM tasks WHERE claimed_by IS NOT "
-                               "NULL AND lease_expires_at < " + kNow +
-                                   " ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED",
-                               p);
+    Result r =
+        c.exec_prepared("taskmgr_rescue_select",
+                        "SELECT " + list +
+                            ", claimed_by FROM tasks WHERE claimed_by IS NOT "
+                            "NULL AND lease_expires_at < " +
+                            kNow + " ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED",
+                        p);
     const int n = PQntuples(r.get());
     for (int i = 0; i < n; ++i) {
       Task t = read_task(r.get(), i, s_.layout);
@@ -342,8 +358,9 @@ std::size_t PostgresShared::rescue_expired(const RescueFn& rescue) REQUIRES(beat
     }
     // Hosts gone for a day are forgotten (their tasks were rescued long since).
     if (n == 0) {
-      c.exec_script(std::string("DELETE FROM task_hosts WHERE coalesce(closed_at, heartbeat_at) < ") +
-                    kNow + " - interval '1 day'");
+      c.exec_script(
+          std::string("DELETE FROM task_hosts WHERE coalesce(closed_at, heartbeat_at) < ") + kNow +
+          " - interval '1 day'");
     }
     c.exec_script("COMMIT");
     return static_cast<std::size_t>(n);
@@ -371,9 +388,9 @@ SharedChange PostgresShared::change_unclaimed(const std::string& id, const Chang
       c.exec_script("BEGIN");
       pg::Params p;
       p.text(id);
-      Result r = c.exec_prepared(
-          "taskmgr_change_select",
-          "SELECT " + list + ", claimed_by FROM tasks WHERE id = $1 FOR UPDATE", p);
+      Result r =
+          c.exec_prepared("taskmgr_change_select",
+                          "SELECT " + list + ", claimed_by FROM tasks WHERE id = $1 FOR UPDATE", p);
       if (PQntuples(r.get()) == 0) {
         c.exec_script("COMMIT");
         return 0;

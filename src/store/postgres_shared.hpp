@@ -85,6 +85,9 @@ class PostgresShared final : public SharedQueue {
 
   mutable Mutex claims_mu_;
   std::unordered_map<std::string, std::int64_t> claims_ GUARDED_BY(claims_mu_);
+  // Claims lost while this host may still run the task: not claimed again
+  // here until the task's record has written its last update (forget).
+  std::set<std::string> retired_ GUARDED_BY(claims_mu_);
   std::uint64_t lost_claims_ GUARDED_BY(claims_mu_) = 0;
   std::vector<std::string> lost_ids_ GUARDED_BY(claims_mu_);
   std::set<std::pair<std::string, std::int64_t>> counted_lost_ GUARDED_BY(claims_mu_);

@@ -32,6 +32,9 @@ struct ClaimRequest {
   std::vector<std::string> services;  // kinds it runs (registered, not paused)
   std::vector<std::string> devices;   // its devices (a task that named one must name one of these)
   std::int64_t max_memory_mb = 0;     // the largest estimate it can place now
+  // Tasks it still runs after losing their claims (another host took them
+  // over, and they were queued again): never claimed here meanwhile.
+  std::vector<std::string> exclude;
 };
 
 // A claimed task (its input bytes left out, as load_unfinished) and the

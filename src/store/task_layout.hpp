@@ -52,11 +52,10 @@ enum Field : int {
 
 // What every state change rewrites (TaskStore::update_task), in this order.
 inline constexpr Field kMutableFields[] = {
-    kOptions,      kPriority,       kStatus,          kAttempt,
-    kBatchSize,    kFailureReason,  kFailureMessage,  kResult,
-    kQueuedAt,     kStartedAt,      kFinishedAt,      kEstimatedMemory,
-    kActualMemory, kAssignedDevice, kServiceInstance, kCleanupCompleted,
-    kRequestedDevice, kHost};
+    kOptions,          kPriority,        kStatus,       kAttempt,        kBatchSize,
+    kFailureReason,    kFailureMessage,  kResult,       kQueuedAt,       kStartedAt,
+    kFinishedAt,       kEstimatedMemory, kActualMemory, kAssignedDevice, kServiceInstance,
+    kCleanupCompleted, kRequestedDevice, kHost};
 // What an insert writes before them.
 inline constexpr Field kInsertOnlyFields[] = {kId,        kService,   kInputPath,
                                               kInputData, kMediaType, kCreatedAt};

@@ -44,7 +44,7 @@ Cluster::Cluster(const Config& config, std::shared_ptr<const Clock> clock, Share
 Cluster::~Cluster() { stop(); }
 
 void Cluster::start() {
-  thread_ = std::thread([this] { run(); });
+  thread_ = std::thread([this]() REQUIRES(!scheduler_lock) { run(); });
 }
 
 void Cluster::stop() {

@@ -1111,6 +1111,16 @@ int taskmgr_get_task_health(taskmgr_manager* manager, const char* task_id, char*
   });
 }
 
+int taskmgr_cluster(taskmgr_manager* manager, char** out_json) {
+  return guarded([&] {
+    if (out_json != nullptr) *out_json = nullptr;
+    constexpr const char* fn = "taskmgr_cluster";
+    auto& tm = manager_of(manager, fn);
+    char** out = checked_out(out_json, fn, "out_json");
+    set_out(out, taskmgr::to_json(tm.cluster()));
+  });
+}
+
 int taskmgr_list_devices(taskmgr_manager* manager, char** out_json) {
   return guarded([&] {
     if (out_json != nullptr) *out_json = nullptr;

@@ -708,12 +708,27 @@ void Config::validate() const {
       invalid("storage.cluster.host_name",
               "must be at most 100 bytes, got " + std::to_string(h.host_name.size()));
     }
+    if (auto at = detail::invalid_utf8_at(h.host_name)) {
+      invalid("storage.cluster.host_name",
+              "must be UTF-8 text, got an invalid byte at offset " + std::to_string(*at));
+    }
+    for (std::size_t i = 0; i < h.host_name.size(); ++i) {
+      const auto ch = static_cast<unsigned char>(h.host_name[i]);
+      if (ch < 0x20 || ch == 0x7F) {
+        invalid("storage.cluster.host_name", "must not contain control characters, got byte " +
+                                                 std::to_string(ch) + " at offset " +
+                                                 std::to_string(i));
+      }
+    }
     check_positive("storage.cluster.lease_seconds", h.lease_seconds);
     check_positive("storage.cluster.heartbeat_seconds", h.heartbeat_seconds);
     check_positive("storage.cluster.poll_seconds", h.poll_seconds);
     if (h.lease_seconds > 86400) {
       invalid("storage.cluster.lease_seconds",
               "must be at most 86400, got " + num(h.lease_seconds));
+    }
+    if (h.poll_seconds > 3600) {
+      invalid("storage.cluster.poll_seconds", "must be at most 3600, got " + num(h.poll_seconds));
     }
     if (h.heartbeat_seconds > h.lease_seconds / 2) {
       invalid("storage.cluster.heartbeat_seconds",

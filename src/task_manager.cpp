@@ -249,9 +249,9 @@ TaskManager::Impl::Impl(Config config, TaskManagerOptions options)
     cluster_ = std::make_unique<Cluster>(config_, clock_, *shared, scheduler_, dispatcher_,
                                          placement_, registry_, *devices_, temp_dirs_, log_);
     Cluster* c = cluster_.get();
-    intake_.set_shared([c] { c->wake(); });
-    attempt_.set_claim_check(
-        [c](const std::string& id) REQUIRES(!scheduler_lock) { return c->confirm(id); });
+    intake_.set_shared(c);
+    attempt_.set_claim_check([c](const std::string& id)
+                                 REQUIRES(!scheduler_lock) { return c->confirm(id); });
     dispatcher_.set_on_slot_free([c] { c->wake(); });
     log_.write(LogLevel::kInfo, fmt::format("cluster: this host is {} in the shared queue of {}",
                                             shared->host_id(), journal_.describe()));
@@ -405,7 +405,11 @@ void TaskManager::Impl::close() {
 Task TaskManager::Impl::get_task(const std::string& id) {
   {
     SchedulerLock g(scheduler_.mutex());
-    if (RecordPtr rec = scheduler_.records().find(id)) return rec->task;
+    if (RecordPtr rec = scheduler_.records().find(id)) {
+      // A shared queue's task that ended here is read from its row: any
+      // host may have changed it since (a retry, a rescue, a lost claim).
+      if (!cluster_ || rec->phase() != Phase::kDone) return rec->task;
+    }
   }
   outbox_.drain(true);
   if (auto t = journal_.load_task(id)) {
@@ -653,12 +657,24 @@ std::optional<Task> TaskManager::Impl::wait_task(const std::string& id, Duration
     const SteadyTime now = clock_->steady_now();
     const Duration left = deadline > now ? deadline - now : Duration::zero();
     std::optional<Task> t = wait_task_here(id, std::min(left, slice));
-    if (t && is_terminal(t->status) && t->resource_cleanup_completed) return t;
+    if (t && is_terminal(t->status) && t->resource_cleanup_completed) {
+      // Ended here, or read from the row. The row has the last word: a task
+      // that ended here may have been retried since (by any host), or its
+      // claim lost and its result the other host's.
+      outbox_.drain(true);
+      std::optional<Task> row = journal_.load_task(id);
+      if (!row) throw Error(ErrorCode::kNotFound, "unknown task id '" + id + "'");
+      if (is_terminal(row->status) && row->resource_cleanup_completed) {
+        row->input.leave_out_data();
+        return row;
+      }
+    }
     if (clock_->steady_now() >= deadline) return std::nullopt;
-    bool here = false;
+    bool here = false;  // running here: wait_task_here waits for it
     {
       SchedulerLock g(scheduler_.mutex());
-      here = scheduler_.records().find(id) != nullptr;
+      RecordPtr rec = scheduler_.records().find(id);
+      here = rec != nullptr && rec->phase() != Phase::kDone;
     }
     if (!here) std::this_thread::sleep_for(std::min(left, slice));
     slice = std::min<Duration>(slice * 2, std::chrono::milliseconds(200));
@@ -783,6 +799,7 @@ Task TaskManager::start_task(const std::string& id, const TaskStartRequest& p) {
 }
 ClusterStatus TaskManager::cluster() const {
   TASKMGR_ENTRY("cluster");
+  impl_->scheduler_.check_open();
   if (!impl_->cluster_) {
     throw Error(ErrorCode::kUnsupported,
                 "cluster(): this manager does not share its queue (storage.shared is off)");
@@ -832,6 +849,7 @@ Task TaskManager::set_task_priority(const std::string& id, int priority) {
     impl_->journal_.flush();
     return *changed;
   }
+  if (impl_->cluster_) return impl_->cluster_->set_priority(id, priority);  // the shared table
   if (auto t = impl_->journal_.load_task(id)) {
     throw Error(
         ErrorCode::kInvalidState,

@@ -13,8 +13,16 @@
 #include <set>
 #include <thread>
 
+#include <boost/json.hpp>
+
 #include "pg_test_support.hpp"
 #include "store/shared_queue.hpp"
+// A C header (shared with test_c_api.c): C casts.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wold-style-cast"
+#include "strict_json.h"
+#pragma GCC diagnostic pop
+#include "taskmgr.h"
 #include "test_support.hpp"
 
 using namespace taskmgr;
@@ -229,13 +237,16 @@ TEST_CASE("shared queue: a write whose claim was lost is refused, with its event
   // The lease runs out (as if A stood still) and B rescues the task.
   s.exec("UPDATE tasks SET lease_expires_at = (now() AT TIME ZONE 'UTC') - interval '1 second'");
   std::string lost_host;
-  auto answer = queue_of(b).heartbeat("{}", [&](Task& task, const std::string& host) {
-    lost_host = host;
-    task.status = TaskStatus::kQueued;
-    task.assigned_device.reset();
-    return std::vector<EventRecord>{event_for(task.id, TaskEvent::kRetried),
-                                    event_for(task.id, TaskEvent::kQueued)};
-  });
+  auto answer = queue_of(b).heartbeat(
+      "{}",
+      [&](Task& task, const std::string& host) {
+        lost_host = host;
+        task.status = TaskStatus::kQueued;
+        task.assigned_device.reset();
+        return std::vector<EventRecord>{event_for(task.id, TaskEvent::kRetried),
+                                        event_for(task.id, TaskEvent::kQueued)};
+      },
+      std::nullopt);
   CHECK(answer.rescued == 1);
   CHECK(lost_host == queue_of(a).host_id());
   CHECK(s.scalar("SELECT count(*) FROM tasks WHERE claimed_by IS NULL AND claim IS NULL AND "
@@ -292,7 +303,7 @@ TEST_CASE("shared queue: a heartbeat finds lost claims and cancellations asked b
   s.exec("UPDATE tasks SET claimed_by = 'x/1/1', claim = nextval('task_claims') WHERE id = '" +
          t1.id + "'");
   auto none = [](Task&, const std::string&) { return std::vector<EventRecord>{}; };
-  auto answer = queue_of(a).heartbeat("{\"devices\":[]}", none);
+  auto answer = queue_of(a).heartbeat("{\"devices\":[]}", none, std::nullopt);
   CHECK(answer.lost == std::vector<std::string>{t1.id});
   CHECK(answer.cancel_requested == std::vector<std::string>{t2.id});
   CHECK(queue_of(a).fence_of(t1.id) == 0);
@@ -363,7 +374,7 @@ TEST_CASE("shared queue: the cluster view lists the hosts, their claims, and tho
   insert(*a, {queued_task(0), queued_task(0), queued_task(0)});
   REQUIRE(queue_of(a).claim(request(2)).size() == 2);
   auto none = [](Task&, const std::string&) { return std::vector<EventRecord>{}; };
-  queue_of(a).heartbeat("{\"devices\":[{\"id\":\"cpu\"}]}", none);
+  queue_of(a).heartbeat("{\"devices\":[{\"id\":\"cpu\"}]}", none, std::nullopt);
   ClusterStatus c = queue_of(a).cluster();
   CHECK(c.host_id == queue_of(a).host_id());
   REQUIRE(c.hosts.size() == 2);
@@ -540,4 +551,132 @@ TEST_CASE("shared queue: a manager whose claim was taken over finishes late and 
   b->close();  // its writes are in the store
   CHECK(s.scalar("SELECT count(*) FROM task_events WHERE event_type = 'completed'") == 1);
   CHECK(s.text("SELECT result FROM tasks WHERE id = '" + id + "'") == "{\"by\":\"b\"}");
+}
+
+TEST_CASE("shared queue: start, priority and retry of tasks no host holds change the shared row") {
+  PgSchema s;
+  std::atomic<int> runs{0};
+  TaskManagerOptions o;
+  o.builtin_ocr = false;
+  o.log_sink = [](LogLevel, std::string_view) {};
+  o.services.push_back(make_function_service("svc", [&](TaskContext& ctx) {
+    ++runs;
+    if (ctx.options_json().find("fail") != std::string::npos && ctx.attempt() == 1) {
+      throw InvalidInputError("the first attempt fails");
+    }
+    ctx.set_result("{\"attempt\":" + std::to_string(ctx.attempt()) + "}");
+  }));
+  Config c = shared_config(s, "a");
+  c.tasks.retry.max_attempts = 1;
+  auto a = std::make_unique<TaskManager>(c, o);
+  TaskCreateRequest r;
+  r.service = "svc";
+  const std::string id = a->create_task(r).id;
+  CHECK(s.text("SELECT status FROM tasks WHERE id = '" + id + "'") == "pending");
+
+  // Priority of a pending task: the row changes, with its event.
+  CHECK(a->set_task_priority(id, 6).priority == 6);
+  CHECK(s.scalar("SELECT priority FROM tasks WHERE id = '" + id + "'") == 6);
+  CHECK(s.scalar("SELECT count(*) FROM task_events WHERE event_type = 'priority_changed'") == 1);
+
+  // Start: queued in the shared table for any host; this one claims and runs it.
+  TaskStartRequest sr;
+  sr.options_json = "{\"fail\":true}";
+  const Task started = a->start_task(id, sr);
+  CHECK(started.status == TaskStatus::kQueued);
+  CHECK(started.input.data.empty());
+  auto failed = a->wait_task(id, 60s);
+  REQUIRE(failed);
+  CHECK(failed->status == TaskStatus::kFailed);
+  CHECK(failed->host == "a");
+  CHECK(runs.load() == 1);
+  // A second start is refused, with the status it has.
+  CHECK_THROWS_WITH_AS(a->start_task(id), doctest::Contains("is failed"), Error);
+  // ... and its priority cannot change once it ended.
+  CHECK_THROWS_AS(a->set_task_priority(id, 1), Error);
+
+  // Retry: the task ended here; it is queued again in the shared table and
+  // this host claims it again (its finished record gives way), attempt 2.
+  for (int i = 0; i < 2000 && s.text("SELECT resource_cleanup_completed FROM tasks WHERE id = '" +
+                                     id + "'") != "t";
+       ++i)
+    std::this_thread::sleep_for(5ms);
+  const Task retried = a->retry_task(id);
+  CHECK(retried.status == TaskStatus::kQueued);
+  CHECK(retried.attempt == 1);
+  auto done = a->wait_task(id, 60s);
+  REQUIRE(done);
+  CHECK(done->status == TaskStatus::kCompleted);
+  CHECK(done->attempt == 2);
+  CHECK(done->result == "{\"attempt\":2}");
+  CHECK(runs.load() == 2);
+  CHECK(s.scalar("SELECT count(*) FROM task_events WHERE event_type = 'retried' AND "
+                 "details->>'reason' = 'host'") == 1);
+  CHECK_THROWS_WITH_AS(a->retry_task(id), doctest::Contains("only a failed or cancelled task"),
+                       Error);
+  CHECK_THROWS_AS(a->start_task("00000000-0000-0000-0000-000000000000"), Error);
+  // Delete: the row goes, with its events.
+  a->delete_task(id);
+  CHECK(s.scalar("SELECT count(*) FROM tasks") == 0);
+  CHECK(s.scalar("SELECT count(*) FROM task_events") == 0);
+  a->close();
+}
+
+TEST_CASE("shared queue: a task no host claims within its queue timeout fails QUEUE_TIMEOUT") {
+  PgSchema s;
+  TaskManagerOptions o;
+  o.builtin_ocr = false;
+  o.log_sink = [](LogLevel, std::string_view) {};
+  o.services.push_back(make_function_service("svc", [](TaskContext&) {}));
+  Config c = shared_config(s, "a");
+  c.tasks.queue_timeout_seconds = 0.5;
+  auto a = std::make_unique<TaskManager>(c, o);
+  // Queued for a kind no host runs: nobody claims it.
+  s.exec(
+      "INSERT INTO tasks (id, service, status, priority, attempt, batch_size, created_at, "
+      "queued_at, resource_cleanup_completed) VALUES ('t-nobody', 'nobody', 'queued', 0, 0, "
+      "1, now() AT TIME ZONE 'UTC', now() AT TIME ZONE 'UTC', FALSE)");
+  // One this host runs is not touched.
+  TaskCreateRequest r;
+  r.service = "svc";
+  r.start = true;
+  const std::string id = a->create_task(r).id;
+  const auto ended = a->wait_task("t-nobody", 60s);
+  REQUIRE(ended);
+  CHECK(ended->status == TaskStatus::kFailed);
+  CHECK(ended->failure_reason == TaskFailureReason::kQueueTimeout);
+  CHECK(ended->failure_message.find("no host claimed it") != std::string::npos);
+  CHECK(ended->resource_cleanup_completed);
+  CHECK(s.scalar("SELECT count(*) FROM task_events WHERE task_id = 't-nobody' AND event_type = "
+                 "'failed'") == 1);
+  CHECK(a->wait_task(id, 60s)->status == TaskStatus::kCompleted);
+  a->close();
+}
+
+TEST_CASE("shared queue: taskmgr_cluster gives the cluster view as strict JSON through the C ABI") {
+  PgSchema s;
+  const std::string yaml = "storage:\n  url: \"" + s.url() + "\"\n  shared: true\n  postgres:\n" +
+                           "    schema: " + s.name() + "\n  cluster:\n    host_name: c-host\n" +
+                           "devices:\n  probe_nvidia: false\n";
+  taskmgr_open_options o;
+  taskmgr_open_options_init(&o);
+  o.config_yaml = yaml.c_str();
+  taskmgr_manager* tm = nullptr;
+  REQUIRE_MESSAGE(taskmgr_open(&o, &tm) == TASKMGR_OK, taskmgr_last_error());
+  char* json = nullptr;
+  REQUIRE(taskmgr_cluster(tm, &json) == TASKMGR_OK);
+  REQUIRE(json != nullptr);
+  const std::string text = json;
+  taskmgr_free(json);
+  CHECK(strict_json_error(text.data(), text.size()) < 0);
+  const boost::json::object v = boost::json::parse(text).as_object();
+  REQUIRE(v.at("hosts").as_array().size() == 1);
+  const boost::json::object& h = v.at("hosts").as_array()[0].as_object();
+  CHECK(h.at("host_name").as_string() == "c-host");
+  CHECK(h.at("state").as_string() == "alive");
+  CHECK(h.at("id").as_string() == v.at("host_id").as_string());
+  CHECK(v.at("queued").as_int64() == 0);
+  taskmgr_destroy(tm);
+  // Closed: its row says so.
+  CHECK(s.text("SELECT closed_at IS NOT NULL FROM task_hosts") == "t");
 }

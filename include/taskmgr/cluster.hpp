@@ -58,7 +58,8 @@ struct HostStatus {
   std::int64_t claimed = 0;
   std::int64_t running = 0;
   // What it reported at its last heartbeat: a JSON object with its devices
-  // (free and total memory), pools (in use, max) and counts.
+  // (free and total memory), its running and queued counts, workers,
+  // lost_claims and rescued.
   std::string report_json = "{}";
 };
 

@@ -7,10 +7,10 @@
 
 #include <boost/json.hpp>
 
-#include "utf8.hpp"
 #include "manager/lifecycle.hpp"
 #include "manager/task_events.hpp"
 #include "taskmgr/error.hpp"
+#include "utf8.hpp"
 
 namespace taskmgr::detail {
 
@@ -162,10 +162,12 @@ void Cluster::claim_round() {
       if (in_store) rec->set_input_in_store_unshared();
       found.push_back({std::move(rec), std::move(device)});
     }
+    std::vector<RecordPtr> dropped(found.size());  // released after the lock
     {
       SchedulerLock g(scheduler_.mutex());
-      for (auto& f : found) {
-        if (!scheduler_.adopt_claimed(f.rec, f.device)) {
+      for (std::size_t i = 0; i < found.size(); ++i) {
+        Found& f = found[i];
+        if (!scheduler_.adopt_claimed(f.rec, f.device, dropped[i])) {
           held_.insert(f.rec->id());
           give_back.push_back(f.rec->id());
         }
@@ -206,14 +208,25 @@ std::string Cluster::report() {
 }
 
 void Cluster::heartbeat() {
-  const std::string me = queue_.cluster_options().host_name;
+  const std::string me = host_id_name(queue_.cluster_options().host_name);
   bool same_machine = false;
+  std::size_t expired = 0;  // queue timeouts in the shared table
   HeartbeatAnswer a;
   try {
-    a = queue_.heartbeat(report(), [&](Task& t, const std::string& lost_host) {
-      if (host_name_of(lost_host) == me) same_machine = true;
-      return rescue(config_, *clock_, t, lost_host, me);
-    });
+    const Timestamp queued_before =
+        stored_time(*clock_) - std::chrono::duration_cast<Duration>(std::chrono::duration<double>(
+                                   config_.tasks.queue_timeout_seconds));
+    a = queue_.heartbeat(
+        report(),
+        [&](Task& t, const std::string& lost_host) {
+          if (lost_host.empty()) {
+            ++expired;
+          } else if (host_name_of(lost_host) == me) {
+            same_machine = true;
+          }
+          return rescue(config_, *clock_, t, lost_host, me);
+        },
+        queued_before);
   } catch (const std::exception& e) {
     log_.write(LogLevel::kWarn,
                fmt::format("cluster: the heartbeat failed (this host's leases run out if it "
@@ -221,11 +234,18 @@ void Cluster::heartbeat() {
                            e.what()));
     return;
   }
-  if (a.rescued > 0) {
-    rescued_.fetch_add(a.rescued);
+  if (expired > 0) {
     log_.write(LogLevel::kWarn,
-               fmt::format("cluster: rescued {} task(s) of host(s) whose leases ran out",
-                           a.rescued));
+               fmt::format("cluster: {} task(s) failed QUEUE_TIMEOUT: no host claimed them within "
+                           "tasks.queue_timeout_seconds",
+                           expired));
+  }
+  if (a.rescued > expired) {
+    a.rescued -= expired;
+    rescued_.fetch_add(a.rescued);
+    log_.write(
+        LogLevel::kWarn,
+        fmt::format("cluster: rescued {} task(s) of host(s) whose leases ran out", a.rescued));
     // A dead run of this machine: its temp dirs are reachable here.
     if (same_machine) temp_dirs_.remove_dead_runs();
   }
@@ -267,9 +287,10 @@ void Cluster::drop_lost(const std::vector<std::string>& ids) {
 }
 
 bool Cluster::cancel(const std::string& id) {
-  SharedChange r = queue_.change_unclaimed(
-      id, [this](Task& t) -> std::optional<std::vector<EventRecord>> {
-        if (t.status != TaskStatus::kPending && t.status != TaskStatus::kQueued) return std::nullopt;
+  SharedChange r =
+      queue_.change_unclaimed(id, [this](Task& t) -> std::optional<std::vector<EventRecord>> {
+        if (t.status != TaskStatus::kPending && t.status != TaskStatus::kQueued)
+          return std::nullopt;
         EventBatch b(*clock_);
         const TaskStatus was = t.status;
         t.status = TaskStatus::kCancelled;
@@ -288,10 +309,121 @@ bool Cluster::cancel(const std::string& id) {
   return queue_.request_cancel(id);
 }
 
+namespace {
+
+std::string status_name(const Task& t) {
+  return t.status == TaskStatus::kUnrecognized ? t.stored_status : std::string(to_string(t.status));
+}
+
+// The row after a control: applied, or why not.
+Task changed_or_throw(SharedChange r, const std::string& id, std::string_view what,
+                      std::string_view wanted) {
+  if (!r.task) throw Error(ErrorCode::kNotFound, "unknown task id '" + printable_name(id) + "'");
+  if (!r.applied) {
+    throw Error(
+        ErrorCode::kInvalidState,
+        fmt::format("task {} is {}{}: {}", id, status_name(*r.task),
+                    r.task->status == TaskStatus::kQueued || r.task->status == TaskStatus::kRunning
+                        ? " on " + r.task->host.value_or("a host")
+                        : "",
+                    what.empty() ? std::string(wanted) : std::string(what)));
+  }
+  r.task->input.leave_out_data();
+  return std::move(*r.task);
+}
+
+}  // namespace
+
+Task Cluster::start(const std::string& id, const TaskStartRequest& p) {
+  SharedChange r =
+      queue_.change_unclaimed(id, [&](Task& t) -> std::optional<std::vector<EventRecord>> {
+        if (t.status != TaskStatus::kPending) return std::nullopt;
+        if (p.priority) t.priority = *p.priority;
+        if (p.batch_size) t.batch_size = *p.batch_size;
+        if (!p.options_json.empty()) t.options_json = p.options_json;
+        if (!p.device.empty()) {
+          t.requested_device = p.device;
+          t.assigned_device = p.device;
+        }
+        t.status = TaskStatus::kQueued;
+        t.queued_at = stored_time(*clock_);
+        EventBatch b(*clock_);
+        events::queued(b, t, false, false);
+        return b.take_records(t.id);
+      });
+  return changed_or_throw(std::move(r), id, "", "only a pending task can be started");
+}
+
+Task Cluster::retry(const std::string& id, const TaskStartRequest& p) {
+  std::string why;
+  SharedChange r =
+      queue_.change_unclaimed(id, [&](Task& t) -> std::optional<std::vector<EventRecord>> {
+        // Never placed (a row of an adopted table that ended before
+        // taskmgr): nothing of taskmgr's to clean up.
+        if (!t.assigned_device && is_terminal(t.status)) t.resource_cleanup_completed = true;
+        why = not_retryable(t, true);
+        if (!why.empty()) return std::nullopt;
+        const int last = t.attempt;
+        if (p.priority) t.priority = *p.priority;
+        if (p.batch_size) t.batch_size = *p.batch_size;
+        if (!p.options_json.empty()) t.options_json = p.options_json;
+        t.requested_device = p.device.empty() ? t.requested_device : p.device;
+        t.assigned_device = t.requested_device;
+        t.failure_reason = TaskFailureReason::kNone;
+        t.failure_message.clear();
+        t.result.clear();
+        t.finished_at.reset();
+        t.status = TaskStatus::kQueued;
+        t.queued_at = stored_time(*clock_);
+        EventBatch b(*clock_);
+        events::retried(b, "host", "retried by the host", last, t.assigned_device.value_or(""),
+                        t.batch_size, 0.0);
+        events::queued(b, t, false, false);
+        return b.take_records(t.id);
+      });
+  if (!why.empty()) throw Error(ErrorCode::kInvalidState, why);
+  return changed_or_throw(std::move(r), id, "",
+                          "only a failed or cancelled task can be retried (a host holds it)");
+}
+
+Task Cluster::set_priority(const std::string& id, int priority) {
+  SharedChange r =
+      queue_.change_unclaimed(id, [&](Task& t) -> std::optional<std::vector<EventRecord>> {
+        if (t.status != TaskStatus::kPending && t.status != TaskStatus::kQueued) {
+          return std::nullopt;
+        }
+        EventBatch b(*clock_);
+        events::priority_changed(b, t.priority, priority, t.status);
+        t.priority = priority;
+        return b.take_records(t.id);
+      });
+  return changed_or_throw(std::move(r), id, "",
+                          "only a waiting task's priority can change (pending or queued, not "
+                          "claimed by a host)");
+}
+
 std::vector<EventRecord> Cluster::rescue(const Config& config, const Clock& clock, Task& t,
                                          const std::string& lost_host,
                                          const std::string& this_host_name) {
   EventBatch b(clock);
+  if (lost_host.empty()) {
+    // No host claimed it within the queue timeout: failed, as a task that
+    // waits too long in a single host's queue.
+    const double waited =
+        t.queued_at ? std::chrono::duration<double>(stored_time(clock) - *t.queued_at).count() : 0;
+    t.status = TaskStatus::kFailed;
+    t.failure_reason = TaskFailureReason::kQueueTimeout;
+    t.failure_message = fmt::format(
+        "waited {:.6f} s in the shared queue and no host claimed it (tasks.queue_timeout_seconds "
+        "= {:.6f})",
+        waited, config.tasks.queue_timeout_seconds);
+    t.finished_at = stored_time(clock);
+    t.resource_cleanup_completed = true;
+    events::failed(b, t.failure_reason, t.failure_message, t.attempt);
+    events::cleanup_started(b, t.attempt, false);
+    events::cleanup_completed(b, t.attempt, 0.0, {}, false);
+    return b.take_records(t.id);
+  }
   const std::string lost_name = host_name_of(lost_host);
   std::vector<std::string> problems;
   if (lost_name != this_host_name) {
@@ -310,24 +442,23 @@ std::vector<EventRecord> Cluster::rescue(const Config& config, const Clock& cloc
     return b.take_records(t.id);
   }
   const bool was_running = t.status == TaskStatus::kRunning;
-  const int max = std::max(config.tasks.retry.max_attempts,
-                           config.tasks.retry.max_interrupted_attempts);
+  const int max =
+      std::max(config.tasks.retry.max_attempts, config.tasks.retry.max_interrupted_attempts);
   if (was_running) {
     events::cleanup_started(b, t.attempt, true);
     events::cleanup_completed(b, t.attempt, 0.0, problems, true);
     if (t.attempt >= max) {
       t.status = TaskStatus::kFailed;
       t.failure_reason = TaskFailureReason::kHostLost;
-      t.failure_message =
-          fmt::format("{} while the task ran (attempt {} of {}); no attempts left", why, t.attempt,
-                      max);
+      t.failure_message = fmt::format("{} while the task ran (attempt {} of {}); no attempts left",
+                                      why, t.attempt, max);
       t.finished_at = now;
       t.resource_cleanup_completed = true;
       events::failed(b, t.failure_reason, t.failure_message, t.attempt);
       return b.take_records(t.id);
     }
-    events::retried(b, "host_lost", why, t.attempt, t.requested_device.value_or(""),
-                    t.batch_size, 0.0);
+    events::retried(b, "host_lost", why, t.attempt, t.requested_device.value_or(""), t.batch_size,
+                    0.0);
   }
   // Queued again for any host: its device is chosen by the one that claims it.
   t.status = TaskStatus::kQueued;

@@ -29,6 +29,7 @@
 #include "taskmgr/cluster.hpp"
 #include "taskmgr/config.hpp"
 #include "taskmgr/log.hpp"
+#include "taskmgr/task_manager.hpp"
 
 namespace taskmgr::detail {
 
@@ -60,16 +61,30 @@ class Cluster {
 
   // cancel_task of a task this host does not hold: one waiting in the
   // shared table ends cancelled there (true); one another host runs is
-  // asked to stop (true: that host cancels it at its next heartbeat or
-  // notification); false when it has ended. Error(kNotFound) for an
+  // asked to stop (true: that host cancels it at its next heartbeat);
+  // false when it has ended. Error(kNotFound) for an
   // unknown id.
   bool cancel(const std::string& id) REQUIRES(!scheduler_lock);
+  // The controls on a task in the shared table that no host holds (a
+  // pending task, a queued one not claimed, an ended one), applied to its
+  // row under the row's lock; each returns the task as it is now (without
+  // its input bytes). start: a pending task is queued for any host (or the
+  // device p.device names). retry: a failed or cancelled task whose cleanup
+  // is done is queued again, its attempts counted on. set_priority: a
+  // pending or queued task. Error(kInvalidState) when the task is not in
+  // that state, or a host holds it now (claimed: ask again once it is
+  // back); Error(kNotFound) for an unknown id.
+  Task start(const std::string& id, const TaskStartRequest& p) REQUIRES(!scheduler_lock);
+  Task retry(const std::string& id, const TaskStartRequest& p) REQUIRES(!scheduler_lock);
+  Task set_priority(const std::string& id, int priority) REQUIRES(!scheduler_lock);
   std::uint64_t lost_claims() const { return queue_.lost_claims(); }
   std::uint64_t rescued() const { return rescued_.load(); }
   const std::string& host_id() const { return queue_.host_id(); }
 
   // What a rescue makes of a task whose claim's lease ran out (the rules of
-  // recovery at open, reason host_lost): public for its unit test.
+  // recovery at open, reason host_lost), or, with lost_host "", of one no
+  // host claimed within tasks.queue_timeout_seconds (failed QUEUE_TIMEOUT):
+  // public for its unit test.
   static std::vector<EventRecord> rescue(const Config& config, const Clock& clock, Task& t,
                                          const std::string& lost_host,
                                          const std::string& this_host_name);

@@ -136,7 +136,7 @@ std::vector<Task> Intake::create(const TaskCreateRequest* reqs, std::size_t n) {
       scheduler_.outbox().publish_stored(rows);  // this host's subscribers see them too
     }
     scheduler_.outbox().drain();
-    shared_wake_();
+    cluster_->wake();
     std::vector<Task> out;
     out.reserve(rows.size());
     for (auto& row : rows) {
@@ -202,6 +202,7 @@ Task Intake::start(const std::string& id, const TaskStartRequest& p) {
       service = t.service;
     }
   }
+  if (!known && cluster_ != nullptr) return cluster_->start(id, p);  // in the shared table
   if (!known) {
     if (auto t = journal_.load_task(id)) {
       if (t->status == TaskStatus::kUnrecognized) {
@@ -256,6 +257,9 @@ Task Intake::retry(const std::string& id, const TaskStartRequest& p) {
     }
     deletes_seen = scheduler_.deletes_done();
     rec = scheduler_.records().find(id);
+    // A shared queue's ended task is queued again in the shared table (for
+    // any host), also when it ended here.
+    if (rec && cluster_ != nullptr && rec->phase() == Phase::kDone) rec.reset();
     if (rec) {
       const Task& t = rec->task;
       if (std::string why = not_retryable(t, rec->phase() == Phase::kDone); !why.empty()) {
@@ -270,6 +274,7 @@ Task Intake::retry(const std::string& id, const TaskStartRequest& p) {
       service = t.service;
     }
   }
+  if (!rec && cluster_ != nullptr) return cluster_->retry(id, p);
   if (!rec) {
     // Ended a while ago: its record is rebuilt from the store, as recovery
     // builds one (its features read from its input, bytes included).

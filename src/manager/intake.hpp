@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "log_internal.hpp"
+#include "manager/cluster.hpp"
 #include "manager/dispatcher.hpp"
 #include "manager/journal.hpp"
 #include "manager/placement.hpp"
@@ -66,12 +67,14 @@ class Intake {
       REQUIRES(!register_mu_);
 
   // Several hosts share the queue (Cluster): created tasks go to the shared
-  // table only (queued for any host to claim; `wake` claims at once).
-  void set_shared(std::function<void()> wake) { shared_wake_ = std::move(wake); }
-  bool shared() const { return static_cast<bool>(shared_wake_); }
+  // table only (queued for any host to claim; the cluster is woken to claim
+  // at once); start and retry of a task this host does not hold change its
+  // row there.
+  void set_shared(Cluster* cluster) { cluster_ = cluster; }
+  bool shared() const { return cluster_ != nullptr; }
 
  private:
-  std::function<void()> shared_wake_;
+  Cluster* cluster_ = nullptr;
   const Config& config_;
   std::shared_ptr<const Clock> clock_;
   Scheduler& scheduler_;

@@ -99,8 +99,11 @@ class Scheduler {
   // A task this host claimed from the shared queue (Cluster): queued on
   // `device` as it stands, with no event (its row has the claim).
   // False when a record of that task is held here already (an attempt of a
-  // claim it lost still runs): nothing changes.
-  bool adopt_claimed(const RecordPtr& rec, const std::string& device) REQUIRES(scheduler_lock);
+  // claim it lost still runs): nothing changes. A finished record of an
+  // earlier run here (the task was retried since) is replaced: `dropped`
+  // gets it, to be released outside the lock.
+  bool adopt_claimed(const RecordPtr& rec, const std::string& device, RecordPtr& dropped)
+      REQUIRES(scheduler_lock);
 
   // ---- the host's deletes -----------------------------------------------------
   // A delete (delete_task) holds its task's id from its check to its end:

@@ -79,7 +79,7 @@ PostgresShared::PostgresShared(Settings s)
     }
     s_.cluster.host_name = name;
   }
-  host_id_ = s_.cluster.host_name.substr(0, 60) + "/" + std::to_string(::getpid()) + "/" +
+  host_id_ = host_id_name(s_.cluster.host_name) + "/" + std::to_string(::getpid()) + "/" +
              generate_task_id().substr(28, 8);
   MutexLock g(work_mu_);
   work_ = connect();
@@ -265,7 +265,8 @@ std::vector<std::string> PostgresShared::take_lost() {
   return out;
 }
 
-HeartbeatAnswer PostgresShared::heartbeat(const std::string& report_json, const RescueFn& rescue) {
+HeartbeatAnswer PostgresShared::heartbeat(const std::string& report_json, const RescueFn& rescue,
+                                          std::optional<Timestamp> queued_before) {
   HeartbeatAnswer a;
   std::unordered_map<std::string, std::int64_t> before;
   {
@@ -317,12 +318,14 @@ HeartbeatAnswer PostgresShared::heartbeat(const std::string& report_json, const 
       a.lost.push_back(id);
     }
   }
-  a.rescued = rescue_expired(rescue);
+  a.rescued = rescue_expired(rescue, queued_before);
   if (a.rescued > 0) notify_work();
   return a;
 }
 
-std::size_t PostgresShared::rescue_expired(const RescueFn& rescue) REQUIRES(beat_mu_) {
+std::size_t PostgresShared::rescue_expired(const RescueFn& rescue,
+                                           std::optional<Timestamp> queued_before)
+    REQUIRES(beat_mu_) {
   const std::string list = s_.layout.select_list(pg::quote_ident, "octet_length", true, false);
   const std::string update = rescue_statement();
   return on(beat_, "rescuing tasks", [&](Conn& c) -> std::size_t {
@@ -344,10 +347,9 @@ std::size_t PostgresShared::rescue_expired(const RescueFn& rescue) REQUIRES(beat
                             "NULL AND lease_expires_at < " +
                             kNow + " ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED",
                         p);
-    const int n = PQntuples(r.get());
-    for (int i = 0; i < n; ++i) {
-      Task t = read_task(r.get(), i, s_.layout);
-      const std::string lost_host = text(r.get(), i, kClaimColumn);
+    int n = PQntuples(r.get());
+    auto apply = [&](const Result& rows, int i, const std::string& lost_host) {
+      Task t = read_task(rows.get(), i, s_.layout);
       std::vector<EventRecord> events = rescue(t, lost_host);
       pg::Params u = update_task_params(s_.layout, t);
       c.exec_prepared("taskmgr_rescue_update", update, u);
@@ -355,6 +357,20 @@ std::size_t PostgresShared::rescue_expired(const RescueFn& rescue) REQUIRES(beat
         pg::Params ep = insert_event_params(e);
         c.exec_prepared(insert_event_statement().name, insert_event_statement().sql, ep);
       }
+    };
+    for (int i = 0; i < n; ++i) apply(r, i, text(r.get(), i, kClaimColumn));
+    // Tasks no host claimed within their queue timeout.
+    if (queued_before) {
+      pg::Params w;
+      w.timestamp(*queued_before).integer(static_cast<std::int64_t>(s_.cluster.rescue_batch));
+      Result old = c.exec_prepared(
+          "taskmgr_expire_select",
+          "SELECT " + list +
+              ", claimed_by FROM tasks WHERE status = 'queued' AND claimed_by IS NULL AND "
+              "queued_at < $1 ORDER BY queued_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+          w);
+      for (int i = 0; i < PQntuples(old.get()); ++i) apply(old, i, "");
+      n += PQntuples(old.get());
     }
     // Hosts gone for a day are forgotten (their tasks were rescued long since).
     if (n == 0) {

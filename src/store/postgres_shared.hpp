@@ -39,7 +39,8 @@ class PostgresShared final : public SharedQueue {
   void release(const std::vector<std::string>& ids) override REQUIRES(!work_mu_, !claims_mu_);
   std::int64_t fence_of(const std::string& id) const override REQUIRES(!claims_mu_);
   void forget(const std::string& id) override REQUIRES(!claims_mu_);
-  HeartbeatAnswer heartbeat(const std::string& report_json, const RescueFn& rescue) override
+  HeartbeatAnswer heartbeat(const std::string& report_json, const RescueFn& rescue,
+                            std::optional<Timestamp> queued_before) override
       REQUIRES(!beat_mu_, !claims_mu_, !work_mu_);
   SharedChange change_unclaimed(const std::string& id, const ChangeFn& change) override
       REQUIRES(!work_mu_);
@@ -64,7 +65,8 @@ class PostgresShared final : public SharedQueue {
   std::unique_ptr<pg::Conn> connect() const;
   std::string lease_interval() const;
   std::string rescue_statement() const;
-  std::size_t rescue_expired(const RescueFn& rescue) REQUIRES(beat_mu_);
+  std::size_t rescue_expired(const RescueFn& rescue, std::optional<Timestamp> queued_before)
+      REQUIRES(beat_mu_);
   void lost(const std::string& id, std::int64_t token) REQUIRES(!claims_mu_);
   // Runs f(conn) on `c` (connected again when broken), tried again after a
   // lost connection or a conflict; throws Error naming `what`.

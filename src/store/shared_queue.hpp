@@ -12,6 +12,7 @@
 // with the server's clock, so the hosts' clocks need not agree.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -48,6 +49,17 @@ struct ClaimedTask {
 // manager's rules (attempts left, the event vocabulary). `task` is the row
 // as found (claimed_by and claim still set); the function sets it to what
 // the row becomes and returns the events to store with it.
+// The host name as a host id carries it ("<name>/<pid>/<random>"): at most
+// 60 bytes, cut at a UTF-8 character's boundary.
+inline std::string host_id_name(const std::string& host_name) {
+  std::size_t n = std::min<std::size_t>(host_name.size(), 60);
+  while (n > 0 && n < host_name.size() &&
+         (static_cast<unsigned char>(host_name[n]) & 0xC0) == 0x80) {
+    --n;
+  }
+  return host_name.substr(0, n);
+}
+
 using RescueFn = std::function<std::vector<EventRecord>(Task& task, const std::string& lost_host)>;
 
 struct HeartbeatAnswer {
@@ -88,7 +100,8 @@ class SharedQueue {
   // claim is lost (then it is forgotten and counted).
   virtual bool confirm(const std::string& id) = 0;
   // Gives claims of tasks still waiting here back to the queue (close):
-  // unclaimed and queued for any host, with their `queued` event.
+  // unclaimed and queued for any host (no event: the task never left the
+  // queue as far as its events tell).
   virtual void release(const std::vector<std::string>& ids) = 0;
 
   // The fence a write of task `id` carries (0: not claimed here), and the
@@ -100,7 +113,12 @@ class SharedQueue {
   // and heartbeat, finds lost claims and cancellations, and, when no other
   // host is rescuing, rescues up to rescue_batch tasks whose leases ran out
   // (`rescue` decides each; the events are stored with the row).
-  virtual HeartbeatAnswer heartbeat(const std::string& report_json, const RescueFn& rescue) = 0;
+  // Under the same rescue lock it also ends the tasks that waited in the
+  // shared table, unclaimed, since before `queued_before` (their queue
+  // timeout ran out and no host claimed them): `rescue` is called for each
+  // with lost_host "" (nullopt: none end so).
+  virtual HeartbeatAnswer heartbeat(const std::string& report_json, const RescueFn& rescue,
+                                    std::optional<Timestamp> queued_before) = 0;
 
   // A host's control on a task it does not hold, applied to the row under
   // its lock when `change` returns events (then a notification wakes the

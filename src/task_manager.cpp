@@ -251,7 +251,8 @@ TaskManager::Impl::Impl(Config config, TaskManagerOptions options)
     Cluster* c = cluster_.get();
     intake_.set_shared(c);
     attempt_.set_claim_check([c](const std::string& id)
-                                 REQUIRES(!scheduler_lock) { return c->confirm(id); });
+                                 REQUIRES(!scheduler_lock) { return c->confirm(id); },
+                             [c](const std::string& id) { return c->holds(id); });
     dispatcher_.set_on_slot_free([c] { c->wake(); });
     log_.write(LogLevel::kInfo, fmt::format("cluster: this host is {} in the shared queue of {}",
                                             shared->host_id(), journal_.describe()));

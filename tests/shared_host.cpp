@@ -125,7 +125,11 @@ int main(int argc, char** argv) {
     req.service = "work";
     req.start = true;
     req.priority = static_cast<int>(rng() % 10);
-    req.options_json = "{\"ms\":" + std::to_string(ms_min + static_cast<int>(rng() % static_cast<unsigned>(ms_max - ms_min + 1))) + "}";
+    req.options_json =
+        "{\"ms\":" +
+        std::to_string(ms_min +
+                       static_cast<int>(rng() % static_cast<unsigned>(ms_max - ms_min + 1))) +
+        "}";
     tm.create_task(req);
   }
   std::printf("CREATED %ld\n", create);

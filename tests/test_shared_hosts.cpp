@@ -393,8 +393,9 @@ TEST_CASE("shared hosts: one of three is killed at random points and restarted, 
                  "now() - interval '1 second' * lease_seconds") == 0);
 }
 
-TEST_CASE("shared hosts: a paused host loses its lease, its task completes elsewhere, and its "
-          "late result is fenced out") {
+TEST_CASE(
+    "shared hosts: a paused host loses its lease, its task completes elsewhere, and its "
+    "late result is fenced out") {
   PgSchema s;
   LogDir logs;
   HostArgs pa;
@@ -432,8 +433,7 @@ TEST_CASE("shared hosts: a paused host loses its lease, its task completes elsew
   const long a_pid = a.pid();
   a.stop();
   b.stop();
-  const Accounting acc =
-      check_exactly_once(s, {logs.log("paused"), logs.log("other")}, {}, 1);
+  const Accounting acc = check_exactly_once(s, {logs.log("paused"), logs.log("other")}, {}, 1);
   CHECK(acc.executions == 2);
   CHECK(acc.fenced == 1);
   // The row keeps the other host's result, not the paused one's.

@@ -176,17 +176,17 @@ std::optional<CleanupReport> Attempt::run(const RecordPtr& rec, ServicePool::Lea
   // max_interrupted_attempts + 1 times however it dies. The wait costs a
   // commit per attempt, which only recovered tasks pay.
   //
-  // A shared queue's task (claim_check_) waits for that commit always, then
-  // renews its claim: an attempt that ran is counted in the row (a host
-  // that rescues the task after this host died runs the next attempt, never
-  // this one again), and one whose claim was lost while it waited here (the
-  // started write refused by the fence) does not run at all.
+  // A shared queue's task (claim_check_) waits for that commit always: an
+  // attempt that ran is counted in the row (a host that rescues the task
+  // after this host died runs the next attempt, never this one again); and
+  // one whose claim was lost while it waited here (the started write
+  // refused by the fence: no round trip to ask) does not run at all.
   bool lost_before = false;
   if (rec->recovered.load() || claim_check_) {
     scheduler_.outbox().drain(/*wait=*/true);
     journal_.flush();
   }
-  if (claim_check_ && !claim_check_(rec->id())) lost_before = true;
+  if (claim_held_ && !claim_held_(rec->id())) lost_before = true;
   std::exception_ptr err;
   if (!lost_before) {
     try {

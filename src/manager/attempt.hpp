@@ -50,7 +50,14 @@ class Attempt {
   // applied, whether this host still holds the task's claim. One it lost
   // (another host took the task over) ends here cancelled, its result
   // discarded (its writes are fenced out of the store anyway).
-  void set_claim_check(std::function<bool(const std::string&)> f) { claim_check_ = std::move(f); }
+  // `held` (Cluster::holds): after the attempt's `started` write was
+  // committed, whether the claim is still this host's (that write was
+  // fenced: refused when the claim was lost while the task waited here).
+  void set_claim_check(std::function<bool(const std::string&)> confirm,
+                       std::function<bool(const std::string&)> held) {
+    claim_check_ = std::move(confirm);
+    claim_held_ = std::move(held);
+  }
 
  private:
   class Context;
@@ -61,6 +68,7 @@ class Attempt {
       REQUIRES(!scheduler_lock);
 
   std::function<bool(const std::string&)> claim_check_;
+  std::function<bool(const std::string&)> claim_held_;
   const Config& config_;
   std::shared_ptr<const Clock> clock_;
   Scheduler& scheduler_;

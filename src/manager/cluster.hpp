@@ -56,6 +56,10 @@ class Cluster {
   // when the claim was lost (another host rescued the task): the result is
   // discarded.
   bool confirm(const std::string& id) REQUIRES(!scheduler_lock);
+  // Whether this host holds the task's claim as far as it knows (no round
+  // trip): false once a fenced write of it was refused, or a heartbeat
+  // found it lost.
+  bool holds(const std::string& id) const { return queue_.fence_of(id) != 0; }
 
   ClusterStatus status() REQUIRES(!scheduler_lock) { return queue_.cluster(); }
 

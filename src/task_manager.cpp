@@ -357,8 +357,19 @@ void TaskManager::Impl::close() {
     // first): nothing the library does calls host code after close() returns.
     timers_.stop();
     // A shared queue: no more claims; what was claimed and did not start
-    // goes back for the other hosts.
-    if (cluster_) cluster_->stop();
+    // goes back for the other hosts, once this host's writes of those
+    // tasks are in (a write after the give-back would be refused by the
+    // fence: a backing-off task's `retried` then stays with the claim, and
+    // the task waits for its lease to run out).
+    if (cluster_) {
+      outbox_.drain(true);
+      try {
+        journal_.flush();
+      } catch (const std::exception&) {
+        // told by the flush below, which tries once more
+      }
+      cluster_->stop();
+    }
     // The instances go now, while reads still work: a host's destroy_instance
     // may call the manager (instances of attempts still running were waited
     // for above; none is created after close).

@@ -680,3 +680,46 @@ TEST_CASE("shared queue: taskmgr_cluster gives the cluster view as strict JSON t
   // Closed: its row says so.
   CHECK(s.text("SELECT closed_at IS NOT NULL FROM task_hosts") == "t");
 }
+
+TEST_CASE("shared queue: close gives back a task backing off before its retry, for any host at once") {
+  PgSchema s;
+  std::atomic<int> runs{0};
+  auto options = [&](const std::string& host) {
+    TaskManagerOptions o;
+    o.builtin_ocr = false;
+    o.log_sink = [](LogLevel, std::string_view) {};
+    o.services.push_back(make_function_service("svc", [&, host](TaskContext& ctx) {
+      ++runs;
+      if (ctx.attempt() == 1) throw OutOfMemoryError("first attempt: out of memory");
+      ctx.set_result("{\"by\":\"" + host + "\"}");
+    }));
+    return o;
+  };
+  Config c = shared_config(s, "a");
+  c.tasks.retry.backoff_base_seconds = 600;  // A would wait 10 minutes to retry it
+  c.tasks.retry.backoff_max_seconds = 600;
+  c.tasks.retry.backoff_jitter = 0;
+  auto a = std::make_unique<TaskManager>(c, options("a"));
+  TaskCreateRequest r;
+  r.service = "svc";
+  r.start = true;
+  const std::string id = a->create_task(r).id;
+  for (int i = 0; i < 3000 && s.scalar("SELECT count(*) FROM task_events WHERE event_type = "
+                                       "'retried' AND task_id = '" + id + "'") == 0;
+       ++i)
+    std::this_thread::sleep_for(10ms);
+  REQUIRE(runs.load() == 1);
+  a->close();
+  // Given back: queued, no claim, its attempt counted.
+  CHECK(s.text("SELECT status FROM tasks WHERE id = '" + id + "'") == "queued");
+  CHECK(s.text("SELECT claimed_by IS NULL FROM tasks WHERE id = '" + id + "'") == "t");
+  CHECK(s.scalar("SELECT attempt FROM tasks WHERE id = '" + id + "'") == 1);
+  // B runs it now, not after A's lease or backoff.
+  auto b = std::make_unique<TaskManager>(shared_config(s, "b"), options("b"));
+  const auto done = b->wait_task(id, 60s);
+  REQUIRE(done);
+  CHECK(done->status == TaskStatus::kCompleted);
+  CHECK(done->attempt == 2);
+  CHECK(done->result == "{\"by\":\"b\"}");
+  b->close();
+}

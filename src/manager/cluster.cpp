@@ -54,13 +54,18 @@ void Cluster::stop() {
   }
   queue_.wake();
   if (thread_.joinable()) thread_.join();
-  // The tasks claimed here and not started go back to the queue.
+  // The tasks claimed here and waiting (queued, or backing off before a
+  // retry: close stopped its timer) go back to the queue, for any host now
+  // rather than after their leases run out.
   std::vector<std::string> waiting;
   {
     SchedulerLock g(scheduler_.mutex());
     for (const std::string& d : devices_.ids()) {
       for (const QueuedTask& q : scheduler_.queue().snapshot(d)) waiting.push_back(q.task_id);
     }
+    scheduler_.records().for_each([&waiting](const RecordPtr& r) REQUIRES(scheduler_lock) {
+      if (r->phase() == Phase::kBackoff) waiting.push_back(r->id());
+    });
   }
   try {
     queue_.release(waiting);

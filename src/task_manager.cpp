@@ -250,6 +250,7 @@ TaskManager::Impl::Impl(Config config, TaskManagerOptions options)
                                          placement_, registry_, *devices_, temp_dirs_, log_);
     Cluster* c = cluster_.get();
     intake_.set_shared(c);
+    monitor_.set_cluster(c);
     attempt_.set_claim_check([c](const std::string& id)
                                  REQUIRES(!scheduler_lock) { return c->confirm(id); },
                              [c](const std::string& id) { return c->holds(id); });

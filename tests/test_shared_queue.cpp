@@ -681,7 +681,8 @@ TEST_CASE("shared queue: taskmgr_cluster gives the cluster view as strict JSON t
   CHECK(s.text("SELECT closed_at IS NOT NULL FROM task_hosts") == "t");
 }
 
-TEST_CASE("shared queue: close gives back a task backing off before its retry, for any host at once") {
+TEST_CASE(
+    "shared queue: close gives back a task backing off before its retry, for any host at once") {
   PgSchema s;
   std::atomic<int> runs{0};
   auto options = [&](const std::string& host) {
@@ -705,7 +706,8 @@ TEST_CASE("shared queue: close gives back a task backing off before its retry, f
   r.start = true;
   const std::string id = a->create_task(r).id;
   for (int i = 0; i < 3000 && s.scalar("SELECT count(*) FROM task_events WHERE event_type = "
-                                       "'retried' AND task_id = '" + id + "'") == 0;
+                                       "'retried' AND task_id = '" +
+                                       id + "'") == 0;
        ++i)
     std::this_thread::sleep_for(10ms);
   REQUIRE(runs.load() == 1);
@@ -722,4 +724,64 @@ TEST_CASE("shared queue: close gives back a task backing off before its retry, f
   CHECK(done->attempt == 2);
   CHECK(done->result == "{\"by\":\"b\"}");
   b->close();
+}
+
+TEST_CASE("shared queue: a rescue and a lost claim are counted in each host's metrics") {
+  PgSchema s;
+  Gate gate;
+  std::atomic<int> a_runs{0};
+  TaskManagerOptions oa;
+  oa.builtin_ocr = false;
+  oa.log_sink = [](LogLevel, std::string_view) {};
+  oa.services.push_back(make_function_service("svc", [&](TaskContext& ctx) {
+    ++a_runs;
+    gate.wait();
+    ctx.set_result("{\"by\":\"a\"}");
+  }));
+  Config ca = shared_config(s, "a");
+  // A heartbeats at open, then not for 5 minutes: its lease is made to run
+  // out below, and nothing of A renews it meanwhile.
+  ca.storage.cluster.lease_seconds = 600;
+  ca.storage.cluster.heartbeat_seconds = 300;
+  auto a = std::make_unique<TaskManager>(ca, oa);
+  TaskCreateRequest r;
+  r.service = "svc";
+  r.start = true;
+  const std::string id = a->create_task(r).id;
+  while (a_runs.load() == 0) std::this_thread::sleep_for(1ms);
+  // A stands still as far as the table tells: its lease has run out.
+  s.exec("UPDATE tasks SET lease_expires_at = (now() AT TIME ZONE 'UTC') - interval '1 second'");
+  TaskManagerOptions ob;
+  ob.builtin_ocr = false;
+  ob.log_sink = [](LogLevel, std::string_view) {};
+  ob.services.push_back(
+      make_function_service("svc", [&](TaskContext& ctx) { ctx.set_result("{\"by\":\"b\"}"); }));
+  auto b = std::make_unique<TaskManager>(shared_config(s, "b"), ob);
+  const auto done = b->wait_task(id, 60s);
+  REQUIRE(done);
+  CHECK(done->status == TaskStatus::kCompleted);
+  CHECK(done->attempt == 2);
+  CHECK(done->result == "{\"by\":\"b\"}");
+  CHECK(b->get_task_metrics().tasks_rescued == 1);
+  CHECK(b->get_task_metrics().lost_claims == 0);
+  CHECK(s.scalar("SELECT count(*) FROM task_events WHERE event_type = 'retried' AND "
+                 "details->>'reason' = 'host_lost'") == 1);
+  // A finishes late: its result is discarded, the claim counted lost.
+  gate.open();
+  for (int i = 0; i < 3000 && a->get_task_metrics().lost_claims == 0; ++i)
+    std::this_thread::sleep_for(5ms);
+  const TaskMetrics m = a->get_task_metrics();
+  CHECK(m.lost_claims == 1);
+  CHECK(m.tasks_rescued == 0);
+  CHECK(m.to_json().find("\"lost_claims\":1") != std::string::npos);
+  CHECK(m.to_prometheus().find("taskmgr_lost_claims_total 1") != std::string::npos);
+  // A's own view of the task is the row's: B's result.
+  const auto seen = a->wait_task(id, 60s);
+  REQUIRE(seen);
+  CHECK(seen->result == "{\"by\":\"b\"}");
+  CHECK(seen->host == "b");
+  a->close();
+  b->close();
+  CHECK(s.text("SELECT result FROM tasks WHERE id = '" + id + "'") == "{\"by\":\"b\"}");
+  CHECK(s.scalar("SELECT count(*) FROM task_events WHERE event_type = 'completed'") == 1);
 }

@@ -239,9 +239,10 @@ Accounting check_exactly_once(PgSchema& s, const std::vector<std::string>& logs,
     }
   }
   // No attempt ran on two hosts.
-  for (const auto& [ta, pids] : runners)
-    CHECK_MESSAGE(pids.size() == 1, "attempt " << ta.second << " of " << ta.first << " ran in "
-                                               << pids.size() << " processes");
+  for (const auto& r : runners)  // not a structured binding: clang 14 cannot capture one
+    CHECK_MESSAGE(r.second.size() == 1, "attempt " << r.first.second << " of " << r.first.first
+                                                   << " ran in " << r.second.size()
+                                                   << " processes");
   // Every started execution ended, unless its process was killed.
   for (const auto& k : started)
     if (!killed.count(std::get<2>(k)))

@@ -466,9 +466,9 @@ TEST_CASE("shared queue: two managers share one queue and run every task exactly
     }
   }
   CHECK(per_task.size() == 200);
-  for (const auto& [id, n] : per_task) {
-    CAPTURE(id);
-    CHECK(n == 1);
+  for (const auto& task_runs : per_task) {  // not a structured binding: clang 14 cannot capture one
+    CAPTURE(task_runs.first);
+    CHECK(task_runs.second == 1);
   }
   CHECK(hosts.size() == 2);  // both hosts claimed work
   a->close();

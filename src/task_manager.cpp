@@ -598,7 +598,11 @@ void TaskManager::Impl::delete_task(const std::string& id) {
       }
       g.wait_with([this](std::unique_lock<std::mutex>& lk) { scheduler_.done_cv().wait(lk); });
     }
-    if (RecordPtr rec = scheduler_.records().find(id)) {
+    RecordPtr rec = scheduler_.records().find(id);
+    // A shared queue's task that ended here is judged by its row: another
+    // host may have retried it since.
+    if (rec && cluster_ && rec->phase() == Phase::kDone) rec.reset();
+    if (rec) {
       // A record not done yet may still have its cleanup to come.
       Task t = rec->task;
       if (rec->phase() != Phase::kDone && is_terminal(t.status))
@@ -630,8 +634,13 @@ void TaskManager::Impl::delete_task(const std::string& id) {
     }
   }
   if (journal_.delete_tasks({id}) == 0) {
-    if (!journal_.load_task(id)) {
+    std::optional<Task> now = journal_.load_task(id);
+    if (!now) {
       throw Error(ErrorCode::kNotFound, "unknown task id '" + id + "' (deleted meanwhile)");
+    }
+    // Changed meanwhile (a shared queue: another host retried it).
+    if (std::string why = not_deletable(*now); !why.empty()) {
+      throw Error(ErrorCode::kInvalidState, why);
     }
     const StoreStats st = journal_.stats();
     if (st.unpersisted() > 0) {
@@ -826,7 +835,11 @@ bool TaskManager::cancel_task(const std::string& id) {
   DrainOnExit d{impl_->outbox_};
   {
     SchedulerLock g(impl_->scheduler_.mutex());
-    if (RecordPtr rec = impl_->scheduler_.records().find(id)) return impl_->scheduler_.cancel(rec);
+    RecordPtr rec = impl_->scheduler_.records().find(id);
+    // A shared queue's task that ended here is judged by its row: another
+    // host may have retried it since.
+    if (rec && impl_->cluster_ && rec->phase() == Phase::kDone) rec.reset();
+    if (rec) return impl_->scheduler_.cancel(rec);
   }
   if (impl_->cluster_) return impl_->cluster_->cancel(id);  // in the shared table, or elsewhere
   if (impl_->journal_.load_task(id)) return false;          // ended long ago
@@ -849,7 +862,9 @@ Task TaskManager::set_task_priority(const std::string& id, int priority) {
   std::optional<Task> changed;
   {
     SchedulerLock g(impl_->scheduler_.mutex());
-    if (RecordPtr rec = impl_->scheduler_.records().find(id)) {
+    RecordPtr rec = impl_->scheduler_.records().find(id);
+    if (rec && impl_->cluster_ && rec->phase() == Phase::kDone) rec.reset();  // as cancel_task
+    if (rec) {
       Task t = impl_->scheduler_.set_priority(rec, priority);
       t.input.data.clear();
       changed = std::move(t);

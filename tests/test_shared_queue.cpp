@@ -785,3 +785,156 @@ TEST_CASE("shared queue: a rescue and a lost claim are counted in each host's me
   CHECK(s.text("SELECT result FROM tasks WHERE id = '" + id + "'") == "{\"by\":\"b\"}");
   CHECK(s.scalar("SELECT count(*) FROM task_events WHERE event_type = 'completed'") == 1);
 }
+
+TEST_CASE(
+    "shared queue: a retry on one host and a delete on another of one ended task: exactly one "
+    "wins") {
+  PgSchema s;
+  auto open = [&](const std::string& host) {
+    TaskManagerOptions o;
+    o.builtin_ocr = false;
+    o.log_sink = [](LogLevel, std::string_view) {};
+    o.services.push_back(make_function_service("svc", [](TaskContext& ctx) {
+      if (ctx.attempt() == 1) throw InvalidInputError("the first attempt fails");
+    }));
+    Config c = shared_config(s, host);
+    c.tasks.retry.max_attempts = 1;
+    return std::make_unique<TaskManager>(c, o);
+  };
+  auto a = open("a");
+  auto b = open("b");
+  int retried = 0;
+  int deleted = 0;
+  for (int round = 0; round < 20; ++round) {
+    CAPTURE(round);
+    TaskCreateRequest r;
+    r.service = "svc";
+    r.start = true;
+    const std::string id = a->create_task(r).id;
+    const auto failed = a->wait_task(id, 60s);
+    REQUIRE(failed);
+    REQUIRE(failed->status == TaskStatus::kFailed);
+    std::atomic<int> ready{0};
+    std::optional<ErrorCode> retry_error;
+    std::optional<ErrorCode> delete_error;
+    std::thread t1([&] {
+      ++ready;
+      while (ready.load() < 2) {
+      }
+      try {
+        (round % 2 == 0 ? b : a)->retry_task(id);
+      } catch (const Error& e) {
+        retry_error = e.code();
+      }
+    });
+    std::thread t2([&] {
+      ++ready;
+      while (ready.load() < 2) {
+      }
+      try {
+        (round % 2 == 0 ? a : b)->delete_task(id);
+      } catch (const Error& e) {
+        delete_error = e.code();
+      }
+    });
+    t1.join();
+    t2.join();
+    // Exactly one of them succeeded, and the other says why.
+    CHECK(retry_error.has_value() != delete_error.has_value());
+    if (!retry_error) {
+      ++retried;
+      CHECK(*delete_error == ErrorCode::kInvalidState);
+      const auto done = b->wait_task(id, 60s);
+      REQUIRE(done);
+      CHECK(done->status == TaskStatus::kCompleted);
+      CHECK(s.scalar("SELECT count(*) FROM tasks WHERE id = '" + id + "'") == 1);
+    } else {
+      ++deleted;
+      CHECK(*retry_error == ErrorCode::kNotFound);
+      CHECK(s.scalar("SELECT count(*) FROM tasks WHERE id = '" + id + "'") == 0);
+      CHECK(s.scalar("SELECT count(*) FROM task_events WHERE task_id = '" + id + "'") == 0);
+      CHECK_THROWS_AS(a->get_task(id), Error);
+      CHECK_THROWS_AS(b->get_task(id), Error);
+    }
+  }
+  MESSAGE(retried << " retried, " << deleted << " deleted");
+  a->close();
+  b->close();
+}
+
+TEST_CASE("shared queue: controls on a host whose copy of an ended task is stale act on the row") {
+  PgSchema s;
+  TaskManagerOptions oa;
+  oa.builtin_ocr = false;
+  oa.log_sink = [](LogLevel, std::string_view) {};
+  oa.services.push_back(make_function_service(
+      "svc", [](TaskContext&) { throw InvalidInputError("this attempt fails"); }));
+  Config ca = shared_config(s, "a");
+  ca.tasks.retry.max_attempts = 1;
+  auto a = std::make_unique<TaskManager>(ca, oa);
+  TaskCreateRequest r;
+  r.service = "svc";
+  r.start = true;
+  const std::string id = a->create_task(r).id;
+  REQUIRE(a->wait_task(id, 60s)->status == TaskStatus::kFailed);
+  for (int i = 0; i < 2000 && s.text("SELECT resource_cleanup_completed FROM tasks WHERE id = '" +
+                                     id + "'") != "t";
+       ++i)
+    std::this_thread::sleep_for(5ms);
+  a->pause(PauseScope::kService, "svc");  // A claims it no more
+  // B (which does not run the kind) retries it: queued in the table, unclaimed.
+  TaskManagerOptions ob;
+  ob.builtin_ocr = false;
+  ob.log_sink = [](LogLevel, std::string_view) {};
+  auto b = std::make_unique<TaskManager>(shared_config(s, "b"), ob);
+  CHECK(b->retry_task(id).status == TaskStatus::kQueued);
+  // A's own copy says failed; its controls act on the row.
+  CHECK(a->get_task(id).status == TaskStatus::kQueued);
+  CHECK(a->set_task_priority(id, 4).priority == 4);
+  CHECK(s.scalar("SELECT priority FROM tasks WHERE id = '" + id + "'") == 4);
+  CHECK_THROWS_WITH_AS(a->start_task(id), doctest::Contains("is queued"), Error);
+  CHECK_THROWS_WITH_AS(a->delete_task(id), doctest::Contains("is queued"), Error);
+  CHECK(a->cancel_task(id));
+  CHECK(s.text("SELECT status FROM tasks WHERE id = '" + id + "'") == "cancelled");
+  CHECK_FALSE(a->cancel_task(id));  // ended now
+  a->delete_task(id);
+  CHECK(s.scalar("SELECT count(*) FROM tasks") == 0);
+  a->close();
+  b->close();
+}
+
+TEST_CASE("shared queue: close gives back a task it interrupted, for any host at once") {
+  PgSchema s;
+  std::atomic<int> a_runs{0};
+  TaskManagerOptions oa;
+  oa.builtin_ocr = false;
+  oa.log_sink = [](LogLevel, std::string_view) {};
+  oa.services.push_back(make_function_service("svc", [&](TaskContext& ctx) {
+    ++a_runs;
+    while (!ctx.cancelled()) std::this_thread::sleep_for(1ms);  // stops when asked
+    ctx.throw_if_cancelled();
+  }));
+  Config ca = shared_config(s, "a");
+  ca.tasks.close_grace_seconds = 0.2;
+  auto a = std::make_unique<TaskManager>(ca, oa);
+  TaskCreateRequest r;
+  r.service = "svc";
+  r.start = true;
+  const std::string id = a->create_task(r).id;
+  while (a_runs.load() == 0) std::this_thread::sleep_for(1ms);
+  a->close();
+  // Given back: queued, no claim.
+  CHECK(s.text("SELECT status FROM tasks WHERE id = '" + id + "'") == "queued");
+  CHECK(s.text("SELECT claimed_by IS NULL FROM tasks WHERE id = '" + id + "'") == "t");
+  TaskManagerOptions ob;
+  ob.builtin_ocr = false;
+  ob.log_sink = [](LogLevel, std::string_view) {};
+  ob.services.push_back(
+      make_function_service("svc", [](TaskContext& ctx) { ctx.set_result("{\"by\":\"b\"}"); }));
+  auto b = std::make_unique<TaskManager>(shared_config(s, "b"), ob);
+  const auto done = b->wait_task(id, 60s);
+  REQUIRE(done);
+  CHECK(done->status == TaskStatus::kCompleted);
+  CHECK(done->result == "{\"by\":\"b\"}");
+  b->close();
+}

@@ -181,7 +181,11 @@ Task Intake::start(const std::string& id, const TaskStartRequest& p) {
   bool known = false;
   {
     SchedulerLock g(scheduler_.mutex());
-    if (RecordPtr rec = scheduler_.records().find(id)) {
+    RecordPtr rec = scheduler_.records().find(id);
+    // A shared queue's task that ended here is judged by its row: another
+    // host may have retried it since.
+    if (rec && cluster_ != nullptr && rec->phase() == Phase::kDone) rec.reset();
+    if (rec) {
       known = true;
       const Task& t = rec->task;
       plan.priority = p.priority.value_or(t.priority);

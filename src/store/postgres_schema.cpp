@@ -911,7 +911,11 @@ std::size_t delete_ended(pg::Conn& c, const TaskLayout& l,
   c.exec_script(
       "CREATE TEMP TABLE IF NOT EXISTS taskmgr_prune (id TEXT PRIMARY KEY) ON COMMIT DELETE ROWS");
   c.exec_script("DELETE FROM taskmgr_prune");
-  c.exec("INSERT INTO taskmgr_prune " + sql + " ON CONFLICT DO NOTHING", p);
+  // FOR UPDATE: a change of a row under way (another host's retry of the
+  // task, in a shared queue) ends first, and a row it queued again is not
+  // deleted; one that changes it after waits for this delete (and finds the
+  // task gone).
+  c.exec("INSERT INTO taskmgr_prune " + sql + " FOR UPDATE OF tasks ON CONFLICT DO NOTHING", p);
   const std::string gone = " IN (SELECT id FROM taskmgr_prune)";
   c.exec_script("DELETE FROM task_metrics WHERE task_id" + gone);
   c.exec_script("DELETE FROM task_events WHERE task_id" + gone);

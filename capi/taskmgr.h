@@ -162,6 +162,7 @@ TASKMGR_API int taskmgr_describe_document(const char* path, int dpi, char** out_
 #define TASKMGR_REASON_POOL_EXHAUSTED 11
 #define TASKMGR_REASON_DEVICE_UNAVAILABLE 12
 #define TASKMGR_REASON_MEMORY_LIMIT_EXCEEDED 13
+#define TASKMGR_REASON_HOST_LOST 14
 
 /* Event type. */
 #define TASKMGR_EVENT_CREATED 0
@@ -611,6 +612,19 @@ TASKMGR_API int taskmgr_get_metrics_prometheus(taskmgr_manager* manager, char** 
  * processing_time_s, device, warnings. */
 TASKMGR_API int taskmgr_get_task_health(taskmgr_manager* manager, const char* task_id,
                                         char** out_json);
+
+/* The cluster of a shared queue (storage.shared: docs/SCALING.md) as JSON:
+ * {"host_id" (this host), "queued" (waiting for any host to claim them),
+ * "pending", "hosts": [{"id", "host_name", "pid", "started_at",
+ * "heartbeat_at", "lease_seconds", "closed_at" (null while open), "state"
+ * ("alive", "lost": no heartbeat for longer than its lease, or "closed"),
+ * "lost", "claimed", "running", "report" (what the host reported at its last
+ * heartbeat: "host_name", "devices" (id, total_mb, free_mb, available),
+ * "running", "queued", "workers", "lost_claims", "rescued")}]}, read from
+ * the shared tables. *out_json: free with taskmgr_free.
+ * Errors: TASKMGR_E_UNSUPPORTED (the store is not shared), TASKMGR_E_IO
+ * (the database cannot be read), TASKMGR_E_INVALID_STATE (closed). */
+TASKMGR_API int taskmgr_cluster(taskmgr_manager* manager, char** out_json);
 
 /* ---- Devices --------------------------------------------------------------- */
 

@@ -82,6 +82,7 @@ static_assert(TASKMGR_REASON_OUT_OF_MEMORY ==
               static_cast<int>(taskmgr::TaskFailureReason::kOutOfMemory));
 static_assert(TASKMGR_REASON_MEMORY_LIMIT_EXCEEDED ==
               static_cast<int>(taskmgr::TaskFailureReason::kMemoryLimitExceeded));
+static_assert(TASKMGR_REASON_HOST_LOST == static_cast<int>(taskmgr::TaskFailureReason::kHostLost));
 static_assert(TASKMGR_EVENT_CREATED == static_cast<int>(taskmgr::TaskEvent::kCreated));
 static_assert(TASKMGR_EVENT_DEVICE_FALLBACK ==
               static_cast<int>(taskmgr::TaskEvent::kDeviceFallback));
@@ -561,7 +562,7 @@ const char* taskmgr_task_status_name(int status) {
   return enum_name<taskmgr::TaskStatus>(status, TASKMGR_TASK_UNRECOGNIZED);
 }
 const char* taskmgr_failure_reason_name(int reason) {
-  return enum_name<taskmgr::TaskFailureReason>(reason, TASKMGR_REASON_MEMORY_LIMIT_EXCEEDED);
+  return enum_name<taskmgr::TaskFailureReason>(reason, TASKMGR_REASON_HOST_LOST);
 }
 const char* taskmgr_event_name(int event) {
   return enum_name<taskmgr::TaskEvent>(event, TASKMGR_EVENT_DELETED);
@@ -1107,6 +1108,16 @@ int taskmgr_get_task_health(taskmgr_manager* manager, const char* task_id, char*
     char** out = checked_out(out_json, fn, "out_json");
     const std::string id = task_id_arg(task_id, fn);
     set_out(out, tm.get_task_health(id).to_json());
+  });
+}
+
+int taskmgr_cluster(taskmgr_manager* manager, char** out_json) {
+  return guarded([&] {
+    if (out_json != nullptr) *out_json = nullptr;
+    constexpr const char* fn = "taskmgr_cluster";
+    auto& tm = manager_of(manager, fn);
+    char** out = checked_out(out_json, fn, "out_json");
+    set_out(out, taskmgr::to_json(tm.cluster()));
   });
 }
 

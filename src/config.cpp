@@ -337,6 +337,15 @@ Config parse_document(const YAML::Node& root, std::unordered_map<std::string, in
     pg.read("connect_timeout_seconds", k.connect_timeout_seconds);
     pg.read("allow_other_tables", k.allow_other_tables);
     pg.finish();
+    s.read("shared", c.storage.shared);
+    MapReader cl = s.child("cluster");
+    auto& h = c.storage.cluster;
+    cl.read("host_name", h.host_name);
+    cl.read("lease_seconds", h.lease_seconds);
+    cl.read("heartbeat_seconds", h.heartbeat_seconds);
+    cl.read("poll_seconds", h.poll_seconds);
+    cl.read("rescue_batch", h.rescue_batch);
+    cl.finish();
     s.finish();
   }
   {
@@ -688,6 +697,50 @@ void Config::validate() const {
     }
     check_positive("storage.postgres.connect_timeout_seconds", p.connect_timeout_seconds);
   }
+  if (storage.shared && storage.url.empty()) {
+    invalid("storage.shared",
+            "needs storage.url: hosts share a queue in a PostgreSQL database (a SQLite file "
+            "is one process's)");
+  }
+  {
+    const auto& h = storage.cluster;
+    if (h.host_name.size() > 100) {
+      invalid("storage.cluster.host_name",
+              "must be at most 100 bytes, got " + std::to_string(h.host_name.size()));
+    }
+    if (auto at = detail::invalid_utf8_at(h.host_name)) {
+      invalid("storage.cluster.host_name",
+              "must be UTF-8 text, got an invalid byte at offset " + std::to_string(*at));
+    }
+    for (std::size_t i = 0; i < h.host_name.size(); ++i) {
+      const auto ch = static_cast<unsigned char>(h.host_name[i]);
+      if (ch < 0x20 || ch == 0x7F) {
+        invalid("storage.cluster.host_name", "must not contain control characters, got byte " +
+                                                 std::to_string(ch) + " at offset " +
+                                                 std::to_string(i));
+      }
+    }
+    check_positive("storage.cluster.lease_seconds", h.lease_seconds);
+    check_positive("storage.cluster.heartbeat_seconds", h.heartbeat_seconds);
+    check_positive("storage.cluster.poll_seconds", h.poll_seconds);
+    if (h.lease_seconds > 86400) {
+      invalid("storage.cluster.lease_seconds",
+              "must be at most 86400, got " + num(h.lease_seconds));
+    }
+    if (h.poll_seconds > 3600) {
+      invalid("storage.cluster.poll_seconds", "must be at most 3600, got " + num(h.poll_seconds));
+    }
+    if (h.heartbeat_seconds > h.lease_seconds / 2) {
+      invalid("storage.cluster.heartbeat_seconds",
+              "must be at most half of storage.cluster.lease_seconds (" + num(h.lease_seconds) +
+                  "): a lease is renewed at least twice before it runs out; got " +
+                  num(h.heartbeat_seconds));
+    }
+    if (h.rescue_batch < 1 || h.rescue_batch > 100000) {
+      invalid("storage.cluster.rescue_batch",
+              "must be in [1, 100000], got " + std::to_string(h.rescue_batch));
+    }
+  }
   if (!storage.url.empty() && storage.allow_other_tables) {
     invalid("storage.allow_other_tables",
             "applies to the SQLite store only; with storage.url use "
@@ -977,6 +1030,14 @@ std::string Config::to_yaml() const {
   e << YAML::Key << "connect_timeout_seconds" << YAML::Value
     << storage.postgres.connect_timeout_seconds;
   e << YAML::Key << "allow_other_tables" << YAML::Value << storage.postgres.allow_other_tables;
+  e << YAML::EndMap;
+  e << YAML::Key << "shared" << YAML::Value << storage.shared;
+  e << YAML::Key << "cluster" << YAML::Value << YAML::BeginMap;
+  e << YAML::Key << "host_name" << YAML::Value << storage.cluster.host_name;
+  e << YAML::Key << "lease_seconds" << YAML::Value << storage.cluster.lease_seconds;
+  e << YAML::Key << "heartbeat_seconds" << YAML::Value << storage.cluster.heartbeat_seconds;
+  e << YAML::Key << "poll_seconds" << YAML::Value << storage.cluster.poll_seconds;
+  e << YAML::Key << "rescue_batch" << YAML::Value << storage.cluster.rescue_batch;
   e << YAML::EndMap;
   e << YAML::EndMap;
 

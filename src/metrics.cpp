@@ -108,7 +108,9 @@ std::string TaskMetrics::to_json() const {
                    {"internal_errors", internal_errors},
                    {"events_published", events_published},
                    {"events_dropped", events_dropped},
-                   {"callback_errors", callback_errors}};
+                   {"callback_errors", callback_errors},
+                   {"lost_claims", lost_claims},
+                   {"tasks_rescued", tasks_rescued}};
   o["store"] = {{"commits", store.commits},
                 {"writes", store.writes},
                 {"failed_writes", store.failed_writes},
@@ -195,6 +197,8 @@ std::string TaskMetrics::to_prometheus() const {
       {"events_published_total", events_published},
       {"events_dropped_total", events_dropped},
       {"callback_errors_total", callback_errors},
+      {"lost_claims_total", lost_claims},
+      {"tasks_rescued_total", tasks_rescued},
       {"store_commits_total", store.commits},
       {"store_writes_total", store.writes},
       {"store_failed_writes_total", store.failed_writes},

@@ -38,6 +38,7 @@ constexpr std::pair<TaskFailureReason, std::string_view> kReasonNames[] = {
     {TaskFailureReason::kPoolExhausted, "pool_exhausted"},
     {TaskFailureReason::kDeviceUnavailable, "device_unavailable"},
     {TaskFailureReason::kMemoryLimitExceeded, "memory_limit_exceeded"},
+    {TaskFailureReason::kHostLost, "host_lost"},
 };
 
 constexpr std::pair<TaskEvent, std::string_view> kEventNames[] = {
@@ -231,6 +232,8 @@ std::string to_json(const Task& t) {
   o["assigned_device"] = opt(t.assigned_device);
   o["service_instance_id"] = opt(t.service_instance_id);
   o["resource_cleanup_completed"] = t.resource_cleanup_completed;
+  o["requested_device"] = opt(t.requested_device);
+  o["host"] = opt(t.host);
   boost::json::object extra;
   for (const auto& [k, v] : t.extra) extra[text(k)] = text(v);
   o["extra"] = std::move(extra);

@@ -13,6 +13,7 @@
 #include "log_internal.hpp"
 #include "manager/admission.hpp"
 #include "manager/attempt.hpp"
+#include "manager/cluster.hpp"
 #include "manager/dispatcher.hpp"
 #include "manager/intake.hpp"
 #include "manager/journal.hpp"
@@ -72,6 +73,8 @@ PostgresStoreOptions postgres_options(const StorageConfig& c) {
   o.allow_other_tables = c.postgres.allow_other_tables;
   o.max_backlog = static_cast<std::size_t>(c.max_backlog);
   o.adopt = adopt_options(c);
+  o.shared = c.shared;
+  o.cluster = c.cluster;
   return o;
 }
 
@@ -104,6 +107,8 @@ class TaskManager::Impl {
   PoolSettings resize_pool(const std::string& service, const std::string& device, int min, int max)
       REQUIRES(!scheduler_lock);
   std::optional<Task> wait_task(const std::string& id, Duration timeout) REQUIRES(!scheduler_lock);
+  std::optional<Task> wait_task_here(const std::string& id, Duration timeout)
+      REQUIRES(!scheduler_lock);
   bool wait_idle(Duration timeout) REQUIRES(!scheduler_lock);
   void schedule_sweep();
 
@@ -128,6 +133,8 @@ class TaskManager::Impl {
   Sweeper sweeper_;
   Monitor monitor_;
   Intake intake_;
+  // A shared queue (storage.shared): claims, heartbeats, rescue.
+  std::unique_ptr<Cluster> cluster_;
   const Duration sweep_interval_;
   // One pause or resume at a time: the store's rows and the scheduler's
   // pauses change in the same order.
@@ -235,7 +242,25 @@ TaskManager::Impl::Impl(Config config, TaskManagerOptions options)
     SchedulerLock g(scheduler_.mutex());
     scheduler_.restore_pauses(stored);
   }
-  recovery_.recover();
+  if (SharedQueue* shared = shared_queue_of(journal_.store())) {
+    // Several hosts share the queue: this host runs what it claims. Nothing
+    // is recovered at open (the tasks of a host that died, this one's
+    // earlier run too, are rescued once their leases run out).
+    cluster_ = std::make_unique<Cluster>(config_, clock_, *shared, scheduler_, dispatcher_,
+                                         placement_, registry_, *devices_, temp_dirs_, log_);
+    Cluster* c = cluster_.get();
+    intake_.set_shared(c);
+    monitor_.set_cluster(c);
+    attempt_.set_claim_check([c](const std::string& id)
+                                 REQUIRES(!scheduler_lock) { return c->confirm(id); },
+                             [c](const std::string& id) { return c->holds(id); });
+    dispatcher_.set_on_slot_free([c] { c->wake(); });
+    log_.write(LogLevel::kInfo, fmt::format("cluster: this host is {} in the shared queue of {}",
+                                            shared->host_id(), journal_.describe()));
+    cluster_->start();
+  } else {
+    recovery_.recover();
+  }
   recovery_.prune_retention();
   schedule_sweep();
 }
@@ -332,6 +357,20 @@ void TaskManager::Impl::close() {
     // No sweep or retry timer runs after close (a sweep in progress finishes
     // first): nothing the library does calls host code after close() returns.
     timers_.stop();
+    // A shared queue: no more claims; what was claimed and did not start
+    // goes back for the other hosts, once this host's writes of those
+    // tasks are in (a write after the give-back would be refused by the
+    // fence: a backing-off task's `retried` then stays with the claim, and
+    // the task waits for its lease to run out).
+    if (cluster_) {
+      outbox_.drain(true);
+      try {
+        journal_.flush();
+      } catch (const std::exception&) {
+        // told by the flush below, which tries once more
+      }
+      cluster_->stop();
+    }
     // The instances go now, while reads still work: a host's destroy_instance
     // may call the manager (instances of attempts still running were waited
     // for above; none is created after close).
@@ -379,7 +418,11 @@ void TaskManager::Impl::close() {
 Task TaskManager::Impl::get_task(const std::string& id) {
   {
     SchedulerLock g(scheduler_.mutex());
-    if (RecordPtr rec = scheduler_.records().find(id)) return rec->task;
+    if (RecordPtr rec = scheduler_.records().find(id)) {
+      // A shared queue's task that ended here is read from its row: any
+      // host may have changed it since (a retry, a rescue, a lost claim).
+      if (!cluster_ || rec->phase() != Phase::kDone) return rec->task;
+    }
   }
   outbox_.drain(true);
   if (auto t = journal_.load_task(id)) {
@@ -555,7 +598,11 @@ void TaskManager::Impl::delete_task(const std::string& id) {
       }
       g.wait_with([this](std::unique_lock<std::mutex>& lk) { scheduler_.done_cv().wait(lk); });
     }
-    if (RecordPtr rec = scheduler_.records().find(id)) {
+    RecordPtr rec = scheduler_.records().find(id);
+    // A shared queue's task that ended here is judged by its row: another
+    // host may have retried it since.
+    if (rec && cluster_ && rec->phase() == Phase::kDone) rec.reset();
+    if (rec) {
       // A record not done yet may still have its cleanup to come.
       Task t = rec->task;
       if (rec->phase() != Phase::kDone && is_terminal(t.status))
@@ -587,8 +634,13 @@ void TaskManager::Impl::delete_task(const std::string& id) {
     }
   }
   if (journal_.delete_tasks({id}) == 0) {
-    if (!journal_.load_task(id)) {
+    std::optional<Task> now = journal_.load_task(id);
+    if (!now) {
       throw Error(ErrorCode::kNotFound, "unknown task id '" + id + "' (deleted meanwhile)");
+    }
+    // Changed meanwhile (a shared queue: another host retried it).
+    if (std::string why = not_deletable(*now); !why.empty()) {
+      throw Error(ErrorCode::kInvalidState, why);
     }
     const StoreStats st = journal_.stats();
     if (st.unpersisted() > 0) {
@@ -617,6 +669,41 @@ void TaskManager::Impl::delete_task(const std::string& id) {
 }
 
 std::optional<Task> TaskManager::Impl::wait_task(const std::string& id, Duration timeout) {
+  if (!cluster_) return wait_task_here(id, timeout);
+  // A shared queue: the task may run on another host (or be claimed here
+  // meanwhile): this host's record when it holds one, else the store's row,
+  // read again until it has ended and its cleanup is recorded.
+  const SteadyTime deadline = clock_->steady_now() + timeout;
+  Duration slice = std::chrono::milliseconds(5);
+  for (;;) {
+    const SteadyTime now = clock_->steady_now();
+    const Duration left = deadline > now ? deadline - now : Duration::zero();
+    std::optional<Task> t = wait_task_here(id, std::min(left, slice));
+    if (t && is_terminal(t->status) && t->resource_cleanup_completed) {
+      // Ended here, or read from the row. The row has the last word: a task
+      // that ended here may have been retried since (by any host), or its
+      // claim lost and its result the other host's.
+      outbox_.drain(true);
+      std::optional<Task> row = journal_.load_task(id);
+      if (!row) throw Error(ErrorCode::kNotFound, "unknown task id '" + id + "'");
+      if (is_terminal(row->status) && row->resource_cleanup_completed) {
+        row->input.leave_out_data();
+        return row;
+      }
+    }
+    if (clock_->steady_now() >= deadline) return std::nullopt;
+    bool here = false;  // running here: wait_task_here waits for it
+    {
+      SchedulerLock g(scheduler_.mutex());
+      RecordPtr rec = scheduler_.records().find(id);
+      here = rec != nullptr && rec->phase() != Phase::kDone;
+    }
+    if (!here) std::this_thread::sleep_for(std::min(left, slice));
+    slice = std::min<Duration>(slice * 2, std::chrono::milliseconds(200));
+  }
+}
+
+std::optional<Task> TaskManager::Impl::wait_task_here(const std::string& id, Duration timeout) {
   const SteadyTime deadline = clock_->steady_now() + timeout;
   std::optional<Task> done;
   {
@@ -732,15 +819,30 @@ Task TaskManager::start_task(const std::string& id, const TaskStartRequest& p) {
   DrainOnExit d{impl_->outbox_};
   return impl_->intake_.start(id, p);
 }
+ClusterStatus TaskManager::cluster() const {
+  TASKMGR_ENTRY("cluster");
+  impl_->scheduler_.check_open();
+  if (!impl_->cluster_) {
+    throw Error(ErrorCode::kUnsupported,
+                "cluster(): this manager does not share its queue (storage.shared is off)");
+  }
+  return impl_->cluster_->status();
+}
+
 bool TaskManager::cancel_task(const std::string& id) {
   TASKMGR_WRITER_ENTRY("cancel_task");
   impl_->scheduler_.check_open();
   DrainOnExit d{impl_->outbox_};
   {
     SchedulerLock g(impl_->scheduler_.mutex());
-    if (RecordPtr rec = impl_->scheduler_.records().find(id)) return impl_->scheduler_.cancel(rec);
+    RecordPtr rec = impl_->scheduler_.records().find(id);
+    // A shared queue's task that ended here is judged by its row: another
+    // host may have retried it since.
+    if (rec && impl_->cluster_ && rec->phase() == Phase::kDone) rec.reset();
+    if (rec) return impl_->scheduler_.cancel(rec);
   }
-  if (impl_->journal_.load_task(id)) return false;  // ended long ago
+  if (impl_->cluster_) return impl_->cluster_->cancel(id);  // in the shared table, or elsewhere
+  if (impl_->journal_.load_task(id)) return false;          // ended long ago
   throw Error(ErrorCode::kNotFound, "unknown task id '" + id + "'");
 }
 Task TaskManager::retry_task(const std::string& id, const TaskStartRequest& p) {
@@ -760,7 +862,9 @@ Task TaskManager::set_task_priority(const std::string& id, int priority) {
   std::optional<Task> changed;
   {
     SchedulerLock g(impl_->scheduler_.mutex());
-    if (RecordPtr rec = impl_->scheduler_.records().find(id)) {
+    RecordPtr rec = impl_->scheduler_.records().find(id);
+    if (rec && impl_->cluster_ && rec->phase() == Phase::kDone) rec.reset();  // as cancel_task
+    if (rec) {
       Task t = impl_->scheduler_.set_priority(rec, priority);
       t.input.data.clear();
       changed = std::move(t);
@@ -773,6 +877,7 @@ Task TaskManager::set_task_priority(const std::string& id, int priority) {
     impl_->journal_.flush();
     return *changed;
   }
+  if (impl_->cluster_) return impl_->cluster_->set_priority(id, priority);  // the shared table
   if (auto t = impl_->journal_.load_task(id)) {
     throw Error(
         ErrorCode::kInvalidState,

@@ -563,6 +563,12 @@ class HttpServerTest(unittest.TestCase):
         self.assertEqual(self.request("GET", "/tasks/" + t["id"])[1]["status"], "queued")
         status, health = self.request("GET", "/health")
         self.assertEqual(status, 200, health)  # paused on purpose: still ready
+        # Not a shared queue: no cluster to show (501, a JSON error).
+        self.assertIs(health["shared"], False)
+        status, c = self.request("GET", "/cluster")
+        self.assertEqual(status, 501, c)
+        self.assertEqual(c["error"], "unsupported", c)
+        self.assertIn("storage.shared is off", c["message"])
         self.assertEqual([p["name"] for p in health["paused"]], ["ocr"])
         self.assertEqual([p["name"] for p in self.request("GET", "/paused")[1]], ["ocr"])
         status, h = self.request("GET", "/tasks/%s/health" % t["id"])

@@ -448,7 +448,8 @@ static void test_enum_names(void) {
   CHECK(strcmp(taskmgr_failure_reason_name(TASKMGR_REASON_OUT_OF_MEMORY), "out_of_memory") == 0);
   CHECK(strcmp(taskmgr_failure_reason_name(TASKMGR_REASON_MEMORY_LIMIT_EXCEEDED),
                "memory_limit_exceeded") == 0);
-  CHECK(strcmp(taskmgr_failure_reason_name(14), "unknown") == 0);
+  CHECK(strcmp(taskmgr_failure_reason_name(TASKMGR_REASON_HOST_LOST), "host_lost") == 0);
+  CHECK(strcmp(taskmgr_failure_reason_name(15), "unknown") == 0);
   CHECK(strcmp(taskmgr_event_name(TASKMGR_EVENT_RESOURCE_ACQUIRED), "resource_acquired") == 0);
   CHECK(strcmp(taskmgr_event_name(TASKMGR_EVENT_CLEANUP_COMPLETED), "cleanup_completed") == 0);
   CHECK(strcmp(taskmgr_event_name(TASKMGR_EVENT_DELETED), "deleted") == 0);
@@ -573,6 +574,12 @@ static void test_null_arguments(void) {
   CHECK_RC(taskmgr_get_task_metrics(tm, NULL), TASKMGR_E_INVALID_ARGUMENT);
   CHECK_RC(taskmgr_get_metrics_prometheus(tm, NULL), TASKMGR_E_INVALID_ARGUMENT);
   CHECK_RC(taskmgr_list_devices(tm, NULL), TASKMGR_E_INVALID_ARGUMENT);
+  CHECK_RC(taskmgr_cluster(tm, NULL), TASKMGR_E_INVALID_ARGUMENT);
+  {
+    char* cj = (char*)1;
+    CHECK_RC(taskmgr_cluster(NULL, &cj), TASKMGR_E_INVALID_ARGUMENT);
+    CHECK(cj == NULL);
+  }
   CHECK_RC(taskmgr_set_device_available(tm, NULL, 1), TASKMGR_E_INVALID_ARGUMENT);
   CHECK_MSG("device");
   CHECK_RC(taskmgr_subscribe(tm, NULL, NULL, NULL, &sub), TASKMGR_E_INVALID_ARGUMENT);
@@ -777,6 +784,11 @@ static void test_task_lifecycle(void) {
   CHECK(json != NULL && strstr(json, "\"id\":\"cuda:0\"") != NULL);
   CHECK(json != NULL && strstr(json, "\"total_mb\":2000") != NULL);
   taskmgr_free(json);
+  /* Not a shared queue: no cluster (UNSUPPORTED, the message says why). */
+  json = NULL;
+  CHECK_RC(taskmgr_cluster(tm, &json), TASKMGR_E_UNSUPPORTED);
+  CHECK(json == NULL);
+  CHECK_MSG("storage.shared is off");
   CHECK_RC(taskmgr_wait_idle(tm, 30), TASKMGR_OK);
   CHECK_RC(taskmgr_destroy(tm), TASKMGR_OK);
   /* Every instance destroyed, the service's user data freed once. */

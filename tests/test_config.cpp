@@ -583,3 +583,75 @@ TEST_CASE(
   CHECK(other.for_device("cuda:0").max_instances == 2);
   CHECK(Config::from_yaml_string(c.to_yaml()).to_yaml() == c.to_yaml());
 }
+
+TEST_CASE("storage.shared and storage.cluster: read, written back, checked") {
+  const Config c = Config::from_yaml_string(
+      "storage:\n"
+      "  url: postgresql://h/db\n"
+      "  shared: true\n"
+      "  cluster:\n"
+      "    host_name: ocr-7\n"
+      "    lease_seconds: 20\n"
+      "    heartbeat_seconds: 4\n"
+      "    poll_seconds: 1.5\n"
+      "    rescue_batch: 50\n",
+      "test.yaml");
+  CHECK(c.storage.shared);
+  CHECK(c.storage.cluster.host_name == "ocr-7");
+  CHECK(c.storage.cluster.lease_seconds == 20);
+  CHECK(c.storage.cluster.heartbeat_seconds == 4);
+  CHECK(c.storage.cluster.poll_seconds == 1.5);
+  CHECK(c.storage.cluster.rescue_batch == 50);
+  const Config back = Config::from_yaml_string(c.to_yaml());
+  CHECK(back.to_yaml() == c.to_yaml());
+  CHECK(back.storage.shared);
+  CHECK(back.storage.cluster.host_name == "ocr-7");
+  // The defaults.
+  const Config d;
+  CHECK_FALSE(d.storage.shared);
+  CHECK(d.storage.cluster.lease_seconds == 30);
+  CHECK(d.storage.cluster.heartbeat_seconds == 5);
+  CHECK(d.storage.cluster.poll_seconds == 2);
+  CHECK(d.storage.cluster.rescue_batch == 500);
+
+  struct Case {
+    const char* yaml;
+    const char* key;
+    const char* says;
+  };
+  const Case cases[] = {
+      {"storage:\n  shared: true\n", "storage.shared", "needs storage.url"},
+      {"storage:\n  cluster:\n    lease_seconds: 0\n", "storage.cluster.lease_seconds", ">"},
+      {"storage:\n  cluster:\n    lease_seconds: 100000\n", "storage.cluster.lease_seconds",
+       "at most 86400"},
+      {"storage:\n  cluster:\n    lease_seconds: 10\n    heartbeat_seconds: 6\n",
+       "storage.cluster.heartbeat_seconds", "at most half"},
+      {"storage:\n  cluster:\n    poll_seconds: -1\n", "storage.cluster.poll_seconds", ">"},
+      {"storage:\n  cluster:\n    poll_seconds: 7200\n", "storage.cluster.poll_seconds",
+       "at most 3600"},
+      {"storage:\n  cluster:\n    rescue_batch: 0\n", "storage.cluster.rescue_batch",
+       "[1, 100000]"},
+      {"storage:\n  cluster:\n    host_name: \"a\\tb\"\n", "storage.cluster.host_name",
+       "control characters"},
+      {"storage:\n  cluster:\n    lease: 3\n", "storage.cluster.lease", "unknown"},
+  };
+  for (const auto& k : cases) {
+    CAPTURE(k.yaml);
+    const ConfigError e = load_error(k.yaml);
+    CHECK(e.key_path() == k.key);
+    CHECK(std::string(e.what()).find(k.says) != std::string::npos);
+  }
+  // Built in code: the same checks, also on what YAML cannot carry.
+  Config code;
+  code.storage.cluster.host_name = std::string(101, 'h');
+  CHECK_THROWS_WITH_AS(code.validate(), doctest::Contains("at most 100 bytes"), ConfigError);
+  code.storage.cluster.host_name = "bad\xff";
+  CHECK_THROWS_WITH_AS(code.validate(), doctest::Contains("UTF-8"), ConfigError);
+  code.storage.cluster.host_name = "bad\x01";
+  CHECK_THROWS_WITH_AS(code.validate(), doctest::Contains("control characters"), ConfigError);
+  code.storage.cluster.host_name = "ok";
+  code.storage.shared = true;
+  CHECK_THROWS_WITH_AS(code.validate(), doctest::Contains("storage.shared"), ConfigError);
+  code.storage.url = "postgresql://h/db";
+  CHECK_NOTHROW(code.validate());
+}

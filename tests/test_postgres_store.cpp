@@ -67,9 +67,9 @@ std::vector<std::string> store_backends(PgSchema& s) {
 TEST_CASE("postgres store: the schema is the spec's, in PostgreSQL's dialect") {
   PgSchema s;
   auto store = s.open();
-  CHECK(postgres_schema_version() == 3);
+  CHECK(postgres_schema_version() == 4);
   CHECK(s.text("SELECT string_agg(version::text, ',' ORDER BY version) FROM taskmgr_schema") ==
-        "1,2,3");
+        "1,2,3,4");
   std::map<std::string, std::string> cols;
   pg::Result r = s.conn().exec(
       "SELECT table_name || '.' || column_name, "
@@ -109,7 +109,7 @@ TEST_CASE("postgres store: the schema is the spec's, in PostgreSQL's dialect") {
   CHECK(s.scalar("SELECT count(*) FROM information_schema.table_constraints WHERE "
                  "table_schema = '" +
                  s.name() + "' AND constraint_type = 'PRIMARY KEY'") ==
-        5);  // taskmgr_schema, tasks, task_metrics, task_events, task_pauses
+        6);  // taskmgr_schema, tasks, task_metrics, task_events, task_pauses, task_hosts
   CHECK(s.text("SELECT string_agg(conrelid::regclass::text || '->' || confrelid::regclass::text, "
                "',' ORDER BY conrelid::regclass::text) FROM pg_constraint WHERE contype = 'f' "
                "AND connamespace = '" +
@@ -147,8 +147,8 @@ TEST_CASE("postgres store: stores migrating at once migrate the schema once") {
   for (const auto& f : failures) CHECK(f == "");
   CHECK(ok.load() == kThreads);
   CHECK(s.text("SELECT string_agg(version::text, ',' ORDER BY version) FROM taskmgr_schema") ==
-        "1,2,3");
-  CHECK(s.scalar("SELECT count(*) FROM pg_tables WHERE schemaname = '" + s.name() + "'") == 5);
+        "1,2,3,4");
+  CHECK(s.scalar("SELECT count(*) FROM pg_tables WHERE schemaname = '" + s.name() + "'") == 6);
   auto store = s.open();  // and a store opens on it
   const Task t = new_task();
   store->insert_task(t, event_for(t, TaskEvent::kCreated));
@@ -736,7 +736,7 @@ TEST_CASE("postgres store: the C ABI opens it through taskmgr_open_options.datab
   CHECK(std::string(json) == "[]");
   taskmgr_free(json);
   CHECK(taskmgr_destroy(m) == TASKMGR_OK);
-  CHECK(s.scalar("SELECT max(version) FROM taskmgr_schema") == 3);
+  CHECK(s.scalar("SELECT max(version) FROM taskmgr_schema") == 4);
   // Not together with database_path.
   o.database_path = "x.db";
   m = nullptr;

@@ -11,10 +11,12 @@
 #include "event_keys.hpp"
 #include "log_internal.hpp"
 #include "manager/admission.hpp"
+#include "manager/cluster.hpp"
 #include "manager/lifecycle.hpp"
 #include "manager/outbox.hpp"
 #include "manager/record_table.hpp"
 #include "manager/task_events.hpp"
+#include "store/shared_queue.hpp"
 #include "test_support.hpp"
 
 using namespace taskmgr;
@@ -512,4 +514,93 @@ TEST_CASE("dispatcher: a task queued while the last worker loop makes its last d
   // Real time (the manager's clock stands still, and so would its waits).
   CHECK(eventually([&] { return tm.get_task(b_id).status == TaskStatus::kCompleted; }));
   CHECK(tm.get_task(a.id).status == TaskStatus::kCompleted);
+}
+
+TEST_CASE(
+    "Cluster::rescue: a lost host's tasks are queued again, or fail host_lost out of attempts") {
+  Config c = test_config();
+  c.tasks.retry.max_attempts = 3;
+  c.tasks.retry.max_interrupted_attempts = 4;
+  ManualClock clock;
+  auto names = [](const std::vector<EventRecord>& ev) {
+    std::string out;
+    for (const auto& e : ev) {
+      out += (out.empty() ? "" : ",") + std::string(to_string(e.event));
+      CHECK(test::event_keys_problem(e.event, e.details_json) == "");
+    }
+    return out;
+  };
+  Task running;
+  running.id = generate_task_id();
+  running.status = TaskStatus::kRunning;
+  running.attempt = 2;
+  running.assigned_device = "cuda:0";
+  running.host = "a";
+  running.service_instance_id = "svc@cuda:0#1";
+  // Attempts left: cleaned up (its files on another machine: said so),
+  // retried host_lost, queued for any host (its device was not named).
+  Task t = running;
+  auto ev = detail::Cluster::rescue(c, clock, t, "a/123/abcd1234", "b");
+  CHECK(names(ev) == "cleanup_started,cleanup_completed,retried,queued");
+  CHECK(ev[1].details_json.find("not reachable") != std::string::npos);
+  CHECK(ev[2].details_json.find("\"reason\":\"host_lost\"") != std::string::npos);
+  CHECK(t.status == TaskStatus::kQueued);
+  CHECK_FALSE(t.assigned_device.has_value());
+  CHECK_FALSE(t.host.has_value());
+  CHECK(t.attempt == 2);  // counted: the next is 3
+  // Same machine: its files are reachable (removed there), no problem named.
+  t = running;
+  ev = detail::Cluster::rescue(c, clock, t, "b/99/ffff0000", "b");
+  CHECK(ev[1].details_json.find("not reachable") == std::string::npos);
+  // A named device is kept for the next host.
+  t = running;
+  t.requested_device = "cuda:0";
+  (void)detail::Cluster::rescue(c, clock, t, "a/1/1", "b");
+  CHECK(t.assigned_device == "cuda:0");
+  // Out of attempts (max of the two limits: 4): failed host_lost.
+  t = running;
+  t.attempt = 4;
+  ev = detail::Cluster::rescue(c, clock, t, "a/1/1", "b");
+  CHECK(names(ev) == "cleanup_started,cleanup_completed,failed");
+  CHECK(t.status == TaskStatus::kFailed);
+  CHECK(t.failure_reason == TaskFailureReason::kHostLost);
+  CHECK(t.resource_cleanup_completed);
+  CHECK(t.finished_at.has_value());
+  // Claimed and waiting there: queued again, no attempt counted.
+  t = running;
+  t.status = TaskStatus::kQueued;
+  ev = detail::Cluster::rescue(c, clock, t, "a/1/1", "b");
+  CHECK(names(ev) == "queued");
+  CHECK(t.attempt == 2);
+  // Ended there, its cleanup not recorded: recorded here.
+  t = running;
+  t.status = TaskStatus::kCompleted;
+  ev = detail::Cluster::rescue(c, clock, t, "a/1/1", "b");
+  CHECK(names(ev) == "resource_released,cleanup_completed");
+  CHECK(t.status == TaskStatus::kCompleted);
+  CHECK(t.resource_cleanup_completed);
+  // No host claimed it within the queue timeout (lost host ""): failed
+  // QUEUE_TIMEOUT, nothing to clean up.
+  c.tasks.queue_timeout_seconds = 2;
+  t = Task{};
+  t.id = generate_task_id();
+  t.status = TaskStatus::kQueued;
+  t.queued_at = detail::stored_time(clock) - std::chrono::seconds(3);
+  ev = detail::Cluster::rescue(c, clock, t, "", "b");
+  CHECK(names(ev) == "failed,cleanup_started,cleanup_completed");
+  CHECK(t.status == TaskStatus::kFailed);
+  CHECK(t.failure_reason == TaskFailureReason::kQueueTimeout);
+  CHECK(t.failure_message.find("waited 3.000000 s in the shared queue") != std::string::npos);
+  CHECK(t.resource_cleanup_completed);
+}
+
+TEST_CASE("host_id_name cuts a host name to 60 bytes at a character's boundary") {
+  CHECK(detail::host_id_name("short") == "short");
+  CHECK(detail::host_id_name(std::string(70, 'x')) == std::string(60, 'x'));
+  // 59 ASCII bytes, then a 2-byte character that would straddle byte 60.
+  const std::string name = std::string(59, 'x') + "\xc3\xa9" + "tail";
+  CHECK(detail::host_id_name(name) == std::string(59, 'x'));
+  // A name of 60 bytes exactly is kept whole.
+  CHECK(detail::host_id_name(std::string(58, 'x') + "\xc3\xa9") ==
+        std::string(58, 'x') + "\xc3\xa9");
 }

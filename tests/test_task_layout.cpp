@@ -122,7 +122,22 @@ TEST_CASE("an adopted table's columns map by name and type, the others are its e
   const TaskLayout mine = TaskLayout::of(own, {}, "ocr");
   CHECK_FALSE(mine.adopted());
   CHECK(mine.extra().empty());
-  for (int f = 0; f < kFieldCount; ++f) CHECK(mine.column(Field(f)) == own[std::size_t(f)].name);
+  for (std::size_t f = 0; f < own.size(); ++f) CHECK(mine.column(Field(f)) == own[f].name);
+  // Without the shared queue's columns (SQLite's own table, PostgreSQL's
+  // before schema 4) it is taskmgr's own still; with them (the claim's
+  // columns too), as well.
+  CHECK_FALSE(mine.has(kRequestedDevice));
+  CHECK_FALSE(mine.has(kHost));
+  for (const char* c :
+       {"requested_device", "run_host", "claimed_by", "claim", "lease_expires_at"}) {
+    own.push_back({c, std::string(c) == "claim" ? "BIGINT" : "TEXT"});
+  }
+  own.push_back({"cancel_requested", "BOOLEAN"});
+  const TaskLayout shared = TaskLayout::of(own, {}, "ocr");
+  CHECK_FALSE(shared.adopted());
+  CHECK(shared.extra().empty());
+  CHECK(shared.column(kRequestedDevice) == "requested_device");
+  CHECK(shared.column(kHost) == "run_host");
 }
 
 TEST_CASE("a status map may not remap taskmgr's own words or map to unrecognized") {

@@ -459,6 +459,12 @@ class Api {
       return make_json(req, http::status::ok,
                        json::serialize(json::object{{"changed", changed}, {"paused", paused()}}));
     }
+    if (target == "/cluster") {
+      // The shared queue's hosts (storage.shared): 501 when this server's
+      // store is not shared.
+      require(http::verb::get);
+      return make_json(req, http::status::ok, taskmgr::to_json(tm_.cluster()));
+    }
     if (target == "/paused") {
       require(http::verb::get);
       return make_json(req, http::status::ok, json::serialize(paused()));
@@ -706,6 +712,8 @@ class Api {
                    {"connections", o_.connections ? o_.connections() : 0},
                    {"queued_tasks", total(m.queued_tasks)},
                    {"paused", paused()},
+                   // A host of a shared queue (storage.shared): GET /cluster.
+                   {"shared", tm_.config().storage.shared},
                    {"version", std::string(taskmgr::version())}};
     return make_json(req, ready ? http::status::ok : http::status::service_unavailable,
                      json::serialize(o));

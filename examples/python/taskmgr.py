@@ -288,6 +288,7 @@ def _load():
         "taskmgr_get_metrics_prometheus": (I, [P, PS]),
         "taskmgr_get_task_health": (I, [P, S, PS]),
         "taskmgr_list_devices": (I, [P, PS]),
+        "taskmgr_cluster": (I, [P, PS]),
         "taskmgr_set_device_available": (I, [P, S, I]),
         "taskmgr_subscribe": (I, [P, _event_fn, P, _free_fn, ctypes.POINTER(ctypes.c_uint64)]),
         "taskmgr_unsubscribe": (I, [P, ctypes.c_uint64]),
@@ -907,6 +908,14 @@ class Manager:
     def paused(self):
         """The pauses in force: [{"scope", "name", "since"}]."""
         return json.loads(_call_string(_lib.taskmgr_paused, self._handle()))
+
+    def cluster(self):
+        """The cluster of a shared queue (storage.shared): {"host_id",
+        "queued", "pending", "hosts": [{"id", "host_name", "pid", "state"
+        ("alive", "lost" or "closed"), "heartbeat_at", "claimed", "running",
+        "report", ...}]}, read from the shared tables. TaskmgrError
+        (UNSUPPORTED) when the store is not shared."""
+        return json.loads(_call_string(_lib.taskmgr_cluster, self._handle()))
 
     def resize_pool(self, service, device, min_instances, max_instances):
         """Sizes a service kind's pool on a device until the manager

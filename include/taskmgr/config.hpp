@@ -18,6 +18,7 @@
 #include <string_view>
 #include <vector>
 
+#include "taskmgr/cluster.hpp"
 #include "taskmgr/error.hpp"
 #include "taskmgr/export.hpp"
 
@@ -201,6 +202,10 @@ struct StorageConfig {
   bool allow_other_tables = false;
   AdoptConfig adopt;
   PostgresConfig postgres;
+  // Several hosts share storage.url's queue (docs/SCALING.md); needs
+  // storage.url. The host's settings in storage.cluster.
+  bool shared = false;
+  ClusterOptions cluster;
 };
 
 // ocr.preprocess

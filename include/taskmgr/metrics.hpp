@@ -83,6 +83,12 @@ struct TASKMGR_API TaskMetrics {
   std::uint64_t events_published = 0;
   std::uint64_t events_dropped = 0;
   std::uint64_t callback_errors = 0;
+  // A shared queue (storage.shared; 0 otherwise): claims this host lost
+  // (another host took the task over once its lease ran out; this host's
+  // writes of it were refused), and tasks it rescued from hosts whose
+  // leases ran out.
+  std::uint64_t lost_claims = 0;
+  std::uint64_t tasks_rescued = 0;
   StoreStats store;  // the store's commits, writes and failed writes
 
   LatencySummary wait_time;        // queued -> started

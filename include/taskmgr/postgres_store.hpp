@@ -7,9 +7,10 @@
 // and how it is migrated, and what happens when writes fail, are in
 // docs/STORAGE.md.
 //
-// Until several hosts can share one queue (a later step), one store at a
-// time uses a schema: a second store on the same database and schema, in
-// this process or any other, is refused with Error(kBusy).
+// One store at a time uses a schema (a second store on the same database
+// and schema, in this process or any other, is refused with Error(kBusy)),
+// unless they open it shared: then every host's store uses it at once, and
+// the managers share one queue (cluster.hpp, docs/SCALING.md).
 //
 // Thread-safety: every member of the store is safe to call from any thread.
 #pragma once
@@ -18,6 +19,7 @@
 #include <memory>
 #include <string>
 
+#include "taskmgr/cluster.hpp"
 #include "taskmgr/export.hpp"
 #include "taskmgr/store.hpp"
 
@@ -44,6 +46,12 @@ struct PostgresStoreOptions {
   // them.
   bool allow_other_tables = false;
   AdoptOptions adopt;  // reading a `tasks` table adopted from an earlier application
+  // Several hosts share the schema's queue (storage.shared): no store lock;
+  // this host is registered in task_hosts, and a task's writes are fenced by
+  // its claim. Needs taskmgr's own `tasks` table (an adopted one is
+  // refused: kIncompatible).
+  bool shared = false;
+  ClusterOptions cluster;  // with `shared`
 };
 
 // Opens the store on `url`: a "postgresql://" or "postgres://" URL or a

@@ -58,6 +58,9 @@ enum class TaskFailureReason {
   kPoolExhausted,        // "pool_exhausted"
   kDeviceUnavailable,    // "device_unavailable"
   kMemoryLimitExceeded,  // "memory_limit_exceeded"
+  // Several hosts (docs/SCALING.md): the host running the task stopped
+  // renewing its lease, and its attempts ran out ("host_lost").
+  kHostLost,
 };
 
 enum class TaskEvent {
@@ -166,6 +169,13 @@ struct Task {
   std::optional<std::string> assigned_device;
   std::optional<std::string> service_instance_id;
   bool resource_cleanup_completed = false;
+
+  // Several hosts sharing one queue (docs/SCALING.md): the device the host
+  // named at create or start (unset: the host that runs it chooses), and
+  // the host name of the host that claimed it (assigned_device is one of
+  // that host's devices). Unset on a single host.
+  std::optional<std::string> requested_device;
+  std::optional<std::string> host;
 
   // Only for a table taskmgr adopted (docs/STORAGE.md, "Adopting an existing
   // database"): its columns taskmgr has no field for, by name, with their

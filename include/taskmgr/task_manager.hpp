@@ -45,6 +45,7 @@
 #include <vector>
 
 #include "taskmgr/clock.hpp"
+#include "taskmgr/cluster.hpp"
 #include "taskmgr/config.hpp"
 #include "taskmgr/device.hpp"
 #include "taskmgr/estimator.hpp"
@@ -248,6 +249,12 @@ class TASKMGR_API TaskManager {
 
   // The spec's get_task_metrics and get_task_health.
   TaskMetrics get_task_metrics() const;
+
+  // Several hosts sharing one queue (storage.shared, docs/SCALING.md): every
+  // host as the shared tables show it (its heartbeat, what it holds, what it
+  // reported; lost once it stopped heartbeating), and the tasks waiting for
+  // a host. Error(kUnsupported) when this manager does not share its queue.
+  ClusterStatus cluster() const;
   TaskHealth get_task_health(const std::string& task_id) const;
 
   // Events (events.hpp says on which thread and what a callback may do).

@@ -175,23 +175,48 @@ std::optional<CleanupReport> Attempt::run(const RecordPtr& rec, ServicePool::Lea
   // next open and counted from then on, so a task runs at most
   // max_interrupted_attempts + 1 times however it dies. The wait costs a
   // commit per attempt, which only recovered tasks pay.
-  if (rec->recovered.load()) {
+  //
+  // A shared queue's task (claim_check_) waits for that commit always: an
+  // attempt that ran is counted in the row (a host that rescues the task
+  // after this host died runs the next attempt, never this one again); and
+  // one whose claim was lost while it waited here (the started write
+  // refused by the fence: no round trip to ask) does not run at all.
+  bool lost_before = false;
+  if (rec->recovered.load() || claim_check_) {
     scheduler_.outbox().drain(/*wait=*/true);
     journal_.flush();
   }
+  if (claim_held_ && !claim_held_(rec->id())) lost_before = true;
   std::exception_ptr err;
-  try {
-    ctx.throw_if_cancelled();
-    ctx.load_input();
-    TASKMGR_HOST_CALL("Service::process");
-    lease.service().process(ctx);  // creates the instance on first use (the factory)
-  } catch (...) {
-    ::taskmgr::detail::rethrow_if_forced_unwind();
-    err = std::current_exception();
+  if (!lost_before) {
+    try {
+      ctx.throw_if_cancelled();
+      ctx.load_input();
+      TASKMGR_HOST_CALL("Service::process");
+      lease.service().process(ctx);  // creates the instance on first use (the factory)
+    } catch (...) {
+      ::taskmgr::detail::rethrow_if_forced_unwind();
+      err = std::current_exception();
+    }
   }
   stats_.proc.record(seconds(clock_->steady_now() - a.started));
 
   Outcome o = decide(rec, err, ctx, a);
+  if (claim_check_ && (lost_before || !claim_check_(rec->id()))) {
+    // The claim is lost: another host took the task over (its lease ran
+    // out). This attempt's outcome is discarded; the store keeps the other
+    // host's.
+    Outcome lost;
+    lost.kind = Outcome::Kind::kCancelled;
+    lost.lost_claim = true;
+    lost.failure.reason = TaskFailureReason::kCancelled;
+    lost.failure.message =
+        "lost claim: another host took the task over (this host's lease ran "
+        "out); the result of this attempt is discarded";
+    lost.peak_mb = o.peak_mb;
+    lost.failure.instance_broken = o.failure.instance_broken;
+    o = std::move(lost);
+  }
   if (o.failure.instance_broken) lease.discard();
   Service* svc = lease.has_instance() ? &lease.service() : nullptr;
   const std::optional<std::int64_t> peak = o.peak_mb;

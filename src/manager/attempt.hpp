@@ -11,7 +11,9 @@
 // discards its instance and leaves the cleanup to the watchdog.
 #pragma once
 
+#include <functional>
 #include <optional>
+#include <string>
 
 #include "log_internal.hpp"
 #include "manager/journal.hpp"
@@ -44,6 +46,19 @@ class Attempt {
   const Config& config() const { return config_; }
   const Clock& clock() const { return *clock_; }
 
+  // A shared queue (Cluster::confirm): before an attempt's outcome is
+  // applied, whether this host still holds the task's claim. One it lost
+  // (another host took the task over) ends here cancelled, its result
+  // discarded (its writes are fenced out of the store anyway).
+  // `held` (Cluster::holds): after the attempt's `started` write was
+  // committed, whether the claim is still this host's (that write was
+  // fenced: refused when the claim was lost while the task waited here).
+  void set_claim_check(std::function<bool(const std::string&)> confirm,
+                       std::function<bool(const std::string&)> held) {
+    claim_check_ = std::move(confirm);
+    claim_held_ = std::move(held);
+  }
+
  private:
   class Context;
   // Inside a catch block: logs that host code (`what`) threw.
@@ -52,6 +67,8 @@ class Attempt {
   Outcome decide(const RecordPtr& rec, std::exception_ptr err, Context& ctx, const AttemptStart& a)
       REQUIRES(!scheduler_lock);
 
+  std::function<bool(const std::string&)> claim_check_;
+  std::function<bool(const std::string&)> claim_held_;
   const Config& config_;
   std::shared_ptr<const Clock> clock_;
   Scheduler& scheduler_;

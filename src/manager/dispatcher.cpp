@@ -230,6 +230,7 @@ void Dispatcher::attempt_ended(const RecordPtr& rec) {
   }
   --running_;
   scheduler_.notify();
+  if (on_slot_free_) on_slot_free_();
 }
 
 // The best runnable task over all devices: fits its device's free memory now

@@ -22,6 +22,7 @@
 
 #include <atomic>
 #include <boost/asio/thread_pool.hpp>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -66,6 +67,9 @@ class Dispatcher {
   void join();
 
   int workers() const noexcept { return workers_; }
+  // Called (under the lock: it must only signal) when an attempt ends and
+  // frees its worker: a shared queue's Cluster claims again.
+  void set_on_slot_free(std::function<void()> f) { on_slot_free_ = std::move(f); }
   int running() const REQUIRES(scheduler_lock) { return running_; }
   int running_on(const std::string& device) const REQUIRES(scheduler_lock);
   int loops() const REQUIRES(scheduler_lock) { return loops_; }
@@ -141,6 +145,7 @@ class Dispatcher {
   std::optional<SteadyTime> rate_wake_ GUARDED_BY(scheduler_lock);  // next token due (this pass)
   std::optional<SteadyTime> rate_timer_at_ GUARDED_BY(scheduler_lock);  // the armed timer's time
   std::vector<int> running_by_device_ GUARDED_BY(scheduler_lock);       // by index in device_ids_
+  std::function<void()> on_slot_free_;            // set before any attempt runs
   int running_ GUARDED_BY(scheduler_lock) = 0;    // attempts holding a worker thread
   int loops_ GUARDED_BY(scheduler_lock) = 0;      // worker_loop jobs posted and not yet returned
   int lingering_ GUARDED_BY(scheduler_lock) = 0;  // loops waiting a moment for new work

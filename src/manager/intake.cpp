@@ -61,7 +61,9 @@ std::vector<Task> Intake::create(const TaskCreateRequest* reqs, std::size_t n) {
     });
   }
   std::size_t starting = 0;
-  for (std::size_t i = 0; i < n; ++i) starting += reqs[i].start ? 1 : 0;
+  // A shared queue's tasks wait in the shared table, not in this host's
+  // queues: no room to reserve here.
+  for (std::size_t i = 0; i < n; ++i) starting += reqs[i].start && !shared() ? 1 : 0;
   QueueAdmission& admission = scheduler_.admission();
   if (starting > 0) admission.reserve(starting, many);
   // Gives back the reserved queue room if anything below fails.
@@ -100,6 +102,11 @@ std::vector<Task> Intake::create(const TaskCreateRequest* reqs, std::size_t n) {
     rec->unshared_features() = placed.features;
     if (placed.estimate) t.estimated_memory_mb = placed.estimate->mb;
     t.assigned_device = placed.device;
+    if (shared()) {
+      // The host that claims it chooses among its devices, unless one was named.
+      if (!req.device.empty()) t.requested_device = req.device;
+      t.assigned_device = t.requested_device;
+    }
     EventBatch b(*clock_);
     events::created(b, t, placed.estimate ? &*placed.estimate : nullptr);
     if (req.start) {
@@ -122,7 +129,22 @@ std::vector<Task> Intake::create(const TaskCreateRequest* reqs, std::size_t n) {
     recs.push_back(std::move(rec));
     start.push_back(req.start);
   }
-  journal_.insert_tasks(rows);     // durable before we return; throws on failure: nothing kept
+  journal_.insert_tasks(rows);  // durable before we return; throws on failure: nothing kept
+  if (shared()) {
+    {
+      SchedulerLock g(scheduler_.mutex());
+      scheduler_.outbox().publish_stored(rows);  // this host's subscribers see them too
+    }
+    scheduler_.outbox().drain();
+    cluster_->wake();
+    std::vector<Task> out;
+    out.reserve(rows.size());
+    for (auto& row : rows) {
+      out.push_back(std::move(row.task));
+      out.back().input.leave_out_data();
+    }
+    return out;
+  }
   std::vector<RecordPtr> retired;  // finished records to drop, after the lock
   bool worker_drains = false;
   {
@@ -159,7 +181,11 @@ Task Intake::start(const std::string& id, const TaskStartRequest& p) {
   bool known = false;
   {
     SchedulerLock g(scheduler_.mutex());
-    if (RecordPtr rec = scheduler_.records().find(id)) {
+    RecordPtr rec = scheduler_.records().find(id);
+    // A shared queue's task that ended here is judged by its row: another
+    // host may have retried it since.
+    if (rec && cluster_ != nullptr && rec->phase() == Phase::kDone) rec.reset();
+    if (rec) {
       known = true;
       const Task& t = rec->task;
       plan.priority = p.priority.value_or(t.priority);
@@ -180,6 +206,7 @@ Task Intake::start(const std::string& id, const TaskStartRequest& p) {
       service = t.service;
     }
   }
+  if (!known && cluster_ != nullptr) return cluster_->start(id, p);  // in the shared table
   if (!known) {
     if (auto t = journal_.load_task(id)) {
       if (t->status == TaskStatus::kUnrecognized) {
@@ -234,6 +261,9 @@ Task Intake::retry(const std::string& id, const TaskStartRequest& p) {
     }
     deletes_seen = scheduler_.deletes_done();
     rec = scheduler_.records().find(id);
+    // A shared queue's ended task is queued again in the shared table (for
+    // any host), also when it ended here.
+    if (rec && cluster_ != nullptr && rec->phase() == Phase::kDone) rec.reset();
     if (rec) {
       const Task& t = rec->task;
       if (std::string why = not_retryable(t, rec->phase() == Phase::kDone); !why.empty()) {
@@ -248,6 +278,7 @@ Task Intake::retry(const std::string& id, const TaskStartRequest& p) {
       service = t.service;
     }
   }
+  if (!rec && cluster_ != nullptr) return cluster_->retry(id, p);
   if (!rec) {
     // Ended a while ago: its record is rebuilt from the store, as recovery
     // builds one (its features read from its input, bytes included).

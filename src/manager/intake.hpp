@@ -17,11 +17,13 @@
 // the lock is taken once at the end of each path.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "log_internal.hpp"
+#include "manager/cluster.hpp"
 #include "manager/dispatcher.hpp"
 #include "manager/journal.hpp"
 #include "manager/placement.hpp"
@@ -64,7 +66,15 @@ class Intake {
   void register_service(std::shared_ptr<ServiceFactory> factory) REQUIRES(!scheduler_lock)
       REQUIRES(!register_mu_);
 
+  // Several hosts share the queue (Cluster): created tasks go to the shared
+  // table only (queued for any host to claim; the cluster is woken to claim
+  // at once); start and retry of a task this host does not hold change its
+  // row there.
+  void set_shared(Cluster* cluster) { cluster_ = cluster; }
+  bool shared() const { return cluster_ != nullptr; }
+
  private:
+  Cluster* cluster_ = nullptr;
   const Config& config_;
   std::shared_ptr<const Clock> clock_;
   Scheduler& scheduler_;

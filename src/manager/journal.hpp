@@ -61,6 +61,10 @@ class Journal {
   std::vector<std::string> notices() const REQUIRES(!scheduler_lock) { return store_->notices(); }
 
  private:
+ public:
+  TaskStore& store() { return *store_; }
+
+ private:
   std::shared_ptr<TaskStore> store_;
 };
 

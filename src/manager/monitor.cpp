@@ -67,6 +67,10 @@ TaskMetrics Monitor::metrics() {
   m.callback_errors = bus_.callback_errors();
   m.internal_errors = stats_.internal_errors.load() + Lifecycle::refused();
   m.store = journal_.stats();
+  if (cluster_ != nullptr) {
+    m.lost_claims = cluster_->lost_claims();
+    m.tasks_rescued = cluster_->rescued();
+  }
   return m;
 }
 

@@ -15,6 +15,7 @@
 
 #include <string>
 
+#include "manager/cluster.hpp"
 #include "manager/dispatcher.hpp"
 #include "manager/journal.hpp"
 #include "manager/outbox.hpp"
@@ -42,6 +43,8 @@ class Monitor {
         journal_(journal) {}
 
   TaskMetrics metrics() REQUIRES(!scheduler_lock);
+  // A shared queue: its counters go into the metrics (set before any read).
+  void set_cluster(const Cluster* cluster) { cluster_ = cluster; }
   TaskHealth health(const std::string& id) REQUIRES(!scheduler_lock);
 
  private:
@@ -54,6 +57,7 @@ class Monitor {
   Stats& stats_;
   EventBus& bus_;
   Journal& journal_;
+  const Cluster* cluster_ = nullptr;
 };
 
 }  // namespace taskmgr::detail

@@ -52,6 +52,8 @@ void Outbox::commit(const RecordPtr& rec, EventBatch& b) {
   row.assigned_device = t.assigned_device;
   row.service_instance_id = t.service_instance_id;
   row.resource_cleanup_completed = t.resource_cleanup_completed;
+  row.requested_device = t.requested_device;
+  row.host = t.host;
   // Nothing below throws (room reserved; events move without allocating).
   for (auto& e : b.events) events_.push_back(std::move(e));
   b.clear();

@@ -46,6 +46,9 @@ struct Outcome {
   std::optional<std::int64_t> next_estimate_mb;  // kRetry: the next attempt's estimate
   std::string result;
   std::optional<std::int64_t> peak_mb;
+  // kCancelled: this host's claim on the task was lost (a shared queue);
+  // failure.message says so as it is.
+  bool lost_claim = false;
 };
 
 // What the cleanup of an attempt found, worked out outside the lock.

@@ -394,7 +394,9 @@ void Scheduler::end_attempt(const RecordPtr& rec, Outcome o, const std::string& 
       // The host's cancel, or the service's own (TASKMGR_E_CANCELLED).
       // A host's cancel says what became of the service's work when the
       // service said more than throw_if_cancelled does (a worker killed).
-      if (rec->cancel.load()) {
+      if (o.lost_claim) {
+        t.failure_message = o.failure.message;
+      } else if (rec->cancel.load()) {
         const bool plain =
             o.failure.message.empty() || o.failure.message == "task " + t.id + " was cancelled";
         t.failure_message = std::string("cancelled by the host while running") +
@@ -668,6 +670,19 @@ void Scheduler::recover(const RecordPtr& rec, const std::string& device,
     enqueue(rec, b, was_running, /*recovered=*/true, /*enforce_limit=*/false);
   }
   outbox_.commit(rec, b);
+}
+
+bool Scheduler::adopt_claimed(const RecordPtr& rec, const std::string& device, RecordPtr& dropped) {
+  Task& t = rec->task;
+  if (RecordPtr old = records_.find(t.id)) {
+    if (old->phase() != Phase::kDone) return false;
+    dropped = records_.erase_finished(t.id);
+  }
+  records_.put(rec);
+  t.assigned_device = device;
+  (void)Lifecycle::apply(*rec, Step::kRecoverQueued);
+  push_queued(rec, /*retry=*/false, /*enforce_limit=*/false);
+  return true;
 }
 
 void Scheduler::finished(const RecordPtr& rec) {

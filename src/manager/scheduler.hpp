@@ -96,6 +96,15 @@ class Scheduler {
   int backoff_count() const REQUIRES(scheduler_lock) { return backoff_; }
   int backoff_on(const std::string& device) const REQUIRES(scheduler_lock);
 
+  // A task this host claimed from the shared queue (Cluster): queued on
+  // `device` as it stands, with no event (its row has the claim).
+  // False when a record of that task is held here already (an attempt of a
+  // claim it lost still runs): nothing changes. A finished record of an
+  // earlier run here (the task was retried since) is replaced: `dropped`
+  // gets it, to be released outside the lock.
+  bool adopt_claimed(const RecordPtr& rec, const std::string& device, RecordPtr& dropped)
+      REQUIRES(scheduler_lock);
+
   // ---- the host's deletes -----------------------------------------------------
   // A delete (delete_task) holds its task's id from its check to its end:
   // a retry of that task meanwhile is refused (one of the two wins, never

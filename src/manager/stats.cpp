@@ -6,7 +6,7 @@ namespace taskmgr::detail {
 
 Stats::Stats(const std::vector<std::string>& device_ids) {
   for (const auto& id : device_ids) peak_by_device_[id].store(0);
-  static_assert(kReasons > static_cast<std::size_t>(TaskFailureReason::kMemoryLimitExceeded));
+  static_assert(kReasons > static_cast<std::size_t>(TaskFailureReason::kHostLost));
 }
 
 void Stats::failed(TaskFailureReason reason) noexcept {

@@ -19,7 +19,7 @@
 namespace taskmgr::detail::postgres {
 
 // The schema version this build writes (the highest row of taskmgr_schema).
-inline constexpr int kSchemaVersion = 3;
+inline constexpr int kSchemaVersion = 4;
 
 // The schema's tables live in: options.schema, or the first schema of the
 // connection's search_path. Throws Error(kInvalidConfig) when there is none.
@@ -43,10 +43,13 @@ store::TaskLayout task_layout(pg::Conn& conn, const PostgresStoreOptions& option
 
 // The session-level advisory lock that keeps one store per schema, waited
 // for up to `wait_seconds` (a killed store's session holds it until the
-// server notices, usually at once): true when taken. holder_of_store_lock()
+// server notices, usually at once): true when taken. `shared`: the shared
+// queue's hosts hold it together (a store that is not shared cannot open
+// while they do, nor they while it does). holder_of_store_lock()
 // names who holds it ("server pid 123, application 'taskmgr pid 456',
 // client local"), or "".
-bool lock_store(pg::Conn& conn, const std::string& schema, double wait_seconds);
+bool lock_store(pg::Conn& conn, const std::string& schema, double wait_seconds,
+                bool shared = false);
 std::string holder_of_store_lock(pg::Conn& conn, const std::string& schema);
 
 // The writes, as prepared statements of the writer connection: names and SQL.
@@ -58,11 +61,23 @@ Statement insert_task_statement(const store::TaskLayout& l);
 Statement update_task_statement(const store::TaskLayout& l);
 Statement insert_event_statement();
 Statement insert_metric_statement();
+// A shared queue's (docs/SCALING.md): the same writes, fenced by the claim.
+// The update takes update_task_params() then the host's id, the claim's
+// token and whether this is the claim's last write (ended and cleaned up:
+// the claim is cleared); it renews the lease. An event or a sample takes
+// its params then the token, and is written only while the row carries it.
+Statement fenced_update_statement(const store::TaskLayout& l, double lease_seconds);
+Statement fenced_event_statement();
+Statement fenced_metric_statement();
 // Parameters for them.
 pg::Params insert_task_params(const store::TaskLayout& l, const Task& t);
 pg::Params update_task_params(const store::TaskLayout& l, const Task& t);
 pg::Params insert_event_params(const EventRecord& e);
 pg::Params insert_metric_params(const MetricSample& s);
+
+// A task from row `row` of a result whose columns are l.select_list(...)'s.
+Task read_task(const PGresult* r, int row, const store::TaskLayout& l);
+std::vector<Task> read_tasks(const PGresult* r, const store::TaskLayout& l);
 
 // The reads, as TaskStore's (store.hpp); they throw pg::PgError.
 std::optional<Task> select_task(pg::Conn& c, const store::TaskLayout& l, const std::string& id);

@@ -87,6 +87,42 @@ CREATE TABLE IF NOT EXISTS task_pauses (
 );
 )sql";
 
+// Version 4: several hosts sharing the queue (docs/SCALING.md). A task's
+// claim: the host that holds it (claimed_by, a host's id: one open of a
+// store), its fencing token (claim, from task_claims: every claim a new
+// one, kept after the task ends; a rescue clears it), the lease's end
+// (server time) and a cancel asked for by another host; the device the
+// creating host named (requested_device: NULL = the claiming host chooses)
+// and the host name that ran it (host). task_hosts: one row per open of a
+// store in shared mode, its heartbeat and what it reported.
+constexpr const char* kSharedQueue = R"sql(
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS claimed_by VARCHAR(100);
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS claim BIGINT;
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS lease_expires_at TIMESTAMP;
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS cancel_requested BOOLEAN NOT NULL DEFAULT FALSE;
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS requested_device VARCHAR(50);
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS run_host VARCHAR(100);
+CREATE SEQUENCE IF NOT EXISTS task_claims;
+CREATE TABLE IF NOT EXISTS task_hosts (
+  id VARCHAR(100) PRIMARY KEY,
+  host_name VARCHAR(100) NOT NULL,
+  pid INTEGER NOT NULL,
+  started_at TIMESTAMP NOT NULL,
+  heartbeat_at TIMESTAMP NOT NULL,
+  lease_seconds DOUBLE PRECISION NOT NULL,
+  closed_at TIMESTAMP,
+  report JSONB NOT NULL DEFAULT '{}'
+);
+)sql";
+// Its indexes, on taskmgr's own table only (an adopted one may lack the
+// columns; a shared queue needs taskmgr's own table).
+constexpr const char* kSharedQueueIndexes = R"sql(
+CREATE INDEX IF NOT EXISTS idx_tasks_claimable ON tasks (priority DESC, queued_at, id)
+  WHERE status = 'queued' AND claimed_by IS NULL;
+CREATE INDEX IF NOT EXISTS idx_tasks_claimed ON tasks (claimed_by, lease_expires_at)
+  WHERE claimed_by IS NOT NULL;
+)sql";
+
 // The indexes on taskmgr's own tasks table (an adopted one is not changed
 // beyond the spec's columns).
 constexpr const char* kOwnTaskIndexes = R"sql(
@@ -152,6 +188,8 @@ void add_field(pg::Params& p, const TaskLayout& l, Field f, const Task& t) {
     case store::kAssignedDevice: p.opt_text(t.assigned_device); break;
     case store::kServiceInstance: p.opt_text(t.service_instance_id); break;
     case store::kCleanupCompleted: p.boolean(t.resource_cleanup_completed); break;
+    case store::kRequestedDevice: p.opt_text(t.requested_device); break;
+    case store::kHost: p.opt_text(t.host); break;
     case store::kFieldCount: break;
   }
 }
@@ -173,6 +211,8 @@ std::optional<Timestamp> timestamp(const PGresult* r, int row, int col) {
   }
   return t;
 }
+
+}  // namespace
 
 Task read_task(const PGresult* r, int row, const TaskLayout& l) {
   Task t;
@@ -229,6 +269,8 @@ std::vector<Task> read_tasks(const PGresult* r, const TaskLayout& l) {
   for (int i = 0; i < n; ++i) out.push_back(read_task(r, i, l));
   return out;
 }
+
+namespace {
 
 // A field's column as an operand of a comparison with a text parameter: an
 // enum column as text (a word that is not one of its labels then matches
@@ -456,6 +498,8 @@ void migrate(pg::Conn& conn, const PostgresStoreOptions& o, const std::string& w
       record(2);
       conn.exec_script(kPausesTable);
       record(3);
+      conn.exec_script(kSharedQueue);
+      record(4);
       return 0;
     }
     if (version == 0 && !tables.empty() && !o.allow_other_tables) {
@@ -479,6 +523,16 @@ void migrate(pg::Conn& conn, const PostgresStoreOptions& o, const std::string& w
     if (version < 3) {
       conn.exec_script(kPausesTable);
       record(3);
+    }
+    if (version < 4) {
+      conn.exec_script(kSharedQueue);
+      // Taskmgr's own table has version 1 recorded (an adopted one starts at 2).
+      if (PQntuples(conn.exec("SELECT 1 FROM " + pg::quote_ident(schema) +
+                              ".taskmgr_schema WHERE version = 1")
+                        .get()) > 0) {
+        conn.exec_script(kSharedQueueIndexes);
+      }
+      record(4);
     }
     return 0;
   });
@@ -546,13 +600,15 @@ store::TaskLayout task_layout(pg::Conn& conn, const PostgresStoreOptions& o) {
   return l;
 }
 
-bool lock_store(pg::Conn& conn, const std::string& schema, double wait_seconds) {
+bool lock_store(pg::Conn& conn, const std::string& schema, double wait_seconds, bool shared) {
   const auto ms = std::max<long long>(1, static_cast<long long>(wait_seconds * 1000));
   conn.exec_script("SET lock_timeout = " + std::to_string(ms));
   pg::Params p;
   p.text(schema);
   try {
-    conn.exec("SELECT pg_advisory_lock(hashtext('taskmgr.store'), hashtext($1))", p);
+    conn.exec(std::string("SELECT ") + (shared ? "pg_advisory_lock_shared" : "pg_advisory_lock") +
+                  "(hashtext('taskmgr.store'), hashtext($1))",
+              p);
   } catch (const pg::PgError& e) {
     if (e.sqlstate() != "55P03" && e.sqlstate() != "57014") throw;
     conn.exec_script("SET lock_timeout = 0");
@@ -603,6 +659,36 @@ Statement update_task_statement(const TaskLayout& l) {
   }
   return {"taskmgr_update_task", "UPDATE tasks SET " + sets + " WHERE " +
                                      quote(l.column(store::kId)) + " = $" + std::to_string(i)};
+}
+
+Statement fenced_update_statement(const TaskLayout& l, double lease_seconds) {
+  Statement s = update_task_statement(l);
+  // "... WHERE id = $n": the claim's parameters follow the id.
+  const auto where = s.sql.rfind(" WHERE ");
+  const int id = std::stoi(s.sql.substr(s.sql.rfind('$') + 1));
+  const std::string host = "$" + std::to_string(id + 1), claim = "$" + std::to_string(id + 2),
+                    last = "$" + std::to_string(id + 3);
+  return {"taskmgr_fenced_update",
+          s.sql.substr(0, where) + ", lease_expires_at = CASE WHEN " + last +
+              "::boolean THEN NULL ELSE (now() AT TIME ZONE 'UTC') + make_interval(secs => " +
+              std::to_string(lease_seconds) + ") END, claimed_by = CASE WHEN " + last +
+              "::boolean THEN NULL ELSE claimed_by END" + s.sql.substr(where) +
+              " AND claimed_by = " + host + "::varchar AND claim = " + claim + "::bigint"};
+}
+
+Statement fenced_event_statement() {
+  return {"taskmgr_fenced_event",
+          "INSERT INTO task_events (task_id, event_type, timestamp, details) SELECT $1::varchar, "
+          "$2::varchar, $3::timestamp, $4::jsonb WHERE EXISTS (SELECT 1 FROM tasks WHERE id = "
+          "$1::varchar AND claim = $5::bigint FOR SHARE)"};
+}
+
+Statement fenced_metric_statement() {
+  return {"taskmgr_fenced_metric",
+          "INSERT INTO task_metrics (task_id, timestamp, memory_usage_mb, device, "
+          "processing_stage) SELECT $1::varchar, $2::timestamp, $3::integer, $4::varchar, "
+          "$5::varchar WHERE EXISTS (SELECT 1 FROM tasks WHERE id = $1::varchar AND claim = "
+          "$6::bigint FOR SHARE)"};
 }
 
 Statement insert_event_statement() {
@@ -825,7 +911,11 @@ std::size_t delete_ended(pg::Conn& c, const TaskLayout& l,
   c.exec_script(
       "CREATE TEMP TABLE IF NOT EXISTS taskmgr_prune (id TEXT PRIMARY KEY) ON COMMIT DELETE ROWS");
   c.exec_script("DELETE FROM taskmgr_prune");
-  c.exec("INSERT INTO taskmgr_prune " + sql + " ON CONFLICT DO NOTHING", p);
+  // FOR UPDATE: a change of a row under way (another host's retry of the
+  // task, in a shared queue) ends first, and a row it queued again is not
+  // deleted; one that changes it after waits for this delete (and finds the
+  // task gone).
+  c.exec("INSERT INTO taskmgr_prune " + sql + " FOR UPDATE OF tasks ON CONFLICT DO NOTHING", p);
   const std::string gone = " IN (SELECT id FROM taskmgr_prune)";
   c.exec_script("DELETE FROM task_metrics WHERE task_id" + gone);
   c.exec_script("DELETE FROM task_events WHERE task_id" + gone);

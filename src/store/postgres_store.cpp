@@ -13,6 +13,7 @@
 
 #include "../sync.hpp"
 #include "postgres_internal.hpp"
+#include "postgres_shared.hpp"
 #include "taskmgr/error.hpp"
 #include "taskmgr/postgres_store.hpp"
 #include "write_queue.hpp"
@@ -55,9 +56,11 @@ std::string describe_url(const std::string& url) {
 struct Attempt {
   bool commit_sent = false;
   std::string xid;  // the transaction's id, once the server gave it
+  // Shared mode: the updates whose fence refused them (their claim lost).
+  std::vector<const UpdateOp*> refused;
 };
 
-class PostgresStore final : public TaskStore, private WriteBackend {
+class PostgresStore final : public TaskStore, public SharedQueueHolder, private WriteBackend {
  public:
   PostgresStore(const std::string& url, PostgresStoreOptions options)
       : url_(url),
@@ -70,14 +73,31 @@ class PostgresStore final : public TaskStore, private WriteBackend {
       where_ = w->describe();
       schema_ = target_schema(*w, options_);
       // The store lock first (as the SQLite store's lock file): a schema
-      // another store uses is not migrated under it.
+      // another store uses is not migrated under it. The hosts of a shared
+      // queue hold it together.
       take_store_lock(*w);
       migrate(*w, options_, where_);
       layout_ = task_layout(*w, options_);
+      if (options_.shared && layout_.adopted()) {
+        throw Error(ErrorCode::kIncompatible,
+                    "database " + where_ + " (schema " + schema_ +
+                        "): a shared queue (storage.shared) needs taskmgr's own tasks table; "
+                        "this one was adopted from an earlier application");
+      }
       writes_ = {insert_task_statement(layout_), update_task_statement(layout_),
                  insert_event_statement(), insert_metric_statement()};
+      if (options_.shared) {
+        writes_.push_back(fenced_update_statement(layout_, options_.cluster.lease_seconds));
+        writes_.push_back(fenced_event_statement());
+        writes_.push_back(fenced_metric_statement());
+      }
       prepare_writes(*w);
       release(connect_once());  // the first read connection: reads work too
+      if (options_.shared) {
+        shared_ = std::make_unique<PostgresShared>(PostgresShared::Settings{
+            url_, setup_, static_cast<int>(options_.connect_timeout_seconds + 0.999), where_,
+            schema_, layout_, options_.cluster});
+      }
     } catch (const PgError& e) {
       throw Error(e.code(), "cannot open the PostgreSQL store on " + where_ + ": " + e.what());
     }
@@ -91,16 +111,30 @@ class PostgresStore final : public TaskStore, private WriteBackend {
                                      options_.max_backlog});  // starts the writer thread
   }
 
-  ~PostgresStore() override { queue_->stop(); }
+  ~PostgresStore() override {
+    queue_->stop();
+    if (shared_) shared_->close_host();
+  }
+
+  SharedQueue* shared_queue() override { return shared_.get(); }
 
   void insert_tasks(const std::vector<NewTask>& tasks) override { queue_->insert(tasks); }
 
   void update_task(const Task& task, const std::vector<EventRecord>& events) override {
-    queue_->update(task, events);
+    if (!shared_) return queue_->update(task, events);
+    // Fenced by the claim the host holds the task by; its last write (ended,
+    // cleaned up) ends the claim.
+    const std::int64_t fence = shared_->fence_of(task.id);
+    if (is_terminal(task.status) && task.resource_cleanup_completed) shared_->forget(task.id);
+    queue_->update(task, events, fence);
   }
 
   void append_metrics(const std::vector<MetricSample>& samples) override {
-    queue_->append(samples);
+    if (!shared_) return queue_->append(samples);
+    std::vector<std::int64_t> fences;
+    fences.reserve(samples.size());
+    for (const auto& s : samples) fences.push_back(shared_->fence_of(s.task_id));
+    queue_->append(samples, std::move(fences));
   }
 
   // Rows as their latest update left them, persisted or not (store.hpp).
@@ -234,16 +268,24 @@ class PostgresStore final : public TaskStore, private WriteBackend {
   }
 
   void take_store_lock(Conn& c) {
-    if (lock_store(c, schema_, options_.connect_timeout_seconds)) return;
+    if (lock_store(c, schema_, options_.connect_timeout_seconds, options_.shared)) return;
     const std::string holder = holder_of_store_lock(c, schema_);
+    if (options_.shared) {
+      throw Error(ErrorCode::kBusy, "database " + where_ + " (schema " + schema_ +
+                                        ") is in use by a task manager that does not share it" +
+                                        (holder.empty() ? "" : " (" + holder + ")") +
+                                        "; hosts share a schema only when all set storage.shared");
+    }
     throw Error(ErrorCode::kBusy, "database " + where_ + " (schema " + schema_ +
                                       ") is in use by another task manager" +
                                       (holder.empty() ? "" : " (" + holder + ")") +
-                                      "; only one may use a schema at a time");
+                                      "; only one may use a schema at a time (several hosts "
+                                      "share one with storage.shared)");
   }
 
   void prepare_writes(Conn& c) const {
     for (const Statement& s : writes_) c.prepare(s.name, s.sql);
+    if (options_.shared) c.prepare("taskmgr_notify_work", "SELECT pg_notify($1, 'work')");
   }
 
   // The writer connection, connected again (with its store lock and
@@ -320,36 +362,68 @@ class PostgresStore final : public TaskStore, private WriteBackend {
 
   // ---- writes ----------------------------------------------------------------
 
-  // Sends one op's statements; returns how many.
-  std::size_t send_op(pg::Pipeline& p, WriteOp& op, bool events_only) const {
-    std::size_t n = 0;
-    auto event = [&](const EventRecord& e) {
+  // A statement sent in a transaction; for a fenced update, whose claim it
+  // carries (a result of no row: the fence refused it).
+  struct Sent {
+    const UpdateOp* fenced = nullptr;
+  };
+
+  // Sends one op's statements (appended to `sent`). In shared mode an
+  // update, its events and samples are fenced by the claim (UpdateOp::fence),
+  // and an insert of queued tasks notifies the hosts (on commit).
+  void send_op(pg::Pipeline& p, WriteOp& op, bool events_only, std::vector<Sent>& sent) const {
+    const bool shared = shared_ != nullptr;
+    auto event = [&](const EventRecord& e, std::int64_t fence) {
       pg::Params ps = insert_event_params(e);
-      p.send_prepared(writes_[2].name, ps);
-      ++n;
+      if (shared && fence >= 0) {
+        ps.integer(fence);
+        p.send_prepared(writes_[5].name, ps);
+      } else {
+        p.send_prepared(writes_[2].name, ps);
+      }
+      sent.push_back({});
     };
     if (auto* ins = std::get_if<InsertOp>(&op)) {
+      bool queued = false;
       for (const NewTask& t : *ins->tasks) {
         pg::Params ps = insert_task_params(layout_, t.task);
         p.send_prepared(writes_[0].name, ps);
-        ++n;
-        for (const auto& e : t.events) event(e);
+        sent.push_back({});
+        for (const auto& e : t.events) event(e, -1);
+        queued = queued || t.task.status == TaskStatus::kQueued;
+      }
+      if (shared && queued) {
+        pg::Params ps;
+        ps.text(shared_->channel());
+        p.send_prepared("taskmgr_notify_work", ps);
+        sent.push_back({});
       }
     } else if (auto* up = std::get_if<UpdateOp>(&op)) {
       if (!events_only) {
         pg::Params ps = update_task_params(layout_, up->task);
-        p.send_prepared(writes_[1].name, ps);
-        ++n;
+        if (shared) {
+          ps.text(shared_->host_id()).integer(up->fence);
+          ps.boolean(is_terminal(up->task.status) && up->task.resource_cleanup_completed);
+          p.send_prepared(writes_[4].name, ps);
+          sent.push_back({up});
+        } else {
+          p.send_prepared(writes_[1].name, ps);
+          sent.push_back({});
+        }
       }
-      for (const auto& e : up->events) event(e);
+      for (const auto& e : up->events) event(e, up->fence);
     } else if (auto* m = std::get_if<MetricsOp>(&op)) {
-      for (const auto& s : m->samples) {
-        pg::Params ps = insert_metric_params(s);
-        p.send_prepared(writes_[3].name, ps);
-        ++n;
+      for (std::size_t i = 0; i < m->samples.size(); ++i) {
+        pg::Params ps = insert_metric_params(m->samples[i]);
+        if (shared) {
+          ps.integer(i < m->fences.size() ? m->fences[i] : 0);
+          p.send_prepared(writes_[6].name, ps);
+        } else {
+          p.send_prepared(writes_[3].name, ps);
+        }
+        sent.push_back({});
       }
     }
-    return n;
   }
 
   // One try of the transaction, in one pipeline: BEGIN, the transaction's
@@ -365,8 +439,8 @@ class PostgresStore final : public TaskStore, private WriteBackend {
     p.send("BEGIN ISOLATION LEVEL READ COMMITTED");
     p.send("SELECT pg_current_xact_id()::text");
     p.flush_request();
-    std::size_t statements = 0;
-    for (std::size_t i = 0; i < n; ++i) statements += send_op(p, ops[i], superseded[i]);
+    std::vector<Sent> sent;
+    for (std::size_t i = 0; i < n; ++i) send_op(p, ops[i], superseded[i], sent);
     p.flush();
     std::optional<PgError> failed;
     auto check = [&](const pg::Result& r) {
@@ -391,7 +465,15 @@ class PostgresStore final : public TaskStore, private WriteBackend {
     }
     p.sync();
     p.flush();
-    for (std::size_t k = 0; k < statements; ++k) check(p.result());
+    a.refused.clear();
+    for (const Sent& s : sent) {
+      pg::Result r = p.result();
+      check(r);
+      if (s.fenced != nullptr && PQresultStatus(r.get()) == PGRES_COMMAND_OK &&
+          std::string(PQcmdTuples(r.get())) == "0") {
+        a.refused.push_back(s.fenced);
+      }
+    }
     if (a.commit_sent) check(p.result());
     p.expect_sync();
     p.end();
@@ -434,6 +516,7 @@ class PostgresStore final : public TaskStore, private WriteBackend {
       Attempt a;
       try {
         transact(ops, n, superseded, a);
+        for (const UpdateOp* u : a.refused) shared_->write_refused(u->task.id, u->fence);
         return;
       } catch (const PgError& e) {
         // A connection left in the middle of the protocol (or of a
@@ -481,6 +564,9 @@ class PostgresStore final : public TaskStore, private WriteBackend {
   std::condition_variable pool_cv_;
   std::vector<std::unique_ptr<Conn>> idle_ GUARDED_BY(pool_mu_);
   std::size_t leased_ GUARDED_BY(pool_mu_) = 0;
+
+  // Shared mode: the shared queue (claims, fences, heartbeats).
+  std::unique_ptr<PostgresShared> shared_;
 
   // Last: its writer thread uses the members above.
   std::unique_ptr<WriteQueue> queue_;

@@ -202,6 +202,8 @@ void bind_field(SQLite::Statement& st, int i, const TaskLayout& l, Field f, cons
     case store::kAssignedDevice: bind_opt(st, i, t.assigned_device); break;
     case store::kServiceInstance: bind_opt(st, i, t.service_instance_id); break;
     case store::kCleanupCompleted: st.bind(i, t.resource_cleanup_completed ? 1 : 0); break;
+    case store::kRequestedDevice: bind_opt(st, i, t.requested_device); break;
+    case store::kHost: bind_opt(st, i, t.host); break;
     case store::kFieldCount: break;
   }
 }

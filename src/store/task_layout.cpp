@@ -38,6 +38,8 @@ const std::vector<Names>& field_names() {
       {kAssignedDevice, {"assigned_device"}},
       {kServiceInstance, {"service_instance_id"}},
       {kCleanupCompleted, {"resource_cleanup_completed"}},
+      {kRequestedDevice, {"requested_device"}},
+      {kHost, {"run_host"}},
   };
   return names;
 }
@@ -133,9 +135,19 @@ TaskLayout TaskLayout::of(const std::vector<Column>& columns, StatusMap status_m
       }
       if (found) break;
     }
-    if (!l.has(n.field)) l.adopted_ = true;
+    // A table without the shared queue's fields is taskmgr's own still
+    // (SQLite's, and PostgreSQL's before schema 4).
+    if (!l.has(n.field) && n.field != kRequestedDevice && n.field != kHost) l.adopted_ = true;
   }
   for (std::size_t i = 0; i < columns.size(); ++i) {
+    // The shared queue's claim columns (PostgreSQL schema 4) are taskmgr's:
+    // read and written by the claim and its fence, not extra columns.
+    static const char* const kClaimColumns[] = {"claimed_by", "claim", "lease_expires_at",
+                                                "cancel_requested"};
+    const std::string name = lower(columns[i].name);
+    if (std::find(std::begin(kClaimColumns), std::end(kClaimColumns), name) !=
+        std::end(kClaimColumns))
+      continue;
     if (!used[i]) l.extra_.push_back(columns[i].name);
   }
   if (!l.extra_.empty()) l.adopted_ = true;
@@ -276,6 +288,8 @@ void TaskLayout::set_field(Task& t, Field f, std::string_view v) const {
     case kActualMemory: t.actual_memory_mb = to_integer(v); break;
     case kAssignedDevice: t.assigned_device = std::string(v); break;
     case kServiceInstance: t.service_instance_id = std::string(v); break;
+    case kRequestedDevice: t.requested_device = std::string(v); break;
+    case kHost: t.host = std::string(v); break;
     case kCleanupCompleted:
       t.resource_cleanup_completed = v == "t" || v == "1" || v == "true" || v == "TRUE";
       break;

@@ -45,15 +45,17 @@ enum Field : int {
   kAssignedDevice,
   kServiceInstance,
   kCleanupCompleted,
+  kRequestedDevice,  // a shared queue's (PostgreSQL, schema 4); optional
+  kHost,             // the same
   kFieldCount
 };
 
 // What every state change rewrites (TaskStore::update_task), in this order.
 inline constexpr Field kMutableFields[] = {
-    kOptions,      kPriority,       kStatus,          kAttempt,
-    kBatchSize,    kFailureReason,  kFailureMessage,  kResult,
-    kQueuedAt,     kStartedAt,      kFinishedAt,      kEstimatedMemory,
-    kActualMemory, kAssignedDevice, kServiceInstance, kCleanupCompleted};
+    kOptions,          kPriority,        kStatus,       kAttempt,        kBatchSize,
+    kFailureReason,    kFailureMessage,  kResult,       kQueuedAt,       kStartedAt,
+    kFinishedAt,       kEstimatedMemory, kActualMemory, kAssignedDevice, kServiceInstance,
+    kCleanupCompleted, kRequestedDevice, kHost};
 // What an insert writes before them.
 inline constexpr Field kInsertOnlyFields[] = {kId,        kService,   kInputPath,
                                               kInputData, kMediaType, kCreatedAt};

@@ -109,13 +109,13 @@ void WriteQueue::insert(const std::vector<NewTask>& tasks) {
   done.get();  // returns once committed; rethrows the commit's error
 }
 
-void WriteQueue::update(Task task, std::vector<EventRecord> events) {
+void WriteQueue::update(Task task, std::vector<EventRecord> events, std::int64_t fence) {
   task.input = TaskInput{};  // never rewritten
-  enqueue(WriteOp(UpdateOp{std::move(task), std::move(events)}));
+  enqueue(WriteOp(UpdateOp{std::move(task), std::move(events), fence}));
 }
 
-void WriteQueue::append(std::vector<MetricSample> samples) {
-  if (!samples.empty()) enqueue(WriteOp(MetricsOp{std::move(samples)}));
+void WriteQueue::append(std::vector<MetricSample> samples, std::vector<std::int64_t> fences) {
+  if (!samples.empty()) enqueue(WriteOp(MetricsOp{std::move(samples), std::move(fences)}));
 }
 
 void WriteQueue::flush(bool retry_backlog) {

@@ -40,9 +40,13 @@ struct InsertOp {
 struct UpdateOp {
   Task task;
   std::vector<EventRecord> events;
+  // A shared queue's fence (the claim the host holds the task by; 0 = none):
+  // the backend writes the update only while the row still carries it.
+  std::int64_t fence = 0;
 };
 struct MetricsOp {
   std::vector<MetricSample> samples;
+  std::vector<std::int64_t> fences;  // one per sample, or empty: as UpdateOp::fence
 };
 using WriteOp = std::variant<InsertOp, UpdateOp, MetricsOp>;
 
@@ -89,8 +93,10 @@ class WriteQueue {
   // the backlog holds max_backlog failed writes.
   void insert(const std::vector<NewTask>& tasks) REQUIRES(!mu_, !commit_mu_);
   // TaskStore::update_task and append_metrics: queued, committed later.
-  void update(Task task, std::vector<EventRecord> events) REQUIRES(!mu_);
-  void append(std::vector<MetricSample> samples) REQUIRES(!mu_);
+  // `fence`, `fences`: UpdateOp's and MetricsOp's.
+  void update(Task task, std::vector<EventRecord> events, std::int64_t fence = 0) REQUIRES(!mu_);
+  void append(std::vector<MetricSample> samples, std::vector<std::int64_t> fences = {})
+      REQUIRES(!mu_);
   // Returns once every write queued before it was tried (committed, or
   // failed and kept in the backlog). retry_backlog: then the backlog is
   // tried once more (TaskStore::flush; reads do not, they only wait).

@@ -10,6 +10,8 @@ seconds=${1:-60}
 cmake --preset fuzz >/dev/null
 cmake --build --preset fuzz
 mkdir -p build/fuzz/artifacts
+# Leaks inside system libraries we cannot fix (each explained in the file).
+export LSAN_OPTIONS="suppressions=$PWD/fuzz/lsan.supp${LSAN_OPTIONS:+:$LSAN_OPTIONS}"
 # ocr_worker: fuzz_ocr_input again, through a worker process (the
 # taskmgr-worker of the same build; the worker-process path of issue 18).
 for h in config ocr_input ocr_worker capi; do

@@ -255,6 +255,10 @@ TaskManager::Impl::Impl(Config config, TaskManagerOptions options)
                                  REQUIRES(!scheduler_lock) { return c->confirm(id); },
                              [c](const std::string& id) { return c->holds(id); });
     dispatcher_.set_on_slot_free([c] { c->wake(); });
+    // A task's outcome reaches this host's subscribers once the store took
+    // it, or as `cancelled` (lost claim) when the fence refused it.
+    scheduler_.outbox().set_refused_check(
+        [shared](const std::string& id) { return shared->take_refused(id); });
     log_.write(LogLevel::kInfo, fmt::format("cluster: this host is {} in the shared queue of {}",
                                             shared->host_id(), journal_.describe()));
     cluster_->start();

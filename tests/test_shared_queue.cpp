@@ -787,6 +787,99 @@ TEST_CASE("shared queue: a rescue and a lost claim are counted in each host's me
 }
 
 TEST_CASE(
+    "shared queue: an outcome the fence refuses after the claim check is told as cancelled, never "
+    "as completed") {
+  // The window after the claim check: A's claim is confirmed, its outcome
+  // committed here, then (while A stands in its service's cleanup hook)
+  // another host takes the task over. A's write of `completed` is refused
+  // by the fence; A's subscribers must not hear `completed`.
+  PgSchema s;
+  std::atomic<int> taken{-1};  // rows the hook took over (1), or -2: its statement failed
+  struct Svc : Service {
+    explicit Svc(std::function<void(const std::string&)> f) : hook(std::move(f)) {}
+    void process(TaskContext& ctx) override { ctx.set_result("{\"by\":\"a\"}"); }
+    void cleanup_task(const std::string& task_id) noexcept override { hook(task_id); }
+    std::function<void(const std::string&)> hook;
+  };
+  struct Factory : ServiceFactory {
+    explicit Factory(std::function<void(const std::string&)> f) : hook(std::move(f)) {}
+    std::string kind() const override { return "svc"; }
+    std::unique_ptr<Service> create(const std::string&) override {
+      return std::make_unique<Svc>(hook);
+    }
+    std::function<void(const std::string&)> hook;
+  };
+  TaskManagerOptions oa;
+  oa.builtin_ocr = false;
+  std::mutex mu;
+  std::vector<std::string> a_log;
+  std::vector<EventRecord> a_events;
+  oa.log_sink = [&](LogLevel, std::string_view line) {
+    std::lock_guard<std::mutex> g(mu);
+    a_log.emplace_back(line);
+  };
+  oa.services.push_back(std::make_shared<Factory>([&](const std::string& task_id) {
+    try {
+      // As another host does once A's lease ran out (a rescue, then its
+      // claim): the row carries that host's claim (only if A's outcome is
+      // not in yet: it must not be).
+      taken = static_cast<int>(s.scalar(
+          "WITH u AS (UPDATE tasks SET claimed_by = 'other/1/x', claim = nextval('task_claims'), "
+          "lease_expires_at = (now() AT TIME ZONE 'UTC') + interval '1 hour', run_host = 'other' "
+          "WHERE id = '" +
+          task_id + "' AND status = 'running' RETURNING 1) SELECT count(*) FROM u"));
+    } catch (...) {
+      taken = -2;
+    }
+  }));
+  oa.subscribers.push_back([&](const EventRecord& e) {
+    std::lock_guard<std::mutex> g(mu);
+    a_events.push_back(e);
+  });
+  Config ca = shared_config(s, "a");
+  // No heartbeat of A's (which would find the claim gone first).
+  ca.storage.cluster.lease_seconds = 600;
+  ca.storage.cluster.heartbeat_seconds = 300;
+  auto a = std::make_unique<TaskManager>(ca, oa);
+  TaskCreateRequest r;
+  r.service = "svc";
+  r.start = true;
+  const std::string id = a->create_task(r).id;
+  for (int i = 0; i < 6000 && taken.load() == -1; ++i) std::this_thread::sleep_for(5ms);
+  REQUIRE(taken.load() == 1);
+  // A's write is refused: counted as a lost claim.
+  for (int i = 0; i < 3000 && a->get_task_metrics().lost_claims == 0; ++i)
+    std::this_thread::sleep_for(5ms);
+  CHECK(a->get_task_metrics().lost_claims == 1);
+  a->close();
+  {
+    std::lock_guard<std::mutex> g(mu);
+    int told_lost = 0;
+    for (const auto& e : a_events) {
+      if (e.task_id != id) continue;
+      CAPTURE(e.details_json);
+      CHECK(e.event != TaskEvent::kCompleted);
+      if (e.event == TaskEvent::kCancelled) {
+        CHECK(e.details_json.find("lost claim") != std::string::npos);
+        CHECK(e.details_json.find("\"while\":\"running\"") != std::string::npos);
+        CHECK(strict_json_error(e.details_json.data(), e.details_json.size()) < 0);
+        ++told_lost;
+      }
+    }
+    CHECK(told_lost == 1);
+    bool warned = false;
+    for (const auto& line : a_log)
+      warned = warned || line.find("the store refused its completed") != std::string::npos;
+    CHECK(warned);
+  }
+  // The row is the other host's, untouched by A's outcome.
+  CHECK(s.scalar("SELECT count(*) FROM task_events WHERE event_type IN ('completed', "
+                 "'cancelled')") == 0);
+  CHECK(s.text("SELECT status FROM tasks WHERE id = '" + id + "'") == "running");
+  CHECK(s.text("SELECT claimed_by FROM tasks WHERE id = '" + id + "'") == "other/1/x");
+}
+
+TEST_CASE(
     "shared queue: a retry on one host and a delete on another of one ended task: exactly one "
     "wins") {
   PgSchema s;

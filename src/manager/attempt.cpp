@@ -210,9 +210,7 @@ std::optional<CleanupReport> Attempt::run(const RecordPtr& rec, ServicePool::Lea
     lost.kind = Outcome::Kind::kCancelled;
     lost.lost_claim = true;
     lost.failure.reason = TaskFailureReason::kCancelled;
-    lost.failure.message =
-        "lost claim: another host took the task over (this host's lease ran "
-        "out); the result of this attempt is discarded";
+    lost.failure.message = kLostClaimMessage;
     lost.peak_mb = o.peak_mb;
     lost.failure.instance_broken = o.failure.instance_broken;
     o = std::move(lost);

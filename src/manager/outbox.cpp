@@ -2,6 +2,9 @@
 #include "forced_unwind.hpp"
 
 #include <algorithm>
+#include <memory>
+
+#include "taskmgr/clock.hpp"
 
 namespace taskmgr::detail {
 
@@ -115,6 +118,57 @@ void Outbox::take_retired(std::vector<RecordPtr>& out) {
   out.swap(retired_);
 }
 
+void Outbox::set_refused_check(std::function<bool(const std::string&)> refused) {
+  MutexLock g(drain_mu_);
+  refused_ = std::move(refused);
+}
+
+namespace {
+bool is_outcome(TaskEvent e) {
+  return e == TaskEvent::kCompleted || e == TaskEvent::kFailed || e == TaskEvent::kCancelled;
+}
+}  // namespace
+
+void Outbox::check_fences(const std::vector<Item>& items, std::vector<EventRecord>& records,
+                          std::vector<std::pair<LogLevel, std::string>>& lines) {
+  try {
+    journal_.flush();  // every write queued before: committed, or refused by its fence
+  } catch (const std::exception& e) {
+    // Not known whether the fence took them: told as applied (the store
+    // tries the writes again; a refusal then is counted as a lost claim).
+    lines.emplace_back(LogLevel::kError,
+                       std::string("waiting for the store to commit tasks' outcomes failed: ") +
+                           e.what() + "; their events are published as this host applied them");
+    return;
+  } catch (...) {
+    ::taskmgr::detail::rethrow_if_forced_unwind();
+    lines.emplace_back(LogLevel::kError,
+                       "waiting for the store to commit tasks' outcomes failed: unknown exception");
+    return;
+  }
+  for (const Fenced& f : fenced_) {
+    const Task& t = items[f.item].task;
+    if (!refused_(t.id)) continue;
+    for (std::size_t i = f.first; i < f.first + f.count; ++i) {
+      EventRecord& e = records[i];
+      if (!is_outcome(e.event)) continue;
+      if (e.event == TaskEvent::kCancelled && t.failure_message == kLostClaimMessage) continue;
+      lines.emplace_back(
+          LogLevel::kWarn,
+          "task " + t.id + ": the store refused its " + std::string(to_string(e.event)) +
+              " (lost claim: another host took the task over while this host stood still past "
+              "its lease); told as cancelled, the row keeps the other host's outcome");
+      static const std::shared_ptr<Clock> unused = Clock::system();  // the time is the event's
+      EventBatch b(*unused);
+      b.now = e.timestamp;
+      events::cancelled(b, TaskStatus::kRunning, t.attempt, kLostClaimMessage);
+      std::vector<EventRecord> told = b.take_records(t.id);
+      e.event = told[0].event;
+      e.details_json.swap(told[0].details_json);
+    }
+  }
+}
+
 void Outbox::drain(bool wait) {
   // Nothing committed since the last drain took the outbox: nothing to do
   // (a drain in progress re-checks the outbox when it ends).
@@ -200,6 +254,14 @@ bool Outbox::drain_once(std::vector<std::pair<LogLevel, std::string>>& lines) {
         e.timestamp = p.timestamp;
         p.write_details(e.details_json);
       }
+      if (refused_) {
+        for (std::size_t i = 0; i < it.count; ++i) {
+          if (is_outcome(item_records_[i].event)) {
+            fenced_.push_back({k, used, it.count});
+            break;
+          }
+        }
+      }
       try {
         journal_.update_task(it.task, item_records_);
       } catch (const std::exception& e) {
@@ -214,8 +276,12 @@ bool Outbox::drain_once(std::vector<std::pair<LogLevel, std::string>>& lines) {
       it.rec.reset();
       if (it.task.result.capacity() > kResultKept) std::string().swap(it.task.result);
     }
-    if (items.size() > kItemsKept) items.resize(kItemsKept);  // after a burst
     records.resize(used);
+    if (!fenced_.empty()) {
+      check_fences(items, records, lines);
+      fenced_.clear();
+    }
+    if (items.size() > kItemsKept) items.resize(kItemsKept);  // after a burst
     bus_.publish(std::move(records));  // leaves `records` empty, capacity kept
     const bool none = n_items == 0;
     pending.clear();

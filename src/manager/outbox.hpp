@@ -16,6 +16,15 @@
 // store write. Outbox items, their strings and the bus's delivered event
 // records are reused, so the steady state allocates nothing here.
 //
+// A shared queue (several hosts, docs/SCALING.md) fences a claimed task's
+// writes: the store refuses them once another host took the task over. The
+// drain then holds back what it publishes of a task's outcome (completed,
+// failed, cancelled) until the store has committed the write, and when the
+// fence refused it, tells the subscribers `cancelled` with the lost-claim
+// message instead: this host's subscribers never hear an outcome the
+// store does not keep (set_refused_check). It costs a commit's wait per
+// drain that carries an outcome, in the thread that drains.
+//
 // Locks: commit takes outbox_mu_ inside the scheduler lock; the drain takes
 // drain_mu_, then outbox_mu_ briefly to swap the pending items out, then
 // neither while it writes. A drain that finds another drainer busy returns
@@ -23,6 +32,7 @@
 #pragma once
 
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -63,6 +73,9 @@ class Outbox {
   // Writes what was committed, in commit order. `wait`: also when another
   // thread is draining (then after it).
   void drain(bool wait = false) REQUIRES(!scheduler_lock, !mu_, !drain_mu_);
+  // A shared queue: `refused(id)` says whether the store refused a write of
+  // task `id` by its fence (SharedQueue::take_refused). Set once, at open.
+  void set_refused_check(std::function<bool(const std::string&)> refused) REQUIRES(!drain_mu_);
   bool pending() const noexcept { return pending_.load(std::memory_order_acquire); }
 
  private:
@@ -82,6 +95,16 @@ class Outbox {
   // lines it found are left in `lines`, to be written after drain_mu_.
   bool drain_once(std::vector<std::pair<LogLevel, std::string>>& lines)
       REQUIRES(!scheduler_lock, drain_mu_, !mu_);
+  // An item's outcome, to publish once its write is committed: the task and
+  // where its events are in the records to publish.
+  struct Fenced {
+    std::size_t item = 0, first = 0, count = 0;
+  };
+  // Waits for the store's commit; for each outcome the fence refused, the
+  // outcome's event becomes `cancelled` (lost claim). Log lines to `lines`.
+  void check_fences(const std::vector<Item>& items, std::vector<EventRecord>& records,
+                    std::vector<std::pair<LogLevel, std::string>>& lines)
+      REQUIRES(!scheduler_lock, drain_mu_);
 
   static constexpr std::size_t kRetiredMax = 256;
   // Items kept for reuse after a drain (a burst may have made more), and the
@@ -108,6 +131,8 @@ class Outbox {
   std::vector<EventRecord> spare_records_ GUARDED_BY(drain_mu_);
   std::vector<EventRecord> item_records_ GUARDED_BY(drain_mu_);  // one item's events
   std::vector<RecordPtr> spare_retired_ GUARDED_BY(drain_mu_);
+  std::function<bool(const std::string&)> refused_ GUARDED_BY(drain_mu_);  // shared queue only
+  std::vector<Fenced> fenced_ GUARDED_BY(drain_mu_);                       // this pass's outcomes
 };
 
 }  // namespace taskmgr::detail

@@ -47,9 +47,16 @@ struct Outcome {
   std::string result;
   std::optional<std::int64_t> peak_mb;
   // kCancelled: this host's claim on the task was lost (a shared queue);
-  // failure.message says so as it is.
+  // failure.message says so as it is (kLostClaimMessage).
   bool lost_claim = false;
 };
+
+// The message of an attempt whose claim was lost (a shared queue): the
+// `cancelled` this host tells its subscribers instead of the outcome it
+// could not write.
+inline constexpr const char* kLostClaimMessage =
+    "lost claim: another host took the task over (this host's lease ran out); the result of this "
+    "attempt is discarded";
 
 // What the cleanup of an attempt found, worked out outside the lock.
 struct CleanupReport {

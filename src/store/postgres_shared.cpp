@@ -168,7 +168,10 @@ std::vector<ClaimedTask> PostgresShared::claim(const ClaimRequest& r) {
     return qa != qb ? qa < qb : a.task.id < b.task.id;
   });
   MutexLock g(claims_mu_);
-  for (const auto& c : out) claims_[c.task.id] = c.claim;
+  for (const auto& c : out) {
+    claims_[c.task.id] = c.claim;
+    refused_.erase(c.task.id);  // a write refused under an earlier claim says nothing of this one
+  }
   return out;
 }
 
@@ -251,7 +254,28 @@ void PostgresShared::lost(const std::string& id, std::int64_t token) {
   }
 }
 
-void PostgresShared::write_refused(const std::string& id, std::int64_t token) { lost(id, token); }
+void PostgresShared::write_refused(const std::string& id, std::int64_t token) {
+  {
+    MutexLock g(claims_mu_);
+    const std::uint64_t n = ++refusals_;
+    refused_[id] = n;
+    refused_order_.emplace_back(id, n);
+    while (refused_order_.size() > kRefusedKept) {
+      const auto& [old_id, old_n] = refused_order_.front();
+      auto it = refused_.find(old_id);
+      if (it != refused_.end() && it->second == old_n) refused_.erase(it);  // not refused since
+      refused_order_.pop_front();
+    }
+  }
+  lost(id, token);
+}
+
+bool PostgresShared::take_refused(const std::string& id) {
+  MutexLock g(claims_mu_);
+  // Its entry in refused_order_ stays until it reaches the front (then the
+  // number no longer matches, or the id is gone).
+  return refused_.erase(id) > 0;
+}
 
 std::uint64_t PostgresShared::lost_claims() const {
   MutexLock g(claims_mu_);

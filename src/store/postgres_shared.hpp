@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <set>
 #include <string>
@@ -51,6 +52,7 @@ class PostgresShared final : public SharedQueue {
   ClusterStatus cluster() override REQUIRES(!work_mu_);
   std::uint64_t lost_claims() const override REQUIRES(!claims_mu_);
   std::vector<std::string> take_lost() override REQUIRES(!claims_mu_);
+  bool take_refused(const std::string& id) override REQUIRES(!claims_mu_);
   void close_host() override REQUIRES(!work_mu_);
 
   // The store's writer found a write of `id` refused by its fence.
@@ -93,6 +95,14 @@ class PostgresShared final : public SharedQueue {
   std::uint64_t lost_claims_ GUARDED_BY(claims_mu_) = 0;
   std::vector<std::string> lost_ids_ GUARDED_BY(claims_mu_);
   std::set<std::pair<std::string, std::int64_t>> counted_lost_ GUARDED_BY(claims_mu_);
+  // Tasks a write of which the fence refused (take_refused), each with the
+  // number of its refusal; refused_order_ holds them oldest first. At most
+  // kRefusedKept: one is asked about within a commit of its refusal, and
+  // those nobody asks about are dropped oldest first.
+  static constexpr std::size_t kRefusedKept = 4096;
+  std::unordered_map<std::string, std::uint64_t> refused_ GUARDED_BY(claims_mu_);
+  std::deque<std::pair<std::string, std::uint64_t>> refused_order_ GUARDED_BY(claims_mu_);
+  std::uint64_t refusals_ GUARDED_BY(claims_mu_) = 0;
 };
 
 }  // namespace taskmgr::detail::postgres

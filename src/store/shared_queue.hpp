@@ -142,6 +142,11 @@ class SharedQueue {
   // write, a confirm or a heartbeat), and the ids found since the last call.
   virtual std::uint64_t lost_claims() const = 0;
   virtual std::vector<std::string> take_lost() = 0;
+  // Whether the store's writer found a write of `id` refused by its fence
+  // since this host last claimed the task; forgets the answer. (The outbox
+  // asks, once the write of a task's outcome is committed, before it tells
+  // the subscribers.)
+  virtual bool take_refused(const std::string& id) = 0;
 
   // The host's row says it closed (the last thing a closing host does).
   virtual void close_host() = 0;

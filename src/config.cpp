@@ -712,6 +712,10 @@ void Config::validate() const {
       invalid("storage.cluster.host_name",
               "must be UTF-8 text, got an invalid byte at offset " + std::to_string(*at));
     }
+    if (!h.host_name.empty() && h.host_name.find_first_not_of(' ') == std::string::npos) {
+      invalid("storage.cluster.host_name",
+              "must not be only spaces (\"\" means the machine's host name)");
+    }
     for (std::size_t i = 0; i < h.host_name.size(); ++i) {
       const auto ch = static_cast<unsigned char>(h.host_name[i]);
       if (ch < 0x20 || ch == 0x7F) {

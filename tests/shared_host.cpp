@@ -103,13 +103,16 @@ int main(int argc, char** argv) {
                    ",\"attempt\":" + std::to_string(ctx.attempt()) + "}");
     log_line("end", ctx.task_id(), ctx.attempt());
   }));
+  // What this host's subscribers are told: "fenced" (a lost claim's
+  // cancelled) and "told" (completed), with the attempt.
   options.subscribers.push_back([](const taskmgr::EventRecord& e) {
-    if (e.event == taskmgr::TaskEvent::kCancelled &&
-        e.details_json.find("lost claim") != std::string::npos) {
+    const bool fenced = e.event == taskmgr::TaskEvent::kCancelled &&
+                        e.details_json.find("lost claim") != std::string::npos;
+    if (fenced || e.event == taskmgr::TaskEvent::kCompleted) {
       int attempt = 0;
       const auto at = e.details_json.find("\"attempt\":");
       if (at != std::string::npos) attempt = std::atoi(e.details_json.c_str() + at + 10);
-      log_line("fenced", e.task_id, attempt);
+      log_line(fenced ? "fenced" : "told", e.task_id, attempt);
     }
   });
 

@@ -633,6 +633,8 @@ TEST_CASE("storage.shared and storage.cluster: read, written back, checked") {
        "[1, 100000]"},
       {"storage:\n  cluster:\n    host_name: \"a\\tb\"\n", "storage.cluster.host_name",
        "control characters"},
+      {"storage:\n  cluster:\n    host_name: \"   \"\n", "storage.cluster.host_name",
+       "only spaces"},
       {"storage:\n  cluster:\n    lease: 3\n", "storage.cluster.lease", "unknown"},
   };
   for (const auto& k : cases) {
@@ -649,6 +651,8 @@ TEST_CASE("storage.shared and storage.cluster: read, written back, checked") {
   CHECK_THROWS_WITH_AS(code.validate(), doctest::Contains("UTF-8"), ConfigError);
   code.storage.cluster.host_name = "bad\x01";
   CHECK_THROWS_WITH_AS(code.validate(), doctest::Contains("control characters"), ConfigError);
+  code.storage.cluster.host_name = " ";
+  CHECK_THROWS_WITH_AS(code.validate(), doctest::Contains("only spaces"), ConfigError);
   code.storage.cluster.host_name = "ok";
   code.storage.shared = true;
   CHECK_THROWS_WITH_AS(code.validate(), doctest::Contains("storage.shared"), ConfigError);

@@ -177,9 +177,14 @@ class CountingStore : public ForwardingStore {
     order.push_back(t.id + ":" + std::to_string(e.size()));
     ForwardingStore::update_task(t, e);
   }
+  void flush() override {
+    ++flushes;
+    if (fail_flush.load()) throw Error(ErrorCode::kIoError, "server gone");
+    ForwardingStore::flush();
+  }
 
-  std::atomic<int> updates{0};
-  std::atomic<bool> hold_first{false}, held{false}, fail_next{false};
+  std::atomic<int> updates{0}, flushes{0};
+  std::atomic<bool> hold_first{false}, held{false}, fail_next{false}, fail_flush{false};
   Gate gate;
   std::mutex mu;
   std::vector<std::string> order;
@@ -216,6 +221,9 @@ struct OutboxFixture {
     EventBatch b(*clock);
     if (e == TaskEvent::kStarted) {
       events::started(b, 1, 1, 0.5);
+    } else if (e == TaskEvent::kCompleted) {
+      events::completed(b, 1, 0.5, std::nullopt);
+      events::cleanup_started(b, 1, false);
     } else {
       events::cleanup_started(b, 1, false);
     }
@@ -283,6 +291,66 @@ TEST_CASE(
   CHECK(f.events.all().size() == 2);
   REQUIRE(f.lines.size() == 1);
   CHECK(f.lines[0].find("storing task a failed: disk on fire") != std::string::npos);
+}
+
+TEST_CASE(
+    "outbox: with a shared queue, an outcome is published after the store's commit, and one the "
+    "fence refused as cancelled (lost claim)") {
+  assert_scheduler_not_held("test");  // for the analysis: tests hold no lock
+  OutboxFixture f;
+  RecordPtr a = f.stored("a"), b = f.stored("b"), c = f.stored("c");
+  std::vector<std::string> asked;
+  int flushes_when_asked = -1;
+  f.outbox.set_refused_check([&](const std::string& id) {
+    asked.push_back(id);
+    flushes_when_asked = f.store->flushes.load();
+    return id == "a";
+  });
+  // No outcome in the pass: nothing waits for the store.
+  f.commit(c, TaskEvent::kStarted);
+  f.outbox.drain(true);
+  CHECK(f.store->flushes.load() == 0);
+  CHECK(asked.empty());
+  f.commit(a, TaskEvent::kCompleted);
+  f.commit(b, TaskEvent::kCompleted);
+  f.outbox.drain(true);
+  f.bus.flush();
+  CHECK(asked == std::vector<std::string>{"a", "b"});
+  CHECK(flushes_when_asked == 1);  // asked once the writes were committed
+  std::vector<std::string> seen;
+  for (const EventRecord& e : f.events.all()) {
+    seen.push_back(e.task_id + ":" + std::string(to_string(e.event)));
+    if (e.task_id == "a" && e.event == TaskEvent::kCancelled) {
+      CHECK(e.details_json.find("\"while\":\"running\"") != std::string::npos);
+      CHECK(e.details_json.find("lost claim: another host took the task over") !=
+            std::string::npos);
+    }
+  }
+  CHECK(seen == std::vector<std::string>{"c:started", "a:cancelled", "a:cleanup_started",
+                                         "b:completed", "b:cleanup_started"});
+  bool warned = false;
+  for (const auto& line : f.lines)
+    warned = warned || line.find("task a: the store refused its completed") != std::string::npos;
+  CHECK(warned);
+}
+
+TEST_CASE(
+    "outbox: with a shared queue, an outcome whose commit cannot be waited for is published as "
+    "applied, and the failure logged") {
+  assert_scheduler_not_held("test");  // for the analysis: tests hold no lock
+  OutboxFixture f;
+  RecordPtr a = f.stored("a");
+  bool asked = false;
+  f.outbox.set_refused_check([&](const std::string&) { return asked = true; });
+  f.store->fail_flush = true;
+  f.commit(a, TaskEvent::kCompleted);
+  f.outbox.drain(true);
+  f.bus.flush();
+  CHECK_FALSE(asked);
+  CHECK(names(f.events.all()) == std::vector<std::string>{"completed", "cleanup_started"});
+  REQUIRE(f.lines.size() == 1);
+  CHECK(f.lines[0].find("waiting for the store to commit tasks' outcomes failed: server gone") !=
+        std::string::npos);
 }
 
 // ---- queue admission --------------------------------------------------------------

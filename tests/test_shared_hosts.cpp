@@ -7,7 +7,9 @@
 // - no attempt of a task ran on two hosts (a claim's attempt is its own);
 // - every other execution is accounted for: its host was killed (SIGKILL)
 //   before it could write, or it finished and was fenced out (its log says
-//   `fenced`, or its host counted the refused write as a lost claim).
+//   `fenced`: its subscribers were told the lost claim's `cancelled`);
+// - a host's subscribers were told `completed` only of the result the row
+//   keeps, and once per task.
 //
 // TASKMGR_SHARED_TASKS sets the number of tasks (default 5000),
 // TASKMGR_SHARED_KILLS the kills of the kill test (default 20) and
@@ -160,7 +162,7 @@ struct LogDir {
 };
 
 struct Line {
-  std::string kind;  // start, end, fenced
+  std::string kind;  // start, end, fenced, told
   std::string task;
   int attempt = 0;
   long pid = 0;
@@ -226,6 +228,7 @@ Accounting check_exactly_once(PgSchema& s, const std::vector<std::string>& logs,
     for (auto& l : read_log(f)) lines.push_back(std::move(l));
   using Key = std::tuple<std::string, int, long>;  // task, attempt, pid
   std::set<Key> started, ended, fenced;
+  std::vector<Key> told;
   std::map<std::pair<std::string, int>, std::set<long>> runners;
   for (const auto& l : lines) {
     const Key k{l.task, l.attempt, l.pid};
@@ -236,6 +239,8 @@ Accounting check_exactly_once(PgSchema& s, const std::vector<std::string>& logs,
       ended.insert(k);
     } else if (l.kind == "fenced") {
       fenced.insert(k);
+    } else if (l.kind == "told") {
+      told.push_back(k);
     }
   }
   // No attempt ran on two hosts.
@@ -270,6 +275,23 @@ Accounting check_exactly_once(PgSchema& s, const std::vector<std::string>& logs,
     kept.insert(Key{id, result_attempt, pid});
   }
 
+  // A host's subscribers were told `completed` only of the result the store
+  // keeps, once per task (an outcome the fence refused is told as a lost
+  // claim's `cancelled`: a "fenced" line). A host killed after the commit
+  // may not have told it.
+  std::map<std::string, int> told_per_task;
+  for (const auto& k : told) {
+    CHECK_MESSAGE(kept.count(k) == 1, "process " << std::get<2>(k) << " told `completed` of "
+                                                 << std::get<0>(k) << " attempt " << std::get<1>(k)
+                                                 << ", a result the store does not keep");
+    ++told_per_task[std::get<0>(k)];
+  }
+  for (const auto& t : told_per_task)  // not a structured binding: clang 14 cannot capture one
+    CHECK_MESSAGE(t.second == 1, "`completed` of " << t.first << " told " << t.second << " times");
+  // With no host killed, every task's completion was told (hosts that close
+  // deliver their events first).
+  if (killed.empty()) CHECK(static_cast<std::int64_t>(told.size()) == total);
+
   // The fencing counters: every host's lost claims, from its last report.
   taskmgr::detail::pg::Result h =
       s.conn().exec("SELECT COALESCE(sum((report->>'lost_claims')::bigint), 0) FROM task_hosts");
@@ -290,10 +312,10 @@ Accounting check_exactly_once(PgSchema& s, const std::vector<std::string>& logs,
                                                        << std::get<1>(k));
     }
   }
-  // An execution that finished, was confirmed, and whose write the fence
-  // then refused (its lease ran out in between) is a lost claim its host
-  // counted, not a `fenced` line.
-  CHECK(static_cast<std::int64_t>(unaccounted) <= acc.lost_claims);
+  // An execution that finished and was confirmed, and whose write the fence
+  // then refused (its lease ran out in between), is a `fenced` line too:
+  // its host tells the lost claim once the store refused the write.
+  CHECK(unaccounted == 0);
   for (const auto& k : started)
     if (!ended.count(k)) ++acc.killed;
   return acc;

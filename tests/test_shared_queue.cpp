@@ -983,6 +983,7 @@ TEST_CASE("shared queue: controls on a host whose copy of an ended task is stale
   CHECK(b->retry_task(id).status == TaskStatus::kQueued);
   // A's own copy says failed; its controls act on the row.
   CHECK(a->get_task(id).status == TaskStatus::kQueued);
+  CHECK(a->get_task_health(id).status == TaskStatus::kQueued);
   CHECK(a->set_task_priority(id, 4).priority == 4);
   CHECK(s.scalar("SELECT priority FROM tasks WHERE id = '" + id + "'") == 4);
   CHECK_THROWS_WITH_AS(a->start_task(id), doctest::Contains("is queued"), Error);

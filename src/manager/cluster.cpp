@@ -433,8 +433,8 @@ std::vector<EventRecord> Cluster::rescue(const Config& config, const Clock& cloc
   std::vector<std::string> problems;
   if (lost_name != this_host_name) {
     problems.push_back(fmt::format(
-        "its files were on host {} (not reachable from {}): removed when taskmgr opens there "
-        "again",
+        "any files it left are on host {} (not reachable from {}): removed when taskmgr opens "
+        "there again",
         lost_name, this_host_name));
   }
   const Timestamp now = stored_time(clock);

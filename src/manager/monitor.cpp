@@ -87,7 +87,11 @@ TaskHealth Monitor::health(const std::string& id) {
   std::optional<PauseState> held;             // the pause that holds a queued task
   {
     SchedulerLock g(scheduler_.mutex());
-    if (RecordPtr rec = scheduler_.records().find(id)) {
+    RecordPtr rec = scheduler_.records().find(id);
+    // A shared queue: a task that ended here may have been retried, or
+    // taken over, since; its row has the last word (as get_task).
+    if (rec && cluster_ != nullptr && rec->phase() == Phase::kDone) rec.reset();
+    if (rec) {
       live = true;
       t = rec->task;
       noted = rec->warnings;

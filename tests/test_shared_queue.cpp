@@ -414,6 +414,23 @@ Config shared_config(const PgSchema& s, const std::string& host) {
   return c;
 }
 
+// A host that heartbeats at open, then not for 5 minutes, with a lease of
+// 10: nothing of it renews a lease or finds a claim gone meanwhile.
+Config still_config(const PgSchema& s, const std::string& host) {
+  Config c = shared_config(s, host);
+  c.storage.cluster.lease_seconds = 600;
+  c.storage.cluster.heartbeat_seconds = 300;
+  return c;
+}
+
+// Creates one started task of `service` on `tm`: its id.
+std::string start_one(TaskManager& tm, const std::string& service) {
+  TaskCreateRequest r;
+  r.service = service;
+  r.start = true;
+  return tm.create_task(r).id;
+}
+
 struct Execution {
   std::string task_id;
   int attempt;
@@ -738,16 +755,9 @@ TEST_CASE("shared queue: a rescue and a lost claim are counted in each host's me
     gate.wait();
     ctx.set_result("{\"by\":\"a\"}");
   }));
-  Config ca = shared_config(s, "a");
-  // A heartbeats at open, then not for 5 minutes: its lease is made to run
-  // out below, and nothing of A renews it meanwhile.
-  ca.storage.cluster.lease_seconds = 600;
-  ca.storage.cluster.heartbeat_seconds = 300;
-  auto a = std::make_unique<TaskManager>(ca, oa);
-  TaskCreateRequest r;
-  r.service = "svc";
-  r.start = true;
-  const std::string id = a->create_task(r).id;
+  // A's lease is made to run out below, and nothing of A renews it.
+  auto a = std::make_unique<TaskManager>(still_config(s, "a"), oa);
+  const std::string id = start_one(*a, "svc");
   while (a_runs.load() == 0) std::this_thread::sleep_for(1ms);
   // A stands still as far as the table tells: its lease has run out.
   s.exec("UPDATE tasks SET lease_expires_at = (now() AT TIME ZONE 'UTC') - interval '1 second'");
@@ -836,15 +846,9 @@ TEST_CASE(
     std::lock_guard<std::mutex> g(mu);
     a_events.push_back(e);
   });
-  Config ca = shared_config(s, "a");
   // No heartbeat of A's (which would find the claim gone first).
-  ca.storage.cluster.lease_seconds = 600;
-  ca.storage.cluster.heartbeat_seconds = 300;
-  auto a = std::make_unique<TaskManager>(ca, oa);
-  TaskCreateRequest r;
-  r.service = "svc";
-  r.start = true;
-  const std::string id = a->create_task(r).id;
+  auto a = std::make_unique<TaskManager>(still_config(s, "a"), oa);
+  const std::string id = start_one(*a, "svc");
   for (int i = 0; i < 6000 && taken.load() == -1; ++i) std::this_thread::sleep_for(5ms);
   REQUIRE(taken.load() == 1);
   // A's write is refused: counted as a lost claim.

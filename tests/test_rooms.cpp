@@ -294,28 +294,29 @@ TEST_CASE(
 }
 
 TEST_CASE(
-    "outbox: with a shared queue, an outcome is published after the store's commit, and one the "
-    "fence refused as cancelled (lost claim)") {
+    "outbox: with a shared queue, a start or an outcome is published after the store's commit: a "
+    "refused start left out, a refused outcome told as cancelled (lost claim)") {
   assert_scheduler_not_held("test");  // for the analysis: tests hold no lock
   OutboxFixture f;
-  RecordPtr a = f.stored("a"), b = f.stored("b"), c = f.stored("c");
+  RecordPtr a = f.stored("a"), b = f.stored("b"), c = f.stored("c"), d = f.stored("d");
   std::vector<std::string> asked;
   int flushes_when_asked = -1;
   f.outbox.set_refused_check([&](const std::string& id) {
     asked.push_back(id);
     flushes_when_asked = f.store->flushes.load();
-    return id == "a";
+    return id == "a" || id == "d";
   });
-  // No outcome in the pass: nothing waits for the store.
-  f.commit(c, TaskEvent::kStarted);
+  // No start or outcome in the pass: nothing waits for the store.
+  f.commit(c, TaskEvent::kCleanupStarted);
   f.outbox.drain(true);
   CHECK(f.store->flushes.load() == 0);
   CHECK(asked.empty());
   f.commit(a, TaskEvent::kCompleted);
+  f.commit(d, TaskEvent::kStarted);
   f.commit(b, TaskEvent::kCompleted);
   f.outbox.drain(true);
   f.bus.flush();
-  CHECK(asked == std::vector<std::string>{"a", "b"});
+  CHECK(asked == std::vector<std::string>{"a", "d", "b"});
   CHECK(flushes_when_asked == 1);  // asked once the writes were committed
   std::vector<std::string> seen;
   for (const EventRecord& e : f.events.all()) {
@@ -326,7 +327,7 @@ TEST_CASE(
             std::string::npos);
     }
   }
-  CHECK(seen == std::vector<std::string>{"c:started", "a:cancelled", "a:cleanup_started",
+  CHECK(seen == std::vector<std::string>{"c:cleanup_started", "a:cancelled", "a:cleanup_started",
                                          "b:completed", "b:cleanup_started"});
   bool warned = false;
   for (const auto& line : f.lines)

@@ -884,6 +884,77 @@ TEST_CASE(
 }
 
 TEST_CASE(
+    "shared queue: a claim lost while its task waited here: no start told, a cancelled while "
+    "queued, and the next run has the same attempt") {
+  PgSchema s;
+  std::atomic<int> runs{0};
+  TaskManagerOptions oa;
+  oa.builtin_ocr = false;
+  oa.log_sink = [](LogLevel, std::string_view) {};
+  oa.services.push_back(make_function_service("svc", [&](TaskContext& ctx) {
+    ++runs;
+    ctx.set_result("{\"attempt\":" + std::to_string(ctx.attempt()) + "}");
+  }));
+  std::mutex mu;
+  std::vector<EventRecord> a_events;
+  oa.subscribers.push_back([&](const EventRecord& e) {
+    std::lock_guard<std::mutex> g(mu);
+    a_events.push_back(e);
+  });
+  // One start per 4 s: the second task is claimed (2 workers, 1 running)
+  // and waits here for its turn.
+  Config ca = still_config(s, "a");
+  ca.services["svc"].rate_limit_per_second = 0.25;
+  ca.services["svc"].rate_limit_burst = 1;
+  auto a = std::make_unique<TaskManager>(ca, oa);
+  const std::string first = start_one(*a, "svc");
+  REQUIRE(a->wait_task(first, 60s)->status == TaskStatus::kCompleted);
+  const std::string id = start_one(*a, "svc");
+  // Claimed by A and waiting; then taken from A, as a rescue gives back a
+  // task that only waited (A stood still past its lease).
+  bool claimed = false;
+  for (int i = 0; i < 2000 && !claimed; ++i) {
+    claimed = s.scalar("SELECT count(*) FROM tasks WHERE id = '" + id +
+                       "' AND status = 'queued' AND claimed_by IS NOT NULL") == 1;
+    if (!claimed) std::this_thread::sleep_for(1ms);
+  }
+  REQUIRE(claimed);
+  REQUIRE(s.scalar("WITH u AS (UPDATE tasks SET claimed_by = NULL, claim = NULL, "
+                   "lease_expires_at = NULL WHERE id = '" +
+                   id + "' AND status = 'queued' RETURNING 1) SELECT count(*) FROM u") == 1);
+  CHECK(runs.load() == 1);
+  // A's start of it is refused; A claims it again later and runs it.
+  for (int i = 0;
+       i < 12000 && s.text("SELECT status FROM tasks WHERE id = '" + id + "'") != "completed"; ++i)
+    std::this_thread::sleep_for(5ms);
+  REQUIRE(s.text("SELECT status FROM tasks WHERE id = '" + id + "'") == "completed");
+  CHECK(s.scalar("SELECT attempt FROM tasks WHERE id = '" + id + "'") == 1);
+  CHECK(s.text("SELECT result FROM tasks WHERE id = '" + id + "'") == "{\"attempt\":1}");
+  CHECK(runs.load() == 2);
+  a->close();
+  std::lock_guard<std::mutex> g(mu);
+  std::vector<std::string> told;
+  for (const auto& e : a_events) {
+    if (e.task_id != id) continue;
+    told.emplace_back(to_string(e.event));
+    if (e.event == TaskEvent::kCancelled) {
+      CAPTURE(e.details_json);
+      CHECK(e.details_json.find("\"while\":\"queued\"") != std::string::npos);
+      CHECK(e.details_json.find("it did not run here") != std::string::npos);
+    }
+  }
+  std::string sequence;
+  for (const auto& name : told) sequence += name + " ";
+  CAPTURE(sequence);
+  CHECK(std::count(told.begin(), told.end(), "started") == 1);
+  CHECK(std::count(told.begin(), told.end(), "cancelled") == 1);
+  CHECK(std::count(told.begin(), told.end(), "completed") == 1);
+  const auto cancelled = std::find(told.begin(), told.end(), "cancelled");
+  const auto started = std::find(told.begin(), told.end(), "started");
+  CHECK(cancelled < started);  // the start told is the run's
+}
+
+TEST_CASE(
     "shared queue: a retry on one host and a delete on another of one ended task: exactly one "
     "wins") {
   PgSchema s;

@@ -210,7 +210,8 @@ std::optional<CleanupReport> Attempt::run(const RecordPtr& rec, ServicePool::Lea
     lost.kind = Outcome::Kind::kCancelled;
     lost.lost_claim = true;
     lost.failure.reason = TaskFailureReason::kCancelled;
-    lost.failure.message = kLostClaimMessage;
+    lost.before_run = lost_before;
+    lost.failure.message = lost_before ? kLostClaimBeforeRunMessage : kLostClaimMessage;
     lost.peak_mb = o.peak_mb;
     lost.failure.instance_broken = o.failure.instance_broken;
     o = std::move(lost);

@@ -127,6 +127,8 @@ namespace {
 bool is_outcome(TaskEvent e) {
   return e == TaskEvent::kCompleted || e == TaskEvent::kFailed || e == TaskEvent::kCancelled;
 }
+// Told once the store took them: an attempt's start and its outcome.
+bool is_fenced_told(TaskEvent e) { return e == TaskEvent::kStarted || is_outcome(e); }
 }  // namespace
 
 void Outbox::check_fences(const std::vector<Item>& items, std::vector<EventRecord>& records,
@@ -146,13 +148,20 @@ void Outbox::check_fences(const std::vector<Item>& items, std::vector<EventRecor
                        "waiting for the store to commit tasks' outcomes failed: unknown exception");
     return;
   }
+  std::vector<std::size_t> dropped;  // refused starts: the attempt does not run
   for (const Fenced& f : fenced_) {
     const Task& t = items[f.item].task;
     if (!refused_(t.id)) continue;
     for (std::size_t i = f.first; i < f.first + f.count; ++i) {
       EventRecord& e = records[i];
+      if (e.event == TaskEvent::kStarted) {
+        dropped.push_back(i);
+        continue;
+      }
       if (!is_outcome(e.event)) continue;
-      if (e.event == TaskEvent::kCancelled && t.failure_message == kLostClaimMessage) continue;
+      if (e.event == TaskEvent::kCancelled && (t.failure_message == kLostClaimMessage ||
+                                               t.failure_message == kLostClaimBeforeRunMessage))
+        continue;
       lines.emplace_back(
           LogLevel::kWarn,
           "task " + t.id + ": the store refused its " + std::string(to_string(e.event)) +
@@ -166,6 +175,11 @@ void Outbox::check_fences(const std::vector<Item>& items, std::vector<EventRecor
       e.event = told[0].event;
       e.details_json.swap(told[0].details_json);
     }
+  }
+  // Left out, the rest kept in order (rare: a claim lost while its task
+  // waited here).
+  for (auto it = dropped.rbegin(); it != dropped.rend(); ++it) {
+    records.erase(records.begin() + static_cast<std::ptrdiff_t>(*it));
   }
 }
 
@@ -256,7 +270,7 @@ bool Outbox::drain_once(std::vector<std::pair<LogLevel, std::string>>& lines) {
       }
       if (refused_) {
         for (std::size_t i = 0; i < it.count; ++i) {
-          if (is_outcome(item_records_[i].event)) {
+          if (is_fenced_told(item_records_[i].event)) {
             fenced_.push_back({k, used, it.count});
             break;
           }

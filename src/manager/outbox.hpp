@@ -18,12 +18,14 @@
 //
 // A shared queue (several hosts, docs/SCALING.md) fences a claimed task's
 // writes: the store refuses them once another host took the task over. The
-// drain then holds back what it publishes of a task's outcome (completed,
-// failed, cancelled) until the store has committed the write, and when the
-// fence refused it, tells the subscribers `cancelled` with the lost-claim
-// message instead: this host's subscribers never hear an outcome the
-// store does not keep (set_refused_check). It costs a commit's wait per
-// drain that carries an outcome, in the thread that drains.
+// drain then holds back what it publishes of an attempt's start and outcome
+// (started; completed, failed, cancelled) until the store has committed the
+// write. When the fence refused it, a start is left out (the attempt does
+// not run: its claim was lost while it waited here), and an outcome is told
+// as `cancelled` with the lost-claim message: this host's subscribers never
+// hear a start or an outcome the store does not keep (set_refused_check).
+// It costs a commit's wait per drain that carries one, in the thread that
+// drains.
 //
 // Locks: commit takes outbox_mu_ inside the scheduler lock; the drain takes
 // drain_mu_, then outbox_mu_ briefly to swap the pending items out, then

@@ -47,8 +47,10 @@ struct Outcome {
   std::string result;
   std::optional<std::int64_t> peak_mb;
   // kCancelled: this host's claim on the task was lost (a shared queue);
-  // failure.message says so as it is (kLostClaimMessage).
+  // failure.message says so as it is (kLostClaimMessage, or
+  // kLostClaimBeforeRunMessage when `before_run`: the service did not run).
   bool lost_claim = false;
+  bool before_run = false;
 };
 
 // The message of an attempt whose claim was lost (a shared queue): the
@@ -57,6 +59,11 @@ struct Outcome {
 inline constexpr const char* kLostClaimMessage =
     "lost claim: another host took the task over (this host's lease ran out); the result of this "
     "attempt is discarded";
+// ... lost while the task waited here (its `started` write refused): the
+// service did not run, the attempt is not counted.
+inline constexpr const char* kLostClaimBeforeRunMessage =
+    "lost claim: another host took the task over while it waited here (this host's lease ran "
+    "out); it did not run here, and its next run has the same attempt number";
 
 // What the cleanup of an attempt found, worked out outside the lock.
 struct CleanupReport {

@@ -406,7 +406,10 @@ void Scheduler::end_attempt(const RecordPtr& rec, Outcome o, const std::string& 
       }
       t.finished_at = stored_time(*clock_);
       Stats::add(stats_.cancelled);
-      events::cancelled(b, TaskStatus::kRunning, t.attempt, t.failure_message);
+      // A claim lost before the service ran: the task was waiting, as far
+      // as the shared table tells.
+      events::cancelled(b, o.before_run ? TaskStatus::kQueued : TaskStatus::kRunning, t.attempt,
+                        t.failure_message);
       break;
     case Outcome::Kind::kFailed:
       (void)Lifecycle::apply(*rec, Step::kEndAttempt, TaskStatus::kFailed);

@@ -97,6 +97,33 @@ TEST_CASE("failures are classified by what the service threw") {
   CHECK(unknown.reason == TaskFailureReason::kProcessingError);
 }
 
+TEST_CASE("a service's taskmgr::Error fails its task by its code, as service.hpp's table says") {
+  struct Row {
+    ErrorCode code;
+    TaskFailureReason reason;
+    bool retryable, broken;
+  };
+  const Row rows[] = {
+      {ErrorCode::kInvalidArgument, TaskFailureReason::kInvalidInput, false, false},
+      {ErrorCode::kOutOfMemory, TaskFailureReason::kOutOfMemory, true, true},
+      {ErrorCode::kTimeout, TaskFailureReason::kTimeout, false, false},
+      {ErrorCode::kCancelled, TaskFailureReason::kCancelled, false, false},
+      {ErrorCode::kPoolExhausted, TaskFailureReason::kPoolExhausted, true, false},
+      {ErrorCode::kDeviceUnavailable, TaskFailureReason::kDeviceUnavailable, true, false},
+      {ErrorCode::kIoError, TaskFailureReason::kProcessingError, false, true},
+      {ErrorCode::kInternal, TaskFailureReason::kProcessingError, false, true},
+  };
+  for (const Row& r : rows) {
+    const std::string code(to_string(r.code));
+    CAPTURE(code);
+    const FailureInfo f = classify_throw([&] { throw Error(r.code, "from the service"); });
+    CHECK(f.reason == r.reason);
+    CHECK(f.retryable == r.retryable);
+    CHECK(f.instance_broken == r.broken);
+    CHECK(f.message == "from the service");
+  }
+}
+
 TEST_CASE("an OOM on a GPU falls back to the CPU at once when configured") {
   std::vector<std::string> logged;
   TaskErrorHandler h(retry(true), [&](LogLevel, std::string_view m) { logged.emplace_back(m); });

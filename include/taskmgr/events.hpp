@@ -16,7 +16,9 @@
 //
 // From inside a callback a subscriber may call any TaskManager function,
 // including subscribe() and unsubscribe() (even its own), but not flush()
-// (it returns at once) nor close or destroy the manager (Error(kInvalidState)).
+// (it returns at once) nor close the manager (Error(kInvalidState)); a
+// manager destroyed from a callback is leaked rather than waited for (its
+// destructor would wait for the callback's own thread: task_manager.hpp).
 //
 // Thread-safety: every member is safe to call from any thread.
 #pragma once

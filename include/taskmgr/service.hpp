@@ -11,9 +11,17 @@
 //   OutOfMemoryError      (or std::bad_alloc)  -> OUT_OF_MEMORY, retried per tasks.retry
 //   InvalidInputError                           -> INVALID_INPUT, not retried
 //   TaskError(reason, message, retryable)       -> that reason
+//   Error (error.hpp), by its code:
+//     kInvalidArgument                          -> INVALID_INPUT, not retried
+//     kOutOfMemory                              -> OUT_OF_MEMORY, retried per tasks.retry
+//     kTimeout, kCancelled                      -> TIMEOUT, CANCELLED, not retried
+//     kPoolExhausted, kDeviceUnavailable        -> POOL_EXHAUSTED, DEVICE_UNAVAILABLE, retried
+//     any other code                            -> PROCESSING_ERROR, not retried
 //   any other exception                         -> PROCESSING_ERROR, not retried
-// After an OutOfMemoryError or any exception other than TaskError the
-// instance is destroyed and replaced (it may hold broken state).
+// After an out-of-memory failure (OutOfMemoryError, std::bad_alloc,
+// Error(kOutOfMemory)), an Error of a code not listed above, or any other
+// exception that is not a TaskError, the instance is destroyed and replaced
+// (it may hold broken state).
 #pragma once
 
 #include <cstdint>

@@ -2,7 +2,10 @@
 //
 //   taskmgr::TaskManager tm(taskmgr::Config::from_yaml_file("taskmgr.yaml"));
 //   tm.register_service(my_factory);                       // or the built-in OCR
-//   auto task = tm.create_task({.service = "ocr", .input = {.path = "page.png"}});
+//   taskmgr::TaskCreateRequest req;
+//   req.service = "ocr";
+//   req.input.path = "page.png";
+//   auto task = tm.create_task(req);
 //   tm.start_task(task.id);                                // queued on its device
 //   auto done = tm.wait_task(task.id, std::chrono::seconds(30));
 //

@@ -31,7 +31,9 @@
 //
 // Threads: the manager owns `executor.worker_threads` worker threads (the
 // services run there), one timer thread and the event bus's dispatcher
-// thread. Every public member is safe to call from any thread, including
+// thread; a durable store has its writer thread, and a shared queue
+// (storage.shared) its cluster thread (docs/ARCHITECTURE.md, "Threads").
+// Every public member is safe to call from any thread, including
 // from inside any host code the library calls (event callbacks, log sinks,
 // a service and its factory, supports(), a memory model), except close()
 // and the destructor: from there close() throws Error(kInvalidState) and

@@ -97,13 +97,14 @@ class Outbox {
   // lines it found are left in `lines`, to be written after drain_mu_.
   bool drain_once(std::vector<std::pair<LogLevel, std::string>>& lines)
       REQUIRES(!scheduler_lock, drain_mu_, !mu_);
-  // An item's outcome, to publish once its write is committed: the task and
-  // where its events are in the records to publish.
+  // An item with an attempt's start or outcome, to publish once its write is
+  // committed: the item and where its events are in the records to publish.
   struct Fenced {
     std::size_t item = 0, first = 0, count = 0;
   };
-  // Waits for the store's commit; for each outcome the fence refused, the
-  // outcome's event becomes `cancelled` (lost claim). Log lines to `lines`.
+  // Waits for the store's commit; for each item the fence refused, a start is
+  // left out and an outcome becomes `cancelled` (lost claim). Log lines to
+  // `lines`.
   void check_fences(const std::vector<Item>& items, std::vector<EventRecord>& records,
                     std::vector<std::pair<LogLevel, std::string>>& lines)
       REQUIRES(!scheduler_lock, drain_mu_);
@@ -134,7 +135,7 @@ class Outbox {
   std::vector<EventRecord> item_records_ GUARDED_BY(drain_mu_);  // one item's events
   std::vector<RecordPtr> spare_retired_ GUARDED_BY(drain_mu_);
   std::function<bool(const std::string&)> refused_ GUARDED_BY(drain_mu_);  // shared queue only
-  std::vector<Fenced> fenced_ GUARDED_BY(drain_mu_);                       // this pass's outcomes
+  std::vector<Fenced> fenced_ GUARDED_BY(drain_mu_);  // this pass's starts, outcomes
 };
 
 }  // namespace taskmgr::detail
